@@ -1,0 +1,113 @@
+//! The broker's error type. The gRPC layer maps each variant to a status code in one place.
+
+use super::producer::SequenceError;
+use crate::log::LogError;
+use crate::record::TopicPartition;
+
+/// Why a broker operation failed. Messages say what was wrong and how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// No topic of that name.
+    #[error("unknown topic {0:?}; create it with `weir topic create {0} --partitions N`")]
+    UnknownTopic(String),
+    /// A topic of that name exists.
+    #[error("topic {0:?} already exists")]
+    TopicExists(String),
+    /// The topic name breaks the naming rule.
+    #[error("invalid topic name: {0}")]
+    InvalidTopicName(String),
+    /// A request field is out of bounds.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// A partition index past the topic's partition count.
+    #[error("partition {partition} does not exist: topic {topic:?} has partitions 0..{partitions}")]
+    PartitionOutOfRange {
+        /// Topic.
+        topic: String,
+        /// Requested partition.
+        partition: u32,
+        /// The topic's partition count.
+        partitions: u32,
+    },
+    /// A record larger than the limit.
+    #[error("record {index} is {size} bytes encoded; the limit is {max} (raise `weir serve --max-record-bytes` or split the payload)")]
+    RecordTooLarge {
+        /// Position in the request.
+        index: usize,
+        /// Its encoded size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A publish with no records.
+    #[error("empty batch: a publish needs at least one record")]
+    EmptyBatch,
+    /// Producer fields without an explicit partition.
+    #[error("an idempotent publish needs an explicit partition (sequences are per partition); compute it with weir's key hash")]
+    IdempotenceNeedsPartition,
+    /// A producer id that was never issued.
+    #[error("unknown producer id {0}; call InitProducer first")]
+    UnknownProducer(u64),
+    /// A batch from an older epoch of a producer that was re-initialised.
+    #[error("stale epoch: producer {producer_id} sent epoch {epoch} but epoch {current} is current (a newer instance of this producer took over; this one is fenced)")]
+    StaleEpoch {
+        /// Producer.
+        producer_id: u64,
+        /// Its epoch.
+        epoch: u32,
+        /// The newest epoch.
+        current: u32,
+    },
+    /// A sequence gap: records would be missing.
+    #[error("sequence gap: producer {producer_id} sent sequence {got} to {tp} but {expected} was expected (an earlier batch was lost; re-init the producer)")]
+    SequenceGap {
+        /// Producer.
+        producer_id: u64,
+        /// Partition.
+        tp: TopicPartition,
+        /// Expected sequence.
+        expected: u64,
+        /// Received sequence.
+        got: u64,
+    },
+    /// A sequence below the expected one that is not a retry of a remembered batch.
+    #[error("sequence out of order: producer {producer_id} sent sequence {got} to {tp}, which is older than the last batches kept for retries (next expected {expected})")]
+    SequenceOutOfOrder {
+        /// Producer.
+        producer_id: u64,
+        /// Partition.
+        tp: TopicPartition,
+        /// Expected sequence.
+        expected: u64,
+        /// Received sequence.
+        got: u64,
+    },
+    /// A read position outside the stored range.
+    #[error("offset {offset} is out of range for {tp}: stored offsets are {start}..{end}")]
+    OffsetOutOfRange {
+        /// Partition.
+        tp: TopicPartition,
+        /// Requested.
+        offset: u64,
+        /// First stored.
+        start: u64,
+        /// Next to be written.
+        end: u64,
+    },
+    /// The broker cannot take writes now (sync failure, shutting down).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The store failed.
+    #[error(transparent)]
+    Storage(#[from] LogError),
+}
+
+impl BrokerError {
+    pub(crate) fn sequence(producer_id: u64, tp: &TopicPartition, e: SequenceError) -> Self {
+        match e {
+            SequenceError::StaleEpoch { epoch, current } => BrokerError::StaleEpoch { producer_id, epoch, current },
+            SequenceError::Gap { expected, got } => BrokerError::SequenceGap { producer_id, tp: tp.clone(), expected, got },
+            SequenceError::OutOfOrder { expected, got } => BrokerError::SequenceOutOfOrder { producer_id, tp: tp.clone(), expected, got },
+        }
+    }
+}

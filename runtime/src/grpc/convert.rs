@@ -1,0 +1,123 @@
+//! Conversions between protobuf messages and domain types. Payloads move as `Bytes` handles.
+
+use super::pb;
+use crate::broker::{PartitionAck, PartitionStats, ProducerFields, Publish, StartAt, TopicInfo};
+use crate::record::{Record, StoredRecord};
+
+impl From<pb::Record> for Record {
+    fn from(r: pb::Record) -> Self {
+        Record {
+            key: r.key,
+            value: r.value,
+            headers: r.headers.into_iter().map(|h| (h.key, h.value)).collect(),
+            timestamp_ms: r.timestamp_ms,
+            id: r.id,
+        }
+    }
+}
+
+impl From<Record> for pb::Record {
+    fn from(r: Record) -> Self {
+        pb::Record {
+            key: r.key,
+            value: r.value,
+            headers: r.headers.into_iter().map(|(key, value)| pb::Header { key, value }).collect(),
+            timestamp_ms: r.timestamp_ms,
+            id: r.id,
+        }
+    }
+}
+
+impl From<StoredRecord> for pb::StoredRecord {
+    fn from(s: StoredRecord) -> Self {
+        let r = s.record;
+        pb::StoredRecord {
+            partition: s.partition,
+            offset: s.offset,
+            timestamp_ms: r.timestamp_ms,
+            key: r.key,
+            value: r.value,
+            headers: r.headers.into_iter().map(|(key, value)| pb::Header { key, value }).collect(),
+            id: r.id,
+        }
+    }
+}
+
+impl From<pb::StoredRecord> for StoredRecord {
+    fn from(s: pb::StoredRecord) -> Self {
+        StoredRecord {
+            partition: s.partition,
+            offset: s.offset,
+            record: Record {
+                key: s.key,
+                value: s.value,
+                headers: s.headers.into_iter().map(|h| (h.key, h.value)).collect(),
+                timestamp_ms: s.timestamp_ms,
+                id: s.id,
+            },
+        }
+    }
+}
+
+impl From<pb::PublishRequest> for Publish {
+    fn from(r: pb::PublishRequest) -> Self {
+        Publish {
+            topic: r.topic,
+            partition: r.partition,
+            records: r.records.into_iter().map(Record::from).collect(),
+            producer: r.producer.map(|p| ProducerFields { producer_id: p.producer_id, epoch: p.epoch, base_sequence: p.base_sequence }),
+        }
+    }
+}
+
+impl From<PartitionAck> for pb::PartitionAck {
+    fn from(a: PartitionAck) -> Self {
+        pb::PartitionAck {
+            partition: a.partition,
+            base_offset: a.appended.base_offset,
+            record_count: a.appended.count,
+            duplicate: a.appended.duplicate,
+        }
+    }
+}
+
+impl From<PartitionStats> for pb::PartitionInfo {
+    fn from(p: PartitionStats) -> Self {
+        pb::PartitionInfo { partition: p.partition, start_offset: p.start_offset, end_offset: p.end_offset, size_bytes: p.size_bytes }
+    }
+}
+
+impl From<TopicInfo> for pb::TopicInfo {
+    fn from(t: TopicInfo) -> Self {
+        pb::TopicInfo {
+            name: t.config.name,
+            partitions: t.config.partitions,
+            retention_ms: t.config.retention_ms,
+            retention_bytes: t.config.retention_bytes,
+            partition_info: t.partitions.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+/// The start position of a subscribe request (`None` = latest, Kafka's default).
+pub fn start_at(start: Option<pb::StartPosition>) -> StartAt {
+    use pb::start_position::Position;
+    match start.and_then(|s| s.position) {
+        Some(Position::Earliest(_)) => StartAt::Earliest,
+        Some(Position::Offset(o)) => StartAt::Offset(o),
+        Some(Position::TimestampMs(t)) => StartAt::Timestamp(t),
+        Some(Position::Latest(_)) | None => StartAt::Latest,
+    }
+}
+
+/// The protobuf form of a start position.
+pub fn start_position(start: StartAt) -> pb::StartPosition {
+    use pb::start_position::Position;
+    let position = match start {
+        StartAt::Earliest => Position::Earliest(true),
+        StartAt::Latest => Position::Latest(true),
+        StartAt::Offset(o) => Position::Offset(o),
+        StartAt::Timestamp(t) => Position::TimestampMs(t),
+    };
+    pb::StartPosition { position: Some(position) }
+}

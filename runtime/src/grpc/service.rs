@@ -1,0 +1,227 @@
+//! The `Weir` service: thin handlers that convert, call the broker and convert back.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::stream::{FuturesOrdered, StreamExt};
+use futures::{Future, Stream};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert::start_at;
+use super::pb::{self, weir_server::Weir};
+use crate::broker::{Broker, BrokerError, PartitionAck, Publish};
+use crate::record::TopicConfig;
+
+/// Default and maximum records per subscribe response message.
+const SUBSCRIBE_BATCH_DEFAULT: usize = 1000;
+const SUBSCRIBE_BATCH_MAX: usize = 10_000;
+/// Publishes of one stream awaiting durability at once.
+const STREAM_IN_FLIGHT: usize = 64;
+
+/// The gRPC service over a broker.
+#[derive(Clone)]
+pub struct WeirService {
+    broker: Arc<Broker>,
+    /// Ends subscribe streams on server shutdown.
+    shutdown: CancellationToken,
+}
+
+impl WeirService {
+    /// A service over `broker`; streams end when `shutdown` is cancelled.
+    pub fn new(broker: Arc<Broker>, shutdown: CancellationToken) -> Self {
+        WeirService { broker, shutdown }
+    }
+
+    /// The tonic server wrapper with weir's message size limits.
+    pub fn into_server(self) -> pb::weir_server::WeirServer<Self> {
+        pb::weir_server::WeirServer::new(self)
+            .max_decoding_message_size(super::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(super::MAX_MESSAGE_BYTES)
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn acks_response(request_id: u64, acks: Vec<PartitionAck>) -> pb::PublishResponse {
+    pb::PublishResponse { request_id, acks: acks.into_iter().map(Into::into).collect(), error: None }
+}
+
+#[tonic::async_trait]
+impl Weir for WeirService {
+    async fn create_topic(&self, request: Request<pb::CreateTopicRequest>) -> Result<Response<pb::TopicInfo>, Status> {
+        let r = request.into_inner();
+        let config = TopicConfig { name: r.name, partitions: r.partitions, retention_ms: r.retention_ms, retention_bytes: r.retention_bytes };
+        Ok(Response::new(self.broker.create_topic(config).await?.into()))
+    }
+
+    async fn list_topics(&self, _: Request<pb::ListTopicsRequest>) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        Ok(Response::new(pb::ListTopicsResponse { topics: self.broker.list_topics().into_iter().map(Into::into).collect() }))
+    }
+
+    async fn describe_topic(&self, request: Request<pb::DescribeTopicRequest>) -> Result<Response<pb::TopicInfo>, Status> {
+        Ok(Response::new(self.broker.describe_topic(&request.into_inner().name)?.into()))
+    }
+
+    async fn delete_topic(&self, request: Request<pb::DeleteTopicRequest>) -> Result<Response<pb::DeleteTopicResponse>, Status> {
+        self.broker.delete_topic(&request.into_inner().name).await?;
+        Ok(Response::new(pb::DeleteTopicResponse {}))
+    }
+
+    async fn init_producer(&self, request: Request<pb::InitProducerRequest>) -> Result<Response<pb::InitProducerResponse>, Status> {
+        let (producer_id, epoch) = self.broker.init_producer(request.into_inner().producer_id).await?;
+        Ok(Response::new(pb::InitProducerResponse { producer_id, epoch }))
+    }
+
+    async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+        let r = request.into_inner();
+        let id = r.request_id;
+        let acks = self.broker.publish(Publish::from(r)).await?;
+        Ok(Response::new(acks_response(id, acks)))
+    }
+
+    type PublishStreamStream = BoxStream<pb::PublishResponse>;
+
+    async fn publish_stream(&self, request: Request<Streaming<pb::PublishRequest>>) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT);
+        let broker = self.broker.clone();
+        tokio::spawn(async move {
+            type Pending = Pin<Box<dyn Future<Output = pb::PublishResponse> + Send>>;
+            let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
+            let mut inbound_open = true;
+            loop {
+                tokio::select! {
+                    message = inbound.message(), if inbound_open && pending.len() < STREAM_IN_FLIGHT => match message {
+                        Ok(Some(r)) => {
+                            let id = r.request_id;
+                            // Appended here, in stream order; only the durability wait overlaps.
+                            let future: Pending = match broker.append(Publish::from(r)).await {
+                                Ok(p) => Box::pin(async move { match p.acked().await {
+                                    Ok(acks) => acks_response(id, acks),
+                                    Err(e) => error_response(id, e),
+                                } }),
+                                Err(e) => Box::pin(std::future::ready(error_response(id, e))),
+                            };
+                            pending.push_back(future);
+                        }
+                        Ok(None) => inbound_open = false,
+                        Err(status) => {
+                            tracing::debug!(message = "Publish stream broke.", %status);
+                            inbound_open = false;
+                        }
+                    },
+                    Some(response) = pending.next() => {
+                        if tx.send(Ok(response)).await.is_err() {
+                            return;
+                        }
+                    }
+                    else => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type SubscribeStream = BoxStream<pb::SubscribeResponse>;
+
+    async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        let r = request.into_inner();
+        let info = self.broker.describe_topic(&r.topic)?;
+        let partitions: Vec<u32> = if r.partitions.is_empty() { (0..info.config.partitions).collect() } else { r.partitions.clone() };
+        let committed: HashMap<u32, u64> = match &r.group {
+            Some(group) => self.broker.fetch_offsets(group, &r.topic).await?.into_iter().collect(),
+            None => HashMap::new(),
+        };
+        let start = start_at(r.start);
+        let max = match r.max_batch_records as usize {
+            0 => SUBSCRIBE_BATCH_DEFAULT,
+            n => n.min(SUBSCRIBE_BATCH_MAX),
+        };
+        let mut positions = Vec::with_capacity(partitions.len());
+        for p in partitions {
+            let position = match committed.get(&p) {
+                Some(&offset) => offset.max(self.broker.resolve_start(&r.topic, p, crate::broker::StartAt::Earliest).await?),
+                None => self.broker.resolve_start(&r.topic, p, start).await?,
+            };
+            positions.push((p, position));
+        }
+        let (tx, rx) = mpsc::channel(2 * positions.len().max(1));
+        for (p, position) in positions {
+            let follower = Follower { broker: self.broker.clone(), topic: r.topic.clone(), partition: p, position, max, tx: tx.clone() };
+            tokio::spawn(follower.run(self.shutdown.clone()));
+        }
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn commit_offsets(&self, request: Request<pb::CommitOffsetsRequest>) -> Result<Response<pb::CommitOffsetsResponse>, Status> {
+        let r = request.into_inner();
+        let offsets = r.offsets.into_iter().map(|o| (o.partition, o.offset)).collect();
+        self.broker.commit_offsets(&r.group, &r.topic, offsets).await?;
+        Ok(Response::new(pb::CommitOffsetsResponse {}))
+    }
+
+    async fn fetch_offsets(&self, request: Request<pb::FetchOffsetsRequest>) -> Result<Response<pb::FetchOffsetsResponse>, Status> {
+        let r = request.into_inner();
+        let offsets = self.broker.fetch_offsets(&r.group, &r.topic).await?;
+        Ok(Response::new(pb::FetchOffsetsResponse { offsets: offsets.into_iter().map(|(partition, offset)| pb::PartitionOffset { partition, offset }).collect() }))
+    }
+}
+
+fn error_response(request_id: u64, e: BrokerError) -> pb::PublishResponse {
+    let status = Status::from(e);
+    pb::PublishResponse { request_id, acks: Vec::new(), error: Some(pb::Error { code: status.code() as i32, message: status.message().to_string() }) }
+}
+
+/// Streams one partition to a subscriber, following the tail until the subscriber leaves,
+/// the topic is deleted or the server shuts down.
+struct Follower {
+    broker: Arc<Broker>,
+    topic: String,
+    partition: u32,
+    position: u64,
+    max: usize,
+    tx: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
+}
+
+impl Follower {
+    async fn run(mut self, shutdown: CancellationToken) {
+        let mut watch = match self.broker.watch(&self.topic, self.partition) {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = self.tx.send(Err(e.into())).await;
+                return;
+            }
+        };
+        loop {
+            watch.borrow_and_update();
+            let records = match self.broker.read(&self.topic, self.partition, self.position, self.max).await {
+                Ok(records) => records,
+                Err(e) => {
+                    let _ = self.tx.send(Err(e.into())).await;
+                    return;
+                }
+            };
+            if let Some(last) = records.last() {
+                self.position = last.offset + 1;
+                let response = pb::SubscribeResponse { records: records.into_iter().map(Into::into).collect() };
+                if self.tx.send(Ok(response)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            tokio::select! {
+                changed = watch.changed() => if changed.is_err() {
+                    let gone = Status::not_found(format!("topic {:?} was deleted", self.topic));
+                    let _ = self.tx.send(Err(gone)).await;
+                    return;
+                },
+                _ = self.tx.closed() => return,
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! The embedded store on sled 0.34.7.
+//!
+//! Layout: tree `meta` (format marker, `topic/<name>` → JSON config, `producer/<id>` → epoch),
+//! tree `groups` (topic \0 group \0 partition → next offset), and one tree per partition
+//! `part/<topic>/<partition>` holding, so that one `apply_batch` covers an append atomically:
+//! - `c` + base offset (u64 BE) + fragment (u16 BE) → chunk bytes
+//! - `p` + producer id (u64 BE) → that producer's sequence state
+//! - `s` → first offset still stored (written by retention)
+//!
+//! Durability: `Db::flush` only calls `sync_file_range`; [`LogStore::sync`] follows it with
+//! `fdatasync` of `<dir>/db`, the one file sled writes records to (values stay far below the
+//! size at which sled would use separate, never-synced blob files). The directory and `conf`
+//! are synced once at open, because sled never does.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+use bytes::Bytes;
+
+use super::{codec, group_key_prefix, ChunkMeta, EncodedChunk, LogError, LogStore, RecoveredPartition, FRAGMENT_MAX_BYTES};
+use crate::record::{TopicConfig, TopicPartition};
+
+const FORMAT_KEY: &[u8] = b"format";
+const FORMAT: &[u8] = b"weir-log/1";
+const TOPIC_PREFIX: &str = "topic/";
+const PRODUCER_PREFIX: &[u8] = b"producer/";
+
+/// Options for opening a [`SledStore`].
+#[derive(Clone, Debug)]
+pub struct SledOptions {
+    /// sled's page cache size in bytes.
+    pub cache_bytes: u64,
+    /// sled's own background flush interval; `None` when weir drives every flush itself.
+    pub background_flush_ms: Option<u64>,
+}
+
+impl Default for SledOptions {
+    fn default() -> Self {
+        SledOptions { cache_bytes: 512 * 1024 * 1024, background_flush_ms: None }
+    }
+}
+
+/// A [`LogStore`] on an embedded sled database.
+pub struct SledStore {
+    dir: PathBuf,
+    db: sled::Db,
+    meta: sled::Tree,
+    groups: sled::Tree,
+    /// Open handle on `<dir>/db` for `fdatasync` (fsync acts on the inode; any fd will do).
+    data_file: File,
+    /// Partition trees, opened once: `Db::open_tree` takes a lock and allocates a name.
+    parts: RwLock<HashMap<TopicPartition, sled::Tree>>,
+}
+
+impl SledStore {
+    /// Opens (or creates) a store in `dir`.
+    ///
+    /// # Errors
+    /// [`LogError::ForeignDirectory`] when `dir` holds files that are not a weir store,
+    /// [`LogError::Open`] when sled cannot open it (locked by another process, corrupt).
+    pub fn open(dir: &Path, options: &SledOptions) -> Result<Self, LogError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| LogError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let existing: Vec<String> = std::fs::read_dir(dir)
+            .map_err(io(dir))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let fresh = existing.is_empty();
+        if !fresh && !existing.iter().any(|n| n == "db") {
+            return Err(LogError::ForeignDirectory {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "it holds {} without a sled `db` file; point --data-dir at an empty or weir directory",
+                    existing.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+                ),
+            });
+        }
+        let config = sled::Config::new()
+            .path(dir)
+            .cache_capacity(options.cache_bytes)
+            .flush_every_ms(options.background_flush_ms)
+            .mode(sled::Mode::HighThroughput);
+        // sled 0.34 can panic on some corrupt files instead of returning an error.
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(e)) => {
+                let reason = e.to_string();
+                let reason = if reason.contains("lock") || reason.contains("WouldBlock") || reason.contains("temporarily unavailable") {
+                    format!("{reason} (is another `weir serve` using this directory?)")
+                } else {
+                    reason
+                };
+                return Err(LogError::Open { path: dir.to_path_buf(), reason });
+            }
+            Err(_) => {
+                return Err(LogError::Open { path: dir.to_path_buf(), reason: "sled panicked reading the files: the store is corrupt".into() })
+            }
+        };
+        let meta = db.open_tree("meta")?;
+        match meta.get(FORMAT_KEY)? {
+            Some(v) if v.as_ref() == FORMAT => {}
+            Some(v) => {
+                return Err(LogError::ForeignDirectory {
+                    path: dir.to_path_buf(),
+                    reason: format!("format {:?}, this weir reads {:?}", String::from_utf8_lossy(&v), String::from_utf8_lossy(FORMAT)),
+                })
+            }
+            None if db.tree_names().len() > 2 || !db.is_empty() => {
+                return Err(LogError::ForeignDirectory {
+                    path: dir.to_path_buf(),
+                    reason: "a sled database without weir's format marker".into(),
+                })
+            }
+            None => {
+                meta.insert(FORMAT_KEY, FORMAT)?;
+            }
+        }
+        let groups = db.open_tree("groups")?;
+        let data_path = dir.join("db");
+        let data_file = File::open(&data_path).map_err(io(&data_path))?;
+        let store = SledStore { dir: dir.to_path_buf(), db, meta, groups, data_file, parts: RwLock::new(HashMap::new()) };
+        store.sync()?;
+        // sled never syncs its `conf` nor the directory entries: a new store could vanish on
+        // power loss even after a synced write.
+        for path in [dir.join("conf"), dir.to_path_buf()] {
+            File::open(&path).and_then(|f| f.sync_all()).map_err(io(&path))?;
+        }
+        Ok(store)
+    }
+
+    /// The directory this store lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn tree_name(tp: &TopicPartition) -> String {
+        format!("part/{}/{}", tp.topic, tp.partition)
+    }
+
+    fn part(&self, tp: &TopicPartition) -> Result<sled::Tree, LogError> {
+        if let Some(tree) = self.parts.read().expect("parts lock").get(tp) {
+            return Ok(tree.clone());
+        }
+        let tree = self.db.open_tree(Self::tree_name(tp))?;
+        self.parts.write().expect("parts lock").insert(tp.clone(), tree.clone());
+        Ok(tree)
+    }
+}
+
+fn chunk_key(base: u64, fragment: u16) -> [u8; 11] {
+    let mut key = [0u8; 11];
+    key[0] = b'c';
+    key[1..9].copy_from_slice(&base.to_be_bytes());
+    key[9..11].copy_from_slice(&fragment.to_be_bytes());
+    key
+}
+
+fn producer_key(id: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = b'p';
+    key[1..9].copy_from_slice(&id.to_be_bytes());
+    key
+}
+
+fn be_u64(bytes: &[u8]) -> Option<u64> {
+    bytes.try_into().ok().map(u64::from_be_bytes)
+}
+
+impl LogStore for SledStore {
+    fn load_topics(&self) -> Result<Vec<TopicConfig>, LogError> {
+        let mut topics = Vec::new();
+        for item in self.meta.scan_prefix(TOPIC_PREFIX) {
+            let (key, value) = item?;
+            let config: TopicConfig = serde_json::from_slice(&value).map_err(|e| LogError::Storage(format!(
+                "topic metadata {} is unreadable: {e}",
+                String::from_utf8_lossy(&key)
+            )))?;
+            topics.push(config);
+        }
+        Ok(topics)
+    }
+
+    fn put_topic(&self, config: &TopicConfig) -> Result<(), LogError> {
+        let json = serde_json::to_vec(config).expect("topic config serialises");
+        self.meta.insert(format!("{TOPIC_PREFIX}{}", config.name), json)?;
+        Ok(())
+    }
+
+    fn delete_topic(&self, config: &TopicConfig) -> Result<(), LogError> {
+        // Metadata first: a crash half-way leaves orphan trees (harmless, dropped on re-create)
+        // rather than a topic whose partitions are gone.
+        self.meta.remove(format!("{TOPIC_PREFIX}{}", config.name))?;
+        for partition in 0..config.partitions {
+            let tp = TopicPartition::new(config.name.clone(), partition);
+            self.parts.write().expect("parts lock").remove(&tp);
+            self.db.drop_tree(Self::tree_name(&tp))?;
+        }
+        let mut prefix = config.name.as_bytes().to_vec();
+        prefix.push(0);
+        let mut batch = sled::Batch::default();
+        for item in self.groups.scan_prefix(prefix) {
+            batch.remove(item?.0);
+        }
+        self.groups.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn recover_partition(&self, tp: &TopicPartition) -> Result<RecoveredPartition, LogError> {
+        let tree = self.part(tp)?;
+        let mut out = RecoveredPartition {
+            start_offset: tree.get(b"s")?.and_then(|v| be_u64(&v)).unwrap_or(0),
+            ..RecoveredPartition::default()
+        };
+        for item in tree.scan_prefix(b"c") {
+            let (key, value) = item?;
+            let base = be_u64(&key[1..9]).ok_or_else(|| LogError::Storage(format!("bad chunk key in {tp}")))?;
+            if key[9..11] == [0, 0] {
+                let header = codec::read_header(&value).map_err(|source| LogError::Corrupt { tp: tp.clone(), base_offset: base, source })?;
+                out.chunks.push((base, ChunkMeta { count: header.count, bytes: value.len() as u32, max_timestamp_ms: header.max_timestamp_ms }));
+            } else if let Some((last_base, meta)) = out.chunks.last_mut() {
+                if *last_base == base {
+                    meta.bytes += value.len() as u32;
+                }
+            }
+        }
+        for item in tree.scan_prefix(b"p") {
+            let (key, value) = item?;
+            if let Some(id) = be_u64(&key[1..]) {
+                out.producers.push((id, Bytes::copy_from_slice(&value)));
+            }
+        }
+        Ok(out)
+    }
+
+    fn append(&self, tp: &TopicPartition, base_offset: u64, chunks: &[EncodedChunk], producer: Option<(u64, &[u8])>) -> Result<(), LogError> {
+        let tree = self.part(tp)?;
+        let mut batch = sled::Batch::default();
+        let mut base = base_offset;
+        for chunk in chunks {
+            for (i, fragment) in chunk.bytes.chunks(FRAGMENT_MAX_BYTES).enumerate() {
+                batch.insert(&chunk_key(base, i as u16), fragment);
+            }
+            base += u64::from(chunk.header.count);
+        }
+        if let Some((id, state)) = producer {
+            batch.insert(&producer_key(id), state);
+        }
+        tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn read_chunk(&self, tp: &TopicPartition, base_offset: u64) -> Result<Option<Bytes>, LogError> {
+        let tree = self.part(tp)?;
+        let Some(first) = tree.get(chunk_key(base_offset, 0))? else { return Ok(None) };
+        if first.len() < FRAGMENT_MAX_BYTES {
+            // The common case: one fragment, handed out without copying.
+            return Ok(Some(Bytes::from_owner(first)));
+        }
+        let mut whole = first.to_vec();
+        for item in tree.range(chunk_key(base_offset, 1)..=chunk_key(base_offset, u16::MAX)) {
+            whole.extend_from_slice(&item?.1);
+        }
+        Ok(Some(Bytes::from(whole)))
+    }
+
+    fn trim(&self, tp: &TopicPartition, bases: &[u64], new_start: u64) -> Result<(), LogError> {
+        let tree = self.part(tp)?;
+        let mut batch = sled::Batch::default();
+        for &base in bases {
+            for item in tree.range(chunk_key(base, 0)..=chunk_key(base, u16::MAX)) {
+                batch.remove(item?.0);
+            }
+        }
+        batch.insert(b"s", &new_start.to_be_bytes());
+        tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn load_producers(&self) -> Result<Vec<(u64, u32)>, LogError> {
+        let mut out = Vec::new();
+        for item in self.meta.scan_prefix(PRODUCER_PREFIX) {
+            let (key, value) = item?;
+            let id = be_u64(&key[PRODUCER_PREFIX.len()..]);
+            let epoch = <[u8; 4]>::try_from(value.as_ref()).ok().map(u32::from_be_bytes);
+            if let (Some(id), Some(epoch)) = (id, epoch) {
+                out.push((id, epoch));
+            }
+        }
+        Ok(out)
+    }
+
+    fn put_producer(&self, producer_id: u64, epoch: u32) -> Result<(), LogError> {
+        let mut key = PRODUCER_PREFIX.to_vec();
+        key.extend_from_slice(&producer_id.to_be_bytes());
+        self.meta.insert(key, &epoch.to_be_bytes())?;
+        Ok(())
+    }
+
+    fn put_group_offsets(&self, group: &str, topic: &str, offsets: &[(u32, u64)]) -> Result<(), LogError> {
+        let prefix = group_key_prefix(topic, group);
+        let mut batch = sled::Batch::default();
+        for (partition, offset) in offsets {
+            let mut key = prefix.clone();
+            key.extend_from_slice(&partition.to_be_bytes());
+            batch.insert(key, &offset.to_be_bytes());
+        }
+        self.groups.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn group_offsets(&self, group: &str, topic: &str) -> Result<Vec<(u32, u64)>, LogError> {
+        let prefix = group_key_prefix(topic, group);
+        let mut out = Vec::new();
+        for item in self.groups.scan_prefix(&prefix) {
+            let (key, value) = item?;
+            let partition = <[u8; 4]>::try_from(&key[prefix.len()..]).ok().map(u32::from_be_bytes);
+            if let (Some(partition), Some(offset)) = (partition, be_u64(&value)) {
+                out.push((partition, offset));
+            }
+        }
+        Ok(out)
+    }
+
+    fn sync(&self) -> Result<(), LogError> {
+        self.db.flush()?;
+        self.data_file.sync_data().map_err(|source| LogError::Io { path: self.dir.join("db"), source })
+    }
+}

@@ -1,0 +1,154 @@
+//! Domain types shared by the log, the broker and the API layers: records, topics and the
+//! partitioner. Nothing here knows sled, prost or tonic.
+
+use bytes::Bytes;
+
+/// A record as a producer hands it to weir.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Record {
+    /// Partitioning key; records with the same key land in the same partition.
+    pub key: Option<Bytes>,
+    /// Payload.
+    pub value: Bytes,
+    /// Application headers, in order.
+    pub headers: Vec<(String, Bytes)>,
+    /// Milliseconds since the Unix epoch; 0 means "stamp with broker time at append".
+    pub timestamp_ms: i64,
+    /// Message id, used by consumers to drop redeliveries (exactly-once effects).
+    pub id: Option<String>,
+}
+
+impl Record {
+    /// A record with only a value.
+    pub fn from_value(value: impl Into<Bytes>) -> Self {
+        Record { value: value.into(), ..Record::default() }
+    }
+
+    /// Bytes this record occupies in a stored chunk; the unit of the record size limit.
+    pub fn encoded_len(&self) -> usize {
+        crate::log::codec::record_encoded_len(self)
+    }
+}
+
+/// A record read back from a partition, with its position.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredRecord {
+    /// The partition it was read from.
+    pub partition: u32,
+    /// Its offset in that partition.
+    pub offset: u64,
+    /// The record as stored (its timestamp is the broker's when the producer gave none).
+    pub record: Record,
+}
+
+/// One partition of one topic.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TopicPartition {
+    /// Topic name.
+    pub topic: String,
+    /// Partition index, `0..partitions`.
+    pub partition: u32,
+}
+
+impl TopicPartition {
+    /// Builds a topic-partition pair.
+    pub fn new(topic: impl Into<String>, partition: u32) -> Self {
+        TopicPartition { topic: topic.into(), partition }
+    }
+}
+
+impl std::fmt::Display for TopicPartition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.topic, self.partition)
+    }
+}
+
+/// A topic's configuration, fixed at creation.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    /// Topic name (see [`validate_topic_name`]).
+    pub name: String,
+    /// Number of partitions; fixed for the topic's life.
+    pub partitions: u32,
+    /// Delete chunks whose newest record is older than this; 0 keeps forever.
+    pub retention_ms: u64,
+    /// Per partition, delete the oldest chunks while the partition is larger; 0 = no bound.
+    pub retention_bytes: u64,
+}
+
+/// Most partitions a topic may have; each is a sled tree and an executor task later.
+pub const MAX_PARTITIONS: u32 = 1024;
+
+/// Checks a topic name: 1–249 characters of `[A-Za-z0-9._-]`, not `.` or `..` (Kafka's rule,
+/// so names move between the two systems unchanged).
+///
+/// # Errors
+/// Returns a message that says what is wrong with the name.
+pub fn validate_topic_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("topic name is empty".into());
+    }
+    if name.len() > 249 {
+        return Err(format!("topic name is {} characters long; the limit is 249", name.len()));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("topic name {name:?} is reserved"));
+    }
+    if let Some(bad) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(format!(
+            "topic name {name:?} contains {bad:?}; use letters, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// The partition a keyed record goes to: FNV-1a 64 of the key modulo the partition count.
+///
+/// Stable across versions and platforms, so clients can partition before sending (the
+/// idempotent producer must, because sequences are per partition).
+pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (hash % u64::from(partitions.max(1))) as u32
+}
+
+/// Current wall-clock time in milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_names() {
+        for ok in ["orders", "order.paid", "a-b_c.9", &"x".repeat(249)] {
+            assert_eq!(validate_topic_name(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [("", "empty"), (".", "reserved"), ("a/b", "'/'"), ("a b", "' '"), (&"x".repeat(250), "249")] {
+            let err = validate_topic_name(bad).unwrap_err();
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn partitioner_is_stable_and_in_range() {
+        // Pinned values: changing the hash would move keys between partitions on upgrade.
+        assert_eq!(partition_for_key(b"user-1", 8), partition_for_key(b"user-1", 8));
+        assert_eq!(partition_for_key(b"", 4), (0xcbf2_9ce4_8422_2325u64 % 4) as u32);
+        for i in 0..1000 {
+            assert!(partition_for_key(format!("k{i}").as_bytes(), 7) < 7);
+        }
+        let spread: std::collections::HashSet<u32> =
+            (0..100).map(|i| partition_for_key(format!("user-{i}").as_bytes(), 4)).collect();
+        assert_eq!(spread.len(), 4, "keys spread over all partitions");
+    }
+}

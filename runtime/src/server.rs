@@ -1,0 +1,165 @@
+//! `weir serve`: opens the store, starts the syncer, the broker and the retention task, and
+//! serves gRPC until the shutdown token is cancelled; then drains, syncs and returns.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::{Broker, BrokerConfig, BrokerError};
+use crate::durability::{Durability, FsyncPolicy};
+use crate::grpc::WeirService;
+use crate::log::{LogError, LogStore, SledStore};
+
+/// Everything `weir serve` needs, validated by the binary before [`run`] is called.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Directory of the embedded store.
+    pub data_dir: PathBuf,
+    /// Address to listen on (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// When writes are synced.
+    pub fsync: FsyncPolicy,
+    /// Broker limits.
+    pub broker: BrokerConfig,
+    /// sled cache in bytes.
+    pub cache_bytes: u64,
+}
+
+impl ServerConfig {
+    /// Defaults for a data directory: `127.0.0.1:7070`, fsync `always`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        ServerConfig {
+            data_dir: data_dir.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            fsync: FsyncPolicy::Always,
+            broker: BrokerConfig::default(),
+            cache_bytes: 512 * 1024 * 1024,
+        }
+    }
+}
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] LogError),
+    /// The broker could not rebuild its state.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// Binding the listen address failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A server started with [`start`], running on its own tasks.
+pub struct RunningServer {
+    /// The address it listens on (the real port when 0 was asked).
+    pub addr: SocketAddr,
+    /// Cancel to shut it down.
+    pub shutdown: CancellationToken,
+    /// The broker, for in-process callers (tests, benchmarks).
+    pub broker: Arc<Broker>,
+    handle: tokio::task::JoinHandle<Result<(), ServerError>>,
+}
+
+impl RunningServer {
+    /// Cancels and waits for a clean stop (everything synced).
+    ///
+    /// # Errors
+    /// The server's own error, if it failed.
+    pub async fn stop(self) -> Result<(), ServerError> {
+        self.shutdown.cancel();
+        self.handle.await.unwrap_or_else(|e| panic!("server task panicked: {e}"))
+    }
+
+    /// The server's URL for clients.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// Opens the store and binds, then serves on background tasks until `shutdown` is cancelled.
+///
+/// # Errors
+/// Store, recovery or bind failures, before anything is served.
+pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<RunningServer, ServerError> {
+    let listener = TcpListener::bind(config.listen).await.map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+    let (data_dir, cache_bytes, fsync, broker_config) = (config.data_dir.clone(), config.cache_bytes, config.fsync, config.broker.clone());
+    let (broker, durability, syncer) = tokio::task::spawn_blocking(move || -> Result<_, ServerError> {
+        let options = crate::log::sled_store::SledOptions {
+            cache_bytes,
+            // Under `never` sled's own flusher moves writes to the OS every 500 ms; otherwise
+            // weir's syncer drives every flush.
+            background_flush_ms: (fsync == FsyncPolicy::Never).then_some(500),
+        };
+        let store: Arc<dyn LogStore> = Arc::new(SledStore::open(&data_dir, &options)?);
+        let (durability, syncer) = Durability::start(store.clone(), fsync);
+        let broker = Broker::open(store, durability.clone(), broker_config)?;
+        Ok((broker, durability, syncer))
+    })
+    .await
+    .expect("store open task")?;
+    tracing::info!(message = "weir is serving.", %addr, data_dir = %config.data_dir.display(), fsync = %config.fsync, topics = broker.list_topics().len());
+    let tracker = TaskTracker::new();
+    tracker.spawn(retention_loop(broker.clone(), shutdown.clone()));
+    let service = WeirService::new(broker.clone(), shutdown.clone());
+    let serve_shutdown = shutdown.clone();
+    let handle = tokio::spawn(async move {
+        let incoming = TcpListenerStream::new(listener);
+        let result = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(service.into_server())
+            .serve_with_incoming_shutdown(incoming, serve_shutdown.cancelled())
+            .await;
+        tracker.close();
+        tracker.wait().await;
+        // Everything acknowledged is synced already under `always`; sync the rest (interval,
+        // never, metadata) before exiting.
+        durability.stop();
+        tokio::task::spawn_blocking(move || syncer.join()).await.ok();
+        tracing::info!(message = "weir stopped; store synced.");
+        Ok(result?)
+    });
+    Ok(RunningServer { addr, shutdown, broker, handle })
+}
+
+/// Runs a server until `shutdown` is cancelled (the `weir serve` entry point).
+///
+/// # Errors
+/// See [`start`]; also a gRPC transport failure while serving.
+pub async fn run(config: ServerConfig, shutdown: CancellationToken, on_ready: impl FnOnce(SocketAddr)) -> Result<(), ServerError> {
+    let server = start(config, shutdown.clone()).await?;
+    on_ready(server.addr);
+    shutdown.cancelled().await;
+    server.stop().await
+}
+
+async fn retention_loop(broker: Arc<Broker>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(broker.config().retention_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(error) = broker.apply_retention().await {
+                    tracing::warn!(message = "Retention failed.", %error);
+                }
+            }
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
