@@ -1,0 +1,177 @@
+//! `weir bench publish`: a load generator in the spirit of kafka-producer-perf-test and
+//! `fluvio benchmark`. Prints records/s, MB/s and per-batch acknowledgement latency.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Subcommand;
+use rand::RngCore;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::Client;
+use crate::grpc::pb;
+use crate::record::TopicConfig;
+
+/// Benchmarks.
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Publish records as fast as the server acknowledges them.
+    Publish(PublishBench),
+}
+
+/// Arguments of `weir bench publish`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PublishBench {
+    /// Topic (created with --partitions if missing).
+    #[arg(long, default_value = "bench")]
+    pub topic: String,
+    /// Records to publish in all.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub records: u64,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 100)]
+    pub record_size: usize,
+    /// Key size in bytes (0 = keyless).
+    #[arg(long, default_value_t = 16)]
+    pub key_size: usize,
+    /// Records per publish request.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Partitions of the topic when it is created.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: u32,
+    /// Publish requests in flight at once (each on its own partition in turn).
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Send over one PublishStream per worker instead of unary calls.
+    #[arg(long)]
+    pub stream: bool,
+    /// No progress bar (for logs).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub(super) async fn run(server: &str, cmd: BenchCommand, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let BenchCommand::Publish(args) = cmd;
+    let report = publish(server, &args, shutdown).await?;
+    println!("{report}");
+    Ok(())
+}
+
+/// Results of a publish benchmark.
+#[derive(Debug, Clone)]
+pub struct PublishReport {
+    /// Records acknowledged.
+    pub records: u64,
+    /// Payload bytes (keys + values) acknowledged.
+    pub bytes: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Per-request acknowledgement latencies, sorted.
+    pub latencies: Vec<Duration>,
+}
+
+impl std::fmt::Display for PublishReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = self.elapsed.as_secs_f64();
+        let pct = |p: f64| {
+            let i = ((self.latencies.len() as f64 * p).ceil() as usize).clamp(1, self.latencies.len().max(1)) - 1;
+            self.latencies.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+        };
+        writeln!(f, "{} records ({:.1} MB) in {:.2} s", self.records, self.bytes as f64 / 1e6, secs)?;
+        writeln!(f, "throughput: {:.0} records/s, {:.1} MB/s", self.records as f64 / secs, self.bytes as f64 / 1e6 / secs)?;
+        write!(f, "ack latency per request: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms", pct(0.5), pct(0.99), pct(1.0))
+    }
+}
+
+fn batches(args: &PublishBench, worker: usize) -> Vec<Vec<pb::Record>> {
+    let mut rng = rand::rng();
+    (0..4)
+        .map(|b| {
+            (0..args.batch)
+                .map(|i| {
+                    let mut value = vec![0u8; args.record_size];
+                    rng.fill_bytes(&mut value);
+                    let key = (args.key_size > 0).then(|| {
+                        let mut k = format!("w{worker}-b{b}-{i}").into_bytes();
+                        k.resize(args.key_size, b'.');
+                        Bytes::from(k)
+                    });
+                    pb::Record { key, value: Bytes::from(value), ..Default::default() }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Runs a publish benchmark against `server`.
+///
+/// # Errors
+/// Connection failures, topic creation failures, a refused publish.
+pub async fn publish(server: &str, args: &PublishBench, shutdown: CancellationToken) -> anyhow::Result<PublishReport> {
+    anyhow::ensure!(args.batch > 0 && args.concurrency > 0 && args.records > 0, "--records, --batch and --concurrency must be positive");
+    let client = Client::connect(server).await?;
+    let partitions = match client.describe_topic(&args.topic).await {
+        Ok(info) => info.config.partitions,
+        Err(e) if e.code() == Some(tonic::Code::NotFound) => {
+            let config = TopicConfig { name: args.topic.clone(), partitions: args.partitions, retention_ms: 0, retention_bytes: 0 };
+            client.create_topic(&config).await?.config.partitions
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let total_requests = args.records.div_ceil(args.batch as u64);
+    let next_request = Arc::new(AtomicU64::new(0));
+    let done_records = Arc::new(AtomicU64::new(0));
+    let bar = if args.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(args.records) };
+    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} records  {per_sec}  eta {eta}").expect("template"));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for worker in 0..args.concurrency {
+        let (client, args, next_request, done_records, bar, shutdown) = (client.clone(), args.clone(), next_request.clone(), done_records.clone(), bar.clone(), shutdown.clone());
+        workers.push(tokio::spawn(async move {
+            let payloads = batches(&args, worker);
+            let mut latencies = Vec::new();
+            let mut bytes = 0u64;
+            let mut raw = client.raw();
+            loop {
+                let n = next_request.fetch_add(1, Ordering::Relaxed);
+                if n >= total_requests || shutdown.is_cancelled() {
+                    break;
+                }
+                let count = (args.records - n * args.batch as u64).min(args.batch as u64) as usize;
+                let records: Vec<pb::Record> = payloads[n as usize % payloads.len()][..count].to_vec();
+                bytes += records.iter().map(|r| (r.value.len() + r.key.as_ref().map_or(0, |k| k.len())) as u64).sum::<u64>();
+                let request = pb::PublishRequest { topic: args.topic.clone(), partition: Some((n % u64::from(partitions)) as u32), records, producer: None, request_id: n };
+                let t = Instant::now();
+                if args.stream {
+                    let response = raw.publish_stream(futures::stream::iter([request])).await?;
+                    let mut inbound = response.into_inner();
+                    while let Some(r) = inbound.message().await? {
+                        if let Some(e) = r.error {
+                            anyhow::bail!("publish refused: {}", e.message);
+                        }
+                    }
+                } else {
+                    raw.publish(request).await?;
+                }
+                latencies.push(t.elapsed());
+                done_records.fetch_add(count as u64, Ordering::Relaxed);
+                bar.inc(count as u64);
+            }
+            Ok::<_, anyhow::Error>((latencies, bytes))
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut bytes = 0;
+    for w in workers {
+        let (l, b) = w.await??;
+        latencies.extend(l);
+        bytes += b;
+    }
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    latencies.sort();
+    Ok(PublishReport { records: done_records.load(Ordering::Relaxed), bytes, elapsed, latencies })
+}

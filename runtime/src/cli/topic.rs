@@ -1,0 +1,68 @@
+//! `weir topic …`.
+
+use clap::Subcommand;
+
+use crate::client::Client;
+use crate::record::TopicConfig;
+
+/// Topic administration.
+#[derive(Subcommand, Debug)]
+pub enum TopicCommand {
+    /// Create a topic.
+    Create {
+        /// Topic name: letters, digits, '.', '_' and '-'.
+        name: String,
+        /// Number of partitions (fixed for the topic's life).
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+        /// Delete records older than this many ms (0 = keep forever).
+        #[arg(long, default_value_t = 0)]
+        retention_ms: u64,
+        /// Per partition, delete the oldest records beyond this many bytes (0 = no bound).
+        #[arg(long, default_value_t = 0)]
+        retention_bytes: u64,
+    },
+    /// List topics.
+    List,
+    /// Show a topic's partitions with their offsets and sizes.
+    Describe {
+        /// Topic name.
+        name: String,
+    },
+    /// Delete a topic and all its records.
+    Delete {
+        /// Topic name.
+        name: String,
+    },
+}
+
+pub(super) async fn run(client: &Client, cmd: TopicCommand) -> anyhow::Result<()> {
+    match cmd {
+        TopicCommand::Create { name, partitions, retention_ms, retention_bytes } => {
+            let info = client.create_topic(&TopicConfig { name, partitions, retention_ms, retention_bytes }).await?;
+            println!("created topic {} with {} partition(s)", info.config.name, info.config.partitions);
+        }
+        TopicCommand::List => {
+            println!("{:<32} {:>10} {:>14} {:>14}", "TOPIC", "PARTITIONS", "RECORDS", "BYTES");
+            for t in client.list_topics().await? {
+                let records: u64 = t.partitions.iter().map(|p| p.end_offset - p.start_offset).sum();
+                let bytes: u64 = t.partitions.iter().map(|p| p.size_bytes).sum();
+                println!("{:<32} {:>10} {:>14} {:>14}", t.config.name, t.config.partitions, records, bytes);
+            }
+        }
+        TopicCommand::Describe { name } => {
+            let t = client.describe_topic(&name).await?;
+            let retention = |v: u64, unit: &str| if v == 0 { "unbounded".to_string() } else { format!("{v} {unit}") };
+            println!("topic {}  partitions {}  retention {} / {}", t.config.name, t.config.partitions, retention(t.config.retention_ms, "ms"), retention(t.config.retention_bytes, "bytes per partition"));
+            println!("{:>9} {:>14} {:>14} {:>14}", "PARTITION", "START", "END", "BYTES");
+            for p in t.partitions {
+                println!("{:>9} {:>14} {:>14} {:>14}", p.partition, p.start_offset, p.end_offset, p.size_bytes);
+            }
+        }
+        TopicCommand::Delete { name } => {
+            client.delete_topic(&name).await?;
+            println!("deleted topic {name}");
+        }
+    }
+    Ok(())
+}
