@@ -44,7 +44,9 @@ impl From<Status> for ClientError {
 
 fn status_message(status: &Status) -> String {
     match status.code() {
-        Code::Unavailable | Code::Unknown if status.message().contains("transport") || status.message().contains("connect") => {
+        Code::Unavailable | Code::Unknown
+            if status.message().contains("transport") || status.message().contains("connect") =>
+        {
             format!("the weir server is unavailable: {}", status.message())
         }
         code => format!("{} ({code:?})", status.message()),
@@ -84,7 +86,12 @@ pub struct Ack {
 
 impl From<pb::PartitionAck> for Ack {
     fn from(a: pb::PartitionAck) -> Self {
-        Ack { partition: a.partition, base_offset: a.base_offset, count: a.record_count, duplicate: a.duplicate }
+        Ack {
+            partition: a.partition,
+            base_offset: a.base_offset,
+            count: a.record_count,
+            duplicate: a.duplicate,
+        }
     }
 }
 
@@ -100,7 +107,10 @@ impl Client {
     /// # Errors
     /// [`ClientError::Connect`] when the address is malformed or nothing answers.
     pub async fn connect(addr: &str) -> Result<Self, ClientError> {
-        let connect_err = |reason: String| ClientError::Connect { addr: addr.to_string(), reason };
+        let connect_err = |reason: String| ClientError::Connect {
+            addr: addr.to_string(),
+            reason,
+        };
         let endpoint = Endpoint::from_shared(addr.to_string())
             .map_err(|e| connect_err(format!("{e} (expected a URL like http://127.0.0.1:7070)")))?
             .tcp_nodelay(true)
@@ -137,7 +147,9 @@ impl Client {
             retention_ms: config.retention_ms,
             retention_bytes: config.retention_bytes,
         };
-        Ok(topic_info(self.inner.clone().create_topic(request).await?.into_inner()))
+        Ok(topic_info(
+            self.inner.clone().create_topic(request).await?.into_inner(),
+        ))
     }
 
     /// Lists topics.
@@ -145,7 +157,13 @@ impl Client {
     /// # Errors
     /// Transport failures.
     pub async fn list_topics(&self) -> Result<Vec<TopicInfo>, ClientError> {
-        let topics = self.inner.clone().list_topics(pb::ListTopicsRequest {}).await?.into_inner().topics;
+        let topics = self
+            .inner
+            .clone()
+            .list_topics(pb::ListTopicsRequest {})
+            .await?
+            .into_inner()
+            .topics;
         Ok(topics.into_iter().map(topic_info).collect())
     }
 
@@ -154,7 +172,13 @@ impl Client {
     /// # Errors
     /// Unknown topic.
     pub async fn describe_topic(&self, name: &str) -> Result<TopicInfo, ClientError> {
-        Ok(topic_info(self.inner.clone().describe_topic(pb::DescribeTopicRequest { name: name.into() }).await?.into_inner()))
+        Ok(topic_info(
+            self.inner
+                .clone()
+                .describe_topic(pb::DescribeTopicRequest { name: name.into() })
+                .await?
+                .into_inner(),
+        ))
     }
 
     /// Deletes a topic and its data.
@@ -162,7 +186,10 @@ impl Client {
     /// # Errors
     /// Unknown topic.
     pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
-        self.inner.clone().delete_topic(pb::DeleteTopicRequest { name: name.into() }).await?;
+        self.inner
+            .clone()
+            .delete_topic(pb::DeleteTopicRequest { name: name.into() })
+            .await?;
         Ok(())
     }
 
@@ -171,9 +198,29 @@ impl Client {
     ///
     /// # Errors
     /// Validation errors from the broker, transport failures.
-    pub async fn publish(&self, topic: &str, partition: Option<u32>, records: Vec<Record>) -> Result<Vec<Ack>, ClientError> {
-        let request = pb::PublishRequest { topic: topic.into(), partition, records: records.into_iter().map(Into::into).collect(), producer: None, request_id: 0 };
-        Ok(self.inner.clone().publish(request).await?.into_inner().acks.into_iter().map(Ack::from).collect())
+    pub async fn publish(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        records: Vec<Record>,
+    ) -> Result<Vec<Ack>, ClientError> {
+        let request = pb::PublishRequest {
+            topic: topic.into(),
+            partition,
+            records: records.into_iter().map(Into::into).collect(),
+            producer: None,
+            request_id: 0,
+        };
+        Ok(self
+            .inner
+            .clone()
+            .publish(request)
+            .await?
+            .into_inner()
+            .acks
+            .into_iter()
+            .map(Ack::from)
+            .collect())
     }
 
     /// Starts an idempotent producer (allocates a producer id).
@@ -181,8 +228,22 @@ impl Client {
     /// # Errors
     /// Transport failures.
     pub async fn producer(&self) -> Result<Producer, ClientError> {
-        let r = self.inner.clone().init_producer(pb::InitProducerRequest { producer_id: None }).await?.into_inner();
-        Ok(Producer { client: self.clone(), id: r.producer_id, epoch: r.epoch, sequences: HashMap::new(), partitions: HashMap::new(), retries: 3, backoff: Duration::from_millis(100), sticky: 0 })
+        let r = self
+            .inner
+            .clone()
+            .init_producer(pb::InitProducerRequest { producer_id: None })
+            .await?
+            .into_inner();
+        Ok(Producer {
+            client: self.clone(),
+            id: r.producer_id,
+            epoch: r.epoch,
+            sequences: HashMap::new(),
+            partitions: HashMap::new(),
+            retries: 3,
+            backoff: Duration::from_millis(100),
+            sticky: 0,
+        })
     }
 
     /// Bumps the epoch of an existing producer id (fencing its older instances).
@@ -190,7 +251,12 @@ impl Client {
     /// # Errors
     /// Unknown producer id.
     pub async fn init_producer(&self, producer_id: Option<u64>) -> Result<(u64, u32), ClientError> {
-        let r = self.inner.clone().init_producer(pb::InitProducerRequest { producer_id }).await?.into_inner();
+        let r = self
+            .inner
+            .clone()
+            .init_producer(pb::InitProducerRequest { producer_id })
+            .await?
+            .into_inner();
         Ok((r.producer_id, r.epoch))
     }
 
@@ -198,7 +264,13 @@ impl Client {
     ///
     /// # Errors
     /// Unknown topic or partition, offset out of range.
-    pub async fn subscribe(&self, topic: &str, partitions: &[u32], start: StartAt, group: Option<&str>) -> Result<Subscription, ClientError> {
+    pub async fn subscribe(
+        &self,
+        topic: &str,
+        partitions: &[u32],
+        start: StartAt,
+        group: Option<&str>,
+    ) -> Result<Subscription, ClientError> {
         let request = pb::SubscribeRequest {
             topic: topic.into(),
             partitions: partitions.to_vec(),
@@ -206,16 +278,33 @@ impl Client {
             group: group.map(str::to_string),
             max_batch_records: 0,
         };
-        Ok(Subscription { stream: self.inner.clone().subscribe(request).await?.into_inner() })
+        Ok(Subscription {
+            stream: self.inner.clone().subscribe(request).await?.into_inner(),
+        })
     }
 
     /// Commits a consumer group's next offsets.
     ///
     /// # Errors
     /// Unknown topic or partition.
-    pub async fn commit_offsets(&self, group: &str, topic: &str, offsets: &[(u32, u64)]) -> Result<(), ClientError> {
-        let offsets = offsets.iter().map(|&(partition, offset)| pb::PartitionOffset { partition, offset }).collect();
-        self.inner.clone().commit_offsets(pb::CommitOffsetsRequest { group: group.into(), topic: topic.into(), offsets }).await?;
+    pub async fn commit_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+        offsets: &[(u32, u64)],
+    ) -> Result<(), ClientError> {
+        let offsets = offsets
+            .iter()
+            .map(|&(partition, offset)| pb::PartitionOffset { partition, offset })
+            .collect();
+        self.inner
+            .clone()
+            .commit_offsets(pb::CommitOffsetsRequest {
+                group: group.into(),
+                topic: topic.into(),
+                offsets,
+            })
+            .await?;
         Ok(())
     }
 
@@ -223,19 +312,44 @@ impl Client {
     ///
     /// # Errors
     /// Unknown topic.
-    pub async fn fetch_offsets(&self, group: &str, topic: &str) -> Result<Vec<(u32, u64)>, ClientError> {
-        let r = self.inner.clone().fetch_offsets(pb::FetchOffsetsRequest { group: group.into(), topic: topic.into() }).await?.into_inner();
-        Ok(r.offsets.into_iter().map(|o| (o.partition, o.offset)).collect())
+    pub async fn fetch_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> Result<Vec<(u32, u64)>, ClientError> {
+        let r = self
+            .inner
+            .clone()
+            .fetch_offsets(pb::FetchOffsetsRequest {
+                group: group.into(),
+                topic: topic.into(),
+            })
+            .await?
+            .into_inner();
+        Ok(r.offsets
+            .into_iter()
+            .map(|o| (o.partition, o.offset))
+            .collect())
     }
 }
 
 fn topic_info(t: pb::TopicInfo) -> TopicInfo {
     TopicInfo {
-        config: TopicConfig { name: t.name, partitions: t.partitions, retention_ms: t.retention_ms, retention_bytes: t.retention_bytes },
+        config: TopicConfig {
+            name: t.name,
+            partitions: t.partitions,
+            retention_ms: t.retention_ms,
+            retention_bytes: t.retention_bytes,
+        },
         partitions: t
             .partition_info
             .into_iter()
-            .map(|p| crate::broker::PartitionStats { partition: p.partition, start_offset: p.start_offset, end_offset: p.end_offset, size_bytes: p.size_bytes })
+            .map(|p| crate::broker::PartitionStats {
+                partition: p.partition,
+                start_offset: p.start_offset,
+                end_offset: p.end_offset,
+                size_bytes: p.size_bytes,
+            })
             .collect(),
     }
 }
@@ -252,7 +366,11 @@ impl Subscription {
     /// # Errors
     /// The stream failed (topic deleted, server gone).
     pub async fn next(&mut self) -> Result<Option<Vec<StoredRecord>>, ClientError> {
-        Ok(self.stream.message().await?.map(|r| r.records.into_iter().map(StoredRecord::from).collect()))
+        Ok(self
+            .stream
+            .message()
+            .await?
+            .map(|r| r.records.into_iter().map(StoredRecord::from).collect()))
     }
 }
 
@@ -276,7 +394,15 @@ pub struct Producer {
 fn retriable(e: &ClientError) -> bool {
     match e {
         ClientError::Connect { .. } => true,
-        ClientError::Status(s) => matches!(s.code(), Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted | Code::Internal),
+        ClientError::Status(s) => matches!(
+            s.code(),
+            Code::Unavailable
+                | Code::Unknown
+                | Code::DeadlineExceeded
+                | Code::Cancelled
+                | Code::Aborted
+                | Code::Internal
+        ),
         ClientError::Protocol(_) => false,
     }
 }
@@ -301,7 +427,12 @@ impl Producer {
     /// A refusal from the broker (not retried), or the last failure once retries are spent.
     /// After retries are spent the producer re-initialises (new epoch, sequences from 0) on
     /// its next send, as Kafka's does: whether the failed batch was stored is unknown.
-    pub async fn send_to(&mut self, topic: &str, partition: u32, records: Vec<Record>) -> Result<Ack, ClientError> {
+    pub async fn send_to(
+        &mut self,
+        topic: &str,
+        partition: u32,
+        records: Vec<Record>,
+    ) -> Result<Ack, ClientError> {
         let key = (topic.to_string(), partition);
         let base_sequence = *self.sequences.get(&key).unwrap_or(&0);
         let count = records.len() as u64;
@@ -309,16 +440,34 @@ impl Producer {
             topic: topic.into(),
             partition: Some(partition),
             records: records.into_iter().map(Into::into).collect(),
-            producer: Some(pb::ProducerFields { producer_id: self.id, epoch: self.epoch, base_sequence }),
+            producer: Some(pb::ProducerFields {
+                producer_id: self.id,
+                epoch: self.epoch,
+                base_sequence,
+            }),
             request_id: 0,
         };
         let mut backoff = self.backoff;
         let mut attempt = 0;
         loop {
-            let result = self.client.inner.clone().publish(request.clone()).await.map_err(ClientError::from);
+            let result = self
+                .client
+                .inner
+                .clone()
+                .publish(request.clone())
+                .await
+                .map_err(ClientError::from);
             match result {
                 Ok(response) => {
-                    let ack = response.into_inner().acks.into_iter().next().map(Ack::from).ok_or_else(|| ClientError::Protocol("publish answered without an ack".into()))?;
+                    let ack = response
+                        .into_inner()
+                        .acks
+                        .into_iter()
+                        .next()
+                        .map(Ack::from)
+                        .ok_or_else(|| {
+                            ClientError::Protocol("publish answered without an ack".into())
+                        })?;
                     self.sequences.insert(key, base_sequence + count);
                     return Ok(ack);
                 }
@@ -352,7 +501,11 @@ impl Producer {
     ///
     /// # Errors
     /// As [`Producer::send_to`]; partitions already acknowledged stay stored.
-    pub async fn send(&mut self, topic: &str, records: Vec<Record>) -> Result<Vec<(u32, u64)>, ClientError> {
+    pub async fn send(
+        &mut self,
+        topic: &str,
+        records: Vec<Record>,
+    ) -> Result<Vec<(u32, u64)>, ClientError> {
         let n = match self.partitions.get(topic) {
             Some(&n) => n,
             None => {
@@ -363,9 +516,13 @@ impl Producer {
         };
         self.sticky = self.sticky.wrapping_add(1);
         let sticky = self.sticky % n;
-        let mut by_partition: std::collections::BTreeMap<u32, Vec<(usize, Record)>> = Default::default();
+        let mut by_partition: std::collections::BTreeMap<u32, Vec<(usize, Record)>> =
+            Default::default();
         for (i, record) in records.into_iter().enumerate() {
-            let p = record.key.as_deref().map_or(sticky, |k| partition_for_key(k, n));
+            let p = record
+                .key
+                .as_deref()
+                .map_or(sticky, |k| partition_for_key(k, n));
             by_partition.entry(p).or_default().push((i, record));
         }
         let total = by_partition.values().map(Vec::len).sum();

@@ -75,7 +75,10 @@ pub struct Durability {
 
 impl Durability {
     /// Starts the syncer thread for `store` under `policy`.
-    pub fn start(store: Arc<dyn LogStore>, policy: FsyncPolicy) -> (Arc<Self>, std::thread::JoinHandle<()>) {
+    pub fn start(
+        store: Arc<dyn LogStore>,
+        policy: FsyncPolicy,
+    ) -> (Arc<Self>, std::thread::JoinHandle<()>) {
         let (synced, _) = watch::channel(Ok(0));
         let this = Arc::new(Durability {
             policy,
@@ -121,7 +124,9 @@ impl Durability {
             return self.synced.borrow().clone().map(|_| ());
         }
         let mut rx = self.synced.subscribe();
-        let result = rx.wait_for(|s| s.as_ref().map_or(true, |&synced| synced >= ticket)).await;
+        let result = rx
+            .wait_for(|s| s.as_ref().map_or(true, |&synced| synced >= ticket))
+            .await;
         match result {
             Ok(state) => state.clone().map(|_| ()),
             Err(_) => Err(SyncFailed("the syncer stopped".into())),
@@ -156,7 +161,11 @@ impl Durability {
                     _ => Duration::from_secs(3600),
                 };
                 if !*flag {
-                    flag = self.wake_cv.wait_timeout(flag, timeout).expect("wake lock").0;
+                    flag = self
+                        .wake_cv
+                        .wait_timeout(flag, timeout)
+                        .expect("wake lock")
+                        .0;
                 }
                 *flag = false;
                 self.stopping.load(Ordering::SeqCst)
@@ -171,7 +180,9 @@ impl Durability {
                 let started = std::time::Instant::now();
                 let result = self.store.sync();
                 self.sync_stats.0.fetch_add(1, Ordering::Relaxed);
-                self.sync_stats.1.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                self.sync_stats
+                    .1
+                    .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
                 match result {
                     Ok(()) => {
                         let _previous = self.synced.send_replace(Ok(target));
@@ -198,12 +209,18 @@ mod tests {
     fn parse_policies() {
         assert_eq!("always".parse(), Ok(FsyncPolicy::Always));
         assert_eq!("never".parse(), Ok(FsyncPolicy::Never));
-        assert_eq!("interval:250".parse(), Ok(FsyncPolicy::Interval(Duration::from_millis(250))));
+        assert_eq!(
+            "interval:250".parse(),
+            Ok(FsyncPolicy::Interval(Duration::from_millis(250)))
+        );
         for bad in ["", "sometimes", "interval:", "interval:0", "interval:x"] {
             let err = bad.parse::<FsyncPolicy>().unwrap_err();
             assert!(err.contains("interval:<ms>"), "{err}");
         }
-        assert_eq!(FsyncPolicy::Interval(Duration::from_millis(7)).to_string(), "interval:7");
+        assert_eq!(
+            FsyncPolicy::Interval(Duration::from_millis(7)).to_string(),
+            "interval:7"
+        );
     }
 
     #[tokio::test]

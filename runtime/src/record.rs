@@ -21,7 +21,10 @@ pub struct Record {
 impl Record {
     /// A record with only a value.
     pub fn from_value(value: impl Into<Bytes>) -> Self {
-        Record { value: value.into(), ..Record::default() }
+        Record {
+            value: value.into(),
+            ..Record::default()
+        }
     }
 
     /// Bytes this record occupies in a stored chunk; the unit of the record size limit.
@@ -53,7 +56,10 @@ pub struct TopicPartition {
 impl TopicPartition {
     /// Builds a topic-partition pair.
     pub fn new(topic: impl Into<String>, partition: u32) -> Self {
-        TopicPartition { topic: topic.into(), partition }
+        TopicPartition {
+            topic: topic.into(),
+            partition,
+        }
     }
 }
 
@@ -90,12 +96,18 @@ pub fn validate_topic_name(name: &str) -> Result<(), String> {
         return Err("topic name is empty".into());
     }
     if name.len() > 249 {
-        return Err(format!("topic name is {} characters long; the limit is 249", name.len()));
+        return Err(format!(
+            "topic name is {} characters long; the limit is 249",
+            name.len()
+        ));
     }
     if name == "." || name == ".." {
         return Err(format!("topic name {name:?} is reserved"));
     }
-    if let Some(bad) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
         return Err(format!(
             "topic name {name:?} contains {bad:?}; use letters, digits, '.', '_' and '-'"
         ));
@@ -133,7 +145,13 @@ mod tests {
         for ok in ["orders", "order.paid", "a-b_c.9", &"x".repeat(249)] {
             assert_eq!(validate_topic_name(ok), Ok(()), "{ok}");
         }
-        for (bad, why) in [("", "empty"), (".", "reserved"), ("a/b", "'/'"), ("a b", "' '"), (&"x".repeat(250), "249")] {
+        for (bad, why) in [
+            ("", "empty"),
+            (".", "reserved"),
+            ("a/b", "'/'"),
+            ("a b", "' '"),
+            (&"x".repeat(250), "249"),
+        ] {
             let err = validate_topic_name(bad).unwrap_err();
             assert!(err.contains(why), "{bad:?}: {err}");
         }
@@ -142,13 +160,20 @@ mod tests {
     #[test]
     fn partitioner_is_stable_and_in_range() {
         // Pinned values: changing the hash would move keys between partitions on upgrade.
-        assert_eq!(partition_for_key(b"user-1", 8), partition_for_key(b"user-1", 8));
-        assert_eq!(partition_for_key(b"", 4), (0xcbf2_9ce4_8422_2325u64 % 4) as u32);
+        assert_eq!(
+            partition_for_key(b"user-1", 8),
+            partition_for_key(b"user-1", 8)
+        );
+        assert_eq!(
+            partition_for_key(b"", 4),
+            (0xcbf2_9ce4_8422_2325u64 % 4) as u32
+        );
         for i in 0..1000 {
             assert!(partition_for_key(format!("k{i}").as_bytes(), 7) < 7);
         }
-        let spread: std::collections::HashSet<u32> =
-            (0..100).map(|i| partition_for_key(format!("user-{i}").as_bytes(), 4)).collect();
+        let spread: std::collections::HashSet<u32> = (0..100)
+            .map(|i| partition_for_key(format!("user-{i}").as_bytes(), 4))
+            .collect();
         assert_eq!(spread.len(), 4, "keys spread over all partitions");
     }
 }

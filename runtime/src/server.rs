@@ -83,7 +83,9 @@ impl RunningServer {
     /// The server's own error, if it failed.
     pub async fn stop(self) -> Result<(), ServerError> {
         self.shutdown.cancel();
-        self.handle.await.unwrap_or_else(|e| panic!("server task panicked: {e}"))
+        self.handle
+            .await
+            .unwrap_or_else(|e| panic!("server task panicked: {e}"))
     }
 
     /// The server's URL for clients.
@@ -96,24 +98,41 @@ impl RunningServer {
 ///
 /// # Errors
 /// Store, recovery or bind failures, before anything is served.
-pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<RunningServer, ServerError> {
-    let listener = TcpListener::bind(config.listen).await.map_err(|source| ServerError::Bind { addr: config.listen, source })?;
-    let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
-    let (data_dir, cache_bytes, fsync, broker_config) = (config.data_dir.clone(), config.cache_bytes, config.fsync, config.broker.clone());
-    let (broker, durability, syncer) = tokio::task::spawn_blocking(move || -> Result<_, ServerError> {
-        let options = crate::log::sled_store::SledOptions {
-            cache_bytes,
-            // Under `never` sled's own flusher moves writes to the OS every 500 ms; otherwise
-            // weir's syncer drives every flush.
-            background_flush_ms: (fsync == FsyncPolicy::Never).then_some(500),
-        };
-        let store: Arc<dyn LogStore> = Arc::new(SledStore::open(&data_dir, &options)?);
-        let (durability, syncer) = Durability::start(store.clone(), fsync);
-        let broker = Broker::open(store, durability.clone(), broker_config)?;
-        Ok((broker, durability, syncer))
-    })
-    .await
-    .expect("store open task")?;
+pub async fn start(
+    config: ServerConfig,
+    shutdown: CancellationToken,
+) -> Result<RunningServer, ServerError> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let (data_dir, cache_bytes, fsync, broker_config) = (
+        config.data_dir.clone(),
+        config.cache_bytes,
+        config.fsync,
+        config.broker.clone(),
+    );
+    let (broker, durability, syncer) =
+        tokio::task::spawn_blocking(move || -> Result<_, ServerError> {
+            let options = crate::log::sled_store::SledOptions {
+                cache_bytes,
+                // Under `never` sled's own flusher moves writes to the OS every 500 ms; otherwise
+                // weir's syncer drives every flush.
+                background_flush_ms: (fsync == FsyncPolicy::Never).then_some(500),
+            };
+            let store: Arc<dyn LogStore> = Arc::new(SledStore::open(&data_dir, &options)?);
+            let (durability, syncer) = Durability::start(store.clone(), fsync);
+            let broker = Broker::open(store, durability.clone(), broker_config)?;
+            Ok((broker, durability, syncer))
+        })
+        .await
+        .expect("store open task")?;
     tracing::info!(message = "weir is serving.", %addr, data_dir = %config.data_dir.display(), fsync = %config.fsync, topics = broker.list_topics().len());
     let tracker = TaskTracker::new();
     tracker.spawn(retention_loop(broker.clone(), shutdown.clone()));
@@ -131,18 +150,29 @@ pub async fn start(config: ServerConfig, shutdown: CancellationToken) -> Result<
         // Everything acknowledged is synced already under `always`; sync the rest (interval,
         // never, metadata) before exiting.
         durability.stop();
-        tokio::task::spawn_blocking(move || syncer.join()).await.ok();
+        tokio::task::spawn_blocking(move || syncer.join())
+            .await
+            .ok();
         tracing::info!(message = "weir stopped; store synced.");
         Ok(result?)
     });
-    Ok(RunningServer { addr, shutdown, broker, handle })
+    Ok(RunningServer {
+        addr,
+        shutdown,
+        broker,
+        handle,
+    })
 }
 
 /// Runs a server until `shutdown` is cancelled (the `weir serve` entry point).
 ///
 /// # Errors
 /// See [`start`]; also a gRPC transport failure while serving.
-pub async fn run(config: ServerConfig, shutdown: CancellationToken, on_ready: impl FnOnce(SocketAddr)) -> Result<(), ServerError> {
+pub async fn run(
+    config: ServerConfig,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), ServerError> {
     let server = start(config, shutdown.clone()).await?;
     on_ready(server.addr);
     shutdown.cancelled().await;

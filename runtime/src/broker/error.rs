@@ -20,7 +20,9 @@ pub enum BrokerError {
     #[error("{0}")]
     InvalidArgument(String),
     /// A partition index past the topic's partition count.
-    #[error("partition {partition} does not exist: topic {topic:?} has partitions 0..{partitions}")]
+    #[error(
+        "partition {partition} does not exist: topic {topic:?} has partitions 0..{partitions}"
+    )]
     PartitionOutOfRange {
         /// Topic.
         topic: String,
@@ -105,9 +107,23 @@ pub enum BrokerError {
 impl BrokerError {
     pub(crate) fn sequence(producer_id: u64, tp: &TopicPartition, e: SequenceError) -> Self {
         match e {
-            SequenceError::StaleEpoch { epoch, current } => BrokerError::StaleEpoch { producer_id, epoch, current },
-            SequenceError::Gap { expected, got } => BrokerError::SequenceGap { producer_id, tp: tp.clone(), expected, got },
-            SequenceError::OutOfOrder { expected, got } => BrokerError::SequenceOutOfOrder { producer_id, tp: tp.clone(), expected, got },
+            SequenceError::StaleEpoch { epoch, current } => BrokerError::StaleEpoch {
+                producer_id,
+                epoch,
+                current,
+            },
+            SequenceError::Gap { expected, got } => BrokerError::SequenceGap {
+                producer_id,
+                tp: tp.clone(),
+                expected,
+                got,
+            },
+            SequenceError::OutOfOrder { expected, got } => BrokerError::SequenceOutOfOrder {
+                producer_id,
+                tp: tp.clone(),
+                expected,
+                got,
+            },
         }
     }
 }

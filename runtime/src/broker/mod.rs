@@ -16,12 +16,15 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 pub use error::BrokerError;
-pub use partition::{Appended, PartitionStats, ProducerFields};
 use partition::Partition;
+pub use partition::{Appended, PartitionStats, ProducerFields};
 
 use crate::durability::Durability;
 use crate::log::{codec, LogStore, CHUNK_TARGET_BYTES};
-use crate::record::{now_ms, partition_for_key, validate_topic_name, Record, StoredRecord, TopicConfig, TopicPartition, MAX_PARTITIONS};
+use crate::record::{
+    now_ms, partition_for_key, validate_topic_name, Record, StoredRecord, TopicConfig,
+    TopicPartition, MAX_PARTITIONS,
+};
 
 /// Broker limits and intervals.
 #[derive(Clone, Debug)]
@@ -36,7 +39,11 @@ pub struct BrokerConfig {
 
 impl Default for BrokerConfig {
     fn default() -> Self {
-        BrokerConfig { max_record_bytes: 1024 * 1024, max_batch_records: 100_000, retention_interval: Duration::from_secs(30) }
+        BrokerConfig {
+            max_record_bytes: 1024 * 1024,
+            max_batch_records: 100_000,
+            retention_interval: Duration::from_secs(30),
+        }
     }
 }
 
@@ -103,7 +110,9 @@ impl PendingPublish {
     /// # Errors
     /// [`BrokerError::Unavailable`] if the store could not be synced.
     pub async fn acked(self) -> Result<Vec<PartitionAck>, BrokerError> {
-        self.task.await.map_err(|e| BrokerError::Unavailable(format!("publish task failed: {e}")))?
+        self.task
+            .await
+            .map_err(|e| BrokerError::Unavailable(format!("publish task failed: {e}")))?
     }
 }
 
@@ -124,21 +133,39 @@ impl Broker {
     ///
     /// # Errors
     /// [`BrokerError::Storage`] when the store cannot be read.
-    pub fn open(store: Arc<dyn LogStore>, durability: Arc<Durability>, config: BrokerConfig) -> Result<Arc<Self>, BrokerError> {
+    pub fn open(
+        store: Arc<dyn LogStore>,
+        durability: Arc<Durability>,
+        config: BrokerConfig,
+    ) -> Result<Arc<Self>, BrokerError> {
         let mut topics = BTreeMap::new();
         for topic_config in store.load_topics()? {
             let topic = Self::open_topic(&store, topic_config)?;
             topics.insert(topic.config.name.clone(), topic);
         }
         let producers = store.load_producers()?.into_iter().collect();
-        Ok(Arc::new(Broker { store, durability, config, topics: RwLock::new(topics), producers: Mutex::new(producers), admin: Default::default() }))
+        Ok(Arc::new(Broker {
+            store,
+            durability,
+            config,
+            topics: RwLock::new(topics),
+            producers: Mutex::new(producers),
+            admin: Default::default(),
+        }))
     }
 
-    fn open_topic(store: &Arc<dyn LogStore>, config: TopicConfig) -> Result<Arc<Topic>, BrokerError> {
+    fn open_topic(
+        store: &Arc<dyn LogStore>,
+        config: TopicConfig,
+    ) -> Result<Arc<Topic>, BrokerError> {
         let partitions = (0..config.partitions)
             .map(|p| Partition::recover(store.clone(), TopicPartition::new(config.name.clone(), p)))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Arc::new(Topic { config, partitions, sticky: AtomicU32::new(0) }))
+        Ok(Arc::new(Topic {
+            config,
+            partitions,
+            sticky: AtomicU32::new(0),
+        }))
     }
 
     /// The limits in force.
@@ -152,16 +179,32 @@ impl Broker {
     }
 
     fn topic(&self, name: &str) -> Result<Arc<Topic>, BrokerError> {
-        self.topics.read().expect("topics lock").get(name).cloned().ok_or_else(|| BrokerError::UnknownTopic(name.to_string()))
+        self.topics
+            .read()
+            .expect("topics lock")
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BrokerError::UnknownTopic(name.to_string()))
     }
 
     fn partition(&self, topic: &str, partition: u32) -> Result<Arc<Partition>, BrokerError> {
         let t = self.topic(topic)?;
-        t.partitions.get(partition as usize).cloned().ok_or(BrokerError::PartitionOutOfRange { topic: topic.into(), partition, partitions: t.config.partitions })
+        t.partitions
+            .get(partition as usize)
+            .cloned()
+            .ok_or(BrokerError::PartitionOutOfRange {
+                topic: topic.into(),
+                partition,
+                partitions: t.config.partitions,
+            })
     }
 
-    async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, BrokerError> + Send + 'static) -> Result<T, BrokerError> {
-        tokio::task::spawn_blocking(f).await.map_err(|e| BrokerError::Unavailable(format!("storage task failed: {e}")))?
+    async fn blocking<T: Send + 'static>(
+        f: impl FnOnce() -> Result<T, BrokerError> + Send + 'static,
+    ) -> Result<T, BrokerError> {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| BrokerError::Unavailable(format!("storage task failed: {e}")))?
     }
 
     /// Makes a metadata write durable before answering (all policies: metadata is rare).
@@ -174,13 +217,24 @@ impl Broker {
     ///
     /// # Errors
     /// Invalid name or partition count, or a topic of that name exists.
-    pub async fn create_topic(self: &Arc<Self>, config: TopicConfig) -> Result<TopicInfo, BrokerError> {
+    pub async fn create_topic(
+        self: &Arc<Self>,
+        config: TopicConfig,
+    ) -> Result<TopicInfo, BrokerError> {
         validate_topic_name(&config.name).map_err(BrokerError::InvalidTopicName)?;
         if config.partitions == 0 || config.partitions > MAX_PARTITIONS {
-            return Err(BrokerError::InvalidArgument(format!("a topic needs 1 to {MAX_PARTITIONS} partitions, got {}", config.partitions)));
+            return Err(BrokerError::InvalidArgument(format!(
+                "a topic needs 1 to {MAX_PARTITIONS} partitions, got {}",
+                config.partitions
+            )));
         }
         let _admin = self.admin.lock().await;
-        if self.topics.read().expect("topics lock").contains_key(&config.name) {
+        if self
+            .topics
+            .read()
+            .expect("topics lock")
+            .contains_key(&config.name)
+        {
             return Err(BrokerError::TopicExists(config.name));
         }
         let store = self.store.clone();
@@ -190,18 +244,29 @@ impl Broker {
         })
         .await?;
         self.sync_now().await?;
-        self.topics.write().expect("topics lock").insert(topic.config.name.clone(), topic.clone());
+        self.topics
+            .write()
+            .expect("topics lock")
+            .insert(topic.config.name.clone(), topic.clone());
         tracing::info!(message = "Topic created.", topic = %topic.config.name, partitions = topic.config.partitions);
         Ok(Self::info(&topic))
     }
 
     fn info(topic: &Topic) -> TopicInfo {
-        TopicInfo { config: topic.config.clone(), partitions: topic.partitions.iter().map(|p| p.stats()).collect() }
+        TopicInfo {
+            config: topic.config.clone(),
+            partitions: topic.partitions.iter().map(|p| p.stats()).collect(),
+        }
     }
 
     /// All topics with their offsets.
     pub fn list_topics(&self) -> Vec<TopicInfo> {
-        self.topics.read().expect("topics lock").values().map(|t| Self::info(t)).collect()
+        self.topics
+            .read()
+            .expect("topics lock")
+            .values()
+            .map(|t| Self::info(t))
+            .collect()
     }
 
     /// One topic with its offsets.
@@ -219,7 +284,12 @@ impl Broker {
     /// [`BrokerError::UnknownTopic`].
     pub async fn delete_topic(&self, name: &str) -> Result<(), BrokerError> {
         let _admin = self.admin.lock().await;
-        let topic = self.topics.write().expect("topics lock").remove(name).ok_or_else(|| BrokerError::UnknownTopic(name.to_string()))?;
+        let topic = self
+            .topics
+            .write()
+            .expect("topics lock")
+            .remove(name)
+            .ok_or_else(|| BrokerError::UnknownTopic(name.to_string()))?;
         let store = self.store.clone();
         let config = topic.config.clone();
         Self::blocking(move || Ok(store.delete_topic(&config)?)).await?;
@@ -237,7 +307,18 @@ impl Broker {
         let (id, epoch) = {
             let mut producers = self.producers.lock().expect("producers lock");
             let (id, epoch) = match existing {
-                Some(id) => (id, producers.get(&id).ok_or(BrokerError::UnknownProducer(id))?.checked_add(1).ok_or_else(|| BrokerError::InvalidArgument(format!("producer {id} has used every epoch; init a new producer")))?),
+                Some(id) => (
+                    id,
+                    producers
+                        .get(&id)
+                        .ok_or(BrokerError::UnknownProducer(id))?
+                        .checked_add(1)
+                        .ok_or_else(|| {
+                            BrokerError::InvalidArgument(format!(
+                                "producer {id} has used every epoch; init a new producer"
+                            ))
+                        })?,
+                ),
                 None => (producers.keys().max().map_or(1, |m| m + 1), 0),
             };
             self.store.put_producer(id, epoch)?;
@@ -249,12 +330,24 @@ impl Broker {
     }
 
     fn check_producer(&self, p: &ProducerFields) -> Result<(), BrokerError> {
-        let current = *self.producers.lock().expect("producers lock").get(&p.producer_id).ok_or(BrokerError::UnknownProducer(p.producer_id))?;
+        let current = *self
+            .producers
+            .lock()
+            .expect("producers lock")
+            .get(&p.producer_id)
+            .ok_or(BrokerError::UnknownProducer(p.producer_id))?;
         if p.epoch < current {
-            return Err(BrokerError::StaleEpoch { producer_id: p.producer_id, epoch: p.epoch, current });
+            return Err(BrokerError::StaleEpoch {
+                producer_id: p.producer_id,
+                epoch: p.epoch,
+                current,
+            });
         }
         if p.epoch > current {
-            return Err(BrokerError::InvalidArgument(format!("producer {} has epoch {current}; epoch {} was never issued", p.producer_id, p.epoch)));
+            return Err(BrokerError::InvalidArgument(format!(
+                "producer {} has epoch {current}; epoch {} was never issued",
+                p.producer_id, p.epoch
+            )));
         }
         Ok(())
     }
@@ -275,7 +368,11 @@ impl Broker {
         }
         if let Some(p) = publish.partition {
             if p >= topic.config.partitions {
-                return Err(BrokerError::PartitionOutOfRange { topic: publish.topic.clone(), partition: p, partitions: topic.config.partitions });
+                return Err(BrokerError::PartitionOutOfRange {
+                    topic: publish.topic.clone(),
+                    partition: p,
+                    partitions: topic.config.partitions,
+                });
             }
         }
         if let Some(p) = &publish.producer {
@@ -287,9 +384,14 @@ impl Broker {
         for (index, record) in publish.records.iter().enumerate() {
             let size = record.encoded_len();
             if size > self.config.max_record_bytes {
-                return Err(BrokerError::RecordTooLarge { index, size, max: self.config.max_record_bytes });
+                return Err(BrokerError::RecordTooLarge {
+                    index,
+                    size,
+                    max: self.config.max_record_bytes,
+                });
             }
-            codec::check_record_shape(record).map_err(|why| BrokerError::InvalidArgument(format!("record {index}: {why}")))?;
+            codec::check_record_shape(record)
+                .map_err(|why| BrokerError::InvalidArgument(format!("record {index}: {why}")))?;
         }
         Ok(())
     }
@@ -303,12 +405,16 @@ impl Broker {
         let topic = self.topic(&publish.topic)?;
         self.validate(&publish, &topic)?;
         let this = self.clone();
-        let (appended, ticket) = Self::blocking(move || this.append_blocking(&topic, publish)).await?;
+        let (appended, ticket) =
+            Self::blocking(move || this.append_blocking(&topic, publish)).await?;
         let this = self.clone();
         // The durability wait runs in its own task so that readers are shown the records even
         // if the publisher goes away before its acknowledgement.
         let task = tokio::spawn(async move {
-            this.durability.durable(ticket).await.map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+            this.durability
+                .durable(ticket)
+                .await
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
             for (partition, ack) in &appended {
                 partition.publish_visible(ack.appended.base_offset + u64::from(ack.appended.count));
             }
@@ -321,11 +427,18 @@ impl Broker {
     ///
     /// # Errors
     /// See [`Broker::append`] and [`PendingPublish::acked`].
-    pub async fn publish(self: &Arc<Self>, publish: Publish) -> Result<Vec<PartitionAck>, BrokerError> {
+    pub async fn publish(
+        self: &Arc<Self>,
+        publish: Publish,
+    ) -> Result<Vec<PartitionAck>, BrokerError> {
         self.append(publish).await?.acked().await
     }
 
-    fn append_blocking(&self, topic: &Topic, publish: Publish) -> Result<(Vec<(Arc<Partition>, PartitionAck)>, u64), BrokerError> {
+    fn append_blocking(
+        &self,
+        topic: &Topic,
+        publish: Publish,
+    ) -> Result<(Vec<(Arc<Partition>, PartitionAck)>, u64), BrokerError> {
         let groups: Vec<(u32, Vec<Record>)> = match publish.partition {
             Some(p) => vec![(p, publish.records)],
             None => {
@@ -333,7 +446,10 @@ impl Broker {
                 let sticky = topic.sticky.fetch_add(1, Ordering::Relaxed) % n;
                 let mut by_partition: BTreeMap<u32, Vec<Record>> = BTreeMap::new();
                 for record in publish.records {
-                    let p = record.key.as_deref().map_or(sticky, |k| partition_for_key(k, n));
+                    let p = record
+                        .key
+                        .as_deref()
+                        .map_or(sticky, |k| partition_for_key(k, n));
                     by_partition.entry(p).or_default().push(record);
                 }
                 by_partition.into_iter().collect()
@@ -345,7 +461,13 @@ impl Broker {
             let partition = topic.partitions[p as usize].clone();
             let chunks = codec::encode_chunks(&records, now, CHUNK_TARGET_BYTES);
             let appended = partition.append(&chunks, records.len() as u32, publish.producer)?;
-            acks.push((partition, PartitionAck { partition: p, appended }));
+            acks.push((
+                partition,
+                PartitionAck {
+                    partition: p,
+                    appended,
+                },
+            ));
         }
         Ok((acks, self.durability.written()))
     }
@@ -354,7 +476,13 @@ impl Broker {
     ///
     /// # Errors
     /// Unknown topic or partition; a corrupt stored chunk.
-    pub async fn read(&self, topic: &str, partition: u32, from: u64, max_records: usize) -> Result<Vec<StoredRecord>, BrokerError> {
+    pub async fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        max_records: usize,
+    ) -> Result<Vec<StoredRecord>, BrokerError> {
         let p = self.partition(topic, partition)?;
         Self::blocking(move || p.read(from, max_records)).await
     }
@@ -371,14 +499,24 @@ impl Broker {
     ///
     /// # Errors
     /// Unknown topic or partition; an explicit offset past the end ([`BrokerError::OffsetOutOfRange`]).
-    pub async fn resolve_start(&self, topic: &str, partition: u32, start: StartAt) -> Result<u64, BrokerError> {
+    pub async fn resolve_start(
+        &self,
+        topic: &str,
+        partition: u32,
+        start: StartAt,
+    ) -> Result<u64, BrokerError> {
         let p = self.partition(topic, partition)?;
         let stats = p.stats();
         let visible = p.visible_end();
         match start {
             StartAt::Earliest => Ok(stats.start_offset),
             StartAt::Latest => Ok(visible),
-            StartAt::Offset(o) if o > stats.end_offset => Err(BrokerError::OffsetOutOfRange { tp: p.tp.clone(), offset: o, start: stats.start_offset, end: stats.end_offset }),
+            StartAt::Offset(o) if o > stats.end_offset => Err(BrokerError::OffsetOutOfRange {
+                tp: p.tp.clone(),
+                offset: o,
+                start: stats.start_offset,
+                end: stats.end_offset,
+            }),
             StartAt::Offset(o) => Ok(o.max(stats.start_offset)),
             StartAt::Timestamp(ts) => Self::blocking(move || p.offset_for_timestamp(ts)).await,
         }
@@ -388,25 +526,42 @@ impl Broker {
     ///
     /// # Errors
     /// Unknown topic, partition out of range, empty group name.
-    pub async fn commit_offsets(&self, group: &str, topic: &str, offsets: Vec<(u32, u64)>) -> Result<(), BrokerError> {
+    pub async fn commit_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+        offsets: Vec<(u32, u64)>,
+    ) -> Result<(), BrokerError> {
         if group.is_empty() || group.contains('\0') {
-            return Err(BrokerError::InvalidArgument("group name must be non-empty and contain no NUL".into()));
+            return Err(BrokerError::InvalidArgument(
+                "group name must be non-empty and contain no NUL".into(),
+            ));
         }
         for &(p, _) in &offsets {
             self.partition(topic, p)?;
         }
         let store = self.store.clone();
         let (group_owned, topic_owned) = (group.to_string(), topic.to_string());
-        Self::blocking(move || Ok(store.put_group_offsets(&group_owned, &topic_owned, &offsets)?)).await?;
+        Self::blocking(move || {
+            Ok(store.put_group_offsets(&group_owned, &topic_owned, &offsets)?)
+        })
+        .await?;
         let ticket = self.durability.written();
-        self.durability.durable(ticket).await.map_err(|e| BrokerError::Unavailable(e.to_string()))
+        self.durability
+            .durable(ticket)
+            .await
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))
     }
 
     /// A consumer group's committed offsets for a topic.
     ///
     /// # Errors
     /// Unknown topic.
-    pub async fn fetch_offsets(&self, group: &str, topic: &str) -> Result<Vec<(u32, u64)>, BrokerError> {
+    pub async fn fetch_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> Result<Vec<(u32, u64)>, BrokerError> {
         self.topic(topic)?;
         let store = self.store.clone();
         let (group, topic) = (group.to_string(), topic.to_string());
@@ -418,7 +573,13 @@ impl Broker {
     /// # Errors
     /// A store failure.
     pub async fn apply_retention(&self) -> Result<u64, BrokerError> {
-        let topics: Vec<Arc<Topic>> = self.topics.read().expect("topics lock").values().cloned().collect();
+        let topics: Vec<Arc<Topic>> = self
+            .topics
+            .read()
+            .expect("topics lock")
+            .values()
+            .cloned()
+            .collect();
         Self::blocking(move || {
             let now = now_ms();
             let mut removed = 0;

@@ -66,7 +66,10 @@ pub struct Appended {
 }
 
 impl Partition {
-    pub(crate) fn recover(store: Arc<dyn LogStore>, tp: TopicPartition) -> Result<Arc<Self>, LogError> {
+    pub(crate) fn recover(
+        store: Arc<dyn LogStore>,
+        tp: TopicPartition,
+    ) -> Result<Arc<Self>, LogError> {
         let recovered = store.recover_partition(&tp)?;
         let mut chunks = BTreeMap::new();
         let mut size = 0;
@@ -84,8 +87,19 @@ impl Partition {
             .into_iter()
             .filter_map(|(id, bytes)| ProducerState::decode(&bytes).map(|s| (id, s)))
             .collect();
-        let state = State { start: chunks.keys().next().copied().unwrap_or(next), next, size, chunks, producers };
-        Ok(Arc::new(Partition { tp, store, state: Mutex::new(state), visible: watch::channel(next).0 }))
+        let state = State {
+            start: chunks.keys().next().copied().unwrap_or(next),
+            next,
+            size,
+            chunks,
+            producers,
+        };
+        Ok(Arc::new(Partition {
+            tp,
+            store,
+            state: Mutex::new(state),
+            visible: watch::channel(next).0,
+        }))
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -94,30 +108,68 @@ impl Partition {
 
     pub(crate) fn stats(&self) -> PartitionStats {
         let s = self.state();
-        PartitionStats { partition: self.tp.partition, start_offset: s.start, end_offset: s.next, size_bytes: s.size }
+        PartitionStats {
+            partition: self.tp.partition,
+            start_offset: s.start,
+            end_offset: s.next,
+            size_bytes: s.size,
+        }
     }
 
     /// Appends encoded chunks holding `count` records, with the idempotence check when
     /// `producer` is given. Blocking (store write).
-    pub(crate) fn append(&self, chunks: &[EncodedChunk], count: u32, producer: Option<ProducerFields>) -> Result<Appended, BrokerError> {
+    pub(crate) fn append(
+        &self,
+        chunks: &[EncodedChunk],
+        count: u32,
+        producer: Option<ProducerFields>,
+    ) -> Result<Appended, BrokerError> {
         let mut s = self.state();
         let base = s.next;
         let new_producer_state = match producer {
             None => None,
-            Some(p) => match ProducerState::check(s.producers.get(&p.producer_id), p.epoch, p.base_sequence, u64::from(count)) {
-                Ok(SequenceCheck::Duplicate { base_offset }) => return Ok(Appended { base_offset, count, duplicate: true }),
+            Some(p) => match ProducerState::check(
+                s.producers.get(&p.producer_id),
+                p.epoch,
+                p.base_sequence,
+                u64::from(count),
+            ) {
+                Ok(SequenceCheck::Duplicate { base_offset }) => {
+                    return Ok(Appended {
+                        base_offset,
+                        count,
+                        duplicate: true,
+                    })
+                }
                 Ok(SequenceCheck::Append) => Some((
                     p.producer_id,
-                    ProducerState::after_append(s.producers.get(&p.producer_id), p.epoch, p.base_sequence, u64::from(count), base),
+                    ProducerState::after_append(
+                        s.producers.get(&p.producer_id),
+                        p.epoch,
+                        p.base_sequence,
+                        u64::from(count),
+                        base,
+                    ),
                 )),
                 Err(e) => return Err(BrokerError::sequence(p.producer_id, &self.tp, e)),
             },
         };
-        let encoded = new_producer_state.as_ref().map(|(id, st)| (*id, st.encode()));
-        self.store.append(&self.tp, base, chunks, encoded.as_ref().map(|(id, b)| (*id, b.as_slice())))?;
+        let encoded = new_producer_state
+            .as_ref()
+            .map(|(id, st)| (*id, st.encode()));
+        self.store.append(
+            &self.tp,
+            base,
+            chunks,
+            encoded.as_ref().map(|(id, b)| (*id, b.as_slice())),
+        )?;
         let mut offset = base;
         for chunk in chunks {
-            let meta = ChunkMeta { count: chunk.header.count, bytes: chunk.bytes.len() as u32, max_timestamp_ms: chunk.header.max_timestamp_ms };
+            let meta = ChunkMeta {
+                count: chunk.header.count,
+                bytes: chunk.bytes.len() as u32,
+                max_timestamp_ms: chunk.header.max_timestamp_ms,
+            };
             s.chunks.insert(offset, meta);
             s.size += u64::from(meta.bytes);
             offset += u64::from(meta.count);
@@ -126,7 +178,11 @@ impl Partition {
         if let Some((id, st)) = new_producer_state {
             s.producers.insert(id, st);
         }
-        Ok(Appended { base_offset: base, count, duplicate: false })
+        Ok(Appended {
+            base_offset: base,
+            count,
+            duplicate: false,
+        })
     }
 
     /// Lets readers see records up to `end` (called once they are as durable as promised).
@@ -148,7 +204,11 @@ impl Partition {
 
     /// Reads up to about `max_records` visible records from `from` (clamped to the log start).
     /// Blocking (store reads).
-    pub(crate) fn read(&self, from: u64, max_records: usize) -> Result<Vec<StoredRecord>, BrokerError> {
+    pub(crate) fn read(
+        &self,
+        from: u64,
+        max_records: usize,
+    ) -> Result<Vec<StoredRecord>, BrokerError> {
         let visible = self.visible_end();
         if from >= visible {
             return Ok(Vec::new());
@@ -156,7 +216,12 @@ impl Partition {
         let (from, bases) = {
             let s = self.state();
             let from = from.max(s.start);
-            let first = s.chunks.range(..=from).next_back().map(|(b, _)| *b).unwrap_or(from);
+            let first = s
+                .chunks
+                .range(..=from)
+                .next_back()
+                .map(|(b, _)| *b)
+                .unwrap_or(from);
             let mut bases = Vec::new();
             let mut records = 0usize;
             for (&base, meta) in s.chunks.range(first..) {
@@ -174,7 +239,11 @@ impl Partition {
                 break; // trimmed by retention since the lookup: the caller re-reads from the new start
             };
             let records = self.decode(&bytes, base)?;
-            out.extend(records.into_iter().filter(|r| r.offset >= from && r.offset < visible));
+            out.extend(
+                records
+                    .into_iter()
+                    .filter(|r| r.offset >= from && r.offset < visible),
+            );
         }
         Ok(out)
     }
@@ -183,11 +252,20 @@ impl Partition {
     pub(crate) fn offset_for_timestamp(&self, ts: i64) -> Result<u64, BrokerError> {
         let candidates: Vec<u64> = {
             let s = self.state();
-            s.chunks.iter().filter(|(_, m)| m.max_timestamp_ms >= ts).map(|(b, _)| *b).take(8).collect()
+            s.chunks
+                .iter()
+                .filter(|(_, m)| m.max_timestamp_ms >= ts)
+                .map(|(b, _)| *b)
+                .take(8)
+                .collect()
         };
         let visible = self.visible_end();
         for base in candidates {
-            if let Some(r) = self.read_chunk_records(base)?.into_iter().find(|r| r.record.timestamp_ms >= ts && r.offset < visible) {
+            if let Some(r) = self
+                .read_chunk_records(base)?
+                .into_iter()
+                .find(|r| r.record.timestamp_ms >= ts && r.offset < visible)
+            {
                 return Ok(r.offset);
             }
         }
@@ -195,18 +273,30 @@ impl Partition {
     }
 
     fn read_chunk_records(&self, base: u64) -> Result<Vec<StoredRecord>, BrokerError> {
-        let Some(bytes) = self.store.read_chunk(&self.tp, base)? else { return Ok(Vec::new()) };
+        let Some(bytes) = self.store.read_chunk(&self.tp, base)? else {
+            return Ok(Vec::new());
+        };
         self.decode(&bytes, base)
     }
 
     fn decode(&self, bytes: &bytes::Bytes, base: u64) -> Result<Vec<StoredRecord>, BrokerError> {
-        codec::decode_chunk(bytes, base, self.tp.partition)
-            .map_err(|source| BrokerError::Storage(LogError::Corrupt { tp: self.tp.clone(), base_offset: base, source }))
+        codec::decode_chunk(bytes, base, self.tp.partition).map_err(|source| {
+            BrokerError::Storage(LogError::Corrupt {
+                tp: self.tp.clone(),
+                base_offset: base,
+                source,
+            })
+        })
     }
 
     /// Applies retention: deletes the oldest chunks older than `retention_ms` or beyond
     /// `retention_bytes`. Returns the number of records removed. Blocking.
-    pub(crate) fn trim(&self, now_ms: i64, retention_ms: u64, retention_bytes: u64) -> Result<u64, BrokerError> {
+    pub(crate) fn trim(
+        &self,
+        now_ms: i64,
+        retention_ms: u64,
+        retention_bytes: u64,
+    ) -> Result<u64, BrokerError> {
         let mut s = self.state();
         let mut size = s.size;
         let mut remove = Vec::new();
@@ -223,7 +313,12 @@ impl Partition {
         if remove.is_empty() {
             return Ok(0);
         }
-        let new_start = s.chunks.range(remove.last().copied().unwrap_or(0) + 1..).next().map(|(b, _)| *b).unwrap_or(s.next);
+        let new_start = s
+            .chunks
+            .range(remove.last().copied().unwrap_or(0) + 1..)
+            .next()
+            .map(|(b, _)| *b)
+            .unwrap_or(s.next);
         self.store.trim(&self.tp, &remove, new_start)?;
         let removed = new_start - s.start;
         for base in &remove {

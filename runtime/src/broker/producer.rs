@@ -74,35 +74,75 @@ impl ProducerState {
     ///
     /// # Errors
     /// [`SequenceError`] when the batch must be refused.
-    pub fn check(state: Option<&ProducerState>, epoch: u32, base_seq: u64, count: u64) -> Result<SequenceCheck, SequenceError> {
+    pub fn check(
+        state: Option<&ProducerState>,
+        epoch: u32,
+        base_seq: u64,
+        count: u64,
+    ) -> Result<SequenceCheck, SequenceError> {
         let Some(state) = state.filter(|s| s.epoch == epoch) else {
             if let Some(s) = state {
                 if epoch < s.epoch {
-                    return Err(SequenceError::StaleEpoch { epoch, current: s.epoch });
+                    return Err(SequenceError::StaleEpoch {
+                        epoch,
+                        current: s.epoch,
+                    });
                 }
             }
             // First batch of this producer (or of a new epoch) here: sequences restart at 0.
-            return if base_seq == 0 { Ok(SequenceCheck::Append) } else { Err(SequenceError::Gap { expected: 0, got: base_seq }) };
+            return if base_seq == 0 {
+                Ok(SequenceCheck::Append)
+            } else {
+                Err(SequenceError::Gap {
+                    expected: 0,
+                    got: base_seq,
+                })
+            };
         };
         let last_seq = base_seq + count - 1;
-        if let Some(b) = state.batches.iter().find(|b| b.first_seq == base_seq && b.last_seq == last_seq) {
-            return Ok(SequenceCheck::Duplicate { base_offset: b.base_offset });
+        if let Some(b) = state
+            .batches
+            .iter()
+            .find(|b| b.first_seq == base_seq && b.last_seq == last_seq)
+        {
+            return Ok(SequenceCheck::Duplicate {
+                base_offset: b.base_offset,
+            });
         }
         let expected = state.batches.back().map_or(0, |b| b.last_seq + 1);
         match base_seq.cmp(&expected) {
             std::cmp::Ordering::Equal => Ok(SequenceCheck::Append),
-            std::cmp::Ordering::Greater => Err(SequenceError::Gap { expected, got: base_seq }),
-            std::cmp::Ordering::Less => Err(SequenceError::OutOfOrder { expected, got: base_seq }),
+            std::cmp::Ordering::Greater => Err(SequenceError::Gap {
+                expected,
+                got: base_seq,
+            }),
+            std::cmp::Ordering::Less => Err(SequenceError::OutOfOrder {
+                expected,
+                got: base_seq,
+            }),
         }
     }
 
     /// The state after appending a batch accepted by [`ProducerState::check`].
-    pub fn after_append(state: Option<&ProducerState>, epoch: u32, base_seq: u64, count: u64, base_offset: u64) -> ProducerState {
+    pub fn after_append(
+        state: Option<&ProducerState>,
+        epoch: u32,
+        base_seq: u64,
+        count: u64,
+        base_offset: u64,
+    ) -> ProducerState {
         let mut next = match state {
             Some(s) if s.epoch == epoch => s.clone(),
-            _ => ProducerState { epoch, batches: VecDeque::new() },
+            _ => ProducerState {
+                epoch,
+                batches: VecDeque::new(),
+            },
         };
-        next.batches.push_back(BatchSeq { first_seq: base_seq, last_seq: base_seq + count - 1, base_offset });
+        next.batches.push_back(BatchSeq {
+            first_seq: base_seq,
+            last_seq: base_seq + count - 1,
+            base_offset,
+        });
         while next.batches.len() > KEEP_BATCHES {
             next.batches.pop_front();
         }
@@ -130,7 +170,14 @@ impl ProducerState {
             return None;
         }
         let u = |i: usize| u64::from_be_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
-        let batches = (0..n).map(|k| 5 + 24 * k).map(|i| BatchSeq { first_seq: u(i), last_seq: u(i + 8), base_offset: u(i + 16) }).collect();
+        let batches = (0..n)
+            .map(|k| 5 + 24 * k)
+            .map(|i| BatchSeq {
+                first_seq: u(i),
+                last_seq: u(i + 8),
+                base_offset: u(i + 16),
+            })
+            .collect();
         Some(ProducerState { epoch, batches })
     }
 }
@@ -140,14 +187,25 @@ mod tests {
     use super::*;
     use SequenceCheck::*;
 
-    fn run(steps: &[(u32, u64, u64)]) -> (Option<ProducerState>, Vec<Result<SequenceCheck, SequenceError>>) {
+    fn run(
+        steps: &[(u32, u64, u64)],
+    ) -> (
+        Option<ProducerState>,
+        Vec<Result<SequenceCheck, SequenceError>>,
+    ) {
         let mut state: Option<ProducerState> = None;
         let mut next_offset = 100;
         let mut results = Vec::new();
         for &(epoch, seq, count) in steps {
             let r = ProducerState::check(state.as_ref(), epoch, seq, count);
             if r == Ok(Append) {
-                state = Some(ProducerState::after_append(state.as_ref(), epoch, seq, count, next_offset));
+                state = Some(ProducerState::after_append(
+                    state.as_ref(),
+                    epoch,
+                    seq,
+                    count,
+                    next_offset,
+                ));
                 next_offset += count;
             }
             results.push(r);
@@ -158,23 +216,62 @@ mod tests {
     #[test]
     fn sequences() {
         let (_, r) = run(&[(0, 0, 10), (0, 10, 5), (0, 0, 10), (0, 10, 5), (0, 15, 1)]);
-        assert_eq!(r, vec![Ok(Append), Ok(Append), Ok(Duplicate { base_offset: 100 }), Ok(Duplicate { base_offset: 110 }), Ok(Append)]);
+        assert_eq!(
+            r,
+            vec![
+                Ok(Append),
+                Ok(Append),
+                Ok(Duplicate { base_offset: 100 }),
+                Ok(Duplicate { base_offset: 110 }),
+                Ok(Append)
+            ]
+        );
         let (_, r) = run(&[(0, 0, 10), (0, 11, 1)]);
-        assert_eq!(r[1], Err(SequenceError::Gap { expected: 10, got: 11 }));
+        assert_eq!(
+            r[1],
+            Err(SequenceError::Gap {
+                expected: 10,
+                got: 11
+            })
+        );
         let (_, r) = run(&[(0, 3, 1)]);
-        assert_eq!(r[0], Err(SequenceError::Gap { expected: 0, got: 3 }));
+        assert_eq!(
+            r[0],
+            Err(SequenceError::Gap {
+                expected: 0,
+                got: 3
+            })
+        );
         // A batch that overlaps a stored one without matching it is out of order, not a duplicate.
         let (_, r) = run(&[(0, 0, 10), (0, 5, 5)]);
-        assert_eq!(r[1], Err(SequenceError::OutOfOrder { expected: 10, got: 5 }));
+        assert_eq!(
+            r[1],
+            Err(SequenceError::OutOfOrder {
+                expected: 10,
+                got: 5
+            })
+        );
     }
 
     #[test]
     fn epochs_fence_and_restart_sequences() {
         let (state, r) = run(&[(0, 0, 10), (1, 0, 3), (0, 10, 1), (1, 3, 1), (2, 5, 1)]);
         assert_eq!(r[1], Ok(Append));
-        assert_eq!(r[2], Err(SequenceError::StaleEpoch { epoch: 0, current: 1 }));
+        assert_eq!(
+            r[2],
+            Err(SequenceError::StaleEpoch {
+                epoch: 0,
+                current: 1
+            })
+        );
         assert_eq!(r[3], Ok(Append));
-        assert_eq!(r[4], Err(SequenceError::Gap { expected: 0, got: 5 }));
+        assert_eq!(
+            r[4],
+            Err(SequenceError::Gap {
+                expected: 0,
+                got: 5
+            })
+        );
         assert_eq!(state.unwrap().epoch, 1);
     }
 
@@ -184,8 +281,17 @@ mod tests {
         let (state, _) = run(&steps);
         let state = state.unwrap();
         assert_eq!(state.batches.len(), KEEP_BATCHES);
-        assert_eq!(ProducerState::check(Some(&state), 0, 0, 2), Err(SequenceError::OutOfOrder { expected: 16, got: 0 }));
-        assert_eq!(ProducerState::check(Some(&state), 0, 14, 2), Ok(Duplicate { base_offset: 114 }));
+        assert_eq!(
+            ProducerState::check(Some(&state), 0, 0, 2),
+            Err(SequenceError::OutOfOrder {
+                expected: 16,
+                got: 0
+            })
+        );
+        assert_eq!(
+            ProducerState::check(Some(&state), 0, 14, 2),
+            Ok(Duplicate { base_offset: 114 })
+        );
         assert_eq!(ProducerState::decode(&state.encode()), Some(state.clone()));
         assert_eq!(ProducerState::decode(&state.encode()[..7]), None);
     }

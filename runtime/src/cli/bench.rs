@@ -53,7 +53,11 @@ pub struct PublishBench {
     pub quiet: bool,
 }
 
-pub(super) async fn run(server: &str, cmd: BenchCommand, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub(super) async fn run(
+    server: &str,
+    cmd: BenchCommand,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let BenchCommand::Publish(args) = cmd;
     let report = publish(server, &args, shutdown).await?;
     println!("{report}");
@@ -77,12 +81,33 @@ impl std::fmt::Display for PublishReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let secs = self.elapsed.as_secs_f64();
         let pct = |p: f64| {
-            let i = ((self.latencies.len() as f64 * p).ceil() as usize).clamp(1, self.latencies.len().max(1)) - 1;
-            self.latencies.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+            let i = ((self.latencies.len() as f64 * p).ceil() as usize)
+                .clamp(1, self.latencies.len().max(1))
+                - 1;
+            self.latencies
+                .get(i)
+                .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
         };
-        writeln!(f, "{} records ({:.1} MB) in {:.2} s", self.records, self.bytes as f64 / 1e6, secs)?;
-        writeln!(f, "throughput: {:.0} records/s, {:.1} MB/s", self.records as f64 / secs, self.bytes as f64 / 1e6 / secs)?;
-        write!(f, "ack latency per request: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms", pct(0.5), pct(0.99), pct(1.0))
+        writeln!(
+            f,
+            "{} records ({:.1} MB) in {:.2} s",
+            self.records,
+            self.bytes as f64 / 1e6,
+            secs
+        )?;
+        writeln!(
+            f,
+            "throughput: {:.0} records/s, {:.1} MB/s",
+            self.records as f64 / secs,
+            self.bytes as f64 / 1e6 / secs
+        )?;
+        write!(
+            f,
+            "ack latency per request: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            pct(0.5),
+            pct(0.99),
+            pct(1.0)
+        )
     }
 }
 
@@ -99,7 +124,11 @@ fn batches(args: &PublishBench, worker: usize) -> Vec<Vec<pb::Record>> {
                         k.resize(args.key_size, b'.');
                         Bytes::from(k)
                     });
-                    pb::Record { key, value: Bytes::from(value), ..Default::default() }
+                    pb::Record {
+                        key,
+                        value: Bytes::from(value),
+                        ..Default::default()
+                    }
                 })
                 .collect()
         })
@@ -110,13 +139,25 @@ fn batches(args: &PublishBench, worker: usize) -> Vec<Vec<pb::Record>> {
 ///
 /// # Errors
 /// Connection failures, topic creation failures, a refused publish.
-pub async fn publish(server: &str, args: &PublishBench, shutdown: CancellationToken) -> anyhow::Result<PublishReport> {
-    anyhow::ensure!(args.batch > 0 && args.concurrency > 0 && args.records > 0, "--records, --batch and --concurrency must be positive");
+pub async fn publish(
+    server: &str,
+    args: &PublishBench,
+    shutdown: CancellationToken,
+) -> anyhow::Result<PublishReport> {
+    anyhow::ensure!(
+        args.batch > 0 && args.concurrency > 0 && args.records > 0,
+        "--records, --batch and --concurrency must be positive"
+    );
     let client = Client::connect(server).await?;
     let partitions = match client.describe_topic(&args.topic).await {
         Ok(info) => info.config.partitions,
         Err(e) if e.code() == Some(tonic::Code::NotFound) => {
-            let config = TopicConfig { name: args.topic.clone(), partitions: args.partitions, retention_ms: 0, retention_bytes: 0 };
+            let config = TopicConfig {
+                name: args.topic.clone(),
+                partitions: args.partitions,
+                retention_ms: 0,
+                retention_bytes: 0,
+            };
             client.create_topic(&config).await?.config.partitions
         }
         Err(e) => return Err(e.into()),
@@ -124,12 +165,28 @@ pub async fn publish(server: &str, args: &PublishBench, shutdown: CancellationTo
     let total_requests = args.records.div_ceil(args.batch as u64);
     let next_request = Arc::new(AtomicU64::new(0));
     let done_records = Arc::new(AtomicU64::new(0));
-    let bar = if args.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(args.records) };
-    bar.set_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} records  {per_sec}  eta {eta}").expect("template"));
+    let bar = if args.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(args.records)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} records  {per_sec}  eta {eta}",
+        )
+        .expect("template"),
+    );
     let started = Instant::now();
     let mut workers = Vec::new();
     for worker in 0..args.concurrency {
-        let (client, args, next_request, done_records, bar, shutdown) = (client.clone(), args.clone(), next_request.clone(), done_records.clone(), bar.clone(), shutdown.clone());
+        let (client, args, next_request, done_records, bar, shutdown) = (
+            client.clone(),
+            args.clone(),
+            next_request.clone(),
+            done_records.clone(),
+            bar.clone(),
+            shutdown.clone(),
+        );
         workers.push(tokio::spawn(async move {
             let payloads = batches(&args, worker);
             let mut latencies = Vec::new();
@@ -141,9 +198,19 @@ pub async fn publish(server: &str, args: &PublishBench, shutdown: CancellationTo
                     break;
                 }
                 let count = (args.records - n * args.batch as u64).min(args.batch as u64) as usize;
-                let records: Vec<pb::Record> = payloads[n as usize % payloads.len()][..count].to_vec();
-                bytes += records.iter().map(|r| (r.value.len() + r.key.as_ref().map_or(0, |k| k.len())) as u64).sum::<u64>();
-                let request = pb::PublishRequest { topic: args.topic.clone(), partition: Some((n % u64::from(partitions)) as u32), records, producer: None, request_id: n };
+                let records: Vec<pb::Record> =
+                    payloads[n as usize % payloads.len()][..count].to_vec();
+                bytes += records
+                    .iter()
+                    .map(|r| (r.value.len() + r.key.as_ref().map_or(0, |k| k.len())) as u64)
+                    .sum::<u64>();
+                let request = pb::PublishRequest {
+                    topic: args.topic.clone(),
+                    partition: Some((n % u64::from(partitions)) as u32),
+                    records,
+                    producer: None,
+                    request_id: n,
+                };
                 let t = Instant::now();
                 if args.stream {
                     let response = raw.publish_stream(futures::stream::iter([request])).await?;
@@ -173,5 +240,10 @@ pub async fn publish(server: &str, args: &PublishBench, shutdown: CancellationTo
     let elapsed = started.elapsed();
     bar.finish_and_clear();
     latencies.sort();
-    Ok(PublishReport { records: done_records.load(Ordering::Relaxed), bytes, elapsed, latencies })
+    Ok(PublishReport {
+        records: done_records.load(Ordering::Relaxed),
+        bytes,
+        elapsed,
+        latencies,
+    })
 }

@@ -41,7 +41,10 @@ fn parse_start(s: &str) -> Result<StartAt, String> {
     match s {
         "earliest" => Ok(StartAt::Earliest),
         "latest" => Ok(StartAt::Latest),
-        _ => s.parse().map(StartAt::Offset).map_err(|_| format!("{s:?} is not earliest, latest or an offset")),
+        _ => s
+            .parse()
+            .map(StartAt::Offset)
+            .map_err(|_| format!("{s:?} is not earliest, latest or an offset")),
     }
 }
 
@@ -49,12 +52,19 @@ fn parse_start(s: &str) -> Result<StartAt, String> {
 fn bytes_json(b: &[u8]) -> serde_json::Value {
     match std::str::from_utf8(b) {
         Ok(s) => serde_json::Value::String(s.into()),
-        Err(_) => serde_json::json!({ "base64": base64::engine::general_purpose::STANDARD.encode(b) }),
+        Err(_) => {
+            serde_json::json!({ "base64": base64::engine::general_purpose::STANDARD.encode(b) })
+        }
     }
 }
 
 fn json_line(r: &StoredRecord) -> serde_json::Value {
-    let headers: serde_json::Map<String, serde_json::Value> = r.record.headers.iter().map(|(k, v)| (k.clone(), bytes_json(v))).collect();
+    let headers: serde_json::Map<String, serde_json::Value> = r
+        .record
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), bytes_json(v)))
+        .collect();
     serde_json::json!({
         "partition": r.partition,
         "offset": r.offset,
@@ -66,12 +76,26 @@ fn json_line(r: &StoredRecord) -> serde_json::Value {
     })
 }
 
-pub(super) async fn run(client: &Client, args: ConsumeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut subscription = client.subscribe(&args.topic, &args.partition, args.from, args.group.as_deref()).await?;
+pub(super) async fn run(
+    client: &Client,
+    args: ConsumeArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut subscription = client
+        .subscribe(
+            &args.topic,
+            &args.partition,
+            args.from,
+            args.group.as_deref(),
+        )
+        .await?;
     let mut printed = 0u64;
     let mut next_offsets: BTreeMap<u32, u64> = BTreeMap::new();
     let mut out = std::io::stdout().lock();
-    let idle = args.idle_ms.map(Duration::from_millis).unwrap_or(Duration::MAX);
+    let idle = args
+        .idle_ms
+        .map(Duration::from_millis)
+        .unwrap_or(Duration::MAX);
     'outer: loop {
         if args.max.is_some_and(|m| printed >= m) {
             break;
@@ -108,7 +132,12 @@ pub(super) async fn run(client: &Client, args: ConsumeArgs, shutdown: Cancellati
     Ok(())
 }
 
-async fn commit(client: &Client, group: &str, topic: &str, offsets: &BTreeMap<u32, u64>) -> anyhow::Result<()> {
+async fn commit(
+    client: &Client,
+    group: &str,
+    topic: &str,
+    offsets: &BTreeMap<u32, u64>,
+) -> anyhow::Result<()> {
     if !offsets.is_empty() {
         let offsets: Vec<(u32, u64)> = offsets.iter().map(|(p, o)| (*p, *o)).collect();
         client.commit_offsets(group, topic, &offsets).await?;

@@ -103,7 +103,8 @@ async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<(
     config.fsync = args.fsync;
     config.cache_bytes = args.cache_mb * 1024 * 1024;
     config.broker.max_record_bytes = args.max_record_bytes;
-    config.broker.retention_interval = std::time::Duration::from_millis(args.retention_check_ms.max(1));
+    config.broker.retention_interval =
+        std::time::Duration::from_millis(args.retention_check_ms.max(1));
     server::run(config, shutdown, |addr| {
         // Machine-readable for scripts and tests that start the server on port 0.
         println!("weir listening on {addr}");

@@ -56,7 +56,11 @@ fn from_json_line(line: &str) -> Result<Record, String> {
     Ok(Record {
         key: r.key.map(Bytes::from),
         value,
-        headers: r.headers.into_iter().map(|(k, v)| (k, Bytes::from(v))).collect(),
+        headers: r
+            .headers
+            .into_iter()
+            .map(|(k, v)| (k, Bytes::from(v)))
+            .collect(),
         timestamp_ms: r.timestamp_ms,
         id: r.id,
     })
@@ -66,8 +70,15 @@ fn from_json_line(line: &str) -> Result<Record, String> {
 /// is published.
 fn read_records(args: &PublishArgs, input: impl BufRead) -> anyhow::Result<Vec<Record>> {
     if let Some(value) = &args.value {
-        anyhow::ensure!(!args.json, "--json reads records from stdin; drop the VALUE argument or --json");
-        return Ok(vec![Record { key: args.key.clone().map(Bytes::from), id: args.id.clone(), ..Record::from_value(value.clone()) }]);
+        anyhow::ensure!(
+            !args.json,
+            "--json reads records from stdin; drop the VALUE argument or --json"
+        );
+        return Ok(vec![Record {
+            key: args.key.clone().map(Bytes::from),
+            id: args.id.clone(),
+            ..Record::from_value(value.clone())
+        }]);
     }
     let mut records = Vec::new();
     for (i, line) in input.lines().enumerate() {
@@ -89,7 +100,10 @@ fn read_records(args: &PublishArgs, input: impl BufRead) -> anyhow::Result<Vec<R
         }
         records.push(record);
     }
-    anyhow::ensure!(!records.is_empty(), "nothing to publish: give a VALUE or pipe lines on stdin");
+    anyhow::ensure!(
+        !records.is_empty(),
+        "nothing to publish: give a VALUE or pipe lines on stdin"
+    );
     Ok(records)
 }
 
@@ -121,7 +135,15 @@ mod tests {
     use super::*;
 
     fn args(json: bool) -> PublishArgs {
-        PublishArgs { topic: "t".into(), value: None, key: None, id: Some("run".into()), partition: None, json, batch: 1000 }
+        PublishArgs {
+            topic: "t".into(),
+            value: None,
+            key: None,
+            id: Some("run".into()),
+            partition: None,
+            json,
+            batch: 1000,
+        }
     }
 
     #[test]
@@ -133,8 +155,15 @@ mod tests {
         assert_eq!(records[0].id.as_deref(), Some("run-1"));
         assert_eq!(records[1].value, Bytes::from_static(br#"{"amount":5}"#));
         assert_eq!(records[1].id.as_deref(), Some("o-2"));
-        let err = read_records(&args(true), "{\"value\":\"a\"}\n{\"value\": nope}\n".as_bytes()).unwrap_err();
-        assert!(err.to_string().starts_with("line 2: invalid JSON record"), "{err}");
+        let err = read_records(
+            &args(true),
+            "{\"value\":\"a\"}\n{\"value\": nope}\n".as_bytes(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().starts_with("line 2: invalid JSON record"),
+            "{err}"
+        );
         let err = read_records(&args(true), "{\"valu\":\"a\"}\n".as_bytes()).unwrap_err();
         assert!(err.to_string().contains("line 1"), "{err}");
     }

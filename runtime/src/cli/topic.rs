@@ -38,25 +38,68 @@ pub enum TopicCommand {
 
 pub(super) async fn run(client: &Client, cmd: TopicCommand) -> anyhow::Result<()> {
     match cmd {
-        TopicCommand::Create { name, partitions, retention_ms, retention_bytes } => {
-            let info = client.create_topic(&TopicConfig { name, partitions, retention_ms, retention_bytes }).await?;
-            println!("created topic {} with {} partition(s)", info.config.name, info.config.partitions);
+        TopicCommand::Create {
+            name,
+            partitions,
+            retention_ms,
+            retention_bytes,
+        } => {
+            let info = client
+                .create_topic(&TopicConfig {
+                    name,
+                    partitions,
+                    retention_ms,
+                    retention_bytes,
+                })
+                .await?;
+            println!(
+                "created topic {} with {} partition(s)",
+                info.config.name, info.config.partitions
+            );
         }
         TopicCommand::List => {
-            println!("{:<32} {:>10} {:>14} {:>14}", "TOPIC", "PARTITIONS", "RECORDS", "BYTES");
+            println!(
+                "{:<32} {:>10} {:>14} {:>14}",
+                "TOPIC", "PARTITIONS", "RECORDS", "BYTES"
+            );
             for t in client.list_topics().await? {
-                let records: u64 = t.partitions.iter().map(|p| p.end_offset - p.start_offset).sum();
+                let records: u64 = t
+                    .partitions
+                    .iter()
+                    .map(|p| p.end_offset - p.start_offset)
+                    .sum();
                 let bytes: u64 = t.partitions.iter().map(|p| p.size_bytes).sum();
-                println!("{:<32} {:>10} {:>14} {:>14}", t.config.name, t.config.partitions, records, bytes);
+                println!(
+                    "{:<32} {:>10} {:>14} {:>14}",
+                    t.config.name, t.config.partitions, records, bytes
+                );
             }
         }
         TopicCommand::Describe { name } => {
             let t = client.describe_topic(&name).await?;
-            let retention = |v: u64, unit: &str| if v == 0 { "unbounded".to_string() } else { format!("{v} {unit}") };
-            println!("topic {}  partitions {}  retention {} / {}", t.config.name, t.config.partitions, retention(t.config.retention_ms, "ms"), retention(t.config.retention_bytes, "bytes per partition"));
-            println!("{:>9} {:>14} {:>14} {:>14}", "PARTITION", "START", "END", "BYTES");
+            let retention = |v: u64, unit: &str| {
+                if v == 0 {
+                    "unbounded".to_string()
+                } else {
+                    format!("{v} {unit}")
+                }
+            };
+            println!(
+                "topic {}  partitions {}  retention {} / {}",
+                t.config.name,
+                t.config.partitions,
+                retention(t.config.retention_ms, "ms"),
+                retention(t.config.retention_bytes, "bytes per partition")
+            );
+            println!(
+                "{:>9} {:>14} {:>14} {:>14}",
+                "PARTITION", "START", "END", "BYTES"
+            );
             for p in t.partitions {
-                println!("{:>9} {:>14} {:>14} {:>14}", p.partition, p.start_offset, p.end_offset, p.size_bytes);
+                println!(
+                    "{:>9} {:>14} {:>14} {:>14}",
+                    p.partition, p.start_offset, p.end_offset, p.size_bytes
+                );
             }
         }
         TopicCommand::Delete { name } => {

@@ -21,7 +21,11 @@ impl From<Record> for pb::Record {
         pb::Record {
             key: r.key,
             value: r.value,
-            headers: r.headers.into_iter().map(|(key, value)| pb::Header { key, value }).collect(),
+            headers: r
+                .headers
+                .into_iter()
+                .map(|(key, value)| pb::Header { key, value })
+                .collect(),
             timestamp_ms: r.timestamp_ms,
             id: r.id,
         }
@@ -37,7 +41,11 @@ impl From<StoredRecord> for pb::StoredRecord {
             timestamp_ms: r.timestamp_ms,
             key: r.key,
             value: r.value,
-            headers: r.headers.into_iter().map(|(key, value)| pb::Header { key, value }).collect(),
+            headers: r
+                .headers
+                .into_iter()
+                .map(|(key, value)| pb::Header { key, value })
+                .collect(),
             id: r.id,
         }
     }
@@ -65,7 +73,11 @@ impl From<pb::PublishRequest> for Publish {
             topic: r.topic,
             partition: r.partition,
             records: r.records.into_iter().map(Record::from).collect(),
-            producer: r.producer.map(|p| ProducerFields { producer_id: p.producer_id, epoch: p.epoch, base_sequence: p.base_sequence }),
+            producer: r.producer.map(|p| ProducerFields {
+                producer_id: p.producer_id,
+                epoch: p.epoch,
+                base_sequence: p.base_sequence,
+            }),
         }
     }
 }
@@ -83,7 +95,12 @@ impl From<PartitionAck> for pb::PartitionAck {
 
 impl From<PartitionStats> for pb::PartitionInfo {
     fn from(p: PartitionStats) -> Self {
-        pb::PartitionInfo { partition: p.partition, start_offset: p.start_offset, end_offset: p.end_offset, size_bytes: p.size_bytes }
+        pb::PartitionInfo {
+            partition: p.partition,
+            start_offset: p.start_offset,
+            end_offset: p.end_offset,
+            size_bytes: p.size_bytes,
+        }
     }
 }
 
@@ -119,5 +136,7 @@ pub fn start_position(start: StartAt) -> pb::StartPosition {
         StartAt::Offset(o) => Position::Offset(o),
         StartAt::Timestamp(t) => Position::TimestampMs(t),
     };
-    pb::StartPosition { position: Some(position) }
+    pb::StartPosition {
+        position: Some(position),
+    }
 }

@@ -47,36 +47,82 @@ impl WeirService {
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 fn acks_response(request_id: u64, acks: Vec<PartitionAck>) -> pb::PublishResponse {
-    pb::PublishResponse { request_id, acks: acks.into_iter().map(Into::into).collect(), error: None }
+    pb::PublishResponse {
+        request_id,
+        acks: acks.into_iter().map(Into::into).collect(),
+        error: None,
+    }
 }
 
 #[tonic::async_trait]
 impl Weir for WeirService {
-    async fn create_topic(&self, request: Request<pb::CreateTopicRequest>) -> Result<Response<pb::TopicInfo>, Status> {
+    async fn create_topic(
+        &self,
+        request: Request<pb::CreateTopicRequest>,
+    ) -> Result<Response<pb::TopicInfo>, Status> {
         let r = request.into_inner();
-        let config = TopicConfig { name: r.name, partitions: r.partitions, retention_ms: r.retention_ms, retention_bytes: r.retention_bytes };
-        Ok(Response::new(self.broker.create_topic(config).await?.into()))
+        let config = TopicConfig {
+            name: r.name,
+            partitions: r.partitions,
+            retention_ms: r.retention_ms,
+            retention_bytes: r.retention_bytes,
+        };
+        Ok(Response::new(
+            self.broker.create_topic(config).await?.into(),
+        ))
     }
 
-    async fn list_topics(&self, _: Request<pb::ListTopicsRequest>) -> Result<Response<pb::ListTopicsResponse>, Status> {
-        Ok(Response::new(pb::ListTopicsResponse { topics: self.broker.list_topics().into_iter().map(Into::into).collect() }))
+    async fn list_topics(
+        &self,
+        _: Request<pb::ListTopicsRequest>,
+    ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        Ok(Response::new(pb::ListTopicsResponse {
+            topics: self
+                .broker
+                .list_topics()
+                .into_iter()
+                .map(Into::into)
+                .collect(),
+        }))
     }
 
-    async fn describe_topic(&self, request: Request<pb::DescribeTopicRequest>) -> Result<Response<pb::TopicInfo>, Status> {
-        Ok(Response::new(self.broker.describe_topic(&request.into_inner().name)?.into()))
+    async fn describe_topic(
+        &self,
+        request: Request<pb::DescribeTopicRequest>,
+    ) -> Result<Response<pb::TopicInfo>, Status> {
+        Ok(Response::new(
+            self.broker
+                .describe_topic(&request.into_inner().name)?
+                .into(),
+        ))
     }
 
-    async fn delete_topic(&self, request: Request<pb::DeleteTopicRequest>) -> Result<Response<pb::DeleteTopicResponse>, Status> {
+    async fn delete_topic(
+        &self,
+        request: Request<pb::DeleteTopicRequest>,
+    ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
         self.broker.delete_topic(&request.into_inner().name).await?;
         Ok(Response::new(pb::DeleteTopicResponse {}))
     }
 
-    async fn init_producer(&self, request: Request<pb::InitProducerRequest>) -> Result<Response<pb::InitProducerResponse>, Status> {
-        let (producer_id, epoch) = self.broker.init_producer(request.into_inner().producer_id).await?;
-        Ok(Response::new(pb::InitProducerResponse { producer_id, epoch }))
+    async fn init_producer(
+        &self,
+        request: Request<pb::InitProducerRequest>,
+    ) -> Result<Response<pb::InitProducerResponse>, Status> {
+        let (producer_id, epoch) = self
+            .broker
+            .init_producer(request.into_inner().producer_id)
+            .await?;
+        Ok(Response::new(pb::InitProducerResponse {
+            producer_id,
+            epoch,
+        }))
     }
 
-    async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+    async fn publish(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
         let r = request.into_inner();
         let id = r.request_id;
         let acks = self.broker.publish(Publish::from(r)).await?;
@@ -85,7 +131,10 @@ impl Weir for WeirService {
 
     type PublishStreamStream = BoxStream<pb::PublishResponse>;
 
-    async fn publish_stream(&self, request: Request<Streaming<pb::PublishRequest>>) -> Result<Response<Self::PublishStreamStream>, Status> {
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<pb::PublishRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT);
         let broker = self.broker.clone();
@@ -128,12 +177,24 @@ impl Weir for WeirService {
 
     type SubscribeStream = BoxStream<pb::SubscribeResponse>;
 
-    async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
         let r = request.into_inner();
         let info = self.broker.describe_topic(&r.topic)?;
-        let partitions: Vec<u32> = if r.partitions.is_empty() { (0..info.config.partitions).collect() } else { r.partitions.clone() };
+        let partitions: Vec<u32> = if r.partitions.is_empty() {
+            (0..info.config.partitions).collect()
+        } else {
+            r.partitions.clone()
+        };
         let committed: HashMap<u32, u64> = match &r.group {
-            Some(group) => self.broker.fetch_offsets(group, &r.topic).await?.into_iter().collect(),
+            Some(group) => self
+                .broker
+                .fetch_offsets(group, &r.topic)
+                .await?
+                .into_iter()
+                .collect(),
             None => HashMap::new(),
         };
         let start = start_at(r.start);
@@ -144,36 +205,71 @@ impl Weir for WeirService {
         let mut positions = Vec::with_capacity(partitions.len());
         for p in partitions {
             let position = match committed.get(&p) {
-                Some(&offset) => offset.max(self.broker.resolve_start(&r.topic, p, crate::broker::StartAt::Earliest).await?),
+                Some(&offset) => offset.max(
+                    self.broker
+                        .resolve_start(&r.topic, p, crate::broker::StartAt::Earliest)
+                        .await?,
+                ),
                 None => self.broker.resolve_start(&r.topic, p, start).await?,
             };
             positions.push((p, position));
         }
         let (tx, rx) = mpsc::channel(2 * positions.len().max(1));
         for (p, position) in positions {
-            let follower = Follower { broker: self.broker.clone(), topic: r.topic.clone(), partition: p, position, max, tx: tx.clone() };
+            let follower = Follower {
+                broker: self.broker.clone(),
+                topic: r.topic.clone(),
+                partition: p,
+                position,
+                max,
+                tx: tx.clone(),
+            };
             tokio::spawn(follower.run(self.shutdown.clone()));
         }
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn commit_offsets(&self, request: Request<pb::CommitOffsetsRequest>) -> Result<Response<pb::CommitOffsetsResponse>, Status> {
+    async fn commit_offsets(
+        &self,
+        request: Request<pb::CommitOffsetsRequest>,
+    ) -> Result<Response<pb::CommitOffsetsResponse>, Status> {
         let r = request.into_inner();
-        let offsets = r.offsets.into_iter().map(|o| (o.partition, o.offset)).collect();
-        self.broker.commit_offsets(&r.group, &r.topic, offsets).await?;
+        let offsets = r
+            .offsets
+            .into_iter()
+            .map(|o| (o.partition, o.offset))
+            .collect();
+        self.broker
+            .commit_offsets(&r.group, &r.topic, offsets)
+            .await?;
         Ok(Response::new(pb::CommitOffsetsResponse {}))
     }
 
-    async fn fetch_offsets(&self, request: Request<pb::FetchOffsetsRequest>) -> Result<Response<pb::FetchOffsetsResponse>, Status> {
+    async fn fetch_offsets(
+        &self,
+        request: Request<pb::FetchOffsetsRequest>,
+    ) -> Result<Response<pb::FetchOffsetsResponse>, Status> {
         let r = request.into_inner();
         let offsets = self.broker.fetch_offsets(&r.group, &r.topic).await?;
-        Ok(Response::new(pb::FetchOffsetsResponse { offsets: offsets.into_iter().map(|(partition, offset)| pb::PartitionOffset { partition, offset }).collect() }))
+        Ok(Response::new(pb::FetchOffsetsResponse {
+            offsets: offsets
+                .into_iter()
+                .map(|(partition, offset)| pb::PartitionOffset { partition, offset })
+                .collect(),
+        }))
     }
 }
 
 fn error_response(request_id: u64, e: BrokerError) -> pb::PublishResponse {
     let status = Status::from(e);
-    pb::PublishResponse { request_id, acks: Vec::new(), error: Some(pb::Error { code: status.code() as i32, message: status.message().to_string() }) }
+    pb::PublishResponse {
+        request_id,
+        acks: Vec::new(),
+        error: Some(pb::Error {
+            code: status.code() as i32,
+            message: status.message().to_string(),
+        }),
+    }
 }
 
 /// Streams one partition to a subscriber, following the tail until the subscriber leaves,
@@ -198,7 +294,11 @@ impl Follower {
         };
         loop {
             watch.borrow_and_update();
-            let records = match self.broker.read(&self.topic, self.partition, self.position, self.max).await {
+            let records = match self
+                .broker
+                .read(&self.topic, self.partition, self.position, self.max)
+                .await
+            {
                 Ok(records) => records,
                 Err(e) => {
                     let _ = self.tx.send(Err(e.into())).await;
@@ -207,7 +307,9 @@ impl Follower {
             };
             if let Some(last) = records.last() {
                 self.position = last.offset + 1;
-                let response = pb::SubscribeResponse { records: records.into_iter().map(Into::into).collect() };
+                let response = pb::SubscribeResponse {
+                    records: records.into_iter().map(Into::into).collect(),
+                };
                 if self.tx.send(Ok(response)).await.is_err() {
                     return;
                 }

@@ -16,14 +16,18 @@ impl From<BrokerError> for Status {
             BrokerError::TopicExists(_) => (Code::AlreadyExists, "topic-exists"),
             BrokerError::InvalidTopicName(_) => (Code::InvalidArgument, "invalid-topic-name"),
             BrokerError::InvalidArgument(_) => (Code::InvalidArgument, "invalid-argument"),
-            BrokerError::PartitionOutOfRange { .. } => (Code::InvalidArgument, "partition-out-of-range"),
+            BrokerError::PartitionOutOfRange { .. } => {
+                (Code::InvalidArgument, "partition-out-of-range")
+            }
             BrokerError::RecordTooLarge { .. } => (Code::InvalidArgument, "record-too-large"),
             BrokerError::EmptyBatch => (Code::InvalidArgument, "empty-batch"),
             BrokerError::IdempotenceNeedsPartition => (Code::InvalidArgument, "partition-required"),
             BrokerError::UnknownProducer(_) => (Code::FailedPrecondition, "unknown-producer"),
             BrokerError::StaleEpoch { .. } => (Code::FailedPrecondition, "stale-epoch"),
             BrokerError::SequenceGap { .. } => (Code::FailedPrecondition, "sequence-gap"),
-            BrokerError::SequenceOutOfOrder { .. } => (Code::FailedPrecondition, "sequence-out-of-order"),
+            BrokerError::SequenceOutOfOrder { .. } => {
+                (Code::FailedPrecondition, "sequence-out-of-order")
+            }
             BrokerError::OffsetOutOfRange { .. } => (Code::OutOfRange, "offset-out-of-range"),
             BrokerError::Unavailable(_) => (Code::Unavailable, "unavailable"),
             BrokerError::Storage(LogError::Corrupt { .. }) => (Code::DataLoss, "corrupt"),
@@ -33,12 +37,17 @@ impl From<BrokerError> for Status {
             tracing::error!(message = "Request failed in storage.", error = %e);
         }
         let mut status = Status::new(code, e.to_string());
-        status.metadata_mut().insert(ERROR_KIND_KEY, kind.parse().expect("ascii kind"));
+        status
+            .metadata_mut()
+            .insert(ERROR_KIND_KEY, kind.parse().expect("ascii kind"));
         status
     }
 }
 
 /// The `weir-error` kind of a status, if the server set one.
 pub fn error_kind(status: &Status) -> Option<&str> {
-    status.metadata().get(ERROR_KIND_KEY).and_then(|v| v.to_str().ok())
+    status
+        .metadata()
+        .get(ERROR_KIND_KEY)
+        .and_then(|v| v.to_str().ok())
 }

@@ -60,7 +60,11 @@ pub fn record_encoded_len(record: &Record) -> usize {
         + record.value.len()
         + record.id.as_ref().map_or(0, |id| 2 + id.len())
         + 2
-        + record.headers.iter().map(|(k, v)| 2 + k.len() + 4 + v.len()).sum::<usize>()
+        + record
+            .headers
+            .iter()
+            .map(|(k, v)| 2 + k.len() + 4 + v.len())
+            .sum::<usize>()
 }
 
 /// Header fields of a chunk, readable without decoding its records.
@@ -116,11 +120,16 @@ fn encode_chunk(records: &[Record], now_ms: i64, size: usize) -> EncodedChunk {
     buf.put_i64_le(0); // max timestamp, patched below
     let mut max_ts = i64::MIN;
     for record in records {
-        let ts = if record.timestamp_ms == 0 { now_ms } else { record.timestamp_ms };
+        let ts = if record.timestamp_ms == 0 {
+            now_ms
+        } else {
+            record.timestamp_ms
+        };
         max_ts = max_ts.max(ts);
         buf.put_u32_le((record_encoded_len(record) - 4) as u32);
         buf.put_i64_le(ts);
-        let flags = if record.key.is_some() { FLAG_KEY } else { 0 } | if record.id.is_some() { FLAG_ID } else { 0 };
+        let flags = if record.key.is_some() { FLAG_KEY } else { 0 }
+            | if record.id.is_some() { FLAG_ID } else { 0 };
         buf.put_u8(flags);
         if let Some(key) = &record.key {
             buf.put_u32_le(key.len() as u32);
@@ -144,7 +153,13 @@ fn encode_chunk(records: &[Record], now_ms: i64, size: usize) -> EncodedChunk {
     buf[12..20].copy_from_slice(&max_ts.to_le_bytes());
     let crc = crc32fast::hash(&buf[8..]);
     buf[4..8].copy_from_slice(&crc.to_le_bytes());
-    EncodedChunk { header: ChunkHeader { count: records.len() as u32, max_timestamp_ms: max_ts }, bytes: buf.freeze() }
+    EncodedChunk {
+        header: ChunkHeader {
+            count: records.len() as u32,
+            max_timestamp_ms: max_ts,
+        },
+        bytes: buf.freeze(),
+    }
 }
 
 /// Checks the limits the chunk format puts on one record's fields.
@@ -154,14 +169,27 @@ fn encode_chunk(records: &[Record], now_ms: i64, size: usize) -> EncodedChunk {
 pub fn check_record_shape(record: &Record) -> Result<(), String> {
     if let Some(id) = &record.id {
         if id.len() > usize::from(u16::MAX) {
-            return Err(format!("record id is {} bytes; the limit is 65535", id.len()));
+            return Err(format!(
+                "record id is {} bytes; the limit is 65535",
+                id.len()
+            ));
         }
     }
     if record.headers.len() > usize::from(u16::MAX) {
-        return Err(format!("record has {} headers; the limit is 65535", record.headers.len()));
+        return Err(format!(
+            "record has {} headers; the limit is 65535",
+            record.headers.len()
+        ));
     }
-    if let Some((name, _)) = record.headers.iter().find(|(name, _)| name.len() > usize::from(u16::MAX)) {
-        return Err(format!("header name of {} bytes; the limit is 65535", name.len()));
+    if let Some((name, _)) = record
+        .headers
+        .iter()
+        .find(|(name, _)| name.len() > usize::from(u16::MAX))
+    {
+        return Err(format!(
+            "header name of {} bytes; the limit is 65535",
+            name.len()
+        ));
     }
     Ok(())
 }
@@ -176,7 +204,13 @@ pub fn read_header(bytes: &[u8]) -> Result<ChunkHeader, CodecError> {
     }
     let magic = [bytes[0], bytes[1]];
     if magic != MAGIC || bytes[2] != VERSION {
-        return Err(CodecError::BadMagic { magic, version: bytes[2] });
+        return Err(CodecError::BadMagic {
+            magic,
+            version: bytes[2],
+        });
+    }
+    if bytes[3] != 0 {
+        return Err(CodecError::Malformed("reserved header byte is not zero"));
     }
     Ok(ChunkHeader {
         count: u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")),
@@ -189,7 +223,11 @@ pub fn read_header(bytes: &[u8]) -> Result<ChunkHeader, CodecError> {
 ///
 /// # Errors
 /// [`CodecError`] for a chunk that is truncated, foreign, corrupted or inconsistent.
-pub fn decode_chunk(chunk: &Bytes, base_offset: u64, partition: u32) -> Result<Vec<crate::record::StoredRecord>, CodecError> {
+pub fn decode_chunk(
+    chunk: &Bytes,
+    base_offset: u64,
+    partition: u32,
+) -> Result<Vec<crate::record::StoredRecord>, CodecError> {
     let header = read_header(chunk)?;
     let stored = u32::from_le_bytes(chunk[4..8].try_into().expect("4 bytes"));
     let computed = crc32fast::hash(&chunk[8..]);
@@ -198,13 +236,22 @@ pub fn decode_chunk(chunk: &Bytes, base_offset: u64, partition: u32) -> Result<V
     }
     // A record takes at least 19 bytes, so a count that cannot fit is rejected before allocating.
     if header.count as usize > (chunk.len() - HEADER_LEN) / 19 {
-        return Err(CodecError::Malformed("record count larger than the chunk can hold"));
+        return Err(CodecError::Malformed(
+            "record count larger than the chunk can hold",
+        ));
     }
     let mut out = Vec::with_capacity(header.count as usize);
-    let mut cursor = Cursor { bytes: chunk, pos: HEADER_LEN };
+    let mut cursor = Cursor {
+        bytes: chunk,
+        pos: HEADER_LEN,
+    };
     for i in 0..header.count {
         let len = cursor.u32()? as usize;
-        let end = cursor.pos.checked_add(len).filter(|&e| e <= chunk.len()).ok_or(CodecError::Truncated("record"))?;
+        let end = cursor
+            .pos
+            .checked_add(len)
+            .filter(|&e| e <= chunk.len())
+            .ok_or(CodecError::Truncated("record"))?;
         let timestamp_ms = cursor.i64()?;
         let flags = cursor.u8()?;
         let key = if flags & FLAG_KEY != 0 {
@@ -230,16 +277,26 @@ pub fn decode_chunk(chunk: &Bytes, base_offset: u64, partition: u32) -> Result<V
             headers.push((name, cursor.slice(n)?));
         }
         if cursor.pos != end {
-            return Err(CodecError::Malformed("record length does not match its fields"));
+            return Err(CodecError::Malformed(
+                "record length does not match its fields",
+            ));
         }
         out.push(crate::record::StoredRecord {
             partition,
             offset: base_offset + u64::from(i),
-            record: Record { key, value, headers, timestamp_ms, id },
+            record: Record {
+                key,
+                value,
+                headers,
+                timestamp_ms,
+                id,
+            },
         });
     }
     if cursor.pos != chunk.len() {
-        return Err(CodecError::Malformed("trailing bytes after the last record"));
+        return Err(CodecError::Malformed(
+            "trailing bytes after the last record",
+        ));
     }
     Ok(out)
 }
@@ -251,7 +308,11 @@ struct Cursor<'a> {
 
 impl Cursor<'_> {
     fn take(&mut self, n: usize) -> Result<std::ops::Range<usize>, CodecError> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or(CodecError::Truncated("field"))?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or(CodecError::Truncated("field"))?;
         let range = self.pos..end;
         self.pos = end;
         Ok(range)
@@ -260,13 +321,19 @@ impl Cursor<'_> {
         Ok(self.bytes[self.take(1)?][0])
     }
     fn u16(&mut self) -> Result<u16, CodecError> {
-        Ok(u16::from_le_bytes(self.bytes[self.take(2)?].try_into().expect("2 bytes")))
+        Ok(u16::from_le_bytes(
+            self.bytes[self.take(2)?].try_into().expect("2 bytes"),
+        ))
     }
     fn u32(&mut self) -> Result<u32, CodecError> {
-        Ok(u32::from_le_bytes(self.bytes[self.take(4)?].try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.bytes[self.take(4)?].try_into().expect("4 bytes"),
+        ))
     }
     fn i64(&mut self) -> Result<i64, CodecError> {
-        Ok(i64::from_le_bytes(self.bytes[self.take(8)?].try_into().expect("8 bytes")))
+        Ok(i64::from_le_bytes(
+            self.bytes[self.take(8)?].try_into().expect("8 bytes"),
+        ))
     }
     fn slice(&mut self, n: usize) -> Result<Bytes, CodecError> {
         let range = self.take(n)?;
@@ -274,7 +341,8 @@ impl Cursor<'_> {
     }
     fn string(&mut self, n: usize) -> Result<String, CodecError> {
         let range = self.take(n)?;
-        String::from_utf8(self.bytes[range].to_vec()).map_err(|_| CodecError::Malformed("string is not UTF-8"))
+        String::from_utf8(self.bytes[range].to_vec())
+            .map_err(|_| CodecError::Malformed("string is not UTF-8"))
     }
 }
 
@@ -286,7 +354,11 @@ mod tests {
         Record {
             key: (i % 2 == 0).then(|| Bytes::from(format!("user-{i}"))),
             value: Bytes::from(vec![i as u8; i % 50]),
-            headers: if i % 3 == 0 { vec![("trace".into(), Bytes::from_static(b"abc"))] } else { vec![] },
+            headers: if i % 3 == 0 {
+                vec![("trace".into(), Bytes::from_static(b"abc"))]
+            } else {
+                vec![]
+            },
             timestamp_ms: if i % 4 == 0 { 0 } else { 1_000 + i as i64 },
             id: (i % 5 == 0).then(|| format!("msg-{i}")),
         }
@@ -322,22 +394,49 @@ mod tests {
     #[test]
     fn oversized_record_gets_its_own_chunk() {
         let big = Record::from_value(vec![7u8; 10_000]);
-        let chunks = encode_chunks(&[Record::from_value("a"), big.clone(), Record::from_value("b")], 1, 1024);
-        assert_eq!(chunks.iter().map(|c| c.header.count).collect::<Vec<_>>(), vec![1, 1, 1]);
-        assert_eq!(decode_chunk(&chunks[1].bytes, 0, 0).unwrap()[0].record.value, big.value);
+        let chunks = encode_chunks(
+            &[
+                Record::from_value("a"),
+                big.clone(),
+                Record::from_value("b"),
+            ],
+            1,
+            1024,
+        );
+        assert_eq!(
+            chunks.iter().map(|c| c.header.count).collect::<Vec<_>>(),
+            vec![1, 1, 1]
+        );
+        assert_eq!(
+            decode_chunk(&chunks[1].bytes, 0, 0).unwrap()[0]
+                .record
+                .value,
+            big.value
+        );
     }
 
     #[test]
     fn corruption_is_an_error_never_a_panic_or_a_wrong_record() {
-        let chunk = encode_chunks(&(0..20).map(sample).collect::<Vec<_>>(), 1, 1 << 20).remove(0).bytes;
+        let chunk = encode_chunks(&(0..20).map(sample).collect::<Vec<_>>(), 1, 1 << 20)
+            .remove(0)
+            .bytes;
         for cut in 0..chunk.len() {
-            assert!(decode_chunk(&chunk.slice(..cut), 0, 0).is_err(), "truncated at {cut}");
+            assert!(
+                decode_chunk(&chunk.slice(..cut), 0, 0).is_err(),
+                "truncated at {cut}"
+            );
         }
         for pos in 0..chunk.len() {
             let mut bad = chunk.to_vec();
             bad[pos] ^= 0x5a;
-            assert!(decode_chunk(&Bytes::from(bad), 0, 0).is_err(), "flipped byte {pos}");
+            assert!(
+                decode_chunk(&Bytes::from(bad), 0, 0).is_err(),
+                "flipped byte {pos}"
+            );
         }
-        assert!(matches!(decode_chunk(&Bytes::from_static(b"hello world, not a chunk"), 0, 0), Err(CodecError::BadMagic { .. })));
+        assert!(matches!(
+            decode_chunk(&Bytes::from_static(b"hello world, not a chunk"), 0, 0),
+            Err(CodecError::BadMagic { .. })
+        ));
     }
 }

@@ -5,7 +5,9 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 
-use super::{codec, group_key_prefix, ChunkMeta, EncodedChunk, LogError, LogStore, RecoveredPartition};
+use super::{
+    codec, group_key_prefix, ChunkMeta, EncodedChunk, LogError, LogStore, RecoveredPartition,
+};
 use crate::record::{TopicConfig, TopicPartition};
 
 /// A [`LogStore`] that keeps everything in memory; `sync` is a no-op.
@@ -63,21 +65,44 @@ impl LogStore for MemoryStore {
 
     fn recover_partition(&self, tp: &TopicPartition) -> Result<RecoveredPartition, LogError> {
         self.with(|s| {
-            let Some(part) = s.parts.get(tp) else { return Ok(RecoveredPartition::default()) };
+            let Some(part) = s.parts.get(tp) else {
+                return Ok(RecoveredPartition::default());
+            };
             let mut chunks = Vec::with_capacity(part.chunks.len());
             for (&base, bytes) in &part.chunks {
-                let header = codec::read_header(bytes).map_err(|source| LogError::Corrupt { tp: tp.clone(), base_offset: base, source })?;
-                chunks.push((base, ChunkMeta { count: header.count, bytes: bytes.len() as u32, max_timestamp_ms: header.max_timestamp_ms }));
+                let header = codec::read_header(bytes).map_err(|source| LogError::Corrupt {
+                    tp: tp.clone(),
+                    base_offset: base,
+                    source,
+                })?;
+                chunks.push((
+                    base,
+                    ChunkMeta {
+                        count: header.count,
+                        bytes: bytes.len() as u32,
+                        max_timestamp_ms: header.max_timestamp_ms,
+                    },
+                ));
             }
             Ok(RecoveredPartition {
                 start_offset: part.start,
                 chunks,
-                producers: part.producers.iter().map(|(k, v)| (*k, v.clone())).collect(),
+                producers: part
+                    .producers
+                    .iter()
+                    .map(|(k, v)| (*k, v.clone()))
+                    .collect(),
             })
         })
     }
 
-    fn append(&self, tp: &TopicPartition, base_offset: u64, chunks: &[EncodedChunk], producer: Option<(u64, &[u8])>) -> Result<(), LogError> {
+    fn append(
+        &self,
+        tp: &TopicPartition,
+        base_offset: u64,
+        chunks: &[EncodedChunk],
+        producer: Option<(u64, &[u8])>,
+    ) -> Result<(), LogError> {
         self.with(|s| {
             let part = s.parts.entry(tp.clone()).or_default();
             let mut base = base_offset;
@@ -93,7 +118,11 @@ impl LogStore for MemoryStore {
     }
 
     fn read_chunk(&self, tp: &TopicPartition, base_offset: u64) -> Result<Option<Bytes>, LogError> {
-        Ok(self.with(|s| s.parts.get(tp).and_then(|p| p.chunks.get(&base_offset).cloned())))
+        Ok(self.with(|s| {
+            s.parts
+                .get(tp)
+                .and_then(|p| p.chunks.get(&base_offset).cloned())
+        }))
     }
 
     fn trim(&self, tp: &TopicPartition, bases: &[u64], new_start: u64) -> Result<(), LogError> {
@@ -116,7 +145,12 @@ impl LogStore for MemoryStore {
         Ok(())
     }
 
-    fn put_group_offsets(&self, group: &str, topic: &str, offsets: &[(u32, u64)]) -> Result<(), LogError> {
+    fn put_group_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+        offsets: &[(u32, u64)],
+    ) -> Result<(), LogError> {
         let prefix = group_key_prefix(topic, group);
         self.with(|s| {
             for (partition, offset) in offsets {
@@ -134,7 +168,11 @@ impl LogStore for MemoryStore {
             s.groups
                 .range(prefix.clone()..)
                 .take_while(|(k, _)| k.starts_with(&prefix))
-                .filter_map(|(k, v)| <[u8; 4]>::try_from(&k[prefix.len()..]).ok().map(|p| (u32::from_be_bytes(p), *v)))
+                .filter_map(|(k, v)| {
+                    <[u8; 4]>::try_from(&k[prefix.len()..])
+                        .ok()
+                        .map(|p| (u32::from_be_bytes(p), *v))
+                })
                 .collect()
         }))
     }

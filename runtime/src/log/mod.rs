@@ -129,7 +129,12 @@ pub trait LogStore: Send + Sync + 'static {
     /// Records a producer's current epoch.
     fn put_producer(&self, producer_id: u64, epoch: u32) -> Result<(), LogError>;
     /// Stores a consumer group's next offsets for some partitions of a topic.
-    fn put_group_offsets(&self, group: &str, topic: &str, offsets: &[(u32, u64)]) -> Result<(), LogError>;
+    fn put_group_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+        offsets: &[(u32, u64)],
+    ) -> Result<(), LogError>;
     /// A consumer group's committed offsets for a topic, by partition.
     fn group_offsets(&self, group: &str, topic: &str) -> Result<Vec<(u32, u64)>, LogError>;
     /// Makes every write that returned before this call durable (survives power loss).

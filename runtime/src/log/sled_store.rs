@@ -19,7 +19,10 @@ use std::sync::RwLock;
 
 use bytes::Bytes;
 
-use super::{codec, group_key_prefix, ChunkMeta, EncodedChunk, LogError, LogStore, RecoveredPartition, FRAGMENT_MAX_BYTES};
+use super::{
+    codec, group_key_prefix, ChunkMeta, EncodedChunk, LogError, LogStore, RecoveredPartition,
+    FRAGMENT_MAX_BYTES,
+};
 use crate::record::{TopicConfig, TopicPartition};
 
 const FORMAT_KEY: &[u8] = b"format";
@@ -38,7 +41,10 @@ pub struct SledOptions {
 
 impl Default for SledOptions {
     fn default() -> Self {
-        SledOptions { cache_bytes: 512 * 1024 * 1024, background_flush_ms: None }
+        SledOptions {
+            cache_bytes: 512 * 1024 * 1024,
+            background_flush_ms: None,
+        }
     }
 }
 
@@ -92,15 +98,24 @@ impl SledStore {
             Ok(Ok(db)) => db,
             Ok(Err(e)) => {
                 let reason = e.to_string();
-                let reason = if reason.contains("lock") || reason.contains("WouldBlock") || reason.contains("temporarily unavailable") {
+                let reason = if reason.contains("lock")
+                    || reason.contains("WouldBlock")
+                    || reason.contains("temporarily unavailable")
+                {
                     format!("{reason} (is another `weir serve` using this directory?)")
                 } else {
                     reason
                 };
-                return Err(LogError::Open { path: dir.to_path_buf(), reason });
+                return Err(LogError::Open {
+                    path: dir.to_path_buf(),
+                    reason,
+                });
             }
             Err(_) => {
-                return Err(LogError::Open { path: dir.to_path_buf(), reason: "sled panicked reading the files: the store is corrupt".into() })
+                return Err(LogError::Open {
+                    path: dir.to_path_buf(),
+                    reason: "sled panicked reading the files: the store is corrupt".into(),
+                })
             }
         };
         let meta = db.open_tree("meta")?;
@@ -109,7 +124,11 @@ impl SledStore {
             Some(v) => {
                 return Err(LogError::ForeignDirectory {
                     path: dir.to_path_buf(),
-                    reason: format!("format {:?}, this weir reads {:?}", String::from_utf8_lossy(&v), String::from_utf8_lossy(FORMAT)),
+                    reason: format!(
+                        "format {:?}, this weir reads {:?}",
+                        String::from_utf8_lossy(&v),
+                        String::from_utf8_lossy(FORMAT)
+                    ),
                 })
             }
             None if db.tree_names().len() > 2 || !db.is_empty() => {
@@ -125,12 +144,21 @@ impl SledStore {
         let groups = db.open_tree("groups")?;
         let data_path = dir.join("db");
         let data_file = File::open(&data_path).map_err(io(&data_path))?;
-        let store = SledStore { dir: dir.to_path_buf(), db, meta, groups, data_file, parts: RwLock::new(HashMap::new()) };
+        let store = SledStore {
+            dir: dir.to_path_buf(),
+            db,
+            meta,
+            groups,
+            data_file,
+            parts: RwLock::new(HashMap::new()),
+        };
         store.sync()?;
         // sled never syncs its `conf` nor the directory entries: a new store could vanish on
         // power loss even after a synced write.
         for path in [dir.join("conf"), dir.to_path_buf()] {
-            File::open(&path).and_then(|f| f.sync_all()).map_err(io(&path))?;
+            File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(io(&path))?;
         }
         Ok(store)
     }
@@ -149,7 +177,10 @@ impl SledStore {
             return Ok(tree.clone());
         }
         let tree = self.db.open_tree(Self::tree_name(tp))?;
-        self.parts.write().expect("parts lock").insert(tp.clone(), tree.clone());
+        self.parts
+            .write()
+            .expect("parts lock")
+            .insert(tp.clone(), tree.clone());
         Ok(tree)
     }
 }
@@ -178,10 +209,12 @@ impl LogStore for SledStore {
         let mut topics = Vec::new();
         for item in self.meta.scan_prefix(TOPIC_PREFIX) {
             let (key, value) = item?;
-            let config: TopicConfig = serde_json::from_slice(&value).map_err(|e| LogError::Storage(format!(
-                "topic metadata {} is unreadable: {e}",
-                String::from_utf8_lossy(&key)
-            )))?;
+            let config: TopicConfig = serde_json::from_slice(&value).map_err(|e| {
+                LogError::Storage(format!(
+                    "topic metadata {} is unreadable: {e}",
+                    String::from_utf8_lossy(&key)
+                ))
+            })?;
             topics.push(config);
         }
         Ok(topics)
@@ -189,7 +222,8 @@ impl LogStore for SledStore {
 
     fn put_topic(&self, config: &TopicConfig) -> Result<(), LogError> {
         let json = serde_json::to_vec(config).expect("topic config serialises");
-        self.meta.insert(format!("{TOPIC_PREFIX}{}", config.name), json)?;
+        self.meta
+            .insert(format!("{TOPIC_PREFIX}{}", config.name), json)?;
         Ok(())
     }
 
@@ -220,10 +254,22 @@ impl LogStore for SledStore {
         };
         for item in tree.scan_prefix(b"c") {
             let (key, value) = item?;
-            let base = be_u64(&key[1..9]).ok_or_else(|| LogError::Storage(format!("bad chunk key in {tp}")))?;
+            let base = be_u64(&key[1..9])
+                .ok_or_else(|| LogError::Storage(format!("bad chunk key in {tp}")))?;
             if key[9..11] == [0, 0] {
-                let header = codec::read_header(&value).map_err(|source| LogError::Corrupt { tp: tp.clone(), base_offset: base, source })?;
-                out.chunks.push((base, ChunkMeta { count: header.count, bytes: value.len() as u32, max_timestamp_ms: header.max_timestamp_ms }));
+                let header = codec::read_header(&value).map_err(|source| LogError::Corrupt {
+                    tp: tp.clone(),
+                    base_offset: base,
+                    source,
+                })?;
+                out.chunks.push((
+                    base,
+                    ChunkMeta {
+                        count: header.count,
+                        bytes: value.len() as u32,
+                        max_timestamp_ms: header.max_timestamp_ms,
+                    },
+                ));
             } else if let Some((last_base, meta)) = out.chunks.last_mut() {
                 if *last_base == base {
                     meta.bytes += value.len() as u32;
@@ -239,7 +285,13 @@ impl LogStore for SledStore {
         Ok(out)
     }
 
-    fn append(&self, tp: &TopicPartition, base_offset: u64, chunks: &[EncodedChunk], producer: Option<(u64, &[u8])>) -> Result<(), LogError> {
+    fn append(
+        &self,
+        tp: &TopicPartition,
+        base_offset: u64,
+        chunks: &[EncodedChunk],
+        producer: Option<(u64, &[u8])>,
+    ) -> Result<(), LogError> {
         let tree = self.part(tp)?;
         let mut batch = sled::Batch::default();
         let mut base = base_offset;
@@ -258,7 +310,9 @@ impl LogStore for SledStore {
 
     fn read_chunk(&self, tp: &TopicPartition, base_offset: u64) -> Result<Option<Bytes>, LogError> {
         let tree = self.part(tp)?;
-        let Some(first) = tree.get(chunk_key(base_offset, 0))? else { return Ok(None) };
+        let Some(first) = tree.get(chunk_key(base_offset, 0))? else {
+            return Ok(None);
+        };
         if first.len() < FRAGMENT_MAX_BYTES {
             // The common case: one fragment, handed out without copying.
             return Ok(Some(Bytes::from_owner(first)));
@@ -288,7 +342,9 @@ impl LogStore for SledStore {
         for item in self.meta.scan_prefix(PRODUCER_PREFIX) {
             let (key, value) = item?;
             let id = be_u64(&key[PRODUCER_PREFIX.len()..]);
-            let epoch = <[u8; 4]>::try_from(value.as_ref()).ok().map(u32::from_be_bytes);
+            let epoch = <[u8; 4]>::try_from(value.as_ref())
+                .ok()
+                .map(u32::from_be_bytes);
             if let (Some(id), Some(epoch)) = (id, epoch) {
                 out.push((id, epoch));
             }
@@ -303,7 +359,12 @@ impl LogStore for SledStore {
         Ok(())
     }
 
-    fn put_group_offsets(&self, group: &str, topic: &str, offsets: &[(u32, u64)]) -> Result<(), LogError> {
+    fn put_group_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+        offsets: &[(u32, u64)],
+    ) -> Result<(), LogError> {
         let prefix = group_key_prefix(topic, group);
         let mut batch = sled::Batch::default();
         for (partition, offset) in offsets {
@@ -320,7 +381,9 @@ impl LogStore for SledStore {
         let mut out = Vec::new();
         for item in self.groups.scan_prefix(&prefix) {
             let (key, value) = item?;
-            let partition = <[u8; 4]>::try_from(&key[prefix.len()..]).ok().map(u32::from_be_bytes);
+            let partition = <[u8; 4]>::try_from(&key[prefix.len()..])
+                .ok()
+                .map(u32::from_be_bytes);
             if let (Some(partition), Some(offset)) = (partition, be_u64(&value)) {
                 out.push((partition, offset));
             }
@@ -330,6 +393,9 @@ impl LogStore for SledStore {
 
     fn sync(&self) -> Result<(), LogError> {
         self.db.flush()?;
-        self.data_file.sync_data().map_err(|source| LogError::Io { path: self.dir.join("db"), source })
+        self.data_file.sync_data().map_err(|source| LogError::Io {
+            path: self.dir.join("db"),
+            source,
+        })
     }
 }

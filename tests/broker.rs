@@ -1,0 +1,474 @@
+//! The broker over gRPC: a real server on 127.0.0.1:0 and the Rust client.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tonic::Code;
+use weir_runtime::broker::StartAt;
+use weir_runtime::client::Client;
+use weir_runtime::grpc::pb;
+use weir_runtime::{Record, TopicConfig};
+
+fn topic(name: &str, partitions: u32) -> TopicConfig {
+    TopicConfig {
+        name: name.into(),
+        partitions,
+        retention_ms: 0,
+        retention_bytes: 0,
+    }
+}
+
+async fn read_n(
+    client: &Client,
+    topic: &str,
+    start: StartAt,
+    group: Option<&str>,
+    n: usize,
+) -> Vec<weir_runtime::StoredRecord> {
+    let mut sub = client.subscribe(topic, &[], start, group).await.unwrap();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let batch = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("records arrive")
+            .unwrap()
+            .unwrap();
+        out.extend(batch);
+    }
+    out
+}
+
+#[tokio::test]
+async fn publish_subscribe_round_trip_across_partitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    let client = Client::connect(&server.url()).await.unwrap();
+    client.create_topic(&topic("orders", 4)).await.unwrap();
+    let records: Vec<Record> = (0..200)
+        .map(|i| Record {
+            id: Some(format!("o-{i}")),
+            headers: vec![("src".into(), "test".into())],
+            ..keyed(&format!("user-{}", i % 17), &format!("order-{i}"))
+        })
+        .collect();
+    let acks = client
+        .publish("orders", None, records.clone())
+        .await
+        .unwrap();
+    assert!(acks.len() > 1, "keys spread over partitions");
+    assert_eq!(acks.iter().map(|a| a.count).sum::<u32>(), 200);
+
+    let got = read_n(&client, "orders", StartAt::Earliest, None, 200).await;
+    assert_eq!(got.len(), 200);
+    let mut by_key = std::collections::HashMap::<_, Vec<_>>::new();
+    for r in &got {
+        assert_eq!(
+            r.record.headers,
+            vec![("src".to_string(), bytes::Bytes::from("test"))]
+        );
+        assert!(r.record.timestamp_ms > 0, "broker stamped the time");
+        by_key
+            .entry(r.record.key.clone())
+            .or_default()
+            .push(r.record.value.clone());
+    }
+    for (key, values) in by_key {
+        let sent: Vec<_> = records
+            .iter()
+            .filter(|r| r.key == key)
+            .map(|r| r.value.clone())
+            .collect();
+        assert_eq!(values, sent, "per-key order kept");
+    }
+    let info = client.describe_topic("orders").await.unwrap();
+    assert_eq!(
+        info.partitions.iter().map(|p| p.end_offset).sum::<u64>(),
+        200
+    );
+    assert!(info
+        .partitions
+        .iter()
+        .all(|p| p.start_offset == 0 && (p.end_offset == 0 || p.size_bytes > 0)));
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn subscribe_follows_the_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    let client = Client::connect(&server.url()).await.unwrap();
+    client.create_topic(&topic("t", 2)).await.unwrap();
+    client
+        .publish("t", Some(0), records("old", 3))
+        .await
+        .unwrap();
+    let mut sub = client
+        .subscribe("t", &[], StartAt::Latest, None)
+        .await
+        .unwrap();
+    let publisher = client.clone();
+    let writer = tokio::spawn(async move {
+        for i in 0..5 {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            publisher
+                .publish("t", Some(i % 2), records(&format!("new{i}"), 2))
+                .await
+                .unwrap();
+        }
+    });
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        got.extend(
+            tokio::time::timeout(Duration::from_secs(10), sub.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    writer.await.unwrap();
+    assert!(
+        got.iter().all(|r| !r.record.value.starts_with(b"old")),
+        "latest skips what was there"
+    );
+    let values: std::collections::BTreeSet<_> = got
+        .iter()
+        .map(|r| String::from_utf8(r.record.value.to_vec()).unwrap())
+        .collect();
+    assert_eq!(values.len(), 10);
+    // From an explicit offset and from a timestamp.
+    let from_1 = read_n(&client, "t", StartAt::Offset(1), None, 1).await;
+    assert!(from_1.iter().all(|r| r.offset >= 1));
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn consumer_group_resumes_where_it_committed_also_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    let client = Client::connect(&server.url()).await.unwrap();
+    client.create_topic(&topic("t", 2)).await.unwrap();
+    client
+        .publish("t", Some(0), records("a", 10))
+        .await
+        .unwrap();
+    client
+        .publish("t", Some(1), records("b", 10))
+        .await
+        .unwrap();
+    client
+        .commit_offsets("data-team", "t", &[(0, 4), (1, 10)])
+        .await
+        .unwrap();
+    let got = read_n(&client, "t", StartAt::Earliest, Some("data-team"), 6).await;
+    assert_eq!(
+        got.iter()
+            .map(|r| (r.partition, r.offset))
+            .collect::<Vec<_>>(),
+        (4..10).map(|o| (0, o)).collect::<Vec<_>>()
+    );
+    server.stop().await.unwrap();
+
+    let server = start_server(dir.path()).await;
+    let client = Client::connect(&server.url()).await.unwrap();
+    let mut offsets = client.fetch_offsets("data-team", "t").await.unwrap();
+    offsets.sort();
+    assert_eq!(offsets, vec![(0, 4), (1, 10)]);
+    assert!(client.fetch_offsets("other", "t").await.unwrap().is_empty());
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn idempotent_retry_returns_first_offsets_and_stores_once_across_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    let client = Client::connect(&server.url()).await.unwrap();
+    client.create_topic(&topic("t", 1)).await.unwrap();
+    let (id, epoch) = client.init_producer(None).await.unwrap();
+    let publish = |seq: u64, prefix: &str, n: usize| pb::PublishRequest {
+        topic: "t".into(),
+        partition: Some(0),
+        records: records(prefix, n).into_iter().map(Into::into).collect(),
+        producer: Some(pb::ProducerFields {
+            producer_id: id,
+            epoch,
+            base_sequence: seq,
+        }),
+        request_id: seq,
+    };
+    let mut raw = client.raw();
+    let first = raw
+        .publish(publish(0, "x", 5))
+        .await
+        .unwrap()
+        .into_inner()
+        .acks[0]
+        .clone();
+    raw.publish(publish(5, "y", 5)).await.unwrap();
+    let retry = raw
+        .publish(publish(0, "x", 5))
+        .await
+        .unwrap()
+        .into_inner()
+        .acks[0]
+        .clone();
+    assert!(retry.duplicate && retry.base_offset == first.base_offset && !first.duplicate);
+    server.stop().await.unwrap();
+
+    let server = start_server(dir.path()).await;
+    let mut raw = Client::connect(&server.url()).await.unwrap().raw();
+    let again = raw
+        .publish(publish(5, "y", 5))
+        .await
+        .unwrap()
+        .into_inner()
+        .acks[0]
+        .clone();
+    assert_eq!(
+        (again.base_offset, again.duplicate),
+        (5, true),
+        "dedup state was recovered"
+    );
+    let gap = raw.publish(publish(12, "z", 1)).await.unwrap_err();
+    assert_eq!(gap.code(), Code::FailedPrecondition);
+    assert!(
+        gap.message().starts_with("sequence gap") && gap.message().contains("10 was expected"),
+        "{}",
+        gap.message()
+    );
+    assert_eq!(
+        weir_runtime::grpc::status::error_kind(&gap),
+        Some("sequence-gap")
+    );
+
+    let client = Client::connect(&server.url()).await.unwrap();
+    client.init_producer(Some(id)).await.unwrap();
+    let stale = raw.publish(publish(10, "z", 1)).await.unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    assert!(
+        stale.message().starts_with("stale epoch"),
+        "{}",
+        stale.message()
+    );
+    assert_eq!(
+        weir_runtime::grpc::status::error_kind(&stale),
+        Some("stale-epoch")
+    );
+    assert_eq!(
+        client.describe_topic("t").await.unwrap().partitions[0].end_offset,
+        10,
+        "stored once"
+    );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn producer_helper_partitions_by_key_and_numbers_sequences() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    let client = Client::connect(&server.url()).await.unwrap();
+    client.create_topic(&topic("t", 3)).await.unwrap();
+    let mut producer = client.producer().await.unwrap();
+    let batch: Vec<Record> = (0..30)
+        .map(|i| keyed(&format!("k{i}"), &format!("v{i}")))
+        .collect();
+    let first = producer.send("t", batch.clone()).await.unwrap();
+    let second = producer.send("t", batch).await.unwrap();
+    for ((p1, o1), (p2, o2)) in first.iter().zip(&second) {
+        assert_eq!(p1, p2, "same key, same partition");
+        assert!(o2 > o1, "a second send is new data, not a duplicate");
+    }
+    let all = read_n(&client, "t", StartAt::Earliest, None, 60).await;
+    for (i, &(p, o)) in first.iter().enumerate() {
+        let r = all
+            .iter()
+            .find(|r| r.partition == p && r.offset == o)
+            .unwrap();
+        assert_eq!(r.record.value, format!("v{i}"));
+    }
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_input_gets_clear_statuses_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), |c| c.broker.max_record_bytes = 10_000).await;
+    let client = Client::connect(&server.url()).await.unwrap();
+    client.create_topic(&topic("t", 2)).await.unwrap();
+    client
+        .publish("t", Some(0), records("keep", 3))
+        .await
+        .unwrap();
+    let check = |e: weir_runtime::client::ClientError, code: Code, text: &str| {
+        assert_eq!(e.code(), Some(code), "{e}");
+        assert!(e.to_string().contains(text), "{e:?} should say {text:?}");
+    };
+    check(
+        client
+            .publish("nope", None, records("x", 1))
+            .await
+            .unwrap_err(),
+        Code::NotFound,
+        "unknown topic \"nope\"; create it",
+    );
+    check(
+        client
+            .create_topic(&topic("no spaces", 1))
+            .await
+            .unwrap_err(),
+        Code::InvalidArgument,
+        "contains ' '",
+    );
+    check(
+        client.create_topic(&topic("t", 1)).await.unwrap_err(),
+        Code::AlreadyExists,
+        "already exists",
+    );
+    check(
+        client
+            .publish("t", Some(7), records("x", 1))
+            .await
+            .unwrap_err(),
+        Code::InvalidArgument,
+        "partition 7 does not exist: topic \"t\" has partitions 0..2",
+    );
+    check(
+        client.publish("t", Some(0), vec![]).await.unwrap_err(),
+        Code::InvalidArgument,
+        "empty batch",
+    );
+    let big = Record::from_value(vec![1u8; 20_000]);
+    check(
+        client.publish("t", Some(0), vec![big]).await.unwrap_err(),
+        Code::InvalidArgument,
+        "the limit is 10000",
+    );
+    check(
+        client
+            .subscribe("t", &[], StartAt::Offset(99), None)
+            .await
+            .err()
+            .unwrap(),
+        Code::OutOfRange,
+        "stored offsets are 0..3",
+    );
+    check(
+        client.describe_topic("gone").await.unwrap_err(),
+        Code::NotFound,
+        "unknown topic",
+    );
+    let info = client.describe_topic("t").await.unwrap();
+    assert_eq!(
+        info.partitions
+            .iter()
+            .map(|p| p.end_offset)
+            .collect::<Vec<_>>(),
+        vec![3, 0],
+        "nothing stored by refused requests"
+    );
+    let kept = read_n(&client, "t", StartAt::Earliest, None, 3).await;
+    assert_eq!(kept.len(), 3);
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn publish_stream_acks_every_batch_in_order_and_reports_errors_inline() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    let client = Client::connect(&server.url()).await.unwrap();
+    client.create_topic(&topic("t", 2)).await.unwrap();
+    let requests: Vec<pb::PublishRequest> = (0..50u64)
+        .map(|i| pb::PublishRequest {
+            topic: if i == 25 {
+                "missing".into()
+            } else {
+                "t".into()
+            },
+            partition: Some((i % 2) as u32),
+            records: records(&format!("b{i}"), 10)
+                .into_iter()
+                .map(Into::into)
+                .collect(),
+            producer: None,
+            request_id: i,
+        })
+        .collect();
+    let mut responses = client
+        .raw()
+        .publish_stream(futures::stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while let Some(r) = responses.message().await.unwrap() {
+        if r.request_id == 25 {
+            assert!(r.error.as_ref().unwrap().message.contains("unknown topic"));
+        } else {
+            assert!(r.error.is_none());
+            let ack = &r.acks[0];
+            assert_eq!(
+                ack.base_offset,
+                (r.request_id / 2 - u64::from(r.request_id > 25 && r.request_id % 2 == 1)) * 10,
+                "request {}",
+                r.request_id
+            );
+        }
+        seen.push(r.request_id);
+    }
+    assert_eq!(seen, (0..50).collect::<Vec<_>>());
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn retention_trims_in_the_background_and_delete_removes_the_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), |c| {
+        c.broker.retention_interval = Duration::from_millis(50)
+    })
+    .await;
+    let client = Client::connect(&server.url()).await.unwrap();
+    client
+        .create_topic(&TopicConfig {
+            retention_bytes: 64 * 1024,
+            ..topic("t", 1)
+        })
+        .await
+        .unwrap();
+    for i in 0..10 {
+        client
+            .publish(
+                "t",
+                Some(0),
+                vec![Record::from_value(vec![i as u8; 30_000])],
+            )
+            .await
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let p = client.describe_topic("t").await.unwrap().partitions[0];
+        if p.size_bytes <= 64 * 1024 {
+            assert!(p.start_offset >= 8 && p.end_offset == 10, "{p:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retention never trimmed to the bound: {p:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client.delete_topic("t").await.unwrap();
+    assert_eq!(
+        client.describe_topic("t").await.unwrap_err().code(),
+        Some(Code::NotFound)
+    );
+    client.create_topic(&topic("t", 1)).await.unwrap();
+    assert_eq!(
+        client.describe_topic("t").await.unwrap().partitions[0].end_offset,
+        0,
+        "a re-created topic starts empty"
+    );
+    server.stop().await.unwrap();
+}

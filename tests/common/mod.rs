@@ -1,0 +1,153 @@
+//! Helpers shared by the integration tests: servers in-process or as a real `weir` process.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+use weir_runtime::durability::FsyncPolicy;
+use weir_runtime::server::{self, RunningServer, ServerConfig};
+use weir_runtime::Record;
+
+/// Starts an in-process server on `127.0.0.1:0` over `dir`.
+pub async fn start_server(dir: &Path) -> RunningServer {
+    start_with(dir, |_| {}).await
+}
+
+/// Starts an in-process server after letting `tweak` adjust its config.
+pub async fn start_with(dir: &Path, tweak: impl FnOnce(&mut ServerConfig)) -> RunningServer {
+    let mut config = ServerConfig::new(dir);
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.fsync = FsyncPolicy::Always;
+    config.cache_bytes = 64 * 1024 * 1024;
+    tweak(&mut config);
+    server::start(config, CancellationToken::new())
+        .await
+        .expect("server starts")
+}
+
+/// `n` records with values `prefix-i`.
+pub fn records(prefix: &str, n: usize) -> Vec<Record> {
+    (0..n)
+        .map(|i| Record::from_value(format!("{prefix}-{i}")))
+        .collect()
+}
+
+/// A keyed record.
+pub fn keyed(key: &str, value: &str) -> Record {
+    Record {
+        key: Some(Bytes::from(key.to_string())),
+        ..Record::from_value(value.to_string())
+    }
+}
+
+/// Path of the `weir` binary cargo built for this test run.
+pub fn weir_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_weir")
+}
+
+/// A `weir serve` child process.
+pub struct WeirProcess {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl WeirProcess {
+    /// Spawns `weir serve` on `listen` over `dir` and waits for its "listening" line.
+    pub fn spawn(dir: &Path, listen: &str, extra: &[&str]) -> WeirProcess {
+        let mut child = Command::new(weir_bin())
+            .args(["serve", "--data-dir"])
+            .arg(dir)
+            .args(["--listen", listen, "--cache-mb", "64"])
+            .args(extra)
+            .env("WEIR_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn weir serve");
+        let mut line = String::new();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        stdout.read_line(&mut line).expect("read weir serve stdout");
+        let addr = line
+            .trim()
+            .strip_prefix("weir listening on ")
+            .unwrap_or_else(|| panic!("weir serve did not start: {line:?}"))
+            .to_string();
+        WeirProcess {
+            child,
+            addr: format!("http://{addr}"),
+        }
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.addr.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    /// `kill -9`.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn terminate(mut self, within: Duration) -> std::process::ExitStatus {
+        unsafe_kill(self.child.id(), 15);
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "weir serve did not exit within {within:?} of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for WeirProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unsafe_kill(pid: u32, signal: i32) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+}
+
+/// Runs the `weir` CLI against `server` with `stdin`; returns (exit ok, stdout, stderr).
+pub fn weir_cli(server: &str, args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(weir_bin())
+        .args(args)
+        .env("WEIR_SERVER", server)
+        .env("WEIR_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn weir");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
