@@ -1,1 +1,224 @@
-//! placeholder
+//! The `weir` binary as a user runs it: serve, topics, publish, consume, errors, shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{weir_cli, WeirProcess};
+
+fn ok(server: &str, args: &[&str], stdin: &str) -> String {
+    let (success, stdout, stderr) = weir_cli(server, args, stdin);
+    assert!(success, "weir {args:?} failed: {stderr}");
+    stdout
+}
+
+fn fails(server: &str, args: &[&str], stdin: &str) -> String {
+    let (success, _, stderr) = weir_cli(server, args, stdin);
+    assert!(!success, "weir {args:?} should fail");
+    assert_eq!(
+        stderr.trim().lines().count(),
+        1,
+        "one line, no backtrace: {stderr}"
+    );
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+#[test]
+fn topic_publish_consume_and_group_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = WeirProcess::spawn(dir.path(), "127.0.0.1:0", &[]);
+    let s = &server.addr;
+    assert!(
+        ok(s, &["topic", "create", "orders", "--partitions", "3"], "")
+            .contains("created topic orders with 3 partition(s)")
+    );
+    let out = ok(
+        s,
+        &[
+            "publish", "orders", "--key", "user-1", "--id", "o-1", "first",
+        ],
+        "",
+    );
+    let keyed = weir_runtime::record::partition_for_key(b"user-1", 3);
+    assert_eq!(
+        out,
+        format!("partition {keyed} offset 0\n"),
+        "the CLI partitions by the broker's key hash"
+    );
+    let other = ((keyed + 1) % 3).to_string();
+    let out = ok(
+        s,
+        &["publish", "orders", "--partition", &other],
+        "a\nb\nc\n",
+    );
+    let want: Vec<String> = (0..3)
+        .map(|o| format!("partition {other} offset {o}"))
+        .collect();
+    assert_eq!(out.lines().collect::<Vec<_>>(), want);
+    let json = "{\"key\":\"u9\",\"value\":{\"amount\":12},\"id\":\"o-9\",\"headers\":{\"src\":\"shop\"}}\n";
+    ok(s, &["publish", "orders", "--json"], json);
+
+    let consumed = ok(
+        s,
+        &[
+            "consume",
+            "orders",
+            "--from",
+            "earliest",
+            "--json",
+            "--idle-ms",
+            "500",
+        ],
+        "",
+    );
+    let lines: Vec<serde_json::Value> = consumed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5);
+    let order9 = lines.iter().find(|l| l["id"] == "o-9").unwrap();
+    assert_eq!(order9["value"], "{\"amount\":12}");
+    assert_eq!(order9["headers"]["src"], "shop");
+    assert_eq!(order9["key"], "u9");
+
+    let first = ok(
+        s,
+        &[
+            "consume",
+            "orders",
+            "--from",
+            "earliest",
+            "--group",
+            "g",
+            "--max",
+            "2",
+            "--partition",
+            &other,
+        ],
+        "",
+    );
+    assert_eq!(first, "a\nb\n");
+    let rest = ok(
+        s,
+        &[
+            "consume",
+            "orders",
+            "--from",
+            "earliest",
+            "--group",
+            "g",
+            "--partition",
+            &other,
+            "--idle-ms",
+            "500",
+        ],
+        "",
+    );
+    assert_eq!(rest, "c\n", "the group resumed after its committed offset");
+
+    let describe = ok(s, &["topic", "describe", "orders"], "");
+    assert!(
+        describe.contains("PARTITION") && describe.lines().count() == 5,
+        "{describe}"
+    );
+    let list = ok(s, &["topic", "list"], "");
+    assert!(list.lines().nth(1).unwrap().starts_with("orders"), "{list}");
+    ok(s, &["topic", "delete", "orders"], "");
+    assert!(!ok(s, &["topic", "list"], "").contains("orders"));
+}
+
+#[test]
+fn bad_input_is_one_clear_line_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = WeirProcess::spawn(dir.path(), "127.0.0.1:0", &[]);
+    let s = &server.addr;
+    ok(s, &["topic", "create", "t"], "");
+    let err = fails(
+        s,
+        &["publish", "t", "--json"],
+        "{\"value\":\"fine\"}\n{\"value\": oops}\n",
+    );
+    assert!(err.contains("line 2: invalid JSON record"), "{err}");
+    let describe = ok(s, &["topic", "describe", "t"], "");
+    assert!(
+        describe.lines().nth(2).unwrap().split_whitespace().nth(2) == Some("0"),
+        "nothing published: {describe}"
+    );
+    let err = fails(s, &["publish", "missing", "x"], "");
+    assert!(
+        err.contains("unknown topic \"missing\"; create it with `weir topic create missing"),
+        "{err}"
+    );
+    let err = fails(s, &["topic", "create", "a/b"], "");
+    assert!(err.contains("contains '/'"), "{err}");
+    let err = fails(s, &["publish", "t", "--partition", "5", "x"], "");
+    assert!(err.contains("partition 5 does not exist"), "{err}");
+    let err = fails("http://127.0.0.1:1", &["topic", "list"], "");
+    assert!(
+        err.contains("cannot reach the weir server at http://127.0.0.1:1"),
+        "{err}"
+    );
+    let err = fails("not a url", &["topic", "list"], "");
+    assert!(
+        err.contains("expected a URL like http://127.0.0.1:7070"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sigterm_syncs_and_exits_zero_and_data_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = WeirProcess::spawn(dir.path(), "127.0.0.1:0", &["--fsync", "never"]);
+    let s = server.addr.clone();
+    ok(&s, &["topic", "create", "t", "--partitions", "2"], "");
+    ok(
+        &s,
+        &["publish", "t"],
+        &(0..500).map(|i| format!("line-{i}\n")).collect::<String>(),
+    );
+    let status = server.terminate(Duration::from_secs(20));
+    assert!(status.success(), "exit status {status:?}");
+
+    let server = WeirProcess::spawn(dir.path(), "127.0.0.1:0", &[]);
+    let all = ok(
+        &server.addr,
+        &["consume", "t", "--from", "earliest", "--idle-ms", "500"],
+        "",
+    );
+    assert_eq!(all.lines().count(), 500);
+}
+
+#[test]
+fn serve_refuses_a_foreign_directory_and_a_bad_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("thesis.tex"), "not a store").unwrap();
+    let out = std::process::Command::new(common::weir_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("WEIR_LOG", "off")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("is not a weir store") && stderr.contains("thesis.tex"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("thesis.tex")).unwrap(),
+        "not a store",
+        "left untouched"
+    );
+
+    let out = std::process::Command::new(common::weir_bin())
+        .args(["serve", "--fsync", "sometimes"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("use always, interval:<ms>"),
+        "{stderr}"
+    );
+}
