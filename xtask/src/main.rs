@@ -1,1 +1,293 @@
-fn main() {}
+//! Project tasks: `cargo xtask test` (the one test command, also what CI runs),
+//! `cargo xtask demo` (the README's first command) and `cargo xtask bench` (BENCHMARKS.md).
+//!
+//! Each task installs what it needs first (the `wasm32-wasip2` target for plugins), so a fresh
+//! machine with only rustup and cargo can run them.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+const WASM_TARGET: &str = "wasm32-wasip2";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match args.first().map(String::as_str) {
+        Some("test") => test(&args[1..]),
+        Some("demo") => demo(),
+        Some("bench") => bench(&args[1..]),
+        _ => {
+            eprintln!("usage: cargo xtask <test [cargo test args]|demo|bench [--records N]>");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// Installs the wasm target plugins are built for, if it is missing.
+fn ensure_wasm_target() -> Result<()> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output();
+    match installed {
+        Ok(out)
+            if String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|l| l.trim() == WASM_TARGET) =>
+        {
+            Ok(())
+        }
+        Ok(_) => run(Command::new("rustup").args(["target", "add", WASM_TARGET])),
+        Err(e) => bail!("rustup is needed to install the {WASM_TARGET} target: {e}"),
+    }
+}
+
+/// The one test command: set-up, then every test of the workspace. Ends with one summary
+/// line (`weir: N passed, N failed`) counted over every test binary cargo ran.
+fn test(extra: &[String]) -> Result<()> {
+    ensure_wasm_target()?;
+    let started = Instant::now();
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--no-fail-fast"])
+        .args(extra)
+        .stdout(Stdio::piped());
+    eprintln!("+ {cmd:?}");
+    let mut child = cmd.spawn().context("running cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("stdout")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split("; ").find_map(|part| {
+                    part.trim_start_matches("ok. ")
+                        .trim_start_matches("FAILED. ")
+                        .strip_suffix(word)?
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+            };
+            passed += count(" passed").unwrap_or(0);
+            failed += count(" failed").unwrap_or(0);
+        }
+    }
+    let status = child.wait()?;
+    println!("weir: {passed} passed, {failed} failed");
+    if !status.success() || failed > 0 {
+        bail!("tests failed ({status}) after {:.0?}", started.elapsed());
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    eprintln!("all tests passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+/// A `weir serve` child process.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(bin: &Path, data_dir: &Path, fsync: &str) -> Result<Server> {
+        let mut child = Command::new(bin)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--fsync",
+                fsync,
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .env("WEIR_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting weir serve")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("weir listening on ")
+            .with_context(|| format!("weir serve did not start: {line:?}"))?;
+        Ok(Server {
+            url: format!("http://{addr}"),
+            child,
+        })
+    }
+
+    fn stop(mut self) -> Result<()> {
+        run(Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string()))?;
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("weir serve exited with {status}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn build_release() -> Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "weir-runtime",
+        "-p",
+        "quickstart",
+    ]))?;
+    Ok(PathBuf::from("target/release/weir"))
+}
+
+fn weir(bin: &Path, server: &Server, args: &[&str]) -> Result<String> {
+    let out = Command::new(bin)
+        .args(args)
+        .env("WEIR_SERVER", &server.url)
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("weir {} failed", args.join(" "));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The README's first command: an embedded server, a publish/consume round trip with an
+/// idempotent producer and a consumer group, a short benchmark, a clean shutdown.
+fn demo() -> Result<()> {
+    ensure_wasm_target()?;
+    let bin = build_release()?;
+    let data = std::env::temp_dir().join(format!("weir-demo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    println!("\n== weir demo: embedded store in {}", data.display());
+    let server = Server::start(&bin, &data, "always")?;
+    println!("== weir serve --fsync always listening on {}", server.url);
+    print!(
+        "{}",
+        weir(
+            &bin,
+            &server,
+            &["topic", "create", "order.paid", "--partitions", "4"]
+        )?
+    );
+    run(Command::new("target/release/quickstart").args(["--server", &server.url]))?;
+    print!(
+        "{}",
+        weir(&bin, &server, &["topic", "describe", "order.paid"])?
+    );
+    println!("== a burst: 200,000 records of 100 bytes, fsync always");
+    print!(
+        "{}",
+        weir(
+            &bin,
+            &server,
+            &[
+                "bench",
+                "publish",
+                "--topic",
+                "burst",
+                "--records",
+                "200000",
+                "--quiet"
+            ]
+        )?
+    );
+    println!();
+    server.stop()?;
+    println!("== restarted: everything acknowledged is still there");
+    let server = Server::start(&bin, &data, "always")?;
+    print!("{}", weir(&bin, &server, &["topic", "list"])?);
+    server.stop()?;
+    std::fs::remove_dir_all(&data).ok();
+    println!("== demo finished");
+    Ok(())
+}
+
+/// Reproduces BENCHMARKS.md: `weir bench publish` against a release `weir serve` under each
+/// fsync policy, three runs each; prints every run and the median.
+fn bench(args: &[String]) -> Result<()> {
+    let records = match args {
+        [flag, n] if flag == "--records" => n.clone(),
+        [] => "1000000".into(),
+        _ => bail!("usage: cargo xtask bench [--records N]"),
+    };
+    let bin = build_release()?;
+    for fsync in ["always", "never"] {
+        let mut rates = Vec::new();
+        for round in 1..=3 {
+            let data = std::env::temp_dir()
+                .join(format!("weir-bench-{}-{fsync}-{round}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&data);
+            let server = Server::start(&bin, &data, fsync)?;
+            let out = weir(
+                &bin,
+                &server,
+                &[
+                    "bench",
+                    "publish",
+                    "--records",
+                    &records,
+                    "--record-size",
+                    "100",
+                    "--batch",
+                    "1000",
+                    "--partitions",
+                    "4",
+                    "--concurrency",
+                    "8",
+                    "--quiet",
+                ],
+            )?;
+            server.stop()?;
+            std::fs::remove_dir_all(&data).ok();
+            println!("fsync {fsync}, run {round}:\n{out}");
+            let rate: f64 = out
+                .lines()
+                .find_map(|l| l.strip_prefix("throughput: "))
+                .and_then(|l| l.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .context("parse throughput")?;
+            rates.push(rate);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        rates.sort_by(f64::total_cmp);
+        println!(
+            "fsync {fsync}: median {:.0} records/s (runs: {:?})\n",
+            rates[1], rates
+        );
+    }
+    Ok(())
+}
