@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -139,9 +138,11 @@ pub async fn start(
     let service = WeirService::new(broker.clone(), shutdown.clone());
     let serve_shutdown = shutdown.clone();
     let handle = tokio::spawn(async move {
-        let incoming = TcpListenerStream::new(listener);
+        // Nagle must be off on every accepted socket (tonic's builder flag does not reach a
+        // listener we bound ourselves): with it, small acks wait ~40 ms for delayed ACKs.
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let result = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_service(service.into_server())
             .serve_with_incoming_shutdown(incoming, serve_shutdown.cancelled())
             .await;

@@ -1,4 +1,9 @@
 //! An in-memory [`LogStore`] for unit tests: the same contract as sled, no files.
+//!
+//! It also models a power cut: writes are volatile until [`LogStore::sync`], and
+//! [`MemoryStore::power_cut`] returns a store holding only what was synced. This lets tests
+//! prove that the broker acknowledges nothing before it is synced, which a `kill -9` test
+//! cannot see (the page cache survives a process kill).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -14,9 +19,11 @@ use crate::record::{TopicConfig, TopicPartition};
 #[derive(Default)]
 pub struct MemoryStore {
     inner: Mutex<Inner>,
+    /// What the last `sync` made durable.
+    synced: Mutex<Inner>,
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Inner {
     topics: BTreeMap<String, TopicConfig>,
     parts: HashMap<TopicPartition, Part>,
@@ -24,7 +31,7 @@ struct Inner {
     groups: BTreeMap<Vec<u8>, u64>,
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Part {
     start: u64,
     chunks: BTreeMap<u64, Bytes>,
@@ -35,6 +42,15 @@ impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A store holding only what was synced, as after a power cut.
+    pub fn power_cut(&self) -> MemoryStore {
+        let synced = self.synced.lock().expect("memory store lock").clone();
+        MemoryStore {
+            inner: Mutex::new(synced.clone()),
+            synced: Mutex::new(synced),
+        }
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
@@ -178,6 +194,8 @@ impl LogStore for MemoryStore {
     }
 
     fn sync(&self) -> Result<(), LogError> {
+        let snapshot = self.with(|s| s.clone());
+        *self.synced.lock().expect("memory store lock") = snapshot;
         Ok(())
     }
 }

@@ -8,9 +8,15 @@
 //! - `s` → first offset still stored (written by retention)
 //!
 //! Durability: `Db::flush` only calls `sync_file_range`; [`LogStore::sync`] follows it with
-//! `fdatasync` of `<dir>/db`, the one file sled writes records to (values stay far below the
-//! size at which sled would use separate, never-synced blob files). The directory and `conf`
+//! `fdatasync` of `<dir>/db`, the one file sled writes records to. The directory and `conf`
 //! are synced once at open, because sled never does.
+//!
+//! sled writes any *page* (a whole B-tree leaf, not a single value) larger than a quarter of
+//! its segment size to a separate blob file that it never fsyncs. A leaf splits only past 16
+//! entries, so with 32 KiB chunks a leaf reaches ~560 KiB: with sled's default 512 KiB
+//! segments (128 KiB threshold) most consolidated leaves became blob files — unsynced, and
+//! one file create + delete per page write. [`SEGMENT_BYTES`] puts the threshold at 2 MiB,
+//! above any leaf weir can build, so `<dir>/db` holds everything and one fdatasync covers it.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -29,6 +35,8 @@ const FORMAT_KEY: &[u8] = b"format";
 const FORMAT: &[u8] = b"weir-log/1";
 const TOPIC_PREFIX: &str = "topic/";
 const PRODUCER_PREFIX: &[u8] = b"producer/";
+/// sled segment size: blob threshold = a quarter of it = 2 MiB (see the module docs).
+pub const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
 
 /// Options for opening a [`SledStore`].
 #[derive(Clone, Debug)]
@@ -91,6 +99,7 @@ impl SledStore {
             .path(dir)
             .cache_capacity(options.cache_bytes)
             .flush_every_ms(options.background_flush_ms)
+            .segment_size(SEGMENT_BYTES)
             .mode(sled::Mode::HighThroughput);
         // sled 0.34 can panic on some corrupt files instead of returning an error.
         let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
