@@ -154,7 +154,8 @@ pub async fn start(
         tokio::task::spawn_blocking(move || syncer.join())
             .await
             .ok();
-        tracing::info!(message = "weir stopped; store synced.");
+        let (syncs, mean_sync_us) = durability.sync_stats();
+        tracing::info!(message = "weir stopped; store synced.", syncs, mean_sync_us);
         Ok(result?)
     });
     Ok(RunningServer {

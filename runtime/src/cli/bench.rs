@@ -45,7 +45,7 @@ pub struct PublishBench {
     /// Publish requests in flight at once (each on its own partition in turn).
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
-    /// Send over one PublishStream per worker instead of unary calls.
+    /// Send over one PublishStream per worker (16 requests in flight each) instead of unary calls.
     #[arg(long)]
     pub stream: bool,
     /// No progress bar (for logs).
@@ -192,40 +192,68 @@ pub async fn publish(
             let mut latencies = Vec::new();
             let mut bytes = 0u64;
             let mut raw = client.raw();
+            // Stream mode: one PublishStream per worker with up to `window` requests in flight.
+            let window = if args.stream { 16 } else { 1 };
+            let (tx, rx) = tokio::sync::mpsc::channel::<pb::PublishRequest>(window);
+            let mut inbound = if args.stream {
+                Some(
+                    raw.publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                        .await?
+                        .into_inner(),
+                )
+            } else {
+                None
+            };
+            let mut in_flight = std::collections::VecDeque::new();
             loop {
                 let n = next_request.fetch_add(1, Ordering::Relaxed);
-                if n >= total_requests || shutdown.is_cancelled() {
-                    break;
+                let done = n >= total_requests || shutdown.is_cancelled();
+                if !done {
+                    let count =
+                        (args.records - n * args.batch as u64).min(args.batch as u64) as usize;
+                    let records: Vec<pb::Record> =
+                        payloads[n as usize % payloads.len()][..count].to_vec();
+                    bytes += records
+                        .iter()
+                        .map(|r| (r.value.len() + r.key.as_ref().map_or(0, |k| k.len())) as u64)
+                        .sum::<u64>();
+                    let request = pb::PublishRequest {
+                        topic: args.topic.clone(),
+                        partition: Some((n % u64::from(partitions)) as u32),
+                        records,
+                        producer: None,
+                        request_id: n,
+                    };
+                    in_flight.push_back((Instant::now(), count));
+                    match &mut inbound {
+                        Some(_) => tx
+                            .send(request)
+                            .await
+                            .map_err(|_| anyhow::anyhow!("publish stream closed"))?,
+                        None => {
+                            raw.publish(request).await?;
+                        }
+                    }
                 }
-                let count = (args.records - n * args.batch as u64).min(args.batch as u64) as usize;
-                let records: Vec<pb::Record> =
-                    payloads[n as usize % payloads.len()][..count].to_vec();
-                bytes += records
-                    .iter()
-                    .map(|r| (r.value.len() + r.key.as_ref().map_or(0, |k| k.len())) as u64)
-                    .sum::<u64>();
-                let request = pb::PublishRequest {
-                    topic: args.topic.clone(),
-                    partition: Some((n % u64::from(partitions)) as u32),
-                    records,
-                    producer: None,
-                    request_id: n,
-                };
-                let t = Instant::now();
-                if args.stream {
-                    let response = raw.publish_stream(futures::stream::iter([request])).await?;
-                    let mut inbound = response.into_inner();
-                    while let Some(r) = inbound.message().await? {
-                        if let Some(e) = r.error {
+                // Collect acks: unary calls are already acked; a stream keeps `window` in flight.
+                while in_flight.len() >= window || (done && !in_flight.is_empty()) {
+                    if let Some(stream) = &mut inbound {
+                        let response = stream
+                            .message()
+                            .await?
+                            .ok_or_else(|| anyhow::anyhow!("publish stream ended early"))?;
+                        if let Some(e) = response.error {
                             anyhow::bail!("publish refused: {}", e.message);
                         }
                     }
-                } else {
-                    raw.publish(request).await?;
+                    let (sent, count) = in_flight.pop_front().expect("in flight");
+                    latencies.push(sent.elapsed());
+                    done_records.fetch_add(count as u64, Ordering::Relaxed);
+                    bar.inc(count as u64);
                 }
-                latencies.push(t.elapsed());
-                done_records.fetch_add(count as u64, Ordering::Relaxed);
-                bar.inc(count as u64);
+                if done {
+                    break;
+                }
             }
             Ok::<_, anyhow::Error>((latencies, bytes))
         }));
