@@ -108,6 +108,33 @@ fn test(extra: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Raw disk bandwidth in the same run, the baseline the publish rates are compared with:
+/// 256 MiB written sequentially in 1 MiB writes, then fdatasync, in MB/s.
+fn disk_baseline() -> Result<f64> {
+    use std::io::Write;
+    let path = std::env::temp_dir().join(format!("weir-disk-baseline-{}", std::process::id()));
+    let block = vec![0x5au8; 1 << 20];
+    let started = Instant::now();
+    let mut file = std::fs::File::create(&path)?;
+    for _ in 0..256 {
+        file.write_all(&block)?;
+    }
+    file.sync_data()?;
+    let mb_per_s = 256.0 * 1.048_576 / started.elapsed().as_secs_f64();
+    std::fs::remove_file(&path)?;
+    Ok(mb_per_s)
+}
+
+/// Bytes a process has caused to be written to storage (`/proc/<pid>/io` write_bytes).
+fn written_bytes(pid: u32) -> Option<f64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes: "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// A `weir serve` child process.
 struct Server {
     child: Child,
@@ -245,6 +272,10 @@ fn bench(args: &[String]) -> Result<()> {
         _ => bail!("usage: cargo xtask bench [--records N]"),
     };
     let bin = build_release()?;
+    let disk = disk_baseline()?;
+    println!(
+        "baseline: raw sequential write of 256 MiB in 1 MiB writes + fdatasync: {disk:.0} MB/s\n"
+    );
     for fsync in ["always", "never"] {
         let mut rates = Vec::new();
         for round in 1..=3 {
@@ -271,15 +302,22 @@ fn bench(args: &[String]) -> Result<()> {
                     "--quiet",
                 ],
             )?;
+            let written = written_bytes(server.child.id());
             server.stop()?;
             std::fs::remove_dir_all(&data).ok();
             println!("fsync {fsync}, run {round}:\n{out}");
-            let rate: f64 = out
-                .lines()
-                .find_map(|l| l.strip_prefix("throughput: "))
-                .and_then(|l| l.split_whitespace().next())
-                .and_then(|n| n.parse().ok())
-                .context("parse throughput")?;
+            let field = |prefix: &str| -> Result<f64> {
+                out.lines()
+                    .find_map(|l| l.strip_prefix(prefix))
+                    .and_then(|l| l.split_whitespace().next())
+                    .and_then(|n| n.parse().ok())
+                    .with_context(|| format!("parse {prefix}"))
+            };
+            let rate = field("throughput: ")?;
+            let payload_mb = field(&format!("{records} records ("))?;
+            if let Some(written) = written {
+                println!("server wrote {:.0} MB to disk for {payload_mb:.0} MB of keys and values ({:.1}x)", written / 1e6, written / 1e6 / payload_mb);
+            }
             rates.push(rate);
             std::thread::sleep(Duration::from_millis(500));
         }

@@ -496,6 +496,24 @@ async fn foreign_and_corrupt_directories_are_clear_errors() {
         .err()
         .unwrap()
         .to_string();
+    assert!(
+        err.contains("is not a weir store: a sled database with another segment size"),
+        "{err}"
+    );
+    let marked = tempfile::tempdir().unwrap();
+    {
+        let db = sled::Config::new()
+            .path(marked.path())
+            .segment_size(crate::log::sled_store::SEGMENT_BYTES)
+            .open()
+            .unwrap();
+        db.insert("someone", "else").unwrap();
+        db.flush().unwrap();
+    }
+    let err = SledStore::open(marked.path(), &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("without weir's format marker"), "{err}");
 
     let corrupt = tempfile::tempdir().unwrap();

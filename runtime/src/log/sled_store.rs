@@ -105,6 +105,12 @@ impl SledStore {
         let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
         let db = match opened {
             Ok(Ok(db)) => db,
+            Ok(Err(e)) if e.to_string().contains("io buffer size") => {
+                return Err(LogError::ForeignDirectory {
+                    path: dir.to_path_buf(),
+                    reason: format!("a sled database with another segment size than weir's {SEGMENT_BYTES} bytes ({e})"),
+                });
+            }
             Ok(Err(e)) => {
                 let reason = e.to_string();
                 let reason = if reason.contains("lock")
