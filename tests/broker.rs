@@ -20,6 +20,22 @@ fn topic(name: &str, partitions: u32) -> TopicConfig {
     }
 }
 
+/// A server on a fresh directory, a client, and one topic.
+async fn serve_with_topic(
+    name: &str,
+    partitions: u32,
+) -> (
+    tempfile::TempDir,
+    weir_runtime::server::RunningServer,
+    Client,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    let client = Client::connect(&server.url()).await.unwrap();
+    client.create_topic(&topic(name, partitions)).await.unwrap();
+    (dir, server, client)
+}
+
 async fn read_n(
     client: &Client,
     topic: &str,
@@ -42,10 +58,7 @@ async fn read_n(
 
 #[tokio::test]
 async fn publish_subscribe_round_trip_across_partitions() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path()).await;
-    let client = Client::connect(&server.url()).await.unwrap();
-    client.create_topic(&topic("orders", 4)).await.unwrap();
+    let (_dir, server, client) = serve_with_topic("orders", 4).await;
     let records: Vec<Record> = (0..200)
         .map(|i| Record {
             id: Some(format!("o-{i}")),
@@ -96,10 +109,7 @@ async fn publish_subscribe_round_trip_across_partitions() {
 
 #[tokio::test]
 async fn subscribe_follows_the_tail() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path()).await;
-    let client = Client::connect(&server.url()).await.unwrap();
-    client.create_topic(&topic("t", 2)).await.unwrap();
+    let (_dir, server, client) = serve_with_topic("t", 2).await;
     client
         .publish("t", Some(0), records("old", 3))
         .await
@@ -146,10 +156,7 @@ async fn subscribe_follows_the_tail() {
 
 #[tokio::test]
 async fn consumer_group_resumes_where_it_committed_also_after_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path()).await;
-    let client = Client::connect(&server.url()).await.unwrap();
-    client.create_topic(&topic("t", 2)).await.unwrap();
+    let (dir, server, client) = serve_with_topic("t", 2).await;
     client
         .publish("t", Some(0), records("a", 10))
         .await
@@ -182,10 +189,7 @@ async fn consumer_group_resumes_where_it_committed_also_after_restart() {
 
 #[tokio::test]
 async fn idempotent_retry_returns_first_offsets_and_stores_once_across_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path()).await;
-    let client = Client::connect(&server.url()).await.unwrap();
-    client.create_topic(&topic("t", 1)).await.unwrap();
+    let (dir, server, client) = serve_with_topic("t", 1).await;
     let (id, epoch) = client.init_producer(None).await.unwrap();
     let publish = |seq: u64, prefix: &str, n: usize| pb::PublishRequest {
         topic: "t".into(),
@@ -266,10 +270,7 @@ async fn idempotent_retry_returns_first_offsets_and_stores_once_across_restart()
 
 #[tokio::test]
 async fn producer_helper_partitions_by_key_and_numbers_sequences() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path()).await;
-    let client = Client::connect(&server.url()).await.unwrap();
-    client.create_topic(&topic("t", 3)).await.unwrap();
+    let (_dir, server, client) = serve_with_topic("t", 3).await;
     let mut producer = client.producer().await.unwrap();
     let batch: Vec<Record> = (0..30)
         .map(|i| keyed(&format!("k{i}"), &format!("v{i}")))
@@ -375,10 +376,7 @@ async fn bad_input_gets_clear_statuses_and_changes_nothing() {
 
 #[tokio::test]
 async fn publish_stream_acks_every_batch_in_order_and_reports_errors_inline() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path()).await;
-    let client = Client::connect(&server.url()).await.unwrap();
-    client.create_topic(&topic("t", 2)).await.unwrap();
+    let (_dir, server, client) = serve_with_topic("t", 2).await;
     let requests: Vec<pb::PublishRequest> = (0..50u64)
         .map(|i| pb::PublishRequest {
             topic: if i == 25 {

@@ -118,6 +118,30 @@ fn topic_publish_consume_and_group_resume() {
     );
     assert_eq!(rest, "c\n", "the group resumed after its committed offset");
 
+    let stamped: String = (1..=3)
+        .map(|i| format!("{{\"value\":\"at-{i}\",\"timestamp_ms\":{}}}\n", i * 1000))
+        .collect();
+    ok(s, &["topic", "create", "stamped"], "");
+    ok(s, &["publish", "stamped", "--json"], &stamped);
+    let from_time = ok(
+        s,
+        &[
+            "consume",
+            "stamped",
+            "--from",
+            "time:1500",
+            "--idle-ms",
+            "500",
+        ],
+        "",
+    );
+    assert_eq!(from_time, "at-2\nat-3\n");
+    let (success, _, err) = weir_cli(s, &["consume", "stamped", "--from", "yesterday"], "");
+    assert!(
+        !success && err.contains("time:<ms since the epoch>"),
+        "a usage error names the forms: {err}"
+    );
+
     let describe = ok(s, &["topic", "describe", "orders"], "");
     assert!(
         describe.contains("PARTITION") && describe.lines().count() == 5,

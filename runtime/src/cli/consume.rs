@@ -17,7 +17,8 @@ use crate::record::StoredRecord;
 pub struct ConsumeArgs {
     /// Topic to read.
     pub topic: String,
-    /// Where to start without a committed group offset: earliest, latest or an offset.
+    /// Where to start without a committed group offset: earliest, latest, an offset, or
+    /// time:<ms> (the first record stamped at or after that time).
     #[arg(long, default_value = "latest", value_parser = parse_start)]
     pub from: StartAt,
     /// Consumer group: start at its committed offsets and commit as records are printed.
@@ -38,13 +39,14 @@ pub struct ConsumeArgs {
 }
 
 fn parse_start(s: &str) -> Result<StartAt, String> {
+    let bad = || format!("{s:?} is not earliest, latest, an offset or time:<ms since the epoch>");
     match s {
         "earliest" => Ok(StartAt::Earliest),
         "latest" => Ok(StartAt::Latest),
-        _ => s
-            .parse()
-            .map(StartAt::Offset)
-            .map_err(|_| format!("{s:?} is not earliest, latest or an offset")),
+        _ => match s.strip_prefix("time:") {
+            Some(ms) => ms.parse().map(StartAt::Timestamp).map_err(|_| bad()),
+            None => s.parse().map(StartAt::Offset).map_err(|_| bad()),
+        },
     }
 }
 

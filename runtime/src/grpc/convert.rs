@@ -1,15 +1,28 @@
 //! Conversions between protobuf messages and domain types. Payloads move as `Bytes` handles.
 
+use bytes::Bytes;
+
 use super::pb;
 use crate::broker::{PartitionAck, PartitionStats, ProducerFields, Publish, StartAt, TopicInfo};
 use crate::record::{Record, StoredRecord};
+
+fn headers_to_pb(headers: Vec<(String, Bytes)>) -> Vec<pb::Header> {
+    headers
+        .into_iter()
+        .map(|(key, value)| pb::Header { key, value })
+        .collect()
+}
+
+fn headers_from_pb(headers: Vec<pb::Header>) -> Vec<(String, Bytes)> {
+    headers.into_iter().map(|h| (h.key, h.value)).collect()
+}
 
 impl From<pb::Record> for Record {
     fn from(r: pb::Record) -> Self {
         Record {
             key: r.key,
             value: r.value,
-            headers: r.headers.into_iter().map(|h| (h.key, h.value)).collect(),
+            headers: headers_from_pb(r.headers),
             timestamp_ms: r.timestamp_ms,
             id: r.id,
         }
@@ -21,11 +34,7 @@ impl From<Record> for pb::Record {
         pb::Record {
             key: r.key,
             value: r.value,
-            headers: r
-                .headers
-                .into_iter()
-                .map(|(key, value)| pb::Header { key, value })
-                .collect(),
+            headers: headers_to_pb(r.headers),
             timestamp_ms: r.timestamp_ms,
             id: r.id,
         }
@@ -41,11 +50,7 @@ impl From<StoredRecord> for pb::StoredRecord {
             timestamp_ms: r.timestamp_ms,
             key: r.key,
             value: r.value,
-            headers: r
-                .headers
-                .into_iter()
-                .map(|(key, value)| pb::Header { key, value })
-                .collect(),
+            headers: headers_to_pb(r.headers),
             id: r.id,
         }
     }
@@ -59,7 +64,7 @@ impl From<pb::StoredRecord> for StoredRecord {
             record: Record {
                 key: s.key,
                 value: s.value,
-                headers: s.headers.into_iter().map(|h| (h.key, h.value)).collect(),
+                headers: headers_from_pb(s.headers),
                 timestamp_ms: s.timestamp_ms,
                 id: s.id,
             },

@@ -10,9 +10,7 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 
-use super::{
-    codec, group_key_prefix, ChunkMeta, EncodedChunk, LogError, LogStore, RecoveredPartition,
-};
+use super::{codec, ChunkMeta, EncodedChunk, GroupKeys, LogError, LogStore, RecoveredPartition};
 use crate::record::{TopicConfig, TopicPartition};
 
 /// A [`LogStore`] that keeps everything in memory; `sync` is a no-op.
@@ -167,28 +165,21 @@ impl LogStore for MemoryStore {
         topic: &str,
         offsets: &[(u32, u64)],
     ) -> Result<(), LogError> {
-        let prefix = group_key_prefix(topic, group);
+        let keys = GroupKeys::new(topic, group);
         self.with(|s| {
             for (partition, offset) in offsets {
-                let mut key = prefix.clone();
-                key.extend_from_slice(&partition.to_be_bytes());
-                s.groups.insert(key, *offset);
+                s.groups.insert(keys.key(*partition), *offset);
             }
         });
         Ok(())
     }
 
     fn group_offsets(&self, group: &str, topic: &str) -> Result<Vec<(u32, u64)>, LogError> {
-        let prefix = group_key_prefix(topic, group);
+        let keys = GroupKeys::new(topic, group);
         Ok(self.with(|s| {
             s.groups
-                .range(prefix.clone()..)
-                .take_while(|(k, _)| k.starts_with(&prefix))
-                .filter_map(|(k, v)| {
-                    <[u8; 4]>::try_from(&k[prefix.len()..])
-                        .ok()
-                        .map(|p| (u32::from_be_bytes(p), *v))
-                })
+                .range(keys.prefix.clone()..)
+                .map_while(|(k, v)| keys.partition(k).map(|p| (p, *v)))
                 .collect()
         }))
     }

@@ -141,13 +141,31 @@ pub trait LogStore: Send + Sync + 'static {
     fn sync(&self) -> Result<(), LogError>;
 }
 
-/// Key of a stored group offset: topic, group and partition, so that both "all offsets of a
-/// group for a topic" and "everything of a topic" are prefix scans.
-fn group_key_prefix(topic: &str, group: &str) -> Vec<u8> {
-    let mut key = Vec::with_capacity(topic.len() + group.len() + 6);
-    key.extend_from_slice(topic.as_bytes());
-    key.push(0);
-    key.extend_from_slice(group.as_bytes());
-    key.push(0);
-    key
+/// Keys of stored group offsets: topic \0 group \0 partition (u32 BE), so that both "all
+/// offsets of a group for a topic" and "everything of a topic" are prefix scans.
+struct GroupKeys {
+    prefix: Vec<u8>,
+}
+
+impl GroupKeys {
+    fn new(topic: &str, group: &str) -> Self {
+        let mut prefix = Vec::with_capacity(topic.len() + group.len() + 2);
+        prefix.extend_from_slice(topic.as_bytes());
+        prefix.push(0);
+        prefix.extend_from_slice(group.as_bytes());
+        prefix.push(0);
+        GroupKeys { prefix }
+    }
+
+    fn key(&self, partition: u32) -> Vec<u8> {
+        let mut key = self.prefix.clone();
+        key.extend_from_slice(&partition.to_be_bytes());
+        key
+    }
+
+    /// The partition of a key under this prefix.
+    fn partition(&self, key: &[u8]) -> Option<u32> {
+        let rest = key.strip_prefix(self.prefix.as_slice())?;
+        <[u8; 4]>::try_from(rest).ok().map(u32::from_be_bytes)
+    }
 }

@@ -26,7 +26,7 @@ use std::sync::RwLock;
 use bytes::Bytes;
 
 use super::{
-    codec, group_key_prefix, ChunkMeta, EncodedChunk, LogError, LogStore, RecoveredPartition,
+    codec, ChunkMeta, EncodedChunk, GroupKeys, LogError, LogStore, RecoveredPartition,
     FRAGMENT_MAX_BYTES,
 };
 use crate::record::{TopicConfig, TopicPartition};
@@ -380,26 +380,21 @@ impl LogStore for SledStore {
         topic: &str,
         offsets: &[(u32, u64)],
     ) -> Result<(), LogError> {
-        let prefix = group_key_prefix(topic, group);
+        let keys = GroupKeys::new(topic, group);
         let mut batch = sled::Batch::default();
         for (partition, offset) in offsets {
-            let mut key = prefix.clone();
-            key.extend_from_slice(&partition.to_be_bytes());
-            batch.insert(key, &offset.to_be_bytes());
+            batch.insert(keys.key(*partition), &offset.to_be_bytes());
         }
         self.groups.apply_batch(batch)?;
         Ok(())
     }
 
     fn group_offsets(&self, group: &str, topic: &str) -> Result<Vec<(u32, u64)>, LogError> {
-        let prefix = group_key_prefix(topic, group);
+        let keys = GroupKeys::new(topic, group);
         let mut out = Vec::new();
-        for item in self.groups.scan_prefix(&prefix) {
+        for item in self.groups.scan_prefix(&keys.prefix) {
             let (key, value) = item?;
-            let partition = <[u8; 4]>::try_from(&key[prefix.len()..])
-                .ok()
-                .map(u32::from_be_bytes);
-            if let (Some(partition), Some(offset)) = (partition, be_u64(&value)) {
+            if let (Some(partition), Some(offset)) = (keys.partition(&key), be_u64(&value)) {
                 out.push((partition, offset));
             }
         }
