@@ -470,3 +470,43 @@ async fn retention_trims_in_the_background_and_delete_removes_the_topic() {
     );
     server.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn producer_retries_through_a_server_restart_with_the_same_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    let addr = server.addr;
+    let client = Client::connect(&server.url()).await.unwrap();
+    client.create_topic(&topic("t", 1)).await.unwrap();
+    let mut producer = client
+        .producer()
+        .await
+        .unwrap()
+        .with_retries(3, Duration::from_millis(150));
+    producer
+        .send_to("t", 0, records("before", 3))
+        .await
+        .unwrap();
+    server.stop().await.unwrap();
+
+    // The server comes back on the same address while the producer is retrying.
+    let path = dir.path().to_path_buf();
+    let restarted = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        start_with(&path, |c| c.listen = addr).await
+    });
+    let ack = producer
+        .send_to("t", 0, records("during", 2))
+        .await
+        .expect("a retry reached the restarted server");
+    assert_eq!((ack.base_offset, ack.count), (3, 2));
+    let server = restarted.await.unwrap();
+    let info = Client::connect(&server.url())
+        .await
+        .unwrap()
+        .describe_topic("t")
+        .await
+        .unwrap();
+    assert_eq!(info.partitions[0].end_offset, 5, "stored once");
+    server.stop().await.unwrap();
+}
