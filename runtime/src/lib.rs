@@ -12,6 +12,7 @@ pub mod client;
 pub mod durability;
 pub mod grpc;
 pub mod log;
+pub mod plugin;
 pub mod record;
 pub mod server;
 

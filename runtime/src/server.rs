@@ -13,6 +13,7 @@ use crate::broker::{Broker, BrokerConfig, BrokerError};
 use crate::durability::{Durability, FsyncPolicy};
 use crate::grpc::WeirService;
 use crate::log::{LogError, LogStore, SledStore};
+use crate::plugin::PluginManager;
 
 /// Everything `weir serve` needs, validated by the binary before [`run`] is called.
 #[derive(Clone, Debug)]
@@ -27,6 +28,8 @@ pub struct ServerConfig {
     pub broker: BrokerConfig,
     /// sled cache in bytes.
     pub cache_bytes: u64,
+    /// Largest plugin wasm accepted at deploy.
+    pub max_wasm_bytes: usize,
 }
 
 impl ServerConfig {
@@ -38,6 +41,7 @@ impl ServerConfig {
             fsync: FsyncPolicy::Always,
             broker: BrokerConfig::default(),
             cache_bytes: 512 * 1024 * 1024,
+            max_wasm_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -51,6 +55,9 @@ pub enum ServerError {
     /// The broker could not rebuild its state.
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// The deployed plugins could not be restarted.
+    #[error("plugins: {0}")]
+    Plugins(#[from] crate::plugin::ManagerError),
     /// Binding the listen address failed.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -72,6 +79,8 @@ pub struct RunningServer {
     pub shutdown: CancellationToken,
     /// The broker, for in-process callers (tests, benchmarks).
     pub broker: Arc<Broker>,
+    /// The plugins, for in-process callers.
+    pub plugins: Arc<PluginManager>,
     handle: tokio::task::JoinHandle<Result<(), ServerError>>,
 }
 
@@ -117,7 +126,7 @@ pub async fn start(
         config.fsync,
         config.broker.clone(),
     );
-    let (broker, durability, syncer) =
+    let (broker, durability, syncer, store) =
         tokio::task::spawn_blocking(move || -> Result<_, ServerError> {
             let options = crate::log::sled_store::SledOptions {
                 cache_bytes,
@@ -127,16 +136,24 @@ pub async fn start(
             };
             let store: Arc<dyn LogStore> = Arc::new(SledStore::open(&data_dir, &options)?);
             let (durability, syncer) = Durability::start(store.clone(), fsync);
-            let broker = Broker::open(store, durability.clone(), broker_config)?;
-            Ok((broker, durability, syncer))
+            let broker = Broker::open(store.clone(), durability.clone(), broker_config)?;
+            Ok((broker, durability, syncer, store))
         })
         .await
         .expect("store open task")?;
     tracing::info!(message = "weir is serving.", %addr, data_dir = %config.data_dir.display(), fsync = %config.fsync, topics = broker.list_topics().len());
+    let plugins = PluginManager::open(
+        &config.data_dir,
+        broker.clone(),
+        store,
+        config.max_wasm_bytes,
+    )
+    .await?;
     let tracker = TaskTracker::new();
     tracker.spawn(retention_loop(broker.clone(), shutdown.clone()));
     let service = WeirService::new(broker.clone(), shutdown.clone());
     let serve_shutdown = shutdown.clone();
+    let serve_plugins = plugins.clone();
     let handle = tokio::spawn(async move {
         // Nagle must be off on every accepted socket (tonic's builder flag does not reach a
         // listener we bound ourselves): with it, small acks wait ~40 ms for delayed ACKs.
@@ -148,6 +165,7 @@ pub async fn start(
             .await;
         tracker.close();
         tracker.wait().await;
+        serve_plugins.shutdown().await;
         // Everything acknowledged is synced already under `always`; sync the rest (interval,
         // never, metadata) before exiting.
         durability.stop();
@@ -162,6 +180,7 @@ pub async fn start(
         addr,
         shutdown,
         broker,
+        plugins,
         handle,
     })
 }

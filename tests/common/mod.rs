@@ -151,3 +151,30 @@ pub fn weir_cli(server: &str, args: &[&str], stdin: &str) -> (bool, String, Stri
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// The compiled wasm of an example plugin. `cargo xtask test` builds them first; a missing
+/// artifact is a failure that says so, never a skipped test.
+pub fn plugin_wasm(name: &str) -> bytes::Bytes {
+    let dir = std::env::var("WEIR_PLUGIN_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/plugin")
+        });
+    let path = dir.join(format!("{}.wasm", name.replace('-', "_")));
+    match std::fs::read(&path) {
+        Ok(bytes) => bytes.into(),
+        Err(e) => panic!(
+            "plugin artifact {} is missing ({e}); run `cargo xtask test`, which builds the plugins for wasm32-wasip2 before the tests",
+            path.display()
+        ),
+    }
+}
+
+/// Polls `check` every 20 ms until it is true; fails after `secs` seconds with `what`.
+pub async fn eventually(secs: u64, what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

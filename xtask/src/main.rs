@@ -66,14 +66,51 @@ fn ensure_wasm_target() -> Result<()> {
     }
 }
 
+/// Builds every crate under `plugins/` for wasm32-wasip2 (profile `plugin`); returns the
+/// directory holding the `.wasm` files.
+fn build_plugins() -> Result<PathBuf> {
+    ensure_wasm_target()?;
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir("plugins")? {
+        let path = entry?.path();
+        if path.join("Cargo.toml").exists() {
+            names.push(
+                path.file_name()
+                    .expect("dir name")
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+    }
+    names.sort();
+    let mut cmd = cargo();
+    cmd.args(["build", "--target", WASM_TARGET, "--profile", "plugin"]);
+    for name in &names {
+        cmd.args(["-p", name]);
+    }
+    run(&mut cmd)?;
+    let dir = std::env::current_dir()?
+        .join("target")
+        .join(WASM_TARGET)
+        .join("plugin");
+    for name in &names {
+        let wasm = dir.join(format!("{}.wasm", name.replace('-', "_")));
+        if !wasm.exists() {
+            bail!("building plugin {name} produced no {}", wasm.display());
+        }
+    }
+    Ok(dir)
+}
+
 /// The one test command: set-up, then every test of the workspace. Ends with one summary
 /// line (`weir: N passed, N failed`) counted over every test binary cargo ran.
 fn test(extra: &[String]) -> Result<()> {
-    ensure_wasm_target()?;
     let started = Instant::now();
+    let plugin_dir = build_plugins()?;
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--no-fail-fast"])
         .args(extra)
+        .env("WEIR_PLUGIN_DIR", &plugin_dir)
         .stdout(Stdio::piped());
     eprintln!("+ {cmd:?}");
     let mut child = cmd.spawn().context("running cargo test")?;

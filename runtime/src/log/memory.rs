@@ -27,6 +27,7 @@ struct Inner {
     parts: HashMap<TopicPartition, Part>,
     producers: BTreeMap<u64, u32>,
     groups: BTreeMap<Vec<u8>, u64>,
+    kvs: HashMap<String, BTreeMap<Vec<u8>, Bytes>>,
 }
 
 #[derive(Clone, Default)]
@@ -182,6 +183,43 @@ impl LogStore for MemoryStore {
                 .map_while(|(k, v)| keys.partition(k).map(|p| (p, *v)))
                 .collect()
         }))
+    }
+
+    fn kv_get(&self, namespace: &str, key: &[u8]) -> Result<Option<Bytes>, LogError> {
+        Ok(self.with(|s| s.kvs.get(namespace).and_then(|kv| kv.get(key).cloned())))
+    }
+
+    fn kv_scan(&self, namespace: &str, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>, LogError> {
+        Ok(self.with(|s| {
+            s.kvs.get(namespace).map_or_else(Vec::new, |kv| {
+                kv.range(prefix.to_vec()..)
+                    .take_while(|(k, _)| k.starts_with(prefix))
+                    .map(|(k, v)| (Bytes::copy_from_slice(k), v.clone()))
+                    .collect()
+            })
+        }))
+    }
+
+    fn kv_apply(
+        &self,
+        namespace: &str,
+        writes: &[(Vec<u8>, Option<Vec<u8>>)],
+    ) -> Result<(), LogError> {
+        self.with(|s| {
+            let kv = s.kvs.entry(namespace.to_string()).or_default();
+            for (key, value) in writes {
+                match value {
+                    Some(v) => kv.insert(key.clone(), Bytes::copy_from_slice(v)),
+                    None => kv.remove(key),
+                };
+            }
+        });
+        Ok(())
+    }
+
+    fn kv_drop(&self, namespace: &str) -> Result<(), LogError> {
+        self.with(|s| s.kvs.remove(namespace));
+        Ok(())
     }
 
     fn sync(&self) -> Result<(), LogError> {

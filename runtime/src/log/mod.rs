@@ -139,6 +139,19 @@ pub trait LogStore: Send + Sync + 'static {
     fn group_offsets(&self, group: &str, topic: &str) -> Result<Vec<(u32, u64)>, LogError>;
     /// Makes every write that returned before this call durable (survives power loss).
     fn sync(&self) -> Result<(), LogError>;
+
+    /// A value of a key-value namespace (plugin registry, a plugin's state and offsets).
+    fn kv_get(&self, namespace: &str, key: &[u8]) -> Result<Option<Bytes>, LogError>;
+    /// Entries of a namespace whose keys start with `prefix`, in key order.
+    fn kv_scan(&self, namespace: &str, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>, LogError>;
+    /// Writes (`Some`) and deletes (`None`) keys of a namespace, atomically.
+    fn kv_apply(
+        &self,
+        namespace: &str,
+        writes: &[(Vec<u8>, Option<Vec<u8>>)],
+    ) -> Result<(), LogError>;
+    /// Removes a namespace and everything in it.
+    fn kv_drop(&self, namespace: &str) -> Result<(), LogError>;
 }
 
 /// Keys of stored group offsets: topic \0 group \0 partition (u32 BE), so that both "all

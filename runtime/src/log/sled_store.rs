@@ -66,6 +66,8 @@ pub struct SledStore {
     data_file: File,
     /// Partition trees, opened once: `Db::open_tree` takes a lock and allocates a name.
     parts: RwLock<HashMap<TopicPartition, sled::Tree>>,
+    /// Key-value namespace trees (`kv/<namespace>`), opened once.
+    kvs: RwLock<HashMap<String, sled::Tree>>,
 }
 
 impl SledStore {
@@ -166,6 +168,7 @@ impl SledStore {
             groups,
             data_file,
             parts: RwLock::new(HashMap::new()),
+            kvs: RwLock::new(HashMap::new()),
         };
         store.sync()?;
         // sled never syncs its `conf` nor the directory entries: a new store could vanish on
@@ -185,6 +188,18 @@ impl SledStore {
 
     fn tree_name(tp: &TopicPartition) -> String {
         format!("part/{}/{}", tp.topic, tp.partition)
+    }
+
+    fn kv(&self, namespace: &str) -> Result<sled::Tree, LogError> {
+        if let Some(tree) = self.kvs.read().expect("kv lock").get(namespace) {
+            return Ok(tree.clone());
+        }
+        let tree = self.db.open_tree(format!("kv/{namespace}"))?;
+        self.kvs
+            .write()
+            .expect("kv lock")
+            .insert(namespace.to_string(), tree.clone());
+        Ok(tree)
     }
 
     fn part(&self, tp: &TopicPartition) -> Result<sled::Tree, LogError> {
@@ -399,6 +414,41 @@ impl LogStore for SledStore {
             }
         }
         Ok(out)
+    }
+
+    fn kv_get(&self, namespace: &str, key: &[u8]) -> Result<Option<Bytes>, LogError> {
+        Ok(self.kv(namespace)?.get(key)?.map(Bytes::from_owner))
+    }
+
+    fn kv_scan(&self, namespace: &str, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>, LogError> {
+        let mut out = Vec::new();
+        for item in self.kv(namespace)?.scan_prefix(prefix) {
+            let (k, v) = item?;
+            out.push((Bytes::from_owner(k), Bytes::from_owner(v)));
+        }
+        Ok(out)
+    }
+
+    fn kv_apply(
+        &self,
+        namespace: &str,
+        writes: &[(Vec<u8>, Option<Vec<u8>>)],
+    ) -> Result<(), LogError> {
+        let mut batch = sled::Batch::default();
+        for (key, value) in writes {
+            match value {
+                Some(v) => batch.insert(key.as_slice(), v.as_slice()),
+                None => batch.remove(key.as_slice()),
+            }
+        }
+        self.kv(namespace)?.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn kv_drop(&self, namespace: &str) -> Result<(), LogError> {
+        self.kvs.write().expect("kv lock").remove(namespace);
+        self.db.drop_tree(format!("kv/{namespace}"))?;
+        Ok(())
     }
 
     fn sync(&self) -> Result<(), LogError> {

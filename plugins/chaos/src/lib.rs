@@ -1,0 +1,39 @@
+//! A plugin for testing isolation: the record value says what to do.
+//! `loop` spins forever, `bomb` allocates until the memory cap, `panic` panics, `fail`
+//! returns an error, `emit-undeclared` emits to a topic it was not deployed with; anything
+//! else is echoed to `chaos.out` and counted in state.
+
+use weir_sdk::{consumer, Context, Record, Result};
+
+/// Misbehaves as the record asks.
+#[consumer]
+pub fn chaos(record: &Record, ctx: &mut Context) -> Result<()> {
+    match record.value() {
+        b"loop" => {
+            let mut x: u64 = 0;
+            loop {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+        }
+        b"bomb" => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hoard.push(vec![1u8; 1 << 20]);
+                std::hint::black_box(&hoard);
+            }
+        }
+        b"panic" => panic!("poison record at offset {}", record.offset()),
+        b"fail" => Err("refusing this record".into()),
+        b"emit-undeclared" => {
+            ctx.emit("somewhere.else", None, "x");
+            Ok(())
+        }
+        value => {
+            let seen = ctx.get::<u64>("seen")?.unwrap_or(0) + 1;
+            ctx.put("seen", &seen)?;
+            println!("echo {}", String::from_utf8_lossy(value));
+            ctx.emit("chaos.out", record.key(), value.to_vec());
+            Ok(())
+        }
+    }
+}

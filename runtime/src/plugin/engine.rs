@@ -1,0 +1,167 @@
+//! One wasmtime `Engine` per process, the linker with the plugin world's imports, and
+//! compile-once: a component is compiled at deploy and its artifact cached on disk, keyed by
+//! the wasm's sha256 and the engine's compatibility hash, so a restart deserializes it in
+//! milliseconds instead of recompiling.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::Digest;
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use super::instance::{add_to_linker, ConsumerPre, HostState};
+use super::PluginError;
+
+/// Epoch ticker period: the granularity of per-batch CPU bounds.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// Largest linear memory any plugin may ask for.
+pub const MAX_PLUGIN_MEMORY: usize = 1 << 30;
+
+/// The process-wide engine and linker.
+pub struct PluginEngine {
+    engine: Engine,
+    linker: Linker<HostState>,
+    cache_dir: PathBuf,
+    stop: Arc<AtomicBool>,
+}
+
+/// A component compiled for this engine, ready to instantiate many times.
+#[derive(Clone)]
+pub struct CompiledPlugin {
+    engine: Engine,
+    pre: ConsumerPre<HostState>,
+    /// sha256 of the wasm, hex.
+    pub sha256: String,
+}
+
+impl CompiledPlugin {
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+    pub(crate) fn pre(&self) -> &ConsumerPre<HostState> {
+        &self.pre
+    }
+}
+
+/// sha256 of bytes, as hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+impl PluginEngine {
+    /// Builds the engine (component model, epoch interruption, pooling allocator) and starts
+    /// the epoch ticker. Compiled artifacts are cached in `cache_dir`.
+    ///
+    /// # Errors
+    /// [`PluginError::Engine`] if wasmtime cannot be configured.
+    pub fn new(cache_dir: &Path) -> Result<Arc<Self>, PluginError> {
+        let engine_err = |e: wasmtime::Error| PluginError::Engine(format!("{e:#}"));
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .concurrency_support(false);
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(256)
+            .total_core_instances(1024)
+            .total_memories(512)
+            .total_tables(512)
+            .max_memory_size(MAX_PLUGIN_MEMORY);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = match Engine::new(&config) {
+            Ok(engine) => engine,
+            Err(e) => {
+                tracing::warn!(message = "Pooling allocator unavailable; instantiating on demand.", error = %e);
+                config.allocation_strategy(InstanceAllocationStrategy::OnDemand);
+                Engine::new(&config).map_err(engine_err)?
+            }
+        };
+        let mut linker = Linker::new(&engine);
+        add_to_linker(&mut linker).map_err(engine_err)?;
+        std::fs::create_dir_all(cache_dir).map_err(|e| {
+            PluginError::Engine(format!("cannot create {}: {e}", cache_dir.display()))
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ticker_engine, ticker_stop) = (engine.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("weir-epoch".into())
+            .spawn(move || {
+                while !ticker_stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticker_engine.increment_epoch();
+                }
+            })
+            .map_err(|e| PluginError::Engine(format!("cannot start the epoch ticker: {e}")))?;
+        Ok(Arc::new(PluginEngine {
+            engine,
+            linker,
+            cache_dir: cache_dir.to_path_buf(),
+            stop,
+        }))
+    }
+
+    fn cache_path(&self, sha256: &str) -> PathBuf {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
+        self.cache_dir
+            .join(format!("{sha256}-{:016x}.cwasm", hasher.finish()))
+    }
+
+    /// Compiles `wasm` (or loads its cached artifact) and checks it implements the plugin world
+    /// with only imports weir provides.
+    ///
+    /// # Errors
+    /// [`PluginError::InvalidWasm`] for bytes that are not a component, [`PluginError::WrongWorld`]
+    /// for a component that does not match `weir:plugin/consumer`.
+    pub fn compile(&self, wasm: &[u8]) -> Result<CompiledPlugin, PluginError> {
+        let sha256 = sha256_hex(wasm);
+        let cached = self.cache_path(&sha256);
+        // SAFETY: the file was written by `Component::serialize` of this engine configuration
+        // (its name carries the engine's compatibility hash) into weir's own data directory.
+        let component = match unsafe { Component::deserialize_file(&self.engine, &cached) } {
+            Ok(component) => component,
+            Err(_) => {
+                let component = Component::new(&self.engine, wasm).map_err(|e| {
+                    let message = format!("{e:#}");
+                    if wasm.starts_with(b"\0asm\x01\0\0\0") {
+                        PluginError::InvalidWasm(format!("a core WebAssembly module, not a component ({message}); build the plugin for wasm32-wasip2"))
+                    } else {
+                        PluginError::InvalidWasm(message)
+                    }
+                })?;
+                if let Ok(bytes) = component.serialize() {
+                    let tmp = cached.with_extension("tmp");
+                    if std::fs::write(&tmp, bytes)
+                        .and_then(|_| std::fs::rename(&tmp, &cached))
+                        .is_err()
+                    {
+                        tracing::warn!(message = "Could not cache a compiled plugin.", path = %cached.display());
+                    }
+                }
+                component
+            }
+        };
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| PluginError::WrongWorld(format!("{e:#}")))?;
+        let pre = ConsumerPre::new(pre).map_err(|e| PluginError::WrongWorld(format!("{e:#}")))?;
+        Ok(CompiledPlugin {
+            engine: self.engine.clone(),
+            pre,
+            sha256,
+        })
+    }
+}
+
+impl Drop for PluginEngine {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,816 @@
+//! Runs a plugin: one task per input partition (fetch → skip seen ids → call the plugin off
+//! the async workers → commit atomically) and one forwarder per partition (outbox → output
+//! topics as an idempotent producer).
+//!
+//! The commit of a batch is a single atomic write to the plugin's namespace holding its state
+//! writes, its message ids, its outputs (outbox entry with producer sequences already
+//! assigned) and the next input offset. A crash leaves all of it or none; the forwarder then
+//! publishes the outbox with the same sequences, so the broker drops a re-forwarded batch.
+//! Partitions of one plugin share its state: the commit checks, under the plugin's commit
+//! lock, that the versions the batch read are unchanged and its ids still unseen, and re-runs
+//! the batch otherwise (optimistic concurrency).
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::dedup::{id_hash, DedupIndex};
+use super::instance::{LogLevel, PluginInstance, StateReader};
+use super::spec::{decode_state, encode_state, partition_key, state_key, OnError, PluginSpec};
+use super::{CompiledPlugin, PluginError};
+use crate::broker::{Broker, ProducerFields, Publish};
+use crate::log::LogStore;
+use crate::record::{partition_for_key, Record, StoredRecord};
+
+/// Batches an instance runs before it is replaced (wasmtime never frees instances a Store
+/// created, and a fresh one bounds any leak in the plugin).
+const RECYCLE_AFTER_BATCHES: u64 = 10_000;
+/// Lines kept in a plugin's log.
+const LOG_LINES: usize = 2_000;
+
+/// What an operator sees of a partition of a plugin.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PartitionStatus {
+    /// Next input offset to process.
+    pub committed: u64,
+    /// Records whose effects were committed.
+    pub processed: u64,
+    /// Records skipped as already processed (dedup).
+    pub skipped: u64,
+    /// Records sent to the dead-letter topic.
+    pub dead_lettered: u64,
+    /// `running`, `paused`, `retrying: …`, `halted: …`.
+    pub state: String,
+}
+
+/// A plugin's running state, shared by its tasks.
+pub(crate) struct PluginRuntime {
+    pub spec: PluginSpec,
+    compiled: CompiledPlugin,
+    store: Arc<dyn LogStore>,
+    broker: Arc<Broker>,
+    namespace: String,
+    commit_lock: Mutex<()>,
+    dedup: Mutex<DedupIndex>,
+    logs: Mutex<VecDeque<String>>,
+    pub status: Mutex<Vec<PartitionStatus>>,
+    outbox: Vec<Notify>,
+    pub paused: tokio::sync::watch::Sender<bool>,
+}
+
+/// The outcome of trying to commit a batch.
+enum Commit {
+    Done {
+        next: u64,
+        processed: u64,
+        skipped: u64,
+        dead_lettered: u64,
+    },
+    Conflict,
+}
+
+/// Stored per-partition cursor: next input offset and next commit sequence.
+fn encode_cursor(next: u64, seq: u64) -> Vec<u8> {
+    let mut v = next.to_be_bytes().to_vec();
+    v.extend_from_slice(&seq.to_be_bytes());
+    v
+}
+
+fn decode_cursor(b: &[u8]) -> Option<(u64, u64)> {
+    Some((
+        u64::from_be_bytes(b.get(..8)?.try_into().ok()?),
+        u64::from_be_bytes(b.get(8..16)?.try_into().ok()?),
+    ))
+}
+
+/// One output partition's share of a batch's outputs, with its producer sequence.
+struct Group {
+    topic: String,
+    partition: u32,
+    base_seq: u64,
+    records: Vec<Record>,
+}
+
+fn encode_groups(groups: &[Group]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(groups.len() as u32).to_le_bytes());
+    for g in groups {
+        out.extend_from_slice(&(g.topic.len() as u16).to_le_bytes());
+        out.extend_from_slice(g.topic.as_bytes());
+        out.extend_from_slice(&g.partition.to_le_bytes());
+        out.extend_from_slice(&g.base_seq.to_le_bytes());
+        let mut w = weir_codec::Writer::new();
+        for r in &g.records {
+            let headers: Vec<(&str, &[u8])> = r
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_ref()))
+                .collect();
+            w.push_out(&weir_codec::OutRecord {
+                topic: &g.topic,
+                key: r.key.as_deref(),
+                value: &r.value,
+                headers,
+            });
+        }
+        let blob = w.finish();
+        out.extend_from_slice(&(blob.len() as u32).to_le_bytes());
+        out.extend_from_slice(&blob);
+    }
+    out
+}
+
+fn decode_groups(b: &[u8]) -> Option<Vec<Group>> {
+    let mut pos = 0;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let s = b.get(pos..pos + n)?;
+        pos += n;
+        Some(s)
+    };
+    let n = u32::from_le_bytes(take(4)?.try_into().ok()?);
+    let mut groups = Vec::new();
+    for _ in 0..n {
+        let tl = u16::from_le_bytes(take(2)?.try_into().ok()?) as usize;
+        let topic = std::str::from_utf8(take(tl)?).ok()?.to_string();
+        let partition = u32::from_le_bytes(take(4)?.try_into().ok()?);
+        let base_seq = u64::from_le_bytes(take(8)?.try_into().ok()?);
+        let bl = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+        let blob = take(bl)?;
+        let records = weir_codec::decode_outputs(blob)
+            .ok()?
+            .into_iter()
+            .map(|o| Record {
+                key: o.key.map(Bytes::copy_from_slice),
+                value: Bytes::copy_from_slice(o.value),
+                headers: o
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), Bytes::copy_from_slice(v)))
+                    .collect(),
+                timestamp_ms: 0,
+                id: None,
+            })
+            .collect();
+        groups.push(Group {
+            topic,
+            partition,
+            base_seq,
+            records,
+        });
+    }
+    Some(groups)
+}
+
+impl PluginRuntime {
+    /// Loads the plugin's dedup index and starts from the stored cursors.
+    pub(crate) fn new(
+        spec: PluginSpec,
+        compiled: CompiledPlugin,
+        store: Arc<dyn LogStore>,
+        broker: Arc<Broker>,
+    ) -> Result<Arc<Self>, crate::log::LogError> {
+        let namespace = spec.namespace();
+        let mut dedup = DedupIndex::default();
+        for (key, value) in store.kv_scan(&namespace, b"d/")? {
+            if let Some((newest, ids)) = DedupIndex::decode(&value) {
+                dedup.insert(key.to_vec(), newest, ids);
+            }
+        }
+        let partitions = spec.producer_ids.len();
+        let mut status = vec![PartitionStatus::default(); partitions];
+        for (p, s) in status.iter_mut().enumerate() {
+            s.committed = store
+                .kv_get(&namespace, &partition_key(b'c', p as u32, b""))?
+                .and_then(|v| decode_cursor(&v))
+                .map_or(0, |c| c.0);
+            s.state = if spec.paused {
+                "paused".into()
+            } else {
+                "running".into()
+            };
+        }
+        let paused = tokio::sync::watch::channel(spec.paused).0;
+        Ok(Arc::new(PluginRuntime {
+            compiled,
+            store,
+            broker,
+            namespace,
+            commit_lock: Mutex::new(()),
+            dedup: Mutex::new(dedup),
+            logs: Mutex::new(VecDeque::new()),
+            status: Mutex::new(status),
+            outbox: (0..partitions).map(|_| Notify::new()).collect(),
+            paused,
+            spec,
+        }))
+    }
+
+    /// Appends a line to the plugin's bounded log.
+    pub(crate) fn log(&self, line: String) {
+        let mut logs = self.logs.lock().expect("logs lock");
+        if logs.len() >= LOG_LINES {
+            logs.pop_front();
+        }
+        logs.push_back(line);
+    }
+
+    /// The plugin's log lines, oldest first.
+    pub(crate) fn log_lines(&self) -> Vec<String> {
+        self.logs
+            .lock()
+            .expect("logs lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn set_state(&self, partition: u32, state: impl Into<String>) {
+        self.status.lock().expect("status lock")[partition as usize].state = state.into();
+    }
+
+    fn reader(&self) -> StateReader {
+        let (store, ns) = (self.store.clone(), self.namespace.clone());
+        Arc::new(move |key: &[u8]| {
+            store
+                .kv_get(&ns, &state_key(key))
+                .ok()
+                .flatten()
+                .and_then(|v| decode_state(&v))
+        })
+    }
+
+    fn cursor(&self, partition: u32) -> (u64, u64) {
+        self.store
+            .kv_get(&self.namespace, &partition_key(b'c', partition, b""))
+            .ok()
+            .flatten()
+            .and_then(|v| decode_cursor(&v))
+            .unwrap_or((0, 0))
+    }
+
+    /// Runs one partition until cancelled or halted.
+    pub(crate) async fn run_partition(self: Arc<Self>, partition: u32, cancel: CancellationToken) {
+        let input = self.spec.input.clone();
+        let mut watch = match self.broker.watch(&input, partition) {
+            Ok(w) => w,
+            Err(e) => return self.set_state(partition, format!("halted: {e}")),
+        };
+        let mut paused = self.paused.subscribe();
+        let mut instance: Option<PluginInstance> = None;
+        loop {
+            if *paused.borrow_and_update() {
+                self.set_state(partition, "paused");
+                tokio::select! {
+                    _ = paused.changed() => continue,
+                    _ = cancel.cancelled() => return,
+                }
+            }
+            let offset = self.cursor(partition).0;
+            watch.borrow_and_update();
+            let records = match self
+                .broker
+                .read(&input, partition, offset, self.spec.max_batch)
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => return self.set_state(partition, format!("halted: reading input: {e}")),
+            };
+            if records.is_empty() {
+                tokio::select! {
+                    changed = watch.changed() => if changed.is_err() { return self.set_state(partition, "halted: input topic deleted") },
+                    _ = paused.changed() => {}
+                    _ = cancel.cancelled() => return,
+                }
+                continue;
+            }
+            match self
+                .run_batch(partition, &records, &mut instance, &cancel)
+                .await
+            {
+                Ok(()) => self.set_state(partition, "running"),
+                Err(halt) => {
+                    self.log(format!("partition {partition} halted: {halt}"));
+                    tracing::warn!(message = "Plugin halted.", plugin = %self.spec.name, partition, reason = %halt);
+                    self.set_state(partition, format!("halted: {halt}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Processes records with retries; on persistent failure applies the error policy, one
+    /// record at a time so only the failing record is dead-lettered. `Err` means halt.
+    async fn run_batch(
+        self: &Arc<Self>,
+        partition: u32,
+        records: &[StoredRecord],
+        instance: &mut Option<PluginInstance>,
+        cancel: &CancellationToken,
+    ) -> Result<(), String> {
+        match self.attempts(partition, records, instance, cancel).await {
+            Ok(()) => return Ok(()),
+            Err(e) if records.len() == 1 || cancel.is_cancelled() => {
+                return self.give_up(partition, &records[0], e).await
+            }
+            Err(_) => {}
+        }
+        // Isolate the failing record(s): commit the good ones one by one.
+        for r in records {
+            if let Err(e) = self
+                .attempts(partition, std::slice::from_ref(r), instance, cancel)
+                .await
+            {
+                self.give_up(partition, r, e).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn attempts(
+        self: &Arc<Self>,
+        partition: u32,
+        records: &[StoredRecord],
+        instance: &mut Option<PluginInstance>,
+        cancel: &CancellationToken,
+    ) -> Result<(), PluginError> {
+        let mut backoff = Duration::from_millis(50);
+        let mut attempt = 1;
+        loop {
+            match self.process_and_commit(partition, records, instance).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < self.spec.max_attempts.max(1) && !cancel.is_cancelled() => {
+                    self.log(format!(
+                        "partition {partition} offsets {}..={}: attempt {attempt} failed: {e}",
+                        records[0].offset,
+                        records[records.len() - 1].offset
+                    ));
+                    self.set_state(partition, format!("retrying: {e}"));
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = cancel.cancelled() => return Err(e),
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn give_up(
+        self: &Arc<Self>,
+        partition: u32,
+        record: &StoredRecord,
+        error: PluginError,
+    ) -> Result<(), String> {
+        match self.spec.on_error {
+            OnError::Halt => Err(format!(
+                "record at offset {} failed {} time(s): {error}",
+                record.offset, self.spec.max_attempts
+            )),
+            OnError::Dlq => {
+                self.log(format!(
+                    "partition {partition} offset {}: sent to {} after {} attempts: {error}",
+                    record.offset,
+                    self.spec.dlq_topic(),
+                    self.spec.max_attempts
+                ));
+                let this = self.clone();
+                let (record, error) = (record.clone(), error.to_string());
+                let done = tokio::task::spawn_blocking(move || {
+                    this.commit_dead_letter(partition, &record, &error)
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+                self.after_commit(partition, done)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// One attempt: skip seen ids, run the plugin, commit; re-runs on a commit conflict.
+    async fn process_and_commit(
+        self: &Arc<Self>,
+        partition: u32,
+        records: &[StoredRecord],
+        instance: &mut Option<PluginInstance>,
+    ) -> Result<(), PluginError> {
+        loop {
+            let this = self.clone();
+            let batch = records.to_vec();
+            let taken = instance.take();
+            let (result, back) =
+                tokio::task::spawn_blocking(move || this.run_and_commit(partition, &batch, taken))
+                    .await
+                    .map_err(|e| PluginError::Engine(format!("executor task failed: {e}")))?;
+            *instance = back;
+            match result? {
+                Commit::Conflict => continue,
+                done => {
+                    return self
+                        .after_commit(partition, done)
+                        .await
+                        .map_err(|e| PluginError::Engine(e.to_string()))
+                }
+            }
+        }
+    }
+
+    async fn after_commit(
+        &self,
+        partition: u32,
+        done: Commit,
+    ) -> Result<(), crate::durability::SyncFailed> {
+        let ticket = self.broker.durability().written();
+        self.broker.durability().durable(ticket).await?;
+        if let Commit::Done {
+            next,
+            processed,
+            skipped,
+            dead_lettered,
+        } = done
+        {
+            let mut status = self.status.lock().expect("status lock");
+            let s = &mut status[partition as usize];
+            s.committed = next;
+            s.processed += processed;
+            s.skipped += skipped;
+            s.dead_lettered += dead_lettered;
+        }
+        self.outbox[partition as usize].notify_one();
+        Ok(())
+    }
+
+    /// Blocking: run the plugin on the unseen records and commit. Returns the instance to keep
+    /// (none after a failure: a trapped instance is not reused).
+    fn run_and_commit(
+        &self,
+        partition: u32,
+        records: &[StoredRecord],
+        instance: Option<PluginInstance>,
+    ) -> (Result<Commit, PluginError>, Option<PluginInstance>) {
+        let mut seen_in_batch = HashSet::new();
+        let fresh: Vec<&StoredRecord> = {
+            let dedup = self.dedup.lock().expect("dedup lock");
+            records
+                .iter()
+                .filter(|r| {
+                    r.record.id.as_deref().is_none_or(|id| {
+                        !dedup.contains(id_hash(id)) && seen_in_batch.insert(id_hash(id))
+                    })
+                })
+                .collect()
+        };
+        let skipped = (records.len() - fresh.len()) as u64;
+        let next = records.last().map_or(0, |r| r.offset + 1);
+        if fresh.is_empty() {
+            return (
+                self.commit(partition, next, &[], Default::default(), skipped, None),
+                instance,
+            );
+        }
+        let mut w = weir_codec::Writer::new();
+        for r in &fresh {
+            let headers: Vec<(&str, &[u8])> = r
+                .record
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_ref()))
+                .collect();
+            w.push_in(&weir_codec::InRecord {
+                offset: r.offset,
+                timestamp_ms: r.record.timestamp_ms,
+                partition,
+                key: r.record.key.as_deref(),
+                value: &r.record.value,
+                id: r.record.id.as_deref(),
+                headers,
+            });
+        }
+        let blob = w.finish();
+        let mut instance = match instance {
+            Some(i) if i.batches < RECYCLE_AFTER_BATCHES && !i.output_nearly_full() => i,
+            _ => match PluginInstance::new(
+                &self.compiled,
+                self.spec.limits,
+                &self.spec.config,
+                self.reader(),
+            ) {
+                Ok(i) => i,
+                Err(e) => return (Err(e), None),
+            },
+        };
+        let result = instance.process(&blob);
+        self.collect_output(&mut instance);
+        match result {
+            Ok(effects) => {
+                let commit = self.commit(partition, next, &fresh, effects, skipped, None);
+                let keep = commit.is_ok().then_some(instance);
+                (commit, keep)
+            }
+            Err(e) => (Err(self.with_limits(e)), None),
+        }
+    }
+
+    fn with_limits(&self, e: PluginError) -> PluginError {
+        match e {
+            PluginError::Timeout { .. } => PluginError::Timeout {
+                limit_ms: self.spec.limits.timeout.as_millis() as u64,
+            },
+            PluginError::MemoryLimit { .. } => PluginError::MemoryLimit {
+                limit_bytes: self.spec.limits.memory_bytes,
+            },
+            other => other,
+        }
+    }
+
+    fn collect_output(&self, instance: &mut PluginInstance) {
+        for line in instance.take_output().lines().filter(|l| !l.is_empty()) {
+            self.log(format!("[stdout] {line}"));
+        }
+        for (level, message) in instance.take_logs() {
+            let level = match level {
+                LogLevel::Debug => "debug",
+                LogLevel::Info => "info",
+                LogLevel::Warn => "warn",
+                LogLevel::Error => "error",
+            };
+            self.log(format!("[{level}] {message}"));
+        }
+    }
+
+    fn commit_dead_letter(
+        &self,
+        partition: u32,
+        record: &StoredRecord,
+        error: &str,
+    ) -> Result<Commit, PluginError> {
+        let mut headers = record.record.headers.clone();
+        headers.push(("weir-error".into(), Bytes::from(error.to_string())));
+        headers.push((
+            "weir-source".into(),
+            Bytes::from(format!(
+                "{}/{}@{}",
+                self.spec.input, partition, record.offset
+            )),
+        ));
+        let dead = Record {
+            headers,
+            timestamp_ms: 0,
+            ..record.record.clone()
+        };
+        loop {
+            match self.commit(
+                partition,
+                record.offset + 1,
+                &[record],
+                Default::default(),
+                0,
+                Some(dead.clone()),
+            )? {
+                Commit::Conflict => continue,
+                done => return Ok(done),
+            }
+        }
+    }
+
+    /// Validates and writes a batch's effects atomically under the plugin's commit lock.
+    fn commit(
+        &self,
+        partition: u32,
+        next: u64,
+        processed: &[&StoredRecord],
+        effects: super::instance::BatchEffects,
+        skipped: u64,
+        dead_letter: Option<Record>,
+    ) -> Result<Commit, PluginError> {
+        let mut outputs: Vec<(String, Record)> = Vec::new();
+        if !effects.outputs.is_empty() {
+            let decoded = weir_codec::decode_outputs(&effects.outputs)
+                .map_err(|e| PluginError::BadOutput(e.to_string()))?;
+            for o in decoded {
+                if !self.spec.outputs.iter().any(|t| t == o.topic) {
+                    return Err(PluginError::BadOutput(format!(
+                        "emitted to {:?}, which is not one of its output topics {:?} (deploy with --output {})",
+                        o.topic, self.spec.outputs, o.topic
+                    )));
+                }
+                let record = Record {
+                    key: o.key.map(Bytes::copy_from_slice),
+                    value: Bytes::copy_from_slice(o.value),
+                    headers: o
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), Bytes::copy_from_slice(v)))
+                        .collect(),
+                    timestamp_ms: 0,
+                    id: None,
+                };
+                outputs.push((o.topic.to_string(), record));
+            }
+        }
+        let dead_lettered = u64::from(dead_letter.is_some());
+        if let Some(dead) = dead_letter {
+            outputs.push((self.spec.dlq_topic(), dead));
+        }
+        let ids: Vec<u64> = processed
+            .iter()
+            .filter_map(|r| r.record.id.as_deref())
+            .map(id_hash)
+            .collect();
+        let newest_ms = processed
+            .iter()
+            .map(|r| r.record.timestamp_ms)
+            .max()
+            .unwrap_or(0);
+
+        let _guard = self.commit_lock.lock().expect("commit lock");
+        // Optimistic check: nothing this batch read changed, none of its ids was processed by
+        // another partition meanwhile.
+        for (key, version) in &effects.reads {
+            let current = self
+                .store
+                .kv_get(&self.namespace, &state_key(key))
+                .map_err(storage)?
+                .and_then(|v| decode_state(&v))
+                .map_or(0, |(_, v)| v);
+            if current != *version {
+                return Ok(Commit::Conflict);
+            }
+        }
+        if ids
+            .iter()
+            .any(|id| self.dedup.lock().expect("dedup lock").contains(*id))
+        {
+            return Ok(Commit::Conflict);
+        }
+        let (_, seq) = self.cursor(partition);
+        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        for (key, value) in &effects.writes {
+            writes.push((
+                state_key(key),
+                value.as_ref().map(|(v, version)| encode_state(v, *version)),
+            ));
+        }
+        if !ids.is_empty() {
+            writes.push((
+                partition_key(b'd', partition, &seq.to_be_bytes()),
+                Some(DedupIndex::encode(newest_ms, &ids)),
+            ));
+        }
+        if !outputs.is_empty() {
+            let groups = self
+                .assign_sequences(partition, outputs, &mut writes)
+                .map_err(|e| PluginError::BadOutput(e.to_string()))?;
+            writes.push((
+                partition_key(b'o', partition, &seq.to_be_bytes()),
+                Some(encode_groups(&groups)),
+            ));
+        }
+        writes.push((
+            partition_key(b'c', partition, b""),
+            Some(encode_cursor(next, seq + 1)),
+        ));
+        self.store
+            .kv_apply(&self.namespace, &writes)
+            .map_err(storage)?;
+        let mut dedup = self.dedup.lock().expect("dedup lock");
+        if !ids.is_empty() {
+            dedup.insert(
+                partition_key(b'd', partition, &seq.to_be_bytes()),
+                newest_ms,
+                ids,
+            );
+        }
+        let expired = dedup.expire(&self.spec.dedup, newest_ms);
+        drop(dedup);
+        if !expired.is_empty() {
+            let deletes: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+                expired.into_iter().map(|k| (k, None)).collect();
+            self.store
+                .kv_apply(&self.namespace, &deletes)
+                .map_err(storage)?;
+        }
+        Ok(Commit::Done {
+            next,
+            processed: processed.len() as u64 - dead_lettered,
+            skipped,
+            dead_lettered,
+        })
+    }
+
+    /// Routes outputs to output partitions (key hash; keyless follow the input partition) and
+    /// gives each output partition's group its next producer sequence.
+    fn assign_sequences(
+        &self,
+        partition: u32,
+        outputs: Vec<(String, Record)>,
+        writes: &mut Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    ) -> Result<Vec<Group>, crate::broker::BrokerError> {
+        let mut by_target: BTreeMap<(String, u32), Vec<Record>> = BTreeMap::new();
+        let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+        for (topic, record) in outputs {
+            let n = match counts.get(&topic) {
+                Some(n) => *n,
+                None => {
+                    let n = self.broker.describe_topic(&topic)?.config.partitions;
+                    counts.insert(topic.clone(), n);
+                    n
+                }
+            };
+            let p = record
+                .key
+                .as_deref()
+                .map_or(partition % n, |k| partition_for_key(k, n));
+            by_target.entry((topic, p)).or_default().push(record);
+        }
+        let mut groups = Vec::new();
+        for ((topic, p), records) in by_target {
+            let mut suffix = topic.as_bytes().to_vec();
+            suffix.push(0);
+            suffix.extend_from_slice(&p.to_be_bytes());
+            let key = partition_key(b'q', partition, &suffix);
+            let base_seq = self
+                .store
+                .kv_get(&self.namespace, &key)?
+                .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+                .unwrap_or(0);
+            writes.push((
+                key,
+                Some((base_seq + records.len() as u64).to_be_bytes().to_vec()),
+            ));
+            groups.push(Group {
+                topic,
+                partition: p,
+                base_seq,
+                records,
+            });
+        }
+        Ok(groups)
+    }
+
+    /// Publishes the partition's outbox entries in order, as the partition's idempotent
+    /// producer, and deletes each once acknowledged.
+    pub(crate) async fn run_forwarder(self: Arc<Self>, partition: u32, cancel: CancellationToken) {
+        let prefix = partition_key(b'o', partition, b"");
+        let producer_id = self.spec.producer_ids[partition as usize];
+        loop {
+            let entries = self
+                .store
+                .kv_scan(&self.namespace, &prefix)
+                .unwrap_or_default();
+            for (key, value) in entries {
+                let Some(groups) = decode_groups(&value) else {
+                    self.log(format!(
+                        "partition {partition}: unreadable outbox entry skipped"
+                    ));
+                    continue;
+                };
+                for g in groups {
+                    let publish = Publish {
+                        topic: g.topic.clone(),
+                        partition: Some(g.partition),
+                        records: g.records,
+                        producer: Some(ProducerFields {
+                            producer_id,
+                            epoch: 0,
+                            base_sequence: g.base_seq,
+                        }),
+                    };
+                    let mut backoff = Duration::from_millis(100);
+                    loop {
+                        match self.broker.publish(publish.clone()).await {
+                            Ok(_) => break,
+                            Err(e) => {
+                                self.log(format!("partition {partition}: forwarding to {} failed, will retry: {e}", g.topic));
+                                tokio::select! {
+                                    _ = tokio::time::sleep(backoff) => {}
+                                    _ = cancel.cancelled() => return,
+                                }
+                                backoff = (backoff * 2).min(Duration::from_secs(5));
+                            }
+                        }
+                    }
+                }
+                let _ = self
+                    .store
+                    .kv_apply(&self.namespace, &[(key.to_vec(), None)]);
+            }
+            tokio::select! {
+                _ = self.outbox[partition as usize].notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
+    }
+}
+
+fn storage(e: impl std::fmt::Display) -> PluginError {
+    PluginError::Engine(format!("storage: {e}"))
+}

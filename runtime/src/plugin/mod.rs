@@ -1,0 +1,98 @@
+//! WebAssembly consumer plugins: the engine and compile cache ([`engine`]), instances with
+//! their limits and host imports ([`instance`]).
+
+pub mod dedup;
+pub mod engine;
+pub(crate) mod executor;
+pub mod instance;
+pub mod manager;
+pub mod spec;
+
+pub use engine::{CompiledPlugin, PluginEngine};
+pub use executor::PartitionStatus;
+pub use instance::Limits;
+pub use manager::{DeployRequest, ManagerError, PluginInfo, PluginManager};
+pub use spec::{OnError, PluginSpec, StartFrom};
+
+/// Why a plugin could not be deployed or a batch failed. Messages are for the operator.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PluginError {
+    /// The bytes are not a valid WebAssembly component.
+    #[error("invalid plugin wasm: {0}")]
+    InvalidWasm(String),
+    /// The component does not implement the `weir:plugin/consumer` world, or imports
+    /// something weir does not provide.
+    #[error("the component does not implement weir:plugin/consumer@0.1.0: {0}")]
+    WrongWorld(String),
+    /// The wasm is larger than allowed.
+    #[error("plugin wasm is {size} bytes; the limit is {max}")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The batch ran past its CPU bound.
+    #[error("batch exceeded its time limit of {limit_ms} ms (is the plugin looping?)")]
+    Timeout {
+        /// The bound in ms.
+        limit_ms: u64,
+    },
+    /// The plugin tried to grow its memory past the cap.
+    #[error("plugin exceeded its memory limit of {limit_bytes} bytes")]
+    MemoryLimit {
+        /// The cap.
+        limit_bytes: usize,
+    },
+    /// The plugin trapped (a panic, an unreachable, an out-of-bounds access).
+    #[error("plugin trapped: {message}{}", if .output.is_empty() { String::new() } else { format!("; plugin output: {}", .output.trim_end()) })]
+    Trap {
+        /// wasmtime's description.
+        message: String,
+        /// What the plugin printed before it trapped (its panic message).
+        output: String,
+    },
+    /// The plugin returned an error for the batch.
+    #[error("plugin failed: {0}")]
+    Failed(String),
+    /// `init` returned an error.
+    #[error("plugin init failed: {0}")]
+    InitFailed(String),
+    /// The plugin emitted something it may not (undeclared topic, malformed blob).
+    #[error("plugin output refused: {0}")]
+    BadOutput(String),
+    /// The engine could not be set up.
+    #[error("wasm engine: {0}")]
+    Engine(String),
+}
+
+impl PluginError {
+    pub(crate) fn from_trap(e: wasmtime::Error, output: &str) -> Self {
+        let message = format!("{e:#}");
+        match e.downcast_ref::<wasmtime::Trap>() {
+            Some(wasmtime::Trap::Interrupt) => PluginError::Timeout { limit_ms: 0 },
+            _ if message.contains("forcing trap when growing memory")
+                || message.contains("memory size") =>
+            {
+                PluginError::MemoryLimit { limit_bytes: 0 }
+            }
+            _ => PluginError::Trap {
+                message,
+                output: output.to_string(),
+            },
+        }
+    }
+
+    /// The offset of the record a plugin error names (`offset=N: ...`, set by the SDKs).
+    pub fn failing_offset(&self) -> Option<u64> {
+        let PluginError::Failed(message) = self else {
+            return None;
+        };
+        message
+            .strip_prefix("offset=")?
+            .split(':')
+            .next()?
+            .parse()
+            .ok()
+    }
+}

@@ -1,0 +1,518 @@
+//! Plugins end to end on an in-process server with the real compiled components: behaviour,
+//! dedup, outputs forwarded exactly once, isolation of misbehaving plugins, deploy errors,
+//! upgrade.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use weir_runtime::broker::{Publish, StartAt};
+use weir_runtime::plugin::{DeployRequest, Limits, ManagerError, OnError, PluginError, StartFrom};
+use weir_runtime::server::RunningServer;
+use weir_runtime::{Record, TopicConfig};
+
+fn topic(name: &str, partitions: u32) -> TopicConfig {
+    TopicConfig {
+        name: name.into(),
+        partitions,
+        retention_ms: 0,
+        retention_bytes: 0,
+    }
+}
+
+fn deploy(name: &str, wasm: &str, input: &str, outputs: &[&str]) -> DeployRequest {
+    DeployRequest {
+        name: name.into(),
+        wasm: plugin_wasm(wasm),
+        input: input.into(),
+        outputs: outputs.iter().map(|s| s.to_string()).collect(),
+        config: vec![],
+        start: StartFrom::Earliest,
+        limits: Limits::default(),
+        on_error: OnError::Halt,
+        max_attempts: 2,
+        max_batch: 500,
+    }
+}
+
+async fn publish(server: &RunningServer, topic: &str, records: Vec<Record>) {
+    server
+        .broker
+        .publish(Publish {
+            topic: topic.into(),
+            records,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+/// Waits until the plugin has committed everything in its input topic.
+async fn caught_up(server: &RunningServer, plugin: &str) {
+    let info = server.plugins.info(plugin).unwrap();
+    let input = info.spec.input.clone();
+    eventually(30, &format!("{plugin} catches up"), || {
+        let ends: Vec<u64> = server
+            .broker
+            .describe_topic(&input)
+            .unwrap()
+            .partitions
+            .iter()
+            .map(|p| p.end_offset)
+            .collect();
+        let info = server.plugins.info(plugin).unwrap();
+        info.partitions
+            .iter()
+            .zip(&ends)
+            .all(|(s, end)| s.committed == *end)
+    })
+    .await;
+}
+
+fn end_total(server: &RunningServer, topic: &str) -> u64 {
+    server
+        .broker
+        .describe_topic(topic)
+        .unwrap()
+        .partitions
+        .iter()
+        .map(|p| p.end_offset)
+        .sum()
+}
+
+async fn read_all(server: &RunningServer, topic: &str) -> Vec<weir_runtime::StoredRecord> {
+    let info = server.broker.describe_topic(topic).unwrap();
+    let mut out = Vec::new();
+    for p in info.partitions {
+        out.extend(
+            server
+                .broker
+                .read(topic, p.partition, 0, usize::MAX)
+                .await
+                .unwrap(),
+        );
+    }
+    out
+}
+
+fn paid(order: u64, user: &str, amount: f64) -> Record {
+    Record {
+        key: Some(Bytes::from(user.to_string())),
+        id: Some(format!("order-{order}")),
+        ..Record::from_value(format!(
+            r#"{{"order":{order},"user":"{user}","amount":{amount}}}"#
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn points_credits_each_distinct_order_once_and_forwards_outputs_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    server
+        .broker
+        .create_topic(topic("order.paid", 2))
+        .await
+        .unwrap();
+    server
+        .broker
+        .create_topic(topic("points.credited", 2))
+        .await
+        .unwrap();
+    let mut request = deploy("points", "points", "order.paid", &["points.credited"]);
+    request.config = vec![("rate".into(), "0.1".into())];
+    server.plugins.deploy(request).await.unwrap();
+
+    let users = ["ann", "bob", "cy", "dee", "eve"];
+    let orders: Vec<(u64, &str, f64)> = (0..200)
+        .map(|i| (i, users[i as usize % 5], 10.0 + (i % 37) as f64 * 3.3))
+        .collect();
+    for chunk in orders.chunks(50) {
+        publish(
+            &server,
+            "order.paid",
+            chunk.iter().map(|(o, u, a)| paid(*o, u, *a)).collect(),
+        )
+        .await;
+    }
+    // Re-sent duplicates (a producer retry without idempotence, a replay upstream).
+    publish(
+        &server,
+        "order.paid",
+        orders[..30]
+            .iter()
+            .map(|(o, u, a)| paid(*o, u, *a))
+            .collect(),
+    )
+    .await;
+    caught_up(&server, "points").await;
+
+    for user in users {
+        let want: u64 = orders
+            .iter()
+            .filter(|(_, u, _)| *u == user)
+            .map(|(_, _, a)| (a * 0.1).floor() as u64)
+            .sum();
+        let (value, _) = server
+            .plugins
+            .state_get("points", format!("balance/{user}").as_bytes())
+            .unwrap()
+            .expect("balance exists");
+        assert_eq!(
+            serde_json::from_slice::<u64>(&value).unwrap(),
+            want,
+            "balance of {user}"
+        );
+    }
+    let info = server.plugins.info("points").unwrap();
+    assert_eq!(
+        info.partitions.iter().map(|p| p.skipped).sum::<u64>(),
+        30,
+        "duplicates skipped"
+    );
+    assert_eq!(
+        info.partitions.iter().map(|p| p.processed).sum::<u64>(),
+        200
+    );
+    eventually(20, "outputs forwarded", || {
+        end_total(&server, "points.credited") == 200
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let credited = read_all(&server, "points.credited").await;
+    assert_eq!(credited.len(), 200, "each output once");
+    let mut orders_seen: Vec<u64> = credited
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<serde_json::Value>(&r.record.value).unwrap()["order"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    orders_seen.sort();
+    assert_eq!(orders_seen, (0..200).collect::<Vec<_>>());
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_records_go_to_the_dlq_and_nothing_else_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    server.broker.create_topic(topic("in", 1)).await.unwrap();
+    server
+        .broker
+        .create_topic(topic("chaos.out", 1))
+        .await
+        .unwrap();
+    server
+        .broker
+        .create_topic(topic("order.paid", 1))
+        .await
+        .unwrap();
+    server
+        .broker
+        .create_topic(topic("points.credited", 1))
+        .await
+        .unwrap();
+    let mut request = deploy("chaos", "chaos", "in", &["chaos.out"]);
+    request.limits = Limits {
+        memory_bytes: 32 << 20,
+        timeout: Duration::from_millis(300),
+    };
+    request.on_error = OnError::Dlq;
+    server.plugins.deploy(request).await.unwrap();
+    server
+        .plugins
+        .deploy(deploy(
+            "points",
+            "points",
+            "order.paid",
+            &["points.credited"],
+        ))
+        .await
+        .unwrap();
+
+    let values = [
+        "ok-1",
+        "panic",
+        "ok-2",
+        "loop",
+        "ok-3",
+        "bomb",
+        "fail",
+        "emit-undeclared",
+        "ok-4",
+    ];
+    publish(
+        &server,
+        "in",
+        values.iter().map(|v| Record::from_value(*v)).collect(),
+    )
+    .await;
+    // Publishing and another plugin go on while chaos struggles.
+    publish(&server, "order.paid", vec![paid(1, "ann", 50.0)]).await;
+    caught_up(&server, "points").await;
+    caught_up(&server, "chaos").await;
+
+    eventually(20, "echoes forwarded", || {
+        end_total(&server, "chaos.out") == 4
+    })
+    .await;
+    let echoed: Vec<Bytes> = read_all(&server, "chaos.out")
+        .await
+        .into_iter()
+        .map(|r| r.record.value)
+        .collect();
+    assert_eq!(
+        echoed,
+        ["ok-1", "ok-2", "ok-3", "ok-4"].map(|s| Bytes::from(s.as_bytes()))
+    );
+    let (seen, _) = server.plugins.state_get("chaos", b"seen").unwrap().unwrap();
+    assert_eq!(seen, b"4", "state of failed batches was never committed");
+
+    eventually(20, "dead letters forwarded", || {
+        end_total(&server, "chaos.dlq") == 5
+    })
+    .await;
+    let dead = read_all(&server, "chaos.dlq").await;
+    let reasons: Vec<(String, String)> = dead
+        .iter()
+        .map(|r| {
+            let error = r
+                .record
+                .headers
+                .iter()
+                .find(|(k, _)| k == "weir-error")
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+                .unwrap();
+            (String::from_utf8_lossy(&r.record.value).into_owned(), error)
+        })
+        .collect();
+    let reason = |v: &str| {
+        reasons
+            .iter()
+            .find(|(value, _)| value == v)
+            .map(|(_, e)| e.clone())
+            .unwrap_or_else(|| panic!("{v} not dead-lettered: {reasons:?}"))
+    };
+    assert!(
+        reason("panic").contains("poison record at offset 1"),
+        "{}",
+        reason("panic")
+    );
+    assert!(
+        reason("loop").contains("time limit of 300 ms"),
+        "{}",
+        reason("loop")
+    );
+    assert!(
+        reason("bomb").contains("memory limit"),
+        "{}",
+        reason("bomb")
+    );
+    assert!(
+        reason("fail").contains("refusing this record"),
+        "{}",
+        reason("fail")
+    );
+    assert!(
+        reason("emit-undeclared").contains("not one of its output topics"),
+        "{}",
+        reason("emit-undeclared")
+    );
+    let info = server.plugins.info("chaos").unwrap();
+    assert_eq!(
+        (
+            info.partitions[0].processed,
+            info.partitions[0].dead_lettered
+        ),
+        (4, 5)
+    );
+    assert!(
+        server
+            .plugins
+            .logs("chaos")
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("echo ok-1")),
+        "stdout reaches the plugin log"
+    );
+    let (balance, _) = server
+        .plugins
+        .state_get("points", b"balance/ann")
+        .unwrap()
+        .unwrap();
+    assert_eq!(balance, b"50");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn halt_policy_stops_at_the_poison_record_without_committing_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    server.broker.create_topic(topic("in", 1)).await.unwrap();
+    server
+        .broker
+        .create_topic(topic("chaos.out", 1))
+        .await
+        .unwrap();
+    server
+        .plugins
+        .deploy(deploy("chaos", "chaos", "in", &["chaos.out"]))
+        .await
+        .unwrap();
+    publish(
+        &server,
+        "in",
+        ["a", "b", "panic", "c"]
+            .iter()
+            .map(|v| Record::from_value(*v))
+            .collect(),
+    )
+    .await;
+    eventually(20, "chaos halts", || {
+        server.plugins.info("chaos").unwrap().partitions[0]
+            .state
+            .starts_with("halted")
+    })
+    .await;
+    let status = server.plugins.info("chaos").unwrap().partitions[0].clone();
+    assert_eq!(
+        status.committed, 2,
+        "stopped before the poison record: {status:?}"
+    );
+    assert!(
+        status.state.contains("offset 2") && status.state.contains("poison record"),
+        "{}",
+        status.state
+    );
+    let (seen, _) = server.plugins.state_get("chaos", b"seen").unwrap().unwrap();
+    assert_eq!(seen, b"2");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_deploys_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    server.broker.create_topic(topic("in", 1)).await.unwrap();
+    let mut garbage = deploy("bad", "points", "in", &[]);
+    garbage.wasm = Bytes::from_static(b"definitely not wasm");
+    assert!(matches!(
+        server.plugins.deploy(garbage).await,
+        Err(ManagerError::Plugin(PluginError::InvalidWasm(_)))
+    ));
+    let mut core = deploy("core", "points", "in", &[]);
+    core.wasm = Bytes::from_static(b"\0asm\x01\0\0\0");
+    let err = server.plugins.deploy(core).await.unwrap_err().to_string();
+    assert!(
+        err.contains("not a component") && err.contains("wasm32-wasip2"),
+        "{err}"
+    );
+    let err = server
+        .plugins
+        .deploy(deploy("p", "points", "missing", &[]))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown topic \"missing\""), "{err}");
+    let err = server
+        .plugins
+        .deploy(deploy("p", "points", "in", &["nowhere"]))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown topic \"nowhere\""), "{err}");
+    let err = server
+        .plugins
+        .deploy(deploy("bad name", "points", "in", &[]))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("invalid plugin name"), "{err}");
+    assert!(server.plugins.list().is_empty());
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_and_restart_keep_state_and_offsets() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    server
+        .broker
+        .create_topic(topic("order.paid", 1))
+        .await
+        .unwrap();
+    server
+        .broker
+        .create_topic(topic("points.credited", 1))
+        .await
+        .unwrap();
+    server
+        .plugins
+        .deploy(deploy(
+            "points",
+            "points",
+            "order.paid",
+            &["points.credited"],
+        ))
+        .await
+        .unwrap();
+    publish(
+        &server,
+        "order.paid",
+        vec![paid(1, "ann", 10.0), paid(2, "ann", 5.0)],
+    )
+    .await;
+    caught_up(&server, "points").await;
+    let info = server
+        .plugins
+        .upgrade("points", plugin_wasm("points"))
+        .await
+        .unwrap();
+    assert_eq!(info.spec.version, 2);
+    publish(
+        &server,
+        "order.paid",
+        vec![paid(3, "ann", 1.0), paid(1, "ann", 10.0)],
+    )
+    .await;
+    caught_up(&server, "points").await;
+    let balance = |s: &RunningServer| {
+        serde_json::from_slice::<u64>(
+            &s.plugins
+                .state_get("points", b"balance/ann")
+                .unwrap()
+                .unwrap()
+                .0,
+        )
+        .unwrap()
+    };
+    assert_eq!(balance(&server), 16, "upgrade kept state and dedup");
+    server.stop().await.unwrap();
+
+    let server = start_server(dir.path()).await;
+    assert_eq!(server.plugins.info("points").unwrap().spec.version, 2);
+    publish(
+        &server,
+        "order.paid",
+        vec![paid(2, "ann", 5.0), paid(4, "ann", 4.0)],
+    )
+    .await;
+    caught_up(&server, "points").await;
+    assert_eq!(
+        balance(&server),
+        20,
+        "restart kept state, offsets and dedup"
+    );
+    let credited = server
+        .broker
+        .read("points.credited", 0, 0, 100)
+        .await
+        .unwrap();
+    assert_eq!(credited.len(), 4);
+    let _ = StartAt::Earliest;
+    server.stop().await.unwrap();
+}
