@@ -333,6 +333,160 @@ impl Client {
     }
 }
 
+/// A plugin as the server reports it.
+pub type PluginStatus = pb::PluginInfo;
+
+/// What to deploy; `Default` gives the server's defaults.
+#[derive(Clone, Debug, Default)]
+pub struct Deploy {
+    /// Plugin name.
+    pub name: String,
+    /// The component's bytes.
+    pub wasm: Vec<u8>,
+    /// Input topic.
+    pub input: String,
+    /// Output topics.
+    pub outputs: Vec<String>,
+    /// `init` config.
+    pub config: Vec<(String, String)>,
+    /// `earliest` or `latest` (empty = earliest).
+    pub from: String,
+    /// Memory cap in MiB (0 = default).
+    pub memory_mb: u32,
+    /// CPU bound per batch in ms (0 = default).
+    pub timeout_ms: u32,
+    /// `halt` or `dlq` (empty = halt).
+    pub on_error: String,
+}
+
+impl Client {
+    /// Deploys a plugin.
+    ///
+    /// # Errors
+    /// Invalid wasm, a component of another world, unknown topics, a taken name.
+    pub async fn deploy_plugin(&self, d: Deploy) -> Result<PluginStatus, ClientError> {
+        let request = pb::DeployPluginRequest {
+            name: d.name,
+            wasm: d.wasm.into(),
+            input: d.input,
+            outputs: d.outputs,
+            config: d
+                .config
+                .into_iter()
+                .map(|(key, value)| pb::ConfigEntry { key, value })
+                .collect(),
+            from: d.from,
+            memory_mb: d.memory_mb,
+            timeout_ms: d.timeout_ms,
+            on_error: d.on_error,
+            max_attempts: 0,
+            max_batch: 0,
+        };
+        Ok(self
+            .inner
+            .clone()
+            .deploy_plugin(request)
+            .await?
+            .into_inner())
+    }
+
+    /// Replaces a plugin's code.
+    ///
+    /// # Errors
+    /// Unknown plugin, invalid wasm.
+    pub async fn upgrade_plugin(
+        &self,
+        name: &str,
+        wasm: Vec<u8>,
+    ) -> Result<PluginStatus, ClientError> {
+        Ok(self
+            .inner
+            .clone()
+            .upgrade_plugin(pb::UpgradePluginRequest {
+                name: name.into(),
+                wasm: wasm.into(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Every plugin with its partitions.
+    ///
+    /// # Errors
+    /// Transport failures.
+    pub async fn list_plugins(&self) -> Result<Vec<PluginStatus>, ClientError> {
+        Ok(self
+            .inner
+            .clone()
+            .list_plugins(pb::ListPluginsRequest {})
+            .await?
+            .into_inner()
+            .plugins)
+    }
+
+    /// Pauses (`true`) or resumes a plugin.
+    ///
+    /// # Errors
+    /// Unknown plugin.
+    pub async fn pause_plugin(&self, name: &str, pause: bool) -> Result<PluginStatus, ClientError> {
+        let r = pb::PluginRef { name: name.into() };
+        let mut inner = self.inner.clone();
+        Ok(if pause {
+            inner.pause_plugin(r).await?
+        } else {
+            inner.resume_plugin(r).await?
+        }
+        .into_inner())
+    }
+
+    /// Removes a plugin with its state.
+    ///
+    /// # Errors
+    /// Unknown plugin.
+    pub async fn remove_plugin(&self, name: &str) -> Result<(), ClientError> {
+        self.inner
+            .clone()
+            .remove_plugin(pb::PluginRef { name: name.into() })
+            .await?;
+        Ok(())
+    }
+
+    /// A plugin's log lines.
+    ///
+    /// # Errors
+    /// Unknown plugin.
+    pub async fn plugin_logs(&self, name: &str) -> Result<Vec<String>, ClientError> {
+        Ok(self
+            .inner
+            .clone()
+            .plugin_logs(pb::PluginRef { name: name.into() })
+            .await?
+            .into_inner()
+            .lines)
+    }
+
+    /// A plugin's committed state value and version.
+    ///
+    /// # Errors
+    /// Unknown plugin.
+    pub async fn get_state(
+        &self,
+        plugin: &str,
+        key: &[u8],
+    ) -> Result<Option<(Vec<u8>, u64)>, ClientError> {
+        let r = self
+            .inner
+            .clone()
+            .get_state(pb::GetStateRequest {
+                plugin: plugin.into(),
+                key: key.to_vec().into(),
+            })
+            .await?
+            .into_inner();
+        Ok(r.found.then(|| (r.value.to_vec(), r.version)))
+    }
+}
+
 fn topic_info(t: pb::TopicInfo) -> TopicInfo {
     TopicInfo {
         config: TopicConfig {

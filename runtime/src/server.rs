@@ -151,7 +151,7 @@ pub async fn start(
     .await?;
     let tracker = TaskTracker::new();
     tracker.spawn(retention_loop(broker.clone(), shutdown.clone()));
-    let service = WeirService::new(broker.clone(), shutdown.clone());
+    let service = WeirService::new(broker.clone(), plugins.clone(), shutdown.clone());
     let serve_shutdown = shutdown.clone();
     let serve_plugins = plugins.clone();
     let handle = tokio::spawn(async move {

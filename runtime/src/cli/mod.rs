@@ -3,6 +3,7 @@
 
 mod bench;
 mod consume;
+mod plugin;
 mod publish;
 mod topic;
 
@@ -40,6 +41,12 @@ pub enum Command {
     Publish(publish::PublishArgs),
     /// Print records of a topic, following the tail.
     Consume(consume::ConsumeArgs),
+    /// Deploy and operate WebAssembly consumer plugins.
+    #[command(subcommand)]
+    Plugin(plugin::PluginCommand),
+    /// Query plugin state.
+    #[command(subcommand)]
+    State(plugin::StateCommand),
     /// Measure throughput and latency.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -86,6 +93,8 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
         Command::Topic(cmd) => topic::run(&connect(&cli.server).await?, cmd).await,
         Command::Publish(args) => publish::run(&connect(&cli.server).await?, args).await,
         Command::Consume(args) => consume::run(&connect(&cli.server).await?, args, shutdown).await,
+        Command::Plugin(cmd) => plugin::run(&connect(&cli.server).await?, cmd).await,
+        Command::State(cmd) => plugin::state(&connect(&cli.server).await?, cmd).await,
         Command::Bench(cmd) => bench::run(&cli.server, cmd, shutdown).await,
     }
 }

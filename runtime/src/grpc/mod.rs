@@ -3,6 +3,7 @@
 //! a status in one place ([`status`]).
 
 pub mod convert;
+mod plugins;
 mod service;
 pub mod status;
 

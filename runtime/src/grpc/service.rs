@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::convert::start_at;
 use super::pb::{self, weir_server::Weir};
 use crate::broker::{Broker, BrokerError, PartitionAck, Publish};
+use crate::plugin::PluginManager;
 use crate::record::TopicConfig;
 
 /// Default and maximum records per subscribe response message.
@@ -26,14 +27,23 @@ const STREAM_IN_FLIGHT: usize = 64;
 #[derive(Clone)]
 pub struct WeirService {
     broker: Arc<Broker>,
+    plugins: Arc<PluginManager>,
     /// Ends subscribe streams on server shutdown.
     shutdown: CancellationToken,
 }
 
 impl WeirService {
     /// A service over `broker`; streams end when `shutdown` is cancelled.
-    pub fn new(broker: Arc<Broker>, shutdown: CancellationToken) -> Self {
-        WeirService { broker, shutdown }
+    pub fn new(
+        broker: Arc<Broker>,
+        plugins: Arc<PluginManager>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        WeirService {
+            broker,
+            plugins,
+            shutdown,
+        }
     }
 
     /// The tonic server wrapper with weir's message size limits.
@@ -257,6 +267,84 @@ impl Weir for WeirService {
                 .map(|(partition, offset)| pb::PartitionOffset { partition, offset })
                 .collect(),
         }))
+    }
+
+    async fn deploy_plugin(
+        &self,
+        request: Request<pb::DeployPluginRequest>,
+    ) -> Result<Response<pb::PluginInfo>, Status> {
+        let deploy = super::plugins::deploy_request(request.into_inner())?;
+        Ok(Response::new(self.plugins.deploy(deploy).await?.into()))
+    }
+
+    async fn upgrade_plugin(
+        &self,
+        request: Request<pb::UpgradePluginRequest>,
+    ) -> Result<Response<pb::PluginInfo>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(
+            self.plugins.upgrade(&r.name, r.wasm).await?.into(),
+        ))
+    }
+
+    async fn list_plugins(
+        &self,
+        _: Request<pb::ListPluginsRequest>,
+    ) -> Result<Response<pb::ListPluginsResponse>, Status> {
+        Ok(Response::new(pb::ListPluginsResponse {
+            plugins: self.plugins.list().into_iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn pause_plugin(
+        &self,
+        request: Request<pb::PluginRef>,
+    ) -> Result<Response<pb::PluginInfo>, Status> {
+        Ok(Response::new(
+            self.plugins
+                .set_paused(&request.into_inner().name, true)
+                .await?
+                .into(),
+        ))
+    }
+
+    async fn resume_plugin(
+        &self,
+        request: Request<pb::PluginRef>,
+    ) -> Result<Response<pb::PluginInfo>, Status> {
+        Ok(Response::new(
+            self.plugins
+                .set_paused(&request.into_inner().name, false)
+                .await?
+                .into(),
+        ))
+    }
+
+    async fn remove_plugin(
+        &self,
+        request: Request<pb::PluginRef>,
+    ) -> Result<Response<pb::RemovePluginResponse>, Status> {
+        self.plugins.remove(&request.into_inner().name).await?;
+        Ok(Response::new(pb::RemovePluginResponse {}))
+    }
+
+    async fn plugin_logs(
+        &self,
+        request: Request<pb::PluginRef>,
+    ) -> Result<Response<pb::PluginLogsResponse>, Status> {
+        Ok(Response::new(pb::PluginLogsResponse {
+            lines: self.plugins.logs(&request.into_inner().name)?,
+        }))
+    }
+
+    async fn get_state(
+        &self,
+        request: Request<pb::GetStateRequest>,
+    ) -> Result<Response<pb::GetStateResponse>, Status> {
+        Ok(Response::new(super::plugins::get_state(
+            &self.plugins,
+            request.into_inner(),
+        )?))
     }
 }
 

@@ -9,38 +9,65 @@ use crate::log::LogError;
 /// Metadata key naming the error kind (`stale-epoch`, `sequence-gap`, ...).
 pub const ERROR_KIND_KEY: &str = "weir-error";
 
+/// The status code and `weir-error` kind of a broker error.
+fn broker_code(e: &BrokerError) -> (Code, &'static str) {
+    match e {
+        BrokerError::UnknownTopic(_) => (Code::NotFound, "unknown-topic"),
+        BrokerError::TopicExists(_) => (Code::AlreadyExists, "topic-exists"),
+        BrokerError::InvalidTopicName(_) => (Code::InvalidArgument, "invalid-topic-name"),
+        BrokerError::InvalidArgument(_) => (Code::InvalidArgument, "invalid-argument"),
+        BrokerError::PartitionOutOfRange { .. } => {
+            (Code::InvalidArgument, "partition-out-of-range")
+        }
+        BrokerError::RecordTooLarge { .. } => (Code::InvalidArgument, "record-too-large"),
+        BrokerError::EmptyBatch => (Code::InvalidArgument, "empty-batch"),
+        BrokerError::IdempotenceNeedsPartition => (Code::InvalidArgument, "partition-required"),
+        BrokerError::UnknownProducer(_) => (Code::FailedPrecondition, "unknown-producer"),
+        BrokerError::StaleEpoch { .. } => (Code::FailedPrecondition, "stale-epoch"),
+        BrokerError::SequenceGap { .. } => (Code::FailedPrecondition, "sequence-gap"),
+        BrokerError::SequenceOutOfOrder { .. } => {
+            (Code::FailedPrecondition, "sequence-out-of-order")
+        }
+        BrokerError::OffsetOutOfRange { .. } => (Code::OutOfRange, "offset-out-of-range"),
+        BrokerError::Unavailable(_) => (Code::Unavailable, "unavailable"),
+        BrokerError::Storage(LogError::Corrupt { .. }) => (Code::DataLoss, "corrupt"),
+        BrokerError::Storage(_) => (Code::Internal, "storage"),
+    }
+}
+
+fn status(code: Code, kind: &str, message: String) -> Status {
+    if code == Code::Internal || code == Code::DataLoss {
+        tracing::error!(message = "Request failed inside the server.", error = %message);
+    }
+    let mut status = Status::new(code, message);
+    status
+        .metadata_mut()
+        .insert(ERROR_KIND_KEY, kind.parse().expect("ascii kind"));
+    status
+}
+
 impl From<BrokerError> for Status {
     fn from(e: BrokerError) -> Status {
+        let (code, kind) = broker_code(&e);
+        status(code, kind, e.to_string())
+    }
+}
+
+impl From<crate::plugin::ManagerError> for Status {
+    fn from(e: crate::plugin::ManagerError) -> Status {
+        use crate::plugin::{ManagerError as M, PluginError as P};
         let (code, kind) = match &e {
-            BrokerError::UnknownTopic(_) => (Code::NotFound, "unknown-topic"),
-            BrokerError::TopicExists(_) => (Code::AlreadyExists, "topic-exists"),
-            BrokerError::InvalidTopicName(_) => (Code::InvalidArgument, "invalid-topic-name"),
-            BrokerError::InvalidArgument(_) => (Code::InvalidArgument, "invalid-argument"),
-            BrokerError::PartitionOutOfRange { .. } => {
-                (Code::InvalidArgument, "partition-out-of-range")
-            }
-            BrokerError::RecordTooLarge { .. } => (Code::InvalidArgument, "record-too-large"),
-            BrokerError::EmptyBatch => (Code::InvalidArgument, "empty-batch"),
-            BrokerError::IdempotenceNeedsPartition => (Code::InvalidArgument, "partition-required"),
-            BrokerError::UnknownProducer(_) => (Code::FailedPrecondition, "unknown-producer"),
-            BrokerError::StaleEpoch { .. } => (Code::FailedPrecondition, "stale-epoch"),
-            BrokerError::SequenceGap { .. } => (Code::FailedPrecondition, "sequence-gap"),
-            BrokerError::SequenceOutOfOrder { .. } => {
-                (Code::FailedPrecondition, "sequence-out-of-order")
-            }
-            BrokerError::OffsetOutOfRange { .. } => (Code::OutOfRange, "offset-out-of-range"),
-            BrokerError::Unavailable(_) => (Code::Unavailable, "unavailable"),
-            BrokerError::Storage(LogError::Corrupt { .. }) => (Code::DataLoss, "corrupt"),
-            BrokerError::Storage(_) => (Code::Internal, "storage"),
+            M::Broker(b) => broker_code(b),
+            M::UnknownPlugin(_) => (Code::NotFound, "unknown-plugin"),
+            M::Exists(_) => (Code::AlreadyExists, "plugin-exists"),
+            M::Invalid(_) => (Code::InvalidArgument, "invalid-argument"),
+            M::Plugin(P::InvalidWasm(_)) => (Code::InvalidArgument, "invalid-wasm"),
+            M::Plugin(P::WrongWorld(_)) => (Code::InvalidArgument, "wrong-world"),
+            M::Plugin(P::TooLarge { .. }) => (Code::ResourceExhausted, "wasm-too-large"),
+            M::Plugin(P::InitFailed(_)) => (Code::FailedPrecondition, "init-failed"),
+            M::Plugin(_) | M::Storage(_) | M::Io(_) => (Code::Internal, "internal"),
         };
-        if code == Code::Internal || code == Code::DataLoss {
-            tracing::error!(message = "Request failed in storage.", error = %e);
-        }
-        let mut status = Status::new(code, e.to_string());
-        status
-            .metadata_mut()
-            .insert(ERROR_KIND_KEY, kind.parse().expect("ascii kind"));
-        status
+        status(code, kind, e.to_string())
     }
 }
 

@@ -1,0 +1,187 @@
+//! `weir plugin …` and `weir state get`.
+
+use clap::Subcommand;
+
+use crate::client::{Client, Deploy, PluginStatus};
+
+/// Plugin operations.
+#[derive(Subcommand, Debug)]
+pub enum PluginCommand {
+    /// Deploy a WebAssembly consumer.
+    Deploy {
+        /// Plugin name.
+        name: String,
+        /// The component (built for wasm32-wasip2).
+        #[arg(long)]
+        wasm: std::path::PathBuf,
+        /// Input topic.
+        #[arg(long)]
+        input: String,
+        /// Topic the plugin may emit to (repeatable).
+        #[arg(long)]
+        output: Vec<String>,
+        /// `key=value` passed to the plugin's init (repeatable).
+        #[arg(long, value_parser = parse_kv)]
+        config: Vec<(String, String)>,
+        /// Start at the oldest record or only new ones.
+        #[arg(long, default_value = "earliest", value_parser = ["earliest", "latest"])]
+        from: String,
+        /// Memory cap per instance, MiB.
+        #[arg(long, default_value_t = 64)]
+        memory_mb: u32,
+        /// CPU bound per batch, ms.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u32,
+        /// After retries: stop the partition (halt) or dead-letter the record (dlq).
+        #[arg(long, default_value = "halt", value_parser = ["halt", "dlq"])]
+        on_error: String,
+    },
+    /// Replace a plugin's code, keeping its state and offsets.
+    Upgrade {
+        /// Plugin name.
+        name: String,
+        /// The new component.
+        #[arg(long)]
+        wasm: std::path::PathBuf,
+    },
+    /// List plugins with their partitions.
+    List,
+    /// Stop processing (state and offsets kept).
+    Pause {
+        /// Plugin name.
+        name: String,
+    },
+    /// Continue processing.
+    Resume {
+        /// Plugin name.
+        name: String,
+    },
+    /// Remove a plugin with its state and offsets.
+    Remove {
+        /// Plugin name.
+        name: String,
+    },
+    /// Print a plugin's log (its stdout/stderr and log lines, retries, failures).
+    Logs {
+        /// Plugin name.
+        name: String,
+    },
+}
+
+/// State queries.
+#[derive(Subcommand, Debug)]
+pub enum StateCommand {
+    /// Print a plugin's committed state value for a key.
+    Get {
+        /// Plugin name.
+        plugin: String,
+        /// State key (e.g. balance/user-42).
+        key: String,
+    },
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not key=value"))
+}
+
+fn read_wasm(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))
+}
+
+fn print_plugin(p: &PluginStatus) {
+    let status = if p.paused { "paused" } else { "deployed" };
+    println!(
+        "{} v{} ({status}) {} -> [{}] on-error={} memory={}MiB timeout={}ms sha256={}",
+        p.name,
+        p.version,
+        p.input,
+        p.outputs.join(", "),
+        p.on_error,
+        p.memory_mb,
+        p.timeout_ms,
+        &p.wasm_sha256[..12.min(p.wasm_sha256.len())]
+    );
+    println!(
+        "  {:>9} {:>12} {:>10} {:>8} {:>6}  STATE",
+        "PARTITION", "COMMITTED", "PROCESSED", "SKIPPED", "DLQ"
+    );
+    for q in &p.partitions {
+        println!(
+            "  {:>9} {:>12} {:>10} {:>8} {:>6}  {}",
+            q.partition, q.committed, q.processed, q.skipped, q.dead_lettered, q.state
+        );
+    }
+}
+
+pub(super) async fn run(client: &Client, cmd: PluginCommand) -> anyhow::Result<()> {
+    match cmd {
+        PluginCommand::Deploy {
+            name,
+            wasm,
+            input,
+            output,
+            config,
+            from,
+            memory_mb,
+            timeout_ms,
+            on_error,
+        } => {
+            let wasm = read_wasm(&wasm)?;
+            let p = client
+                .deploy_plugin(Deploy {
+                    name,
+                    wasm,
+                    input,
+                    outputs: output,
+                    config,
+                    from,
+                    memory_mb,
+                    timeout_ms,
+                    on_error,
+                })
+                .await?;
+            println!("deployed plugin {} v{}", p.name, p.version);
+            print_plugin(&p);
+        }
+        PluginCommand::Upgrade { name, wasm } => {
+            let p = client.upgrade_plugin(&name, read_wasm(&wasm)?).await?;
+            println!("upgraded plugin {} to v{}", p.name, p.version);
+        }
+        PluginCommand::List => {
+            for p in client.list_plugins().await? {
+                print_plugin(&p);
+            }
+        }
+        PluginCommand::Pause { name } => {
+            client.pause_plugin(&name, true).await?;
+            println!("paused plugin {name}");
+        }
+        PluginCommand::Resume { name } => {
+            client.pause_plugin(&name, false).await?;
+            println!("resumed plugin {name}");
+        }
+        PluginCommand::Remove { name } => {
+            client.remove_plugin(&name).await?;
+            println!("removed plugin {name}");
+        }
+        PluginCommand::Logs { name } => {
+            for line in client.plugin_logs(&name).await? {
+                println!("{line}");
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) async fn state(client: &Client, cmd: StateCommand) -> anyhow::Result<()> {
+    let StateCommand::Get { plugin, key } = cmd;
+    match client.get_state(&plugin, key.as_bytes()).await? {
+        Some((value, version)) => {
+            println!("{} (version {version})", String::from_utf8_lossy(&value))
+        }
+        None => anyhow::bail!("plugin {plugin} has no state for key {key:?}"),
+    }
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! Plugin requests: protobuf ⇄ the plugin manager's types.
+
+use std::time::Duration;
+
+use tonic::Status;
+
+use super::pb;
+use crate::plugin::{DeployRequest, Limits, OnError, PluginInfo, PluginManager, StartFrom};
+
+impl From<PluginInfo> for pb::PluginInfo {
+    fn from(info: PluginInfo) -> Self {
+        let spec = info.spec;
+        pb::PluginInfo {
+            name: spec.name,
+            version: spec.version,
+            wasm_sha256: spec.wasm_sha256,
+            input: spec.input,
+            outputs: spec.outputs,
+            paused: spec.paused,
+            on_error: match spec.on_error {
+                OnError::Halt => "halt".into(),
+                OnError::Dlq => "dlq".into(),
+            },
+            partitions: info
+                .partitions
+                .into_iter()
+                .enumerate()
+                .map(|(p, s)| pb::PluginPartition {
+                    partition: p as u32,
+                    committed: s.committed,
+                    processed: s.processed,
+                    skipped: s.skipped,
+                    dead_lettered: s.dead_lettered,
+                    state: s.state,
+                })
+                .collect(),
+            memory_mb: (spec.limits.memory_bytes >> 20) as u32,
+            timeout_ms: spec.limits.timeout.as_millis() as u32,
+        }
+    }
+}
+
+/// Converts a deploy request, applying defaults for zero fields.
+pub(super) fn deploy_request(r: pb::DeployPluginRequest) -> Result<DeployRequest, Status> {
+    let defaults = Limits::default();
+    let start = match r.from.as_str() {
+        "" | "earliest" => StartFrom::Earliest,
+        "latest" => StartFrom::Latest,
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "--from {other:?}: use earliest or latest"
+            )))
+        }
+    };
+    let on_error = match r.on_error.as_str() {
+        "" | "halt" => OnError::Halt,
+        "dlq" => OnError::Dlq,
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "--on-error {other:?}: use halt or dlq"
+            )))
+        }
+    };
+    Ok(DeployRequest {
+        name: r.name,
+        wasm: r.wasm,
+        input: r.input,
+        outputs: r.outputs,
+        config: r.config.into_iter().map(|c| (c.key, c.value)).collect(),
+        start,
+        limits: Limits {
+            memory_bytes: if r.memory_mb == 0 {
+                defaults.memory_bytes
+            } else {
+                (r.memory_mb as usize) << 20
+            },
+            timeout: if r.timeout_ms == 0 {
+                defaults.timeout
+            } else {
+                Duration::from_millis(u64::from(r.timeout_ms))
+            },
+        },
+        on_error,
+        max_attempts: if r.max_attempts == 0 {
+            3
+        } else {
+            r.max_attempts
+        },
+        max_batch: if r.max_batch == 0 {
+            500
+        } else {
+            r.max_batch as usize
+        },
+    })
+}
+
+/// A state value for `GetState`.
+pub(super) fn get_state(
+    plugins: &PluginManager,
+    r: pb::GetStateRequest,
+) -> Result<pb::GetStateResponse, Status> {
+    Ok(match plugins.state_get(&r.plugin, &r.key)? {
+        Some((value, version)) => pb::GetStateResponse {
+            found: true,
+            value: value.into(),
+            version,
+        },
+        None => pb::GetStateResponse {
+            found: false,
+            value: Default::default(),
+            version: 0,
+        },
+    })
+}
