@@ -246,3 +246,95 @@ fn serve_refuses_a_foreign_directory_and_a_bad_policy() {
         "{stderr}"
     );
 }
+
+#[test]
+fn plugin_commands_deploy_query_pause_upgrade_and_remove() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm_dir = tempfile::tempdir().unwrap();
+    let points = wasm_dir.path().join("points.wasm");
+    std::fs::write(&points, common::plugin_wasm("points")).unwrap();
+    let points = points.to_str().unwrap();
+    let server = WeirProcess::spawn(dir.path(), "127.0.0.1:0", &[]);
+    let s = &server.addr;
+    ok(s, &["topic", "create", "order.paid"], "");
+    ok(s, &["topic", "create", "points.credited"], "");
+    let out = ok(
+        s,
+        &[
+            "plugin",
+            "deploy",
+            "points",
+            "--wasm",
+            points,
+            "--input",
+            "order.paid",
+            "--output",
+            "points.credited",
+            "--config",
+            "rate=0.5",
+        ],
+        "",
+    );
+    assert!(out.contains("deployed plugin points v1"), "{out}");
+    ok(
+        s,
+        &["publish", "order.paid", "--json"],
+        "{\"key\":\"ann\",\"id\":\"o1\",\"value\":{\"order\":1,\"user\":\"ann\",\"amount\":9}}\n",
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let balance = loop {
+        let (found, out, _) = weir_cli(s, &["state", "get", "points", "balance/ann"], "");
+        if found {
+            break out;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "balance never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(balance, "4 (version 1)\n");
+    let list = ok(s, &["plugin", "list"], "");
+    assert!(
+        list.contains("points v1 (deployed) order.paid -> [points.credited]")
+            && list.contains("running"),
+        "{list}"
+    );
+
+    ok(s, &["plugin", "pause", "points"], "");
+    assert!(ok(s, &["plugin", "list"], "").contains("(paused)"));
+    ok(s, &["plugin", "resume", "points"], "");
+    let out = ok(s, &["plugin", "upgrade", "points", "--wasm", points], "");
+    assert!(out.contains("upgraded plugin points to v2"), "{out}");
+    let err = fails(s, &["state", "get", "points", "balance/nobody"], "");
+    assert!(err.contains("no state for key \"balance/nobody\""), "{err}");
+    let err = fails(s, &["plugin", "logs", "ghost"], "");
+    assert!(err.contains("unknown plugin \"ghost\""), "{err}");
+    let junk = wasm_dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"not wasm at all").unwrap();
+    let err = fails(
+        s,
+        &[
+            "plugin",
+            "deploy",
+            "junk",
+            "--wasm",
+            junk.to_str().unwrap(),
+            "--input",
+            "order.paid",
+        ],
+        "",
+    );
+    assert!(err.contains("invalid plugin wasm"), "{err}");
+    let err = fails(
+        s,
+        &[
+            "plugin", "deploy", "p2", "--wasm", points, "--input", "nope",
+        ],
+        "",
+    );
+    assert!(err.contains("unknown topic \"nope\""), "{err}");
+    ok(s, &["plugin", "logs", "points"], "");
+    ok(s, &["plugin", "remove", "points"], "");
+    assert!(!ok(s, &["plugin", "list"], "").contains("points"));
+}

@@ -120,6 +120,12 @@ impl PluginEngine {
     /// [`PluginError::InvalidWasm`] for bytes that are not a component, [`PluginError::WrongWorld`]
     /// for a component that does not match `weir:plugin/consumer`.
     pub fn compile(&self, wasm: &[u8]) -> Result<CompiledPlugin, PluginError> {
+        if !wasm.starts_with(b"\0asm") {
+            return Err(PluginError::InvalidWasm(format!(
+                "not a WebAssembly file ({} bytes without the \\0asm header); build the plugin with `cargo build --target wasm32-wasip2`",
+                wasm.len()
+            )));
+        }
         let sha256 = sha256_hex(wasm);
         let cached = self.cache_path(&sha256);
         // SAFETY: the file was written by `Component::serialize` of this engine configuration
@@ -128,7 +134,7 @@ impl PluginEngine {
             Ok(component) => component,
             Err(_) => {
                 let component = Component::new(&self.engine, wasm).map_err(|e| {
-                    let message = format!("{e:#}");
+                    let message = one_line(&format!("{e:#}"));
                     if wasm.starts_with(b"\0asm\x01\0\0\0") {
                         PluginError::InvalidWasm(format!("a core WebAssembly module, not a component ({message}); build the plugin for wasm32-wasip2"))
                     } else {
@@ -150,14 +156,20 @@ impl PluginEngine {
         let pre = self
             .linker
             .instantiate_pre(&component)
-            .map_err(|e| PluginError::WrongWorld(format!("{e:#}")))?;
-        let pre = ConsumerPre::new(pre).map_err(|e| PluginError::WrongWorld(format!("{e:#}")))?;
+            .map_err(|e| PluginError::WrongWorld(one_line(&format!("{e:#}"))))?;
+        let pre = ConsumerPre::new(pre)
+            .map_err(|e| PluginError::WrongWorld(one_line(&format!("{e:#}"))))?;
         Ok(CompiledPlugin {
             engine: self.engine.clone(),
             pre,
             sha256,
         })
     }
+}
+
+/// wasmtime's messages can span lines (debug dumps); statuses and CLI errors are one line.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 impl Drop for PluginEngine {
