@@ -12,9 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use super::engine::PluginEngine;
 use super::executor::{PartitionStatus, PluginRuntime};
-use super::spec::{
-    decode_state, partition_key, state_key, DedupWindow, OnError, PluginSpec, StartFrom,
-};
+use super::spec::{partition_key, DedupWindow, OnError, PluginSpec, StartFrom};
 use super::{Limits, PluginError};
 use crate::broker::{Broker, BrokerError, StartAt};
 use crate::log::{LogError, LogStore};
@@ -153,6 +151,7 @@ impl PluginManager {
             tracker.spawn(runtime.clone().run_partition(p, cancel.clone()));
             tracker.spawn(runtime.clone().run_forwarder(p, cancel.clone()));
         }
+        tracker.spawn(runtime.clone().run_compactor(cancel.clone()));
         self.plugins.lock().expect("plugins lock").insert(
             name,
             Running {
@@ -431,10 +430,6 @@ impl PluginManager {
         name: &str,
         key: &[u8],
     ) -> Result<Option<(Vec<u8>, u64)>, ManagerError> {
-        let spec = self.spec(name)?;
-        Ok(self
-            .store
-            .kv_get(&spec.namespace(), &state_key(key))?
-            .and_then(|v| decode_state(&v)))
+        Ok(self.runtime(name)?.state(key))
     }
 }
