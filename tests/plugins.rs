@@ -34,6 +34,7 @@ fn deploy(name: &str, wasm: &str, input: &str, outputs: &[&str]) -> DeployReques
         on_error: OnError::Halt,
         max_attempts: 2,
         max_batch: 500,
+        dedup: Default::default(),
     }
 }
 
@@ -514,5 +515,79 @@ async fn upgrade_and_restart_keep_state_and_offsets() {
         .unwrap();
     assert_eq!(credited.len(), 4);
     let _ = StartAt::Earliest;
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn analytics_filter_projects_only_matching_purchases() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    server
+        .broker
+        .create_topic(topic("purchases", 2))
+        .await
+        .unwrap();
+    server
+        .broker
+        .create_topic(topic("analytics.purchases", 1))
+        .await
+        .unwrap();
+    let mut request = deploy(
+        "analytics",
+        "analytics-filter",
+        "purchases",
+        &["analytics.purchases"],
+    );
+    request.config = vec![
+        ("fields".into(), "order,amount,category".into()),
+        ("min_amount".into(), "20".into()),
+        ("categories".into(), "phone,tv".into()),
+    ];
+    request.dedup = weir_runtime::plugin::spec::DedupWindow {
+        max_ids: 10,
+        max_age_ms: 60_000,
+    };
+    let info = server.plugins.deploy(request).await.unwrap();
+    assert_eq!(
+        info.spec.dedup.max_ids, 10,
+        "the dedup window is configurable at deploy"
+    );
+    let events: Vec<Record> = (0..40)
+        .map(|i| {
+            let category = ["phone", "tv", "food", "book"][i % 4];
+            Record {
+                key: Some(Bytes::from(format!("user-{}", i % 7))),
+                id: Some(format!("p-{i}")),
+                ..Record::from_value(format!(r#"{{"order":{i},"user":"user-{}","amount":{},"category":"{category}","address":"private"}}"#, i % 7, i * 3))
+            }
+        })
+        .collect();
+    publish(&server, "purchases", events).await;
+    caught_up(&server, "analytics").await;
+    let want: Vec<usize> = (0..40).filter(|i| i * 3 >= 20 && i % 4 < 2).collect();
+    eventually(20, "projections forwarded", || {
+        end_total(&server, "analytics.purchases") == want.len() as u64
+    })
+    .await;
+    let got = read_all(&server, "analytics.purchases").await;
+    let mut orders: Vec<u64> = got
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<serde_json::Value>(&r.record.value).unwrap()["order"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    orders.sort();
+    assert_eq!(orders, want.iter().map(|i| *i as u64).collect::<Vec<_>>());
+    for r in &got {
+        let v: serde_json::Value = serde_json::from_slice(&r.record.value).unwrap();
+        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        assert_eq!(
+            keys,
+            ["amount", "category", "order"],
+            "only the asked fields, never the address"
+        );
+    }
     server.stop().await.unwrap();
 }

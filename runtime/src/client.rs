@@ -357,6 +357,10 @@ pub struct Deploy {
     pub timeout_ms: u32,
     /// `halt` or `dlq` (empty = halt).
     pub on_error: String,
+    /// Message ids remembered for dedup (0 = default).
+    pub dedup_ids: u64,
+    /// How long ids are remembered, ms (0 = default).
+    pub dedup_age_ms: u64,
 }
 
 impl Client {
@@ -381,6 +385,8 @@ impl Client {
             on_error: d.on_error,
             max_attempts: 0,
             max_batch: 0,
+            dedup_ids: d.dedup_ids,
+            dedup_age_ms: d.dedup_age_ms,
         };
         Ok(self
             .inner

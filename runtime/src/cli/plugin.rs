@@ -35,6 +35,12 @@ pub enum PluginCommand {
         /// After retries: stop the partition (halt) or dead-letter the record (dlq).
         #[arg(long, default_value = "halt", value_parser = ["halt", "dlq"])]
         on_error: String,
+        /// Message ids remembered to skip redeliveries.
+        #[arg(long, default_value_t = 1_000_000)]
+        dedup_ids: u64,
+        /// How long message ids are remembered, ms (by record time).
+        #[arg(long, default_value_t = 24 * 3600 * 1000)]
+        dedup_age_ms: u64,
     },
     /// Replace a plugin's code, keeping its state and offsets.
     Upgrade {
@@ -127,6 +133,8 @@ pub(super) async fn run(client: &Client, cmd: PluginCommand) -> anyhow::Result<(
             memory_mb,
             timeout_ms,
             on_error,
+            dedup_ids,
+            dedup_age_ms,
         } => {
             let wasm = read_wasm(&wasm)?;
             let p = client
@@ -140,6 +148,8 @@ pub(super) async fn run(client: &Client, cmd: PluginCommand) -> anyhow::Result<(
                     memory_mb,
                     timeout_ms,
                     on_error,
+                    dedup_ids,
+                    dedup_age_ms,
                 })
                 .await?;
             println!("deployed plugin {} v{}", p.name, p.version);

@@ -5,6 +5,7 @@ use std::time::Duration;
 use tonic::Status;
 
 use super::pb;
+use crate::plugin::spec::DedupWindow;
 use crate::plugin::{DeployRequest, Limits, OnError, PluginInfo, PluginManager, StartFrom};
 
 impl From<PluginInfo> for pb::PluginInfo {
@@ -90,6 +91,18 @@ pub(super) fn deploy_request(r: pb::DeployPluginRequest) -> Result<DeployRequest
             500
         } else {
             r.max_batch as usize
+        },
+        dedup: DedupWindow {
+            max_ids: if r.dedup_ids == 0 {
+                DedupWindow::default().max_ids
+            } else {
+                r.dedup_ids as usize
+            },
+            max_age_ms: if r.dedup_age_ms == 0 {
+                DedupWindow::default().max_age_ms
+            } else {
+                r.dedup_age_ms
+            },
         },
     })
 }

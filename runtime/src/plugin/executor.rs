@@ -20,9 +20,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::dedup::{id_hash, DedupIndex};
 use super::instance::{LogLevel, PluginInstance, StateReader};
-use super::spec::{decode_state, encode_state, partition_key, state_key, OnError, PluginSpec};
+use super::outbox::{encode_groups, output_record, Group};
+use super::spec::{partition_key, OnError, PluginSpec};
+use super::state::{encode_delta, log_key, read_through, StateCache};
 use super::{CompiledPlugin, PluginError};
-use crate::broker::{Broker, ProducerFields, Publish};
+use crate::broker::Broker;
 use crate::log::LogStore;
 use crate::record::{partition_for_key, Record, StoredRecord};
 
@@ -50,22 +52,22 @@ pub struct PartitionStatus {
 /// A plugin's running state, shared by its tasks.
 pub(crate) struct PluginRuntime {
     pub spec: PluginSpec,
-    compiled: CompiledPlugin,
-    store: Arc<dyn LogStore>,
-    broker: Arc<Broker>,
-    namespace: String,
-    commit_lock: Mutex<()>,
+    pub(super) compiled: CompiledPlugin,
+    pub(super) store: Arc<dyn LogStore>,
+    pub(super) broker: Arc<Broker>,
+    pub(super) namespace: String,
+    pub(super) commit_lock: Mutex<()>,
     /// Committed state as of the last commit, for keys read or written since start (`None` =
     /// absent). Commits insert every key they write, under the commit lock; readers only fill
     /// missing entries. So an entry is never older than the store, and the commit's version
     /// check is a lookup instead of a store read.
-    cache: Arc<StateCache>,
+    pub(super) cache: Arc<StateCache>,
     /// Next state-delta sequence (`l/<seq>`), advanced under the commit lock.
-    log_seq: std::sync::atomic::AtomicU64,
-    dedup: Mutex<DedupIndex>,
-    logs: Mutex<VecDeque<String>>,
+    pub(super) log_seq: std::sync::atomic::AtomicU64,
+    pub(super) dedup: Mutex<DedupIndex>,
+    pub(super) logs: Mutex<VecDeque<String>>,
     pub status: Mutex<Vec<PartitionStatus>>,
-    outbox: Vec<Notify>,
+    pub(super) outbox: Vec<Notify>,
     pub paused: tokio::sync::watch::Sender<bool>,
 }
 
@@ -92,84 +94,6 @@ fn decode_cursor(b: &[u8]) -> Option<(u64, u64)> {
         u64::from_be_bytes(b.get(..8)?.try_into().ok()?),
         u64::from_be_bytes(b.get(8..16)?.try_into().ok()?),
     ))
-}
-
-/// One output partition's share of a batch's outputs, with its producer sequence.
-struct Group {
-    topic: String,
-    partition: u32,
-    base_seq: u64,
-    records: Vec<Record>,
-}
-
-fn encode_groups(groups: &[Group]) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend_from_slice(&(groups.len() as u32).to_le_bytes());
-    for g in groups {
-        out.extend_from_slice(&(g.topic.len() as u16).to_le_bytes());
-        out.extend_from_slice(g.topic.as_bytes());
-        out.extend_from_slice(&g.partition.to_le_bytes());
-        out.extend_from_slice(&g.base_seq.to_le_bytes());
-        let mut w = weir_codec::Writer::new();
-        for r in &g.records {
-            let headers: Vec<(&str, &[u8])> = r
-                .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_ref()))
-                .collect();
-            w.push_out(&weir_codec::OutRecord {
-                topic: &g.topic,
-                key: r.key.as_deref(),
-                value: &r.value,
-                headers,
-            });
-        }
-        let blob = w.finish();
-        out.extend_from_slice(&(blob.len() as u32).to_le_bytes());
-        out.extend_from_slice(&blob);
-    }
-    out
-}
-
-fn decode_groups(b: &[u8]) -> Option<Vec<Group>> {
-    let mut pos = 0;
-    let mut take = |n: usize| -> Option<&[u8]> {
-        let s = b.get(pos..pos + n)?;
-        pos += n;
-        Some(s)
-    };
-    let n = u32::from_le_bytes(take(4)?.try_into().ok()?);
-    let mut groups = Vec::new();
-    for _ in 0..n {
-        let tl = u16::from_le_bytes(take(2)?.try_into().ok()?) as usize;
-        let topic = std::str::from_utf8(take(tl)?).ok()?.to_string();
-        let partition = u32::from_le_bytes(take(4)?.try_into().ok()?);
-        let base_seq = u64::from_le_bytes(take(8)?.try_into().ok()?);
-        let bl = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-        let blob = take(bl)?;
-        let records = weir_codec::decode_outputs(blob)
-            .ok()?
-            .into_iter()
-            .map(|o| Record {
-                key: o.key.map(Bytes::copy_from_slice),
-                value: Bytes::copy_from_slice(o.value),
-                headers: o
-                    .headers
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), Bytes::copy_from_slice(v)))
-                    .collect(),
-                timestamp_ms: 0,
-                id: None,
-            })
-            .collect();
-        groups.push(Group {
-            topic,
-            partition,
-            base_seq,
-            records,
-        });
-    }
-    Some(groups)
 }
 
 impl PluginRuntime {
@@ -611,18 +535,7 @@ impl PluginRuntime {
                         o.topic, self.spec.outputs, o.topic
                     )));
                 }
-                let record = Record {
-                    key: o.key.map(Bytes::copy_from_slice),
-                    value: Bytes::copy_from_slice(o.value),
-                    headers: o
-                        .headers
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), Bytes::copy_from_slice(v)))
-                        .collect(),
-                    timestamp_ms: 0,
-                    id: None,
-                };
-                outputs.push((o.topic.to_string(), record));
+                outputs.push((o.topic.to_string(), output_record(&o)));
             }
         }
         let dead_lettered = u64::from(dead_letter.is_some());
@@ -767,192 +680,6 @@ impl PluginRuntime {
         }
         Ok(groups)
     }
-
-    /// Publishes the partition's outbox entries in order, as the partition's idempotent
-    /// producer, and deletes each once acknowledged.
-    pub(crate) async fn run_forwarder(self: Arc<Self>, partition: u32, cancel: CancellationToken) {
-        let prefix = partition_key(b'o', partition, b"");
-        let producer_id = self.spec.producer_ids[partition as usize];
-        loop {
-            let entries = self
-                .store
-                .kv_scan(&self.namespace, &prefix)
-                .unwrap_or_default();
-            for (key, value) in entries {
-                let Some(groups) = decode_groups(&value) else {
-                    self.log(format!(
-                        "partition {partition}: unreadable outbox entry skipped"
-                    ));
-                    continue;
-                };
-                for g in groups {
-                    let publish = Publish {
-                        topic: g.topic.clone(),
-                        partition: Some(g.partition),
-                        records: g.records,
-                        producer: Some(ProducerFields {
-                            producer_id,
-                            epoch: 0,
-                            base_sequence: g.base_seq,
-                        }),
-                    };
-                    let mut backoff = Duration::from_millis(100);
-                    loop {
-                        match self.broker.publish(publish.clone()).await {
-                            Ok(_) => break,
-                            Err(e) => {
-                                self.log(format!("partition {partition}: forwarding to {} failed, will retry: {e}", g.topic));
-                                tokio::select! {
-                                    _ = tokio::time::sleep(backoff) => {}
-                                    _ = cancel.cancelled() => return,
-                                }
-                                backoff = (backoff * 2).min(Duration::from_secs(5));
-                            }
-                        }
-                    }
-                }
-                let _ = self
-                    .store
-                    .kv_apply(&self.namespace, &[(key.to_vec(), None)]);
-            }
-            tokio::select! {
-                _ = self.outbox[partition as usize].notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = cancel.cancelled() => return,
-            }
-        }
-    }
-}
-
-fn log_key(seq: u64) -> Vec<u8> {
-    let mut k = b"l/".to_vec();
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
-/// A batch's state writes: count u32, then per key: key_len u32, key, present u8,
-/// [version u64, value_len u32, value].
-fn encode_delta(writes: &BTreeMap<Vec<u8>, Option<(Vec<u8>, u64)>>) -> Vec<u8> {
-    let mut out = (writes.len() as u32).to_le_bytes().to_vec();
-    for (key, value) in writes {
-        out.extend_from_slice(&(key.len() as u32).to_le_bytes());
-        out.extend_from_slice(key);
-        match value {
-            None => out.push(0),
-            Some((v, version)) => {
-                out.push(1);
-                out.extend_from_slice(&version.to_le_bytes());
-                out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-                out.extend_from_slice(v);
-            }
-        }
-    }
-    out
-}
-
-type StateWrite = (Vec<u8>, Option<(Vec<u8>, u64)>);
-
-fn decode_delta(b: &[u8]) -> Option<Vec<StateWrite>> {
-    let mut pos = 0;
-    let mut take = |n: usize| -> Option<&[u8]> {
-        let s = b.get(pos..pos + n)?;
-        pos += n;
-        Some(s)
-    };
-    let n = u32::from_le_bytes(take(4)?.try_into().ok()?);
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let kl = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-        let key = take(kl)?.to_vec();
-        let value = match take(1)?[0] {
-            0 => None,
-            _ => {
-                let version = u64::from_le_bytes(take(8)?.try_into().ok()?);
-                let vl = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-                Some((take(vl)?.to_vec(), version))
-            }
-        };
-        out.push((key, value));
-    }
-    Some(out)
-}
-
-impl PluginRuntime {
-    /// Folds every state delta into the per-key state entries, atomically with deleting the
-    /// deltas. Returns the number of deltas folded.
-    pub(crate) fn compact(&self) -> Result<usize, crate::log::LogError> {
-        let deltas = self.store.kv_scan(&self.namespace, b"l/")?;
-        if deltas.is_empty() {
-            return Ok(0);
-        }
-        let mut latest: BTreeMap<Vec<u8>, Option<(Vec<u8>, u64)>> = BTreeMap::new();
-        for (key, value) in &deltas {
-            let writes = decode_delta(value).ok_or_else(|| {
-                crate::log::LogError::Storage(format!(
-                    "unreadable state delta {}",
-                    String::from_utf8_lossy(key)
-                ))
-            })?;
-            latest.extend(writes);
-        }
-        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = latest
-            .into_iter()
-            .map(|(k, v)| {
-                (
-                    state_key(&k),
-                    v.map(|(v, version)| encode_state(&v, version)),
-                )
-            })
-            .collect();
-        writes.extend(deltas.iter().map(|(k, _)| (k.to_vec(), None)));
-        self.store.kv_apply(&self.namespace, &writes)?;
-        Ok(deltas.len())
-    }
-
-    /// Compacts state deltas every 200 ms until cancelled.
-    pub(crate) async fn run_compactor(self: Arc<Self>, cancel: CancellationToken) {
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                _ = cancel.cancelled() => return,
-            }
-            let this = self.clone();
-            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || this.compact()).await {
-                tracing::warn!(message = "State compaction failed; will retry.", plugin = %self.spec.name, error = %e);
-            }
-        }
-    }
-
-    /// A committed state value and its version, as the plugin would read it.
-    pub(crate) fn state(&self, key: &[u8]) -> Option<(Vec<u8>, u64)> {
-        read_through(&self.cache, &*self.store, &self.namespace, key)
-    }
-}
-
-type StateCache = std::sync::RwLock<std::collections::HashMap<Vec<u8>, Option<(Vec<u8>, u64)>>>;
-
-/// Committed state of a key: from the cache, else from the store (then cached if still absent).
-fn read_through(
-    cache: &StateCache,
-    store: &dyn LogStore,
-    namespace: &str,
-    key: &[u8],
-) -> Option<(Vec<u8>, u64)> {
-    if let Some(hit) = cache.read().expect("state cache lock").get(key) {
-        return hit.clone();
-    }
-    let stored = store
-        .kv_get(namespace, &state_key(key))
-        .ok()
-        .flatten()
-        .and_then(|v| decode_state(&v));
-    // Never overwrite: a commit may have inserted a newer value since the store read.
-    cache
-        .write()
-        .expect("state cache lock")
-        .entry(key.to_vec())
-        .or_insert(stored)
-        .clone()
 }
 
 fn storage(e: impl std::fmt::Display) -> PluginError {

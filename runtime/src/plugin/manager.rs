@@ -69,6 +69,8 @@ pub struct DeployRequest {
     pub max_attempts: u32,
     /// Records per batch.
     pub max_batch: usize,
+    /// How many message ids, for how long, are remembered to skip redeliveries.
+    pub dedup: DedupWindow,
 }
 
 /// A plugin as `weir plugin list` shows it.
@@ -252,9 +254,13 @@ impl PluginManager {
                 super::engine::MAX_PLUGIN_MEMORY >> 20
             )));
         }
-        if request.limits.timeout.is_zero() || request.max_batch == 0 {
+        if request.limits.timeout.is_zero()
+            || request.max_batch == 0
+            || request.dedup.max_ids == 0
+            || request.dedup.max_age_ms == 0
+        {
             return Err(ManagerError::Invalid(
-                "--timeout-ms and the batch size must be positive".into(),
+                "--timeout-ms, the batch size and the dedup window must be positive".into(),
             ));
         }
         let _admin = self.admin.lock().await;
@@ -312,7 +318,7 @@ impl PluginManager {
             on_error: request.on_error,
             max_attempts: request.max_attempts.max(1),
             max_batch: request.max_batch,
-            dedup: DedupWindow::default(),
+            dedup: request.dedup,
             producer_ids,
             paused: false,
         };

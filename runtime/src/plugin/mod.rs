@@ -6,7 +6,9 @@ pub mod engine;
 pub(crate) mod executor;
 pub mod instance;
 pub mod manager;
+mod outbox;
 pub mod spec;
+mod state;
 
 pub use engine::{CompiledPlugin, PluginEngine};
 pub use executor::PartitionStatus;
