@@ -252,7 +252,7 @@ fn weir(bin: &Path, server: &Server, args: &[&str]) -> Result<String> {
 /// The README's first command: an embedded server, a publish/consume round trip with an
 /// idempotent producer and a consumer group, a short benchmark, a clean shutdown.
 fn demo() -> Result<()> {
-    ensure_wasm_target()?;
+    let plugins = build_plugins()?;
     let bin = build_release()?;
     let data = std::env::temp_dir().join(format!("weir-demo-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
@@ -267,7 +267,61 @@ fn demo() -> Result<()> {
             &["topic", "create", "order.paid", "--partitions", "4"]
         )?
     );
+    print!(
+        "{}",
+        weir(
+            &bin,
+            &server,
+            &["topic", "create", "points.credited", "--partitions", "4"]
+        )?
+    );
+    let points = plugins.join("points.wasm");
+    println!("== deploying the points plugin (WebAssembly, exactly-once effects)");
+    print!(
+        "{}",
+        weir(
+            &bin,
+            &server,
+            &[
+                "plugin",
+                "deploy",
+                "points",
+                "--wasm",
+                points.to_str().expect("utf-8 path"),
+                "--input",
+                "order.paid",
+                "--output",
+                "points.credited",
+                "--config",
+                "rate=0.1"
+            ]
+        )?
+    );
     run(Command::new("target/release/quickstart").args(["--server", &server.url]))?;
+    // The quickstart's orders: user-(i % 500) pays 10 + i % 90; points = floor(amount × 0.1).
+    let want: u64 = (0..10_000u64)
+        .filter(|i| i % 500 == 42)
+        .map(|i| (10 + i % 90) / 10)
+        .sum();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        // Quietly: until the plugin has caught up the key may not exist yet.
+        let out = Command::new(&bin)
+            .args(["state", "get", "points", "balance/user-42"])
+            .env("WEIR_SERVER", &server.url)
+            .stderr(Stdio::null())
+            .output()?;
+        let got = String::from_utf8_lossy(&out.stdout).into_owned();
+        if got.split_whitespace().next() == Some(&want.to_string()) {
+            println!("== points balance of user-42: {want} (recounted from the input: matches)");
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("points balance of user-42 is {got:?}, expected {want}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    print!("{}", weir(&bin, &server, &["plugin", "list"])?);
     print!(
         "{}",
         weir(&bin, &server, &["topic", "describe", "order.paid"])?
@@ -363,6 +417,35 @@ fn bench(args: &[String]) -> Result<()> {
             "fsync {fsync}: median {:.0} records/s (runs: {:?})\n",
             rates[1], rates
         );
+    }
+    let plugins = build_plugins()?;
+    let (points, noop) = (plugins.join("points.wasm"), plugins.join("noop.wasm"));
+    for round in 1..=3 {
+        let data =
+            std::env::temp_dir().join(format!("weir-bench-plugin-{}-{round}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&data);
+        let server = Server::start(&bin, &data, "always")?;
+        let out = weir(
+            &bin,
+            &server,
+            &[
+                "bench",
+                "plugin",
+                "--wasm",
+                points.to_str().expect("utf-8 path"),
+                "--baseline-wasm",
+                noop.to_str().expect("utf-8 path"),
+                "--records",
+                &records,
+                "--users",
+                "10000",
+                "--partitions",
+                "4",
+            ],
+        )?;
+        server.stop()?;
+        std::fs::remove_dir_all(&data).ok();
+        println!("plugin bench, fsync always, run {round}:\n{out}");
     }
     Ok(())
 }

@@ -36,7 +36,7 @@ async fn main() -> Result<()> {
                 key: Some(format!("user-{}", i % 500).into()),
                 id: Some(format!("order-{i}")),
                 ..Record::from_value(format!(
-                    r#"{{"order":{i},"user":{},"amount":{}}}"#,
+                    r#"{{"order":{i},"user":"user-{}","amount":{}}}"#,
                     i % 500,
                     10 + i % 90
                 ))
