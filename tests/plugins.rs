@@ -391,6 +391,73 @@ async fn halt_policy_stops_at_the_poison_record_without_committing_it() {
     );
     let (seen, _) = server.plugins.state_get("chaos", b"seen").unwrap().unwrap();
     assert_eq!(seen, b"2");
+
+    // Resuming a halted plugin restarts it: it retries the poison record and halts again there,
+    // without committing anything of it.
+    server.plugins.set_paused("chaos", false).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually(20, "chaos halts again", || {
+        server.plugins.info("chaos").unwrap().partitions[0]
+            .state
+            .starts_with("halted")
+    })
+    .await;
+    assert_eq!(
+        server.plugins.info("chaos").unwrap().partitions[0].committed,
+        2
+    );
+    server.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_plugin_commits_nothing_until_resumed_and_stays_paused_across_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    server
+        .broker
+        .create_topic(topic("order.paid", 1))
+        .await
+        .unwrap();
+    server
+        .broker
+        .create_topic(topic("points.credited", 1))
+        .await
+        .unwrap();
+    server
+        .plugins
+        .deploy(deploy(
+            "points",
+            "points",
+            "order.paid",
+            &["points.credited"],
+        ))
+        .await
+        .unwrap();
+    server.plugins.set_paused("points", true).await.unwrap();
+    publish(&server, "order.paid", vec![paid(1, "ann", 10.0)]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        server.plugins.info("points").unwrap().partitions[0].committed,
+        0
+    );
+    let upgraded = server
+        .plugins
+        .upgrade("points", plugin_wasm("points"))
+        .await
+        .unwrap();
+    assert!(upgraded.spec.paused, "an upgrade keeps the plugin paused");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        server.plugins.info("points").unwrap().partitions[0].committed,
+        0
+    );
+    server.plugins.set_paused("points", false).await.unwrap();
+    caught_up(&server, "points").await;
+    assert!(server
+        .plugins
+        .state_get("points", b"balance/ann")
+        .unwrap()
+        .is_some());
     server.stop().await.unwrap();
 }
 

@@ -196,6 +196,9 @@ impl PluginRuntime {
         let mut paused = self.paused.subscribe();
         let mut instance: Option<PluginInstance> = None;
         loop {
+            if cancel.is_cancelled() {
+                return;
+            }
             if *paused.borrow_and_update() {
                 self.set_state(partition, "paused");
                 tokio::select! {
@@ -247,13 +250,16 @@ impl PluginRuntime {
     ) -> Result<(), String> {
         match self.attempts(partition, records, instance, cancel).await {
             Ok(()) => return Ok(()),
-            Err(e) if records.len() == 1 || cancel.is_cancelled() => {
-                return self.give_up(partition, &records[0], e).await
-            }
+            // Shutting down: leave the batch uncommitted for the next start; blame no record.
+            Err(_) if cancel.is_cancelled() => return Ok(()),
+            Err(e) if records.len() == 1 => return self.give_up(partition, &records[0], e).await,
             Err(_) => {}
         }
         // Isolate the failing record(s): commit the good ones one by one.
         for r in records {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
             if let Err(e) = self
                 .attempts(partition, std::slice::from_ref(r), instance, cancel)
                 .await

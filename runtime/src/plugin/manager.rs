@@ -349,17 +349,31 @@ impl PluginManager {
         self.info(name)
     }
 
-    /// Pauses or resumes a plugin.
+    /// Pauses or resumes a plugin; resuming a halted plugin restarts it.
     ///
     /// # Errors
     /// Unknown plugin.
     pub async fn set_paused(&self, name: &str, paused: bool) -> Result<PluginInfo, ManagerError> {
         let _admin = self.admin.lock().await;
-        let mut spec = self.spec(name)?;
+        let runtime = self.runtime(name)?;
+        let mut spec = runtime.spec.clone();
         spec.paused = paused;
         self.save_spec(&spec).await?;
-        let runtime = self.runtime(name)?;
-        runtime.paused.send_replace(paused);
+        let halted = runtime
+            .status
+            .lock()
+            .expect("status lock")
+            .iter()
+            .any(|s| s.state.starts_with("halted"));
+        if !paused && halted {
+            // A halted partition's task has ended: resuming restarts the plugin, which retries
+            // the record that halted it.
+            let compiled = runtime.compiled.clone();
+            self.stop(name).await;
+            self.start(spec, compiled)?;
+        } else {
+            runtime.paused.send_replace(paused);
+        }
         self.info(name)
     }
 
@@ -392,7 +406,10 @@ impl PluginManager {
     }
 
     fn spec(&self, name: &str) -> Result<PluginSpec, ManagerError> {
-        Ok(self.runtime(name)?.spec.clone())
+        let runtime = self.runtime(name)?;
+        let mut spec = runtime.spec.clone();
+        spec.paused = *runtime.paused.borrow();
+        Ok(spec)
     }
 
     /// One plugin's spec and partition status.
