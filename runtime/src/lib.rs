@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod durability;
 pub mod grpc;
+pub mod local;
 pub mod log;
 pub mod plugin;
 pub mod record;

@@ -120,40 +120,13 @@ pub async fn start(
         addr: config.listen,
         source,
     })?;
-    let (data_dir, cache_bytes, fsync, broker_config) = (
-        config.data_dir.clone(),
-        config.cache_bytes,
-        config.fsync,
-        config.broker.clone(),
-    );
-    let (broker, durability, syncer, store) =
-        tokio::task::spawn_blocking(move || -> Result<_, ServerError> {
-            let options = crate::log::sled_store::SledOptions {
-                cache_bytes,
-                // Under `never` sled's own flusher moves writes to the OS every 500 ms; otherwise
-                // weir's syncer drives every flush.
-                background_flush_ms: (fsync == FsyncPolicy::Never).then_some(500),
-            };
-            let store: Arc<dyn LogStore> = Arc::new(SledStore::open(&data_dir, &options)?);
-            let (durability, syncer) = Durability::start(store.clone(), fsync);
-            let broker = Broker::open(store.clone(), durability.clone(), broker_config)?;
-            Ok((broker, durability, syncer, store))
-        })
-        .await
-        .expect("store open task")?;
-    tracing::info!(message = "weir is serving.", %addr, data_dir = %config.data_dir.display(), fsync = %config.fsync, topics = broker.list_topics().len());
-    let plugins = PluginManager::open(
-        &config.data_dir,
-        broker.clone(),
-        store,
-        config.max_wasm_bytes,
-    )
-    .await?;
+    let core = Core::open(&config).await?;
+    tracing::info!(message = "weir is serving.", %addr, data_dir = %config.data_dir.display(), fsync = %config.fsync, topics = core.broker.list_topics().len());
+    let (broker, plugins) = (core.broker.clone(), core.plugins.clone());
     let tracker = TaskTracker::new();
     tracker.spawn(retention_loop(broker.clone(), shutdown.clone()));
     let service = WeirService::new(broker.clone(), plugins.clone(), shutdown.clone());
     let serve_shutdown = shutdown.clone();
-    let serve_plugins = plugins.clone();
     let handle = tokio::spawn(async move {
         // Nagle must be off on every accepted socket (tonic's builder flag does not reach a
         // listener we bound ourselves): with it, small acks wait ~40 ms for delayed ACKs.
@@ -165,15 +138,7 @@ pub async fn start(
             .await;
         tracker.close();
         tracker.wait().await;
-        serve_plugins.shutdown().await;
-        // Everything acknowledged is synced already under `always`; sync the rest (interval,
-        // never, metadata) before exiting.
-        durability.stop();
-        tokio::task::spawn_blocking(move || syncer.join())
-            .await
-            .ok();
-        let (syncs, mean_sync_us) = durability.sync_stats();
-        tracing::info!(message = "weir stopped; store synced.", syncs, mean_sync_us);
+        core.close().await;
         Ok(result?)
     });
     Ok(RunningServer {
@@ -183,6 +148,73 @@ pub async fn start(
         plugins,
         handle,
     })
+}
+
+/// The store, syncer, broker and plugins of one data directory: everything but the network.
+/// The server wraps it in gRPC; [`crate::local::LocalRuntime`] uses it directly.
+pub struct Core {
+    /// The broker.
+    pub broker: Arc<Broker>,
+    /// The plugins.
+    pub plugins: Arc<PluginManager>,
+    durability: Arc<Durability>,
+    syncer: std::thread::JoinHandle<()>,
+}
+
+impl Core {
+    /// Opens the store in `config.data_dir`, starts the syncer, rebuilds the broker and
+    /// restarts every deployed plugin.
+    ///
+    /// # Errors
+    /// Store, recovery or plugin restart failures.
+    pub async fn open(config: &ServerConfig) -> Result<Core, ServerError> {
+        let (data_dir, cache_bytes, fsync, broker_config) = (
+            config.data_dir.clone(),
+            config.cache_bytes,
+            config.fsync,
+            config.broker.clone(),
+        );
+        let (broker, durability, syncer, store) =
+            tokio::task::spawn_blocking(move || -> Result<_, ServerError> {
+                let options = crate::log::sled_store::SledOptions {
+                    cache_bytes,
+                    // Under `never` sled's own flusher moves writes to the OS every 500 ms; otherwise
+                    // weir's syncer drives every flush.
+                    background_flush_ms: (fsync == FsyncPolicy::Never).then_some(500),
+                };
+                let store: Arc<dyn LogStore> = Arc::new(SledStore::open(&data_dir, &options)?);
+                let (durability, syncer) = Durability::start(store.clone(), fsync);
+                let broker = Broker::open(store.clone(), durability.clone(), broker_config)?;
+                Ok((broker, durability, syncer, store))
+            })
+            .await
+            .expect("store open task")?;
+        let plugins = PluginManager::open(
+            &config.data_dir,
+            broker.clone(),
+            store,
+            config.max_wasm_bytes,
+        )
+        .await?;
+        Ok(Core {
+            broker,
+            plugins,
+            durability,
+            syncer,
+        })
+    }
+
+    /// Stops the plugins, syncs everything and stops the syncer.
+    pub async fn close(self) {
+        self.plugins.shutdown().await;
+        self.durability.stop();
+        let syncer = self.syncer;
+        tokio::task::spawn_blocking(move || syncer.join())
+            .await
+            .ok();
+        let (syncs, mean_sync_us) = self.durability.sync_stats();
+        tracing::info!(message = "weir stopped; store synced.", syncs, mean_sync_us);
+    }
 }
 
 /// Runs a server until `shutdown` is cancelled (the `weir serve` entry point).

@@ -5,6 +5,7 @@ mod bench;
 mod consume;
 mod plugin;
 mod publish;
+mod test;
 mod topic;
 
 use std::net::SocketAddr;
@@ -47,6 +48,8 @@ pub enum Command {
     /// Query plugin state.
     #[command(subcommand)]
     State(plugin::StateCommand),
+    /// Run a plugin against JSON-lines input in a local runtime (no server needed).
+    Test(test::TestArgs),
     /// Measure throughput and latency.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -95,6 +98,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
         Command::Consume(args) => consume::run(&connect(&cli.server).await?, args, shutdown).await,
         Command::Plugin(cmd) => plugin::run(&connect(&cli.server).await?, cmd).await,
         Command::State(cmd) => plugin::state(&connect(&cli.server).await?, cmd).await,
+        Command::Test(args) => test::run(args).await,
         Command::Bench(cmd) => bench::run(&cli.server, cmd, shutdown).await,
     }
 }

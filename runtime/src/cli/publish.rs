@@ -47,7 +47,7 @@ struct JsonRecord {
     timestamp_ms: i64,
 }
 
-fn from_json_line(line: &str) -> Result<Record, String> {
+pub(super) fn from_json_line(line: &str) -> Result<Record, String> {
     let r: JsonRecord = serde_json::from_str(line).map_err(|e| e.to_string())?;
     let value = match r.value {
         serde_json::Value::String(s) => Bytes::from(s),

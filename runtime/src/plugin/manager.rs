@@ -444,6 +444,22 @@ impl PluginManager {
         Ok(self.runtime(name)?.log_lines())
     }
 
+    /// Every committed state entry of a plugin: (key, value, version), in key order.
+    ///
+    /// # Errors
+    /// Unknown plugin, storage failure.
+    pub fn state_entries(&self, name: &str) -> Result<Vec<(Vec<u8>, Vec<u8>, u64)>, ManagerError> {
+        Ok(self.runtime(name)?.state_entries()?)
+    }
+
+    /// Outbox entries (batches of outputs) committed but not yet forwarded.
+    ///
+    /// # Errors
+    /// Unknown plugin, storage failure.
+    pub fn pending_outputs(&self, name: &str) -> Result<usize, ManagerError> {
+        Ok(self.runtime(name)?.pending_outputs()?)
+    }
+
     /// A committed state value and its version.
     ///
     /// # Errors

@@ -71,6 +71,18 @@ pub enum PluginError {
 impl PluginError {
     pub(crate) fn from_trap(e: wasmtime::Error, output: &str) -> Self {
         let message = format!("{e:#}");
+        // The trap itself, without wasmtime's wasm backtrace; the plugin's own words (a panic
+        // message) on one line, without Rust's RUST_BACKTRACE hint.
+        let trap = e
+            .downcast_ref::<wasmtime::Trap>()
+            .map(|t| t.to_string())
+            .unwrap_or_else(|| e.root_cause().to_string());
+        let output: String = output
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
+            .collect::<Vec<_>>()
+            .join(" ");
         match e.downcast_ref::<wasmtime::Trap>() {
             Some(wasmtime::Trap::Interrupt) => PluginError::Timeout { limit_ms: 0 },
             _ if message.contains("forcing trap when growing memory")
@@ -79,8 +91,8 @@ impl PluginError {
                 PluginError::MemoryLimit { limit_bytes: 0 }
             }
             _ => PluginError::Trap {
-                message,
-                output: output.to_string(),
+                message: trap,
+                output,
             },
         }
     }

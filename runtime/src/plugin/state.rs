@@ -112,6 +112,25 @@ impl PluginRuntime {
         }
     }
 
+    /// Every committed state entry (after folding pending deltas), in key order.
+    pub(crate) fn state_entries(
+        &self,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>, u64)>, crate::log::LogError> {
+        self.compact()?;
+        let entries = self.store.kv_scan(&self.namespace, b"s/")?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|(k, v)| {
+                decode_state(&v).map(|(value, version)| (k[2..].to_vec(), value, version))
+            })
+            .collect())
+    }
+
+    /// Outbox entries not yet forwarded.
+    pub(crate) fn pending_outputs(&self) -> Result<usize, crate::log::LogError> {
+        Ok(self.store.kv_scan(&self.namespace, b"o/")?.len())
+    }
+
     /// A committed state value and its version, as the plugin would read it.
     pub(crate) fn state(&self, key: &[u8]) -> Option<(Vec<u8>, u64)> {
         read_through(&self.cache, &*self.store, &self.namespace, key)
