@@ -15,8 +15,11 @@ fn main() -> ExitCode {
     let cli = weir_runtime::cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG").unwrap_or_else(|_| {
+                // The server narrates its life; client commands print only what went wrong.
+                let serving = matches!(cli.command, weir_runtime::cli::Command::Serve(_));
+                (if serving { "info" } else { "warn" }).into()
+            }),
         )
         .with_writer(std::io::stderr)
         .init();

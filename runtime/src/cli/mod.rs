@@ -5,6 +5,7 @@ mod bench;
 mod consume;
 mod plugin;
 mod publish;
+mod scaffold;
 mod test;
 mod topic;
 
@@ -96,7 +97,10 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
         Command::Topic(cmd) => topic::run(&connect(&cli.server).await?, cmd).await,
         Command::Publish(args) => publish::run(&connect(&cli.server).await?, args).await,
         Command::Consume(args) => consume::run(&connect(&cli.server).await?, args, shutdown).await,
-        Command::Plugin(cmd) => plugin::run(&connect(&cli.server).await?, cmd).await,
+        Command::Plugin(cmd) => match plugin::local_command(&cmd) {
+            Some(result) => result,
+            None => plugin::run(&connect(&cli.server).await?, cmd).await,
+        },
         Command::State(cmd) => plugin::state(&connect(&cli.server).await?, cmd).await,
         Command::Test(args) => test::run(args).await,
         Command::Bench(cmd) => bench::run(&cli.server, cmd, shutdown).await,

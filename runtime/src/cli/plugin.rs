@@ -72,6 +72,23 @@ pub enum PluginCommand {
         /// Plugin name.
         name: String,
     },
+    /// Generate a plugin crate that builds and passes its test as generated.
+    New {
+        /// Crate and plugin name.
+        name: String,
+        /// Directory to create it in.
+        #[arg(long, default_value = ".")]
+        path: std::path::PathBuf,
+        /// The weir-sdk directory (default: the one this weir was built from).
+        #[arg(long)]
+        sdk: Option<std::path::PathBuf>,
+    },
+    /// Build a plugin crate for wasm32-wasip2 in release and print the artifact.
+    Build {
+        /// The crate's directory.
+        #[arg(default_value = ".")]
+        path: std::path::PathBuf,
+    },
 }
 
 /// State queries.
@@ -176,6 +193,9 @@ pub(super) async fn run(client: &Client, cmd: PluginCommand) -> anyhow::Result<(
             client.remove_plugin(&name).await?;
             println!("removed plugin {name}");
         }
+        PluginCommand::New { .. } | PluginCommand::Build { .. } => {
+            unreachable!("handled without a server")
+        }
         PluginCommand::Logs { name } => {
             for line in client.plugin_logs(&name).await? {
                 println!("{line}");
@@ -183,6 +203,26 @@ pub(super) async fn run(client: &Client, cmd: PluginCommand) -> anyhow::Result<(
         }
     }
     Ok(())
+}
+
+/// `plugin new` and `plugin build` need no server; `None` for the other commands.
+pub(super) fn local_command(cmd: &PluginCommand) -> Option<anyhow::Result<()>> {
+    match cmd {
+        PluginCommand::New { name, path, sdk } => Some(
+            super::scaffold::new_plugin(name, path, sdk.clone()).map(|root| {
+                println!("created plugin crate {}", root.display());
+                println!(
+                    "next: cd {} && cargo test && weir plugin build",
+                    root.display()
+                );
+            }),
+        ),
+        PluginCommand::Build { path } => Some(super::scaffold::build_plugin(path).map(|wasm| {
+            let size = std::fs::metadata(&wasm).map(|m| m.len()).unwrap_or(0);
+            println!("{} ({size} bytes)", wasm.display());
+        })),
+        _ => None,
+    }
 }
 
 pub(super) async fn state(client: &Client, cmd: StateCommand) -> anyhow::Result<()> {

@@ -1,0 +1,182 @@
+//! `weir plugin new` (a plugin crate that builds and passes its test as generated) and
+//! `weir plugin build` (build it for wasm32-wasip2, installing the target if missing).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The SDK this `weir` was built with, for the generated crate's path dependency.
+fn default_sdk() -> Option<PathBuf> {
+    let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk");
+    sdk.join("Cargo.toml")
+        .exists()
+        .then(|| sdk.canonicalize().unwrap_or(sdk))
+}
+
+/// Creates `dir/name` with a working consumer, a unit test and a sample input.
+pub(super) fn new_plugin(name: &str, dir: &Path, sdk: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    crate::record::validate_topic_name(name)
+        .map_err(|e| anyhow::anyhow!("invalid plugin name: {}", e.replace("topic name", "name")))?;
+    anyhow::ensure!(
+        name.chars().next().is_some_and(|c| c.is_ascii_alphabetic()) && !name.contains('.'),
+        "a plugin crate name starts with a letter and has no '.': {name:?}"
+    );
+    let sdk = sdk.or_else(default_sdk).ok_or_else(|| {
+        anyhow::anyhow!(
+            "cannot find weir-sdk; pass --sdk PATH to the sdk/ directory of a weir checkout"
+        )
+    })?;
+    let root = dir.join(name);
+    anyhow::ensure!(!root.exists(), "{} already exists", root.display());
+    let write = |rel: &str, text: String| -> anyhow::Result<()> {
+        let path = root.join(rel);
+        std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+        std::fs::write(&path, text)
+            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+    };
+    write(
+        "Cargo.toml",
+        format!(
+            r#"[package]
+name = "{name}"
+version = "0.1.0"
+edition = "2021"
+publish = false
+
+[lib]
+crate-type = ["cdylib", "rlib"]
+
+[dependencies]
+weir-sdk = {{ path = "{sdk}" }}
+serde = {{ version = "1", features = ["derive"] }}
+serde_json = "1"
+
+# Small plugins: deploys upload the .wasm.
+[profile.release]
+opt-level = "s"
+lto = true
+codegen-units = 1
+strip = true
+
+# A standalone crate, not part of an enclosing workspace.
+[workspace]
+"#,
+            sdk = sdk.display()
+        ),
+    )?;
+    write(".cargo/config.toml", "# `cargo plugin` builds the .wasm weir deploys (`weir plugin build` does the same).\n[alias]\nplugin = \"build --release --target wasm32-wasip2\"\n".into())?;
+    write(".gitignore", "/target\n".into())?;
+    write("input.jsonl", "{\"key\":\"ann\",\"id\":\"o-1\",\"value\":{\"item\":\"tea\"}}\n{\"key\":\"bob\",\"id\":\"o-2\",\"value\":{\"item\":\"cake\"}}\n{\"key\":\"ann\",\"id\":\"o-3\",\"value\":{\"item\":\"cake\"}}\n".into())?;
+    write(
+        "src/lib.rs",
+        format!(
+            r#"//! {name}: counts records per key and emits each running count to `{name}.counts`.
+
+use weir_sdk::{{consumer, Context, Record, Result}};
+
+/// Counts one record.
+#[consumer]
+pub fn count(record: &Record, ctx: &mut Context) -> Result<()> {{
+    let key = record.key_str().unwrap_or("no-key");
+    let state_key = format!("count/{{key}}");
+    let count = ctx.get::<u64>(&state_key)?.unwrap_or(0) + 1;
+    ctx.put(&state_key, &count)?;
+    ctx.emit_json("{name}.counts", Some(key), &serde_json::json!({{ "key": key, "count": count }}))
+}}
+
+#[cfg(test)]
+mod tests {{
+    use std::collections::BTreeMap;
+
+    use weir_sdk::codec::InRecord;
+    use weir_sdk::MemoryState;
+
+    use super::*;
+
+    #[test]
+    fn counts_per_key() {{
+        let (config, mut state) = (BTreeMap::new(), MemoryState::default());
+        let mut ctx = Context::new(&mut state, &config);
+        for (offset, key) in ["ann", "bob", "ann"].iter().enumerate() {{
+            let record = InRecord {{ offset: offset as u64, timestamp_ms: 0, partition: 0, key: Some(key.as_bytes()), value: b"{{}}", id: None, headers: vec![] }};
+            count(&Record::new(record), &mut ctx).unwrap();
+        }}
+        assert_eq!(ctx.outputs().len(), 3);
+        drop(ctx);
+        assert_eq!(state.get_json::<u64>("count/ann"), Some(2));
+    }}
+}}
+"#
+        ),
+    )?;
+    Ok(root)
+}
+
+/// Installs the wasm target if rustup lacks it.
+fn ensure_target() -> anyhow::Result<()> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .map_err(|e| anyhow::anyhow!("rustup is needed to build plugins: {e}"))?;
+    if !String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.trim() == "wasm32-wasip2")
+    {
+        let status = Command::new("rustup")
+            .args(["target", "add", "wasm32-wasip2"])
+            .status()?;
+        anyhow::ensure!(status.success(), "rustup target add wasm32-wasip2 failed");
+    }
+    Ok(())
+}
+
+/// The `name` of a Cargo.toml's `[package]`.
+fn package_name(manifest: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(manifest)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", manifest.display()))?;
+    let mut in_package = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_package = line == "[package]";
+        } else if in_package {
+            if let Some(value) = line
+                .strip_prefix("name")
+                .map(str::trim)
+                .and_then(|l| l.strip_prefix('='))
+            {
+                return Ok(value.trim().trim_matches('"').to_string());
+            }
+        }
+    }
+    anyhow::bail!("{} has no [package] name", manifest.display())
+}
+
+/// Builds the plugin crate at `path` for wasm32-wasip2 in release; returns the artifact.
+pub(super) fn build_plugin(path: &Path) -> anyhow::Result<PathBuf> {
+    let manifest = path.join("Cargo.toml");
+    let name = package_name(&manifest)?;
+    ensure_target()?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "wasm32-wasip2",
+            "--manifest-path",
+        ])
+        .arg(&manifest)
+        .status()?;
+    anyhow::ensure!(
+        status.success(),
+        "building {} failed (see cargo's output above)",
+        path.display()
+    );
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| path.join("target"));
+    let wasm = target_dir
+        .join("wasm32-wasip2/release")
+        .join(format!("{}.wasm", name.replace('-', "_")));
+    anyhow::ensure!(wasm.exists(), "the build produced no {}", wasm.display());
+    Ok(wasm)
+}
