@@ -115,6 +115,54 @@ async fn example_plugins_in_the_local_runtime() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn analytics_filter_and_a_component_of_another_world_in_the_local_runtime() {
+    let local = LocalRuntime::start().await.unwrap();
+    local.create_topic("purchases", 1).await.unwrap();
+    local.create_topic("analytics.purchases", 1).await.unwrap();
+    local
+        .deploy(
+            "analytics",
+            plugin_wasm("analytics-filter"),
+            "purchases",
+            &["analytics.purchases"],
+            &[("fields", "order"), ("min_amount", "10")],
+        )
+        .await
+        .unwrap();
+    let events = [(1, 5), (2, 50), (3, 10)]
+        .map(|(o, a)| Record::from_value(format!(r#"{{"order":{o},"amount":{a},"email":"x@y"}}"#)));
+    local.publish("purchases", events.to_vec()).await.unwrap();
+    local.run_until_idle().await.unwrap();
+    let out: Vec<Bytes> = local
+        .read("analytics.purchases")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.record.value)
+        .collect();
+    assert_eq!(
+        out,
+        vec![
+            Bytes::from_static(br#"{"order":2}"#),
+            Bytes::from_static(br#"{"order":3}"#)
+        ]
+    );
+
+    let err = local
+        .deploy("oops", plugin_wasm("not-a-consumer"), "purchases", &[], &[])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("does not implement weir:plugin/consumer@0.1.0")
+            && err.contains("no export `init`")
+            && err.contains("#[weir_sdk::consumer]"),
+        "{err}"
+    );
+    local.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trap_in_the_local_runtime_names_the_record_and_the_panic() {
     let local = LocalRuntime::start().await.unwrap();
     local.create_topic("in", 1).await.unwrap();

@@ -157,8 +157,15 @@ impl PluginEngine {
             .linker
             .instantiate_pre(&component)
             .map_err(|e| PluginError::WrongWorld(one_line(&format!("{e:#}"))))?;
-        let pre = ConsumerPre::new(pre)
-            .map_err(|e| PluginError::WrongWorld(one_line(&format!("{e:#}"))))?;
+        let pre = ConsumerPre::new(pre).map_err(|e| {
+            let message = one_line(&format!("{e:#}"));
+            let hint = if message.contains("no export") {
+                " (a Rust plugin needs #[weir_sdk::consumer] on its function)"
+            } else {
+                ""
+            };
+            PluginError::WrongWorld(format!("{message}{hint}"))
+        })?;
         Ok(CompiledPlugin {
             engine: self.engine.clone(),
             pre,
