@@ -4,19 +4,9 @@
 mod common;
 
 use bytes::Bytes;
-use common::{plugin_wasm, weir_bin};
+use common::{paid, plugin_wasm, weir_bin};
 use weir_runtime::local::{LocalError, LocalRuntime};
 use weir_runtime::Record;
-
-fn paid(order: u64, user: &str, amount: f64) -> Record {
-    Record {
-        key: Some(Bytes::from(user.to_string())),
-        id: Some(format!("order-{order}")),
-        ..Record::from_value(format!(
-            r#"{{"order":{order},"user":"{user}","amount":{amount}}}"#
-        ))
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn example_plugins_in_the_local_runtime() {

@@ -98,16 +98,6 @@ async fn read_all(server: &RunningServer, topic: &str) -> Vec<weir_runtime::Stor
     out
 }
 
-fn paid(order: u64, user: &str, amount: f64) -> Record {
-    Record {
-        key: Some(Bytes::from(user.to_string())),
-        id: Some(format!("order-{order}")),
-        ..Record::from_value(format!(
-            r#"{{"order":{order},"user":"{user}","amount":{amount}}}"#
-        ))
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn points_credits_each_distinct_order_once_and_forwards_outputs_once() {
     let dir = tempfile::tempdir().unwrap();

@@ -178,3 +178,14 @@ pub async fn eventually(secs: u64, what: &str, mut check: impl FnMut() -> bool) 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A paid order as the points and red-envelope plugins read it: keyed by user, id `order-N`.
+pub fn paid(order: u64, user: &str, amount: f64) -> Record {
+    Record {
+        key: Some(Bytes::from(user.to_string())),
+        id: Some(format!("order-{order}")),
+        ..Record::from_value(format!(
+            r#"{{"order":{order},"user":"{user}","amount":{amount}}}"#
+        ))
+    }
+}
