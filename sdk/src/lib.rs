@@ -28,6 +28,28 @@
 //! # fn main() {}
 //! ```
 //!
+//! ## Start, test, build, deploy
+//!
+//! `weir plugin new NAME` generates a crate like the one above with a unit test and sample
+//! input. Unit-test the function natively — no wasm, no server — with [`MemoryState`]:
+//!
+//! ```
+//! # use weir_sdk::{consumer, Context, Record, Result};
+//! # #[consumer]
+//! # fn credit(record: &Record, ctx: &mut Context) -> Result<()> { ctx.put("seen", &true) }
+//! use std::collections::BTreeMap;
+//! use weir_sdk::{codec::InRecord, MemoryState};
+//!
+//! let (config, mut state) = (BTreeMap::new(), MemoryState::default());
+//! let mut ctx = Context::new(&mut state, &config);
+//! let record = InRecord { offset: 0, timestamp_ms: 0, partition: 0, key: None, value: b"{}", id: None, headers: vec![] };
+//! credit(&Record::new(record), &mut ctx).unwrap();
+//! drop(ctx);
+//! assert_eq!(state.get_json::<bool>("seen"), Some(true));
+//! ```
+//!
+//! `weir plugin build` makes the `.wasm`; `weir test PLUGIN.wasm --input input.jsonl` runs it in an
+//! in-process weir and prints its outputs and state (docs/plugin-guide.md has the whole path).
 //! Build it for `wasm32-wasip2` (`cargo build --release --target wasm32-wasip2`), then deploy:
 //! `weir plugin deploy points --wasm target/wasm32-wasip2/release/points.wasm --input order.paid
 //! --output points.credited --config rate=0.1`.
