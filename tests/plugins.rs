@@ -234,6 +234,7 @@ async fn misbehaving_records_go_to_the_dlq_and_nothing_else_stops() {
         "bomb",
         "fail",
         "emit-undeclared",
+        "huge",
         "ok-4",
     ];
     publish(
@@ -264,7 +265,7 @@ async fn misbehaving_records_go_to_the_dlq_and_nothing_else_stops() {
     assert_eq!(seen, b"4", "state of failed batches was never committed");
 
     eventually(20, "dead letters forwarded", || {
-        end_total(&server, "chaos.dlq") == 5
+        end_total(&server, "chaos.dlq") == 6
     })
     .await;
     let dead = read_all(&server, "chaos.dlq").await;
@@ -313,13 +314,18 @@ async fn misbehaving_records_go_to_the_dlq_and_nothing_else_stops() {
         "{}",
         reason("emit-undeclared")
     );
+    assert!(
+        reason("huge").contains("the record limit is"),
+        "{}",
+        reason("huge")
+    );
     let info = server.plugins.info("chaos").unwrap();
     assert_eq!(
         (
             info.partitions[0].processed,
             info.partitions[0].dead_lettered
         ),
-        (4, 5)
+        (4, 6)
     );
     assert!(
         server

@@ -1,6 +1,7 @@
 //! A plugin for testing isolation: the record value says what to do.
 //! `loop` spins forever, `bomb` allocates until the memory cap, `panic` panics, `fail`
-//! returns an error, `emit-undeclared` emits to a topic it was not deployed with; anything
+//! returns an error, `emit-undeclared` emits to a topic it was not deployed with, `huge` emits
+//! a 2 MiB record (over the broker's record limit); anything
 //! else is echoed to `chaos.out` and counted in state.
 
 use weir_sdk::{consumer, Context, Record, Result};
@@ -24,6 +25,10 @@ pub fn chaos(record: &Record, ctx: &mut Context) -> Result<()> {
         }
         b"panic" => panic!("poison record at offset {}", record.offset()),
         b"fail" => Err("refusing this record".into()),
+        b"huge" => {
+            ctx.emit("chaos.out", None, vec![b'x'; 2 << 20]);
+            Ok(())
+        }
         b"emit-undeclared" => {
             ctx.emit("somewhere.else", None, "x");
             Ok(())

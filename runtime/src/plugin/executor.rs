@@ -541,7 +541,18 @@ impl PluginRuntime {
                         o.topic, self.spec.outputs, o.topic
                     )));
                 }
-                outputs.push((o.topic.to_string(), output_record(&o)));
+                let record = output_record(&o);
+                // Refused here, not at forwarding: a committed output the broker cannot take
+                // would block the outbox forever.
+                let max = self.broker.config().max_record_bytes;
+                if record.encoded_len() > max {
+                    return Err(PluginError::BadOutput(format!(
+                        "an output to {:?} is {} bytes encoded; the record limit is {max}",
+                        o.topic,
+                        record.encoded_len()
+                    )));
+                }
+                outputs.push((o.topic.to_string(), record));
             }
         }
         let dead_lettered = u64::from(dead_letter.is_some());
