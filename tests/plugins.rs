@@ -654,3 +654,42 @@ async fn analytics_filter_projects_only_matching_purchases() {
     }
     server.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_outputs_and_state_never_reach_sled_blob_files() {
+    // sled never fsyncs its blob files; a batch's outbox entry of megabytes must be fragmented.
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    server.broker.create_topic(topic("in", 1)).await.unwrap();
+    server
+        .broker
+        .create_topic(topic("chaos.out", 1))
+        .await
+        .unwrap();
+    server
+        .plugins
+        .deploy(deploy("chaos", "chaos", "in", &["chaos.out"]))
+        .await
+        .unwrap();
+    publish(&server, "in", vec![Record::from_value("big")]).await;
+    caught_up(&server, "chaos").await;
+    eventually(20, "big outputs forwarded", || {
+        end_total(&server, "chaos.out") == 8
+    })
+    .await;
+    let out = read_all(&server, "chaos.out").await;
+    assert!(out
+        .iter()
+        .enumerate()
+        .all(|(i, r)| r.record.value.len() == 400 * 1024 && r.record.value[0] == i as u8));
+    let (big, _) = server.plugins.state_get("chaos", b"big").unwrap().unwrap();
+    assert_eq!(
+        big.len(),
+        serde_json::to_vec(&vec![7u8; 300 * 1024]).unwrap().len()
+    );
+    server.stop().await.unwrap();
+    let blobs = std::fs::read_dir(dir.path().join("blobs"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(blobs, 0, "no blob files");
+}

@@ -1,7 +1,8 @@
 //! A plugin for testing isolation: the record value says what to do.
 //! `loop` spins forever, `bomb` allocates until the memory cap, `panic` panics, `fail`
 //! returns an error, `emit-undeclared` emits to a topic it was not deployed with, `huge` emits
-//! a 2 MiB record (over the broker's record limit); anything
+//! a 2 MiB record (over the broker's record limit), `big` emits 3.2 MB of outputs and writes a
+//! 300 KB state value in one batch; anything
 //! else is echoed to `chaos.out` and counted in state.
 
 use weir_sdk::{consumer, Context, Record, Result};
@@ -25,6 +26,13 @@ pub fn chaos(record: &Record, ctx: &mut Context) -> Result<()> {
         }
         b"panic" => panic!("poison record at offset {}", record.offset()),
         b"fail" => Err("refusing this record".into()),
+        b"big" => {
+            for i in 0..8u8 {
+                ctx.emit("chaos.out", None, vec![i; 400 * 1024]);
+            }
+            ctx.put("big", &vec![7u8; 300 * 1024])?;
+            Ok(())
+        }
         b"huge" => {
             ctx.emit("chaos.out", None, vec![b'x'; 2 << 20]);
             Ok(())

@@ -215,6 +215,54 @@ impl SledStore {
     }
 }
 
+/// Key-value values carry a tag byte: inline, or split into fragments of at most
+/// [`FRAGMENT_MAX_BYTES`] stored in the same tree (so a write stays one atomic batch) under
+/// `0xFF | key length u32 BE | key | fragment u32 BE`. No stored value — hence no sled page —
+/// grows past the blob threshold, whatever a plugin's outputs or state weigh.
+const KV_INLINE: u8 = 0;
+const KV_FRAGMENTED: u8 = 1;
+const KV_FRAGMENT_PREFIX: u8 = 0xFF;
+
+fn fragment_key(key: &[u8], i: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(key.len() + 9);
+    k.push(KV_FRAGMENT_PREFIX);
+    k.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    k.extend_from_slice(key);
+    k.extend_from_slice(&i.to_be_bytes());
+    k
+}
+
+fn fragment_count(stored: &[u8]) -> u32 {
+    stored
+        .get(1..5)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u32::from_be_bytes)
+}
+
+/// The value of a stored key-value entry (reassembled when fragmented).
+fn kv_value(tree: &sled::Tree, key: &[u8], stored: sled::IVec) -> Result<Bytes, LogError> {
+    match stored.first() {
+        Some(&KV_INLINE) => Ok(Bytes::from_owner(stored).slice(1..)),
+        Some(&KV_FRAGMENTED) => {
+            let mut whole = Vec::new();
+            for i in 0..fragment_count(&stored) {
+                let fragment = tree.get(fragment_key(key, i))?.ok_or_else(|| {
+                    LogError::Storage(format!(
+                        "fragment {i} of key {} is missing",
+                        String::from_utf8_lossy(key)
+                    ))
+                })?;
+                whole.extend_from_slice(&fragment);
+            }
+            Ok(Bytes::from(whole))
+        }
+        _ => Err(LogError::Storage(format!(
+            "key {} has an unknown value tag",
+            String::from_utf8_lossy(key)
+        ))),
+    }
+}
+
 fn chunk_key(base: u64, fragment: u16) -> [u8; 11] {
     let mut key = [0u8; 11];
     key[0] = b'c';
@@ -417,14 +465,23 @@ impl LogStore for SledStore {
     }
 
     fn kv_get(&self, namespace: &str, key: &[u8]) -> Result<Option<Bytes>, LogError> {
-        Ok(self.kv(namespace)?.get(key)?.map(Bytes::from_owner))
+        let tree = self.kv(namespace)?;
+        match tree.get(key)? {
+            Some(stored) => Ok(Some(kv_value(&tree, key, stored)?)),
+            None => Ok(None),
+        }
     }
 
     fn kv_scan(&self, namespace: &str, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>, LogError> {
+        let tree = self.kv(namespace)?;
         let mut out = Vec::new();
-        for item in self.kv(namespace)?.scan_prefix(prefix) {
+        for item in tree.scan_prefix(prefix) {
             let (k, v) = item?;
-            out.push((Bytes::from_owner(k), Bytes::from_owner(v)));
+            if k.first() == Some(&KV_FRAGMENT_PREFIX) {
+                continue;
+            }
+            let value = kv_value(&tree, &k, v)?;
+            out.push((Bytes::from_owner(k), value));
         }
         Ok(out)
     }
@@ -434,14 +491,37 @@ impl LogStore for SledStore {
         namespace: &str,
         writes: &[(Vec<u8>, Option<Vec<u8>>)],
     ) -> Result<(), LogError> {
+        let tree = self.kv(namespace)?;
         let mut batch = sled::Batch::default();
         for (key, value) in writes {
+            // Remove the fragments of a large value being replaced or deleted.
+            if let Some(old) = tree.get(key)? {
+                if old.first() == Some(&KV_FRAGMENTED) {
+                    for i in 0..fragment_count(&old) {
+                        batch.remove(fragment_key(key, i));
+                    }
+                }
+            }
             match value {
-                Some(v) => batch.insert(key.as_slice(), v.as_slice()),
                 None => batch.remove(key.as_slice()),
+                Some(v) if v.len() < FRAGMENT_MAX_BYTES => {
+                    let mut stored = Vec::with_capacity(v.len() + 1);
+                    stored.push(KV_INLINE);
+                    stored.extend_from_slice(v);
+                    batch.insert(key.as_slice(), stored);
+                }
+                Some(v) => {
+                    let mut head = vec![KV_FRAGMENTED];
+                    let count = v.len().div_ceil(FRAGMENT_MAX_BYTES) as u32;
+                    head.extend_from_slice(&count.to_be_bytes());
+                    batch.insert(key.as_slice(), head);
+                    for (i, fragment) in v.chunks(FRAGMENT_MAX_BYTES).enumerate() {
+                        batch.insert(fragment_key(key, i as u32), fragment);
+                    }
+                }
             }
         }
-        self.kv(namespace)?.apply_batch(batch)?;
+        tree.apply_batch(batch)?;
         Ok(())
     }
 
@@ -457,5 +537,73 @@ impl LogStore for SledStore {
             path: self.dir.join("db"),
             source,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_values_of_any_size_round_trip_and_stay_out_of_blob_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let sizes = [
+            0usize,
+            1,
+            FRAGMENT_MAX_BYTES - 1,
+            FRAGMENT_MAX_BYTES,
+            100_000,
+            3_000_000,
+        ];
+        let value = |n: usize, seed: u8| {
+            (0..n)
+                .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+                .collect::<Vec<u8>>()
+        };
+        {
+            let store = SledStore::open(dir.path(), &SledOptions::default()).unwrap();
+            let writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = sizes
+                .iter()
+                .map(|&n| (format!("o/{n:08}").into_bytes(), Some(value(n, 1))))
+                .collect();
+            store.kv_apply("plugin/p", &writes).unwrap();
+            // Replace a large value by a small one and delete another large one: no fragment stays.
+            store
+                .kv_apply(
+                    "plugin/p",
+                    &[
+                        (b"o/00100000".to_vec(), Some(b"small".to_vec())),
+                        (b"o/03000000".to_vec(), None),
+                    ],
+                )
+                .unwrap();
+            store.sync().unwrap();
+        }
+        let store = SledStore::open(dir.path(), &SledOptions::default()).unwrap();
+        let scanned = store.kv_scan("plugin/p", b"o/").unwrap();
+        assert_eq!(scanned.len(), sizes.len() - 1);
+        for (key, got) in &scanned {
+            let n: usize = std::str::from_utf8(&key[2..]).unwrap().parse().unwrap();
+            let want = if n == 100_000 {
+                b"small".to_vec()
+            } else {
+                value(n, 1)
+            };
+            assert_eq!(got.as_ref(), &want[..], "value of {n} bytes");
+            assert_eq!(store.kv_get("plugin/p", key).unwrap().unwrap(), *got);
+        }
+        let tree = store.kv("plugin/p").unwrap();
+        let fragments = tree.scan_prefix([KV_FRAGMENT_PREFIX]).count();
+        // Only the 32 KiB value's own fragment: the replaced and deleted values left none.
+        assert_eq!(fragments, 1);
+        assert!(tree
+            .iter()
+            .values()
+            .all(|v| v.unwrap().len() <= FRAGMENT_MAX_BYTES + 1));
+        drop(store);
+        let blobs = std::fs::read_dir(dir.path().join("blobs"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(blobs, 0, "no blob files");
     }
 }
