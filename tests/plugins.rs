@@ -22,6 +22,20 @@ fn topic(name: &str, partitions: u32) -> TopicConfig {
     }
 }
 
+/// A server on a fresh directory with these topics.
+async fn serve_with_topics(topics: &[(&str, u32)]) -> (tempfile::TempDir, RunningServer) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    for (name, partitions) in topics {
+        server
+            .broker
+            .create_topic(topic(name, *partitions))
+            .await
+            .unwrap();
+    }
+    (dir, server)
+}
+
 fn deploy(name: &str, wasm: &str, input: &str, outputs: &[&str]) -> DeployRequest {
     DeployRequest {
         name: name.into(),
@@ -100,18 +114,7 @@ async fn read_all(server: &RunningServer, topic: &str) -> Vec<weir_runtime::Stor
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn points_credits_each_distinct_order_once_and_forwards_outputs_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path()).await;
-    server
-        .broker
-        .create_topic(topic("order.paid", 2))
-        .await
-        .unwrap();
-    server
-        .broker
-        .create_topic(topic("points.credited", 2))
-        .await
-        .unwrap();
+    let (_dir, server) = serve_with_topics(&[("order.paid", 2), ("points.credited", 2)]).await;
     let mut request = deploy("points", "points", "order.paid", &["points.credited"]);
     request.config = vec![("rate".into(), "0.1".into())];
     server.plugins.deploy(request).await.unwrap();
@@ -189,24 +192,13 @@ async fn points_credits_each_distinct_order_once_and_forwards_outputs_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misbehaving_records_go_to_the_dlq_and_nothing_else_stops() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path()).await;
-    server.broker.create_topic(topic("in", 1)).await.unwrap();
-    server
-        .broker
-        .create_topic(topic("chaos.out", 1))
-        .await
-        .unwrap();
-    server
-        .broker
-        .create_topic(topic("order.paid", 1))
-        .await
-        .unwrap();
-    server
-        .broker
-        .create_topic(topic("points.credited", 1))
-        .await
-        .unwrap();
+    let (_dir, server) = serve_with_topics(&[
+        ("in", 1),
+        ("chaos.out", 1),
+        ("order.paid", 1),
+        ("points.credited", 1),
+    ])
+    .await;
     let mut request = deploy("chaos", "chaos", "in", &["chaos.out"]);
     request.limits = Limits {
         memory_bytes: 32 << 20,
@@ -347,14 +339,7 @@ async fn misbehaving_records_go_to_the_dlq_and_nothing_else_stops() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn halt_policy_stops_at_the_poison_record_without_committing_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path()).await;
-    server.broker.create_topic(topic("in", 1)).await.unwrap();
-    server
-        .broker
-        .create_topic(topic("chaos.out", 1))
-        .await
-        .unwrap();
+    let (_dir, server) = serve_with_topics(&[("in", 1), ("chaos.out", 1)]).await;
     server
         .plugins
         .deploy(deploy("chaos", "chaos", "in", &["chaos.out"]))
@@ -407,18 +392,7 @@ async fn halt_policy_stops_at_the_poison_record_without_committing_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_plugin_commits_nothing_until_resumed_and_stays_paused_across_upgrade() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path()).await;
-    server
-        .broker
-        .create_topic(topic("order.paid", 1))
-        .await
-        .unwrap();
-    server
-        .broker
-        .create_topic(topic("points.credited", 1))
-        .await
-        .unwrap();
+    let (_dir, server) = serve_with_topics(&[("order.paid", 1), ("points.credited", 1)]).await;
     server
         .plugins
         .deploy(deploy(
@@ -459,9 +433,7 @@ async fn a_paused_plugin_commits_nothing_until_resumed_and_stays_paused_across_u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_deploys_are_refused_and_change_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path()).await;
-    server.broker.create_topic(topic("in", 1)).await.unwrap();
+    let (_dir, server) = serve_with_topics(&[("in", 1)]).await;
     let mut garbage = deploy("bad", "points", "in", &[]);
     garbage.wasm = Bytes::from_static(b"definitely not wasm");
     assert!(matches!(
@@ -502,18 +474,7 @@ async fn bad_deploys_are_refused_and_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_and_restart_keep_state_and_offsets() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path()).await;
-    server
-        .broker
-        .create_topic(topic("order.paid", 1))
-        .await
-        .unwrap();
-    server
-        .broker
-        .create_topic(topic("points.credited", 1))
-        .await
-        .unwrap();
+    let (dir, server) = serve_with_topics(&[("order.paid", 1), ("points.credited", 1)]).await;
     server
         .plugins
         .deploy(deploy(
@@ -583,18 +544,7 @@ async fn upgrade_and_restart_keep_state_and_offsets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn analytics_filter_projects_only_matching_purchases() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path()).await;
-    server
-        .broker
-        .create_topic(topic("purchases", 2))
-        .await
-        .unwrap();
-    server
-        .broker
-        .create_topic(topic("analytics.purchases", 1))
-        .await
-        .unwrap();
+    let (_dir, server) = serve_with_topics(&[("purchases", 2), ("analytics.purchases", 1)]).await;
     let mut request = deploy(
         "analytics",
         "analytics-filter",
@@ -658,14 +608,7 @@ async fn analytics_filter_projects_only_matching_purchases() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_outputs_and_state_never_reach_sled_blob_files() {
     // sled never fsyncs its blob files; a batch's outbox entry of megabytes must be fragmented.
-    let dir = tempfile::tempdir().unwrap();
-    let server = start_server(dir.path()).await;
-    server.broker.create_topic(topic("in", 1)).await.unwrap();
-    server
-        .broker
-        .create_topic(topic("chaos.out", 1))
-        .await
-        .unwrap();
+    let (dir, server) = serve_with_topics(&[("in", 1), ("chaos.out", 1)]).await;
     server
         .plugins
         .deploy(deploy("chaos", "chaos", "in", &["chaos.out"]))

@@ -165,12 +165,23 @@ impl Writer {
     }
 }
 
-struct Reader<'a> {
+/// A little-endian cursor over a byte slice, as the blobs here are read. Also used by the
+/// host for its own stored blobs (outbox entries, state deltas). Every read checks bounds.
+pub struct Reader<'a> {
     b: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+    /// A reader at the start of `b`.
+    pub fn new(b: &'a [u8]) -> Self {
+        Reader { b }
+    }
+
+    /// The next `n` bytes.
+    ///
+    /// # Errors
+    /// [`DecodeError`] when fewer remain.
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if self.b.len() < n {
             return Err(DecodeError("truncated"));
         }
@@ -178,29 +189,53 @@ impl<'a> Reader<'a> {
         self.b = rest;
         Ok(head)
     }
-    fn u8(&mut self) -> Result<u8, DecodeError> {
+    /// A byte.
+    ///
+    /// # Errors
+    /// [`DecodeError`] when truncated (or not UTF-8).
+    pub fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.take(1)?[0])
     }
-    fn u16(&mut self) -> Result<u16, DecodeError> {
+    /// A u16.
+    ///
+    /// # Errors
+    /// [`DecodeError`] when truncated (or not UTF-8).
+    pub fn u16(&mut self) -> Result<u16, DecodeError> {
         Ok(u16::from_le_bytes(
             self.take(2)?.try_into().map_err(|_| DecodeError("u16"))?,
         ))
     }
-    fn u32(&mut self) -> Result<u32, DecodeError> {
+    /// A u32.
+    ///
+    /// # Errors
+    /// [`DecodeError`] when truncated (or not UTF-8).
+    pub fn u32(&mut self) -> Result<u32, DecodeError> {
         Ok(u32::from_le_bytes(
             self.take(4)?.try_into().map_err(|_| DecodeError("u32"))?,
         ))
     }
-    fn u64(&mut self) -> Result<u64, DecodeError> {
+    /// A u64.
+    ///
+    /// # Errors
+    /// [`DecodeError`] when truncated (or not UTF-8).
+    pub fn u64(&mut self) -> Result<u64, DecodeError> {
         Ok(u64::from_le_bytes(
             self.take(8)?.try_into().map_err(|_| DecodeError("u64"))?,
         ))
     }
-    fn bytes32(&mut self) -> Result<&'a [u8], DecodeError> {
+    /// Bytes prefixed by a u32 length.
+    ///
+    /// # Errors
+    /// [`DecodeError`] when truncated (or not UTF-8).
+    pub fn bytes32(&mut self) -> Result<&'a [u8], DecodeError> {
         let n = self.u32()? as usize;
         self.take(n)
     }
-    fn str16(&mut self) -> Result<&'a str, DecodeError> {
+    /// UTF-8 prefixed by a u16 length.
+    ///
+    /// # Errors
+    /// [`DecodeError`] when truncated (or not UTF-8).
+    pub fn str16(&mut self) -> Result<&'a str, DecodeError> {
         let n = self.u16()? as usize;
         core::str::from_utf8(self.take(n)?).map_err(|_| DecodeError("string is not UTF-8"))
     }
@@ -220,7 +255,11 @@ impl<'a> Reader<'a> {
         }
         Ok(n)
     }
-    fn done(&self) -> Result<(), DecodeError> {
+    /// Succeeds only when every byte was read.
+    ///
+    /// # Errors
+    /// [`DecodeError`] for trailing bytes.
+    pub fn done(&self) -> Result<(), DecodeError> {
         if self.b.is_empty() {
             Ok(())
         } else {
@@ -234,7 +273,7 @@ impl<'a> Reader<'a> {
 /// # Errors
 /// [`DecodeError`] for a truncated or inconsistent blob.
 pub fn decode_batch(blob: &[u8]) -> Result<Vec<InRecord<'_>>, DecodeError> {
-    let mut r = Reader { b: blob };
+    let mut r = Reader::new(blob);
     let n = r.count(27)?;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
@@ -273,7 +312,7 @@ pub fn decode_batch(blob: &[u8]) -> Result<Vec<InRecord<'_>>, DecodeError> {
 /// # Errors
 /// [`DecodeError`] for a truncated or inconsistent blob.
 pub fn decode_outputs(blob: &[u8]) -> Result<Vec<OutRecord<'_>>, DecodeError> {
-    let mut r = Reader { b: blob };
+    let mut r = Reader::new(blob);
     let n = r.count(9)?;
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {

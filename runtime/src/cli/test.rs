@@ -15,7 +15,7 @@ pub struct TestArgs {
     #[arg(long)]
     pub input: std::path::PathBuf,
     /// `key=value` for the plugin's init (repeatable).
-    #[arg(long, value_parser = parse_kv)]
+    #[arg(long, value_parser = super::plugin::parse_kv)]
     pub config: Vec<(String, String)>,
     /// A topic the plugin emits to (repeatable), as at deploy.
     #[arg(long)]
@@ -26,12 +26,6 @@ pub struct TestArgs {
     /// Run the input twice, showing that dedup makes the second run a no-op.
     #[arg(long)]
     pub replay_twice: bool,
-}
-
-fn parse_kv(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("{s:?} is not key=value"))
 }
 
 fn bytes_json(b: &[u8]) -> serde_json::Value {

@@ -51,25 +51,18 @@ pub(super) fn encode_groups(groups: &[Group]) -> Vec<u8> {
 }
 
 pub(super) fn decode_groups(b: &[u8]) -> Option<Vec<Group>> {
-    let mut pos = 0;
-    let mut take = |n: usize| -> Option<&[u8]> {
-        let s = b.get(pos..pos + n)?;
-        pos += n;
-        Some(s)
-    };
-    let n = u32::from_le_bytes(take(4)?.try_into().ok()?);
+    let mut r = weir_codec::Reader::new(b);
+    let n = r.u32().ok()?;
     let mut groups = Vec::new();
     for _ in 0..n {
-        let tl = u16::from_le_bytes(take(2)?.try_into().ok()?) as usize;
-        let topic = std::str::from_utf8(take(tl)?).ok()?.to_string();
-        let partition = u32::from_le_bytes(take(4)?.try_into().ok()?);
-        let base_seq = u64::from_le_bytes(take(8)?.try_into().ok()?);
-        let bl = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-        let blob = take(bl)?;
+        let topic = r.str16().ok()?.to_string();
+        let partition = r.u32().ok()?;
+        let base_seq = r.u64().ok()?;
+        let blob = r.bytes32().ok()?;
         let records = weir_codec::decode_outputs(blob)
             .ok()?
-            .into_iter()
-            .map(|o| output_record(&o))
+            .iter()
+            .map(output_record)
             .collect();
         groups.push(Group {
             topic,
@@ -78,6 +71,7 @@ pub(super) fn decode_groups(b: &[u8]) -> Option<Vec<Group>> {
             records,
         });
     }
+    r.done().ok()?;
     Some(groups)
 }
 

@@ -42,27 +42,21 @@ pub(super) fn encode_delta(writes: &BTreeMap<Vec<u8>, Option<(Vec<u8>, u64)>>) -
 type StateWrite = (Vec<u8>, Option<(Vec<u8>, u64)>);
 
 fn decode_delta(b: &[u8]) -> Option<Vec<StateWrite>> {
-    let mut pos = 0;
-    let mut take = |n: usize| -> Option<&[u8]> {
-        let s = b.get(pos..pos + n)?;
-        pos += n;
-        Some(s)
-    };
-    let n = u32::from_le_bytes(take(4)?.try_into().ok()?);
+    let mut r = weir_codec::Reader::new(b);
+    let n = r.u32().ok()?;
     let mut out = Vec::new();
     for _ in 0..n {
-        let kl = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-        let key = take(kl)?.to_vec();
-        let value = match take(1)?[0] {
+        let key = r.bytes32().ok()?.to_vec();
+        let value = match r.u8().ok()? {
             0 => None,
             _ => {
-                let version = u64::from_le_bytes(take(8)?.try_into().ok()?);
-                let vl = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
-                Some((take(vl)?.to_vec(), version))
+                let version = r.u64().ok()?;
+                Some((r.bytes32().ok()?.to_vec(), version))
             }
         };
         out.push((key, value));
     }
+    r.done().ok()?;
     Some(out)
 }
 
