@@ -49,6 +49,8 @@ fn deploy(name: &str, wasm: &str, input: &str, outputs: &[&str]) -> DeployReques
         max_attempts: 2,
         max_batch: 500,
         dedup: Default::default(),
+        owner: None,
+        owner_quota: None,
     }
 }
 

@@ -5,7 +5,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
 use crate::broker::{StartAt, TopicInfo};
@@ -95,10 +96,40 @@ impl From<pb::PartitionAck> for Ack {
     }
 }
 
+/// How to reach a server beyond its address: a token and the CA of its TLS certificate.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectOptions {
+    /// Bearer token (`weir auth token`), sent with every call.
+    pub token: Option<String>,
+    /// PEM of the CA that signed the server's certificate, for `https://` servers whose
+    /// certificate the system's roots do not vouch for (self-signed, private CA).
+    pub tls_ca_pem: Option<Vec<u8>>,
+}
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+pub struct Credentials {
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert(crate::auth::AUTHORIZATION, value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The generated client over weir's transport (channel + credentials).
+pub type RawClient = WeirClient<InterceptedService<Channel, Credentials>>;
+
 /// A connection to a weir server. Cheap to clone (one HTTP/2 connection underneath).
 #[derive(Clone)]
 pub struct Client {
-    inner: WeirClient<Channel>,
+    inner: RawClient,
 }
 
 impl Client {
@@ -107,6 +138,14 @@ impl Client {
     /// # Errors
     /// [`ClientError::Connect`] when the address is malformed or nothing answers.
     pub async fn connect(addr: &str) -> Result<Self, ClientError> {
+        Client::connect_with(addr, &ConnectOptions::default()).await
+    }
+
+    /// Connects with a token and TLS settings; `https://` addresses use TLS.
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`] when the address or token is malformed or nothing answers.
+    pub async fn connect_with(addr: &str, options: &ConnectOptions) -> Result<Self, ClientError> {
         let connect_err = |reason: String| ClientError::Connect {
             addr: addr.to_string(),
             reason,
@@ -116,6 +155,23 @@ impl Client {
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(5))
             .http2_adaptive_window(true);
+        let endpoint = if addr.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new().with_native_roots();
+            if let Some(pem) = &options.tls_ca_pem {
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            endpoint
+                .tls_config(tls)
+                .map_err(|e| connect_err(format!("TLS setup: {e}")))?
+        } else {
+            endpoint
+        };
+        let authorization = match &options.token {
+            Some(token) => Some(format!("Bearer {}", token.trim()).parse().map_err(|_| {
+                connect_err("the token has characters that cannot go in a header".into())
+            })?),
+            None => None,
+        };
         let channel = endpoint.connect().await.map_err(|e| {
             let mut reason = e.to_string();
             let mut source = std::error::Error::source(&e);
@@ -125,14 +181,14 @@ impl Client {
             }
             connect_err(reason)
         })?;
-        let inner = WeirClient::new(channel)
+        let inner = WeirClient::with_interceptor(channel, Credentials { authorization })
             .max_decoding_message_size(crate::grpc::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(crate::grpc::MAX_MESSAGE_BYTES);
         Ok(Client { inner })
     }
 
     /// The generated client, for calls this wrapper does not cover (streaming publish).
-    pub fn raw(&self) -> WeirClient<Channel> {
+    pub fn raw(&self) -> RawClient {
         self.inner.clone()
     }
 

@@ -125,8 +125,18 @@ impl LocalRuntime {
             max_attempts: 1,
             max_batch: 500,
             dedup: Default::default(),
+            owner: None,
+            owner_quota: None,
         };
         Ok(self.core.plugins.deploy(request).await?)
+    }
+
+    /// Removes a plugin with its state.
+    ///
+    /// # Errors
+    /// Unknown plugin.
+    pub async fn remove(&self, name: &str) -> Result<(), LocalError> {
+        Ok(self.core.plugins.remove(name).await?)
     }
 
     /// Deploys with a full request (limits, DLQ policy, dedup window).

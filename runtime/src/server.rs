@@ -9,9 +9,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Authority;
 use crate::broker::{Broker, BrokerConfig, BrokerError};
 use crate::durability::{Durability, FsyncPolicy};
-use crate::grpc::WeirService;
+use crate::grpc::{ApiLimits, WeirService};
 use crate::log::{LogError, LogStore, SledStore};
 use crate::plugin::PluginManager;
 
@@ -30,6 +31,21 @@ pub struct ServerConfig {
     pub cache_bytes: u64,
     /// Largest plugin wasm accepted at deploy.
     pub max_wasm_bytes: usize,
+    /// Who may do what; open when started without `--auth`.
+    pub auth: Arc<Authority>,
+    /// gRPC API limits.
+    pub limits: ApiLimits,
+    /// Certificate chain and private key (PEM) to serve TLS with.
+    pub tls: Option<TlsFiles>,
+}
+
+/// PEM files of the server's TLS identity.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// Certificate chain.
+    pub cert: PathBuf,
+    /// Private key.
+    pub key: PathBuf,
 }
 
 impl ServerConfig {
@@ -42,6 +58,9 @@ impl ServerConfig {
             broker: BrokerConfig::default(),
             cache_bytes: 512 * 1024 * 1024,
             max_wasm_bytes: 64 * 1024 * 1024,
+            auth: Arc::new(Authority::open()),
+            limits: ApiLimits::default(),
+            tls: None,
         }
     }
 }
@@ -66,6 +85,9 @@ pub enum ServerError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The TLS certificate or key could not be read.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -81,6 +103,8 @@ pub struct RunningServer {
     pub broker: Arc<Broker>,
     /// The plugins, for in-process callers.
     pub plugins: Arc<PluginManager>,
+    /// Whether it serves TLS.
+    pub tls: bool,
     handle: tokio::task::JoinHandle<Result<(), ServerError>>,
 }
 
@@ -98,7 +122,8 @@ impl RunningServer {
 
     /// The server's URL for clients.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 }
 
@@ -120,19 +145,45 @@ pub async fn start(
         addr: config.listen,
         source,
     })?;
+    // HTTP/2's own stream limit stays above weir's per-connection limit on long-lived calls,
+    // so an extra stream gets weir's RESOURCE_EXHAUSTED instead of waiting in the client.
+    let h2_streams = u32::try_from(config.limits.max_streams_per_connection)
+        .unwrap_or(u32::MAX)
+        .saturating_add(100);
+    let mut builder = tonic::transport::Server::builder().max_concurrent_streams(h2_streams);
+    if let Some(tls) = &config.tls {
+        let read = |p: &PathBuf| {
+            std::fs::read(p)
+                .map_err(|e| ServerError::Tls(format!("cannot read {}: {e}", p.display())))
+        };
+        let identity = tonic::transport::Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| ServerError::Tls(e.to_string()))?;
+    }
     let core = Core::open(&config).await?;
+    if config.auth.is_open() {
+        tracing::warn!(message = "No --auth file: every client may do everything (fine for local development, not for a shared server).");
+    }
     tracing::info!(message = "weir is serving.", %addr, data_dir = %config.data_dir.display(), fsync = %config.fsync, topics = core.broker.list_topics().len());
     let (broker, plugins) = (core.broker.clone(), core.plugins.clone());
     let tracker = TaskTracker::new();
     tracker.spawn(retention_loop(broker.clone(), shutdown.clone()));
-    let service = WeirService::new(broker.clone(), plugins.clone(), shutdown.clone());
+    let service = WeirService::new(
+        broker.clone(),
+        plugins.clone(),
+        shutdown.clone(),
+        config.auth.clone(),
+        config.limits,
+    );
+    let tls = config.tls.is_some();
     let serve_shutdown = shutdown.clone();
     let handle = tokio::spawn(async move {
         // Nagle must be off on every accepted socket (tonic's builder flag does not reach a
         // listener we bound ourselves): with it, small acks wait ~40 ms for delayed ACKs.
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        let result = tonic::transport::Server::builder()
+        let result = builder
             .add_service(service.into_server())
             .serve_with_incoming_shutdown(incoming, serve_shutdown.cancelled())
             .await;
@@ -146,6 +197,7 @@ pub async fn start(
         shutdown,
         broker,
         plugins,
+        tls,
         handle,
     })
 }

@@ -2,7 +2,8 @@
 //! `loop` spins forever, `bomb` allocates until the memory cap, `panic` panics, `fail`
 //! returns an error, `emit-undeclared` emits to a topic it was not deployed with, `huge` emits
 //! a 2 MiB record (over the broker's record limit), `big` emits 3.2 MB of outputs and writes a
-//! 300 KB state value in one batch; anything
+//! 300 KB state value in one batch, `escape` tries the sandbox's walls (files, environment,
+//! network, clock) and emits what it found; anything
 //! else is echoed to `chaos.out` and counted in state.
 
 use weir_sdk::{consumer, Context, Record, Result};
@@ -39,6 +40,35 @@ pub fn chaos(record: &Record, ctx: &mut Context) -> Result<()> {
         }
         b"emit-undeclared" => {
             ctx.emit("somewhere.else", None, "x");
+            Ok(())
+        }
+        b"escape" => {
+            let fs = match std::fs::read("/etc/passwd") {
+                Ok(_) => "read",
+                Err(_) => "denied",
+            };
+            let dir = match std::fs::read_dir(".") {
+                Ok(_) => "listed",
+                Err(_) => "denied",
+            };
+            let write = match std::fs::write("escape.txt", b"x") {
+                Ok(()) => "written",
+                Err(_) => "denied",
+            };
+            let env = std::env::vars().count();
+            let net = match std::net::TcpStream::connect("127.0.0.1:7070") {
+                Ok(_) => "connected",
+                Err(_) => "denied",
+            };
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis())
+                .unwrap_or(u128::MAX);
+            ctx.emit(
+                "chaos.out",
+                None,
+                format!("fs={fs} dir={dir} write={write} env={env} net={net} clock_ms={now}"),
+            );
             Ok(())
         }
         value => {

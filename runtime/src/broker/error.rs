@@ -44,6 +44,14 @@ pub enum BrokerError {
     /// A publish with no records.
     #[error("empty batch: a publish needs at least one record")]
     EmptyBatch,
+    /// More records in one request than the server takes.
+    #[error("batch of {count} records; the server takes at most {max} per request (--max-batch-records): split it")]
+    BatchTooLarge {
+        /// Records sent.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
     /// Producer fields without an explicit partition.
     #[error("an idempotent publish needs an explicit partition (sequences are per partition); compute it with weir's key hash")]
     IdempotenceNeedsPartition,

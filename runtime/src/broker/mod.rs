@@ -360,11 +360,10 @@ impl Broker {
             return Err(BrokerError::EmptyBatch);
         }
         if publish.records.len() > self.config.max_batch_records {
-            return Err(BrokerError::InvalidArgument(format!(
-                "batch of {} records; the limit is {} per request, split it",
-                publish.records.len(),
-                self.config.max_batch_records
-            )));
+            return Err(BrokerError::BatchTooLarge {
+                count: publish.records.len(),
+                max: self.config.max_batch_records,
+            });
         }
         if let Some(p) = publish.partition {
             if p >= topic.config.partitions {

@@ -76,17 +76,16 @@ pub struct PublishBench {
 }
 
 pub(super) async fn run(
-    server: &str,
+    client: &Client,
     cmd: BenchCommand,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     match cmd {
-        BenchCommand::Publish(args) => println!("{}", publish(server, &args, shutdown).await?),
+        BenchCommand::Publish(args) => println!("{}", publish(client, &args, shutdown).await?),
         BenchCommand::Plugin(args) => {
-            let client = Client::connect(server).await?;
-            let main = plugin_run(&client, &args, &args.wasm, "main").await?;
+            let main = plugin_run(client, &args, &args.wasm, "main").await?;
             if let Some(baseline) = &args.baseline_wasm {
-                let base = plugin_run(&client, &args, baseline, "baseline").await?;
+                let base = plugin_run(client, &args, baseline, "baseline").await?;
                 println!(
                     "ratio: the plugin runs at {:.2}x the baseline's rate",
                     main / base
@@ -168,12 +167,12 @@ fn batches(args: &PublishBench, worker: usize) -> Vec<Vec<pb::Record>> {
         .collect()
 }
 
-/// Runs a publish benchmark against `server`.
+/// Runs a publish benchmark against `client`'s server.
 ///
 /// # Errors
 /// Connection failures, topic creation failures, a refused publish.
 pub async fn publish(
-    server: &str,
+    client: &Client,
     args: &PublishBench,
     shutdown: CancellationToken,
 ) -> anyhow::Result<PublishReport> {
@@ -181,7 +180,6 @@ pub async fn publish(
         args.batch > 0 && args.concurrency > 0 && args.records > 0,
         "--records, --batch and --concurrency must be positive"
     );
-    let client = Client::connect(server).await?;
     let partitions = match client.describe_topic(&args.topic).await {
         Ok(info) => info.config.partitions,
         Err(e) if e.code() == Some(tonic::Code::NotFound) => {

@@ -1,6 +1,7 @@
 //! The `weir` command line: argument definitions and dispatch. Every command but `serve` is a
 //! client of the gRPC API. `main.rs` only parses, sets up logging and calls [`run`].
 
+mod auth;
 mod bench;
 mod consume;
 mod plugin;
@@ -15,7 +16,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{Client, DEFAULT_SERVER};
+use crate::client::{Client, ConnectOptions, DEFAULT_SERVER};
 use crate::durability::FsyncPolicy;
 use crate::server::{self, ServerConfig};
 
@@ -26,6 +27,13 @@ pub struct Cli {
     /// Server to talk to (not used by `serve`).
     #[arg(long, global = true, env = "WEIR_SERVER", default_value = DEFAULT_SERVER)]
     pub server: String,
+    /// Bearer token for a server started with `--auth` (`weir auth token` mints one).
+    #[arg(long, global = true, env = "WEIR_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// PEM file of the CA that signed the server's TLS certificate (for `https://` servers
+    /// with a self-signed or private certificate).
+    #[arg(long, global = true, env = "WEIR_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -54,6 +62,9 @@ pub enum Command {
     /// Measure throughput and latency.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Tokens for servers started with `--auth`.
+    #[command(subcommand)]
+    Auth(auth::AuthCommand),
 }
 
 /// `weir serve`.
@@ -78,6 +89,31 @@ pub struct ServeArgs {
     /// sled page cache in MiB.
     #[arg(long, default_value_t = 512)]
     pub cache_mb: u64,
+    /// Principals, token hashes and grants (TOML, see docs/security.md). Without it every
+    /// client may do everything.
+    #[arg(long)]
+    pub auth: Option<PathBuf>,
+    /// PEM certificate chain to serve TLS with (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Largest gRPC request accepted, in MiB (a publish batch, a deploy with its wasm).
+    #[arg(long, default_value_t = 64)]
+    pub max_request_mb: usize,
+    /// Most records in one publish request.
+    #[arg(long, default_value_t = 100_000)]
+    pub max_batch_records: usize,
+    /// Most open subscribe / publish streams per client connection.
+    #[arg(long, default_value_t = 64)]
+    pub max_streams_per_connection: usize,
+    /// Largest plugin wasm accepted, in MiB.
+    #[arg(long, default_value_t = 64)]
+    pub max_wasm_mb: usize,
+    /// Most plugins one principal may own (an auth entry's `max_plugins` overrides it).
+    #[arg(long, default_value_t = 100)]
+    pub max_plugins_per_principal: usize,
 }
 
 impl clap::builder::ValueParserFactory for FsyncPolicy {
@@ -92,23 +128,49 @@ impl clap::builder::ValueParserFactory for FsyncPolicy {
 /// # Errors
 /// Whatever the command failed with, as a message for the user.
 pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let remote = Remote {
+        server: cli.server,
+        token: cli.token,
+        tls_ca: cli.tls_ca,
+    };
     match cli.command {
         Command::Serve(args) => serve(args, shutdown).await,
-        Command::Topic(cmd) => topic::run(&connect(&cli.server).await?, cmd).await,
-        Command::Publish(args) => publish::run(&connect(&cli.server).await?, args).await,
-        Command::Consume(args) => consume::run(&connect(&cli.server).await?, args, shutdown).await,
+        Command::Topic(cmd) => topic::run(&remote.connect().await?, cmd).await,
+        Command::Publish(args) => publish::run(&remote.connect().await?, args).await,
+        Command::Consume(args) => consume::run(&remote.connect().await?, args, shutdown).await,
         Command::Plugin(cmd) => match plugin::local_command(&cmd) {
             Some(result) => result,
-            None => plugin::run(&connect(&cli.server).await?, cmd).await,
+            None => plugin::run(&remote.connect().await?, cmd).await,
         },
-        Command::State(cmd) => plugin::state(&connect(&cli.server).await?, cmd).await,
+        Command::State(cmd) => plugin::state(&remote.connect().await?, cmd).await,
         Command::Test(args) => test::run(args).await,
-        Command::Bench(cmd) => bench::run(&cli.server, cmd, shutdown).await,
+        Command::Bench(cmd) => bench::run(&remote.connect().await?, cmd, shutdown).await,
+        Command::Auth(cmd) => auth::run(cmd),
     }
 }
 
-async fn connect(server: &str) -> anyhow::Result<Client> {
-    Ok(Client::connect(server).await?)
+/// The server a client command talks to, and how.
+struct Remote {
+    server: String,
+    token: Option<String>,
+    tls_ca: Option<PathBuf>,
+}
+
+impl Remote {
+    async fn connect(&self) -> anyhow::Result<Client> {
+        let tls_ca_pem = match &self.tls_ca {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| anyhow::anyhow!("cannot read --tls-ca {}: {e}", path.display()))?,
+            ),
+            None => None,
+        };
+        let options = ConnectOptions {
+            token: self.token.clone(),
+            tls_ca_pem,
+        };
+        Ok(Client::connect_with(&self.server, &options).await?)
+    }
 }
 
 async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -119,6 +181,24 @@ async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<(
     config.listen = args.listen;
     config.fsync = args.fsync;
     config.cache_bytes = args.cache_mb * 1024 * 1024;
+    if let Some(path) = &args.auth {
+        config.auth =
+            std::sync::Arc::new(crate::auth::Authority::load(path).map_err(anyhow::Error::msg)?);
+    }
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        config.tls = Some(server::TlsFiles { cert, key });
+    }
+    anyhow::ensure!(
+        args.max_request_mb > 0 && args.max_batch_records > 0 && args.max_streams_per_connection > 0 && args.max_wasm_mb > 0,
+        "--max-request-mb, --max-batch-records, --max-streams-per-connection and --max-wasm-mb must be positive"
+    );
+    config.limits = crate::grpc::ApiLimits {
+        max_request_bytes: args.max_request_mb << 20,
+        max_streams_per_connection: args.max_streams_per_connection,
+        max_plugins_per_principal: args.max_plugins_per_principal,
+    };
+    config.broker.max_batch_records = args.max_batch_records;
+    config.max_wasm_bytes = args.max_wasm_mb << 20;
     config.broker.max_record_bytes = args.max_record_bytes;
     config.broker.retention_interval =
         std::time::Duration::from_millis(args.retention_check_ms.max(1));

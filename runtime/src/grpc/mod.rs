@@ -3,10 +3,12 @@
 //! a status in one place ([`status`]).
 
 pub mod convert;
+pub mod limits;
 mod plugins;
 mod service;
 pub mod status;
 
+pub use limits::ApiLimits;
 pub use service::WeirService;
 
 /// Generated protobuf and tonic types of `proto/weir.proto`.

@@ -104,6 +104,8 @@ pub(super) fn deploy_request(r: pb::DeployPluginRequest) -> Result<DeployRequest
                 r.dedup_age_ms
             },
         },
+        owner: None,
+        owner_quota: None,
     })
 }
 

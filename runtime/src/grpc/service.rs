@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::start_at;
+use super::limits::{ApiLimits, Guarded, StreamLimiter};
 use super::pb::{self, weir_server::Weir};
+use crate::auth::{self, Authority, Operation, Principal, Resource};
 use crate::broker::{Broker, BrokerError, PartitionAck, Publish};
 use crate::plugin::PluginManager;
 use crate::record::TopicConfig;
@@ -30,6 +32,9 @@ pub struct WeirService {
     plugins: Arc<PluginManager>,
     /// Ends subscribe streams on server shutdown.
     shutdown: CancellationToken,
+    auth: Arc<Authority>,
+    limits: ApiLimits,
+    streams: Arc<StreamLimiter>,
 }
 
 impl WeirService {
@@ -38,19 +43,54 @@ impl WeirService {
         broker: Arc<Broker>,
         plugins: Arc<PluginManager>,
         shutdown: CancellationToken,
+        auth: Arc<Authority>,
+        limits: ApiLimits,
     ) -> Self {
         WeirService {
             broker,
             plugins,
             shutdown,
+            auth,
+            limits,
+            streams: Arc::default(),
         }
     }
 
     /// The tonic server wrapper with weir's message size limits.
     pub fn into_server(self) -> pb::weir_server::WeirServer<Self> {
+        let max = self.limits.max_request_bytes;
         pb::weir_server::WeirServer::new(self)
-            .max_decoding_message_size(super::MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(max)
             .max_encoding_message_size(super::MAX_MESSAGE_BYTES)
+    }
+
+    /// The caller, which must hold a grant of `op` on `resource`.
+    fn require<T>(
+        &self,
+        request: &Request<T>,
+        op: Operation,
+        resource: Resource<'_>,
+    ) -> Result<Arc<Principal>, Status> {
+        Ok(self.auth.require(request.metadata(), op, resource)?)
+    }
+
+    /// The caller, authenticated.
+    fn caller<T>(&self, request: &Request<T>) -> Result<Arc<Principal>, Status> {
+        Ok(self.auth.authenticate(request.metadata())?)
+    }
+
+    /// The caller, which must hold `op` on an existing plugin and own it (or be an admin).
+    fn require_owner<T>(
+        &self,
+        request: &Request<T>,
+        op: Operation,
+        plugin: &str,
+    ) -> Result<(), Status> {
+        let principal = self.caller(request)?;
+        auth::check(&principal, op, Resource::Plugin(plugin))?;
+        let owner = self.plugins.owner(plugin)?;
+        auth::check_owner(&principal, op, plugin, owner.as_deref())?;
+        Ok(())
     }
 }
 
@@ -70,6 +110,11 @@ impl Weir for WeirService {
         &self,
         request: Request<pb::CreateTopicRequest>,
     ) -> Result<Response<pb::TopicInfo>, Status> {
+        self.require(
+            &request,
+            Operation::Create,
+            Resource::Topic(&request.get_ref().name),
+        )?;
         let r = request.into_inner();
         let config = TopicConfig {
             name: r.name,
@@ -84,13 +129,15 @@ impl Weir for WeirService {
 
     async fn list_topics(
         &self,
-        _: Request<pb::ListTopicsRequest>,
+        request: Request<pb::ListTopicsRequest>,
     ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        let principal = self.caller(&request)?;
         Ok(Response::new(pb::ListTopicsResponse {
             topics: self
                 .broker
                 .list_topics()
                 .into_iter()
+                .filter(|t| principal.sees(Resource::Topic(&t.config.name)))
                 .map(Into::into)
                 .collect(),
         }))
@@ -100,6 +147,12 @@ impl Weir for WeirService {
         &self,
         request: Request<pb::DescribeTopicRequest>,
     ) -> Result<Response<pb::TopicInfo>, Status> {
+        let principal = self.caller(&request)?;
+        let name = &request.get_ref().name;
+        if !principal.sees(Resource::Topic(name)) {
+            // Describing needs a grant of any operation on the topic.
+            auth::check(&principal, Operation::Subscribe, Resource::Topic(name))?;
+        }
         Ok(Response::new(
             self.broker
                 .describe_topic(&request.into_inner().name)?
@@ -111,6 +164,11 @@ impl Weir for WeirService {
         &self,
         request: Request<pb::DeleteTopicRequest>,
     ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
+        self.require(
+            &request,
+            Operation::Delete,
+            Resource::Topic(&request.get_ref().name),
+        )?;
         self.broker.delete_topic(&request.into_inner().name).await?;
         Ok(Response::new(pb::DeleteTopicResponse {}))
     }
@@ -119,6 +177,7 @@ impl Weir for WeirService {
         &self,
         request: Request<pb::InitProducerRequest>,
     ) -> Result<Response<pb::InitProducerResponse>, Status> {
+        self.caller(&request)?;
         let (producer_id, epoch) = self
             .broker
             .init_producer(request.into_inner().producer_id)
@@ -133,6 +192,11 @@ impl Weir for WeirService {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        self.require(
+            &request,
+            Operation::Publish,
+            Resource::Topic(&request.get_ref().topic),
+        )?;
         let r = request.into_inner();
         let id = r.request_id;
         let acks = self.broker.publish(Publish::from(r)).await?;
@@ -145,6 +209,11 @@ impl Weir for WeirService {
         &self,
         request: Request<Streaming<pb::PublishRequest>>,
     ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let principal = self.caller(&request)?;
+        let permit = self.streams.acquire(
+            request.remote_addr(),
+            self.limits.max_streams_per_connection,
+        )?;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT);
         let broker = self.broker.clone();
@@ -157,6 +226,10 @@ impl Weir for WeirService {
                     message = inbound.message(), if inbound_open && pending.len() < STREAM_IN_FLIGHT => match message {
                         Ok(Some(r)) => {
                             let id = r.request_id;
+                            if let Err(denied) = auth::check(&principal, Operation::Publish, Resource::Topic(&r.topic)) {
+                                pending.push_back(Box::pin(std::future::ready(status_response(id, denied.into()))));
+                                continue;
+                            }
                             // Appended here, in stream order; only the durability wait overlaps.
                             let future: Pending = match broker.append(Publish::from(r)).await {
                                 Ok(p) => Box::pin(async move { match p.acked().await {
@@ -182,7 +255,10 @@ impl Weir for WeirService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(Guarded::new(
+            ReceiverStream::new(rx),
+            permit,
+        ))))
     }
 
     type SubscribeStream = BoxStream<pb::SubscribeResponse>;
@@ -191,6 +267,15 @@ impl Weir for WeirService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        self.require(
+            &request,
+            Operation::Subscribe,
+            Resource::Topic(&request.get_ref().topic),
+        )?;
+        let permit = self.streams.acquire(
+            request.remote_addr(),
+            self.limits.max_streams_per_connection,
+        )?;
         let r = request.into_inner();
         let info = self.broker.describe_topic(&r.topic)?;
         let partitions: Vec<u32> = if r.partitions.is_empty() {
@@ -236,13 +321,21 @@ impl Weir for WeirService {
             };
             tokio::spawn(follower.run(self.shutdown.clone()));
         }
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(Guarded::new(
+            ReceiverStream::new(rx),
+            permit,
+        ))))
     }
 
     async fn commit_offsets(
         &self,
         request: Request<pb::CommitOffsetsRequest>,
     ) -> Result<Response<pb::CommitOffsetsResponse>, Status> {
+        self.require(
+            &request,
+            Operation::Subscribe,
+            Resource::Topic(&request.get_ref().topic),
+        )?;
         let r = request.into_inner();
         let offsets = r
             .offsets
@@ -259,6 +352,11 @@ impl Weir for WeirService {
         &self,
         request: Request<pb::FetchOffsetsRequest>,
     ) -> Result<Response<pb::FetchOffsetsResponse>, Status> {
+        self.require(
+            &request,
+            Operation::Subscribe,
+            Resource::Topic(&request.get_ref().topic),
+        )?;
         let r = request.into_inner();
         let offsets = self.broker.fetch_offsets(&r.group, &r.topic).await?;
         Ok(Response::new(pb::FetchOffsetsResponse {
@@ -273,7 +371,28 @@ impl Weir for WeirService {
         &self,
         request: Request<pb::DeployPluginRequest>,
     ) -> Result<Response<pb::PluginInfo>, Status> {
-        let deploy = super::plugins::deploy_request(request.into_inner())?;
+        let principal = self.require(
+            &request,
+            Operation::Deploy,
+            Resource::Plugin(&request.get_ref().name),
+        )?;
+        let mut deploy = super::plugins::deploy_request(request.into_inner())?;
+        // A plugin acts with its owner's rights: it reads only what the owner may read and
+        // emits only where the owner may publish.
+        auth::check(
+            &principal,
+            Operation::Subscribe,
+            Resource::Topic(&deploy.input),
+        )?;
+        for output in &deploy.outputs {
+            auth::check(&principal, Operation::Publish, Resource::Topic(output))?;
+        }
+        deploy.owner = Some(principal.name.clone());
+        deploy.owner_quota = Some(
+            principal
+                .max_plugins
+                .unwrap_or(self.limits.max_plugins_per_principal),
+        );
         Ok(Response::new(self.plugins.deploy(deploy).await?.into()))
     }
 
@@ -281,6 +400,7 @@ impl Weir for WeirService {
         &self,
         request: Request<pb::UpgradePluginRequest>,
     ) -> Result<Response<pb::PluginInfo>, Status> {
+        self.require_owner(&request, Operation::Upgrade, &request.get_ref().name)?;
         let r = request.into_inner();
         Ok(Response::new(
             self.plugins.upgrade(&r.name, r.wasm).await?.into(),
@@ -289,10 +409,17 @@ impl Weir for WeirService {
 
     async fn list_plugins(
         &self,
-        _: Request<pb::ListPluginsRequest>,
+        request: Request<pb::ListPluginsRequest>,
     ) -> Result<Response<pb::ListPluginsResponse>, Status> {
+        let principal = self.caller(&request)?;
         Ok(Response::new(pb::ListPluginsResponse {
-            plugins: self.plugins.list().into_iter().map(Into::into).collect(),
+            plugins: self
+                .plugins
+                .list()
+                .into_iter()
+                .filter(|p| principal.sees(Resource::Plugin(&p.spec.name)))
+                .map(Into::into)
+                .collect(),
         }))
     }
 
@@ -300,6 +427,7 @@ impl Weir for WeirService {
         &self,
         request: Request<pb::PluginRef>,
     ) -> Result<Response<pb::PluginInfo>, Status> {
+        self.require_owner(&request, Operation::Pause, &request.get_ref().name)?;
         Ok(Response::new(
             self.plugins
                 .set_paused(&request.into_inner().name, true)
@@ -312,6 +440,7 @@ impl Weir for WeirService {
         &self,
         request: Request<pb::PluginRef>,
     ) -> Result<Response<pb::PluginInfo>, Status> {
+        self.require_owner(&request, Operation::Pause, &request.get_ref().name)?;
         Ok(Response::new(
             self.plugins
                 .set_paused(&request.into_inner().name, false)
@@ -324,6 +453,7 @@ impl Weir for WeirService {
         &self,
         request: Request<pb::PluginRef>,
     ) -> Result<Response<pb::RemovePluginResponse>, Status> {
+        self.require_owner(&request, Operation::Remove, &request.get_ref().name)?;
         self.plugins.remove(&request.into_inner().name).await?;
         Ok(Response::new(pb::RemovePluginResponse {}))
     }
@@ -332,6 +462,11 @@ impl Weir for WeirService {
         &self,
         request: Request<pb::PluginRef>,
     ) -> Result<Response<pb::PluginLogsResponse>, Status> {
+        self.require(
+            &request,
+            Operation::ReadLogs,
+            Resource::Plugin(&request.get_ref().name),
+        )?;
         Ok(Response::new(pb::PluginLogsResponse {
             lines: self.plugins.logs(&request.into_inner().name)?,
         }))
@@ -341,6 +476,11 @@ impl Weir for WeirService {
         &self,
         request: Request<pb::GetStateRequest>,
     ) -> Result<Response<pb::GetStateResponse>, Status> {
+        self.require(
+            &request,
+            Operation::ReadState,
+            Resource::Plugin(&request.get_ref().plugin),
+        )?;
         Ok(Response::new(super::plugins::get_state(
             &self.plugins,
             request.into_inner(),
@@ -349,7 +489,10 @@ impl Weir for WeirService {
 }
 
 fn error_response(request_id: u64, e: BrokerError) -> pb::PublishResponse {
-    let status = Status::from(e);
+    status_response(request_id, Status::from(e))
+}
+
+fn status_response(request_id: u64, status: Status) -> pb::PublishResponse {
     pb::PublishResponse {
         request_id,
         acks: Vec::new(),

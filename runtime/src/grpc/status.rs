@@ -21,6 +21,7 @@ fn broker_code(e: &BrokerError) -> (Code, &'static str) {
         }
         BrokerError::RecordTooLarge { .. } => (Code::InvalidArgument, "record-too-large"),
         BrokerError::EmptyBatch => (Code::InvalidArgument, "empty-batch"),
+        BrokerError::BatchTooLarge { .. } => (Code::ResourceExhausted, "batch-too-large"),
         BrokerError::IdempotenceNeedsPartition => (Code::InvalidArgument, "partition-required"),
         BrokerError::UnknownProducer(_) => (Code::FailedPrecondition, "unknown-producer"),
         BrokerError::StaleEpoch { .. } => (Code::FailedPrecondition, "stale-epoch"),
@@ -65,6 +66,7 @@ impl From<crate::plugin::ManagerError> for Status {
             M::Plugin(P::WrongWorld(_)) => (Code::InvalidArgument, "wrong-world"),
             M::Plugin(P::TooLarge { .. }) => (Code::ResourceExhausted, "wasm-too-large"),
             M::Plugin(P::InitFailed(_)) => (Code::FailedPrecondition, "init-failed"),
+            M::Quota(_) => (Code::ResourceExhausted, "plugin-quota"),
             M::Plugin(_) | M::Storage(_) | M::Io(_) => (Code::Internal, "internal"),
         };
         status(code, kind, e.to_string())
@@ -77,4 +79,20 @@ pub fn error_kind(status: &Status) -> Option<&str> {
         .metadata()
         .get(ERROR_KIND_KEY)
         .and_then(|v| v.to_str().ok())
+}
+
+impl From<crate::auth::AuthError> for Status {
+    fn from(e: crate::auth::AuthError) -> Status {
+        use crate::auth::AuthError as A;
+        let (code, kind) = match &e {
+            A::Unauthenticated(_) => (Code::Unauthenticated, "unauthenticated"),
+            A::Denied { .. } => (Code::PermissionDenied, "permission-denied"),
+        };
+        status(code, kind, e.to_string())
+    }
+}
+
+/// A RESOURCE_EXHAUSTED status for a server limit, with its `weir-error` kind.
+pub fn limit_status(kind: &str, message: String) -> Status {
+    status(Code::ResourceExhausted, kind, message)
 }

@@ -44,6 +44,9 @@ pub enum ManagerError {
     /// A file operation failed.
     #[error("{0}")]
     Io(String),
+    /// The deploying principal owns as many plugins as it may.
+    #[error("{0}")]
+    Quota(String),
 }
 
 /// A deploy request.
@@ -71,6 +74,10 @@ pub struct DeployRequest {
     pub max_batch: usize,
     /// How many message ids, for how long, are remembered to skip redeliveries.
     pub dedup: DedupWindow,
+    /// The deploying principal, recorded as the plugin's owner.
+    pub owner: Option<String>,
+    /// Most plugins `owner` may have deployed at once, this one included (`None`: no limit).
+    pub owner_quota: Option<usize>,
 }
 
 /// A plugin as `weir plugin list` shows it.
@@ -147,7 +154,12 @@ impl PluginManager {
     fn start(&self, spec: PluginSpec, compiled: super::CompiledPlugin) -> Result<(), ManagerError> {
         let name = spec.name.clone();
         let partitions = spec.producer_ids.len() as u32;
-        let runtime = PluginRuntime::new(spec, compiled, self.store.clone(), self.broker.clone())?;
+        let runtime = PluginRuntime::new(
+            spec,
+            compiled,
+            self.store.clone(),
+            self.broker.clone(),
+        )?;
         let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
         for p in 0..partitions {
             tracker.spawn(runtime.clone().run_partition(p, cancel.clone()));
@@ -272,6 +284,22 @@ impl PluginManager {
         {
             return Err(ManagerError::Exists(request.name));
         }
+        if let Some(quota) = request.owner_quota {
+            let owned = self
+                .plugins
+                .lock()
+                .expect("plugins lock")
+                .values()
+                .filter(|r| r.runtime.spec.owner == request.owner)
+                .count();
+            if owned >= quota {
+                return Err(ManagerError::Quota(format!(
+                    "{} already owns {owned} plugins, the limit is {quota}: remove one first \
+                     (or raise max_plugins in the auth file / --max-plugins-per-principal)",
+                    request.owner.as_deref().unwrap_or("anonymous")
+                )));
+            }
+        }
         let input = self.broker.describe_topic(&request.input)?;
         for output in &request.outputs {
             self.broker.describe_topic(output)?;
@@ -321,6 +349,7 @@ impl PluginManager {
             dedup: request.dedup,
             producer_ids,
             paused: false,
+            owner: request.owner,
         };
         self.store.kv_drop(&spec.namespace())?;
         self.store.kv_apply(&spec.namespace(), &cursors)?;
@@ -403,6 +432,14 @@ impl PluginManager {
             .get(name)
             .map(|r| r.runtime.clone())
             .ok_or_else(|| ManagerError::UnknownPlugin(name.into()))
+    }
+
+    /// The principal that deployed a plugin.
+    ///
+    /// # Errors
+    /// Unknown plugin.
+    pub fn owner(&self, name: &str) -> Result<Option<String>, ManagerError> {
+        Ok(self.runtime(name)?.spec.owner.clone())
     }
 
     fn spec(&self, name: &str) -> Result<PluginSpec, ManagerError> {

@@ -72,6 +72,10 @@ pub struct PluginSpec {
     pub producer_ids: Vec<u64>,
     /// Paused by the operator.
     pub paused: bool,
+    /// The principal that deployed it (`None` when deployed on a server without `--auth`
+    /// before ownership was recorded).
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 impl PluginSpec {
