@@ -51,6 +51,7 @@ fn deploy(name: &str, wasm: &str, input: &str, outputs: &[&str]) -> DeployReques
         dedup: Default::default(),
         owner: None,
         owner_quota: None,
+        alerts: Default::default(),
     }
 }
 

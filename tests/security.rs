@@ -77,6 +77,16 @@ async fn secured_server(dir: &std::path::Path, text: &str) -> RunningServer {
     start_with(dir, |c| c.auth = auth).await
 }
 
+/// Clients of the four principals: ops, loyalty, marketing, bare.
+async fn principals(server: &RunningServer, t: &Tokens) -> [Client; 4] {
+    [
+        as_principal(server, Some(&t.ops)).await,
+        as_principal(server, Some(&t.loyalty)).await,
+        as_principal(server, Some(&t.marketing)).await,
+        as_principal(server, Some(&t.bare)).await,
+    ]
+}
+
 async fn as_principal(server: &RunningServer, token: Option<&str>) -> Client {
     let options = ConnectOptions {
         token: token.map(str::to_string),
@@ -141,10 +151,7 @@ async fn topic_operations_need_their_grants() {
     let dir = tempfile::tempdir().unwrap();
     let (text, t) = auth_file();
     let server = secured_server(dir.path(), &text).await;
-    let ops = as_principal(&server, Some(&t.ops)).await;
-    let loyalty = as_principal(&server, Some(&t.loyalty)).await;
-    let marketing = as_principal(&server, Some(&t.marketing)).await;
-    let bare = as_principal(&server, Some(&t.bare)).await;
+    let [ops, loyalty, marketing, bare] = principals(&server, &t).await;
 
     // create
     ops.create_topic(&topic("order.paid")).await.unwrap();
@@ -274,9 +281,7 @@ async fn plugins_are_owned_and_act_with_their_owners_rights() {
     let dir = tempfile::tempdir().unwrap();
     let (text, t) = auth_file();
     let server = secured_server(dir.path(), &text).await;
-    let ops = as_principal(&server, Some(&t.ops)).await;
-    let loyalty = as_principal(&server, Some(&t.loyalty)).await;
-    let marketing = as_principal(&server, Some(&t.marketing)).await;
+    let [ops, loyalty, marketing, _] = principals(&server, &t).await;
     for name in ["order.paid", "points.credited", "audit"] {
         ops.create_topic(&topic(name)).await.unwrap();
     }
@@ -377,8 +382,7 @@ async fn plugins_per_principal_are_limited() {
     let dir = tempfile::tempdir().unwrap();
     let (text, t) = auth_file();
     let server = secured_server(dir.path(), &text).await;
-    let ops = as_principal(&server, Some(&t.ops)).await;
-    let loyalty = as_principal(&server, Some(&t.loyalty)).await;
+    let [ops, loyalty, _, _] = principals(&server, &t).await;
     for name in ["order.paid", "points.credited"] {
         ops.create_topic(&topic(name)).await.unwrap();
     }
@@ -493,6 +497,35 @@ async fn request_batch_stream_and_wasm_limits_are_refused_with_a_status() {
     server.stop().await.unwrap();
 }
 
+/// GET over TLS trusting only `ca_pem`; the raw HTTP response.
+async fn https_get(addr: std::net::SocketAddr, ca_pem: &str, path: &str) -> String {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// A self-signed certificate for `localhost`: (cert PEM, key PEM).
 fn self_signed() -> (String, String) {
     let key = rcgen::KeyPair::generate().unwrap();
@@ -512,7 +545,8 @@ async fn tls_round_trip() {
         c.tls = Some(weir_runtime::server::TlsFiles {
             cert: cert_path.clone(),
             key: key_path.clone(),
-        })
+        });
+        c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     })
     .await;
     let url = format!("https://localhost:{}", server.addr.port());
@@ -545,6 +579,27 @@ async fn tls_round_trip() {
         Err(e) => Err(e),
     };
     assert!(plain.is_err(), "plaintext was served on the TLS port");
+
+    // The metrics listener serves TLS with the same certificate.
+    let metrics = server.metrics_addr.unwrap();
+    let response = https_get(metrics, &cert, "/metrics").await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        response.contains("weir_publish_records_total"),
+        "{response}"
+    );
+    let mut plain = tokio::net::TcpStream::connect(metrics).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    plain
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer).await;
+    assert!(
+        !String::from_utf8_lossy(&answer).contains("weir_publish"),
+        "metrics were served in plaintext on the TLS listener"
+    );
     server.stop().await.unwrap();
 }
 

@@ -417,6 +417,10 @@ pub struct Deploy {
     pub dedup_ids: u64,
     /// How long ids are remembered, ms (0 = default).
     pub dedup_age_ms: u64,
+    /// Alert above this many waiting records (0 = none).
+    pub alert_lag: u64,
+    /// Alert when the oldest waiting record is older than this, ms (0 = none).
+    pub alert_delay_ms: u64,
 }
 
 impl Client {
@@ -443,6 +447,8 @@ impl Client {
             max_batch: 0,
             dedup_ids: d.dedup_ids,
             dedup_age_ms: d.dedup_age_ms,
+            alert_lag: d.alert_lag,
+            alert_delay_ms: d.alert_delay_ms,
         };
         Ok(self
             .inner
@@ -525,6 +531,19 @@ impl Client {
             .await?
             .into_inner()
             .lines)
+    }
+
+    /// Lag, status, alerts and probe delays of one plugin or group (`""` for all).
+    ///
+    /// # Errors
+    /// No plugin or group of that name.
+    pub async fn lag(&self, name: &str) -> Result<pb::GetLagResponse, ClientError> {
+        Ok(self
+            .inner
+            .clone()
+            .get_lag(pb::GetLagRequest { name: name.into() })
+            .await?
+            .into_inner())
     }
 
     /// A plugin's committed state value and version.

@@ -179,6 +179,9 @@ impl Durability {
             if !already && due && self.synced.borrow().is_ok() {
                 let started = std::time::Instant::now();
                 let result = self.store.sync();
+                crate::metrics::global()
+                    .fsync_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 self.sync_stats.0.fetch_add(1, Ordering::Relaxed);
                 self.sync_stats
                     .1

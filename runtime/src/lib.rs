@@ -14,6 +14,8 @@ pub mod durability;
 pub mod grpc;
 pub mod local;
 pub mod log;
+pub mod metrics;
+pub mod monitor;
 pub mod plugin;
 pub mod record;
 pub mod server;

@@ -127,6 +127,7 @@ impl LocalRuntime {
             dedup: Default::default(),
             owner: None,
             owner_quota: None,
+            alerts: Default::default(),
         };
         Ok(self.core.plugins.deploy(request).await?)
     }

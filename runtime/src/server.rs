@@ -14,6 +14,7 @@ use crate::broker::{Broker, BrokerConfig, BrokerError};
 use crate::durability::{Durability, FsyncPolicy};
 use crate::grpc::{ApiLimits, WeirService};
 use crate::log::{LogError, LogStore, SledStore};
+use crate::monitor::{Monitor, MonitorConfig};
 use crate::plugin::PluginManager;
 
 /// Everything `weir serve` needs, validated by the binary before [`run`] is called.
@@ -35,8 +36,12 @@ pub struct ServerConfig {
     pub auth: Arc<Authority>,
     /// gRPC API limits.
     pub limits: ApiLimits,
-    /// Certificate chain and private key (PEM) to serve TLS with.
+    /// Certificate chain and private key (PEM) to serve TLS with (gRPC and metrics).
     pub tls: Option<TlsFiles>,
+    /// Lag sampling, Burrow window, probes.
+    pub monitor: MonitorConfig,
+    /// Address of the metrics / status page listener, if any.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// PEM files of the server's TLS identity.
@@ -61,6 +66,8 @@ impl ServerConfig {
             auth: Arc::new(Authority::open()),
             limits: ApiLimits::default(),
             tls: None,
+            monitor: MonitorConfig::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -105,6 +112,10 @@ pub struct RunningServer {
     pub plugins: Arc<PluginManager>,
     /// Whether it serves TLS.
     pub tls: bool,
+    /// Lag, alerts and probes.
+    pub monitor: Arc<Monitor>,
+    /// Where `/metrics` and the status page are served, if asked.
+    pub metrics_addr: Option<SocketAddr>,
     handle: tokio::task::JoinHandle<Result<(), ServerError>>,
 }
 
@@ -169,12 +180,46 @@ pub async fn start(
     let (broker, plugins) = (core.broker.clone(), core.plugins.clone());
     let tracker = TaskTracker::new();
     tracker.spawn(retention_loop(broker.clone(), shutdown.clone()));
+    let monitor = Monitor::new(broker.clone(), plugins.clone(), config.monitor.clone());
+    tracker.spawn(monitor.clone().run(shutdown.clone()));
+    let metrics_addr = match config.metrics_listen {
+        Some(listen) => {
+            let listener =
+                crate::monitor::http::bind(listen)
+                    .await
+                    .map_err(|source| ServerError::Bind {
+                        addr: listen,
+                        source,
+                    })?;
+            let bound = listener.local_addr().map_err(|source| ServerError::Bind {
+                addr: listen,
+                source,
+            })?;
+            let tls = match &config.tls {
+                Some(files) => Some(
+                    crate::monitor::http::tls_acceptor(&files.cert, &files.key)
+                        .map_err(ServerError::Tls)?,
+                ),
+                None => None,
+            };
+            tracker.spawn(crate::monitor::http::serve(
+                listener,
+                tls,
+                crate::monitor::http::router(monitor.clone()),
+                shutdown.clone(),
+            ));
+            tracing::info!(message = "Serving metrics and the status page.", addr = %bound);
+            Some(bound)
+        }
+        None => None,
+    };
     let service = WeirService::new(
         broker.clone(),
         plugins.clone(),
         shutdown.clone(),
         config.auth.clone(),
         config.limits,
+        monitor.clone(),
     );
     let tls = config.tls.is_some();
     let serve_shutdown = shutdown.clone();
@@ -198,6 +243,8 @@ pub async fn start(
         broker,
         plugins,
         tls,
+        monitor,
+        metrics_addr,
         handle,
     })
 }
@@ -276,10 +323,10 @@ impl Core {
 pub async fn run(
     config: ServerConfig,
     shutdown: CancellationToken,
-    on_ready: impl FnOnce(SocketAddr),
+    on_ready: impl FnOnce(&RunningServer),
 ) -> Result<(), ServerError> {
     let server = start(config, shutdown.clone()).await?;
-    on_ready(server.addr);
+    on_ready(&server);
     shutdown.cancelled().await;
     server.stop().await
 }

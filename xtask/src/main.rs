@@ -1,8 +1,9 @@
 //! Project tasks: `cargo xtask test` (the one test command, also what CI runs),
 //! `cargo xtask demo` (the README's first command) and `cargo xtask bench` (BENCHMARKS.md).
 //!
-//! Each task installs what it needs first (the `wasm32-wasip2` target for plugins), so a fresh
-//! machine with only rustup and cargo can run them.
+//! Each task installs what it needs first (the `wasm32-wasip2` target for plugins; for the
+//! tests, Debian's `chromium` for the status-page test), so a fresh machine with only rustup
+//! and cargo can run them.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -66,6 +67,42 @@ fn ensure_wasm_target() -> Result<()> {
     }
 }
 
+/// Finds headless Chromium for the status-page test, installing Debian's `chromium` package
+/// when it is missing and this is root with apt-get. When that cannot be done the test itself
+/// fails with a message saying what to install.
+fn ensure_chromium() -> Result<()> {
+    if std::env::var_os("WEIR_CHROMIUM").is_some()
+        || ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+            .iter()
+            .any(|p| Path::new(p).exists())
+    {
+        return Ok(());
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root || !Path::new("/usr/bin/apt-get").exists() {
+        eprintln!("warning: chromium is missing and cannot be installed here (needs root and apt-get); the status-page test will fail and say so");
+        return Ok(());
+    }
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "chromium"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+    };
+    eprintln!("+ apt-get install -y chromium");
+    if !install().is_ok_and(|s| s.success()) {
+        // Package lists may be missing on a fresh machine.
+        run(Command::new("apt-get").arg("update"))?;
+        if !install().is_ok_and(|s| s.success()) {
+            bail!("apt-get install chromium failed");
+        }
+    }
+    Ok(())
+}
+
 /// Builds every crate under `plugins/` for wasm32-wasip2 (profile `plugin`); returns the
 /// directory holding the `.wasm` files.
 fn build_plugins() -> Result<PathBuf> {
@@ -106,6 +143,7 @@ fn build_plugins() -> Result<PathBuf> {
 /// line (`weir: N passed, N failed`) counted over every test binary cargo ran.
 fn test(extra: &[String]) -> Result<()> {
     let started = Instant::now();
+    ensure_chromium()?;
     let plugin_dir = build_plugins()?;
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--no-fail-fast"])

@@ -71,6 +71,18 @@ pub fn chaos(record: &Record, ctx: &mut Context) -> Result<()> {
             );
             Ok(())
         }
+        value if value.starts_with(b"slow:") => {
+            let millions: u64 = std::str::from_utf8(&value[5..])
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .ok_or("slow:N needs a number")?;
+            let mut x: u64 = 0;
+            for _ in 0..millions * 1_000_000 {
+                x = std::hint::black_box(x.wrapping_add(1));
+            }
+            ctx.emit("chaos.out", record.key(), value.to_vec());
+            Ok(())
+        }
         value => {
             let seen = ctx.get::<u64>("seen")?.unwrap_or(0) + 1;
             ctx.put("seen", &seen)?;

@@ -126,6 +126,8 @@ pub struct Broker {
     producers: Mutex<HashMap<u64, u32>>,
     /// Serialises topic creation and deletion.
     admin: tokio::sync::Mutex<()>,
+    /// When each (group, topic) last committed, ms since the epoch (since this start).
+    group_commits: Mutex<HashMap<(String, String), i64>>,
 }
 
 impl Broker {
@@ -151,6 +153,7 @@ impl Broker {
             topics: RwLock::new(topics),
             producers: Mutex::new(producers),
             admin: Default::default(),
+            group_commits: Default::default(),
         }))
     }
 
@@ -456,10 +459,19 @@ impl Broker {
         };
         let now = now_ms();
         let mut acks = Vec::with_capacity(groups.len());
+        let label = crate::metrics::topic(&topic.config.name);
         for (p, records) in groups {
             let partition = topic.partitions[p as usize].clone();
             let chunks = codec::encode_chunks(&records, now, CHUNK_TARGET_BYTES);
             let appended = partition.append(&chunks, records.len() as u32, publish.producer)?;
+            if !appended.duplicate {
+                let m = crate::metrics::global();
+                m.publish_records
+                    .get_or_create(&label)
+                    .inc_by(u64::from(appended.count));
+                let bytes: usize = chunks.iter().map(|c| c.bytes.len()).sum();
+                m.publish_bytes.get_or_create(&label).inc_by(bytes as u64);
+            }
             acks.push((
                 partition,
                 PartitionAck {
@@ -545,11 +557,36 @@ impl Broker {
             Ok(store.put_group_offsets(&group_owned, &topic_owned, &offsets)?)
         })
         .await?;
+        self.group_commits
+            .lock()
+            .expect("group commits lock")
+            .insert(
+                (group.to_string(), topic.to_string()),
+                crate::record::now_ms(),
+            );
         let ticket = self.durability.written();
         self.durability
             .durable(ticket)
             .await
             .map_err(|e| BrokerError::Unavailable(e.to_string()))
+    }
+
+    /// Every (group, topic) with committed offsets.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn list_groups(&self) -> Result<Vec<(String, String)>, BrokerError> {
+        let store = self.store.clone();
+        Self::blocking(move || Ok(store.list_groups()?)).await
+    }
+
+    /// When a group last committed offsets for a topic since this broker started.
+    pub fn group_last_commit_ms(&self, group: &str, topic: &str) -> Option<i64> {
+        self.group_commits
+            .lock()
+            .expect("group commits lock")
+            .get(&(group.to_string(), topic.to_string()))
+            .copied()
     }
 
     /// A consumer group's committed offsets for a topic.

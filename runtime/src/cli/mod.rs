@@ -4,6 +4,7 @@
 mod auth;
 mod bench;
 mod consume;
+pub mod lag;
 mod plugin;
 mod publish;
 mod scaffold;
@@ -54,6 +55,8 @@ pub enum Command {
     /// Deploy and operate WebAssembly consumer plugins.
     #[command(subcommand)]
     Plugin(plugin::PluginCommand),
+    /// Lag of plugins and consumer groups per partition, with status, alerts and probe delays.
+    Lag(lag::LagArgs),
     /// Query plugin state.
     #[command(subcommand)]
     State(plugin::StateCommand),
@@ -114,6 +117,23 @@ pub struct ServeArgs {
     /// Most plugins one principal may own (an auth entry's `max_plugins` overrides it).
     #[arg(long, default_value_t = 100)]
     pub max_plugins_per_principal: usize,
+    /// Serve Prometheus `/metrics` and the status page (`/`) on this address (TLS too when
+    /// --tls-cert is given).
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    /// How often lag is sampled, ms.
+    #[arg(long, default_value_t = 1000)]
+    pub lag_sample_ms: u64,
+    /// Samples in the window lag status is evaluated over (Burrow's rules).
+    #[arg(long, default_value_t = 10)]
+    pub lag_window: usize,
+    /// Write a probe record into each partition of the watched topics this often, ms (0 = no
+    /// probes). Plugins never see probes; `weir lag` reports their end-to-end delay.
+    #[arg(long, default_value_t = 0)]
+    pub probe_interval_ms: u64,
+    /// A topic to probe (repeatable); every plugin's input topic when none is given.
+    #[arg(long)]
+    pub probe_topic: Vec<String>,
 }
 
 impl clap::builder::ValueParserFactory for FsyncPolicy {
@@ -142,6 +162,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
             Some(result) => result,
             None => plugin::run(&remote.connect().await?, cmd).await,
         },
+        Command::Lag(args) => lag::run(&remote.connect().await?, args, shutdown).await,
         Command::State(cmd) => plugin::state(&remote.connect().await?, cmd).await,
         Command::Test(args) => test::run(args).await,
         Command::Bench(cmd) => bench::run(&remote.connect().await?, cmd, shutdown).await,
@@ -198,13 +219,29 @@ async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<(
         max_plugins_per_principal: args.max_plugins_per_principal,
     };
     config.broker.max_batch_records = args.max_batch_records;
+    anyhow::ensure!(
+        args.lag_sample_ms > 0 && args.lag_window >= 2,
+        "--lag-sample-ms must be positive and --lag-window at least 2"
+    );
+    config.metrics_listen = args.metrics;
+    config.monitor = crate::monitor::MonitorConfig {
+        sample_interval: std::time::Duration::from_millis(args.lag_sample_ms),
+        window: args.lag_window,
+        probe_interval: (args.probe_interval_ms > 0)
+            .then(|| std::time::Duration::from_millis(args.probe_interval_ms)),
+        probe_topics: args.probe_topic,
+        ..Default::default()
+    };
     config.max_wasm_bytes = args.max_wasm_mb << 20;
     config.broker.max_record_bytes = args.max_record_bytes;
     config.broker.retention_interval =
         std::time::Duration::from_millis(args.retention_check_ms.max(1));
-    server::run(config, shutdown, |addr| {
+    server::run(config, shutdown, |server| {
         // Machine-readable for scripts and tests that start the server on port 0.
-        println!("weir listening on {addr}");
+        println!("weir listening on {}", server.addr);
+        if let Some(addr) = server.metrics_addr {
+            println!("weir metrics on {addr}");
+        }
     })
     .await?;
     Ok(())

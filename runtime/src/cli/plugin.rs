@@ -41,6 +41,12 @@ pub enum PluginCommand {
         /// How long message ids are remembered, ms (by record time).
         #[arg(long, default_value_t = 24 * 3600 * 1000)]
         dedup_age_ms: u64,
+        /// Alert when more than this many records wait (all partitions; 0 = never).
+        #[arg(long, default_value_t = 0)]
+        alert_lag: u64,
+        /// Alert when the oldest waiting record is older than this, ms (0 = never).
+        #[arg(long, default_value_t = 0)]
+        alert_delay_ms: u64,
     },
     /// Replace a plugin's code, keeping its state and offsets.
     Upgrade {
@@ -152,6 +158,8 @@ pub(super) async fn run(client: &Client, cmd: PluginCommand) -> anyhow::Result<(
             on_error,
             dedup_ids,
             dedup_age_ms,
+            alert_lag,
+            alert_delay_ms,
         } => {
             let wasm = read_wasm(&wasm)?;
             let p = client
@@ -167,6 +175,8 @@ pub(super) async fn run(client: &Client, cmd: PluginCommand) -> anyhow::Result<(
                     on_error,
                     dedup_ids,
                     dedup_age_ms,
+                    alert_lag,
+                    alert_delay_ms,
                 })
                 .await?;
             println!("deployed plugin {} v{}", p.name, p.version);

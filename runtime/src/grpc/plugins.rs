@@ -37,6 +37,9 @@ impl From<PluginInfo> for pb::PluginInfo {
                 .collect(),
             memory_mb: (spec.limits.memory_bytes >> 20) as u32,
             timeout_ms: spec.limits.timeout.as_millis() as u32,
+            alert_lag: spec.alerts.max_lag,
+            alert_delay_ms: spec.alerts.max_delay_ms,
+            owner: spec.owner.unwrap_or_default(),
         }
     }
 }
@@ -106,6 +109,10 @@ pub(super) fn deploy_request(r: pb::DeployPluginRequest) -> Result<DeployRequest
         },
         owner: None,
         owner_quota: None,
+        alerts: crate::plugin::spec::AlertThresholds {
+            max_lag: r.alert_lag,
+            max_delay_ms: r.alert_delay_ms,
+        },
     })
 }
 

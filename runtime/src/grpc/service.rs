@@ -35,6 +35,7 @@ pub struct WeirService {
     auth: Arc<Authority>,
     limits: ApiLimits,
     streams: Arc<StreamLimiter>,
+    monitor: Arc<crate::monitor::Monitor>,
 }
 
 impl WeirService {
@@ -45,6 +46,7 @@ impl WeirService {
         shutdown: CancellationToken,
         auth: Arc<Authority>,
         limits: ApiLimits,
+        monitor: Arc<crate::monitor::Monitor>,
     ) -> Self {
         WeirService {
             broker,
@@ -53,6 +55,7 @@ impl WeirService {
             auth,
             limits,
             streams: Arc::default(),
+            monitor,
         }
     }
 
@@ -199,7 +202,9 @@ impl Weir for WeirService {
         )?;
         let r = request.into_inner();
         let id = r.request_id;
-        let acks = self.broker.publish(Publish::from(r)).await?;
+        let span = tracing::debug_span!("publish", topic = %r.topic, records = r.records.len());
+        let acks =
+            tracing::Instrument::instrument(self.broker.publish(Publish::from(r)), span).await?;
         Ok(Response::new(acks_response(id, acks)))
     }
 
@@ -472,6 +477,45 @@ impl Weir for WeirService {
         }))
     }
 
+    async fn get_lag(
+        &self,
+        request: Request<pb::GetLagRequest>,
+    ) -> Result<Response<pb::GetLagResponse>, Status> {
+        let principal = self.caller(&request)?;
+        let name = request.into_inner().name;
+        let snapshot = self.monitor.snapshot();
+        // Plugins are seen through grants on their name, groups through grants on their topic.
+        let visible = |kind: crate::monitor::ConsumerKind, consumer: &str, topic: Option<&str>| {
+            (name.is_empty() || name == consumer)
+                && match kind {
+                    crate::monitor::ConsumerKind::Plugin => {
+                        principal.sees(Resource::Plugin(consumer))
+                    }
+                    crate::monitor::ConsumerKind::Group => {
+                        topic.is_none_or(|t| principal.sees(Resource::Topic(t)))
+                    }
+                }
+        };
+        let rows: Vec<pb::LagRow> = snapshot
+            .rows
+            .into_iter()
+            .filter(|r| visible(r.kind, &r.name, Some(&r.topic)))
+            .map(Into::into)
+            .collect();
+        let consumers = snapshot
+            .consumers
+            .into_iter()
+            .filter(|c| visible(c.kind, &c.name, None) && rows.iter().any(|r| r.name == c.name))
+            .map(Into::into)
+            .collect();
+        if !name.is_empty() && rows.is_empty() && self.plugins.owner(&name).is_err() {
+            return Err(Status::not_found(format!(
+                "no plugin or consumer group named {name:?} (groups appear once they commit offsets)"
+            )));
+        }
+        Ok(Response::new(pb::GetLagResponse { rows, consumers }))
+    }
+
     async fn get_state(
         &self,
         request: Request<pb::GetStateRequest>,
@@ -485,6 +529,41 @@ impl Weir for WeirService {
             &self.plugins,
             request.into_inner(),
         )?))
+    }
+}
+
+impl From<crate::monitor::LagRow> for pb::LagRow {
+    fn from(r: crate::monitor::LagRow) -> Self {
+        pb::LagRow {
+            kind: r.kind.as_str().into(),
+            name: r.name,
+            topic: r.topic,
+            partition: r.partition,
+            committed: r.committed,
+            end: r.end,
+            lag: r.lag,
+            time_lag_ms: r.time_lag_ms,
+            status: r.status.to_string(),
+        }
+    }
+}
+
+impl From<crate::monitor::ConsumerHealth> for pb::ConsumerHealth {
+    fn from(c: crate::monitor::ConsumerHealth) -> Self {
+        pb::ConsumerHealth {
+            kind: c.kind.as_str().into(),
+            name: c.name,
+            status: c.status.to_string(),
+            lag: c.lag,
+            time_lag_ms: c.time_lag_ms,
+            alerts: c.alerts,
+            probes_seen: c.probes.seen,
+            probes_lost: c.probes.lost,
+            probes_duplicated: c.probes.duplicated,
+            probe_p50_ms: c.probes.p50_ms,
+            probe_p99_ms: c.probes.p99_ms,
+            probe_p999_ms: c.probes.p999_ms,
+        }
     }
 }
 

@@ -185,6 +185,17 @@ impl LogStore for MemoryStore {
         }))
     }
 
+    fn list_groups(&self) -> Result<Vec<(String, String)>, LogError> {
+        let mut out: Vec<(String, String)> = self.with(|s| {
+            s.groups
+                .keys()
+                .filter_map(|k| GroupKeys::parse(k))
+                .collect()
+        });
+        out.dedup();
+        Ok(out)
+    }
+
     fn kv_get(&self, namespace: &str, key: &[u8]) -> Result<Option<Bytes>, LogError> {
         Ok(self.with(|s| s.kvs.get(namespace).and_then(|kv| kv.get(key).cloned())))
     }

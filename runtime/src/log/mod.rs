@@ -137,6 +137,8 @@ pub trait LogStore: Send + Sync + 'static {
     ) -> Result<(), LogError>;
     /// A consumer group's committed offsets for a topic, by partition.
     fn group_offsets(&self, group: &str, topic: &str) -> Result<Vec<(u32, u64)>, LogError>;
+    /// Every (group, topic) with committed offsets.
+    fn list_groups(&self) -> Result<Vec<(String, String)>, LogError>;
     /// Makes every write that returned before this call durable (survives power loss).
     fn sync(&self) -> Result<(), LogError>;
 
@@ -174,6 +176,15 @@ impl GroupKeys {
         let mut key = self.prefix.clone();
         key.extend_from_slice(&partition.to_be_bytes());
         key
+    }
+
+    /// The (group, topic) of any group key.
+    fn parse(key: &[u8]) -> Option<(String, String)> {
+        let mut parts = key.splitn(3, |&b| b == 0);
+        let topic = std::str::from_utf8(parts.next()?).ok()?;
+        let group = std::str::from_utf8(parts.next()?).ok()?;
+        parts.next()?;
+        Some((group.to_string(), topic.to_string()))
     }
 
     /// The partition of a key under this prefix.

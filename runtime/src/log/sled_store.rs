@@ -464,6 +464,19 @@ impl LogStore for SledStore {
         Ok(out)
     }
 
+    fn list_groups(&self) -> Result<Vec<(String, String)>, LogError> {
+        let mut out = Vec::new();
+        for item in self.groups.iter() {
+            let (key, _) = item?;
+            if let Some(pair) = GroupKeys::parse(&key) {
+                if out.last() != Some(&pair) {
+                    out.push(pair);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn kv_get(&self, namespace: &str, key: &[u8]) -> Result<Option<Bytes>, LogError> {
         let tree = self.kv(namespace)?;
         match tree.get(key)? {

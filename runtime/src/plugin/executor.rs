@@ -26,6 +26,8 @@ use super::state::{encode_delta, log_key, read_through, StateCache};
 use super::{CompiledPlugin, PluginError};
 use crate::broker::Broker;
 use crate::log::LogStore;
+use crate::metrics;
+use crate::monitor::probe::{ProbeBook, ProbeMarker};
 use crate::record::{partition_for_key, Record, StoredRecord};
 
 /// Batches an instance runs before it is replaced (wasmtime never frees instances a Store
@@ -69,6 +71,10 @@ pub(crate) struct PluginRuntime {
     pub status: Mutex<Vec<PartitionStatus>>,
     pub(super) outbox: Vec<Notify>,
     pub paused: tokio::sync::watch::Sender<bool>,
+    /// Where committed probes are reported.
+    pub(super) probes: Arc<ProbeBook>,
+    /// `plugin` label of its metrics.
+    label: metrics::PluginLabel,
 }
 
 /// The outcome of trying to commit a batch.
@@ -78,8 +84,34 @@ enum Commit {
         processed: u64,
         skipped: u64,
         dead_lettered: u64,
+        outputs: u64,
+        /// Probes committed past, with their publish times.
+        probes: Vec<(ProbeMarker, i64)>,
     },
     Conflict,
+}
+
+impl Commit {
+    fn with_probes(self, found: Vec<(ProbeMarker, i64)>) -> Commit {
+        match self {
+            Commit::Done {
+                next,
+                processed,
+                skipped,
+                dead_lettered,
+                outputs,
+                ..
+            } => Commit::Done {
+                next,
+                processed,
+                skipped,
+                dead_lettered,
+                outputs,
+                probes: found,
+            },
+            Commit::Conflict => Commit::Conflict,
+        }
+    }
 }
 
 /// Stored per-partition cursor: next input offset and next commit sequence.
@@ -103,6 +135,7 @@ impl PluginRuntime {
         compiled: CompiledPlugin,
         store: Arc<dyn LogStore>,
         broker: Arc<Broker>,
+        probes: Arc<ProbeBook>,
     ) -> Result<Arc<Self>, crate::log::LogError> {
         let namespace = spec.namespace();
         let mut dedup = DedupIndex::default();
@@ -138,6 +171,8 @@ impl PluginRuntime {
             status: Mutex::new(status),
             outbox: (0..partitions).map(|_| Notify::new()).collect(),
             paused,
+            probes,
+            label: metrics::plugin(&spec.name),
             spec,
         });
         // Fold deltas a crash left before anything reads `s/` directly.
@@ -224,9 +259,16 @@ impl PluginRuntime {
                 }
                 continue;
             }
-            match self
-                .run_batch(partition, &records, &mut instance, &cancel)
-                .await
+            let span = tracing::debug_span!(
+                "commit",
+                first_offset = records[0].offset,
+                records = records.len()
+            );
+            match tracing::Instrument::instrument(
+                self.run_batch(partition, &records, &mut instance, &cancel),
+                span,
+            )
+            .await
             {
                 Ok(()) => self.set_state(partition, "running"),
                 Err(halt) => {
@@ -374,6 +416,8 @@ impl PluginRuntime {
             processed,
             skipped,
             dead_lettered,
+            outputs,
+            probes,
         } = done
         {
             let mut status = self.status.lock().expect("status lock");
@@ -382,6 +426,24 @@ impl PluginRuntime {
             s.processed += processed;
             s.skipped += skipped;
             s.dead_lettered += dead_lettered;
+            drop(status);
+            let m = metrics::global();
+            m.plugin_records_out
+                .get_or_create(&self.label)
+                .inc_by(outputs);
+            m.plugin_dlq
+                .get_or_create(&self.label)
+                .inc_by(dead_lettered);
+            m.plugin_dedup_skips
+                .get_or_create(&self.label)
+                .inc_by(skipped);
+            // Effects are durable now: this is the end of the probe's trip.
+            let now = crate::record::now_ms();
+            for (marker, published) in probes {
+                let delay = (now - published).max(0) as u64;
+                self.probes
+                    .record(&self.spec.name, partition, marker, delay);
+            }
         }
         self.outbox[partition as usize].notify_one();
         Ok(())
@@ -409,12 +471,26 @@ impl PluginRuntime {
         };
         let skipped = (records.len() - fresh.len()) as u64;
         let next = records.last().map_or(0, |r| r.offset + 1);
+        // Probes are the monitor's, never the plugin's: committed past, reported after.
+        let mut probes = Vec::new();
+        let fresh: Vec<&StoredRecord> = fresh
+            .into_iter()
+            .filter(|r| match ProbeMarker::of(&r.record) {
+                Some(marker) => {
+                    probes.push((marker, r.record.timestamp_ms));
+                    false
+                }
+                None => true,
+            })
+            .collect();
         if fresh.is_empty() {
-            return (
-                self.commit(partition, next, &[], Default::default(), skipped, None),
-                instance,
-            );
+            let commit = self.commit(partition, next, &[], Default::default(), skipped, None);
+            return (commit.map(|c| c.with_probes(probes)), instance);
         }
+        metrics::global()
+            .plugin_records_in
+            .get_or_create(&self.label)
+            .inc_by(fresh.len() as u64);
         let mut w = weir_codec::Writer::new();
         for r in &fresh {
             let headers: Vec<(&str, &[u8])> = r
@@ -446,15 +522,28 @@ impl PluginRuntime {
                 Err(e) => return (Err(e), None),
             },
         };
+        let started = std::time::Instant::now();
         let result = instance.process(&blob);
+        metrics::global()
+            .plugin_batch_seconds
+            .get_or_create(&self.label)
+            .observe(started.elapsed().as_secs_f64());
         self.collect_output(&mut instance);
         match result {
             Ok(effects) => {
-                let commit = self.commit(partition, next, &fresh, effects, skipped, None);
+                let commit = self
+                    .commit(partition, next, &fresh, effects, skipped, None)
+                    .map(|c| c.with_probes(probes));
                 let keep = commit.is_ok().then_some(instance);
                 (commit, keep)
             }
-            Err(e) => (Err(self.with_limits(e)), None),
+            Err(e) => {
+                metrics::global()
+                    .plugin_traps
+                    .get_or_create(&self.label)
+                    .inc();
+                (Err(self.with_limits(e)), None)
+            }
         }
     }
 
@@ -555,6 +644,7 @@ impl PluginRuntime {
                 outputs.push((o.topic.to_string(), record));
             }
         }
+        let emitted = outputs.len() as u64;
         let dead_lettered = u64::from(dead_letter.is_some());
         if let Some(dead) = dead_letter {
             outputs.push((self.spec.dlq_topic(), dead));
@@ -645,6 +735,8 @@ impl PluginRuntime {
             processed: processed.len() as u64 - dead_lettered,
             skipped,
             dead_lettered,
+            outputs: emitted,
+            probes: Vec::new(),
         })
     }
 

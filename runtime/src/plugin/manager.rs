@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use super::engine::PluginEngine;
 use super::executor::{PartitionStatus, PluginRuntime};
-use super::spec::{partition_key, DedupWindow, OnError, PluginSpec, StartFrom};
+use super::spec::{partition_key, AlertThresholds, DedupWindow, OnError, PluginSpec, StartFrom};
 use super::{Limits, PluginError};
 use crate::broker::{Broker, BrokerError, StartAt};
 use crate::log::{LogError, LogStore};
@@ -78,6 +78,8 @@ pub struct DeployRequest {
     pub owner: Option<String>,
     /// Most plugins `owner` may have deployed at once, this one included (`None`: no limit).
     pub owner_quota: Option<usize>,
+    /// Alert thresholds.
+    pub alerts: AlertThresholds,
 }
 
 /// A plugin as `weir plugin list` shows it.
@@ -104,6 +106,7 @@ pub struct PluginManager {
     max_wasm_bytes: usize,
     plugins: Mutex<BTreeMap<String, Running>>,
     admin: tokio::sync::Mutex<()>,
+    probes: Arc<crate::monitor::probe::ProbeBook>,
 }
 
 impl PluginManager {
@@ -129,6 +132,7 @@ impl PluginManager {
             max_wasm_bytes,
             plugins: Mutex::new(BTreeMap::new()),
             admin: Default::default(),
+            probes: Default::default(),
         });
         for (_, value) in manager.store.kv_scan(REGISTRY, b"")? {
             let spec: PluginSpec = serde_json::from_slice(&value)
@@ -159,11 +163,25 @@ impl PluginManager {
             compiled,
             self.store.clone(),
             self.broker.clone(),
+            self.probes.clone(),
         )?;
         let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
+        // Every event of a plugin's tasks carries the plugin and partition (publish → commit →
+        // forward can be followed in the logs with WEIR_LOG=weir_runtime=debug).
+        use tracing::Instrument as _;
         for p in 0..partitions {
-            tracker.spawn(runtime.clone().run_partition(p, cancel.clone()));
-            tracker.spawn(runtime.clone().run_forwarder(p, cancel.clone()));
+            tracker.spawn(
+                runtime
+                    .clone()
+                    .run_partition(p, cancel.clone())
+                    .instrument(tracing::info_span!("consume", plugin = %name, partition = p)),
+            );
+            tracker.spawn(
+                runtime
+                    .clone()
+                    .run_forwarder(p, cancel.clone())
+                    .instrument(tracing::info_span!("forward", plugin = %name, partition = p)),
+            );
         }
         tracker.spawn(runtime.clone().run_compactor(cancel.clone()));
         self.plugins.lock().expect("plugins lock").insert(
@@ -350,6 +368,7 @@ impl PluginManager {
             producer_ids,
             paused: false,
             owner: request.owner,
+            alerts: request.alerts,
         };
         self.store.kv_drop(&spec.namespace())?;
         self.store.kv_apply(&spec.namespace(), &cursors)?;
@@ -421,8 +440,14 @@ impl PluginManager {
         tokio::task::spawn_blocking(move || store.sync())
             .await
             .map_err(|e| ManagerError::Io(e.to_string()))??;
+        self.probes.forget(name);
         tracing::info!(message = "Plugin removed.", plugin = %name);
         Ok(())
+    }
+
+    /// Probe results of every plugin.
+    pub fn probes(&self) -> &Arc<crate::monitor::probe::ProbeBook> {
+        &self.probes
     }
 
     fn runtime(&self, name: &str) -> Result<Arc<PluginRuntime>, ManagerError> {

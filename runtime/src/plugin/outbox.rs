@@ -119,6 +119,7 @@ impl PluginRuntime {
                             base_sequence: g.base_seq,
                         }),
                     };
+                    tracing::debug!(message = "Forwarding outputs.", topic = %g.topic, output_partition = g.partition, records = publish.records.len(), base_seq = g.base_seq);
                     let mut backoff = Duration::from_millis(100);
                     loop {
                         match self.broker.publish(publish.clone()).await {

@@ -42,6 +42,16 @@ impl Default for DedupWindow {
     }
 }
 
+/// Alert thresholds of a plugin; 0 turns one off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertThresholds {
+    /// Records waiting, summed over partitions.
+    pub max_lag: u64,
+    /// Age of the oldest waiting record, ms (any partition).
+    pub max_delay_ms: u64,
+}
+
 /// A deployed plugin.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -76,6 +86,9 @@ pub struct PluginSpec {
     /// before ownership was recorded).
     #[serde(default)]
     pub owner: Option<String>,
+    /// When the monitor raises an alert.
+    #[serde(default)]
+    pub alerts: AlertThresholds,
 }
 
 impl PluginSpec {
