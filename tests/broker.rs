@@ -17,6 +17,7 @@ fn topic(name: &str, partitions: u32) -> TopicConfig {
         partitions,
         retention_ms: 0,
         retention_bytes: 0,
+        admission: None,
     }
 }
 
@@ -508,5 +509,90 @@ async fn producer_retries_through_a_server_restart_with_the_same_sequence() {
         .await
         .unwrap();
     assert_eq!(info.partitions[0].end_offset, 5, "stored once");
+    server.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn admission_limit_refuses_a_flooding_key_and_stores_every_accepted_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_server(dir.path()).await;
+    let client = Client::connect(&server.url()).await.unwrap();
+    let mut config = topic("seckill.requests", 2);
+    config.admission = Some(weir_runtime::record::Admission {
+        per_key: 3,
+        window_ms: 60_000,
+    });
+    let info = client.create_topic(&config).await.unwrap();
+    assert_eq!(info.config.admission, config.admission);
+
+    let mut accepted = Vec::new();
+    for i in 0..10 {
+        let value = format!("u1-{i}");
+        match client
+            .publish("seckill.requests", None, vec![keyed("u1", &value)])
+            .await
+        {
+            Ok(_) => accepted.push(value),
+            Err(e) => {
+                assert_eq!(e.code(), Some(Code::ResourceExhausted), "{e}");
+                assert_eq!(e.kind(), Some("admission"));
+                assert!(e.to_string().contains("key \"u1\""), "{e}");
+            }
+        }
+    }
+    assert_eq!(accepted, vec!["u1-0", "u1-1", "u1-2"]);
+    // Other keys and keyless records are not affected by u1's flood.
+    for value in ["u2-0", "u2-1"] {
+        client
+            .publish("seckill.requests", None, vec![keyed("u2", value)])
+            .await
+            .unwrap();
+        accepted.push(value.into());
+    }
+    client
+        .publish("seckill.requests", None, records("anon", 5))
+        .await
+        .unwrap();
+    accepted.extend((0..5).map(|i| format!("anon-{i}")));
+    // A request with one key over the limit is refused whole, and charges nobody.
+    let mixed = vec![
+        keyed("u3", "u3-x"),
+        keyed("u1", "u1-x"),
+        keyed("u3", "u3-y"),
+    ];
+    let e = client
+        .publish("seckill.requests", None, mixed)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("key \"u1\""), "{e}");
+    let three: Vec<_> = (0..3).map(|i| keyed("u3", &format!("u3-{i}"))).collect();
+    client
+        .publish("seckill.requests", None, three)
+        .await
+        .unwrap();
+    accepted.extend((0..3).map(|i| format!("u3-{i}")));
+
+    let stored = read_n(
+        &client,
+        "seckill.requests",
+        StartAt::Earliest,
+        None,
+        accepted.len(),
+    )
+    .await;
+    let mut got: Vec<String> = stored
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.record.value).into_owned())
+        .collect();
+    got.sort();
+    accepted.sort();
+    assert_eq!(got, accepted);
+    let info = client.describe_topic("seckill.requests").await.unwrap();
+    let total: u64 = info.partitions.iter().map(|p| p.end_offset).sum();
+    assert_eq!(
+        total as usize,
+        accepted.len(),
+        "refused records never reached the log"
+    );
     server.stop().await.unwrap();
 }

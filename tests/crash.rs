@@ -151,6 +151,7 @@ async fn acked_publishes_survive_kill_9_exactly_once() {
             partitions: PARTITIONS,
             retention_ms: 0,
             retention_bytes: 0,
+            admission: None,
         })
         .await
         .unwrap();

@@ -203,6 +203,7 @@ fn server() -> &'static (
                     partitions: 3,
                     retention_ms: 0,
                     retention_bytes: 0,
+                    admission: None,
                 })
                 .await
                 .unwrap();

@@ -30,6 +30,7 @@ async fn topics(client: &Client, names: &[(&str, u32)]) {
                 partitions: *partitions,
                 retention_ms: 0,
                 retention_bytes: 0,
+                admission: None,
             })
             .await
             .unwrap();

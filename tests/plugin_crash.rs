@@ -209,6 +209,7 @@ async fn plugin_effects_are_exactly_once_across_kill_9() {
                 partitions,
                 retention_ms: 0,
                 retention_bytes: 0,
+                admission: None,
             })
             .await
             .unwrap();

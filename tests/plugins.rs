@@ -19,6 +19,7 @@ fn topic(name: &str, partitions: u32) -> TopicConfig {
         partitions,
         retention_ms: 0,
         retention_bytes: 0,
+        admission: None,
     }
 }
 

@@ -101,6 +101,7 @@ fn topic(name: &str) -> TopicConfig {
         partitions: 2,
         retention_ms: 0,
         retention_bytes: 0,
+        admission: None,
     }
 }
 

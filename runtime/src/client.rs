@@ -202,6 +202,8 @@ impl Client {
             partitions: config.partitions,
             retention_ms: config.retention_ms,
             retention_bytes: config.retention_bytes,
+            admit_per_key: config.admission.map_or(0, |a| a.per_key),
+            admit_window_ms: config.admission.map_or(0, |a| a.window_ms),
         };
         Ok(topic_info(
             self.inner.clone().create_topic(request).await?.into_inner(),
@@ -575,6 +577,7 @@ fn topic_info(t: pb::TopicInfo) -> TopicInfo {
             partitions: t.partitions,
             retention_ms: t.retention_ms,
             retention_bytes: t.retention_bytes,
+            admission: crate::grpc::convert::admission(t.admit_per_key, t.admit_window_ms),
         },
         partitions: t
             .partition_info

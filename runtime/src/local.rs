@@ -92,6 +92,7 @@ impl LocalRuntime {
                 partitions,
                 retention_ms: 0,
                 retention_bytes: 0,
+                admission: None,
             })
             .await?;
         Ok(())

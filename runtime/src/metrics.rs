@@ -50,6 +50,8 @@ pub struct Metrics {
     pub plugin_dlq: Family<PluginLabel, Counter>,
     /// Records skipped as already processed (dedup), per plugin.
     pub plugin_dedup_skips: Family<PluginLabel, Counter>,
+    /// Records refused by a topic's admission limit.
+    pub admission_refused: Family<TopicLabel, Counter>,
     /// Publish → effects committed for probe records, per plugin.
     pub probe_delay_seconds: Family<PluginLabel, Histogram, fn() -> Histogram>,
 }
@@ -67,6 +69,7 @@ impl Metrics {
             plugin_dlq: Family::default(),
             plugin_dedup_skips: Family::default(),
             probe_delay_seconds: Family::new_with_constructor(seconds_histogram),
+            admission_refused: Family::default(),
         }
     }
 
@@ -122,6 +125,11 @@ impl Metrics {
             "probe_delay_seconds",
             "End-to-end delay of probe records: publish to effects committed",
             self.probe_delay_seconds.clone(),
+        );
+        r.register(
+            "admission_refused",
+            "Records refused by a topic's admission limit (per key per window)",
+            self.admission_refused.clone(),
         );
         r
     }

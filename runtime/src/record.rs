@@ -81,6 +81,20 @@ pub struct TopicConfig {
     pub retention_ms: u64,
     /// Per partition, delete the oldest chunks while the partition is larger; 0 = no bound.
     pub retention_bytes: u64,
+    /// Refuse a key's records beyond a count per time window (the seed's 限流).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admission: Option<Admission>,
+}
+
+/// At most `per_key` records per key within any `window_ms` (a sliding window); keyless
+/// records are not limited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admission {
+    /// Records admitted per key within the window.
+    pub per_key: u32,
+    /// Window length, ms.
+    pub window_ms: u64,
 }
 
 /// Most partitions a topic may have; each is a sled tree and an executor task later.

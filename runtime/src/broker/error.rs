@@ -44,6 +44,20 @@ pub enum BrokerError {
     /// A publish with no records.
     #[error("empty batch: a publish needs at least one record")]
     EmptyBatch,
+    /// A key is over the topic's admission limit; nothing of the request was stored.
+    #[error("key {key:?} is over the admission limit of topic {topic:?} ({per_key} record(s) per key per {window_ms} ms): {refused} record(s) of this request refused, nothing stored; try again later")]
+    Admission {
+        /// Topic.
+        topic: String,
+        /// The first key over its limit.
+        key: String,
+        /// The limit.
+        per_key: u32,
+        /// Its window.
+        window_ms: u64,
+        /// Records over the limit in the request.
+        refused: usize,
+    },
     /// More records in one request than the server takes.
     #[error("batch of {count} records; the server takes at most {max} per request (--max-batch-records): split it")]
     BatchTooLarge {

@@ -4,6 +4,7 @@
 //! Knows nothing of gRPC: the API layer converts its requests into these calls. Blocking store
 //! work runs on tokio's blocking pool, never on the async workers.
 
+mod admission;
 mod error;
 mod partition;
 pub mod producer;
@@ -51,6 +52,8 @@ impl Default for BrokerConfig {
 pub(crate) struct Topic {
     config: TopicConfig,
     partitions: Vec<Arc<Partition>>,
+    /// Admission per key, if the topic has a limit.
+    admission: Option<Mutex<admission::AdmissionLog>>,
     /// Partition that keyless records of the next request stick to (sticky partitioner).
     sticky: AtomicU32,
 }
@@ -165,6 +168,9 @@ impl Broker {
             .map(|p| Partition::recover(store.clone(), TopicPartition::new(config.name.clone(), p)))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Arc::new(Topic {
+            admission: config
+                .admission
+                .map(|a| Mutex::new(admission::AdmissionLog::new(a))),
             config,
             partitions,
             sticky: AtomicU32::new(0),
@@ -230,6 +236,13 @@ impl Broker {
                 "a topic needs 1 to {MAX_PARTITIONS} partitions, got {}",
                 config.partitions
             )));
+        }
+        if let Some(a) = config.admission {
+            if a.per_key == 0 || a.window_ms == 0 {
+                return Err(BrokerError::InvalidArgument(
+                    "an admission limit needs --admit-per-key and --admit-window-ms above 0".into(),
+                ));
+            }
         }
         let _admin = self.admin.lock().await;
         if self
@@ -355,6 +368,37 @@ impl Broker {
         Ok(())
     }
 
+    /// Applies the topic's admission limit, if any. A retry of a stored idempotent batch is
+    /// not charged again (it stores nothing).
+    fn admit(&self, publish: &Publish, topic: &Topic) -> Result<(), BrokerError> {
+        let Some(log) = &topic.admission else {
+            return Ok(());
+        };
+        if let (Some(p), Some(partition)) = (&publish.producer, publish.partition) {
+            let count = publish.records.len() as u32;
+            if topic.partitions[partition as usize].is_duplicate(p, count) {
+                return Ok(());
+            }
+        }
+        let keys = publish.records.iter().filter_map(|r| r.key.as_ref());
+        let refused = match log.lock().expect("admission lock").admit(keys, now_ms()) {
+            Ok(()) => return Ok(()),
+            Err(r) => r,
+        };
+        crate::metrics::global()
+            .admission_refused
+            .get_or_create(&crate::metrics::topic(&topic.config.name))
+            .inc_by(refused.records as u64);
+        let limit = topic.config.admission.expect("a log has a limit");
+        Err(BrokerError::Admission {
+            topic: topic.config.name.clone(),
+            key: String::from_utf8_lossy(&refused.key).into_owned(),
+            per_key: limit.per_key,
+            window_ms: limit.window_ms,
+            refused: refused.records,
+        })
+    }
+
     fn validate(&self, publish: &Publish, topic: &Topic) -> Result<(), BrokerError> {
         if let Some(e) = self.durability.failed() {
             return Err(BrokerError::Unavailable(e.to_string()));
@@ -406,6 +450,7 @@ impl Broker {
     pub async fn append(self: &Arc<Self>, publish: Publish) -> Result<PendingPublish, BrokerError> {
         let topic = self.topic(&publish.topic)?;
         self.validate(&publish, &topic)?;
+        self.admit(&publish, &topic)?;
         let this = self.clone();
         let (appended, ticket) =
             Self::blocking(move || this.append_blocking(&topic, publish)).await?;

@@ -116,6 +116,20 @@ impl Partition {
         }
     }
 
+    /// Whether an idempotent batch is a retry of one already stored (nothing would be appended).
+    pub(crate) fn is_duplicate(&self, p: &ProducerFields, count: u32) -> bool {
+        let s = self.state();
+        matches!(
+            ProducerState::check(
+                s.producers.get(&p.producer_id),
+                p.epoch,
+                p.base_sequence,
+                u64::from(count),
+            ),
+            Ok(SequenceCheck::Duplicate { .. })
+        )
+    }
+
     /// Appends encoded chunks holding `count` records, with the idempotence check when
     /// `producer` is given. Blocking (store write).
     pub(crate) fn append(

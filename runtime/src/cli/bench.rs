@@ -188,6 +188,7 @@ pub async fn publish(
                 partitions: args.partitions,
                 retention_ms: 0,
                 retention_bytes: 0,
+                admission: None,
             };
             client.create_topic(&config).await?.config.partitions
         }
@@ -327,6 +328,7 @@ async fn plugin_run(
             partitions: args.partitions,
             retention_ms: 0,
             retention_bytes: 0,
+            admission: None,
         })
         .await?;
     if client.describe_topic("points.credited").await.is_err() {
@@ -336,6 +338,7 @@ async fn plugin_run(
                 partitions: args.partitions,
                 retention_ms: 0,
                 retention_bytes: 0,
+                admission: None,
             })
             .await?;
     }

@@ -21,6 +21,13 @@ pub enum TopicCommand {
         /// Per partition, delete the oldest records beyond this many bytes (0 = no bound).
         #[arg(long, default_value_t = 0)]
         retention_bytes: u64,
+        /// Admission limit (the seed's 限流): at most this many records per key within
+        /// --admit-window-ms; excess records are refused before they reach the log (0 = none).
+        #[arg(long, default_value_t = 0)]
+        admit_per_key: u32,
+        /// The admission window, ms.
+        #[arg(long, default_value_t = 1000)]
+        admit_window_ms: u64,
     },
     /// List topics.
     List,
@@ -43,6 +50,8 @@ pub(super) async fn run(client: &Client, cmd: TopicCommand) -> anyhow::Result<()
             partitions,
             retention_ms,
             retention_bytes,
+            admit_per_key,
+            admit_window_ms,
         } => {
             let info = client
                 .create_topic(&TopicConfig {
@@ -50,6 +59,10 @@ pub(super) async fn run(client: &Client, cmd: TopicCommand) -> anyhow::Result<()
                     partitions,
                     retention_ms,
                     retention_bytes,
+                    admission: (admit_per_key > 0).then_some(crate::record::Admission {
+                        per_key: admit_per_key,
+                        window_ms: admit_window_ms,
+                    }),
                 })
                 .await?;
             println!(

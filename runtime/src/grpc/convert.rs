@@ -116,9 +116,16 @@ impl From<TopicInfo> for pb::TopicInfo {
             partitions: t.config.partitions,
             retention_ms: t.config.retention_ms,
             retention_bytes: t.config.retention_bytes,
+            admit_per_key: t.config.admission.map_or(0, |a| a.per_key),
+            admit_window_ms: t.config.admission.map_or(0, |a| a.window_ms),
             partition_info: t.partitions.into_iter().map(Into::into).collect(),
         }
     }
+}
+
+/// The admission limit of protobuf fields (`per_key` 0 = none).
+pub fn admission(per_key: u32, window_ms: u64) -> Option<crate::record::Admission> {
+    (per_key > 0).then_some(crate::record::Admission { per_key, window_ms })
 }
 
 /// The start position of a subscribe request (`None` = latest, Kafka's default).

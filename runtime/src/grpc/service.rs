@@ -124,6 +124,7 @@ impl Weir for WeirService {
             partitions: r.partitions,
             retention_ms: r.retention_ms,
             retention_bytes: r.retention_bytes,
+            admission: super::convert::admission(r.admit_per_key, r.admit_window_ms),
         };
         Ok(Response::new(
             self.broker.create_topic(config).await?.into(),

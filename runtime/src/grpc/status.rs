@@ -22,6 +22,7 @@ fn broker_code(e: &BrokerError) -> (Code, &'static str) {
         BrokerError::RecordTooLarge { .. } => (Code::InvalidArgument, "record-too-large"),
         BrokerError::EmptyBatch => (Code::InvalidArgument, "empty-batch"),
         BrokerError::BatchTooLarge { .. } => (Code::ResourceExhausted, "batch-too-large"),
+        BrokerError::Admission { .. } => (Code::ResourceExhausted, "admission"),
         BrokerError::IdempotenceNeedsPartition => (Code::InvalidArgument, "partition-required"),
         BrokerError::UnknownProducer(_) => (Code::FailedPrecondition, "unknown-producer"),
         BrokerError::StaleEpoch { .. } => (Code::FailedPrecondition, "stale-epoch"),

@@ -335,6 +335,7 @@ impl PluginManager {
                         partitions: input.config.partitions,
                         retention_ms: 0,
                         retention_bytes: 0,
+                        admission: None,
                     })
                     .await?;
             }
