@@ -96,9 +96,9 @@ async fn example_plugins_in_the_local_runtime() {
     );
     let results = local.state_entries("order").unwrap();
     assert!(
-        results
-            .iter()
-            .any(|(k, v, _)| k == b"result/cy" && String::from_utf8_lossy(v).contains("sold out")),
+        results.iter().any(
+            |(k, v, _)| k == b"result/tv/cy" && String::from_utf8_lossy(v).contains("sold out")
+        ),
         "the result is queryable per user"
     );
     local.close().await;

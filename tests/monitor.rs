@@ -37,6 +37,21 @@ async fn topics(client: &Client, names: &[(&str, u32)]) {
     }
 }
 
+/// Deploys the points plugin on order.paid → points.credited, paced at `max_rate` (0 = not).
+async fn deploy_points(client: &Client, max_rate: u64) {
+    client
+        .deploy_plugin(Deploy {
+            name: "points".into(),
+            wasm: plugin_wasm("points").to_vec(),
+            input: "order.paid".into(),
+            outputs: vec!["points.credited".into()],
+            max_rate,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
 /// A server probing every 50 ms with the chaos plugin deployed as `name` on `in`.
 async fn probed_chaos(
     name: &str,
@@ -137,16 +152,7 @@ async fn lag_grows_while_paused_and_drains_after_resume() {
     let server = start_with(dir.path(), fast_monitor).await;
     let client = Client::connect(&server.url()).await.unwrap();
     topics(&client, &[("order.paid", 2), ("points.credited", 2)]).await;
-    client
-        .deploy_plugin(Deploy {
-            name: "points".into(),
-            wasm: plugin_wasm("points").to_vec(),
-            input: "order.paid".into(),
-            outputs: vec!["points.credited".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    deploy_points(&client, 0).await;
     let orders = |from: u64, n: u64| -> Vec<Record> {
         (from..from + n)
             .map(|i| paid(i, &format!("u{}", i % 7), 5.0))
@@ -468,16 +474,7 @@ async fn server_with_history() -> (tempfile::TempDir, RunningServer) {
     let server = start_with(dir.path(), fast_monitor).await;
     let client = Client::connect(&server.url()).await.unwrap();
     topics(&client, &[("order.paid", 2), ("points.credited", 2)]).await;
-    client
-        .deploy_plugin(Deploy {
-            name: "points".into(),
-            wasm: plugin_wasm("points").to_vec(),
-            input: "order.paid".into(),
-            outputs: vec!["points.credited".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    deploy_points(&client, 0).await;
     client.pause_plugin("points", true).await.unwrap();
     for round in 0..5u64 {
         let orders: Vec<Record> = (0..40)
@@ -550,4 +547,65 @@ async fn the_status_page_renders_in_headless_chromium() {
         png.len()
     );
     server.stop().await.unwrap();
+}
+
+/// `--max-rate` paces a plugin, and `GetState` with the caller's own offset answers
+/// "pending" until the plugin has processed it (the seed's 秒杀结果计算中).
+#[tokio::test]
+async fn a_paced_plugin_and_the_pending_answer() {
+    use weir_runtime::client::StateAnswer;
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), fast_monitor).await;
+    let client = Client::connect(&server.url()).await.unwrap();
+    topics(&client, &[("order.paid", 1), ("points.credited", 1)]).await;
+    deploy_points(&client, 200).await;
+    let orders: Vec<Record> = (0..300).map(|i| paid(i, "u1", 1.0)).collect();
+    let acks = client.publish("order.paid", Some(0), orders).await.unwrap();
+    let last = acks[0].base_offset + u64::from(acks[0].count) - 1;
+    // At 200 records/s the last of 300 cannot be done at once: the answer is pending.
+    let answer = client
+        .get_state_after("points", b"balance/u1", 0, last)
+        .await
+        .unwrap();
+    assert_eq!(answer, StateAnswer::Pending);
+    let (ok, out, err) = cli(
+        &server,
+        &[
+            "state",
+            "get",
+            "points",
+            "balance/u1",
+            "--after",
+            &format!("0:{last}"),
+        ],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.starts_with("pending"), "{out}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let committed = server.plugins.info("points").unwrap().partitions[0].committed;
+    assert!(
+        committed < 300,
+        "paced at 200/s, yet {committed} done after 0.5 s"
+    );
+    lag_until(&client, "points", 30, "all 300 processed", |l| {
+        found(l, "points").is_some_and(|c| c.lag == 0)
+    })
+    .await;
+    let answer = client
+        .get_state_after("points", b"balance/u1", 0, last)
+        .await
+        .unwrap();
+    assert_eq!(
+        answer,
+        StateAnswer::Value(b"300".to_vec(), answer_version(&answer))
+    );
+    server.stop().await.unwrap();
+}
+
+fn answer_version(a: &weir_runtime::client::StateAnswer) -> u64 {
+    match a {
+        weir_runtime::client::StateAnswer::Value(_, v) => *v,
+        _ => 0,
+    }
 }

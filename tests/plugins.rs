@@ -53,6 +53,7 @@ fn deploy(name: &str, wasm: &str, input: &str, outputs: &[&str]) -> DeployReques
         owner: None,
         owner_quota: None,
         alerts: Default::default(),
+        max_rate: 0,
     }
 }
 

@@ -391,6 +391,17 @@ impl Client {
     }
 }
 
+/// The answer to a state query made after publishing an input record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StateAnswer {
+    /// The plugin has not processed the record yet.
+    Pending,
+    /// Processed; the committed value and its version.
+    Value(Vec<u8>, u64),
+    /// Processed, and the key has no value.
+    Absent,
+}
+
 /// A plugin as the server reports it.
 pub type PluginStatus = pb::PluginInfo;
 
@@ -423,6 +434,8 @@ pub struct Deploy {
     pub alert_lag: u64,
     /// Alert when the oldest waiting record is older than this, ms (0 = none).
     pub alert_delay_ms: u64,
+    /// Most records per second over all partitions (0 = unbounded).
+    pub max_rate: u64,
 }
 
 impl Client {
@@ -451,6 +464,7 @@ impl Client {
             dedup_age_ms: d.dedup_age_ms,
             alert_lag: d.alert_lag,
             alert_delay_ms: d.alert_delay_ms,
+            max_rate: d.max_rate,
         };
         Ok(self
             .inner
@@ -563,10 +577,42 @@ impl Client {
             .get_state(pb::GetStateRequest {
                 plugin: plugin.into(),
                 key: key.to_vec().into(),
+                after: None,
             })
             .await?
             .into_inner();
         Ok(r.found.then(|| (r.value.to_vec(), r.version)))
+    }
+
+    /// A state value as seen by the publisher of the input record at `partition`/`offset`:
+    /// `Pending` until the plugin has committed past that record.
+    ///
+    /// # Errors
+    /// Unknown plugin or partition.
+    pub async fn get_state_after(
+        &self,
+        plugin: &str,
+        key: &[u8],
+        partition: u32,
+        offset: u64,
+    ) -> Result<StateAnswer, ClientError> {
+        let r = self
+            .inner
+            .clone()
+            .get_state(pb::GetStateRequest {
+                plugin: plugin.into(),
+                key: key.to_vec().into(),
+                after: Some(pb::InputPosition { partition, offset }),
+            })
+            .await?
+            .into_inner();
+        Ok(if r.pending {
+            StateAnswer::Pending
+        } else if r.found {
+            StateAnswer::Value(r.value.to_vec(), r.version)
+        } else {
+            StateAnswer::Absent
+        })
     }
 }
 

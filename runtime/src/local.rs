@@ -129,6 +129,7 @@ impl LocalRuntime {
             owner: None,
             owner_quota: None,
             alerts: Default::default(),
+            max_rate: 0,
         };
         Ok(self.core.plugins.deploy(request).await?)
     }

@@ -271,6 +271,8 @@ fn build_release() -> Result<PathBuf> {
         "weir-runtime",
         "-p",
         "quickstart",
+        "-p",
+        "flash-sale",
     ]))?;
     Ok(PathBuf::from("target/release/weir"))
 }
@@ -287,109 +289,19 @@ fn weir(bin: &Path, server: &Server, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The README's first command: an embedded server, a publish/consume round trip with an
-/// idempotent producer and a consumer group, a short benchmark, a clean shutdown.
+/// The README's first command: builds weir, the plugins and the flash-sale load generator
+/// (release), then runs the seed's flash sale twice on fresh data directories: once clean and
+/// once with `kill -9` mid-run, printing the verified totals of both (examples/flash-sale).
 fn demo() -> Result<()> {
     let plugins = build_plugins()?;
-    let bin = build_release()?;
-    let data = std::env::temp_dir().join(format!("weir-demo-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&data);
-    println!("\n== weir demo: embedded store in {}", data.display());
-    let server = Server::start(&bin, &data, "always")?;
-    println!("== weir serve --fsync always listening on {}", server.url);
-    print!(
-        "{}",
-        weir(
-            &bin,
-            &server,
-            &["topic", "create", "order.paid", "--partitions", "4"]
-        )?
-    );
-    print!(
-        "{}",
-        weir(
-            &bin,
-            &server,
-            &["topic", "create", "points.credited", "--partitions", "4"]
-        )?
-    );
-    let points = plugins.join("points.wasm");
-    println!("== deploying the points plugin (WebAssembly, exactly-once effects)");
-    print!(
-        "{}",
-        weir(
-            &bin,
-            &server,
-            &[
-                "plugin",
-                "deploy",
-                "points",
-                "--wasm",
-                points.to_str().expect("utf-8 path"),
-                "--input",
-                "order.paid",
-                "--output",
-                "points.credited",
-                "--config",
-                "rate=0.1"
-            ]
-        )?
-    );
-    run(Command::new("target/release/quickstart").args(["--server", &server.url]))?;
-    // The quickstart's orders: user-(i % 500) pays 10 + i % 90; points = floor(amount × 0.1).
-    let want: u64 = (0..10_000u64)
-        .filter(|i| i % 500 == 42)
-        .map(|i| (10 + i % 90) / 10)
-        .sum();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        // Quietly: until the plugin has caught up the key may not exist yet.
-        let out = Command::new(&bin)
-            .args(["state", "get", "points", "balance/user-42"])
-            .env("WEIR_SERVER", &server.url)
-            .stderr(Stdio::null())
-            .output()?;
-        let got = String::from_utf8_lossy(&out.stdout).into_owned();
-        if got.split_whitespace().next() == Some(&want.to_string()) {
-            println!("== points balance of user-42: {want} (recounted from the input: matches)");
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("points balance of user-42 is {got:?}, expected {want}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    print!("{}", weir(&bin, &server, &["plugin", "list"])?);
-    print!(
-        "{}",
-        weir(&bin, &server, &["topic", "describe", "order.paid"])?
-    );
-    println!("== a burst: 200,000 records of 100 bytes, fsync always");
-    print!(
-        "{}",
-        weir(
-            &bin,
-            &server,
-            &[
-                "bench",
-                "publish",
-                "--topic",
-                "burst",
-                "--records",
-                "200000",
-                "--quiet"
-            ]
-        )?
-    );
-    println!();
-    server.stop()?;
-    println!("== restarted: everything acknowledged is still there");
-    let server = Server::start(&bin, &data, "always")?;
-    print!("{}", weir(&bin, &server, &["topic", "list"])?);
-    server.stop()?;
-    std::fs::remove_dir_all(&data).ok();
-    println!("== demo finished");
-    Ok(())
+    build_release()?;
+    run(Command::new("target/release/flash-sale").args([
+        "demo",
+        "--weir",
+        "target/release/weir",
+        "--wasm-dir",
+        plugins.to_str().expect("utf-8 path"),
+    ]))
 }
 
 /// Reproduces BENCHMARKS.md: `weir bench publish` against a release `weir serve` under each

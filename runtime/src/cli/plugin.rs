@@ -47,6 +47,10 @@ pub enum PluginCommand {
         /// Alert when the oldest waiting record is older than this, ms (0 = never).
         #[arg(long, default_value_t = 0)]
         alert_delay_ms: u64,
+        /// Most input records per second over all partitions: the pace the system behind the
+        /// plugin takes (0 = as fast as it goes).
+        #[arg(long, default_value_t = 0)]
+        max_rate: u64,
     },
     /// Replace a plugin's code, keeping its state and offsets.
     Upgrade {
@@ -106,7 +110,21 @@ pub enum StateCommand {
         plugin: String,
         /// State key (e.g. balance/user-42).
         key: String,
+        /// `PARTITION:OFFSET` of your own input record (as `weir publish` acknowledged it):
+        /// prints `pending` until the plugin has processed it.
+        #[arg(long, value_parser = parse_position)]
+        after: Option<(u32, u64)>,
     },
+}
+
+fn parse_position(s: &str) -> Result<(u32, u64), String> {
+    let (p, o) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected PARTITION:OFFSET, e.g. 3:1041"))?;
+    Ok((
+        p.parse().map_err(|_| format!("{p:?} is not a partition"))?,
+        o.parse().map_err(|_| format!("{o:?} is not an offset"))?,
+    ))
 }
 
 pub(super) fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -160,6 +178,7 @@ pub(super) async fn run(client: &Client, cmd: PluginCommand) -> anyhow::Result<(
             dedup_age_ms,
             alert_lag,
             alert_delay_ms,
+            max_rate,
         } => {
             let wasm = read_wasm(&wasm)?;
             let p = client
@@ -177,6 +196,7 @@ pub(super) async fn run(client: &Client, cmd: PluginCommand) -> anyhow::Result<(
                     dedup_age_ms,
                     alert_lag,
                     alert_delay_ms,
+                    max_rate,
                 })
                 .await?;
             println!("deployed plugin {} v{}", p.name, p.version);
@@ -236,7 +256,27 @@ pub(super) fn local_command(cmd: &PluginCommand) -> Option<anyhow::Result<()>> {
 }
 
 pub(super) async fn state(client: &Client, cmd: StateCommand) -> anyhow::Result<()> {
-    let StateCommand::Get { plugin, key } = cmd;
+    let StateCommand::Get { plugin, key, after } = cmd;
+    if let Some((partition, offset)) = after {
+        use crate::client::StateAnswer;
+        match client
+            .get_state_after(&plugin, key.as_bytes(), partition, offset)
+            .await?
+        {
+            StateAnswer::Pending => println!(
+                "pending: {plugin} has not processed partition {partition} offset {offset} yet"
+            ),
+            StateAnswer::Value(value, version) => {
+                println!("{} (version {version})", String::from_utf8_lossy(&value))
+            }
+            StateAnswer::Absent => {
+                anyhow::bail!(
+                    "plugin {plugin} processed the record and has no state for key {key:?}"
+                )
+            }
+        }
+        return Ok(());
+    }
     match client.get_state(&plugin, key.as_bytes()).await? {
         Some((value, version)) => {
             println!("{} (version {version})", String::from_utf8_lossy(&value))

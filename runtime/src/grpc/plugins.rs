@@ -40,6 +40,7 @@ impl From<PluginInfo> for pb::PluginInfo {
             alert_lag: spec.alerts.max_lag,
             alert_delay_ms: spec.alerts.max_delay_ms,
             owner: spec.owner.unwrap_or_default(),
+            max_rate: spec.max_rate,
         }
     }
 }
@@ -113,6 +114,7 @@ pub(super) fn deploy_request(r: pb::DeployPluginRequest) -> Result<DeployRequest
             max_lag: r.alert_lag,
             max_delay_ms: r.alert_delay_ms,
         },
+        max_rate: r.max_rate,
     })
 }
 
@@ -121,16 +123,37 @@ pub(super) fn get_state(
     plugins: &PluginManager,
     r: pb::GetStateRequest,
 ) -> Result<pb::GetStateResponse, Status> {
+    let pending = match r.after {
+        Some(at) => {
+            let info = plugins.info(&r.plugin)?;
+            let committed = info
+                .partitions
+                .get(at.partition as usize)
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "plugin {} reads {} partitions; there is no partition {}",
+                        r.plugin,
+                        info.partitions.len(),
+                        at.partition
+                    ))
+                })?
+                .committed;
+            committed <= at.offset
+        }
+        None => false,
+    };
     Ok(match plugins.state_get(&r.plugin, &r.key)? {
         Some((value, version)) => pb::GetStateResponse {
             found: true,
             value: value.into(),
             version,
+            pending,
         },
         None => pb::GetStateResponse {
             found: false,
             value: Default::default(),
             version: 0,
+            pending,
         },
     })
 }

@@ -230,6 +230,17 @@ impl PluginRuntime {
         };
         let mut paused = self.paused.subscribe();
         let mut instance: Option<PluginInstance> = None;
+        // --max-rate: this partition's share of the rate, as a schedule of when the next batch
+        // may start.
+        let partitions = self.spec.producer_ids.len().max(1) as f64;
+        let per_second = self.spec.max_rate as f64 / partitions;
+        let mut next_start = tokio::time::Instant::now();
+        let max_batch = if per_second > 0.0 {
+            // Small enough batches that the pace is smooth (about 20 per second).
+            ((per_second / 20.0).ceil() as usize).clamp(1, self.spec.max_batch)
+        } else {
+            self.spec.max_batch
+        };
         loop {
             if cancel.is_cancelled() {
                 return;
@@ -243,14 +254,15 @@ impl PluginRuntime {
             }
             let offset = self.cursor(partition).0;
             watch.borrow_and_update();
-            let records = match self
-                .broker
-                .read(&input, partition, offset, self.spec.max_batch)
-                .await
-            {
+            let mut records = match self.broker.read(&input, partition, offset, max_batch).await {
                 Ok(r) => r,
                 Err(e) => return self.set_state(partition, format!("halted: reading input: {e}")),
             };
+            // Reads return whole stored chunks; a paced plugin takes only its batch of them
+            // (the cursor moves by offset, so the rest is read again next time).
+            if per_second > 0.0 {
+                records.truncate(max_batch);
+            }
             if records.is_empty() {
                 tokio::select! {
                     changed = watch.changed() => if changed.is_err() { return self.set_state(partition, "halted: input topic deleted") },
@@ -258,6 +270,15 @@ impl PluginRuntime {
                     _ = cancel.cancelled() => return,
                 }
                 continue;
+            }
+            if per_second > 0.0 {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next_start) => {}
+                    _ = cancel.cancelled() => return,
+                }
+                let now = tokio::time::Instant::now();
+                next_start = next_start.max(now - std::time::Duration::from_millis(100))
+                    + std::time::Duration::from_secs_f64(records.len() as f64 / per_second);
             }
             let span = tracing::debug_span!(
                 "commit",

@@ -80,6 +80,8 @@ pub struct DeployRequest {
     pub owner_quota: Option<usize>,
     /// Alert thresholds.
     pub alerts: AlertThresholds,
+    /// Most records per second over all partitions (0 = unbounded).
+    pub max_rate: u64,
 }
 
 /// A plugin as `weir plugin list` shows it.
@@ -370,6 +372,7 @@ impl PluginManager {
             paused: false,
             owner: request.owner,
             alerts: request.alerts,
+            max_rate: request.max_rate,
         };
         self.store.kv_drop(&spec.namespace())?;
         self.store.kv_apply(&spec.namespace(), &cursors)?;

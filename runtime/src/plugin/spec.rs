@@ -89,6 +89,10 @@ pub struct PluginSpec {
     /// When the monitor raises an alert.
     #[serde(default)]
     pub alerts: AlertThresholds,
+    /// Most input records per second over all partitions (0 = unbounded): the pace a
+    /// downstream system (the seed's database) can take.
+    #[serde(default)]
+    pub max_rate: u64,
 }
 
 impl PluginSpec {

@@ -1,0 +1,78 @@
+//! `flash-sale demo`: the README's flash sale against a `weir serve` it starts itself (see the
+//! library docs). `cargo xtask demo` builds everything and runs it.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// The flash sale, verified, then again across kill -9.
+#[derive(Parser)]
+#[command(name = "flash-sale", about)]
+enum Command {
+    /// Run both phases and print the verified totals.
+    Demo {
+        /// The `weir` binary.
+        #[arg(long, default_value = "target/release/weir")]
+        weir: PathBuf,
+        /// Directory of the plugin `.wasm` files.
+        #[arg(long, default_value = "target/wasm32-wasip2/plugin")]
+        wasm_dir: PathBuf,
+        /// The CI-sized sale (a tenth of the load).
+        #[arg(long)]
+        small: bool,
+    },
+    /// Measure how fast the order plugin drains the accepted burst, unthrottled, on P
+    /// partitions (docs/flash-sale.md's sizing numbers).
+    DrainBench {
+        /// The `weir` binary.
+        #[arg(long, default_value = "target/release/weir")]
+        weir: PathBuf,
+        /// Directory of the plugin `.wasm` files.
+        #[arg(long, default_value = "target/wasm32-wasip2/plugin")]
+        wasm_dir: PathBuf,
+        /// Partition counts to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        partitions: Vec<u32>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let (weir, wasm_dir, small) = match Command::parse() {
+        Command::Demo {
+            weir,
+            wasm_dir,
+            small,
+        } => (weir, wasm_dir, small),
+        Command::DrainBench {
+            weir,
+            wasm_dir,
+            partitions,
+        } => {
+            println!("partitions  requests  drain s  requests/s   (order plugin, unthrottled, fsync always)");
+            for p in partitions {
+                let (n, secs) = flash_sale::drain_bench(&weir, &wasm_dir, p).await?;
+                println!("{p:>10}  {n:>8}  {secs:>7.2}  {:>10.0}", n as f64 / secs);
+            }
+            return Ok(());
+        }
+    };
+    anyhow::ensure!(
+        weir.exists(),
+        "{} not found: build it first (cargo xtask demo does)",
+        weir.display()
+    );
+    let sale = if small {
+        flash_sale::Sale::small()
+    } else {
+        flash_sale::Sale::demo()
+    };
+    flash_sale::demo(&flash_sale::DemoOptions {
+        weir,
+        wasm_dir,
+        sale,
+        verbose: true,
+    })
+    .await?;
+    Ok(())
+}
