@@ -182,7 +182,7 @@ impl Principal {
     /// The caller of a server started without `--auth`: may do everything.
     pub fn anonymous() -> Arc<Principal> {
         Arc::new(Principal {
-            name: "anonymous".into(),
+            name: ANONYMOUS.into(),
             admin: true,
             max_plugins: None,
             grants: Vec::new(),
@@ -239,6 +239,9 @@ pub struct Authority {
     open: bool,
 }
 
+/// The principal of a server without `--auth`, and owner of what it deployed.
+pub const ANONYMOUS: &str = "anonymous";
+
 /// Metadata key of the bearer token.
 pub const AUTHORIZATION: &str = "authorization";
 
@@ -280,6 +283,12 @@ impl Authority {
                 return Err(format!(
                     "principal name {:?} is empty or used twice",
                     p.name
+                ));
+            }
+            if p.name == ANONYMOUS {
+                return Err(format!(
+                    "principal name {ANONYMOUS:?} is reserved: it owns the plugins deployed while \
+                     the server ran without --auth"
                 ));
             }
             if p.tokens.is_empty() {
@@ -415,8 +424,8 @@ pub fn check(
 }
 
 /// Checks that `principal` may act on an existing plugin owned by `owner`: the grant, and
-/// ownership (admins act on every plugin; plugins deployed before auth have no owner and
-/// only admins may change them).
+/// ownership (admins act on every plugin; a plugin stored before ownership was recorded has
+/// no owner, and only admins may change it).
 ///
 /// # Errors
 /// [`AuthError::Denied`].
@@ -436,7 +445,7 @@ pub fn check_owner(
         resource: Resource::Plugin(plugin).to_string(),
         hint: match owner {
             Some(o) => format!("the plugin is owned by {o:?}; only its owner or an admin may"),
-            None => "the plugin has no owner (deployed before auth); only an admin may".into(),
+            None => "the plugin has no recorded owner; only an admin may".into(),
         },
     })
 }
@@ -528,6 +537,10 @@ mod tests {
             ),
             ("[[principal]]\nname = \"a\"\ntokens = [\"xyz\"]".to_string(), "sha256 hex"),
             ("[[principal]]\nname = \"a\"".to_string(), "weir auth token"),
+            (
+                format!("[[principal]]\nname = \"anonymous\"\ntokens = [\"{h}\"]"),
+                "reserved",
+            ),
             (
                 format!("[[principal]]\nname = \"a\"\ntokens = [\"{h}\"]\ngrants = [{{ allow = [\"publish\"], topics = [\"a*b\"] }}]"),
                 "may only end",
