@@ -213,7 +213,7 @@ impl PluginInstance {
             limits: StoreLimitsBuilder::new()
                 .memory_size(limits.memory_bytes)
                 .trap_on_grow_failure(true)
-                .instances(4)
+                .instances(256)
                 .build(),
             reader,
             effects: BatchEffects::default(),
