@@ -338,3 +338,48 @@ fn plugin_commands_deploy_query_pause_upgrade_and_remove() {
     ok(s, &["plugin", "remove", "points"], "");
     assert!(!ok(s, &["plugin", "list"], "").contains("points"));
 }
+
+#[test]
+fn an_admission_limited_topic_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = WeirProcess::spawn(dir.path(), "127.0.0.1:0", &[]);
+    let s = &server.addr;
+    ok(
+        s,
+        &[
+            "topic",
+            "create",
+            "seckill.requests",
+            "--admit-per-key",
+            "1",
+            "--admit-window-ms",
+            "60000",
+        ],
+        "",
+    );
+    let described = ok(s, &["topic", "describe", "seckill.requests"], "");
+    assert!(
+        described.contains("admission: at most 1 record(s) per key per 60000 ms"),
+        "{described}"
+    );
+    ok(
+        s,
+        &["publish", "seckill.requests", "--key", "u42", "click"],
+        "",
+    );
+    let refused = fails(
+        s,
+        &["publish", "seckill.requests", "--key", "u42", "again"],
+        "",
+    );
+    assert!(
+        refused.contains("key \"u42\" is over the admission limit"),
+        "{refused}"
+    );
+    ok(
+        s,
+        &["publish", "seckill.requests", "--key", "u7", "click"],
+        "",
+    );
+    server.terminate(Duration::from_secs(10));
+}

@@ -104,6 +104,12 @@ pub(super) async fn run(client: &Client, cmd: TopicCommand) -> anyhow::Result<()
                 retention(t.config.retention_ms, "ms"),
                 retention(t.config.retention_bytes, "bytes per partition")
             );
+            if let Some(a) = t.config.admission {
+                println!(
+                    "admission: at most {} record(s) per key per {} ms; excess refused before the log",
+                    a.per_key, a.window_ms
+                );
+            }
             println!(
                 "{:>9} {:>14} {:>14} {:>14}",
                 "PARTITION", "START", "END", "BYTES"
