@@ -383,3 +383,71 @@ fn an_admission_limited_topic_from_the_cli() {
     );
     server.terminate(Duration::from_secs(10));
 }
+
+/// A plugin's delay alert is a structured warning when raised and an info line when cleared,
+/// in the server's log.
+#[test]
+fn alerts_are_logged_when_raised_and_cleared() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serve.log");
+    let wasm = dir.path().join("chaos.wasm");
+    std::fs::write(&wasm, common::plugin_wasm("chaos")).unwrap();
+    let server = WeirProcess::spawn_logging(
+        &dir.path().join("data"),
+        "127.0.0.1:0",
+        &["--lag-sample-ms", "100", "--lag-window", "3"],
+        &log,
+    );
+    let s = &server.addr;
+    ok(s, &["topic", "create", "in"], "");
+    ok(s, &["topic", "create", "chaos.out"], "");
+    ok(
+        s,
+        &[
+            "plugin",
+            "deploy",
+            "slowpoke",
+            "--wasm",
+            wasm.to_str().unwrap(),
+            "--input",
+            "in",
+            "--output",
+            "chaos.out",
+            "--alert-delay-ms",
+            "300",
+        ],
+        "",
+    );
+    ok(
+        s,
+        &["publish", "in", "--partition", "0"],
+        &"slow:60\n".repeat(30),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.contains("Alert cleared.") {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no alert raised and cleared:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let raised = text
+        .lines()
+        .find(|l| l.contains("Alert raised."))
+        .unwrap_or_else(|| panic!("cleared but never raised:\n{text}"));
+    assert!(raised.contains("WARN"), "{raised}");
+    assert!(
+        raised.contains("slowpoke") && raised.contains("Delay"),
+        "{raised}"
+    );
+    let cleared = text.lines().find(|l| l.contains("Alert cleared.")).unwrap();
+    assert!(
+        cleared.contains("INFO") && cleared.contains("slowpoke"),
+        "{cleared}"
+    );
+    server.terminate(Duration::from_secs(10));
+}

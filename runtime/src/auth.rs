@@ -192,22 +192,25 @@ impl Principal {
     /// Whether a grant allows `op` on `resource`.
     pub fn allows(&self, op: Operation, resource: Resource<'_>) -> bool {
         self.admin
-            || self.grants.iter().any(|g| {
-                g.allow.contains(&op)
-                    && match resource {
-                        Resource::Topic(t) => g.topics.iter().any(|p| p.matches(t)),
-                        Resource::Plugin(n) => g.plugins.iter().any(|p| p.matches(n)),
-                    }
-            })
+            || self
+                .grants
+                .iter()
+                .any(|g| g.allow.contains(&op) && g.names(resource))
     }
 
     /// Whether any grant names `resource` (it may see the resource exists: list, describe).
     pub fn sees(&self, resource: Resource<'_>) -> bool {
-        self.admin
-            || self.grants.iter().any(|g| match resource {
-                Resource::Topic(t) => g.topics.iter().any(|p| p.matches(t)),
-                Resource::Plugin(n) => g.plugins.iter().any(|p| p.matches(n)),
-            })
+        self.admin || self.grants.iter().any(|g| g.names(resource))
+    }
+}
+
+impl Grant {
+    /// Whether one of the grant's patterns matches the resource.
+    fn names(&self, resource: Resource<'_>) -> bool {
+        match resource {
+            Resource::Topic(t) => self.topics.iter().any(|p| p.matches(t)),
+            Resource::Plugin(n) => self.plugins.iter().any(|p| p.matches(n)),
+        }
     }
 }
 

@@ -571,17 +571,26 @@ impl Client {
         plugin: &str,
         key: &[u8],
     ) -> Result<Option<(Vec<u8>, u64)>, ClientError> {
-        let r = self
+        let r = self.state_request(plugin, key, None).await?;
+        Ok(r.found.then(|| (r.value.to_vec(), r.version)))
+    }
+
+    async fn state_request(
+        &self,
+        plugin: &str,
+        key: &[u8],
+        after: Option<pb::InputPosition>,
+    ) -> Result<pb::GetStateResponse, ClientError> {
+        Ok(self
             .inner
             .clone()
             .get_state(pb::GetStateRequest {
                 plugin: plugin.into(),
                 key: key.to_vec().into(),
-                after: None,
+                after,
             })
             .await?
-            .into_inner();
-        Ok(r.found.then(|| (r.value.to_vec(), r.version)))
+            .into_inner())
     }
 
     /// A state value as seen by the publisher of the input record at `partition`/`offset`:
@@ -597,15 +606,8 @@ impl Client {
         offset: u64,
     ) -> Result<StateAnswer, ClientError> {
         let r = self
-            .inner
-            .clone()
-            .get_state(pb::GetStateRequest {
-                plugin: plugin.into(),
-                key: key.to_vec().into(),
-                after: Some(pb::InputPosition { partition, offset }),
-            })
-            .await?
-            .into_inner();
+            .state_request(plugin, key, Some(pb::InputPosition { partition, offset }))
+            .await?;
         Ok(if r.pending {
             StateAnswer::Pending
         } else if r.found {

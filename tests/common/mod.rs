@@ -58,14 +58,30 @@ pub struct WeirProcess {
 impl WeirProcess {
     /// Spawns `weir serve` on `listen` over `dir` and waits for its "listening" line.
     pub fn spawn(dir: &Path, listen: &str, extra: &[&str]) -> WeirProcess {
+        Self::spawn_with(dir, listen, extra, "warn", Stdio::inherit())
+    }
+
+    /// Spawns with the server's info-level log written to `log`.
+    pub fn spawn_logging(dir: &Path, listen: &str, extra: &[&str], log: &Path) -> WeirProcess {
+        let file = std::fs::File::create(log).expect("create the server log");
+        Self::spawn_with(dir, listen, extra, "info", Stdio::from(file))
+    }
+
+    fn spawn_with(
+        dir: &Path,
+        listen: &str,
+        extra: &[&str],
+        level: &str,
+        stderr: Stdio,
+    ) -> WeirProcess {
         let mut child = Command::new(weir_bin())
             .args(["serve", "--data-dir"])
             .arg(dir)
             .args(["--listen", listen, "--cache-mb", "64"])
             .args(extra)
-            .env("WEIR_LOG", "warn")
+            .env("WEIR_LOG", level)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn weir serve");
         let mut line = String::new();

@@ -54,6 +54,11 @@ pub(crate) struct Topic {
     partitions: Vec<Arc<Partition>>,
     /// Admission per key, if the topic has a limit.
     admission: Option<Mutex<admission::AdmissionLog>>,
+    /// This topic's `publish_records` and `publish_bytes` counters, looked up once.
+    published: (
+        prometheus_client::metrics::counter::Counter,
+        prometheus_client::metrics::counter::Counter,
+    ),
     /// Partition that keyless records of the next request stick to (sticky partitioner).
     sticky: AtomicU32,
 }
@@ -171,6 +176,16 @@ impl Broker {
             admission: config
                 .admission
                 .map(|a| Mutex::new(admission::AdmissionLog::new(a))),
+            published: {
+                let (m, label) = (
+                    crate::metrics::global(),
+                    crate::metrics::topic(&config.name),
+                );
+                (
+                    m.publish_records.get_or_create(&label).clone(),
+                    m.publish_bytes.get_or_create(&label).clone(),
+                )
+            },
             config,
             partitions,
             sticky: AtomicU32::new(0),
@@ -504,18 +519,14 @@ impl Broker {
         };
         let now = now_ms();
         let mut acks = Vec::with_capacity(groups.len());
-        let label = crate::metrics::topic(&topic.config.name);
         for (p, records) in groups {
             let partition = topic.partitions[p as usize].clone();
             let chunks = codec::encode_chunks(&records, now, CHUNK_TARGET_BYTES);
             let appended = partition.append(&chunks, records.len() as u32, publish.producer)?;
             if !appended.duplicate {
-                let m = crate::metrics::global();
-                m.publish_records
-                    .get_or_create(&label)
-                    .inc_by(u64::from(appended.count));
                 let bytes: usize = chunks.iter().map(|c| c.bytes.len()).sum();
-                m.publish_bytes.get_or_create(&label).inc_by(bytes as u64);
+                topic.published.0.inc_by(u64::from(appended.count));
+                topic.published.1.inc_by(bytes as u64);
             }
             acks.push((
                 partition,

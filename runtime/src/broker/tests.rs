@@ -607,3 +607,41 @@ async fn under_fsync_interval_acknowledged_publishes_are_synced_within_the_inter
     let recovered = broker_on(Arc::new(store.power_cut()));
     assert_eq!(recovered.read("t", 0, 0, 1000).await.unwrap().len(), 100);
 }
+
+#[tokio::test]
+async fn admission_does_not_charge_the_retry_of_a_stored_idempotent_batch() {
+    let b = memory_broker();
+    b.create_topic(TopicConfig {
+        admission: Some(crate::record::Admission {
+            per_key: 1,
+            window_ms: 60_000,
+        }),
+        ..topic("seckill", 1)
+    })
+    .await
+    .unwrap();
+    let keyed = |v: &str| Record {
+        key: Some(Bytes::from_static(b"u1")),
+        ..Record::from_value(v.to_string())
+    };
+    let (id, epoch) = b.init_producer(None).await.unwrap();
+    let first = b
+        .publish(idem("seckill", 0, vec![keyed("a")], id, epoch, 0))
+        .await
+        .unwrap();
+    // The client did not see the ack and retries with the same sequence: answered with the
+    // first write's offsets, not refused as u1's second record.
+    let retry = b
+        .publish(idem("seckill", 0, vec![keyed("a")], id, epoch, 0))
+        .await
+        .unwrap();
+    assert!(retry[0].appended.duplicate);
+    assert_eq!(retry[0].appended.base_offset, first[0].appended.base_offset);
+    // A new record of the same key is a second one, and refused.
+    let e = b
+        .publish(idem("seckill", 0, vec![keyed("b")], id, epoch, 1))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, BrokerError::Admission { .. }), "{e}");
+    assert_eq!(b.read("seckill", 0, 0, 10).await.unwrap().len(), 1);
+}

