@@ -144,8 +144,8 @@ async fn analytics_filter_and_a_component_of_another_world_in_the_local_runtime(
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("does not implement weir:plugin/consumer@0.1.0")
-            && err.contains("no export `init`")
+        err.contains("does not implement weir:plugin/consumer@0.2.0")
+            && err.contains("no export `configure`")
             && err.contains("#[weir_sdk::consumer]"),
         "{err}"
     );

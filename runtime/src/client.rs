@@ -416,7 +416,7 @@ pub struct Deploy {
     pub input: String,
     /// Output topics.
     pub outputs: Vec<String>,
-    /// `init` config.
+    /// `configure` config.
     pub config: Vec<(String, String)>,
     /// `earliest` or `latest` (empty = earliest).
     pub from: String,

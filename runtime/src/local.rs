@@ -17,6 +17,7 @@
 //! # Ok(()) }
 //! ```
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -60,6 +61,22 @@ pub struct LocalRuntime {
     _dir: tempfile::TempDir,
 }
 
+/// The compiled-plugin cache local runs share, so `weir test` compiles a component once
+/// (Python and JavaScript components take seconds): `$WEIR_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/weir/compiled`, else `~/.cache/weir/compiled`; `None` (the run's own temp
+/// directory) when none is set or it cannot be created.
+fn user_compiled_cache() -> Option<PathBuf> {
+    let env = |name| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let dir = env("WEIR_CACHE_DIR")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("weir/compiled")))
+        .or_else(|| env("HOME").map(|d| d.join(".cache/weir/compiled")))?;
+    std::fs::create_dir_all(&dir).ok().map(|()| dir)
+}
+
 impl LocalRuntime {
     /// Starts on a fresh temporary directory (fsync `never`: durability is not what a local
     /// test is about; everything else is the server's code path).
@@ -76,6 +93,7 @@ impl LocalRuntime {
         let mut config = ServerConfig::new(dir.path());
         config.fsync = FsyncPolicy::Never;
         config.cache_bytes = 64 * 1024 * 1024;
+        config.compiled_dir = user_compiled_cache();
         let core = Core::open(&config).await?;
         Ok(LocalRuntime { core, _dir: dir })
     }

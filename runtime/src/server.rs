@@ -32,6 +32,9 @@ pub struct ServerConfig {
     pub cache_bytes: u64,
     /// Largest plugin wasm accepted at deploy.
     pub max_wasm_bytes: usize,
+    /// Where compiled plugins are cached (`DATA_DIR/compiled` when `None`). Artifacts are keyed
+    /// by the component's sha256 and the engine's settings, so servers may share a directory.
+    pub compiled_dir: Option<PathBuf>,
     /// Who may do what; open when started without `--auth`.
     pub auth: Arc<Authority>,
     /// gRPC API limits.
@@ -63,6 +66,7 @@ impl ServerConfig {
             broker: BrokerConfig::default(),
             cache_bytes: 512 * 1024 * 1024,
             max_wasm_bytes: 64 * 1024 * 1024,
+            compiled_dir: None,
             auth: Arc::new(Authority::open()),
             limits: ApiLimits::default(),
             tls: None,
@@ -288,8 +292,11 @@ impl Core {
             })
             .await
             .expect("store open task")?;
+        let compiled_dir =
+            (config.compiled_dir.clone()).unwrap_or_else(|| config.data_dir.join("compiled"));
         let plugins = PluginManager::open(
             &config.data_dir,
+            &compiled_dir,
             broker.clone(),
             store,
             config.max_wasm_bytes,

@@ -312,7 +312,7 @@ class WitWorld:
 
     _config = {}
 
-    def init(self, config):
+    def configure(self, config):
         WitWorld._config = dict(config)
 
     def process(self, batch):

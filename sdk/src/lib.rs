@@ -77,7 +77,7 @@ pub use weir_codec as codec;
 pub use weir_sdk_macros::consumer;
 
 /// The WIT package plugins implement.
-pub const WIT_PACKAGE: &str = "weir:plugin@0.1.0";
+pub const WIT_PACKAGE: &str = "weir:plugin@0.2.0";
 
 /// The rustc target plugins are built for.
 pub const TARGET: &str = "wasm32-wasip2";
@@ -227,7 +227,7 @@ pub mod __private {
     }
 
     /// Stores the deploy's config for [`Context::config`].
-    pub fn init(config: Vec<(String, String)>) -> Result<(), String> {
+    pub fn configure(config: Vec<(String, String)>) -> Result<(), String> {
         CONFIG.with(|c| *c.borrow_mut() = config.into_iter().collect());
         Ok(())
     }

@@ -114,6 +114,10 @@ pub struct ServeArgs {
     /// Largest plugin wasm accepted, in MiB.
     #[arg(long, default_value_t = 64)]
     pub max_wasm_mb: usize,
+    /// Cache compiled plugins here instead of DATA_DIR/compiled (servers may share one: entries
+    /// are keyed by the component's sha256 and the engine's settings).
+    #[arg(long)]
+    pub compiled_cache: Option<std::path::PathBuf>,
     /// Most plugins one principal may own (an auth entry's `max_plugins` overrides it).
     #[arg(long, default_value_t = 100)]
     pub max_plugins_per_principal: usize,
@@ -233,6 +237,7 @@ async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<(
         ..Default::default()
     };
     config.max_wasm_bytes = args.max_wasm_mb << 20;
+    config.compiled_dir = args.compiled_cache;
     config.broker.max_record_bytes = args.max_record_bytes;
     config.broker.retention_interval =
         std::time::Duration::from_millis(args.retention_check_ms.max(1));

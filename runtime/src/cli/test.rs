@@ -14,7 +14,7 @@ pub struct TestArgs {
     /// JSON lines, one record each: {"key":..,"value":..,"id":..,"headers":{..},"timestamp_ms":..}.
     #[arg(long)]
     pub input: std::path::PathBuf,
-    /// `key=value` for the plugin's init (repeatable).
+    /// `key=value` for the plugin's configure (repeatable).
     #[arg(long, value_parser = super::plugin::parse_kv)]
     pub config: Vec<(String, String)>,
     /// A topic the plugin emits to (repeatable), as at deploy.

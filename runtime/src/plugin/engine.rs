@@ -153,10 +153,16 @@ impl PluginEngine {
                 component
             }
         };
-        let pre = self
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| PluginError::WrongWorld(one_line(&format!("{e:#}"))))?;
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            let message = one_line(&format!("{e:#}"));
+            let hint = if message.contains("weir:plugin/") && message.contains("@0.1.0") {
+                " (it was built for weir:plugin@0.1.0, whose `init` export is now `configure`: \
+                 rebuild it with this weir's SDK)"
+            } else {
+                ""
+            };
+            PluginError::WrongWorld(format!("{message}{hint}"))
+        })?;
         let pre = ConsumerPre::new(pre).map_err(|e| {
             let message = one_line(&format!("{e:#}"));
             let hint = if message.contains("no export") {

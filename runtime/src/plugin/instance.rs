@@ -186,7 +186,7 @@ pub(crate) struct PluginInstance {
 }
 
 impl PluginInstance {
-    /// Instantiates `plugin` and calls its `init` with `config`.
+    /// Instantiates `plugin` and calls its `configure` with `config`.
     pub(crate) fn new(
         plugin: &CompiledPlugin,
         limits: Limits,
@@ -236,7 +236,9 @@ impl PluginInstance {
             batches: 0,
         };
         instance.store.set_epoch_deadline(ticks(limits.timeout));
-        let result = instance.bindings.call_init(&mut instance.store, config);
+        let result = instance
+            .bindings
+            .call_configure(&mut instance.store, config);
         let stderr = instance.take_output();
         match result {
             Ok(Ok(())) => Ok(instance),

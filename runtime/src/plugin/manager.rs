@@ -60,7 +60,7 @@ pub struct DeployRequest {
     pub input: String,
     /// Topics it may emit to (must exist).
     pub outputs: Vec<String>,
-    /// Config for `init`.
+    /// Config for `configure`.
     pub config: Vec<(String, String)>,
     /// Where to start reading.
     pub start: StartFrom,
@@ -112,17 +112,19 @@ pub struct PluginManager {
 }
 
 impl PluginManager {
-    /// Opens the registry under `data_dir` and starts every deployed plugin.
+    /// Opens the registry under `data_dir` and starts every deployed plugin, caching compiled
+    /// components in `compiled_dir`.
     ///
     /// # Errors
     /// The engine cannot start, or a stored plugin cannot be read or compiled.
     pub async fn open(
         data_dir: &std::path::Path,
+        compiled_dir: &std::path::Path,
         broker: Arc<Broker>,
         store: Arc<dyn LogStore>,
         max_wasm_bytes: usize,
     ) -> Result<Arc<Self>, ManagerError> {
-        let engine = PluginEngine::new(&data_dir.join("compiled"))?;
+        let engine = PluginEngine::new(compiled_dir)?;
         let wasm_dir = data_dir.join("wasm");
         std::fs::create_dir_all(&wasm_dir)
             .map_err(|e| ManagerError::Io(format!("cannot create {}: {e}", wasm_dir.display())))?;

@@ -24,7 +24,7 @@ pub enum PluginError {
     InvalidWasm(String),
     /// The component does not implement the `weir:plugin/consumer` world, or imports
     /// something weir does not provide.
-    #[error("the component does not implement weir:plugin/consumer@0.1.0: {0}")]
+    #[error("the component does not implement weir:plugin/consumer@0.2.0: {0}")]
     WrongWorld(String),
     /// The wasm is larger than allowed.
     #[error("plugin wasm is {size} bytes; the limit is {max}")]
@@ -57,7 +57,7 @@ pub enum PluginError {
     /// The plugin returned an error for the batch.
     #[error("plugin failed: {0}")]
     Failed(String),
-    /// `init` returned an error.
+    /// `configure` returned an error.
     #[error("plugin init failed: {0}")]
     InitFailed(String),
     /// The plugin emitted something it may not (undeclared topic, malformed blob).

@@ -66,7 +66,7 @@ pub struct PluginSpec {
     pub input: String,
     /// Topics the plugin may emit to.
     pub outputs: Vec<String>,
-    /// `--config k=v` pairs passed to `init`.
+    /// `--config k=v` pairs passed to `configure`.
     pub config: Vec<(String, String)>,
     /// Limits per instance.
     pub limits: Limits,

@@ -6,7 +6,7 @@ use syn::{parse_macro_input, ItemFn};
 
 /// Marks the function called for each record: `fn(&Record, &mut Context) -> Result<()>`.
 ///
-/// On `wasm32` it exports the plugin world (`init`, `process`) calling it per record of each
+/// On `wasm32` it exports the plugin world (`configure`, `process`) calling it per record of each
 /// batch; on other targets the function stays a plain function for native unit tests.
 #[proc_macro_attribute]
 pub fn consumer(attr: TokenStream, item: TokenStream) -> TokenStream {
@@ -35,8 +35,8 @@ pub fn consumer(attr: TokenStream, item: TokenStream) -> TokenStream {
         const _: () = {
             struct WeirPlugin;
             impl ::weir_sdk::bindings::Guest for WeirPlugin {
-                fn init(config: ::std::vec::Vec<(::std::string::String, ::std::string::String)>) -> ::core::result::Result<(), ::std::string::String> {
-                    ::weir_sdk::__private::init(config)
+                fn configure(config: ::std::vec::Vec<(::std::string::String, ::std::string::String)>) -> ::core::result::Result<(), ::std::string::String> {
+                    ::weir_sdk::__private::configure(config)
                 }
                 fn process(batch: ::std::vec::Vec<u8>) -> ::core::result::Result<::std::vec::Vec<u8>, ::std::string::String> {
                     ::weir_sdk::__private::process(&batch, #name)
