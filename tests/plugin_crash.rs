@@ -1,9 +1,11 @@
 //! Exactly-once effects under `kill -9`: a real `weir serve` runs the points, red-envelope and
-//! flash-sale order plugins while a publisher sends paid orders and seckill requests
+//! flash-sale order plugins, and the points plugin again in Python and in JavaScript
+//! (examples/points-py, examples/points-js), while a publisher sends paid orders and seckill requests
 //! (re-sending some batches on purpose, and every batch that was in flight at a crash). The
 //! server is killed at random moments over many cycles — during processing, commit and
 //! forwarding. At the end every effect is checked exactly:
-//! every balance equals the sum over distinct orders, one envelope per eligible user, sold
+//! every balance equals the sum over distinct orders (in all three languages, whose outputs are
+//! identical record for record), one envelope per eligible user, sold
 //! count = stock with no user twice, and no output record duplicated or missing.
 //!
 //! `WEIR_CRASH_CYCLES` (default 8) and `WEIR_CRASH_SEED` make runs longer or reproducible.
@@ -16,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{plugin_wasm, weir_cli, WeirProcess};
+use common::{example_wasm, plugin_wasm, weir_cli, WeirProcess};
 use rand::{Rng, SeedableRng};
 use weir_runtime::client::Client;
 use weir_runtime::{Record, TopicConfig};
@@ -25,6 +27,12 @@ const USERS: u64 = 40;
 const STOCK: u64 = 30;
 const THRESHOLD: u64 = 3;
 const RATE: f64 = 0.1;
+/// The points plugin in each language: (plugin name, output topic).
+const POINTS: [(&str, &str); 3] = [
+    ("points", "points.credited"),
+    ("points-py", "points.credited.py"),
+    ("points-js", "points.credited.js"),
+];
 
 fn order(i: u64) -> (String, u64, f64) {
     (
@@ -199,6 +207,8 @@ async fn plugin_effects_are_exactly_once_across_kill_9() {
         ("order.paid", 3),
         ("seckill", 3),
         ("points.credited", 2),
+        ("points.credited.py", 2),
+        ("points.credited.js", 2),
         ("red-envelope.grants", 1),
         ("order.created", 2),
         ("order.rejected", 2),
@@ -214,14 +224,20 @@ async fn plugin_effects_are_exactly_once_across_kill_9() {
             .await
             .unwrap();
     }
-    deploy(
-        &server.addr,
-        "points",
-        &wasm("points"),
-        "order.paid",
-        &["points.credited"],
-        &[&format!("rate={RATE}")],
-    );
+    for (name, output) in POINTS {
+        let path = match name {
+            "points" => wasm("points"),
+            example => example_wasm(example),
+        };
+        deploy(
+            &server.addr,
+            name,
+            &path,
+            "order.paid",
+            &[output],
+            &[&format!("rate={RATE}"), &format!("output={output}")],
+        );
+    }
     deploy(
         &server.addr,
         "red-envelope",
@@ -301,6 +317,8 @@ async fn plugin_effects_are_exactly_once_across_kill_9() {
         let mut outputs = 0;
         for t in [
             "points.credited",
+            "points.credited.py",
+            "points.credited.js",
             "red-envelope.grants",
             "order.created",
             "order.rejected",
@@ -336,34 +354,47 @@ async fn plugin_effects_are_exactly_once_across_kill_9() {
         *want_balance.entry(user.clone()).or_default() += (amount * RATE).floor() as u64;
         *paid_count.entry(user.clone()).or_default() += 1;
     }
-    for (user, want) in &want_balance {
-        let (value, _) = client
-            .get_state("points", format!("balance/{user}").as_bytes())
-            .await
-            .unwrap()
-            .expect("balance");
+    let mut by_language = Vec::new();
+    for (name, output) in POINTS {
+        for (user, want) in &want_balance {
+            let (value, _) = client
+                .get_state(name, format!("balance/{user}").as_bytes())
+                .await
+                .unwrap()
+                .expect("balance");
+            assert_eq!(
+                serde_json::from_slice::<u64>(&value).unwrap(),
+                *want,
+                "{name}: balance of {user}"
+            );
+        }
+        let mut credited = read_topic(&client, output).await;
+        let credited_orders: Vec<u64> = credited
+            .iter()
+            .map(|c| c["order"].as_u64().unwrap())
+            .collect();
+        let distinct: BTreeSet<u64> = credited_orders.iter().copied().collect();
         assert_eq!(
-            serde_json::from_slice::<u64>(&value).unwrap(),
-            *want,
-            "balance of {user}"
+            credited_orders.len(),
+            distinct.len(),
+            "{name}: a {output} record was duplicated"
+        );
+        assert_eq!(
+            distinct,
+            orders.iter().map(|o| o.1).collect::<BTreeSet<_>>(),
+            "{name}: a {output} record is missing"
+        );
+        credited.sort_by_key(|c| c["order"].as_u64().unwrap());
+        by_language.push((name, credited));
+    }
+    // Same inputs, same effects: every output record (points and running balance) is equal
+    // in the three languages.
+    for (name, credited) in &by_language[1..] {
+        assert!(
+            credited == &by_language[0].1,
+            "{name}'s outputs differ from the Rust plugin's"
         );
     }
-    let credited = read_topic(&client, "points.credited").await;
-    let credited_orders: Vec<u64> = credited
-        .iter()
-        .map(|c| c["order"].as_u64().unwrap())
-        .collect();
-    let distinct: BTreeSet<u64> = credited_orders.iter().copied().collect();
-    assert_eq!(
-        credited_orders.len(),
-        distinct.len(),
-        "a points.credited record was duplicated"
-    );
-    assert_eq!(
-        distinct,
-        orders.iter().map(|o| o.1).collect::<BTreeSet<_>>(),
-        "a points.credited record is missing"
-    );
 
     // Red envelopes: exactly one per eligible user.
     let grants = read_topic(&client, "red-envelope.grants").await;

@@ -57,7 +57,7 @@ fn the_plugin_guide_runs_as_written() {
         out.status.success(),
         "the guide failed:\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
     );
-    assert!(stdout.contains("created plugin crate"), "{stdout}");
+    assert!(stdout.contains("created plugin project"), "{stdout}");
     assert!(
         stdout.contains(r#""topic":"shop-counter.counts""#),
         "weir test printed outputs: {stdout}"

@@ -205,3 +205,19 @@ pub fn paid(order: u64, user: &str, amount: f64) -> Record {
         ))
     }
 }
+
+/// The component of a Python or JavaScript example plugin (`examples/NAME`), which `cargo
+/// xtask test` builds with `weir plugin build`; a missing one fails saying so.
+pub fn example_wasm(name: &str) -> std::path::PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name)
+        .join("target")
+        .join(format!("{}.wasm", name.replace('-', "_")));
+    assert!(
+        path.exists(),
+        "plugin artifact {} is missing; run `cargo xtask test`, which builds it with `weir plugin build examples/{name}` before the tests",
+        path.display()
+    );
+    path
+}

@@ -139,12 +139,32 @@ fn build_plugins() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// The Python and JavaScript plugins under `examples/` the tests deploy next to the Rust ones,
+/// built by `weir plugin build` (which installs componentize-py / componentize-qjs into each
+/// project, pinned) into `examples/NAME/target/`.
+fn build_example_plugins() -> Result<()> {
+    let weir = Path::new("target/debug/weir");
+    if !weir.exists() {
+        bail!("{} was not built by `cargo test --no-run`", weir.display());
+    }
+    for example in ["examples/points-py", "examples/points-js"] {
+        run(Command::new(weir).args(["plugin", "build", example]))?;
+    }
+    Ok(())
+}
+
 /// The one test command: set-up, then every test of the workspace. Ends with one summary
 /// line (`weir: N passed, N failed`) counted over every test binary cargo ran.
 fn test(extra: &[String]) -> Result<()> {
     let started = Instant::now();
     ensure_chromium()?;
     let plugin_dir = build_plugins()?;
+    // Build the tests (and the `weir` binary they run) first: that binary builds the Python
+    // and JavaScript example plugins, as a plugin author would.
+    run(cargo()
+        .args(["test", "--workspace", "--no-run"])
+        .args(extra.iter().take_while(|a| *a != "--")))?;
+    build_example_plugins()?;
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--no-fail-fast"])
         .args(extra)

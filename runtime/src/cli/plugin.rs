@@ -39,20 +39,24 @@ pub enum PluginCommand {
         /// Plugin name.
         name: String,
     },
-    /// Generate a plugin crate that builds and passes its test as generated.
+    /// Generate a plugin project that builds and passes its test as generated.
     New {
-        /// Crate and plugin name.
+        /// Project and plugin name.
         name: String,
+        /// The plugin's language.
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: super::scaffold::Lang,
         /// Directory to create it in.
         #[arg(long, default_value = ".")]
         path: std::path::PathBuf,
-        /// The weir-sdk directory (default: the one this weir was built from).
+        /// Rust only: the weir-sdk directory (default: the one this weir was built from).
         #[arg(long)]
         sdk: Option<std::path::PathBuf>,
     },
-    /// Build a plugin crate for wasm32-wasip2 in release and print the artifact.
+    /// Build a plugin project into a component and print its path (installs the pinned
+    /// build tool first: the wasm32-wasip2 target, componentize-py or componentize-qjs).
     Build {
-        /// The crate's directory.
+        /// The project's directory (Rust: Cargo.toml, JavaScript: package.json, Python: app.py).
         #[arg(default_value = ".")]
         path: std::path::PathBuf,
     },
@@ -133,7 +137,7 @@ pub struct DeployArgs {
     /// Topic the plugin may emit to (repeatable).
     #[arg(long)]
     pub output: Vec<String>,
-    /// `key=value` passed to the plugin's init (repeatable).
+    /// `key=value` passed to the plugin's configure (repeatable).
     #[arg(long, value_parser = parse_kv)]
     pub config: Vec<(String, String)>,
     /// Start at the oldest record or only new ones.
@@ -231,13 +235,15 @@ pub(super) async fn run(client: &Client, cmd: PluginCommand) -> anyhow::Result<(
 /// `plugin new` and `plugin build` need no server; `None` for the other commands.
 pub(super) fn local_command(cmd: &PluginCommand) -> Option<anyhow::Result<()>> {
     match cmd {
-        PluginCommand::New { name, path, sdk } => Some(
-            super::scaffold::new_plugin(name, path, sdk.clone()).map(|root| {
-                println!("created plugin crate {}", root.display());
-                println!(
-                    "next: cd {} && cargo test && weir plugin build",
-                    root.display()
-                );
+        PluginCommand::New {
+            name,
+            lang,
+            path,
+            sdk,
+        } => Some(
+            super::scaffold::new_plugin(name, path, *lang, sdk.clone()).map(|root| {
+                println!("created plugin project {}", root.display());
+                println!("next: {}", super::scaffold::next_steps(*lang, &root));
             }),
         ),
         PluginCommand::Build { path } => Some(super::scaffold::build_plugin(path).map(|wasm| {

@@ -1,8 +1,9 @@
-//! `weir plugin new` (a plugin crate that builds and passes its test as generated) and
-//! `weir plugin build` (build it for wasm32-wasip2, installing the target if missing).
+//! Rust plugins: a crate with a path dependency on weir-sdk, built by cargo for wasm32-wasip2.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use super::Files;
 
 /// The SDK this `weir` was built with, for the generated crate's path dependency.
 fn default_sdk() -> Option<PathBuf> {
@@ -12,27 +13,14 @@ fn default_sdk() -> Option<PathBuf> {
         .then(|| sdk.canonicalize().unwrap_or(sdk))
 }
 
-/// Creates `dir/name` with a working consumer, a unit test and a sample input.
-pub(super) fn new_plugin(name: &str, dir: &Path, sdk: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    crate::record::validate_topic_name(name)
-        .map_err(|e| anyhow::anyhow!("invalid plugin name: {}", e.replace("topic name", "name")))?;
-    anyhow::ensure!(
-        name.chars().next().is_some_and(|c| c.is_ascii_alphabetic()) && !name.contains('.'),
-        "a plugin crate name starts with a letter and has no '.': {name:?}"
-    );
+/// Writes the crate: a working consumer, a unit test and a sample input.
+pub(super) fn write_crate(name: &str, files: &Files, sdk: Option<PathBuf>) -> anyhow::Result<()> {
     let sdk = sdk.or_else(default_sdk).ok_or_else(|| {
         anyhow::anyhow!(
             "cannot find weir-sdk; pass --sdk PATH to the sdk/ directory of a weir checkout"
         )
     })?;
-    let root = dir.join(name);
-    anyhow::ensure!(!root.exists(), "{} already exists", root.display());
-    let write = |rel: &str, text: String| -> anyhow::Result<()> {
-        let path = root.join(rel);
-        std::fs::create_dir_all(path.parent().expect("has a parent"))?;
-        std::fs::write(&path, text)
-            .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
-    };
+    let write = |rel: &str, text: String| files.write(rel, &text);
     write(
         "Cargo.toml",
         format!(
@@ -65,7 +53,6 @@ strip = true
     )?;
     write(".cargo/config.toml", "# `cargo plugin` builds the .wasm weir deploys (`weir plugin build` does the same).\n[alias]\nplugin = \"build --release --target wasm32-wasip2\"\n".into())?;
     write(".gitignore", "/target\n".into())?;
-    write("input.jsonl", "{\"key\":\"ann\",\"id\":\"o-1\",\"value\":{\"item\":\"tea\"}}\n{\"key\":\"bob\",\"id\":\"o-2\",\"value\":{\"item\":\"cake\"}}\n{\"key\":\"ann\",\"id\":\"o-3\",\"value\":{\"item\":\"cake\"}}\n".into())?;
     write(
         "src/lib.rs",
         format!(
@@ -108,7 +95,7 @@ mod tests {{
 "#
         ),
     )?;
-    Ok(root)
+    Ok(())
 }
 
 /// Installs the wasm target if rustup lacks it.
@@ -121,10 +108,10 @@ fn ensure_target() -> anyhow::Result<()> {
         .lines()
         .any(|l| l.trim() == "wasm32-wasip2")
     {
-        let status = Command::new("rustup")
-            .args(["target", "add", "wasm32-wasip2"])
-            .status()?;
-        anyhow::ensure!(status.success(), "rustup target add wasm32-wasip2 failed");
+        super::run(
+            Command::new("rustup").args(["target", "add", "wasm32-wasip2"]),
+            "rustup target add wasm32-wasip2",
+        )?;
     }
     Ok(())
 }
@@ -151,26 +138,21 @@ fn package_name(manifest: &Path) -> anyhow::Result<String> {
 }
 
 /// Builds the plugin crate at `path` for wasm32-wasip2 in release; returns the artifact.
-pub(super) fn build_plugin(path: &Path) -> anyhow::Result<PathBuf> {
+pub(super) fn build(path: &Path) -> anyhow::Result<PathBuf> {
     let manifest = path.join("Cargo.toml");
     let name = package_name(&manifest)?;
     ensure_target()?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "--target",
-            "wasm32-wasip2",
-            "--manifest-path",
-        ])
-        .arg(&manifest)
-        .status()?;
-    anyhow::ensure!(
-        status.success(),
-        "building {} failed (see cargo's output above)",
-        path.display()
-    );
+    let mut cargo = Command::new(cargo);
+    cargo.args([
+        "build",
+        "--release",
+        "--target",
+        "wasm32-wasip2",
+        "--manifest-path",
+    ]);
+    cargo.arg(&manifest);
+    super::run(&mut cargo, &format!("building {}", path.display()))?;
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| path.join("target"));
