@@ -1,5 +1,6 @@
 //! Points: on each paid order, credit the user `floor(amount × rate)` points (`--config
-//! rate=0.1`, default 1), keep the balance in state and emit `points.credited`.
+//! rate=0.1`, default 1), keep the balance in state and emit `points.credited` (`--config
+//! output=TOPIC` to emit elsewhere).
 
 use serde::{Deserialize, Serialize};
 use weir_sdk::{consumer, Context, Record, Result};
@@ -33,6 +34,7 @@ pub struct Credited {
 pub fn credit_points(record: &Record, ctx: &mut Context) -> Result<()> {
     let paid: Paid = record.json()?;
     let rate: f64 = ctx.config_or("rate", 1.0)?;
+    let output = ctx.config_or("output", "points.credited".to_string())?;
     let points = (paid.amount * rate).floor().max(0.0) as u64;
     let key = format!("balance/{}", paid.user);
     let balance = ctx.get::<u64>(&key)?.unwrap_or(0) + points;
@@ -43,7 +45,7 @@ pub fn credit_points(record: &Record, ctx: &mut Context) -> Result<()> {
         points,
         balance,
     };
-    ctx.emit_json("points.credited", Some(&credited.user), &credited)
+    ctx.emit_json(&output, Some(&credited.user), &credited)
 }
 
 #[cfg(test)]
