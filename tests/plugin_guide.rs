@@ -1,5 +1,6 @@
 //! Runs every `sh` block of docs/plugin-guide.md, in order, against a real `weir serve`: plugin
-//! new, native unit test, build, `weir test`, deploy, publish, state, list, logs, upgrade.
+//! new, native unit test, build, `weir test`, deploy, publish, state, list, logs, upgrade — in
+//! Rust, then new, unit test, build, `weir test` and deploy in Python and in JavaScript.
 
 mod common;
 
@@ -29,7 +30,6 @@ fn the_plugin_guide_runs_as_written() {
     assert!(script.lines().count() > 10, "the guide lost its commands");
 
     let data = tempfile::tempdir().unwrap();
-    let server = WeirProcess::spawn(data.path(), "127.0.0.1:0", &[]);
     let work = tempfile::tempdir().unwrap();
     let bin_dir = std::path::Path::new(weir_bin())
         .parent()
@@ -42,6 +42,13 @@ fn the_plugin_guide_runs_as_written() {
     );
     // Generated crates share one target directory so their dependencies compile once.
     let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugin-guide");
+    // `weir test` and the server share one compiled-component cache, as a developer's would.
+    let compiled = tempfile::tempdir().unwrap();
+    let server = WeirProcess::spawn(
+        data.path(),
+        "127.0.0.1:0",
+        &["--compiled-cache", compiled.path().to_str().unwrap()],
+    );
     let out = Command::new("bash")
         .arg("-c")
         .arg(&script)
@@ -49,6 +56,7 @@ fn the_plugin_guide_runs_as_written() {
         .env("PATH", path)
         .env("WEIR_SERVER", &server.addr)
         .env("CARGO_TARGET_DIR", target)
+        .env("WEIR_CACHE_DIR", compiled.path())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -74,5 +82,20 @@ fn the_plugin_guide_runs_as_written() {
     assert!(
         stdout.contains("upgraded plugin shop-counter to v2"),
         "{stdout}"
+    );
+    for lang in ["py", "js"] {
+        assert!(
+            stdout.contains(&format!(r#""topic":"shop-counter-{lang}.counts""#)),
+            "weir test printed the {lang} plugin's outputs: {stdout}"
+        );
+        assert!(
+            stdout.contains(&format!("deployed plugin shop-counter-{lang} v1")),
+            "{stdout}"
+        );
+    }
+    assert_eq!(
+        stdout.matches("2 (version 2)").count(),
+        3,
+        "ann's count in the Rust, Python and JavaScript plugins: {stdout}"
     );
 }

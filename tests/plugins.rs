@@ -641,3 +641,161 @@ async fn large_outputs_and_state_never_reach_sled_blob_files() {
         .unwrap_or(0);
     assert_eq!(blobs, 0, "no blob files");
 }
+
+/// A Python or JavaScript project from `weir plugin new`, its app replaced by `app`, built by
+/// `weir plugin build`; returns the component.
+fn build_script_plugin(dir: &std::path::Path, name: &str, lang: &str, app: &str) -> Bytes {
+    let weir = |args: &[&str]| {
+        let out = std::process::Command::new(weir_bin())
+            .args(args)
+            .output()
+            .expect("run weir");
+        assert!(
+            out.status.success(),
+            "weir {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    weir(&[
+        "plugin",
+        "new",
+        name,
+        "--lang",
+        lang,
+        "--path",
+        dir.to_str().unwrap(),
+    ]);
+    let project = dir.join(name);
+    let file = if lang == "python" { "app.py" } else { "app.js" };
+    std::fs::write(project.join(file), app).unwrap();
+    let built = weir(&["plugin", "build", project.to_str().unwrap()]);
+    // The last line is the component's path and size (the tools print their own lines first).
+    let last = built.lines().last().unwrap_or_default();
+    let wasm = last.rsplit_once(" (").map_or(last, |(path, _)| path);
+    std::fs::read(wasm).unwrap().into()
+}
+
+const PY_CHAOS: &str = r#"
+import weir_plugin as weir
+
+@weir.consumer
+def handle(record, ctx):
+    what = record.text()
+    if what == "boom":
+        raise ValueError("boom is not a customer")
+    if what == "bomb":
+        hog = bytearray(256 << 20)
+        ctx.put("hog", len(hog))
+    seen = (ctx.get("seen") or 0) + 1
+    ctx.put("seen", seen)
+    ctx.emit("chaos.out", None, what)
+
+WitWorld = weir.WitWorld
+"#;
+
+const JS_CHAOS: &str = r#"
+import { consumer } from "./weir-plugin.js";
+
+export default consumer((record, ctx) => {
+  const what = record.text();
+  if (what === "boom") throw new TypeError("boom is not a customer");
+  if (what === "bomb") {
+    const hog = new Uint8Array(256 << 20);
+    ctx.put("hog", hog.length);
+  }
+  const seen = (ctx.get("seen") ?? 0) + 1;
+  ctx.put("seen", seen);
+  ctx.emit("chaos.out", null, what);
+});
+"#;
+
+/// Errors and limits work the same in every language: a Python exception or a JavaScript
+/// throw fails the record with its message and offset (here: to the dead-letter topic), a
+/// 256 MiB allocation under a 96 MiB cap fails as the host's memory limit (the instance never
+/// gets the memory), and the plugin goes on with the next record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_and_javascript_errors_and_memory_caps_behave_as_in_rust() {
+    let work = tempfile::tempdir().unwrap();
+    let path = work.path().to_path_buf();
+    let wasm = tokio::task::spawn_blocking(move || {
+        [
+            (
+                "chaos-py",
+                build_script_plugin(&path, "chaos-py", "python", PY_CHAOS),
+            ),
+            (
+                "chaos-js",
+                build_script_plugin(&path, "chaos-js", "js", JS_CHAOS),
+            ),
+        ]
+    })
+    .await
+    .unwrap();
+    let (_dir, server) = serve_with_topics(&[("in", 1), ("chaos.out", 1)]).await;
+    for (name, wasm) in wasm {
+        let mut request = deploy(name, "noop", "in", &["chaos.out"]);
+        request.wasm = wasm;
+        request.limits.memory_bytes = 96 << 20;
+        request.on_error = OnError::Dlq;
+        server.plugins.deploy(request).await.unwrap();
+    }
+    let values = ["ok-1", "boom", "ok-2", "bomb", "ok-3"];
+    publish(
+        &server,
+        "in",
+        values.iter().map(|v| Record::from_value(*v)).collect(),
+    )
+    .await;
+    for name in ["chaos-py", "chaos-js"] {
+        caught_up(&server, name).await;
+        let logs = server.plugins.logs(name).unwrap().join("\n");
+        let (seen, _) = server
+            .plugins
+            .state_get(name, b"seen")
+            .unwrap()
+            .unwrap_or_else(|| panic!("{name} committed no state; its log:\n{logs}"));
+        assert_eq!(seen, b"3", "{name}: only the good records changed state");
+        assert!(
+            server.plugins.state_get(name, b"hog").unwrap().is_none(),
+            "{name} got 256 MiB under a 96 MiB cap"
+        );
+        let dlq = format!("{name}.dlq");
+        eventually(20, "dead letters forwarded", || {
+            end_total(&server, &dlq) == 2
+        })
+        .await;
+        let reasons: Vec<String> = read_all(&server, &dlq)
+            .await
+            .iter()
+            .map(|r| {
+                let (_, error) = r
+                    .record
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == "weir-error")
+                    .unwrap();
+                String::from_utf8_lossy(error).into_owned()
+            })
+            .collect();
+        let error = if name == "chaos-py" {
+            "ValueError"
+        } else {
+            "TypeError"
+        };
+        assert!(
+            reasons[0].contains(&format!("offset=1: {error}: boom is not a customer")),
+            "{name}: {reasons:?}"
+        );
+        assert!(
+            reasons[1].contains("exceeded its memory limit of 100663296 bytes"),
+            "{name}: {reasons:?}"
+        );
+    }
+    eventually(20, "outputs forwarded", || {
+        end_total(&server, "chaos.out") == 6
+    })
+    .await;
+    server.stop().await.unwrap();
+}

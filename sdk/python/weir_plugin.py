@@ -67,6 +67,13 @@ class Record:
         except ValueError as e:
             raise PluginError(f"value is not the expected JSON: {e}") from None
 
+    def text(self):
+        """The value as UTF-8 text."""
+        try:
+            return self.value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PluginError(f"value is not UTF-8: {e}") from None
+
     def key_str(self):
         """The key as UTF-8 text, if any."""
         return None if self.key is None else self.key.decode("utf-8")
