@@ -20,6 +20,8 @@ use super::PluginError;
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Largest linear memory any plugin may ask for.
 pub const MAX_PLUGIN_MEMORY: usize = 1 << 30;
+/// Plugin instances (one per plugin × partition) the engine holds at once.
+pub const MAX_INSTANCES: u32 = 256;
 
 /// The process-wide engine and linker.
 pub struct PluginEngine {
@@ -66,8 +68,12 @@ impl PluginEngine {
             .epoch_interruption(true)
             .concurrency_support(false);
         let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(256)
-            .total_core_instances(1024)
+        // A Python component instantiates ~39 core modules (CPython, libc, adapters), a Rust
+        // or JavaScript one a handful: 48 per component keeps the component count the limit
+        // (a halted partition once said "limit of 1024 for core instances" at 26 Python
+        // instances). Slots are address space reserved up front, not memory used.
+        pool.total_component_instances(MAX_INSTANCES)
+            .total_core_instances(MAX_INSTANCES * 48)
             .total_memories(512)
             .total_tables(512)
             .max_memory_size(MAX_PLUGIN_MEMORY);
