@@ -451,3 +451,40 @@ fn alerts_are_logged_when_raised_and_cleared() {
     );
     server.terminate(Duration::from_secs(10));
 }
+
+/// `weir plugin new` and `build` refuse what they cannot do with one line that says what to do.
+#[test]
+fn plugin_new_and_build_explain_mistakes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_str().unwrap();
+    let none = "http://127.0.0.1:1";
+    let err = fails(none, &["plugin", "build", path], "");
+    assert!(
+        err.contains("not a plugin project") && err.contains("--lang rust|python|js"),
+        "{err}"
+    );
+    let err = fails(
+        none,
+        &[
+            "plugin", "new", "x", "--lang", "python", "--sdk", path, "--path", path,
+        ],
+        "",
+    );
+    assert!(err.contains("--sdk is for Rust plugins"), "{err}");
+    let err = fails(
+        none,
+        &["plugin", "new", "9lives", "--lang", "js", "--path", path],
+        "",
+    );
+    assert!(err.contains("starts with a letter"), "{err}");
+    // A JavaScript project without the SDK file it imports.
+    let out = ok(
+        none,
+        &["plugin", "new", "shop", "--lang", "js", "--path", path],
+        "",
+    );
+    assert!(out.contains("node --test"), "{out}");
+    std::fs::remove_file(dir.path().join("shop/weir-plugin.js")).unwrap();
+    let err = fails(none, &["plugin", "build", &format!("{path}/shop")], "");
+    assert!(err.contains("has no weir-plugin.js"), "{err}");
+}

@@ -119,8 +119,25 @@ async fn read_all(server: &RunningServer, topic: &str) -> Vec<weir_runtime::Stor
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn points_credits_each_distinct_order_once_and_forwards_outputs_once() {
+    points_exactly_once(plugin_wasm("points")).await;
+}
+
+/// The same test, the same expected balances and outputs, for examples/points-py.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn points_in_python_credits_each_distinct_order_once() {
+    points_exactly_once(std::fs::read(example_wasm("points-py")).unwrap().into()).await;
+}
+
+/// And for examples/points-js.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn points_in_javascript_credits_each_distinct_order_once() {
+    points_exactly_once(std::fs::read(example_wasm("points-js")).unwrap().into()).await;
+}
+
+async fn points_exactly_once(wasm: Bytes) {
     let (_dir, server) = serve_with_topics(&[("order.paid", 2), ("points.credited", 2)]).await;
     let mut request = deploy("points", "points", "order.paid", &["points.credited"]);
+    request.wasm = wasm;
     request.config = vec![("rate".into(), "0.1".into())];
     server.plugins.deploy(request).await.unwrap();
 

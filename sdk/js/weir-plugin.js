@@ -30,7 +30,17 @@
 // native tests should run the code the component runs.
 const utf8 = {
   encode(text) {
-    const out = [];
+    // ASCII (keys, JSON of plain data) straight into the array: QuickJS is an interpreter.
+    const ascii = new Uint8Array(text.length);
+    let i = 0;
+    for (; i < text.length; i++) {
+      const c = text.charCodeAt(i);
+      if (c >= 0x80) break;
+      ascii[i] = c;
+    }
+    if (i === text.length) return ascii;
+    const out = Array.from(ascii.subarray(0, i));
+    text = text.slice(i);
     for (const ch of text) {
       const c = ch.codePointAt(0);
       if (c < 0x80) out.push(c);
@@ -45,8 +55,13 @@ const utf8 = {
 const utf8Decoder = {
   /** Strict: invalid UTF-8 throws, as Rust's `str::from_utf8` refuses it. */
   decode(bytes) {
+    let ascii = 0;
+    while (ascii < bytes.length && bytes[ascii] < 0x80) ascii++;
     let text = "";
-    for (let i = 0; i < bytes.length; ) {
+    for (let at = 0; at < ascii; at += 4096) {
+      text += String.fromCharCode.apply(null, bytes.subarray(at, Math.min(ascii, at + 4096)));
+    }
+    for (let i = ascii; i < bytes.length; ) {
       const b = bytes[i];
       const n = b < 0x80 ? 0 : b >= 0xc2 && b < 0xe0 ? 1 : b >= 0xe0 && b < 0xf0 ? 2 : b >= 0xf0 && b < 0xf5 ? 3 : -1;
       if (n < 0) throw new PluginError(`invalid UTF-8 at byte ${i}`);
@@ -80,7 +95,8 @@ function toBytes(v) {
   throw new PluginError(`expected a string or Uint8Array, got ${typeof v}`);
 }
 
-// Compact and insertion-ordered: byte-for-byte what serde_json writes for the same fields.
+// Compact and insertion-ordered: for plain data (strings, integers below 2^53, objects) the
+// bytes serde_json writes for the same fields.
 function jsonBytes(value) {
   return utf8.encode(JSON.stringify(value));
 }
@@ -141,8 +157,9 @@ export class Output {
   }
 }
 
-const hex = (bytes) => Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
-const unhex = (text) => Uint8Array.from(text.match(/../g) ?? [], (h) => parseInt(h, 16));
+// Map keys: one char per byte.
+const latin1 = (bytes) => String.fromCharCode.apply(null, bytes);
+const unlatin1 = (text) => Uint8Array.from(text, (c) => c.charCodeAt(0));
 
 /** State for native tests: key → { value, version }. */
 export class MemoryState {
@@ -152,22 +169,22 @@ export class MemoryState {
   }
 
   get(key) {
-    return this.entries.get(hex(key)) ?? null;
+    return this.entries.get(latin1(key)) ?? null;
   }
 
   put(key, value) {
     const version = this.get(key)?.version ?? 0;
-    this.entries.set(hex(key), { value, version: version + 1 });
+    this.entries.set(latin1(key), { value, version: version + 1 });
   }
 
   delete(key) {
-    this.entries.delete(hex(key));
+    this.entries.delete(latin1(key));
   }
 
   compareAndSet(key, expected, value) {
     const version = this.get(key)?.version ?? 0;
     if (version !== expected) return null;
-    this.entries.set(hex(key), { value, version: version + 1 });
+    this.entries.set(latin1(key), { value, version: version + 1 });
     return version + 1;
   }
 
@@ -183,7 +200,7 @@ export class MemoryState {
 
   /** Keys as text (for assertions). */
   keys() {
-    return [...this.entries.keys()].map((k) => utf8Decoder.decode(unhex(k)));
+    return [...this.entries.keys()].map((k) => utf8Decoder.decode(unlatin1(k)));
   }
 }
 
@@ -262,50 +279,47 @@ export class Context {
 
 // --- the batch encoding (docs/batch-encoding.md) -------------------------------------------
 
-class Reader {
-  constructor(blob) {
-    this.b = blob;
-    // Uint8Array view of the guest's copy of the batch: no further copies while decoding.
-    this.view = new DataView(blob.buffer, blob.byteOffset, blob.byteLength);
-    this.i = 0;
-  }
-
-  need(n) {
-    if (this.i + n > this.b.length) throw new PluginError("batch blob truncated");
-    const at = this.i;
-    this.i += n;
-    return at;
-  }
-
-  u8() { return this.view.getUint8(this.need(1)); }
-  u16() { return this.view.getUint16(this.need(2), true); }
-  u32() { return this.view.getUint32(this.need(4), true); }
-  u64() { return Number(this.view.getBigUint64(this.need(8), true)); }
-  i64() { return Number(this.view.getBigInt64(this.need(8), true)); }
-  bytes(n) { const at = this.need(n); return this.b.subarray(at, at + n); }
-  text(n) { return utf8Decoder.decode(this.bytes(n)); }
-}
-
 /** The records of an input batch blob. */
 export function decodeBatch(blob) {
-  const r = new Reader(blob);
+  // One function with local reads: method calls and DataView are slow in QuickJS.
+  const b = blob;
+  const end = b.length;
+  let i = 0;
+  const need = (n) => {
+    if (i + n > end) throw new PluginError("batch blob truncated");
+  };
+  const u16 = () => { need(2); const v = b[i] | (b[i + 1] << 8); i += 2; return v; };
+  const u32 = () => { need(4); const v = (b[i] | (b[i + 1] << 8) | (b[i + 2] << 16)) + b[i + 3] * 16777216; i += 4; return v; };
+  const bytes = (n) => { need(n); const v = b.subarray(i, i + n); i += n; return v; };
   const records = [];
-  for (let n = r.u32(); n > 0; n--) {
-    const offset = r.u64();
-    const timestampMs = r.i64();
-    const partition = r.u32();
-    const flags = r.u8();
-    const key = flags & 1 ? r.bytes(r.u32()) : null;
-    const value = r.bytes(r.u32());
-    const id = flags & 2 ? r.text(r.u16()) : null;
+  for (let count = u32(); count > 0; count--) {
+    // u64 / i64 as two 32-bit halves, not BigInt: exact below 2^53.
+    const offset = u32() + u32() * 4294967296;
+    const lo = u32();
+    const hi = u32();
+    const timestampMs = lo + (hi | 0) * 4294967296;
+    const partition = u32();
+    need(1);
+    const flags = b[i++];
+    const key = flags & 1 ? bytes(u32()) : null;
+    const value = bytes(u32());
+    const id = flags & 2 ? utf8Decoder.decode(bytes(u16())) : null;
     const headers = [];
-    for (let h = r.u16(); h > 0; h--) {
-      const name = r.text(r.u16());
-      headers.push([name, r.bytes(r.u32())]);
+    for (let h = u16(); h > 0; h--) {
+      const name = utf8Decoder.decode(bytes(u16()));
+      headers.push([name, bytes(u32())]);
     }
-    records.push(new Record({ value, key, offset, timestampMs, partition, id, headers }));
+    const record = Object.create(Record.prototype);
+    record.offset = offset;
+    record.timestampMs = timestampMs;
+    record.partition = partition;
+    record.key = key;
+    record.value = value;
+    record.id = id;
+    record.headers = headers;
+    records.push(record);
   }
-  if (r.i !== blob.length) throw new PluginError("batch blob has trailing bytes");
+  if (i !== end) throw new PluginError("batch blob has trailing bytes");
   return records;
 }
 

@@ -63,7 +63,7 @@ class Record:
     def json(self):
         """The value parsed as JSON."""
         try:
-            return json.loads(self.value)
+            return _json_value(self.value)
         except ValueError as e:
             raise PluginError(f"value is not the expected JSON: {e}") from None
 
@@ -98,7 +98,7 @@ class Output:
         self.headers = list(headers)
 
     def json(self):
-        return json.loads(self.value)
+        return _json_value(self.value)
 
 
 def _bytes(v):
@@ -109,9 +109,19 @@ def _bytes(v):
     return bytes(v)
 
 
+# Compact, insertion-ordered: for plain data the bytes serde_json writes for the same fields.
+# One encoder and decoder for the module: json.dumps with options builds an encoder per call,
+# and json.loads of bytes sniffs the encoding first; together half the points plugin's time.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_DECODE = json.JSONDecoder().decode
+
+
 def _json_bytes(obj):
-    # Compact, insertion-ordered: byte-for-byte what serde_json writes for the same fields.
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _ENCODE(obj).encode("utf-8")
+
+
+def _json_value(raw):
+    return _DECODE(raw.decode("utf-8"))
 
 
 class MemoryState:
@@ -142,7 +152,7 @@ class MemoryState:
 
     def get_json(self, key):
         entry = self.get(_bytes(key))
-        return None if entry is None else json.loads(entry[0])
+        return None if entry is None else _json_value(entry[0])
 
 
 class _HostState:
@@ -206,7 +216,7 @@ class Context:
     def get(self, key):
         """The JSON value of a key, or None."""
         raw = self.get_bytes(key)
-        return None if raw is None else json.loads(raw)
+        return None if raw is None else _json_value(raw)
 
     def put_bytes(self, key, value):
         self._state.put(_bytes(key), _bytes(value))
@@ -238,59 +248,73 @@ class Context:
 # --- the batch encoding (docs/batch-encoding.md) -------------------------------------------
 
 
-class _Reader:
-    def __init__(self, blob):
-        self.b = memoryview(blob)
-        self.i = 0
-
-    def take(self, n):
-        if self.i + n > len(self.b):
-            raise PluginError("batch blob truncated")
-        out = self.b[self.i : self.i + n]
-        self.i += n
-        return bytes(out)
-
-    def unpack(self, fmt):
-        size = struct.calcsize(fmt)
-        return struct.unpack(fmt, self.take(size))[0]
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_HEAD = struct.Struct("<QqIB")  # offset, timestamp_ms, partition, flags
 
 
 def decode_batch(blob):
     """The records of an input batch blob."""
-    r = _Reader(blob)
+    b = bytes(blob)
+    end = len(b)
+    u16, u32, head = _U16.unpack_from, _U32.unpack_from, _HEAD.unpack_from
     out = []
-    for _ in range(r.unpack("<I")):
-        offset = r.unpack("<Q")
-        timestamp_ms = r.unpack("<q")
-        partition = r.unpack("<I")
-        flags = r.unpack("<B")
-        key = r.take(r.unpack("<I")) if flags & 1 else None
-        value = r.take(r.unpack("<I"))
-        rid = r.take(r.unpack("<H")).decode("utf-8") if flags & 2 else None
-        headers = []
-        for _ in range(r.unpack("<H")):
-            name = r.take(r.unpack("<H")).decode("utf-8")
-            headers.append((name, r.take(r.unpack("<I"))))
-        out.append(Record(value, key, offset, timestamp_ms, partition, rid, headers))
-    if r.i != len(r.b):
+    try:
+        (count,) = u32(b, 0)
+        i = 4
+        for _ in range(count):
+            offset, timestamp_ms, partition, flags = head(b, i)
+            i += 21
+            key = None
+            if flags & 1:
+                (n,) = u32(b, i)
+                key = b[i + 4 : i + 4 + n]
+                i += 4 + n
+            (n,) = u32(b, i)
+            value = b[i + 4 : i + 4 + n]
+            i += 4 + n
+            rid = None
+            if flags & 2:
+                (n,) = u16(b, i)
+                rid = b[i + 2 : i + 2 + n].decode("utf-8")
+                i += 2 + n
+            (nh,) = u16(b, i)
+            i += 2
+            headers = []
+            for _ in range(nh):
+                (n,) = u16(b, i)
+                name = b[i + 2 : i + 2 + n].decode("utf-8")
+                i += 2 + n
+                (n,) = u32(b, i)
+                headers.append((name, b[i + 4 : i + 4 + n]))
+                i += 4 + n
+            if i > end:
+                raise PluginError("batch blob truncated")
+            out.append(Record(value, key, offset, timestamp_ms, partition, rid, headers))
+    except struct.error:
+        raise PluginError("batch blob truncated") from None
+    if i != end:
         raise PluginError("batch blob has trailing bytes")
     return out
 
 
 def encode_outputs(outputs):
     """The outputs blob of a list of `Output`."""
-    parts = [struct.pack("<I", len(outputs))]
+    u16, u32 = _U16.pack, _U32.pack
+    parts = [u32(len(outputs))]
+    add = parts.append
     for o in outputs:
         topic = o.topic.encode("utf-8")
-        parts.append(struct.pack("<H", len(topic)) + topic)
-        parts.append(struct.pack("<B", 1 if o.key is not None else 0))
-        if o.key is not None:
-            parts.append(struct.pack("<I", len(o.key)) + o.key)
-        parts.append(struct.pack("<I", len(o.value)) + o.value)
-        parts.append(struct.pack("<H", len(o.headers)))
+        key = o.key
+        add(u16(len(topic)))
+        add(topic)
+        add(b"\x00" if key is None else b"\x01" + u32(len(key)) + key)
+        add(u32(len(o.value)))
+        add(o.value)
+        add(u16(len(o.headers)))
         for k, v in o.headers:
             kb = k.encode("utf-8")
-            parts.append(struct.pack("<H", len(kb)) + kb + struct.pack("<I", len(v)) + v)
+            add(u16(len(kb)) + kb + u32(len(v)) + v)
     return b"".join(parts)
 
 

@@ -238,6 +238,10 @@ struct Server {
 
 impl Server {
     fn start(bin: &Path, data_dir: &Path, fsync: &str) -> Result<Server> {
+        Self::start_with(bin, data_dir, fsync, &[])
+    }
+
+    fn start_with(bin: &Path, data_dir: &Path, fsync: &str, extra: &[&str]) -> Result<Server> {
         let mut child = Command::new(bin)
             .args([
                 "serve",
@@ -248,6 +252,7 @@ impl Server {
                 "--data-dir",
             ])
             .arg(data_dir)
+            .args(extra)
             .env("WEIR_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()
@@ -327,12 +332,25 @@ fn demo() -> Result<()> {
 /// Reproduces BENCHMARKS.md: `weir bench publish` against a release `weir serve` under each
 /// fsync policy, three runs each; prints every run and the median.
 fn bench(args: &[String]) -> Result<()> {
-    let records = match args {
-        [flag, n] if flag == "--records" => n.clone(),
-        [] => "1000000".into(),
-        _ => bail!("usage: cargo xtask bench [--records N]"),
-    };
+    let usage = "usage: cargo xtask bench [--records N] [--plugins-only]";
+    let (mut records, mut plugins_only) = ("1000000".to_string(), false);
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--records" => records = rest.next().context(usage)?.clone(),
+            "--plugins-only" => plugins_only = true,
+            _ => bail!(usage),
+        }
+    }
     let bin = build_release()?;
+    if !plugins_only {
+        bench_publish(&bin, &records)?;
+    }
+    bench_plugins(&bin, &records)
+}
+
+/// `weir bench publish`, 100-byte records, under fsync always and never, three runs each.
+fn bench_publish(bin: &Path, records: &str) -> Result<()> {
     let disk = disk_baseline()?;
     println!(
         "baseline: raw sequential write of 256 MiB in 1 MiB writes + fdatasync: {disk:.0} MB/s\n"
@@ -388,34 +406,89 @@ fn bench(args: &[String]) -> Result<()> {
             rates[1], rates
         );
     }
+    Ok(())
+}
+
+/// `weir bench plugin`: the points plugin in Rust, Python and JavaScript, three runs each, each
+/// run against the no-op plugin in the same server.
+fn bench_plugins(bin: &Path, records: &str) -> Result<()> {
     let plugins = build_plugins()?;
-    let (points, noop) = (plugins.join("points.wasm"), plugins.join("noop.wasm"));
-    for round in 1..=3 {
-        let data =
-            std::env::temp_dir().join(format!("weir-bench-plugin-{}-{round}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&data);
-        let server = Server::start(&bin, &data, "always")?;
-        let out = weir(
-            &bin,
-            &server,
-            &[
-                "bench",
-                "plugin",
-                "--wasm",
-                points.to_str().expect("utf-8 path"),
-                "--baseline-wasm",
-                noop.to_str().expect("utf-8 path"),
-                "--records",
-                &records,
-                "--users",
-                "10000",
-                "--partitions",
-                "4",
-            ],
-        )?;
-        server.stop()?;
-        std::fs::remove_dir_all(&data).ok();
-        println!("plugin bench, fsync always, run {round}:\n{out}");
+    let noop = plugins.join("noop.wasm");
+    // The points plugin in each language; Python and JavaScript built by this weir.
+    for example in ["examples/points-py", "examples/points-js"] {
+        run(Command::new(&bin).args(["plugin", "build", example]))?;
     }
+    let languages = [
+        ("Rust", plugins.join("points.wasm")),
+        (
+            "Python",
+            PathBuf::from("examples/points-py/target/points_py.wasm"),
+        ),
+        (
+            "JavaScript",
+            PathBuf::from("examples/points-js/target/points_js.wasm"),
+        ),
+    ];
+    // One compiled-component cache for every run, filled before timing: a Python component
+    // takes seconds to compile, which is deploy cost, not records/s.
+    let compiled = std::env::temp_dir().join(format!("weir-bench-compiled-{}", std::process::id()));
+    let sample = compiled.join("sample.jsonl");
+    std::fs::create_dir_all(&compiled)?;
+    std::fs::write(
+        &sample,
+        "{\"key\":\"u\",\"value\":{\"order\":1,\"user\":\"u\",\"amount\":1}}\n",
+    )?;
+    for (_, wasm) in &languages {
+        let out = Command::new(&bin)
+            .arg("test")
+            .arg(wasm)
+            .arg("--input")
+            .arg(&sample)
+            .args(["--output", "points.credited"])
+            .env("WEIR_CACHE_DIR", &compiled)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "weir test {} failed: {}",
+                wasm.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    for (language, wasm) in &languages {
+        for round in 1..=3 {
+            let data = std::env::temp_dir()
+                .join(format!("weir-bench-plugin-{}-{round}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&data);
+            let server = Server::start_with(
+                &bin,
+                &data,
+                "always",
+                &["--compiled-cache", compiled.to_str().expect("utf-8 path")],
+            )?;
+            let out = weir(
+                &bin,
+                &server,
+                &[
+                    "bench",
+                    "plugin",
+                    "--wasm",
+                    wasm.to_str().expect("utf-8 path"),
+                    "--baseline-wasm",
+                    noop.to_str().expect("utf-8 path"),
+                    "--records",
+                    &records,
+                    "--users",
+                    "10000",
+                    "--partitions",
+                    "4",
+                ],
+            )?;
+            server.stop()?;
+            std::fs::remove_dir_all(&data).ok();
+            println!("plugin bench, points in {language}, fsync always, run {round}:\n{out}");
+        }
+    }
+    std::fs::remove_dir_all(&compiled).ok();
     Ok(())
 }
