@@ -816,3 +816,81 @@ async fn python_and_javascript_errors_and_memory_caps_behave_as_in_rust() {
     .await;
     server.stop().await.unwrap();
 }
+
+/// The engine holds `MAX_INSTANCES` plugin × partition instances. When they are all in use, a
+/// partition that needs one waits (state "waiting: no room ...") instead of failing its
+/// records, and carries on once another plugin is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_instance_pool_makes_partitions_wait_not_fail() {
+    use weir_runtime::plugin::engine::MAX_INSTANCES;
+    let (_dir, server) = serve_with_topics(&[("wide", MAX_INSTANCES), ("narrow", 2)]).await;
+    server
+        .plugins
+        .deploy(deploy("big", "noop", "wide", &[]))
+        .await
+        .unwrap();
+    for partition in 0..MAX_INSTANCES {
+        server
+            .broker
+            .publish(Publish {
+                topic: "wide".into(),
+                partition: Some(partition),
+                records: vec![Record::from_value("x")],
+                producer: None,
+            })
+            .await
+            .unwrap();
+    }
+    caught_up(&server, "big").await;
+
+    server
+        .plugins
+        .deploy(deploy("small", "noop", "narrow", &[]))
+        .await
+        .unwrap();
+    for partition in 0..2 {
+        server
+            .broker
+            .publish(Publish {
+                topic: "narrow".into(),
+                partition: Some(partition),
+                records: records("n", 5),
+                producer: None,
+            })
+            .await
+            .unwrap();
+    }
+    let waiting = || {
+        let info = server.plugins.info("small").unwrap();
+        info.partitions.iter().all(|p| {
+            p.state
+                .starts_with("waiting: no room for another plugin instance")
+        })
+    };
+    for _ in 0..300 {
+        if waiting() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let info = server.plugins.info("small").unwrap();
+    assert!(
+        waiting(),
+        "{:?}\n{:?}",
+        info.partitions,
+        server.plugins.logs("small")
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let info = server.plugins.info("small").unwrap();
+    assert!(
+        info.partitions
+            .iter()
+            .all(|p| p.committed == 0 && p.state.starts_with("waiting")),
+        "still waiting, nothing failed or dead-lettered: {:?}",
+        info.partitions
+    );
+
+    server.plugins.remove("big").await.unwrap();
+    caught_up(&server, "small").await;
+    server.stop().await.unwrap();
+}

@@ -361,15 +361,15 @@ fn bench_publish(bin: &Path, records: &str) -> Result<()> {
             let data = std::env::temp_dir()
                 .join(format!("weir-bench-{}-{fsync}-{round}", std::process::id()));
             let _ = std::fs::remove_dir_all(&data);
-            let server = Server::start(&bin, &data, fsync)?;
+            let server = Server::start(bin, &data, fsync)?;
             let out = weir(
-                &bin,
+                bin,
                 &server,
                 &[
                     "bench",
                     "publish",
                     "--records",
-                    &records,
+                    records,
                     "--record-size",
                     "100",
                     "--batch",
@@ -416,7 +416,7 @@ fn bench_plugins(bin: &Path, records: &str) -> Result<()> {
     let noop = plugins.join("noop.wasm");
     // The points plugin in each language; Python and JavaScript built by this weir.
     for example in ["examples/points-py", "examples/points-js"] {
-        run(Command::new(&bin).args(["plugin", "build", example]))?;
+        run(Command::new(bin).args(["plugin", "build", example]))?;
     }
     let languages = [
         ("Rust", plugins.join("points.wasm")),
@@ -439,7 +439,7 @@ fn bench_plugins(bin: &Path, records: &str) -> Result<()> {
         "{\"key\":\"u\",\"value\":{\"order\":1,\"user\":\"u\",\"amount\":1}}\n",
     )?;
     for (_, wasm) in &languages {
-        let out = Command::new(&bin)
+        let out = Command::new(bin)
             .arg("test")
             .arg(wasm)
             .arg("--input")
@@ -461,13 +461,13 @@ fn bench_plugins(bin: &Path, records: &str) -> Result<()> {
                 .join(format!("weir-bench-plugin-{}-{round}", std::process::id()));
             let _ = std::fs::remove_dir_all(&data);
             let server = Server::start_with(
-                &bin,
+                bin,
                 &data,
                 "always",
                 &["--compiled-cache", compiled.to_str().expect("utf-8 path")],
             )?;
             let out = weir(
-                &bin,
+                bin,
                 &server,
                 &[
                     "bench",
@@ -477,7 +477,7 @@ fn bench_plugins(bin: &Path, records: &str) -> Result<()> {
                     "--baseline-wasm",
                     noop.to_str().expect("utf-8 path"),
                     "--records",
-                    &records,
+                    records,
                     "--users",
                     "10000",
                     "--partitions",

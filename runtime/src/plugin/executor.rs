@@ -342,9 +342,23 @@ impl PluginRuntime {
     ) -> Result<(), PluginError> {
         let mut backoff = Duration::from_millis(50);
         let mut attempt = 1;
+        let mut waiting_logged = false;
         loop {
             match self.process_and_commit(partition, records, instance).await {
                 Ok(()) => return Ok(()),
+                // A full instance pool is the server's condition, not the record's: wait for
+                // room (another plugin paused or removed) without spending attempts.
+                Err(e @ PluginError::NoInstanceRoom(_)) if !cancel.is_cancelled() => {
+                    if !waiting_logged {
+                        self.log(format!("partition {partition}: waiting: {e}"));
+                        waiting_logged = true;
+                    }
+                    self.set_state(partition, format!("waiting: {e}"));
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = cancel.cancelled() => return Err(e),
+                    }
+                }
                 Err(e) if attempt < self.spec.max_attempts.max(1) && !cancel.is_cancelled() => {
                     self.log(format!(
                         "partition {partition} offsets {}..={}: attempt {attempt} failed: {e}",

@@ -58,8 +58,12 @@ pub enum PluginError {
     #[error("plugin failed: {0}")]
     Failed(String),
     /// `configure` returned an error.
-    #[error("plugin init failed: {0}")]
+    #[error("plugin configure failed: {0}")]
     InitFailed(String),
+    /// The engine's instance pool is full: not the plugin's fault, so executors wait for room
+    /// instead of counting it as a failed attempt.
+    #[error("no room for another plugin instance ({0}); the server runs at most {max} plugin × partition instances: pause or remove plugins, or use fewer partitions", max = engine::MAX_INSTANCES)]
+    NoInstanceRoom(String),
     /// The plugin emitted something it may not (undeclared topic, malformed blob).
     #[error("plugin output refused: {0}")]
     BadOutput(String),
@@ -85,6 +89,9 @@ impl PluginError {
             .join(" ");
         match e.downcast_ref::<wasmtime::Trap>() {
             Some(wasmtime::Trap::Interrupt) => PluginError::Timeout { limit_ms: 0 },
+            _ if message.contains("maximum concurrent limit") => {
+                PluginError::NoInstanceRoom(message)
+            }
             _ if message.contains("forcing trap when growing memory")
                 || message.contains("memory size") =>
             {
