@@ -129,6 +129,7 @@ class MemoryState:
 
     def __init__(self):
         self.entries = {}
+        self.logs = []
 
     def get(self, key):
         return self.entries.get(bytes(key))
@@ -148,7 +149,7 @@ class MemoryState:
         return version + 1
 
     def log(self, level, message):
-        pass
+        self.logs.append((level, message))
 
     def get_json(self, key):
         entry = self.get(_bytes(key))

@@ -159,31 +159,31 @@ impl PluginEngine {
                 component
             }
         };
-        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
-            let message = one_line(&format!("{e:#}"));
-            let hint = if message.contains("weir:plugin/") && message.contains("@0.1.0") {
-                " (it was built for weir:plugin@0.1.0, whose `init` export is now `configure`: \
-                 rebuild it with this weir's SDK)"
-            } else {
-                ""
-            };
-            PluginError::WrongWorld(format!("{message}{hint}"))
-        })?;
-        let pre = ConsumerPre::new(pre).map_err(|e| {
-            let message = one_line(&format!("{e:#}"));
-            let hint = if message.contains("no export") {
-                " (a Rust plugin needs #[weir_sdk::consumer] on its function)"
-            } else {
-                ""
-            };
-            PluginError::WrongWorld(format!("{message}{hint}"))
-        })?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(wrong_world)?;
+        let pre = ConsumerPre::new(pre).map_err(wrong_world)?;
         Ok(CompiledPlugin {
             engine: self.engine.clone(),
             pre,
             sha256,
         })
     }
+}
+
+/// A component that is not of this weir's plugin world, with a hint for the two usual causes.
+fn wrong_world(e: wasmtime::Error) -> PluginError {
+    let message = one_line(&format!("{e:#}"));
+    let hint = if message.contains("weir:plugin/") && message.contains("@0.1.0") {
+        " (it was built for weir:plugin@0.1.0, whose `init` export is now `configure`: rebuild \
+         it with this weir's SDK)"
+    } else if message.contains("no export") {
+        " (a Rust plugin needs #[weir_sdk::consumer] on its function)"
+    } else {
+        ""
+    };
+    PluginError::WrongWorld(format!("{message}{hint}"))
 }
 
 /// wasmtime's messages can span lines (debug dumps); statuses and CLI errors are one line.
@@ -194,5 +194,27 @@ fn one_line(message: &str) -> String {
 impl Drop for PluginEngine {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_component_of_the_old_world_is_told_to_rebuild() {
+        // What wasmtime says when a 0.1.0 component's imports find nothing in the linker.
+        let old = wasmtime::Error::msg(
+            "component imports instance `weir:plugin/state@0.1.0`, but a matching \
+             implementation was not found in the linker",
+        );
+        let message = wrong_world(old).to_string();
+        assert!(
+            message.contains("weir:plugin/consumer@0.2.0")
+                && message.contains("rebuild it with this weir's SDK"),
+            "{message}"
+        );
+        let other = wrong_world(wasmtime::Error::msg("no export `configure` found")).to_string();
+        assert!(other.contains("#[weir_sdk::consumer]"), "{other}");
     }
 }
