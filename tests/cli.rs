@@ -487,4 +487,14 @@ fn plugin_new_and_build_explain_mistakes() {
     std::fs::remove_file(dir.path().join("shop/weir-plugin.js")).unwrap();
     let err = fails(none, &["plugin", "build", &format!("{path}/shop")], "");
     assert!(err.contains("has no weir-plugin.js"), "{err}");
+    // An SDK copy from another weir is worth a warning (it may speak another world).
+    std::fs::write(dir.path().join("shop/weir-plugin.js"), "// old\n").unwrap();
+    std::fs::remove_file(dir.path().join("shop/app.js")).unwrap();
+    let (built, _, err) = weir_cli(none, &["plugin", "build", &format!("{path}/shop")], "");
+    assert!(!built);
+    assert!(
+        err.contains("warning: ") && err.contains("weir-plugin.js differs from this weir's SDK"),
+        "{err}"
+    );
+    assert!(err.contains("has no app.js"), "{err}");
 }

@@ -4,7 +4,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::{paid, plugin_wasm, weir_bin};
+use common::{local_chaos, paid, plugin_wasm, weir_bin};
 use weir_runtime::local::{LocalError, LocalRuntime};
 use weir_runtime::Record;
 
@@ -154,13 +154,7 @@ async fn analytics_filter_and_a_component_of_another_world_in_the_local_runtime(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trap_in_the_local_runtime_names_the_record_and_the_panic() {
-    let local = LocalRuntime::start().await.unwrap();
-    local.create_topic("in", 1).await.unwrap();
-    local.create_topic("chaos.out", 1).await.unwrap();
-    local
-        .deploy("chaos", plugin_wasm("chaos"), "in", &["chaos.out"], &[])
-        .await
-        .unwrap();
+    let local = local_chaos().await;
     local
         .publish(
             "in",

@@ -57,6 +57,19 @@ fn deploy(name: &str, wasm: &str, input: &str, outputs: &[&str]) -> DeployReques
     }
 }
 
+async fn publish_to(server: &RunningServer, topic: &str, partition: u32, records: Vec<Record>) {
+    server
+        .broker
+        .publish(Publish {
+            topic: topic.into(),
+            partition: Some(partition),
+            records,
+            producer: None,
+        })
+        .await
+        .unwrap();
+}
+
 async fn publish(server: &RunningServer, topic: &str, records: Vec<Record>) {
     server
         .broker
@@ -663,17 +676,9 @@ async fn large_outputs_and_state_never_reach_sled_blob_files() {
 /// `weir plugin build`; returns the component.
 fn build_script_plugin(dir: &std::path::Path, name: &str, lang: &str, app: &str) -> Bytes {
     let weir = |args: &[&str]| {
-        let out = std::process::Command::new(weir_bin())
-            .args(args)
-            .output()
-            .expect("run weir");
-        assert!(
-            out.status.success(),
-            "weir {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let (ok, stdout, stderr) = weir_cli("http://127.0.0.1:1", args, "");
+        assert!(ok, "weir {args:?}: {stdout}{stderr}");
+        stdout
     };
     weir(&[
         "plugin",
@@ -830,16 +835,7 @@ async fn a_full_instance_pool_makes_partitions_wait_not_fail() {
         .await
         .unwrap();
     for partition in 0..MAX_INSTANCES {
-        server
-            .broker
-            .publish(Publish {
-                topic: "wide".into(),
-                partition: Some(partition),
-                records: vec![Record::from_value("x")],
-                producer: None,
-            })
-            .await
-            .unwrap();
+        publish_to(&server, "wide", partition, vec![Record::from_value("x")]).await;
     }
     caught_up(&server, "big").await;
 
@@ -849,16 +845,7 @@ async fn a_full_instance_pool_makes_partitions_wait_not_fail() {
         .await
         .unwrap();
     for partition in 0..2 {
-        server
-            .broker
-            .publish(Publish {
-                topic: "narrow".into(),
-                partition: Some(partition),
-                records: records("n", 5),
-                producer: None,
-            })
-            .await
-            .unwrap();
+        publish_to(&server, "narrow", partition, records("n", 5)).await;
     }
     let waiting = || {
         let info = server.plugins.info("small").unwrap();
@@ -893,4 +880,34 @@ async fn a_full_instance_pool_makes_partitions_wait_not_fail() {
     server.plugins.remove("big").await.unwrap();
     caught_up(&server, "small").await;
     server.stop().await.unwrap();
+}
+
+/// Servers and `weir test` may share a compiled cache (`--compiled-cache`, `WEIR_CACHE_DIR`):
+/// engines compiling the same component into one directory at once all succeed and leave one
+/// artifact (each write goes through a temporary file of its own), which a new engine loads.
+#[test]
+fn engines_sharing_a_compiled_cache_compile_the_same_component_at_once() {
+    use weir_runtime::plugin::engine::PluginEngine;
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = plugin_wasm("points");
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                let engine = PluginEngine::new(dir.path()).unwrap();
+                engine.compile(&wasm).unwrap();
+            });
+        }
+    });
+    let files: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        files.len() == 1 && files[0].ends_with(".cwasm"),
+        "one artifact, no temporary files left: {files:?}"
+    );
+    PluginEngine::new(dir.path())
+        .unwrap()
+        .compile(&wasm)
+        .unwrap();
 }

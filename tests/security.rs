@@ -682,13 +682,7 @@ fn cli_with_auth_and_tls() {
 /// plugin's `escape` record tries each and reports what it got.
 #[tokio::test]
 async fn a_plugin_cannot_escape_its_sandbox() {
-    let local = weir_runtime::local::LocalRuntime::start().await.unwrap();
-    local.create_topic("in", 1).await.unwrap();
-    local.create_topic("chaos.out", 1).await.unwrap();
-    local
-        .deploy("chaos", plugin_wasm("chaos"), "in", &["chaos.out"], &[])
-        .await
-        .unwrap();
+    let local = common::local_chaos().await;
     local
         .publish("in", vec![weir_runtime::Record::from_value("escape")])
         .await

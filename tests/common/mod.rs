@@ -221,3 +221,15 @@ pub fn example_wasm(name: &str) -> std::path::PathBuf {
     );
     path
 }
+
+/// A local runtime running the chaos plugin (misbehaves on request) from `in` to `chaos.out`.
+pub async fn local_chaos() -> weir_runtime::local::LocalRuntime {
+    let local = weir_runtime::local::LocalRuntime::start().await.unwrap();
+    local.create_topic("in", 1).await.unwrap();
+    local.create_topic("chaos.out", 1).await.unwrap();
+    local
+        .deploy("chaos", plugin_wasm("chaos"), "in", &["chaos.out"], &[])
+        .await
+        .unwrap();
+    local
+}

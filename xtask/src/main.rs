@@ -139,13 +139,12 @@ fn build_plugins() -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// The Python and JavaScript plugins under `examples/` the tests deploy next to the Rust ones,
-/// built by `weir plugin build` (which installs componentize-py / componentize-qjs into each
-/// project, pinned) into `examples/NAME/target/`.
-fn build_example_plugins() -> Result<()> {
-    let weir = Path::new("target/debug/weir");
+/// The Python and JavaScript plugins under `examples/` the tests and benchmarks deploy next to
+/// the Rust ones, built by `weir` (`plugin build` installs componentize-py / componentize-qjs
+/// into each project, pinned) into `examples/NAME/target/`.
+fn build_example_plugins(weir: &Path) -> Result<()> {
     if !weir.exists() {
-        bail!("{} was not built by `cargo test --no-run`", weir.display());
+        bail!("{} has not been built", weir.display());
     }
     for example in ["examples/points-py", "examples/points-js"] {
         run(Command::new(weir).args(["plugin", "build", example]))?;
@@ -164,7 +163,7 @@ fn test(extra: &[String]) -> Result<()> {
     run(cargo()
         .args(["test", "--workspace", "--no-run"])
         .args(extra.iter().take_while(|a| *a != "--")))?;
-    build_example_plugins()?;
+    build_example_plugins(Path::new("target/debug/weir"))?;
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--no-fail-fast"])
         .args(extra)
@@ -415,9 +414,7 @@ fn bench_plugins(bin: &Path, records: &str) -> Result<()> {
     let plugins = build_plugins()?;
     let noop = plugins.join("noop.wasm");
     // The points plugin in each language; Python and JavaScript built by this weir.
-    for example in ["examples/points-py", "examples/points-js"] {
-        run(Command::new(bin).args(["plugin", "build", example]))?;
-    }
+    build_example_plugins(bin)?;
     let languages = [
         ("Rust", plugins.join("points.wasm")),
         (

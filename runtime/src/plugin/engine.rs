@@ -135,7 +135,9 @@ impl PluginEngine {
         let sha256 = sha256_hex(wasm);
         let cached = self.cache_path(&sha256);
         // SAFETY: the file was written by `Component::serialize` of this engine configuration
-        // (its name carries the engine's compatibility hash) into weir's own data directory.
+        // (its name carries the engine's compatibility hash) into a directory only weir writes:
+        // DATA_DIR/compiled, `--compiled-cache` or the user's cache. Whoever can write there can
+        // run code as weir, as whoever can replace the binary can (docs/security.md).
         let component = match unsafe { Component::deserialize_file(&self.engine, &cached) } {
             Ok(component) => component,
             Err(_) => {
@@ -148,7 +150,15 @@ impl PluginEngine {
                     }
                 })?;
                 if let Ok(bytes) = component.serialize() {
-                    let tmp = cached.with_extension("tmp");
+                    // A name of its own per write: servers and `weir test` may share the
+                    // directory and compile the same component at once; the rename is atomic.
+                    static WRITES: std::sync::atomic::AtomicU64 =
+                        std::sync::atomic::AtomicU64::new(0);
+                    let tmp = cached.with_extension(format!(
+                        "{}-{}.tmp",
+                        std::process::id(),
+                        WRITES.fetch_add(1, Ordering::Relaxed)
+                    ));
                     if std::fs::write(&tmp, bytes)
                         .and_then(|_| std::fs::rename(&tmp, &cached))
                         .is_err()

@@ -87,11 +87,13 @@ impl PluginError {
             .filter(|l| !l.is_empty() && !l.starts_with("note: run with `RUST_BACKTRACE"))
             .collect::<Vec<_>>()
             .join(" ");
+        if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+            .is_some()
+        {
+            return PluginError::NoInstanceRoom(trap);
+        }
         match e.downcast_ref::<wasmtime::Trap>() {
             Some(wasmtime::Trap::Interrupt) => PluginError::Timeout { limit_ms: 0 },
-            _ if message.contains("maximum concurrent limit") => {
-                PluginError::NoInstanceRoom(message)
-            }
             _ if message.contains("forcing trap when growing memory")
                 || message.contains("memory size") =>
             {

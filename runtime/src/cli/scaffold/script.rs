@@ -157,6 +157,7 @@ fn npm_version(path: &Path, package: &str) -> Option<String> {
 
 pub(super) fn build_js(path: &Path) -> anyhow::Result<PathBuf> {
     let dot = prepare(path)?;
+    check_sdk_copy(path, "weir-plugin.js", JS_SDK);
     for file in ["app.js", "weir-plugin.js"] {
         anyhow::ensure!(
             path.join(file).exists(),
@@ -166,7 +167,6 @@ pub(super) fn build_js(path: &Path) -> anyhow::Result<PathBuf> {
             path.display()
         );
     }
-    check_sdk_copy(path, "weir-plugin.js", JS_SDK);
     if npm_version(path, "componentize-qjs").as_deref() != Some(COMPONENTIZE_QJS) {
         step(&format!(
             "installing componentize-qjs@{COMPONENTIZE_QJS} into {}",
