@@ -76,7 +76,7 @@ async fn example_plugins_in_the_local_runtime() {
     local.run_until_idle().await.unwrap();
 
     assert_eq!(
-        local.state("points", "balance/ann").unwrap(),
+        local.state("points", "balance/ann").await.unwrap(),
         Some(b"7".to_vec()),
         "5 + 2, the re-sent order once"
     );
@@ -94,7 +94,7 @@ async fn example_plugins_in_the_local_runtime() {
         2,
         "ann again, and cy after sold out"
     );
-    let results = local.state_entries("order").unwrap();
+    let results = local.state_entries("order").await.unwrap();
     assert!(
         results.iter().any(
             |(k, v, _)| k == b"result/tv/cy" && String::from_utf8_lossy(v).contains("sold out")

@@ -64,7 +64,7 @@ async fn publish_to(server: &RunningServer, topic: &str, partition: u32, records
             topic: topic.into(),
             partition: Some(partition),
             records,
-            producer: None,
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -187,6 +187,7 @@ async fn points_exactly_once(wasm: Bytes) {
         let (value, _) = server
             .plugins
             .state_get("points", format!("balance/{user}").as_bytes())
+            .await
             .unwrap()
             .expect("balance exists");
         assert_eq!(
@@ -288,7 +289,7 @@ async fn misbehaving_records_go_to_the_dlq_and_nothing_else_stops() {
         echoed,
         ["ok-1", "ok-2", "ok-3", "ok-4"].map(|s| Bytes::from(s.as_bytes()))
     );
-    let (seen, _) = server.plugins.state_get("chaos", b"seen").unwrap().unwrap();
+    let (seen, _) = server.plugins.state_get("chaos", b"seen").await.unwrap().unwrap();
     assert_eq!(seen, b"4", "state of failed batches was never committed");
 
     eventually(20, "dead letters forwarded", || {
@@ -358,6 +359,7 @@ async fn misbehaving_records_go_to_the_dlq_and_nothing_else_stops() {
         server
             .plugins
             .logs("chaos")
+            .await
             .unwrap()
             .iter()
             .any(|l| l.contains("echo ok-1")),
@@ -366,6 +368,7 @@ async fn misbehaving_records_go_to_the_dlq_and_nothing_else_stops() {
     let (balance, _) = server
         .plugins
         .state_get("points", b"balance/ann")
+        .await
         .unwrap()
         .unwrap();
     assert_eq!(balance, b"50");
@@ -391,7 +394,7 @@ async fn halt_policy_stops_at_the_poison_record_without_committing_it() {
     .await;
     eventually(20, "chaos halts", || {
         server.plugins.info("chaos").unwrap().partitions[0]
-            .state
+            .state.to_string()
             .starts_with("halted")
     })
     .await;
@@ -401,11 +404,11 @@ async fn halt_policy_stops_at_the_poison_record_without_committing_it() {
         "stopped before the poison record: {status:?}"
     );
     assert!(
-        status.state.contains("offset 2") && status.state.contains("poison record"),
+        status.state.to_string().contains("offset 2") && status.state.to_string().contains("poison record"),
         "{}",
         status.state
     );
-    let (seen, _) = server.plugins.state_get("chaos", b"seen").unwrap().unwrap();
+    let (seen, _) = server.plugins.state_get("chaos", b"seen").await.unwrap().unwrap();
     assert_eq!(seen, b"2");
 
     // Resuming a halted plugin restarts it: it retries the poison record and halts again there,
@@ -414,7 +417,7 @@ async fn halt_policy_stops_at_the_poison_record_without_committing_it() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     eventually(20, "chaos halts again", || {
         server.plugins.info("chaos").unwrap().partitions[0]
-            .state
+            .state.to_string()
             .starts_with("halted")
     })
     .await;
@@ -461,6 +464,7 @@ async fn a_paused_plugin_commits_nothing_until_resumed_and_stays_paused_across_u
     assert!(server
         .plugins
         .state_get("points", b"balance/ann")
+        .await
         .unwrap()
         .is_some());
     server.stop().await.unwrap();
@@ -540,17 +544,18 @@ async fn upgrade_and_restart_keep_state_and_offsets() {
     )
     .await;
     caught_up(&server, "points").await;
-    let balance = |s: &RunningServer| {
+    async fn balance(s: &RunningServer) -> u64 {
         serde_json::from_slice::<u64>(
             &s.plugins
                 .state_get("points", b"balance/ann")
+                .await
                 .unwrap()
                 .unwrap()
                 .0,
         )
         .unwrap()
-    };
-    assert_eq!(balance(&server), 16, "upgrade kept state and dedup");
+    }
+    assert_eq!(balance(&server).await, 16, "upgrade kept state and dedup");
     server.stop().await.unwrap();
 
     let server = start_server(dir.path()).await;
@@ -563,7 +568,7 @@ async fn upgrade_and_restart_keep_state_and_offsets() {
     .await;
     caught_up(&server, "points").await;
     assert_eq!(
-        balance(&server),
+        balance(&server).await,
         20,
         "restart kept state, offsets and dedup"
     );
@@ -660,7 +665,7 @@ async fn large_outputs_and_state_never_reach_sled_blob_files() {
         .iter()
         .enumerate()
         .all(|(i, r)| r.record.value.len() == 400 * 1024 && r.record.value[0] == i as u8));
-    let (big, _) = server.plugins.state_get("chaos", b"big").unwrap().unwrap();
+    let (big, _) = server.plugins.state_get("chaos", b"big").await.unwrap().unwrap();
     assert_eq!(
         big.len(),
         serde_json::to_vec(&vec![7u8; 300 * 1024]).unwrap().len()
@@ -772,15 +777,16 @@ async fn python_and_javascript_errors_and_memory_caps_behave_as_in_rust() {
     .await;
     for name in ["chaos-py", "chaos-js"] {
         caught_up(&server, name).await;
-        let logs = server.plugins.logs(name).unwrap().join("\n");
+        let logs = server.plugins.logs(name).await.unwrap().join("\n");
         let (seen, _) = server
             .plugins
             .state_get(name, b"seen")
+            .await
             .unwrap()
             .unwrap_or_else(|| panic!("{name} committed no state; its log:\n{logs}"));
         assert_eq!(seen, b"3", "{name}: only the good records changed state");
         assert!(
-            server.plugins.state_get(name, b"hog").unwrap().is_none(),
+            server.plugins.state_get(name, b"hog").await.unwrap().is_none(),
             "{name} got 256 MiB under a 96 MiB cap"
         );
         let dlq = format!("{name}.dlq");
@@ -850,7 +856,7 @@ async fn a_full_instance_pool_makes_partitions_wait_not_fail() {
     let waiting = || {
         let info = server.plugins.info("small").unwrap();
         info.partitions.iter().all(|p| {
-            p.state
+            p.state.to_string()
                 .starts_with("waiting: no room for another plugin instance")
         })
     };
@@ -865,14 +871,14 @@ async fn a_full_instance_pool_makes_partitions_wait_not_fail() {
         waiting(),
         "{:?}\n{:?}",
         info.partitions,
-        server.plugins.logs("small")
+        server.plugins.logs("small").await
     );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let info = server.plugins.info("small").unwrap();
     assert!(
         info.partitions
             .iter()
-            .all(|p| p.committed == 0 && p.state.starts_with("waiting")),
+            .all(|p| p.committed == 0 && p.state.to_string().starts_with("waiting")),
         "still waiting, nothing failed or dead-lettered: {:?}",
         info.partitions
     );

@@ -31,7 +31,6 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use sha2::{Digest, Sha256};
-use tonic::metadata::MetadataMap;
 
 /// What a grant allows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Deserialize)]
@@ -351,15 +350,16 @@ impl Authority {
         })
     }
 
-    /// The caller of a request, from its `authorization: Bearer <token>` header.
+    /// The caller of a request, from the value of its `authorization` header (`Bearer
+    /// <token>`; the scheme is case-insensitive, RFC 7235). `None` when there is none.
     ///
     /// # Errors
     /// [`AuthError::Unauthenticated`] when the header is missing, malformed or its token unknown.
-    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Arc<Principal>, AuthError> {
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Arc<Principal>, AuthError> {
         if self.open {
             return Ok(Principal::anonymous());
         }
-        let value = metadata.get(AUTHORIZATION).ok_or_else(|| {
+        let value = authorization.ok_or_else(|| {
             AuthError::Unauthenticated(
                 "this server requires a token: pass --token or set WEIR_TOKEN \
                  (gRPC metadata `authorization: Bearer <token>`)"
@@ -367,9 +367,10 @@ impl Authority {
             )
         })?;
         let token = value
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .trim()
+            .split_once(char::is_whitespace)
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token)
             .ok_or_else(|| {
                 AuthError::Unauthenticated(
                     "malformed authorization metadata: expected `Bearer <token>`".into(),
@@ -389,11 +390,11 @@ impl Authority {
     /// Unauthenticated, or [`AuthError::Denied`] naming the operation and resource.
     pub fn require(
         &self,
-        metadata: &MetadataMap,
+        authorization: Option<&str>,
         op: Operation,
         resource: Resource<'_>,
     ) -> Result<Arc<Principal>, AuthError> {
-        let principal = self.authenticate(metadata)?;
+        let principal = self.authenticate(authorization)?;
         check(&principal, op, resource)?;
         Ok(principal)
     }
@@ -479,10 +480,8 @@ pub fn token_hash(token: &str) -> String {
 mod tests {
     use super::*;
 
-    fn metadata(token: &str) -> MetadataMap {
-        let mut m = MetadataMap::new();
-        m.insert(AUTHORIZATION, format!("Bearer {token}").parse().unwrap());
-        m
+    fn bearer(token: &str) -> String {
+        format!("Bearer {token}")
     }
 
     #[test]
@@ -500,7 +499,12 @@ mod tests {
             "#
         );
         let auth = Authority::parse(&text).unwrap();
-        let p = auth.authenticate(&metadata(&token)).unwrap();
+        let p = auth.authenticate(Some(&bearer(&token))).unwrap();
+        // The scheme is case-insensitive (RFC 7235).
+        let lower = auth.authenticate(Some(&format!("bearer  {token}"))).unwrap();
+        assert_eq!(lower.name, "loyalty");
+        assert!(auth.authenticate(Some(&format!("Basic {token}"))).is_err());
+        assert!(auth.authenticate(Some(&token)).is_err());
         assert_eq!(p.name, "loyalty");
         assert!(p.allows(Operation::Publish, Resource::Topic("points.credited")));
         assert!(p.allows(Operation::Publish, Resource::Topic("audit")));
@@ -509,12 +513,12 @@ mod tests {
         assert!(p.allows(Operation::Deploy, Resource::Plugin("points")));
         assert!(!p.allows(Operation::Deploy, Resource::Plugin("points2")));
         assert!(!p.allows(Operation::Publish, Resource::Plugin("points")));
-        let e = auth.authenticate(&metadata("weir_nope")).unwrap_err();
+        let e = auth.authenticate(Some(&bearer("weir_nope"))).unwrap_err();
         assert!(matches!(e, AuthError::Unauthenticated(_)));
-        assert!(auth.authenticate(&MetadataMap::new()).is_err());
+        assert!(auth.authenticate(None).is_err());
         let denied = auth
             .require(
-                &metadata(&token),
+                Some(&bearer(&token)),
                 Operation::Delete,
                 Resource::Topic("orders"),
             )

@@ -52,9 +52,11 @@ impl std::fmt::Display for FsyncPolicy {
     }
 }
 
-/// The store could not be synced: acknowledged-durable writes may not be on disk.
+/// The store could not be synced: acknowledged-durable writes may not be on disk. weir stops
+/// (fail-stop, like PostgreSQL after a failed fsync): a later sync could report success for
+/// pages the kernel already dropped, so the only safe state is the one a restart re-reads.
 #[derive(Clone, Debug, thiserror::Error)]
-#[error("syncing the store failed: {0}; the server stops accepting writes, restart it to recover from the synced state")]
+#[error("syncing the store failed: {0}; the server stops (fail-stop): everything acknowledged before is on disk, restart it to carry on from there")]
 pub struct SyncFailed(pub String);
 
 /// Group commit for one store. Cheap to share behind an `Arc`.
@@ -138,6 +140,39 @@ impl Durability {
         self.synced.borrow().clone().err()
     }
 
+    /// Waits until a sync fails; the server then stops.
+    pub async fn failure(&self) -> SyncFailed {
+        let mut rx = self.synced.subscribe();
+        let failed = match rx.wait_for(|s| s.is_err()).await {
+            Ok(state) => state.clone().err(),
+            Err(_) => None,
+        };
+        match failed {
+            Some(f) => f,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Syncs the store now, on the calling (blocking) thread: for rare metadata writes that
+    /// are made durable under every policy. A failure stops the server like the syncer's.
+    ///
+    /// # Errors
+    /// [`SyncFailed`].
+    pub fn sync_now(&self) -> Result<(), SyncFailed> {
+        if let Some(failed) = self.failed() {
+            return Err(failed);
+        }
+        self.store.sync().map_err(|e| self.fail(e.to_string()))
+    }
+
+    /// Records a sync failure: every waiter and later write is refused.
+    fn fail(&self, reason: String) -> SyncFailed {
+        tracing::error!(message = "Sync failed; the server stops (fail-stop).", error = %reason);
+        let failed = SyncFailed(reason);
+        let _previous = self.synced.send_replace(Err(failed.clone()));
+        failed
+    }
+
     /// Number of syncs and their mean latency in microseconds.
     pub fn sync_stats(&self) -> (u64, u64) {
         let n = self.sync_stats.0.load(Ordering::Relaxed);
@@ -153,6 +188,7 @@ impl Durability {
     }
 
     fn run(&self) {
+        let _blocking = crate::blocking::allow();
         loop {
             let stopping = {
                 let mut flag = self.wake.lock().expect("wake lock");
@@ -191,8 +227,7 @@ impl Durability {
                         let _previous = self.synced.send_replace(Ok(target));
                     }
                     Err(e) => {
-                        tracing::error!(message = "Sync failed; refusing further writes.", error = %e);
-                        let _previous = self.synced.send_replace(Err(SyncFailed(e.to_string())));
+                        self.fail(e.to_string());
                     }
                 }
             }

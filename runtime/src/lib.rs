@@ -7,6 +7,8 @@
 #![deny(missing_docs)]
 
 pub mod auth;
+pub mod backoff;
+pub mod blocking;
 pub mod broker;
 pub mod cli;
 pub mod client;

@@ -12,7 +12,7 @@
 //! local.deploy("points", wasm, "order.paid", &["points.credited"], &[("rate", "0.1")]).await?;
 //! local.publish("order.paid", vec![Record::from_value(r#"{"order":1,"user":"ann","amount":50}"#)]).await?;
 //! local.run_until_idle().await?;
-//! assert_eq!(local.state("points", "balance/ann")?, Some(b"5".to_vec()));
+//! assert_eq!(local.state("points", "balance/ann").await?, Some(b"5".to_vec()));
 //! local.close().await;
 //! # Ok(()) }
 //! ```
@@ -205,16 +205,16 @@ impl LocalRuntime {
                     .describe_topic(&info.spec.input)?
                     .partitions;
                 for (p, (status, end)) in info.partitions.iter().zip(&ends).enumerate() {
-                    if let Some(reason) = status.state.strip_prefix("halted: ") {
+                    if let crate::plugin::PartitionState::Halted(reason) = &status.state {
                         return Err(LocalError::Halted {
                             plugin: info.spec.name.clone(),
                             partition: p as u32,
-                            reason: reason.to_string(),
+                            reason: reason.clone(),
                         });
                     }
                     idle &= status.committed == end.end_offset;
                 }
-                idle &= self.core.plugins.pending_outputs(&info.spec.name)? == 0;
+                idle &= self.core.plugins.pending_outputs(&info.spec.name).await? == 0;
             }
             if idle {
                 return Ok(());
@@ -247,11 +247,12 @@ impl LocalRuntime {
     ///
     /// # Errors
     /// Unknown plugin.
-    pub fn state(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, LocalError> {
+    pub async fn state(&self, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, LocalError> {
         Ok(self
             .core
             .plugins
-            .state_get(plugin, key.as_bytes())?
+            .state_get(plugin, key.as_bytes())
+            .await?
             .map(|(v, _)| v))
     }
 
@@ -259,16 +260,19 @@ impl LocalRuntime {
     ///
     /// # Errors
     /// Unknown plugin.
-    pub fn state_entries(&self, plugin: &str) -> Result<Vec<(Vec<u8>, Vec<u8>, u64)>, LocalError> {
-        Ok(self.core.plugins.state_entries(plugin)?)
+    pub async fn state_entries(
+        &self,
+        plugin: &str,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>, u64)>, LocalError> {
+        Ok(self.core.plugins.state_entries(plugin).await?)
     }
 
     /// A plugin's log lines.
     ///
     /// # Errors
     /// Unknown plugin.
-    pub fn logs(&self, plugin: &str) -> Result<Vec<String>, LocalError> {
-        Ok(self.core.plugins.logs(plugin)?)
+    pub async fn logs(&self, plugin: &str) -> Result<Vec<String>, LocalError> {
+        Ok(self.core.plugins.logs(plugin).await?)
     }
 
     /// A plugin's spec and partition status (processed, skipped, dead-lettered, state).

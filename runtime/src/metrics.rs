@@ -52,6 +52,8 @@ pub struct Metrics {
     pub plugin_dedup_skips: Family<PluginLabel, Counter>,
     /// Records refused by a topic's admission limit.
     pub admission_refused: Family<TopicLabel, Counter>,
+    /// Failed attempts to forward a plugin's committed outputs, per plugin.
+    pub plugin_forward_failures: Family<PluginLabel, Counter>,
     /// Publish → effects committed for probe records, per plugin.
     pub probe_delay_seconds: Family<PluginLabel, Histogram, fn() -> Histogram>,
 }
@@ -70,6 +72,7 @@ impl Metrics {
             plugin_dedup_skips: Family::default(),
             probe_delay_seconds: Family::new_with_constructor(seconds_histogram),
             admission_refused: Family::default(),
+            plugin_forward_failures: Family::default(),
         }
     }
 
@@ -125,6 +128,11 @@ impl Metrics {
             "probe_delay_seconds",
             "End-to-end delay of probe records: publish to effects committed",
             self.probe_delay_seconds.clone(),
+        );
+        r.register(
+            "plugin_forward_failures",
+            "Failed attempts to forward a plugin's committed outputs to their topics",
+            self.plugin_forward_failures.clone(),
         );
         r.register(
             "admission_refused",

@@ -100,8 +100,75 @@ pub struct Admission {
 /// Most partitions a topic may have; each is a sled tree and an executor task later.
 pub const MAX_PARTITIONS: u32 = 1024;
 
+/// Longest retention or admission window, in ms: every time computation stays in `i64`
+/// milliseconds since the epoch (about 292 million years).
+pub const MAX_DURATION_MS: u64 = i64::MAX as u64;
+
+impl TopicConfig {
+    /// A topic kept forever, without an admission limit.
+    pub fn new(name: impl Into<String>, partitions: u32) -> Self {
+        TopicConfig {
+            name: name.into(),
+            partitions,
+            retention_ms: 0,
+            retention_bytes: 0,
+            admission: None,
+        }
+    }
+
+    /// With time retention (0 keeps forever).
+    pub fn with_retention_ms(mut self, retention_ms: u64) -> Self {
+        self.retention_ms = retention_ms;
+        self
+    }
+
+    /// With a size bound per partition (0 = none).
+    pub fn with_retention_bytes(mut self, retention_bytes: u64) -> Self {
+        self.retention_bytes = retention_bytes;
+        self
+    }
+
+    /// With an admission limit.
+    pub fn with_admission(mut self, admission: Option<Admission>) -> Self {
+        self.admission = admission;
+        self
+    }
+
+    /// Checks every field: the name rule, 1..=[`MAX_PARTITIONS`] partitions, durations that
+    /// fit the time arithmetic, a usable admission limit.
+    ///
+    /// # Errors
+    /// A message that names the field, what is wrong and the valid range.
+    pub fn validate(&self) -> Result<(), String> {
+        validate_topic_name(&self.name)?;
+        if self.partitions == 0 || self.partitions > MAX_PARTITIONS {
+            return Err(format!(
+                "a topic needs 1 to {MAX_PARTITIONS} partitions, got {}",
+                self.partitions
+            ));
+        }
+        if self.retention_ms > MAX_DURATION_MS {
+            return Err(format!(
+                "--retention-ms {} is out of range: use 0 to keep records forever, or 1 to \
+                 {MAX_DURATION_MS} ms",
+                self.retention_ms
+            ));
+        }
+        if let Some(a) = self.admission {
+            if a.per_key == 0 || a.window_ms == 0 || a.window_ms > MAX_DURATION_MS {
+                return Err(format!(
+                    "an admission limit needs --admit-per-key above 0 and --admit-window-ms \
+                     between 1 and {MAX_DURATION_MS}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Checks a topic name: 1–249 characters of `[A-Za-z0-9._-]`, not `.` or `..` (Kafka's rule,
-/// so names move between the two systems unchanged).
+/// so names move between the two systems unchanged), and not starting with `-` (the CLI could
+/// not tell it from an option).
 ///
 /// # Errors
 /// Returns a message that says what is wrong with the name.
@@ -117,6 +184,11 @@ pub fn validate_topic_name(name: &str) -> Result<(), String> {
     }
     if name == "." || name == ".." {
         return Err(format!("topic name {name:?} is reserved"));
+    }
+    if name.starts_with('-') {
+        return Err(format!(
+            "topic name {name:?} starts with '-', which command lines read as an option"
+        ));
     }
     if let Some(bad) = name
         .chars()
@@ -142,6 +214,12 @@ pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
     (hash % u64::from(partitions.max(1))) as u32
 }
 
+/// How many ms lie between `earlier` and `later` (0 when `later` is not after it), without
+/// overflow whatever the two timestamps are.
+pub fn elapsed_ms(earlier: i64, later: i64) -> u64 {
+    u64::try_from(i128::from(later) - i128::from(earlier)).unwrap_or(0)
+}
+
 /// Current wall-clock time in milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -165,10 +243,25 @@ mod tests {
             ("a/b", "'/'"),
             ("a b", "' '"),
             (&"x".repeat(250), "249"),
+            ("-a", "starts with '-'"),
         ] {
             let err = validate_topic_name(bad).unwrap_err();
             assert!(err.contains(why), "{bad:?}: {err}");
         }
+    }
+
+    #[test]
+    fn configs_out_of_range_are_refused_with_the_range() {
+        assert_eq!(TopicConfig::new("t", 4).validate(), Ok(()));
+        let forever = TopicConfig::new("t", 1).with_retention_ms(u64::MAX);
+        let err = forever.validate().unwrap_err();
+        assert!(err.contains("0 to keep records forever") && err.contains("9223372036854775807"), "{err}");
+        assert!(TopicConfig::new("t", 1).with_retention_ms(MAX_DURATION_MS).validate().is_ok());
+        assert!(TopicConfig::new("t", 0).validate().is_err());
+        let window = TopicConfig::new("t", 1).with_admission(Some(Admission { per_key: 1, window_ms: u64::MAX }));
+        assert!(window.validate().unwrap_err().contains("--admit-window-ms"));
+        assert_eq!(elapsed_ms(i64::MIN, i64::MAX), u64::MAX);
+        assert_eq!(elapsed_ms(10, 5), 0);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `weir serve`: opens the store, starts the syncer, the broker and the retention task, and
-//! serves gRPC until the shutdown token is cancelled; then drains, syncs and returns.
+//! serves gRPC until the shutdown token is cancelled; then drains, syncs and returns. A failed
+//! sync stops the server with an error (fail-stop, see [`crate::durability::SyncFailed`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,11 +12,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Authority;
 use crate::broker::{Broker, BrokerConfig, BrokerError};
-use crate::durability::{Durability, FsyncPolicy};
+use crate::durability::{Durability, FsyncPolicy, SyncFailed};
 use crate::grpc::{ApiLimits, WeirService};
 use crate::log::{LogError, LogStore, SledStore};
 use crate::monitor::{Monitor, MonitorConfig};
-use crate::plugin::PluginManager;
+use crate::plugin::{PluginConfig, PluginManager};
 
 /// Everything `weir serve` needs, validated by the binary before [`run`] is called.
 #[derive(Clone, Debug)]
@@ -30,8 +31,8 @@ pub struct ServerConfig {
     pub broker: BrokerConfig,
     /// sled cache in bytes.
     pub cache_bytes: u64,
-    /// Largest plugin wasm accepted at deploy.
-    pub max_wasm_bytes: usize,
+    /// Plugin bounds: wasm size, time limit ceiling, state cache.
+    pub plugins: PluginConfig,
     /// Where compiled plugins are cached (`DATA_DIR/compiled` when `None`). Artifacts are keyed
     /// by the component's sha256 and the engine's settings, so servers may share a directory.
     pub compiled_dir: Option<PathBuf>,
@@ -65,7 +66,7 @@ impl ServerConfig {
             fsync: FsyncPolicy::Always,
             broker: BrokerConfig::default(),
             cache_bytes: 512 * 1024 * 1024,
-            max_wasm_bytes: 64 * 1024 * 1024,
+            plugins: PluginConfig::default(),
             compiled_dir: None,
             auth: Arc::new(Authority::open()),
             limits: ApiLimits::default(),
@@ -102,6 +103,12 @@ pub enum ServerError {
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The store could not be synced: the server stopped (fail-stop).
+    #[error(transparent)]
+    SyncFailed(#[from] SyncFailed),
+    /// A start-up task panicked.
+    #[error(transparent)]
+    Panicked(#[from] crate::blocking::Panicked),
 }
 
 /// A server started with [`start`], running on its own tasks.
@@ -142,12 +149,26 @@ impl RunningServer {
     }
 }
 
-/// Opens the store and binds, then serves on background tasks until `shutdown` is cancelled.
+/// Opens the store and binds, then serves on background tasks until `shutdown` is cancelled
+/// (or a sync fails, which cancels it).
 ///
 /// # Errors
 /// Store, recovery or bind failures, before anything is served.
 pub async fn start(
     config: ServerConfig,
+    shutdown: CancellationToken,
+) -> Result<RunningServer, ServerError> {
+    let store = open_sled(&config).await?;
+    start_on(config, store, shutdown).await
+}
+
+/// [`start`] on a store the caller opened (tests wrap the sled store to inject faults).
+///
+/// # Errors
+/// As [`start`].
+pub async fn start_on(
+    config: ServerConfig,
+    store: Arc<dyn LogStore>,
     shutdown: CancellationToken,
 ) -> Result<RunningServer, ServerError> {
     let listener = TcpListener::bind(config.listen)
@@ -176,13 +197,25 @@ pub async fn start(
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
             .map_err(|e| ServerError::Tls(e.to_string()))?;
     }
-    let core = Core::open(&config).await?;
+    let core = Core::open_on(&config, store).await?;
     if config.auth.is_open() {
         tracing::warn!(message = "No --auth file: every client may do everything (fine for local development, not for a shared server).");
     }
     tracing::info!(message = "weir is serving.", %addr, data_dir = %config.data_dir.display(), fsync = %config.fsync, topics = core.broker.list_topics().len());
     let (broker, plugins) = (core.broker.clone(), core.plugins.clone());
     let tracker = TaskTracker::new();
+    // Fail-stop: a failed sync shuts everything down; `stop`/`run` then return the failure.
+    let durability = core.durability.clone();
+    let fatal_shutdown = shutdown.clone();
+    tracker.spawn(async move {
+        tokio::select! {
+            failed = durability.failure() => {
+                tracing::error!(message = "Stopping: the store could not be synced.", error = %failed);
+                fatal_shutdown.cancel();
+            }
+            _ = fatal_shutdown.cancelled() => {}
+        }
+    });
     tracker.spawn(retention_loop(broker.clone(), shutdown.clone()));
     let monitor = Monitor::new(broker.clone(), plugins.clone(), config.monitor.clone());
     tracker.spawn(monitor.clone().run(shutdown.clone()));
@@ -238,7 +271,11 @@ pub async fn start(
             .await;
         tracker.close();
         tracker.wait().await;
+        let failed = core.durability.failed();
         core.close().await;
+        if let Some(failed) = failed {
+            return Err(ServerError::SyncFailed(failed));
+        }
         Ok(result?)
     });
     Ok(RunningServer {
@@ -264,6 +301,25 @@ pub struct Core {
     syncer: std::thread::JoinHandle<()>,
 }
 
+/// Opens the embedded sled store of `config.data_dir`.
+///
+/// # Errors
+/// The directory is not a weir store, or sled cannot open it.
+pub async fn open_sled(config: &ServerConfig) -> Result<Arc<dyn LogStore>, ServerError> {
+    let (data_dir, cache_bytes, fsync) = (config.data_dir.clone(), config.cache_bytes, config.fsync);
+    let store = crate::blocking::run(move || -> Result<Arc<dyn LogStore>, ServerError> {
+        let options = crate::log::sled_store::SledOptions {
+            cache_bytes,
+            // Under `never` sled's own flusher moves writes to the OS every 500 ms; otherwise
+            // weir's syncer drives every flush.
+            background_flush_ms: (fsync == FsyncPolicy::Never).then_some(500),
+        };
+        Ok(Arc::new(SledStore::open(&data_dir, &options)?))
+    })
+    .await??;
+    Ok(store)
+}
+
 impl Core {
     /// Opens the store in `config.data_dir`, starts the syncer, rebuilds the broker and
     /// restarts every deployed plugin.
@@ -271,37 +327,48 @@ impl Core {
     /// # Errors
     /// Store, recovery or plugin restart failures.
     pub async fn open(config: &ServerConfig) -> Result<Core, ServerError> {
-        let (data_dir, cache_bytes, fsync, broker_config) = (
-            config.data_dir.clone(),
-            config.cache_bytes,
-            config.fsync,
-            config.broker.clone(),
-        );
-        let (broker, durability, syncer, store) =
-            tokio::task::spawn_blocking(move || -> Result<_, ServerError> {
-                let options = crate::log::sled_store::SledOptions {
-                    cache_bytes,
-                    // Under `never` sled's own flusher moves writes to the OS every 500 ms; otherwise
-                    // weir's syncer drives every flush.
-                    background_flush_ms: (fsync == FsyncPolicy::Never).then_some(500),
-                };
-                let store: Arc<dyn LogStore> = Arc::new(SledStore::open(&data_dir, &options)?);
-                let (durability, syncer) = Durability::start(store.clone(), fsync);
-                let broker = Broker::open(store.clone(), durability.clone(), broker_config)?;
-                Ok((broker, durability, syncer, store))
+        let store = open_sled(config).await?;
+        Core::open_on(config, store).await
+    }
+
+    /// [`Core::open`] on a store the caller opened.
+    ///
+    /// # Errors
+    /// Recovery or plugin restart failures.
+    pub async fn open_on(config: &ServerConfig, store: Arc<dyn LogStore>) -> Result<Core, ServerError> {
+        let (fsync, broker_config) = (config.fsync, config.broker.clone());
+        let opened = store.clone();
+        let (broker, durability, syncer) =
+            crate::blocking::run(move || -> Result<_, ServerError> {
+                let (durability, syncer) = Durability::start(opened.clone(), fsync);
+                match Broker::open(opened, durability.clone(), broker_config) {
+                    Ok(broker) => Ok((broker, durability, syncer)),
+                    Err(e) => {
+                        durability.stop();
+                        let _ = syncer.join();
+                        Err(e.into())
+                    }
+                }
             })
-            .await
-            .expect("store open task")?;
+            .await??;
         let compiled_dir =
             (config.compiled_dir.clone()).unwrap_or_else(|| config.data_dir.join("compiled"));
-        let plugins = PluginManager::open(
+        let plugins = match PluginManager::open(
             &config.data_dir,
             &compiled_dir,
             broker.clone(),
             store,
-            config.max_wasm_bytes,
+            config.plugins,
         )
-        .await?;
+        .await
+        {
+            Ok(plugins) => plugins,
+            Err(e) => {
+                durability.stop();
+                let _ = crate::blocking::run(move || syncer.join()).await;
+                return Err(e.into());
+            }
+        };
         Ok(Core {
             broker,
             plugins,
@@ -334,10 +401,12 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let server = start(config, shutdown.clone()).await?;
     on_ready(&server);
+    // Returns when asked to stop, or when the server stops itself (a failed sync).
     shutdown.cancelled().await;
     server.stop().await
 }
 
+/// Retention, and expiry of idle producers and consumer groups, every retention interval.
 async fn retention_loop(broker: Arc<Broker>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(broker.config().retention_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -346,6 +415,9 @@ async fn retention_loop(broker: Arc<Broker>, shutdown: CancellationToken) {
             _ = tick.tick() => {
                 if let Err(error) = broker.apply_retention().await {
                     tracing::warn!(message = "Retention failed.", %error);
+                }
+                if let Err(error) = broker.expire_idle(crate::record::now_ms()).await {
+                    tracing::warn!(message = "Expiring idle producers and groups failed.", %error);
                 }
             }
             _ = shutdown.cancelled() => return,

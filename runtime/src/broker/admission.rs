@@ -36,8 +36,9 @@ impl AdmissionLog {
         keys: impl Iterator<Item = &'a Bytes>,
         now: i64,
     ) -> Result<(), Refused> {
-        let horizon = now - self.limit.window_ms as i64;
-        if now - self.last_sweep > self.limit.window_ms as i64 {
+        let window = i64::try_from(self.limit.window_ms).unwrap_or(i64::MAX);
+        let horizon = now.saturating_sub(window);
+        if crate::record::elapsed_ms(self.last_sweep, now) > self.limit.window_ms {
             self.seen
                 .retain(|_, times| times.back().is_some_and(|&t| t > horizon));
             self.last_sweep = now;

@@ -8,7 +8,7 @@ use crate::record::TopicPartition;
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     /// No topic of that name.
-    #[error("unknown topic {0:?}; create it with `weir topic create {0} --partitions N`")]
+    #[error("{}", unknown_topic(.0))]
     UnknownTopic(String),
     /// A topic of that name exists.
     #[error("topic {0:?} already exists")]
@@ -94,6 +94,48 @@ pub enum BrokerError {
         /// Received sequence.
         got: u64,
     },
+    /// A retry of a remembered batch with another number of records.
+    #[error("sequence count mismatch: producer {producer_id} sent a batch of {got} record(s) at sequence {first_seq} to {tp}, but the batch stored at that sequence has {stored}; a retry must resend the same records")]
+    SequenceCountMismatch {
+        /// Producer.
+        producer_id: u64,
+        /// Partition.
+        tp: TopicPartition,
+        /// The batch's first sequence.
+        first_seq: u64,
+        /// Records stored at that sequence.
+        stored: u64,
+        /// Records in the retry.
+        got: u64,
+    },
+    /// A producer id owned by another principal, or by the server (a plugin's).
+    #[error("producer {producer_id} belongs to {owner}; {caller} may not use it (init a producer of your own)")]
+    ProducerNotOwned {
+        /// Producer.
+        producer_id: u64,
+        /// Who owns it, in words.
+        owner: String,
+        /// Who asked, in words.
+        caller: String,
+    },
+    /// A producer id that was issued but expired after being idle.
+    #[error("producer {producer_id} expired: it was idle for longer than {expiry_ms} ms (weir serve --producer-expiry-ms), so its sequences are forgotten; init a new producer (a retry of an old batch cannot be recognised any more)")]
+    ProducerExpired {
+        /// Producer.
+        producer_id: u64,
+        /// The expiry in force.
+        expiry_ms: u64,
+    },
+    /// A consumer-group commit past a partition's end.
+    #[error("cannot commit offset {offset} for {tp}: the partition ends at {end} (the next record will get offset {end}); commit at most {end}")]
+    CommitPastEnd {
+        /// Partition.
+        tp: TopicPartition,
+        /// The offset asked for.
+        offset: u64,
+        /// The partition's end.
+        end: u64,
+    },
     /// A sequence below the expected one that is not a retry of a remembered batch.
     #[error("sequence out of order: producer {producer_id} sent sequence {got} to {tp}, which is older than the last batches kept for retries (next expected {expected})")]
     SequenceOutOfOrder {
@@ -121,9 +163,29 @@ pub enum BrokerError {
     /// The broker cannot take writes now (sync failure, shutting down).
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// Writing a publish to the store failed; some of it may be stored.
+    #[error("the server could not write to its store ({source}); the records may or may not be stored: retry with the idempotent producer (same producer id and sequence), which stores them once")]
+    WriteFailed {
+        /// What the store said.
+        source: LogError,
+    },
+    /// A publish was written but the store could not be synced: the server stops (fail-stop).
+    #[error("{reason}; this publish may or may not be stored: retry once the server is back, with the idempotent producer (same producer id and sequence), which stores it once")]
+    NotDurable {
+        /// What the syncer said.
+        reason: String,
+    },
     /// The store failed.
     #[error(transparent)]
     Storage(#[from] LogError),
+}
+
+/// "Unknown topic", with the command that creates it when the name is a valid one.
+fn unknown_topic(name: &str) -> String {
+    match crate::record::validate_topic_name(name) {
+        Ok(()) => format!("unknown topic {name:?}; create it with `weir topic create {name} --partitions N`"),
+        Err(why) => format!("unknown topic {name:?} ({why})"),
+    }
 }
 
 impl BrokerError {
@@ -138,6 +200,17 @@ impl BrokerError {
                 producer_id,
                 tp: tp.clone(),
                 expected,
+                got,
+            },
+            SequenceError::CountMismatch {
+                first_seq,
+                stored,
+                got,
+            } => BrokerError::SequenceCountMismatch {
+                producer_id,
+                tp: tp.clone(),
+                first_seq,
+                stored,
                 got,
             },
             SequenceError::OutOfOrder { expected, got } => BrokerError::SequenceOutOfOrder {

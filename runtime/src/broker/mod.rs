@@ -6,26 +6,28 @@
 
 mod admission;
 mod error;
+pub mod owners;
 mod partition;
 pub mod producer;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 pub use error::BrokerError;
+pub use owners::Caller;
+use owners::{Owner, ProducerRecord, ProducerTable};
 use partition::Partition;
-pub use partition::{Appended, PartitionStats, ProducerFields};
+pub use partition::{retention_plan, Appended, PartitionStats, ProducerFields, ReadLimits};
 
 use crate::durability::Durability;
-use crate::log::{codec, LogStore, CHUNK_TARGET_BYTES};
-use crate::record::{
-    now_ms, partition_for_key, validate_topic_name, Record, StoredRecord, TopicConfig,
-    TopicPartition, MAX_PARTITIONS,
-};
+use crate::log::{codec, GroupEntry, LogStore, CHUNK_TARGET_BYTES};
+use crate::record::{now_ms, partition_for_key, Record, StoredRecord, TopicConfig, TopicPartition};
 
 /// Broker limits and intervals.
 #[derive(Clone, Debug)]
@@ -34,9 +36,18 @@ pub struct BrokerConfig {
     pub max_record_bytes: usize,
     /// Most records in one publish request.
     pub max_batch_records: usize,
-    /// How often retention runs.
+    /// How often retention (and expiry of idle producers and groups) runs.
     pub retention_interval: Duration,
+    /// A client's producer idle for longer is forgotten (Kafka's
+    /// `transactional.id.expiration.ms`); plugins' producers never expire.
+    pub producer_expiry: Duration,
+    /// A consumer group that has not committed for longer is forgotten, with its offsets
+    /// (Kafka's `offsets.retention.minutes`).
+    pub group_expiry: Duration,
 }
+
+/// A week: the default expiry of idle producers and consumer groups.
+pub const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl Default for BrokerConfig {
     fn default() -> Self {
@@ -44,6 +55,8 @@ impl Default for BrokerConfig {
             max_record_bytes: 1024 * 1024,
             max_batch_records: 100_000,
             retention_interval: Duration::from_secs(30),
+            producer_expiry: WEEK,
+            group_expiry: WEEK,
         }
     }
 }
@@ -96,6 +109,8 @@ pub struct Publish {
     pub records: Vec<Record>,
     /// Producer fields for an idempotent publish (needs an explicit partition).
     pub producer: Option<ProducerFields>,
+    /// Who publishes: must own the producer id of an idempotent publish.
+    pub caller: Caller,
 }
 
 /// Where one partition's share of a publish went.
@@ -116,11 +131,11 @@ impl PendingPublish {
     /// Waits until the publish is as durable as the fsync policy promises.
     ///
     /// # Errors
-    /// [`BrokerError::Unavailable`] if the store could not be synced.
+    /// [`BrokerError::NotDurable`] if the store could not be synced.
     pub async fn acked(self) -> Result<Vec<PartitionAck>, BrokerError> {
-        self.task
-            .await
-            .map_err(|e| BrokerError::Unavailable(format!("publish task failed: {e}")))?
+        self.task.await.map_err(|e| BrokerError::NotDurable {
+            reason: format!("the publish task failed: {e}"),
+        })?
     }
 }
 
@@ -130,12 +145,14 @@ pub struct Broker {
     durability: Arc<Durability>,
     config: BrokerConfig,
     topics: RwLock<BTreeMap<String, Arc<Topic>>>,
-    /// Producer id → current epoch; the next id is one past the largest.
-    producers: Mutex<HashMap<u64, u32>>,
+    /// Producer id → epoch, owner, last use; and the next id.
+    producers: Mutex<ProducerTable>,
     /// Serialises topic creation and deletion.
     admin: tokio::sync::Mutex<()>,
     /// When each (group, topic) last committed, ms since the epoch (since this start).
     group_commits: Mutex<HashMap<(String, String), i64>>,
+    /// When this broker opened, ms since the epoch.
+    started_ms: i64,
 }
 
 impl Broker {
@@ -153,7 +170,36 @@ impl Broker {
             let topic = Self::open_topic(&store, topic_config)?;
             topics.insert(topic.config.name.clone(), topic);
         }
-        let producers = store.load_producers()?.into_iter().collect();
+        let stored = store.load_producers()?;
+        let now = now_ms();
+        let mut producers = ProducerTable {
+            records: HashMap::new(),
+            next_id: stored.next_id,
+        };
+        for (id, bytes) in stored.producers {
+            let record = ProducerRecord::decode(&bytes).ok_or_else(|| {
+                crate::log::LogError::Malformed {
+                    what: format!("record of producer {id}"),
+                    reason: format!("{} bytes", bytes.len()),
+                }
+            })?;
+            producers.records.insert(id, record);
+        }
+        // Idle time counts from the newest append in any partition; a producer stored before
+        // append times were recorded counts from now.
+        let mut last_append: HashMap<u64, i64> = HashMap::new();
+        for topic in topics.values() {
+            for p in &topic.partitions {
+                for (id, at) in p.producer_activity() {
+                    let at = if at == 0 { now } else { at };
+                    let e = last_append.entry(id).or_insert(at);
+                    *e = (*e).max(at);
+                }
+            }
+        }
+        for (id, record) in producers.records.iter_mut() {
+            record.last_used_ms = last_append.get(id).copied().unwrap_or(now);
+        }
         Ok(Arc::new(Broker {
             store,
             durability,
@@ -162,6 +208,7 @@ impl Broker {
             producers: Mutex::new(producers),
             admin: Default::default(),
             group_commits: Default::default(),
+            started_ms: now,
         }))
     }
 
@@ -203,9 +250,13 @@ impl Broker {
     }
 
     fn topic(&self, name: &str) -> Result<Arc<Topic>, BrokerError> {
+        if name.is_empty() {
+            return Err(BrokerError::InvalidArgument(
+                "the request names no topic: set its `topic` field".into(),
+            ));
+        }
         self.topics
             .read()
-            .expect("topics lock")
             .get(name)
             .cloned()
             .ok_or_else(|| BrokerError::UnknownTopic(name.to_string()))
@@ -226,15 +277,20 @@ impl Broker {
     async fn blocking<T: Send + 'static>(
         f: impl FnOnce() -> Result<T, BrokerError> + Send + 'static,
     ) -> Result<T, BrokerError> {
-        tokio::task::spawn_blocking(f)
+        crate::blocking::run(f)
             .await
-            .map_err(|e| BrokerError::Unavailable(format!("storage task failed: {e}")))?
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))?
     }
 
     /// Makes a metadata write durable before answering (all policies: metadata is rare).
     async fn sync_now(&self) -> Result<(), BrokerError> {
-        let store = self.store.clone();
-        Self::blocking(move || Ok(store.sync()?)).await
+        let durability = self.durability.clone();
+        Self::blocking(move || {
+            durability.sync_now().map_err(|e| BrokerError::NotDurable {
+                reason: e.to_string(),
+            })
+        })
+        .await
     }
 
     /// Creates a topic.
@@ -245,25 +301,12 @@ impl Broker {
         self: &Arc<Self>,
         config: TopicConfig,
     ) -> Result<TopicInfo, BrokerError> {
-        validate_topic_name(&config.name).map_err(BrokerError::InvalidTopicName)?;
-        if config.partitions == 0 || config.partitions > MAX_PARTITIONS {
-            return Err(BrokerError::InvalidArgument(format!(
-                "a topic needs 1 to {MAX_PARTITIONS} partitions, got {}",
-                config.partitions
-            )));
-        }
-        if let Some(a) = config.admission {
-            if a.per_key == 0 || a.window_ms == 0 {
-                return Err(BrokerError::InvalidArgument(
-                    "an admission limit needs --admit-per-key and --admit-window-ms above 0".into(),
-                ));
-            }
-        }
+        crate::record::validate_topic_name(&config.name).map_err(BrokerError::InvalidTopicName)?;
+        config.validate().map_err(BrokerError::InvalidArgument)?;
         let _admin = self.admin.lock().await;
         if self
             .topics
             .read()
-            .expect("topics lock")
             .contains_key(&config.name)
         {
             return Err(BrokerError::TopicExists(config.name));
@@ -277,7 +320,6 @@ impl Broker {
         self.sync_now().await?;
         self.topics
             .write()
-            .expect("topics lock")
             .insert(topic.config.name.clone(), topic.clone());
         tracing::info!(message = "Topic created.", topic = %topic.config.name, partitions = topic.config.partitions);
         Ok(Self::info(&topic))
@@ -294,7 +336,6 @@ impl Broker {
     pub fn list_topics(&self) -> Vec<TopicInfo> {
         self.topics
             .read()
-            .expect("topics lock")
             .values()
             .map(|t| Self::info(t))
             .collect()
@@ -318,55 +359,109 @@ impl Broker {
         let topic = self
             .topics
             .write()
-            .expect("topics lock")
             .remove(name)
             .ok_or_else(|| BrokerError::UnknownTopic(name.to_string()))?;
         let store = self.store.clone();
         let config = topic.config.clone();
         Self::blocking(move || Ok(store.delete_topic(&config)?)).await?;
         self.sync_now().await?;
+        self.group_commits.lock().retain(|(_, t), _| t != name);
+        let (m, label) = (crate::metrics::global(), crate::metrics::topic(name));
+        m.publish_records.remove(&label);
+        m.publish_bytes.remove(&label);
+        m.admission_refused.remove(&label);
         tracing::info!(message = "Topic deleted.", topic = %name);
         Ok(())
     }
 
-    /// Allocates a producer id (epoch 0), or bumps the epoch of `existing`, fencing its older
-    /// instances.
+    /// Allocates a producer id (epoch 0) owned by `caller`, or bumps the epoch of `existing`,
+    /// fencing its older instances.
     ///
     /// # Errors
-    /// [`BrokerError::UnknownProducer`] for an id this broker never issued.
-    pub async fn init_producer(&self, existing: Option<u64>) -> Result<(u64, u32), BrokerError> {
-        let (id, epoch) = {
-            let mut producers = self.producers.lock().expect("producers lock");
-            let (id, epoch) = match existing {
-                Some(id) => (
-                    id,
-                    producers
-                        .get(&id)
-                        .ok_or(BrokerError::UnknownProducer(id))?
-                        .checked_add(1)
-                        .ok_or_else(|| {
-                            BrokerError::InvalidArgument(format!(
-                                "producer {id} has used every epoch; init a new producer"
-                            ))
-                        })?,
-                ),
-                None => (producers.keys().max().map_or(1, |m| m + 1), 0),
-            };
-            self.store.put_producer(id, epoch)?;
-            producers.insert(id, epoch);
-            (id, epoch)
+    /// [`BrokerError::UnknownProducer`] for an id this broker never issued,
+    /// [`BrokerError::ProducerExpired`] for one forgotten after its idle time,
+    /// [`BrokerError::ProducerNotOwned`] for another principal's or a plugin's producer.
+    pub async fn init_producer(
+        &self,
+        existing: Option<u64>,
+        caller: &Caller,
+    ) -> Result<(u64, u32), BrokerError> {
+        let (id, record, next_id) = {
+            let mut producers = self.producers.lock();
+            let now = now_ms();
+            match existing {
+                Some(id) => {
+                    let current = self.producer(&producers, id)?;
+                    if !current.owner.admits(caller) {
+                        return Err(BrokerError::ProducerNotOwned {
+                            producer_id: id,
+                            owner: current.owner.to_string(),
+                            caller: caller.to_string(),
+                        });
+                    }
+                    let epoch = current.epoch.checked_add(1).ok_or_else(|| {
+                        BrokerError::InvalidArgument(format!(
+                            "producer {id} has used every epoch; init a new producer"
+                        ))
+                    })?;
+                    let record = ProducerRecord {
+                        epoch,
+                        owner: current.owner.clone(),
+                        last_used_ms: now,
+                    };
+                    (id, record, producers.next_id)
+                }
+                None => {
+                    let record = ProducerRecord {
+                        epoch: 0,
+                        owner: Owner::of(caller),
+                        last_used_ms: now,
+                    };
+                    let id = producers.next_id;
+                    // Reserved under the lock, so concurrent inits get distinct ids.
+                    producers.next_id += 1;
+                    (id, record, id + 1)
+                }
+            }
         };
+        // Written (and synced) before it is used: a restart must never reissue an id or an
+        // epoch. The lock is not held across the write.
+        let store = self.store.clone();
+        let encoded = record.encode();
+        Self::blocking(move || Ok(store.put_producer(id, &encoded, next_id)?)).await?;
+        let epoch = record.epoch;
+        self.producers.lock().records.insert(id, record);
         self.sync_now().await?;
         Ok((id, epoch))
     }
 
-    fn check_producer(&self, p: &ProducerFields) -> Result<(), BrokerError> {
-        let current = *self
-            .producers
-            .lock()
-            .expect("producers lock")
-            .get(&p.producer_id)
-            .ok_or(BrokerError::UnknownProducer(p.producer_id))?;
+    /// The record of a producer id, or why there is none.
+    fn producer<'a>(
+        &self,
+        producers: &'a ProducerTable,
+        id: u64,
+    ) -> Result<&'a ProducerRecord, BrokerError> {
+        producers.records.get(&id).ok_or(if id > 0 && id < producers.next_id {
+            BrokerError::ProducerExpired {
+                producer_id: id,
+                expiry_ms: self.config.producer_expiry.as_millis() as u64,
+            }
+        } else {
+            BrokerError::UnknownProducer(id)
+        })
+    }
+
+    fn check_producer(&self, p: &ProducerFields, caller: &Caller) -> Result<(), BrokerError> {
+        let mut producers = self.producers.lock();
+        let record = self.producer(&producers, p.producer_id)?;
+        if !record.owner.admits(caller) {
+            return Err(BrokerError::ProducerNotOwned {
+                producer_id: p.producer_id,
+                owner: record.owner.to_string(),
+                caller: caller.to_string(),
+            });
+        }
+        let current = record.epoch;
         if p.epoch < current {
             return Err(BrokerError::StaleEpoch {
                 producer_id: p.producer_id,
@@ -380,7 +475,35 @@ impl Broker {
                 p.producer_id, p.epoch
             )));
         }
+        if let Some(r) = producers.records.get_mut(&p.producer_id) {
+            r.last_used_ms = now_ms();
+        }
         Ok(())
+    }
+
+    /// Marks producer ids as the server's (plugins' forwarders): no client may use them. For
+    /// producers issued before ownership was recorded. Blocking-free; the write goes through
+    /// the blocking pool.
+    ///
+    /// # Errors
+    /// Unknown ids, storage failures.
+    pub async fn claim_for_server(&self, ids: &[u64]) -> Result<(), BrokerError> {
+        for &id in ids {
+            let (record, next_id) = {
+                let producers = self.producers.lock();
+                let current = self.producer(&producers, id)?;
+                if current.owner == Owner::Server {
+                    continue;
+                }
+                let mut record = current.clone();
+                record.owner = Owner::Server;
+                (record, producers.next_id)
+            };
+            let (store, encoded) = (self.store.clone(), record.encode());
+            Self::blocking(move || Ok(store.put_producer(id, &encoded, next_id)?)).await?;
+            self.producers.lock().records.insert(id, record);
+        }
+        self.sync_now().await
     }
 
     /// Applies the topic's admission limit, if any. A retry of a stored idempotent batch is
@@ -389,6 +512,11 @@ impl Broker {
         let Some(log) = &topic.admission else {
             return Ok(());
         };
+        // Plugins' outputs are committed effects, forwarded whole: a limit meant to shed a
+        // flood of client requests must not hold them back for ever.
+        if publish.caller == Caller::Server {
+            return Ok(());
+        }
         if let (Some(p), Some(partition)) = (&publish.producer, publish.partition) {
             let count = publish.records.len() as u32;
             if topic.partitions[partition as usize].is_duplicate(p, count) {
@@ -396,7 +524,7 @@ impl Broker {
             }
         }
         let keys = publish.records.iter().filter_map(|r| r.key.as_ref());
-        let refused = match log.lock().expect("admission lock").admit(keys, now_ms()) {
+        let refused = match log.lock().admit(keys, now_ms()) {
             Ok(()) => return Ok(()),
             Err(r) => r,
         };
@@ -404,7 +532,10 @@ impl Broker {
             .admission_refused
             .get_or_create(&crate::metrics::topic(&topic.config.name))
             .inc_by(refused.records as u64);
-        let limit = topic.config.admission.expect("a log has a limit");
+        let limit = topic.config.admission.unwrap_or(crate::record::Admission {
+            per_key: 0,
+            window_ms: 0,
+        });
         Err(BrokerError::Admission {
             topic: topic.config.name.clone(),
             key: String::from_utf8_lossy(&refused.key).into_owned(),
@@ -417,6 +548,11 @@ impl Broker {
     fn validate(&self, publish: &Publish, topic: &Topic) -> Result<(), BrokerError> {
         if let Some(e) = self.durability.failed() {
             return Err(BrokerError::Unavailable(e.to_string()));
+        }
+        if publish.topic.is_empty() {
+            return Err(BrokerError::InvalidArgument(
+                "the publish names no topic: set its `topic` field".into(),
+            ));
         }
         if publish.records.is_empty() {
             return Err(BrokerError::EmptyBatch);
@@ -440,7 +576,7 @@ impl Broker {
             if publish.partition.is_none() {
                 return Err(BrokerError::IdempotenceNeedsPartition);
             }
-            self.check_producer(p)?;
+            self.check_producer(p, &publish.caller)?;
         }
         for (index, record) in publish.records.iter().enumerate() {
             let size = record.encoded_len();
@@ -476,7 +612,9 @@ impl Broker {
             this.durability
                 .durable(ticket)
                 .await
-                .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+                .map_err(|e| BrokerError::NotDurable {
+                    reason: e.to_string(),
+                })?;
             for (partition, ack) in &appended {
                 partition.publish_visible(ack.appended.base_offset + u64::from(ack.appended.count));
             }
@@ -522,7 +660,7 @@ impl Broker {
         for (p, records) in groups {
             let partition = topic.partitions[p as usize].clone();
             let chunks = codec::encode_chunks(&records, now, CHUNK_TARGET_BYTES);
-            let appended = partition.append(&chunks, records.len() as u32, publish.producer)?;
+            let appended = partition.append(&chunks, records.len() as u32, publish.producer, now)?;
             if !appended.duplicate {
                 let bytes: usize = chunks.iter().map(|c| c.bytes.len()).sum();
                 topic.published.0.inc_by(u64::from(appended.count));
@@ -539,7 +677,7 @@ impl Broker {
         Ok((acks, self.durability.written()))
     }
 
-    /// Reads up to about `max_records` visible records of a partition from `from`.
+    /// Reads at most `max_records` visible records of a partition from `from`.
     ///
     /// # Errors
     /// Unknown topic or partition; a corrupt stored chunk.
@@ -550,8 +688,32 @@ impl Broker {
         from: u64,
         max_records: usize,
     ) -> Result<Vec<StoredRecord>, BrokerError> {
+        self.read_limited(topic, partition, from, ReadLimits::records(max_records))
+            .await
+    }
+
+    /// Reads visible records of a partition from `from`, bounded by records and bytes (one
+    /// record larger than the byte bound is returned alone).
+    ///
+    /// # Errors
+    /// Unknown topic or partition; a corrupt stored chunk.
+    pub async fn read_limited(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        limits: ReadLimits,
+    ) -> Result<Vec<StoredRecord>, BrokerError> {
         let p = self.partition(topic, partition)?;
-        Self::blocking(move || p.read(from, max_records)).await
+        Self::blocking(move || p.read(from, limits)).await
+    }
+
+    /// The partition count of a topic (cheaper than [`Broker::describe_topic`]).
+    ///
+    /// # Errors
+    /// [`BrokerError::UnknownTopic`].
+    pub fn partition_count(&self, topic: &str) -> Result<u32, BrokerError> {
+        Ok(self.topic(topic)?.config.partitions)
     }
 
     /// A receiver of the partition's visible end offset, to wait for new records.
@@ -604,27 +766,34 @@ impl Broker {
                 "group name must be non-empty and contain no NUL".into(),
             ));
         }
-        for &(p, _) in &offsets {
-            self.partition(topic, p)?;
+        for &(p, offset) in &offsets {
+            let partition = self.partition(topic, p)?;
+            let end = partition.stats().end_offset;
+            if offset > end {
+                return Err(BrokerError::CommitPastEnd {
+                    tp: partition.tp.clone(),
+                    offset,
+                    end,
+                });
+            }
         }
         let store = self.store.clone();
         let (group_owned, topic_owned) = (group.to_string(), topic.to_string());
+        let now = now_ms();
         Self::blocking(move || {
-            Ok(store.put_group_offsets(&group_owned, &topic_owned, &offsets)?)
+            Ok(store.put_group_offsets(&group_owned, &topic_owned, &offsets, now)?)
         })
         .await?;
         self.group_commits
             .lock()
-            .expect("group commits lock")
-            .insert(
-                (group.to_string(), topic.to_string()),
-                crate::record::now_ms(),
-            );
+            .insert((group.to_string(), topic.to_string()), now);
         let ticket = self.durability.written();
         self.durability
             .durable(ticket)
             .await
-            .map_err(|e| BrokerError::Unavailable(e.to_string()))
+            .map_err(|e| BrokerError::NotDurable {
+                reason: e.to_string(),
+            })
     }
 
     /// Every (group, topic) with committed offsets.
@@ -633,14 +802,14 @@ impl Broker {
     /// Storage failures.
     pub async fn list_groups(&self) -> Result<Vec<(String, String)>, BrokerError> {
         let store = self.store.clone();
-        Self::blocking(move || Ok(store.list_groups()?)).await
+        let groups = Self::blocking(move || Ok(store.list_groups()?)).await?;
+        Ok(groups.into_iter().map(|g| (g.group, g.topic)).collect())
     }
 
     /// When a group last committed offsets for a topic since this broker started.
     pub fn group_last_commit_ms(&self, group: &str, topic: &str) -> Option<i64> {
         self.group_commits
             .lock()
-            .expect("group commits lock")
             .get(&(group.to_string(), topic.to_string()))
             .copied()
     }
@@ -665,17 +834,14 @@ impl Broker {
     /// # Errors
     /// A store failure.
     pub async fn apply_retention(&self) -> Result<u64, BrokerError> {
-        let topics: Vec<Arc<Topic>> = self
-            .topics
-            .read()
-            .expect("topics lock")
-            .values()
-            .cloned()
-            .collect();
+        let topics: Vec<Arc<Topic>> = self.topics.read().values().cloned().collect();
         Self::blocking(move || {
             let now = now_ms();
             let mut removed = 0;
-            for topic in topics.iter().filter(|t| t.config.retention_ms > 0 || t.config.retention_bytes > 0) {
+            for topic in topics
+                .iter()
+                .filter(|t| t.config.retention_ms > 0 || t.config.retention_bytes > 0)
+            {
                 for p in &topic.partitions {
                     let n = p.trim(now, topic.config.retention_ms, topic.config.retention_bytes)?;
                     if n > 0 {
@@ -687,6 +853,62 @@ impl Broker {
             Ok(removed)
         })
         .await
+    }
+
+    /// Forgets client producers idle for longer than the producer expiry and consumer groups
+    /// that have not committed for longer than the group expiry. Returns how many of each.
+    ///
+    /// # Errors
+    /// A store failure (what was removed before it stays removed).
+    pub async fn expire_idle(&self, now_ms: i64) -> Result<(usize, usize), BrokerError> {
+        let expired = self
+            .producers
+            .lock()
+            .expired(now_ms, self.config.producer_expiry.as_millis() as u64);
+        if !expired.is_empty() {
+            let partitions: Vec<Arc<Partition>> = self
+                .topics
+                .read()
+                .values()
+                .flat_map(|t| t.partitions.iter().cloned())
+                .collect();
+            let (store, ids) = (self.store.clone(), expired.clone());
+            Self::blocking(move || {
+                // Partition states first: a crash half-way leaves a producer record whose
+                // sequences are gone, which the next pass removes.
+                for p in &partitions {
+                    p.remove_producers(&ids)?;
+                }
+                Ok(store.delete_producers(&ids)?)
+            })
+            .await?;
+            let mut producers = self.producers.lock();
+            for id in &expired {
+                producers.records.remove(id);
+            }
+            tracing::info!(message = "Idle producers expired.", count = expired.len());
+        }
+        let store = self.store.clone();
+        let groups: Vec<GroupEntry> = Self::blocking(move || Ok(store.list_groups()?)).await?;
+        let expiry = self.config.group_expiry.as_millis() as u64;
+        let mut removed = 0;
+        for g in groups {
+            // A commit stored before commit times were recorded counts from this start.
+            let last = self
+                .group_last_commit_ms(&g.group, &g.topic)
+                .unwrap_or(g.last_commit_ms)
+                .max(g.last_commit_ms);
+            let last = if last == 0 { self.started_ms } else { last };
+            if crate::record::elapsed_ms(last, now_ms) <= expiry {
+                continue;
+            }
+            let store = self.store.clone();
+            let (group, topic) = (g.group.clone(), g.topic.clone());
+            Self::blocking(move || Ok(store.delete_group(&group, &topic)?)).await?;
+            self.group_commits.lock().remove(&(g.group, g.topic));
+            removed += 1;
+        }
+        Ok((expired.len(), removed))
     }
 }
 

@@ -5,7 +5,9 @@
 //! take the lock only to find chunk positions, then read and decode without it.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use tokio::sync::watch;
 
@@ -102,8 +104,8 @@ impl Partition {
         }))
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().expect("partition state lock")
+    fn state(&self) -> parking_lot::MutexGuard<'_, State> {
+        self.state.lock()
     }
 
     pub(crate) fn stats(&self) -> PartitionStats {
@@ -130,13 +132,14 @@ impl Partition {
         )
     }
 
-    /// Appends encoded chunks holding `count` records, with the idempotence check when
-    /// `producer` is given. Blocking (store write).
+    /// Appends encoded chunks holding `count` records at `now_ms`, with the idempotence check
+    /// when `producer` is given. Blocking (store write).
     pub(crate) fn append(
         &self,
         chunks: &[EncodedChunk],
         count: u32,
         producer: Option<ProducerFields>,
+        now_ms: i64,
     ) -> Result<Appended, BrokerError> {
         let mut s = self.state();
         let base = s.next;
@@ -163,6 +166,7 @@ impl Partition {
                         p.base_sequence,
                         u64::from(count),
                         base,
+                        now_ms,
                     ),
                 )),
                 Err(e) => return Err(BrokerError::sequence(p.producer_id, &self.tp, e)),
@@ -171,12 +175,14 @@ impl Partition {
         let encoded = new_producer_state
             .as_ref()
             .map(|(id, st)| (*id, st.encode()));
-        self.store.append(
-            &self.tp,
-            base,
-            chunks,
-            encoded.as_ref().map(|(id, b)| (*id, b.as_slice())),
-        )?;
+        self.store
+            .append(
+                &self.tp,
+                base,
+                chunks,
+                encoded.as_ref().map(|(id, b)| (*id, b.as_slice())),
+            )
+            .map_err(|source| BrokerError::WriteFailed { source })?;
         let mut offset = base;
         for chunk in chunks {
             let meta = ChunkMeta {
@@ -216,15 +222,16 @@ impl Partition {
         self.visible.subscribe()
     }
 
-    /// Reads up to about `max_records` visible records from `from` (clamped to the log start).
-    /// Blocking (store reads).
+    /// Reads visible records from `from` (clamped to the log start): at most
+    /// `limits.max_records`, and no more than `limits.max_bytes` of encoded records unless the
+    /// first one alone is larger (it is then returned alone). Blocking (store reads).
     pub(crate) fn read(
         &self,
         from: u64,
-        max_records: usize,
+        limits: ReadLimits,
     ) -> Result<Vec<StoredRecord>, BrokerError> {
         let visible = self.visible_end();
-        if from >= visible {
+        if from >= visible || limits.max_records == 0 {
             return Ok(Vec::new());
         }
         let (from, bases) = {
@@ -237,27 +244,37 @@ impl Partition {
                 .map(|(b, _)| *b)
                 .unwrap_or(from);
             let mut bases = Vec::new();
-            let mut records = 0usize;
+            let (mut records, mut bytes) = (0usize, 0usize);
             for (&base, meta) in s.chunks.range(first..) {
-                if base >= visible || records >= max_records {
+                if base >= visible || records >= limits.max_records || bytes >= limits.max_bytes {
                     break;
                 }
                 records += (base + u64::from(meta.count)).saturating_sub(from.max(base)) as usize;
+                bytes += meta.bytes as usize;
                 bases.push(base);
             }
             (from, bases)
         };
         let mut out = Vec::new();
-        for base in bases {
-            let Some(bytes) = self.store.read_chunk(&self.tp, base)? else {
+        let mut bytes = 0usize;
+        'chunks: for base in bases {
+            let Some(chunk) = self.store.read_chunk(&self.tp, base)? else {
                 break; // trimmed by retention since the lookup: the caller re-reads from the new start
             };
-            let records = self.decode(&bytes, base)?;
-            out.extend(
-                records
-                    .into_iter()
-                    .filter(|r| r.offset >= from && r.offset < visible),
-            );
+            for r in self.decode(&chunk, base)? {
+                if r.offset < from {
+                    continue;
+                }
+                let size = r.record.encoded_len();
+                if r.offset >= visible
+                    || out.len() >= limits.max_records
+                    || (!out.is_empty() && bytes + size > limits.max_bytes)
+                {
+                    break 'chunks;
+                }
+                bytes += size;
+                out.push(r);
+            }
         }
         Ok(out)
     }
@@ -312,34 +329,97 @@ impl Partition {
         retention_bytes: u64,
     ) -> Result<u64, BrokerError> {
         let mut s = self.state();
-        let mut size = s.size;
-        let mut remove = Vec::new();
-        let cutoff = now_ms.saturating_sub(retention_ms as i64);
-        for (&base, meta) in &s.chunks {
-            let too_old = retention_ms > 0 && meta.max_timestamp_ms < cutoff;
-            let too_big = retention_bytes > 0 && size > retention_bytes;
-            if !(too_old || too_big) {
-                break;
-            }
-            size -= u64::from(meta.bytes);
-            remove.push(base);
-        }
-        if remove.is_empty() {
+        let remove = retention_plan(&s.chunks, s.size, now_ms, retention_ms, retention_bytes);
+        let Some(&last) = remove.last() else {
             return Ok(0);
-        }
+        };
         let new_start = s
             .chunks
-            .range(remove.last().copied().unwrap_or(0) + 1..)
+            .range(last + 1..)
             .next()
             .map(|(b, _)| *b)
             .unwrap_or(s.next);
         self.store.trim(&self.tp, &remove, new_start)?;
         let removed = new_start - s.start;
         for base in &remove {
-            s.chunks.remove(base);
+            if let Some(meta) = s.chunks.remove(base) {
+                s.size -= u64::from(meta.bytes);
+            }
         }
-        s.size = size;
         s.start = new_start;
         Ok(removed)
     }
+
+    /// When each producer with state here last appended (0 for states stored before that was
+    /// recorded).
+    pub(crate) fn producer_activity(&self) -> Vec<(u64, i64)> {
+        self.state()
+            .producers
+            .iter()
+            .map(|(id, st)| (*id, st.last_ms))
+            .collect()
+    }
+
+    /// Forgets expired producers' sequence states. Blocking (store write).
+    pub(crate) fn remove_producers(&self, ids: &[u64]) -> Result<(), BrokerError> {
+        let mut s = self.state();
+        let present: Vec<u64> = ids
+            .iter()
+            .copied()
+            .filter(|id| s.producers.contains_key(id))
+            .collect();
+        if present.is_empty() {
+            return Ok(());
+        }
+        self.store.remove_producers(&self.tp, &present)?;
+        for id in present {
+            s.producers.remove(&id);
+        }
+        Ok(())
+    }
+}
+
+/// How much one read may return.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadLimits {
+    /// Most records.
+    pub max_records: usize,
+    /// Most encoded record bytes, unless the first record alone is larger.
+    pub max_bytes: usize,
+}
+
+impl ReadLimits {
+    /// At most `max_records`, with no byte bound.
+    pub fn records(max_records: usize) -> Self {
+        ReadLimits {
+            max_records,
+            max_bytes: usize::MAX,
+        }
+    }
+}
+
+/// The chunks a retention pass removes, oldest first: while the oldest chunk's newest record
+/// is older than `retention_ms` (0 = no time bound) or the partition is larger than
+/// `retention_bytes` (0 = no size bound). The age is computed without overflow, so no
+/// retention value or timestamp can make a young chunk look old.
+pub fn retention_plan(
+    chunks: &BTreeMap<u64, ChunkMeta>,
+    size: u64,
+    now_ms: i64,
+    retention_ms: u64,
+    retention_bytes: u64,
+) -> Vec<u64> {
+    let mut size = size;
+    let mut remove = Vec::new();
+    for (&base, meta) in chunks {
+        let too_old =
+            retention_ms > 0 && crate::record::elapsed_ms(meta.max_timestamp_ms, now_ms) > retention_ms;
+        let too_big = retention_bytes > 0 && size > retention_bytes;
+        if !(too_old || too_big) {
+            break;
+        }
+        size = size.saturating_sub(u64::from(meta.bytes));
+        remove.push(base);
+    }
+    remove
 }

@@ -29,6 +29,9 @@ pub struct ProducerState {
     pub epoch: u32,
     /// Newest last.
     pub batches: VecDeque<BatchSeq>,
+    /// When the producer last appended here, ms since the epoch (for expiry of idle
+    /// producers); 0 when stored by a weir that did not record it.
+    pub last_ms: i64,
 }
 
 /// What to do with an incoming batch.
@@ -58,6 +61,15 @@ pub enum SequenceError {
         /// The sequence the broker expected.
         expected: u64,
         /// The sequence that came.
+        got: u64,
+    },
+    /// A retry of a remembered batch (same first sequence) with another number of records.
+    CountMismatch {
+        /// The batch's first sequence.
+        first_seq: u64,
+        /// Records the stored batch had.
+        stored: u64,
+        /// Records the retry has.
         got: u64,
     },
     /// The sequence is below the next expected one but matches no remembered batch.
@@ -99,14 +111,17 @@ impl ProducerState {
                 })
             };
         };
-        let last_seq = base_seq + count - 1;
-        if let Some(b) = state
-            .batches
-            .iter()
-            .find(|b| b.first_seq == base_seq && b.last_seq == last_seq)
-        {
-            return Ok(SequenceCheck::Duplicate {
-                base_offset: b.base_offset,
+        let last_seq = base_seq.saturating_add(count.saturating_sub(1));
+        if let Some(b) = state.batches.iter().find(|b| b.first_seq == base_seq) {
+            if b.last_seq == last_seq {
+                return Ok(SequenceCheck::Duplicate {
+                    base_offset: b.base_offset,
+                });
+            }
+            return Err(SequenceError::CountMismatch {
+                first_seq: base_seq,
+                stored: b.last_seq - b.first_seq + 1,
+                got: count,
             });
         }
         let expected = state.batches.back().map_or(0, |b| b.last_seq + 1);
@@ -123,21 +138,24 @@ impl ProducerState {
         }
     }
 
-    /// The state after appending a batch accepted by [`ProducerState::check`].
+    /// The state after appending, at `now_ms`, a batch accepted by [`ProducerState::check`].
     pub fn after_append(
         state: Option<&ProducerState>,
         epoch: u32,
         base_seq: u64,
         count: u64,
         base_offset: u64,
+        now_ms: i64,
     ) -> ProducerState {
         let mut next = match state {
             Some(s) if s.epoch == epoch => s.clone(),
             _ => ProducerState {
                 epoch,
                 batches: VecDeque::new(),
+                last_ms: now_ms,
             },
         };
+        next.last_ms = now_ms;
         next.batches.push_back(BatchSeq {
             first_seq: base_seq,
             last_seq: base_seq + count - 1,
@@ -149,9 +167,10 @@ impl ProducerState {
         next
     }
 
-    /// Stored form: epoch u32 BE, count u8, then per batch three u64 BE.
+    /// Stored form: epoch u32 BE, count u8, per batch three u64 BE, then the last append
+    /// time i64 BE (absent in states stored before expiry existed).
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(5 + 24 * self.batches.len());
+        let mut out = Vec::with_capacity(13 + 24 * self.batches.len());
         out.extend_from_slice(&self.epoch.to_be_bytes());
         out.push(self.batches.len() as u8);
         for b in &self.batches {
@@ -159,6 +178,7 @@ impl ProducerState {
                 out.extend_from_slice(&v.to_be_bytes());
             }
         }
+        out.extend_from_slice(&self.last_ms.to_be_bytes());
         out
     }
 
@@ -166,9 +186,14 @@ impl ProducerState {
     pub fn decode(bytes: &[u8]) -> Option<ProducerState> {
         let epoch = u32::from_be_bytes(bytes.get(0..4)?.try_into().ok()?);
         let n = usize::from(*bytes.get(4)?);
-        if bytes.len() != 5 + 24 * n {
-            return None;
-        }
+        let batches_end = 5 + 24 * n;
+        let last_ms = match bytes.len() {
+            len if len == batches_end => 0,
+            len if len == batches_end + 8 => {
+                i64::from_be_bytes(bytes[batches_end..].try_into().ok()?)
+            }
+            _ => return None,
+        };
         let u = |i: usize| u64::from_be_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
         let batches = (0..n)
             .map(|k| 5 + 24 * k)
@@ -178,7 +203,11 @@ impl ProducerState {
                 base_offset: u(i + 16),
             })
             .collect();
-        Some(ProducerState { epoch, batches })
+        Some(ProducerState {
+            epoch,
+            batches,
+            last_ms,
+        })
     }
 }
 
@@ -205,6 +234,7 @@ mod tests {
                     seq,
                     count,
                     next_offset,
+                    7,
                 ));
                 next_offset += count;
             }
@@ -239,6 +269,16 @@ mod tests {
             r[0],
             Err(SequenceError::Gap {
                 expected: 0,
+                got: 3
+            })
+        );
+        // A retry of a kept batch with another record count says so.
+        let (_, r) = run(&[(0, 0, 10), (0, 0, 3)]);
+        assert_eq!(
+            r[1],
+            Err(SequenceError::CountMismatch {
+                first_seq: 0,
+                stored: 10,
                 got: 3
             })
         );
@@ -294,5 +334,9 @@ mod tests {
         );
         assert_eq!(ProducerState::decode(&state.encode()), Some(state.clone()));
         assert_eq!(ProducerState::decode(&state.encode()[..7]), None);
+        // A state stored before the append time was recorded reads with time 0.
+        let legacy = &state.encode()[..5 + 24 * KEEP_BATCHES];
+        let read = ProducerState::decode(legacy).unwrap();
+        assert_eq!((read.batches, read.last_ms), (state.batches.clone(), 0));
     }
 }

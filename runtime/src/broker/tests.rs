@@ -1,7 +1,9 @@
 //! Broker unit tests on the in-memory and sled stores.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -37,6 +39,8 @@ fn broker_on(store: Arc<dyn LogStore>) -> TestBroker {
 }
 
 fn broker_with(store: Arc<dyn LogStore>, policy: FsyncPolicy) -> TestBroker {
+    // Opening reads the store: a blocking call the tests make directly.
+    let _blocking = crate::blocking::allow();
     let (durability, syncer) = Durability::start(store.clone(), policy);
     TestBroker {
         broker: Broker::open(store, durability, BrokerConfig::default()).unwrap(),
@@ -49,7 +53,11 @@ fn memory_broker() -> TestBroker {
 }
 
 fn sled_broker(dir: &std::path::Path) -> TestBroker {
-    broker_on(Arc::new(SledStore::open(dir, &Default::default()).unwrap()))
+    let store = {
+        let _blocking = crate::blocking::allow();
+        SledStore::open(dir, &Default::default()).unwrap()
+    };
+    broker_on(Arc::new(store))
 }
 
 fn topic(name: &str, partitions: u32) -> TopicConfig {
@@ -72,6 +80,7 @@ fn to(topic: &str, partition: u32, records: Vec<Record>) -> Publish {
         partition: Some(partition),
         records,
         producer: None,
+        caller: Caller::default(),
     }
 }
 
@@ -229,7 +238,7 @@ async fn bad_publishes_are_refused_and_store_nothing() {
 async fn idempotent_retries_store_once_and_sequence_errors_say_which() {
     let b = memory_broker();
     b.create_topic(topic("t", 1)).await.unwrap();
-    let (id, epoch) = b.init_producer(None).await.unwrap();
+    let (id, epoch) = b.init_producer(None, &Caller::default()).await.unwrap();
     let first = b
         .publish(idem("t", 0, values(0..3), id, epoch, 0))
         .await
@@ -268,7 +277,7 @@ async fn idempotent_retries_store_once_and_sequence_errors_say_which() {
     );
     assert!(gap.to_string().starts_with("sequence gap"));
 
-    let (same, newer) = b.init_producer(Some(id)).await.unwrap();
+    let (same, newer) = b.init_producer(Some(id), &Caller::default()).await.unwrap();
     assert_eq!((same, newer), (id, epoch + 1));
     let stale = b
         .publish(idem("t", 0, values(5..6), id, epoch, 5))
@@ -289,7 +298,7 @@ async fn sled_reopen_recovers_offsets_producers_and_groups() {
     let (id, epoch, first) = {
         let b = sled_broker(dir.path());
         b.create_topic(topic("t", 2)).await.unwrap();
-        let (id, epoch) = b.init_producer(None).await.unwrap();
+        let (id, epoch) = b.init_producer(None, &Caller::default()).await.unwrap();
         let first = b
             .publish(idem("t", 1, values(0..1000), id, epoch, 0))
             .await
@@ -327,7 +336,7 @@ async fn sled_reopen_recovers_offsets_producers_and_groups() {
     let values: Vec<String> = all(&b, "t", 1).await;
     assert_eq!(values.len(), 1001);
     assert_eq!(values[999], "v999");
-    let (_, next_epoch) = b.init_producer(Some(id)).await.unwrap();
+    let (_, next_epoch) = b.init_producer(Some(id), &Caller::default()).await.unwrap();
     assert_eq!(next_epoch, epoch + 1);
 }
 
@@ -476,6 +485,7 @@ async fn start_positions_resolve() {
 
 #[tokio::test]
 async fn foreign_and_corrupt_directories_are_clear_errors() {
+    let _blocking = crate::blocking::allow();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("notes.txt"), "hello").unwrap();
     let err = SledStore::open(dir.path(), &Default::default())
@@ -542,14 +552,14 @@ async fn power_cut_during_publishes(policy: FsyncPolicy) -> (usize, usize) {
             let mut i = 0;
             while !stop.load(Ordering::Relaxed) {
                 let ack = b.publish(to("t", w % 2, values(i..i + 50))).await.unwrap()[0];
-                acked.lock().unwrap().push(ack);
+                acked.lock().push(ack);
                 i += 50;
             }
         }));
     }
     tokio::time::sleep(Duration::from_millis(150)).await;
     // Snapshot the acknowledgements first: everything acknowledged by now must survive.
-    let acked_before_cut: Vec<PartitionAck> = acked.lock().unwrap().clone();
+    let acked_before_cut: Vec<PartitionAck> = acked.lock().clone();
     let after_cut = Arc::new(store.power_cut());
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
@@ -624,7 +634,7 @@ async fn admission_does_not_charge_the_retry_of_a_stored_idempotent_batch() {
         key: Some(Bytes::from_static(b"u1")),
         ..Record::from_value(v.to_string())
     };
-    let (id, epoch) = b.init_producer(None).await.unwrap();
+    let (id, epoch) = b.init_producer(None, &Caller::default()).await.unwrap();
     let first = b
         .publish(idem("seckill", 0, vec![keyed("a")], id, epoch, 0))
         .await

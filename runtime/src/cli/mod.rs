@@ -111,9 +111,27 @@ pub struct ServeArgs {
     /// Most open subscribe / publish streams per client connection.
     #[arg(long, default_value_t = 64)]
     pub max_streams_per_connection: usize,
-    /// Largest plugin wasm accepted, in MiB.
-    #[arg(long, default_value_t = 64)]
+    /// Largest plugin wasm accepted, in MiB (below --max-request-mb: a deploy carries the
+    /// wasm in one request).
+    #[arg(long, default_value_t = 48)]
     pub max_wasm_mb: usize,
+    /// The highest CPU bound per batch a plugin may be deployed with, ms. Pause, remove,
+    /// upgrade and shutdown interrupt a running batch within an epoch tick (10 ms) anyway.
+    #[arg(long, default_value_t = 60_000)]
+    pub max_plugin_timeout_ms: u64,
+    /// Committed-state cache per plugin, MiB (least recently used keys are evicted; reads of
+    /// evicted keys go to the store).
+    #[arg(long, default_value_t = 64)]
+    pub state_cache_mb: usize,
+    /// Forget a client's idempotent producer after it has been idle this long, ms (Kafka's
+    /// transactional.id.expiration.ms); a retry after that is refused as expired. Plugins'
+    /// producers never expire.
+    #[arg(long, default_value_t = 7 * 24 * 3600 * 1000)]
+    pub producer_expiry_ms: u64,
+    /// Forget a consumer group's offsets for a topic after it has not committed for this
+    /// long, ms (Kafka's offsets.retention.minutes).
+    #[arg(long, default_value_t = 7 * 24 * 3600 * 1000)]
+    pub group_expiry_ms: u64,
     /// Cache compiled plugins here instead of DATA_DIR/compiled (servers may share one: entries
     /// are keyed by the component's sha256 and the engine's settings).
     #[arg(long)]
@@ -236,7 +254,29 @@ async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<(
         probe_topics: args.probe_topic,
         ..Default::default()
     };
-    config.max_wasm_bytes = args.max_wasm_mb << 20;
+    anyhow::ensure!(
+        args.max_wasm_mb < args.max_request_mb,
+        "--max-wasm-mb ({}) must be below --max-request-mb ({}): a deploy sends the wasm in one request",
+        args.max_wasm_mb,
+        args.max_request_mb
+    );
+    anyhow::ensure!(
+        args.max_plugin_timeout_ms > 0 && args.max_plugin_timeout_ms <= u64::from(u32::MAX),
+        "--max-plugin-timeout-ms must be between 1 and {}",
+        u32::MAX
+    );
+    anyhow::ensure!(args.state_cache_mb > 0, "--state-cache-mb must be positive");
+    anyhow::ensure!(
+        args.producer_expiry_ms > 0 && args.group_expiry_ms > 0,
+        "--producer-expiry-ms and --group-expiry-ms must be positive"
+    );
+    config.plugins = crate::plugin::PluginConfig {
+        max_wasm_bytes: args.max_wasm_mb << 20,
+        max_timeout: std::time::Duration::from_millis(args.max_plugin_timeout_ms),
+        state_cache_bytes: args.state_cache_mb << 20,
+    };
+    config.broker.producer_expiry = std::time::Duration::from_millis(args.producer_expiry_ms);
+    config.broker.group_expiry = std::time::Duration::from_millis(args.group_expiry_ms);
     config.compiled_dir = args.compiled_cache;
     config.broker.max_record_bytes = args.max_record_bytes;
     config.broker.retention_interval =

@@ -49,7 +49,8 @@ pub enum PluginCommand {
         /// Directory to create it in.
         #[arg(long, default_value = ".")]
         path: std::path::PathBuf,
-        /// Rust only: the weir-sdk directory (default: the one this weir was built from).
+        /// Rust only: depend on the weir-sdk of a weir checkout (its sdk/ directory) instead of
+        /// the copy this weir writes into the project's vendor/.
         #[arg(long)]
         sdk: Option<std::path::PathBuf>,
     },
@@ -249,6 +250,7 @@ pub(super) fn local_command(cmd: &PluginCommand) -> Option<anyhow::Result<()>> {
         PluginCommand::Build { path } => Some(super::scaffold::build_plugin(path).map(|wasm| {
             let size = std::fs::metadata(&wasm).map(|m| m.len()).unwrap_or(0);
             println!("{} ({size} bytes)", wasm.display());
+            println!("{}", super::scaffold::after_build(path, &wasm));
         })),
         _ => None,
     }

@@ -131,12 +131,12 @@ async fn run_local(
         eprintln!("run {run}: {} record(s) in, {processed} processed in all, {skipped} skipped as already processed, {new} new output(s)", records.len());
     }
     if args.state_out {
-        for (key, value, version) in local.state_entries("plugin")? {
+        for (key, value, version) in local.state_entries("plugin").await? {
             let line = serde_json::json!({ "state": String::from_utf8_lossy(&key), "value": bytes_json(&value), "version": version });
             writeln!(out, "{line}")?;
         }
     }
-    for line in local.logs("plugin")? {
+    for line in local.logs("plugin").await? {
         eprintln!("plugin log: {line}");
     }
     Ok(())

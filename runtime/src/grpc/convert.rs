@@ -3,7 +3,9 @@
 use bytes::Bytes;
 
 use super::pb;
-use crate::broker::{PartitionAck, PartitionStats, ProducerFields, Publish, StartAt, TopicInfo};
+use crate::broker::{
+    Caller, PartitionAck, PartitionStats, ProducerFields, Publish, StartAt, TopicInfo,
+};
 use crate::record::{Record, StoredRecord};
 
 fn headers_to_pb(headers: Vec<(String, Bytes)>) -> Vec<pb::Header> {
@@ -83,6 +85,8 @@ impl From<pb::PublishRequest> for Publish {
                 epoch: p.epoch,
                 base_sequence: p.base_sequence,
             }),
+            // The gRPC layer sets the authenticated caller.
+            caller: Caller::default(),
         }
     }
 }

@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::task::{Context, Poll};
 
 use futures::Stream;
@@ -45,7 +47,7 @@ pub struct StreamPermit {
 
 impl Drop for StreamPermit {
     fn drop(&mut self) {
-        let mut open = self.limiter.open.lock().expect("stream limiter lock");
+        let mut open = self.limiter.open.lock();
         if let Some(n) = open.get_mut(&self.peer) {
             *n -= 1;
             if *n == 0 {
@@ -67,7 +69,7 @@ impl StreamLimiter {
     ) -> Result<Option<StreamPermit>, Status> {
         // In-process transports have no peer address; they are not network clients.
         let Some(peer) = peer else { return Ok(None) };
-        let mut open = self.open.lock().expect("stream limiter lock");
+        let mut open = self.open.lock();
         let n = open.entry(peer).or_insert(0);
         if *n >= max {
             return Err(super::status::limit_status(

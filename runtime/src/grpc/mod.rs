@@ -2,6 +2,7 @@
 //! converts them to domain types at the boundary ([`convert`]) and maps every domain error to
 //! a status in one place ([`status`]).
 
+pub mod codec;
 pub mod convert;
 pub mod limits;
 mod plugins;

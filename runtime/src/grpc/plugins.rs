@@ -32,7 +32,8 @@ impl From<PluginInfo> for pb::PluginInfo {
                     processed: s.processed,
                     skipped: s.skipped,
                     dead_lettered: s.dead_lettered,
-                    state: s.state,
+                    state: s.state.to_string(),
+                    forwarding: s.forwarding.unwrap_or_default(),
                 })
                 .collect(),
             memory_mb: (spec.limits.memory_bytes >> 20) as u32,
@@ -41,6 +42,7 @@ impl From<PluginInfo> for pb::PluginInfo {
             alert_delay_ms: spec.alerts.max_delay_ms,
             owner: spec.owner.unwrap_or_default(),
             max_rate: spec.max_rate,
+            state_cache_bytes: info.state_cache_bytes,
         }
     }
 }
@@ -119,7 +121,7 @@ pub(super) fn deploy_request(r: pb::DeployPluginRequest) -> Result<DeployRequest
 }
 
 /// A state value for `GetState`.
-pub(super) fn get_state(
+pub(super) async fn get_state(
     plugins: &PluginManager,
     r: pb::GetStateRequest,
 ) -> Result<pb::GetStateResponse, Status> {
@@ -142,7 +144,7 @@ pub(super) fn get_state(
         }
         None => false,
     };
-    Ok(match plugins.state_get(&r.plugin, &r.key)? {
+    Ok(match plugins.state_get(&r.plugin, &r.key).await? {
         Some((value, version)) => pb::GetStateResponse {
             found: true,
             value: value.into(),

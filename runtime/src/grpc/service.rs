@@ -15,13 +15,17 @@ use super::convert::start_at;
 use super::limits::{ApiLimits, Guarded, StreamLimiter};
 use super::pb::{self, weir_server::Weir};
 use crate::auth::{self, Authority, Operation, Principal, Resource};
-use crate::broker::{Broker, BrokerError, PartitionAck, Publish};
+use crate::broker::{Broker, BrokerError, Caller, PartitionAck, Publish, ReadLimits};
 use crate::plugin::PluginManager;
 use crate::record::TopicConfig;
 
 /// Default and maximum records per subscribe response message.
 const SUBSCRIBE_BATCH_DEFAULT: usize = 1000;
 const SUBSCRIBE_BATCH_MAX: usize = 10_000;
+/// Default and maximum record bytes per subscribe response message: the default fits a stock
+/// gRPC client's 4 MiB receive limit with room for framing (Kafka's `fetch.max.bytes`).
+const SUBSCRIBE_BYTES_DEFAULT: usize = 1 << 20;
+const SUBSCRIBE_BYTES_MAX: usize = 32 << 20;
 /// Publishes of one stream awaiting durability at once.
 const STREAM_IN_FLIGHT: usize = 64;
 
@@ -74,12 +78,12 @@ impl WeirService {
         op: Operation,
         resource: Resource<'_>,
     ) -> Result<Arc<Principal>, Status> {
-        Ok(self.auth.require(request.metadata(), op, resource)?)
+        Ok(self.auth.require(bearer(request), op, resource)?)
     }
 
     /// The caller, authenticated.
     fn caller<T>(&self, request: &Request<T>) -> Result<Arc<Principal>, Status> {
-        Ok(self.auth.authenticate(request.metadata())?)
+        Ok(self.auth.authenticate(bearer(request))?)
     }
 
     /// The caller, which must hold `op` on an existing plugin and own it (or be an admin).
@@ -112,6 +116,22 @@ impl WeirService {
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The `authorization` metadata of a request (a value that is not ASCII reads as malformed).
+fn bearer<T>(request: &Request<T>) -> Option<&str> {
+    request
+        .metadata()
+        .get(auth::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or(""))
+}
+
+/// The broker's view of a principal, for producer ownership.
+fn caller_of(principal: &Principal) -> Caller {
+    Caller::Client {
+        name: principal.name.clone(),
+        admin: principal.admin,
+    }
+}
 
 fn acks_response(request_id: u64, acks: Vec<PartitionAck>) -> pb::PublishResponse {
     pb::PublishResponse {
@@ -195,10 +215,10 @@ impl Weir for WeirService {
         &self,
         request: Request<pb::InitProducerRequest>,
     ) -> Result<Response<pb::InitProducerResponse>, Status> {
-        self.caller(&request)?;
+        let principal = self.caller(&request)?;
         let (producer_id, epoch) = self
             .broker
-            .init_producer(request.into_inner().producer_id)
+            .init_producer(request.into_inner().producer_id, &caller_of(&principal))
             .await?;
         Ok(Response::new(pb::InitProducerResponse {
             producer_id,
@@ -210,7 +230,7 @@ impl Weir for WeirService {
         &self,
         request: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
-        self.require(
+        let principal = self.require(
             &request,
             Operation::Publish,
             Resource::Topic(&request.get_ref().topic),
@@ -218,8 +238,11 @@ impl Weir for WeirService {
         let r = request.into_inner();
         let id = r.request_id;
         let span = tracing::debug_span!("publish", topic = %r.topic, records = r.records.len());
-        let acks =
-            tracing::Instrument::instrument(self.broker.publish(Publish::from(r)), span).await?;
+        let publish = Publish {
+            caller: caller_of(&principal),
+            ..Publish::from(r)
+        };
+        let acks = tracing::Instrument::instrument(self.broker.publish(publish), span).await?;
         Ok(Response::new(acks_response(id, acks)))
     }
 
@@ -251,7 +274,8 @@ impl Weir for WeirService {
                                 continue;
                             }
                             // Appended here, in stream order; only the durability wait overlaps.
-                            let future: Pending = match broker.append(Publish::from(r)).await {
+                            let publish = Publish { caller: caller_of(&principal), ..Publish::from(r) };
+                            let future: Pending = match broker.append(publish).await {
                                 Ok(p) => Box::pin(async move { match p.acked().await {
                                     Ok(acks) => acks_response(id, acks),
                                     Err(e) => error_response(id, e),
@@ -303,6 +327,12 @@ impl Weir for WeirService {
         } else {
             r.partitions.clone()
         };
+        let mut listed = std::collections::HashSet::new();
+        if let Some(twice) = partitions.iter().find(|p| !listed.insert(**p)) {
+            return Err(Status::from(BrokerError::InvalidArgument(format!(
+                "partition {twice} is listed twice; list each partition once (or none for all)"
+            ))));
+        }
         let committed: HashMap<u32, u64> = match &r.group {
             Some(group) => self
                 .broker
@@ -313,9 +343,15 @@ impl Weir for WeirService {
             None => HashMap::new(),
         };
         let start = start_at(r.start);
-        let max = match r.max_batch_records as usize {
-            0 => SUBSCRIBE_BATCH_DEFAULT,
-            n => n.min(SUBSCRIBE_BATCH_MAX),
+        let limits = ReadLimits {
+            max_records: match r.max_batch_records as usize {
+                0 => SUBSCRIBE_BATCH_DEFAULT,
+                n => n.min(SUBSCRIBE_BATCH_MAX),
+            },
+            max_bytes: match r.max_bytes as usize {
+                0 => SUBSCRIBE_BYTES_DEFAULT,
+                n => n.min(SUBSCRIBE_BYTES_MAX),
+            },
         };
         let mut positions = Vec::with_capacity(partitions.len());
         for p in partitions {
@@ -336,7 +372,7 @@ impl Weir for WeirService {
                 topic: r.topic.clone(),
                 partition: p,
                 position,
-                max,
+                limits,
                 tx: tx.clone(),
             };
             tokio::spawn(follower.run(self.shutdown.clone()));
@@ -476,7 +512,7 @@ impl Weir for WeirService {
             Resource::Plugin(&request.get_ref().name),
         )?;
         Ok(Response::new(pb::PluginLogsResponse {
-            lines: self.plugins.logs(&request.into_inner().name)?,
+            lines: self.plugins.logs(&request.into_inner().name).await?,
         }))
     }
 
@@ -528,10 +564,9 @@ impl Weir for WeirService {
             Operation::ReadState,
             Resource::Plugin(&request.get_ref().plugin),
         )?;
-        Ok(Response::new(super::plugins::get_state(
-            &self.plugins,
-            request.into_inner(),
-        )?))
+        Ok(Response::new(
+            super::plugins::get_state(&self.plugins, request.into_inner()).await?,
+        ))
     }
 }
 
@@ -592,7 +627,7 @@ struct Follower {
     topic: String,
     partition: u32,
     position: u64,
-    max: usize,
+    limits: ReadLimits,
     tx: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
 }
 
@@ -609,7 +644,7 @@ impl Follower {
             watch.borrow_and_update();
             let records = match self
                 .broker
-                .read(&self.topic, self.partition, self.position, self.max)
+                .read_limited(&self.topic, self.partition, self.position, self.limits)
                 .await
             {
                 Ok(records) => records,

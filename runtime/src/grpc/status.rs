@@ -4,7 +4,6 @@
 use tonic::{Code, Status};
 
 use crate::broker::BrokerError;
-use crate::log::LogError;
 
 /// Metadata key naming the error kind (`stale-epoch`, `sequence-gap`, ...).
 pub const ERROR_KIND_KEY: &str = "weir-error";
@@ -30,11 +29,24 @@ fn broker_code(e: &BrokerError) -> (Code, &'static str) {
         BrokerError::SequenceOutOfOrder { .. } => {
             (Code::FailedPrecondition, "sequence-out-of-order")
         }
+        BrokerError::SequenceCountMismatch { .. } => {
+            (Code::FailedPrecondition, "sequence-count-mismatch")
+        }
+        BrokerError::ProducerNotOwned { .. } => (Code::PermissionDenied, "producer-not-owned"),
+        BrokerError::ProducerExpired { .. } => (Code::FailedPrecondition, "producer-expired"),
         BrokerError::OffsetOutOfRange { .. } => (Code::OutOfRange, "offset-out-of-range"),
+        BrokerError::CommitPastEnd { .. } => (Code::OutOfRange, "commit-past-end"),
         BrokerError::Unavailable(_) => (Code::Unavailable, "unavailable"),
-        BrokerError::Storage(LogError::Corrupt { .. }) => (Code::DataLoss, "corrupt"),
-        BrokerError::Storage(_) => (Code::Internal, "storage"),
+        BrokerError::WriteFailed { .. } => (Code::Unavailable, "write-failed"),
+        BrokerError::NotDurable { .. } => (Code::Unavailable, "not-durable"),
+        BrokerError::Storage(e) if e.is_damage() => (Code::DataLoss, "corrupt"),
+        BrokerError::Storage(_) => (Code::Unavailable, "storage"),
     }
+}
+
+/// INVALID_ARGUMENT for a request that is not a valid message.
+pub fn invalid_message(message: String) -> Status {
+    status(Code::InvalidArgument, "malformed-request", message)
 }
 
 fn status(code: Code, kind: &str, message: String) -> Status {
@@ -68,7 +80,9 @@ impl From<crate::plugin::ManagerError> for Status {
             M::Plugin(P::TooLarge { .. }) => (Code::ResourceExhausted, "wasm-too-large"),
             M::Plugin(P::InitFailed(_)) => (Code::FailedPrecondition, "init-failed"),
             M::Quota(_) => (Code::ResourceExhausted, "plugin-quota"),
-            M::Plugin(_) | M::Storage(_) | M::Io(_) => (Code::Internal, "internal"),
+            M::Storage(e) if e.is_damage() => (Code::DataLoss, "corrupt"),
+            M::Storage(_) | M::Io(_) => (Code::Unavailable, "storage"),
+            M::Plugin(_) => (Code::Internal, "internal"),
         };
         status(code, kind, e.to_string())
     }

@@ -6,11 +6,14 @@
 //! cannot see (the page cache survives a process kill).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use parking_lot::Mutex;
 
 use bytes::Bytes;
 
-use super::{codec, ChunkMeta, EncodedChunk, GroupKeys, LogError, LogStore, RecoveredPartition};
+use super::{
+    codec, decode_group_offset, encode_group_offset, ChunkMeta, EncodedChunk, GroupEntry,
+    GroupKeys, LogError, LogStore, RecoveredPartition, StoredProducers,
+};
 use crate::record::{TopicConfig, TopicPartition};
 
 /// A [`LogStore`] that keeps everything in memory; `sync` is a no-op.
@@ -25,8 +28,9 @@ pub struct MemoryStore {
 struct Inner {
     topics: BTreeMap<String, TopicConfig>,
     parts: HashMap<TopicPartition, Part>,
-    producers: BTreeMap<u64, u32>,
-    groups: BTreeMap<Vec<u8>, u64>,
+    producers: BTreeMap<u64, Bytes>,
+    next_producer: u64,
+    groups: BTreeMap<Vec<u8>, [u8; 16]>,
     kvs: HashMap<String, BTreeMap<Vec<u8>, Bytes>>,
 }
 
@@ -45,7 +49,7 @@ impl MemoryStore {
 
     /// A store holding only what was synced, as after a power cut.
     pub fn power_cut(&self) -> MemoryStore {
-        let synced = self.synced.lock().expect("memory store lock").clone();
+        let synced = self.synced.lock().clone();
         MemoryStore {
             inner: Mutex::new(synced.clone()),
             synced: Mutex::new(synced),
@@ -53,32 +57,35 @@ impl MemoryStore {
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
-        f(&mut self.inner.lock().expect("memory store lock"))
+        f(&mut self.inner.lock())
     }
 }
 
 impl LogStore for MemoryStore {
     fn load_topics(&self) -> Result<Vec<TopicConfig>, LogError> {
+        crate::blocking::check("load_topics");
         Ok(self.with(|s| s.topics.values().cloned().collect()))
     }
 
     fn put_topic(&self, config: &TopicConfig) -> Result<(), LogError> {
+        crate::blocking::check("put_topic");
         self.with(|s| s.topics.insert(config.name.clone(), config.clone()));
         Ok(())
     }
 
     fn delete_topic(&self, config: &TopicConfig) -> Result<(), LogError> {
+        crate::blocking::check("delete_topic");
         self.with(|s| {
             s.topics.remove(&config.name);
             s.parts.retain(|tp, _| tp.topic != config.name);
-            let mut prefix = config.name.as_bytes().to_vec();
-            prefix.push(0);
+            let prefix = GroupKeys::topic_prefix(&config.name);
             s.groups.retain(|k, _| !k.starts_with(&prefix));
         });
         Ok(())
     }
 
     fn recover_partition(&self, tp: &TopicPartition) -> Result<RecoveredPartition, LogError> {
+        crate::blocking::check("recover_partition");
         self.with(|s| {
             let Some(part) = s.parts.get(tp) else {
                 return Ok(RecoveredPartition::default());
@@ -118,6 +125,7 @@ impl LogStore for MemoryStore {
         chunks: &[EncodedChunk],
         producer: Option<(u64, &[u8])>,
     ) -> Result<(), LogError> {
+        crate::blocking::check("append");
         self.with(|s| {
             let part = s.parts.entry(tp.clone()).or_default();
             let mut base = base_offset;
@@ -133,6 +141,7 @@ impl LogStore for MemoryStore {
     }
 
     fn read_chunk(&self, tp: &TopicPartition, base_offset: u64) -> Result<Option<Bytes>, LogError> {
+        crate::blocking::check("read_chunk");
         Ok(self.with(|s| {
             s.parts
                 .get(tp)
@@ -141,6 +150,7 @@ impl LogStore for MemoryStore {
     }
 
     fn trim(&self, tp: &TopicPartition, bases: &[u64], new_start: u64) -> Result<(), LogError> {
+        crate::blocking::check("trim");
         self.with(|s| {
             let part = s.parts.entry(tp.clone()).or_default();
             for base in bases {
@@ -151,12 +161,45 @@ impl LogStore for MemoryStore {
         Ok(())
     }
 
-    fn load_producers(&self) -> Result<Vec<(u64, u32)>, LogError> {
-        Ok(self.with(|s| s.producers.iter().map(|(k, v)| (*k, *v)).collect()))
+    fn remove_producers(&self, tp: &TopicPartition, ids: &[u64]) -> Result<(), LogError> {
+        crate::blocking::check("remove_producers");
+        self.with(|s| {
+            if let Some(part) = s.parts.get_mut(tp) {
+                for id in ids {
+                    part.producers.remove(id);
+                }
+            }
+        });
+        Ok(())
     }
 
-    fn put_producer(&self, producer_id: u64, epoch: u32) -> Result<(), LogError> {
-        self.with(|s| s.producers.insert(producer_id, epoch));
+    fn load_producers(&self) -> Result<StoredProducers, LogError> {
+        crate::blocking::check("load_producers");
+        Ok(self.with(|s| StoredProducers {
+            producers: s.producers.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            next_id: s
+                .next_producer
+                .max(s.producers.keys().max().map_or(1, |m| m + 1)),
+        }))
+    }
+
+    fn put_producer(&self, producer_id: u64, record: &[u8], next_id: u64) -> Result<(), LogError> {
+        crate::blocking::check("put_producer");
+        self.with(|s| {
+            s.producers
+                .insert(producer_id, Bytes::copy_from_slice(record));
+            s.next_producer = next_id;
+        });
+        Ok(())
+    }
+
+    fn delete_producers(&self, ids: &[u64]) -> Result<(), LogError> {
+        crate::blocking::check("delete_producers");
+        self.with(|s| {
+            for id in ids {
+                s.producers.remove(id);
+            }
+        });
         Ok(())
     }
 
@@ -165,42 +208,70 @@ impl LogStore for MemoryStore {
         group: &str,
         topic: &str,
         offsets: &[(u32, u64)],
+        at_ms: i64,
     ) -> Result<(), LogError> {
+        crate::blocking::check("put_group_offsets");
         let keys = GroupKeys::new(topic, group);
         self.with(|s| {
             for (partition, offset) in offsets {
-                s.groups.insert(keys.key(*partition), *offset);
+                s.groups
+                    .insert(keys.key(*partition), encode_group_offset(*offset, at_ms));
             }
         });
         Ok(())
     }
 
     fn group_offsets(&self, group: &str, topic: &str) -> Result<Vec<(u32, u64)>, LogError> {
+        crate::blocking::check("group_offsets");
         let keys = GroupKeys::new(topic, group);
         Ok(self.with(|s| {
             s.groups
                 .range(keys.prefix.clone()..)
-                .map_while(|(k, v)| keys.partition(k).map(|p| (p, *v)))
+                .map_while(|(k, v)| keys.partition(k).zip(decode_group_offset(v)))
+                .map(|(p, (offset, _))| (p, offset))
                 .collect()
         }))
     }
 
-    fn list_groups(&self) -> Result<Vec<(String, String)>, LogError> {
-        let mut out: Vec<(String, String)> = self.with(|s| {
-            s.groups
-                .keys()
-                .filter_map(|k| GroupKeys::parse(k))
-                .collect()
-        });
-        out.dedup();
-        Ok(out)
+    fn list_groups(&self) -> Result<Vec<GroupEntry>, LogError> {
+        crate::blocking::check("list_groups");
+        Ok(self.with(|s| {
+            let mut out: Vec<GroupEntry> = Vec::new();
+            for (k, v) in &s.groups {
+                let (Some((group, topic)), Some((_, at))) =
+                    (GroupKeys::parse(k), decode_group_offset(v))
+                else {
+                    continue;
+                };
+                match out.last_mut() {
+                    Some(last) if last.group == group && last.topic == topic => {
+                        last.last_commit_ms = last.last_commit_ms.max(at)
+                    }
+                    _ => out.push(GroupEntry {
+                        group,
+                        topic,
+                        last_commit_ms: at,
+                    }),
+                }
+            }
+            out
+        }))
+    }
+
+    fn delete_group(&self, group: &str, topic: &str) -> Result<(), LogError> {
+        crate::blocking::check("delete_group");
+        let keys = GroupKeys::new(topic, group);
+        self.with(|s| s.groups.retain(|k, _| !k.starts_with(&keys.prefix)));
+        Ok(())
     }
 
     fn kv_get(&self, namespace: &str, key: &[u8]) -> Result<Option<Bytes>, LogError> {
+        crate::blocking::check("kv_get");
         Ok(self.with(|s| s.kvs.get(namespace).and_then(|kv| kv.get(key).cloned())))
     }
 
     fn kv_scan(&self, namespace: &str, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>, LogError> {
+        crate::blocking::check("kv_scan");
         Ok(self.with(|s| {
             s.kvs.get(namespace).map_or_else(Vec::new, |kv| {
                 kv.range(prefix.to_vec()..)
@@ -216,6 +287,7 @@ impl LogStore for MemoryStore {
         namespace: &str,
         writes: &[(Vec<u8>, Option<Vec<u8>>)],
     ) -> Result<(), LogError> {
+        crate::blocking::check("kv_apply");
         self.with(|s| {
             let kv = s.kvs.entry(namespace.to_string()).or_default();
             for (key, value) in writes {
@@ -229,13 +301,15 @@ impl LogStore for MemoryStore {
     }
 
     fn kv_drop(&self, namespace: &str) -> Result<(), LogError> {
+        crate::blocking::check("kv_drop");
         self.with(|s| s.kvs.remove(namespace));
         Ok(())
     }
 
     fn sync(&self) -> Result<(), LogError> {
+        crate::blocking::check("sync");
         let snapshot = self.with(|s| s.clone());
-        *self.synced.lock().expect("memory store lock") = snapshot;
+        *self.synced.lock() = snapshot;
         Ok(())
     }
 }

@@ -27,12 +27,13 @@ pub const CHUNK_TARGET_BYTES: usize = 32 * 1024;
 /// No stored value is larger than this; a bigger chunk (one big record) is split.
 pub const FRAGMENT_MAX_BYTES: usize = 32 * 1024;
 
-/// Errors of the storage layer.
+/// Errors of the storage layer. Each message is a sentence an operator can act on; the
+/// underlying error stays attached as the source.
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
-    /// sled reported an error.
-    #[error("storage error: {0}")]
-    Storage(String),
+    /// sled reported an error (an I/O failure underneath, or a damaged store).
+    #[error("the store failed: {}", describe_sled(.0))]
+    Sled(#[source] sled::Error),
     /// A file operation failed.
     #[error("I/O error on {path}: {source}")]
     Io {
@@ -67,11 +68,50 @@ pub enum LogError {
         /// What was wrong.
         source: CodecError,
     },
+    /// A stored value is not in the shape this weir writes (damaged, or written by another
+    /// version).
+    #[error("unreadable stored {what}: {reason}")]
+    Malformed {
+        /// Which value.
+        what: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl LogError {
+    /// Whether the stored data itself is damaged (retrying will not help), as opposed to a
+    /// failure of the disk or the store that may pass.
+    pub fn is_damage(&self) -> bool {
+        matches!(
+            self,
+            LogError::Corrupt { .. }
+                | LogError::Malformed { .. }
+                | LogError::Sled(sled::Error::Corruption { .. })
+        )
+    }
+}
+
+/// sled's errors in words: its Display shows an I/O error's debug form
+/// (`IO error: Os { code: 5, kind: Uncategorized, ... }`).
+fn describe_sled(e: &sled::Error) -> String {
+    match e {
+        sled::Error::Io(io) => format!("I/O error: {io}"),
+        sled::Error::Corruption { at, .. } => match at {
+            Some(at) => format!("the store's files are damaged at {at}"),
+            None => "the store's files are damaged".into(),
+        },
+        sled::Error::CollectionNotFound(name) => {
+            format!("tree {:?} not found", String::from_utf8_lossy(name))
+        }
+        sled::Error::Unsupported(what) => format!("unsupported operation: {what}"),
+        sled::Error::ReportableBug(what) => format!("sled bug: {what}"),
+    }
 }
 
 impl From<sled::Error> for LogError {
     fn from(e: sled::Error) -> Self {
-        LogError::Storage(e.to_string())
+        LogError::Sled(e)
     }
 }
 
@@ -95,6 +135,44 @@ pub struct RecoveredPartition {
     pub chunks: Vec<(u64, ChunkMeta)>,
     /// Encoded idempotent-producer state per producer id (see `broker::producer`).
     pub producers: Vec<(u64, Bytes)>,
+}
+
+/// Producer records as stored, and the next producer id to issue.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoredProducers {
+    /// (producer id, its record in the broker's encoding).
+    pub producers: Vec<(u64, Bytes)>,
+    /// The next id to issue (ids are never reused, even after expiry).
+    pub next_id: u64,
+}
+
+/// A consumer group's offsets for one topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupEntry {
+    /// Group name.
+    pub group: String,
+    /// Topic name.
+    pub topic: String,
+    /// When it last committed, ms since the epoch (0 = not recorded).
+    pub last_commit_ms: i64,
+}
+
+/// A group offset value: the offset, then the commit time (absent in values stored before it
+/// was recorded).
+fn encode_group_offset(offset: u64, at_ms: i64) -> [u8; 16] {
+    let mut v = [0u8; 16];
+    v[..8].copy_from_slice(&offset.to_be_bytes());
+    v[8..].copy_from_slice(&at_ms.to_be_bytes());
+    v
+}
+
+fn decode_group_offset(v: &[u8]) -> Option<(u64, i64)> {
+    let offset = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    let at = match v.get(8..16) {
+        Some(t) => i64::from_be_bytes(t.try_into().ok()?),
+        None => 0,
+    };
+    Some((offset, at))
 }
 
 /// A partitioned, durable record log plus the small metadata the broker needs.
@@ -124,21 +202,31 @@ pub trait LogStore: Send + Sync + 'static {
     fn read_chunk(&self, tp: &TopicPartition, base_offset: u64) -> Result<Option<Bytes>, LogError>;
     /// Deletes the chunks at `bases` and records `new_start` as the partition's first offset.
     fn trim(&self, tp: &TopicPartition, bases: &[u64], new_start: u64) -> Result<(), LogError>;
-    /// Producer id → current epoch, for every producer ever initialised.
-    fn load_producers(&self) -> Result<Vec<(u64, u32)>, LogError>;
-    /// Records a producer's current epoch.
-    fn put_producer(&self, producer_id: u64, epoch: u32) -> Result<(), LogError>;
-    /// Stores a consumer group's next offsets for some partitions of a topic.
+    /// Forgets the sequence states of producers in a partition (expired producers).
+    fn remove_producers(&self, tp: &TopicPartition, ids: &[u64]) -> Result<(), LogError>;
+    /// Every producer's stored record (epoch, owner, creation; the broker's encoding) and the
+    /// next producer id to issue.
+    fn load_producers(&self) -> Result<StoredProducers, LogError>;
+    /// Records a producer (its encoded record) and the next id to issue, atomically.
+    fn put_producer(&self, producer_id: u64, record: &[u8], next_id: u64) -> Result<(), LogError>;
+    /// Removes producers' records (expired producers).
+    fn delete_producers(&self, ids: &[u64]) -> Result<(), LogError>;
+    /// Stores a consumer group's next offsets for some partitions of a topic, committed at
+    /// `at_ms`.
     fn put_group_offsets(
         &self,
         group: &str,
         topic: &str,
         offsets: &[(u32, u64)],
+        at_ms: i64,
     ) -> Result<(), LogError>;
     /// A consumer group's committed offsets for a topic, by partition.
     fn group_offsets(&self, group: &str, topic: &str) -> Result<Vec<(u32, u64)>, LogError>;
-    /// Every (group, topic) with committed offsets.
-    fn list_groups(&self) -> Result<Vec<(String, String)>, LogError>;
+    /// Every (group, topic) with committed offsets, and when it last committed (ms since the
+    /// epoch; 0 when stored by a weir that did not record it).
+    fn list_groups(&self) -> Result<Vec<GroupEntry>, LogError>;
+    /// Removes a consumer group's offsets for a topic (expired groups).
+    fn delete_group(&self, group: &str, topic: &str) -> Result<(), LogError>;
     /// Makes every write that returned before this call durable (survives power loss).
     fn sync(&self) -> Result<(), LogError>;
 
@@ -176,6 +264,13 @@ impl GroupKeys {
         let mut key = self.prefix.clone();
         key.extend_from_slice(&partition.to_be_bytes());
         key
+    }
+
+    /// The prefix of every group key of a topic.
+    fn topic_prefix(topic: &str) -> Vec<u8> {
+        let mut prefix = topic.as_bytes().to_vec();
+        prefix.push(0);
+        prefix
     }
 
     /// The (group, topic) of any group key.

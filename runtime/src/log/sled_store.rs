@@ -21,13 +21,13 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::RwLock;
+use parking_lot::RwLock;
 
 use bytes::Bytes;
 
 use super::{
-    codec, ChunkMeta, EncodedChunk, GroupKeys, LogError, LogStore, RecoveredPartition,
-    FRAGMENT_MAX_BYTES,
+    codec, decode_group_offset, encode_group_offset, ChunkMeta, EncodedChunk, GroupEntry,
+    GroupKeys, LogError, LogStore, RecoveredPartition, StoredProducers, FRAGMENT_MAX_BYTES,
 };
 use crate::record::{TopicConfig, TopicPartition};
 
@@ -35,6 +35,8 @@ const FORMAT_KEY: &[u8] = b"format";
 const FORMAT: &[u8] = b"weir-log/1";
 const TOPIC_PREFIX: &str = "topic/";
 const PRODUCER_PREFIX: &[u8] = b"producer/";
+/// The next producer id to issue (ids stay unique after expired producers are deleted).
+const PRODUCER_NEXT: &[u8] = b"producer-next";
 /// sled segment size: blob threshold = a quarter of it = 2 MiB (see the module docs).
 pub const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
 
@@ -191,25 +193,23 @@ impl SledStore {
     }
 
     fn kv(&self, namespace: &str) -> Result<sled::Tree, LogError> {
-        if let Some(tree) = self.kvs.read().expect("kv lock").get(namespace) {
+        if let Some(tree) = self.kvs.read().get(namespace) {
             return Ok(tree.clone());
         }
         let tree = self.db.open_tree(format!("kv/{namespace}"))?;
         self.kvs
             .write()
-            .expect("kv lock")
             .insert(namespace.to_string(), tree.clone());
         Ok(tree)
     }
 
     fn part(&self, tp: &TopicPartition) -> Result<sled::Tree, LogError> {
-        if let Some(tree) = self.parts.read().expect("parts lock").get(tp) {
+        if let Some(tree) = self.parts.read().get(tp) {
             return Ok(tree.clone());
         }
         let tree = self.db.open_tree(Self::tree_name(tp))?;
         self.parts
             .write()
-            .expect("parts lock")
             .insert(tp.clone(), tree.clone());
         Ok(tree)
     }
@@ -247,19 +247,19 @@ fn kv_value(tree: &sled::Tree, key: &[u8], stored: sled::IVec) -> Result<Bytes, 
             let mut whole = Vec::new();
             for i in 0..fragment_count(&stored) {
                 let fragment = tree.get(fragment_key(key, i))?.ok_or_else(|| {
-                    LogError::Storage(format!(
-                        "fragment {i} of key {} is missing",
-                        String::from_utf8_lossy(key)
-                    ))
+                    LogError::Malformed {
+                        what: format!("value of key {}", String::from_utf8_lossy(key)),
+                        reason: format!("its fragment {i} is missing"),
+                    }
                 })?;
                 whole.extend_from_slice(&fragment);
             }
             Ok(Bytes::from(whole))
         }
-        _ => Err(LogError::Storage(format!(
-            "key {} has an unknown value tag",
-            String::from_utf8_lossy(key)
-        ))),
+        _ => Err(LogError::Malformed {
+            what: format!("value of key {}", String::from_utf8_lossy(key)),
+            reason: "unknown value tag".into(),
+        }),
     }
 }
 
@@ -284,21 +284,22 @@ fn be_u64(bytes: &[u8]) -> Option<u64> {
 
 impl LogStore for SledStore {
     fn load_topics(&self) -> Result<Vec<TopicConfig>, LogError> {
+        crate::blocking::check("load_topics");
         let mut topics = Vec::new();
         for item in self.meta.scan_prefix(TOPIC_PREFIX) {
             let (key, value) = item?;
-            let config: TopicConfig = serde_json::from_slice(&value).map_err(|e| {
-                LogError::Storage(format!(
-                    "topic metadata {} is unreadable: {e}",
-                    String::from_utf8_lossy(&key)
-                ))
-            })?;
+            let config: TopicConfig =
+                serde_json::from_slice(&value).map_err(|e| LogError::Malformed {
+                    what: format!("topic metadata {}", String::from_utf8_lossy(&key)),
+                    reason: e.to_string(),
+                })?;
             topics.push(config);
         }
         Ok(topics)
     }
 
     fn put_topic(&self, config: &TopicConfig) -> Result<(), LogError> {
+        crate::blocking::check("put_topic");
         let json = serde_json::to_vec(config).expect("topic config serialises");
         self.meta
             .insert(format!("{TOPIC_PREFIX}{}", config.name), json)?;
@@ -306,18 +307,17 @@ impl LogStore for SledStore {
     }
 
     fn delete_topic(&self, config: &TopicConfig) -> Result<(), LogError> {
+        crate::blocking::check("delete_topic");
         // Metadata first: a crash half-way leaves orphan trees (harmless, dropped on re-create)
         // rather than a topic whose partitions are gone.
         self.meta.remove(format!("{TOPIC_PREFIX}{}", config.name))?;
         for partition in 0..config.partitions {
             let tp = TopicPartition::new(config.name.clone(), partition);
-            self.parts.write().expect("parts lock").remove(&tp);
+            self.parts.write().remove(&tp);
             self.db.drop_tree(Self::tree_name(&tp))?;
         }
-        let mut prefix = config.name.as_bytes().to_vec();
-        prefix.push(0);
         let mut batch = sled::Batch::default();
-        for item in self.groups.scan_prefix(prefix) {
+        for item in self.groups.scan_prefix(GroupKeys::topic_prefix(&config.name)) {
             batch.remove(item?.0);
         }
         self.groups.apply_batch(batch)?;
@@ -325,6 +325,7 @@ impl LogStore for SledStore {
     }
 
     fn recover_partition(&self, tp: &TopicPartition) -> Result<RecoveredPartition, LogError> {
+        crate::blocking::check("recover_partition");
         let tree = self.part(tp)?;
         let mut out = RecoveredPartition {
             start_offset: tree.get(b"s")?.and_then(|v| be_u64(&v)).unwrap_or(0),
@@ -333,7 +334,10 @@ impl LogStore for SledStore {
         for item in tree.scan_prefix(b"c") {
             let (key, value) = item?;
             let base = be_u64(&key[1..9])
-                .ok_or_else(|| LogError::Storage(format!("bad chunk key in {tp}")))?;
+                .ok_or_else(|| LogError::Malformed {
+                    what: format!("chunk key in {tp}"),
+                    reason: format!("{} bytes, expected 11", key.len()),
+                })?;
             if key[9..11] == [0, 0] {
                 let header = codec::read_header(&value).map_err(|source| LogError::Corrupt {
                     tp: tp.clone(),
@@ -370,6 +374,7 @@ impl LogStore for SledStore {
         chunks: &[EncodedChunk],
         producer: Option<(u64, &[u8])>,
     ) -> Result<(), LogError> {
+        crate::blocking::check("append");
         let tree = self.part(tp)?;
         let mut batch = sled::Batch::default();
         let mut base = base_offset;
@@ -387,6 +392,7 @@ impl LogStore for SledStore {
     }
 
     fn read_chunk(&self, tp: &TopicPartition, base_offset: u64) -> Result<Option<Bytes>, LogError> {
+        crate::blocking::check("read_chunk");
         let tree = self.part(tp)?;
         let Some(first) = tree.get(chunk_key(base_offset, 0))? else {
             return Ok(None);
@@ -403,6 +409,7 @@ impl LogStore for SledStore {
     }
 
     fn trim(&self, tp: &TopicPartition, bases: &[u64], new_start: u64) -> Result<(), LogError> {
+        crate::blocking::check("trim");
         let tree = self.part(tp)?;
         let mut batch = sled::Batch::default();
         for &base in bases {
@@ -415,25 +422,56 @@ impl LogStore for SledStore {
         Ok(())
     }
 
-    fn load_producers(&self) -> Result<Vec<(u64, u32)>, LogError> {
-        let mut out = Vec::new();
+    fn remove_producers(&self, tp: &TopicPartition, ids: &[u64]) -> Result<(), LogError> {
+        crate::blocking::check("remove_producers");
+        let tree = self.part(tp)?;
+        let mut batch = sled::Batch::default();
+        for &id in ids {
+            batch.remove(&producer_key(id));
+        }
+        tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn load_producers(&self) -> Result<StoredProducers, LogError> {
+        crate::blocking::check("load_producers");
+        let mut out = StoredProducers::default();
         for item in self.meta.scan_prefix(PRODUCER_PREFIX) {
             let (key, value) = item?;
-            let id = be_u64(&key[PRODUCER_PREFIX.len()..]);
-            let epoch = <[u8; 4]>::try_from(value.as_ref())
-                .ok()
-                .map(u32::from_be_bytes);
-            if let (Some(id), Some(epoch)) = (id, epoch) {
-                out.push((id, epoch));
+            if let Some(id) = be_u64(&key[PRODUCER_PREFIX.len()..]) {
+                out.producers.push((id, Bytes::copy_from_slice(&value)));
             }
         }
+        let largest = out.producers.iter().map(|(id, _)| *id).max().unwrap_or(0);
+        let stored_next = self
+            .meta
+            .get(PRODUCER_NEXT)?
+            .and_then(|v| be_u64(&v))
+            .unwrap_or(0);
+        out.next_id = stored_next.max(largest + 1);
         Ok(out)
     }
 
-    fn put_producer(&self, producer_id: u64, epoch: u32) -> Result<(), LogError> {
+    fn put_producer(&self, producer_id: u64, record: &[u8], next_id: u64) -> Result<(), LogError> {
+        crate::blocking::check("put_producer");
         let mut key = PRODUCER_PREFIX.to_vec();
         key.extend_from_slice(&producer_id.to_be_bytes());
-        self.meta.insert(key, &epoch.to_be_bytes())?;
+        let mut batch = sled::Batch::default();
+        batch.insert(key, record);
+        batch.insert(PRODUCER_NEXT, &next_id.to_be_bytes());
+        self.meta.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn delete_producers(&self, ids: &[u64]) -> Result<(), LogError> {
+        crate::blocking::check("delete_producers");
+        let mut batch = sled::Batch::default();
+        for id in ids {
+            let mut key = PRODUCER_PREFIX.to_vec();
+            key.extend_from_slice(&id.to_be_bytes());
+            batch.remove(key);
+        }
+        self.meta.apply_batch(batch)?;
         Ok(())
     }
 
@@ -442,42 +480,70 @@ impl LogStore for SledStore {
         group: &str,
         topic: &str,
         offsets: &[(u32, u64)],
+        at_ms: i64,
     ) -> Result<(), LogError> {
+        crate::blocking::check("put_group_offsets");
         let keys = GroupKeys::new(topic, group);
         let mut batch = sled::Batch::default();
         for (partition, offset) in offsets {
-            batch.insert(keys.key(*partition), &offset.to_be_bytes());
+            batch.insert(keys.key(*partition), &encode_group_offset(*offset, at_ms));
         }
         self.groups.apply_batch(batch)?;
         Ok(())
     }
 
     fn group_offsets(&self, group: &str, topic: &str) -> Result<Vec<(u32, u64)>, LogError> {
+        crate::blocking::check("group_offsets");
         let keys = GroupKeys::new(topic, group);
         let mut out = Vec::new();
         for item in self.groups.scan_prefix(&keys.prefix) {
             let (key, value) = item?;
-            if let (Some(partition), Some(offset)) = (keys.partition(&key), be_u64(&value)) {
+            if let (Some(partition), Some((offset, _))) =
+                (keys.partition(&key), decode_group_offset(&value))
+            {
                 out.push((partition, offset));
             }
         }
         Ok(out)
     }
 
-    fn list_groups(&self) -> Result<Vec<(String, String)>, LogError> {
-        let mut out = Vec::new();
+    fn list_groups(&self) -> Result<Vec<GroupEntry>, LogError> {
+        crate::blocking::check("list_groups");
+        let mut out: Vec<GroupEntry> = Vec::new();
         for item in self.groups.iter() {
-            let (key, _) = item?;
-            if let Some(pair) = GroupKeys::parse(&key) {
-                if out.last() != Some(&pair) {
-                    out.push(pair);
+            let (key, value) = item?;
+            let (Some((group, topic)), Some((_, at))) =
+                (GroupKeys::parse(&key), decode_group_offset(&value))
+            else {
+                continue;
+            };
+            match out.last_mut() {
+                Some(last) if last.group == group && last.topic == topic => {
+                    last.last_commit_ms = last.last_commit_ms.max(at);
                 }
+                _ => out.push(GroupEntry {
+                    group,
+                    topic,
+                    last_commit_ms: at,
+                }),
             }
         }
         Ok(out)
     }
 
+    fn delete_group(&self, group: &str, topic: &str) -> Result<(), LogError> {
+        crate::blocking::check("delete_group");
+        let keys = GroupKeys::new(topic, group);
+        let mut batch = sled::Batch::default();
+        for item in self.groups.scan_prefix(&keys.prefix) {
+            batch.remove(item?.0);
+        }
+        self.groups.apply_batch(batch)?;
+        Ok(())
+    }
+
     fn kv_get(&self, namespace: &str, key: &[u8]) -> Result<Option<Bytes>, LogError> {
+        crate::blocking::check("kv_get");
         let tree = self.kv(namespace)?;
         match tree.get(key)? {
             Some(stored) => Ok(Some(kv_value(&tree, key, stored)?)),
@@ -486,6 +552,7 @@ impl LogStore for SledStore {
     }
 
     fn kv_scan(&self, namespace: &str, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>, LogError> {
+        crate::blocking::check("kv_scan");
         let tree = self.kv(namespace)?;
         let mut out = Vec::new();
         for item in tree.scan_prefix(prefix) {
@@ -504,6 +571,7 @@ impl LogStore for SledStore {
         namespace: &str,
         writes: &[(Vec<u8>, Option<Vec<u8>>)],
     ) -> Result<(), LogError> {
+        crate::blocking::check("kv_apply");
         let tree = self.kv(namespace)?;
         let mut batch = sled::Batch::default();
         for (key, value) in writes {
@@ -539,12 +607,14 @@ impl LogStore for SledStore {
     }
 
     fn kv_drop(&self, namespace: &str) -> Result<(), LogError> {
-        self.kvs.write().expect("kv lock").remove(namespace);
+        crate::blocking::check("kv_drop");
+        self.kvs.write().remove(namespace);
         self.db.drop_tree(format!("kv/{namespace}"))?;
         Ok(())
     }
 
     fn sync(&self) -> Result<(), LogError> {
+        crate::blocking::check("sync");
         self.db.flush()?;
         self.data_file.sync_data().map_err(|source| LogError::Io {
             path: self.dir.join("db"),

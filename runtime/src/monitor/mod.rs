@@ -9,7 +9,9 @@ pub mod probe;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -273,14 +275,13 @@ impl Monitor {
 
     /// The last snapshot.
     pub fn snapshot(&self) -> Snapshot {
-        self.inner.lock().expect("monitor lock").snapshot.clone()
+        self.inner.lock().snapshot.clone()
     }
 
     /// Total lag per consumer over the kept history, for the chart.
     pub fn history(&self) -> Vec<LagHistory> {
         self.inner
             .lock()
-            .expect("monitor lock")
             .history
             .iter()
             .map(|((kind, name), h)| LagHistory {
@@ -319,7 +320,7 @@ impl Monitor {
                     time_lag_ms: self
                         .oldest_age(&info.spec.input, p as u32, status.committed, end, now)
                         .await,
-                    failed: status.state.starts_with("halted"),
+                    failed: status.state.is_halted() || status.forwarding.as_deref().is_some_and(|f| f.starts_with("blocked")),
                     active: !info.spec.paused,
                 });
             }
@@ -381,7 +382,7 @@ impl Monitor {
         match self.broker.read(topic, partition, committed, 1).await {
             Ok(records) => records
                 .first()
-                .map_or(0, |r| (now - r.record.timestamp_ms).max(0) as u64),
+                .map_or(0, |r| crate::record::elapsed_ms(r.record.timestamp_ms, now)),
             Err(_) => 0,
         }
     }
@@ -390,7 +391,7 @@ impl Monitor {
     pub async fn sample(&self) {
         let (observed, mut topics, specs) = self.observe().await;
         let now = now_ms();
-        let mut inner = self.inner.lock().expect("monitor lock");
+        let mut inner = self.inner.lock();
         let inner = &mut *inner;
         let mut rows = Vec::with_capacity(observed.len());
         let mut live = std::collections::HashSet::new();

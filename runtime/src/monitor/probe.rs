@@ -4,7 +4,7 @@
 //! publish to effects committed.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use parking_lot::Mutex;
 
 /// Header that marks a probe record; its value is `<run>:<seq>`.
 pub const PROBE_HEADER: &str = "weir-probe";
@@ -76,7 +76,7 @@ pub struct ProbeBook {
 impl ProbeBook {
     /// Records a probe committed by `plugin` on `partition`, `delay_ms` after it was published.
     pub fn record(&self, plugin: &str, partition: u32, marker: ProbeMarker, delay_ms: u64) {
-        let mut plugins = self.plugins.lock().expect("probe book lock");
+        let mut plugins = self.plugins.lock();
         let stats = plugins.entry(plugin.to_string()).or_default();
         match stats.last.get(&partition) {
             Some(last) if last.run == marker.run && marker.seq <= last.seq => {
@@ -102,7 +102,7 @@ impl ProbeBook {
 
     /// A plugin's summary over its recent probes.
     pub fn summary(&self, plugin: &str) -> ProbeSummary {
-        let plugins = self.plugins.lock().expect("probe book lock");
+        let plugins = self.plugins.lock();
         let Some(stats) = plugins.get(plugin) else {
             return ProbeSummary::default();
         };
@@ -127,7 +127,7 @@ impl ProbeBook {
 
     /// Forgets a removed plugin.
     pub fn forget(&self, plugin: &str) {
-        self.plugins.lock().expect("probe book lock").remove(plugin);
+        self.plugins.lock().remove(plugin);
     }
 }
 

@@ -64,7 +64,7 @@ impl DedupIndex {
         let mut removed = Vec::new();
         while let Some(oldest) = self.entries.front() {
             let too_many = self.ids.len() > window.max_ids;
-            let too_old = oldest.newest_ms < now_ms.saturating_sub(window.max_age_ms as i64);
+            let too_old = crate::record::elapsed_ms(oldest.newest_ms, now_ms) > window.max_age_ms;
             if !(too_many || too_old) {
                 break;
             }

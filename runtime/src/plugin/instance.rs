@@ -24,6 +24,9 @@ mod bindings {
     wasmtime::component::bindgen!({
         path: "../sdk/wit",
         world: "consumer",
+        // A host import can fail (the store cannot be read): it traps the guest with that
+        // error instead of answering as if the key were absent.
+        imports: { default: trappable },
     });
 }
 
@@ -35,8 +38,38 @@ pub(crate) use bindings::{Consumer, ConsumerPre};
 /// Bytes of stdout + stderr kept per instance before it is recycled.
 const OUTPUT_PIPE_BYTES: usize = 256 * 1024;
 
-/// Reads committed state: key → (value, version).
-pub(crate) type StateReader = Arc<dyn Fn(&[u8]) -> Option<(Vec<u8>, u64)> + Send + Sync>;
+/// Reads committed state: key → (value, version); `Err` when the store cannot be read (the
+/// batch stops and the executor waits for the store, it is not the record's fault).
+pub(crate) type StateReader =
+    Arc<dyn Fn(&[u8]) -> Result<Option<(Vec<u8>, u64)>, String> + Send + Sync>;
+
+/// Asked every epoch tick while a guest runs: `true` stops it at once (pause, remove,
+/// upgrade, shutdown), whatever its time limit.
+pub type Interrupt = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// The guest was stopped by its [`Interrupt`].
+#[derive(Debug)]
+pub(crate) struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted by pause, stop or shutdown")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// A state read failed in the store while the guest ran.
+#[derive(Debug)]
+pub(crate) struct StateUnavailable(pub String);
+
+impl std::fmt::Display for StateUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "reading plugin state failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for StateUnavailable {}
 
 /// Limits of one plugin's instances, set at deploy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -76,6 +109,10 @@ pub(crate) struct HostState {
     effects: BatchEffects,
     /// Log lines the plugin wrote through the `log` import during this batch.
     pub logs: Vec<(LogLevel, String)>,
+    /// Checked every epoch tick.
+    interrupt: Interrupt,
+    /// Epoch ticks the running call may still take before it times out.
+    ticks_left: u64,
 }
 
 impl WasiView for HostState {
@@ -89,60 +126,67 @@ impl WasiView for HostState {
 
 impl HostState {
     /// Current version and value of a key as this batch sees it.
-    fn current(&mut self, key: &[u8]) -> Option<(Vec<u8>, u64)> {
+    fn current(&mut self, key: &[u8]) -> wasmtime::Result<Option<(Vec<u8>, u64)>> {
         if let Some(w) = self.effects.writes.get(key) {
-            return w.clone();
+            return Ok(w.clone());
         }
-        let found = (self.reader)(key);
+        let found = (self.reader)(key).map_err(|e| wasmtime::Error::new(StateUnavailable(e)))?;
         self.effects
             .reads
             .entry(key.to_vec())
             .or_insert(found.as_ref().map_or(0, |(_, v)| *v));
-        found
+        Ok(found)
     }
 
-    fn write(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) -> u64 {
-        let version = self.current(&key).map_or(0, |(_, v)| v) + 1;
+    fn write(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) -> wasmtime::Result<u64> {
+        let version = self.current(&key)?.map_or(0, |(_, v)| v) + 1;
         self.effects.writes.insert(key, value.map(|v| (v, version)));
-        version
+        Ok(version)
     }
 }
 
 impl weir::plugin::state::Host for HostState {
-    fn get(&mut self, key: Vec<u8>) -> Option<Versioned> {
-        self.current(&key)
-            .map(|(value, version)| Versioned { value, version })
+    fn get(&mut self, key: Vec<u8>) -> wasmtime::Result<Option<Versioned>> {
+        Ok(self
+            .current(&key)?
+            .map(|(value, version)| Versioned { value, version }))
     }
-    fn get_many(&mut self, keys: Vec<Vec<u8>>) -> Vec<Option<Versioned>> {
+    fn get_many(&mut self, keys: Vec<Vec<u8>>) -> wasmtime::Result<Vec<Option<Versioned>>> {
         keys.into_iter().map(|k| self.get(k)).collect()
     }
-    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.write(key, Some(value));
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) -> wasmtime::Result<()> {
+        self.write(key, Some(value)).map(drop)
     }
-    fn put_many(&mut self, entries: Vec<(Vec<u8>, Vec<u8>)>) {
+    fn put_many(&mut self, entries: Vec<(Vec<u8>, Vec<u8>)>) -> wasmtime::Result<()> {
         for (k, v) in entries {
-            self.write(k, Some(v));
+            self.write(k, Some(v))?;
         }
+        Ok(())
     }
-    fn delete(&mut self, key: Vec<u8>) {
-        self.write(key, None);
+    fn delete(&mut self, key: Vec<u8>) -> wasmtime::Result<()> {
+        self.write(key, None).map(drop)
     }
     fn compare_and_set(
         &mut self,
         key: Vec<u8>,
         expected_version: u64,
         value: Vec<u8>,
-    ) -> Option<u64> {
-        let current = self.current(&key).map_or(0, |(_, v)| v);
-        (current == expected_version).then(|| self.write(key, Some(value)))
+    ) -> wasmtime::Result<Option<u64>> {
+        let current = self.current(&key)?.map_or(0, |(_, v)| v);
+        if current == expected_version {
+            Ok(Some(self.write(key, Some(value))?))
+        } else {
+            Ok(None)
+        }
     }
 }
 
 impl weir::plugin::log::Host for HostState {
-    fn write(&mut self, level: LogLevel, message: String) {
+    fn write(&mut self, level: LogLevel, message: String) -> wasmtime::Result<()> {
         if self.logs.len() < 1000 {
             self.logs.push((level, message));
         }
+        Ok(())
     }
 }
 
@@ -186,12 +230,14 @@ pub(crate) struct PluginInstance {
 }
 
 impl PluginInstance {
-    /// Instantiates `plugin` and calls its `configure` with `config`.
+    /// Instantiates `plugin` and calls its `configure` with `config`. `interrupt` is asked
+    /// every epoch tick while the guest runs.
     pub(crate) fn new(
         plugin: &CompiledPlugin,
         limits: Limits,
         config: &[(String, String)],
         reader: StateReader,
+        interrupt: Interrupt,
     ) -> Result<Self, PluginError> {
         use rand_0_10::SeedableRng;
         let output = MemoryOutputPipe::new(OUTPUT_PIPE_BYTES);
@@ -218,11 +264,25 @@ impl PluginInstance {
             reader,
             effects: BatchEffects::default(),
             logs: Vec::new(),
+            interrupt,
+            ticks_left: ticks(limits.timeout),
         };
         let mut store = Store::new(plugin.engine(), state);
         store.limiter(|s| &mut s.limits);
-        store.set_epoch_deadline(ticks(limits.timeout));
-        store.epoch_deadline_trap();
+        // Woken every tick: an interrupt stops the guest within a tick whatever its time
+        // limit; the limit itself is counted down here.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|mut ctx| {
+            let state = ctx.data_mut();
+            if (state.interrupt)() {
+                return Err(wasmtime::Error::new(Interrupted));
+            }
+            if state.ticks_left <= 1 {
+                return Err(wasmtime::Trap::Interrupt.into());
+            }
+            state.ticks_left -= 1;
+            Ok(wasmtime::UpdateDeadline::Continue(1))
+        });
         let bindings = plugin
             .pre()
             .instantiate(&mut store)
@@ -235,7 +295,7 @@ impl PluginInstance {
             limits,
             batches: 0,
         };
-        instance.store.set_epoch_deadline(ticks(limits.timeout));
+        instance.arm();
         let result = instance
             .bindings
             .call_configure(&mut instance.store, config);
@@ -253,7 +313,7 @@ impl PluginInstance {
     pub(crate) fn process(&mut self, batch: &[u8]) -> Result<BatchEffects, PluginError> {
         self.batches += 1;
         self.store.data_mut().effects = BatchEffects::default();
-        self.store.set_epoch_deadline(ticks(self.limits.timeout));
+        self.arm();
         let result = self.bindings.call_process(&mut self.store, batch);
         let effects = std::mem::take(&mut self.store.data_mut().effects);
         match result {
@@ -264,6 +324,12 @@ impl PluginInstance {
                 Err(PluginError::from_trap(e, &output))
             }
         }
+    }
+
+    /// Gives the next guest call its whole time limit.
+    fn arm(&mut self) {
+        self.store.data_mut().ticks_left = ticks(self.limits.timeout);
+        self.store.set_epoch_deadline(1);
     }
 
     /// stdout/stderr written since the last call, and log-import lines.

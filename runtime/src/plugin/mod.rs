@@ -5,15 +5,16 @@ pub mod dedup;
 pub mod engine;
 pub(crate) mod executor;
 pub mod instance;
+mod logs;
 pub mod manager;
 mod outbox;
 pub mod spec;
 mod state;
 
 pub use engine::{CompiledPlugin, PluginEngine};
-pub use executor::PartitionStatus;
-pub use instance::Limits;
-pub use manager::{DeployRequest, ManagerError, PluginInfo, PluginManager};
+pub use executor::{PartitionState, PartitionStatus, MAX_BATCH_BYTES};
+pub use instance::{Interrupt, Limits};
+pub use manager::{DeployRequest, ManagerError, PluginConfig, PluginInfo, PluginManager};
 pub use spec::{OnError, PluginSpec, StartFrom};
 
 /// Why a plugin could not be deployed or a batch failed. Messages are for the operator.
@@ -67,6 +68,14 @@ pub enum PluginError {
     /// The plugin emitted something it may not (undeclared topic, malformed blob).
     #[error("plugin output refused: {0}")]
     BadOutput(String),
+    /// Pause, remove, upgrade or shutdown stopped the batch: not a failure of the plugin,
+    /// nothing of the batch is committed and no attempt is counted.
+    #[error("interrupted by pause, stop or shutdown")]
+    Interrupted,
+    /// The store could not be read while the plugin ran: the server's condition, not the
+    /// record's; the partition waits and retries.
+    #[error("plugin state unavailable: {0}")]
+    StateUnavailable(String),
     /// The engine could not be set up.
     #[error("wasm engine: {0}")]
     Engine(String),
@@ -91,6 +100,12 @@ impl PluginError {
             .is_some()
         {
             return PluginError::NoInstanceRoom(trap);
+        }
+        if e.downcast_ref::<instance::Interrupted>().is_some() {
+            return PluginError::Interrupted;
+        }
+        if let Some(instance::StateUnavailable(why)) = e.downcast_ref() {
+            return PluginError::StateUnavailable(why.clone());
         }
         match e.downcast_ref::<wasmtime::Trap>() {
             Some(wasmtime::Trap::Interrupt) => PluginError::Timeout { limit_ms: 0 },

@@ -10,7 +10,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::executor::PluginRuntime;
 use super::spec::partition_key;
-use crate::broker::{ProducerFields, Publish};
+use crate::backoff::Backoff;
+use crate::broker::{BrokerError, Caller, ProducerFields, Publish};
+use crate::metrics;
 use crate::record::Record;
 
 /// One output partition's share of a batch's outputs, with its producer sequence.
@@ -92,21 +94,51 @@ pub(super) fn output_record(o: &weir_codec::OutRecord<'_>) -> Record {
 
 impl PluginRuntime {
     /// Publishes the partition's outbox entries in order, as the partition's idempotent
-    /// producer, and deletes each once acknowledged.
+    /// producer, and deletes each once acknowledged. A failure the forwarder cannot get past
+    /// (its producer fenced, an output topic deleted) shows in the partition's status, the
+    /// monitor and a metric, and is retried every few seconds in case an operator fixes it.
     pub(crate) async fn run_forwarder(self: Arc<Self>, partition: u32, cancel: CancellationToken) {
         let prefix = partition_key(b'o', partition, b"");
         let producer_id = self.spec.producer_ids[partition as usize];
-        loop {
-            let entries = self
-                .store
-                .kv_scan(&self.namespace, &prefix)
-                .unwrap_or_default();
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        'scan: loop {
+            let (this, scan_prefix) = (self.clone(), prefix.clone());
+            let scanned = crate::blocking::run(move || {
+                this.store.kv_scan(&this.namespace, &scan_prefix)
+            })
+            .await;
+            let entries = match scanned {
+                Ok(Ok(entries)) => entries,
+                Ok(Err(e)) => {
+                    self.forward_failed(partition, format!("reading the outbox: {e}"), false);
+                    if !pause(&cancel, backoff.next()).await {
+                        return;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    self.forward_failed(partition, e.to_string(), false);
+                    if !pause(&cancel, backoff.next()).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
             for (key, value) in entries {
                 let Some(groups) = decode_groups(&value) else {
-                    self.log(format!(
-                        "partition {partition}: unreadable outbox entry skipped"
-                    ));
-                    continue;
+                    // Forwarding past it would reorder outputs: stop here and say so.
+                    self.forward_failed(
+                        partition,
+                        format!(
+                            "outbox entry {} is unreadable; outputs after it wait",
+                            String::from_utf8_lossy(&key)
+                        ),
+                        true,
+                    );
+                    if !pause(&cancel, Duration::from_secs(5)).await {
+                        return;
+                    }
+                    continue 'scan;
                 };
                 for g in groups {
                     let publish = Publish {
@@ -118,26 +150,53 @@ impl PluginRuntime {
                             epoch: 0,
                             base_sequence: g.base_seq,
                         }),
+                        caller: Caller::Server,
                     };
                     tracing::debug!(message = "Forwarding outputs.", topic = %g.topic, output_partition = g.partition, records = publish.records.len(), base_seq = g.base_seq);
-                    let mut backoff = Duration::from_millis(100);
                     loop {
-                        match self.broker.publish(publish.clone()).await {
+                        let e = match self.broker.publish(publish.clone()).await {
                             Ok(_) => break,
-                            Err(e) => {
-                                self.log(format!("partition {partition}: forwarding to {} failed, will retry: {e}", g.topic));
-                                tokio::select! {
-                                    _ = tokio::time::sleep(backoff) => {}
-                                    _ = cancel.cancelled() => return,
-                                }
-                                backoff = (backoff * 2).min(Duration::from_secs(5));
-                            }
+                            Err(e) => e,
+                        };
+                        let transient = matches!(
+                            &e,
+                            BrokerError::Unavailable(_)
+                                | BrokerError::NotDurable { .. }
+                                | BrokerError::WriteFailed { .. }
+                        ) || matches!(&e, BrokerError::Storage(s) if !s.is_damage());
+                        self.forward_failed(
+                            partition,
+                            format!("forwarding to {}/{}: {e}", g.topic, g.partition),
+                            !transient,
+                        );
+                        let delay = if transient {
+                            backoff.next()
+                        } else {
+                            Duration::from_secs(5)
+                        };
+                        if !pause(&cancel, delay).await {
+                            return;
                         }
                     }
                 }
-                let _ = self
-                    .store
-                    .kv_apply(&self.namespace, &[(key.to_vec(), None)]);
+                let (this, key) = (self.clone(), key.to_vec());
+                loop {
+                    let (this, key) = (this.clone(), key.clone());
+                    let deleted = crate::blocking::run(move || {
+                        this.store.kv_apply(&this.namespace, &[(key, None)])
+                    })
+                    .await;
+                    match deleted {
+                        Ok(Ok(())) => break,
+                        Ok(Err(e)) => self.forward_failed(partition, format!("deleting a forwarded outbox entry: {e}"), false),
+                        Err(e) => self.forward_failed(partition, e.to_string(), false),
+                    }
+                    if !pause(&cancel, backoff.next()).await {
+                        return;
+                    }
+                }
+                backoff.reset();
+                self.forward_ok(partition);
             }
             tokio::select! {
                 _ = self.outbox[partition as usize].notified() => {}
@@ -145,5 +204,40 @@ impl PluginRuntime {
                 _ = cancel.cancelled() => return,
             }
         }
+    }
+
+    /// Shows why outputs are stuck; `blocked`: retrying alone will not help.
+    fn forward_failed(&self, partition: u32, why: String, blocked: bool) {
+        let m = metrics::global();
+        m.plugin_forward_failures.get_or_create(&self.label).inc();
+        let shown = if blocked {
+            format!("blocked: {why}")
+        } else {
+            format!("retrying: {why}")
+        };
+        let mut status = self.status.lock();
+        let slot = &mut status[partition as usize].forwarding;
+        if slot.as_deref() != Some(shown.as_str()) {
+            *slot = Some(shown.clone());
+            drop(status);
+            self.log(format!("partition {partition}: outputs {shown}"));
+            tracing::warn!(message = "Forwarding outputs failed.", plugin = %self.spec.name, partition, reason = %shown);
+        }
+    }
+
+    fn forward_ok(&self, partition: u32) {
+        let mut status = self.status.lock();
+        if status[partition as usize].forwarding.take().is_some() {
+            drop(status);
+            self.log(format!("partition {partition}: outputs flow again"));
+        }
+    }
+}
+
+/// Sleeps `d`; `false` when cancelled.
+async fn pause(cancel: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = cancel.cancelled() => false,
     }
 }

@@ -81,6 +81,25 @@ pub(super) fn next_steps(lang: Lang, root: &Path) -> String {
     format!("cd {} && {test} && weir plugin build", root.display())
 }
 
+/// What to run after `weir plugin build`: try it locally, then deploy it.
+pub(super) fn after_build(project: &Path, wasm: &Path) -> String {
+    let name = project
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "NAME".into());
+    let shown = wasm.strip_prefix(project).unwrap_or(wasm).display().to_string();
+    let input = if project.join("input.jsonl").exists() {
+        "input.jsonl"
+    } else {
+        "FILE.jsonl"
+    };
+    format!(
+        "next: weir test {shown} --input {input}\n\
+         then: weir plugin deploy {name} --wasm {shown} --input TOPIC --output TOPIC..."
+    )
+}
+
 /// The language of the project at `path`.
 pub(super) fn detect(path: &Path) -> anyhow::Result<Lang> {
     if path.join("Cargo.toml").exists() {

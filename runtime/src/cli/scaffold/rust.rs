@@ -1,25 +1,93 @@
-//! Rust plugins: a crate with a path dependency on weir-sdk, built by cargo for wasm32-wasip2.
+//! Rust plugins: a crate built by cargo for wasm32-wasip2. Its `weir-sdk` (with the macros and
+//! the batch codec it uses) is written into the project's `vendor/` from copies this `weir`
+//! binary carries, so a project builds anywhere, with nothing but the binary and cargo; `--sdk`
+//! points the dependency at a checkout's `sdk/` instead.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::Files;
 
-/// The SDK this `weir` was built with, for the generated crate's path dependency.
-fn default_sdk() -> Option<PathBuf> {
-    let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../sdk");
-    sdk.join("Cargo.toml")
-        .exists()
-        .then(|| sdk.canonicalize().unwrap_or(sdk))
-}
+/// The SDK sources this weir was built with: (path under `vendor/`, contents). The manifests
+/// are standalone versions of the workspace ones (same dependencies, versions pinned here).
+const VENDORED: &[(&str, &str)] = &[
+    ("weir-sdk/src/lib.rs", include_str!("../../../../sdk/src/lib.rs")),
+    ("weir-sdk/src/context.rs", include_str!("../../../../sdk/src/context.rs")),
+    ("weir-sdk/wit/world.wit", include_str!("../../../../sdk/wit/world.wit")),
+    ("weir-sdk-macros/src/lib.rs", include_str!("../../../../sdk/macros/src/lib.rs")),
+    ("weir-codec/src/lib.rs", include_str!("../../../../codec/src/lib.rs")),
+    (
+        "weir-sdk/Cargo.toml",
+        r#"[package]
+name = "weir-sdk"
+description = "Write weir consumer plugins in Rust (vendored by `weir plugin new`)"
+version = "0.1.0"
+edition = "2021"
+license = "Apache-2.0"
+publish = false
 
-/// Writes the crate: a working consumer, a unit test and a sample input.
+[dependencies]
+serde = { version = "1", features = ["derive"] }
+serde_json = "1"
+weir-codec = { path = "../weir-codec" }
+weir-sdk-macros = { path = "../weir-sdk-macros" }
+wit-bindgen = { version = "=0.46.0", default-features = false, features = ["macros", "realloc"] }
+"#,
+    ),
+    (
+        "weir-sdk-macros/Cargo.toml",
+        r#"[package]
+name = "weir-sdk-macros"
+description = "The #[consumer] attribute of weir-sdk (vendored by `weir plugin new`)"
+version = "0.1.0"
+edition = "2021"
+license = "Apache-2.0"
+publish = false
+
+[lib]
+proc-macro = true
+
+[dependencies]
+syn = { version = "2", features = ["full"] }
+quote = "1"
+proc-macro2 = "1"
+"#,
+    ),
+    (
+        "weir-codec/Cargo.toml",
+        r#"[package]
+name = "weir-codec"
+description = "weir's batch and output blob encodings (vendored by `weir plugin new`)"
+version = "0.1.0"
+edition = "2021"
+license = "Apache-2.0"
+publish = false
+
+[dependencies]
+"#,
+    ),
+];
+
+/// Writes the crate: a working consumer, a unit test, a sample input and, unless `sdk` names
+/// a checkout's `sdk/`, the vendored SDK.
 pub(super) fn write_crate(name: &str, files: &Files, sdk: Option<PathBuf>) -> anyhow::Result<()> {
-    let sdk = sdk.or_else(default_sdk).ok_or_else(|| {
-        anyhow::anyhow!(
-            "cannot find weir-sdk; pass --sdk PATH to the sdk/ directory of a weir checkout"
-        )
-    })?;
+    let sdk_dependency = match sdk {
+        Some(sdk) => {
+            let sdk = sdk.canonicalize().unwrap_or(sdk);
+            anyhow::ensure!(
+                sdk.join("Cargo.toml").exists(),
+                "--sdk {}: no Cargo.toml there; point it at the sdk/ directory of a weir checkout",
+                sdk.display()
+            );
+            sdk.display().to_string()
+        }
+        None => {
+            for (path, text) in VENDORED {
+                files.write(&format!("vendor/{path}"), text)?;
+            }
+            "vendor/weir-sdk".to_string()
+        }
+    };
     let write = |rel: &str, text: String| files.write(rel, &text);
     write(
         "Cargo.toml",
@@ -34,7 +102,7 @@ publish = false
 crate-type = ["cdylib", "rlib"]
 
 [dependencies]
-weir-sdk = {{ path = "{sdk}" }}
+weir-sdk = {{ path = "{sdk_dependency}" }}
 serde = {{ version = "1", features = ["derive"] }}
 serde_json = "1"
 
@@ -47,8 +115,7 @@ strip = true
 
 # A standalone crate, not part of an enclosing workspace.
 [workspace]
-"#,
-            sdk = sdk.display()
+"#
         ),
     )?;
     write(".cargo/config.toml", "# `cargo plugin` builds the .wasm weir deploys (`weir plugin build` does the same).\n[alias]\nplugin = \"build --release --target wasm32-wasip2\"\n".into())?;

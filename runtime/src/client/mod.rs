@@ -2,18 +2,22 @@
 //! tests, and the idempotent [`Producer`] that retries a failed publish with the same
 //! sequence (the seed's 重试 2～3 次) so that the broker stores it once.
 
-use std::collections::HashMap;
+mod producer;
+mod tls;
+
 use std::time::Duration;
 
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+
+pub use producer::Producer;
 
 use crate::broker::{StartAt, TopicInfo};
 use crate::grpc::convert::start_position;
 use crate::grpc::pb::{self, weir_client::WeirClient};
 use crate::grpc::status::error_kind;
-use crate::record::{partition_for_key, Record, StoredRecord, TopicConfig};
+use crate::record::{Record, StoredRecord, TopicConfig};
 
 /// Default server address of the CLI and examples.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7070";
@@ -150,36 +154,34 @@ impl Client {
             addr: addr.to_string(),
             reason,
         };
-        let endpoint = Endpoint::from_shared(addr.to_string())
-            .map_err(|e| connect_err(format!("{e} (expected a URL like http://127.0.0.1:7070)")))?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(5))
-            .http2_adaptive_window(true);
-        let endpoint = if addr.starts_with("https://") {
-            let mut tls = ClientTlsConfig::new().with_native_roots();
-            if let Some(pem) = &options.tls_ca_pem {
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
-            }
-            endpoint
-                .tls_config(tls)
-                .map_err(|e| connect_err(format!("TLS setup: {e}")))?
-        } else {
-            endpoint
-        };
         let authorization = match &options.token {
             Some(token) => Some(format!("Bearer {}", token.trim()).parse().map_err(|_| {
                 connect_err("the token has characters that cannot go in a header".into())
             })?),
             None => None,
         };
-        let channel = endpoint.connect().await.map_err(|e| {
+        let channel = match addr.strip_prefix("https://") {
+            Some(rest) => {
+                // TLS by our own connector (tls.rs): webpki plus certificates pinned with
+                // --tls-ca. The endpoint itself is plain so tonic does not wrap it again.
+                let authority = rest.trim_end_matches('/');
+                let (host, port) = split_host_port(authority, 443).map_err(connect_err)?;
+                let config = tls::client_config(options.tls_ca_pem.as_deref()).map_err(connect_err)?;
+                let endpoint = endpoint(&format!("http://{authority}")).map_err(connect_err)?;
+                endpoint
+                    .connect_with_connector(tls::Connector::new(config, host, port))
+                    .await
+            }
+            None => endpoint(addr).map_err(connect_err)?.connect().await,
+        }
+        .map_err(|e| {
             let mut reason = e.to_string();
             let mut source = std::error::Error::source(&e);
             while let Some(s) = source {
                 reason = s.to_string();
                 source = s.source();
             }
-            connect_err(reason)
+            connect_err(tls::explain(reason, options.tls_ca_pem.is_some()))
         })?;
         let inner = WeirClient::with_interceptor(channel, Credentials { authorization })
             .max_decoding_message_size(crate::grpc::MAX_MESSAGE_BYTES)
@@ -292,16 +294,7 @@ impl Client {
             .init_producer(pb::InitProducerRequest { producer_id: None })
             .await?
             .into_inner();
-        Ok(Producer {
-            client: self.clone(),
-            id: r.producer_id,
-            epoch: r.epoch,
-            sequences: HashMap::new(),
-            partitions: HashMap::new(),
-            retries: 3,
-            backoff: Duration::from_millis(100),
-            sticky: 0,
-        })
+        Ok(Producer::new(self.clone(), r.producer_id, r.epoch))
     }
 
     /// Bumps the epoch of an existing producer id (fencing its older instances).
@@ -335,6 +328,8 @@ impl Client {
             start: Some(start_position(start)),
             group: group.map(str::to_string),
             max_batch_records: 0,
+            // Our own client takes messages up to MAX_MESSAGE_BYTES.
+            max_bytes: 16 << 20,
         };
         Ok(Subscription {
             stream: self.inner.clone().subscribe(request).await?.into_inner(),
@@ -660,166 +655,31 @@ impl Subscription {
     }
 }
 
-/// An idempotent producer: numbers records per partition and retries a failed publish with the
-/// same sequence, so that a retry whose first attempt was stored is answered with the first
-/// write's offsets instead of being stored twice.
-pub struct Producer {
-    client: Client,
-    id: u64,
-    epoch: u32,
-    /// Next sequence per (topic, partition).
-    sequences: HashMap<(String, u32), u64>,
-    /// Partition counts of topics seen, for client-side partitioning.
-    partitions: HashMap<String, u32>,
-    retries: u32,
-    backoff: Duration,
-    sticky: u32,
+
+/// An endpoint with weir's transport settings.
+fn endpoint(addr: &str) -> Result<Endpoint, String> {
+    Ok(Endpoint::from_shared(addr.to_string())
+        .map_err(|e| format!("{e} (expected a URL like http://127.0.0.1:7070)"))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .http2_adaptive_window(true))
 }
 
-/// Whether a failed publish may be retried with the same sequence.
-fn retriable(e: &ClientError) -> bool {
-    match e {
-        ClientError::Connect { .. } => true,
-        ClientError::Status(s) => matches!(
-            s.code(),
-            Code::Unavailable
-                | Code::Unknown
-                | Code::DeadlineExceeded
-                | Code::Cancelled
-                | Code::Aborted
-                | Code::Internal
-        ),
-        ClientError::Protocol(_) => false,
-    }
-}
-
-impl Producer {
-    /// Producer id and epoch.
-    pub fn id(&self) -> (u64, u32) {
-        (self.id, self.epoch)
-    }
-
-    /// Sets how many times a failed publish is retried (default 3) and the first backoff
-    /// (default 100 ms, doubling).
-    pub fn with_retries(mut self, retries: u32, backoff: Duration) -> Self {
-        self.retries = retries;
-        self.backoff = backoff;
-        self
-    }
-
-    /// Publishes `records` to one partition as one batch, retrying on transport failures.
-    ///
-    /// # Errors
-    /// A refusal from the broker (not retried), or the last failure once retries are spent.
-    /// After retries are spent the producer re-initialises (new epoch, sequences from 0) on
-    /// its next send, as Kafka's does: whether the failed batch was stored is unknown.
-    pub async fn send_to(
-        &mut self,
-        topic: &str,
-        partition: u32,
-        records: Vec<Record>,
-    ) -> Result<Ack, ClientError> {
-        let key = (topic.to_string(), partition);
-        let base_sequence = *self.sequences.get(&key).unwrap_or(&0);
-        let count = records.len() as u64;
-        let request = pb::PublishRequest {
-            topic: topic.into(),
-            partition: Some(partition),
-            records: records.into_iter().map(Into::into).collect(),
-            producer: Some(pb::ProducerFields {
-                producer_id: self.id,
-                epoch: self.epoch,
-                base_sequence,
-            }),
-            request_id: 0,
+/// `host:port` (or `[v6]:port`, or a host alone with `default_port`).
+fn split_host_port(authority: &str, default_port: u16) -> Result<(String, u16), String> {
+    let bad = || format!("{authority:?} is not host:port (expected a URL like https://weir.example:7070)");
+    if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().map_err(|_| bad())?,
+            None if after.is_empty() => default_port,
+            None => return Err(bad()),
         };
-        let mut backoff = self.backoff;
-        let mut attempt = 0;
-        loop {
-            let result = self
-                .client
-                .inner
-                .clone()
-                .publish(request.clone())
-                .await
-                .map_err(ClientError::from);
-            match result {
-                Ok(response) => {
-                    let ack = response
-                        .into_inner()
-                        .acks
-                        .into_iter()
-                        .next()
-                        .map(Ack::from)
-                        .ok_or_else(|| {
-                            ClientError::Protocol("publish answered without an ack".into())
-                        })?;
-                    self.sequences.insert(key, base_sequence + count);
-                    return Ok(ack);
-                }
-                Err(e) if attempt < self.retries && retriable(&e) => {
-                    attempt += 1;
-                    tracing::debug!(message = "Publish failed; retrying with the same sequence.", error = %e, attempt);
-                    tokio::time::sleep(backoff).await;
-                    backoff *= 2;
-                }
-                Err(e) => {
-                    if retriable(&e) {
-                        self.reinit().await.ok();
-                    }
-                    return Err(e);
-                }
-            }
-        }
+        return Ok((host.to_string(), port));
     }
-
-    async fn reinit(&mut self) -> Result<(), ClientError> {
-        let (id, epoch) = self.client.init_producer(Some(self.id)).await?;
-        self.id = id;
-        self.epoch = epoch;
-        self.sequences.clear();
-        Ok(())
-    }
-
-    /// Publishes records to a topic, partitioned like the broker does (key hash; keyless
-    /// records stick to one partition per call), one idempotent batch per partition.
-    /// Returns each record's (partition, offset), in input order.
-    ///
-    /// # Errors
-    /// As [`Producer::send_to`]; partitions already acknowledged stay stored.
-    pub async fn send(
-        &mut self,
-        topic: &str,
-        records: Vec<Record>,
-    ) -> Result<Vec<(u32, u64)>, ClientError> {
-        let n = match self.partitions.get(topic) {
-            Some(&n) => n,
-            None => {
-                let n = self.client.describe_topic(topic).await?.config.partitions;
-                self.partitions.insert(topic.to_string(), n);
-                n
-            }
-        };
-        self.sticky = self.sticky.wrapping_add(1);
-        let sticky = self.sticky % n;
-        let mut by_partition: std::collections::BTreeMap<u32, Vec<(usize, Record)>> =
-            Default::default();
-        for (i, record) in records.into_iter().enumerate() {
-            let p = record
-                .key
-                .as_deref()
-                .map_or(sticky, |k| partition_for_key(k, n));
-            by_partition.entry(p).or_default().push((i, record));
-        }
-        let total = by_partition.values().map(Vec::len).sum();
-        let mut positions = vec![(0, 0); total];
-        for (p, batch) in by_partition {
-            let (indexes, records): (Vec<usize>, Vec<Record>) = batch.into_iter().unzip();
-            let ack = self.send_to(topic, p, records).await?;
-            for (rank, i) in indexes.into_iter().enumerate() {
-                positions[i] = (p, ack.base_offset + rank as u64);
-            }
-        }
-        Ok(positions)
+    match authority.rsplit_once(':') {
+        Some((host, port)) => Ok((host.to_string(), port.parse().map_err(|_| bad())?)),
+        None if !authority.is_empty() => Ok((authority.to_string(), default_port)),
+        None => Err(bad()),
     }
 }
