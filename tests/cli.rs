@@ -498,3 +498,92 @@ fn plugin_new_and_build_explain_mistakes() {
     );
     assert!(err.contains("has no app.js"), "{err}");
 }
+
+/// `tail -f log | weir publish t` publishes as lines come (a short linger), not at EOF; a
+/// topic name the CLI could not name is refused; impossible server flags are refused.
+#[test]
+fn streamed_stdin_is_published_as_it_comes_and_bad_names_and_flags_are_refused() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let server = WeirProcess::spawn(dir.path(), "127.0.0.1:0", &["--fsync", "never"]);
+    let s = &server.addr;
+    ok(s, &["topic", "create", "t"], "");
+    let mut publisher = std::process::Command::new(common::weir_bin())
+        .args(["publish", "t"])
+        .env("WEIR_SERVER", s)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = publisher.stdin.take().unwrap();
+    stdin.write_all(b"first\nsecond\n").unwrap();
+    stdin.flush().unwrap();
+    // stdin stays open: the lines must arrive anyway.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let describe = ok(s, &["topic", "describe", "t"], "");
+        let end = describe
+            .lines()
+            .nth(2)
+            .unwrap()
+            .split_whitespace()
+            .nth(2)
+            .unwrap()
+            .to_string();
+        if end == "2" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing published while stdin stays open: {describe}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(stdin);
+    let out = publisher.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+
+    let err = fails(s, &["topic", "create", "--", "-a"], "");
+    assert!(err.contains("starts with '-'"), "{err}");
+
+    let out = std::process::Command::new(common::weir_bin())
+        .args([
+            "serve",
+            "--max-wasm-mb",
+            "64",
+            "--max-request-mb",
+            "64",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("other"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && stderr.contains("--max-wasm-mb (64) must be below --max-request-mb (64)"),
+        "{stderr}"
+    );
+}
+
+/// The proto and the WIT world name the same plugin world version.
+#[test]
+fn the_proto_names_the_plugin_world_of_the_sdk() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let wit = std::fs::read_to_string(root.join("sdk/wit/world.wit")).unwrap();
+    let version = wit
+        .lines()
+        .find_map(|l| l.strip_prefix("package weir:plugin@"))
+        .unwrap()
+        .trim_end_matches(';');
+    let proto = std::fs::read_to_string(root.join("proto/weir.proto")).unwrap();
+    assert!(
+        proto.contains(&format!("weir:plugin/consumer@{version}")),
+        "proto names another world than {version}"
+    );
+    assert!(
+        proto.contains("Absent:\n  // latest, i.e. only records published after the subscribe"),
+        "the proto says where a subscribe without a start begins"
+    );
+}

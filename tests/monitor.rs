@@ -263,7 +263,12 @@ async fn probes_report_delays_and_never_reach_a_plugin() {
         .collect();
     assert_eq!(values.len(), 10, "{values:?}");
     assert!(values.iter().all(|v| v.starts_with("hello-")), "{values:?}");
-    let (seen, _) = server.plugins.state_get("chaos", b"seen").await.unwrap().unwrap();
+    let (seen, _) = server
+        .plugins
+        .state_get("chaos", b"seen")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(seen, b"10");
     // The probes are in the input topic all the same.
     let info = client.describe_topic("in").await.unwrap();

@@ -308,7 +308,9 @@ async fn plugin_effects_are_exactly_once_across_kill_9() {
                 .zip(&ends)
                 .all(|(s, e)| s.committed == e.end_offset);
             assert!(
-                !p.partitions.iter().any(|s| s.state.to_string().starts_with("halted")),
+                !p.partitions
+                    .iter()
+                    .any(|s| s.state.to_string().starts_with("halted")),
                 "{} halted: {:?}",
                 p.name,
                 p.partitions

@@ -66,6 +66,9 @@ fn the_plugin_guide_runs_as_written() {
         "the guide failed:\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
     );
     assert!(stdout.contains("created plugin project"), "{stdout}");
+    // A newcomer's first build says what to run next, and that run works without --output.
+    assert!(stdout.contains("next: weir test "), "{stdout}");
+    assert!(stderr.contains("outputs: shop-counter.counts"), "{stderr}");
     assert!(
         stdout.contains(r#""topic":"shop-counter.counts""#),
         "weir test printed outputs: {stdout}"

@@ -289,7 +289,12 @@ async fn misbehaving_records_go_to_the_dlq_and_nothing_else_stops() {
         echoed,
         ["ok-1", "ok-2", "ok-3", "ok-4"].map(|s| Bytes::from(s.as_bytes()))
     );
-    let (seen, _) = server.plugins.state_get("chaos", b"seen").await.unwrap().unwrap();
+    let (seen, _) = server
+        .plugins
+        .state_get("chaos", b"seen")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(seen, b"4", "state of failed batches was never committed");
 
     eventually(20, "dead letters forwarded", || {
@@ -394,7 +399,8 @@ async fn halt_policy_stops_at_the_poison_record_without_committing_it() {
     .await;
     eventually(20, "chaos halts", || {
         server.plugins.info("chaos").unwrap().partitions[0]
-            .state.to_string()
+            .state
+            .to_string()
             .starts_with("halted")
     })
     .await;
@@ -404,11 +410,17 @@ async fn halt_policy_stops_at_the_poison_record_without_committing_it() {
         "stopped before the poison record: {status:?}"
     );
     assert!(
-        status.state.to_string().contains("offset 2") && status.state.to_string().contains("poison record"),
+        status.state.to_string().contains("offset 2")
+            && status.state.to_string().contains("poison record"),
         "{}",
         status.state
     );
-    let (seen, _) = server.plugins.state_get("chaos", b"seen").await.unwrap().unwrap();
+    let (seen, _) = server
+        .plugins
+        .state_get("chaos", b"seen")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(seen, b"2");
 
     // Resuming a halted plugin restarts it: it retries the poison record and halts again there,
@@ -417,7 +429,8 @@ async fn halt_policy_stops_at_the_poison_record_without_committing_it() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     eventually(20, "chaos halts again", || {
         server.plugins.info("chaos").unwrap().partitions[0]
-            .state.to_string()
+            .state
+            .to_string()
             .starts_with("halted")
     })
     .await;
@@ -665,7 +678,12 @@ async fn large_outputs_and_state_never_reach_sled_blob_files() {
         .iter()
         .enumerate()
         .all(|(i, r)| r.record.value.len() == 400 * 1024 && r.record.value[0] == i as u8));
-    let (big, _) = server.plugins.state_get("chaos", b"big").await.unwrap().unwrap();
+    let (big, _) = server
+        .plugins
+        .state_get("chaos", b"big")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         big.len(),
         serde_json::to_vec(&vec![7u8; 300 * 1024]).unwrap().len()
@@ -698,8 +716,12 @@ fn build_script_plugin(dir: &std::path::Path, name: &str, lang: &str, app: &str)
     let file = if lang == "python" { "app.py" } else { "app.js" };
     std::fs::write(project.join(file), app).unwrap();
     let built = weir(&["plugin", "build", project.to_str().unwrap()]);
-    // The last line is the component's path and size (the tools print their own lines first).
-    let last = built.lines().last().unwrap_or_default();
+    // The component's path and size (the tools print their own lines first, the next steps
+    // follow).
+    let last = built
+        .lines()
+        .rfind(|l| l.ends_with(" bytes)"))
+        .unwrap_or_default();
     let wasm = last.rsplit_once(" (").map_or(last, |(path, _)| path);
     std::fs::read(wasm).unwrap().into()
 }
@@ -786,7 +808,12 @@ async fn python_and_javascript_errors_and_memory_caps_behave_as_in_rust() {
             .unwrap_or_else(|| panic!("{name} committed no state; its log:\n{logs}"));
         assert_eq!(seen, b"3", "{name}: only the good records changed state");
         assert!(
-            server.plugins.state_get(name, b"hog").await.unwrap().is_none(),
+            server
+                .plugins
+                .state_get(name, b"hog")
+                .await
+                .unwrap()
+                .is_none(),
             "{name} got 256 MiB under a 96 MiB cap"
         );
         let dlq = format!("{name}.dlq");
@@ -856,7 +883,8 @@ async fn a_full_instance_pool_makes_partitions_wait_not_fail() {
     let waiting = || {
         let info = server.plugins.info("small").unwrap();
         info.partitions.iter().all(|p| {
-            p.state.to_string()
+            p.state
+                .to_string()
                 .starts_with("waiting: no room for another plugin instance")
         })
     };

@@ -222,7 +222,11 @@ async fn topic_operations_need_their_grants() {
     let read = sub.next().await.unwrap().unwrap();
     assert_eq!(read.len(), 1);
     loyalty
-        .commit_offsets("loyalty", "order.paid", &[(read[0].partition, read[0].offset + 1)])
+        .commit_offsets(
+            "loyalty",
+            "order.paid",
+            &[(read[0].partition, read[0].offset + 1)],
+        )
         .await
         .unwrap();
     loyalty
@@ -323,7 +327,10 @@ async fn plugins_are_owned_and_act_with_their_owners_rights() {
         .unwrap()
         .is_none()
     {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting: points credits u1");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting: points credits u1"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(loyalty

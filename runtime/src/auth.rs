@@ -501,7 +501,9 @@ mod tests {
         let auth = Authority::parse(&text).unwrap();
         let p = auth.authenticate(Some(&bearer(&token))).unwrap();
         // The scheme is case-insensitive (RFC 7235).
-        let lower = auth.authenticate(Some(&format!("bearer  {token}"))).unwrap();
+        let lower = auth
+            .authenticate(Some(&format!("bearer  {token}")))
+            .unwrap();
         assert_eq!(lower.name, "loyalty");
         assert!(auth.authenticate(Some(&format!("Basic {token}"))).is_err());
         assert!(auth.authenticate(Some(&token)).is_err());

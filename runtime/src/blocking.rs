@@ -19,9 +19,7 @@ pub struct Panicked(pub String);
 ///
 /// # Errors
 /// [`Panicked`] when `f` panicked (nothing it held stays locked: weir's locks do not poison).
-pub async fn run<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, Panicked> {
+pub async fn run<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Panicked> {
     tokio::task::spawn_blocking(move || {
         let _allowed = allow();
         f()

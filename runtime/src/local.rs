@@ -152,6 +152,41 @@ impl LocalRuntime {
         Ok(self.core.plugins.deploy(request).await?)
     }
 
+    /// The topics `wasm` emits to when it processes `records` as one batch from empty state
+    /// (a dry run; nothing is stored).
+    ///
+    /// # Errors
+    /// The wasm does not compile, or the plugin fails on the records.
+    pub async fn emitted_topics(
+        &self,
+        wasm: Vec<u8>,
+        config: &[(&str, &str)],
+        records: &[Record],
+    ) -> Result<Vec<String>, LocalError> {
+        let engine = self.core.plugins.engine().clone();
+        let config: Vec<(String, String)> = config
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let records: Vec<StoredRecord> = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| StoredRecord {
+                partition: 0,
+                offset: i as u64,
+                record: r.clone(),
+            })
+            .collect();
+        let topics = crate::blocking::run(move || {
+            let compiled = engine.compile(&wasm)?;
+            crate::plugin::emitted_topics(&compiled, &config, &records)
+        })
+        .await
+        .map_err(|e| ManagerError::Io(e.to_string()))?
+        .map_err(ManagerError::Plugin)?;
+        Ok(topics.into_iter().collect())
+    }
+
     /// Removes a plugin with its state.
     ///
     /// # Errors

@@ -255,10 +255,19 @@ mod tests {
         assert_eq!(TopicConfig::new("t", 4).validate(), Ok(()));
         let forever = TopicConfig::new("t", 1).with_retention_ms(u64::MAX);
         let err = forever.validate().unwrap_err();
-        assert!(err.contains("0 to keep records forever") && err.contains("9223372036854775807"), "{err}");
-        assert!(TopicConfig::new("t", 1).with_retention_ms(MAX_DURATION_MS).validate().is_ok());
+        assert!(
+            err.contains("0 to keep records forever") && err.contains("9223372036854775807"),
+            "{err}"
+        );
+        assert!(TopicConfig::new("t", 1)
+            .with_retention_ms(MAX_DURATION_MS)
+            .validate()
+            .is_ok());
         assert!(TopicConfig::new("t", 0).validate().is_err());
-        let window = TopicConfig::new("t", 1).with_admission(Some(Admission { per_key: 1, window_ms: u64::MAX }));
+        let window = TopicConfig::new("t", 1).with_admission(Some(Admission {
+            per_key: 1,
+            window_ms: u64::MAX,
+        }));
         assert!(window.validate().unwrap_err().contains("--admit-window-ms"));
         assert_eq!(elapsed_ms(i64::MIN, i64::MAX), u64::MAX);
         assert_eq!(elapsed_ms(10, 5), 0);

@@ -306,7 +306,8 @@ pub struct Core {
 /// # Errors
 /// The directory is not a weir store, or sled cannot open it.
 pub async fn open_sled(config: &ServerConfig) -> Result<Arc<dyn LogStore>, ServerError> {
-    let (data_dir, cache_bytes, fsync) = (config.data_dir.clone(), config.cache_bytes, config.fsync);
+    let (data_dir, cache_bytes, fsync) =
+        (config.data_dir.clone(), config.cache_bytes, config.fsync);
     let store = crate::blocking::run(move || -> Result<Arc<dyn LogStore>, ServerError> {
         let options = crate::log::sled_store::SledOptions {
             cache_bytes,
@@ -335,7 +336,10 @@ impl Core {
     ///
     /// # Errors
     /// Recovery or plugin restart failures.
-    pub async fn open_on(config: &ServerConfig, store: Arc<dyn LogStore>) -> Result<Core, ServerError> {
+    pub async fn open_on(
+        config: &ServerConfig,
+        store: Arc<dyn LogStore>,
+    ) -> Result<Core, ServerError> {
         let (fsync, broker_config) = (config.fsync, config.broker.clone());
         let opened = store.clone();
         let (broker, durability, syncer) =

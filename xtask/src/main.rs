@@ -331,17 +331,29 @@ fn demo() -> Result<()> {
 /// Reproduces BENCHMARKS.md: `weir bench publish` against a release `weir serve` under each
 /// fsync policy, three runs each; prints every run and the median.
 fn bench(args: &[String]) -> Result<()> {
-    let usage = "usage: cargo xtask bench [--records N] [--plugins-only]";
-    let (mut records, mut plugins_only) = ("1000000".to_string(), false);
-    let mut rest = args.iter();
+    let usage = "usage: cargo xtask bench [--records N] [--plugins-only] [--soak [SECONDS]]";
+    let (mut records, mut plugins_only, mut soak) = ("1000000".to_string(), false, None);
+    let mut rest = args.iter().peekable();
     while let Some(arg) = rest.next() {
         match arg.as_str() {
             "--records" => records = rest.next().context(usage)?.clone(),
             "--plugins-only" => plugins_only = true,
+            "--soak" => {
+                soak = Some(match rest.peek().and_then(|s| s.parse::<u64>().ok()) {
+                    Some(secs) => {
+                        rest.next();
+                        secs
+                    }
+                    None => 600,
+                })
+            }
             _ => bail!(usage),
         }
     }
     let bin = build_release()?;
+    if let Some(secs) = soak {
+        return bench_soak(&bin, secs);
+    }
     if !plugins_only {
         bench_publish(&bin, &records)?;
     }
@@ -404,6 +416,49 @@ fn bench_publish(bin: &Path, records: &str) -> Result<()> {
             "fsync {fsync}: median {:.0} records/s (runs: {:?})\n",
             rates[1], rates
         );
+    }
+    Ok(())
+}
+
+/// `weir bench soak` for `secs` seconds against a release server with bounded caches: orders
+/// from 1,000,000 users at 5,000/s through points, red-envelope and analytics-filter, RSS
+/// every 30 s (BENCHMARKS.md, "Memory over time").
+fn bench_soak(bin: &Path, secs: u64) -> Result<()> {
+    let plugins = build_plugins()?;
+    let data = std::env::temp_dir().join(format!("weir-soak-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let server = Server::start_with(
+        bin,
+        &data,
+        "always",
+        &["--cache-mb", "64", "--state-cache-mb", "16"],
+    )?;
+    // Streamed: a sample line every 30 s.
+    let status = Command::new(bin)
+        .env("WEIR_SERVER", &server.url)
+        .args([
+            "bench",
+            "soak",
+            "--wasm-dir",
+            plugins.to_str().expect("utf-8 path"),
+            "--server-pid",
+            &server.child.id().to_string(),
+            "--duration-s",
+            &secs.to_string(),
+            "--users",
+            "1000000",
+            "--rate",
+            "5000",
+            "--sample-s",
+            "30",
+            "--budget-mb",
+            "600",
+        ])
+        .status()?;
+    server.stop()?;
+    std::fs::remove_dir_all(&data).ok();
+    if !status.success() {
+        bail!("weir bench soak failed ({status})");
     }
     Ok(())
 }

@@ -183,7 +183,9 @@ pub enum BrokerError {
 /// "Unknown topic", with the command that creates it when the name is a valid one.
 fn unknown_topic(name: &str) -> String {
     match crate::record::validate_topic_name(name) {
-        Ok(()) => format!("unknown topic {name:?}; create it with `weir topic create {name} --partitions N`"),
+        Ok(()) => format!(
+            "unknown topic {name:?}; create it with `weir topic create {name} --partitions N`"
+        ),
         Err(why) => format!("unknown topic {name:?} ({why})"),
     }
 }

@@ -177,12 +177,11 @@ impl Broker {
             next_id: stored.next_id,
         };
         for (id, bytes) in stored.producers {
-            let record = ProducerRecord::decode(&bytes).ok_or_else(|| {
-                crate::log::LogError::Malformed {
+            let record =
+                ProducerRecord::decode(&bytes).ok_or_else(|| crate::log::LogError::Malformed {
                     what: format!("record of producer {id}"),
                     reason: format!("{} bytes", bytes.len()),
-                }
-            })?;
+                })?;
             producers.records.insert(id, record);
         }
         // Idle time counts from the newest append in any partition; a producer stored before
@@ -304,11 +303,7 @@ impl Broker {
         crate::record::validate_topic_name(&config.name).map_err(BrokerError::InvalidTopicName)?;
         config.validate().map_err(BrokerError::InvalidArgument)?;
         let _admin = self.admin.lock().await;
-        if self
-            .topics
-            .read()
-            .contains_key(&config.name)
-        {
+        if self.topics.read().contains_key(&config.name) {
             return Err(BrokerError::TopicExists(config.name));
         }
         let store = self.store.clone();
@@ -334,11 +329,7 @@ impl Broker {
 
     /// All topics with their offsets.
     pub fn list_topics(&self) -> Vec<TopicInfo> {
-        self.topics
-            .read()
-            .values()
-            .map(|t| Self::info(t))
-            .collect()
+        self.topics.read().values().map(|t| Self::info(t)).collect()
     }
 
     /// One topic with its offsets.
@@ -441,14 +432,17 @@ impl Broker {
         producers: &'a ProducerTable,
         id: u64,
     ) -> Result<&'a ProducerRecord, BrokerError> {
-        producers.records.get(&id).ok_or(if id > 0 && id < producers.next_id {
-            BrokerError::ProducerExpired {
-                producer_id: id,
-                expiry_ms: self.config.producer_expiry.as_millis() as u64,
-            }
-        } else {
-            BrokerError::UnknownProducer(id)
-        })
+        producers
+            .records
+            .get(&id)
+            .ok_or(if id > 0 && id < producers.next_id {
+                BrokerError::ProducerExpired {
+                    producer_id: id,
+                    expiry_ms: self.config.producer_expiry.as_millis() as u64,
+                }
+            } else {
+                BrokerError::UnknownProducer(id)
+            })
     }
 
     fn check_producer(&self, p: &ProducerFields, caller: &Caller) -> Result<(), BrokerError> {
@@ -660,7 +654,8 @@ impl Broker {
         for (p, records) in groups {
             let partition = topic.partitions[p as usize].clone();
             let chunks = codec::encode_chunks(&records, now, CHUNK_TARGET_BYTES);
-            let appended = partition.append(&chunks, records.len() as u32, publish.producer, now)?;
+            let appended =
+                partition.append(&chunks, records.len() as u32, publish.producer, now)?;
             if !appended.duplicate {
                 let bytes: usize = chunks.iter().map(|c| c.bytes.len()).sum();
                 topic.published.0.inc_by(u64::from(appended.count));

@@ -176,7 +176,11 @@ mod tests {
 
     #[test]
     fn records_round_trip_and_legacy_epochs_read_as_unrecorded() {
-        for owner in [Owner::Server, Owner::Principal("team-a".into()), Owner::Unrecorded] {
+        for owner in [
+            Owner::Server,
+            Owner::Principal("team-a".into()),
+            Owner::Unrecorded,
+        ] {
             let r = ProducerRecord {
                 epoch: 7,
                 owner,
@@ -200,7 +204,8 @@ mod tests {
         t.records.insert(1, rec(Owner::Principal("a".into()), 0));
         t.records.insert(2, rec(Owner::Server, 0));
         t.records.insert(3, rec(Owner::Unrecorded, 900));
-        t.records.insert(4, rec(Owner::Principal("a".into()), i64::MIN));
+        t.records
+            .insert(4, rec(Owner::Principal("a".into()), i64::MIN));
         assert_eq!(t.expired(1_000, 500), vec![1, 4]);
         assert_eq!(t.expired(1_000, u64::MAX), Vec::<u64>::new());
     }

@@ -412,8 +412,8 @@ pub fn retention_plan(
     let mut size = size;
     let mut remove = Vec::new();
     for (&base, meta) in chunks {
-        let too_old =
-            retention_ms > 0 && crate::record::elapsed_ms(meta.max_timestamp_ms, now_ms) > retention_ms;
+        let too_old = retention_ms > 0
+            && crate::record::elapsed_ms(meta.max_timestamp_ms, now_ms) > retention_ms;
         let too_big = retention_bytes > 0 && size > retention_bytes;
         if !(too_old || too_big) {
             break;

@@ -21,6 +21,9 @@ pub enum BenchCommand {
     Publish(PublishBench),
     /// Exactly-once plugin throughput: orders published first, then drained by the plugin.
     Plugin(PluginBench),
+    /// Memory over a long steady load: orders from many users through three plugins, the
+    /// server's RSS sampled; fails if it keeps growing after the warm-up.
+    Soak(super::soak::SoakBench),
 }
 
 /// Arguments of `weir bench plugin`.
@@ -82,6 +85,7 @@ pub(super) async fn run(
 ) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Publish(args) => println!("{}", publish(client, &args, shutdown).await?),
+        BenchCommand::Soak(args) => super::soak::run(client, args).await?,
         BenchCommand::Plugin(args) => {
             let main = plugin_run(client, &args, &args.wasm, "main").await?;
             if let Some(baseline) = &args.baseline_wasm {
@@ -183,13 +187,7 @@ pub async fn publish(
     let partitions = match client.describe_topic(&args.topic).await {
         Ok(info) => info.config.partitions,
         Err(e) if e.code() == Some(tonic::Code::NotFound) => {
-            let config = TopicConfig {
-                name: args.topic.clone(),
-                partitions: args.partitions,
-                retention_ms: 0,
-                retention_bytes: 0,
-                admission: None,
-            };
+            let config = TopicConfig::new(args.topic.clone(), args.partitions);
             client.create_topic(&config).await?.config.partitions
         }
         Err(e) => return Err(e.into()),

@@ -8,6 +8,7 @@ pub mod lag;
 mod plugin;
 mod publish;
 mod scaffold;
+mod soak;
 mod test;
 mod topic;
 

@@ -117,8 +117,13 @@ fn print_plugin(p: &PluginStatus) {
         "PARTITION", "COMMITTED", "PROCESSED", "SKIPPED", "DLQ"
     );
     for q in &p.partitions {
+        let outputs = if q.forwarding.is_empty() {
+            String::new()
+        } else {
+            format!("; outputs {}", q.forwarding)
+        };
         println!(
-            "  {:>9} {:>12} {:>10} {:>8} {:>6}  {}",
+            "  {:>9} {:>12} {:>10} {:>8} {:>6}  {}{outputs}",
             q.partition, q.committed, q.processed, q.skipped, q.dead_lettered, q.state
         );
     }

@@ -1,5 +1,7 @@
 //! `weir publish`: one record from the argument, or one per stdin line (plain or JSON), sent
-//! through an idempotent producer so the client's retries never store a record twice.
+//! through an idempotent producer so the client's retries never store a record twice. Lines
+//! are sent as they come: a batch goes when it is full or `--linger-ms` after its first line
+//! (like kafka-console-producer), so `tail -f log | weir publish t` publishes as the log grows.
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
@@ -33,6 +35,9 @@ pub struct PublishArgs {
     /// Records per request when reading stdin.
     #[arg(long, default_value_t = 1000)]
     pub batch: usize,
+    /// With stdin input, send a batch at the latest this long after its first line, ms.
+    #[arg(long, default_value_t = 100)]
+    pub linger_ms: u64,
 }
 
 #[derive(serde::Deserialize)]
@@ -66,67 +71,119 @@ pub(super) fn from_json_line(line: &str) -> Result<Record, String> {
     })
 }
 
-/// Reads every input record first, so that a malformed line fails the command before anything
-/// is published.
-fn read_records(args: &PublishArgs, input: impl BufRead) -> anyhow::Result<Vec<Record>> {
+/// The record of stdin line `n` (1-based), with the command's key and id applied.
+fn line_record(args: &PublishArgs, n: usize, line: &str) -> anyhow::Result<Record> {
+    let mut record = if args.json {
+        from_json_line(line).map_err(|e| anyhow::anyhow!("line {n}: invalid JSON record: {e}; expected {{\"key\":..,\"value\":..,\"id\":..,\"headers\":{{..}}}}"))?
+    } else {
+        Record::from_value(line.to_string())
+    };
+    if record.key.is_none() {
+        record.key = args.key.clone().map(Bytes::from);
+    }
+    if record.id.is_none() {
+        record.id = args.id.as_ref().map(|id| format!("{id}-{n}"));
+    }
+    Ok(record)
+}
+
+/// Publishes `batch` and prints where each record went.
+async fn flush(
+    producer: &mut crate::client::Producer,
+    args: &PublishArgs,
+    batch: &mut Vec<Record>,
+) -> anyhow::Result<()> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let records = std::mem::take(batch);
+    let positions = match args.partition {
+        Some(p) => {
+            let n = records.len() as u64;
+            let ack = producer.send_to(&args.topic, p, records).await?;
+            (0..n).map(|i| (p, ack.base_offset + i)).collect()
+        }
+        None => producer.send(&args.topic, records).await?,
+    };
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    for (partition, offset) in positions {
+        writeln!(out, "partition {partition} offset {offset}")?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+pub(super) async fn run(client: &Client, args: PublishArgs) -> anyhow::Result<()> {
     if let Some(value) = &args.value {
         anyhow::ensure!(
             !args.json,
             "--json reads records from stdin; drop the VALUE argument or --json"
         );
-        return Ok(vec![Record {
+        let mut producer = client.producer().await?;
+        let mut batch = vec![Record {
             key: args.key.clone().map(Bytes::from),
             id: args.id.clone(),
             ..Record::from_value(value.clone())
-        }]);
+        }];
+        return flush(&mut producer, &args, &mut batch).await;
     }
-    let mut records = Vec::new();
-    for (i, line) in input.lines().enumerate() {
-        let n = i + 1;
+    // Lines are read on a thread of their own (stdin blocks) and batched here.
+    let (tx, mut lines) = tokio::sync::mpsc::channel::<std::io::Result<String>>(4096);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            if tx.blocking_send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut producer = client.producer().await?;
+    let linger = std::time::Duration::from_millis(args.linger_ms);
+    let (mut batch, mut n, mut published) = (Vec::new(), 0usize, 0usize);
+    // The stdin line of the batch's first record.
+    let mut batch_line = 1usize;
+    let mut deadline = tokio::time::Instant::now();
+    loop {
+        let line = tokio::select! {
+            line = lines.recv() => line,
+            _ = tokio::time::sleep_until(deadline), if !batch.is_empty() => {
+                published += batch.len();
+                flush(&mut producer, &args, &mut batch).await?;
+                continue;
+            }
+        };
+        let Some(line) = line else { break };
+        n += 1;
         let line = line.with_context(|| format!("reading stdin line {n}"))?;
         if line.trim().is_empty() {
             continue;
         }
-        let mut record = if args.json {
-            from_json_line(&line).map_err(|e| anyhow::anyhow!("line {n}: invalid JSON record: {e}; expected {{\"key\":..,\"value\":..,\"id\":..,\"headers\":{{..}}}}"))?
-        } else {
-            Record::from_value(line)
+        let record = match line_record(&args, n, &line) {
+            // The batch it would have joined is not sent either: input that arrives at once
+            // (a file) is all or nothing, as before lines were streamed.
+            Err(e) if published == 0 => anyhow::bail!("{e}; nothing was published"),
+            Err(e) => anyhow::bail!(
+                "{e}; the {published} record(s) before line {batch_line} were published, \
+                 nothing from line {batch_line} on"
+            ),
+            Ok(r) => r,
         };
-        if record.key.is_none() {
-            record.key = args.key.clone().map(Bytes::from);
+        if batch.is_empty() {
+            deadline = tokio::time::Instant::now() + linger;
+            batch_line = n;
         }
-        if record.id.is_none() {
-            record.id = args.id.as_ref().map(|id| format!("{id}-{n}"));
+        batch.push(record);
+        if batch.len() >= args.batch.max(1) {
+            published += batch.len();
+            flush(&mut producer, &args, &mut batch).await?;
         }
-        records.push(record);
     }
+    published += batch.len();
+    flush(&mut producer, &args, &mut batch).await?;
     anyhow::ensure!(
-        !records.is_empty(),
+        published > 0,
         "nothing to publish: give a VALUE or pipe lines on stdin"
     );
-    Ok(records)
-}
-
-pub(super) async fn run(client: &Client, args: PublishArgs) -> anyhow::Result<()> {
-    let records = read_records(&args, std::io::stdin().lock())?;
-    let mut producer = client.producer().await?;
-    let mut out = std::io::stdout().lock();
-    let mut records = records.into_iter().peekable();
-    while records.peek().is_some() {
-        let batch: Vec<Record> = records.by_ref().take(args.batch.max(1)).collect();
-        let positions = match args.partition {
-            Some(p) => {
-                let n = batch.len() as u64;
-                let ack = producer.send_to(&args.topic, p, batch).await?;
-                (0..n).map(|i| (p, ack.base_offset + i)).collect()
-            }
-            None => producer.send(&args.topic, batch).await?,
-        };
-        for (partition, offset) in positions {
-            use std::io::Write;
-            writeln!(out, "partition {partition} offset {offset}")?;
-        }
-    }
     Ok(())
 }
 
@@ -143,28 +200,33 @@ mod tests {
             partition: None,
             json,
             batch: 1000,
+            linger_ms: 100,
         }
     }
 
     #[test]
     fn json_lines_and_errors_name_the_line() {
-        let input = "{\"key\":\"u1\",\"value\":\"hello\",\"headers\":{\"h\":\"v\"}}\n\n{\"value\":{\"amount\":5},\"id\":\"o-2\"}\n";
-        let records = read_records(&args(true), input.as_bytes()).unwrap();
-        assert_eq!(records.len(), 2);
-        assert_eq!(records[0].key.as_deref(), Some(&b"u1"[..]));
-        assert_eq!(records[0].id.as_deref(), Some("run-1"));
-        assert_eq!(records[1].value, Bytes::from_static(br#"{"amount":5}"#));
-        assert_eq!(records[1].id.as_deref(), Some("o-2"));
-        let err = read_records(
+        let r = line_record(
             &args(true),
-            "{\"value\":\"a\"}\n{\"value\": nope}\n".as_bytes(),
+            1,
+            "{\"key\":\"u1\",\"value\":\"hello\",\"headers\":{\"h\":\"v\"}}",
         )
-        .unwrap_err();
+        .unwrap();
+        assert_eq!(r.key.as_deref(), Some(&b"u1"[..]));
+        assert_eq!(r.id.as_deref(), Some("run-1"));
+        let r = line_record(&args(true), 3, "{\"value\":{\"amount\":5},\"id\":\"o-2\"}").unwrap();
+        assert_eq!(r.value, Bytes::from_static(br#"{"amount":5}"#));
+        assert_eq!(r.id.as_deref(), Some("o-2"));
+        let err = line_record(&args(true), 2, "{\"value\": nope}").unwrap_err();
         assert!(
             err.to_string().starts_with("line 2: invalid JSON record"),
             "{err}"
         );
-        let err = read_records(&args(true), "{\"valu\":\"a\"}\n".as_bytes()).unwrap_err();
+        let err = line_record(&args(true), 1, "{\"valu\":\"a\"}").unwrap_err();
         assert!(err.to_string().contains("line 1"), "{err}");
+        assert_eq!(
+            line_record(&args(false), 4, "plain").unwrap().value,
+            Bytes::from("plain")
+        );
     }
 }

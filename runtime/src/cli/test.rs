@@ -17,7 +17,8 @@ pub struct TestArgs {
     /// `key=value` for the plugin's configure (repeatable).
     #[arg(long, value_parser = super::plugin::parse_kv)]
     pub config: Vec<(String, String)>,
-    /// A topic the plugin emits to (repeatable), as at deploy.
+    /// A topic the plugin emits to (repeatable), as at deploy. Without any, the topics it
+    /// emits to in a dry run over the input are accepted.
     #[arg(long)]
     pub output: Vec<String>,
     /// Also print the state the plugin wrote.
@@ -72,19 +73,43 @@ async fn run_local(
     input: &[(usize, Record)],
 ) -> anyhow::Result<()> {
     local.create_topic("input", 1).await?;
-    for topic in &args.output {
-        local.create_topic(topic, 1).await?;
-    }
-    let outputs: Vec<&str> = args.output.iter().map(String::as_str).collect();
     let config: Vec<(&str, &str)> = args
         .config
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
+    let records: Vec<Record> = input.iter().map(|(_, r)| r.clone()).collect();
+    let declared = if args.output.is_empty() {
+        // As a newcomer runs it: accept whatever the plugin emits (if the dry run fails, the
+        // real run below reports the failure with its input line).
+        let found = local
+            .emitted_topics(wasm.clone(), &config, &records)
+            .await
+            .unwrap_or_default();
+        if !found.is_empty() {
+            eprintln!(
+                "outputs: {} (what the plugin emits; deploy it with {})",
+                found.join(", "),
+                found
+                    .iter()
+                    .map(|t| format!("--output {t}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
+        found
+    } else {
+        args.output.clone()
+    };
+    for topic in &declared {
+        if topic != "input" {
+            local.create_topic(topic, 1).await?;
+        }
+    }
+    let outputs: Vec<&str> = declared.iter().map(String::as_str).collect();
     local
         .deploy("plugin", wasm, "input", &outputs, &config)
         .await?;
-    let records: Vec<Record> = input.iter().map(|(_, r)| r.clone()).collect();
     let runs = if args.replay_twice { 2 } else { 1 };
     let mut out = std::io::stdout().lock();
     let mut printed = 0;
@@ -113,7 +138,7 @@ async fn run_local(
             .iter()
             .fold((0, 0), |(p, s), q| (p + q.processed, s + q.skipped));
         let mut all = Vec::new();
-        for topic in &args.output {
+        for topic in &declared {
             for r in local.read(topic).await? {
                 all.push((topic.clone(), r));
             }

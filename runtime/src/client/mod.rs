@@ -166,7 +166,8 @@ impl Client {
                 // --tls-ca. The endpoint itself is plain so tonic does not wrap it again.
                 let authority = rest.trim_end_matches('/');
                 let (host, port) = split_host_port(authority, 443).map_err(connect_err)?;
-                let config = tls::client_config(options.tls_ca_pem.as_deref()).map_err(connect_err)?;
+                let config =
+                    tls::client_config(options.tls_ca_pem.as_deref()).map_err(connect_err)?;
                 let endpoint = endpoint(&format!("http://{authority}")).map_err(connect_err)?;
                 endpoint
                     .connect_with_connector(tls::Connector::new(config, host, port))
@@ -655,7 +656,6 @@ impl Subscription {
     }
 }
 
-
 /// An endpoint with weir's transport settings.
 fn endpoint(addr: &str) -> Result<Endpoint, String> {
     Ok(Endpoint::from_shared(addr.to_string())
@@ -667,7 +667,9 @@ fn endpoint(addr: &str) -> Result<Endpoint, String> {
 
 /// `host:port` (or `[v6]:port`, or a host alone with `default_port`).
 fn split_host_port(authority: &str, default_port: u16) -> Result<(String, u16), String> {
-    let bad = || format!("{authority:?} is not host:port (expected a URL like https://weir.example:7070)");
+    let bad = || {
+        format!("{authority:?} is not host:port (expected a URL like https://weir.example:7070)")
+    };
     if let Some(rest) = authority.strip_prefix('[') {
         let (host, after) = rest.split_once(']').ok_or_else(bad)?;
         let port = match after.strip_prefix(':') {

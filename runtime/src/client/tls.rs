@@ -26,11 +26,14 @@ pub fn client_config(ca_pem: Option<&[u8]>) -> Result<rustls::ClientConfig, Stri
     }
     let mut pinned = Vec::new();
     if let Some(pem) = ca_pem {
-        let certs: Vec<CertificateDer<'static>> = rustls_pki_types::pem::PemObject::pem_slice_iter(pem)
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("--tls-ca is not a PEM certificate file: {e}"))?;
+        let certs: Vec<CertificateDer<'static>> =
+            rustls_pki_types::pem::PemObject::pem_slice_iter(pem)
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("--tls-ca is not a PEM certificate file: {e}"))?;
         if certs.is_empty() {
-            return Err("--tls-ca holds no certificate (expected PEM `BEGIN CERTIFICATE` blocks)".into());
+            return Err(
+                "--tls-ca holds no certificate (expected PEM `BEGIN CERTIFICATE` blocks)".into(),
+            );
         }
         for cert in certs {
             // A certificate that cannot be a root (not a CA) can still be pinned.
@@ -79,15 +82,25 @@ impl ServerCertVerifier for Verifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let verdict = match &self.webpki {
-            Some(w) => w.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now),
-            None => Err(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer)),
+            Some(w) => {
+                w.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            }
+            None => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            )),
         };
         match verdict {
             Ok(ok) => Ok(ok),
-            Err(e) if self.pinned.iter().any(|p| p.as_ref() == end_entity.as_ref()) => {
+            Err(e)
+                if self
+                    .pinned
+                    .iter()
+                    .any(|p| p.as_ref() == end_entity.as_ref()) =>
+            {
                 // The very certificate the user trusts: accept it whatever its CA flag, if it
                 // names this server.
-                let parsed = rustls::server::ParsedCertificate::try_from(end_entity).map_err(|_| e)?;
+                let parsed =
+                    rustls::server::ParsedCertificate::try_from(end_entity).map_err(|_| e)?;
                 rustls::client::verify_server_name(&parsed, server_name)?;
                 Ok(ServerCertVerified::assertion())
             }
@@ -179,9 +192,13 @@ impl tonic::codegen::Service<tonic::codegen::http::Uri> for Connector {
 
 /// A TLS failure in words, with what to do about an untrusted certificate.
 pub(super) fn explain(reason: String, ca_given: bool) -> String {
-    let untrusted = ["UnknownIssuer", "CaUsedAsEndEntity", "invalid peer certificate"]
-        .iter()
-        .any(|s| reason.contains(s));
+    let untrusted = [
+        "UnknownIssuer",
+        "CaUsedAsEndEntity",
+        "invalid peer certificate",
+    ]
+    .iter()
+    .any(|s| reason.contains(s));
     match (untrusted, ca_given) {
         (true, false) => format!(
             "{reason}: the server's certificate is not signed by a CA this machine trusts; pass \

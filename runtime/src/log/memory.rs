@@ -5,8 +5,8 @@
 //! prove that the broker acknowledges nothing before it is synced, which a `kill -9` test
 //! cannot see (the page cache survives a process kill).
 
-use std::collections::{BTreeMap, HashMap};
 use parking_lot::Mutex;
+use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
 

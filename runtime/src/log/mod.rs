@@ -11,6 +11,7 @@
 //! are split into fragments of at most [`FRAGMENT_MAX_BYTES`].
 
 pub mod codec;
+pub mod faulty;
 mod memory;
 pub mod sled_store;
 

@@ -18,10 +18,10 @@
 //! one file create + delete per page write. [`SEGMENT_BYTES`] puts the threshold at 2 MiB,
 //! above any leaf weir can build, so `<dir>/db` holds everything and one fdatasync covers it.
 
+use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use parking_lot::RwLock;
 
 use bytes::Bytes;
 
@@ -197,9 +197,7 @@ impl SledStore {
             return Ok(tree.clone());
         }
         let tree = self.db.open_tree(format!("kv/{namespace}"))?;
-        self.kvs
-            .write()
-            .insert(namespace.to_string(), tree.clone());
+        self.kvs.write().insert(namespace.to_string(), tree.clone());
         Ok(tree)
     }
 
@@ -208,9 +206,7 @@ impl SledStore {
             return Ok(tree.clone());
         }
         let tree = self.db.open_tree(Self::tree_name(tp))?;
-        self.parts
-            .write()
-            .insert(tp.clone(), tree.clone());
+        self.parts.write().insert(tp.clone(), tree.clone());
         Ok(tree)
     }
 }
@@ -246,12 +242,12 @@ fn kv_value(tree: &sled::Tree, key: &[u8], stored: sled::IVec) -> Result<Bytes, 
         Some(&KV_FRAGMENTED) => {
             let mut whole = Vec::new();
             for i in 0..fragment_count(&stored) {
-                let fragment = tree.get(fragment_key(key, i))?.ok_or_else(|| {
-                    LogError::Malformed {
-                        what: format!("value of key {}", String::from_utf8_lossy(key)),
-                        reason: format!("its fragment {i} is missing"),
-                    }
-                })?;
+                let fragment =
+                    tree.get(fragment_key(key, i))?
+                        .ok_or_else(|| LogError::Malformed {
+                            what: format!("value of key {}", String::from_utf8_lossy(key)),
+                            reason: format!("its fragment {i} is missing"),
+                        })?;
                 whole.extend_from_slice(&fragment);
             }
             Ok(Bytes::from(whole))
@@ -317,7 +313,10 @@ impl LogStore for SledStore {
             self.db.drop_tree(Self::tree_name(&tp))?;
         }
         let mut batch = sled::Batch::default();
-        for item in self.groups.scan_prefix(GroupKeys::topic_prefix(&config.name)) {
+        for item in self
+            .groups
+            .scan_prefix(GroupKeys::topic_prefix(&config.name))
+        {
             batch.remove(item?.0);
         }
         self.groups.apply_batch(batch)?;
@@ -333,11 +332,10 @@ impl LogStore for SledStore {
         };
         for item in tree.scan_prefix(b"c") {
             let (key, value) = item?;
-            let base = be_u64(&key[1..9])
-                .ok_or_else(|| LogError::Malformed {
-                    what: format!("chunk key in {tp}"),
-                    reason: format!("{} bytes, expected 11", key.len()),
-                })?;
+            let base = be_u64(&key[1..9]).ok_or_else(|| LogError::Malformed {
+                what: format!("chunk key in {tp}"),
+                reason: format!("{} bytes, expected 11", key.len()),
+            })?;
             if key[9..11] == [0, 0] {
                 let header = codec::read_header(&value).map_err(|source| LogError::Corrupt {
                     tp: tp.clone(),

@@ -231,8 +231,10 @@ struct Observed {
     committed: u64,
     end: u64,
     time_lag_ms: u64,
-    /// Halted plugin partition.
+    /// Halted plugin partition, or one whose outputs are blocked.
     failed: bool,
+    /// Why its committed outputs cannot be forwarded, if they cannot.
+    blocked: Option<String>,
     /// Committing (a running plugin; a group that committed within the window).
     active: bool,
 }
@@ -310,6 +312,11 @@ impl Monitor {
             };
             for (p, status) in info.partitions.iter().enumerate() {
                 let end = topic.partitions.get(p).map_or(0, |s| s.end_offset);
+                let blocked = status
+                    .forwarding
+                    .as_deref()
+                    .and_then(|f| f.strip_prefix("blocked: "))
+                    .map(str::to_string);
                 observed.push(Observed {
                     kind: ConsumerKind::Plugin,
                     name: info.spec.name.clone(),
@@ -320,7 +327,8 @@ impl Monitor {
                     time_lag_ms: self
                         .oldest_age(&info.spec.input, p as u32, status.committed, end, now)
                         .await,
-                    failed: status.state.is_halted() || status.forwarding.as_deref().is_some_and(|f| f.starts_with("blocked")),
+                    failed: status.state.is_halted() || blocked.is_some(),
+                    blocked,
                     active: !info.spec.paused,
                 });
             }
@@ -349,6 +357,7 @@ impl Monitor {
                     end,
                     time_lag_ms: self.oldest_age(&topic_name, p, committed, end, now).await,
                     failed: false,
+                    blocked: None,
                     active,
                 });
             }
@@ -395,7 +404,14 @@ impl Monitor {
         let inner = &mut *inner;
         let mut rows = Vec::with_capacity(observed.len());
         let mut live = std::collections::HashSet::new();
+        let mut blocked: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for o in observed {
+            if let Some(why) = &o.blocked {
+                blocked.entry(o.name.clone()).or_default().push(format!(
+                    "outputs of partition {} blocked: {why}",
+                    o.partition
+                ));
+            }
             let key = (o.kind, o.name.clone(), o.topic.clone(), o.partition);
             let window = inner.windows.entry(key.clone()).or_default();
             let lag = o.end.saturating_sub(o.committed);
@@ -461,6 +477,7 @@ impl Monitor {
                         c.alerts.push(text.clone());
                     }
                 }
+                c.alerts.extend(blocked.remove(&c.name).unwrap_or_default());
                 if !c.alerts.is_empty() {
                     c.status = c.status.max(Health::Warn);
                 }
@@ -529,6 +546,8 @@ impl Monitor {
             } else {
                 self.config.probe_topics.clone()
             };
+            // Sequences of topics no longer probed are forgotten (bounded by live topics).
+            seqs.retain(|(t, _), _| topics.contains(t));
             for topic in topics {
                 let Ok(info) = self.broker.describe_topic(&topic) else {
                     continue;

@@ -3,8 +3,8 @@
 //! they commit past it and report here, after the commit is durable, how long it took from
 //! publish to effects committed.
 
-use std::collections::{HashMap, VecDeque};
 use parking_lot::Mutex;
+use std::collections::{HashMap, VecDeque};
 
 /// Header that marks a probe record; its value is `<run>:<seq>`.
 pub const PROBE_HEADER: &str = "weir-probe";

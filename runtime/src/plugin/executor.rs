@@ -306,7 +306,8 @@ impl PluginRuntime {
     /// Writes buffered log lines to the store.
     pub(crate) async fn flush_logs(self: &Arc<Self>) {
         let this = self.clone();
-        let flushed = crate::blocking::run(move || this.logs.flush(&*this.store, &this.namespace)).await;
+        let flushed =
+            crate::blocking::run(move || this.logs.flush(&*this.store, &this.namespace)).await;
         if let Ok(Err(e)) = flushed {
             tracing::debug!(message = "Plugin log lines not written yet.", plugin = %self.spec.name, error = %e);
         }
@@ -322,7 +323,9 @@ impl PluginRuntime {
             self.namespace.clone(),
             self.cache.clone(),
         );
-        Arc::new(move |key: &[u8]| read_through(&cache, &*store, &ns, key).map_err(|e| e.to_string()))
+        Arc::new(move |key: &[u8]| {
+            read_through(&cache, &*store, &ns, key).map_err(|e| e.to_string())
+        })
     }
 
     /// Runs one partition until cancelled or halted.
@@ -382,7 +385,11 @@ impl PluginRuntime {
                 max_records: max_batch,
                 max_bytes: MAX_BATCH_BYTES,
             };
-            let records = match self.broker.read_limited(&input, partition, offset, limits).await {
+            let records = match self
+                .broker
+                .read_limited(&input, partition, offset, limits)
+                .await
+            {
                 Ok(r) => r,
                 Err(crate::broker::BrokerError::Storage(e)) if !e.is_damage() => {
                     self.wait_for_store(partition, &e.to_string());
@@ -533,7 +540,10 @@ impl PluginRuntime {
             if stop.requested() {
                 return Err(Failure::Stopped);
             }
-            let e = match self.process_and_commit(partition, records, local, stop).await {
+            let e = match self
+                .process_and_commit(partition, records, local, stop)
+                .await
+            {
                 Ok(()) => return Ok(()),
                 Err(StepError::Stopped) => return Err(Failure::Stopped),
                 Err(StepError::Fatal(why)) => return Err(Failure::Fatal(why)),
@@ -665,7 +675,10 @@ impl PluginRuntime {
             match result? {
                 Commit::Conflict => continue,
                 Commit::Done(done) => {
-                    return self.after_commit(partition, done).await.map_err(StepError::Fatal)
+                    return self
+                        .after_commit(partition, done)
+                        .await
+                        .map_err(StepError::Fatal)
                 }
             }
         }
@@ -921,8 +934,8 @@ impl PluginRuntime {
         // Optimistic check: nothing this batch read changed, none of its ids was processed by
         // another partition meanwhile.
         for (key, version) in &effects.reads {
-            let current =
-                read_through(&self.cache, &*self.store, &self.namespace, key)?.map_or(0, |(_, v)| v);
+            let current = read_through(&self.cache, &*self.store, &self.namespace, key)?
+                .map_or(0, |(_, v)| v);
             if current != *version {
                 return Ok(Commit::Conflict);
             }

@@ -41,7 +41,10 @@ impl LogRing {
     pub(super) fn open(store: &dyn LogStore, namespace: &str) -> Result<Self, LogError> {
         let stored = store.kv_scan(namespace, b"g/")?;
         let first = stored.first().and_then(|(k, _)| key_seq(k)).unwrap_or(0);
-        let next = stored.last().and_then(|(k, _)| key_seq(k)).map_or(0, |s| s + 1);
+        let next = stored
+            .last()
+            .and_then(|(k, _)| key_seq(k))
+            .map_or(0, |s| s + 1);
         Ok(LogRing {
             inner: Mutex::new(Ring {
                 pending: Default::default(),
@@ -113,7 +116,11 @@ impl LogRing {
     }
 
     /// Every kept line, oldest first: the stored ones, then the buffered ones. Blocking.
-    pub(super) fn lines(&self, store: &dyn LogStore, namespace: &str) -> Result<Vec<String>, LogError> {
+    pub(super) fn lines(
+        &self,
+        store: &dyn LogStore,
+        namespace: &str,
+    ) -> Result<Vec<String>, LogError> {
         let pending: Vec<String> = self.inner.lock().pending.iter().cloned().collect();
         let mut lines: Vec<String> = store
             .kv_scan(namespace, b"g/")?
@@ -151,6 +158,9 @@ mod tests {
         assert!(lines[lines.len() - 2].len() <= LOG_LINE_BYTES + 3);
         assert_eq!(lines[0], format!("line {}", 502));
         reopened.flush(&store, "plugin/p").unwrap();
-        assert_eq!(store.kv_scan("plugin/p", b"g/").unwrap().len() as u64, LOG_LINES);
+        assert_eq!(
+            store.kv_scan("plugin/p", b"g/").unwrap().len() as u64,
+            LOG_LINES
+        );
     }
 }

@@ -15,7 +15,9 @@ use tokio_util::task::TaskTracker;
 
 use super::engine::PluginEngine;
 use super::executor::{PartitionStatus, PluginRuntime};
-use super::spec::{partition_key, AlertThresholds, Cursor, DedupWindow, OnError, PluginSpec, StartFrom};
+use super::spec::{
+    partition_key, AlertThresholds, Cursor, DedupWindow, OnError, PluginSpec, StartFrom,
+};
 use super::{Limits, PluginError};
 use crate::broker::{Broker, BrokerError, Caller, StartAt};
 use crate::log::{LogError, LogStore};
@@ -267,12 +269,7 @@ impl PluginManager {
 
     /// Stops every plugin (server shutdown).
     pub async fn shutdown(&self) {
-        let names: Vec<String> = self
-            .plugins
-            .lock()
-            .keys()
-            .cloned()
-            .collect();
+        let names: Vec<String> = self.plugins.lock().keys().cloned().collect();
         for name in names {
             self.stop(&name).await;
         }
@@ -382,7 +379,9 @@ impl PluginManager {
             ));
         }
         if request.dedup.max_ids == 0 || request.dedup.max_age_ms == 0 {
-            return invalid("the dedup window (--dedup-ids, --dedup-age-ms) must be positive".into());
+            return invalid(
+                "the dedup window (--dedup-ids, --dedup-age-ms) must be positive".into(),
+            );
         }
         if request.dedup.max_age_ms > crate::record::MAX_DURATION_MS {
             return invalid(format!(
@@ -437,7 +436,8 @@ impl PluginManager {
             self.broker.partition_count(output)?;
         }
         let compiled = self.compile(request.wasm.clone()).await?;
-        self.save_wasm(&compiled.sha256, request.wasm.clone()).await?;
+        self.save_wasm(&compiled.sha256, request.wasm.clone())
+            .await?;
         let mut outputs = request.outputs.clone();
         let spec_name = request.name.clone();
         if request.on_error == OnError::Dlq {
@@ -559,6 +559,11 @@ impl PluginManager {
         Ok(())
     }
 
+    /// The engine plugins are compiled with.
+    pub fn engine(&self) -> &Arc<PluginEngine> {
+        &self.engine
+    }
+
     /// Probe results of every plugin.
     pub fn probes(&self) -> &Arc<crate::monitor::probe::ProbeBook> {
         &self.probes
@@ -605,12 +610,7 @@ impl PluginManager {
 
     /// Every plugin.
     pub fn list(&self) -> Vec<PluginInfo> {
-        let names: Vec<String> = self
-            .plugins
-            .lock()
-            .keys()
-            .cloned()
-            .collect();
+        let names: Vec<String> = self.plugins.lock().keys().cloned().collect();
         names.iter().filter_map(|n| self.info(n).ok()).collect()
     }
 

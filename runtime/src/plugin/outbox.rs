@@ -103,10 +103,9 @@ impl PluginRuntime {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         'scan: loop {
             let (this, scan_prefix) = (self.clone(), prefix.clone());
-            let scanned = crate::blocking::run(move || {
-                this.store.kv_scan(&this.namespace, &scan_prefix)
-            })
-            .await;
+            let scanned =
+                crate::blocking::run(move || this.store.kv_scan(&this.namespace, &scan_prefix))
+                    .await;
             let entries = match scanned {
                 Ok(Ok(entries)) => entries,
                 Ok(Err(e)) => {
@@ -188,7 +187,11 @@ impl PluginRuntime {
                     .await;
                     match deleted {
                         Ok(Ok(())) => break,
-                        Ok(Err(e)) => self.forward_failed(partition, format!("deleting a forwarded outbox entry: {e}"), false),
+                        Ok(Err(e)) => self.forward_failed(
+                            partition,
+                            format!("deleting a forwarded outbox entry: {e}"),
+                            false,
+                        ),
                         Err(e) => self.forward_failed(partition, e.to_string(), false),
                     }
                     if !pause(&cancel, backoff.next()).await {

@@ -109,8 +109,12 @@ impl PluginRuntime {
             let this = self.clone();
             match crate::blocking::run(move || this.compact()).await {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(message = "State compaction failed; will retry.", plugin = %self.spec.name, error = %e),
-                Err(e) => tracing::warn!(message = "State compaction panicked; will retry.", plugin = %self.spec.name, error = %e),
+                Ok(Err(e)) => {
+                    tracing::warn!(message = "State compaction failed; will retry.", plugin = %self.spec.name, error = %e)
+                }
+                Err(e) => {
+                    tracing::warn!(message = "State compaction panicked; will retry.", plugin = %self.spec.name, error = %e)
+                }
             }
             self.flush_logs().await;
         }
@@ -247,8 +251,7 @@ impl StateCache {
         if let Some(old) = g.hot.remove(&key) {
             g.hot_bytes -= entry_bytes(&key, &old);
         }
-        if g.hot_bytes + size > self.budget / 2 && !g.hot.is_empty() && g.cold_seq <= g.compacted
-        {
+        if g.hot_bytes + size > self.budget / 2 && !g.hot.is_empty() && g.cold_seq <= g.compacted {
             g.cold = std::mem::take(&mut g.hot);
             g.cold_bytes = std::mem::take(&mut g.hot_bytes);
             g.cold_seq = std::mem::replace(&mut g.hot_seq, 0);
@@ -304,7 +307,11 @@ mod tests {
         assert_eq!(cache.get(b"k"), None, "evicted");
         let used = cache.fill(b"k", Some((b"v1".to_vec(), 1)), before);
         assert_eq!(used, Some((b"v1".to_vec(), 1)));
-        assert_eq!(cache.get(b"k"), None, "a read older than an eviction is not cached");
+        assert_eq!(
+            cache.get(b"k"),
+            None,
+            "a read older than an eviction is not cached"
+        );
         // Without an eviction in between it is cached; a commit's value is never replaced.
         let now = cache.evictions();
         cache.fill(b"j", None, now);

@@ -88,7 +88,11 @@ pub(super) fn after_build(project: &Path, wasm: &Path) -> String {
         .ok()
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "NAME".into());
-    let shown = wasm.strip_prefix(project).unwrap_or(wasm).display().to_string();
+    let shown = wasm
+        .strip_prefix(project)
+        .unwrap_or(wasm)
+        .display()
+        .to_string();
     let input = if project.join("input.jsonl").exists() {
         "input.jsonl"
     } else {

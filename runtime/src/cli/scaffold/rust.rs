@@ -11,11 +11,26 @@ use super::Files;
 /// The SDK sources this weir was built with: (path under `vendor/`, contents). The manifests
 /// are standalone versions of the workspace ones (same dependencies, versions pinned here).
 const VENDORED: &[(&str, &str)] = &[
-    ("weir-sdk/src/lib.rs", include_str!("../../../../sdk/src/lib.rs")),
-    ("weir-sdk/src/context.rs", include_str!("../../../../sdk/src/context.rs")),
-    ("weir-sdk/wit/world.wit", include_str!("../../../../sdk/wit/world.wit")),
-    ("weir-sdk-macros/src/lib.rs", include_str!("../../../../sdk/macros/src/lib.rs")),
-    ("weir-codec/src/lib.rs", include_str!("../../../../codec/src/lib.rs")),
+    (
+        "weir-sdk/src/lib.rs",
+        include_str!("../../../../sdk/src/lib.rs"),
+    ),
+    (
+        "weir-sdk/src/context.rs",
+        include_str!("../../../../sdk/src/context.rs"),
+    ),
+    (
+        "weir-sdk/wit/world.wit",
+        include_str!("../../../../sdk/wit/world.wit"),
+    ),
+    (
+        "weir-sdk-macros/src/lib.rs",
+        include_str!("../../../../sdk/macros/src/lib.rs"),
+    ),
+    (
+        "weir-codec/src/lib.rs",
+        include_str!("../../../../codec/src/lib.rs"),
+    ),
     (
         "weir-sdk/Cargo.toml",
         r#"[package]
