@@ -428,6 +428,12 @@ async fn faulty_server(
     (running, faults)
 }
 
+/// Records ever written to a topic (the sum of its partitions' ends).
+async fn topic_end(client: &Client, topic: &str) -> u64 {
+    let info = client.describe_topic(topic).await.unwrap();
+    info.partitions.iter().map(|p| p.end_offset).sum()
+}
+
 async fn balance(client: &Client, user: &str) -> Option<u64> {
     client
         .get_state("points", format!("balance/{user}").as_bytes())
@@ -730,14 +736,7 @@ async fn producers_belong_to_their_principal_and_plugin_producers_to_the_server(
         .await
         .unwrap();
     wait_for(30, "points credited and forwarded", async || {
-        a.describe_topic("points.credited")
-            .await
-            .unwrap()
-            .partitions
-            .iter()
-            .map(|p| p.end_offset)
-            .sum::<u64>()
-            == 1
+        topic_end(&a, "points.credited").await == 1
     })
     .await;
     server.stop().await.unwrap();
@@ -911,15 +910,7 @@ async fn idle_producers_and_groups_expire_plugin_producers_do_not() {
         .await
         .unwrap();
     wait_for(30, "outputs after the expiry", async || {
-        client
-            .describe_topic("points.credited")
-            .await
-            .unwrap()
-            .partitions
-            .iter()
-            .map(|p| p.end_offset)
-            .sum::<u64>()
-            == 2
+        topic_end(&client, "points.credited").await == 2
     })
     .await;
     server.stop().await.unwrap();

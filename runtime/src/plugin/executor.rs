@@ -1113,7 +1113,7 @@ struct Batch<'a> {
 }
 
 /// The records as the batch blob a plugin gets (docs/batch-encoding.md).
-fn encode_batch(partition: u32, records: &[&StoredRecord]) -> Vec<u8> {
+pub(super) fn encode_batch(partition: u32, records: &[&StoredRecord]) -> Vec<u8> {
     let mut w = weir_codec::Writer::new();
     for r in records {
         let headers: Vec<(&str, &[u8])> = r

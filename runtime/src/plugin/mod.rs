@@ -146,29 +146,13 @@ pub fn emitted_topics(
     config: &[(String, String)],
     records: &[crate::record::StoredRecord],
 ) -> Result<std::collections::BTreeSet<String>, PluginError> {
-    let mut w = weir_codec::Writer::new();
-    for r in records {
-        let headers: Vec<(&str, &[u8])> = r
-            .record
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_ref()))
-            .collect();
-        w.push_in(&weir_codec::InRecord {
-            offset: r.offset,
-            timestamp_ms: r.record.timestamp_ms,
-            partition: r.partition,
-            key: r.record.key.as_deref(),
-            value: &r.record.value,
-            id: r.record.id.as_deref(),
-            headers,
-        });
-    }
+    let records: Vec<&crate::record::StoredRecord> = records.iter().collect();
+    let blob = executor::encode_batch(0, &records);
     let empty: instance::StateReader = std::sync::Arc::new(|_: &[u8]| Ok(None));
     let never: Interrupt = std::sync::Arc::new(|| false);
     let mut instance =
         instance::PluginInstance::new(compiled, Limits::default(), config, empty, never)?;
-    let effects = instance.process(&w.finish())?;
+    let effects = instance.process(&blob)?;
     let outputs = weir_codec::decode_outputs(&effects.outputs)
         .map_err(|e| PluginError::BadOutput(e.to_string()))?;
     Ok(outputs.iter().map(|o| o.topic.to_string()).collect())
