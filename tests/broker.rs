@@ -1,15 +1,15 @@
 //! The broker over gRPC: a real server on 127.0.0.1:0 and the Rust client.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
 use common::*;
 use tonic::Code;
-use weir_runtime::broker::StartAt;
-use weir_runtime::client::Client;
-use weir_runtime::grpc::pb;
-use weir_runtime::{Record, TopicConfig};
+use weir_api::pb;
+use weir_api::Client;
+use weir_core::StartAt;
+use weir_core::{Record, TopicConfig};
 
 fn topic(name: &str, partitions: u32) -> TopicConfig {
     TopicConfig {
@@ -27,7 +27,7 @@ async fn serve_with_topic(
     partitions: u32,
 ) -> (
     tempfile::TempDir,
-    weir_runtime::server::RunningServer,
+    weir_server::server::RunningServer,
     Client,
 ) {
     let dir = tempfile::tempdir().unwrap();
@@ -43,7 +43,7 @@ async fn read_n(
     start: StartAt,
     group: Option<&str>,
     n: usize,
-) -> Vec<weir_runtime::StoredRecord> {
+) -> Vec<weir_core::StoredRecord> {
     let mut sub = client.subscribe(topic, &[], start, group).await.unwrap();
     let mut out = Vec::new();
     while out.len() < n {
@@ -243,10 +243,7 @@ async fn idempotent_retry_returns_first_offsets_and_stores_once_across_restart()
         "{}",
         gap.message()
     );
-    assert_eq!(
-        weir_runtime::grpc::status::error_kind(&gap),
-        Some("sequence-gap")
-    );
+    assert_eq!(weir_api::error_kind(&gap), Some("sequence-gap"));
 
     let client = Client::connect(&server.url()).await.unwrap();
     client.init_producer(Some(id)).await.unwrap();
@@ -257,10 +254,7 @@ async fn idempotent_retry_returns_first_offsets_and_stores_once_across_restart()
         "{}",
         stale.message()
     );
-    assert_eq!(
-        weir_runtime::grpc::status::error_kind(&stale),
-        Some("stale-epoch")
-    );
+    assert_eq!(weir_api::error_kind(&stale), Some("stale-epoch"));
     assert_eq!(
         client.describe_topic("t").await.unwrap().partitions[0].end_offset,
         10,
@@ -303,7 +297,7 @@ async fn bad_input_gets_clear_statuses_and_changes_nothing() {
         .publish("t", Some(0), records("keep", 3))
         .await
         .unwrap();
-    let check = |e: weir_runtime::client::ClientError, code: Code, text: &str| {
+    let check = |e: weir_api::ClientError, code: Code, text: &str| {
         assert_eq!(e.code(), Some(code), "{e}");
         assert!(e.to_string().contains(text), "{e:?} should say {text:?}");
     };
@@ -518,7 +512,7 @@ async fn admission_limit_refuses_a_flooding_key_and_stores_every_accepted_record
     let server = start_server(dir.path()).await;
     let client = Client::connect(&server.url()).await.unwrap();
     let mut config = topic("seckill.requests", 2);
-    config.admission = Some(weir_runtime::record::Admission {
+    config.admission = Some(weir_core::Admission {
         per_key: 3,
         window_ms: 60_000,
     });

@@ -1,6 +1,6 @@
 //! The `weir` binary as a user runs it: serve, topics, publish, consume, errors, shutdown.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -41,7 +41,7 @@ fn topic_publish_consume_and_group_resume() {
         ],
         "",
     );
-    let keyed = weir_runtime::record::partition_for_key(b"user-1", 3);
+    let keyed = weir_core::partition_for_key(b"user-1", 3);
     assert_eq!(
         out,
         format!("partition {keyed} offset 0\n"),
@@ -570,7 +570,7 @@ fn streamed_stdin_is_published_as_it_comes_and_bad_names_and_flags_are_refused()
 /// The proto and the WIT world name the same plugin world version.
 #[test]
 fn the_proto_names_the_plugin_world_of_the_sdk() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let wit = std::fs::read_to_string(root.join("sdk/wit/world.wit")).unwrap();
     let version = wit
         .lines()

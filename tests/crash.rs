@@ -9,7 +9,7 @@
 //!
 //! `WEIR_CRASH_CYCLES` (default 12) and `WEIR_CRASH_SEED` make runs longer or reproducible.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,10 +18,10 @@ use std::time::Duration;
 
 use common::WeirProcess;
 use rand::{Rng, SeedableRng};
-use weir_runtime::broker::StartAt;
-use weir_runtime::client::Client;
-use weir_runtime::grpc::pb;
-use weir_runtime::{Record, TopicConfig};
+use weir_api::pb;
+use weir_api::Client;
+use weir_core::StartAt;
+use weir_core::{Record, TopicConfig};
 
 const PARTITIONS: u32 = 3;
 const PRODUCERS: usize = 4;

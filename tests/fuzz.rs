@@ -7,17 +7,17 @@
 //! `tests/proptest-regressions/` and replays it first on every later run; crashes found while
 //! writing these are pinned as named regression tests at the end of the file.
 
-mod common;
+use crate::common;
 
 use std::sync::OnceLock;
 
 use bytes::Bytes;
 use proptest::prelude::*;
 use prost::Message;
-use weir_runtime::grpc::pb;
-use weir_runtime::local::LocalRuntime;
-use weir_runtime::log::codec::{decode_chunk, encode_chunks};
-use weir_runtime::record::Record;
+use weir_api::pb;
+use weir_core::Record;
+use weir_log::codec::{decode_chunk, encode_chunks};
+use weir_server::local::LocalRuntime;
 
 fn cases(divisor: u32) -> ProptestConfig {
     let n: u32 = std::env::var("WEIR_FUZZ_CASES")
@@ -29,7 +29,7 @@ fn cases(divisor: u32) -> ProptestConfig {
         failure_persistence: Some(Box::new(
             proptest::test_runner::FileFailurePersistence::Direct(concat!(
                 env!("CARGO_MANIFEST_DIR"),
-                "/../tests/proptest-regressions/fuzz.txt"
+                "/../../tests/proptest-regressions/fuzz.txt"
             )),
         )),
         ..ProptestConfig::default()
@@ -181,12 +181,12 @@ proptest! {
 /// One server for the request fuzzing, on its own runtime.
 fn server() -> &'static (
     tokio::runtime::Runtime,
-    weir_runtime::server::RunningServer,
+    weir_server::server::RunningServer,
     tempfile::TempDir,
 ) {
     static SERVER: OnceLock<(
         tokio::runtime::Runtime,
-        weir_runtime::server::RunningServer,
+        weir_server::server::RunningServer,
         tempfile::TempDir,
     )> = OnceLock::new();
     SERVER.get_or_init(|| {
@@ -194,11 +194,9 @@ fn server() -> &'static (
         let dir = tempfile::tempdir().unwrap();
         let server = rt.block_on(async {
             let server = common::start_with(dir.path(), |c| c.broker.max_record_bytes = 4096).await;
-            let client = weir_runtime::client::Client::connect(&server.url())
-                .await
-                .unwrap();
+            let client = weir_api::Client::connect(&server.url()).await.unwrap();
             client
-                .create_topic(&weir_runtime::record::TopicConfig {
+                .create_topic(&weir_core::TopicConfig {
                     name: "fuzz".into(),
                     partitions: 3,
                     retention_ms: 0,
@@ -231,7 +229,7 @@ proptest! {
         let mut damaged = valid.encode_to_vec();
         apply(&mut damaged, &edits);
         rt.block_on(async {
-            let mut raw = weir_runtime::client::Client::connect(&server.url()).await.unwrap().raw();
+            let mut raw = weir_api::Client::connect(&server.url()).await.unwrap().raw();
             for bytes in [valid.encode_to_vec(), damaged, junk] {
                 let Ok(mut request) = pb::PublishRequest::decode(&bytes[..]) else { continue };
                 request.topic = "fuzz".into(); // reach the log, not just the topic lookup

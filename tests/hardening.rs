@@ -3,7 +3,7 @@
 //! the process's (CPU, exit), over gRPC against an in-process server otherwise, and with a
 //! store that fails on command where the fault is the disk's.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -13,12 +13,12 @@ use bytes::Bytes;
 use common::{paid, plugin_wasm, start_with, weir_cli, WeirProcess};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
-use weir_runtime::broker::{Caller, StartAt};
-use weir_runtime::client::{Client, ClientError, Deploy};
-use weir_runtime::grpc::pb;
-use weir_runtime::log::faulty::{Faults, FaultyStore};
-use weir_runtime::server::{self, RunningServer, ServerConfig};
-use weir_runtime::{Record, TopicConfig};
+use weir_api::pb;
+use weir_api::{Client, ClientError, Deploy};
+use weir_broker::{Caller, StartAt};
+use weir_core::{Record, TopicConfig};
+use weir_log::faulty::{Faults, FaultyStore};
+use weir_server::server::{self, RunningServer, ServerConfig};
 
 /// CPU seconds a process has used (user + system), from /proc.
 fn cpu_seconds(pid: u32) -> f64 {
@@ -240,9 +240,7 @@ async fn large_records_reach_stock_clients_and_batch_bounds_are_exact() {
         .unwrap();
     let request = pb::SubscribeRequest {
         topic: "big".into(),
-        start: Some(weir_runtime::grpc::convert::start_position(
-            StartAt::Earliest,
-        )),
+        start: Some(weir_api::convert::start_position(StartAt::Earliest)),
         ..Default::default()
     };
     let mut stream = stock.subscribe(request).await.unwrap().into_inner();
@@ -276,9 +274,7 @@ async fn large_records_reach_stock_clients_and_batch_bounds_are_exact() {
         .unwrap();
     let request = pb::SubscribeRequest {
         topic: "small".into(),
-        start: Some(weir_runtime::grpc::convert::start_position(
-            StartAt::Earliest,
-        )),
+        start: Some(weir_api::convert::start_position(StartAt::Earliest)),
         max_batch_records: 3,
         ..Default::default()
     };
@@ -479,10 +475,8 @@ async fn wait_for(secs: u64, what: &str, mut check: impl AsyncFnMut() -> bool) {
 async fn a_failing_disk_makes_plugins_wait_and_publishes_say_what_happened() {
     for policy in ["halt", "dlq"] {
         let dir = tempfile::tempdir().unwrap();
-        let (server, faults) = faulty_server(dir.path(), |c| {
-            c.fsync = weir_runtime::durability::FsyncPolicy::Never
-        })
-        .await;
+        let (server, faults) =
+            faulty_server(dir.path(), |c| c.fsync = weir_log::FsyncPolicy::Never).await;
         let client = Client::connect(&server.url()).await.unwrap();
         points_on(&client, policy).await;
         let mut producer = client.producer().await.unwrap();
@@ -641,9 +635,9 @@ async fn a_failed_sync_stops_the_server_with_the_reason() {
 }
 
 fn auth_file() -> (String, String, String, String) {
-    let (ops, ops_h) = weir_runtime::auth::mint_token();
-    let (team_a, a_h) = weir_runtime::auth::mint_token();
-    let (team_b, b_h) = weir_runtime::auth::mint_token();
+    let (ops, ops_h) = weir_server::auth::mint_token();
+    let (team_a, a_h) = weir_server::auth::mint_token();
+    let (team_b, b_h) = weir_server::auth::mint_token();
     let text = format!(
         r#"
 [[principal]]
@@ -669,7 +663,7 @@ grants = [{{ allow = ["publish", "subscribe", "create"], topics = ["*"] }}]
 }
 
 async fn with_token(server: &RunningServer, token: &str) -> Client {
-    let options = weir_runtime::client::ConnectOptions {
+    let options = weir_api::ConnectOptions {
         token: Some(token.into()),
         tls_ca_pem: None,
     };
@@ -683,7 +677,7 @@ async fn with_token(server: &RunningServer, token: &str) -> Client {
 async fn producers_belong_to_their_principal_and_plugin_producers_to_the_server() {
     let dir = tempfile::tempdir().unwrap();
     let (text, ops, team_a, team_b) = auth_file();
-    let auth = Arc::new(weir_runtime::auth::Authority::parse(&text).unwrap());
+    let auth = Arc::new(weir_server::auth::Authority::parse(&text).unwrap());
     let server = start_with(dir.path(), |c| c.auth = auth).await;
     let (ops, a, b) = (
         with_token(&server, &ops).await,
@@ -759,12 +753,11 @@ async fn blocked_outputs_show_and_admission_does_not_block_plugin_outputs() {
         .await
         .unwrap();
     // One record per key per minute on the output topic: the plugin emits three for ann.
-    let limited = TopicConfig::new("points.credited", 1).with_admission(Some(
-        weir_runtime::record::Admission {
+    let limited =
+        TopicConfig::new("points.credited", 1).with_admission(Some(weir_core::Admission {
             per_key: 1,
             window_ms: 60_000,
-        },
-    ));
+        }));
     client.create_topic(&limited).await.unwrap();
     client
         .deploy_plugin(Deploy {
@@ -1012,10 +1005,7 @@ async fn impossible_deploys_are_refused_with_the_range() {
     };
     let status = client.raw().deploy_plugin(big).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert_eq!(
-        weir_runtime::grpc::status::error_kind(&status),
-        Some("wasm-too-large")
-    );
+    assert_eq!(weir_api::error_kind(&status), Some("wasm-too-large"));
     assert!(client.list_plugins().await.unwrap().is_empty());
     server.stop().await.unwrap();
 }
@@ -1034,14 +1024,14 @@ async fn a_self_signed_ca_certificate_is_trusted_when_given() {
     std::fs::write(&cert_path, cert.pem()).unwrap();
     std::fs::write(&key_path, key.serialize_pem()).unwrap();
     let server = start_with(&dir.path().join("data"), |c| {
-        c.tls = Some(weir_runtime::server::TlsFiles {
+        c.tls = Some(weir_server::server::TlsFiles {
             cert: cert_path.clone(),
             key: key_path.clone(),
         });
     })
     .await;
     let url = format!("https://localhost:{}", server.addr.port());
-    let options = weir_runtime::client::ConnectOptions {
+    let options = weir_api::ConnectOptions {
         token: None,
         tls_ca_pem: Some(cert.pem().into_bytes()),
     };
@@ -1076,7 +1066,7 @@ fn memory_stays_flat_under_a_steady_load() {
     let wasm_dir = std::env::var("WEIR_PLUGIN_DIR").unwrap_or_else(|_| {
         concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../target/wasm32-wasip2/plugin"
+            "/../../target/wasm32-wasip2/plugin"
         )
         .to_string()
     });

@@ -1,12 +1,12 @@
 //! The local runtime (no server, no network) as plugin authors use it from a Rust test, and
 //! `weir test` on JSON-lines input.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::{local_chaos, paid, plugin_wasm, weir_bin};
-use weir_runtime::local::{LocalError, LocalRuntime};
-use weir_runtime::Record;
+use weir_core::Record;
+use weir_server::local::{LocalError, LocalRuntime};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn example_plugins_in_the_local_runtime() {

@@ -1,17 +1,17 @@
 //! Lag, Burrow status, alerts, probes, `/metrics` and the status page.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use common::{paid, plugin_wasm, start_with, weir_cli};
-use weir_runtime::client::{Client, Deploy};
-use weir_runtime::grpc::pb;
-use weir_runtime::monitor::MonitorConfig;
-use weir_runtime::record::{Record, TopicConfig};
-use weir_runtime::server::{RunningServer, ServerConfig};
+use weir_api::pb;
+use weir_api::{Client, Deploy};
+use weir_core::{Record, TopicConfig};
+use weir_server::monitor::MonitorConfig;
+use weir_server::server::{RunningServer, ServerConfig};
 
 fn fast_monitor(c: &mut ServerConfig) {
     c.monitor = MonitorConfig {
@@ -98,7 +98,7 @@ async fn lag_until(
         assert!(
             Instant::now() < deadline,
             "timed out waiting for {what}; last answer:\n{}",
-            weir_runtime::cli::lag::table(&lag)
+            weir_api::lag::table(&lag)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -558,7 +558,7 @@ async fn the_status_page_renders_in_headless_chromium() {
 /// "pending" until the plugin has processed it (the seed's 秒杀结果计算中).
 #[tokio::test]
 async fn a_paced_plugin_and_the_pending_answer() {
-    use weir_runtime::client::StateAnswer;
+    use weir_api::StateAnswer;
     let dir = tempfile::tempdir().unwrap();
     let server = start_with(dir.path(), fast_monitor).await;
     let client = Client::connect(&server.url()).await.unwrap();
@@ -608,9 +608,9 @@ async fn a_paced_plugin_and_the_pending_answer() {
     server.stop().await.unwrap();
 }
 
-fn answer_version(a: &weir_runtime::client::StateAnswer) -> u64 {
+fn answer_version(a: &weir_api::StateAnswer) -> u64 {
     match a {
-        weir_runtime::client::StateAnswer::Value(_, v) => *v,
+        weir_api::StateAnswer::Value(_, v) => *v,
         _ => 0,
     }
 }

@@ -10,7 +10,7 @@
 //!
 //! `WEIR_CRASH_CYCLES` (default 8) and `WEIR_CRASH_SEED` make runs longer or reproducible.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,8 +20,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{example_wasm, plugin_wasm, weir_cli, WeirProcess};
 use rand::{Rng, SeedableRng};
-use weir_runtime::client::Client;
-use weir_runtime::{Record, TopicConfig};
+use weir_api::Client;
+use weir_core::{Record, TopicConfig};
 
 const USERS: u64 = 40;
 const STOCK: u64 = 30;
@@ -77,7 +77,7 @@ struct Publisher {
     in_doubt: Option<u64>,
 }
 
-async fn publish_batch(client: &Client, n: u64) -> Result<(), weir_runtime::client::ClientError> {
+async fn publish_batch(client: &Client, n: u64) -> Result<(), weir_api::ClientError> {
     let (paid, requests) = batch(n);
     client.publish("order.paid", None, paid).await?;
     client.publish("seckill", None, requests).await?;
@@ -163,7 +163,7 @@ async fn read_topic(client: &Client, topic: &str) -> Vec<serde_json::Value> {
     let info = client.describe_topic(topic).await.unwrap();
     let total: u64 = info.partitions.iter().map(|p| p.end_offset).sum();
     let mut sub = client
-        .subscribe(topic, &[], weir_runtime::broker::StartAt::Earliest, None)
+        .subscribe(topic, &[], weir_core::StartAt::Earliest, None)
         .await
         .unwrap();
     let mut out = Vec::new();

@@ -2,7 +2,7 @@
 //! new, native unit test, build, `weir test`, deploy, publish, state, list, logs, upgrade — in
 //! Rust, then new, unit test, build, `weir test` and deploy in Python and in JavaScript.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 
@@ -12,7 +12,7 @@ use common::{weir_bin, WeirProcess};
 fn the_plugin_guide_runs_as_written() {
     let guide = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../docs/plugin-guide.md"
+        "/../../docs/plugin-guide.md"
     ))
     .unwrap();
     let mut script = String::from("set -euo pipefail\n");
@@ -41,7 +41,7 @@ fn the_plugin_guide_runs_as_written() {
         std::env::var("PATH").unwrap_or_default()
     );
     // Generated crates share one target directory so their dependencies compile once.
-    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugin-guide");
+    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/plugin-guide");
     // `weir test` and the server share one compiled-component cache, as a developer's would.
     let compiled = tempfile::tempdir().unwrap();
     let server = WeirProcess::spawn(

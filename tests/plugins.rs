@@ -2,16 +2,16 @@
 //! dedup, outputs forwarded exactly once, isolation of misbehaving plugins, deploy errors,
 //! upgrade.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
-use weir_runtime::broker::{Publish, StartAt};
-use weir_runtime::plugin::{DeployRequest, Limits, ManagerError, OnError, PluginError, StartFrom};
-use weir_runtime::server::RunningServer;
-use weir_runtime::{Record, TopicConfig};
+use weir_broker::{Publish, StartAt};
+use weir_core::{Record, TopicConfig};
+use weir_plugins::{DeployRequest, Limits, ManagerError, OnError, PluginError, StartFrom};
+use weir_server::server::RunningServer;
 
 fn topic(name: &str, partitions: u32) -> TopicConfig {
     TopicConfig {
@@ -115,7 +115,7 @@ fn end_total(server: &RunningServer, topic: &str) -> u64 {
         .sum()
 }
 
-async fn read_all(server: &RunningServer, topic: &str) -> Vec<weir_runtime::StoredRecord> {
+async fn read_all(server: &RunningServer, topic: &str) -> Vec<weir_core::StoredRecord> {
     let info = server.broker.describe_topic(topic).unwrap();
     let mut out = Vec::new();
     for p in info.partitions {
@@ -609,7 +609,7 @@ async fn analytics_filter_projects_only_matching_purchases() {
         ("min_amount".into(), "20".into()),
         ("categories".into(), "phone,tv".into()),
     ];
-    request.dedup = weir_runtime::plugin::spec::DedupWindow {
+    request.dedup = weir_plugins::DedupWindow {
         max_ids: 10,
         max_age_ms: 60_000,
     };
@@ -860,7 +860,7 @@ async fn python_and_javascript_errors_and_memory_caps_behave_as_in_rust() {
 /// records, and carries on once another plugin is removed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_instance_pool_makes_partitions_wait_not_fail() {
-    use weir_runtime::plugin::engine::MAX_INSTANCES;
+    use weir_wasm::MAX_INSTANCES;
     let (_dir, server) = serve_with_topics(&[("wide", MAX_INSTANCES), ("narrow", 2)]).await;
     server
         .plugins
@@ -921,7 +921,7 @@ async fn a_full_instance_pool_makes_partitions_wait_not_fail() {
 /// artifact (each write goes through a temporary file of its own), which a new engine loads.
 #[test]
 fn engines_sharing_a_compiled_cache_compile_the_same_component_at_once() {
-    use weir_runtime::plugin::engine::PluginEngine;
+    use weir_wasm::PluginEngine;
     let dir = tempfile::tempdir().unwrap();
     let wasm = plugin_wasm("points");
     std::thread::scope(|s| {

@@ -1,18 +1,18 @@
 //! Tokens, grants, ownership, TLS and the API's limits: each operation allowed with its grant
 //! and refused without, each limit refused with its status. docs/security.md cites these tests.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::{paid, plugin_wasm, records, start_with, weir_cli, WeirProcess};
 use tonic::Code;
-use weir_runtime::auth::{mint_token, Authority};
-use weir_runtime::broker::StartAt;
-use weir_runtime::client::{Client, ClientError, ConnectOptions, Deploy};
-use weir_runtime::record::TopicConfig;
-use weir_runtime::server::RunningServer;
+use weir_api::{Client, ClientError, ConnectOptions, Deploy};
+use weir_core::StartAt;
+use weir_core::TopicConfig;
+use weir_server::auth::{mint_token, Authority};
+use weir_server::server::RunningServer;
 
 /// Tokens of the principals in [`auth_file`].
 struct Tokens {
@@ -182,7 +182,7 @@ async fn topic_operations_need_their_grants() {
     );
     // the streaming publish checks each request's topic
     {
-        use weir_runtime::grpc::pb;
+        use weir_api::pb;
         let requests = vec![
             pb::PublishRequest {
                 topic: "marketing.ads".into(),
@@ -433,7 +433,7 @@ async fn request_batch_stream_and_wasm_limits_are_refused_with_a_status() {
     client.create_topic(&topic("t")).await.unwrap();
 
     // a request over the size limit
-    let big = weir_runtime::Record::from_value(vec![b'x'; 1_100_000]);
+    let big = weir_core::Record::from_value(vec![b'x'; 1_100_000]);
     refused(
         client.publish("t", Some(0), vec![big]).await,
         Code::OutOfRange,
@@ -554,7 +554,7 @@ async fn tls_round_trip() {
     std::fs::write(&cert_path, &cert).unwrap();
     std::fs::write(&key_path, &key).unwrap();
     let server = start_with(&dir.path().join("data"), |c| {
-        c.tls = Some(weir_runtime::server::TlsFiles {
+        c.tls = Some(weir_server::server::TlsFiles {
             cert: cert_path.clone(),
             key: key_path.clone(),
         });
@@ -627,7 +627,7 @@ fn cli_with_auth_and_tls() {
     let (ok, out, err) = weir_cli("http://unused", &["auth", "token", "--quiet"], "");
     assert!(ok, "{err}");
     let (token, hash) = out.trim().split_once('\t').expect("token\thash");
-    assert_eq!(weir_runtime::auth::token_hash(token), hash);
+    assert_eq!(weir_server::auth::token_hash(token), hash);
     let auth = format!(
         "[[principal]]\nname = \"loyalty\"\ntokens = [\"{hash}\"]\ngrants = [{{ allow = [\"create\", \"publish\", \"subscribe\"], topics = [\"points.*\"] }}]\n"
     );
@@ -695,7 +695,7 @@ fn cli_with_auth_and_tls() {
 async fn a_plugin_cannot_escape_its_sandbox() {
     let local = common::local_chaos().await;
     local
-        .publish("in", vec![weir_runtime::Record::from_value("escape")])
+        .publish("in", vec![weir_core::Record::from_value("escape")])
         .await
         .unwrap();
     local.run_until_idle().await.unwrap();

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
-use weir_runtime::durability::FsyncPolicy;
-use weir_runtime::server::{self, RunningServer, ServerConfig};
-use weir_runtime::Record;
+use weir_core::Record;
+use weir_log::FsyncPolicy;
+use weir_server::server::{self, RunningServer, ServerConfig};
 
 /// Starts an in-process server on `127.0.0.1:0` over `dir`.
 pub async fn start_server(dir: &Path) -> RunningServer {
@@ -174,7 +174,7 @@ pub fn plugin_wasm(name: &str) -> bytes::Bytes {
     let dir = std::env::var("WEIR_PLUGIN_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/plugin")
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/wasm32-wasip2/plugin")
         });
     let path = dir.join(format!("{}.wasm", name.replace('-', "_")));
     match std::fs::read(&path) {
@@ -210,7 +210,7 @@ pub fn paid(order: u64, user: &str, amount: f64) -> Record {
 /// xtask test` builds with `weir plugin build`; a missing one fails saying so.
 pub fn example_wasm(name: &str) -> std::path::PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples")
+        .join("../../examples")
         .join(name)
         .join("target")
         .join(format!("{}.wasm", name.replace('-', "_")));
@@ -223,8 +223,8 @@ pub fn example_wasm(name: &str) -> std::path::PathBuf {
 }
 
 /// A local runtime running the chaos plugin (misbehaves on request) from `in` to `chaos.out`.
-pub async fn local_chaos() -> weir_runtime::local::LocalRuntime {
-    let local = weir_runtime::local::LocalRuntime::start().await.unwrap();
+pub async fn local_chaos() -> weir_server::local::LocalRuntime {
+    let local = weir_server::local::LocalRuntime::start().await.unwrap();
     local.create_topic("in", 1).await.unwrap();
     local.create_topic("chaos.out", 1).await.unwrap();
     local

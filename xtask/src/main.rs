@@ -292,7 +292,7 @@ fn build_release() -> Result<PathBuf> {
         "build",
         "--release",
         "-p",
-        "weir-runtime",
+        "weir",
         "-p",
         "quickstart",
         "-p",

@@ -17,11 +17,11 @@ use anyhow::{bail, ensure, Context as _, Result};
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 use tonic::Code;
-use weir_runtime::broker::StartAt;
-use weir_runtime::client::{Client, Deploy, StateAnswer};
-use weir_runtime::grpc::pb;
-use weir_runtime::monitor::probe::PROBE_HEADER;
-use weir_runtime::record::{Admission, Record, TopicConfig};
+use weir_api::pb;
+use weir_api::StartAt;
+use weir_api::PROBE_HEADER;
+use weir_api::{Admission, Record, TopicConfig};
+use weir_api::{Client, Deploy, StateAnswer};
 
 /// The requests topic.
 pub const REQUESTS: &str = "seckill.requests";
@@ -276,7 +276,7 @@ pub async fn burst(
     // the requests were sent in, so which users win does not depend on timing.
     let mut per_partition: Vec<Vec<pb::PublishRequest>> = vec![Vec::new(); partitions as usize];
     for (i, r) in requests.iter().enumerate() {
-        let p = weir_runtime::record::partition_for_key(r.user.as_bytes(), partitions);
+        let p = weir_api::partition_for_key(r.user.as_bytes(), partitions);
         per_partition[p as usize].push(pb::PublishRequest {
             topic: REQUESTS.into(),
             partition: Some(p),
@@ -842,7 +842,7 @@ async fn run_phase(opts: &DemoOptions, dir: &Path, crash: bool) -> Result<Totals
         if opts.verbose && shown.elapsed() >= Duration::from_secs(2) {
             shown = Instant::now();
             println!("   $ weir lag");
-            for line in weir_runtime::cli::lag::table(l).lines() {
+            for line in weir_api::lag::table(l).lines() {
                 println!("   {line}");
             }
         }

@@ -11,9 +11,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use weir_runtime::broker::StartAt;
-use weir_runtime::client::{Client, DEFAULT_SERVER};
-use weir_runtime::Record;
+use weir_api::Record;
+use weir_api::StartAt;
+use weir_api::{Client, DEFAULT_SERVER};
 
 #[tokio::main]
 async fn main() -> Result<()> {

@@ -1,0 +1,660 @@
+//! The Rust client of weir's gRPC API, used by the CLI, the benchmarks, the examples and the
+//! tests, and the idempotent [`Producer`] that retries a failed publish with the same
+//! sequence (the seed's 重试 2～3 次) so that the broker stores it once.
+
+use std::time::Duration;
+
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::producer::Producer;
+
+use weir_core::{Record, StartAt, StoredRecord, TopicConfig, TopicInfo};
+
+use crate::convert::{start_position, topic_info};
+use crate::pb::{self, weir_client::WeirClient};
+use crate::{error_kind, tls, AUTHORIZATION, MAX_MESSAGE_BYTES};
+
+/// Default server address of the CLI and examples.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7070";
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server could not be reached.
+    #[error("cannot reach the weir server at {addr}: {reason}")]
+    Connect {
+        /// The address tried.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The server answered with an error status.
+    #[error("{}", status_message(.0))]
+    Status(Status),
+    /// The server's answer did not have the expected shape.
+    #[error("unexpected response: {0}")]
+    Protocol(String),
+}
+
+impl From<Status> for ClientError {
+    fn from(status: Status) -> Self {
+        ClientError::Status(status)
+    }
+}
+
+fn status_message(status: &Status) -> String {
+    match status.code() {
+        Code::Unavailable | Code::Unknown
+            if status.message().contains("transport") || status.message().contains("connect") =>
+        {
+            format!("the weir server is unavailable: {}", status.message())
+        }
+        code => format!("{} ({code:?})", status.message()),
+    }
+}
+
+impl ClientError {
+    /// The gRPC status code, if the server answered.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            ClientError::Status(s) => Some(s.code()),
+            _ => None,
+        }
+    }
+
+    /// The server's error kind (`stale-epoch`, `sequence-gap`, ...), if any.
+    pub fn kind(&self) -> Option<&str> {
+        match self {
+            ClientError::Status(s) => error_kind(s),
+            _ => None,
+        }
+    }
+}
+
+/// Where the records of one partition of a publish went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ack {
+    /// Partition.
+    pub partition: u32,
+    /// Offset of the first record.
+    pub base_offset: u64,
+    /// Records stored.
+    pub count: u32,
+    /// The batch was a retry of a stored one: offsets are those of the first write.
+    pub duplicate: bool,
+}
+
+impl From<pb::PartitionAck> for Ack {
+    fn from(a: pb::PartitionAck) -> Self {
+        Ack {
+            partition: a.partition,
+            base_offset: a.base_offset,
+            count: a.record_count,
+            duplicate: a.duplicate,
+        }
+    }
+}
+
+/// How to reach a server beyond its address: a token and the CA of its TLS certificate.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectOptions {
+    /// Bearer token (`weir auth token`), sent with every call.
+    pub token: Option<String>,
+    /// PEM of the CA that signed the server's certificate, for `https://` servers whose
+    /// certificate the system's roots do not vouch for (self-signed, private CA).
+    pub tls_ca_pem: Option<Vec<u8>>,
+}
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+pub struct Credentials {
+    authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.authorization {
+            request.metadata_mut().insert(AUTHORIZATION, value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The generated client over weir's transport (channel + credentials).
+pub type RawClient = WeirClient<InterceptedService<Channel, Credentials>>;
+
+/// A connection to a weir server. Cheap to clone (one HTTP/2 connection underneath).
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: RawClient,
+}
+
+impl Client {
+    /// Connects to `addr` (e.g. `http://127.0.0.1:7070`).
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`] when the address is malformed or nothing answers.
+    pub async fn connect(addr: &str) -> Result<Self, ClientError> {
+        Client::connect_with(addr, &ConnectOptions::default()).await
+    }
+
+    /// Connects with a token and TLS settings; `https://` addresses use TLS.
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`] when the address or token is malformed or nothing answers.
+    pub async fn connect_with(addr: &str, options: &ConnectOptions) -> Result<Self, ClientError> {
+        let connect_err = |reason: String| ClientError::Connect {
+            addr: addr.to_string(),
+            reason,
+        };
+        let authorization = match &options.token {
+            Some(token) => Some(format!("Bearer {}", token.trim()).parse().map_err(|_| {
+                connect_err("the token has characters that cannot go in a header".into())
+            })?),
+            None => None,
+        };
+        let channel = match addr.strip_prefix("https://") {
+            Some(rest) => {
+                // TLS by our own connector (tls.rs): webpki plus certificates pinned with
+                // --tls-ca. The endpoint itself is plain so tonic does not wrap it again.
+                let authority = rest.trim_end_matches('/');
+                let (host, port) = split_host_port(authority, 443).map_err(connect_err)?;
+                let config =
+                    tls::client_config(options.tls_ca_pem.as_deref()).map_err(connect_err)?;
+                let endpoint = endpoint(&format!("http://{authority}")).map_err(connect_err)?;
+                endpoint
+                    .connect_with_connector(tls::Connector::new(config, host, port))
+                    .await
+            }
+            None => endpoint(addr).map_err(connect_err)?.connect().await,
+        }
+        .map_err(|e| {
+            let mut reason = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                reason = s.to_string();
+                source = s.source();
+            }
+            connect_err(tls::explain(reason, options.tls_ca_pem.is_some()))
+        })?;
+        let inner = WeirClient::with_interceptor(channel, Credentials { authorization })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Client { inner })
+    }
+
+    /// The generated client, for calls this wrapper does not cover (streaming publish).
+    pub fn raw(&self) -> RawClient {
+        self.inner.clone()
+    }
+
+    /// Creates a topic.
+    ///
+    /// # Errors
+    /// Invalid name or partitions, or the topic exists.
+    pub async fn create_topic(&self, config: &TopicConfig) -> Result<TopicInfo, ClientError> {
+        let request = pb::CreateTopicRequest {
+            name: config.name.clone(),
+            partitions: config.partitions,
+            retention_ms: config.retention_ms,
+            retention_bytes: config.retention_bytes,
+            admit_per_key: config.admission.map_or(0, |a| a.per_key),
+            admit_window_ms: config.admission.map_or(0, |a| a.window_ms),
+        };
+        Ok(topic_info(
+            self.inner.clone().create_topic(request).await?.into_inner(),
+        ))
+    }
+
+    /// Lists topics.
+    ///
+    /// # Errors
+    /// Transport failures.
+    pub async fn list_topics(&self) -> Result<Vec<TopicInfo>, ClientError> {
+        let topics = self
+            .inner
+            .clone()
+            .list_topics(pb::ListTopicsRequest {})
+            .await?
+            .into_inner()
+            .topics;
+        Ok(topics.into_iter().map(topic_info).collect())
+    }
+
+    /// Describes one topic.
+    ///
+    /// # Errors
+    /// Unknown topic.
+    pub async fn describe_topic(&self, name: &str) -> Result<TopicInfo, ClientError> {
+        Ok(topic_info(
+            self.inner
+                .clone()
+                .describe_topic(pb::DescribeTopicRequest { name: name.into() })
+                .await?
+                .into_inner(),
+        ))
+    }
+
+    /// Deletes a topic and its data.
+    ///
+    /// # Errors
+    /// Unknown topic.
+    pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
+        self.inner
+            .clone()
+            .delete_topic(pb::DeleteTopicRequest { name: name.into() })
+            .await?;
+        Ok(())
+    }
+
+    /// Publishes records once, without idempotence or retries (a retry could store twice;
+    /// use a [`Producer`] for that). `partition: None` partitions by key.
+    ///
+    /// # Errors
+    /// Validation errors from the broker, transport failures.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        records: Vec<Record>,
+    ) -> Result<Vec<Ack>, ClientError> {
+        let request = pb::PublishRequest {
+            topic: topic.into(),
+            partition,
+            records: records.into_iter().map(Into::into).collect(),
+            producer: None,
+            request_id: 0,
+        };
+        Ok(self
+            .inner
+            .clone()
+            .publish(request)
+            .await?
+            .into_inner()
+            .acks
+            .into_iter()
+            .map(Ack::from)
+            .collect())
+    }
+
+    /// Starts an idempotent producer (allocates a producer id).
+    ///
+    /// # Errors
+    /// Transport failures.
+    pub async fn producer(&self) -> Result<Producer, ClientError> {
+        let r = self
+            .inner
+            .clone()
+            .init_producer(pb::InitProducerRequest { producer_id: None })
+            .await?
+            .into_inner();
+        Ok(Producer::new(self.clone(), r.producer_id, r.epoch))
+    }
+
+    /// Bumps the epoch of an existing producer id (fencing its older instances).
+    ///
+    /// # Errors
+    /// Unknown producer id.
+    pub async fn init_producer(&self, producer_id: Option<u64>) -> Result<(u64, u32), ClientError> {
+        let r = self
+            .inner
+            .clone()
+            .init_producer(pb::InitProducerRequest { producer_id })
+            .await?
+            .into_inner();
+        Ok((r.producer_id, r.epoch))
+    }
+
+    /// Opens a subscription; see [`Subscription::next`].
+    ///
+    /// # Errors
+    /// Unknown topic or partition, offset out of range.
+    pub async fn subscribe(
+        &self,
+        topic: &str,
+        partitions: &[u32],
+        start: StartAt,
+        group: Option<&str>,
+    ) -> Result<Subscription, ClientError> {
+        let request = pb::SubscribeRequest {
+            topic: topic.into(),
+            partitions: partitions.to_vec(),
+            start: Some(start_position(start)),
+            group: group.map(str::to_string),
+            max_batch_records: 0,
+            // Our own client takes messages up to MAX_MESSAGE_BYTES.
+            max_bytes: 16 << 20,
+        };
+        Ok(Subscription {
+            stream: self.inner.clone().subscribe(request).await?.into_inner(),
+        })
+    }
+
+    /// Commits a consumer group's next offsets.
+    ///
+    /// # Errors
+    /// Unknown topic or partition.
+    pub async fn commit_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+        offsets: &[(u32, u64)],
+    ) -> Result<(), ClientError> {
+        let offsets = offsets
+            .iter()
+            .map(|&(partition, offset)| pb::PartitionOffset { partition, offset })
+            .collect();
+        self.inner
+            .clone()
+            .commit_offsets(pb::CommitOffsetsRequest {
+                group: group.into(),
+                topic: topic.into(),
+                offsets,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// A consumer group's committed offsets for a topic.
+    ///
+    /// # Errors
+    /// Unknown topic.
+    pub async fn fetch_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> Result<Vec<(u32, u64)>, ClientError> {
+        let r = self
+            .inner
+            .clone()
+            .fetch_offsets(pb::FetchOffsetsRequest {
+                group: group.into(),
+                topic: topic.into(),
+            })
+            .await?
+            .into_inner();
+        Ok(r.offsets
+            .into_iter()
+            .map(|o| (o.partition, o.offset))
+            .collect())
+    }
+}
+
+/// The answer to a state query made after publishing an input record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StateAnswer {
+    /// The plugin has not processed the record yet.
+    Pending,
+    /// Processed; the committed value and its version.
+    Value(Vec<u8>, u64),
+    /// Processed, and the key has no value.
+    Absent,
+}
+
+/// A plugin as the server reports it.
+pub type PluginStatus = pb::PluginInfo;
+
+/// What to deploy; `Default` gives the server's defaults.
+#[derive(Clone, Debug, Default)]
+pub struct Deploy {
+    /// Plugin name.
+    pub name: String,
+    /// The component's bytes.
+    pub wasm: Vec<u8>,
+    /// Input topic.
+    pub input: String,
+    /// Output topics.
+    pub outputs: Vec<String>,
+    /// `configure` config.
+    pub config: Vec<(String, String)>,
+    /// `earliest` or `latest` (empty = earliest).
+    pub from: String,
+    /// Memory cap in MiB (0 = default).
+    pub memory_mb: u32,
+    /// CPU bound per batch in ms (0 = default).
+    pub timeout_ms: u32,
+    /// `halt` or `dlq` (empty = halt).
+    pub on_error: String,
+    /// Message ids remembered for dedup (0 = default).
+    pub dedup_ids: u64,
+    /// How long ids are remembered, ms (0 = default).
+    pub dedup_age_ms: u64,
+    /// Alert above this many waiting records (0 = none).
+    pub alert_lag: u64,
+    /// Alert when the oldest waiting record is older than this, ms (0 = none).
+    pub alert_delay_ms: u64,
+    /// Most records per second over all partitions (0 = unbounded).
+    pub max_rate: u64,
+}
+
+impl Client {
+    /// Deploys a plugin.
+    ///
+    /// # Errors
+    /// Invalid wasm, a component of another world, unknown topics, a taken name.
+    pub async fn deploy_plugin(&self, d: Deploy) -> Result<PluginStatus, ClientError> {
+        let request = pb::DeployPluginRequest {
+            name: d.name,
+            wasm: d.wasm.into(),
+            input: d.input,
+            outputs: d.outputs,
+            config: d
+                .config
+                .into_iter()
+                .map(|(key, value)| pb::ConfigEntry { key, value })
+                .collect(),
+            from: d.from,
+            memory_mb: d.memory_mb,
+            timeout_ms: d.timeout_ms,
+            on_error: d.on_error,
+            max_attempts: 0,
+            max_batch: 0,
+            dedup_ids: d.dedup_ids,
+            dedup_age_ms: d.dedup_age_ms,
+            alert_lag: d.alert_lag,
+            alert_delay_ms: d.alert_delay_ms,
+            max_rate: d.max_rate,
+        };
+        Ok(self
+            .inner
+            .clone()
+            .deploy_plugin(request)
+            .await?
+            .into_inner())
+    }
+
+    /// Replaces a plugin's code.
+    ///
+    /// # Errors
+    /// Unknown plugin, invalid wasm.
+    pub async fn upgrade_plugin(
+        &self,
+        name: &str,
+        wasm: Vec<u8>,
+    ) -> Result<PluginStatus, ClientError> {
+        Ok(self
+            .inner
+            .clone()
+            .upgrade_plugin(pb::UpgradePluginRequest {
+                name: name.into(),
+                wasm: wasm.into(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Every plugin with its partitions.
+    ///
+    /// # Errors
+    /// Transport failures.
+    pub async fn list_plugins(&self) -> Result<Vec<PluginStatus>, ClientError> {
+        Ok(self
+            .inner
+            .clone()
+            .list_plugins(pb::ListPluginsRequest {})
+            .await?
+            .into_inner()
+            .plugins)
+    }
+
+    /// Pauses (`true`) or resumes a plugin.
+    ///
+    /// # Errors
+    /// Unknown plugin.
+    pub async fn pause_plugin(&self, name: &str, pause: bool) -> Result<PluginStatus, ClientError> {
+        let r = pb::PluginRef { name: name.into() };
+        let mut inner = self.inner.clone();
+        Ok(if pause {
+            inner.pause_plugin(r).await?
+        } else {
+            inner.resume_plugin(r).await?
+        }
+        .into_inner())
+    }
+
+    /// Removes a plugin with its state.
+    ///
+    /// # Errors
+    /// Unknown plugin.
+    pub async fn remove_plugin(&self, name: &str) -> Result<(), ClientError> {
+        self.inner
+            .clone()
+            .remove_plugin(pb::PluginRef { name: name.into() })
+            .await?;
+        Ok(())
+    }
+
+    /// A plugin's log lines.
+    ///
+    /// # Errors
+    /// Unknown plugin.
+    pub async fn plugin_logs(&self, name: &str) -> Result<Vec<String>, ClientError> {
+        Ok(self
+            .inner
+            .clone()
+            .plugin_logs(pb::PluginRef { name: name.into() })
+            .await?
+            .into_inner()
+            .lines)
+    }
+
+    /// Lag, status, alerts and probe delays of one plugin or group (`""` for all).
+    ///
+    /// # Errors
+    /// No plugin or group of that name.
+    pub async fn lag(&self, name: &str) -> Result<pb::GetLagResponse, ClientError> {
+        Ok(self
+            .inner
+            .clone()
+            .get_lag(pb::GetLagRequest { name: name.into() })
+            .await?
+            .into_inner())
+    }
+
+    /// A plugin's committed state value and version.
+    ///
+    /// # Errors
+    /// Unknown plugin.
+    pub async fn get_state(
+        &self,
+        plugin: &str,
+        key: &[u8],
+    ) -> Result<Option<(Vec<u8>, u64)>, ClientError> {
+        let r = self.state_request(plugin, key, None).await?;
+        Ok(r.found.then(|| (r.value.to_vec(), r.version)))
+    }
+
+    async fn state_request(
+        &self,
+        plugin: &str,
+        key: &[u8],
+        after: Option<pb::InputPosition>,
+    ) -> Result<pb::GetStateResponse, ClientError> {
+        Ok(self
+            .inner
+            .clone()
+            .get_state(pb::GetStateRequest {
+                plugin: plugin.into(),
+                key: key.to_vec().into(),
+                after,
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// A state value as seen by the publisher of the input record at `partition`/`offset`:
+    /// `Pending` until the plugin has committed past that record.
+    ///
+    /// # Errors
+    /// Unknown plugin or partition.
+    pub async fn get_state_after(
+        &self,
+        plugin: &str,
+        key: &[u8],
+        partition: u32,
+        offset: u64,
+    ) -> Result<StateAnswer, ClientError> {
+        let r = self
+            .state_request(plugin, key, Some(pb::InputPosition { partition, offset }))
+            .await?;
+        Ok(if r.pending {
+            StateAnswer::Pending
+        } else if r.found {
+            StateAnswer::Value(r.value.to_vec(), r.version)
+        } else {
+            StateAnswer::Absent
+        })
+    }
+}
+
+/// An open subscription: batches of records as they are published.
+pub struct Subscription {
+    stream: tonic::Streaming<pb::SubscribeResponse>,
+}
+
+impl Subscription {
+    /// The next batch (waits for new records at the tail); `None` when the server ended the
+    /// stream.
+    ///
+    /// # Errors
+    /// The stream failed (topic deleted, server gone).
+    pub async fn next(&mut self) -> Result<Option<Vec<StoredRecord>>, ClientError> {
+        Ok(self
+            .stream
+            .message()
+            .await?
+            .map(|r| r.records.into_iter().map(StoredRecord::from).collect()))
+    }
+}
+
+/// An endpoint with weir's transport settings.
+fn endpoint(addr: &str) -> Result<Endpoint, String> {
+    Ok(Endpoint::from_shared(addr.to_string())
+        .map_err(|e| format!("{e} (expected a URL like http://127.0.0.1:7070)"))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .http2_adaptive_window(true))
+}
+
+/// `host:port` (or `[v6]:port`, or a host alone with `default_port`).
+fn split_host_port(authority: &str, default_port: u16) -> Result<(String, u16), String> {
+    let bad = || {
+        format!("{authority:?} is not host:port (expected a URL like https://weir.example:7070)")
+    };
+    if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']').ok_or_else(bad)?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().map_err(|_| bad())?,
+            None if after.is_empty() => default_port,
+            None => return Err(bad()),
+        };
+        return Ok((host.to_string(), port));
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) => Ok((host.to_string(), port.parse().map_err(|_| bad())?)),
+        None if !authority.is_empty() => Ok((authority.to_string(), default_port)),
+        None => Err(bad()),
+    }
+}

@@ -1,0 +1,390 @@
+//! One partition: its in-memory index over the stored chunks, its producers' sequence states
+//! and the offset up to which readers may see records.
+//!
+//! The index is rebuilt from the store at open. One writer at a time (the state lock); readers
+//! take the lock only to find chunk positions, then read and decode without it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use tokio::sync::watch;
+
+use super::producer::{ProducerState, SequenceCheck};
+use super::BrokerError;
+use weir_core::{PartitionStats, ReadLimits, StoredRecord, TopicPartition};
+use weir_log::{codec, ChunkMeta, EncodedChunk, Log, LogError};
+
+/// Producer fields of an idempotent batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProducerFields {
+    /// Producer id from `InitProducer`.
+    pub producer_id: u64,
+    /// Its epoch.
+    pub epoch: u32,
+    /// Sequence of the batch's first record in this partition.
+    pub base_sequence: u64,
+}
+
+pub(crate) struct Partition {
+    pub(crate) tp: TopicPartition,
+    store: Arc<dyn Log>,
+    state: Mutex<State>,
+    /// End offset readers may see: synced under fsync `always`, applied otherwise.
+    visible: watch::Sender<u64>,
+}
+
+struct State {
+    start: u64,
+    next: u64,
+    size: u64,
+    chunks: BTreeMap<u64, ChunkMeta>,
+    producers: HashMap<u64, ProducerState>,
+}
+
+/// Result of appending one partition's share of a publish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// Offset of the first record.
+    pub base_offset: u64,
+    /// Records.
+    pub count: u32,
+    /// A retry of a stored batch: nothing was appended.
+    pub duplicate: bool,
+}
+
+impl Partition {
+    pub(crate) fn recover(store: Arc<dyn Log>, tp: TopicPartition) -> Result<Arc<Self>, LogError> {
+        let recovered = store.recover_partition(&tp)?;
+        let mut chunks = BTreeMap::new();
+        let mut size = 0;
+        let mut next = recovered.start_offset;
+        for (base, meta) in recovered.chunks {
+            if base < recovered.start_offset {
+                continue; // trimmed in the same batch that moved the start; cannot happen, be safe
+            }
+            size += u64::from(meta.bytes);
+            next = base + u64::from(meta.count);
+            chunks.insert(base, meta);
+        }
+        let producers = recovered
+            .producers
+            .into_iter()
+            .filter_map(|(id, bytes)| ProducerState::decode(&bytes).map(|s| (id, s)))
+            .collect();
+        let state = State {
+            start: chunks.keys().next().copied().unwrap_or(next),
+            next,
+            size,
+            chunks,
+            producers,
+        };
+        Ok(Arc::new(Partition {
+            tp,
+            store,
+            state: Mutex::new(state),
+            visible: watch::channel(next).0,
+        }))
+    }
+
+    fn state(&self) -> parking_lot::MutexGuard<'_, State> {
+        self.state.lock()
+    }
+
+    pub(crate) fn stats(&self) -> PartitionStats {
+        let s = self.state();
+        PartitionStats {
+            partition: self.tp.partition,
+            start_offset: s.start,
+            end_offset: s.next,
+            size_bytes: s.size,
+        }
+    }
+
+    /// Whether an idempotent batch is a retry of one already stored (nothing would be appended).
+    pub(crate) fn is_duplicate(&self, p: &ProducerFields, count: u32) -> bool {
+        let s = self.state();
+        matches!(
+            ProducerState::check(
+                s.producers.get(&p.producer_id),
+                p.epoch,
+                p.base_sequence,
+                u64::from(count),
+            ),
+            Ok(SequenceCheck::Duplicate { .. })
+        )
+    }
+
+    /// Appends encoded chunks holding `count` records at `now_ms`, with the idempotence check
+    /// when `producer` is given. Blocking (store write).
+    pub(crate) fn append(
+        &self,
+        chunks: &[EncodedChunk],
+        count: u32,
+        producer: Option<ProducerFields>,
+        now_ms: i64,
+    ) -> Result<Appended, BrokerError> {
+        let mut s = self.state();
+        let base = s.next;
+        let new_producer_state = match producer {
+            None => None,
+            Some(p) => match ProducerState::check(
+                s.producers.get(&p.producer_id),
+                p.epoch,
+                p.base_sequence,
+                u64::from(count),
+            ) {
+                Ok(SequenceCheck::Duplicate { base_offset }) => {
+                    return Ok(Appended {
+                        base_offset,
+                        count,
+                        duplicate: true,
+                    })
+                }
+                Ok(SequenceCheck::Append) => Some((
+                    p.producer_id,
+                    ProducerState::after_append(
+                        s.producers.get(&p.producer_id),
+                        p.epoch,
+                        p.base_sequence,
+                        u64::from(count),
+                        base,
+                        now_ms,
+                    ),
+                )),
+                Err(e) => return Err(BrokerError::sequence(p.producer_id, &self.tp, e)),
+            },
+        };
+        let encoded = new_producer_state
+            .as_ref()
+            .map(|(id, st)| (*id, st.encode()));
+        self.store
+            .append(
+                &self.tp,
+                base,
+                chunks,
+                encoded.as_ref().map(|(id, b)| (*id, b.as_slice())),
+            )
+            .map_err(|source| BrokerError::WriteFailed { source })?;
+        let mut offset = base;
+        for chunk in chunks {
+            let meta = ChunkMeta {
+                count: chunk.header.count,
+                bytes: chunk.bytes.len() as u32,
+                max_timestamp_ms: chunk.header.max_timestamp_ms,
+            };
+            s.chunks.insert(offset, meta);
+            s.size += u64::from(meta.bytes);
+            offset += u64::from(meta.count);
+        }
+        s.next = offset;
+        if let Some((id, st)) = new_producer_state {
+            s.producers.insert(id, st);
+        }
+        Ok(Appended {
+            base_offset: base,
+            count,
+            duplicate: false,
+        })
+    }
+
+    /// Lets readers see records up to `end` (called once they are as durable as promised).
+    pub(crate) fn publish_visible(&self, end: u64) {
+        self.visible.send_if_modified(|v| {
+            let moved = end > *v;
+            *v = (*v).max(end);
+            moved
+        });
+    }
+
+    pub(crate) fn visible_end(&self) -> u64 {
+        *self.visible.borrow()
+    }
+
+    pub(crate) fn watch(&self) -> watch::Receiver<u64> {
+        self.visible.subscribe()
+    }
+
+    /// Reads visible records from `from` (clamped to the log start): at most
+    /// `limits.max_records`, and no more than `limits.max_bytes` of encoded records unless the
+    /// first one alone is larger (it is then returned alone). Blocking (store reads).
+    pub(crate) fn read(
+        &self,
+        from: u64,
+        limits: ReadLimits,
+    ) -> Result<Vec<StoredRecord>, BrokerError> {
+        let visible = self.visible_end();
+        if from >= visible || limits.max_records == 0 {
+            return Ok(Vec::new());
+        }
+        let (from, bases) = {
+            let s = self.state();
+            let from = from.max(s.start);
+            let first = s
+                .chunks
+                .range(..=from)
+                .next_back()
+                .map(|(b, _)| *b)
+                .unwrap_or(from);
+            let mut bases = Vec::new();
+            let (mut records, mut bytes) = (0usize, 0usize);
+            for (&base, meta) in s.chunks.range(first..) {
+                if base >= visible || records >= limits.max_records || bytes >= limits.max_bytes {
+                    break;
+                }
+                records += (base + u64::from(meta.count)).saturating_sub(from.max(base)) as usize;
+                bytes += meta.bytes as usize;
+                bases.push(base);
+            }
+            (from, bases)
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        'chunks: for base in bases {
+            let Some(chunk) = self.store.read_chunk(&self.tp, base)? else {
+                break; // trimmed by retention since the lookup: the caller re-reads from the new start
+            };
+            for r in self.decode(&chunk, base)? {
+                if r.offset < from {
+                    continue;
+                }
+                let size = r.record.encoded_len();
+                if r.offset >= visible
+                    || out.len() >= limits.max_records
+                    || (!out.is_empty() && bytes + size > limits.max_bytes)
+                {
+                    break 'chunks;
+                }
+                bytes += size;
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The first offset whose record has a timestamp at or after `ts` (the end offset if none).
+    pub(crate) fn offset_for_timestamp(&self, ts: i64) -> Result<u64, BrokerError> {
+        let candidates: Vec<u64> = {
+            let s = self.state();
+            s.chunks
+                .iter()
+                .filter(|(_, m)| m.max_timestamp_ms >= ts)
+                .map(|(b, _)| *b)
+                .take(8)
+                .collect()
+        };
+        let visible = self.visible_end();
+        for base in candidates {
+            if let Some(r) = self
+                .read_chunk_records(base)?
+                .into_iter()
+                .find(|r| r.record.timestamp_ms >= ts && r.offset < visible)
+            {
+                return Ok(r.offset);
+            }
+        }
+        Ok(visible)
+    }
+
+    fn read_chunk_records(&self, base: u64) -> Result<Vec<StoredRecord>, BrokerError> {
+        let Some(bytes) = self.store.read_chunk(&self.tp, base)? else {
+            return Ok(Vec::new());
+        };
+        self.decode(&bytes, base)
+    }
+
+    fn decode(&self, bytes: &bytes::Bytes, base: u64) -> Result<Vec<StoredRecord>, BrokerError> {
+        codec::decode_chunk(bytes, base, self.tp.partition).map_err(|source| {
+            BrokerError::Storage(LogError::Corrupt {
+                tp: self.tp.clone(),
+                base_offset: base,
+                source,
+            })
+        })
+    }
+
+    /// Applies retention: deletes the oldest chunks older than `retention_ms` or beyond
+    /// `retention_bytes`. Returns the number of records removed. Blocking.
+    pub(crate) fn trim(
+        &self,
+        now_ms: i64,
+        retention_ms: u64,
+        retention_bytes: u64,
+    ) -> Result<u64, BrokerError> {
+        let mut s = self.state();
+        let remove = retention_plan(&s.chunks, s.size, now_ms, retention_ms, retention_bytes);
+        let Some(&last) = remove.last() else {
+            return Ok(0);
+        };
+        let new_start = s
+            .chunks
+            .range(last + 1..)
+            .next()
+            .map(|(b, _)| *b)
+            .unwrap_or(s.next);
+        self.store.trim(&self.tp, &remove, new_start)?;
+        let removed = new_start - s.start;
+        for base in &remove {
+            if let Some(meta) = s.chunks.remove(base) {
+                s.size -= u64::from(meta.bytes);
+            }
+        }
+        s.start = new_start;
+        Ok(removed)
+    }
+
+    /// When each producer with state here last appended (0 for states stored before that was
+    /// recorded).
+    pub(crate) fn producer_activity(&self) -> Vec<(u64, i64)> {
+        self.state()
+            .producers
+            .iter()
+            .map(|(id, st)| (*id, st.last_ms))
+            .collect()
+    }
+
+    /// Forgets expired producers' sequence states. Blocking (store write).
+    pub(crate) fn remove_producers(&self, ids: &[u64]) -> Result<(), BrokerError> {
+        let mut s = self.state();
+        let present: Vec<u64> = ids
+            .iter()
+            .copied()
+            .filter(|id| s.producers.contains_key(id))
+            .collect();
+        if present.is_empty() {
+            return Ok(());
+        }
+        self.store.remove_producers(&self.tp, &present)?;
+        for id in present {
+            s.producers.remove(&id);
+        }
+        Ok(())
+    }
+}
+
+/// The chunks a retention pass removes, oldest first: while the oldest chunk's newest record
+/// is older than `retention_ms` (0 = no time bound) or the partition is larger than
+/// `retention_bytes` (0 = no size bound). The age is computed without overflow, so no
+/// retention value or timestamp can make a young chunk look old.
+pub fn retention_plan(
+    chunks: &BTreeMap<u64, ChunkMeta>,
+    size: u64,
+    now_ms: i64,
+    retention_ms: u64,
+    retention_bytes: u64,
+) -> Vec<u64> {
+    let mut size = size;
+    let mut remove = Vec::new();
+    for (&base, meta) in chunks {
+        let too_old =
+            retention_ms > 0 && weir_core::elapsed_ms(meta.max_timestamp_ms, now_ms) > retention_ms;
+        let too_big = retention_bytes > 0 && size > retention_bytes;
+        if !(too_old || too_big) {
+            break;
+        }
+        size = size.saturating_sub(u64::from(meta.bytes));
+        remove.push(base);
+    }
+    remove
+}

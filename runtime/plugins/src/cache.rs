@@ -1,0 +1,191 @@
+//! The committed-state cache of a plugin, within a byte budget.
+
+use std::collections::HashMap;
+
+use parking_lot::RwLock;
+use weir_log::LogError;
+
+use crate::store::PluginStore;
+
+/// A committed state entry: the value and its version, `None` when absent.
+pub(crate) type Entry = Option<(Vec<u8>, u64)>;
+
+/// Committed state of recently used keys, within a byte budget.
+///
+/// Commits [`insert`](StateCache::insert) every key they write (under the plugin's commit
+/// lock, after the store write); readers only [`fill`](StateCache::fill) missing keys, and
+/// only if nothing was evicted since they began their store read — an entry evicted and then
+/// re-filled from an older read could otherwise be older than the store. So an entry is never
+/// older than the store, and the commit's version check can trust it.
+///
+/// Eviction is generational: new entries go to `hot`; when `hot` holds half the budget it
+/// becomes `cold` and the previous `cold` is dropped (an approximation of LRU with O(1)
+/// work and no bookkeeping on reads). A generation holding a commit whose state delta is not
+/// yet folded into the per-key entries is kept until the compactor has folded it: the store's
+/// entry for such a key is older than the cache's, so dropping it would un-commit a write.
+pub(crate) struct StateCache {
+    inner: RwLock<Generations>,
+    budget: usize,
+}
+
+#[derive(Default)]
+struct Generations {
+    hot: HashMap<Vec<u8>, Entry>,
+    cold: HashMap<Vec<u8>, Entry>,
+    hot_bytes: usize,
+    cold_bytes: usize,
+    /// Newest state-delta sequence (+1) of a commit inserted into each generation.
+    hot_seq: u64,
+    cold_seq: u64,
+    /// Deltas below this sequence are folded into the per-key entries.
+    compacted: u64,
+    /// Bumped whenever entries are dropped.
+    evictions: u64,
+}
+
+/// What an entry costs: key, value and the maps' own overhead.
+fn entry_bytes(key: &[u8], entry: &Entry) -> usize {
+    key.len() + entry.as_ref().map_or(0, |(v, _)| v.len()) + 64
+}
+
+impl StateCache {
+    /// An empty cache holding at most about `budget` bytes.
+    pub(crate) fn new(budget: usize) -> Self {
+        StateCache {
+            inner: RwLock::default(),
+            budget: budget.max(1024),
+        }
+    }
+
+    /// The cached entry of a key (`None`: not cached).
+    pub(crate) fn get(&self, key: &[u8]) -> Option<Entry> {
+        let g = self.inner.read();
+        g.hot.get(key).or_else(|| g.cold.get(key)).cloned()
+    }
+
+    /// How many evictions happened so far; take it before a store read meant for [`fill`].
+    pub(crate) fn evictions(&self) -> u64 {
+        self.inner.read().evictions
+    }
+
+    /// Bytes held.
+    pub(crate) fn bytes(&self) -> usize {
+        let g = self.inner.read();
+        g.hot_bytes + g.cold_bytes
+    }
+
+    /// Caches what a reader found in the store, unless the key is cached already (a commit's
+    /// value is newer) or something was evicted since `evictions_before` (the read may be
+    /// older than an evicted commit). Returns the entry to use.
+    pub(crate) fn fill(&self, key: &[u8], found: Entry, evictions_before: u64) -> Entry {
+        let mut g = self.inner.write();
+        if let Some(hit) = g.hot.get(key).or_else(|| g.cold.get(key)) {
+            return hit.clone();
+        }
+        if g.evictions == evictions_before {
+            self.put(&mut g, key.to_vec(), found.clone());
+        }
+        found
+    }
+
+    /// Records a value committed with state delta `seq` (overwrites).
+    pub(crate) fn insert(&self, key: Vec<u8>, entry: Entry, seq: u64) {
+        let mut g = self.inner.write();
+        if let Some(old) = g.cold.remove(&key) {
+            g.cold_bytes -= entry_bytes(&key, &old);
+        }
+        g.hot_seq = g.hot_seq.max(seq + 1);
+        self.put(&mut g, key, entry);
+    }
+
+    /// Every delta below `seq` is folded into the per-key entries.
+    pub(crate) fn compacted_below(&self, seq: u64) {
+        let mut g = self.inner.write();
+        g.compacted = g.compacted.max(seq);
+    }
+
+    fn put(&self, g: &mut Generations, key: Vec<u8>, entry: Entry) {
+        let size = entry_bytes(&key, &entry);
+        if let Some(old) = g.hot.remove(&key) {
+            g.hot_bytes -= entry_bytes(&key, &old);
+        }
+        if g.hot_bytes + size > self.budget / 2 && !g.hot.is_empty() && g.cold_seq <= g.compacted {
+            g.cold = std::mem::take(&mut g.hot);
+            g.cold_bytes = std::mem::take(&mut g.hot_bytes);
+            g.cold_seq = std::mem::replace(&mut g.hot_seq, 0);
+            g.evictions += 1;
+        }
+        g.hot.insert(key, entry);
+        g.hot_bytes += size;
+    }
+}
+
+/// Committed state of a key: from the cache, else from the store (then cached if still
+/// absent from the cache and nothing was evicted meanwhile). Nothing is cached from a failed
+/// read.
+pub(crate) fn read_through(
+    cache: &StateCache,
+    store: &dyn PluginStore,
+    plugin: &str,
+    key: &[u8],
+) -> Result<Entry, LogError> {
+    if let Some(hit) = cache.get(key) {
+        return Ok(hit);
+    }
+    let evictions = cache.evictions();
+    let stored = store.state(plugin, key)?;
+    Ok(cache.fill(key, stored, evictions))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_stays_within_its_budget_and_never_caches_a_read_older_than_an_eviction() {
+        let cache = StateCache::new(4096);
+        cache.compacted_below(1); // delta 0, which every insert below names, is folded
+        for i in 0..1000u32 {
+            cache.insert(i.to_be_bytes().to_vec(), Some((vec![0; 10], 1)), 0);
+            assert!(cache.bytes() <= 4096, "{} bytes", cache.bytes());
+        }
+        // A reader read version 1 from the store; meanwhile a commit wrote version 2 and the
+        // cache evicted it: the reader's value must not be cached.
+        let before = cache.evictions();
+        cache.insert(b"k".to_vec(), Some((b"v2".to_vec(), 2)), 0);
+        for i in 0..1000u32 {
+            cache.insert((i + 5000).to_be_bytes().to_vec(), Some((vec![0; 10], 1)), 0);
+        }
+        assert_eq!(cache.get(b"k"), None, "evicted");
+        let used = cache.fill(b"k", Some((b"v1".to_vec(), 1)), before);
+        assert_eq!(used, Some((b"v1".to_vec(), 1)));
+        assert_eq!(
+            cache.get(b"k"),
+            None,
+            "a read older than an eviction is not cached"
+        );
+        // Without an eviction in between it is cached; a commit's value is never replaced.
+        let now = cache.evictions();
+        cache.fill(b"j", None, now);
+        assert_eq!(cache.get(b"j"), Some(None));
+        cache.insert(b"j".to_vec(), Some((b"new".to_vec(), 1)), 0);
+        assert_eq!(cache.fill(b"j", None, now), Some((b"new".to_vec(), 1)));
+    }
+
+    #[test]
+    fn commits_not_yet_compacted_are_never_evicted() {
+        let cache = StateCache::new(4096);
+        // Delta 7 holds key "k": until it is compacted, "k" stays whatever else comes.
+        cache.insert(b"k".to_vec(), Some((b"v".to_vec(), 3)), 7);
+        for i in 0..1000u32 {
+            cache.insert(i.to_be_bytes().to_vec(), Some((vec![0; 10], 1)), 7);
+        }
+        assert_eq!(cache.get(b"k"), Some(Some((b"v".to_vec(), 3))));
+        cache.compacted_below(8);
+        for i in 0..1000u32 {
+            cache.insert((i + 5000).to_be_bytes().to_vec(), Some((vec![0; 10], 1)), 0);
+        }
+        assert_eq!(cache.get(b"k"), None, "evicted once compacted");
+        assert!(cache.bytes() <= 4096, "{} bytes", cache.bytes());
+    }
+}

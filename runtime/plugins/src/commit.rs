@@ -1,0 +1,497 @@
+//! Running a batch and committing its effects. The commit is one [`PluginStore::commit`]:
+//! state writes (as one delta), message ids, the outbox entry with producer sequences already
+//! assigned, and the partition's next cursor. A crash leaves all of it or none.
+//!
+//! Partitions of one plugin share its state: under the plugin's commit lock the commit checks
+//! that the versions the batch read are unchanged and its ids still unseen, and answers
+//! [`Commit::Conflict`] otherwise, for the batch to run again (optimistic concurrency).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use weir_codec::OutRecord;
+use weir_core::{partition_for_key, ProbeMarker, Record, StoredRecord};
+use weir_log::LogError;
+use weir_wasm::{BatchEffects, Interrupt, PluginError, StateReader};
+
+use crate::cache::{read_through, StateCache};
+use crate::dedup::{id_hash, DedupIndex};
+use crate::processor::Processor;
+use crate::runtime::PluginRuntime;
+use crate::store::{encode_groups, CommitWrite, Cursor, DedupKey, GroupRef};
+
+/// Why a step of the partition loop did not complete.
+#[derive(Debug)]
+pub(crate) enum StepError {
+    /// The plugin failed on the batch: spends an attempt.
+    Plugin(PluginError),
+    /// The store failed: wait and retry.
+    Storage(LogError),
+    /// A state read failed in the store while the plugin ran: wait and retry.
+    StateUnavailable(String),
+    /// Interrupted (pause, stop, shutdown): nothing committed, nothing spent.
+    Stopped,
+    /// The store cannot be synced: the server is stopping (fail-stop).
+    Fatal(String),
+}
+
+impl StepError {
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            StepError::Plugin(e) => e.to_string(),
+            StepError::Storage(e) => e.to_string(),
+            StepError::StateUnavailable(why) | StepError::Fatal(why) => why.clone(),
+            StepError::Stopped => "stopped".into(),
+        }
+    }
+}
+
+impl From<PluginError> for StepError {
+    fn from(e: PluginError) -> Self {
+        match e {
+            PluginError::Interrupted => StepError::Stopped,
+            PluginError::StateUnavailable(why) => StepError::StateUnavailable(why),
+            other => StepError::Plugin(other),
+        }
+    }
+}
+
+impl From<LogError> for StepError {
+    fn from(e: LogError) -> Self {
+        StepError::Storage(e)
+    }
+}
+
+impl From<weir_core::blocking::Panicked> for StepError {
+    fn from(e: weir_core::blocking::Panicked) -> Self {
+        StepError::Plugin(PluginError::Engine(e.to_string()))
+    }
+}
+
+/// A committed batch.
+#[derive(Debug)]
+pub(crate) struct Done {
+    pub(crate) cursor: Cursor,
+    pub(crate) outputs: u64,
+    /// Probes committed past, with their publish times.
+    pub(crate) probes: Vec<(ProbeMarker, i64)>,
+}
+
+/// The outcome of trying to commit a batch.
+#[derive(Debug)]
+pub(crate) enum Commit {
+    Done(Done),
+    Conflict,
+}
+
+/// What a partition task owns: its cursor, its output sequences, its processor. Moved into
+/// the blocking pool for a batch and back; only this task writes them, so memory follows the
+/// store without reading it.
+pub(crate) struct Local {
+    pub(crate) cursor: Cursor,
+    /// Next producer sequence per output partition, read from the store once.
+    pub(crate) sequences: HashMap<(String, u32), u64>,
+    pub(crate) processor: Option<Box<dyn Processor>>,
+}
+
+impl Local {
+    pub(crate) fn at(cursor: Cursor) -> Self {
+        Local {
+            cursor,
+            sequences: HashMap::new(),
+            processor: None,
+        }
+    }
+}
+
+/// A batch about to be committed.
+struct Batch<'a> {
+    partition: u32,
+    /// The input offset after it.
+    next: u64,
+    /// Records whose effects it commits.
+    processed: &'a [&'a StoredRecord],
+    /// Records skipped as already processed.
+    skipped: u64,
+    /// Probes it moves past.
+    probes: Vec<(ProbeMarker, i64)>,
+}
+
+/// A plugin's shared commit state: the lock, the state cache, the message ids, the next
+/// state-delta sequence.
+pub(crate) struct Committer {
+    lock: Mutex<()>,
+    pub(crate) cache: Arc<StateCache>,
+    dedup: Mutex<DedupIndex>,
+    next_delta: AtomicU64,
+}
+
+impl Committer {
+    pub(crate) fn new(
+        cache_bytes: usize,
+        next_delta: u64,
+        stored_ids: Vec<(DedupKey, i64, Vec<u64>)>,
+    ) -> Self {
+        let mut dedup = DedupIndex::default();
+        for (key, newest, ids) in stored_ids {
+            dedup.insert(key, newest, ids);
+        }
+        Committer {
+            lock: Mutex::new(()),
+            cache: Arc::new(StateCache::new(cache_bytes)),
+            dedup: Mutex::new(dedup),
+            next_delta: AtomicU64::new(next_delta),
+        }
+    }
+
+    /// Reads committed state for the plugin's instances.
+    pub(crate) fn reader(&self, rt: &PluginRuntime) -> StateReader {
+        let (store, plugin, cache) = (
+            rt.seams.store.clone(),
+            rt.spec.name.clone(),
+            self.cache.clone(),
+        );
+        Arc::new(move |key: &[u8]| {
+            read_through(&cache, &*store, &plugin, key).map_err(|e| e.to_string())
+        })
+    }
+
+    /// Committed state of a key. Blocking.
+    pub(crate) fn state(
+        &self,
+        rt: &PluginRuntime,
+        key: &[u8],
+    ) -> Result<Option<(Vec<u8>, u64)>, LogError> {
+        read_through(&self.cache, &*rt.seams.store, &rt.spec.name, key)
+    }
+}
+
+/// Blocking: runs the plugin on the unseen records and commits. Keeps the processor in
+/// `local` unless the batch failed (a trapped instance is not reused).
+pub(crate) fn run_and_commit(
+    rt: &PluginRuntime,
+    partition: u32,
+    records: &[StoredRecord],
+    local: &mut Local,
+    interrupt: Interrupt,
+) -> Result<Commit, StepError> {
+    let c = &rt.committer;
+    let mut seen_in_batch = HashSet::new();
+    let fresh: Vec<&StoredRecord> = {
+        let dedup = c.dedup.lock();
+        records
+            .iter()
+            .filter(|r| {
+                r.record.id.as_deref().is_none_or(|id| {
+                    !dedup.contains(id_hash(id)) && seen_in_batch.insert(id_hash(id))
+                })
+            })
+            .collect()
+    };
+    let skipped = (records.len() - fresh.len()) as u64;
+    let next = records.last().map_or(local.cursor.next, |r| r.offset + 1);
+    // Probes are the monitor's, never the plugin's: committed past, reported after.
+    let mut probes = Vec::new();
+    let fresh: Vec<&StoredRecord> = fresh
+        .into_iter()
+        .filter(|r| match ProbeMarker::of(&r.record) {
+            Some(marker) => {
+                probes.push((marker, r.record.timestamp_ms));
+                false
+            }
+            None => true,
+        })
+        .collect();
+    let batch = Batch {
+        partition,
+        next,
+        processed: &fresh,
+        skipped,
+        probes,
+    };
+    if fresh.is_empty() {
+        return commit(rt, local, batch, BatchEffects::default(), None);
+    }
+    let m = weir_metrics::global();
+    m.plugin_records_in
+        .get_or_create(&rt.label)
+        .inc_by(fresh.len() as u64);
+    let blob = encode_batch(partition, &fresh);
+    let mut processor = match local.processor.take() {
+        Some(p) if !p.worn_out() => p,
+        _ => rt
+            .plugin
+            .instantiate(rt.spec.limits, &rt.spec.config, c.reader(rt), interrupt)?,
+    };
+    let started = std::time::Instant::now();
+    let result = processor.process(&blob);
+    m.plugin_batch_seconds
+        .get_or_create(&rt.label)
+        .observe(started.elapsed().as_secs_f64());
+    for line in processor.drain_log() {
+        rt.log(line);
+    }
+    let effects = match result {
+        Ok(effects) => effects,
+        Err(e) => {
+            if !matches!(
+                e,
+                PluginError::Interrupted | PluginError::StateUnavailable(_)
+            ) {
+                m.plugin_traps.get_or_create(&rt.label).inc();
+            }
+            return Err(with_limits(rt, e).into());
+        }
+    };
+    let result = commit(rt, local, batch, effects, None);
+    if result.is_ok() {
+        local.processor = Some(processor);
+    }
+    result
+}
+
+fn with_limits(rt: &PluginRuntime, e: PluginError) -> PluginError {
+    match e {
+        PluginError::Timeout { .. } => PluginError::Timeout {
+            limit_ms: rt.spec.limits.timeout.as_millis() as u64,
+        },
+        PluginError::MemoryLimit { .. } => PluginError::MemoryLimit {
+            limit_bytes: rt.spec.limits.memory_bytes,
+        },
+        other => other,
+    }
+}
+
+/// Blocking: commits a record that failed every attempt to the dead-letter topic (with the
+/// error and where it came from in headers), moving the offset past it.
+pub(crate) fn commit_dead_letter(
+    rt: &PluginRuntime,
+    partition: u32,
+    record: &StoredRecord,
+    error: &str,
+    local: &mut Local,
+) -> Result<Done, StepError> {
+    let mut headers = record.record.headers.clone();
+    headers.push(("weir-error".into(), Bytes::from(error.to_string())));
+    headers.push((
+        "weir-source".into(),
+        Bytes::from(format!("{}/{}@{}", rt.spec.input, partition, record.offset)),
+    ));
+    let dead = Record {
+        headers,
+        timestamp_ms: 0,
+        ..record.record.clone()
+    };
+    loop {
+        let batch = Batch {
+            partition,
+            next: record.offset + 1,
+            processed: &[record],
+            skipped: 0,
+            probes: Vec::new(),
+        };
+        match commit(rt, local, batch, BatchEffects::default(), Some(&dead))? {
+            Commit::Conflict => continue,
+            Commit::Done(done) => return Ok(done),
+        }
+    }
+}
+
+/// Validates and writes a batch's effects atomically under the plugin's commit lock. Outputs
+/// go from the plugin's blob into the outbox entry without being materialised as records.
+fn commit(
+    rt: &PluginRuntime,
+    local: &mut Local,
+    batch: Batch<'_>,
+    effects: BatchEffects,
+    dead_letter: Option<&Record>,
+) -> Result<Commit, StepError> {
+    let c = &rt.committer;
+    let partition = batch.partition;
+    let mut outputs: Vec<OutRecord<'_>> = if effects.outputs.is_empty() {
+        Vec::new()
+    } else {
+        weir_codec::decode_outputs(&effects.outputs)
+            .map_err(|e| PluginError::BadOutput(e.to_string()))?
+    };
+    let max = rt.seams.output.max_record_bytes();
+    for o in &outputs {
+        if !rt.spec.outputs.iter().any(|t| t == o.topic) {
+            return Err(PluginError::BadOutput(format!(
+                "emitted to {:?}, which is not one of its output topics {:?} (deploy with --output {})",
+                o.topic, rt.spec.outputs, o.topic
+            ))
+            .into());
+        }
+        // Refused here, not at forwarding: a committed output the broker cannot take would
+        // block the outbox forever.
+        let size = weir_core::stored_len(o.key, o.value, None, o.headers.iter().copied());
+        if size > max {
+            return Err(PluginError::BadOutput(format!(
+                "an output to {:?} is {size} bytes encoded; the record limit is {max}",
+                o.topic
+            ))
+            .into());
+        }
+    }
+    let emitted = outputs.len() as u64;
+    let dlq = rt.spec.dlq_topic();
+    if let Some(dead) = dead_letter {
+        outputs.push(OutRecord {
+            topic: &dlq,
+            key: dead.key.as_deref(),
+            value: &dead.value,
+            headers: dead
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_ref()))
+                .collect(),
+        });
+    }
+    let dead_lettered = u64::from(dead_letter.is_some());
+    let ids: Vec<u64> = batch
+        .processed
+        .iter()
+        .filter_map(|r| r.record.id.as_deref())
+        .map(id_hash)
+        .collect();
+    let newest_ms = batch
+        .processed
+        .iter()
+        .map(|r| r.record.timestamp_ms)
+        .max()
+        .unwrap_or(0);
+    // Output partitions are routed before taking the lock (topic lookups).
+    let routed = route(rt, partition, outputs)?;
+
+    let _guard = c.lock.lock();
+    // Optimistic check: nothing this batch read changed, none of its ids was processed by
+    // another partition meanwhile.
+    for (key, version) in &effects.reads {
+        let current =
+            read_through(&c.cache, &*rt.seams.store, &rt.spec.name, key)?.map_or(0, |(_, v)| v);
+        if current != *version {
+            return Ok(Commit::Conflict);
+        }
+    }
+    if ids.iter().any(|id| c.dedup.lock().contains(*id)) {
+        return Ok(Commit::Conflict);
+    }
+    let seq = local.cursor.seq;
+    // One delta value per batch instead of a key per state write (sled is CPU-bound at
+    // ~125k keys/s); the compactor folds deltas into per-key entries later.
+    let delta_seq =
+        (!effects.writes.is_empty()).then(|| c.next_delta.fetch_add(1, Ordering::Relaxed));
+    let mut sequences = Vec::with_capacity(routed.len());
+    let mut groups = Vec::with_capacity(routed.len());
+    for ((topic, p), records) in &routed {
+        let base_seq = match local.sequences.get(&(topic.to_string(), *p)) {
+            Some(s) => *s,
+            None => rt
+                .seams
+                .store
+                .output_sequence(&rt.spec.name, partition, topic, *p)?,
+        };
+        sequences.push(((topic.to_string(), *p), base_seq + records.len() as u64));
+        groups.push(GroupRef {
+            topic,
+            partition: *p,
+            base_seq,
+            records,
+        });
+    }
+    let cursor = Cursor {
+        next: batch.next,
+        seq: seq + 1,
+        processed: local.cursor.processed + batch.processed.len() as u64 - dead_lettered,
+        skipped: local.cursor.skipped + batch.skipped,
+        dead_lettered: local.cursor.dead_lettered + dead_lettered,
+    };
+    let write = CommitWrite {
+        partition,
+        cursor,
+        delta: delta_seq.map(|s| (s, &effects.writes)),
+        ids: (!ids.is_empty()).then_some((newest_ms, ids.as_slice())),
+        outbox: (!groups.is_empty()).then(|| encode_groups(groups.into_iter())),
+        sequences: &sequences,
+    };
+    rt.seams.store.commit(&rt.spec.name, &write)?;
+    // Written: from here on memory follows the store.
+    local.cursor = cursor;
+    local.sequences.extend(sequences);
+    if let Some(delta_seq) = delta_seq {
+        for (key, value) in effects.writes {
+            c.cache.insert(key, value, delta_seq);
+        }
+    }
+    let mut dedup = c.dedup.lock();
+    if !ids.is_empty() {
+        dedup.insert((partition, seq), newest_ms, ids);
+    }
+    let expired = dedup.expire(&rt.spec.dedup, newest_ms);
+    drop(dedup);
+    if !expired.is_empty() {
+        // Best effort: a failure leaves entries the next open reloads and expires again.
+        if let Err(e) = rt.seams.store.forget_ids(&rt.spec.name, &expired) {
+            tracing::warn!(message = "Deleting expired dedup ids failed.", plugin = %rt.spec.name, error = %e);
+        }
+    }
+    Ok(Commit::Done(Done {
+        cursor,
+        outputs: emitted,
+        probes: batch.probes,
+    }))
+}
+
+/// Routes outputs to output partitions: key hash; keyless ones follow the input partition.
+fn route<'a>(
+    rt: &PluginRuntime,
+    partition: u32,
+    outputs: Vec<OutRecord<'a>>,
+) -> Result<BTreeMap<(&'a str, u32), Vec<OutRecord<'a>>>, StepError> {
+    let mut by_target: BTreeMap<(&'a str, u32), Vec<OutRecord<'a>>> = BTreeMap::new();
+    let mut counts: HashMap<&str, u32> = HashMap::new();
+    for o in outputs {
+        let n = match counts.get(o.topic) {
+            Some(n) => *n,
+            None => {
+                let n = rt
+                    .seams
+                    .output
+                    .partition_count(o.topic)
+                    .map_err(|e| PluginError::BadOutput(e.to_string()))?;
+                counts.insert(o.topic, n);
+                n
+            }
+        };
+        let p = o.key.map_or(partition % n, |k| partition_for_key(k, n));
+        by_target.entry((o.topic, p)).or_default().push(o);
+    }
+    Ok(by_target)
+}
+
+/// The records as the batch blob a plugin gets (docs/batch-encoding.md).
+pub(crate) fn encode_batch(partition: u32, records: &[&StoredRecord]) -> Vec<u8> {
+    let mut w = weir_codec::Writer::new();
+    for r in records {
+        let headers: Vec<(&str, &[u8])> = r
+            .record
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_ref()))
+            .collect();
+        w.push_in(&weir_codec::InRecord {
+            offset: r.offset,
+            timestamp_ms: r.record.timestamp_ms,
+            partition,
+            key: r.record.key.as_deref(),
+            value: &r.record.value,
+            id: r.record.id.as_deref(),
+            headers,
+        });
+    }
+    w.finish()
+}

@@ -1,0 +1,111 @@
+//! The message ids a plugin has processed, within its window. Stored compactly, one entry per
+//! commit (its newest record time and 8-byte id hashes), held in memory as a hash set for the
+//! check.
+
+use std::collections::{HashSet, VecDeque};
+
+use crate::spec::DedupWindow;
+use crate::store::DedupKey;
+
+/// 64-bit FNV-1a of a message id: stable across versions, since hashes are stored. With a
+/// million ids in the window the chance of any collision is ~3·10⁻⁸.
+pub fn id_hash(id: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in id.as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash
+}
+
+/// One stored commit's ids.
+#[derive(Debug)]
+struct Entry {
+    key: DedupKey,
+    newest_ms: i64,
+    ids: Vec<u64>,
+}
+
+/// The in-memory dedup index of one plugin (all its partitions).
+#[derive(Debug, Default)]
+pub struct DedupIndex {
+    ids: HashSet<u64>,
+    entries: VecDeque<Entry>,
+}
+
+impl DedupIndex {
+    /// Whether an id hash was processed.
+    pub fn contains(&self, hash: u64) -> bool {
+        self.ids.contains(&hash)
+    }
+
+    /// Number of ids remembered.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// Adds a commit's ids (stored under `key`).
+    pub fn insert(&mut self, key: DedupKey, newest_ms: i64, ids: Vec<u64>) {
+        self.ids.extend(ids.iter().copied());
+        self.entries.push_back(Entry {
+            key,
+            newest_ms,
+            ids,
+        });
+    }
+
+    /// Drops whole commits from the oldest while the window is exceeded; returns their keys
+    /// (to delete from the store).
+    pub fn expire(&mut self, window: &DedupWindow, now_ms: i64) -> Vec<DedupKey> {
+        let mut removed = Vec::new();
+        while let Some(oldest) = self.entries.front() {
+            let too_many = self.ids.len() > window.max_ids;
+            let too_old = weir_core::elapsed_ms(oldest.newest_ms, now_ms) > window.max_age_ms;
+            if !(too_many || too_old) {
+                break;
+            }
+            let entry = self.entries.pop_front().expect("front exists");
+            for id in &entry.ids {
+                self.ids.remove(id);
+            }
+            removed.push(entry.key);
+        }
+        removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_expires_oldest_commits_by_count_and_age() {
+        let mut index = DedupIndex::default();
+        index.insert((0, 1), 1_000, vec![id_hash("1"), id_hash("2")]);
+        index.insert((1, 1), 2_000, vec![id_hash("3")]);
+        assert!(index.contains(id_hash("1")) && !index.contains(id_hash("4")));
+        let removed = index.expire(
+            &DedupWindow {
+                max_ids: 2,
+                max_age_ms: 1_000_000,
+            },
+            3_000,
+        );
+        assert_eq!(removed, vec![(0, 1)]);
+        assert!(!index.contains(id_hash("1")) && index.contains(id_hash("3")));
+        let removed = index.expire(
+            &DedupWindow {
+                max_ids: 10,
+                max_age_ms: 500,
+            },
+            3_000,
+        );
+        assert_eq!(removed, vec![(1, 1)]);
+        assert!(index.is_empty());
+    }
+}

@@ -1,0 +1,170 @@
+//! The forwarder of a plugin partition: publishes the partition's outbox entries in order, as
+//! the partition's idempotent producer with the sequences assigned at commit, and deletes
+//! each once acknowledged. A re-forward after a crash carries the same (producer id,
+//! sequence), so the broker drops it: outputs appear exactly once.
+//!
+//! A failure it cannot get past (its producer fenced, an output topic deleted) shows in the
+//! partition's status, the monitor and a metric, and is retried every few seconds in case an
+//! operator fixes it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use weir_core::Backoff;
+
+use crate::io::{IoKind, OutputBatch};
+use crate::runtime::PluginRuntime;
+
+/// Sleeps `d`; `false` when cancelled.
+async fn pause(cancel: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = cancel.cancelled() => false,
+    }
+}
+
+/// The forwarder of one input partition's outputs.
+pub(crate) struct Forwarder {
+    rt: Arc<PluginRuntime>,
+    partition: u32,
+}
+
+impl Forwarder {
+    pub(crate) fn new(rt: Arc<PluginRuntime>, partition: u32) -> Self {
+        Forwarder { rt, partition }
+    }
+
+    /// Forwards until cancelled.
+    pub(crate) async fn run(self, cancel: CancellationToken) {
+        let (rt, partition) = (self.rt.clone(), self.partition);
+        let producer_id = rt.spec.producer_ids[partition as usize];
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        'scan: loop {
+            let this = rt.clone();
+            let scanned = weir_core::blocking::run(move || {
+                this.seams.store.outbox(&this.spec.name, partition)
+            })
+            .await;
+            let entries = match scanned {
+                Ok(Ok(entries)) => entries,
+                Ok(Err(e)) => {
+                    self.failed(format!("reading the outbox: {e}"), false);
+                    if !pause(&cancel, backoff.next()).await {
+                        return;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    self.failed(e.to_string(), false);
+                    if !pause(&cancel, backoff.next()).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            for entry in entries {
+                let groups = match entry.groups {
+                    Ok(groups) => groups,
+                    Err(why) => {
+                        // Forwarding past it would reorder outputs: stop here and say so.
+                        self.failed(format!("{why}; outputs after it wait"), true);
+                        if !pause(&cancel, Duration::from_secs(5)).await {
+                            return;
+                        }
+                        continue 'scan;
+                    }
+                };
+                for g in groups {
+                    let batch = OutputBatch {
+                        topic: g.topic.clone(),
+                        partition: g.partition,
+                        producer_id,
+                        base_sequence: g.base_seq,
+                        records: g.records,
+                    };
+                    tracing::debug!(message = "Forwarding outputs.", topic = %g.topic, output_partition = g.partition, records = batch.records.len(), base_seq = g.base_seq);
+                    loop {
+                        let e = match rt.seams.output.publish(batch.clone()).await {
+                            Ok(()) => break,
+                            Err(e) => e,
+                        };
+                        let transient = e.kind == IoKind::Unavailable;
+                        self.failed(
+                            format!("forwarding to {}/{}: {e}", g.topic, g.partition),
+                            !transient,
+                        );
+                        let delay = if transient {
+                            backoff.next()
+                        } else {
+                            Duration::from_secs(5)
+                        };
+                        // A new commit is worth another try at once.
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = rt.outbox[partition as usize].notified() => {}
+                            _ = cancel.cancelled() => return,
+                        }
+                    }
+                }
+                loop {
+                    let this = rt.clone();
+                    let deleted = weir_core::blocking::run(move || {
+                        this.seams
+                            .store
+                            .forwarded(&this.spec.name, partition, entry.seq)
+                    })
+                    .await;
+                    match deleted {
+                        Ok(Ok(())) => break,
+                        Ok(Err(e)) => {
+                            self.failed(format!("deleting a forwarded outbox entry: {e}"), false)
+                        }
+                        Err(e) => self.failed(e.to_string(), false),
+                    }
+                    if !pause(&cancel, backoff.next()).await {
+                        return;
+                    }
+                }
+                backoff.reset();
+                self.ok();
+            }
+            tokio::select! {
+                _ = rt.outbox[partition as usize].notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
+    }
+
+    /// Shows why outputs are stuck; `blocked`: retrying alone will not help.
+    fn failed(&self, why: String, blocked: bool) {
+        let rt = &self.rt;
+        weir_metrics::global()
+            .plugin_forward_failures
+            .get_or_create(&rt.label)
+            .inc();
+        let shown = if blocked {
+            format!("blocked: {why}")
+        } else {
+            format!("retrying: {why}")
+        };
+        let mut status = rt.status.lock();
+        let slot = &mut status[self.partition as usize].forwarding;
+        if slot.as_deref() != Some(shown.as_str()) {
+            *slot = Some(shown.clone());
+            drop(status);
+            rt.log(format!("partition {}: outputs {shown}", self.partition));
+            tracing::warn!(message = "Forwarding outputs failed.", plugin = %rt.spec.name, partition = self.partition, reason = %shown);
+        }
+    }
+
+    fn ok(&self) {
+        let mut status = self.rt.status.lock();
+        if status[self.partition as usize].forwarding.take().is_some() {
+            drop(status);
+            self.rt
+                .log(format!("partition {}: outputs flow again", self.partition));
+        }
+    }
+}

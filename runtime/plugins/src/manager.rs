@@ -1,0 +1,461 @@
+//! The plugin registry and lifecycle: deploy, upgrade, pause, resume, remove; restarting
+//! every deployed plugin when the server opens. Specs live in the plugin store; wasm files in
+//! `<data>/wasm/<sha256>.wasm` (synced before the spec that names them). Every store and file
+//! access goes through [`weir_core::blocking::run`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use weir_core::StartAt;
+use weir_wasm::{CompiledPlugin, PluginEngine, PluginError};
+
+use crate::forwarder::Forwarder;
+use crate::partition::PartitionTask;
+use crate::processor::Plugin;
+use crate::request::{validate, DeployRequest, ManagerError, PluginConfig, PluginInfo};
+use crate::runtime::{PluginRuntime, Seams};
+use crate::spec::{OnError, PluginSpec, StartFrom};
+use crate::store::Cursor;
+
+/// Runs blocking manager work (store, files, compiling) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ManagerError> + Send + 'static,
+) -> Result<T, ManagerError> {
+    weir_core::blocking::run(f)
+        .await
+        .map_err(|e| ManagerError::Io(e.to_string()))?
+}
+
+struct Running {
+    runtime: Arc<PluginRuntime>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// Owns every deployed plugin.
+pub struct PluginManager {
+    engine: Arc<PluginEngine>,
+    seams: Seams,
+    wasm_dir: PathBuf,
+    config: PluginConfig,
+    plugins: Mutex<BTreeMap<String, Running>>,
+    admin: tokio::sync::Mutex<()>,
+}
+
+impl PluginManager {
+    /// Opens the registry under `data_dir` and starts every deployed plugin, caching compiled
+    /// components in `compiled_dir`.
+    ///
+    /// # Errors
+    /// The engine cannot start, or a stored plugin cannot be read or compiled.
+    pub async fn open(
+        data_dir: &std::path::Path,
+        compiled_dir: &std::path::Path,
+        seams: Seams,
+        config: PluginConfig,
+    ) -> Result<Arc<Self>, ManagerError> {
+        let engine = PluginEngine::new(compiled_dir)?;
+        let wasm_dir = data_dir.join("wasm");
+        std::fs::create_dir_all(&wasm_dir)
+            .map_err(|e| ManagerError::Io(format!("cannot create {}: {e}", wasm_dir.display())))?;
+        let manager = Arc::new(PluginManager {
+            engine,
+            seams,
+            wasm_dir,
+            config,
+            plugins: Mutex::new(BTreeMap::new()),
+            admin: Default::default(),
+        });
+        let store = manager.seams.store.clone();
+        for mut spec in blocking(move || Ok(store.specs()?)).await? {
+            if spec.limits.timeout > config.max_timeout {
+                tracing::warn!(message = "A plugin's time limit is above --max-plugin-timeout-ms; it runs with the ceiling.", plugin = %spec.name, timeout_ms = spec.limits.timeout.as_millis() as u64, ceiling_ms = config.max_timeout.as_millis() as u64);
+                spec.limits.timeout = config.max_timeout;
+            }
+            // Plugins deployed before producer ownership was recorded: their producers become
+            // the server's, so no client can fence or impersonate them.
+            manager
+                .seams
+                .output
+                .claim_producers(&spec.producer_ids)
+                .await?;
+            let path = manager.wasm_dir.join(format!("{}.wasm", spec.wasm_sha256));
+            let (m, name) = (manager.clone(), spec.name.clone());
+            let compiled = blocking(move || {
+                let wasm = std::fs::read(&path).map_err(|e| {
+                    ManagerError::Io(format!(
+                        "plugin {name}: cannot read {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                Ok(m.engine.compile(&wasm)?)
+            })
+            .await?;
+            let name = spec.name.clone();
+            manager.start(spec, Arc::new(compiled)).await?;
+            tracing::info!(message = "Plugin restarted.", plugin = %name);
+        }
+        Ok(manager)
+    }
+
+    async fn start(&self, spec: PluginSpec, plugin: Arc<dyn Plugin>) -> Result<(), ManagerError> {
+        let name = spec.name.clone();
+        let partitions = spec.partitions();
+        let (seams, cache) = (self.seams.clone(), self.config.state_cache_bytes);
+        let runtime =
+            blocking(move || Ok(PluginRuntime::open(spec, plugin, seams, cache)?)).await?;
+        let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
+        // Every event of a plugin's tasks carries the plugin and partition (publish → commit →
+        // forward can be followed in the logs with WEIR_LOG=weir_plugins=debug).
+        use tracing::Instrument as _;
+        for p in 0..partitions {
+            tracker.spawn(
+                PartitionTask::new(runtime.clone(), p, cancel.clone())
+                    .run()
+                    .instrument(tracing::info_span!("consume", plugin = %name, partition = p)),
+            );
+            tracker.spawn(
+                Forwarder::new(runtime.clone(), p)
+                    .run(cancel.clone())
+                    .instrument(tracing::info_span!("forward", plugin = %name, partition = p)),
+            );
+        }
+        tracker.spawn(runtime.clone().run_compactor(cancel.clone()));
+        self.plugins.lock().insert(
+            name,
+            Running {
+                runtime,
+                cancel,
+                tracker,
+            },
+        );
+        Ok(())
+    }
+
+    async fn stop(&self, name: &str) -> Option<Arc<PluginRuntime>> {
+        let running = self.plugins.lock().remove(name)?;
+        running.cancel.cancel();
+        running.tracker.close();
+        running.tracker.wait().await;
+        Some(running.runtime)
+    }
+
+    /// Stops every plugin (server shutdown).
+    pub async fn shutdown(&self) {
+        let names: Vec<String> = self.plugins.lock().keys().cloned().collect();
+        for name in names {
+            self.stop(&name).await;
+        }
+    }
+
+    async fn compile(&self, wasm: Bytes) -> Result<CompiledPlugin, ManagerError> {
+        if wasm.len() > self.config.max_wasm_bytes {
+            return Err(PluginError::TooLarge {
+                size: wasm.len(),
+                max: self.config.max_wasm_bytes,
+            }
+            .into());
+        }
+        let engine = self.engine.clone();
+        blocking(move || Ok(engine.compile(&wasm)?)).await
+    }
+
+    async fn save_wasm(&self, sha256: &str, wasm: Bytes) -> Result<(), ManagerError> {
+        let (dir, path) = (
+            self.wasm_dir.clone(),
+            self.wasm_dir.join(format!("{sha256}.wasm")),
+        );
+        blocking(move || {
+            use std::io::Write;
+            if path.exists() {
+                return Ok(());
+            }
+            let io = |e: std::io::Error| {
+                ManagerError::Io(format!(
+                    "cannot store the plugin wasm in {}: {e}",
+                    dir.display()
+                ))
+            };
+            let tmp = path.with_extension("tmp");
+            let mut file = std::fs::File::create(&tmp).map_err(io)?;
+            file.write_all(&wasm).map_err(io)?;
+            file.sync_all().map_err(io)?;
+            std::fs::rename(&tmp, &path).map_err(io)?;
+            std::fs::File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)
+        })
+        .await
+    }
+
+    /// Records a spec and syncs it (under every fsync policy: specs are rare and must not
+    /// be lost; a failed sync stops the server).
+    async fn save_spec(&self, spec: &PluginSpec) -> Result<(), ManagerError> {
+        let (seams, spec) = (self.seams.clone(), spec.clone());
+        blocking(move || {
+            seams.store.put_spec(&spec)?;
+            seams
+                .durability
+                .sync_now()
+                .map_err(|e| ManagerError::Io(e.to_string()))
+        })
+        .await
+    }
+
+    /// Validates, compiles and starts a new plugin. A refused deploy (bad request, bad wasm)
+    /// changes nothing; one that fails half-way (storage) may leave an unused wasm file and
+    /// producer ids, never a half-deployed plugin.
+    ///
+    /// # Errors
+    /// Bad name or limits, existing plugin, unknown topics, invalid or mismatched wasm.
+    pub async fn deploy(&self, request: DeployRequest) -> Result<PluginInfo, ManagerError> {
+        validate(&self.config, &request)?;
+        let _admin = self.admin.lock().await;
+        if self.plugins.lock().contains_key(&request.name) {
+            return Err(ManagerError::Exists(request.name));
+        }
+        if let Some(quota) = request.owner_quota {
+            let owned = self
+                .plugins
+                .lock()
+                .values()
+                .filter(|r| r.runtime.spec.owner == request.owner)
+                .count();
+            if owned >= quota {
+                return Err(ManagerError::Quota(format!(
+                    "{} already owns {owned} plugins, the limit is {quota}: remove one first \
+                     (or raise max_plugins in the auth file / --max-plugins-per-principal)",
+                    request.owner.as_deref().unwrap_or("anonymous")
+                )));
+            }
+        }
+        let input_partitions = self.seams.input.partition_count(&request.input)?;
+        for output in &request.outputs {
+            self.seams.output.partition_count(output)?;
+        }
+        let compiled = self.compile(request.wasm.clone()).await?;
+        self.save_wasm(&compiled.sha256, request.wasm.clone())
+            .await?;
+        let mut outputs = request.outputs.clone();
+        let spec_name = request.name.clone();
+        if request.on_error == OnError::Dlq {
+            let dlq = format!("{spec_name}.dlq");
+            self.seams
+                .output
+                .ensure_topic(&dlq, input_partitions)
+                .await?;
+            outputs.push(dlq);
+        }
+        let mut producer_ids = Vec::new();
+        let mut cursors = Vec::new();
+        for p in 0..input_partitions {
+            producer_ids.push(self.seams.output.new_producer().await?);
+            let start = match request.start {
+                StartFrom::Earliest => StartAt::Earliest,
+                StartFrom::Latest => StartAt::Latest,
+            };
+            let offset = self
+                .seams
+                .input
+                .resolve_start(&request.input, p, start)
+                .await?;
+            cursors.push(Cursor::at(offset));
+        }
+        let spec = PluginSpec {
+            name: request.name,
+            version: 1,
+            wasm_sha256: compiled.sha256.clone(),
+            input: request.input,
+            outputs,
+            config: request.config,
+            limits: request.limits,
+            on_error: request.on_error,
+            max_attempts: request.max_attempts,
+            max_batch: request.max_batch,
+            dedup: request.dedup,
+            producer_ids,
+            paused: false,
+            owner: request.owner,
+            alerts: request.alerts,
+            max_rate: request.max_rate,
+        };
+        let (store, name) = (self.seams.store.clone(), spec.name.clone());
+        blocking(move || Ok(store.reset(&name, &cursors)?)).await?;
+        self.save_spec(&spec).await?;
+        tracing::info!(message = "Plugin deployed.", plugin = %spec.name, input = %spec.input, sha256 = %spec.wasm_sha256);
+        self.start(spec.clone(), Arc::new(compiled)).await?;
+        self.info(&spec_name)
+    }
+
+    /// Replaces a plugin's code; the new version continues at the committed offsets with the
+    /// state kept.
+    ///
+    /// # Errors
+    /// Unknown plugin, invalid or mismatched wasm (the old version keeps running).
+    pub async fn upgrade(&self, name: &str, wasm: Bytes) -> Result<PluginInfo, ManagerError> {
+        let _admin = self.admin.lock().await;
+        let mut spec = self.spec(name)?;
+        let compiled = self.compile(wasm.clone()).await?;
+        self.save_wasm(&compiled.sha256, wasm).await?;
+        spec.version += 1;
+        spec.wasm_sha256 = compiled.sha256.clone();
+        self.stop(name).await;
+        self.save_spec(&spec).await?;
+        tracing::info!(message = "Plugin upgraded.", plugin = %name, version = spec.version);
+        self.start(spec, Arc::new(compiled)).await?;
+        self.info(name)
+    }
+
+    /// Pauses or resumes a plugin; resuming a halted plugin restarts it.
+    ///
+    /// # Errors
+    /// Unknown plugin.
+    pub async fn set_paused(&self, name: &str, paused: bool) -> Result<PluginInfo, ManagerError> {
+        let _admin = self.admin.lock().await;
+        let runtime = self.runtime(name)?;
+        let mut spec = runtime.spec.clone();
+        spec.paused = paused;
+        self.save_spec(&spec).await?;
+        let halted = runtime.status.lock().iter().any(|s| s.state.is_halted());
+        if !paused && halted {
+            // A halted partition's task has ended: resuming restarts the plugin, which retries
+            // the record that halted it.
+            let plugin = runtime.plugin.clone();
+            self.stop(name).await;
+            self.start(spec, plugin).await?;
+        } else {
+            runtime.paused.send_replace(paused);
+        }
+        self.info(name)
+    }
+
+    /// Removes a plugin with its state and offsets (its output topics stay).
+    ///
+    /// # Errors
+    /// Unknown plugin.
+    pub async fn remove(&self, name: &str) -> Result<(), ManagerError> {
+        let _admin = self.admin.lock().await;
+        self.spec(name)?;
+        self.stop(name).await;
+        let (seams, owned) = (self.seams.clone(), name.to_string());
+        blocking(move || {
+            seams.store.remove(&owned)?;
+            seams
+                .durability
+                .sync_now()
+                .map_err(|e| ManagerError::Io(e.to_string()))
+        })
+        .await?;
+        self.seams.probes.forget(name);
+        let m = weir_metrics::global();
+        let label = weir_metrics::plugin(name);
+        m.plugin_batch_seconds.remove(&label);
+        m.plugin_records_in.remove(&label);
+        m.plugin_records_out.remove(&label);
+        m.plugin_traps.remove(&label);
+        m.plugin_dlq.remove(&label);
+        m.plugin_dedup_skips.remove(&label);
+        m.plugin_forward_failures.remove(&label);
+        m.probe_delay_seconds.remove(&label);
+        tracing::info!(message = "Plugin removed.", plugin = %name);
+        Ok(())
+    }
+
+    /// The engine plugins are compiled with.
+    pub fn engine(&self) -> &Arc<PluginEngine> {
+        &self.engine
+    }
+
+    fn runtime(&self, name: &str) -> Result<Arc<PluginRuntime>, ManagerError> {
+        self.plugins
+            .lock()
+            .get(name)
+            .map(|r| r.runtime.clone())
+            .ok_or_else(|| ManagerError::UnknownPlugin(name.into()))
+    }
+
+    /// The principal that deployed a plugin.
+    ///
+    /// # Errors
+    /// Unknown plugin.
+    pub fn owner(&self, name: &str) -> Result<Option<String>, ManagerError> {
+        Ok(self.runtime(name)?.spec.owner.clone())
+    }
+
+    fn spec(&self, name: &str) -> Result<PluginSpec, ManagerError> {
+        let runtime = self.runtime(name)?;
+        let mut spec = runtime.spec.clone();
+        spec.paused = *runtime.paused.borrow();
+        Ok(spec)
+    }
+
+    /// One plugin's spec and partition status.
+    ///
+    /// # Errors
+    /// Unknown plugin.
+    pub fn info(&self, name: &str) -> Result<PluginInfo, ManagerError> {
+        let runtime = self.runtime(name)?;
+        let mut spec = runtime.spec.clone();
+        spec.paused = *runtime.paused.borrow();
+        let partitions = runtime.status.lock().clone();
+        Ok(PluginInfo {
+            spec,
+            partitions,
+            state_cache_bytes: runtime.committer.cache.bytes() as u64,
+        })
+    }
+
+    /// Every plugin.
+    pub fn list(&self) -> Vec<PluginInfo> {
+        let names: Vec<String> = self.plugins.lock().keys().cloned().collect();
+        names.iter().filter_map(|n| self.info(n).ok()).collect()
+    }
+
+    /// A plugin's log lines, oldest first.
+    ///
+    /// # Errors
+    /// Unknown plugin, storage failure.
+    pub async fn logs(&self, name: &str) -> Result<Vec<String>, ManagerError> {
+        let runtime = self.runtime(name)?;
+        blocking(move || Ok(runtime.log_lines()?)).await
+    }
+
+    /// Every committed state entry of a plugin: (key, value, version), in key order.
+    ///
+    /// # Errors
+    /// Unknown plugin, storage failure.
+    pub async fn state_entries(
+        &self,
+        name: &str,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>, u64)>, ManagerError> {
+        let runtime = self.runtime(name)?;
+        blocking(move || Ok(runtime.seams.store.state_entries(&runtime.spec.name)?)).await
+    }
+
+    /// Outbox entries (batches of outputs) committed but not yet forwarded.
+    ///
+    /// # Errors
+    /// Unknown plugin, storage failure.
+    pub async fn pending_outputs(&self, name: &str) -> Result<usize, ManagerError> {
+        let runtime = self.runtime(name)?;
+        blocking(move || Ok(runtime.seams.store.pending_outputs(&runtime.spec.name)?)).await
+    }
+
+    /// A committed state value and its version.
+    ///
+    /// # Errors
+    /// Unknown plugin, storage failure.
+    pub async fn state_get(
+        &self,
+        name: &str,
+        key: &[u8],
+    ) -> Result<Option<(Vec<u8>, u64)>, ManagerError> {
+        let (runtime, key) = (self.runtime(name)?, key.to_vec());
+        blocking(move || Ok(runtime.committer.state(&runtime, &key)?)).await
+    }
+}

@@ -1,0 +1,203 @@
+//! A running plugin: what its tasks share — the spec, the seams, the committer, the status
+//! operators see, the log — and the compactor task.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use weir_log::{Durability, LogError};
+
+use crate::commit::Committer;
+use crate::io::{Input, Output, ProbeSink};
+use crate::logs::LogRing;
+use crate::processor::Plugin;
+use crate::spec::PluginSpec;
+use crate::store::{Cursor, PluginStore};
+
+/// What a partition of a plugin is doing.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum PartitionState {
+    /// Processing (or waiting for records).
+    #[default]
+    Running,
+    /// Paused by the operator.
+    Paused,
+    /// A batch failed and is retried: why.
+    Retrying(String),
+    /// Waiting for the server (its store, room in the instance pool): why. No attempt is
+    /// spent while waiting.
+    Waiting(String),
+    /// Stopped on a record that failed every attempt (or its input is gone): why.
+    Halted(String),
+}
+
+impl PartitionState {
+    /// Whether the partition stopped for good (until resumed or upgraded).
+    pub fn is_halted(&self) -> bool {
+        matches!(self, PartitionState::Halted(_))
+    }
+}
+
+impl std::fmt::Display for PartitionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PartitionState::Running => f.write_str("running"),
+            PartitionState::Paused => f.write_str("paused"),
+            PartitionState::Retrying(why) => write!(f, "retrying: {why}"),
+            PartitionState::Waiting(why) => write!(f, "waiting: {why}"),
+            PartitionState::Halted(why) => write!(f, "halted: {why}"),
+        }
+    }
+}
+
+/// What an operator sees of a partition of a plugin.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PartitionStatus {
+    /// Next input offset to process.
+    pub committed: u64,
+    /// Records whose effects were committed (since deploy; kept across restarts).
+    pub processed: u64,
+    /// Records skipped as already processed (dedup).
+    pub skipped: u64,
+    /// Records sent to the dead-letter topic.
+    pub dead_lettered: u64,
+    /// What the partition is doing.
+    pub state: PartitionState,
+    /// Why committed outputs are not reaching their topics, when they are not
+    /// (`retrying: …` may pass; `blocked: …` needs an operator).
+    pub forwarding: Option<String>,
+}
+
+/// The seams a plugin runs against.
+#[derive(Clone)]
+pub struct Seams {
+    /// Where its input comes from.
+    pub input: Arc<dyn Input>,
+    /// Where its outputs go.
+    pub output: Arc<dyn Output>,
+    /// What it keeps.
+    pub store: Arc<dyn PluginStore>,
+    /// When its commits are durable (the store's group commit).
+    pub durability: Arc<Durability>,
+    /// Where its probes are reported.
+    pub probes: Arc<dyn ProbeSink>,
+}
+
+/// A plugin's running state, shared by its tasks.
+pub(crate) struct PluginRuntime {
+    pub(crate) spec: PluginSpec,
+    pub(crate) plugin: Arc<dyn Plugin>,
+    pub(crate) seams: Seams,
+    pub(crate) committer: Committer,
+    pub(crate) logs: LogRing,
+    pub(crate) status: Mutex<Vec<PartitionStatus>>,
+    /// Wakes a partition's forwarder after a commit.
+    pub(crate) outbox: Vec<Notify>,
+    pub(crate) paused: watch::Sender<bool>,
+    /// Each partition's cursor as stored at open; the partition task owns it from then on.
+    pub(crate) cursors: Vec<Cursor>,
+    /// `plugin` label of its metrics.
+    pub(crate) label: weir_metrics::PluginLabel,
+}
+
+impl PluginRuntime {
+    /// Loads the plugin's cursors, message ids and log position, and folds state deltas left
+    /// by a crash before anything reads state. Blocking.
+    pub(crate) fn open(
+        spec: PluginSpec,
+        plugin: Arc<dyn Plugin>,
+        seams: Seams,
+        state_cache_bytes: usize,
+    ) -> Result<Arc<Self>, LogError> {
+        let partitions = spec.partitions();
+        let loaded = seams.store.load(&spec.name, partitions)?;
+        let status = loaded
+            .cursors
+            .iter()
+            .map(|c| PartitionStatus {
+                committed: c.next,
+                processed: c.processed,
+                skipped: c.skipped,
+                dead_lettered: c.dead_lettered,
+                state: if spec.paused {
+                    PartitionState::Paused
+                } else {
+                    PartitionState::Running
+                },
+                forwarding: None,
+            })
+            .collect();
+        let committer = Committer::new(state_cache_bytes, loaded.next_delta, loaded.dedup);
+        let runtime = Arc::new(PluginRuntime {
+            label: weir_metrics::plugin(&spec.name),
+            paused: watch::channel(spec.paused).0,
+            outbox: (0..partitions).map(|_| Notify::new()).collect(),
+            logs: LogRing::new(loaded.log_range.1),
+            status: Mutex::new(status),
+            cursors: loaded.cursors,
+            committer,
+            spec,
+            plugin,
+            seams,
+        });
+        runtime.compact()?;
+        Ok(runtime)
+    }
+
+    /// Appends a line to the plugin's log (kept in the store, the newest lines only).
+    pub(crate) fn log(&self, line: String) {
+        self.logs.push(line);
+    }
+
+    /// The plugin's log lines, oldest first. Blocking.
+    pub(crate) fn log_lines(&self) -> Result<Vec<String>, LogError> {
+        self.logs.lines(&*self.seams.store, &self.spec.name)
+    }
+
+    pub(crate) fn set_state(&self, partition: u32, state: PartitionState) {
+        self.status.lock()[partition as usize].state = state;
+    }
+
+    /// Folds state deltas into per-key entries. Blocking.
+    pub(crate) fn compact(&self) -> Result<(), LogError> {
+        if let Some(below) = self.seams.store.compact(&self.spec.name)? {
+            self.committer.cache.compacted_below(below);
+        }
+        Ok(())
+    }
+
+    /// Writes buffered log lines to the store.
+    pub(crate) async fn flush_logs(self: &Arc<Self>) {
+        let this = self.clone();
+        let flushed =
+            weir_core::blocking::run(move || this.logs.flush(&*this.seams.store, &this.spec.name))
+                .await;
+        if let Ok(Err(e)) = flushed {
+            tracing::debug!(message = "Plugin log lines not written yet.", plugin = %self.spec.name, error = %e);
+        }
+    }
+
+    /// Compacts state deltas and writes buffered log lines every 200 ms until cancelled.
+    pub(crate) async fn run_compactor(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = cancel.cancelled() => break,
+            }
+            let this = self.clone();
+            match weir_core::blocking::run(move || this.compact()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(message = "State compaction failed; will retry.", plugin = %self.spec.name, error = %e)
+                }
+                Err(e) => {
+                    tracing::warn!(message = "State compaction panicked; will retry.", plugin = %self.spec.name, error = %e)
+                }
+            }
+            self.flush_logs().await;
+        }
+        self.flush_logs().await;
+    }
+}

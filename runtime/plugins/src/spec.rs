@@ -1,0 +1,107 @@
+//! A deployed plugin's specification: what it runs, on what, with which limits and policies.
+
+use weir_wasm::Limits;
+
+/// What to do with a batch that still fails after its retries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Stop the plugin's partition; the status says why. Resume after fixing (upgrade).
+    Halt,
+    /// Send the failing record to `<plugin>.dlq` with the error, and go on.
+    Dlq,
+}
+
+/// Where a new plugin starts reading its input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartFrom {
+    /// From the oldest stored record.
+    Earliest,
+    /// Only records published after the deploy.
+    Latest,
+}
+
+/// How long a processed message id is remembered for dedup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupWindow {
+    /// At most this many ids.
+    pub max_ids: usize,
+    /// For at most this long (by record timestamp).
+    pub max_age_ms: u64,
+}
+
+impl Default for DedupWindow {
+    fn default() -> Self {
+        DedupWindow {
+            max_ids: 1_000_000,
+            max_age_ms: 24 * 3600 * 1000,
+        }
+    }
+}
+
+/// Alert thresholds of a plugin; 0 turns one off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertThresholds {
+    /// Records waiting, summed over partitions.
+    pub max_lag: u64,
+    /// Age of the oldest waiting record, ms (any partition).
+    pub max_delay_ms: u64,
+}
+
+/// A deployed plugin.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSpec {
+    /// Unique name (same rule as topic names).
+    pub name: String,
+    /// 1 at deploy, +1 per upgrade.
+    pub version: u32,
+    /// sha256 of the wasm in the artifact directory.
+    pub wasm_sha256: String,
+    /// Input topic.
+    pub input: String,
+    /// Topics the plugin may emit to.
+    pub outputs: Vec<String>,
+    /// `--config k=v` pairs passed to `configure`.
+    pub config: Vec<(String, String)>,
+    /// Limits per instance.
+    pub limits: Limits,
+    /// Failure policy.
+    pub on_error: OnError,
+    /// Attempts per batch before the policy applies.
+    pub max_attempts: u32,
+    /// Most records per batch.
+    pub max_batch: usize,
+    /// Dedup window.
+    pub dedup: DedupWindow,
+    /// Idempotent-producer id per input partition, for forwarding outputs exactly once.
+    pub producer_ids: Vec<u64>,
+    /// Paused by the operator.
+    pub paused: bool,
+    /// The principal that deployed it (`None` when deployed on a server without `--auth`
+    /// before ownership was recorded).
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// When the monitor raises an alert.
+    #[serde(default)]
+    pub alerts: AlertThresholds,
+    /// Most input records per second over all partitions (0 = unbounded): the pace a
+    /// downstream system (the seed's database) can take.
+    #[serde(default)]
+    pub max_rate: u64,
+}
+
+impl PluginSpec {
+    /// The plugin's dead-letter topic.
+    pub fn dlq_topic(&self) -> String {
+        format!("{}.dlq", self.name)
+    }
+
+    /// Its input partitions (one executor task and one producer id each).
+    pub fn partitions(&self) -> u32 {
+        self.producer_ids.len() as u32
+    }
+}

@@ -1,0 +1,349 @@
+//! [`PluginStore`] on a key-value store, and the key layout — the only place that names a
+//! plugin key.
+//!
+//! Registry namespace `plugins`: name → JSON spec. Each plugin's namespace `plugin/<name>`:
+//! - `c/<p>/` → the partition's [`Cursor`]
+//! - `l/<seq>` → a batch's state delta, until compaction folds it into
+//! - `s/<key>` → version + value
+//! - `d/<p>/<seq>` → a commit's message ids
+//! - `o/<p>/<seq>` → a commit's outbox entry (output groups with producer sequences)
+//! - `q/<p>/<topic>\0<out partition>` → the next producer sequence of an output partition
+//! - `g/<seq>` → a log line
+//!
+//! `<p>` is a u32 BE, `<seq>` a u64 BE, so scans return entries in order.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use weir_log::{KvStore, LogError};
+
+use super::codec::{
+    decode_delta, decode_ids, decode_state, encode_delta, encode_ids, encode_state, Cursor,
+};
+use super::{decode_groups, CommitWrite, DedupKey, Loaded, OutboxEntry, PluginStore};
+use crate::spec::PluginSpec;
+
+const REGISTRY: &str = "plugins";
+
+fn namespace(plugin: &str) -> String {
+    format!("plugin/{plugin}")
+}
+
+/// `<tag>/<partition BE>/<suffix>`.
+fn partition_key(tag: u8, partition: u32, suffix: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(7 + suffix.len());
+    k.push(tag);
+    k.push(b'/');
+    k.extend_from_slice(&partition.to_be_bytes());
+    k.push(b'/');
+    k.extend_from_slice(suffix);
+    k
+}
+
+fn seq_key(tag: &[u8], seq: u64) -> Vec<u8> {
+    let mut k = tag.to_vec();
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn key_seq(key: &[u8], prefix_len: usize) -> Option<u64> {
+    key.get(prefix_len..prefix_len + 8)?
+        .try_into()
+        .ok()
+        .map(u64::from_be_bytes)
+}
+
+fn state_key(key: &[u8]) -> Vec<u8> {
+    let mut k = b"s/".to_vec();
+    k.extend_from_slice(key);
+    k
+}
+
+fn sequence_key(partition: u32, topic: &str, output_partition: u32) -> Vec<u8> {
+    let mut suffix = topic.as_bytes().to_vec();
+    suffix.push(0);
+    suffix.extend_from_slice(&output_partition.to_be_bytes());
+    partition_key(b'q', partition, &suffix)
+}
+
+fn malformed(what: String, reason: &str) -> LogError {
+    LogError::Malformed {
+        what,
+        reason: reason.into(),
+    }
+}
+
+/// The plugin store on a [`KvStore`].
+pub struct KvPluginStore {
+    kv: Arc<dyn KvStore>,
+}
+
+impl KvPluginStore {
+    /// A store over `kv`.
+    pub fn new(kv: Arc<dyn KvStore>) -> Self {
+        KvPluginStore { kv }
+    }
+}
+
+impl PluginStore for KvPluginStore {
+    fn specs(&self) -> Result<Vec<PluginSpec>, LogError> {
+        self.kv
+            .kv_scan(REGISTRY, b"")?
+            .into_iter()
+            .map(|(k, v)| {
+                serde_json::from_slice(&v).map_err(|e| LogError::Malformed {
+                    what: format!("spec of plugin {}", String::from_utf8_lossy(&k)),
+                    reason: e.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    fn put_spec(&self, spec: &PluginSpec) -> Result<(), LogError> {
+        let json = serde_json::to_vec(spec).expect("spec serialises");
+        self.kv
+            .kv_apply(REGISTRY, &[(spec.name.as_bytes().to_vec(), Some(json))])
+    }
+
+    fn reset(&self, plugin: &str, cursors: &[Cursor]) -> Result<(), LogError> {
+        let ns = namespace(plugin);
+        self.kv.kv_drop(&ns)?;
+        let writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = cursors
+            .iter()
+            .enumerate()
+            .map(|(p, c)| (partition_key(b'c', p as u32, b""), Some(c.encode())))
+            .collect();
+        self.kv.kv_apply(&ns, &writes)
+    }
+
+    fn remove(&self, plugin: &str) -> Result<(), LogError> {
+        // The spec first: a crash half-way leaves an orphan namespace (dropped by the next
+        // deploy of the name), never a plugin without its state.
+        self.kv
+            .kv_apply(REGISTRY, &[(plugin.as_bytes().to_vec(), None)])?;
+        self.kv.kv_drop(&namespace(plugin))
+    }
+
+    fn sync(&self) -> Result<(), LogError> {
+        self.kv.sync()
+    }
+
+    fn load(&self, plugin: &str, partitions: u32) -> Result<Loaded, LogError> {
+        let ns = namespace(plugin);
+        let mut loaded = Loaded::default();
+        for p in 0..partitions {
+            loaded.cursors.push(self.cursor(plugin, p)?);
+        }
+        for (key, value) in self.kv.kv_scan(&ns, b"d/")? {
+            let partition = key
+                .get(2..6)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_be_bytes);
+            let (Some(partition), Some(seq), Some((newest, ids))) =
+                (partition, key_seq(&key, 7), decode_ids(&value))
+            else {
+                continue; // an unreadable id set only weakens dedup for ids long gone
+            };
+            loaded.dedup.push(((partition, seq), newest, ids));
+        }
+        loaded.next_delta = self
+            .kv
+            .kv_scan(&ns, b"l/")?
+            .last()
+            .and_then(|(k, _)| key_seq(k, 2))
+            .map_or(0, |s| s + 1);
+        let lines = self.kv.kv_scan(&ns, b"g/")?;
+        let first = lines.first().and_then(|(k, _)| key_seq(k, 2)).unwrap_or(0);
+        let next = lines
+            .last()
+            .and_then(|(k, _)| key_seq(k, 2))
+            .map_or(0, |s| s + 1);
+        loaded.log_range = (first, next);
+        Ok(loaded)
+    }
+
+    fn cursor(&self, plugin: &str, partition: u32) -> Result<Cursor, LogError> {
+        match self
+            .kv
+            .kv_get(&namespace(plugin), &partition_key(b'c', partition, b""))?
+        {
+            Some(v) => Cursor::decode(&v).ok_or_else(|| {
+                malformed(
+                    format!("cursor of partition {partition} of plugin {plugin}"),
+                    "not 16 or 40 bytes",
+                )
+            }),
+            None => Ok(Cursor::default()),
+        }
+    }
+
+    fn state(&self, plugin: &str, key: &[u8]) -> Result<Option<(Vec<u8>, u64)>, LogError> {
+        match self.kv.kv_get(&namespace(plugin), &state_key(key))? {
+            None => Ok(None),
+            Some(v) => decode_state(&v).map(Some).ok_or_else(|| {
+                malformed(
+                    format!("state value of key {}", String::from_utf8_lossy(key)),
+                    "shorter than its version",
+                )
+            }),
+        }
+    }
+
+    fn state_entries(&self, plugin: &str) -> Result<Vec<(Vec<u8>, Vec<u8>, u64)>, LogError> {
+        self.compact(plugin)?;
+        let entries = self.kv.kv_scan(&namespace(plugin), b"s/")?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|(k, v)| {
+                decode_state(&v).map(|(value, version)| (k[2..].to_vec(), value, version))
+            })
+            .collect())
+    }
+
+    fn compact(&self, plugin: &str) -> Result<Option<u64>, LogError> {
+        let ns = namespace(plugin);
+        let deltas = self.kv.kv_scan(&ns, b"l/")?;
+        let Some(last) = deltas.last().and_then(|(k, _)| key_seq(k, 2)) else {
+            return Ok(None);
+        };
+        let mut latest: BTreeMap<Vec<u8>, Option<(Vec<u8>, u64)>> = BTreeMap::new();
+        for (key, value) in &deltas {
+            let writes = decode_delta(value).ok_or_else(|| {
+                malformed(
+                    format!("state delta {}", String::from_utf8_lossy(key)),
+                    "truncated or not a delta",
+                )
+            })?;
+            latest.extend(writes);
+        }
+        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = latest
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    state_key(&k),
+                    v.map(|(v, version)| encode_state(&v, version)),
+                )
+            })
+            .collect();
+        writes.extend(deltas.iter().map(|(k, _)| (k.to_vec(), None)));
+        self.kv.kv_apply(&ns, &writes)?;
+        Ok(Some(last + 1))
+    }
+
+    fn output_sequence(
+        &self,
+        plugin: &str,
+        partition: u32,
+        topic: &str,
+        output_partition: u32,
+    ) -> Result<u64, LogError> {
+        Ok(self
+            .kv
+            .kv_get(
+                &namespace(plugin),
+                &sequence_key(partition, topic, output_partition),
+            )?
+            .and_then(|v| v.as_ref().try_into().ok().map(u64::from_be_bytes))
+            .unwrap_or(0))
+    }
+
+    fn commit(&self, plugin: &str, w: &CommitWrite<'_>) -> Result<(), LogError> {
+        let seq = w.cursor.seq - 1;
+        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        if let Some((delta_seq, delta)) = w.delta {
+            writes.push((seq_key(b"l/", delta_seq), Some(encode_delta(delta))));
+        }
+        if let Some((newest, ids)) = w.ids {
+            writes.push((
+                partition_key(b'd', w.partition, &seq.to_be_bytes()),
+                Some(encode_ids(newest, ids)),
+            ));
+        }
+        for ((topic, p), next) in w.sequences {
+            writes.push((
+                sequence_key(w.partition, topic, *p),
+                Some(next.to_be_bytes().to_vec()),
+            ));
+        }
+        if let Some(entry) = &w.outbox {
+            writes.push((
+                partition_key(b'o', w.partition, &seq.to_be_bytes()),
+                Some(entry.clone()),
+            ));
+        }
+        writes.push((
+            partition_key(b'c', w.partition, b""),
+            Some(w.cursor.encode()),
+        ));
+        self.kv.kv_apply(&namespace(plugin), &writes)
+    }
+
+    fn forget_ids(&self, plugin: &str, keys: &[DedupKey]) -> Result<(), LogError> {
+        let deletes: Vec<(Vec<u8>, Option<Vec<u8>>)> = keys
+            .iter()
+            .map(|(p, seq)| (partition_key(b'd', *p, &seq.to_be_bytes()), None))
+            .collect();
+        self.kv.kv_apply(&namespace(plugin), &deletes)
+    }
+
+    fn outbox(&self, plugin: &str, partition: u32) -> Result<Vec<OutboxEntry>, LogError> {
+        let prefix = partition_key(b'o', partition, b"");
+        Ok(self
+            .kv
+            .kv_scan(&namespace(plugin), &prefix)?
+            .into_iter()
+            .map(|(k, v)| OutboxEntry {
+                seq: key_seq(&k, prefix.len()).unwrap_or(u64::MAX),
+                groups: decode_groups(&v).ok_or_else(|| {
+                    format!("outbox entry {} is unreadable", String::from_utf8_lossy(&k))
+                }),
+            })
+            .collect())
+    }
+
+    fn forwarded(&self, plugin: &str, partition: u32, seq: u64) -> Result<(), LogError> {
+        self.kv.kv_apply(
+            &namespace(plugin),
+            &[(partition_key(b'o', partition, &seq.to_be_bytes()), None)],
+        )
+    }
+
+    fn pending_outputs(&self, plugin: &str) -> Result<usize, LogError> {
+        Ok(self.kv.kv_scan(&namespace(plugin), b"o/")?.len())
+    }
+
+    fn append_log(
+        &self,
+        plugin: &str,
+        first: u64,
+        lines: &[String],
+        keep_from: u64,
+    ) -> Result<(), LogError> {
+        let ns = namespace(plugin);
+        let stored_from = self
+            .kv
+            .kv_scan(&ns, b"g/")?
+            .first()
+            .and_then(|(k, _)| key_seq(k, 2))
+            .unwrap_or(keep_from);
+        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = (stored_from..keep_from)
+            .map(|seq| (seq_key(b"g/", seq), None))
+            .collect();
+        for (i, line) in lines.iter().enumerate() {
+            let seq = first + i as u64;
+            if seq >= keep_from {
+                writes.push((seq_key(b"g/", seq), Some(line.clone().into_bytes())));
+            }
+        }
+        self.kv.kv_apply(&ns, &writes)
+    }
+
+    fn log_lines(&self, plugin: &str) -> Result<Vec<String>, LogError> {
+        Ok(self
+            .kv
+            .kv_scan(&namespace(plugin), b"g/")?
+            .into_iter()
+            .map(|(_, v)| String::from_utf8_lossy(&v).into_owned())
+            .collect())
+    }
+}

@@ -1,0 +1,274 @@
+//! The plugin core on fakes — no wasm, no broker, no disk: commit, retry and dead letters,
+//! halts, forwarding, restarts, dedup, optimistic concurrency, storage failures. Each test
+//! runs in milliseconds.
+
+mod fakes;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fakes::{rec, spec, FakePlugin, Harness};
+
+use crate::io::{IoError, IoKind};
+use crate::runtime::PartitionState;
+use crate::spec::OnError;
+
+/// Credits each record's value to its key's balance and emits the new balance.
+fn points() -> Arc<FakePlugin> {
+    FakePlugin::new(|r, ctx| {
+        let key = std::str::from_utf8(r.key.unwrap()).unwrap();
+        let amount: u64 = std::str::from_utf8(r.value)
+            .unwrap()
+            .parse()
+            .map_err(|_| format!("{:?} is not an amount", String::from_utf8_lossy(r.value)))?;
+        let balance = ctx.get(key).unwrap_or(0) + amount;
+        ctx.put(key, balance);
+        ctx.emit("out", Some(key), &balance.to_string());
+        Ok(())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_commits_state_ids_outputs_and_offsets_together_and_outputs_go_out_once() {
+    let mut h = Harness::new(2, None);
+    h.start(spec(2, OnError::Halt), points());
+    h.input.append(
+        "in",
+        0,
+        vec![rec("ann", "10", Some("o1")), rec("bob", "5", Some("o2"))],
+    );
+    h.input.append("in", 1, vec![rec("ann", "1", Some("o3"))]);
+    h.idle().await;
+    assert_eq!((h.state("ann"), h.state("bob")), (Some(11), Some(5)));
+    let mut out = h.output.values("out");
+    out.sort();
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert!(
+        out.contains(&"11".into()) || out.contains(&"10".into()),
+        "{out:?}"
+    );
+    let status = h.rt().status.lock().clone();
+    assert_eq!(status.iter().map(|s| s.processed).sum::<u64>(), 3);
+    assert_eq!((status[0].committed, status[1].committed), (2, 1));
+    // The same message ids again: skipped, nothing applied twice.
+    h.input.append("in", 0, vec![rec("ann", "10", Some("o1"))]);
+    h.idle().await;
+    assert_eq!(h.state("ann"), Some(11));
+    assert_eq!(h.rt().status.lock()[0].skipped, 1);
+    assert_eq!(h.output.values("out").len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_record_is_retried_then_dead_lettered_alone() {
+    let mut h = Harness::new(1, None);
+    h.start(spec(1, OnError::Dlq), points());
+    h.input.append(
+        "in",
+        0,
+        vec![
+            rec("ann", "1", None),
+            rec("ann", "oops", None),
+            rec("ann", "2", None),
+        ],
+    );
+    h.idle().await;
+    assert_eq!(h.state("ann"), Some(3), "the good records committed");
+    let dead = h.output.records("p.dlq");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].value.as_ref(), b"oops");
+    let error = &dead[0]
+        .headers
+        .iter()
+        .find(|(k, _)| k == "weir-error")
+        .unwrap()
+        .1;
+    assert!(String::from_utf8_lossy(error).contains("not an amount"));
+    let status = h.rt().status.lock()[0].clone();
+    assert_eq!((status.processed, status.dead_lettered), (2, 1));
+    let logs = {
+        let _b = weir_core::blocking::allow();
+        h.rt().log_lines().unwrap().join("\n")
+    };
+    assert!(logs.contains("attempt 1 failed"), "retried first: {logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_halt_policy_stops_at_the_failing_record_and_commits_nothing_of_it() {
+    let mut h = Harness::new(1, None);
+    h.start(spec(1, OnError::Halt), points());
+    h.input.append(
+        "in",
+        0,
+        vec![
+            rec("ann", "1", None),
+            rec("ann", "oops", None),
+            rec("ann", "2", None),
+        ],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !h.rt().status.lock()[0].state.is_halted() {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let status = h.rt().status.lock()[0].clone();
+    assert_eq!(status.committed, 1, "stopped before the failing record");
+    assert!(
+        status.state.to_string().contains("offset 1"),
+        "{}",
+        status.state
+    );
+    assert_eq!(h.state("ann"), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_forwarder_retries_what_may_pass_and_shows_what_is_blocked() {
+    let mut h = Harness::new(1, None);
+    for _ in 0..3 {
+        h.output
+            .fail
+            .lock()
+            .push_back(IoError::new(IoKind::Unavailable, "disk busy"));
+    }
+    h.start(spec(1, OnError::Halt), points());
+    h.input.append("in", 0, vec![rec("ann", "1", Some("a"))]);
+    h.idle().await;
+    assert_eq!(
+        h.output.values("out"),
+        vec!["1"],
+        "delivered once after retries"
+    );
+    assert_eq!(h.rt().status.lock()[0].forwarding, None, "flowing again");
+
+    *h.output.block.lock() = Some(IoError::new(IoKind::Refused, "stale epoch"));
+    h.input.append("in", 0, vec![rec("ann", "2", Some("b"))]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let forwarding = h.rt().status.lock()[0].forwarding.clone();
+        if forwarding
+            .as_deref()
+            .is_some_and(|f| f.starts_with("blocked: ") && f.contains("stale epoch"))
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{forwarding:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    *h.output.block.lock() = None;
+    // The next commit wakes the forwarder (otherwise it retries every 5 s).
+    h.input.append("in", 0, vec![rec("ann", "3", Some("c"))]);
+    h.idle().await;
+    assert_eq!(h.output.values("out"), vec!["1", "3", "6"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_resumes_at_the_committed_offset_and_forwards_pending_outputs_once() {
+    let mut h = Harness::new(1, None);
+    // Outputs cannot leave during the first run: they wait in the outbox.
+    *h.output.block.lock() = Some(IoError::new(IoKind::Unavailable, "broker away"));
+    h.start(spec(1, OnError::Halt), points());
+    h.input.append(
+        "in",
+        0,
+        vec![rec("ann", "1", Some("a")), rec("ann", "2", Some("b"))],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while h.rt().status.lock()[0].committed < 2 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    h.stop().await;
+    *h.output.block.lock() = None;
+    // The same input again (a redelivery) and new input, after the restart.
+    h.input.append(
+        "in",
+        0,
+        vec![rec("ann", "1", Some("a")), rec("ann", "4", Some("c"))],
+    );
+    h.start(spec(1, OnError::Halt), points());
+    h.idle().await;
+    assert_eq!(h.state("ann"), Some(7));
+    assert_eq!(
+        h.output.values("out"),
+        vec!["1", "3", "7"],
+        "each output exactly once"
+    );
+    let status = h.rt().status.lock()[0].clone();
+    assert_eq!(
+        (status.committed, status.processed, status.skipped),
+        (4, 3, 1),
+        "counters survive"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_updating_the_same_key_never_lose_an_update() {
+    let mut h = Harness::new(4, None);
+    h.start(spec(4, OnError::Halt), points());
+    for round in 0..25 {
+        for p in 0..4 {
+            h.input.append(
+                "in",
+                p,
+                vec![rec("shared", "1", Some(&format!("{round}-{p}")))],
+            );
+        }
+    }
+    h.idle().await;
+    assert_eq!(
+        h.state("shared"),
+        Some(100),
+        "optimistic commits re-ran on conflicts"
+    );
+    assert_eq!(h.output.values("out").len(), 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_store_makes_the_partition_wait_without_spending_attempts() {
+    let memory: Arc<dyn weir_log::Store> = Arc::new(weir_log::MemoryStore::new());
+    let (faulty, faults) = weir_log::faulty::FaultyStore::wrap(memory);
+    let mut h = Harness::new(1, Some(faulty));
+    h.start(spec(1, OnError::Dlq), points());
+    h.input.append("in", 0, vec![rec("ann", "1", None)]);
+    h.idle().await;
+    faults.kv.store(true, Ordering::SeqCst);
+    h.input
+        .append("in", 0, vec![rec("ann", "2", None), rec("ann", "3", None)]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = h.rt().status.lock()[0].state.clone();
+        if matches!(&state, PartitionState::Waiting(why) if why.contains("the store failed")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{state}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    faults.kv.store(false, Ordering::SeqCst);
+    h.idle().await;
+    assert_eq!(h.state("ann"), Some(6));
+    let status = h.rt().status.lock()[0].clone();
+    assert_eq!((status.processed, status.dead_lettered), (3, 0));
+    assert!(
+        h.output.records("p.dlq").is_empty(),
+        "nothing dead-lettered for a disk failure"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_interrupts_and_resume_carries_on_without_committing_twice() {
+    let mut h = Harness::new(1, None);
+    h.start(spec(1, OnError::Halt), points());
+    h.rt().paused.send_replace(true);
+    h.input.append("in", 0, vec![rec("ann", "5", None)]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        h.rt().status.lock()[0].committed,
+        0,
+        "paused: nothing committed"
+    );
+    assert_eq!(h.rt().status.lock()[0].state, PartitionState::Paused);
+    h.rt().paused.send_replace(false);
+    h.idle().await;
+    assert_eq!(h.state("ann"), Some(5));
+}

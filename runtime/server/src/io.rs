@@ -1,0 +1,125 @@
+//! The plugin core's seams over this server's broker and monitor: plugins read their input
+//! from the broker, publish their outputs to it as the server's idempotent producers, and
+//! report probes to the monitor's book.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use weir_broker::{Broker, BrokerError, Caller, ProducerFields, Publish};
+use weir_core::{ProbeMarker, ReadLimits, StartAt, StoredRecord, TopicConfig};
+use weir_plugins::{Input, IoError, Output, OutputBatch, ProbeSink};
+
+use crate::monitor::probe::ProbeBook;
+use crate::statuses::{broker_code, io_kind};
+
+fn io(e: BrokerError) -> IoError {
+    let (code, name) = broker_code(&e);
+    IoError {
+        kind: io_kind(code),
+        name,
+        message: e.to_string(),
+    }
+}
+
+/// The broker as a plugin's input and output.
+pub struct BrokerIo(pub Arc<Broker>);
+
+#[async_trait]
+impl Input for BrokerIo {
+    async fn read(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: u64,
+        limits: ReadLimits,
+    ) -> Result<Vec<StoredRecord>, IoError> {
+        self.0
+            .read_limited(topic, partition, from, limits)
+            .await
+            .map_err(io)
+    }
+
+    fn watch(&self, topic: &str, partition: u32) -> Result<watch::Receiver<u64>, IoError> {
+        self.0.watch(topic, partition).map_err(io)
+    }
+
+    fn partition_count(&self, topic: &str) -> Result<u32, IoError> {
+        self.0.partition_count(topic).map_err(io)
+    }
+
+    async fn resolve_start(
+        &self,
+        topic: &str,
+        partition: u32,
+        start: StartAt,
+    ) -> Result<u64, IoError> {
+        self.0
+            .resolve_start(topic, partition, start)
+            .await
+            .map_err(io)
+    }
+}
+
+#[async_trait]
+impl Output for BrokerIo {
+    async fn publish(&self, batch: OutputBatch) -> Result<(), IoError> {
+        let publish = Publish {
+            topic: batch.topic,
+            partition: Some(batch.partition),
+            records: batch.records,
+            producer: Some(ProducerFields {
+                producer_id: batch.producer_id,
+                epoch: 0,
+                base_sequence: batch.base_sequence,
+            }),
+            caller: Caller::Server,
+        };
+        self.0.publish(publish).await.map(drop).map_err(io)
+    }
+
+    fn partition_count(&self, topic: &str) -> Result<u32, IoError> {
+        self.0.partition_count(topic).map_err(io)
+    }
+
+    fn max_record_bytes(&self) -> usize {
+        self.0.config().max_record_bytes
+    }
+
+    async fn new_producer(&self) -> Result<u64, IoError> {
+        Ok(self
+            .0
+            .init_producer(None, &Caller::Server)
+            .await
+            .map_err(io)?
+            .0)
+    }
+
+    async fn claim_producers(&self, ids: &[u64]) -> Result<(), IoError> {
+        self.0.claim_for_server(ids).await.map_err(io)
+    }
+
+    async fn ensure_topic(&self, name: &str, partitions: u32) -> Result<(), IoError> {
+        if self.0.partition_count(name).is_ok() {
+            return Ok(());
+        }
+        match self
+            .0
+            .create_topic(TopicConfig::new(name, partitions))
+            .await
+        {
+            Ok(_) | Err(BrokerError::TopicExists(_)) => Ok(()),
+            Err(e) => Err(io(e)),
+        }
+    }
+}
+
+impl ProbeSink for ProbeBook {
+    fn record(&self, plugin: &str, partition: u32, marker: ProbeMarker, delay_ms: u64) {
+        ProbeBook::record(self, plugin, partition, marker, delay_ms)
+    }
+
+    fn forget(&self, plugin: &str) {
+        ProbeBook::forget(self, plugin)
+    }
+}

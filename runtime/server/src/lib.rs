@@ -1,0 +1,21 @@
+//! weir-server: `weir serve` — the gRPC service over a broker and plugin manager, principals
+//! and grants, API limits, the lag monitor with its metrics and status page, and the core that
+//! wires a store, the syncer, the broker and the plugins together ([`server::Core`]). The
+//! local runtime ([`local::LocalRuntime`]) is the same core without the network.
+//!
+//! Start at [`server::run`] (what `weir serve` calls). ARCHITECTURE.md has the crate graph.
+
+#![deny(missing_docs)]
+
+pub mod auth;
+mod io;
+pub mod limits;
+pub mod local;
+pub mod monitor;
+mod plugin_rpc;
+pub mod server;
+mod service;
+pub mod statuses;
+
+pub use limits::ApiLimits;
+pub use service::WeirService;

@@ -1,0 +1,168 @@
+//! Plugin requests: protobuf ⇄ the plugin manager's types.
+
+use std::time::Duration;
+
+use tonic::Status;
+
+use weir_api::pb;
+use weir_plugins::{
+    AlertThresholds, DedupWindow, DeployRequest, Limits, OnError, PluginInfo, PluginManager,
+    StartFrom,
+};
+
+use crate::statuses::ToStatus;
+
+/// A plugin as the API shows it.
+pub(crate) fn plugin_info(info: PluginInfo) -> pb::PluginInfo {
+    {
+        let spec = info.spec;
+        pb::PluginInfo {
+            name: spec.name,
+            version: spec.version,
+            wasm_sha256: spec.wasm_sha256,
+            input: spec.input,
+            outputs: spec.outputs,
+            paused: spec.paused,
+            on_error: match spec.on_error {
+                OnError::Halt => "halt".into(),
+                OnError::Dlq => "dlq".into(),
+            },
+            partitions: info
+                .partitions
+                .into_iter()
+                .enumerate()
+                .map(|(p, s)| pb::PluginPartition {
+                    partition: p as u32,
+                    committed: s.committed,
+                    processed: s.processed,
+                    skipped: s.skipped,
+                    dead_lettered: s.dead_lettered,
+                    state: s.state.to_string(),
+                    forwarding: s.forwarding.unwrap_or_default(),
+                })
+                .collect(),
+            memory_mb: (spec.limits.memory_bytes >> 20) as u32,
+            timeout_ms: spec.limits.timeout.as_millis() as u32,
+            alert_lag: spec.alerts.max_lag,
+            alert_delay_ms: spec.alerts.max_delay_ms,
+            owner: spec.owner.unwrap_or_default(),
+            max_rate: spec.max_rate,
+            state_cache_bytes: info.state_cache_bytes,
+        }
+    }
+}
+
+/// Converts a deploy request, applying defaults for zero fields.
+pub(super) fn deploy_request(r: pb::DeployPluginRequest) -> Result<DeployRequest, Status> {
+    let defaults = Limits::default();
+    let start = match r.from.as_str() {
+        "" | "earliest" => StartFrom::Earliest,
+        "latest" => StartFrom::Latest,
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "--from {other:?}: use earliest or latest"
+            )))
+        }
+    };
+    let on_error = match r.on_error.as_str() {
+        "" | "halt" => OnError::Halt,
+        "dlq" => OnError::Dlq,
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "--on-error {other:?}: use halt or dlq"
+            )))
+        }
+    };
+    Ok(DeployRequest {
+        name: r.name,
+        wasm: r.wasm,
+        input: r.input,
+        outputs: r.outputs,
+        config: r.config.into_iter().map(|c| (c.key, c.value)).collect(),
+        start,
+        limits: Limits {
+            memory_bytes: if r.memory_mb == 0 {
+                defaults.memory_bytes
+            } else {
+                (r.memory_mb as usize) << 20
+            },
+            timeout: if r.timeout_ms == 0 {
+                defaults.timeout
+            } else {
+                Duration::from_millis(u64::from(r.timeout_ms))
+            },
+        },
+        on_error,
+        max_attempts: if r.max_attempts == 0 {
+            3
+        } else {
+            r.max_attempts
+        },
+        max_batch: if r.max_batch == 0 {
+            500
+        } else {
+            r.max_batch as usize
+        },
+        dedup: DedupWindow {
+            max_ids: if r.dedup_ids == 0 {
+                DedupWindow::default().max_ids
+            } else {
+                r.dedup_ids as usize
+            },
+            max_age_ms: if r.dedup_age_ms == 0 {
+                DedupWindow::default().max_age_ms
+            } else {
+                r.dedup_age_ms
+            },
+        },
+        owner: None,
+        owner_quota: None,
+        alerts: AlertThresholds {
+            max_lag: r.alert_lag,
+            max_delay_ms: r.alert_delay_ms,
+        },
+        max_rate: r.max_rate,
+    })
+}
+
+/// A state value for `GetState`.
+pub(super) async fn get_state(
+    plugins: &PluginManager,
+    r: pb::GetStateRequest,
+) -> Result<pb::GetStateResponse, Status> {
+    let pending = match r.after {
+        Some(at) => {
+            let info = plugins.info(&r.plugin).or_status()?;
+            let committed = info
+                .partitions
+                .get(at.partition as usize)
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "plugin {} reads {} partitions; there is no partition {}",
+                        r.plugin,
+                        info.partitions.len(),
+                        at.partition
+                    ))
+                })?
+                .committed;
+            committed <= at.offset
+        }
+        None => false,
+    };
+    Ok(
+        match plugins.state_get(&r.plugin, &r.key).await.or_status()? {
+            Some((value, version)) => pb::GetStateResponse {
+                found: true,
+                value: value.into(),
+                version,
+                pending,
+            },
+            None => pb::GetStateResponse {
+                found: false,
+                value: Default::default(),
+                version: 0,
+                pending,
+            },
+        },
+    )
+}

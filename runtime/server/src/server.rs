@@ -1,0 +1,451 @@
+//! `weir serve`: opens the store, starts the syncer, the broker and the retention task, and
+//! serves gRPC until the shutdown token is cancelled; then drains, syncs and returns. A failed
+//! sync stops the server with an error (fail-stop, see [`weir_log::SyncFailed`]).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use weir_broker::{Broker, BrokerConfig, BrokerError};
+use weir_log::{Durability, LogError, SledStore, Store, SyncFailed};
+use weir_plugins::{KvPluginStore, PluginManager, Seams};
+
+use crate::auth::Authority;
+use crate::io::BrokerIo;
+use crate::limits::ApiLimits;
+use crate::monitor::probe::ProbeBook;
+use crate::monitor::{Monitor, MonitorConfig};
+use crate::service::WeirService;
+
+pub use weir_log::FsyncPolicy;
+pub use weir_plugins::PluginConfig as PluginLimits;
+
+/// Everything `weir serve` needs, validated by the binary before [`run`] is called.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Directory of the embedded store.
+    pub data_dir: PathBuf,
+    /// Address to listen on (port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// When writes are synced.
+    pub fsync: FsyncPolicy,
+    /// Broker limits.
+    pub broker: BrokerConfig,
+    /// sled cache in bytes.
+    pub cache_bytes: u64,
+    /// Plugin bounds: wasm size, time limit ceiling, state cache.
+    pub plugins: PluginLimits,
+    /// Where compiled plugins are cached (`DATA_DIR/compiled` when `None`). Artifacts are keyed
+    /// by the component's sha256 and the engine's settings, so servers may share a directory.
+    pub compiled_dir: Option<PathBuf>,
+    /// Who may do what; open when started without `--auth`.
+    pub auth: Arc<Authority>,
+    /// gRPC API limits.
+    pub limits: ApiLimits,
+    /// Certificate chain and private key (PEM) to serve TLS with (gRPC and metrics).
+    pub tls: Option<TlsFiles>,
+    /// Lag sampling, Burrow window, probes.
+    pub monitor: MonitorConfig,
+    /// Address of the metrics / status page listener, if any.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// PEM files of the server's TLS identity.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// Certificate chain.
+    pub cert: PathBuf,
+    /// Private key.
+    pub key: PathBuf,
+}
+
+impl ServerConfig {
+    /// Defaults for a data directory: `127.0.0.1:7070`, fsync `always`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        ServerConfig {
+            data_dir: data_dir.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            fsync: FsyncPolicy::Always,
+            broker: BrokerConfig::default(),
+            cache_bytes: 512 * 1024 * 1024,
+            plugins: PluginLimits::default(),
+            compiled_dir: None,
+            auth: Arc::new(Authority::open()),
+            limits: ApiLimits::default(),
+            tls: None,
+            monitor: MonitorConfig::default(),
+            metrics_listen: None,
+        }
+    }
+}
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] LogError),
+    /// The broker could not rebuild its state.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The deployed plugins could not be restarted.
+    #[error("plugins: {0}")]
+    Plugins(#[from] weir_plugins::ManagerError),
+    /// Binding the listen address failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The TLS certificate or key could not be read.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The store could not be synced: the server stopped (fail-stop).
+    #[error(transparent)]
+    SyncFailed(#[from] SyncFailed),
+    /// A start-up task panicked.
+    #[error(transparent)]
+    Panicked(#[from] weir_core::blocking::Panicked),
+}
+
+/// A server started with [`start`], running on its own tasks.
+pub struct RunningServer {
+    /// The address it listens on (the real port when 0 was asked).
+    pub addr: SocketAddr,
+    /// Cancel to shut it down.
+    pub shutdown: CancellationToken,
+    /// The broker, for in-process callers (tests, benchmarks).
+    pub broker: Arc<Broker>,
+    /// The plugins, for in-process callers.
+    pub plugins: Arc<PluginManager>,
+    /// Whether it serves TLS.
+    pub tls: bool,
+    /// Lag, alerts and probes.
+    pub monitor: Arc<Monitor>,
+    /// Where `/metrics` and the status page are served, if asked.
+    pub metrics_addr: Option<SocketAddr>,
+    handle: tokio::task::JoinHandle<Result<(), ServerError>>,
+}
+
+impl RunningServer {
+    /// Cancels and waits for a clean stop (everything synced).
+    ///
+    /// # Errors
+    /// The server's own error, if it failed.
+    pub async fn stop(self) -> Result<(), ServerError> {
+        self.shutdown.cancel();
+        self.handle
+            .await
+            .unwrap_or_else(|e| panic!("server task panicked: {e}"))
+    }
+
+    /// The server's URL for clients.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+}
+
+/// Opens the store and binds, then serves on background tasks until `shutdown` is cancelled
+/// (or a sync fails, which cancels it).
+///
+/// # Errors
+/// Store, recovery or bind failures, before anything is served.
+pub async fn start(
+    config: ServerConfig,
+    shutdown: CancellationToken,
+) -> Result<RunningServer, ServerError> {
+    let store = open_sled(&config).await?;
+    start_on(config, store, shutdown).await
+}
+
+/// [`start`] on a store the caller opened (tests wrap the sled store to inject faults).
+///
+/// # Errors
+/// As [`start`].
+pub async fn start_on(
+    config: ServerConfig,
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+) -> Result<RunningServer, ServerError> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    // HTTP/2's own stream limit stays above weir's per-connection limit on long-lived calls,
+    // so an extra stream gets weir's RESOURCE_EXHAUSTED instead of waiting in the client.
+    let h2_streams = u32::try_from(config.limits.max_streams_per_connection)
+        .unwrap_or(u32::MAX)
+        .saturating_add(100);
+    let mut builder = tonic::transport::Server::builder().max_concurrent_streams(h2_streams);
+    if let Some(tls) = &config.tls {
+        let read = |p: &PathBuf| {
+            std::fs::read(p)
+                .map_err(|e| ServerError::Tls(format!("cannot read {}: {e}", p.display())))
+        };
+        let identity = tonic::transport::Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(|e| ServerError::Tls(e.to_string()))?;
+    }
+    let core = Core::open_on(&config, store).await?;
+    if config.auth.is_open() {
+        tracing::warn!(message = "No --auth file: every client may do everything (fine for local development, not for a shared server).");
+    }
+    tracing::info!(message = "weir is serving.", %addr, data_dir = %config.data_dir.display(), fsync = %config.fsync, topics = core.broker.list_topics().len());
+    let (broker, plugins) = (core.broker.clone(), core.plugins.clone());
+    let tracker = TaskTracker::new();
+    // Fail-stop: a failed sync shuts everything down; `stop`/`run` then return the failure.
+    let durability = core.durability.clone();
+    let fatal_shutdown = shutdown.clone();
+    tracker.spawn(async move {
+        tokio::select! {
+            failed = durability.failure() => {
+                tracing::error!(message = "Stopping: the store could not be synced.", error = %failed);
+                fatal_shutdown.cancel();
+            }
+            _ = fatal_shutdown.cancelled() => {}
+        }
+    });
+    tracker.spawn(retention_loop(broker.clone(), shutdown.clone()));
+    let monitor = Monitor::new(
+        broker.clone(),
+        plugins.clone(),
+        core.probes.clone(),
+        config.monitor.clone(),
+    );
+    tracker.spawn(monitor.clone().run(shutdown.clone()));
+    let metrics_addr = match config.metrics_listen {
+        Some(listen) => {
+            let listener =
+                crate::monitor::http::bind(listen)
+                    .await
+                    .map_err(|source| ServerError::Bind {
+                        addr: listen,
+                        source,
+                    })?;
+            let bound = listener.local_addr().map_err(|source| ServerError::Bind {
+                addr: listen,
+                source,
+            })?;
+            let tls = match &config.tls {
+                Some(files) => Some(
+                    crate::monitor::http::tls_acceptor(&files.cert, &files.key)
+                        .map_err(ServerError::Tls)?,
+                ),
+                None => None,
+            };
+            tracker.spawn(crate::monitor::http::serve(
+                listener,
+                tls,
+                crate::monitor::http::router(monitor.clone()),
+                shutdown.clone(),
+            ));
+            tracing::info!(message = "Serving metrics and the status page.", addr = %bound);
+            Some(bound)
+        }
+        None => None,
+    };
+    let service = WeirService::new(
+        broker.clone(),
+        plugins.clone(),
+        shutdown.clone(),
+        config.auth.clone(),
+        config.limits,
+        monitor.clone(),
+    );
+    let tls = config.tls.is_some();
+    let serve_shutdown = shutdown.clone();
+    let handle = tokio::spawn(async move {
+        // Nagle must be off on every accepted socket (tonic's builder flag does not reach a
+        // listener we bound ourselves): with it, small acks wait ~40 ms for delayed ACKs.
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let result = builder
+            .add_service(service.into_server())
+            .serve_with_incoming_shutdown(incoming, serve_shutdown.cancelled())
+            .await;
+        tracker.close();
+        tracker.wait().await;
+        let failed = core.durability.failed();
+        core.close().await;
+        if let Some(failed) = failed {
+            return Err(ServerError::SyncFailed(failed));
+        }
+        Ok(result?)
+    });
+    Ok(RunningServer {
+        addr,
+        shutdown,
+        broker,
+        plugins,
+        tls,
+        monitor,
+        metrics_addr,
+        handle,
+    })
+}
+
+/// The store, syncer, broker and plugins of one data directory: everything but the network.
+/// The server wraps it in gRPC; [`crate::local::LocalRuntime`] uses it directly.
+pub struct Core {
+    /// The broker.
+    pub broker: Arc<Broker>,
+    /// The plugins.
+    pub plugins: Arc<PluginManager>,
+    /// Probe results of the plugins.
+    pub probes: Arc<ProbeBook>,
+    durability: Arc<Durability>,
+    syncer: std::thread::JoinHandle<()>,
+}
+
+/// Opens the embedded sled store of `config.data_dir`.
+///
+/// # Errors
+/// The directory is not a weir store, or sled cannot open it.
+pub async fn open_sled(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerError> {
+    let (data_dir, cache_bytes, fsync) =
+        (config.data_dir.clone(), config.cache_bytes, config.fsync);
+    let store = weir_core::blocking::run(move || -> Result<Arc<dyn Store>, ServerError> {
+        let options = weir_log::sled_store::SledOptions {
+            cache_bytes,
+            // Under `never` sled's own flusher moves writes to the OS every 500 ms; otherwise
+            // weir's syncer drives every flush.
+            background_flush_ms: (fsync == FsyncPolicy::Never).then_some(500),
+        };
+        Ok(Arc::new(SledStore::open(&data_dir, &options)?))
+    })
+    .await??;
+    Ok(store)
+}
+
+impl Core {
+    /// Opens the store in `config.data_dir`, starts the syncer, rebuilds the broker and
+    /// restarts every deployed plugin.
+    ///
+    /// # Errors
+    /// Store, recovery or plugin restart failures.
+    pub async fn open(config: &ServerConfig) -> Result<Core, ServerError> {
+        let store = open_sled(config).await?;
+        Core::open_on(config, store).await
+    }
+
+    /// [`Core::open`] on a store the caller opened.
+    ///
+    /// # Errors
+    /// Recovery or plugin restart failures.
+    pub async fn open_on(
+        config: &ServerConfig,
+        store: Arc<dyn Store>,
+    ) -> Result<Core, ServerError> {
+        let (fsync, broker_config) = (config.fsync, config.broker.clone());
+        let opened = store.clone();
+        let (broker, durability, syncer) =
+            weir_core::blocking::run(move || -> Result<_, ServerError> {
+                let (durability, syncer) = Durability::start(opened.clone(), fsync);
+                match Broker::open(opened, durability.clone(), broker_config) {
+                    Ok(broker) => Ok((broker, durability, syncer)),
+                    Err(e) => {
+                        durability.stop();
+                        let _ = syncer.join();
+                        Err(e.into())
+                    }
+                }
+            })
+            .await??;
+        let compiled_dir =
+            (config.compiled_dir.clone()).unwrap_or_else(|| config.data_dir.join("compiled"));
+        let probes = Arc::new(ProbeBook::default());
+        let io = Arc::new(BrokerIo(broker.clone()));
+        let seams = Seams {
+            input: io.clone(),
+            output: io,
+            store: Arc::new(KvPluginStore::new(store)),
+            durability: durability.clone(),
+            probes: probes.clone(),
+        };
+        let plugins =
+            match PluginManager::open(&config.data_dir, &compiled_dir, seams, config.plugins).await
+            {
+                Ok(plugins) => plugins,
+                Err(e) => {
+                    durability.stop();
+                    let _ = weir_core::blocking::run(move || syncer.join()).await;
+                    return Err(e.into());
+                }
+            };
+        Ok(Core {
+            broker,
+            plugins,
+            probes,
+            durability,
+            syncer,
+        })
+    }
+
+    /// Stops the plugins, syncs everything and stops the syncer.
+    pub async fn close(self) {
+        self.plugins.shutdown().await;
+        self.durability.stop();
+        let syncer = self.syncer;
+        tokio::task::spawn_blocking(move || syncer.join())
+            .await
+            .ok();
+        let (syncs, mean_sync_us) = self.durability.sync_stats();
+        if self.durability.failed().is_some() {
+            tracing::error!(message = "weir stopped after a failed sync; the last synced state is what a restart finds.", syncs, mean_sync_us);
+        } else {
+            tracing::info!(message = "weir stopped; store synced.", syncs, mean_sync_us);
+        }
+    }
+}
+
+/// Runs a server until `shutdown` is cancelled (the `weir serve` entry point).
+///
+/// # Errors
+/// See [`start`]; also a gRPC transport failure while serving.
+pub async fn run(
+    config: ServerConfig,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(&RunningServer),
+) -> Result<(), ServerError> {
+    let server = start(config, shutdown.clone()).await?;
+    on_ready(&server);
+    // Returns when asked to stop, or when the server stops itself (a failed sync).
+    shutdown.cancelled().await;
+    server.stop().await
+}
+
+/// Retention, and expiry of idle producers and consumer groups, every retention interval.
+async fn retention_loop(broker: Arc<Broker>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(broker.config().retention_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Err(error) = broker.apply_retention().await {
+                    tracing::warn!(message = "Retention failed.", %error);
+                }
+                if let Err(error) = broker.expire_idle(weir_core::now_ms()).await {
+                    tracing::warn!(message = "Expiring idle producers and groups failed.", %error);
+                }
+            }
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}

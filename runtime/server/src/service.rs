@@ -1,0 +1,726 @@
+//! The `Weir` service: thin handlers that convert, call the broker and convert back.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::stream::{FuturesOrdered, StreamExt};
+use futures::{Future, Stream};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use weir_api::convert::{admission, start_at};
+use weir_api::pb::{self, weir_server::Weir};
+use weir_broker::{
+    Broker, BrokerError, Caller, PartitionAck, ProducerFields, Publish, ReadLimits, StartAt,
+};
+use weir_core::{Record, TopicConfig};
+use weir_plugins::PluginManager;
+
+use crate::auth::{self, Authority, Operation, Principal, Resource};
+use crate::limits::{ApiLimits, Guarded, StreamLimiter};
+use crate::monitor::{ConsumerHealth, ConsumerKind, LagRow, Monitor};
+use crate::statuses::{of_broker, ToStatus};
+
+/// Default and maximum records per subscribe response message.
+const SUBSCRIBE_BATCH_DEFAULT: usize = 1000;
+const SUBSCRIBE_BATCH_MAX: usize = 10_000;
+/// Default and maximum record bytes per subscribe response message: the default fits a stock
+/// gRPC client's 4 MiB receive limit with room for framing (Kafka's `fetch.max.bytes`).
+const SUBSCRIBE_BYTES_DEFAULT: usize = 1 << 20;
+const SUBSCRIBE_BYTES_MAX: usize = 32 << 20;
+/// Publishes of one stream awaiting durability at once.
+const STREAM_IN_FLIGHT: usize = 64;
+
+/// The gRPC service over a broker.
+#[derive(Clone)]
+pub struct WeirService {
+    broker: Arc<Broker>,
+    plugins: Arc<PluginManager>,
+    /// Ends subscribe streams on server shutdown.
+    shutdown: CancellationToken,
+    auth: Arc<Authority>,
+    limits: ApiLimits,
+    streams: Arc<StreamLimiter>,
+    monitor: Arc<Monitor>,
+}
+
+impl WeirService {
+    /// A service over `broker`; streams end when `shutdown` is cancelled.
+    pub fn new(
+        broker: Arc<Broker>,
+        plugins: Arc<PluginManager>,
+        shutdown: CancellationToken,
+        auth: Arc<Authority>,
+        limits: ApiLimits,
+        monitor: Arc<Monitor>,
+    ) -> Self {
+        WeirService {
+            broker,
+            plugins,
+            shutdown,
+            auth,
+            limits,
+            streams: Arc::default(),
+            monitor,
+        }
+    }
+
+    /// The tonic server wrapper with weir's message size limits.
+    pub fn into_server(self) -> pb::weir_server::WeirServer<Self> {
+        let max = self.limits.max_request_bytes;
+        pb::weir_server::WeirServer::new(self)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(weir_api::MAX_MESSAGE_BYTES)
+    }
+
+    /// The caller, which must hold a grant of `op` on `resource`.
+    fn require<T>(
+        &self,
+        request: &Request<T>,
+        op: Operation,
+        resource: Resource<'_>,
+    ) -> Result<Arc<Principal>, Status> {
+        self.auth.require(bearer(request), op, resource).or_status()
+    }
+
+    /// The caller, authenticated.
+    fn caller<T>(&self, request: &Request<T>) -> Result<Arc<Principal>, Status> {
+        self.auth.authenticate(bearer(request)).or_status()
+    }
+
+    /// The caller, which must hold `op` on an existing plugin and own it (or be an admin).
+    fn require_owner<T>(
+        &self,
+        request: &Request<T>,
+        op: Operation,
+        plugin: &str,
+    ) -> Result<(), Status> {
+        let principal = self.caller(request)?;
+        let owner = self.plugins.owner(plugin).or_status()?;
+        auth::check_owner(&principal, op, plugin, owner.as_deref()).or_status()?;
+        Ok(())
+    }
+
+    /// Pause and resume: the same grant (`pause`), ownership, and call.
+    async fn set_paused(
+        &self,
+        request: Request<pb::PluginRef>,
+        paused: bool,
+    ) -> Result<Response<pb::PluginInfo>, Status> {
+        self.require_owner(&request, Operation::Pause, &request.get_ref().name)?;
+        Ok(Response::new(crate::plugin_rpc::plugin_info(
+            self.plugins
+                .set_paused(&request.into_inner().name, paused)
+                .await
+                .or_status()?,
+        )))
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The `authorization` metadata of a request (a value that is not ASCII reads as malformed).
+fn bearer<T>(request: &Request<T>) -> Option<&str> {
+    request
+        .metadata()
+        .get(auth::AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or(""))
+}
+
+/// The broker's view of a principal, for producer ownership.
+fn caller_of(principal: &Principal) -> Caller {
+    Caller::Client {
+        name: principal.name.clone(),
+        admin: principal.admin,
+    }
+}
+
+fn acks_response(request_id: u64, acks: Vec<PartitionAck>) -> pb::PublishResponse {
+    pb::PublishResponse {
+        request_id,
+        acks: acks
+            .into_iter()
+            .map(|a| pb::PartitionAck {
+                partition: a.partition,
+                base_offset: a.appended.base_offset,
+                record_count: a.appended.count,
+                duplicate: a.appended.duplicate,
+            })
+            .collect(),
+        error: None,
+    }
+}
+
+/// A publish request as the broker takes it, on behalf of `caller`.
+fn publish_of(r: pb::PublishRequest, caller: Caller) -> Publish {
+    Publish {
+        topic: r.topic,
+        partition: r.partition,
+        records: r.records.into_iter().map(Record::from).collect(),
+        producer: r.producer.map(|p| ProducerFields {
+            producer_id: p.producer_id,
+            epoch: p.epoch,
+            base_sequence: p.base_sequence,
+        }),
+        caller,
+    }
+}
+
+#[tonic::async_trait]
+impl Weir for WeirService {
+    async fn create_topic(
+        &self,
+        request: Request<pb::CreateTopicRequest>,
+    ) -> Result<Response<pb::TopicInfo>, Status> {
+        self.require(
+            &request,
+            Operation::Create,
+            Resource::Topic(&request.get_ref().name),
+        )?;
+        let r = request.into_inner();
+        let config = TopicConfig {
+            name: r.name,
+            partitions: r.partitions,
+            retention_ms: r.retention_ms,
+            retention_bytes: r.retention_bytes,
+            admission: admission(r.admit_per_key, r.admit_window_ms),
+        };
+        Ok(Response::new(
+            self.broker.create_topic(config).await.or_status()?.into(),
+        ))
+    }
+
+    async fn list_topics(
+        &self,
+        request: Request<pb::ListTopicsRequest>,
+    ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        let principal = self.caller(&request)?;
+        Ok(Response::new(pb::ListTopicsResponse {
+            topics: self
+                .broker
+                .list_topics()
+                .into_iter()
+                .filter(|t| principal.sees(Resource::Topic(&t.config.name)))
+                .map(Into::into)
+                .collect(),
+        }))
+    }
+
+    async fn describe_topic(
+        &self,
+        request: Request<pb::DescribeTopicRequest>,
+    ) -> Result<Response<pb::TopicInfo>, Status> {
+        let principal = self.caller(&request)?;
+        let name = &request.get_ref().name;
+        if !principal.sees(Resource::Topic(name)) {
+            // Describing needs a grant of any operation on the topic.
+            auth::check(&principal, Operation::Subscribe, Resource::Topic(name)).or_status()?;
+        }
+        Ok(Response::new(
+            self.broker
+                .describe_topic(&request.into_inner().name)
+                .or_status()?
+                .into(),
+        ))
+    }
+
+    async fn delete_topic(
+        &self,
+        request: Request<pb::DeleteTopicRequest>,
+    ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
+        self.require(
+            &request,
+            Operation::Delete,
+            Resource::Topic(&request.get_ref().name),
+        )?;
+        self.broker
+            .delete_topic(&request.into_inner().name)
+            .await
+            .or_status()?;
+        Ok(Response::new(pb::DeleteTopicResponse {}))
+    }
+
+    async fn init_producer(
+        &self,
+        request: Request<pb::InitProducerRequest>,
+    ) -> Result<Response<pb::InitProducerResponse>, Status> {
+        let principal = self.caller(&request)?;
+        let (producer_id, epoch) = self
+            .broker
+            .init_producer(request.into_inner().producer_id, &caller_of(&principal))
+            .await
+            .or_status()?;
+        Ok(Response::new(pb::InitProducerResponse {
+            producer_id,
+            epoch,
+        }))
+    }
+
+    async fn publish(
+        &self,
+        request: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let principal = self.require(
+            &request,
+            Operation::Publish,
+            Resource::Topic(&request.get_ref().topic),
+        )?;
+        let r = request.into_inner();
+        let id = r.request_id;
+        let span = tracing::debug_span!("publish", topic = %r.topic, records = r.records.len());
+        let publish = publish_of(r, caller_of(&principal));
+        let acks = tracing::Instrument::instrument(self.broker.publish(publish), span)
+            .await
+            .or_status()?;
+        Ok(Response::new(acks_response(id, acks)))
+    }
+
+    type PublishStreamStream = BoxStream<pb::PublishResponse>;
+
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<pb::PublishRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        let principal = self.caller(&request)?;
+        let permit = self.streams.acquire(
+            request.remote_addr(),
+            self.limits.max_streams_per_connection,
+        )?;
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT);
+        let broker = self.broker.clone();
+        tokio::spawn(async move {
+            type Pending = Pin<Box<dyn Future<Output = pb::PublishResponse> + Send>>;
+            let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
+            let mut inbound_open = true;
+            loop {
+                tokio::select! {
+                    message = inbound.message(), if inbound_open && pending.len() < STREAM_IN_FLIGHT => match message {
+                        Ok(Some(r)) => {
+                            let id = r.request_id;
+                            if let Err(denied) = auth::check(&principal, Operation::Publish, Resource::Topic(&r.topic)) {
+                                pending.push_back(Box::pin(std::future::ready(status_response(id, crate::statuses::of_auth(denied)))));
+                                continue;
+                            }
+                            // Appended here, in stream order; only the durability wait overlaps.
+                            let publish = publish_of(r, caller_of(&principal));
+                            let future: Pending = match broker.append(publish).await {
+                                Ok(p) => Box::pin(async move { match p.acked().await {
+                                    Ok(acks) => acks_response(id, acks),
+                                    Err(e) => error_response(id, e),
+                                } }),
+                                Err(e) => Box::pin(std::future::ready(error_response(id, e))),
+                            };
+                            pending.push_back(future);
+                        }
+                        Ok(None) => inbound_open = false,
+                        Err(status) => {
+                            tracing::debug!(message = "Publish stream broke.", %status);
+                            inbound_open = false;
+                        }
+                    },
+                    Some(response) = pending.next() => {
+                        if tx.send(Ok(response)).await.is_err() {
+                            return;
+                        }
+                    }
+                    else => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(Guarded::new(
+            ReceiverStream::new(rx),
+            permit,
+        ))))
+    }
+
+    type SubscribeStream = BoxStream<pb::SubscribeResponse>;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        self.require(
+            &request,
+            Operation::Subscribe,
+            Resource::Topic(&request.get_ref().topic),
+        )?;
+        let permit = self.streams.acquire(
+            request.remote_addr(),
+            self.limits.max_streams_per_connection,
+        )?;
+        let r = request.into_inner();
+        let info = self.broker.describe_topic(&r.topic).or_status()?;
+        let partitions: Vec<u32> = if r.partitions.is_empty() {
+            (0..info.config.partitions).collect()
+        } else {
+            r.partitions.clone()
+        };
+        let mut listed = std::collections::HashSet::new();
+        if let Some(twice) = partitions.iter().find(|p| !listed.insert(**p)) {
+            return Err(of_broker(BrokerError::InvalidArgument(format!(
+                "partition {twice} is listed twice; list each partition once (or none for all)"
+            ))));
+        }
+        let committed: HashMap<u32, u64> = match &r.group {
+            Some(group) => self
+                .broker
+                .fetch_offsets(group, &r.topic)
+                .await
+                .or_status()?
+                .into_iter()
+                .collect(),
+            None => HashMap::new(),
+        };
+        let start = start_at(r.start);
+        let limits = ReadLimits {
+            max_records: match r.max_batch_records as usize {
+                0 => SUBSCRIBE_BATCH_DEFAULT,
+                n => n.min(SUBSCRIBE_BATCH_MAX),
+            },
+            max_bytes: match r.max_bytes as usize {
+                0 => SUBSCRIBE_BYTES_DEFAULT,
+                n => n.min(SUBSCRIBE_BYTES_MAX),
+            },
+        };
+        let mut positions = Vec::with_capacity(partitions.len());
+        for p in partitions {
+            let position = match committed.get(&p) {
+                Some(&offset) => offset.max(
+                    self.broker
+                        .resolve_start(&r.topic, p, StartAt::Earliest)
+                        .await
+                        .or_status()?,
+                ),
+                None => self
+                    .broker
+                    .resolve_start(&r.topic, p, start)
+                    .await
+                    .or_status()?,
+            };
+            positions.push((p, position));
+        }
+        let (tx, rx) = mpsc::channel(2 * positions.len().max(1));
+        for (p, position) in positions {
+            let follower = Follower {
+                broker: self.broker.clone(),
+                topic: r.topic.clone(),
+                partition: p,
+                position,
+                limits,
+                tx: tx.clone(),
+            };
+            tokio::spawn(follower.run(self.shutdown.clone()));
+        }
+        Ok(Response::new(Box::pin(Guarded::new(
+            ReceiverStream::new(rx),
+            permit,
+        ))))
+    }
+
+    async fn commit_offsets(
+        &self,
+        request: Request<pb::CommitOffsetsRequest>,
+    ) -> Result<Response<pb::CommitOffsetsResponse>, Status> {
+        self.require(
+            &request,
+            Operation::Subscribe,
+            Resource::Topic(&request.get_ref().topic),
+        )?;
+        let r = request.into_inner();
+        let offsets = r
+            .offsets
+            .into_iter()
+            .map(|o| (o.partition, o.offset))
+            .collect();
+        self.broker
+            .commit_offsets(&r.group, &r.topic, offsets)
+            .await
+            .or_status()?;
+        Ok(Response::new(pb::CommitOffsetsResponse {}))
+    }
+
+    async fn fetch_offsets(
+        &self,
+        request: Request<pb::FetchOffsetsRequest>,
+    ) -> Result<Response<pb::FetchOffsetsResponse>, Status> {
+        self.require(
+            &request,
+            Operation::Subscribe,
+            Resource::Topic(&request.get_ref().topic),
+        )?;
+        let r = request.into_inner();
+        let offsets = self
+            .broker
+            .fetch_offsets(&r.group, &r.topic)
+            .await
+            .or_status()?;
+        Ok(Response::new(pb::FetchOffsetsResponse {
+            offsets: offsets
+                .into_iter()
+                .map(|(partition, offset)| pb::PartitionOffset { partition, offset })
+                .collect(),
+        }))
+    }
+
+    async fn deploy_plugin(
+        &self,
+        request: Request<pb::DeployPluginRequest>,
+    ) -> Result<Response<pb::PluginInfo>, Status> {
+        let principal = self.require(
+            &request,
+            Operation::Deploy,
+            Resource::Plugin(&request.get_ref().name),
+        )?;
+        let mut deploy = crate::plugin_rpc::deploy_request(request.into_inner())?;
+        // A plugin acts with its owner's rights: it reads only what the owner may read and
+        // emits only where the owner may publish.
+        auth::check(
+            &principal,
+            Operation::Subscribe,
+            Resource::Topic(&deploy.input),
+        )
+        .or_status()?;
+        for output in &deploy.outputs {
+            auth::check(&principal, Operation::Publish, Resource::Topic(output)).or_status()?;
+        }
+        deploy.owner = Some(principal.name.clone());
+        deploy.owner_quota = Some(
+            principal
+                .max_plugins
+                .unwrap_or(self.limits.max_plugins_per_principal),
+        );
+        Ok(Response::new(crate::plugin_rpc::plugin_info(
+            self.plugins.deploy(deploy).await.or_status()?,
+        )))
+    }
+
+    async fn upgrade_plugin(
+        &self,
+        request: Request<pb::UpgradePluginRequest>,
+    ) -> Result<Response<pb::PluginInfo>, Status> {
+        self.require_owner(&request, Operation::Upgrade, &request.get_ref().name)?;
+        let r = request.into_inner();
+        Ok(Response::new(crate::plugin_rpc::plugin_info(
+            self.plugins.upgrade(&r.name, r.wasm).await.or_status()?,
+        )))
+    }
+
+    async fn list_plugins(
+        &self,
+        request: Request<pb::ListPluginsRequest>,
+    ) -> Result<Response<pb::ListPluginsResponse>, Status> {
+        let principal = self.caller(&request)?;
+        Ok(Response::new(pb::ListPluginsResponse {
+            plugins: self
+                .plugins
+                .list()
+                .into_iter()
+                .filter(|p| principal.sees(Resource::Plugin(&p.spec.name)))
+                .map(crate::plugin_rpc::plugin_info)
+                .collect(),
+        }))
+    }
+
+    async fn pause_plugin(
+        &self,
+        request: Request<pb::PluginRef>,
+    ) -> Result<Response<pb::PluginInfo>, Status> {
+        self.set_paused(request, true).await
+    }
+
+    async fn resume_plugin(
+        &self,
+        request: Request<pb::PluginRef>,
+    ) -> Result<Response<pb::PluginInfo>, Status> {
+        self.set_paused(request, false).await
+    }
+
+    async fn remove_plugin(
+        &self,
+        request: Request<pb::PluginRef>,
+    ) -> Result<Response<pb::RemovePluginResponse>, Status> {
+        self.require_owner(&request, Operation::Remove, &request.get_ref().name)?;
+        self.plugins
+            .remove(&request.into_inner().name)
+            .await
+            .or_status()?;
+        Ok(Response::new(pb::RemovePluginResponse {}))
+    }
+
+    async fn plugin_logs(
+        &self,
+        request: Request<pb::PluginRef>,
+    ) -> Result<Response<pb::PluginLogsResponse>, Status> {
+        self.require(
+            &request,
+            Operation::ReadLogs,
+            Resource::Plugin(&request.get_ref().name),
+        )?;
+        Ok(Response::new(pb::PluginLogsResponse {
+            lines: self
+                .plugins
+                .logs(&request.into_inner().name)
+                .await
+                .or_status()?,
+        }))
+    }
+
+    async fn get_lag(
+        &self,
+        request: Request<pb::GetLagRequest>,
+    ) -> Result<Response<pb::GetLagResponse>, Status> {
+        let principal = self.caller(&request)?;
+        let name = request.into_inner().name;
+        let snapshot = self.monitor.snapshot();
+        // Plugins are seen through grants on their name, groups through grants on their topic.
+        let visible = |kind: ConsumerKind, consumer: &str, topic: Option<&str>| {
+            (name.is_empty() || name == consumer)
+                && match kind {
+                    ConsumerKind::Plugin => principal.sees(Resource::Plugin(consumer)),
+                    ConsumerKind::Group => topic.is_none_or(|t| principal.sees(Resource::Topic(t))),
+                }
+        };
+        let rows: Vec<pb::LagRow> = snapshot
+            .rows
+            .into_iter()
+            .filter(|r| visible(r.kind, &r.name, Some(&r.topic)))
+            .map(lag_row)
+            .collect();
+        let consumers = snapshot
+            .consumers
+            .into_iter()
+            .filter(|c| visible(c.kind, &c.name, None) && rows.iter().any(|r| r.name == c.name))
+            .map(consumer_health)
+            .collect();
+        if !name.is_empty() && rows.is_empty() && self.plugins.owner(&name).is_err() {
+            return Err(Status::not_found(format!(
+                "no plugin or consumer group named {name:?} (groups appear once they commit offsets)"
+            )));
+        }
+        Ok(Response::new(pb::GetLagResponse { rows, consumers }))
+    }
+
+    async fn get_state(
+        &self,
+        request: Request<pb::GetStateRequest>,
+    ) -> Result<Response<pb::GetStateResponse>, Status> {
+        self.require(
+            &request,
+            Operation::ReadState,
+            Resource::Plugin(&request.get_ref().plugin),
+        )?;
+        Ok(Response::new(
+            crate::plugin_rpc::get_state(&self.plugins, request.into_inner()).await?,
+        ))
+    }
+}
+
+fn lag_row(r: LagRow) -> pb::LagRow {
+    {
+        pb::LagRow {
+            kind: r.kind.as_str().into(),
+            name: r.name,
+            topic: r.topic,
+            partition: r.partition,
+            committed: r.committed,
+            end: r.end,
+            lag: r.lag,
+            time_lag_ms: r.time_lag_ms,
+            status: r.status.to_string(),
+        }
+    }
+}
+
+fn consumer_health(c: ConsumerHealth) -> pb::ConsumerHealth {
+    {
+        pb::ConsumerHealth {
+            kind: c.kind.as_str().into(),
+            name: c.name,
+            status: c.status.to_string(),
+            lag: c.lag,
+            time_lag_ms: c.time_lag_ms,
+            alerts: c.alerts,
+            probes_seen: c.probes.seen,
+            probes_lost: c.probes.lost,
+            probes_duplicated: c.probes.duplicated,
+            probe_p50_ms: c.probes.p50_ms,
+            probe_p99_ms: c.probes.p99_ms,
+            probe_p999_ms: c.probes.p999_ms,
+        }
+    }
+}
+
+fn error_response(request_id: u64, e: BrokerError) -> pb::PublishResponse {
+    status_response(request_id, of_broker(e))
+}
+
+fn status_response(request_id: u64, status: Status) -> pb::PublishResponse {
+    pb::PublishResponse {
+        request_id,
+        acks: Vec::new(),
+        error: Some(pb::Error {
+            code: status.code() as i32,
+            message: status.message().to_string(),
+        }),
+    }
+}
+
+/// Streams one partition to a subscriber, following the tail until the subscriber leaves,
+/// the topic is deleted or the server shuts down.
+struct Follower {
+    broker: Arc<Broker>,
+    topic: String,
+    partition: u32,
+    position: u64,
+    limits: ReadLimits,
+    tx: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
+}
+
+impl Follower {
+    async fn run(mut self, shutdown: CancellationToken) {
+        let mut watch = match self.broker.watch(&self.topic, self.partition) {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = self.tx.send(Err(of_broker(e))).await;
+                return;
+            }
+        };
+        loop {
+            watch.borrow_and_update();
+            let records = match self
+                .broker
+                .read_limited(&self.topic, self.partition, self.position, self.limits)
+                .await
+            {
+                Ok(records) => records,
+                Err(e) => {
+                    let _ = self.tx.send(Err(of_broker(e))).await;
+                    return;
+                }
+            };
+            if let Some(last) = records.last() {
+                self.position = last.offset + 1;
+                let response = pb::SubscribeResponse {
+                    records: records.into_iter().map(Into::into).collect(),
+                };
+                if self.tx.send(Ok(response)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            tokio::select! {
+                changed = watch.changed() => if changed.is_err() {
+                    let gone = Status::not_found(format!("topic {:?} was deleted", self.topic));
+                    let _ = self.tx.send(Err(gone)).await;
+                    return;
+                },
+                _ = self.tx.closed() => return,
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,355 @@
+//! One plugin instance: a wasmtime `Store` with its limits, the host side of the plugin's
+//! `state` and `log` imports, and a sandboxed WASI context (no files, network, environment;
+//! clocks frozen and randomness seeded, so a replay computes the same thing).
+//!
+//! State writes of a batch go to an overlay; reads see the overlay first, then the committed
+//! state. The versions read are remembered so the commit can check nobody changed them
+//! (optimistic concurrency between partitions of the same plugin).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::{HasSelf, ResourceTable};
+use wasmtime::{Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::engine::{CompiledPlugin, EPOCH_TICK};
+use crate::PluginError;
+
+/// Host bindings of `sdk/wit/world.wit`.
+mod bindings {
+    #![allow(missing_docs)]
+    wasmtime::component::bindgen!({
+        path: "../../sdk/wit",
+        world: "consumer",
+        // A host import can fail (the store cannot be read): it traps the guest with that
+        // error instead of answering as if the key were absent.
+        imports: { default: trappable },
+    });
+}
+
+use bindings::weir;
+pub use bindings::weir::plugin::log::Level as LogLevel;
+use bindings::weir::plugin::state::Versioned;
+pub(crate) use bindings::{Consumer, ConsumerPre};
+
+/// Bytes of stdout + stderr kept per instance before it is recycled.
+const OUTPUT_PIPE_BYTES: usize = 256 * 1024;
+
+/// Reads committed state: key → (value, version); `Err` when the store cannot be read (the
+/// batch stops and the executor waits for the store, it is not the record's fault).
+pub type StateReader = Arc<dyn Fn(&[u8]) -> Result<Option<(Vec<u8>, u64)>, String> + Send + Sync>;
+
+/// Asked every epoch tick while a guest runs: `true` stops it at once (pause, remove,
+/// upgrade, shutdown), whatever its time limit.
+pub type Interrupt = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// The guest was stopped by its [`Interrupt`].
+#[derive(Debug)]
+pub(crate) struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted by pause, stop or shutdown")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// A state read failed in the store while the guest ran.
+#[derive(Debug)]
+pub(crate) struct StateUnavailable(pub String);
+
+impl std::fmt::Display for StateUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "reading plugin state failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for StateUnavailable {}
+
+/// Limits of one plugin's instances, set at deploy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Limits {
+    /// Linear memory cap in bytes.
+    pub memory_bytes: usize,
+    /// CPU time bound per batch.
+    pub timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: 64 * 1024 * 1024,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The effects of one successful batch, not yet committed.
+#[derive(Debug, Default)]
+pub struct BatchEffects {
+    /// Encoded outputs (weir-codec outputs blob).
+    pub outputs: Vec<u8>,
+    /// Key → new (value, version), or `None` for a delete.
+    pub writes: BTreeMap<Vec<u8>, Option<(Vec<u8>, u64)>>,
+    /// Key → version read (0 = absent), to validate at commit.
+    pub reads: HashMap<Vec<u8>, u64>,
+}
+
+/// What the store of an instance holds.
+pub(crate) struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    reader: StateReader,
+    effects: BatchEffects,
+    /// Log lines the plugin wrote through the `log` import during this batch.
+    pub logs: Vec<(LogLevel, String)>,
+    /// Checked every epoch tick.
+    interrupt: Interrupt,
+    /// Epoch ticks the running call may still take before it times out.
+    ticks_left: u64,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl HostState {
+    /// Current version and value of a key as this batch sees it.
+    fn current(&mut self, key: &[u8]) -> wasmtime::Result<Option<(Vec<u8>, u64)>> {
+        if let Some(w) = self.effects.writes.get(key) {
+            return Ok(w.clone());
+        }
+        let found = (self.reader)(key).map_err(|e| wasmtime::Error::new(StateUnavailable(e)))?;
+        self.effects
+            .reads
+            .entry(key.to_vec())
+            .or_insert(found.as_ref().map_or(0, |(_, v)| *v));
+        Ok(found)
+    }
+
+    fn write(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) -> wasmtime::Result<u64> {
+        let version = self.current(&key)?.map_or(0, |(_, v)| v) + 1;
+        self.effects.writes.insert(key, value.map(|v| (v, version)));
+        Ok(version)
+    }
+}
+
+impl weir::plugin::state::Host for HostState {
+    fn get(&mut self, key: Vec<u8>) -> wasmtime::Result<Option<Versioned>> {
+        Ok(self
+            .current(&key)?
+            .map(|(value, version)| Versioned { value, version }))
+    }
+    fn get_many(&mut self, keys: Vec<Vec<u8>>) -> wasmtime::Result<Vec<Option<Versioned>>> {
+        keys.into_iter().map(|k| self.get(k)).collect()
+    }
+    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) -> wasmtime::Result<()> {
+        self.write(key, Some(value)).map(drop)
+    }
+    fn put_many(&mut self, entries: Vec<(Vec<u8>, Vec<u8>)>) -> wasmtime::Result<()> {
+        for (k, v) in entries {
+            self.write(k, Some(v))?;
+        }
+        Ok(())
+    }
+    fn delete(&mut self, key: Vec<u8>) -> wasmtime::Result<()> {
+        self.write(key, None).map(drop)
+    }
+    fn compare_and_set(
+        &mut self,
+        key: Vec<u8>,
+        expected_version: u64,
+        value: Vec<u8>,
+    ) -> wasmtime::Result<Option<u64>> {
+        let current = self.current(&key)?.map_or(0, |(_, v)| v);
+        if current == expected_version {
+            Ok(Some(self.write(key, Some(value))?))
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+impl weir::plugin::log::Host for HostState {
+    fn write(&mut self, level: LogLevel, message: String) -> wasmtime::Result<()> {
+        if self.logs.len() < 1000 {
+            self.logs.push((level, message));
+        }
+        Ok(())
+    }
+}
+
+struct FrozenClock;
+
+impl wasmtime_wasi::HostWallClock for FrozenClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl wasmtime_wasi::HostMonotonicClock for FrozenClock {
+    fn resolution(&self) -> u64 {
+        1_000_000_000
+    }
+    fn now(&self) -> u64 {
+        0
+    }
+}
+
+/// Adds the plugin world's imports (state, log) and WASI p2 to a linker.
+pub(crate) fn add_to_linker(
+    linker: &mut wasmtime::component::Linker<HostState>,
+) -> wasmtime::Result<()> {
+    wasmtime_wasi::p2::add_to_linker_sync(linker)?;
+    Consumer::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)
+}
+
+/// A live instance of a plugin, reused across batches until it traps or is recycled.
+pub struct PluginInstance {
+    store: Store<HostState>,
+    bindings: Consumer,
+    output: MemoryOutputPipe,
+    output_seen: usize,
+    limits: Limits,
+    /// Batches run in this instance (recycled after a maximum, see the executor).
+    pub batches: u64,
+}
+
+impl PluginInstance {
+    /// Instantiates `plugin` and calls its `configure` with `config`. `interrupt` is asked
+    /// every epoch tick while the guest runs.
+    pub fn new(
+        plugin: &CompiledPlugin,
+        limits: Limits,
+        config: &[(String, String)],
+        reader: StateReader,
+        interrupt: Interrupt,
+    ) -> Result<Self, PluginError> {
+        use rand_0_10::SeedableRng;
+        let output = MemoryOutputPipe::new(OUTPUT_PIPE_BYTES);
+        let wasi = WasiCtx::builder()
+            .stdout(output.clone())
+            .stderr(output.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .wall_clock(FrozenClock)
+            .monotonic_clock(FrozenClock)
+            .secure_random(rand_0_10::rngs::StdRng::seed_from_u64(0))
+            .insecure_random(rand_0_10::rngs::StdRng::seed_from_u64(1))
+            .insecure_random_seed(0)
+            .build();
+        let state = HostState {
+            wasi,
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(limits.memory_bytes)
+                .trap_on_grow_failure(true)
+                .instances(256)
+                .build(),
+            reader,
+            effects: BatchEffects::default(),
+            logs: Vec::new(),
+            interrupt,
+            ticks_left: ticks(limits.timeout),
+        };
+        let mut store = Store::new(plugin.engine(), state);
+        store.limiter(|s| &mut s.limits);
+        // Woken every tick: an interrupt stops the guest within a tick whatever its time
+        // limit; the limit itself is counted down here.
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(|mut ctx| {
+            let state = ctx.data_mut();
+            if (state.interrupt)() {
+                return Err(wasmtime::Error::new(Interrupted));
+            }
+            if state.ticks_left <= 1 {
+                return Err(wasmtime::Trap::Interrupt.into());
+            }
+            state.ticks_left -= 1;
+            Ok(wasmtime::UpdateDeadline::Continue(1))
+        });
+        let bindings = plugin
+            .pre()
+            .instantiate(&mut store)
+            .map_err(|e| PluginError::from_trap(e, ""))?;
+        let mut instance = PluginInstance {
+            store,
+            bindings,
+            output,
+            output_seen: 0,
+            limits,
+            batches: 0,
+        };
+        instance.arm();
+        let result = instance
+            .bindings
+            .call_configure(&mut instance.store, config);
+        let stderr = instance.take_output();
+        match result {
+            Ok(Ok(())) => Ok(instance),
+            Ok(Err(message)) => Err(PluginError::InitFailed(message)),
+            Err(e) => Err(PluginError::from_trap(e, &stderr)),
+        }
+    }
+
+    /// Runs `process` on a batch blob. On success the effects are returned for the commit; on
+    /// any failure nothing is kept and the instance must be dropped (a trapped instance is
+    /// not reusable).
+    pub fn process(&mut self, batch: &[u8]) -> Result<BatchEffects, PluginError> {
+        self.batches += 1;
+        self.store.data_mut().effects = BatchEffects::default();
+        self.arm();
+        let result = self.bindings.call_process(&mut self.store, batch);
+        let effects = std::mem::take(&mut self.store.data_mut().effects);
+        match result {
+            Ok(Ok(outputs)) => Ok(BatchEffects { outputs, ..effects }),
+            Ok(Err(message)) => Err(PluginError::Failed(message)),
+            Err(e) => {
+                let output = self.take_output();
+                Err(PluginError::from_trap(e, &output))
+            }
+        }
+    }
+
+    /// Gives the next guest call its whole time limit.
+    fn arm(&mut self) {
+        self.store.data_mut().ticks_left = ticks(self.limits.timeout);
+        self.store.set_epoch_deadline(1);
+    }
+
+    /// stdout/stderr written since the last call, and log-import lines.
+    pub fn take_output(&mut self) -> String {
+        let all = self.output.contents();
+        let new = String::from_utf8_lossy(&all[self.output_seen.min(all.len())..]).into_owned();
+        self.output_seen = all.len();
+        new
+    }
+
+    /// Log-import lines written during the last call.
+    pub fn take_logs(&mut self) -> Vec<(LogLevel, String)> {
+        std::mem::take(&mut self.store.data_mut().logs)
+    }
+
+    /// Whether the output pipe is nearly full (recycle the instance to keep logging).
+    pub fn output_nearly_full(&self) -> bool {
+        self.output_seen > OUTPUT_PIPE_BYTES * 3 / 4
+    }
+}
+
+fn ticks(timeout: Duration) -> u64 {
+    (timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64 + 1
+}

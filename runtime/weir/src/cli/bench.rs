@@ -1,0 +1,425 @@
+//! `weir bench publish`: a load generator in the spirit of kafka-producer-perf-test and
+//! `fluvio benchmark`. Prints records/s, MB/s and per-batch acknowledgement latency.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::Subcommand;
+use rand::RngCore;
+use tokio_util::sync::CancellationToken;
+
+use weir_api::pb;
+use weir_api::Client;
+use weir_core::TopicConfig;
+
+/// Benchmarks.
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Publish records as fast as the server acknowledges them.
+    Publish(PublishBench),
+    /// Exactly-once plugin throughput: orders published first, then drained by the plugin.
+    Plugin(PluginBench),
+    /// Memory over a long steady load: orders from many users through three plugins, the
+    /// server's RSS sampled; fails if it keeps growing after the warm-up.
+    Soak(super::soak::SoakBench),
+}
+
+/// Arguments of `weir bench plugin`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PluginBench {
+    /// The plugin to measure (the points plugin: emits to points.credited).
+    #[arg(long)]
+    pub wasm: std::path::PathBuf,
+    /// A baseline plugin measured in the same run (e.g. the no-op plugin).
+    #[arg(long)]
+    pub baseline_wasm: Option<std::path::PathBuf>,
+    /// Orders to process.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub records: u64,
+    /// Distinct users the orders are spread over.
+    #[arg(long, default_value_t = 10_000)]
+    pub users: u64,
+    /// Partitions of the input topic (one executor each).
+    #[arg(long, default_value_t = 4)]
+    pub partitions: u32,
+}
+
+/// Arguments of `weir bench publish`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PublishBench {
+    /// Topic (created with --partitions if missing).
+    #[arg(long, default_value = "bench")]
+    pub topic: String,
+    /// Records to publish in all.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub records: u64,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 100)]
+    pub record_size: usize,
+    /// Key size in bytes (0 = keyless).
+    #[arg(long, default_value_t = 16)]
+    pub key_size: usize,
+    /// Records per publish request.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Partitions of the topic when it is created.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: u32,
+    /// Publish requests in flight at once (each on its own partition in turn).
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Send over one PublishStream per worker (16 requests in flight each) instead of unary calls.
+    #[arg(long)]
+    pub stream: bool,
+    /// No progress bar (for logs).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub(super) async fn run(
+    client: &Client,
+    cmd: BenchCommand,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Publish(args) => println!("{}", publish(client, &args, shutdown).await?),
+        BenchCommand::Soak(args) => super::soak::run(client, args).await?,
+        BenchCommand::Plugin(args) => {
+            let main = plugin_run(client, &args, &args.wasm, "main").await?;
+            if let Some(baseline) = &args.baseline_wasm {
+                let base = plugin_run(client, &args, baseline, "baseline").await?;
+                println!(
+                    "ratio: the plugin runs at {:.2}x the baseline's rate",
+                    main / base
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Results of a publish benchmark.
+#[derive(Debug, Clone)]
+pub struct PublishReport {
+    /// Records acknowledged.
+    pub records: u64,
+    /// Payload bytes (keys + values) acknowledged.
+    pub bytes: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Per-request acknowledgement latencies, sorted.
+    pub latencies: Vec<Duration>,
+}
+
+impl std::fmt::Display for PublishReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = self.elapsed.as_secs_f64();
+        let pct = |p: f64| {
+            let i = ((self.latencies.len() as f64 * p).ceil() as usize)
+                .clamp(1, self.latencies.len().max(1))
+                - 1;
+            self.latencies
+                .get(i)
+                .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+        };
+        writeln!(
+            f,
+            "{} records ({:.1} MB) in {:.2} s",
+            self.records,
+            self.bytes as f64 / 1e6,
+            secs
+        )?;
+        writeln!(
+            f,
+            "throughput: {:.0} records/s, {:.1} MB/s",
+            self.records as f64 / secs,
+            self.bytes as f64 / 1e6 / secs
+        )?;
+        write!(
+            f,
+            "ack latency per request: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+            pct(0.5),
+            pct(0.99),
+            pct(1.0)
+        )
+    }
+}
+
+fn batches(args: &PublishBench, worker: usize) -> Vec<Vec<pb::Record>> {
+    let mut rng = rand::rng();
+    (0..4)
+        .map(|b| {
+            (0..args.batch)
+                .map(|i| {
+                    let mut value = vec![0u8; args.record_size];
+                    rng.fill_bytes(&mut value);
+                    let key = (args.key_size > 0).then(|| {
+                        let mut k = format!("w{worker}-b{b}-{i}").into_bytes();
+                        k.resize(args.key_size, b'.');
+                        Bytes::from(k)
+                    });
+                    pb::Record {
+                        key,
+                        value: Bytes::from(value),
+                        ..Default::default()
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Runs a publish benchmark against `client`'s server.
+///
+/// # Errors
+/// Connection failures, topic creation failures, a refused publish.
+pub async fn publish(
+    client: &Client,
+    args: &PublishBench,
+    shutdown: CancellationToken,
+) -> anyhow::Result<PublishReport> {
+    anyhow::ensure!(
+        args.batch > 0 && args.concurrency > 0 && args.records > 0,
+        "--records, --batch and --concurrency must be positive"
+    );
+    let partitions = match client.describe_topic(&args.topic).await {
+        Ok(info) => info.config.partitions,
+        Err(e) if e.code() == Some(tonic::Code::NotFound) => {
+            let config = TopicConfig::new(args.topic.clone(), args.partitions);
+            client.create_topic(&config).await?.config.partitions
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let total_requests = args.records.div_ceil(args.batch as u64);
+    let next_request = Arc::new(AtomicU64::new(0));
+    let done_records = Arc::new(AtomicU64::new(0));
+    let bar = if args.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(args.records)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} records  {per_sec}  eta {eta}",
+        )
+        .expect("template"),
+    );
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for worker in 0..args.concurrency {
+        let (client, args, next_request, done_records, bar, shutdown) = (
+            client.clone(),
+            args.clone(),
+            next_request.clone(),
+            done_records.clone(),
+            bar.clone(),
+            shutdown.clone(),
+        );
+        workers.push(tokio::spawn(async move {
+            let payloads = batches(&args, worker);
+            let mut latencies = Vec::new();
+            let mut bytes = 0u64;
+            let mut raw = client.raw();
+            // Stream mode: one PublishStream per worker with up to `window` requests in flight.
+            let window = if args.stream { 16 } else { 1 };
+            let (tx, rx) = tokio::sync::mpsc::channel::<pb::PublishRequest>(window);
+            let mut inbound = if args.stream {
+                Some(
+                    raw.publish_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+                        .await?
+                        .into_inner(),
+                )
+            } else {
+                None
+            };
+            let mut in_flight = std::collections::VecDeque::new();
+            loop {
+                let n = next_request.fetch_add(1, Ordering::Relaxed);
+                let done = n >= total_requests || shutdown.is_cancelled();
+                if !done {
+                    let count =
+                        (args.records - n * args.batch as u64).min(args.batch as u64) as usize;
+                    let records: Vec<pb::Record> =
+                        payloads[n as usize % payloads.len()][..count].to_vec();
+                    bytes += records
+                        .iter()
+                        .map(|r| (r.value.len() + r.key.as_ref().map_or(0, |k| k.len())) as u64)
+                        .sum::<u64>();
+                    let request = pb::PublishRequest {
+                        topic: args.topic.clone(),
+                        partition: Some((n % u64::from(partitions)) as u32),
+                        records,
+                        producer: None,
+                        request_id: n,
+                    };
+                    in_flight.push_back((Instant::now(), count));
+                    match &mut inbound {
+                        Some(_) => tx
+                            .send(request)
+                            .await
+                            .map_err(|_| anyhow::anyhow!("publish stream closed"))?,
+                        None => {
+                            raw.publish(request).await?;
+                        }
+                    }
+                }
+                // Collect acks: unary calls are already acked; a stream keeps `window` in flight.
+                while in_flight.len() >= window || (done && !in_flight.is_empty()) {
+                    if let Some(stream) = &mut inbound {
+                        let response = stream
+                            .message()
+                            .await?
+                            .ok_or_else(|| anyhow::anyhow!("publish stream ended early"))?;
+                        if let Some(e) = response.error {
+                            anyhow::bail!("publish refused: {}", e.message);
+                        }
+                    }
+                    let (sent, count) = in_flight.pop_front().expect("in flight");
+                    latencies.push(sent.elapsed());
+                    done_records.fetch_add(count as u64, Ordering::Relaxed);
+                    bar.inc(count as u64);
+                }
+                if done {
+                    break;
+                }
+            }
+            Ok::<_, anyhow::Error>((latencies, bytes))
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut bytes = 0;
+    for w in workers {
+        let (l, b) = w.await??;
+        latencies.extend(l);
+        bytes += b;
+    }
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    latencies.sort();
+    Ok(PublishReport {
+        records: done_records.load(Ordering::Relaxed),
+        bytes,
+        elapsed,
+        latencies,
+    })
+}
+
+/// Publishes the orders, deploys the plugin from the earliest offset, and times the drain.
+/// Returns records/s.
+async fn plugin_run(
+    client: &Client,
+    args: &PluginBench,
+    wasm: &std::path::Path,
+    label: &str,
+) -> anyhow::Result<f64> {
+    let wasm_bytes =
+        std::fs::read(wasm).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", wasm.display()))?;
+    let input = format!("bench.orders.{label}");
+    let name = format!("bench-{label}");
+    let _ = client.remove_plugin(&name).await;
+    let _ = client.delete_topic(&input).await;
+    client
+        .create_topic(&TopicConfig {
+            name: input.clone(),
+            partitions: args.partitions,
+            retention_ms: 0,
+            retention_bytes: 0,
+            admission: None,
+        })
+        .await?;
+    if client.describe_topic("points.credited").await.is_err() {
+        client
+            .create_topic(&TopicConfig {
+                name: "points.credited".into(),
+                partitions: args.partitions,
+                retention_ms: 0,
+                retention_bytes: 0,
+                admission: None,
+            })
+            .await?;
+    }
+    let out_before: u64 = client
+        .describe_topic("points.credited")
+        .await?
+        .partitions
+        .iter()
+        .map(|p| p.end_offset)
+        .sum();
+    let mut i = 0;
+    while i < args.records {
+        let n = (args.records - i).min(1000);
+        let records = (i..i + n)
+            .map(|o| {
+                let user = format!("user-{}", o % args.users);
+                weir_core::Record {
+                    key: Some(Bytes::from(user.clone())),
+                    id: Some(format!("order-{o}")),
+                    ..weir_core::Record::from_value(format!(
+                        r#"{{"order":{o},"user":"{user}","amount":{}}}"#,
+                        10 + o % 90
+                    ))
+                }
+            })
+            .collect();
+        client.publish(&input, None, records).await?;
+        i += n;
+    }
+    let started = Instant::now();
+    let deploy = weir_api::Deploy {
+        name: name.clone(),
+        wasm: wasm_bytes,
+        input,
+        outputs: vec!["points.credited".into()],
+        config: vec![("rate".into(), "0.1".into())],
+        ..Default::default()
+    };
+    client.deploy_plugin(deploy).await?;
+    let committed_at = loop {
+        let plugins = client.list_plugins().await?;
+        let p = plugins
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| anyhow::anyhow!("plugin vanished"))?;
+        if let Some(halted) = p.partitions.iter().find(|s| s.state.starts_with("halted")) {
+            anyhow::bail!("plugin halted: {}", halted.state);
+        }
+        if p.partitions.iter().map(|s| s.committed).sum::<u64>() >= args.records {
+            break started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Outputs are done when there is one per record (points) or none arrive for 500 ms.
+    let (mut last, mut last_change) = (u64::MAX, Instant::now());
+    let forwarded_at = loop {
+        let out: u64 = client
+            .describe_topic("points.credited")
+            .await?
+            .partitions
+            .iter()
+            .map(|p| p.end_offset)
+            .sum::<u64>()
+            - out_before;
+        if out != last {
+            (last, last_change) = (out, Instant::now());
+        }
+        if out >= args.records || last_change.elapsed() > Duration::from_millis(500) {
+            break last_change.duration_since(started);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let rate = args.records as f64 / committed_at.as_secs_f64();
+    let file = wasm
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    println!(
+        "{file}: {} records committed exactly-once in {:.2} s = {rate:.0} records/s (deploy and compile included); outputs forwarded after {:.2} s",
+        args.records,
+        committed_at.as_secs_f64(),
+        forwarded_at.as_secs_f64()
+    );
+    client.remove_plugin(&name).await?;
+    Ok(rate)
+}

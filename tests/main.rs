@@ -1,0 +1,20 @@
+//! weir's integration tests, one binary (each test binary links wasmtime and the whole
+//! server): the `weir` binary as users run it, servers in-process and as processes, plugins
+//! in three languages, kill -9 and power cuts. `cargo xtask test` builds the plugin artifacts
+//! first; a missing one fails with a message saying so.
+
+mod common;
+
+mod broker;
+mod cli;
+mod crash;
+mod fuzz;
+mod hardening;
+mod local;
+mod monitor;
+mod plugin_crash;
+mod plugin_guide;
+mod plugins;
+mod sdk_languages;
+mod security;
+mod upgrade;

@@ -1,0 +1,182 @@
+//! A data directory written by weir before the crate split (commit 504c982, store format
+//! weir-log/1; tests/fixtures/make-weir-log-1.sh) opens with this weir and carries on
+//! exactly once: topics and records, the idempotent producer's states (a retry is still
+//! recognised), a consumer group's offsets, the points plugin's state, and the outputs its
+//! outbox still held. The directory is marked weir-log/2, which the old weir refuses.
+
+use std::time::{Duration, Instant};
+
+use tonic::Code;
+use weir_api::{pb, Client};
+use weir_core::Record;
+
+use crate::common::{self, paid};
+
+fn unpack(into: &std::path::Path) -> std::path::PathBuf {
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/weir-log-1.tar.gz"
+    );
+    let status = std::process::Command::new("tar")
+        .args(["-xzf", fixture, "-C"])
+        .arg(into)
+        .status()
+        .expect("run tar");
+    assert!(status.success(), "unpacking {fixture}");
+    into.join("data")
+}
+
+async fn balance(client: &Client, user: &str) -> Option<u64> {
+    client
+        .get_state("points", format!("balance/{user}").as_bytes())
+        .await
+        .unwrap()
+        .map(|(v, _)| serde_json::from_slice(&v).unwrap())
+}
+
+async fn outputs(client: &Client) -> Vec<(String, u64)> {
+    let mut sub = client
+        .subscribe("points.credited", &[], weir_core::StartAt::Earliest, None)
+        .await
+        .unwrap();
+    let end: u64 = client
+        .describe_topic("points.credited")
+        .await
+        .unwrap()
+        .partitions
+        .iter()
+        .map(|p| p.end_offset)
+        .sum();
+    let mut got = Vec::new();
+    while (got.len() as u64) < end {
+        for r in sub.next().await.unwrap().unwrap() {
+            let key = String::from_utf8_lossy(r.record.key.as_deref().unwrap()).into_owned();
+            let credited: serde_json::Value = serde_json::from_slice(&r.record.value).unwrap();
+            got.push((key, credited["balance"].as_u64().unwrap()));
+        }
+    }
+    got.sort();
+    got
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_data_directory_of_the_previous_weir_carries_on_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = unpack(dir.path());
+    let server = common::start_server(&data).await;
+    let client = Client::connect(&server.url()).await.unwrap();
+
+    // Topics and records.
+    let orders = client.describe_topic("order.paid").await.unwrap();
+    let ends: Vec<u64> = orders.partitions.iter().map(|p| p.end_offset).collect();
+    assert_eq!(ends.iter().sum::<u64>(), 6, "{ends:?}");
+    let audit = client.describe_topic("audit").await.unwrap();
+    assert_eq!(audit.partitions[0].end_offset, 3);
+    // The consumer group's offsets.
+    assert_eq!(
+        client.fetch_offsets("auditors", "audit").await.unwrap(),
+        vec![(0, 2)]
+    );
+    // The plugin's state, and its outbox forwarded now, each output once.
+    assert_eq!(balance(&client, "ann").await, Some(90));
+    assert_eq!(balance(&client, "bob").await, Some(80));
+    assert_eq!(balance(&client, "cat").await, Some(40));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = outputs(&client).await;
+        if out.len() == 6 {
+            assert_eq!(
+                out,
+                vec![
+                    ("ann".into(), 10),
+                    ("ann".into(), 40),
+                    ("ann".into(), 90),
+                    ("bob".into(), 20),
+                    ("bob".into(), 80),
+                    ("cat".into(), 40)
+                ]
+            );
+            break;
+        }
+        assert!(
+            out.len() < 6 && Instant::now() < deadline,
+            "outputs: {out:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The CLI's producer (id 3; 1 and 2 are the plugin's, now the server's): a retry of its
+    // first batch to each partition is still recognised, with the first write's offsets.
+    let mut raw = client.raw();
+    for (p, &end) in ends.iter().enumerate() {
+        if end == 0 {
+            continue;
+        }
+        let retry = pb::PublishRequest {
+            topic: "order.paid".into(),
+            partition: Some(p as u32),
+            records: (0..end)
+                .map(|_| Record::from_value("retry").into())
+                .collect(),
+            producer: Some(pb::ProducerFields {
+                producer_id: 3,
+                epoch: 0,
+                base_sequence: 0,
+            }),
+            request_id: 0,
+        };
+        let ack = raw.publish(retry).await.unwrap().into_inner().acks[0];
+        assert!(
+            ack.duplicate && ack.base_offset == 0,
+            "partition {p}: {ack:?}"
+        );
+        let forged = pb::PublishRequest {
+            topic: "order.paid".into(),
+            partition: Some(p as u32),
+            records: vec![Record::from_value("x").into()],
+            producer: Some(pb::ProducerFields {
+                producer_id: 1,
+                epoch: 0,
+                base_sequence: 0,
+            }),
+            request_id: 0,
+        };
+        let refused = raw.publish(forged).await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Code::PermissionDenied,
+            "the plugin's producer is the server's"
+        );
+    }
+    // It carries on: new orders and a redelivered one.
+    let mut producer = client.producer().await.unwrap();
+    producer
+        .send(
+            "order.paid",
+            vec![paid(7, "cat", 5.0), paid(1, "ann", 10.0)],
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while balance(&client, "cat").await != Some(45) {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        balance(&client, "ann").await,
+        Some(90),
+        "order-1 again is skipped"
+    );
+    server.stop().await.unwrap();
+
+    // The directory is format 2 now: the weir that wrote it would misread it, and refuses.
+    let marker = {
+        let _blocking = weir_core::blocking::allow();
+        let store = weir_log::SledStore::open(&data, &Default::default()).unwrap();
+        drop(store);
+        std::fs::read(data.join("db")).unwrap()
+    };
+    assert!(
+        marker.windows(10).any(|w| w == b"weir-log/2"),
+        "the format marker moved on"
+    );
+}
