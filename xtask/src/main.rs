@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+mod check;
+
 const WASM_TARGET: &str = "wasm32-wasip2";
 
 fn main() -> Result<()> {
@@ -20,10 +22,11 @@ fn main() -> Result<()> {
     std::env::set_current_dir(&root)?;
     match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
+        Some("check") => check::check(),
         Some("demo") => demo(),
         Some("bench") => bench(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <test [cargo test args]|demo|bench [--records N]>");
+            eprintln!("usage: cargo xtask <test [cargo test args]|check|demo|bench [--records N]>");
             std::process::exit(2);
         }
     }
@@ -156,6 +159,7 @@ fn build_example_plugins(weir: &Path) -> Result<()> {
 /// line (`weir: N passed, N failed`) counted over every test binary cargo ran.
 fn test(extra: &[String]) -> Result<()> {
     let started = Instant::now();
+    check::check()?;
     ensure_chromium()?;
     let plugin_dir = build_plugins()?;
     // Build the tests (and the `weir` binary they run) first: that binary builds the Python

@@ -9,14 +9,17 @@ mod client;
 pub mod codec;
 pub mod convert;
 pub mod lag;
+mod plugin_calls;
 mod producer;
 mod tls;
 
 pub use client::{
-    Ack, Client, ClientError, ConnectOptions, Credentials, Deploy, PluginStatus, RawClient,
-    StateAnswer, Subscription, DEFAULT_SERVER,
+    Ack, Client, ClientError, ConnectOptions, Credentials, RawClient, Subscription, DEFAULT_SERVER,
 };
+pub use plugin_calls::{Deploy, PluginStatus, StateAnswer};
 pub use producer::Producer;
+/// gRPC status codes, as [`ClientError::code`] returns them.
+pub use tonic::Code;
 pub use weir_core::{
     partition_for_key, Admission, PartitionStats, Record, StartAt, StoredRecord, TopicConfig,
     TopicInfo, PROBE_HEADER,

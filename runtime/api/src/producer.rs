@@ -44,8 +44,24 @@ fn retriable(e: &ClientError) -> bool {
     }
 }
 
+impl Client {
+    /// Starts an idempotent producer (allocates a producer id).
+    ///
+    /// # Errors
+    /// Transport failures.
+    pub async fn producer(&self) -> Result<Producer, ClientError> {
+        let r = self
+            .inner
+            .clone()
+            .init_producer(pb::InitProducerRequest { producer_id: None })
+            .await?
+            .into_inner();
+        Ok(Producer::new(self.clone(), r.producer_id, r.epoch))
+    }
+}
+
 impl Producer {
-    pub(crate) fn new(client: Client, id: u64, epoch: u32) -> Producer {
+    fn new(client: Client, id: u64, epoch: u32) -> Producer {
         Producer {
             client,
             id,

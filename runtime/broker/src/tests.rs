@@ -1,4 +1,5 @@
-//! Broker unit tests on the in-memory and sled stores.
+//! Broker unit tests on the in-memory and sled stores. (Over 500 lines because it is one
+//! suite: one subject, the broker's contract, sharing its helpers.)
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::*;
+use weir_core::Record;
 use weir_log::{Durability, FsyncPolicy};
 use weir_log::{Log, MemoryStore, SledStore};
 

@@ -7,21 +7,19 @@
 //! [`Commit::Conflict`] otherwise, for the batch to run again (optimistic concurrency).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
-use parking_lot::Mutex;
 use weir_codec::OutRecord;
 use weir_core::{partition_for_key, ProbeMarker, Record, StoredRecord};
 use weir_log::LogError;
-use weir_wasm::{BatchEffects, Interrupt, PluginError, StateReader};
+use weir_wasm::{BatchEffects, Interrupt, PluginError};
 
-use crate::cache::{read_through, StateCache};
-use crate::dedup::{id_hash, DedupIndex};
+use crate::cache::read_through;
+use crate::dedup::id_hash;
 use crate::processor::Processor;
 use crate::runtime::PluginRuntime;
-use crate::store::{encode_groups, CommitWrite, Cursor, DedupKey, GroupRef};
+use crate::store::{encode_groups, CommitWrite, Cursor, GroupRef};
 
 /// Why a step of the partition loop did not complete.
 #[derive(Debug)]
@@ -120,55 +118,6 @@ struct Batch<'a> {
     probes: Vec<(ProbeMarker, i64)>,
 }
 
-/// A plugin's shared commit state: the lock, the state cache, the message ids, the next
-/// state-delta sequence.
-pub(crate) struct Committer {
-    lock: Mutex<()>,
-    pub(crate) cache: Arc<StateCache>,
-    dedup: Mutex<DedupIndex>,
-    next_delta: AtomicU64,
-}
-
-impl Committer {
-    pub(crate) fn new(
-        cache_bytes: usize,
-        next_delta: u64,
-        stored_ids: Vec<(DedupKey, i64, Vec<u64>)>,
-    ) -> Self {
-        let mut dedup = DedupIndex::default();
-        for (key, newest, ids) in stored_ids {
-            dedup.insert(key, newest, ids);
-        }
-        Committer {
-            lock: Mutex::new(()),
-            cache: Arc::new(StateCache::new(cache_bytes)),
-            dedup: Mutex::new(dedup),
-            next_delta: AtomicU64::new(next_delta),
-        }
-    }
-
-    /// Reads committed state for the plugin's instances.
-    pub(crate) fn reader(&self, rt: &PluginRuntime) -> StateReader {
-        let (store, plugin, cache) = (
-            rt.seams.store.clone(),
-            rt.spec.name.clone(),
-            self.cache.clone(),
-        );
-        Arc::new(move |key: &[u8]| {
-            read_through(&cache, &*store, &plugin, key).map_err(|e| e.to_string())
-        })
-    }
-
-    /// Committed state of a key. Blocking.
-    pub(crate) fn state(
-        &self,
-        rt: &PluginRuntime,
-        key: &[u8],
-    ) -> Result<Option<(Vec<u8>, u64)>, LogError> {
-        read_through(&self.cache, &*rt.seams.store, &rt.spec.name, key)
-    }
-}
-
 /// Blocking: runs the plugin on the unseen records and commits. Keeps the processor in
 /// `local` unless the batch failed (a trapped instance is not reused).
 pub(crate) fn run_and_commit(
@@ -222,9 +171,12 @@ pub(crate) fn run_and_commit(
     let blob = encode_batch(partition, &fresh);
     let mut processor = match local.processor.take() {
         Some(p) if !p.worn_out() => p,
-        _ => rt
-            .plugin
-            .instantiate(rt.spec.limits, &rt.spec.config, c.reader(rt), interrupt)?,
+        _ => rt.plugin.instantiate(
+            rt.spec.limits,
+            &rt.spec.config,
+            c.reader(&rt.seams.store, &rt.spec.name),
+            interrupt,
+        )?,
     };
     let started = std::time::Instant::now();
     let result = processor.process(&blob);

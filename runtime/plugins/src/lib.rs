@@ -11,6 +11,7 @@
 
 mod cache;
 mod commit;
+mod committer;
 pub mod dedup;
 mod forwarder;
 mod io;

@@ -456,6 +456,11 @@ impl PluginManager {
         key: &[u8],
     ) -> Result<Option<(Vec<u8>, u64)>, ManagerError> {
         let (runtime, key) = (self.runtime(name)?, key.to_vec());
-        blocking(move || Ok(runtime.committer.state(&runtime, &key)?)).await
+        blocking(move || {
+            Ok(runtime
+                .committer
+                .state(&*runtime.seams.store, &runtime.spec.name, &key)?)
+        })
+        .await
     }
 }

@@ -9,7 +9,7 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use weir_log::{Durability, LogError};
 
-use crate::commit::Committer;
+use crate::committer::Committer;
 use crate::io::{Input, Output, ProbeSink};
 use crate::logs::LogRing;
 use crate::processor::Plugin;

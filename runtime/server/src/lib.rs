@@ -13,9 +13,11 @@ pub mod limits;
 pub mod local;
 pub mod monitor;
 mod plugin_rpc;
+mod rpc_convert;
 pub mod server;
 mod service;
 pub mod statuses;
+mod streams;
 
 pub use limits::ApiLimits;
 pub use service::WeirService;

@@ -302,7 +302,7 @@ pub async fn start_on(
 }
 
 /// The store, syncer, broker and plugins of one data directory: everything but the network.
-/// The server wraps it in gRPC; [`crate::local::LocalRuntime`] uses it directly.
+/// The server wraps it in gRPC; the local runtime (`weir test`) uses it directly.
 pub struct Core {
     /// The broker.
     pub broker: Arc<Broker>,

@@ -1,11 +1,12 @@
-//! The `Weir` service: thin handlers that convert, call the broker and convert back.
+//! The `Weir` service: thin handlers that authorize, convert, call the broker or the plugin
+//! manager and convert back. (Over 500 lines because `impl Weir` must hold every RPC in one
+//! block; what is not a handler lives in `streams`, `rpc_convert` and `plugin_rpc`.)
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::stream::{FuturesOrdered, StreamExt};
-use futures::{Future, Stream};
+use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -13,16 +14,16 @@ use tonic::{Request, Response, Status, Streaming};
 
 use weir_api::convert::{admission, start_at};
 use weir_api::pb::{self, weir_server::Weir};
-use weir_broker::{
-    Broker, BrokerError, Caller, PartitionAck, ProducerFields, Publish, ReadLimits, StartAt,
-};
-use weir_core::{Record, TopicConfig};
+use weir_broker::{Broker, BrokerError, ReadLimits, StartAt};
+use weir_core::TopicConfig;
 use weir_plugins::PluginManager;
 
 use crate::auth::{self, Authority, Operation, Principal, Resource};
 use crate::limits::{ApiLimits, Guarded, StreamLimiter};
-use crate::monitor::{ConsumerHealth, ConsumerKind, LagRow, Monitor};
+use crate::monitor::{ConsumerKind, Monitor};
+use crate::rpc_convert::{acks_response, caller_of, consumer_health, lag_row, publish_of};
 use crate::statuses::{of_broker, ToStatus};
+use crate::streams::{Follower, STREAM_IN_FLIGHT};
 
 /// Default and maximum records per subscribe response message.
 const SUBSCRIBE_BATCH_DEFAULT: usize = 1000;
@@ -31,8 +32,6 @@ const SUBSCRIBE_BATCH_MAX: usize = 10_000;
 /// gRPC client's 4 MiB receive limit with room for framing (Kafka's `fetch.max.bytes`).
 const SUBSCRIBE_BYTES_DEFAULT: usize = 1 << 20;
 const SUBSCRIBE_BYTES_MAX: usize = 32 << 20;
-/// Publishes of one stream awaiting durability at once.
-const STREAM_IN_FLIGHT: usize = 64;
 
 /// The gRPC service over a broker.
 #[derive(Clone)]
@@ -128,45 +127,6 @@ fn bearer<T>(request: &Request<T>) -> Option<&str> {
         .metadata()
         .get(auth::AUTHORIZATION)
         .map(|v| v.to_str().unwrap_or(""))
-}
-
-/// The broker's view of a principal, for producer ownership.
-fn caller_of(principal: &Principal) -> Caller {
-    Caller::Client {
-        name: principal.name.clone(),
-        admin: principal.admin,
-    }
-}
-
-fn acks_response(request_id: u64, acks: Vec<PartitionAck>) -> pb::PublishResponse {
-    pb::PublishResponse {
-        request_id,
-        acks: acks
-            .into_iter()
-            .map(|a| pb::PartitionAck {
-                partition: a.partition,
-                base_offset: a.appended.base_offset,
-                record_count: a.appended.count,
-                duplicate: a.appended.duplicate,
-            })
-            .collect(),
-        error: None,
-    }
-}
-
-/// A publish request as the broker takes it, on behalf of `caller`.
-fn publish_of(r: pb::PublishRequest, caller: Caller) -> Publish {
-    Publish {
-        topic: r.topic,
-        partition: r.partition,
-        records: r.records.into_iter().map(Record::from).collect(),
-        producer: r.producer.map(|p| ProducerFields {
-            producer_id: p.producer_id,
-            epoch: p.epoch,
-            base_sequence: p.base_sequence,
-        }),
-        caller,
-    }
 }
 
 #[tonic::async_trait]
@@ -289,48 +249,12 @@ impl Weir for WeirService {
             request.remote_addr(),
             self.limits.max_streams_per_connection,
         )?;
-        let mut inbound = request.into_inner();
+        let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(STREAM_IN_FLIGHT);
         let broker = self.broker.clone();
-        tokio::spawn(async move {
-            type Pending = Pin<Box<dyn Future<Output = pb::PublishResponse> + Send>>;
-            let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
-            let mut inbound_open = true;
-            loop {
-                tokio::select! {
-                    message = inbound.message(), if inbound_open && pending.len() < STREAM_IN_FLIGHT => match message {
-                        Ok(Some(r)) => {
-                            let id = r.request_id;
-                            if let Err(denied) = auth::check(&principal, Operation::Publish, Resource::Topic(&r.topic)) {
-                                pending.push_back(Box::pin(std::future::ready(status_response(id, crate::statuses::of_auth(denied)))));
-                                continue;
-                            }
-                            // Appended here, in stream order; only the durability wait overlaps.
-                            let publish = publish_of(r, caller_of(&principal));
-                            let future: Pending = match broker.append(publish).await {
-                                Ok(p) => Box::pin(async move { match p.acked().await {
-                                    Ok(acks) => acks_response(id, acks),
-                                    Err(e) => error_response(id, e),
-                                } }),
-                                Err(e) => Box::pin(std::future::ready(error_response(id, e))),
-                            };
-                            pending.push_back(future);
-                        }
-                        Ok(None) => inbound_open = false,
-                        Err(status) => {
-                            tracing::debug!(message = "Publish stream broke.", %status);
-                            inbound_open = false;
-                        }
-                    },
-                    Some(response) = pending.next() => {
-                        if tx.send(Ok(response)).await.is_err() {
-                            return;
-                        }
-                    }
-                    else => return,
-                }
-            }
-        });
+        tokio::spawn(crate::streams::publish_stream(
+            inbound, principal, broker, tx,
+        ));
         Ok(Response::new(Box::pin(Guarded::new(
             ReceiverStream::new(rx),
             permit,
@@ -616,111 +540,5 @@ impl Weir for WeirService {
         Ok(Response::new(
             crate::plugin_rpc::get_state(&self.plugins, request.into_inner()).await?,
         ))
-    }
-}
-
-fn lag_row(r: LagRow) -> pb::LagRow {
-    {
-        pb::LagRow {
-            kind: r.kind.as_str().into(),
-            name: r.name,
-            topic: r.topic,
-            partition: r.partition,
-            committed: r.committed,
-            end: r.end,
-            lag: r.lag,
-            time_lag_ms: r.time_lag_ms,
-            status: r.status.to_string(),
-        }
-    }
-}
-
-fn consumer_health(c: ConsumerHealth) -> pb::ConsumerHealth {
-    {
-        pb::ConsumerHealth {
-            kind: c.kind.as_str().into(),
-            name: c.name,
-            status: c.status.to_string(),
-            lag: c.lag,
-            time_lag_ms: c.time_lag_ms,
-            alerts: c.alerts,
-            probes_seen: c.probes.seen,
-            probes_lost: c.probes.lost,
-            probes_duplicated: c.probes.duplicated,
-            probe_p50_ms: c.probes.p50_ms,
-            probe_p99_ms: c.probes.p99_ms,
-            probe_p999_ms: c.probes.p999_ms,
-        }
-    }
-}
-
-fn error_response(request_id: u64, e: BrokerError) -> pb::PublishResponse {
-    status_response(request_id, of_broker(e))
-}
-
-fn status_response(request_id: u64, status: Status) -> pb::PublishResponse {
-    pb::PublishResponse {
-        request_id,
-        acks: Vec::new(),
-        error: Some(pb::Error {
-            code: status.code() as i32,
-            message: status.message().to_string(),
-        }),
-    }
-}
-
-/// Streams one partition to a subscriber, following the tail until the subscriber leaves,
-/// the topic is deleted or the server shuts down.
-struct Follower {
-    broker: Arc<Broker>,
-    topic: String,
-    partition: u32,
-    position: u64,
-    limits: ReadLimits,
-    tx: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
-}
-
-impl Follower {
-    async fn run(mut self, shutdown: CancellationToken) {
-        let mut watch = match self.broker.watch(&self.topic, self.partition) {
-            Ok(w) => w,
-            Err(e) => {
-                let _ = self.tx.send(Err(of_broker(e))).await;
-                return;
-            }
-        };
-        loop {
-            watch.borrow_and_update();
-            let records = match self
-                .broker
-                .read_limited(&self.topic, self.partition, self.position, self.limits)
-                .await
-            {
-                Ok(records) => records,
-                Err(e) => {
-                    let _ = self.tx.send(Err(of_broker(e))).await;
-                    return;
-                }
-            };
-            if let Some(last) = records.last() {
-                self.position = last.offset + 1;
-                let response = pb::SubscribeResponse {
-                    records: records.into_iter().map(Into::into).collect(),
-                };
-                if self.tx.send(Ok(response)).await.is_err() {
-                    return;
-                }
-                continue;
-            }
-            tokio::select! {
-                changed = watch.changed() => if changed.is_err() {
-                    let gone = Status::not_found(format!("topic {:?} was deleted", self.topic));
-                    let _ = self.tx.send(Err(gone)).await;
-                    return;
-                },
-                _ = self.tx.closed() => return,
-                _ = shutdown.cancelled() => return,
-            }
-        }
     }
 }

@@ -7,17 +7,14 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use sha2::Digest;
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-use crate::instance::{add_to_linker, ConsumerPre, HostState};
+use crate::instance::{add_to_linker, CompiledPlugin, ConsumerPre, HostState, EPOCH_TICK};
 use crate::PluginError;
 
-/// Epoch ticker period: the granularity of per-batch CPU bounds.
-pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 /// Largest linear memory any plugin may ask for.
 pub const MAX_PLUGIN_MEMORY: usize = 1 << 30;
 /// Plugin instances (one per plugin × partition) the engine holds at once.
@@ -29,24 +26,6 @@ pub struct PluginEngine {
     linker: Linker<HostState>,
     cache_dir: PathBuf,
     stop: Arc<AtomicBool>,
-}
-
-/// A component compiled for this engine, ready to instantiate many times.
-#[derive(Clone)]
-pub struct CompiledPlugin {
-    engine: Engine,
-    pre: ConsumerPre<HostState>,
-    /// sha256 of the wasm, hex.
-    pub sha256: String,
-}
-
-impl CompiledPlugin {
-    pub(crate) fn engine(&self) -> &Engine {
-        &self.engine
-    }
-    pub(crate) fn pre(&self) -> &ConsumerPre<HostState> {
-        &self.pre
-    }
 }
 
 /// sha256 of bytes, as hex.
@@ -174,11 +153,7 @@ impl PluginEngine {
             .instantiate_pre(&component)
             .map_err(wrong_world)?;
         let pre = ConsumerPre::new(pre).map_err(wrong_world)?;
-        Ok(CompiledPlugin {
-            engine: self.engine.clone(),
-            pre,
-            sha256,
-        })
+        Ok(CompiledPlugin::new(self.engine.clone(), pre, sha256))
     }
 }
 

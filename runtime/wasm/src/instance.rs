@@ -11,11 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use wasmtime::component::{HasSelf, ResourceTable};
-use wasmtime::{Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::engine::{CompiledPlugin, EPOCH_TICK};
 use crate::PluginError;
 
 /// Host bindings of `sdk/wit/world.wit`.
@@ -34,6 +33,35 @@ use bindings::weir;
 pub use bindings::weir::plugin::log::Level as LogLevel;
 use bindings::weir::plugin::state::Versioned;
 pub(crate) use bindings::{Consumer, ConsumerPre};
+
+/// Epoch ticker period: the granularity of per-batch CPU bounds and of interrupts.
+pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// A component compiled for this engine, ready to instantiate many times.
+#[derive(Clone)]
+pub struct CompiledPlugin {
+    engine: Engine,
+    pre: ConsumerPre<HostState>,
+    /// sha256 of the wasm, hex.
+    pub sha256: String,
+}
+
+impl CompiledPlugin {
+    pub(crate) fn new(engine: Engine, pre: ConsumerPre<HostState>, sha256: String) -> Self {
+        CompiledPlugin {
+            engine,
+            pre,
+            sha256,
+        }
+    }
+
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+    pub(crate) fn pre(&self) -> &ConsumerPre<HostState> {
+        &self.pre
+    }
+}
 
 /// Bytes of stdout + stderr kept per instance before it is recycled.
 const OUTPUT_PIPE_BYTES: usize = 256 * 1024;

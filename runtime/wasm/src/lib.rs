@@ -13,10 +13,11 @@
 mod engine;
 mod instance;
 
-pub use engine::{
-    sha256_hex, CompiledPlugin, PluginEngine, EPOCH_TICK, MAX_INSTANCES, MAX_PLUGIN_MEMORY,
+pub use engine::{sha256_hex, PluginEngine, MAX_INSTANCES, MAX_PLUGIN_MEMORY};
+pub use instance::{
+    BatchEffects, CompiledPlugin, Interrupt, Limits, LogLevel, PluginInstance, StateReader,
+    EPOCH_TICK,
 };
-pub use instance::{BatchEffects, Interrupt, Limits, LogLevel, PluginInstance, StateReader};
 
 /// Why a plugin could not be deployed or a batch failed. Messages are for the operator.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

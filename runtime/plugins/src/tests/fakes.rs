@@ -464,7 +464,7 @@ impl Harness {
         let _blocking = weir_core::blocking::allow();
         let rt = self.rt();
         rt.committer
-            .state(rt, key.as_bytes())
+            .state(&*rt.seams.store, &rt.spec.name, key.as_bytes())
             .unwrap()
             .map(|(v, _)| parse(&v))
     }

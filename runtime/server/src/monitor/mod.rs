@@ -4,11 +4,16 @@
 //! clears per-plugin alerts, writes probe records on their own interval, and keeps the history
 //! the status page charts. `weir lag`, `/metrics` and the status page all read its snapshot.
 
+mod gauges;
 pub mod http;
+mod model;
 pub mod probe;
 
+use model::evaluate;
+pub use model::{ConsumerHealth, ConsumerKind, Health, LagHistory, LagRow, Snapshot, TopicRate};
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::fmt;
+
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -48,150 +53,10 @@ impl Default for MonitorConfig {
     }
 }
 
-/// A consumer partition's status, in Burrow's terms.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum Health {
-    /// Caught up, or committing and not falling behind.
-    Ok,
-    /// Committing, but lag grew over the whole window (or an alert is active).
-    Warn,
-    /// Running but its committed offset has not moved for the window while lag > 0.
-    Stall,
-    /// Not committing at all for the window (paused plugin, departed group) while lag > 0.
-    Stop,
-    /// A halted plugin.
-    Error,
-}
-
-impl fmt::Display for Health {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Health::Ok => "OK",
-            Health::Warn => "WARN",
-            Health::Stall => "STALL",
-            Health::Stop => "STOP",
-            Health::Error => "ERROR",
-        })
-    }
-}
-
-/// Plugin or consumer group.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ConsumerKind {
-    /// A deployed plugin.
-    Plugin,
-    /// An external consumer group.
-    Group,
-}
-
-impl ConsumerKind {
-    /// `plugin` or `group`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConsumerKind::Plugin => "plugin",
-            ConsumerKind::Group => "group",
-        }
-    }
-}
-
-/// One consumer × partition.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct LagRow {
-    /// Plugin or group.
-    pub kind: ConsumerKind,
-    /// Its name.
-    pub name: String,
-    /// The topic it reads.
-    pub topic: String,
-    /// Partition.
-    pub partition: u32,
-    /// Next offset it will process.
-    pub committed: u64,
-    /// The partition's end.
-    pub end: u64,
-    /// `end - committed`.
-    pub lag: u64,
-    /// Age of the oldest record not yet processed, ms.
-    pub time_lag_ms: u64,
-    /// Status over the window.
-    pub status: Health,
-}
-
-/// One consumer, all partitions.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct ConsumerHealth {
-    /// Plugin or group.
-    pub kind: ConsumerKind,
-    /// Its name.
-    pub name: String,
-    /// Worst partition status; at least WARN while an alert is active.
-    pub status: Health,
-    /// Sum of partition lags.
-    pub lag: u64,
-    /// Largest partition time lag, ms.
-    pub time_lag_ms: u64,
-    /// Active alerts.
-    pub alerts: Vec<String>,
-    /// Probe results (plugins).
-    #[serde(serialize_with = "serialize_probes")]
-    pub probes: ProbeSummary,
-}
-
-fn serialize_probes<S: serde::Serializer>(p: &ProbeSummary, s: S) -> Result<S::Ok, S::Error> {
-    use serde::ser::SerializeStruct;
-    let mut st = s.serialize_struct("ProbeSummary", 6)?;
-    st.serialize_field("seen", &p.seen)?;
-    st.serialize_field("lost", &p.lost)?;
-    st.serialize_field("duplicated", &p.duplicated)?;
-    st.serialize_field("p50_ms", &p.p50_ms)?;
-    st.serialize_field("p99_ms", &p.p99_ms)?;
-    st.serialize_field("p999_ms", &p.p999_ms)?;
-    st.end()
-}
-
-/// A topic's size and recent publish rate.
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
-pub struct TopicRate {
-    /// Topic name.
-    pub name: String,
-    /// Partitions.
-    pub partitions: u32,
-    /// Sum of partition ends (records ever written).
-    pub records: u64,
-    /// Records per second over the last few samples.
-    pub rate: f64,
-}
-
-/// A consumer's total lag over time.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct LagHistory {
-    /// Plugin or group.
-    pub kind: ConsumerKind,
-    /// Its name.
-    pub name: String,
-    /// (ms since the epoch, total lag), oldest first.
-    pub points: Vec<(i64, u64)>,
-}
-
-/// What the monitor saw at its last sample.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
-pub struct Snapshot {
-    /// When, ms since the epoch.
-    pub at_ms: i64,
-    /// Every consumer × partition.
-    pub rows: Vec<LagRow>,
-    /// Every consumer.
-    pub consumers: Vec<ConsumerHealth>,
-    /// Every topic.
-    pub topics: Vec<TopicRate>,
-}
-
 #[derive(Clone, Copy, Debug)]
-struct Sample {
-    committed: u64,
-    lag: u64,
+pub(crate) struct Sample {
+    pub(crate) committed: u64,
+    pub(crate) lag: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -578,156 +443,5 @@ impl Monitor {
                 }
             }
         }
-    }
-
-    /// Adds the monitor's gauges (lag, status, alerts, probes) to a scrape's registry.
-    pub fn register_gauges(&self, registry: &mut prometheus_client::registry::Registry) {
-        use prometheus_client::metrics::family::Family;
-        use prometheus_client::metrics::gauge::Gauge;
-        let snapshot = self.snapshot();
-        type Labels = Vec<(String, String)>;
-        let lag: Family<Labels, Gauge> = Family::default();
-        let time_lag: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>> = Family::default();
-        for r in &snapshot.rows {
-            let labels = vec![
-                ("kind".to_string(), r.kind.as_str().to_string()),
-                ("consumer".to_string(), r.name.clone()),
-                ("topic".to_string(), r.topic.clone()),
-                ("partition".to_string(), r.partition.to_string()),
-            ];
-            lag.get_or_create(&labels).set(r.lag as i64);
-            time_lag
-                .get_or_create(&labels)
-                .set(r.time_lag_ms as f64 / 1000.0);
-        }
-        let status: Family<Labels, Gauge> = Family::default();
-        let alerts: Family<Labels, Gauge> = Family::default();
-        let probes_seen: Family<Labels, Gauge> = Family::default();
-        let probes_lost: Family<Labels, Gauge> = Family::default();
-        let probes_dup: Family<Labels, Gauge> = Family::default();
-        for c in &snapshot.consumers {
-            let labels = vec![
-                ("kind".to_string(), c.kind.as_str().to_string()),
-                ("consumer".to_string(), c.name.clone()),
-            ];
-            for h in [
-                Health::Ok,
-                Health::Warn,
-                Health::Stall,
-                Health::Stop,
-                Health::Error,
-            ] {
-                let mut l = labels.clone();
-                l.push(("status".into(), h.to_string()));
-                status.get_or_create(&l).set(i64::from(c.status == h));
-            }
-            if c.kind == ConsumerKind::Plugin {
-                let plugin = vec![("plugin".to_string(), c.name.clone())];
-                for kind in ["lag", "delay"] {
-                    let mut l = plugin.clone();
-                    l.push(("alert".into(), kind.into()));
-                    let on = c.alerts.iter().any(|a| a.starts_with(kind));
-                    alerts.get_or_create(&l).set(i64::from(on));
-                }
-                probes_seen.get_or_create(&plugin).set(c.probes.seen as i64);
-                probes_lost.get_or_create(&plugin).set(c.probes.lost as i64);
-                probes_dup
-                    .get_or_create(&plugin)
-                    .set(c.probes.duplicated as i64);
-            }
-        }
-        registry.register(
-            "consumer_lag_records",
-            "Records not yet processed, per consumer partition",
-            lag,
-        );
-        registry.register(
-            "consumer_lag_seconds",
-            "Age of the oldest record not yet processed, per consumer partition",
-            time_lag,
-        );
-        registry.register(
-            "consumer_status",
-            "1 for the consumer's current status (Burrow's rules)",
-            status,
-        );
-        registry.register(
-            "plugin_alert_active",
-            "1 while a plugin's alert is raised",
-            alerts,
-        );
-        registry.register(
-            "probes_seen",
-            "Probe records a plugin committed past",
-            probes_seen,
-        );
-        registry.register(
-            "probes_lost",
-            "Probe records a plugin never saw",
-            probes_lost,
-        );
-        registry.register(
-            "probes_duplicated",
-            "Probe records a plugin saw twice",
-            probes_dup,
-        );
-    }
-}
-
-/// Burrow's evaluation of one partition's window.
-fn evaluate(window: &VecDeque<Sample>, size: usize, failed: bool, active: bool) -> Health {
-    if failed {
-        return Health::Error;
-    }
-    let (Some(first), Some(last)) = (window.front(), window.back()) else {
-        return Health::Ok;
-    };
-    if last.lag == 0 || window.len() < size.max(2) {
-        return Health::Ok;
-    }
-    if last.committed == first.committed {
-        return if active { Health::Stall } else { Health::Stop };
-    }
-    let growing = window
-        .iter()
-        .zip(window.iter().skip(1))
-        .all(|(a, b)| b.lag >= a.lag)
-        && last.lag > first.lag;
-    if growing {
-        Health::Warn
-    } else {
-        Health::Ok
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn window(samples: &[(u64, u64)]) -> VecDeque<Sample> {
-        samples
-            .iter()
-            .map(|&(committed, lag)| Sample { committed, lag })
-            .collect()
-    }
-
-    #[test]
-    fn burrow_rules() {
-        let w = window(&[(10, 5), (20, 6), (30, 8), (40, 9)]);
-        assert_eq!(evaluate(&w, 4, false, true), Health::Warn);
-        let w = window(&[(10, 5), (20, 9), (30, 3), (40, 4)]);
-        assert_eq!(evaluate(&w, 4, false, true), Health::Ok);
-        let w = window(&[(10, 5), (10, 6), (10, 7), (10, 8)]);
-        assert_eq!(evaluate(&w, 4, false, true), Health::Stall);
-        assert_eq!(evaluate(&w, 4, false, false), Health::Stop);
-        assert_eq!(evaluate(&w, 4, true, true), Health::Error);
-        let w = window(&[(10, 0), (10, 0), (10, 0), (10, 0)]);
-        assert_eq!(evaluate(&w, 4, false, false), Health::Ok);
-        let w = window(&[(10, 5), (10, 5)]);
-        assert_eq!(
-            evaluate(&w, 4, false, false),
-            Health::Ok,
-            "window not full yet"
-        );
     }
 }

@@ -186,7 +186,7 @@ pub async fn publish(
     );
     let partitions = match client.describe_topic(&args.topic).await {
         Ok(info) => info.config.partitions,
-        Err(e) if e.code() == Some(tonic::Code::NotFound) => {
+        Err(e) if e.code() == Some(weir_api::Code::NotFound) => {
             let config = TopicConfig::new(args.topic.clone(), args.partitions);
             client.create_topic(&config).await?.config.partitions
         }

@@ -126,7 +126,7 @@ pub(super) async fn run(client: &Client, args: SoakBench) -> anyhow::Result<()> 
     for (name, partitions) in topics {
         let config = TopicConfig::new(name, partitions).with_retention_bytes(args.retention_bytes);
         if let Err(e) = client.create_topic(&config).await {
-            if e.code() != Some(tonic::Code::AlreadyExists) {
+            if e.code() != Some(weir_api::Code::AlreadyExists) {
                 return Err(e.into());
             }
         }
@@ -170,7 +170,7 @@ pub(super) async fn run(client: &Client, args: SoakBench) -> anyhow::Result<()> 
             ..Deploy::default()
         };
         if let Err(e) = client.deploy_plugin(deploy).await {
-            if e.code() != Some(tonic::Code::AlreadyExists) {
+            if e.code() != Some(weir_api::Code::AlreadyExists) {
                 return Err(e.into());
             }
         }

@@ -1,0 +1,86 @@
+//! Consumer-group offsets: commits (never past a partition's end), fetches, the list the
+//! monitor reads.
+
+use weir_core::now_ms;
+
+use crate::{Broker, BrokerError};
+
+impl Broker {
+    /// Stores a consumer group's next offsets for partitions of a topic (durably under `always`).
+    ///
+    /// # Errors
+    /// Unknown topic, partition out of range, empty group name.
+    pub async fn commit_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+        offsets: Vec<(u32, u64)>,
+    ) -> Result<(), BrokerError> {
+        if group.is_empty() || group.contains('\0') {
+            return Err(BrokerError::InvalidArgument(
+                "group name must be non-empty and contain no NUL".into(),
+            ));
+        }
+        for &(p, offset) in &offsets {
+            let partition = self.partition(topic, p)?;
+            let end = partition.stats().end_offset;
+            if offset > end {
+                return Err(BrokerError::CommitPastEnd {
+                    tp: partition.tp.clone(),
+                    offset,
+                    end,
+                });
+            }
+        }
+        let store = self.store.clone();
+        let (group_owned, topic_owned) = (group.to_string(), topic.to_string());
+        let now = now_ms();
+        Self::blocking(move || {
+            Ok(store.put_group_offsets(&group_owned, &topic_owned, &offsets, now)?)
+        })
+        .await?;
+        self.group_commits
+            .lock()
+            .insert((group.to_string(), topic.to_string()), now);
+        let ticket = self.durability.written();
+        self.durability
+            .durable(ticket)
+            .await
+            .map_err(|e| BrokerError::NotDurable {
+                reason: e.to_string(),
+            })
+    }
+
+    /// Every (group, topic) with committed offsets.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn list_groups(&self) -> Result<Vec<(String, String)>, BrokerError> {
+        let store = self.store.clone();
+        let groups = Self::blocking(move || Ok(store.list_groups()?)).await?;
+        Ok(groups.into_iter().map(|g| (g.group, g.topic)).collect())
+    }
+
+    /// When a group last committed offsets for a topic since this broker started.
+    pub fn group_last_commit_ms(&self, group: &str, topic: &str) -> Option<i64> {
+        self.group_commits
+            .lock()
+            .get(&(group.to_string(), topic.to_string()))
+            .copied()
+    }
+
+    /// A consumer group's committed offsets for a topic.
+    ///
+    /// # Errors
+    /// Unknown topic.
+    pub async fn fetch_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> Result<Vec<(u32, u64)>, BrokerError> {
+        self.topic(topic)?;
+        let store = self.store.clone();
+        let (group, topic) = (group.to_string(), topic.to_string());
+        Self::blocking(move || Ok(store.group_offsets(&group, &topic)?)).await
+    }
+}

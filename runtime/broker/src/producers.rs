@@ -1,0 +1,148 @@
+//! The broker's producer ids: issuing them (owned by their caller), bumping epochs, checking
+//! an idempotent publish's producer, claiming plugins' producers for the server.
+
+use weir_core::now_ms;
+
+use crate::owners::{Caller, Owner, ProducerRecord, ProducerTable};
+use crate::{Broker, BrokerError, ProducerFields};
+
+impl Broker {
+    /// Allocates a producer id (epoch 0) owned by `caller`, or bumps the epoch of `existing`,
+    /// fencing its older instances.
+    ///
+    /// # Errors
+    /// [`BrokerError::UnknownProducer`] for an id this broker never issued,
+    /// [`BrokerError::ProducerExpired`] for one forgotten after its idle time,
+    /// [`BrokerError::ProducerNotOwned`] for another principal's or a plugin's producer.
+    pub async fn init_producer(
+        &self,
+        existing: Option<u64>,
+        caller: &Caller,
+    ) -> Result<(u64, u32), BrokerError> {
+        let (id, record, next_id) = {
+            let mut producers = self.producers.lock();
+            let now = now_ms();
+            match existing {
+                Some(id) => {
+                    let current = self.producer(&producers, id)?;
+                    if !current.owner.admits(caller) {
+                        return Err(BrokerError::ProducerNotOwned {
+                            producer_id: id,
+                            owner: current.owner.to_string(),
+                            caller: caller.to_string(),
+                        });
+                    }
+                    let epoch = current.epoch.checked_add(1).ok_or_else(|| {
+                        BrokerError::InvalidArgument(format!(
+                            "producer {id} has used every epoch; init a new producer"
+                        ))
+                    })?;
+                    let record = ProducerRecord {
+                        epoch,
+                        owner: current.owner.clone(),
+                        last_used_ms: now,
+                    };
+                    (id, record, producers.next_id)
+                }
+                None => {
+                    let record = ProducerRecord {
+                        epoch: 0,
+                        owner: Owner::of(caller),
+                        last_used_ms: now,
+                    };
+                    let id = producers.next_id;
+                    // Reserved under the lock, so concurrent inits get distinct ids.
+                    producers.next_id += 1;
+                    (id, record, id + 1)
+                }
+            }
+        };
+        // Written (and synced) before it is used: a restart must never reissue an id or an
+        // epoch. The lock is not held across the write.
+        let store = self.store.clone();
+        let encoded = record.encode();
+        Self::blocking(move || Ok(store.put_producer(id, &encoded, next_id)?)).await?;
+        let epoch = record.epoch;
+        self.producers.lock().records.insert(id, record);
+        self.sync_now().await?;
+        Ok((id, epoch))
+    }
+
+    /// The record of a producer id, or why there is none.
+    fn producer<'a>(
+        &self,
+        producers: &'a ProducerTable,
+        id: u64,
+    ) -> Result<&'a ProducerRecord, BrokerError> {
+        producers
+            .records
+            .get(&id)
+            .ok_or(if id > 0 && id < producers.next_id {
+                BrokerError::ProducerExpired {
+                    producer_id: id,
+                    expiry_ms: self.config.producer_expiry.as_millis() as u64,
+                }
+            } else {
+                BrokerError::UnknownProducer(id)
+            })
+    }
+
+    pub(crate) fn check_producer(
+        &self,
+        p: &ProducerFields,
+        caller: &Caller,
+    ) -> Result<(), BrokerError> {
+        let mut producers = self.producers.lock();
+        let record = self.producer(&producers, p.producer_id)?;
+        if !record.owner.admits(caller) {
+            return Err(BrokerError::ProducerNotOwned {
+                producer_id: p.producer_id,
+                owner: record.owner.to_string(),
+                caller: caller.to_string(),
+            });
+        }
+        let current = record.epoch;
+        if p.epoch < current {
+            return Err(BrokerError::StaleEpoch {
+                producer_id: p.producer_id,
+                epoch: p.epoch,
+                current,
+            });
+        }
+        if p.epoch > current {
+            return Err(BrokerError::InvalidArgument(format!(
+                "producer {} has epoch {current}; epoch {} was never issued",
+                p.producer_id, p.epoch
+            )));
+        }
+        if let Some(r) = producers.records.get_mut(&p.producer_id) {
+            r.last_used_ms = now_ms();
+        }
+        Ok(())
+    }
+
+    /// Marks producer ids as the server's (plugins' forwarders): no client may use them. For
+    /// producers issued before ownership was recorded. Blocking-free; the write goes through
+    /// the blocking pool.
+    ///
+    /// # Errors
+    /// Unknown ids, storage failures.
+    pub async fn claim_for_server(&self, ids: &[u64]) -> Result<(), BrokerError> {
+        for &id in ids {
+            let (record, next_id) = {
+                let producers = self.producers.lock();
+                let current = self.producer(&producers, id)?;
+                if current.owner == Owner::Server {
+                    continue;
+                }
+                let mut record = current.clone();
+                record.owner = Owner::Server;
+                (record, producers.next_id)
+            };
+            let (store, encoded) = (self.store.clone(), record.encode());
+            Self::blocking(move || Ok(store.put_producer(id, &encoded, next_id)?)).await?;
+            self.producers.lock().records.insert(id, record);
+        }
+        self.sync_now().await
+    }
+}

@@ -1,0 +1,274 @@
+//! The embedded store on sled 0.34.7.
+//!
+//! Layout: tree `meta` (format marker, `topic/<name>` → JSON config, `producer/<id>` → epoch),
+//! tree `groups` (topic \0 group \0 partition → next offset), and one tree per partition
+//! `part/<topic>/<partition>` holding, so that one `apply_batch` covers an append atomically:
+//! - `c` + base offset (u64 BE) + fragment (u16 BE) → chunk bytes
+//! - `p` + producer id (u64 BE) → that producer's sequence state
+//! - `s` → first offset still stored (written by retention)
+//!
+//! Durability: `Db::flush` only calls `sync_file_range`; [`LogStore::sync`] follows it with
+//! `fdatasync` of `<dir>/db`, the one file sled writes records to. The directory and `conf`
+//! are synced once at open, because sled never does.
+//!
+//! sled writes any *page* (a whole B-tree leaf, not a single value) larger than a quarter of
+//! its segment size to a separate blob file that it never fsyncs. A leaf splits only past 16
+//! entries, so with 32 KiB chunks a leaf reaches ~560 KiB: with sled's default 512 KiB
+//! segments (128 KiB threshold) most consolidated leaves became blob files — unsynced, and
+//! one file create + delete per page write. [`SEGMENT_BYTES`] puts the threshold at 2 MiB,
+//! above any leaf weir can build, so `<dir>/db` holds everything and one fdatasync covers it.
+
+use parking_lot::RwLock;
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::{Durable, LogError};
+use weir_core::TopicPartition;
+
+const FORMAT_KEY: &[u8] = b"format";
+/// The layout version this weir writes. Version 1 (weir before producer ownership and expiry)
+/// is migrated at open; a later version is refused: this weir would misread it.
+pub const FORMAT_VERSION: u32 = 2;
+const FORMAT_PREFIX: &str = "weir-log/";
+
+/// What a data directory's format marker says.
+fn format_version(marker: &[u8]) -> Option<u32> {
+    std::str::from_utf8(marker)
+        .ok()?
+        .strip_prefix(FORMAT_PREFIX)?
+        .parse()
+        .ok()
+}
+const TOPIC_PREFIX: &str = "topic/";
+const PRODUCER_PREFIX: &[u8] = b"producer/";
+/// The next producer id to issue (ids stay unique after expired producers are deleted).
+const PRODUCER_NEXT: &[u8] = b"producer-next";
+/// sled segment size: blob threshold = a quarter of it = 2 MiB (see the module docs).
+pub const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
+
+/// Options for opening a [`SledStore`].
+#[derive(Clone, Debug)]
+pub struct SledOptions {
+    /// sled's page cache size in bytes.
+    pub cache_bytes: u64,
+    /// sled's own background flush interval; `None` when weir drives every flush itself.
+    pub background_flush_ms: Option<u64>,
+}
+
+impl Default for SledOptions {
+    fn default() -> Self {
+        SledOptions {
+            cache_bytes: 512 * 1024 * 1024,
+            background_flush_ms: None,
+        }
+    }
+}
+
+/// A [`LogStore`] on an embedded sled database.
+pub struct SledStore {
+    dir: PathBuf,
+    db: sled::Db,
+    meta: sled::Tree,
+    groups: sled::Tree,
+    /// Open handle on `<dir>/db` for `fdatasync` (fsync acts on the inode; any fd will do).
+    data_file: File,
+    /// Partition trees, opened once: `Db::open_tree` takes a lock and allocates a name.
+    parts: RwLock<HashMap<TopicPartition, sled::Tree>>,
+    /// Key-value namespace trees (`kv/<namespace>`), opened once.
+    kvs: RwLock<HashMap<String, sled::Tree>>,
+}
+
+impl SledStore {
+    /// Opens (or creates) a store in `dir`.
+    ///
+    /// # Errors
+    /// [`LogError::ForeignDirectory`] when `dir` holds files that are not a weir store,
+    /// [`LogError::Open`] when sled cannot open it (locked by another process, corrupt).
+    pub fn open(dir: &Path, options: &SledOptions) -> Result<Self, LogError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| LogError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let existing: Vec<String> = std::fs::read_dir(dir)
+            .map_err(io(dir))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let fresh = existing.is_empty();
+        if !fresh && !existing.iter().any(|n| n == "db") {
+            return Err(LogError::ForeignDirectory {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "it holds {} without a sled `db` file; point --data-dir at an empty or weir directory",
+                    existing.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+                ),
+            });
+        }
+        let config = sled::Config::new()
+            .path(dir)
+            .cache_capacity(options.cache_bytes)
+            .flush_every_ms(options.background_flush_ms)
+            .segment_size(SEGMENT_BYTES)
+            .mode(sled::Mode::HighThroughput);
+        // sled 0.34 can panic on some corrupt files instead of returning an error.
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(e)) if e.to_string().contains("io buffer size") => {
+                return Err(LogError::ForeignDirectory {
+                    path: dir.to_path_buf(),
+                    reason: format!("a sled database with another segment size than weir's {SEGMENT_BYTES} bytes ({e})"),
+                });
+            }
+            Ok(Err(e)) => {
+                let reason = e.to_string();
+                let reason = if reason.contains("lock")
+                    || reason.contains("WouldBlock")
+                    || reason.contains("temporarily unavailable")
+                {
+                    format!("{reason} (is another `weir serve` using this directory?)")
+                } else {
+                    reason
+                };
+                return Err(LogError::Open {
+                    path: dir.to_path_buf(),
+                    reason,
+                });
+            }
+            Err(_) => {
+                return Err(LogError::Open {
+                    path: dir.to_path_buf(),
+                    reason: "sled panicked reading the files: the store is corrupt".into(),
+                })
+            }
+        };
+        let meta = db.open_tree("meta")?;
+        let current = format!("{FORMAT_PREFIX}{FORMAT_VERSION}");
+        match meta.get(FORMAT_KEY)? {
+            Some(v) => match format_version(&v) {
+                Some(FORMAT_VERSION) => {}
+                Some(1) => {
+                    // Version 1 values all read as they are: producer records without an
+                    // owner (usable by anyone), cursors without counters (0), group offsets
+                    // without a commit time (counted from now) and producer states without
+                    // an append time. The marker moves on so that an older weir, which would
+                    // misread version 2 values, refuses the directory.
+                    meta.insert(FORMAT_KEY, current.as_bytes())?;
+                    tracing::info!(message = "Store migrated.", from = "weir-log/1", to = %current, dir = %dir.display());
+                }
+                Some(newer) if newer > FORMAT_VERSION => {
+                    return Err(LogError::ForeignDirectory {
+                        path: dir.to_path_buf(),
+                        reason: format!(
+                            "it was written by a newer weir (format weir-log/{newer}; this weir \
+                             reads weir-log/1 to {current}): run that weir, or a newer one"
+                        ),
+                    })
+                }
+                _ => {
+                    return Err(LogError::ForeignDirectory {
+                        path: dir.to_path_buf(),
+                        reason: format!(
+                            "format marker {:?}, this weir reads weir-log/1 to {current}",
+                            String::from_utf8_lossy(&v),
+                        ),
+                    })
+                }
+            },
+            None if db.tree_names().len() > 2 || !db.is_empty() => {
+                return Err(LogError::ForeignDirectory {
+                    path: dir.to_path_buf(),
+                    reason: "a sled database without weir's format marker".into(),
+                })
+            }
+            None => {
+                meta.insert(FORMAT_KEY, current.as_bytes())?;
+            }
+        }
+        let groups = db.open_tree("groups")?;
+        let data_path = dir.join("db");
+        let data_file = File::open(&data_path).map_err(io(&data_path))?;
+        let store = SledStore {
+            dir: dir.to_path_buf(),
+            db,
+            meta,
+            groups,
+            data_file,
+            parts: RwLock::new(HashMap::new()),
+            kvs: RwLock::new(HashMap::new()),
+        };
+        store.sync()?;
+        // sled never syncs its `conf` nor the directory entries: a new store could vanish on
+        // power loss even after a synced write.
+        for path in [dir.join("conf"), dir.to_path_buf()] {
+            File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(io(&path))?;
+        }
+        Ok(store)
+    }
+
+    /// The directory this store lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub(super) fn tree_name(tp: &TopicPartition) -> String {
+        format!("part/{}/{}", tp.topic, tp.partition)
+    }
+
+    pub(super) fn kv(&self, namespace: &str) -> Result<sled::Tree, LogError> {
+        if let Some(tree) = self.kvs.read().get(namespace) {
+            return Ok(tree.clone());
+        }
+        let tree = self.db.open_tree(format!("kv/{namespace}"))?;
+        self.kvs.write().insert(namespace.to_string(), tree.clone());
+        Ok(tree)
+    }
+
+    pub(super) fn part(&self, tp: &TopicPartition) -> Result<sled::Tree, LogError> {
+        if let Some(tree) = self.parts.read().get(tp) {
+            return Ok(tree.clone());
+        }
+        let tree = self.db.open_tree(Self::tree_name(tp))?;
+        self.parts.write().insert(tp.clone(), tree.clone());
+        Ok(tree)
+    }
+}
+
+pub(super) fn chunk_key(base: u64, fragment: u16) -> [u8; 11] {
+    let mut key = [0u8; 11];
+    key[0] = b'c';
+    key[1..9].copy_from_slice(&base.to_be_bytes());
+    key[9..11].copy_from_slice(&fragment.to_be_bytes());
+    key
+}
+
+pub(super) fn producer_key(id: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = b'p';
+    key[1..9].copy_from_slice(&id.to_be_bytes());
+    key
+}
+
+pub(super) fn be_u64(bytes: &[u8]) -> Option<u64> {
+    bytes.try_into().ok().map(u64::from_be_bytes)
+}
+
+impl Durable for SledStore {
+    fn sync(&self) -> Result<(), LogError> {
+        weir_core::blocking::check("sync");
+        self.db.flush()?;
+        self.data_file.sync_data().map_err(|source| LogError::Io {
+            path: self.dir.join("db"),
+            source,
+        })
+    }
+}
+
+mod kv;
+mod log;
+#[cfg(test)]
+mod tests;

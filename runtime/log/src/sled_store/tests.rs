@@ -1,0 +1,161 @@
+//! The sled store on disk: values of any size, blob files, foreign and newer directories.
+
+use super::kv::KV_FRAGMENT_PREFIX;
+use super::*;
+use crate::{KvStore, FRAGMENT_MAX_BYTES};
+
+#[test]
+fn kv_values_of_any_size_round_trip_and_stay_out_of_blob_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let sizes = [
+        0usize,
+        1,
+        FRAGMENT_MAX_BYTES - 1,
+        FRAGMENT_MAX_BYTES,
+        100_000,
+        3_000_000,
+    ];
+    let value = |n: usize, seed: u8| {
+        (0..n)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect::<Vec<u8>>()
+    };
+    {
+        let store = SledStore::open(dir.path(), &SledOptions::default()).unwrap();
+        let writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = sizes
+            .iter()
+            .map(|&n| (format!("o/{n:08}").into_bytes(), Some(value(n, 1))))
+            .collect();
+        store.kv_apply("plugin/p", &writes).unwrap();
+        // Replace a large value by a small one and delete another large one: no fragment stays.
+        store
+            .kv_apply(
+                "plugin/p",
+                &[
+                    (b"o/00100000".to_vec(), Some(b"small".to_vec())),
+                    (b"o/03000000".to_vec(), None),
+                ],
+            )
+            .unwrap();
+        store.sync().unwrap();
+    }
+    let store = SledStore::open(dir.path(), &SledOptions::default()).unwrap();
+    let scanned = store.kv_scan("plugin/p", b"o/").unwrap();
+    assert_eq!(scanned.len(), sizes.len() - 1);
+    for (key, got) in &scanned {
+        let n: usize = std::str::from_utf8(&key[2..]).unwrap().parse().unwrap();
+        let want = if n == 100_000 {
+            b"small".to_vec()
+        } else {
+            value(n, 1)
+        };
+        assert_eq!(got.as_ref(), &want[..], "value of {n} bytes");
+        assert_eq!(store.kv_get("plugin/p", key).unwrap().unwrap(), *got);
+    }
+    let tree = store.kv("plugin/p").unwrap();
+    let fragments = tree.scan_prefix([KV_FRAGMENT_PREFIX]).count();
+    // Only the 32 KiB value's own fragment: the replaced and deleted values left none.
+    assert_eq!(fragments, 1);
+    assert!(tree
+        .iter()
+        .values()
+        .all(|v| v.unwrap().len() <= FRAGMENT_MAX_BYTES + 1));
+    drop(store);
+    let blobs = std::fs::read_dir(dir.path().join("blobs"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(blobs, 0, "no blob files");
+}
+
+#[test]
+fn foreign_corrupt_and_newer_directories_are_clear_errors_and_version_1_migrates() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "hello").unwrap();
+    let err = SledStore::open(dir.path(), &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("not a weir store") && err.contains("notes.txt"),
+        "{err}"
+    );
+
+    let other = tempfile::tempdir().unwrap();
+    {
+        let db = sled::open(other.path()).unwrap();
+        db.insert("someone", "else").unwrap();
+        db.flush().unwrap();
+    }
+    let err = SledStore::open(other.path(), &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("is not a weir store: a sled database with another segment size"),
+        "{err}"
+    );
+    let marked = tempfile::tempdir().unwrap();
+    {
+        let db = sled::Config::new()
+            .path(marked.path())
+            .segment_size(SEGMENT_BYTES)
+            .open()
+            .unwrap();
+        db.insert("someone", "else").unwrap();
+        db.flush().unwrap();
+    }
+    let err = SledStore::open(marked.path(), &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("without weir's format marker"), "{err}");
+
+    let corrupt = tempfile::tempdir().unwrap();
+    drop(SledStore::open(corrupt.path(), &Default::default()).unwrap());
+    std::fs::write(corrupt.path().join("conf"), b"\xff\xfe garbage").unwrap();
+    let err = SledStore::open(corrupt.path(), &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("cannot open the store"), "{err}");
+
+    // A store written by weir before the format version 2 opens and is marked version 2;
+    // one written by a newer weir is refused, saying so.
+    let v1 = tempfile::tempdir().unwrap();
+    drop(SledStore::open(v1.path(), &Default::default()).unwrap());
+    {
+        let db = sled::Config::new()
+            .path(v1.path())
+            .segment_size(SEGMENT_BYTES)
+            .open()
+            .unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert(FORMAT_KEY, "weir-log/1")
+            .unwrap();
+        db.flush().unwrap();
+    }
+    drop(SledStore::open(v1.path(), &Default::default()).unwrap());
+    {
+        let db = sled::Config::new()
+            .path(v1.path())
+            .segment_size(SEGMENT_BYTES)
+            .open()
+            .unwrap();
+        let meta = db.open_tree("meta").unwrap();
+        assert_eq!(
+            meta.get(FORMAT_KEY).unwrap().unwrap().as_ref(),
+            b"weir-log/2"
+        );
+        meta.insert(FORMAT_KEY, "weir-log/9").unwrap();
+        db.flush().unwrap();
+    }
+    let err = SledStore::open(v1.path(), &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("written by a newer weir (format weir-log/9"),
+        "{err}"
+    );
+}
