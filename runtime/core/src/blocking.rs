@@ -62,7 +62,7 @@ pub fn check(operation: &str) {
     {
         panic!(
             "blocking store operation `{operation}` on an async worker: route it through \
-             weir_runtime::blocking::run"
+             weir_core::blocking::run"
         );
     }
 }
