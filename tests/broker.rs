@@ -11,16 +11,6 @@ use weir_api::Client;
 use weir_core::StartAt;
 use weir_core::{Record, TopicConfig};
 
-fn topic(name: &str, partitions: u32) -> TopicConfig {
-    TopicConfig {
-        name: name.into(),
-        partitions,
-        retention_ms: 0,
-        retention_bytes: 0,
-        admission: None,
-    }
-}
-
 /// A server on a fresh directory, a client, and one topic.
 async fn serve_with_topic(
     name: &str,
@@ -33,7 +23,7 @@ async fn serve_with_topic(
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path()).await;
     let client = Client::connect(&server.url()).await.unwrap();
-    client.create_topic(&topic(name, partitions)).await.unwrap();
+    client.create_topic(&TopicConfig::new(name, partitions)).await.unwrap();
     (dir, server, client)
 }
 
@@ -292,7 +282,7 @@ async fn bad_input_gets_clear_statuses_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_with(dir.path(), |c| c.broker.max_record_bytes = 10_000).await;
     let client = Client::connect(&server.url()).await.unwrap();
-    client.create_topic(&topic("t", 2)).await.unwrap();
+    client.create_topic(&TopicConfig::new("t", 2)).await.unwrap();
     client
         .publish("t", Some(0), records("keep", 3))
         .await
@@ -311,14 +301,14 @@ async fn bad_input_gets_clear_statuses_and_changes_nothing() {
     );
     check(
         client
-            .create_topic(&topic("no spaces", 1))
+            .create_topic(&TopicConfig::new("no spaces", 1))
             .await
             .unwrap_err(),
         Code::InvalidArgument,
         "contains ' '",
     );
     check(
-        client.create_topic(&topic("t", 1)).await.unwrap_err(),
+        client.create_topic(&TopicConfig::new("t", 1)).await.unwrap_err(),
         Code::AlreadyExists,
         "already exists",
     );
@@ -425,7 +415,7 @@ async fn retention_trims_in_the_background_and_delete_removes_the_topic() {
     client
         .create_topic(&TopicConfig {
             retention_bytes: 64 * 1024,
-            ..topic("t", 1)
+            ..TopicConfig::new("t", 1)
         })
         .await
         .unwrap();
@@ -457,7 +447,7 @@ async fn retention_trims_in_the_background_and_delete_removes_the_topic() {
         client.describe_topic("t").await.unwrap_err().code(),
         Some(Code::NotFound)
     );
-    client.create_topic(&topic("t", 1)).await.unwrap();
+    client.create_topic(&TopicConfig::new("t", 1)).await.unwrap();
     assert_eq!(
         client.describe_topic("t").await.unwrap().partitions[0].end_offset,
         0,
@@ -472,7 +462,7 @@ async fn producer_retries_through_a_server_restart_with_the_same_sequence() {
     let server = start_server(dir.path()).await;
     let addr = server.addr;
     let client = Client::connect(&server.url()).await.unwrap();
-    client.create_topic(&topic("t", 1)).await.unwrap();
+    client.create_topic(&TopicConfig::new("t", 1)).await.unwrap();
     let mut producer = client
         .producer()
         .await
@@ -511,7 +501,7 @@ async fn admission_limit_refuses_a_flooding_key_and_stores_every_accepted_record
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path()).await;
     let client = Client::connect(&server.url()).await.unwrap();
-    let mut config = topic("seckill.requests", 2);
+    let mut config = TopicConfig::new("seckill.requests", 2);
     config.admission = Some(weir_core::Admission {
         per_key: 3,
         window_ms: 60_000,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{paid, plugin_wasm, start_with, weir_cli, WeirProcess};
+use common::{balance, paid, plugin_wasm, start_with, topic_end, weir_cli, WeirProcess};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use weir_api::pb;
@@ -425,19 +425,6 @@ async fn faulty_server(
 }
 
 /// Records ever written to a topic (the sum of its partitions' ends).
-async fn topic_end(client: &Client, topic: &str) -> u64 {
-    let info = client.describe_topic(topic).await.unwrap();
-    info.partitions.iter().map(|p| p.end_offset).sum()
-}
-
-async fn balance(client: &Client, user: &str) -> Option<u64> {
-    client
-        .get_state("points", format!("balance/{user}").as_bytes())
-        .await
-        .unwrap()
-        .map(|(v, _)| serde_json::from_slice(&v).unwrap())
-}
-
 async fn points_on(client: &Client, on_error: &str) {
     client
         .create_topic(&TopicConfig::new("order.paid", 2))

@@ -13,16 +13,6 @@ use weir_core::{Record, TopicConfig};
 use weir_plugins::{DeployRequest, Limits, ManagerError, OnError, PluginError, StartFrom};
 use weir_server::server::RunningServer;
 
-fn topic(name: &str, partitions: u32) -> TopicConfig {
-    TopicConfig {
-        name: name.into(),
-        partitions,
-        retention_ms: 0,
-        retention_bytes: 0,
-        admission: None,
-    }
-}
-
 /// A server on a fresh directory with these topics.
 async fn serve_with_topics(topics: &[(&str, u32)]) -> (tempfile::TempDir, RunningServer) {
     let dir = tempfile::tempdir().unwrap();
@@ -30,7 +20,7 @@ async fn serve_with_topics(topics: &[(&str, u32)]) -> (tempfile::TempDir, Runnin
     for (name, partitions) in topics {
         server
             .broker
-            .create_topic(topic(name, *partitions))
+            .create_topic(TopicConfig::new(*name, *partitions))
             .await
             .unwrap();
     }

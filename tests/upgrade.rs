@@ -10,7 +10,7 @@ use tonic::Code;
 use weir_api::{pb, Client};
 use weir_core::Record;
 
-use crate::common::{self, paid};
+use crate::common::{self, balance, paid};
 
 fn unpack(into: &std::path::Path) -> std::path::PathBuf {
     let fixture = concat!(
@@ -24,14 +24,6 @@ fn unpack(into: &std::path::Path) -> std::path::PathBuf {
         .expect("run tar");
     assert!(status.success(), "unpacking {fixture}");
     into.join("data")
-}
-
-async fn balance(client: &Client, user: &str) -> Option<u64> {
-    client
-        .get_state("points", format!("balance/{user}").as_bytes())
-        .await
-        .unwrap()
-        .map(|(v, _)| serde_json::from_slice(&v).unwrap())
 }
 
 async fn outputs(client: &Client) -> Vec<(String, u64)> {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
+use weir_api::Client;
 use weir_core::Record;
 use weir_log::FsyncPolicy;
 use weir_server::server::{self, RunningServer, ServerConfig};
@@ -232,4 +233,19 @@ pub async fn local_chaos() -> weir_server::local::LocalRuntime {
         .await
         .unwrap();
     local
+}
+
+/// The points plugin's balance of `user`, if it has one.
+pub async fn balance(client: &Client, user: &str) -> Option<u64> {
+    client
+        .get_state("points", format!("balance/{user}").as_bytes())
+        .await
+        .unwrap()
+        .map(|(v, _)| serde_json::from_slice(&v).unwrap())
+}
+
+/// The sum of a topic's partition ends: how many records it has ever had.
+pub async fn topic_end(client: &Client, topic: &str) -> u64 {
+    let info = client.describe_topic(topic).await.unwrap();
+    info.partitions.iter().map(|p| p.end_offset).sum()
 }

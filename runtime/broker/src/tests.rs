@@ -71,16 +71,6 @@ fn sled_broker(dir: &std::path::Path) -> TestBroker {
     broker_on(Arc::new(store))
 }
 
-fn topic(name: &str, partitions: u32) -> TopicConfig {
-    TopicConfig {
-        name: name.into(),
-        partitions,
-        retention_ms: 0,
-        retention_bytes: 0,
-        admission: None,
-    }
-}
-
 fn values(range: std::ops::Range<u32>) -> Vec<Record> {
     range.map(|i| Record::from_value(format!("v{i}"))).collect()
 }
@@ -125,7 +115,7 @@ async fn all(b: &Broker, topic: &str, partition: u32) -> Vec<String> {
 #[tokio::test]
 async fn publish_then_read_keeps_order_and_offsets() {
     let b = memory_broker();
-    b.create_topic(topic("t", 2)).await.unwrap();
+    b.create_topic(TopicConfig::new("t", 2)).await.unwrap();
     let acks = b.publish(to("t", 1, values(0..3))).await.unwrap();
     assert_eq!(
         acks,
@@ -155,7 +145,7 @@ async fn publish_then_read_keeps_order_and_offsets() {
 #[tokio::test]
 async fn keyed_records_follow_the_key_hash_and_keyless_stick_together() {
     let b = memory_broker();
-    b.create_topic(topic("t", 4)).await.unwrap();
+    b.create_topic(TopicConfig::new("t", 4)).await.unwrap();
     let records: Vec<Record> = (0..40)
         .map(|i| Record {
             key: Some(Bytes::from(format!("user-{i}"))),
@@ -197,7 +187,7 @@ async fn keyed_records_follow_the_key_hash_and_keyless_stick_together() {
 #[tokio::test]
 async fn bad_publishes_are_refused_and_store_nothing() {
     let b = memory_broker();
-    b.create_topic(topic("t", 2)).await.unwrap();
+    b.create_topic(TopicConfig::new("t", 2)).await.unwrap();
     let err = |r: Result<Vec<PartitionAck>, BrokerError>| r.unwrap_err().to_string();
     assert!(err(b.publish(to("nope", 0, values(0..1))).await).contains("unknown topic \"nope\""));
     assert!(err(b.publish(to("t", 2, values(0..1))).await).contains("partition 2 does not exist"));
@@ -226,19 +216,19 @@ async fn bad_publishes_are_refused_and_store_nothing() {
         assert_eq!(b.describe_topic("t").unwrap().partitions[p].end_offset, 0);
     }
     assert!(b
-        .create_topic(topic("t", 1))
+        .create_topic(TopicConfig::new("t", 1))
         .await
         .unwrap_err()
         .to_string()
         .contains("already exists"));
     assert!(b
-        .create_topic(topic("bad/name", 1))
+        .create_topic(TopicConfig::new("bad/name", 1))
         .await
         .unwrap_err()
         .to_string()
         .contains("'/'"));
     assert!(b
-        .create_topic(topic("zero", 0))
+        .create_topic(TopicConfig::new("zero", 0))
         .await
         .unwrap_err()
         .to_string()
@@ -248,7 +238,7 @@ async fn bad_publishes_are_refused_and_store_nothing() {
 #[tokio::test]
 async fn idempotent_retries_store_once_and_sequence_errors_say_which() {
     let b = memory_broker();
-    b.create_topic(topic("t", 1)).await.unwrap();
+    b.create_topic(TopicConfig::new("t", 1)).await.unwrap();
     let (id, epoch) = b.init_producer(None, &Caller::default()).await.unwrap();
     let first = b
         .publish(idem("t", 0, values(0..3), id, epoch, 0))
@@ -308,7 +298,7 @@ async fn sled_reopen_recovers_offsets_producers_and_groups() {
     let dir = tempfile::tempdir().unwrap();
     let (id, epoch, first) = {
         let b = sled_broker(dir.path());
-        b.create_topic(topic("t", 2)).await.unwrap();
+        b.create_topic(TopicConfig::new("t", 2)).await.unwrap();
         let (id, epoch) = b.init_producer(None, &Caller::default()).await.unwrap();
         let first = b
             .publish(idem("t", 1, values(0..1000), id, epoch, 0))
@@ -355,7 +345,7 @@ async fn sled_reopen_recovers_offsets_producers_and_groups() {
 async fn big_records_are_split_into_fragments_and_read_back_whole() {
     let dir = tempfile::tempdir().unwrap();
     let b = sled_broker(dir.path());
-    b.create_topic(topic("t", 1)).await.unwrap();
+    b.create_topic(TopicConfig::new("t", 1)).await.unwrap();
     let big: Vec<u8> = (0..900_000u32).map(|i| (i % 251) as u8).collect();
     b.publish(to(
         "t",
@@ -381,7 +371,7 @@ async fn sled_writes_no_blob_files_so_one_fdatasync_covers_everything() {
     // sled never fsyncs blob files; pages that big must not exist (see log::sled_store).
     let dir = tempfile::tempdir().unwrap();
     let b = sled_broker(dir.path());
-    b.create_topic(topic("t", 2)).await.unwrap();
+    b.create_topic(TopicConfig::new("t", 2)).await.unwrap();
     for i in 0..300u32 {
         let records = (0..1000)
             .map(|j| Record::from_value(format!("{i:05}-{j:05}-{}", "x".repeat(100))))
@@ -415,7 +405,7 @@ async fn retention_by_bytes_and_age_trims_oldest_chunks() {
     let b = memory_broker();
     b.create_topic(TopicConfig {
         retention_bytes: 100_000,
-        ..topic("bytes", 1)
+        ..TopicConfig::new("bytes", 1)
     })
     .await
     .unwrap();
@@ -443,7 +433,7 @@ async fn retention_by_bytes_and_age_trims_oldest_chunks() {
 
     b.create_topic(TopicConfig {
         retention_ms: 60_000,
-        ..topic("age", 1)
+        ..TopicConfig::new("age", 1)
     })
     .await
     .unwrap();
@@ -461,7 +451,7 @@ async fn retention_by_bytes_and_age_trims_oldest_chunks() {
 #[tokio::test]
 async fn start_positions_resolve() {
     let b = memory_broker();
-    b.create_topic(topic("t", 1)).await.unwrap();
+    b.create_topic(TopicConfig::new("t", 1)).await.unwrap();
     let at = |ms| Record {
         timestamp_ms: ms,
         ..Record::from_value("x")
@@ -499,7 +489,7 @@ async fn start_positions_resolve() {
 async fn power_cut_during_publishes(policy: FsyncPolicy) -> (usize, usize) {
     let store = Arc::new(MemoryStore::new());
     let b = broker_with(store.clone(), policy);
-    b.create_topic(topic("t", 2)).await.unwrap();
+    b.create_topic(TopicConfig::new("t", 2)).await.unwrap();
     let acked = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
@@ -566,7 +556,7 @@ async fn under_fsync_interval_acknowledged_publishes_are_synced_within_the_inter
         store.clone(),
         FsyncPolicy::Interval(Duration::from_millis(50)),
     );
-    b.create_topic(topic("t", 1)).await.unwrap();
+    b.create_topic(TopicConfig::new("t", 1)).await.unwrap();
     b.publish(to("t", 0, values(0..100))).await.unwrap();
     // A power cut right after the ack can lose it (that is the policy's trade-off) ...
     // ... but one interval later it is on disk.
@@ -583,7 +573,7 @@ async fn admission_does_not_charge_the_retry_of_a_stored_idempotent_batch() {
             per_key: 1,
             window_ms: 60_000,
         }),
-        ..topic("seckill", 1)
+        ..TopicConfig::new("seckill", 1)
     })
     .await
     .unwrap();
