@@ -27,6 +27,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 pub use error::BrokerError;
+pub use groups::GroupMember;
 pub use owners::Caller;
 use owners::{ProducerRecord, ProducerTable};
 use partition::Partition;
@@ -43,7 +44,7 @@ use weir_log::Log;
 pub struct BrokerConfig {
     /// Largest encoded record accepted (Kafka's `max.message.bytes`).
     pub max_record_bytes: usize,
-    /// Most records in one publish request.
+    /// Most records in one publish request of a client (plugins' forwards are exempt).
     pub max_batch_records: usize,
     /// How often retention (and expiry of idle producers and groups) runs.
     pub retention_interval: Duration,
@@ -92,8 +93,20 @@ pub struct Broker {
     producers: Mutex<ProducerTable>,
     /// Serialises topic creation and deletion.
     admin: tokio::sync::Mutex<()>,
+    /// Serialises the writes of producer records (issue, epoch bump, claim, expiry): each
+    /// decides from the table and writes before the next decides, so no epoch is issued twice
+    /// and the stored next id never goes back.
+    producer_writes: tokio::sync::Mutex<()>,
     /// When each (group, topic) last committed, ms since the epoch (since this start).
     group_commits: Mutex<HashMap<(String, String), i64>>,
+    /// When each (group, topic) was last otherwise used by a client (a fetch of its offsets,
+    /// its last subscriber leaving), ms since the epoch (since this start).
+    group_used: Mutex<HashMap<(String, String), i64>>,
+    /// Open subscriptions of each (group, topic): a group with one is in use and never expires.
+    group_members: Mutex<HashMap<(String, String), usize>>,
+    /// Commits hold it shared, expiry exclusively: a group is never deleted between the check
+    /// that it is idle and a commit that was acknowledged.
+    group_writes: tokio::sync::RwLock<()>,
     /// When this broker opened, ms since the epoch.
     started_ms: i64,
 }
@@ -149,7 +162,11 @@ impl Broker {
             topics: RwLock::new(topics),
             producers: Mutex::new(producers),
             admin: Default::default(),
+            producer_writes: Default::default(),
             group_commits: Default::default(),
+            group_used: Default::default(),
+            group_members: Default::default(),
+            group_writes: Default::default(),
             started_ms: now,
         }))
     }
@@ -294,6 +311,7 @@ impl Broker {
         Self::blocking(move || Ok(store.delete_topic(&config)?)).await?;
         self.sync_now().await?;
         self.group_commits.lock().retain(|(_, t), _| t != name);
+        self.group_used.lock().retain(|(_, t), _| t != name);
         let (m, label) = (weir_metrics::global(), weir_metrics::topic(name));
         m.publish_records.remove(&label);
         m.publish_bytes.remove(&label);
@@ -379,3 +397,5 @@ impl Broker {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_expiry;

@@ -19,6 +19,7 @@ impl Broker {
         existing: Option<u64>,
         caller: &Caller,
     ) -> Result<(u64, u32), BrokerError> {
+        let _writing = self.producer_writes.lock().await;
         let (id, record, next_id) = {
             let mut producers = self.producers.lock();
             let now = now_ms();
@@ -58,7 +59,7 @@ impl Broker {
             }
         };
         // Written (and synced) before it is used: a restart must never reissue an id or an
-        // epoch. The lock is not held across the write.
+        // epoch. `producer_writes` (not the table's lock) is held across the write.
         let store = self.store.clone();
         let encoded = record.encode();
         Self::blocking(move || Ok(store.put_producer(id, &encoded, next_id)?)).await?;
@@ -66,6 +67,16 @@ impl Broker {
         self.producers.lock().records.insert(id, record);
         self.sync_now().await?;
         Ok((id, epoch))
+    }
+
+    /// The current epoch of a producer owned by the server (a plugin's), if it is one.
+    pub fn server_producer_epoch(&self, id: u64) -> Option<u32> {
+        self.producers
+            .lock()
+            .records
+            .get(&id)
+            .filter(|r| r.owner == Owner::Server)
+            .map(|r| r.epoch)
     }
 
     /// The record of a producer id, or why there is none.
@@ -128,6 +139,7 @@ impl Broker {
     /// # Errors
     /// Unknown ids, storage failures.
     pub async fn claim_for_server(&self, ids: &[u64]) -> Result<(), BrokerError> {
+        let _writing = self.producer_writes.lock().await;
         for &id in ids {
             let (record, next_id) = {
                 let producers = self.producers.lock();

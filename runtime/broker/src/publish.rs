@@ -104,7 +104,10 @@ impl Broker {
         if publish.records.is_empty() {
             return Err(BrokerError::EmptyBatch);
         }
-        if publish.records.len() > self.config.max_batch_records {
+        // A plugin's committed outputs are forwarded whole (a batch that fans out may exceed
+        // the client limit); a refusal would block its outbox for good.
+        if publish.records.len() > self.config.max_batch_records && publish.caller != Caller::Server
+        {
             return Err(BrokerError::BatchTooLarge {
                 count: publish.records.len(),
                 max: self.config.max_batch_records,

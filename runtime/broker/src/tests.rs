@@ -15,7 +15,7 @@ use weir_log::{Durability, FsyncPolicy};
 use weir_log::{Log, MemoryStore, SledStore};
 
 /// A broker whose syncer thread is stopped on drop, releasing the store (and sled's lock).
-struct TestBroker {
+pub(crate) struct TestBroker {
     broker: Arc<Broker>,
     syncer: Option<std::thread::JoinHandle<()>>,
 }
@@ -50,7 +50,7 @@ fn broker_with(store: Arc<dyn Log>, policy: FsyncPolicy) -> TestBroker {
     }
 }
 
-fn memory_broker() -> TestBroker {
+pub(crate) fn memory_broker() -> TestBroker {
     broker_on(Arc::new(MemoryStore::new()))
 }
 
@@ -71,11 +71,11 @@ fn sled_broker(dir: &std::path::Path) -> TestBroker {
     broker_on(Arc::new(store))
 }
 
-fn values(range: std::ops::Range<u32>) -> Vec<Record> {
+pub(crate) fn values(range: std::ops::Range<u32>) -> Vec<Record> {
     range.map(|i| Record::from_value(format!("v{i}"))).collect()
 }
 
-fn to(topic: &str, partition: u32, records: Vec<Record>) -> Publish {
+pub(crate) fn to(topic: &str, partition: u32, records: Vec<Record>) -> Publish {
     Publish {
         topic: topic.into(),
         partition: Some(partition),

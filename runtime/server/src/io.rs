@@ -70,7 +70,9 @@ impl Output for BrokerIo {
             records: batch.records,
             producer: Some(ProducerFields {
                 producer_id: batch.producer_id,
-                epoch: 0,
+                // 0 unless a client bumped it before plugins' producers were the server's;
+                // only this plugin partition's forwarder uses the id, so its epoch is current.
+                epoch: self.0.server_producer_epoch(batch.producer_id).unwrap_or(0),
                 base_sequence: batch.base_sequence,
             }),
             caller: Caller::Server,
@@ -97,6 +99,10 @@ impl Output for BrokerIo {
 
     async fn claim_producers(&self, ids: &[u64]) -> Result<(), IoError> {
         self.0.claim_for_server(ids).await.map_err(io)
+    }
+
+    async fn release_producers(&self, ids: &[u64]) -> Result<(), IoError> {
+        self.0.release_server_producers(ids).await.map_err(io)
     }
 
     async fn ensure_topic(&self, name: &str, partitions: u32) -> Result<(), IoError> {

@@ -89,18 +89,25 @@ impl StreamLimiter {
     }
 }
 
-/// A response stream that holds its connection's stream permit while it lives.
+/// A response stream that holds its connection's stream permit, and its consumer group's
+/// membership, while it lives.
 pub struct Guarded<S> {
     inner: S,
     _permit: Option<StreamPermit>,
+    _member: Option<weir_broker::GroupMember>,
 }
 
 impl<S> Guarded<S> {
     /// Wraps `inner`.
-    pub fn new(inner: S, permit: Option<StreamPermit>) -> Self {
+    pub fn new(
+        inner: S,
+        permit: Option<StreamPermit>,
+        member: Option<weir_broker::GroupMember>,
+    ) -> Self {
         Guarded {
             inner,
             _permit: permit,
+            _member: member,
         }
     }
 }

@@ -258,6 +258,7 @@ impl Weir for WeirService {
         Ok(Response::new(Box::pin(Guarded::new(
             ReceiverStream::new(rx),
             permit,
+            None,
         ))))
     }
 
@@ -299,6 +300,8 @@ impl Weir for WeirService {
                 .collect(),
             None => HashMap::new(),
         };
+        // The group is in use while the stream lives (it does not expire).
+        let member = r.group.as_ref().map(|g| self.broker.join_group(g, &r.topic));
         let start = start_at(r.start);
         let limits = ReadLimits {
             max_records: match r.max_batch_records as usize {
@@ -342,6 +345,7 @@ impl Weir for WeirService {
         Ok(Response::new(Box::pin(Guarded::new(
             ReceiverStream::new(rx),
             permit,
+            member,
         ))))
     }
 
@@ -382,6 +386,7 @@ impl Weir for WeirService {
             .fetch_offsets(&r.group, &r.topic)
             .await
             .or_status()?;
+        self.broker.touch_group(&r.group, &r.topic);
         Ok(Response::new(pb::FetchOffsetsResponse {
             offsets: offsets
                 .into_iter()
@@ -410,6 +415,11 @@ impl Weir for WeirService {
         .or_status()?;
         for output in &deploy.outputs {
             auth::check(&principal, Operation::Publish, Resource::Topic(output)).or_status()?;
+        }
+        if deploy.on_error == weir_plugins::OnError::Dlq {
+            // Its dead letters go to `<name>.dlq`, which may already exist.
+            let dlq = format!("{}.dlq", deploy.name);
+            auth::check(&principal, Operation::Publish, Resource::Topic(&dlq)).or_status()?;
         }
         deploy.owner = Some(principal.name.clone());
         deploy.owner_quota = Some(

@@ -129,8 +129,8 @@ pub struct ServeArgs {
     /// producers never expire.
     #[arg(long, default_value_t = 7 * 24 * 3600 * 1000)]
     pub producer_expiry_ms: u64,
-    /// Forget a consumer group's offsets for a topic after it has not committed for this
-    /// long, ms (Kafka's offsets.retention.minutes).
+    /// Forget a consumer group's offsets for a topic after it has had no subscriber and no
+    /// commit or fetch of its offsets for this long, ms (Kafka's offsets.retention.minutes).
     #[arg(long, default_value_t = 7 * 24 * 3600 * 1000)]
     pub group_expiry_ms: u64,
     /// Cache compiled plugins here instead of DATA_DIR/compiled (servers may share one: entries
