@@ -2,6 +2,8 @@
 //! user does and what must happen: against a real `weir serve` process where the symptom is
 //! the process's (CPU, exit), over gRPC against an in-process server otherwise, and with a
 //! store that fails on command where the fault is the disk's.
+//! (Over 500 lines because it is one issue's checklist, a test per defect, sharing the
+//! helpers at its top.)
 
 use crate::common;
 
@@ -980,6 +982,13 @@ async fn impossible_deploys_are_refused_with_the_range() {
         (
             request(0, 0, vec!["chaos.out".into(), "chaos.out".into()]),
             "given twice",
+        ),
+        (
+            pb::DeployPluginRequest {
+                dedup_ids: u64::MAX,
+                ..request(0, 0, out())
+            },
+            "--dedup-ids 18446744073709551615 is out of range: 1 to 10000000",
         ),
     ] {
         let status = client.raw().deploy_plugin(r).await.unwrap_err();

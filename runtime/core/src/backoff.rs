@@ -1,4 +1,4 @@
-//! Exponential backoff: the one retry pacing of the server (executors, forwarders) and the
+//! Exponential backoff: the one retry pacing of the server (partition loops, forwarders) and the
 //! client (the idempotent producer).
 
 use std::time::Duration;

@@ -18,7 +18,7 @@ pub const ANONYMOUS: &str = "anonymous";
 
 pub use backoff::Backoff;
 pub use record::{
-    elapsed_ms, now_ms, partition_for_key, stored_len, ProbeMarker, Record, StoredRecord,
+    cut_text, elapsed_ms, now_ms, partition_for_key, stored_len, ProbeMarker, Record, StoredRecord,
     TopicPartition, PROBE_HEADER,
 };
 pub use topic::{

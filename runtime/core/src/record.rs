@@ -186,9 +186,33 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// `text` cut to at most `max` bytes at a character boundary, ending in `…` when cut (for
+/// texts a server keeps or forwards from untrusted sources: plugin logs, errors).
+pub fn cut_text(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let Some(mut end) = max.checked_sub('…'.len_utf8()) else {
+        return String::new();
+    };
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn texts_are_cut_at_character_boundaries() {
+        assert_eq!(cut_text("short", 10), "short");
+        assert_eq!(cut_text("ééé", 6), "ééé");
+        assert_eq!(cut_text("éééé", 6), "é…");
+        assert!(cut_text(&"é".repeat(1000), 100).len() <= 100);
+        assert_eq!(cut_text("abc", 2), "");
+    }
 
     #[test]
     fn probe_markers_round_trip() {

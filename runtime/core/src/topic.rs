@@ -1,7 +1,7 @@
 //! Topics: their configuration (validated once, with constructors), the name rule, where a
 //! read starts, and what a topic's partitions hold.
 
-/// Most partitions a topic may have; each is an executor task per plugin later.
+/// Most partitions a topic may have; each becomes a partition loop per plugin that reads it.
 pub const MAX_PARTITIONS: u32 = 1024;
 
 /// Longest retention or admission window, in ms: every time computation stays in `i64`

@@ -9,13 +9,13 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
 use weir_codec::OutRecord;
 use weir_core::{partition_for_key, ProbeMarker, Record, StoredRecord};
 use weir_log::LogError;
 use weir_wasm::{BatchEffects, Interrupt, PluginError};
 
 use crate::cache::read_through;
+use crate::dead_letter::dead_letter;
 use crate::dedup::id_hash;
 use crate::processor::Processor;
 use crate::runtime::PluginRuntime;
@@ -218,7 +218,9 @@ fn with_limits(rt: &PluginRuntime, e: PluginError) -> PluginError {
 }
 
 /// Blocking: commits a record that failed every attempt to the dead-letter topic (with the
-/// error and where it came from in headers), moving the offset past it.
+/// error and where it came from in headers, within the record limits), moving the offset past
+/// it. If its message id was processed meanwhile (a copy on another partition), it is a
+/// duplicate: skipped, not dead-lettered.
 pub(crate) fn commit_dead_letter(
     rt: &PluginRuntime,
     partition: u32,
@@ -226,29 +228,36 @@ pub(crate) fn commit_dead_letter(
     error: &str,
     local: &mut Local,
 ) -> Result<Done, StepError> {
-    let mut headers = record.record.headers.clone();
-    headers.push(("weir-error".into(), Bytes::from(error.to_string())));
-    headers.push((
-        "weir-source".into(),
-        Bytes::from(format!("{}/{}@{}", rt.spec.input, partition, record.offset)),
-    ));
-    let dead = Record {
-        headers,
-        timestamp_ms: 0,
-        ..record.record.clone()
+    let source = format!("{}/{}@{}", rt.spec.input, partition, record.offset);
+    let dead = dead_letter(
+        &record.record,
+        source,
+        error,
+        rt.seams.output.max_record_bytes(),
+    );
+    let batch = Batch {
+        partition,
+        next: record.offset + 1,
+        processed: &[record],
+        skipped: 0,
+        probes: Vec::new(),
     };
-    loop {
-        let batch = Batch {
-            partition,
-            next: record.offset + 1,
-            processed: &[record],
-            skipped: 0,
-            probes: Vec::new(),
-        };
-        match commit(rt, local, batch, BatchEffects::default(), Some(&dead))? {
-            Commit::Conflict => continue,
-            Commit::Done(done) => return Ok(done),
-        }
+    // No state was read, so only its id can conflict.
+    if let Commit::Done(done) = commit(rt, local, batch, BatchEffects::default(), Some(&dead))? {
+        return Ok(done);
+    }
+    let skip = Batch {
+        partition,
+        next: record.offset + 1,
+        processed: &[],
+        skipped: 1,
+        probes: Vec::new(),
+    };
+    match commit(rt, local, skip, BatchEffects::default(), None)? {
+        Commit::Done(done) => Ok(done),
+        Commit::Conflict => Err(StepError::Plugin(PluginError::Engine(
+            "a commit without reads or ids conflicted".into(),
+        ))),
     }
 }
 
@@ -310,12 +319,15 @@ fn commit(
         .filter_map(|r| r.record.id.as_deref())
         .map(id_hash)
         .collect();
+    // Record times drive the dedup window; one from a clock in the future must not expire
+    // every id before it, so none counts as later than now.
     let newest_ms = batch
         .processed
         .iter()
         .map(|r| r.record.timestamp_ms)
         .max()
-        .unwrap_or(0);
+        .unwrap_or(0)
+        .min(weir_core::now_ms());
     // Output partitions are routed before taking the lock (topic lookups).
     let routed = route(rt, partition, outputs)?;
 

@@ -103,6 +103,8 @@ pub trait Output: Send + Sync + 'static {
     async fn new_producer(&self) -> Result<u64, IoError>;
     /// Marks producer ids as the server's (plugins deployed before ownership existed).
     async fn claim_producers(&self, ids: &[u64]) -> Result<(), IoError>;
+    /// Releases producer ids no plugin uses any more (a removed plugin's).
+    async fn release_producers(&self, ids: &[u64]) -> Result<(), IoError>;
     /// Creates a topic unless it exists (dead-letter topics).
     async fn ensure_topic(&self, name: &str, partitions: u32) -> Result<(), IoError>;
 }

@@ -11,6 +11,7 @@
 
 mod cache;
 mod commit;
+mod dead_letter;
 mod committer;
 pub mod dedup;
 mod forwarder;

@@ -39,15 +39,12 @@ impl LogRing {
     }
 
     /// Buffers a line (the oldest buffered lines go if more than a ring's worth wait).
-    pub(crate) fn push(&self, mut line: String) {
-        if line.len() > LOG_LINE_BYTES {
-            let mut cut = LOG_LINE_BYTES;
-            while !line.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            line.truncate(cut);
-            line.push('…');
-        }
+    pub(crate) fn push(&self, line: String) {
+        let line = if line.len() > LOG_LINE_BYTES {
+            weir_core::cut_text(&line, LOG_LINE_BYTES)
+        } else {
+            line
+        };
         let mut ring = self.inner.lock();
         if ring.pending.len() as u64 >= LOG_LINES {
             ring.pending.pop_front();
@@ -126,7 +123,7 @@ mod tests {
         let lines = reopened.lines(&store, "p").unwrap();
         assert_eq!(lines.len() as u64, LOG_LINES);
         assert_eq!(lines.last().unwrap(), "after reopen");
-        assert!(lines[lines.len() - 2].len() <= LOG_LINE_BYTES + 3);
+        assert!(lines[lines.len() - 2].len() <= LOG_LINE_BYTES);
         assert_eq!(lines[0], format!("line {}", 502));
         reopened.flush(&store, "p").unwrap();
         assert_eq!(store.log_lines("p").unwrap().len() as u64, LOG_LINES);

@@ -13,6 +13,8 @@ use crate::spec::{AlertThresholds, DedupWindow, OnError, PluginSpec, StartFrom};
 pub const MAX_BATCH_RECORDS: usize = 10_000;
 /// Most attempts per batch a deploy may ask for.
 pub const MAX_ATTEMPTS: u32 = 100;
+/// Most message ids a plugin's dedup window may keep (each costs ~24 bytes of memory).
+pub const MAX_DEDUP_IDS: usize = 10_000_000;
 
 /// Server-side bounds and budgets of plugins.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,6 +151,12 @@ pub(crate) fn validate(config: &PluginConfig, request: &DeployRequest) -> Result
     }
     if request.dedup.max_ids == 0 || request.dedup.max_age_ms == 0 {
         return invalid("the dedup window (--dedup-ids, --dedup-age-ms) must be positive".into());
+    }
+    if request.dedup.max_ids > MAX_DEDUP_IDS {
+        return invalid(format!(
+            "--dedup-ids {} is out of range: 1 to {MAX_DEDUP_IDS}",
+            request.dedup.max_ids
+        ));
     }
     if request.dedup.max_age_ms > weir_core::MAX_DURATION_MS {
         return invalid(format!(

@@ -100,7 +100,7 @@ impl PluginSpec {
         format!("{}.dlq", self.name)
     }
 
-    /// Its input partitions (one executor task and one producer id each).
+    /// Its input partitions (one partition loop and one producer id each).
     pub fn partitions(&self) -> u32 {
         self.producer_ids.len() as u32
     }

@@ -67,7 +67,7 @@ impl CompiledPlugin {
 const OUTPUT_PIPE_BYTES: usize = 256 * 1024;
 
 /// Reads committed state: key → (value, version); `Err` when the store cannot be read (the
-/// batch stops and the executor waits for the store, it is not the record's fault).
+/// batch stops and its partition loop waits for the store, it is not the record's fault).
 pub type StateReader = Arc<dyn Fn(&[u8]) -> Result<Option<(Vec<u8>, u64)>, String> + Send + Sync>;
 
 /// Asked every epoch tick while a guest runs: `true` stops it at once (pause, remove,
@@ -208,10 +208,31 @@ impl weir::plugin::state::Host for HostState {
     }
 }
 
+/// Most log messages kept from one batch, and bytes kept of each: a guest's strings must not
+/// grow the host (weir-plugins keeps 4 KiB lines in its ring).
+const LOG_MESSAGES: usize = 1000;
+const LOG_MESSAGE_BYTES: usize = 4096;
+/// Bytes kept of a plugin's error (it goes into statuses and dead-letter headers).
+const ERROR_BYTES: usize = 16 * 1024;
+
+/// `text` cut to at most `max` bytes at a character boundary (weir-core's `cut_text`, which
+/// this crate does not depend on).
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max.saturating_sub('…'.len_utf8());
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
 impl weir::plugin::log::Host for HostState {
     fn write(&mut self, level: LogLevel, message: String) -> wasmtime::Result<()> {
-        if self.logs.len() < 1000 {
-            self.logs.push((level, message));
+        if self.logs.len() < LOG_MESSAGES {
+            self.logs.push((level, cut(message, LOG_MESSAGE_BYTES)));
         }
         Ok(())
     }
@@ -252,7 +273,7 @@ pub struct PluginInstance {
     output: MemoryOutputPipe,
     output_seen: usize,
     limits: Limits,
-    /// Batches run in this instance (recycled after a maximum, see the executor).
+    /// Batches run in this instance (recycled after a maximum, see weir-plugins' partition loop).
     pub batches: u64,
 }
 
@@ -345,7 +366,7 @@ impl PluginInstance {
         let effects = std::mem::take(&mut self.store.data_mut().effects);
         match result {
             Ok(Ok(outputs)) => Ok(BatchEffects { outputs, ..effects }),
-            Ok(Err(message)) => Err(PluginError::Failed(message)),
+            Ok(Err(message)) => Err(PluginError::Failed(cut(message, ERROR_BYTES))),
             Err(e) => {
                 let output = self.take_output();
                 Err(PluginError::from_trap(e, &output))

@@ -63,7 +63,7 @@ pub enum PluginError {
     /// `configure` returned an error.
     #[error("plugin configure failed: {0}")]
     InitFailed(String),
-    /// The engine's instance pool is full: not the plugin's fault, so executors wait for room
+    /// The engine's instance pool is full: not the plugin's fault, so partition loops wait for room
     /// instead of counting it as a failed attempt.
     #[error("no room for another plugin instance ({0}); the server runs at most {max} plugin × partition instances: pause or remove plugins, or use fewer partitions", max = engine::MAX_INSTANCES)]
     NoInstanceRoom(String),

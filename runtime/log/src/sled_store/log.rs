@@ -30,6 +30,16 @@ impl Log for SledStore {
 
     fn put_topic(&self, config: &TopicConfig) -> Result<(), LogError> {
         weir_core::blocking::check("put_topic");
+        // What a deleted topic of this name left (a crash half-way through the delete, a
+        // publish in flight during it) is dropped, never read back into the new topic.
+        let prefix = format!("part/{}/", config.name);
+        for name in self.db.tree_names() {
+            if name.starts_with(prefix.as_bytes()) {
+                self.db.drop_tree(&name)?;
+            }
+        }
+        self.parts.write().retain(|tp, _| tp.topic != config.name);
+        self.delete_group_offsets(&config.name)?;
         let json = serde_json::to_vec(config).expect("topic config serialises");
         self.meta
             .insert(format!("{TOPIC_PREFIX}{}", config.name), json)?;
@@ -38,23 +48,15 @@ impl Log for SledStore {
 
     fn delete_topic(&self, config: &TopicConfig) -> Result<(), LogError> {
         weir_core::blocking::check("delete_topic");
-        // Metadata first: a crash half-way leaves orphan trees (harmless, dropped on re-create)
-        // rather than a topic whose partitions are gone.
+        // Metadata first: a crash half-way leaves orphan trees (harmless: `put_topic` drops
+        // them on re-create) rather than a topic whose partitions are gone.
         self.meta.remove(format!("{TOPIC_PREFIX}{}", config.name))?;
         for partition in 0..config.partitions {
             let tp = TopicPartition::new(config.name.clone(), partition);
             self.parts.write().remove(&tp);
             self.db.drop_tree(Self::tree_name(&tp))?;
         }
-        let mut batch = sled::Batch::default();
-        for item in self
-            .groups
-            .scan_prefix(GroupKeys::topic_prefix(&config.name))
-        {
-            batch.remove(item?.0);
-        }
-        self.groups.apply_batch(batch)?;
-        Ok(())
+        self.delete_group_offsets(&config.name)
     }
 
     fn recover_partition(&self, tp: &TopicPartition) -> Result<RecoveredPartition, LogError> {

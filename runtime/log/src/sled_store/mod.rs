@@ -1,13 +1,15 @@
 //! The embedded store on sled 0.34.7.
 //!
-//! Layout: tree `meta` (format marker, `topic/<name>` → JSON config, `producer/<id>` → epoch),
-//! tree `groups` (topic \0 group \0 partition → next offset), and one tree per partition
+//! Layout: tree `meta` (`format` → `weir-log/<version>`, `topic/<name>` → JSON config,
+//! `producer/<id>` → the broker's producer record (epoch, owner), `producer-next` → the next
+//! id), tree `groups` (topic \0 group \0 partition → next offset and commit time), trees
+//! `kv/<namespace>` (the plugin store's key-value namespaces), and one tree per partition
 //! `part/<topic>/<partition>` holding, so that one `apply_batch` covers an append atomically:
 //! - `c` + base offset (u64 BE) + fragment (u16 BE) → chunk bytes
 //! - `p` + producer id (u64 BE) → that producer's sequence state
 //! - `s` → first offset still stored (written by retention)
 //!
-//! Durability: `Db::flush` only calls `sync_file_range`; [`LogStore::sync`] follows it with
+//! Durability: `Db::flush` only calls `sync_file_range`; [`Durable::sync`] follows it with
 //! `fdatasync` of `<dir>/db`, the one file sled writes records to. The directory and `conf`
 //! are synced once at open, because sled never does.
 //!
@@ -65,7 +67,7 @@ impl Default for SledOptions {
     }
 }
 
-/// A [`LogStore`] on an embedded sled database.
+/// A [`Log`](crate::Log) and [`KvStore`](crate::KvStore) on an embedded sled database.
 pub struct SledStore {
     dir: PathBuf,
     db: sled::Db,
@@ -217,6 +219,16 @@ impl SledStore {
 
     pub(super) fn tree_name(tp: &TopicPartition) -> String {
         format!("part/{}/{}", tp.topic, tp.partition)
+    }
+
+    /// Deletes every consumer group's offsets of a topic.
+    pub(super) fn delete_group_offsets(&self, topic: &str) -> Result<(), LogError> {
+        let mut batch = sled::Batch::default();
+        for item in self.groups.scan_prefix(crate::GroupKeys::topic_prefix(topic)) {
+            batch.remove(item?.0);
+        }
+        self.groups.apply_batch(batch)?;
+        Ok(())
     }
 
     pub(super) fn kv(&self, namespace: &str) -> Result<sled::Tree, LogError> {

@@ -2,7 +2,7 @@
 
 use super::kv::KV_FRAGMENT_PREFIX;
 use super::*;
-use crate::{KvStore, FRAGMENT_MAX_BYTES};
+use crate::{KvStore, Log, FRAGMENT_MAX_BYTES};
 
 #[test]
 fn kv_values_of_any_size_round_trip_and_stay_out_of_blob_files() {
@@ -158,4 +158,27 @@ fn foreign_corrupt_and_newer_directories_are_clear_errors_and_version_1_migrates
         err.contains("written by a newer weir (format weir-log/9"),
         "{err}"
     );
+}
+
+/// What a deleted topic leaves — a partition tree a publish in flight during the delete
+/// re-opened and wrote to, group offsets — never comes back into a new topic of its name.
+#[test]
+fn a_recreated_topic_starts_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), &SledOptions::default()).unwrap();
+    let config = weir_core::TopicConfig::new("t", 1);
+    let tp = TopicPartition::new("t", 0);
+    let records = vec![weir_core::Record::from_value("old")];
+    store.put_topic(&config).unwrap();
+    store.put_group_offsets("g", "t", &[(0, 1)], 0).unwrap();
+    store.delete_topic(&config).unwrap();
+    // The publish in flight: it recovers (re-opens) the partition and appends.
+    store.recover_partition(&tp).unwrap();
+    store
+        .append(&tp, 0, &crate::codec::encode_chunks(&records, 0, 1 << 15), None)
+        .unwrap();
+    store.put_topic(&config).unwrap();
+    let recovered = store.recover_partition(&tp).unwrap();
+    assert!(recovered.chunks.is_empty(), "{:?}", recovered.chunks);
+    assert!(store.group_offsets("g", "t").unwrap().is_empty());
 }

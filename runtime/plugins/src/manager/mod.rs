@@ -22,6 +22,8 @@ use crate::runtime::{PluginRuntime, Seams};
 use crate::spec::{OnError, PluginSpec, StartFrom};
 use crate::store::Cursor;
 
+mod queries;
+
 /// Runs blocking manager work (store, files, compiling) off the async workers.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ManagerError> + Send + 'static,
@@ -208,8 +210,8 @@ impl PluginManager {
     }
 
     /// Validates, compiles and starts a new plugin. A refused deploy (bad request, bad wasm)
-    /// changes nothing; one that fails half-way (storage) may leave an unused wasm file and
-    /// producer ids, never a half-deployed plugin.
+    /// changes nothing; one that fails half-way (storage) may leave an unused wasm file (its
+    /// producer ids are released), never a half-deployed plugin.
     ///
     /// # Errors
     /// Bad name or limits, existing plugin, unknown topics, invalid or mismatched wasm.
@@ -253,18 +255,26 @@ impl PluginManager {
         }
         let mut producer_ids = Vec::new();
         let mut cursors = Vec::new();
-        for p in 0..input_partitions {
-            producer_ids.push(self.seams.output.new_producer().await?);
-            let start = match request.start {
-                StartFrom::Earliest => StartAt::Earliest,
-                StartFrom::Latest => StartAt::Latest,
-            };
-            let offset = self
-                .seams
-                .input
-                .resolve_start(&request.input, p, start)
-                .await?;
-            cursors.push(Cursor::at(offset));
+        let allocated: Result<(), ManagerError> = async {
+            for p in 0..input_partitions {
+                producer_ids.push(self.seams.output.new_producer().await?);
+                let start = match request.start {
+                    StartFrom::Earliest => StartAt::Earliest,
+                    StartFrom::Latest => StartAt::Latest,
+                };
+                let offset = self
+                    .seams
+                    .input
+                    .resolve_start(&request.input, p, start)
+                    .await?;
+                cursors.push(Cursor::at(offset));
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = allocated {
+            self.release_producers(&request.name, &producer_ids).await;
+            return Err(e);
         }
         let spec = PluginSpec {
             name: request.name,
@@ -285,8 +295,14 @@ impl PluginManager {
             max_rate: request.max_rate,
         };
         let (store, name) = (self.seams.store.clone(), spec.name.clone());
-        blocking(move || Ok(store.reset(&name, &cursors)?)).await?;
-        self.save_spec(&spec).await?;
+        let stored = match blocking(move || Ok(store.reset(&name, &cursors)?)).await {
+            Ok(()) => self.save_spec(&spec).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = stored {
+            self.release_producers(&spec.name, &spec.producer_ids).await;
+            return Err(e);
+        }
         tracing::info!(message = "Plugin deployed.", plugin = %spec.name, input = %spec.input, sha256 = %spec.wasm_sha256);
         self.start(spec.clone(), Arc::new(compiled)).await?;
         self.info(&spec_name)
@@ -302,13 +318,45 @@ impl PluginManager {
         let mut spec = self.spec(name)?;
         let compiled = self.compile(wasm.clone()).await?;
         self.save_wasm(&compiled.sha256, wasm).await?;
+        let previous = self.runtime(name)?;
         spec.version += 1;
         spec.wasm_sha256 = compiled.sha256.clone();
         self.stop(name).await;
-        self.save_spec(&spec).await?;
-        tracing::info!(message = "Plugin upgraded.", plugin = %name, version = spec.version);
-        self.start(spec, Arc::new(compiled)).await?;
+        self.replace(&previous, spec, Arc::new(compiled)).await?;
+        tracing::info!(message = "Plugin upgraded.", plugin = %name, version = previous.spec.version + 1);
         self.info(name)
+    }
+
+    /// Saves `spec` and starts it in place of the stopped `previous`. On a failure the
+    /// previous spec is saved and started again, so a failed upgrade or resume never leaves
+    /// the plugin unknown; if even that fails, the next server start runs what is stored.
+    async fn replace(
+        &self,
+        previous: &PluginRuntime,
+        spec: PluginSpec,
+        plugin: Arc<dyn Plugin>,
+    ) -> Result<(), ManagerError> {
+        let mut old = previous.spec.clone();
+        old.paused = *previous.paused.borrow();
+        let (error, stored_new) = match self.save_spec(&spec).await {
+            Err(e) => (e, false),
+            Ok(()) => match self.start(spec, plugin).await {
+                Ok(()) => return Ok(()),
+                Err(e) => (e, true),
+            },
+        };
+        let restored = match stored_new {
+            true => self.save_spec(&old).await,
+            false => Ok(()),
+        };
+        let restored = match restored {
+            Ok(()) => self.start(old, previous.plugin.clone()).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = restored {
+            tracing::error!(message = "Restoring a plugin after a failed change failed; the next start runs what is stored.", plugin = %previous.spec.name, error = %e);
+        }
+        Err(error)
     }
 
     /// Pauses or resumes a plugin; resuming a halted plugin restarts it.
@@ -320,15 +368,15 @@ impl PluginManager {
         let runtime = self.runtime(name)?;
         let mut spec = runtime.spec.clone();
         spec.paused = paused;
-        self.save_spec(&spec).await?;
         let halted = runtime.status.lock().iter().any(|s| s.state.is_halted());
         if !paused && halted {
             // A halted partition's task has ended: resuming restarts the plugin, which retries
             // the record that halted it.
             let plugin = runtime.plugin.clone();
             self.stop(name).await;
-            self.start(spec, plugin).await?;
+            self.replace(&runtime, spec, plugin).await?;
         } else {
+            self.save_spec(&spec).await?;
             runtime.paused.send_replace(paused);
         }
         self.info(name)
@@ -340,7 +388,7 @@ impl PluginManager {
     /// Unknown plugin.
     pub async fn remove(&self, name: &str) -> Result<(), ManagerError> {
         let _admin = self.admin.lock().await;
-        self.spec(name)?;
+        let spec = self.spec(name)?;
         self.stop(name).await;
         let (seams, owned) = (self.seams.clone(), name.to_string());
         blocking(move || {
@@ -351,6 +399,7 @@ impl PluginManager {
                 .map_err(|e| ManagerError::Io(e.to_string()))
         })
         .await?;
+        self.release_producers(name, &spec.producer_ids).await;
         self.seams.probes.forget(name);
         let m = weir_metrics::global();
         let label = weir_metrics::plugin(name);
@@ -366,6 +415,13 @@ impl PluginManager {
         Ok(())
     }
 
+    /// Best effort: producer ids left behind cost a record each and nothing else.
+    async fn release_producers(&self, name: &str, ids: &[u64]) {
+        if let Err(e) = self.seams.output.release_producers(ids).await {
+            tracing::warn!(message = "Releasing a plugin's producer ids failed.", plugin = %name, error = %e);
+        }
+    }
+
     /// The engine plugins are compiled with.
     pub fn engine(&self) -> &Arc<PluginEngine> {
         &self.engine
@@ -377,90 +433,5 @@ impl PluginManager {
             .get(name)
             .map(|r| r.runtime.clone())
             .ok_or_else(|| ManagerError::UnknownPlugin(name.into()))
-    }
-
-    /// The principal that deployed a plugin.
-    ///
-    /// # Errors
-    /// Unknown plugin.
-    pub fn owner(&self, name: &str) -> Result<Option<String>, ManagerError> {
-        Ok(self.runtime(name)?.spec.owner.clone())
-    }
-
-    fn spec(&self, name: &str) -> Result<PluginSpec, ManagerError> {
-        let runtime = self.runtime(name)?;
-        let mut spec = runtime.spec.clone();
-        spec.paused = *runtime.paused.borrow();
-        Ok(spec)
-    }
-
-    /// One plugin's spec and partition status.
-    ///
-    /// # Errors
-    /// Unknown plugin.
-    pub fn info(&self, name: &str) -> Result<PluginInfo, ManagerError> {
-        let runtime = self.runtime(name)?;
-        let mut spec = runtime.spec.clone();
-        spec.paused = *runtime.paused.borrow();
-        let partitions = runtime.status.lock().clone();
-        Ok(PluginInfo {
-            spec,
-            partitions,
-            state_cache_bytes: runtime.committer.cache.bytes() as u64,
-        })
-    }
-
-    /// Every plugin.
-    pub fn list(&self) -> Vec<PluginInfo> {
-        let names: Vec<String> = self.plugins.lock().keys().cloned().collect();
-        names.iter().filter_map(|n| self.info(n).ok()).collect()
-    }
-
-    /// A plugin's log lines, oldest first.
-    ///
-    /// # Errors
-    /// Unknown plugin, storage failure.
-    pub async fn logs(&self, name: &str) -> Result<Vec<String>, ManagerError> {
-        let runtime = self.runtime(name)?;
-        blocking(move || Ok(runtime.log_lines()?)).await
-    }
-
-    /// Every committed state entry of a plugin: (key, value, version), in key order.
-    ///
-    /// # Errors
-    /// Unknown plugin, storage failure.
-    pub async fn state_entries(
-        &self,
-        name: &str,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>, u64)>, ManagerError> {
-        let runtime = self.runtime(name)?;
-        blocking(move || Ok(runtime.seams.store.state_entries(&runtime.spec.name)?)).await
-    }
-
-    /// Outbox entries (batches of outputs) committed but not yet forwarded.
-    ///
-    /// # Errors
-    /// Unknown plugin, storage failure.
-    pub async fn pending_outputs(&self, name: &str) -> Result<usize, ManagerError> {
-        let runtime = self.runtime(name)?;
-        blocking(move || Ok(runtime.seams.store.pending_outputs(&runtime.spec.name)?)).await
-    }
-
-    /// A committed state value and its version.
-    ///
-    /// # Errors
-    /// Unknown plugin, storage failure.
-    pub async fn state_get(
-        &self,
-        name: &str,
-        key: &[u8],
-    ) -> Result<Option<(Vec<u8>, u64)>, ManagerError> {
-        let (runtime, key) = (self.runtime(name)?, key.to_vec());
-        blocking(move || {
-            Ok(runtime
-                .committer
-                .state(&*runtime.seams.store, &runtime.spec.name, &key)?)
-        })
-        .await
     }
 }

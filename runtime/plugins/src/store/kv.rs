@@ -76,12 +76,18 @@ fn malformed(what: String, reason: &str) -> LogError {
 /// The plugin store on a [`KvStore`].
 pub struct KvPluginStore {
     kv: Arc<dyn KvStore>,
+    /// One compaction at a time: two that overlap a commit could write an older `s/<key>`
+    /// over a newer one.
+    compacting: parking_lot::Mutex<()>,
 }
 
 impl KvPluginStore {
     /// A store over `kv`.
     pub fn new(kv: Arc<dyn KvStore>) -> Self {
-        KvPluginStore { kv }
+        KvPluginStore {
+            kv,
+            compacting: parking_lot::Mutex::new(()),
+        }
     }
 }
 
@@ -201,6 +207,7 @@ impl PluginStore for KvPluginStore {
     }
 
     fn compact(&self, plugin: &str) -> Result<Option<u64>, LogError> {
+        let _one = self.compacting.lock();
         let ns = namespace(plugin);
         let deltas = self.kv.kv_scan(&ns, b"l/")?;
         let Some(last) = deltas.last().and_then(|(k, _)| key_seq(k, 2)) else {

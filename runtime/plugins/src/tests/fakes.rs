@@ -4,24 +4,16 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 use weir_core::{ProbeMarker, ReadLimits, Record, StartAt, StoredRecord};
-use weir_log::{Durability, FsyncPolicy, MemoryStore};
 use weir_wasm::{BatchEffects, Interrupt, Limits, PluginError, StateReader};
 
-use crate::forwarder::Forwarder;
 use crate::io::{Input, IoError, IoKind, Output, OutputBatch, ProbeSink};
-use crate::partition::PartitionTask;
 use crate::processor::{Plugin, Processor};
-use crate::runtime::{PluginRuntime, Seams};
-use crate::spec::{DedupWindow, OnError, PluginSpec};
-use crate::store::{KvPluginStore, PluginStore};
 
 /// Topics of records in memory, with the visible-end watches a real input has.
 #[derive(Default)]
@@ -104,6 +96,9 @@ impl Input for FakeInput {
 
 /// Output topics that keep what the plugin's producers published, dropping a retry of a stored
 /// batch as the broker does; `fail` queues failures for the next publishes.
+/// The largest record the fake output takes, as the broker's default.
+pub const RECORD_LIMIT: usize = 1 << 20;
+
 #[derive(Default)]
 pub struct FakeOutput {
     partitions: Mutex<HashMap<String, u32>>,
@@ -115,6 +110,11 @@ pub struct FakeOutput {
     /// Publishes refused with this while set.
     pub block: Mutex<Option<IoError>>,
     next_producer: Mutex<u64>,
+    /// Producer ids released.
+    pub released: Mutex<Vec<u64>>,
+    /// Publishes the broker would refuse for good (a sequence gap, a record over the limit):
+    /// bugs of the commit or the forwarder, so the harness fails the test on one.
+    pub gaps: Mutex<Vec<String>>,
 }
 
 impl FakeOutput {
@@ -152,13 +152,27 @@ impl Output for FakeOutput {
         if let Some(e) = self.block.lock().clone() {
             return Err(e);
         }
+        // The broker's record limit: a committed output over it would block the outbox.
+        if let Some(r) = batch.records.iter().find(|r| r.encoded_len() > RECORD_LIMIT) {
+            let e = format!("a record of {} bytes is over the limit", r.encoded_len());
+            self.gaps.lock().push(e.clone());
+            return Err(IoError::new(IoKind::Invalid, e));
+        }
         let key = (batch.producer_id, batch.topic.clone(), batch.partition);
         let mut sequences = self.sequences.lock();
         let next = sequences.entry(key).or_insert(0);
         if batch.base_sequence < *next {
             return Ok(()); // a retry of a stored batch
         }
-        assert_eq!(batch.base_sequence, *next, "a sequence gap");
+        if batch.base_sequence != *next {
+            // Not a panic: it would end the forwarder's task quietly, not the test.
+            let gap = format!(
+                "producer {} {}/{}: sequence {} after {}",
+                batch.producer_id, batch.topic, batch.partition, batch.base_sequence, *next
+            );
+            self.gaps.lock().push(gap.clone());
+            return Err(IoError::new(IoKind::Refused, gap));
+        }
         *next += batch.records.len() as u64;
         self.stored
             .lock()
@@ -177,7 +191,7 @@ impl Output for FakeOutput {
     }
 
     fn max_record_bytes(&self) -> usize {
-        1 << 20
+        RECORD_LIMIT
     }
 
     async fn new_producer(&self) -> Result<u64, IoError> {
@@ -187,6 +201,11 @@ impl Output for FakeOutput {
     }
 
     async fn claim_producers(&self, _: &[u64]) -> Result<(), IoError> {
+        Ok(())
+    }
+
+    async fn release_producers(&self, ids: &[u64]) -> Result<(), IoError> {
+        self.released.lock().extend_from_slice(ids);
         Ok(())
     }
 
@@ -213,9 +232,15 @@ pub struct Ctx<'a> {
     reader: &'a StateReader,
     effects: &'a mut BatchEffects,
     outputs: &'a mut weir_codec::Writer,
+    interrupt: &'a Interrupt,
 }
 
 impl Ctx<'_> {
+    /// Whether the host asked the batch to stop (what wasmtime's epoch callback checks).
+    pub fn interrupted(&self) -> bool {
+        (self.interrupt)()
+    }
+
     pub fn get(&mut self, key: &str) -> Option<u64> {
         let key = key.as_bytes().to_vec();
         if let Some(w) = self.effects.writes.get(&key) {
@@ -255,7 +280,7 @@ impl Ctx<'_> {
     }
 }
 
-fn parse(v: &[u8]) -> u64 {
+pub fn parse(v: &[u8]) -> u64 {
     std::str::from_utf8(v).unwrap().parse().unwrap()
 }
 
@@ -319,9 +344,13 @@ impl Processor for FakeProcessor {
                 reader: &self.reader,
                 effects: &mut effects,
                 outputs: &mut outputs,
+                interrupt: &self.interrupt,
             };
             (self.handle)(r, &mut ctx)
                 .map_err(|e| PluginError::Failed(format!("offset={}: {e}", r.offset)))?;
+            if (self.interrupt)() {
+                return Err(PluginError::Interrupted);
+            }
         }
         effects.outputs = if outputs.is_empty() {
             Vec::new()
@@ -337,146 +366,6 @@ impl Processor for FakeProcessor {
 
     fn drain_log(&mut self) -> Vec<String> {
         Vec::new()
-    }
-}
-
-/// A plugin's tasks running over fakes.
-pub struct Harness {
-    pub input: Arc<FakeInput>,
-    pub output: Arc<FakeOutput>,
-    pub store: Arc<dyn PluginStore>,
-    pub durability: Arc<Durability>,
-    syncer: Option<std::thread::JoinHandle<()>>,
-    pub runtime: Option<Arc<PluginRuntime>>,
-    cancel: CancellationToken,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-/// A spec reading `in` (with `partitions`) and emitting to `out`.
-pub fn spec(partitions: u32, on_error: OnError) -> PluginSpec {
-    PluginSpec {
-        name: "p".into(),
-        version: 1,
-        wasm_sha256: String::new(),
-        input: "in".into(),
-        outputs: vec!["out".into(), "p.dlq".into()],
-        config: Vec::new(),
-        limits: Limits::default(),
-        on_error,
-        max_attempts: 2,
-        max_batch: 100,
-        dedup: DedupWindow::default(),
-        producer_ids: (1..=partitions as u64).collect(),
-        paused: false,
-        owner: None,
-        alerts: Default::default(),
-        max_rate: 0,
-    }
-}
-
-impl Harness {
-    /// Seams over a fresh memory store (or `store`, to wrap it), topics `in` and `out`.
-    pub fn new(partitions: u32, store: Option<Arc<dyn weir_log::Store>>) -> Harness {
-        let memory = Arc::new(MemoryStore::new());
-        let kv: Arc<dyn weir_log::Store> = store.unwrap_or_else(|| memory.clone());
-        let (durability, syncer) = Durability::start(kv.clone(), FsyncPolicy::Never);
-        let input = Arc::new(FakeInput::default());
-        input.topic("in", partitions);
-        let output = Arc::new(FakeOutput::default());
-        output.topic("out", 2);
-        output.topic("p.dlq", partitions);
-        Harness {
-            input,
-            output,
-            store: Arc::new(KvPluginStore::new(kv)),
-            durability,
-            syncer: Some(syncer),
-            runtime: None,
-            cancel: CancellationToken::new(),
-            tasks: Vec::new(),
-        }
-    }
-
-    /// Starts `plugin` under `spec` (its cursors start at 0 unless stored).
-    pub fn start(&mut self, spec: PluginSpec, plugin: Arc<dyn Plugin>) {
-        let seams = Seams {
-            input: self.input.clone(),
-            output: self.output.clone(),
-            store: self.store.clone(),
-            durability: self.durability.clone(),
-            probes: Arc::new(NoProbes),
-        };
-        let runtime = {
-            let _blocking = weir_core::blocking::allow();
-            PluginRuntime::open(spec, plugin, seams, 1 << 20).unwrap()
-        };
-        self.cancel = CancellationToken::new();
-        for p in 0..runtime.spec.partitions() {
-            self.tasks.push(tokio::spawn(
-                PartitionTask::new(runtime.clone(), p, self.cancel.clone()).run(),
-            ));
-            self.tasks.push(tokio::spawn(
-                Forwarder::new(runtime.clone(), p).run(self.cancel.clone()),
-            ));
-        }
-        self.runtime = Some(runtime);
-    }
-
-    /// Stops the tasks (as at shutdown: nothing half-done is committed).
-    pub async fn stop(&mut self) {
-        self.cancel.cancel();
-        for t in self.tasks.drain(..) {
-            t.await.unwrap();
-        }
-        self.runtime = None;
-    }
-
-    pub fn rt(&self) -> &Arc<PluginRuntime> {
-        self.runtime.as_ref().expect("started")
-    }
-
-    /// Waits until every input partition is committed to its end and the outbox is empty.
-    pub async fn idle(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let rt = self.rt();
-            let ends: Vec<u64> = (0..rt.spec.partitions())
-                .map(|p| *self.input.watch("in", p).unwrap().borrow())
-                .collect();
-            let committed: Vec<u64> = rt.status.lock().iter().map(|s| s.committed).collect();
-            let pending = {
-                let _blocking = weir_core::blocking::allow();
-                self.store.pending_outputs("p").unwrap()
-            };
-            if committed == ends && pending == 0 {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "not idle: committed {committed:?} of {ends:?}, {pending} pending; {:?}",
-                rt.status.lock()
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    pub fn state(&self, key: &str) -> Option<u64> {
-        let _blocking = weir_core::blocking::allow();
-        let rt = self.rt();
-        rt.committer
-            .state(&*rt.seams.store, &rt.spec.name, key.as_bytes())
-            .unwrap()
-            .map(|(v, _)| parse(&v))
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        self.cancel.cancel();
-        self.durability.stop();
-        if let Some(s) = self.syncer.take() {
-            let _ = s.join();
-        }
     }
 }
 

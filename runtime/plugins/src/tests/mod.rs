@@ -3,12 +3,14 @@
 //! runs in milliseconds.
 
 mod fakes;
+mod harness;
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fakes::{rec, spec, FakePlugin, Harness};
+use fakes::{rec, FakePlugin};
+use harness::{spec, Harness};
 
 use crate::io::{IoError, IoKind};
 use crate::runtime::PartitionState;
@@ -57,6 +59,66 @@ async fn a_batch_commits_state_ids_outputs_and_offsets_together_and_outputs_go_o
     assert_eq!(h.state("ann"), Some(11));
     assert_eq!(h.rt().status.lock()[0].skipped, 1);
     assert_eq!(h.output.values("out").len(), 3);
+}
+
+/// A failing record whose value fills the record limit: its dead letter (value plus error
+/// and source headers) would be over the limit, refused by the broker and block the outbox
+/// for good. It goes without its value, saying how large it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_always_fits_the_record_limit() {
+    let mut h = Harness::new(1, None);
+    let mut s = spec(1, OnError::Dlq);
+    s.max_attempts = 1;
+    h.start(s, points());
+    let big = "x".repeat(fakes::RECORD_LIMIT - 64);
+    h.input.append("in", 0, vec![rec("ann", &big, None), rec("ann", "2", None)]);
+    h.idle().await;
+    let dead = h.output.records("p.dlq");
+    assert_eq!(dead.len(), 1);
+    assert!(dead[0].value.is_empty());
+    let omitted = dead[0]
+        .headers
+        .iter()
+        .find(|(k, _)| k == "weir-value-omitted")
+        .expect("says the value was left out");
+    assert!(String::from_utf8_lossy(&omitted.1).contains("in/0@0"));
+    assert_eq!(h.state("ann"), Some(2), "later records flow");
+}
+
+/// A record fails on one partition while a copy with the same message id commits on another:
+/// its dead letter then conflicts on the id. It is a duplicate, skipped — it used to be
+/// retried for ever in a loop that not even a stop could end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_record_whose_id_commits_elsewhere_meanwhile_is_skipped() {
+    let mut h = Harness::new(2, None);
+    let mut s = spec(2, OnError::Dlq);
+    s.max_attempts = 1;
+    let failing = Arc::new(AtomicBool::new(false));
+    let failing2 = failing.clone();
+    let plugin = FakePlugin::new(move |r, ctx| {
+        if r.value == b"oops" {
+            // Fails slowly: the copy on partition 0 commits meanwhile.
+            failing2.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(300));
+            return Err("not an amount".into());
+        }
+        let key = std::str::from_utf8(r.key.unwrap()).unwrap();
+        let amount: u64 = std::str::from_utf8(r.value).unwrap().parse().unwrap();
+        let balance = ctx.get(key).unwrap_or(0) + amount;
+        ctx.put(key, balance);
+        Ok(())
+    });
+    h.start(s, plugin);
+    h.input.append("in", 1, vec![rec("ann", "oops", Some("o1"))]);
+    while !failing.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    h.input.append("in", 0, vec![rec("bob", "3", Some("o1"))]);
+    h.idle().await;
+    assert_eq!(h.state("bob"), Some(3));
+    assert!(h.output.records("p.dlq").is_empty(), "a duplicate is not dead-lettered");
+    let status = h.rt().status.lock()[1].clone();
+    assert_eq!((status.skipped, status.dead_lettered), (1, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -255,20 +317,51 @@ async fn a_failing_store_makes_the_partition_wait_without_spending_attempts() {
     );
 }
 
+/// A pause interrupts a batch while it runs (the plugin spins until interrupted, as a wasm
+/// guest does under the epoch callback): nothing of it commits, no attempt is spent, and after
+/// the resume the record is processed once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pause_interrupts_and_resume_carries_on_without_committing_twice() {
+async fn pause_interrupts_a_running_batch_and_resume_carries_on_without_committing_twice() {
+    let spin = Arc::new(AtomicBool::new(true));
+    let started = Arc::new(AtomicBool::new(false));
+    let (spin2, started2) = (spin.clone(), started.clone());
+    let plugin = FakePlugin::new(move |r, ctx| {
+        started2.store(true, Ordering::SeqCst);
+        while spin2.load(Ordering::SeqCst) && !ctx.interrupted() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let key = std::str::from_utf8(r.key.unwrap()).unwrap();
+        let amount: u64 = std::str::from_utf8(r.value).unwrap().parse().unwrap();
+        let balance = ctx.get(key).unwrap_or(0) + amount;
+        ctx.put(key, balance);
+        Ok(())
+    });
     let mut h = Harness::new(1, None);
-    h.start(spec(1, OnError::Halt), points());
-    h.rt().paused.send_replace(true);
+    h.start(spec(1, OnError::Halt), plugin);
     h.input.append("in", 0, vec![rec("ann", "5", None)]);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(
-        h.rt().status.lock()[0].committed,
-        0,
-        "paused: nothing committed"
-    );
-    assert_eq!(h.rt().status.lock()[0].state, PartitionState::Paused);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !started.load(Ordering::SeqCst) {
+        assert!(std::time::Instant::now() < deadline, "the batch never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    h.rt().paused.send_replace(true);
+    while h.rt().status.lock()[0].state != PartitionState::Paused {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the running batch was not interrupted: {:?}",
+            h.rt().status.lock()[0].state
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(h.rt().status.lock()[0].committed, 0, "paused: nothing committed");
+    assert_eq!(h.state("ann"), None);
+    spin.store(false, Ordering::SeqCst);
     h.rt().paused.send_replace(false);
     h.idle().await;
     assert_eq!(h.state("ann"), Some(5));
+    let logs = {
+        let _b = weir_core::blocking::allow();
+        h.rt().log_lines().unwrap().join("\n")
+    };
+    assert!(!logs.contains("attempt"), "an interrupt spends no attempt: {logs}");
 }

@@ -1,0 +1,92 @@
+//! What the plugin manager answers about its plugins: specs, status, logs, state, pending
+//! outputs. Reads only.
+
+use super::{blocking, PluginManager};
+use crate::request::{ManagerError, PluginInfo};
+use crate::spec::PluginSpec;
+
+impl PluginManager {
+    /// The principal that deployed a plugin.
+    ///
+    /// # Errors
+    /// Unknown plugin.
+    pub fn owner(&self, name: &str) -> Result<Option<String>, ManagerError> {
+        Ok(self.runtime(name)?.spec.owner.clone())
+    }
+
+    /// A running plugin's spec, paused as it is now.
+    pub(super) fn spec(&self, name: &str) -> Result<PluginSpec, ManagerError> {
+        let runtime = self.runtime(name)?;
+        let mut spec = runtime.spec.clone();
+        spec.paused = *runtime.paused.borrow();
+        Ok(spec)
+    }
+
+    /// One plugin's spec and partition status.
+    ///
+    /// # Errors
+    /// Unknown plugin.
+    pub fn info(&self, name: &str) -> Result<PluginInfo, ManagerError> {
+        let (spec, runtime) = (self.spec(name)?, self.runtime(name)?);
+        let partitions = runtime.status.lock().clone();
+        Ok(PluginInfo {
+            spec,
+            partitions,
+            state_cache_bytes: runtime.committer.cache.bytes() as u64,
+        })
+    }
+
+    /// Every plugin.
+    pub fn list(&self) -> Vec<PluginInfo> {
+        let names: Vec<String> = self.plugins.lock().keys().cloned().collect();
+        names.iter().filter_map(|n| self.info(n).ok()).collect()
+    }
+
+    /// A plugin's log lines, oldest first.
+    ///
+    /// # Errors
+    /// Unknown plugin, storage failure.
+    pub async fn logs(&self, name: &str) -> Result<Vec<String>, ManagerError> {
+        let runtime = self.runtime(name)?;
+        blocking(move || Ok(runtime.log_lines()?)).await
+    }
+
+    /// Every committed state entry of a plugin: (key, value, version), in key order.
+    ///
+    /// # Errors
+    /// Unknown plugin, storage failure.
+    pub async fn state_entries(
+        &self,
+        name: &str,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>, u64)>, ManagerError> {
+        let runtime = self.runtime(name)?;
+        blocking(move || Ok(runtime.seams.store.state_entries(&runtime.spec.name)?)).await
+    }
+
+    /// Outbox entries (batches of outputs) committed but not yet forwarded.
+    ///
+    /// # Errors
+    /// Unknown plugin, storage failure.
+    pub async fn pending_outputs(&self, name: &str) -> Result<usize, ManagerError> {
+        let runtime = self.runtime(name)?;
+        blocking(move || Ok(runtime.seams.store.pending_outputs(&runtime.spec.name)?)).await
+    }
+
+    /// A committed state value and its version.
+    ///
+    /// # Errors
+    /// Unknown plugin, storage failure.
+    pub async fn state_get(
+        &self,
+        name: &str,
+        key: &[u8],
+    ) -> Result<Option<(Vec<u8>, u64)>, ManagerError> {
+        let (runtime, key) = (self.runtime(name)?, key.to_vec());
+        blocking(move || {
+            Ok(runtime
+                .committer
+                .state(&*runtime.seams.store, &runtime.spec.name, &key)?)
+        })
+        .await
+    }
+}
