@@ -1,4 +1,5 @@
 //! The broker over gRPC: a real server on 127.0.0.1:0 and the Rust client.
+//! (Over 500 lines because it is one suite, sharing its helpers.)
 
 use crate::common;
 

@@ -1,4 +1,5 @@
 //! The `weir` binary as a user runs it: serve, topics, publish, consume, errors, shutdown.
+//! (Over 500 lines because it is one suite, sharing its helpers.)
 
 use crate::common;
 

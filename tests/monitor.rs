@@ -1,4 +1,5 @@
 //! Lag, Burrow status, alerts, probes, `/metrics` and the status page.
+//! (Over 500 lines because it is one suite, sharing its helpers.)
 
 use crate::common;
 

@@ -1,6 +1,7 @@
 //! Plugins end to end on an in-process server with the real compiled components: behaviour,
 //! dedup, outputs forwarded exactly once, isolation of misbehaving plugins, deploy errors,
 //! upgrade.
+//! (Over 500 lines because it is one suite: one subject, sharing its helpers.)
 
 use crate::common;
 

@@ -1,5 +1,6 @@
 //! Tokens, grants, ownership, TLS and the API's limits: each operation allowed with its grant
 //! and refused without, each limit refused with its status. docs/security.md cites these tests.
+//! (Over 500 lines because it is one suite, sharing its auth file and helpers.)
 
 use crate::common;
 

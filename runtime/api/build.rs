@@ -8,7 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Record payloads stay `Bytes` slices of the request buffer: no per-record copy.
         .bytes(".")
-        // Malformed requests are INVALID_ARGUMENT, not INTERNAL (grpc/codec.rs).
+        // Malformed requests are INVALID_ARGUMENT, not INTERNAL (src/codec.rs).
         .codec_path("crate::codec::WeirCodec")
         .compile_protos(&["../../proto/weir.proto"], &["../../proto"])?;
     Ok(())

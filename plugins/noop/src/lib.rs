@@ -1,4 +1,4 @@
-//! Does nothing with each record: measures what the executor itself costs (fetch, dedup,
+//! Does nothing with each record: measures what the host itself costs per record (fetch, dedup,
 //! the WASM call, the atomic commit) in `weir bench plugin`.
 
 use weir_sdk::{consumer, Context, Record, Result};

@@ -1,5 +1,5 @@
 //! weir-metrics: Prometheus metrics (prometheus-client). Event counters and histograms live in
-//! one process-wide [`Metrics`]: the broker, the syncer and the executors record into it where
+//! one process-wide [`Metrics`]: the broker, the syncer and the plugins' partition loops record into it where
 //! the event happens. Lag, probe and alert gauges are snapshots the server's monitor keeps,
 //! added to a scrape's registry then.
 

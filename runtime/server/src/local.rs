@@ -1,4 +1,4 @@
-//! The local runtime: weir's whole host — store, syncer, broker, plugin executor with its
+//! The local runtime: weir's whole host — store, syncer, broker, plugins with their
 //! limits — in-process on a temporary directory, with no network. For plugin integration
 //! tests in any Rust test, and for `weir test`.
 //!

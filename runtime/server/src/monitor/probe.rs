@@ -1,7 +1,7 @@
 //! Probe records (the seed's 监控消息, Kafka Monitor's end-to-end probe): the monitor writes a
-//! marked record into each partition of watched topics; executors never hand one to a plugin,
-//! they commit past it and report here, after the commit is durable, how long it took from
-//! publish to effects committed.
+//! marked record into each partition of watched topics; a plugin's partition loop never hands
+//! one to the plugin: it commits past it and reports here, once the commit is durable, how
+//! long it took from publish to effects committed.
 
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};

@@ -41,7 +41,7 @@ pub struct PluginBench {
     /// Distinct users the orders are spread over.
     #[arg(long, default_value_t = 10_000)]
     pub users: u64,
-    /// Partitions of the input topic (one executor each).
+    /// Partitions of the input topic (one partition loop each).
     #[arg(long, default_value_t = 4)]
     pub partitions: u32,
 }

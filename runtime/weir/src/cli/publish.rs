@@ -159,8 +159,9 @@ pub(super) async fn run(client: &Client, args: PublishArgs) -> anyhow::Result<()
             continue;
         }
         let record = match line_record(&args, n, &line) {
-            // The batch it would have joined is not sent either: input that arrives at once
-            // (a file) is all or nothing, as before lines were streamed.
+            // The batch it would have joined is not sent either. Batches sent before it stay
+            // published (a file longer than --batch lines is not all or nothing); the error
+            // says from which line nothing was.
             Err(e) if published == 0 => anyhow::bail!("{e}; nothing was published"),
             Err(e) => anyhow::bail!(
                 "{e}; the {published} record(s) before line {batch_line} were published, \

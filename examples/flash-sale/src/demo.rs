@@ -1,0 +1,391 @@
+//! The demo around the sale: a `weir serve` child process, the two phases (a clean run, then
+//! one with the server killed with `kill -9` mid-run) and the order plugin's drain benchmark.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context as _, Result};
+use weir_api::pb;
+use weir_api::{Client, Deploy, StateAnswer};
+
+use crate::*;
+
+/// A `weir serve` child process of the demo.
+pub struct Server {
+    child: std::process::Child,
+    /// gRPC URL.
+    pub url: String,
+    /// Status page / metrics address.
+    pub metrics: String,
+}
+
+impl Server {
+    /// Starts `weir serve` on `data_dir` with metrics, fast lag sampling and probes.
+    ///
+    /// # Errors
+    /// The binary did not start or did not print its addresses.
+    pub fn start(weir: &Path, data_dir: &Path, log: &Path) -> Result<Server> {
+        use std::io::BufRead;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let mut child = std::process::Command::new(weir)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics",
+                "127.0.0.1:0",
+            ])
+            .args(["--lag-sample-ms", "250", "--probe-interval-ms", "250"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .env("WEIR_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", weir.display()))?;
+        let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut line = |prefix: &str| -> Result<String> {
+            let l = lines.next().context("weir serve exited")??;
+            l.strip_prefix(prefix)
+                .map(str::to_string)
+                .with_context(|| format!("unexpected output of weir serve: {l:?}"))
+        };
+        let url = format!("http://{}", line("weir listening on ")?);
+        let metrics = line("weir metrics on ")?;
+        Ok(Server {
+            child,
+            url,
+            metrics,
+        })
+    }
+
+    /// `kill -9`.
+    pub fn kill9(mut self) -> Result<()> {
+        let status = std::process::Command::new("kill")
+            .args(["-9", &self.child.id().to_string()])
+            .status()?;
+        ensure!(status.success(), "kill -9 failed");
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM and wait (a clean stop).
+    pub fn stop(mut self) -> Result<()> {
+        let _ = std::process::Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Where the demo runs and how loud it is.
+pub struct DemoOptions {
+    /// The `weir` binary.
+    pub weir: PathBuf,
+    /// Directory of the plugin `.wasm` files.
+    pub wasm_dir: PathBuf,
+    /// Sale size.
+    pub sale: Sale,
+    /// Progress bars and lag tables (off in tests).
+    pub verbose: bool,
+}
+
+/// Prints to stdout when verbose.
+macro_rules! say {
+    ($opts:expr, $($arg:tt)*) => { if $opts.verbose { println!($($arg)*) } };
+}
+
+/// Both phases: a clean run, then a run with `kill -9` during the drain and again while the
+/// paid orders flow; returns both verified totals.
+///
+/// # Errors
+/// Any failed step or verification.
+pub async fn demo(opts: &DemoOptions) -> Result<(Totals, Totals)> {
+    let dir = tempfile::tempdir()?;
+    say!(opts, "\n== phase 1: the flash sale");
+    let first = run_phase(opts, &dir.path().join("phase1"), false).await?;
+    say!(
+        opts,
+        "\n== phase 2: the same sale, with kill -9 twice mid-run"
+    );
+    let second = run_phase(opts, &dir.path().join("phase2"), true).await?;
+    say!(
+        opts,
+        "\n== verified totals              phase 1   phase 2 (kill -9 ×2)"
+    );
+    for (name, a, b) in [
+        ("requests sent", first.sent, second.sent),
+        ("accepted into the log", first.accepted, second.accepted),
+        ("refused by admission", first.refused, second.refused),
+        ("orders created (= stock)", first.orders, second.orders),
+        ("requests rejected", first.rejected, second.rejected),
+        ("paid orders", first.paid, second.paid),
+        ("points credited", first.points, second.points),
+        ("red envelopes", first.envelopes, second.envelopes),
+        ("analytics records", first.analytics, second.analytics),
+    ] {
+        say!(
+            opts,
+            "   {name:<28} {a:>9} {b:>9}   {}",
+            if a == b { "same" } else { "DIFFERENT" }
+        );
+    }
+    ensure!(
+        first == second,
+        "the run with kill -9 differs: {first:?} vs {second:?}"
+    );
+    say!(
+        opts,
+        "\n== exactly once: a crashed and restarted weir reached the same totals"
+    );
+    Ok((first, second))
+}
+
+async fn run_phase(opts: &DemoOptions, dir: &Path, crash: bool) -> Result<Totals> {
+    let sale = &opts.sale;
+    std::fs::create_dir_all(dir)?;
+    let data = dir.join("data");
+    let log = dir.join("server.log");
+    let mut server = Server::start(&opts.weir, &data, &log)?;
+    say!(
+        opts,
+        "   weir serve on {} · status page http://{}/ · server log {}",
+        server.url,
+        server.metrics,
+        log.display()
+    );
+    let mut client = Client::connect(&server.url).await?;
+    setup(&client, sale, &opts.wasm_dir).await?;
+    let load = requests(sale);
+    say!(
+        opts,
+        "   {} seckill requests from {} users for {} units; the order system takes {}/s on {} partitions",
+        load.len(),
+        sale.users,
+        sale.stock,
+        sale.order_rate,
+        sale.partitions
+    );
+    let bar = if opts.verbose {
+        indicatif::ProgressBar::new(load.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "   burst  [{bar:40}] {pos}/{len} acked · {per_sec} · {msg}",
+        )?
+        .progress_chars("=> "),
+    );
+    let report = {
+        let lag_bar = bar.clone();
+        let bar = bar.clone();
+        let progress = move |n: u64| bar.inc(n);
+        let lag_client = client.clone();
+        let watcher = tokio::spawn(async move {
+            loop {
+                if let Ok(l) = lag_client.lag("order").await {
+                    if let Some(c) = l.consumers.first() {
+                        lag_bar.set_message(format!("order lag {}", c.lag));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
+        let report = burst(&client, &load, sale.partitions, &progress).await;
+        watcher.abort();
+        report?
+    };
+    bar.finish();
+    say!(
+        opts,
+        "   burst acknowledged in {:.2?}: {} stored, {} refused by admission (one per user per {} ms)",
+        report.elapsed,
+        report.accepted,
+        report.refused,
+        sale.admit_window_ms
+    );
+    // The seed's 秒杀结果计算中: a late requester asks for the result right away.
+    if let Some((user, &(partition, offset))) = report.positions.iter().max_by_key(|(_, p)| p.1) {
+        let key = format!("result/{ITEM}/{user}");
+        let answer = client
+            .get_state_after("order", key.as_bytes(), partition, offset)
+            .await?;
+        say!(
+            opts,
+            "   result for {user} (request at {partition}:{offset}) right after the ack: {}",
+            match answer {
+                StateAnswer::Pending => "pending (秒杀结果计算中)".to_string(),
+                StateAnswer::Value(v, _) => String::from_utf8_lossy(&v).into_owned(),
+                StateAnswer::Absent => "processed, no result".into(),
+            }
+        );
+    }
+    let mut shown = Instant::now() - Duration::from_secs(10);
+    let mut show = |l: &pb::GetLagResponse| {
+        if opts.verbose && shown.elapsed() >= Duration::from_secs(2) {
+            shown = Instant::now();
+            println!("   $ weir lag");
+            for line in weir_api::lag::table(l).lines() {
+                println!("   {line}");
+            }
+        }
+    };
+    if crash {
+        // Let the order plugin get part-way, then pull the plug.
+        let half = report.accepted / 3;
+        loop {
+            let l = client.lag("order").await?;
+            let done: u64 = l.rows.iter().map(|r| r.committed).sum();
+            if done >= half {
+                say!(
+                    opts,
+                    "   kill -9 while the order plugin drains ({done} of {} requests processed)",
+                    report.accepted
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        server.kill9()?;
+        server = Server::start(&opts.weir, &data, &log)?;
+        client = Client::connect(&server.url).await?;
+        say!(opts, "   restarted on {}", server.url);
+    }
+    drain(
+        &client,
+        "order",
+        Duration::from_millis(250),
+        Duration::from_secs(60),
+        &mut show,
+    )
+    .await?;
+    say!(opts, "   drained: every request answered");
+    let payments = pay(&client, sale).await?;
+    say!(
+        opts,
+        "   {} orders paid (a tenth of the payments delivered twice)",
+        payments.len()
+    );
+    if crash {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        say!(
+            opts,
+            "   kill -9 while points, red envelopes and analytics drain"
+        );
+        server.kill9()?;
+        server = Server::start(&opts.weir, &data, &log)?;
+        client = Client::connect(&server.url).await?;
+    }
+    let lag = drain(
+        &client,
+        "",
+        Duration::from_millis(250),
+        Duration::from_secs(60),
+        &mut |_| {},
+    )
+    .await?;
+    let totals = verify(&client, sale, &report, &payments).await?;
+    say!(opts, "   verified:");
+    say!(
+        opts,
+        "     requests   {} sent = {} stored + {} refused by admission",
+        totals.sent,
+        totals.accepted,
+        totals.refused
+    );
+    say!(
+        opts,
+        "     orders     {} created = stock, no user twice; {} rejected; {} retries skipped by id",
+        totals.orders,
+        totals.rejected,
+        totals.deduplicated
+    );
+    say!(opts, "     payments   {} paid → {} points (recount matches every balance), {} red envelopes, {} analytics records", totals.paid, totals.points, totals.envelopes, totals.analytics);
+    for c in &lag.consumers {
+        if c.probes_seen > 0 {
+            say!(
+                opts,
+                "     delay      {:<16} probes p50 {:.0} ms, p99 {:.0} ms ({} probes, {} lost)",
+                c.name,
+                c.probe_p50_ms,
+                c.probe_p99_ms,
+                c.probes_seen,
+                c.probes_lost
+            );
+        }
+    }
+    server.stop()?;
+    Ok(totals)
+}
+
+/// Drains the demo's accepted burst through an unthrottled order plugin on `partitions`
+/// partitions: (requests, seconds from first deploy to drained). The requests are published
+/// first, then the plugin is deployed, so only the drain is timed.
+///
+/// # Errors
+/// Server or verification failures.
+pub async fn drain_bench(weir: &Path, wasm_dir: &Path, partitions: u32) -> Result<(u64, f64)> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(
+        weir,
+        &dir.path().join("data"),
+        &dir.path().join("server.log"),
+    )?;
+    let client = Client::connect(&server.url).await?;
+    let sale = Sale {
+        partitions,
+        order_rate: 0,
+        ..Sale::demo()
+    };
+    create_topics(
+        &client,
+        &sale,
+        &[REQUESTS, "order.created", "order.rejected"],
+    )
+    .await?;
+    let report = burst(&client, &requests(&sale), partitions, &|_| {}).await?;
+    let wasm = std::fs::read(wasm_dir.join("order.wasm")).context("order.wasm")?;
+    let started = Instant::now();
+    client
+        .deploy_plugin(Deploy {
+            name: "order".into(),
+            wasm,
+            input: REQUESTS.into(),
+            outputs: vec!["order.created".into(), "order.rejected".into()],
+            config: vec![
+                ("stock".into(), sale.stock.to_string()),
+                ("shares".into(), partitions.to_string()),
+            ],
+            ..Default::default()
+        })
+        .await?;
+    loop {
+        let plugins = client.list_plugins().await?;
+        let done: u64 = plugins[0].partitions.iter().map(|p| p.committed).sum();
+        if done >= report.accepted {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let created = read_all(&client, "order.created").await?.len() as u64;
+    ensure!(
+        created == sale.stock,
+        "{created} orders for a stock of {}",
+        sale.stock
+    );
+    server.stop()?;
+    Ok((report.accepted, secs))
+}

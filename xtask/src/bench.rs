@@ -1,0 +1,326 @@
+//! `cargo xtask bench`: reproduces BENCHMARKS.md against release `weir serve` child
+//! processes (publish under each fsync policy with a raw-disk baseline, the points plugin in
+//! three languages against the no-op baseline, the memory soak).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{build_example_plugins, build_plugins, build_release, run};
+
+/// Raw disk bandwidth in the same run, the baseline the publish rates are compared with:
+/// 256 MiB written sequentially in 1 MiB writes, then fdatasync, in MB/s.
+fn disk_baseline() -> Result<f64> {
+    use std::io::Write;
+    let path = std::env::temp_dir().join(format!("weir-disk-baseline-{}", std::process::id()));
+    let block = vec![0x5au8; 1 << 20];
+    let started = Instant::now();
+    let mut file = std::fs::File::create(&path)?;
+    for _ in 0..256 {
+        file.write_all(&block)?;
+    }
+    file.sync_data()?;
+    let mb_per_s = 256.0 * 1.048_576 / started.elapsed().as_secs_f64();
+    std::fs::remove_file(&path)?;
+    Ok(mb_per_s)
+}
+
+/// Bytes a process has caused to be written to storage (`/proc/<pid>/io` write_bytes).
+fn written_bytes(pid: u32) -> Option<f64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes: "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// A `weir serve` child process.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(bin: &Path, data_dir: &Path, fsync: &str) -> Result<Server> {
+        Self::start_with(bin, data_dir, fsync, &[])
+    }
+
+    fn start_with(bin: &Path, data_dir: &Path, fsync: &str, extra: &[&str]) -> Result<Server> {
+        let mut child = Command::new(bin)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--fsync",
+                fsync,
+                "--data-dir",
+            ])
+            .arg(data_dir)
+            .args(extra)
+            .env("WEIR_LOG", "warn")
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting weir serve")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("weir listening on ")
+            .with_context(|| format!("weir serve did not start: {line:?}"))?;
+        Ok(Server {
+            url: format!("http://{addr}"),
+            child,
+        })
+    }
+
+    fn stop(mut self) -> Result<()> {
+        run(Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string()))?;
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("weir serve exited with {status}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn weir(bin: &Path, server: &Server, args: &[&str]) -> Result<String> {
+    let out = Command::new(bin)
+        .args(args)
+        .env("WEIR_SERVER", &server.url)
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("weir {} failed", args.join(" "));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Reproduces BENCHMARKS.md: `weir bench publish` against a release `weir serve` under each
+/// fsync policy, three runs each; prints every run and the median.
+pub fn bench(args: &[String]) -> Result<()> {
+    let usage = "usage: cargo xtask bench [--records N] [--plugins-only] [--soak [SECONDS]]";
+    let (mut records, mut plugins_only, mut soak) = ("1000000".to_string(), false, None);
+    let mut rest = args.iter().peekable();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--records" => records = rest.next().context(usage)?.clone(),
+            "--plugins-only" => plugins_only = true,
+            "--soak" => {
+                soak = Some(match rest.peek().and_then(|s| s.parse::<u64>().ok()) {
+                    Some(secs) => {
+                        rest.next();
+                        secs
+                    }
+                    None => 600,
+                })
+            }
+            _ => bail!(usage),
+        }
+    }
+    let bin = build_release()?;
+    if let Some(secs) = soak {
+        return bench_soak(&bin, secs);
+    }
+    if !plugins_only {
+        bench_publish(&bin, &records)?;
+    }
+    bench_plugins(&bin, &records)
+}
+
+/// `weir bench publish`, 100-byte records, under fsync always and never, three runs each.
+fn bench_publish(bin: &Path, records: &str) -> Result<()> {
+    let disk = disk_baseline()?;
+    println!(
+        "baseline: raw sequential write of 256 MiB in 1 MiB writes + fdatasync: {disk:.0} MB/s\n"
+    );
+    for fsync in ["always", "never"] {
+        let mut rates = Vec::new();
+        for round in 1..=3 {
+            let data = std::env::temp_dir()
+                .join(format!("weir-bench-{}-{fsync}-{round}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&data);
+            let server = Server::start(bin, &data, fsync)?;
+            let out = weir(
+                bin,
+                &server,
+                &[
+                    "bench",
+                    "publish",
+                    "--records",
+                    records,
+                    "--record-size",
+                    "100",
+                    "--batch",
+                    "1000",
+                    "--partitions",
+                    "4",
+                    "--concurrency",
+                    "8",
+                    "--quiet",
+                ],
+            )?;
+            let written = written_bytes(server.child.id());
+            server.stop()?;
+            std::fs::remove_dir_all(&data).ok();
+            println!("fsync {fsync}, run {round}:\n{out}");
+            let field = |prefix: &str| -> Result<f64> {
+                out.lines()
+                    .find_map(|l| l.strip_prefix(prefix))
+                    .and_then(|l| l.split_whitespace().next())
+                    .and_then(|n| n.parse().ok())
+                    .with_context(|| format!("parse {prefix}"))
+            };
+            let rate = field("throughput: ")?;
+            let payload_mb = field(&format!("{records} records ("))?;
+            if let Some(written) = written {
+                println!("server wrote {:.0} MB to disk for {payload_mb:.0} MB of keys and values ({:.1}x)", written / 1e6, written / 1e6 / payload_mb);
+            }
+            rates.push(rate);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        rates.sort_by(f64::total_cmp);
+        println!(
+            "fsync {fsync}: median {:.0} records/s (runs: {:?})\n",
+            rates[1], rates
+        );
+    }
+    Ok(())
+}
+
+/// `weir bench soak` for `secs` seconds against a release server with bounded caches: orders
+/// from 1,000,000 users at 5,000/s through points, red-envelope and analytics-filter, RSS
+/// every 30 s (BENCHMARKS.md, "Memory over time").
+fn bench_soak(bin: &Path, secs: u64) -> Result<()> {
+    let plugins = build_plugins()?;
+    let data = std::env::temp_dir().join(format!("weir-soak-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let server = Server::start_with(
+        bin,
+        &data,
+        "always",
+        &["--cache-mb", "64", "--state-cache-mb", "16"],
+    )?;
+    // Streamed: a sample line every 30 s.
+    let status = Command::new(bin)
+        .env("WEIR_SERVER", &server.url)
+        .args([
+            "bench",
+            "soak",
+            "--wasm-dir",
+            plugins.to_str().expect("utf-8 path"),
+            "--server-pid",
+            &server.child.id().to_string(),
+            "--duration-s",
+            &secs.to_string(),
+            "--users",
+            "1000000",
+            "--rate",
+            "5000",
+            "--sample-s",
+            "30",
+            "--budget-mb",
+            "600",
+        ])
+        .status()?;
+    server.stop()?;
+    std::fs::remove_dir_all(&data).ok();
+    if !status.success() {
+        bail!("weir bench soak failed ({status})");
+    }
+    Ok(())
+}
+
+/// `weir bench plugin`: the points plugin in Rust, Python and JavaScript, three runs each, each
+/// run against the no-op plugin in the same server.
+fn bench_plugins(bin: &Path, records: &str) -> Result<()> {
+    let plugins = build_plugins()?;
+    let noop = plugins.join("noop.wasm");
+    // The points plugin in each language; Python and JavaScript built by this weir.
+    build_example_plugins(bin)?;
+    let languages = [
+        ("Rust", plugins.join("points.wasm")),
+        (
+            "Python",
+            PathBuf::from("examples/points-py/target/points_py.wasm"),
+        ),
+        (
+            "JavaScript",
+            PathBuf::from("examples/points-js/target/points_js.wasm"),
+        ),
+    ];
+    // One compiled-component cache for every run, filled before timing: a Python component
+    // takes seconds to compile, which is deploy cost, not records/s.
+    let compiled = std::env::temp_dir().join(format!("weir-bench-compiled-{}", std::process::id()));
+    let sample = compiled.join("sample.jsonl");
+    std::fs::create_dir_all(&compiled)?;
+    std::fs::write(
+        &sample,
+        "{\"key\":\"u\",\"value\":{\"order\":1,\"user\":\"u\",\"amount\":1}}\n",
+    )?;
+    for (_, wasm) in &languages {
+        let out = Command::new(bin)
+            .arg("test")
+            .arg(wasm)
+            .arg("--input")
+            .arg(&sample)
+            .args(["--output", "points.credited"])
+            .env("WEIR_CACHE_DIR", &compiled)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "weir test {} failed: {}",
+                wasm.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    for (language, wasm) in &languages {
+        for round in 1..=3 {
+            let data = std::env::temp_dir()
+                .join(format!("weir-bench-plugin-{}-{round}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&data);
+            let server = Server::start_with(
+                bin,
+                &data,
+                "always",
+                &["--compiled-cache", compiled.to_str().expect("utf-8 path")],
+            )?;
+            let out = weir(
+                bin,
+                &server,
+                &[
+                    "bench",
+                    "plugin",
+                    "--wasm",
+                    wasm.to_str().expect("utf-8 path"),
+                    "--baseline-wasm",
+                    noop.to_str().expect("utf-8 path"),
+                    "--records",
+                    records,
+                    "--users",
+                    "10000",
+                    "--partitions",
+                    "4",
+                ],
+            )?;
+            server.stop()?;
+            std::fs::remove_dir_all(&data).ok();
+            println!("plugin bench, points in {language}, fsync always, run {round}:\n{out}");
+        }
+    }
+    std::fs::remove_dir_all(&compiled).ok();
+    Ok(())
+}
