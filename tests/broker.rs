@@ -24,7 +24,10 @@ async fn serve_with_topic(
     let dir = tempfile::tempdir().unwrap();
     let server = start_server(dir.path()).await;
     let client = Client::connect(&server.url()).await.unwrap();
-    client.create_topic(&TopicConfig::new(name, partitions)).await.unwrap();
+    client
+        .create_topic(&TopicConfig::new(name, partitions))
+        .await
+        .unwrap();
     (dir, server, client)
 }
 
@@ -283,7 +286,10 @@ async fn bad_input_gets_clear_statuses_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let server = start_with(dir.path(), |c| c.broker.max_record_bytes = 10_000).await;
     let client = Client::connect(&server.url()).await.unwrap();
-    client.create_topic(&TopicConfig::new("t", 2)).await.unwrap();
+    client
+        .create_topic(&TopicConfig::new("t", 2))
+        .await
+        .unwrap();
     client
         .publish("t", Some(0), records("keep", 3))
         .await
@@ -309,7 +315,10 @@ async fn bad_input_gets_clear_statuses_and_changes_nothing() {
         "contains ' '",
     );
     check(
-        client.create_topic(&TopicConfig::new("t", 1)).await.unwrap_err(),
+        client
+            .create_topic(&TopicConfig::new("t", 1))
+            .await
+            .unwrap_err(),
         Code::AlreadyExists,
         "already exists",
     );
@@ -448,7 +457,10 @@ async fn retention_trims_in_the_background_and_delete_removes_the_topic() {
         client.describe_topic("t").await.unwrap_err().code(),
         Some(Code::NotFound)
     );
-    client.create_topic(&TopicConfig::new("t", 1)).await.unwrap();
+    client
+        .create_topic(&TopicConfig::new("t", 1))
+        .await
+        .unwrap();
     assert_eq!(
         client.describe_topic("t").await.unwrap().partitions[0].end_offset,
         0,
@@ -463,7 +475,10 @@ async fn producer_retries_through_a_server_restart_with_the_same_sequence() {
     let server = start_server(dir.path()).await;
     let addr = server.addr;
     let client = Client::connect(&server.url()).await.unwrap();
-    client.create_topic(&TopicConfig::new("t", 1)).await.unwrap();
+    client
+        .create_topic(&TopicConfig::new("t", 1))
+        .await
+        .unwrap();
     let mut producer = client
         .producer()
         .await

@@ -267,7 +267,9 @@ pub fn check() -> Result<()> {
         }
     }
     // Every Rust file of the project (generated and vendored ones live in ignored folders).
-    for dir in ["runtime", "tests", "examples", "plugins", "sdk", "codec", "xtask"] {
+    for dir in [
+        "runtime", "tests", "examples", "plugins", "sdk", "codec", "xtask",
+    ] {
         if !Path::new(dir).is_dir() {
             continue;
         }

@@ -18,7 +18,10 @@ async fn concurrent_epoch_bumps_never_issue_an_epoch_twice() {
     for _ in 0..32 {
         let b = (*b).clone();
         tasks.push(tokio::spawn(async move {
-            b.init_producer(Some(id), &Caller::default()).await.unwrap().1
+            b.init_producer(Some(id), &Caller::default())
+                .await
+                .unwrap()
+                .1
         }));
     }
     let mut epochs = Vec::new();

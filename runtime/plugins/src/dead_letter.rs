@@ -18,7 +18,12 @@ pub(crate) const OMITTED_HEADER: &str = "weir-value-omitted";
 const MAX_HEADERS: usize = u16::MAX as usize;
 
 /// Builds the dead letter of `record` within `max_bytes` encoded (the broker's record limit).
-pub(crate) fn dead_letter(record: &Record, source: String, error: &str, max_bytes: usize) -> Record {
+pub(crate) fn dead_letter(
+    record: &Record,
+    source: String,
+    error: &str,
+    max_bytes: usize,
+) -> Record {
     let mut headers: Vec<(String, Bytes)> = record.headers.clone();
     // Room for the three headers this may add.
     headers.truncate(MAX_HEADERS - 3);
@@ -117,7 +122,10 @@ mod tests {
         assert!(d.encoded_len() <= max);
         assert!(d.value.is_empty());
         let omitted = std::str::from_utf8(header(&d, OMITTED_HEADER).unwrap()).unwrap();
-        assert!(omitted.starts_with(&format!("{} bytes", max - 40)), "{omitted}");
+        assert!(
+            omitted.starts_with(&format!("{} bytes", max - 40)),
+            "{omitted}"
+        );
         assert_eq!(header(&d, ERROR_HEADER), Some(&b"boom"[..]));
     }
 

@@ -11,8 +11,8 @@
 
 mod cache;
 mod commit;
-mod dead_letter;
 mod committer;
+mod dead_letter;
 pub mod dedup;
 mod forwarder;
 mod io;

@@ -301,7 +301,10 @@ impl Weir for WeirService {
             None => HashMap::new(),
         };
         // The group is in use while the stream lives (it does not expire).
-        let member = r.group.as_ref().map(|g| self.broker.join_group(g, &r.topic));
+        let member = r
+            .group
+            .as_ref()
+            .map(|g| self.broker.join_group(g, &r.topic));
         let start = start_at(r.start);
         let limits = ReadLimits {
             max_records: match r.max_batch_records as usize {

@@ -224,7 +224,10 @@ impl SledStore {
     /// Deletes every consumer group's offsets of a topic.
     pub(super) fn delete_group_offsets(&self, topic: &str) -> Result<(), LogError> {
         let mut batch = sled::Batch::default();
-        for item in self.groups.scan_prefix(crate::GroupKeys::topic_prefix(topic)) {
+        for item in self
+            .groups
+            .scan_prefix(crate::GroupKeys::topic_prefix(topic))
+        {
             batch.remove(item?.0);
         }
         self.groups.apply_batch(batch)?;

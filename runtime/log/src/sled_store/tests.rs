@@ -175,7 +175,12 @@ fn a_recreated_topic_starts_empty() {
     // The publish in flight: it recovers (re-opens) the partition and appends.
     store.recover_partition(&tp).unwrap();
     store
-        .append(&tp, 0, &crate::codec::encode_chunks(&records, 0, 1 << 15), None)
+        .append(
+            &tp,
+            0,
+            &crate::codec::encode_chunks(&records, 0, 1 << 15),
+            None,
+        )
         .unwrap();
     store.put_topic(&config).unwrap();
     let recovered = store.recover_partition(&tp).unwrap();

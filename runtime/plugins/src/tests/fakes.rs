@@ -153,7 +153,11 @@ impl Output for FakeOutput {
             return Err(e);
         }
         // The broker's record limit: a committed output over it would block the outbox.
-        if let Some(r) = batch.records.iter().find(|r| r.encoded_len() > RECORD_LIMIT) {
+        if let Some(r) = batch
+            .records
+            .iter()
+            .find(|r| r.encoded_len() > RECORD_LIMIT)
+        {
             let e = format!("a record of {} bytes is over the limit", r.encoded_len());
             self.gaps.lock().push(e.clone());
             return Err(IoError::new(IoKind::Invalid, e));

@@ -127,7 +127,10 @@ impl Harness {
                 self.store.pending_outputs("p").unwrap()
             };
             let gaps = self.output.gaps.lock().clone();
-            assert!(gaps.is_empty(), "publishes the broker refuses for good: {gaps:?}");
+            assert!(
+                gaps.is_empty(),
+                "publishes the broker refuses for good: {gaps:?}"
+            );
             if committed == ends && pending == 0 {
                 return;
             }
@@ -159,4 +162,3 @@ impl Drop for Harness {
         }
     }
 }
-

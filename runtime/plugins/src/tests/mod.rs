@@ -71,7 +71,8 @@ async fn a_dead_letter_always_fits_the_record_limit() {
     s.max_attempts = 1;
     h.start(s, points());
     let big = "x".repeat(fakes::RECORD_LIMIT - 64);
-    h.input.append("in", 0, vec![rec("ann", &big, None), rec("ann", "2", None)]);
+    h.input
+        .append("in", 0, vec![rec("ann", &big, None), rec("ann", "2", None)]);
     h.idle().await;
     let dead = h.output.records("p.dlq");
     assert_eq!(dead.len(), 1);
@@ -109,14 +110,18 @@ async fn a_failed_record_whose_id_commits_elsewhere_meanwhile_is_skipped() {
         Ok(())
     });
     h.start(s, plugin);
-    h.input.append("in", 1, vec![rec("ann", "oops", Some("o1"))]);
+    h.input
+        .append("in", 1, vec![rec("ann", "oops", Some("o1"))]);
     while !failing.load(Ordering::SeqCst) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     h.input.append("in", 0, vec![rec("bob", "3", Some("o1"))]);
     h.idle().await;
     assert_eq!(h.state("bob"), Some(3));
-    assert!(h.output.records("p.dlq").is_empty(), "a duplicate is not dead-lettered");
+    assert!(
+        h.output.records("p.dlq").is_empty(),
+        "a duplicate is not dead-lettered"
+    );
     let status = h.rt().status.lock()[1].clone();
     assert_eq!((status.skipped, status.dead_lettered), (1, 0));
 }
@@ -341,7 +346,10 @@ async fn pause_interrupts_a_running_batch_and_resume_carries_on_without_committi
     h.input.append("in", 0, vec![rec("ann", "5", None)]);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !started.load(Ordering::SeqCst) {
-        assert!(std::time::Instant::now() < deadline, "the batch never started");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the batch never started"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     h.rt().paused.send_replace(true);
@@ -353,7 +361,11 @@ async fn pause_interrupts_a_running_batch_and_resume_carries_on_without_committi
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert_eq!(h.rt().status.lock()[0].committed, 0, "paused: nothing committed");
+    assert_eq!(
+        h.rt().status.lock()[0].committed,
+        0,
+        "paused: nothing committed"
+    );
     assert_eq!(h.state("ann"), None);
     spin.store(false, Ordering::SeqCst);
     h.rt().paused.send_replace(false);
@@ -363,5 +375,8 @@ async fn pause_interrupts_a_running_batch_and_resume_carries_on_without_committi
         let _b = weir_core::blocking::allow();
         h.rt().log_lines().unwrap().join("\n")
     };
-    assert!(!logs.contains("attempt"), "an interrupt spends no attempt: {logs}");
+    assert!(
+        !logs.contains("attempt"),
+        "an interrupt spends no attempt: {logs}"
+    );
 }
