@@ -78,7 +78,12 @@ impl WeirProcess {
         let mut child = Command::new(weir_bin())
             .args(["serve", "--data-dir"])
             .arg(dir)
-            .args(["--listen", listen, "--cache-mb", "64"])
+            .args(["--listen", listen])
+            .args(if extra.contains(&"--cache-mb") {
+                &[][..]
+            } else {
+                &["--cache-mb", "64"][..]
+            })
             .args(extra)
             .env("WEIR_LOG", level)
             .stdout(Stdio::piped())

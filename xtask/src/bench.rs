@@ -211,7 +211,14 @@ fn bench_soak(bin: &Path, secs: u64) -> Result<()> {
         bin,
         &data,
         "always",
-        &["--cache-mb", "64", "--state-cache-mb", "16"],
+        &[
+            "--cache-mb",
+            "16",
+            "--state-cache-mb",
+            "16",
+            "--retention-check-ms",
+            "5000",
+        ],
     )?;
     // Streamed: a sample line every 30 s.
     let status = Command::new(bin)

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 /// mimalloc keeps freed memory for reuse: with glibc's allocator the server spent ~10% of its
 /// time faulting in pages for request buffers it had just returned to the OS (see BENCHMARKS.md).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

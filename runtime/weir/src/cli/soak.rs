@@ -45,8 +45,9 @@ pub struct SoakBench {
     /// Fail when RSS ever exceeds this, MiB.
     #[arg(long)]
     pub budget_mb: Option<f64>,
-    /// Bound the order topic to this many bytes per partition (0 = keep everything).
-    #[arg(long, default_value_t = 64 * 1024 * 1024)]
+    /// Bound every topic to this many bytes per partition (0 = keep everything); the default
+    /// is reached in ~2 minutes at 5,000 orders/s, inside the warm-up.
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
     pub retention_bytes: u64,
 }
 
