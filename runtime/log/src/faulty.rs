@@ -181,10 +181,15 @@ impl KvStore for FaultyStore {
         self.inner.kv_get(namespace, key)
     }
 
-    fn kv_scan(&self, namespace: &str, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>, LogError> {
+    fn kv_scan_first(
+        &self,
+        namespace: &str,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Bytes, Bytes)>, LogError> {
         self.read()?;
         self.check(&self.faults.kv)?;
-        self.inner.kv_scan(namespace, prefix)
+        self.inner.kv_scan_first(namespace, prefix, limit)
     }
 
     fn kv_apply(

@@ -271,8 +271,18 @@ impl<T: Log + KvStore> Store for T {}
 pub trait KvStore: Durable {
     /// A value of a namespace.
     fn kv_get(&self, namespace: &str, key: &[u8]) -> Result<Option<Bytes>, LogError>;
+    /// The first `limit` entries of a namespace whose keys start with `prefix`, in key order
+    /// (a reader of a long prefix takes it a page at a time).
+    fn kv_scan_first(
+        &self,
+        namespace: &str,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Bytes, Bytes)>, LogError>;
     /// Entries of a namespace whose keys start with `prefix`, in key order.
-    fn kv_scan(&self, namespace: &str, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>, LogError>;
+    fn kv_scan(&self, namespace: &str, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>, LogError> {
+        self.kv_scan_first(namespace, prefix, usize::MAX)
+    }
     /// Writes (`Some`) and deletes (`None`) keys of a namespace, atomically.
     fn kv_apply(
         &self,

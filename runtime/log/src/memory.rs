@@ -281,12 +281,18 @@ impl KvStore for MemoryStore {
         Ok(self.with(|s| s.kvs.get(namespace).and_then(|kv| kv.get(key).cloned())))
     }
 
-    fn kv_scan(&self, namespace: &str, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>, LogError> {
+    fn kv_scan_first(
+        &self,
+        namespace: &str,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Bytes, Bytes)>, LogError> {
         weir_core::blocking::check("kv_scan");
         Ok(self.with(|s| {
             s.kvs.get(namespace).map_or_else(Vec::new, |kv| {
                 kv.range(prefix.to_vec()..)
                     .take_while(|(k, _)| k.starts_with(prefix))
+                    .take(limit)
                     .map(|(k, v)| (Bytes::copy_from_slice(k), v.clone()))
                     .collect()
             })

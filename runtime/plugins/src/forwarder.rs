@@ -16,6 +16,10 @@ use weir_core::Backoff;
 use crate::io::{IoKind, OutputBatch};
 use crate::runtime::PluginRuntime;
 
+/// Outbox entries read per scan: a backlog (outputs blocked for hours while the plugin kept
+/// committing) is forwarded a page at a time, never read into memory whole.
+pub(crate) const OUTBOX_PAGE: usize = 64;
+
 /// Sleeps `d`; `false` when cancelled.
 async fn pause(cancel: &CancellationToken, d: Duration) -> bool {
     tokio::select! {
@@ -43,7 +47,9 @@ impl Forwarder {
         'scan: loop {
             let this = rt.clone();
             let scanned = weir_core::blocking::run(move || {
-                this.seams.store.outbox(&this.spec.name, partition)
+                this.seams
+                    .store
+                    .outbox(&this.spec.name, partition, OUTBOX_PAGE)
             })
             .await;
             let entries = match scanned {
@@ -63,6 +69,7 @@ impl Forwarder {
                     continue;
                 }
             };
+            let full_page = entries.len() >= OUTBOX_PAGE;
             for entry in entries {
                 let groups = match entry.groups {
                     Ok(groups) => groups,
@@ -128,6 +135,9 @@ impl Forwarder {
                 }
                 backoff.reset();
                 self.ok();
+            }
+            if full_page {
+                continue; // more waiting behind this page
             }
             tokio::select! {
                 _ = rt.outbox[partition as usize].notified() => {}

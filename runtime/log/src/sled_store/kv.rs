@@ -64,11 +64,19 @@ impl KvStore for SledStore {
         }
     }
 
-    fn kv_scan(&self, namespace: &str, prefix: &[u8]) -> Result<Vec<(Bytes, Bytes)>, LogError> {
+    fn kv_scan_first(
+        &self,
+        namespace: &str,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Bytes, Bytes)>, LogError> {
         weir_core::blocking::check("kv_scan");
         let tree = self.kv(namespace)?;
         let mut out = Vec::new();
         for item in tree.scan_prefix(prefix) {
+            if out.len() >= limit {
+                break;
+            }
             let (k, v) = item?;
             if k.first() == Some(&KV_FRAGMENT_PREFIX) {
                 continue;

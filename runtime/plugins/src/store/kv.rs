@@ -293,11 +293,16 @@ impl PluginStore for KvPluginStore {
         self.kv.kv_apply(&namespace(plugin), &deletes)
     }
 
-    fn outbox(&self, plugin: &str, partition: u32) -> Result<Vec<OutboxEntry>, LogError> {
+    fn outbox(
+        &self,
+        plugin: &str,
+        partition: u32,
+        limit: usize,
+    ) -> Result<Vec<OutboxEntry>, LogError> {
         let prefix = partition_key(b'o', partition, b"");
         Ok(self
             .kv
-            .kv_scan(&namespace(plugin), &prefix)?
+            .kv_scan_first(&namespace(plugin), &prefix, limit)?
             .into_iter()
             .map(|(k, v)| OutboxEntry {
                 seq: key_seq(&k, prefix.len()).unwrap_or(u64::MAX),

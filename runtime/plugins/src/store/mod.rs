@@ -116,8 +116,13 @@ pub trait PluginStore: Send + Sync + 'static {
     fn commit(&self, plugin: &str, write: &CommitWrite<'_>) -> Result<(), LogError>;
     /// Deletes message ids that left the dedup window.
     fn forget_ids(&self, plugin: &str, keys: &[DedupKey]) -> Result<(), LogError>;
-    /// A partition's outbox entries, oldest first.
-    fn outbox(&self, plugin: &str, partition: u32) -> Result<Vec<OutboxEntry>, LogError>;
+    /// A partition's oldest `limit` outbox entries, oldest first.
+    fn outbox(
+        &self,
+        plugin: &str,
+        partition: u32,
+        limit: usize,
+    ) -> Result<Vec<OutboxEntry>, LogError>;
     /// Deletes an outbox entry once forwarded.
     fn forwarded(&self, plugin: &str, partition: u32, seq: u64) -> Result<(), LogError>;
     /// Outbox entries not yet forwarded, over all partitions.

@@ -228,6 +228,45 @@ async fn the_forwarder_retries_what_may_pass_and_shows_what_is_blocked() {
     assert_eq!(h.output.values("out"), vec!["1", "3", "6"]);
 }
 
+/// Outputs blocked while the plugin kept committing wait in the outbox; the forwarder reads
+/// that backlog a page at a time (it used to read it whole on every scan) and forwards all of
+/// it, in order, once the way is clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_longer_than_a_page_is_forwarded_in_order() {
+    let page = crate::forwarder::OUTBOX_PAGE;
+    let mut h = Harness::new(1, None);
+    *h.output.block.lock() = Some(IoError::new(IoKind::Unavailable, "broker away"));
+    h.start(spec(1, OnError::Halt), points());
+    let n = 2 * page as u64 + 7;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for i in 1..=n {
+        // One commit, so one outbox entry, per record.
+        h.input
+            .append("in", 0, vec![rec("ann", "1", Some(&format!("m{i}")))]);
+        while h.rt().status.lock()[0].committed < i {
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let (first_page, all) = {
+        let _blocking = weir_core::blocking::allow();
+        (
+            h.store.outbox("p", 0, page).unwrap(),
+            h.store.outbox("p", 0, usize::MAX).unwrap(),
+        )
+    };
+    assert_eq!(all.len() as u64, n, "one entry per commit, all waiting");
+    assert_eq!(first_page.len(), page, "a scan reads one page");
+    let seqs = |e: &[crate::store::OutboxEntry]| e.iter().map(|e| e.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(&first_page), seqs(&all[..page]), "the oldest first");
+    *h.output.block.lock() = None;
+    // The next commit wakes the forwarder (otherwise it retries after its backoff).
+    h.input.append("in", 0, vec![rec("ann", "1", Some("last"))]);
+    h.idle().await;
+    let want: Vec<String> = (1..=n + 1).map(|i| i.to_string()).collect();
+    assert_eq!(h.output.values("out"), want, "every output once, in order");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_resumes_at_the_committed_offset_and_forwards_pending_outputs_once() {
     let mut h = Harness::new(1, None);
