@@ -1057,8 +1057,8 @@ async fn a_self_signed_ca_certificate_is_trusted_when_given() {
 /// 90 s; the server's RSS must stay flat after the warm-up (the state cache's byte budget has
 /// its own tests, weir-plugins' `cache::tests`). Every bound is small so the 40 s warm-up fills it:
 /// sled's page cache (8 MiB), each plugin's state cache (1 MiB, so it evicts all along) and
-/// the topics' retention (1 MiB per partition, reached in ~20 s). The users are 20,000, all
-/// seen within the warm-up: sled keeps ~50–80 bytes per stored key in memory beyond its cache
+/// the topics' retention (1 MiB per partition, reached in ~20 s). The users are 20,000, 98%
+/// of them seen within the warm-up: sled keeps ~50–80 bytes per stored key in memory beyond its cache
 /// (BENCHMARKS.md, "Memory over time"), so with a keyspace still growing this would measure
 /// the store's index, not a leak. The full soak (`cargo xtask bench --soak`) has 1,000,000.
 /// `cargo xtask test` runs this test alone, after the others.

@@ -26,6 +26,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::args()
         .nth(1)
         .ok_or("usage: sled_stats DATA_DIR (a stopped weir server's --data-dir)")?;
+    if !std::path::Path::new(&dir).join("db").is_file() {
+        return Err(
+            format!("{dir} holds no sled `db` file: pass a weir server's --data-dir").into(),
+        );
+    }
     let db = sled::Config::new()
         .path(&dir)
         .segment_size(weir_log::sled_store::SEGMENT_BYTES)

@@ -137,6 +137,9 @@ impl Forwarder {
                 self.ok();
             }
             if full_page {
+                if cancel.is_cancelled() {
+                    return;
+                }
                 continue; // more waiting behind this page
             }
             tokio::select! {

@@ -1,7 +1,8 @@
 //! `weir bench soak`: a steady flow of paid orders from many distinct users through the
 //! points, red-envelope and analytics-filter plugins for a long time, sampling the server's
 //! resident memory and its plugins' state caches. A server runs for months: after a warm-up
-//! its memory must stay flat, whatever the number of users, producers and records it has seen.
+//! its memory must stay flat whatever the number of records and producers it has seen; what
+//! the store keeps per stored key grows with the keys (BENCHMARKS.md, "Memory over time").
 //! Exits with an error when memory kept growing after the warm-up (or passed `--budget-mb`).
 
 use std::path::PathBuf;
