@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask test` (the one test command, also what CI runs),
-//! `cargo xtask demo` (the README's first command) and `cargo xtask bench` (BENCHMARKS.md).
+//! `cargo xtask demo` (the README's first command), `cargo xtask bench` (BENCHMARKS.md) and
+//! `cargo xtask nats-server` (installs the pinned NATS server for the JetStream work).
 //!
 //! Each task installs what it needs first (the `wasm32-wasip2` target for plugins; for the
 //! tests, Debian's `chromium` for the status-page test), so a fresh machine with only rustup
@@ -14,6 +15,7 @@ use anyhow::{bail, Context, Result};
 
 mod bench;
 mod check;
+mod nats;
 
 const WASM_TARGET: &str = "wasm32-wasip2";
 
@@ -26,8 +28,9 @@ fn main() -> Result<()> {
         Some("check") => check::check(),
         Some("demo") => demo(),
         Some("bench") => bench::bench(&args[1..]),
+        Some("nats-server") => nats::install(),
         _ => {
-            eprintln!("usage: cargo xtask <test [cargo test args]|check|demo|bench [--records N]>");
+            eprintln!("usage: cargo xtask <test [cargo test args]|check|demo|bench [--records N]|nats-server>");
             std::process::exit(2);
         }
     }
