@@ -26,6 +26,7 @@ pub mod durability;
 pub mod faulty;
 mod memory;
 pub mod sled_store;
+mod split;
 
 use bytes::Bytes;
 
@@ -33,6 +34,7 @@ pub use codec::{ChunkHeader, CodecError, EncodedChunk};
 pub use durability::{Durability, FsyncPolicy, SyncFailed};
 pub use memory::MemoryStore;
 pub use sled_store::SledStore;
+pub use split::SplitStore;
 
 use weir_core::{TopicConfig, TopicPartition};
 
@@ -102,6 +104,23 @@ pub enum LogError {
         /// Where the partition really ends.
         actual: u64,
     },
+    /// A conditional write lost to another writer (backends shared by several processes): the
+    /// caller reloads what it decided from and tries again.
+    #[error("{what} was changed by another weir node first; reload and retry")]
+    Conflict {
+        /// What was written.
+        what: String,
+    },
+    /// The replicated engine refused or did not answer (a leader election, a lost
+    /// connection, a full stream). Whether a write that failed this way landed is unknown
+    /// until the log is read again.
+    #[error("the replicated log failed to {op}: {reason}")]
+    Engine {
+        /// What was being done.
+        op: String,
+        /// The engine's reason, in its words.
+        reason: String,
+    },
 }
 
 impl LogError {
@@ -159,6 +178,17 @@ pub struct RecoveredPartition {
     /// Chunks by base offset, ascending.
     pub chunks: Vec<(u64, ChunkMeta)>,
     /// Encoded idempotent-producer state per producer id (see `broker::producer`).
+    pub producers: Vec<(u64, Bytes)>,
+}
+
+/// What other processes appended to a partition since this one last looked (backends shared
+/// by several processes; always empty for a store with one writer).
+#[derive(Debug, Default)]
+pub struct Tail {
+    /// New chunks by base offset, ascending, continuing the partition's end.
+    pub chunks: Vec<(u64, ChunkMeta)>,
+    /// Producer sequence states written with them, oldest first (a later one replaces an
+    /// earlier one of the same producer).
     pub producers: Vec<(u64, Bytes)>,
 }
 
@@ -241,6 +271,16 @@ pub trait Log: Durable {
     fn load_producers(&self) -> Result<StoredProducers, LogError>;
     /// Records a producer (its encoded record) and the next id to issue, atomically.
     fn put_producer(&self, producer_id: u64, record: &[u8], next_id: u64) -> Result<(), LogError>;
+    /// Records a newly issued producer id and the next id to issue. A shared log refuses it
+    /// ([`LogError::Conflict`]) when another node issued that id first.
+    fn issue_producer(
+        &self,
+        producer_id: u64,
+        record: &[u8],
+        next_id: u64,
+    ) -> Result<(), LogError> {
+        self.put_producer(producer_id, record, next_id)
+    }
     /// Removes producers' records (expired producers).
     fn delete_producers(&self, ids: &[u64]) -> Result<(), LogError>;
     /// Stores a consumer group's next offsets for some partitions of a topic, committed at
@@ -259,6 +299,34 @@ pub trait Log: Durable {
     fn list_groups(&self) -> Result<Vec<GroupEntry>, LogError>;
     /// Removes a consumer group's offsets for a topic (expired groups).
     fn delete_group(&self, group: &str, topic: &str) -> Result<(), LogError>;
+
+    /// Whether other processes write this log too (a replicated engine shared by several
+    /// weir nodes). A shared log acknowledges a write once it is replicated, so the broker
+    /// does not wait for [`Durable::sync`]; it follows the others' appends with
+    /// [`Log::tail`], retries fenced appends, and reloads topics and producers it does not
+    /// know.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// The encoded size the broker packs a publish's records into per chunk.
+    fn chunk_target_bytes(&self) -> usize {
+        CHUNK_TARGET_BYTES
+    }
+    /// What other writers appended to a partition since this process last looked (shared
+    /// logs; a log with one writer has nothing to report).
+    fn tail(&self, _tp: &TopicPartition) -> Result<Tail, LogError> {
+        Ok(Tail::default())
+    }
+    /// The first offset still stored in a partition, when another process's retention may
+    /// have moved it (shared logs; `None` otherwise).
+    fn first_offset(&self, _tp: &TopicPartition) -> Result<Option<u64>, LogError> {
+        Ok(None)
+    }
+    /// One producer's stored record, read again (shared logs, where another node may have
+    /// issued it or bumped its epoch; `None` otherwise).
+    fn load_producer(&self, _producer_id: u64) -> Result<Option<Bytes>, LogError> {
+        Ok(None)
+    }
 }
 
 /// Both seams over one durable store (one sync covers the log and the key-value namespaces).

