@@ -18,6 +18,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("weir-core", &[]),
     ("weir-metrics", &[]),
     ("weir-log", &["weir-core", "weir-metrics"]),
+    ("weir-jetstream", &["weir-core", "weir-log"]),
+    ("weir-cluster", &[]),
     ("weir-broker", &["weir-core", "weir-log", "weir-metrics"]),
     ("weir-wasm", &[]),
     (
@@ -37,6 +39,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "weir-api",
             "weir-broker",
             "weir-core",
+            "weir-jetstream",
             "weir-log",
             "weir-metrics",
             "weir-plugins",
@@ -54,7 +57,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("chaos", &["weir-sdk"]),
     ("noop", &["weir-sdk"]),
     ("not-a-consumer", &[]),
-    ("xtask", &[]),
+    ("xtask", &["weir-cluster"]),
 ];
 
 /// Third-party crates that belong to one layer: only these workspace crates may name them.
@@ -67,6 +70,7 @@ const OWNED: &[(&str, &[&str])] = &[
     ("tonic-prost", &["weir-api"]),
     ("tonic-prost-build", &["weir-api"]),
     ("prost", &["weir-api"]),
+    ("async-nats", &["weir-jetstream"]),
 ];
 
 /// One package's declared dependencies: (name, kind) where kind is "normal", "build" or "dev".

@@ -1,6 +1,7 @@
 //! Project tasks: `cargo xtask test` (the one test command, also what CI runs),
 //! `cargo xtask demo` (the README's first command), `cargo xtask bench` (BENCHMARKS.md) and
-//! `cargo xtask nats-server` (installs the pinned NATS server for the JetStream work).
+//! `cargo xtask nats-server` (installs the pinned NATS server) and `cargo xtask cluster` (a
+//! local JetStream cluster with two weir nodes).
 //!
 //! Each task installs what it needs first (the `wasm32-wasip2` target for plugins; for the
 //! tests, Debian's `chromium` for the status-page test), so a fresh machine with only rustup
@@ -15,6 +16,7 @@ use anyhow::{bail, Context, Result};
 
 mod bench;
 mod check;
+mod cluster;
 mod nats;
 
 const WASM_TARGET: &str = "wasm32-wasip2";
@@ -29,8 +31,9 @@ fn main() -> Result<()> {
         Some("demo") => demo(),
         Some("bench") => bench::bench(&args[1..]),
         Some("nats-server") => nats::install(),
+        Some("cluster") => cluster::cluster(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <test [cargo test args]|check|demo|bench [--records N]|nats-server>");
+            eprintln!("usage: cargo xtask <test [cargo test args]|check|demo|bench [--records N]|nats-server|cluster [--sync-always] [--fresh]>");
             std::process::exit(2);
         }
     }
@@ -165,6 +168,8 @@ fn test(extra: &[String]) -> Result<()> {
     let started = Instant::now();
     check::check()?;
     ensure_chromium()?;
+    // The cluster tests run weir over a local JetStream cluster of the pinned nats-server.
+    nats::ensure()?;
     let plugin_dir = build_plugins()?;
     // Build the tests (and the `weir` binary they run) first: that binary builds the Python
     // and JavaScript example plugins, as a plugin author would.

@@ -16,6 +16,7 @@ mod partition;
 pub mod producer;
 mod producers;
 mod publish;
+mod shared;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::AtomicU32;
@@ -37,7 +38,7 @@ pub use weir_core::{PartitionStats, ReadLimits, StartAt, TopicInfo};
 
 use weir_core::{now_ms, StoredRecord, TopicConfig, TopicPartition};
 use weir_log::Durability;
-use weir_log::Log;
+use weir_log::{Log, LogError};
 
 /// Broker limits and intervals.
 #[derive(Clone, Debug)]
@@ -261,11 +262,19 @@ impl Broker {
             return Err(BrokerError::TopicExists(config.name));
         }
         let store = self.store.clone();
-        let topic = Self::blocking(move || {
+        let name = config.name.clone();
+        let topic = match Self::blocking(move || {
             store.put_topic(&config)?;
             Self::open_topic(&store, config)
         })
-        .await?;
+        .await
+        {
+            // Another node created it first (shared logs).
+            Err(BrokerError::Storage(LogError::Conflict { .. })) => {
+                return Err(BrokerError::TopicExists(name))
+            }
+            other => other?,
+        };
         self.sync_now().await?;
         self.topics
             .write()
@@ -347,6 +356,7 @@ impl Broker {
         from: u64,
         limits: ReadLimits,
     ) -> Result<Vec<StoredRecord>, BrokerError> {
+        self.shared_topic(topic).await?;
         let p = self.partition(topic, partition)?;
         Self::blocking(move || p.read(from, limits)).await
     }
@@ -377,6 +387,7 @@ impl Broker {
         partition: u32,
         start: StartAt,
     ) -> Result<u64, BrokerError> {
+        self.shared_topic(topic).await?;
         let p = self.partition(topic, partition)?;
         let stats = p.stats();
         let visible = p.visible_end();

@@ -14,6 +14,7 @@ impl Broker {
     /// # Errors
     /// A store failure.
     pub async fn apply_retention(&self) -> Result<u64, BrokerError> {
+        self.refresh_starts().await?;
         let topics: Vec<Arc<Topic>> = self.topics.read().values().cloned().collect();
         Self::blocking(move || {
             let now = now_ms();
@@ -52,6 +53,21 @@ impl Broker {
         // Chosen and forgotten in one step under the table's lock: a publish checked after
         // this is refused as expired; one checked before touched the producer, so it is not
         // chosen.
+        if self.is_shared() {
+            // Appends through other nodes count as use: the partitions saw them in the tail.
+            let activity: Vec<(u64, i64)> = self
+                .topics
+                .read()
+                .values()
+                .flat_map(|t| t.partitions.iter().flat_map(|p| p.producer_activity()))
+                .collect();
+            let mut producers = self.producers.lock();
+            for (id, at) in activity {
+                if let Some(r) = producers.records.get_mut(&id) {
+                    r.last_used_ms = r.last_used_ms.max(at);
+                }
+            }
+        }
         let expired = {
             let mut producers = self.producers.lock();
             let ids = producers.expired(now_ms, self.config.producer_expiry.as_millis() as u64);

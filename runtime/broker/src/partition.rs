@@ -16,6 +16,9 @@ use super::BrokerError;
 use weir_core::{PartitionStats, ReadLimits, StoredRecord, TopicPartition};
 use weir_log::{codec, ChunkMeta, EncodedChunk, Log, LogError};
 
+/// How many times an append fenced by another node's is retried after catching up.
+const FENCE_RETRIES: u32 = 50;
+
 /// Producer fields of an idempotent batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProducerFields {
@@ -126,6 +129,43 @@ impl Partition {
         now_ms: i64,
     ) -> Result<Appended, BrokerError> {
         let mut s = self.state();
+        let mut attempt = 0u32;
+        loop {
+            match self.try_append(&mut s, chunks, count, producer, now_ms) {
+                Err(BrokerError::WriteFailed {
+                    source: LogError::Fenced { .. },
+                }) if attempt < FENCE_RETRIES => {
+                    // Another node appended first: learn what it wrote (maybe this very
+                    // batch, sent through it by a retrying producer), then decide again.
+                    attempt += 1;
+                    if attempt > 2 {
+                        std::thread::sleep(std::time::Duration::from_millis(
+                            u64::from(attempt) * 5,
+                        ));
+                    }
+                    self.catch_up_locked(&mut s)?;
+                }
+                other => {
+                    let end = s.next;
+                    drop(s);
+                    if self.store.shared() {
+                        // What the engine acknowledged is replicated: readers may see it.
+                        self.publish_visible(end);
+                    }
+                    return other;
+                }
+            }
+        }
+    }
+
+    fn try_append(
+        &self,
+        s: &mut State,
+        chunks: &[EncodedChunk],
+        count: u32,
+        producer: Option<ProducerFields>,
+        now_ms: i64,
+    ) -> Result<Appended, BrokerError> {
         let base = s.next;
         let new_producer_state = match producer {
             None => None,
@@ -189,6 +229,64 @@ impl Partition {
         })
     }
 
+    /// Applies what other writers of a shared log appended since the last look, and lets
+    /// readers see it (the engine acknowledged it replicated). Blocking (store reads).
+    pub(crate) fn catch_up(&self) -> Result<(), BrokerError> {
+        let mut s = self.state();
+        self.catch_up_locked(&mut s)?;
+        let end = s.next;
+        drop(s);
+        self.publish_visible(end);
+        Ok(())
+    }
+
+    fn catch_up_locked(&self, s: &mut State) -> Result<(), BrokerError> {
+        let tail = self.store.tail(&self.tp)?;
+        for (base, meta) in tail.chunks {
+            if base < s.next {
+                continue;
+            }
+            if base != s.next {
+                return Err(BrokerError::Storage(LogError::Malformed {
+                    what: format!("tail of {}", self.tp),
+                    reason: format!("a chunk at offset {base} after the end {}", s.next),
+                }));
+            }
+            if s.chunks.is_empty() {
+                s.start = base;
+            }
+            s.chunks.insert(base, meta);
+            s.size += u64::from(meta.bytes);
+            s.next = base + u64::from(meta.count);
+        }
+        for (id, bytes) in tail.producers {
+            if let Some(state) = ProducerState::decode(&bytes) {
+                s.producers.insert(id, state);
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the start to where another node's retention left the partition (shared logs).
+    /// Blocking (store read).
+    pub(crate) fn refresh_start(&self) -> Result<(), BrokerError> {
+        let Some(first) = self.store.first_offset(&self.tp)? else {
+            return Ok(());
+        };
+        let mut s = self.state();
+        if first <= s.start {
+            return Ok(());
+        }
+        let gone: Vec<u64> = s.chunks.range(..first).map(|(b, _)| *b).collect();
+        for base in gone {
+            if let Some(meta) = s.chunks.remove(&base) {
+                s.size -= u64::from(meta.bytes);
+            }
+        }
+        s.start = first.min(s.next);
+        Ok(())
+    }
+
     /// Lets readers see records up to `end` (called once they are as durable as promised).
     pub(crate) fn publish_visible(&self, end: u64) {
         self.visible.send_if_modified(|v| {
@@ -214,6 +312,16 @@ impl Partition {
         from: u64,
         limits: ReadLimits,
     ) -> Result<Vec<StoredRecord>, BrokerError> {
+        let out = self.read_once(from, limits)?;
+        if out.is_empty() && self.store.shared() && from < self.visible_end() {
+            // Another node's retention may have removed what the index still lists.
+            self.refresh_start()?;
+            return self.read_once(from, limits);
+        }
+        Ok(out)
+    }
+
+    fn read_once(&self, from: u64, limits: ReadLimits) -> Result<Vec<StoredRecord>, BrokerError> {
         let visible = self.visible_end();
         if from >= visible || limits.max_records == 0 {
             return Ok(Vec::new());
@@ -313,7 +421,12 @@ impl Partition {
         retention_bytes: u64,
     ) -> Result<u64, BrokerError> {
         let mut s = self.state();
-        let remove = retention_plan(&s.chunks, s.size, now_ms, retention_ms, retention_bytes);
+        let mut remove = retention_plan(&s.chunks, s.size, now_ms, retention_ms, retention_bytes);
+        if self.store.shared() && remove.len() == s.chunks.len() {
+            // A shared log keeps the newest chunk (as Kafka keeps the active segment): its
+            // message carries the sequence the next append is fenced on.
+            remove.pop();
+        }
         let Some(&last) = remove.last() else {
             return Ok(0);
         };

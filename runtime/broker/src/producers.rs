@@ -5,6 +5,7 @@ use weir_core::now_ms;
 
 use crate::owners::{Caller, Owner, ProducerRecord, ProducerTable};
 use crate::{Broker, BrokerError, ProducerFields};
+use weir_log::LogError;
 
 impl Broker {
     /// Allocates a producer id (epoch 0) owned by `caller`, or bumps the epoch of `existing`,
@@ -20,6 +21,30 @@ impl Broker {
         caller: &Caller,
     ) -> Result<(u64, u32), BrokerError> {
         let _writing = self.producer_writes.lock().await;
+        if let Some(id) = existing {
+            if self.is_shared() {
+                // Another node may have issued it or bumped its epoch.
+                self.reload_producer(id).await?;
+            }
+        }
+        let mut attempt = 0;
+        loop {
+            match self.init_producer_once(existing, caller).await {
+                // Another node issued the id this one proposed (shared logs): reload, retry.
+                Err(BrokerError::Storage(LogError::Conflict { .. })) if attempt < 20 => {
+                    attempt += 1;
+                    self.reload_producers().await?;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn init_producer_once(
+        &self,
+        existing: Option<u64>,
+        caller: &Caller,
+    ) -> Result<(u64, u32), BrokerError> {
         let (id, record, next_id) = {
             let mut producers = self.producers.lock();
             let now = now_ms();
@@ -62,7 +87,22 @@ impl Broker {
         // epoch. `producer_writes` (not the table's lock) is held across the write.
         let store = self.store.clone();
         let encoded = record.encode();
-        Self::blocking(move || Ok(store.put_producer(id, &encoded, next_id)?)).await?;
+        let issued = existing.is_none();
+        let written = Self::blocking(move || {
+            if issued {
+                Ok(store.issue_producer(id, &encoded, next_id)?)
+            } else {
+                Ok(store.put_producer(id, &encoded, next_id)?)
+            }
+        })
+        .await;
+        if let Err(e) = written {
+            if issued {
+                // The id stays reserved in this node's table; a conflict reloads the table.
+                tracing::debug!(message = "Issuing a producer id failed.", producer_id = id, error = %e);
+            }
+            return Err(e);
+        }
         let epoch = record.epoch;
         self.producers.lock().records.insert(id, record);
         self.sync_now().await?;

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use weir_core::{now_ms, partition_for_key, Record};
-use weir_log::{codec, CHUNK_TARGET_BYTES};
+use weir_log::codec;
 
 use crate::partition::Partition;
 use crate::{Appended, Broker, BrokerError, Caller, ProducerFields, Topic};
@@ -150,7 +150,10 @@ impl Broker {
     /// # Errors
     /// Validation and sequence errors; nothing is stored for a refused publish.
     pub async fn append(self: &Arc<Self>, publish: Publish) -> Result<PendingPublish, BrokerError> {
-        let topic = self.topic(&publish.topic)?;
+        let topic = self.shared_topic(&publish.topic).await?;
+        if let Some(p) = &publish.producer {
+            self.refresh_producer(p).await?;
+        }
         self.validate(&publish, &topic)?;
         self.admit(&publish, &topic)?;
         let this = self.clone();
@@ -160,12 +163,15 @@ impl Broker {
         // The durability wait runs in its own task so that readers are shown the records even
         // if the publisher goes away before its acknowledgement.
         let task = tokio::spawn(async move {
-            this.durability
-                .durable(ticket)
-                .await
-                .map_err(|e| BrokerError::NotDurable {
-                    reason: e.to_string(),
-                })?;
+            // A shared log acknowledged the append once replicated: nothing local to wait for.
+            if !this.store.shared() {
+                this.durability
+                    .durable(ticket)
+                    .await
+                    .map_err(|e| BrokerError::NotDurable {
+                        reason: e.to_string(),
+                    })?;
+            }
             for (partition, ack) in &appended {
                 partition.publish_visible(ack.appended.base_offset + u64::from(ack.appended.count));
             }
@@ -210,7 +216,7 @@ impl Broker {
         let mut acks = Vec::with_capacity(groups.len());
         for (p, records) in groups {
             let partition = topic.partitions[p as usize].clone();
-            let chunks = codec::encode_chunks(&records, now, CHUNK_TARGET_BYTES);
+            let chunks = codec::encode_chunks(&records, now, self.store.chunk_target_bytes());
             let appended =
                 partition.append(&chunks, records.len() as u32, publish.producer, now)?;
             if !appended.duplicate {

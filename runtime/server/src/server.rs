@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use weir_broker::{Broker, BrokerConfig, BrokerError};
-use weir_log::{Durability, LogError, SledStore, Store, SyncFailed};
+use weir_jetstream::JetStreamLog;
+use weir_log::{Durability, LogError, SledStore, SplitStore, Store, SyncFailed};
 use weir_plugins::{KvPluginStore, PluginManager, Seams};
 
 use crate::auth::Authority;
@@ -22,6 +23,7 @@ use crate::monitor::{Monitor, MonitorConfig};
 use crate::service::WeirService;
 
 pub use weir_log::FsyncPolicy;
+pub use weir_jetstream::JetStreamOptions;
 pub use weir_plugins::PluginConfig as PluginLimits;
 
 /// Everything `weir serve` needs, validated by the binary before [`run`] is called.
@@ -52,6 +54,9 @@ pub struct ServerConfig {
     pub monitor: MonitorConfig,
     /// Address of the metrics / status page listener, if any.
     pub metrics_listen: Option<SocketAddr>,
+    /// The log on a NATS JetStream cluster shared with other weir nodes (`--log`); `None`
+    /// keeps it in the embedded sled store. Plugins' state stays in the data directory.
+    pub log: Option<JetStreamOptions>,
 }
 
 /// PEM files of the server's TLS identity.
@@ -79,6 +84,7 @@ impl ServerConfig {
             tls: None,
             monitor: MonitorConfig::default(),
             metrics_listen: None,
+            log: None,
         }
     }
 }
@@ -164,8 +170,27 @@ pub async fn start(
     config: ServerConfig,
     shutdown: CancellationToken,
 ) -> Result<RunningServer, ServerError> {
-    let store = open_sled(&config).await?;
+    let store = open_store(&config).await?;
     start_on(config, store, shutdown).await
+}
+
+/// The store `config` names: the embedded sled store of the data directory, or (with
+/// `config.log`) the log on JetStream beside the data directory's sled for plugins' state.
+///
+/// # Errors
+/// The data directory or the NATS servers cannot be opened.
+pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerError> {
+    let local = open_sled(config).await?;
+    let Some(options) = config.log.clone() else {
+        return Ok(local);
+    };
+    let servers = options.servers.join(",");
+    let log = weir_core::blocking::run(move || -> Result<JetStreamLog, ServerError> {
+        Ok(JetStreamLog::connect(options)?)
+    })
+    .await??;
+    tracing::info!(message = "The log is on NATS JetStream.", servers = %servers, replicas = log.options().replicas, prefix = %log.options().prefix);
+    Ok(Arc::new(SplitStore::new(Arc::new(log), local)))
 }
 
 /// [`start`] on a store the caller opened (tests wrap the sled store to inject faults).
@@ -223,6 +248,9 @@ pub async fn start_on(
         }
     });
     tracker.spawn(retention_loop(broker.clone(), shutdown.clone()));
+    if broker.is_shared() {
+        tracker.spawn(follow_loop(broker.clone(), shutdown.clone()));
+    }
     let monitor = Monitor::new(
         broker.clone(),
         plugins.clone(),
@@ -341,7 +369,7 @@ impl Core {
     /// # Errors
     /// Store, recovery or plugin restart failures.
     pub async fn open(config: &ServerConfig) -> Result<Core, ServerError> {
-        let store = open_sled(config).await?;
+        let store = open_store(config).await?;
         Core::open_on(config, store).await
     }
 
@@ -443,6 +471,39 @@ async fn retention_loop(broker: Arc<Broker>, shutdown: CancellationToken) {
                 }
                 if let Err(error) = broker.expire_idle(weir_core::now_ms()).await {
                     tracing::warn!(message = "Expiring idle producers and groups failed.", %error);
+                }
+            }
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// How often a node on a shared log looks for other nodes' appends (and, every 20th time,
+/// their topics): the bound on how late a subscriber of this node sees a record published
+/// through another.
+const FOLLOW_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Follows what other weir nodes write to a shared log until shutdown.
+async fn follow_loop(broker: Arc<Broker>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(FOLLOW_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                n += 1;
+                match broker.follow_shared(n % 20 == 1).await {
+                    Ok(()) if failing => {
+                        failing = false;
+                        tracing::info!(message = "Following the shared log again.");
+                    }
+                    Ok(()) => {}
+                    Err(error) if !failing => {
+                        failing = true;
+                        tracing::warn!(message = "Cannot follow the shared log; retrying.", %error);
+                    }
+                    Err(_) => {}
                 }
             }
             _ = shutdown.cancelled() => return,

@@ -158,6 +158,8 @@ impl Weir for WeirService {
         request: Request<pb::ListTopicsRequest>,
     ) -> Result<Response<pb::ListTopicsResponse>, Status> {
         let principal = self.caller(&request)?;
+        // Topics other nodes of a shared log created or deleted.
+        self.broker.refresh_topics().await.or_status()?;
         Ok(Response::new(pb::ListTopicsResponse {
             topics: self
                 .broker
@@ -179,6 +181,7 @@ impl Weir for WeirService {
             // Describing needs a grant of any operation on the topic.
             auth::check(&principal, Operation::Subscribe, Resource::Topic(name)).or_status()?;
         }
+        self.broker.ensure_topic(name).await.or_status()?;
         Ok(Response::new(
             self.broker
                 .describe_topic(&request.into_inner().name)
@@ -278,6 +281,7 @@ impl Weir for WeirService {
             self.limits.max_streams_per_connection,
         )?;
         let r = request.into_inner();
+        self.broker.ensure_topic(&r.topic).await.or_status()?;
         let info = self.broker.describe_topic(&r.topic).or_status()?;
         let partitions: Vec<u32> = if r.partitions.is_empty() {
             (0..info.config.partitions).collect()
@@ -361,6 +365,10 @@ impl Weir for WeirService {
             Operation::Subscribe,
             Resource::Topic(&request.get_ref().topic),
         )?;
+        self.broker
+            .ensure_topic(&request.get_ref().topic)
+            .await
+            .or_status()?;
         let r = request.into_inner();
         let offsets = r
             .offsets
@@ -383,6 +391,10 @@ impl Weir for WeirService {
             Operation::Subscribe,
             Resource::Topic(&request.get_ref().topic),
         )?;
+        self.broker
+            .ensure_topic(&request.get_ref().topic)
+            .await
+            .or_status()?;
         let r = request.into_inner();
         let offsets = self
             .broker

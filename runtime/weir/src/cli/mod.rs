@@ -80,6 +80,19 @@ pub struct ServeArgs {
     /// Address to listen on; port 0 picks a free one (printed at start).
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
+    /// Put the log on a NATS JetStream cluster shared with other weir nodes:
+    /// `nats://HOST:PORT[,nats://HOST:PORT...]` (see docs/scale-out.md). Without it the log
+    /// is in the data directory's embedded store. Plugins' state stays in the data directory
+    /// either way.
+    #[arg(long, env = "WEIR_LOG", value_name = "NATS_URLS")]
+    pub log: Option<String>,
+    /// Replicas of every stream weir creates on JetStream (with --log): 1, 3 or 5.
+    #[arg(long, default_value_t = 3, requires = "log")]
+    pub replicas: usize,
+    /// Prefix of weir's stream and subject names on JetStream (with --log): weir nodes with
+    /// the same prefix serve the same topics.
+    #[arg(long, default_value = "weir", requires = "log")]
+    pub log_prefix: String,
     /// When writes are synced: `always` (ack after fsync, group commit), `interval:<ms>`
     /// (ack after write, fsync every interval), `never` (fsync only at shutdown).
     #[arg(long, default_value = "always", value_parser = |s: &str| s.parse::<FsyncPolicy>())]
@@ -218,6 +231,19 @@ async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<(
     config.listen = args.listen;
     config.fsync = args.fsync;
     config.cache_bytes = args.cache_mb * 1024 * 1024;
+    if let Some(list) = &args.log {
+        let servers =
+            server::JetStreamOptions::parse_servers(list).map_err(anyhow::Error::msg)?;
+        anyhow::ensure!(
+            matches!(args.replicas, 1 | 3 | 5),
+            "--replicas must be 1, 3 or 5 (JetStream keeps an odd number of copies), not {}",
+            args.replicas
+        );
+        let mut options = server::JetStreamOptions::new(servers);
+        options.replicas = args.replicas;
+        options.prefix = args.log_prefix.clone();
+        config.log = Some(options);
+    }
     if let Some(path) = &args.auth {
         config.auth = std::sync::Arc::new(
             weir_server::auth::Authority::load(path).map_err(anyhow::Error::msg)?,

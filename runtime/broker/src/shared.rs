@@ -1,0 +1,172 @@
+//! Following a log shared with other weir nodes (a replicated engine): their topics, their
+//! appends, their producers. With a single-writer log none of this does anything.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use weir_core::now_ms;
+use weir_log::LogError;
+
+use crate::owners::ProducerRecord;
+use crate::partition::Partition;
+use crate::{Broker, BrokerError, ProducerFields, Topic};
+
+impl Broker {
+    /// Whether other weir nodes write the same log.
+    pub fn is_shared(&self) -> bool {
+        self.store.shared()
+    }
+
+    /// Fails with [`BrokerError::UnknownTopic`] unless the topic exists; in a shared log, one
+    /// this node has not seen yet is looked up in the store first (call it before the
+    /// synchronous lookups: describe, watch, partition counts).
+    ///
+    /// # Errors
+    /// Unknown topic; a store failure.
+    pub async fn ensure_topic(&self, name: &str) -> Result<(), BrokerError> {
+        self.shared_topic(name).await.map(|_| ())
+    }
+
+    /// A topic; in a shared log, one this node has not seen yet is looked up in the store.
+    pub(crate) async fn shared_topic(&self, name: &str) -> Result<Arc<Topic>, BrokerError> {
+        match self.topic(name) {
+            Err(BrokerError::UnknownTopic(_)) if self.is_shared() => {
+                self.refresh_topics().await?;
+                self.topic(name)
+            }
+            found => found,
+        }
+    }
+
+    /// Opens topics other nodes created and drops those they deleted (shared logs).
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn refresh_topics(&self) -> Result<(), BrokerError> {
+        if !self.is_shared() {
+            return Ok(());
+        }
+        let _admin = self.admin.lock().await;
+        let store = self.store.clone();
+        let known: BTreeSet<String> = self.topics.read().keys().cloned().collect();
+        let (opened, names) = Self::blocking(move || {
+            let configs = store.load_topics()?;
+            let names: BTreeSet<String> = configs.iter().map(|c| c.name.clone()).collect();
+            let opened = configs
+                .into_iter()
+                .filter(|c| !known.contains(&c.name))
+                .map(|c| Self::open_topic(&store, c))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((opened, names))
+        })
+        .await?;
+        let mut topics = self.topics.write();
+        topics.retain(|name, _| names.contains(name));
+        for topic in opened {
+            tracing::info!(message = "Topic created by another node.", topic = %topic.config.name);
+            topics.insert(topic.config.name.clone(), topic);
+        }
+        Ok(())
+    }
+
+    /// Reloads a producer's record when another node may have issued it or bumped its epoch
+    /// (shared logs; only when this node does not know it or knows an older epoch).
+    pub(crate) async fn refresh_producer(&self, p: &ProducerFields) -> Result<(), BrokerError> {
+        if !self.is_shared() {
+            return Ok(());
+        }
+        let stale = match self.producers.lock().records.get(&p.producer_id) {
+            None => true,
+            Some(r) => p.epoch > r.epoch,
+        };
+        if stale {
+            self.reload_producer(p.producer_id).await?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn reload_producer(&self, id: u64) -> Result<(), BrokerError> {
+        let store = self.store.clone();
+        let Some(bytes) = Self::blocking(move || Ok(store.load_producer(id)?)).await? else {
+            return Ok(());
+        };
+        let mut record = ProducerRecord::decode(&bytes).ok_or_else(|| LogError::Malformed {
+            what: format!("record of producer {id}"),
+            reason: format!("{} bytes", bytes.len()),
+        })?;
+        record.last_used_ms = now_ms();
+        let mut table = self.producers.lock();
+        table.next_id = table.next_id.max(id + 1);
+        match table.records.get(&id) {
+            Some(known) if known.epoch > record.epoch => {}
+            _ => {
+                table.records.insert(id, record);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reloads the stored next producer id and every record this node lacks, after another
+    /// node issued the id this one proposed.
+    pub(crate) async fn reload_producers(&self) -> Result<(), BrokerError> {
+        let store = self.store.clone();
+        let stored = Self::blocking(move || Ok(store.load_producers()?)).await?;
+        let now = now_ms();
+        let mut table = self.producers.lock();
+        table.next_id = table.next_id.max(stored.next_id);
+        for (id, bytes) in stored.producers {
+            if let Some(mut record) = ProducerRecord::decode(&bytes) {
+                record.last_used_ms = now;
+                table.records.entry(id).or_insert(record);
+            }
+        }
+        Ok(())
+    }
+
+    /// One pass of following a shared log: every partition learns what other nodes appended
+    /// (and readers see it); with `reload_topics`, topics created or deleted elsewhere too.
+    ///
+    /// # Errors
+    /// A store failure (the engine unreachable).
+    pub async fn follow_shared(&self, reload_topics: bool) -> Result<(), BrokerError> {
+        if !self.is_shared() {
+            return Ok(());
+        }
+        if reload_topics {
+            self.refresh_topics().await?;
+        }
+        let partitions: Vec<Arc<Partition>> = self
+            .topics
+            .read()
+            .values()
+            .flat_map(|t| t.partitions.iter().cloned())
+            .collect();
+        Self::blocking(move || {
+            for p in partitions {
+                p.catch_up()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Moves every partition's start to where retention on any node left it (shared logs).
+    pub(crate) async fn refresh_starts(&self) -> Result<(), BrokerError> {
+        if !self.is_shared() {
+            return Ok(());
+        }
+        let partitions: Vec<Arc<Partition>> = self
+            .topics
+            .read()
+            .values()
+            .flat_map(|t| t.partitions.iter().cloned())
+            .collect();
+        Self::blocking(move || {
+            for p in partitions {
+                p.refresh_start()?;
+            }
+            Ok(())
+        })
+        .await
+    }
+}
