@@ -407,6 +407,11 @@ impl Broker {
 }
 
 #[cfg(test)]
+#[macro_use]
+mod tests_suite;
+#[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_shared;
 #[cfg(test)]
 mod tests_expiry;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::*;
+use crate::tests_suite::Backend;
 use weir_core::Record;
 use weir_log::{Durability, FsyncPolicy};
 use weir_log::{Log, MemoryStore, SledStore};
@@ -18,6 +19,15 @@ use weir_log::{Log, MemoryStore, SledStore};
 pub(crate) struct TestBroker {
     broker: Arc<Broker>,
     syncer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestBroker {
+    pub(crate) fn new(broker: Arc<Broker>, syncer: std::thread::JoinHandle<()>) -> Self {
+        TestBroker {
+            broker,
+            syncer: Some(syncer),
+        }
+    }
 }
 
 impl std::ops::Deref for TestBroker {
@@ -112,9 +122,8 @@ async fn all(b: &Broker, topic: &str, partition: u32) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test]
-async fn publish_then_read_keeps_order_and_offsets() {
-    let b = memory_broker();
+async fn publish_then_read_keeps_order_and_offsets(backend: Backend) {
+    let b = backend.broker();
     b.create_topic(TopicConfig::new("t", 2)).await.unwrap();
     let acks = b.publish(to("t", 1, values(0..3))).await.unwrap();
     assert_eq!(
@@ -142,9 +151,8 @@ async fn publish_then_read_keeps_order_and_offsets() {
     assert!(all(&b, "t", 0).await.is_empty());
 }
 
-#[tokio::test]
-async fn keyed_records_follow_the_key_hash_and_keyless_stick_together() {
-    let b = memory_broker();
+async fn keyed_records_follow_the_key_hash_and_keyless_stick_together(backend: Backend) {
+    let b = backend.broker();
     b.create_topic(TopicConfig::new("t", 4)).await.unwrap();
     let records: Vec<Record> = (0..40)
         .map(|i| Record {
@@ -184,9 +192,8 @@ async fn keyed_records_follow_the_key_hash_and_keyless_stick_together() {
     );
 }
 
-#[tokio::test]
-async fn bad_publishes_are_refused_and_store_nothing() {
-    let b = memory_broker();
+async fn bad_publishes_are_refused_and_store_nothing(backend: Backend) {
+    let b = backend.broker();
     b.create_topic(TopicConfig::new("t", 2)).await.unwrap();
     let err = |r: Result<Vec<PartitionAck>, BrokerError>| r.unwrap_err().to_string();
     assert!(err(b.publish(to("nope", 0, values(0..1))).await).contains("unknown topic \"nope\""));
@@ -235,9 +242,8 @@ async fn bad_publishes_are_refused_and_store_nothing() {
         .contains("1 to 1024 partitions"));
 }
 
-#[tokio::test]
-async fn idempotent_retries_store_once_and_sequence_errors_say_which() {
-    let b = memory_broker();
+async fn idempotent_retries_store_once_and_sequence_errors_say_which(backend: Backend) {
+    let b = backend.broker();
     b.create_topic(TopicConfig::new("t", 1)).await.unwrap();
     let (id, epoch) = b.init_producer(None, &Caller::default()).await.unwrap();
     let first = b
@@ -400,9 +406,8 @@ async fn sled_writes_no_blob_files_so_one_fdatasync_covers_everything() {
     );
 }
 
-#[tokio::test]
-async fn retention_by_bytes_and_age_trims_oldest_chunks() {
-    let b = memory_broker();
+async fn retention_by_bytes_and_age_trims_oldest_chunks(backend: Backend) {
+    let b = backend.broker();
     b.create_topic(TopicConfig {
         retention_bytes: 100_000,
         ..TopicConfig::new("bytes", 1)
@@ -448,9 +453,8 @@ async fn retention_by_bytes_and_age_trims_oldest_chunks() {
     assert_eq!((p.start_offset, p.end_offset), (1, 3));
 }
 
-#[tokio::test]
-async fn start_positions_resolve() {
-    let b = memory_broker();
+async fn start_positions_resolve(backend: Backend) {
+    let b = backend.broker();
     b.create_topic(TopicConfig::new("t", 1)).await.unwrap();
     let at = |ms| Record {
         timestamp_ms: ms,
@@ -565,9 +569,8 @@ async fn under_fsync_interval_acknowledged_publishes_are_synced_within_the_inter
     assert_eq!(recovered.read("t", 0, 0, 1000).await.unwrap().len(), 100);
 }
 
-#[tokio::test]
-async fn admission_does_not_charge_the_retry_of_a_stored_idempotent_batch() {
-    let b = memory_broker();
+async fn admission_does_not_charge_the_retry_of_a_stored_idempotent_batch(backend: Backend) {
+    let b = backend.broker();
     b.create_topic(TopicConfig {
         admission: Some(weir_core::Admission {
             per_key: 1,
@@ -602,3 +605,13 @@ async fn admission_does_not_charge_the_retry_of_a_stored_idempotent_batch() {
     assert!(matches!(e, BrokerError::Admission { .. }), "{e}");
     assert_eq!(b.read("seckill", 0, 0, 10).await.unwrap().len(), 1);
 }
+
+on_both_stores!(
+    publish_then_read_keeps_order_and_offsets,
+    keyed_records_follow_the_key_hash_and_keyless_stick_together,
+    bad_publishes_are_refused_and_store_nothing,
+    idempotent_retries_store_once_and_sequence_errors_say_which,
+    retention_by_bytes_and_age_trims_oldest_chunks,
+    start_positions_resolve,
+    admission_does_not_charge_the_retry_of_a_stored_idempotent_batch,
+);

@@ -3,16 +3,15 @@
 
 use weir_core::{now_ms, TopicConfig};
 
-use crate::tests::memory_broker;
+use crate::tests_suite::Backend;
 use crate::{BrokerError, Caller};
 
 const DAY_MS: i64 = 24 * 3600 * 1000;
 
 /// Concurrent InitProducer calls on one id (a restarted app and its zombie) each get their own
 /// epoch: two with the same epoch would see each other's batches as duplicates and drop them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_epoch_bumps_never_issue_an_epoch_twice() {
-    let b = memory_broker();
+async fn concurrent_epoch_bumps_never_issue_an_epoch_twice(backend: Backend) {
+    let b = backend.broker();
     let (id, _) = b.init_producer(None, &Caller::default()).await.unwrap();
     let mut tasks = Vec::new();
     for _ in 0..32 {
@@ -35,9 +34,8 @@ async fn concurrent_epoch_bumps_never_issue_an_epoch_twice() {
 /// A group with an open subscription is in use however long it goes without committing (a
 /// quiet topic); its idle time starts when the last subscriber leaves. A fetch of its offsets
 /// by a client counts as use too.
-#[tokio::test]
-async fn groups_in_use_do_not_expire() {
-    let b = memory_broker();
+async fn groups_in_use_do_not_expire(backend: Backend) {
+    let b = backend.broker();
     b.create_topic(TopicConfig::new("t", 1)).await.unwrap();
     b.publish(crate::tests::to("t", 0, crate::tests::values(0..3)))
         .await
@@ -60,9 +58,8 @@ async fn groups_in_use_do_not_expire() {
 }
 
 /// A removed plugin's producers are released: forgotten, like expired ones.
-#[tokio::test]
-async fn released_server_producers_are_forgotten_and_clients_cannot_release_theirs() {
-    let b = memory_broker();
+async fn released_server_producers_are_forgotten_and_clients_cannot_release_theirs(backend: Backend) {
+    let b = backend.broker();
     let (server_id, _) = b.init_producer(None, &Caller::Server).await.unwrap();
     let (client_id, _) = b.init_producer(None, &Caller::default()).await.unwrap();
     b.release_server_producers(&[server_id, client_id])
@@ -78,3 +75,5 @@ async fn released_server_producers_are_forgotten_and_clients_cannot_release_thei
         .await
         .unwrap();
 }
+
+on_both_stores!(concurrent_epoch_bumps_never_issue_an_epoch_twice, groups_in_use_do_not_expire, released_server_producers_are_forgotten_and_clients_cannot_release_theirs);

@@ -40,6 +40,45 @@ pub fn nats_server_binary(workspace_root: &Path) -> Result<PathBuf, String> {
     }
 }
 
+/// The workspace this crate is built in (where `cargo xtask nats-server` installs).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The client URLs of one 3-node cluster shared by every test of this process, started on
+/// first use on a thread that lives as long as the process (its servers die with it). Its
+/// files are under `target/nats-test/<name>`, emptied first.
+///
+/// # Errors
+/// nats-server missing or not starting (the message says what to run or where to look).
+pub fn shared_test_cluster(name: &str) -> Result<Vec<String>, String> {
+    static SHARED: std::sync::OnceLock<Result<Vec<String>, String>> = std::sync::OnceLock::new();
+    SHARED
+        .get_or_init(|| {
+            let dir = workspace_root().join("target/nats-test").join(name);
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = std::fs::remove_dir_all(&dir);
+                let started = nats_server_binary(&workspace_root())
+                    .and_then(|bin| NatsCluster::start(&bin, &dir, 3, SyncMode::Default));
+                match started {
+                    Ok(cluster) => {
+                        let _ = tx.send(Ok(cluster.urls()));
+                        loop {
+                            std::thread::park();
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            });
+            rx.recv()
+                .unwrap_or_else(|_| Err("the cluster thread died".into()))
+        })
+        .clone()
+}
+
 /// Free loopback ports (bound, then released).
 pub fn free_ports(n: usize) -> Vec<u16> {
     let listeners: Vec<TcpListener> = (0..n)
@@ -180,11 +219,22 @@ impl NatsCluster {
             .append(true)
             .open(&node.log)
             .map_err(|e| format!("open {}: {e}", node.log.display()))?;
-        let child = Command::new(&self.binary)
-            .arg("-c")
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("-c")
             .arg(&node.config)
             .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
+            .stderr(Stdio::from(log));
+        // The server dies with the thread that started it: no nats-server outlives a test
+        // process that panicked or was killed.
+        #[cfg(target_os = "linux")]
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
             .spawn()
             .map_err(|e| format!("start {}: {e}", self.binary.display()))?;
         node.child = Some(child);

@@ -1,0 +1,97 @@
+//! Two brokers on one JetStream log: two weir nodes of one cluster.
+
+use std::collections::BTreeMap;
+
+use weir_core::{Record, TopicConfig};
+
+use crate::tests::{to, values, TestBroker};
+use crate::tests_suite::{fresh_prefix, jetstream_broker};
+use crate::{Broker, BrokerError, Caller, ProducerFields, Publish};
+
+fn two_nodes() -> (TestBroker, TestBroker) {
+    let prefix = fresh_prefix();
+    (jetstream_broker(&prefix), jetstream_broker(&prefix))
+}
+
+async fn read_all(b: &Broker, topic: &str, partition: u32) -> Vec<(u64, String)> {
+    b.read(topic, partition, 0, usize::MAX)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.offset, String::from_utf8(r.record.value.to_vec()).unwrap()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_through_two_nodes_keep_offsets_dense_and_acks_true() {
+    let (a, b) = two_nodes();
+    a.create_topic(TopicConfig::new("t", 1)).await.unwrap();
+    // B has not seen the topic yet: the publish finds it in the store.
+    let mut tasks = Vec::new();
+    for (w, node) in [(0, a.clone()), (1, b.clone()), (2, a.clone()), (3, b.clone())] {
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..25 {
+                let records: Vec<Record> = (0..3)
+                    .map(|j| Record::from_value(format!("w{w}-{i}-{j}")))
+                    .collect();
+                let ack = node.publish(to("t", 0, records)).await.unwrap();
+                acked.push((ack[0].appended.base_offset, format!("w{w}-{i}-0")));
+            }
+            acked
+        }));
+    }
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    b.follow_shared(true).await.unwrap();
+    a.follow_shared(true).await.unwrap();
+    let (on_a, on_b) = (read_all(&a, "t", 0).await, read_all(&b, "t", 0).await);
+    assert_eq!(on_a, on_b, "both nodes read the same log");
+    assert_eq!(on_a.len(), 300);
+    assert!(on_a.iter().enumerate().all(|(i, (o, _))| *o == i as u64), "dense offsets");
+    let by_offset: BTreeMap<u64, String> = on_a.into_iter().collect();
+    for (offset, value) in acked {
+        assert_eq!(by_offset[&offset], value, "the ack said where the batch went");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_through_the_other_node_returns_the_first_offsets_and_groups_are_shared() {
+    let (a, b) = two_nodes();
+    a.create_topic(TopicConfig::new("t", 2)).await.unwrap();
+    let (id, epoch) = a.init_producer(None, &Caller::default()).await.unwrap();
+    // B issues its own producer: a different id.
+    let (other, _) = b.init_producer(None, &Caller::default()).await.unwrap();
+    assert_ne!(id, other);
+    let idem = |records, seq| Publish {
+        producer: Some(ProducerFields {
+            producer_id: id,
+            epoch,
+            base_sequence: seq,
+        }),
+        ..to("t", 1, records)
+    };
+    a.publish(to("t", 1, values(0..4))).await.unwrap();
+    let first = a.publish(idem(values(10..13), 0)).await.unwrap();
+    assert_eq!(first[0].appended.base_offset, 4);
+    // The client lost the ack and retries through B, which never saw the producer.
+    let retry = b.publish(idem(values(10..13), 0)).await.unwrap();
+    assert!(retry[0].appended.duplicate);
+    assert_eq!(retry[0].appended.base_offset, 4);
+    let next = b.publish(idem(values(13..14), 3)).await.unwrap();
+    assert_eq!(next[0].appended.base_offset, 7);
+    // A sequence gap is refused on either node.
+    a.follow_shared(false).await.unwrap();
+    let gap = a.publish(idem(values(20..21), 9)).await.unwrap_err();
+    assert!(matches!(gap, BrokerError::SequenceGap { .. }), "{gap}");
+    assert_eq!(read_all(&a, "t", 1).await.len(), 8);
+
+    a.commit_offsets("g", "t", vec![(0, 0), (1, 5)]).await.unwrap();
+    assert_eq!(b.fetch_offsets("g", "t").await.unwrap(), vec![(0, 0), (1, 5)]);
+    // Deleting on one node removes the topic for the other.
+    a.delete_topic("t").await.unwrap();
+    b.refresh_topics().await.unwrap();
+    assert!(matches!(b.describe_topic("t"), Err(BrokerError::UnknownTopic(_))));
+}
