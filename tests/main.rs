@@ -7,6 +7,7 @@ mod common;
 
 mod broker;
 mod cli;
+mod cluster;
 mod crash;
 mod fuzz;
 mod hardening;

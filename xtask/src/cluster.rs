@@ -47,12 +47,19 @@ pub fn cluster(args: &[String]) -> Result<()> {
     if fresh && dir.exists() {
         std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
     }
-    eprintln!("Starting 3 nats-server nodes (JetStream, R3) in {} ...", dir.display());
-    let nats_cluster = NatsCluster::start(&nats, &dir.join("nats"), 3, sync)
-        .map_err(anyhow::Error::msg)?;
+    eprintln!(
+        "Starting 3 nats-server nodes (JetStream, R3) in {} ...",
+        dir.display()
+    );
+    let nats_cluster =
+        NatsCluster::start(&nats, &dir.join("nats"), 3, sync).map_err(anyhow::Error::msg)?;
     let mut nodes = Vec::new();
     for i in 1..=weir_nodes {
-        let node = WeirNode::start(&weir, &dir.join(format!("weir-{i}")), &nats_cluster.url_list())?;
+        let node = WeirNode::start(
+            &weir,
+            &dir.join(format!("weir-{i}")),
+            &nats_cluster.url_list(),
+        )?;
         nodes.push(node);
     }
     println!();
@@ -66,10 +73,16 @@ pub fn cluster(args: &[String]) -> Result<()> {
     println!("  target/debug/weir --server http://{first} topic create orders --partitions 4");
     if let Some(second) = nodes.get(1) {
         println!("  echo hello | target/debug/weir --server http://{first} publish orders");
-        println!("  target/debug/weir --server http://{} consume orders --from earliest", second.addr);
+        println!(
+            "  target/debug/weir --server http://{} consume orders --from earliest",
+            second.addr
+        );
     }
     println!();
-    println!("Stop everything with Ctrl-C. Data stays in {} (--fresh starts empty).", dir.display());
+    println!(
+        "Stop everything with Ctrl-C. Data stays in {} (--fresh starts empty).",
+        dir.display()
+    );
     // Ctrl-C reaches the whole foreground process group: the servers stop with this process.
     loop {
         std::thread::sleep(Duration::from_secs(1));
@@ -113,7 +126,11 @@ impl WeirNode {
                 bail!("weir exited ({status}) before listening; see {}", node.log);
             }
             if Instant::now() > deadline {
-                bail!("weir did not listen on {} within 60 s; see {}", node.addr, node.log);
+                bail!(
+                    "weir did not listen on {} within 60 s; see {}",
+                    node.addr,
+                    node.log
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }

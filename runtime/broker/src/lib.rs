@@ -412,6 +412,6 @@ mod tests_suite;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
-mod tests_shared;
-#[cfg(test)]
 mod tests_expiry;
+#[cfg(test)]
+mod tests_shared;

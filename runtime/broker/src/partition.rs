@@ -46,20 +46,8 @@ struct State {
     producers: HashMap<u64, ProducerState>,
 }
 
-/// Result of appending one partition's share of a publish.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Appended {
-    /// Offset of the first record.
-    pub base_offset: u64,
-    /// Records.
-    pub count: u32,
-    /// A retry of a stored batch: nothing was appended.
-    pub duplicate: bool,
-}
-
-impl Partition {
-    pub(crate) fn recover(store: Arc<dyn Log>, tp: TopicPartition) -> Result<Arc<Self>, LogError> {
-        let recovered = store.recover_partition(&tp)?;
+impl State {
+    fn from_recovered(recovered: weir_log::RecoveredPartition) -> State {
         let mut chunks = BTreeMap::new();
         let mut size = 0;
         let mut next = recovered.start_offset;
@@ -76,13 +64,31 @@ impl Partition {
             .into_iter()
             .filter_map(|(id, bytes)| ProducerState::decode(&bytes).map(|s| (id, s)))
             .collect();
-        let state = State {
+        State {
             start: chunks.keys().next().copied().unwrap_or(next),
             next,
             size,
             chunks,
             producers,
-        };
+        }
+    }
+}
+
+/// Result of appending one partition's share of a publish.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// Offset of the first record.
+    pub base_offset: u64,
+    /// Records.
+    pub count: u32,
+    /// A retry of a stored batch: nothing was appended.
+    pub duplicate: bool,
+}
+
+impl Partition {
+    pub(crate) fn recover(store: Arc<dyn Log>, tp: TopicPartition) -> Result<Arc<Self>, LogError> {
+        let state = State::from_recovered(store.recover_partition(&tp)?);
+        let next = state.next;
         Ok(Arc::new(Partition {
             tp,
             store,
@@ -130,8 +136,20 @@ impl Partition {
     ) -> Result<Appended, BrokerError> {
         let mut s = self.state();
         let mut attempt = 0u32;
+        let mut caught_up = false;
         loop {
             match self.try_append(&mut s, chunks, count, producer, now_ms) {
+                // In a shared log this node's view of the producer may be behind what other
+                // nodes appended for it: judge the sequence again on the current tail.
+                Err(
+                    BrokerError::SequenceGap { .. }
+                    | BrokerError::SequenceOutOfOrder { .. }
+                    | BrokerError::SequenceCountMismatch { .. }
+                    | BrokerError::StaleEpoch { .. },
+                ) if self.store.shared() && !caught_up => {
+                    caught_up = true;
+                    self.catch_up_locked(&mut s)?;
+                }
                 Err(BrokerError::WriteFailed {
                     source: LogError::Fenced { .. },
                 }) if attempt < FENCE_RETRIES => {
@@ -144,6 +162,7 @@ impl Partition {
                         ));
                     }
                     self.catch_up_locked(&mut s)?;
+                    caught_up = true;
                 }
                 other => {
                     let end = s.next;
@@ -247,10 +266,10 @@ impl Partition {
                 continue;
             }
             if base != s.next {
-                return Err(BrokerError::Storage(LogError::Malformed {
-                    what: format!("tail of {}", self.tp),
-                    reason: format!("a chunk at offset {base} after the end {}", s.next),
-                }));
+                // This node's view lost its place (a failed read in between): rebuild it.
+                tracing::warn!(message = "Rebuilding a partition's index from the shared log.", partition = %self.tp, chunk = base, end = s.next);
+                *s = State::from_recovered(self.store.recover_partition(&self.tp)?);
+                return Ok(());
             }
             if s.chunks.is_empty() {
                 s.start = base;

@@ -142,10 +142,15 @@ impl Broker {
             .flat_map(|t| t.partitions.iter().cloned())
             .collect();
         Self::blocking(move || {
+            // One unreachable partition (its stream electing a leader) does not hold back
+            // the others.
+            let mut first_error = None;
             for p in partitions {
-                p.catch_up()?;
+                if let Err(e) = p.catch_up() {
+                    first_error.get_or_insert(e);
+                }
             }
-            Ok(())
+            first_error.map_or(Ok(()), Err)
         })
         .await
     }

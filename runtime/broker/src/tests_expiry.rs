@@ -58,7 +58,9 @@ async fn groups_in_use_do_not_expire(backend: Backend) {
 }
 
 /// A removed plugin's producers are released: forgotten, like expired ones.
-async fn released_server_producers_are_forgotten_and_clients_cannot_release_theirs(backend: Backend) {
+async fn released_server_producers_are_forgotten_and_clients_cannot_release_theirs(
+    backend: Backend,
+) {
     let b = backend.broker();
     let (server_id, _) = b.init_producer(None, &Caller::Server).await.unwrap();
     let (client_id, _) = b.init_producer(None, &Caller::default()).await.unwrap();
@@ -76,4 +78,8 @@ async fn released_server_producers_are_forgotten_and_clients_cannot_release_thei
         .unwrap();
 }
 
-on_both_stores!(concurrent_epoch_bumps_never_issue_an_epoch_twice, groups_in_use_do_not_expire, released_server_producers_are_forgotten_and_clients_cannot_release_theirs);
+on_both_stores!(
+    concurrent_epoch_bumps_never_issue_an_epoch_twice,
+    groups_in_use_do_not_expire,
+    released_server_producers_are_forgotten_and_clients_cannot_release_theirs
+);

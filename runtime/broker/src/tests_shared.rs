@@ -18,7 +18,12 @@ async fn read_all(b: &Broker, topic: &str, partition: u32) -> Vec<(u64, String)>
         .await
         .unwrap()
         .into_iter()
-        .map(|r| (r.offset, String::from_utf8(r.record.value.to_vec()).unwrap()))
+        .map(|r| {
+            (
+                r.offset,
+                String::from_utf8(r.record.value.to_vec()).unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -28,7 +33,12 @@ async fn concurrent_appends_through_two_nodes_keep_offsets_dense_and_acks_true()
     a.create_topic(TopicConfig::new("t", 1)).await.unwrap();
     // B has not seen the topic yet: the publish finds it in the store.
     let mut tasks = Vec::new();
-    for (w, node) in [(0, a.clone()), (1, b.clone()), (2, a.clone()), (3, b.clone())] {
+    for (w, node) in [
+        (0, a.clone()),
+        (1, b.clone()),
+        (2, a.clone()),
+        (3, b.clone()),
+    ] {
         tasks.push(tokio::spawn(async move {
             let mut acked = Vec::new();
             for i in 0..25 {
@@ -50,10 +60,16 @@ async fn concurrent_appends_through_two_nodes_keep_offsets_dense_and_acks_true()
     let (on_a, on_b) = (read_all(&a, "t", 0).await, read_all(&b, "t", 0).await);
     assert_eq!(on_a, on_b, "both nodes read the same log");
     assert_eq!(on_a.len(), 300);
-    assert!(on_a.iter().enumerate().all(|(i, (o, _))| *o == i as u64), "dense offsets");
+    assert!(
+        on_a.iter().enumerate().all(|(i, (o, _))| *o == i as u64),
+        "dense offsets"
+    );
     let by_offset: BTreeMap<u64, String> = on_a.into_iter().collect();
     for (offset, value) in acked {
-        assert_eq!(by_offset[&offset], value, "the ack said where the batch went");
+        assert_eq!(
+            by_offset[&offset], value,
+            "the ack said where the batch went"
+        );
     }
 }
 
@@ -88,10 +104,18 @@ async fn a_retry_through_the_other_node_returns_the_first_offsets_and_groups_are
     assert!(matches!(gap, BrokerError::SequenceGap { .. }), "{gap}");
     assert_eq!(read_all(&a, "t", 1).await.len(), 8);
 
-    a.commit_offsets("g", "t", vec![(0, 0), (1, 5)]).await.unwrap();
-    assert_eq!(b.fetch_offsets("g", "t").await.unwrap(), vec![(0, 0), (1, 5)]);
+    a.commit_offsets("g", "t", vec![(0, 0), (1, 5)])
+        .await
+        .unwrap();
+    assert_eq!(
+        b.fetch_offsets("g", "t").await.unwrap(),
+        vec![(0, 0), (1, 5)]
+    );
     // Deleting on one node removes the topic for the other.
     a.delete_topic("t").await.unwrap();
     b.refresh_topics().await.unwrap();
-    assert!(matches!(b.describe_topic("t"), Err(BrokerError::UnknownTopic(_))));
+    assert!(matches!(
+        b.describe_topic("t"),
+        Err(BrokerError::UnknownTopic(_))
+    ));
 }

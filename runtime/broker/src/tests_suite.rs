@@ -32,7 +32,11 @@ impl Backend {
 /// A prefix no other broker of this process uses: its own topics, producers and groups.
 pub(crate) fn fresh_prefix() -> String {
     static N: AtomicU64 = AtomicU64::new(0);
-    format!("b{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "b{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A broker on the shared test cluster under `prefix` (two brokers with one prefix are two

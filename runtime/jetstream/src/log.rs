@@ -372,25 +372,18 @@ impl Log for JetStreamLog {
     }
 
     fn recover_partition(&self, tp: &TopicPartition) -> Result<RecoveredPartition, LogError> {
-        let mut st = PartState::default();
-        let mut chunks = Vec::new();
-        let mut producers: HashMap<u64, Bytes> = HashMap::new();
-        self.block_on(self.walk(tp, &mut st, |w| match w {
-            Walked::Chunk { base, meta, .. } => chunks.push((base, meta)),
-            Walked::Producer { id, state } => {
-                producers.insert(id, state);
+        // A stream electing a leader (5-8 s after its leader died) does not answer for a
+        // while: a starting node waits rather than exits.
+        let mut tries = 0;
+        loop {
+            match self.recover_once(tp) {
+                Err(LogError::Engine { .. }) if tries < 6 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+                other => return other,
             }
-            Walked::ChunkPart => {}
-        }))?;
-        let start_offset = chunks.first().map(|(b, _)| *b).unwrap_or(st.next);
-        self.parts
-            .lock()
-            .insert(tp.clone(), Arc::new(Mutex::new(st)));
-        Ok(RecoveredPartition {
-            start_offset,
-            chunks,
-            producers: producers.into_iter().collect(),
-        })
+        }
     }
 
     fn append(
@@ -612,12 +605,21 @@ impl Log for JetStreamLog {
         let part = self.part(tp)?;
         let mut st = part.lock();
         let mut tail = Tail::default();
-        self.block_on(self.walk(tp, &mut st, |w| match w {
+        let walked = self.block_on(self.walk(tp, &mut st, |w| match w {
             Walked::Chunk { base, meta, .. } => tail.chunks.push((base, meta)),
             Walked::Producer { id, state } => tail.producers.push((id, state)),
             Walked::ChunkPart => {}
-        }))?;
-        Ok(tail)
+        }));
+        match walked {
+            Ok(()) => Ok(tail),
+            // What was read before the failure has moved this partition's position: it
+            // must reach the caller, or the next look would start after it.
+            Err(e) if !(tail.chunks.is_empty() && tail.producers.is_empty()) => {
+                tracing::debug!(message = "Reading the tail stopped early.", partition = %tp, error = %e);
+                Ok(tail)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn first_offset(&self, tp: &TopicPartition) -> Result<Option<u64>, LogError> {
@@ -666,5 +668,29 @@ impl JetStreamLog {
                 reason: format!("{} bytes", v.bytes.len()),
             })?;
         Ok(Some((v.seq, next)))
+    }
+}
+
+impl JetStreamLog {
+    fn recover_once(&self, tp: &TopicPartition) -> Result<RecoveredPartition, LogError> {
+        let mut st = PartState::default();
+        let mut chunks = Vec::new();
+        let mut producers: HashMap<u64, Bytes> = HashMap::new();
+        self.block_on(self.walk(tp, &mut st, |w| match w {
+            Walked::Chunk { base, meta, .. } => chunks.push((base, meta)),
+            Walked::Producer { id, state } => {
+                producers.insert(id, state);
+            }
+            Walked::ChunkPart => {}
+        }))?;
+        let start_offset = chunks.first().map(|(b, _)| *b).unwrap_or(st.next);
+        self.parts
+            .lock()
+            .insert(tp.clone(), Arc::new(Mutex::new(st)));
+        Ok(RecoveredPartition {
+            start_offset,
+            chunks,
+            producers: producers.into_iter().collect(),
+        })
     }
 }

@@ -22,8 +22,8 @@ use crate::monitor::probe::ProbeBook;
 use crate::monitor::{Monitor, MonitorConfig};
 use crate::service::WeirService;
 
-pub use weir_log::FsyncPolicy;
 pub use weir_jetstream::JetStreamOptions;
+pub use weir_log::FsyncPolicy;
 pub use weir_plugins::PluginConfig as PluginLimits;
 
 /// Everything `weir serve` needs, validated by the binary before [`run`] is called.

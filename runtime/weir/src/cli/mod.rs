@@ -84,7 +84,7 @@ pub struct ServeArgs {
     /// `nats://HOST:PORT[,nats://HOST:PORT...]` (see docs/scale-out.md). Without it the log
     /// is in the data directory's embedded store. Plugins' state stays in the data directory
     /// either way.
-    #[arg(long, env = "WEIR_LOG", value_name = "NATS_URLS")]
+    #[arg(long, env = "WEIR_NATS", value_name = "NATS_URLS")]
     pub log: Option<String>,
     /// Replicas of every stream weir creates on JetStream (with --log): 1, 3 or 5.
     #[arg(long, default_value_t = 3, requires = "log")]
@@ -232,8 +232,7 @@ async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<(
     config.fsync = args.fsync;
     config.cache_bytes = args.cache_mb * 1024 * 1024;
     if let Some(list) = &args.log {
-        let servers =
-            server::JetStreamOptions::parse_servers(list).map_err(anyhow::Error::msg)?;
+        let servers = server::JetStreamOptions::parse_servers(list).map_err(anyhow::Error::msg)?;
         anyhow::ensure!(
             matches!(args.replicas, 1 | 3 | 5),
             "--replicas must be 1, 3 or 5 (JetStream keeps an odd number of copies), not {}",
