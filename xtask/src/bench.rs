@@ -111,13 +111,16 @@ fn weir(bin: &Path, server: &Server, args: &[&str]) -> Result<String> {
 /// Reproduces BENCHMARKS.md: `weir bench publish` against a release `weir serve` under each
 /// fsync policy, three runs each; prints every run and the median.
 pub fn bench(args: &[String]) -> Result<()> {
-    let usage = "usage: cargo xtask bench [--records N] [--plugins-only] [--soak [SECONDS]]";
+    let usage =
+        "usage: cargo xtask bench [--records N] [--plugins-only] [--soak [SECONDS]] [--cluster]";
     let (mut records, mut plugins_only, mut soak) = ("1000000".to_string(), false, None);
+    let mut cluster = false;
     let mut rest = args.iter().peekable();
     while let Some(arg) = rest.next() {
         match arg.as_str() {
             "--records" => records = rest.next().context(usage)?.clone(),
             "--plugins-only" => plugins_only = true,
+            "--cluster" => cluster = true,
             "--soak" => {
                 soak = Some(match rest.peek().and_then(|s| s.parse::<u64>().ok()) {
                     Some(secs) => {
@@ -133,6 +136,9 @@ pub fn bench(args: &[String]) -> Result<()> {
     let bin = build_release()?;
     if let Some(secs) = soak {
         return bench_soak(&bin, secs);
+    }
+    if cluster {
+        return bench_cluster(&bin, &records);
     }
     if !plugins_only {
         bench_publish(&bin, &records)?;
@@ -195,6 +201,134 @@ fn bench_publish(bin: &Path, records: &str) -> Result<()> {
         println!(
             "fsync {fsync}: median {:.0} records/s (runs: {:?})\n",
             rates[1], rates
+        );
+    }
+    Ok(())
+}
+
+/// The arguments of every publish benchmark run (BENCHMARKS.md).
+fn publish_args(records: &str) -> Vec<&str> {
+    vec![
+        "bench",
+        "publish",
+        "--records",
+        records,
+        "--record-size",
+        "100",
+        "--batch",
+        "1000",
+        "--partitions",
+        "4",
+        "--concurrency",
+        "8",
+        "--quiet",
+    ]
+}
+
+/// The rate a `weir bench publish` or peer run printed.
+fn throughput(out: &str) -> Result<f64> {
+    out.lines()
+        .find_map(|l| l.split_once("throughput: ").map(|(_, r)| r))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no throughput in {out:?}"))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// BENCHMARKS.md "Cluster mode": `weir bench publish` through two weir nodes on a local
+/// 3-node JetStream cluster (R3), through one single-node weir on sled (fsync always and
+/// never), and JetStream's own publish of the same records (packed as weir packs them, and
+/// one message per record) — three interleaved rounds in one run, medians and ratios.
+fn bench_cluster(bin: &Path, records: &str) -> Result<()> {
+    run(crate::cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "weir-jetstream",
+        "--example",
+        "jetstream_publish",
+    ]))?;
+    let peer = crate::workspace_root().join("target/release/examples/jetstream_publish");
+    let nats = crate::nats::ensure()?;
+    let dir = std::env::temp_dir().join(format!("weir-bench-cluster-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cluster = weir_cluster::NatsCluster::start(
+        &nats,
+        &dir.join("nats"),
+        3,
+        weir_cluster::SyncMode::Default,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let urls = cluster.url_list();
+    let names = [
+        "weir, 2 nodes on JetStream R3",
+        "weir, 1 node on sled, fsync always",
+        "weir, 1 node on sled, fsync never",
+        "JetStream alone, packed 128 KiB messages",
+        "JetStream alone, one message per record",
+    ];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    for round in 1..=3 {
+        let prefix = format!("bench{round}");
+        let nodes = [0, 1]
+            .iter()
+            .map(|i| {
+                Server::start_with(
+                    bin,
+                    &dir.join(format!("weir-{round}-{i}")),
+                    "always",
+                    &["--log", &urls, "--log-prefix", &prefix],
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let via = format!("{},{}", nodes[0].url, nodes[1].url);
+        let mut args = publish_args(records);
+        args.extend(["--via", &via]);
+        let out = weir(bin, &nodes[0], &args)?;
+        println!("round {round}, {}:\n{out}", names[0]);
+        rates[0].push(throughput(&out)?);
+        for node in nodes {
+            node.stop()?;
+        }
+        for (i, fsync) in [(1, "always"), (2, "never")] {
+            let data = dir.join(format!("sled-{round}-{fsync}"));
+            let server = Server::start(bin, &data, fsync)?;
+            let out = weir(bin, &server, &publish_args(records))?;
+            server.stop()?;
+            std::fs::remove_dir_all(&data).ok();
+            println!("round {round}, {}:\n{out}", names[i]);
+            rates[i].push(throughput(&out)?);
+        }
+        for (i, mode) in [(3, "packed"), (4, "per-record")] {
+            let out = Command::new(&peer)
+                .args(["--servers", &urls, "--records", records, "--mode", mode])
+                .output()?;
+            if !out.status.success() {
+                bail!(
+                    "{} failed: {}",
+                    peer.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            let out = String::from_utf8_lossy(&out.stdout).into_owned();
+            println!("round {round}, {}: {}", names[i], out.trim());
+            rates[i].push(throughput(&out)?);
+        }
+    }
+    drop(cluster);
+    std::fs::remove_dir_all(&dir).ok();
+    let base = median(rates[0].clone());
+    println!("\nmedians of 3 ({records} records of 100 B, 16 B keys):");
+    for (name, r) in names.iter().zip(&rates) {
+        let m = median(r.clone());
+        println!(
+            "  {name:<44} {m:>10.0} records/s  ({:.2}x weir on JetStream; runs {:?})",
+            m / base,
+            r.iter().map(|x| x.round()).collect::<Vec<_>>()
         );
     }
     Ok(())

@@ -10,59 +10,10 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::*;
-use crate::tests_suite::Backend;
+use crate::tests_suite::{broker_on, broker_with, Backend, TestBroker};
 use weir_core::Record;
-use weir_log::{Durability, FsyncPolicy};
-use weir_log::{Log, MemoryStore, SledStore};
-
-/// A broker whose syncer thread is stopped on drop, releasing the store (and sled's lock).
-pub(crate) struct TestBroker {
-    broker: Arc<Broker>,
-    syncer: Option<std::thread::JoinHandle<()>>,
-}
-
-impl TestBroker {
-    pub(crate) fn new(broker: Arc<Broker>, syncer: std::thread::JoinHandle<()>) -> Self {
-        TestBroker {
-            broker,
-            syncer: Some(syncer),
-        }
-    }
-}
-
-impl std::ops::Deref for TestBroker {
-    type Target = Arc<Broker>;
-    fn deref(&self) -> &Arc<Broker> {
-        &self.broker
-    }
-}
-
-impl Drop for TestBroker {
-    fn drop(&mut self) {
-        self.broker.durability().stop();
-        if let Some(t) = self.syncer.take() {
-            t.join().unwrap();
-        }
-    }
-}
-
-fn broker_on(store: Arc<dyn Log>) -> TestBroker {
-    broker_with(store, FsyncPolicy::Always)
-}
-
-fn broker_with(store: Arc<dyn Log>, policy: FsyncPolicy) -> TestBroker {
-    // Opening reads the store: a blocking call the tests make directly.
-    let _blocking = weir_core::blocking::allow();
-    let (durability, syncer) = Durability::start(store.clone(), policy);
-    TestBroker {
-        broker: Broker::open(store, durability, BrokerConfig::default()).unwrap(),
-        syncer: Some(syncer),
-    }
-}
-
-pub(crate) fn memory_broker() -> TestBroker {
-    broker_on(Arc::new(MemoryStore::new()))
-}
+use weir_log::FsyncPolicy;
+use weir_log::{MemoryStore, SledStore};
 
 fn sled_broker(dir: &std::path::Path) -> TestBroker {
     let _blocking = weir_core::blocking::allow();

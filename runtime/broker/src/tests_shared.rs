@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 
 use weir_core::{Record, TopicConfig};
 
-use crate::tests::{to, values, TestBroker};
-use crate::tests_suite::{fresh_prefix, jetstream_broker};
+use crate::tests::{to, values};
+use crate::tests_suite::{fresh_prefix, jetstream_broker, TestBroker};
 use crate::{Broker, BrokerError, Caller, ProducerFields, Publish};
 
 fn two_nodes() -> (TestBroker, TestBroker) {

@@ -9,8 +9,56 @@ use std::sync::Arc;
 use weir_jetstream::{JetStreamLog, JetStreamOptions};
 use weir_log::{Durability, FsyncPolicy, Log, MemoryStore};
 
-use crate::tests::TestBroker;
 use crate::{Broker, BrokerConfig};
+
+/// A broker whose syncer thread is stopped on drop, releasing the store (and sled's lock).
+pub(crate) struct TestBroker {
+    pub(crate) broker: Arc<Broker>,
+    syncer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestBroker {
+    pub(crate) fn new(broker: Arc<Broker>, syncer: std::thread::JoinHandle<()>) -> Self {
+        TestBroker {
+            broker,
+            syncer: Some(syncer),
+        }
+    }
+}
+
+impl std::ops::Deref for TestBroker {
+    type Target = Arc<Broker>;
+    fn deref(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        self.broker.durability().stop();
+        if let Some(t) = self.syncer.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+pub(crate) fn broker_on(store: Arc<dyn Log>) -> TestBroker {
+    broker_with(store, FsyncPolicy::Always)
+}
+
+pub(crate) fn broker_with(store: Arc<dyn Log>, policy: FsyncPolicy) -> TestBroker {
+    // Opening reads the store: a blocking call the tests make directly.
+    let _blocking = weir_core::blocking::allow();
+    let (durability, syncer) = Durability::start(store.clone(), policy);
+    TestBroker {
+        broker: Broker::open(store, durability, BrokerConfig::default()).unwrap(),
+        syncer: Some(syncer),
+    }
+}
+
+pub(crate) fn memory_broker() -> TestBroker {
+    broker_on(Arc::new(MemoryStore::new()))
+}
 
 /// The store a suite test runs on.
 #[derive(Clone, Copy, Debug)]
@@ -23,7 +71,7 @@ impl Backend {
     /// A broker on a fresh store of this kind.
     pub(crate) fn broker(self) -> TestBroker {
         match self {
-            Backend::Memory => crate::tests::memory_broker(),
+            Backend::Memory => memory_broker(),
             Backend::JetStream => jetstream_broker(&fresh_prefix()),
         }
     }
@@ -58,12 +106,6 @@ pub(crate) fn jetstream_broker(prefix: &str) -> TestBroker {
         .join()
         .expect("opening the broker")
     })
-}
-
-/// A memory-store broker (for tests comparing against the embedded log).
-#[allow(dead_code)]
-pub(crate) fn memory_store() -> Arc<dyn Log> {
-    Arc::new(MemoryStore::new())
 }
 
 /// Runs each named `async fn(Backend)` as a test on each store.

@@ -27,6 +27,9 @@
 mod log;
 mod meta;
 mod names;
+mod partition;
+
+pub use partition::{CHUNK_TARGET_BYTES, FRAGMENT_BYTES};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod auth;
+mod background;
 mod io;
 pub mod limits;
 pub mod local;

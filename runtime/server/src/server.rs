@@ -247,9 +247,15 @@ pub async fn start_on(
             _ = fatal_shutdown.cancelled() => {}
         }
     });
-    tracker.spawn(retention_loop(broker.clone(), shutdown.clone()));
+    tracker.spawn(crate::background::retention_loop(
+        broker.clone(),
+        shutdown.clone(),
+    ));
     if broker.is_shared() {
-        tracker.spawn(follow_loop(broker.clone(), shutdown.clone()));
+        tracker.spawn(crate::background::follow_loop(
+            broker.clone(),
+            shutdown.clone(),
+        ));
     }
     let monitor = Monitor::new(
         broker.clone(),
@@ -457,56 +463,4 @@ pub async fn run(
     // Returns when asked to stop, or when the server stops itself (a failed sync).
     shutdown.cancelled().await;
     server.stop().await
-}
-
-/// Retention, and expiry of idle producers and consumer groups, every retention interval.
-async fn retention_loop(broker: Arc<Broker>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(broker.config().retention_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                if let Err(error) = broker.apply_retention().await {
-                    tracing::warn!(message = "Retention failed.", %error);
-                }
-                if let Err(error) = broker.expire_idle(weir_core::now_ms()).await {
-                    tracing::warn!(message = "Expiring idle producers and groups failed.", %error);
-                }
-            }
-            _ = shutdown.cancelled() => return,
-        }
-    }
-}
-
-/// How often a node on a shared log looks for other nodes' appends (and, every 20th time,
-/// their topics): the bound on how late a subscriber of this node sees a record published
-/// through another.
-const FOLLOW_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
-
-/// Follows what other weir nodes write to a shared log until shutdown.
-async fn follow_loop(broker: Arc<Broker>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(FOLLOW_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut n: u64 = 0;
-    let mut failing = false;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                n += 1;
-                match broker.follow_shared(n % 20 == 1).await {
-                    Ok(()) if failing => {
-                        failing = false;
-                        tracing::info!(message = "Following the shared log again.");
-                    }
-                    Ok(()) => {}
-                    Err(error) if !failing => {
-                        failing = true;
-                        tracing::warn!(message = "Cannot follow the shared log; retrying.", %error);
-                    }
-                    Err(_) => {}
-                }
-            }
-            _ = shutdown.cancelled() => return,
-        }
-    }
 }

@@ -1,6 +1,7 @@
 //! `weir bench publish`: a load generator in the spirit of kafka-producer-perf-test and
 //! `fluvio benchmark`. Prints records/s, MB/s and per-batch acknowledgement latency.
 
+use anyhow::Context as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,6 +77,10 @@ pub struct PublishBench {
     /// No progress bar (for logs).
     #[arg(long)]
     pub quiet: bool,
+    /// Spread the workers over these servers (weir nodes of one cluster, comma-separated)
+    /// instead of --server: worker i publishes through server i mod N.
+    #[arg(long, value_delimiter = ',')]
+    pub via: Vec<String>,
 }
 
 pub(super) async fn run(
@@ -84,7 +89,16 @@ pub(super) async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     match cmd {
-        BenchCommand::Publish(args) => println!("{}", publish(client, &args, shutdown).await?),
+        BenchCommand::Publish(args) => {
+            let mut clients = Vec::new();
+            for server in &args.via {
+                clients.push(Client::connect(server).await?);
+            }
+            if clients.is_empty() {
+                clients.push(client.clone());
+            }
+            println!("{}", publish_via(&clients, &args, shutdown).await?)
+        }
         BenchCommand::Soak(args) => super::soak::run(client, args).await?,
         BenchCommand::Plugin(args) => {
             let main = plugin_run(client, &args, &args.wasm, "main").await?;
@@ -180,6 +194,19 @@ pub async fn publish(
     args: &PublishBench,
     shutdown: CancellationToken,
 ) -> anyhow::Result<PublishReport> {
+    publish_via(std::slice::from_ref(client), args, shutdown).await
+}
+
+/// [`publish`] with the workers spread over several servers (nodes of one cluster).
+///
+/// # Errors
+/// As [`publish`].
+pub async fn publish_via(
+    clients: &[Client],
+    args: &PublishBench,
+    shutdown: CancellationToken,
+) -> anyhow::Result<PublishReport> {
+    let client = clients.first().context("no server to publish to")?;
     anyhow::ensure!(
         args.batch > 0 && args.concurrency > 0 && args.records > 0,
         "--records, --batch and --concurrency must be positive"
@@ -210,7 +237,7 @@ pub async fn publish(
     let mut workers = Vec::new();
     for worker in 0..args.concurrency {
         let (client, args, next_request, done_records, bar, shutdown) = (
-            client.clone(),
+            clients[worker % clients.len()].clone(),
             args.clone(),
             next_request.clone(),
             done_records.clone(),

@@ -11,6 +11,8 @@ use parking_lot::Mutex;
 
 use tokio::sync::watch;
 
+mod follow;
+
 use super::producer::{ProducerState, SequenceCheck};
 use super::BrokerError;
 use weir_core::{PartitionStats, ReadLimits, StoredRecord, TopicPartition};
@@ -246,64 +248,6 @@ impl Partition {
             count,
             duplicate: false,
         })
-    }
-
-    /// Applies what other writers of a shared log appended since the last look, and lets
-    /// readers see it (the engine acknowledged it replicated). Blocking (store reads).
-    pub(crate) fn catch_up(&self) -> Result<(), BrokerError> {
-        let mut s = self.state();
-        self.catch_up_locked(&mut s)?;
-        let end = s.next;
-        drop(s);
-        self.publish_visible(end);
-        Ok(())
-    }
-
-    fn catch_up_locked(&self, s: &mut State) -> Result<(), BrokerError> {
-        let tail = self.store.tail(&self.tp)?;
-        for (base, meta) in tail.chunks {
-            if base < s.next {
-                continue;
-            }
-            if base != s.next {
-                // This node's view lost its place (a failed read in between): rebuild it.
-                tracing::warn!(message = "Rebuilding a partition's index from the shared log.", partition = %self.tp, chunk = base, end = s.next);
-                *s = State::from_recovered(self.store.recover_partition(&self.tp)?);
-                return Ok(());
-            }
-            if s.chunks.is_empty() {
-                s.start = base;
-            }
-            s.chunks.insert(base, meta);
-            s.size += u64::from(meta.bytes);
-            s.next = base + u64::from(meta.count);
-        }
-        for (id, bytes) in tail.producers {
-            if let Some(state) = ProducerState::decode(&bytes) {
-                s.producers.insert(id, state);
-            }
-        }
-        Ok(())
-    }
-
-    /// Moves the start to where another node's retention left the partition (shared logs).
-    /// Blocking (store read).
-    pub(crate) fn refresh_start(&self) -> Result<(), BrokerError> {
-        let Some(first) = self.store.first_offset(&self.tp)? else {
-            return Ok(());
-        };
-        let mut s = self.state();
-        if first <= s.start {
-            return Ok(());
-        }
-        let gone: Vec<u64> = s.chunks.range(..first).map(|(b, _)| *b).collect();
-        for base in gone {
-            if let Some(meta) = s.chunks.remove(&base) {
-                s.size -= u64::from(meta.bytes);
-            }
-        }
-        s.start = first.min(s.next);
-        Ok(())
     }
 
     /// Lets readers see records up to `end` (called once they are as durable as promised).

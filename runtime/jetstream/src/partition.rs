@@ -1,0 +1,350 @@
+//! A partition's messages: an append as one fenced atomic batch, the walk over its tail,
+//! reading a chunk back (fragments included), and recovery.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_nats::jetstream::{context::PublishErrorKind, stream::LastRawMessageErrorKind};
+use async_nats::HeaderMap;
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use weir_core::TopicPartition;
+use weir_log::{ChunkMeta, EncodedChunk, LogError, RecoveredPartition};
+
+use crate::{engine, JetStreamLog, Loc, Names, PartState};
+
+/// Chunks of one publish are packed to about this size: JetStream's throughput grows with
+/// the message size up to ~100 KB and its default `max_payload` is 1 MB.
+pub const CHUNK_TARGET_BYTES: usize = 128 * 1024;
+/// A chunk larger than this (one big record) is stored as several messages of the batch.
+pub const FRAGMENT_BYTES: usize = 512 * 1024;
+/// JetStream's limit on messages in one atomic batch.
+const MAX_BATCH_MESSAGES: usize = 1000;
+
+pub(crate) const H_BASE: &str = "Weir-Base";
+const H_COUNT: &str = "Weir-Count";
+const H_BYTES: &str = "Weir-Bytes";
+const H_MAX_TS: &str = "Weir-Max-Ts";
+const H_FRAGS: &str = "Weir-Frags";
+
+pub(crate) fn header<T: std::str::FromStr>(h: &HeaderMap, name: &str) -> Option<T> {
+    h.get(name)?.as_str().parse().ok()
+}
+
+/// A message read back from a partition's subjects.
+pub(crate) enum Walked {
+    /// The first message of a chunk.
+    Chunk {
+        base: u64,
+        loc: Loc,
+        meta: ChunkMeta,
+    },
+    /// A later fragment of a chunk, or a chunk message without weir's headers.
+    ChunkPart,
+    /// A producer's sequence state.
+    Producer { id: u64, state: Bytes },
+}
+
+fn classify(m: &async_nats::jetstream::message::StreamMessage) -> Walked {
+    let subject = m.subject.as_str();
+    if let Some(id) = Names::producer_of(subject) {
+        return Walked::Producer {
+            id,
+            state: m.payload.clone(),
+        };
+    }
+    let h = &m.headers;
+    match (
+        header::<u64>(h, H_BASE),
+        header::<u32>(h, H_COUNT),
+        header::<u32>(h, H_BYTES),
+        header::<i64>(h, H_MAX_TS),
+    ) {
+        (Some(base), Some(count), Some(bytes), Some(max_timestamp_ms)) => Walked::Chunk {
+            base,
+            loc: Loc {
+                seq: m.sequence,
+                frags: header(h, H_FRAGS).unwrap_or(1),
+            },
+            meta: ChunkMeta {
+                count,
+                bytes,
+                max_timestamp_ms,
+            },
+        },
+        _ => Walked::ChunkPart,
+    }
+}
+
+impl JetStreamLog {
+    /// Reads every message of a partition after `st.walked_seq`, from the stream leader,
+    /// applying chunks that continue the partition to `st` and handing each to `seen`.
+    pub(crate) async fn walk(
+        &self,
+        tp: &TopicPartition,
+        st: &mut PartState,
+        mut seen: impl FnMut(Walked),
+    ) -> Result<(), LogError> {
+        let stream = self.stream(&tp.topic).await?;
+        let filter = self.names.partition_subjects(&tp.topic, tp.partition);
+        loop {
+            let got = stream
+                .raw_message_builder()
+                .sequence(st.walked_seq + 1)
+                .next_by_subject(filter.clone())
+                .send()
+                .await;
+            let m = match got {
+                Ok(m) => m,
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(()),
+                Err(e) => return Err(engine(&format!("read the tail of {tp}"), e)),
+            };
+            st.walked_seq = m.sequence;
+            let walked = classify(&m);
+            if !matches!(walked, Walked::Producer { .. }) {
+                st.last_chunk_seq = m.sequence;
+            }
+            if let Walked::Chunk { base, loc, meta } = &walked {
+                if *base < st.next && !st.index.is_empty() {
+                    continue; // known (this node appended it)
+                }
+                if *base != st.next && !st.index.is_empty() {
+                    return Err(LogError::Malformed {
+                        what: format!("chunk of {tp} at stream sequence {}", m.sequence),
+                        reason: format!(
+                            "it starts at offset {base}, the partition ends at {}",
+                            st.next
+                        ),
+                    });
+                }
+                st.index.insert(*base, *loc);
+                st.next = base + u64::from(meta.count);
+            }
+            seen(walked);
+        }
+    }
+
+    pub(crate) async fn append_async(
+        &self,
+        tp: &TopicPartition,
+        st: &mut PartState,
+        base_offset: u64,
+        chunks: &[EncodedChunk],
+        producer: Option<(u64, &[u8])>,
+    ) -> Result<(), LogError> {
+        if base_offset != st.next {
+            return Err(LogError::Fenced {
+                tp: tp.clone(),
+                expected: base_offset,
+                actual: st.next,
+            });
+        }
+        let subject = self.names.chunk_subject(&tp.topic, tp.partition);
+        // (subject, headers, payload, index of the chunk whose first fragment it is)
+        let mut messages: Vec<(String, HeaderMap, Bytes, Option<usize>)> = Vec::new();
+        let mut offset = base_offset;
+        for (i, chunk) in chunks.iter().enumerate() {
+            let frags = chunk.bytes.len().div_ceil(FRAGMENT_BYTES).max(1);
+            for f in 0..frags {
+                let mut h = HeaderMap::new();
+                if f == 0 {
+                    h.insert(H_BASE, offset.to_string().as_str());
+                    h.insert(H_COUNT, chunk.header.count.to_string().as_str());
+                    h.insert(H_BYTES, chunk.bytes.len().to_string().as_str());
+                    h.insert(H_MAX_TS, chunk.header.max_timestamp_ms.to_string().as_str());
+                    if frags > 1 {
+                        h.insert(H_FRAGS, frags.to_string().as_str());
+                    }
+                }
+                let end = ((f + 1) * FRAGMENT_BYTES).min(chunk.bytes.len());
+                let payload = chunk.bytes.slice(f * FRAGMENT_BYTES..end);
+                messages.push((subject.clone(), h, payload, (f == 0).then_some(i)));
+            }
+            offset += u64::from(chunk.header.count);
+        }
+        if let Some((id, state)) = producer {
+            let mut h = HeaderMap::new();
+            h.insert("Nats-Rollup", "sub");
+            messages.push((
+                self.names
+                    .producer_state_subject(&tp.topic, tp.partition, id),
+                h,
+                Bytes::copy_from_slice(state),
+                None,
+            ));
+        }
+        if messages.len() > MAX_BATCH_MESSAGES {
+            return Err(engine(
+                &format!("append to {tp}"),
+                format!(
+                    "the publish needs {} messages, more than the {MAX_BATCH_MESSAGES} of one atomic batch; send fewer or smaller records per request",
+                    messages.len()
+                ),
+            ));
+        }
+        messages[0].1.insert(
+            "Nats-Expected-Last-Subject-Sequence",
+            st.last_chunk_seq.to_string().as_str(),
+        );
+        let n = messages.len();
+        let last_chunk_message = messages.iter().rposition(|m| m.0 == subject).unwrap_or(0);
+        let batch_id = (n > 1).then(|| format!("w{:016x}{:08x}", rand_id(), n));
+        let mut commit = None;
+        for (i, (subj, mut h, payload, _)) in messages.iter().cloned().enumerate() {
+            if let Some(id) = &batch_id {
+                h.insert("Nats-Batch-Id", id.as_str());
+                h.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
+                if i + 1 == n {
+                    h.insert("Nats-Batch-Commit", "1");
+                }
+            }
+            if i + 1 < n {
+                self.client
+                    .publish_with_headers(subj, h, payload)
+                    .await
+                    .map_err(|e| engine(&format!("append to {tp}"), e))?;
+            } else {
+                commit = Some(
+                    self.js
+                        .publish_with_headers(subj, h, payload)
+                        .await
+                        .map_err(|e| engine(&format!("append to {tp}"), e))?,
+                );
+            }
+        }
+        let ack = commit.expect("a batch has a last message").await;
+        let ack = match ack {
+            Ok(ack) => ack,
+            Err(e) => {
+                let text = e.to_string();
+                let lost_race = e.kind() == PublishErrorKind::WrongLastSequence
+                    || text.contains("10071")
+                    || text.contains("10164")
+                    || text.contains("wrong last sequence");
+                return Err(if lost_race {
+                    LogError::Fenced {
+                        tp: tp.clone(),
+                        expected: base_offset,
+                        actual: st.next,
+                    }
+                } else {
+                    engine(&format!("append to {tp}"), e)
+                });
+            }
+        };
+        // The batch's messages have consecutive sequences ending at the ack's.
+        let first = ack.sequence + 1 - n as u64;
+        let mut offset = base_offset;
+        for (i, (_, _, _, chunk)) in messages.iter().enumerate() {
+            if let Some(c) = chunk {
+                let frags = chunks[*c].bytes.len().div_ceil(FRAGMENT_BYTES).max(1) as u32;
+                st.index.insert(
+                    offset,
+                    Loc {
+                        seq: first + i as u64,
+                        frags,
+                    },
+                );
+                offset += u64::from(chunks[*c].header.count);
+            }
+        }
+        st.next = offset;
+        st.last_chunk_seq = first + last_chunk_message as u64;
+        // The fence proved nothing else was appended to the partition since the last walk.
+        st.walked_seq = ack.sequence;
+        Ok(())
+    }
+
+    pub(crate) async fn read_chunk_async(
+        &self,
+        tp: &TopicPartition,
+        base_offset: u64,
+        loc: Loc,
+    ) -> Result<Option<Bytes>, LogError> {
+        let stream = self.stream(&tp.topic).await?;
+        let subject = self.names.chunk_subject(&tp.topic, tp.partition);
+        let mut seq = loc.seq;
+        let mut out = BytesMut::new();
+        for f in 0..loc.frags {
+            let got = if f == 0 {
+                stream.raw_message_builder().sequence(seq).send().await
+            } else {
+                stream
+                    .raw_message_builder()
+                    .sequence(seq)
+                    .next_by_subject(subject.clone())
+                    .send()
+                    .await
+            };
+            let m = match got {
+                Ok(m) => m,
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+                Err(e) => return Err(engine(&format!("read {tp} at offset {base_offset}"), e)),
+            };
+            if f == 0 && header::<u64>(&m.headers, H_BASE) != Some(base_offset) {
+                return Err(LogError::Malformed {
+                    what: format!("chunk of {tp} at stream sequence {seq}"),
+                    reason: format!("it is not the chunk at offset {base_offset}"),
+                });
+            }
+            if loc.frags == 1 {
+                return Ok(Some(m.payload));
+            }
+            out.extend_from_slice(&m.payload);
+            seq = m.sequence + 1;
+        }
+        Ok(Some(out.freeze()))
+    }
+}
+
+fn rand_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    h.finish()
+}
+
+impl JetStreamLog {
+    /// The stored next producer id and the sequence it was written at.
+    pub(crate) async fn next_producer(&self) -> Result<Option<(u64, u64)>, LogError> {
+        let Some(v) = self.meta_get(&self.names.next_producer_key()).await? else {
+            return Ok(None);
+        };
+        let next = <[u8; 8]>::try_from(v.bytes.as_ref())
+            .map(u64::from_be_bytes)
+            .map_err(|_| LogError::Malformed {
+                what: "next producer id".into(),
+                reason: format!("{} bytes", v.bytes.len()),
+            })?;
+        Ok(Some((v.seq, next)))
+    }
+}
+
+impl JetStreamLog {
+    pub(crate) fn recover_once(&self, tp: &TopicPartition) -> Result<RecoveredPartition, LogError> {
+        let mut st = PartState::default();
+        let mut chunks = Vec::new();
+        let mut producers: HashMap<u64, Bytes> = HashMap::new();
+        self.block_on(self.walk(tp, &mut st, |w| match w {
+            Walked::Chunk { base, meta, .. } => chunks.push((base, meta)),
+            Walked::Producer { id, state } => {
+                producers.insert(id, state);
+            }
+            Walked::ChunkPart => {}
+        }))?;
+        let start_offset = chunks.first().map(|(b, _)| *b).unwrap_or(st.next);
+        self.parts
+            .lock()
+            .insert(tp.clone(), Arc::new(Mutex::new(st)));
+        Ok(RecoveredPartition {
+            start_offset,
+            chunks,
+            producers: producers.into_iter().collect(),
+        })
+    }
+}
