@@ -254,9 +254,16 @@ async fn acked_publishes_survive_kill_9_of_stream_leaders_and_weir_nodes() {
     for cycle in 0..cycles {
         std::thread::sleep(Duration::from_millis(rng.random_range(800..2500)));
         if cycle % 2 == 0 {
-            let leader = nats
-                .stream_leader(&stream)
-                .expect("the topic stream has a leader");
+            // Right after an election the servers may not agree on a leader yet.
+            let mut leader = None;
+            for _ in 0..200 {
+                leader = nats.stream_leader(&stream);
+                if leader.is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let leader = leader.expect("the topic stream has a leader within 20 s");
             nats.kill(leader);
             std::thread::sleep(Duration::from_millis(rng.random_range(300..1500)));
             nats.restart(leader).unwrap_or_else(|e| panic!("{e}"));

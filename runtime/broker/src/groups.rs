@@ -44,9 +44,10 @@ impl Broker {
                 "group name must be non-empty and contain no NUL".into(),
             ));
         }
+        self.shared_topic(topic).await?;
         for &(p, offset) in &offsets {
             let partition = self.partition(topic, p)?;
-            let end = partition.stats().end_offset;
+            let end = self.end_at_least(&partition, offset).await?;
             if offset > end {
                 return Err(BrokerError::CommitPastEnd {
                     tp: partition.tp.clone(),

@@ -394,12 +394,14 @@ impl Broker {
         match start {
             StartAt::Earliest => Ok(stats.start_offset),
             StartAt::Latest => Ok(visible),
-            StartAt::Offset(o) if o > stats.end_offset => Err(BrokerError::OffsetOutOfRange {
-                tp: p.tp.clone(),
-                offset: o,
-                start: stats.start_offset,
-                end: stats.end_offset,
-            }),
+            StartAt::Offset(o) if o > self.end_at_least(&p, o).await? => {
+                Err(BrokerError::OffsetOutOfRange {
+                    tp: p.tp.clone(),
+                    offset: o,
+                    start: stats.start_offset,
+                    end: p.stats().end_offset,
+                })
+            }
             StartAt::Offset(o) => Ok(o.max(stats.start_offset)),
             StartAt::Timestamp(ts) => Self::blocking(move || p.offset_for_timestamp(ts)).await,
         }

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use weir_core::now_ms;
+use weir_core::{now_ms, TopicConfig};
 use weir_log::LogError;
 
 use crate::owners::ProducerRecord;
@@ -48,13 +48,19 @@ impl Broker {
         }
         let _admin = self.admin.lock().await;
         let store = self.store.clone();
-        let known: BTreeSet<String> = self.topics.read().keys().cloned().collect();
+        let known: Vec<TopicConfig> = self
+            .topics
+            .read()
+            .values()
+            .map(|t| t.config.clone())
+            .collect();
         let (opened, names) = Self::blocking(move || {
             let configs = store.load_topics()?;
             let names: BTreeSet<String> = configs.iter().map(|c| c.name.clone()).collect();
+            // New topics, and topics deleted and created again with another configuration.
             let opened = configs
                 .into_iter()
-                .filter(|c| !known.contains(&c.name))
+                .filter(|c| !known.contains(c))
                 .map(|c| Self::open_topic(&store, c))
                 .collect::<Result<Vec<_>, _>>()?;
             Ok((opened, names))
@@ -63,7 +69,7 @@ impl Broker {
         let mut topics = self.topics.write();
         topics.retain(|name, _| names.contains(name));
         for topic in opened {
-            tracing::info!(message = "Topic created by another node.", topic = %topic.config.name);
+            tracing::info!(message = "Topic created (or created again) by another node.", topic = %topic.config.name);
             topics.insert(topic.config.name.clone(), topic);
         }
         Ok(())
@@ -153,6 +159,22 @@ impl Broker {
             first_error.map_or(Ok(()), Err)
         })
         .await
+    }
+
+    /// A partition's end; in a shared log, when `offset` is past what this node has seen, after
+    /// catching up (another node may have appended it).
+    pub(crate) async fn end_at_least(
+        &self,
+        partition: &Arc<Partition>,
+        offset: u64,
+    ) -> Result<u64, BrokerError> {
+        let end = partition.stats().end_offset;
+        if offset <= end || !self.is_shared() {
+            return Ok(end);
+        }
+        let p = partition.clone();
+        Self::blocking(move || p.catch_up()).await?;
+        Ok(partition.stats().end_offset)
     }
 
     /// Moves every partition's start to where retention on any node left it (shared logs).

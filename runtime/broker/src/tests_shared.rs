@@ -119,3 +119,33 @@ async fn a_retry_through_the_other_node_returns_the_first_offsets_and_groups_are
         Err(BrokerError::UnknownTopic(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_behind_another_nodes_retention_rebuilds_and_appends_at_the_end() {
+    let (a, b) = two_nodes();
+    a.create_topic(TopicConfig {
+        retention_bytes: 50_000,
+        ..TopicConfig::new("r", 1)
+    })
+    .await
+    .unwrap();
+    a.publish(to("r", 0, values(0..1))).await.unwrap();
+    // B appends and trims while A does not look.
+    b.ensure_topic("r").await.unwrap();
+    for i in 0..20u8 {
+        let big = vec![Record::from_value(vec![i; 20_000])];
+        b.publish(to("r", 0, big)).await.unwrap();
+    }
+    b.apply_retention().await.unwrap();
+    let on_b = b.describe_topic("r").unwrap().partitions[0];
+    assert!(on_b.start_offset > 1, "{on_b:?}");
+    // A's view ends at 1 and the chunks after it are gone: its append is fenced, it finds the
+    // gap, rebuilds, and appends at the real end.
+    let ack = a.publish(to("r", 0, values(100..101))).await.unwrap();
+    assert_eq!(ack[0].appended.base_offset, 21);
+    let p = a.describe_topic("r").unwrap().partitions[0];
+    assert_eq!((p.start_offset, p.end_offset), (on_b.start_offset, 22));
+    let last = a.read("r", 0, 21, 10).await.unwrap();
+    assert_eq!(last.len(), 1);
+    assert_eq!(&last[0].record.value[..], b"v100");
+}

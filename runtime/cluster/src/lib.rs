@@ -192,7 +192,7 @@ impl NatsCluster {
             cluster.spawn(i)?;
         }
         for i in 0..size {
-            cluster.wait_healthy(i, Duration::from_secs(30))?;
+            cluster.wait_healthy(i, Duration::from_secs(60))?;
         }
         Ok(cluster)
     }
@@ -256,7 +256,8 @@ impl NatsCluster {
     pub fn restart(&mut self, i: usize) -> Result<(), String> {
         self.kill(i);
         self.spawn(i)?;
-        self.wait_healthy(i, Duration::from_secs(30))
+        // A restarted server catches up with the others before it reports healthy.
+        self.wait_healthy(i, Duration::from_secs(90))
     }
 
     /// Waits until node `i` answers `/healthz` with 200.

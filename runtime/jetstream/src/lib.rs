@@ -138,6 +138,8 @@ struct PartState {
     walked_seq: u64,
     /// The offset the next record gets.
     next: u64,
+    /// The last walk read to the end (it was not cut short by a failure).
+    walk_complete: bool,
 }
 
 /// The log on JetStream. See the crate documentation for the layout.
@@ -237,11 +239,27 @@ impl JetStreamLog {
             .block_on(f)
     }
 
-    /// The stream of a topic, created (with the configured replicas) when missing.
+    /// The stream of an existing topic (created by [`JetStreamLog::create_stream`]; never
+    /// recreated here, so a deleted topic's stream does not come back).
     async fn stream(&self, topic: &str) -> Result<jetstream::stream::Stream, LogError> {
         if let Some(s) = self.streams.lock().get(topic) {
             return Ok(s.clone());
         }
+        let name = self.names.topic_stream(topic);
+        let stream = self.js.get_stream(&name).await.map_err(|e| {
+            engine(
+                &format!("open the stream of topic {topic}"),
+                format!("{e} (stream {name}; was the topic deleted?)"),
+            )
+        })?;
+        self.streams
+            .lock()
+            .insert(topic.to_string(), stream.clone());
+        Ok(stream)
+    }
+
+    /// Creates a topic's stream with the configured replicas.
+    async fn create_stream(&self, topic: &str) -> Result<(), LogError> {
         let config = jetstream::stream::Config {
             name: self.names.topic_stream(topic),
             subjects: vec![self.names.topic_subjects(topic)],
@@ -258,21 +276,17 @@ impl JetStreamLog {
             .js
             .get_or_create_stream(config)
             .await
-            .map_err(|e| engine(&format!("open the stream of topic {topic}"), e))?;
-        self.streams
-            .lock()
-            .insert(topic.to_string(), stream.clone());
-        Ok(stream)
+            .map_err(|e| engine(&format!("create the stream of topic {topic}"), e))?;
+        self.streams.lock().insert(topic.to_string(), stream);
+        Ok(())
     }
 
     fn part(&self, tp: &TopicPartition) -> Result<Arc<Mutex<PartState>>, LogError> {
-        self.parts
-            .lock()
-            .get(tp)
-            .cloned()
-            .ok_or_else(|| LogError::Malformed {
-                what: format!("partition {tp}"),
-                reason: "appended to before it was recovered".into(),
-            })
+        self.parts.lock().get(tp).cloned().ok_or_else(|| {
+            engine(
+                &format!("use partition {tp}"),
+                "this node has not opened it (the topic is being deleted or created)",
+            )
+        })
     }
 }

@@ -49,9 +49,14 @@ impl Log for JetStreamLog {
         let json = serde_json::to_vec(config).expect("topic config serialises");
         self.block_on(async {
             // Created only if absent: of two nodes creating a topic, one wins.
-            self.meta_put(&self.names.topic_key(&config.name), json.into(), Some(0))
-                .await?;
-            self.stream(&config.name).await.map(|_| ())
+            let key = self.names.topic_key(&config.name);
+            self.meta_put(&key, json.into(), Some(0)).await?;
+            if let Err(e) = self.create_stream(&config.name).await {
+                // No topic without its stream: every node would fail to open it.
+                let _ = self.meta_purge(&key).await;
+                return Err(e);
+            }
+            Ok(())
         })
     }
 

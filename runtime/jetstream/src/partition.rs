@@ -14,8 +14,9 @@ use weir_log::{ChunkMeta, EncodedChunk, LogError, RecoveredPartition};
 use crate::{engine, JetStreamLog, Loc, Names, PartState};
 
 /// Chunks of one publish are packed to about this size: JetStream's throughput grows with
-/// the message size up to ~100 KB and its default `max_payload` is 1 MB.
-pub const CHUNK_TARGET_BYTES: usize = 128 * 1024;
+/// the message size up to ~100 KB, its default `max_payload` is 1 MB, and an atomic batch holds
+/// at most 1,000 messages (a 64 MiB request of records just over half this size needs ~500).
+pub const CHUNK_TARGET_BYTES: usize = 256 * 1024;
 /// A chunk larger than this (one big record) is stored as several messages of the batch.
 pub const FRAGMENT_BYTES: usize = 512 * 1024;
 /// JetStream's limit on messages in one atomic batch.
@@ -85,6 +86,7 @@ impl JetStreamLog {
         st: &mut PartState,
         mut seen: impl FnMut(Walked),
     ) -> Result<(), LogError> {
+        st.walk_complete = false;
         let stream = self.stream(&tp.topic).await?;
         let filter = self.names.partition_subjects(&tp.topic, tp.partition);
         loop {
@@ -96,11 +98,14 @@ impl JetStreamLog {
                 .await;
             let m = match got {
                 Ok(m) => m,
-                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(()),
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                    st.walk_complete = true;
+                    return Ok(());
+                }
                 Err(e) => return Err(engine(&format!("read the tail of {tp}"), e)),
             };
-            st.walked_seq = m.sequence;
             let walked = classify(&m);
+            st.walked_seq = m.sequence;
             if !matches!(walked, Walked::Producer { .. }) {
                 st.last_chunk_seq = m.sequence;
             }
@@ -108,15 +113,8 @@ impl JetStreamLog {
                 if *base < st.next && !st.index.is_empty() {
                     continue; // known (this node appended it)
                 }
-                if *base != st.next && !st.index.is_empty() {
-                    return Err(LogError::Malformed {
-                        what: format!("chunk of {tp} at stream sequence {}", m.sequence),
-                        reason: format!(
-                            "it starts at offset {base}, the partition ends at {}",
-                            st.next
-                        ),
-                    });
-                }
+                // A base past the end means the chunks between were removed by another
+                // node's retention before this one read them: the caller rebuilds its view.
                 st.index.insert(*base, *loc);
                 st.next = base + u64::from(meta.count);
             }
@@ -174,13 +172,12 @@ impl JetStreamLog {
             ));
         }
         if messages.len() > MAX_BATCH_MESSAGES {
-            return Err(engine(
-                &format!("append to {tp}"),
-                format!(
-                    "the publish needs {} messages, more than the {MAX_BATCH_MESSAGES} of one atomic batch; send fewer or smaller records per request",
+            return Err(LogError::TooLarge {
+                reason: format!(
+                    "its share of {tp} needs {} messages, more than the {MAX_BATCH_MESSAGES} of one JetStream atomic batch; send fewer records per request",
                     messages.len()
                 ),
-            ));
+            });
         }
         messages[0].1.insert(
             "Nats-Expected-Last-Subject-Sequence",
@@ -232,6 +229,17 @@ impl JetStreamLog {
                 });
             }
         };
+        if batch_id.is_some() && ack.batch_size.is_some_and(|c| c != n as u64) {
+            // Not what was sent: leave this node's view alone; its next append is fenced and
+            // reads the tail.
+            return Err(engine(
+                &format!("append to {tp}"),
+                format!(
+                    "the batch of {n} messages was acknowledged with {:?}",
+                    ack.batch_size
+                ),
+            ));
+        }
         // The batch's messages have consecutive sequences ending at the ack's.
         let first = ack.sequence + 1 - n as u64;
         let mut offset = base_offset;
@@ -250,8 +258,12 @@ impl JetStreamLog {
         }
         st.next = offset;
         st.last_chunk_seq = first + last_chunk_message as u64;
-        // The fence proved nothing else was appended to the partition since the last walk.
-        st.walked_seq = ack.sequence;
+        // The fence proved no other batch reached the partition since the last chunk this
+        // node knows; if its last walk also read everything up to there (the producer states
+        // after that chunk included), the walk may continue after this batch.
+        if st.walk_complete {
+            st.walked_seq = ack.sequence;
+        }
         Ok(())
     }
 

@@ -106,7 +106,7 @@ pub enum LogError {
     },
     /// A conditional write lost to another writer (backends shared by several processes): the
     /// caller reloads what it decided from and tries again.
-    #[error("{what} was changed by another weir node first; reload and retry")]
+    #[error("another weir node changed {what} at the same moment; retry the request")]
     Conflict {
         /// What was written.
         what: String,
@@ -114,11 +114,17 @@ pub enum LogError {
     /// The replicated engine refused or did not answer (a leader election, a lost
     /// connection, a full stream). Whether a write that failed this way landed is unknown
     /// until the log is read again.
-    #[error("the replicated log failed to {op}: {reason}")]
+    #[error("the replicated log failed to {op}: {reason}; retry once the NATS cluster answers (a leader election takes seconds)")]
     Engine {
         /// What was being done.
         op: String,
         /// The engine's reason, in its words.
+        reason: String,
+    },
+    /// The write can never succeed as sent (a limit of the engine): nothing was stored.
+    #[error("the replicated log cannot take this write: {reason}")]
+    TooLarge {
+        /// What limit, and what to do.
         reason: String,
     },
 }

@@ -200,6 +200,10 @@ impl Weir for WeirService {
             Resource::Topic(&request.get_ref().name),
         )?;
         self.broker
+            .ensure_topic(&request.get_ref().name)
+            .await
+            .or_status()?;
+        self.broker
             .delete_topic(&request.into_inner().name)
             .await
             .or_status()?;

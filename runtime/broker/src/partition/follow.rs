@@ -9,24 +9,28 @@ impl Partition {
     /// Applies what other writers of a shared log appended since the last look, and lets
     /// readers see it (the engine acknowledged it replicated). Blocking (store reads).
     pub(crate) fn catch_up(&self) -> Result<(), BrokerError> {
-        let mut s = self.state();
-        self.catch_up_locked(&mut s)?;
-        let end = s.next;
-        drop(s);
+        let _writer = self.writer.lock();
+        self.catch_up_held()?;
+        let end = self.state().next;
         self.publish_visible(end);
         Ok(())
     }
 
-    pub(super) fn catch_up_locked(&self, s: &mut State) -> Result<(), BrokerError> {
+    /// [`Partition::catch_up`] for a caller that holds the writer lock.
+    pub(super) fn catch_up_held(&self) -> Result<(), BrokerError> {
         let tail = self.store.tail(&self.tp)?;
+        let mut s = self.state();
         for (base, meta) in tail.chunks {
             if base < s.next {
                 continue;
             }
             if base != s.next {
-                // This node's view lost its place (a failed read in between): rebuild it.
-                tracing::warn!(message = "Rebuilding a partition's index from the shared log.", partition = %self.tp, chunk = base, end = s.next);
-                *s = State::from_recovered(self.store.recover_partition(&self.tp)?);
+                // Chunks between were removed by another node's retention before this one
+                // saw them: rebuild the index from the log.
+                tracing::info!(message = "Rebuilding a partition's index from the shared log.", partition = %self.tp, chunk = base, end = s.next);
+                drop(s);
+                let recovered = State::from_recovered(self.store.recover_partition(&self.tp)?);
+                *self.state() = recovered;
                 return Ok(());
             }
             if s.chunks.is_empty() {
@@ -47,6 +51,7 @@ impl Partition {
     /// Moves the start to where another node's retention left the partition (shared logs).
     /// Blocking (store read).
     pub(crate) fn refresh_start(&self) -> Result<(), BrokerError> {
+        let _writer = self.writer.lock();
         let Some(first) = self.store.first_offset(&self.tp)? else {
             return Ok(());
         };

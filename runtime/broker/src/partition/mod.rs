@@ -1,8 +1,10 @@
 //! One partition: its in-memory index over the stored chunks, its producers' sequence states
 //! and the offset up to which readers may see records.
 //!
-//! The index is rebuilt from the store at open. One writer at a time (the state lock); readers
-//! take the lock only to find chunk positions, then read and decode without it.
+//! The index is rebuilt from the store at open. One writer at a time (the writer lock, held
+//! across the store's write); the state lock is only ever held briefly, never across store
+//! I/O (a write to a replicated log can take seconds while it elects a leader): readers take
+//! it to find chunk positions, then read and decode without it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -35,6 +37,9 @@ pub struct ProducerFields {
 pub(crate) struct Partition {
     pub(crate) tp: TopicPartition,
     store: Arc<dyn Log>,
+    /// Serialises the partition's writers (append, catch-up, trim, producer removal); taken
+    /// before `state`.
+    writer: Mutex<()>,
     state: Mutex<State>,
     /// End offset readers may see: synced under fsync `always`, applied otherwise.
     visible: watch::Sender<u64>,
@@ -94,6 +99,7 @@ impl Partition {
         Ok(Arc::new(Partition {
             tp,
             store,
+            writer: Mutex::new(()),
             state: Mutex::new(state),
             visible: watch::channel(next).0,
         }))
@@ -136,11 +142,11 @@ impl Partition {
         producer: Option<ProducerFields>,
         now_ms: i64,
     ) -> Result<Appended, BrokerError> {
-        let mut s = self.state();
+        let _writer = self.writer.lock();
         let mut attempt = 0u32;
         let mut caught_up = false;
         loop {
-            match self.try_append(&mut s, chunks, count, producer, now_ms) {
+            match self.try_append(chunks, count, producer, now_ms) {
                 // In a shared log this node's view of the producer may be behind what other
                 // nodes appended for it: judge the sequence again on the current tail.
                 Err(
@@ -150,7 +156,7 @@ impl Partition {
                     | BrokerError::StaleEpoch { .. },
                 ) if self.store.shared() && !caught_up => {
                     caught_up = true;
-                    self.catch_up_locked(&mut s)?;
+                    self.catch_up_held()?;
                 }
                 Err(BrokerError::WriteFailed {
                     source: LogError::Fenced { .. },
@@ -163,14 +169,13 @@ impl Partition {
                             u64::from(attempt) * 5,
                         ));
                     }
-                    self.catch_up_locked(&mut s)?;
+                    self.catch_up_held()?;
                     caught_up = true;
                 }
                 other => {
-                    let end = s.next;
-                    drop(s);
                     if self.store.shared() {
                         // What the engine acknowledged is replicated: readers may see it.
+                        let end = self.state().next;
                         self.publish_visible(end);
                     }
                     return other;
@@ -179,43 +184,48 @@ impl Partition {
         }
     }
 
+    /// One attempt; the caller holds the writer lock, so nothing else changes the state
+    /// between the check and the update after the write.
     fn try_append(
         &self,
-        s: &mut State,
         chunks: &[EncodedChunk],
         count: u32,
         producer: Option<ProducerFields>,
         now_ms: i64,
     ) -> Result<Appended, BrokerError> {
-        let base = s.next;
-        let new_producer_state = match producer {
-            None => None,
-            Some(p) => match ProducerState::check(
-                s.producers.get(&p.producer_id),
-                p.epoch,
-                p.base_sequence,
-                u64::from(count),
-            ) {
-                Ok(SequenceCheck::Duplicate { base_offset }) => {
-                    return Ok(Appended {
-                        base_offset,
-                        count,
-                        duplicate: true,
-                    })
-                }
-                Ok(SequenceCheck::Append) => Some((
-                    p.producer_id,
-                    ProducerState::after_append(
-                        s.producers.get(&p.producer_id),
-                        p.epoch,
-                        p.base_sequence,
-                        u64::from(count),
-                        base,
-                        now_ms,
-                    ),
-                )),
-                Err(e) => return Err(BrokerError::sequence(p.producer_id, &self.tp, e)),
-            },
+        let (base, new_producer_state) = {
+            let s = self.state();
+            let base = s.next;
+            let new_producer_state = match producer {
+                None => None,
+                Some(p) => match ProducerState::check(
+                    s.producers.get(&p.producer_id),
+                    p.epoch,
+                    p.base_sequence,
+                    u64::from(count),
+                ) {
+                    Ok(SequenceCheck::Duplicate { base_offset }) => {
+                        return Ok(Appended {
+                            base_offset,
+                            count,
+                            duplicate: true,
+                        })
+                    }
+                    Ok(SequenceCheck::Append) => Some((
+                        p.producer_id,
+                        ProducerState::after_append(
+                            s.producers.get(&p.producer_id),
+                            p.epoch,
+                            p.base_sequence,
+                            u64::from(count),
+                            base,
+                            now_ms,
+                        ),
+                    )),
+                    Err(e) => return Err(BrokerError::sequence(p.producer_id, &self.tp, e)),
+                },
+            };
+            (base, new_producer_state)
         };
         let encoded = new_producer_state
             .as_ref()
@@ -227,7 +237,12 @@ impl Partition {
                 chunks,
                 encoded.as_ref().map(|(id, b)| (*id, b.as_slice())),
             )
-            .map_err(|source| BrokerError::WriteFailed { source })?;
+            .map_err(|source| match source {
+                // A limit of the engine: nothing was stored, and a retry would fail the same.
+                LogError::TooLarge { .. } => BrokerError::InvalidArgument(source.to_string()),
+                source => BrokerError::WriteFailed { source },
+            })?;
+        let mut s = self.state();
         let mut offset = base;
         for chunk in chunks {
             let meta = ChunkMeta {
@@ -383,24 +398,30 @@ impl Partition {
         retention_ms: u64,
         retention_bytes: u64,
     ) -> Result<u64, BrokerError> {
-        let mut s = self.state();
-        let mut remove = retention_plan(&s.chunks, s.size, now_ms, retention_ms, retention_bytes);
-        if self.store.shared() && remove.len() == s.chunks.len() {
-            // A shared log keeps the newest chunk (as Kafka keeps the active segment): its
-            // message carries the sequence the next append is fenced on.
-            remove.pop();
-        }
-        let Some(&last) = remove.last() else {
-            return Ok(0);
+        let _writer = self.writer.lock();
+        let (remove, new_start) = {
+            let s = self.state();
+            let mut remove =
+                retention_plan(&s.chunks, s.size, now_ms, retention_ms, retention_bytes);
+            if self.store.shared() && remove.len() == s.chunks.len() {
+                // A shared log keeps the newest chunk (as Kafka keeps the active segment):
+                // its message carries the sequence the next append is fenced on.
+                remove.pop();
+            }
+            let Some(&last) = remove.last() else {
+                return Ok(0);
+            };
+            let new_start = s
+                .chunks
+                .range(last + 1..)
+                .next()
+                .map(|(b, _)| *b)
+                .unwrap_or(s.next);
+            (remove, new_start)
         };
-        let new_start = s
-            .chunks
-            .range(last + 1..)
-            .next()
-            .map(|(b, _)| *b)
-            .unwrap_or(s.next);
         self.store.trim(&self.tp, &remove, new_start)?;
-        let removed = new_start - s.start;
+        let mut s = self.state();
+        let removed = new_start.saturating_sub(s.start);
         for base in &remove {
             if let Some(meta) = s.chunks.remove(base) {
                 s.size -= u64::from(meta.bytes);
@@ -422,16 +443,19 @@ impl Partition {
 
     /// Forgets expired producers' sequence states. Blocking (store write).
     pub(crate) fn remove_producers(&self, ids: &[u64]) -> Result<(), BrokerError> {
-        let mut s = self.state();
-        let present: Vec<u64> = ids
-            .iter()
-            .copied()
-            .filter(|id| s.producers.contains_key(id))
-            .collect();
+        let _writer = self.writer.lock();
+        let present: Vec<u64> = {
+            let s = self.state();
+            ids.iter()
+                .copied()
+                .filter(|id| s.producers.contains_key(id))
+                .collect()
+        };
         if present.is_empty() {
             return Ok(());
         }
         self.store.remove_producers(&self.tp, &present)?;
+        let mut s = self.state();
         for id in present {
             s.producers.remove(&id);
         }

@@ -185,22 +185,11 @@ fn batches(args: &PublishBench, worker: usize) -> Vec<Vec<pb::Record>> {
         .collect()
 }
 
-/// Runs a publish benchmark against `client`'s server.
+/// Runs a publish benchmark with the workers spread over `clients` (one server, or the
+/// nodes of one cluster: worker i publishes through client i mod N).
 ///
 /// # Errors
 /// Connection failures, topic creation failures, a refused publish.
-pub async fn publish(
-    client: &Client,
-    args: &PublishBench,
-    shutdown: CancellationToken,
-) -> anyhow::Result<PublishReport> {
-    publish_via(std::slice::from_ref(client), args, shutdown).await
-}
-
-/// [`publish`] with the workers spread over several servers (nodes of one cluster).
-///
-/// # Errors
-/// As [`publish`].
 pub async fn publish_via(
     clients: &[Client],
     args: &PublishBench,
