@@ -33,7 +33,11 @@ impl Broker {
                 // Another node issued the id this one proposed (shared logs): reload, retry.
                 Err(BrokerError::Storage(LogError::Conflict { .. })) if attempt < 20 => {
                     attempt += 1;
-                    self.reload_producers().await?;
+                    match existing {
+                        // Another node bumped this producer's epoch first: bump from its.
+                        Some(id) => self.reload_producer(id).await?,
+                        None => self.reload_producers().await?,
+                    }
                 }
                 other => return other,
             }
@@ -45,7 +49,7 @@ impl Broker {
         existing: Option<u64>,
         caller: &Caller,
     ) -> Result<(u64, u32), BrokerError> {
-        let (id, record, next_id) = {
+        let (id, record, next_id, previous) = {
             let mut producers = self.producers.lock();
             let now = now_ms();
             match existing {
@@ -68,7 +72,7 @@ impl Broker {
                         owner: current.owner.clone(),
                         last_used_ms: now,
                     };
-                    (id, record, producers.next_id)
+                    (id, record, producers.next_id, Some(current.encode()))
                 }
                 None => {
                     let record = ProducerRecord {
@@ -79,7 +83,7 @@ impl Broker {
                     let id = producers.next_id;
                     // Reserved under the lock, so concurrent inits get distinct ids.
                     producers.next_id += 1;
-                    (id, record, id + 1)
+                    (id, record, id + 1, None)
                 }
             }
         };
@@ -88,12 +92,11 @@ impl Broker {
         let store = self.store.clone();
         let encoded = record.encode();
         let issued = existing.is_none();
-        let written = Self::blocking(move || {
-            if issued {
-                Ok(store.issue_producer(id, &encoded, next_id)?)
-            } else {
-                Ok(store.put_producer(id, &encoded, next_id)?)
-            }
+        let written = Self::blocking(move || match previous {
+            None => Ok(store.issue_producer(id, &encoded, next_id)?),
+            // Compare-and-set on the record the bump was decided from: two nodes never
+            // issue the same epoch.
+            Some(previous) => Ok(store.replace_producer(id, &previous, &encoded, next_id)?),
         })
         .await;
         if let Err(e) = written {

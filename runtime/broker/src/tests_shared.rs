@@ -149,3 +149,34 @@ async fn a_node_behind_another_nodes_retention_rebuilds_and_appends_at_the_end()
     assert_eq!(last.len(), 1);
     assert_eq!(&last[0].record.value[..], b"v100");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn epoch_bumps_through_two_nodes_never_issue_an_epoch_twice() {
+    let (a, b) = two_nodes();
+    let (id, _) = a.init_producer(None, &Caller::default()).await.unwrap();
+    let mut tasks = Vec::new();
+    for node in [a.clone(), b.clone(), a.clone(), b.clone()] {
+        tasks.push(tokio::spawn(async move {
+            let mut epochs = Vec::new();
+            for _ in 0..5 {
+                epochs.push(
+                    node.init_producer(Some(id), &Caller::default())
+                        .await
+                        .unwrap()
+                        .1,
+                );
+            }
+            epochs
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (1..=20).collect::<Vec<u32>>(),
+        "each epoch issued once"
+    );
+}

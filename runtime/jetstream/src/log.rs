@@ -211,6 +211,29 @@ impl Log for JetStreamLog {
         })
     }
 
+    fn replace_producer(
+        &self,
+        producer_id: u64,
+        previous: &[u8],
+        record: &[u8],
+        _next_id: u64,
+    ) -> Result<(), LogError> {
+        let record = Bytes::copy_from_slice(record);
+        self.block_on(async {
+            let key = self.names.producer_key(producer_id);
+            let conflict = || LogError::Conflict {
+                what: format!("producer {producer_id}"),
+            };
+            let stored = self.meta_get(&key).await?.ok_or_else(conflict)?;
+            if stored.bytes.as_ref() != previous {
+                return Err(conflict());
+            }
+            self.meta_put(&key, record, Some(stored.seq))
+                .await
+                .map(|_| ())
+        })
+    }
+
     fn delete_producers(&self, ids: &[u64]) -> Result<(), LogError> {
         self.block_on(async {
             for id in ids {

@@ -93,9 +93,15 @@ impl JetStreamLog {
             .await;
         match ack {
             Ok(ack) => Ok(ack.sequence),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(LogError::Conflict {
-                what: subject.to_string(),
-            }),
+            // 10071: the subject moved on; 10164: another conditional write to it is in flight.
+            Err(e)
+                if e.kind() == PublishErrorKind::WrongLastSequence
+                    || e.to_string().contains("10164") =>
+            {
+                Err(LogError::Conflict {
+                    what: subject.to_string(),
+                })
+            }
             Err(e) => Err(engine(&format!("write {subject}"), e)),
         }
     }

@@ -287,6 +287,19 @@ pub trait Log: Durable {
     ) -> Result<(), LogError> {
         self.put_producer(producer_id, record, next_id)
     }
+    /// Replaces a producer's record (an epoch bump, a claim) if the stored one is still
+    /// `previous`. A shared log refuses it ([`LogError::Conflict`]) when another node changed
+    /// the record first; a log with one writer just writes it.
+    fn replace_producer(
+        &self,
+        producer_id: u64,
+        previous: &[u8],
+        record: &[u8],
+        next_id: u64,
+    ) -> Result<(), LogError> {
+        let _ = previous;
+        self.put_producer(producer_id, record, next_id)
+    }
     /// Removes producers' records (expired producers).
     fn delete_producers(&self, ids: &[u64]) -> Result<(), LogError>;
     /// Stores a consumer group's next offsets for some partitions of a topic, committed at

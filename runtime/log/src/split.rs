@@ -78,6 +78,16 @@ impl Log for SplitStore {
     ) -> Result<(), LogError> {
         self.log.issue_producer(producer_id, record, next_id)
     }
+    fn replace_producer(
+        &self,
+        producer_id: u64,
+        previous: &[u8],
+        record: &[u8],
+        next_id: u64,
+    ) -> Result<(), LogError> {
+        self.log
+            .replace_producer(producer_id, previous, record, next_id)
+    }
     fn delete_producers(&self, ids: &[u64]) -> Result<(), LogError> {
         self.log.delete_producers(ids)
     }
