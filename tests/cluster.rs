@@ -373,3 +373,84 @@ async fn acked_publishes_survive_kill_9_of_stream_leaders_and_weir_nodes() {
     drop(procs);
     drop(nats);
 }
+
+fn cli_ok(server: &str, args: &[&str], stdin: &str) -> String {
+    let (ok, out, err) = common::weir_cli(server, args, stdin);
+    assert!(ok, "weir {args:?} failed: {err}");
+    out
+}
+
+/// A plugin deployed on one node of a cluster consumes records published through the other,
+/// exactly once, and its outputs reach the shared log (read through the other node). Plugins'
+/// state stays on the node that runs them until issue 16.
+#[test]
+fn a_plugin_on_one_node_consumes_what_another_node_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = nats_server_binary(&root()).unwrap_or_else(|e| panic!("{e}"));
+    let nats = NatsCluster::start(&bin, &dir.path().join("nats"), 3, SyncMode::Default)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let urls = nats.url_list();
+    let a = WeirProcess::spawn(&dir.path().join("a"), "127.0.0.1:0", &["--log", &urls]);
+    let b = WeirProcess::spawn(&dir.path().join("b"), "127.0.0.1:0", &["--log", &urls]);
+    let wasm = dir.path().join("points.wasm");
+    std::fs::write(&wasm, common::plugin_wasm("points")).unwrap();
+    cli_ok(
+        &a.addr,
+        &["topic", "create", "order.paid", "--partitions", "2"],
+        "",
+    );
+    cli_ok(&a.addr, &["topic", "create", "points.credited"], "");
+    cli_ok(
+        &a.addr,
+        &[
+            "plugin",
+            "deploy",
+            "points",
+            "--wasm",
+            wasm.to_str().unwrap(),
+            "--input",
+            "order.paid",
+            "--output",
+            "points.credited",
+        ],
+        "",
+    );
+    // Through node B, with a duplicate order id.
+    let orders = [("o1", 10), ("o2", 20), ("o1", 10), ("o3", 5)]
+        .iter()
+        .map(|(id, amount)| {
+            format!("{{\"key\":\"ann\",\"id\":\"{id}\",\"value\":{{\"order\":1,\"user\":\"ann\",\"amount\":{amount}}}}}\n")
+        })
+        .collect::<String>();
+    cli_ok(&b.addr, &["publish", "order.paid", "--json"], &orders);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (found, out, _) =
+            common::weir_cli(&a.addr, &["state", "get", "points", "balance/ann"], "");
+        if found && out.starts_with("35 ") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "balance is {out:?}, want 35"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let credited = cli_ok(
+        &b.addr,
+        &[
+            "consume",
+            "points.credited",
+            "--from",
+            "earliest",
+            "--idle-ms",
+            "1500",
+        ],
+        "",
+    );
+    assert_eq!(
+        credited.lines().count(),
+        3,
+        "one output per distinct order: {credited}"
+    );
+}
