@@ -85,12 +85,24 @@ impl JetStreamLog {
                 seq.to_string().as_str(),
             );
         }
-        let ack = self
-            .js
-            .publish_with_headers(subject.to_string(), headers, bytes)
-            .await
-            .map_err(|e| engine(&format!("write {subject}"), e))?
-            .await;
+        let mut tries = 0;
+        let ack = loop {
+            let ack = self
+                .js
+                .publish_with_headers(subject.to_string(), headers.clone(), bytes.clone())
+                .await
+                .map_err(|e| engine(&format!("write {subject}"), e))?
+                .await;
+            match ack {
+                // Interest in a stream's subjects reaches every server a moment after it is
+                // created; "no responders" stored nothing.
+                Err(e) if e.kind() == PublishErrorKind::StreamNotFound && tries < 30 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => break other,
+            }
+        };
         match ack {
             Ok(ack) => Ok(ack.sequence),
             // 10071: the subject moved on; 10164: another conditional write to it is in flight.

@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use async_nats::jetstream::{context::PublishErrorKind, stream::LastRawMessageErrorKind};
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::publish::PublishAck;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::HeaderMap;
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
@@ -47,14 +49,19 @@ pub(crate) enum Walked {
 }
 
 fn classify(m: &async_nats::jetstream::message::StreamMessage) -> Walked {
-    let subject = m.subject.as_str();
+    classify_parts(m.subject.as_str(), m.sequence, Some(&m.headers), &m.payload)
+}
+
+fn classify_parts(subject: &str, seq: u64, headers: Option<&HeaderMap>, payload: &Bytes) -> Walked {
     if let Some(id) = Names::producer_of(subject) {
         return Walked::Producer {
             id,
-            state: m.payload.clone(),
+            state: payload.clone(),
         };
     }
-    let h = &m.headers;
+    let Some(h) = headers else {
+        return Walked::ChunkPart;
+    };
     match (
         header::<u64>(h, H_BASE),
         header::<u32>(h, H_COUNT),
@@ -64,7 +71,7 @@ fn classify(m: &async_nats::jetstream::message::StreamMessage) -> Walked {
         (Some(base), Some(count), Some(bytes), Some(max_timestamp_ms)) => Walked::Chunk {
             base,
             loc: Loc {
-                seq: m.sequence,
+                seq,
                 frags: header(h, H_FRAGS).unwrap_or(1),
             },
             meta: ChunkMeta {
@@ -75,6 +82,25 @@ fn classify(m: &async_nats::jetstream::message::StreamMessage) -> Walked {
         },
         _ => Walked::ChunkPart,
     }
+}
+
+/// Moves a partition's position past one message read back; `false` when it is a chunk this
+/// node already has (its own append).
+fn advance(st: &mut PartState, walked: &Walked, seq: u64) -> bool {
+    st.walked_seq = seq;
+    if !matches!(walked, Walked::Producer { .. }) {
+        st.last_chunk_seq = seq;
+    }
+    if let Walked::Chunk { base, loc, meta } = walked {
+        if *base < st.next && !st.index.is_empty() {
+            return false; // known (this node appended it)
+        }
+        // A base past the end means the chunks between were removed by another node's
+        // retention before this one read them: the caller rebuilds its view.
+        st.index.insert(*base, *loc);
+        st.next = base + u64::from(meta.count);
+    }
+    true
 }
 
 impl JetStreamLog {
@@ -105,21 +131,106 @@ impl JetStreamLog {
                 Err(e) => return Err(engine(&format!("read the tail of {tp}"), e)),
             };
             let walked = classify(&m);
-            st.walked_seq = m.sequence;
-            if !matches!(walked, Walked::Producer { .. }) {
-                st.last_chunk_seq = m.sequence;
+            if advance(st, &walked, m.sequence) {
+                seen(walked);
             }
-            if let Walked::Chunk { base, loc, meta } = &walked {
-                if *base < st.next && !st.index.is_empty() {
-                    continue; // known (this node appended it)
-                }
-                // A base past the end means the chunks between were removed by another
-                // node's retention before this one read them: the caller rebuilds its view.
-                st.index.insert(*base, *loc);
-                st.next = base + u64::from(meta.count);
-            }
-            seen(walked);
         }
+    }
+
+    /// Reads a whole partition's headers (not its records) through an ordered consumer:
+    /// what a node starting on an empty data directory needs to index it. Producer states,
+    /// the only payloads needed, are fetched one by one afterwards (one per producer).
+    async fn scan_headers(
+        &self,
+        tp: &TopicPartition,
+        st: &mut PartState,
+        mut seen: impl FnMut(Walked),
+    ) -> Result<(), LogError> {
+        use futures::StreamExt;
+        let failed = |e: &dyn std::fmt::Display| engine(&format!("scan {tp}"), e);
+        let stream = self.stream(&tp.topic).await?;
+        let consumer = stream
+            .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+                filter_subject: self.names.partition_subjects(&tp.topic, tp.partition),
+                headers_only: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| failed(&e))?;
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(());
+        }
+        let mut messages = consumer.messages().await.map_err(|e| failed(&e))?;
+        let mut producer_seqs: HashMap<u64, u64> = HashMap::new();
+        loop {
+            let next = tokio::time::timeout(self.options.request_timeout, messages.next())
+                .await
+                .map_err(|_| failed(&"no message within the request timeout"))?;
+            let Some(m) = next else {
+                return Err(failed(&"the consumer ended early"));
+            };
+            let m = m.map_err(|e| failed(&e))?;
+            let info = m.info().map_err(|e| failed(&e))?;
+            let (seq, pending) = (info.stream_sequence, info.pending);
+            let walked = classify_parts(m.subject.as_str(), seq, m.headers.as_ref(), &m.payload);
+            if let Walked::Producer { id, .. } = walked {
+                st.walked_seq = seq;
+                producer_seqs.insert(id, seq);
+            } else if advance(st, &walked, seq) {
+                seen(walked);
+            }
+            if pending == 0 {
+                break;
+            }
+        }
+        let mut producers: Vec<(u64, u64)> = producer_seqs.into_iter().collect();
+        producers.sort_by_key(|(_, seq)| *seq);
+        for (id, seq) in producers {
+            match stream.raw_message_builder().sequence(seq).send().await {
+                Ok(m) => seen(Walked::Producer {
+                    id,
+                    state: m.payload,
+                }),
+                // Replaced by a newer state since the scan: the walk after it reads that one.
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {}
+                Err(e) => return Err(failed(&e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one batch (a single message needs no batch headers) and waits for its ack.
+    async fn send_batch(
+        &self,
+        tp: &TopicPartition,
+        messages: &[(String, HeaderMap, Bytes, Option<usize>)],
+    ) -> Result<Result<PublishAck, PublishError>, LogError> {
+        let n = messages.len();
+        let batch_id = (n > 1).then(|| format!("w{:016x}{:08x}", rand_id(), n));
+        let mut commit = None;
+        for (i, (subj, mut h, payload, _)) in messages.iter().cloned().enumerate() {
+            if let Some(id) = &batch_id {
+                h.insert("Nats-Batch-Id", id.as_str());
+                h.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
+                if i + 1 == n {
+                    h.insert("Nats-Batch-Commit", "1");
+                }
+            }
+            if i + 1 < n {
+                self.client
+                    .publish_with_headers(subj, h, payload)
+                    .await
+                    .map_err(|e| engine(&format!("append to {tp}"), e))?;
+            } else {
+                commit = Some(
+                    self.js
+                        .publish_with_headers(subj, h, payload)
+                        .await
+                        .map_err(|e| engine(&format!("append to {tp}"), e))?,
+                );
+            }
+        }
+        Ok(commit.expect("a batch has a last message").await)
     }
 
     pub(crate) async fn append_async(
@@ -185,31 +296,19 @@ impl JetStreamLog {
         );
         let n = messages.len();
         let last_chunk_message = messages.iter().rposition(|m| m.0 == subject).unwrap_or(0);
-        let batch_id = (n > 1).then(|| format!("w{:016x}{:08x}", rand_id(), n));
-        let mut commit = None;
-        for (i, (subj, mut h, payload, _)) in messages.iter().cloned().enumerate() {
-            if let Some(id) = &batch_id {
-                h.insert("Nats-Batch-Id", id.as_str());
-                h.insert("Nats-Batch-Sequence", (i + 1).to_string().as_str());
-                if i + 1 == n {
-                    h.insert("Nats-Batch-Commit", "1");
+        // A stream created a moment ago may not yet have interest on the server this client
+        // talks to: "no responders" stores nothing, so the batch is sent again (a new id).
+        let mut tries = 0;
+        let ack = loop {
+            let ack = self.send_batch(tp, &messages).await?;
+            match ack {
+                Err(e) if e.kind() == PublishErrorKind::StreamNotFound && tries < 30 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
+                other => break other,
             }
-            if i + 1 < n {
-                self.client
-                    .publish_with_headers(subj, h, payload)
-                    .await
-                    .map_err(|e| engine(&format!("append to {tp}"), e))?;
-            } else {
-                commit = Some(
-                    self.js
-                        .publish_with_headers(subj, h, payload)
-                        .await
-                        .map_err(|e| engine(&format!("append to {tp}"), e))?,
-                );
-            }
-        }
-        let ack = commit.expect("a batch has a last message").await;
+        };
         let ack = match ack {
             Ok(ack) => ack,
             Err(e) => {
@@ -229,7 +328,7 @@ impl JetStreamLog {
                 });
             }
         };
-        if batch_id.is_some() && ack.batch_size.is_some_and(|c| c != n as u64) {
+        if n > 1 && ack.batch_size.is_some_and(|c| c != n as u64) {
             // Not what was sent: leave this node's view alone; its next append is fenced and
             // reads the tail.
             return Err(engine(
@@ -342,13 +441,18 @@ impl JetStreamLog {
         let mut st = PartState::default();
         let mut chunks = Vec::new();
         let mut producers: HashMap<u64, Bytes> = HashMap::new();
-        self.block_on(self.walk(tp, &mut st, |w| match w {
+        let mut collect = |w| match w {
             Walked::Chunk { base, meta, .. } => chunks.push((base, meta)),
             Walked::Producer { id, state } => {
                 producers.insert(id, state);
             }
             Walked::ChunkPart => {}
-        }))?;
+        };
+        self.block_on(async {
+            self.scan_headers(tp, &mut st, &mut collect).await?;
+            // What arrived after the scan's snapshot.
+            self.walk(tp, &mut st, &mut collect).await
+        })?;
         let start_offset = chunks.first().map(|(b, _)| *b).unwrap_or(st.next);
         self.parts
             .lock()
