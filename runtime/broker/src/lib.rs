@@ -124,8 +124,17 @@ impl Broker {
     ) -> Result<Arc<Self>, BrokerError> {
         let mut topics = BTreeMap::new();
         for topic_config in store.load_topics()? {
-            let topic = Self::open_topic(&store, topic_config)?;
-            topics.insert(topic.config.name.clone(), topic);
+            match Self::open_topic(&store, topic_config.clone()) {
+                Ok(topic) => {
+                    topics.insert(topic.config.name.clone(), topic);
+                }
+                // On a shared log another node may be deleting it (its stream is gone): the
+                // topic refresh tries again; one topic does not keep the node from starting.
+                Err(e) if store.shared() => {
+                    tracing::warn!(message = "Cannot open a topic of the shared log; will retry.", topic = %topic_config.name, error = %e);
+                }
+                Err(e) => return Err(e),
+            }
         }
         let stored = store.load_producers()?;
         let now = now_ms();

@@ -184,7 +184,7 @@ impl Broker {
     pub async fn claim_for_server(&self, ids: &[u64]) -> Result<(), BrokerError> {
         let _writing = self.producer_writes.lock().await;
         for &id in ids {
-            let (record, next_id) = {
+            let (record, next_id, previous) = {
                 let producers = self.producers.lock();
                 let current = self.producer(&producers, id)?;
                 if current.owner == Owner::Server {
@@ -192,10 +192,11 @@ impl Broker {
                 }
                 let mut record = current.clone();
                 record.owner = Owner::Server;
-                (record, producers.next_id)
+                (record, producers.next_id, current.encode())
             };
             let (store, encoded) = (self.store.clone(), record.encode());
-            Self::blocking(move || Ok(store.put_producer(id, &encoded, next_id)?)).await?;
+            Self::blocking(move || Ok(store.replace_producer(id, &previous, &encoded, next_id)?))
+                .await?;
             self.producers.lock().records.insert(id, record);
         }
         self.sync_now().await

@@ -213,10 +213,19 @@ impl Broker {
             }
         };
         let now = now_ms();
-        let mut acks = Vec::with_capacity(groups.len());
+        // Encoded, and checked against the log's limits, before any partition is written: a
+        // refusal stores nothing.
+        let mut encoded = Vec::with_capacity(groups.len());
         for (p, records) in groups {
-            let partition = topic.partitions[p as usize].clone();
             let chunks = codec::encode_chunks(&records, now, self.store.chunk_target_bytes());
+            self.store
+                .check_append(&chunks, publish.producer.is_some())
+                .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
+            encoded.push((p, records, chunks));
+        }
+        let mut acks = Vec::with_capacity(encoded.len());
+        for (p, records, chunks) in encoded {
+            let partition = topic.partitions[p as usize].clone();
             let appended =
                 partition.append(&chunks, records.len() as u32, publish.producer, now)?;
             if !appended.duplicate {

@@ -61,8 +61,15 @@ impl Broker {
             let opened = configs
                 .into_iter()
                 .filter(|c| !known.contains(c))
-                .map(|c| Self::open_topic(&store, c))
-                .collect::<Result<Vec<_>, _>>()?;
+                .filter_map(|c| match Self::open_topic(&store, c.clone()) {
+                    Ok(topic) => Some(topic),
+                    Err(e) => {
+                        // Being deleted (its stream gone) or created right now: next time.
+                        tracing::debug!(message = "Cannot open a topic of the shared log yet.", topic = %c.name, error = %e);
+                        None
+                    }
+                })
+                .collect::<Vec<_>>();
             Ok((opened, names))
         })
         .await?;
@@ -94,6 +101,9 @@ impl Broker {
     pub(crate) async fn reload_producer(&self, id: u64) -> Result<(), BrokerError> {
         let store = self.store.clone();
         let Some(bytes) = Self::blocking(move || Ok(store.load_producer(id)?)).await? else {
+            // Expired and deleted by another node: forgotten here too (a publish or re-init
+            // is then refused as expired).
+            self.producers.lock().records.remove(&id);
             return Ok(());
         };
         let mut record = ProducerRecord::decode(&bytes).ok_or_else(|| LogError::Malformed {

@@ -180,3 +180,21 @@ async fn epoch_bumps_through_two_nodes_never_issue_an_epoch_twice() {
         "each epoch issued once"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_deleted_and_created_again_is_seen_new_by_the_other_node() {
+    let (a, b) = two_nodes();
+    a.create_topic(TopicConfig::new("t", 1)).await.unwrap();
+    a.publish(to("t", 0, values(0..5))).await.unwrap();
+    b.ensure_topic("t").await.unwrap();
+    assert_eq!(b.describe_topic("t").unwrap().partitions[0].end_offset, 5);
+    a.delete_topic("t").await.unwrap();
+    a.create_topic(TopicConfig::new("t", 3)).await.unwrap();
+    a.publish(to("t", 2, values(0..1))).await.unwrap();
+    b.refresh_topics().await.unwrap();
+    let info = b.describe_topic("t").unwrap();
+    assert_eq!(info.config.partitions, 3);
+    assert_eq!(info.partitions[0].end_offset, 0, "the old records are gone");
+    b.follow_shared(false).await.unwrap();
+    assert_eq!(read_all(&b, "t", 2).await, vec![(0, "v0".to_string())]);
+}

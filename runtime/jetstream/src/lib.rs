@@ -258,6 +258,16 @@ impl JetStreamLog {
         Ok(stream)
     }
 
+    /// Deletes a topic's stream if there is one.
+    async fn delete_stream_if_any(&self, topic: &str) -> Result<(), LogError> {
+        let name = self.names.topic_stream(topic);
+        match self.js.delete_stream(&name).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("not found") => Ok(()),
+            Err(e) => Err(engine(&format!("delete stream {name}"), e)),
+        }
+    }
+
     /// Creates a topic's stream with the configured replicas.
     async fn create_stream(&self, topic: &str) -> Result<(), LogError> {
         let config = jetstream::stream::Config {

@@ -51,6 +51,8 @@ impl Log for JetStreamLog {
             // Created only if absent: of two nodes creating a topic, one wins.
             let key = self.names.topic_key(&config.name);
             self.meta_put(&key, json.into(), Some(0)).await?;
+            // A stream left by an earlier topic of this name whose deletion was cut short.
+            self.delete_stream_if_any(&config.name).await?;
             if let Err(e) = self.create_stream(&config.name).await {
                 // No topic without its stream: every node would fail to open it.
                 let _ = self.meta_purge(&key).await;
@@ -62,16 +64,13 @@ impl Log for JetStreamLog {
 
     fn delete_topic(&self, config: &TopicConfig) -> Result<(), LogError> {
         self.block_on(async {
-            let name = self.names.topic_stream(&config.name);
-            self.streams.lock().remove(&config.name);
-            match self.js.delete_stream(&name).await {
-                Ok(_) => {}
-                Err(e) if e.to_string().contains("not found") => {}
-                Err(e) => return Err(engine(&format!("delete stream {name}"), e)),
-            }
+            // The key first: a topic never exists without its stream (a crash after this
+            // leaves an orphan stream, which creating the topic again removes).
+            self.meta_purge(&self.names.topic_key(&config.name)).await?;
             self.meta_purge(&self.names.topic_group_keys(&config.name))
                 .await?;
-            self.meta_purge(&self.names.topic_key(&config.name)).await?;
+            self.streams.lock().remove(&config.name);
+            self.delete_stream_if_any(&config.name).await?;
             self.parts.lock().retain(|tp, _| tp.topic != config.name);
             Ok(())
         })
@@ -324,6 +323,10 @@ impl Log for JetStreamLog {
 
     fn shared(&self) -> bool {
         true
+    }
+
+    fn check_append(&self, chunks: &[EncodedChunk], with_producer: bool) -> Result<(), LogError> {
+        crate::partition::check_batch(chunks, with_producer)
     }
 
     fn chunk_target_bytes(&self) -> usize {

@@ -34,6 +34,23 @@ pub(crate) fn header<T: std::str::FromStr>(h: &HeaderMap, name: &str) -> Option<
     h.get(name)?.as_str().parse().ok()
 }
 
+/// Refuses an append that needs more messages than one atomic batch holds.
+pub(crate) fn check_batch(chunks: &[EncodedChunk], with_producer: bool) -> Result<(), LogError> {
+    let messages: usize = chunks
+        .iter()
+        .map(|c| c.bytes.len().div_ceil(FRAGMENT_BYTES).max(1))
+        .sum::<usize>()
+        + usize::from(with_producer);
+    if messages > MAX_BATCH_MESSAGES {
+        return Err(LogError::TooLarge {
+            reason: format!(
+                "a partition's share of the publish needs {messages} messages, more than the {MAX_BATCH_MESSAGES} of one JetStream atomic batch; send fewer records per request"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// A message read back from a partition's subjects.
 pub(crate) enum Walked {
     /// The first message of a chunk.
@@ -282,14 +299,7 @@ impl JetStreamLog {
                 None,
             ));
         }
-        if messages.len() > MAX_BATCH_MESSAGES {
-            return Err(LogError::TooLarge {
-                reason: format!(
-                    "its share of {tp} needs {} messages, more than the {MAX_BATCH_MESSAGES} of one JetStream atomic batch; send fewer records per request",
-                    messages.len()
-                ),
-            });
-        }
+        check_batch(chunks, producer.is_some())?;
         messages[0].1.insert(
             "Nats-Expected-Last-Subject-Sequence",
             st.last_chunk_seq.to_string().as_str(),
@@ -462,5 +472,27 @@ impl JetStreamLog {
             chunks,
             producers: producers.into_iter().collect(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weir_core::Record;
+
+    #[test]
+    fn a_share_needing_more_messages_than_a_batch_holds_is_refused_up_front() {
+        let records: Vec<Record> = (0..1001).map(|_| Record::from_value("x")).collect();
+        // A 1-byte target puts every record in a chunk (a message) of its own.
+        let chunks = weir_log::codec::encode_chunks(&records, 1, 1);
+        assert_eq!(chunks.len(), 1001);
+        let e = check_batch(&chunks, false).unwrap_err();
+        assert!(matches!(e, LogError::TooLarge { .. }), "{e}");
+        assert!(
+            e.to_string().contains("send fewer records per request"),
+            "{e}"
+        );
+        assert!(check_batch(&chunks[..999], true).is_ok());
+        assert!(check_batch(&chunks[..1000], true).is_err());
     }
 }

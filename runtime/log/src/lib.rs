@@ -331,6 +331,11 @@ pub trait Log: Durable {
     fn chunk_target_bytes(&self) -> usize {
         CHUNK_TARGET_BYTES
     }
+    /// Refuses ([`LogError::TooLarge`]) an append this log could never take in one write,
+    /// before anything of the publish is stored.
+    fn check_append(&self, _chunks: &[EncodedChunk], _with_producer: bool) -> Result<(), LogError> {
+        Ok(())
+    }
     /// What other writers appended to a partition since this process last looked (shared
     /// logs; a log with one writer has nothing to report).
     fn tail(&self, _tp: &TopicPartition) -> Result<Tail, LogError> {

@@ -115,6 +115,9 @@ impl Log for SplitStore {
     fn chunk_target_bytes(&self) -> usize {
         self.log.chunk_target_bytes()
     }
+    fn check_append(&self, chunks: &[EncodedChunk], with_producer: bool) -> Result<(), LogError> {
+        self.log.check_append(chunks, with_producer)
+    }
     fn tail(&self, tp: &TopicPartition) -> Result<Tail, LogError> {
         self.log.tail(tp)
     }

@@ -1,6 +1,8 @@
 //! Following a shared log: what other nodes appended, and where their retention moved the
 //! start.
 
+use std::sync::atomic::Ordering;
+
 use super::{Partition, State};
 use crate::producer::ProducerState;
 use crate::BrokerError;
@@ -18,6 +20,9 @@ impl Partition {
 
     /// [`Partition::catch_up`] for a caller that holds the writer lock.
     pub(super) fn catch_up_held(&self) -> Result<(), BrokerError> {
+        if self.rebuild.load(Ordering::Acquire) {
+            return self.rebuild_held();
+        }
         let tail = self.store.tail(&self.tp)?;
         let mut s = self.state();
         for (base, meta) in tail.chunks {
@@ -26,12 +31,12 @@ impl Partition {
             }
             if base != s.next {
                 // Chunks between were removed by another node's retention before this one
-                // saw them: rebuild the index from the log.
+                // saw them: rebuild the index from the log. The log's own position has moved
+                // past them already, so a rebuild that fails is tried again next time.
                 tracing::info!(message = "Rebuilding a partition's index from the shared log.", partition = %self.tp, chunk = base, end = s.next);
                 drop(s);
-                let recovered = State::from_recovered(self.store.recover_partition(&self.tp)?);
-                *self.state() = recovered;
-                return Ok(());
+                self.rebuild.store(true, Ordering::Release);
+                return self.rebuild_held();
             }
             if s.chunks.is_empty() {
                 s.start = base;
@@ -45,6 +50,14 @@ impl Partition {
                 s.producers.insert(id, state);
             }
         }
+        Ok(())
+    }
+
+    /// Replaces the index with one rebuilt from the log (the caller holds the writer lock).
+    fn rebuild_held(&self) -> Result<(), BrokerError> {
+        let recovered = State::from_recovered(self.store.recover_partition(&self.tp)?);
+        *self.state() = recovered;
+        self.rebuild.store(false, Ordering::Release);
         Ok(())
     }
 

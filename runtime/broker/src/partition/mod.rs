@@ -7,6 +7,7 @@
 //! it to find chunk positions, then read and decode without it.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -40,6 +41,8 @@ pub(crate) struct Partition {
     /// Serialises the partition's writers (append, catch-up, trim, producer removal); taken
     /// before `state`.
     writer: Mutex<()>,
+    /// The index must be rebuilt from the log before the next catch-up (a rebuild failed).
+    rebuild: AtomicBool,
     state: Mutex<State>,
     /// End offset readers may see: synced under fsync `always`, applied otherwise.
     visible: watch::Sender<u64>,
@@ -100,6 +103,7 @@ impl Partition {
             tp,
             store,
             writer: Mutex::new(()),
+            rebuild: AtomicBool::new(false),
             state: Mutex::new(state),
             visible: watch::channel(next).0,
         }))
