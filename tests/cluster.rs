@@ -185,6 +185,29 @@ async fn read_all(addr: &str) -> BTreeMap<(u32, u64), String> {
     stored
 }
 
+/// Fails with the first difference between two nodes' reads (not two maps of 100k entries).
+fn same_log(
+    a: &BTreeMap<(u32, u64), String>,
+    b: &BTreeMap<(u32, u64), String>,
+    an: &str,
+    bn: &str,
+) {
+    if a == b {
+        return;
+    }
+    let first = a
+        .iter()
+        .zip(b.iter())
+        .find(|(x, y)| x != y)
+        .map(|(x, y)| format!("{an} has {x:?} where {bn} has {y:?}"))
+        .unwrap_or_else(|| "one is a prefix of the other".into());
+    panic!(
+        "{an} and {bn} serve different logs: {} vs {} records; first difference: {first}",
+        a.len(),
+        b.len()
+    );
+}
+
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -317,16 +340,35 @@ async fn acked_publishes_survive_kill_9_of_stream_leaders_and_weir_nodes() {
     assert_eq!(fetched, vec![(0, 3), (2, 1)]);
 
     println!("checking at {:?}", started.elapsed());
+    // Each node follows the other's appends within moments: wait until they agree on every
+    // partition's end (a node that never catches up fails here, naming the offsets).
+    let ends = |addr: String| async move {
+        let c = Client::connect(&addr).await.unwrap();
+        let info = c.describe_topic(TOPIC).await.unwrap();
+        info.partitions
+            .iter()
+            .map(|p| p.end_offset)
+            .collect::<Vec<_>>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ea, eb) = (ends(a.clone()).await, ends(b.clone()).await);
+        if ea == eb {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the nodes do not converge: ends {ea:?} on node 0, {eb:?} on node 1"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let on_a = read_all(&a).await;
     let on_b = read_all(&b).await;
-    assert_eq!(on_a, on_b, "both nodes serve the same log");
+    same_log(&on_a, &on_b, "node 0", "node 1");
     // A node started on an empty data directory serves the same data and offsets.
     let fresh = WeirProcess::spawn(&data("fresh"), "127.0.0.1:0", &["--log", &urls]);
     let on_fresh = read_all(&fresh.addr).await;
-    assert_eq!(
-        on_fresh, on_a,
-        "a node with an empty data dir serves everything"
-    );
+    same_log(&on_a, &on_fresh, "node 0", "a node on an empty data dir");
     let cf = Client::connect(&fresh.addr).await.unwrap();
     let mut fetched = cf.fetch_offsets("readers", TOPIC).await.unwrap();
     fetched.sort_unstable();

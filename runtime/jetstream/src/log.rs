@@ -348,6 +348,7 @@ impl Log for JetStreamLog {
             // must reach the caller, or the next look would start after it.
             Err(e) if !(tail.chunks.is_empty() && tail.producers.is_empty()) => {
                 tracing::debug!(message = "Reading the tail stopped early.", partition = %tp, error = %e);
+                tail.partial = true;
                 Ok(tail)
             }
             Err(e) => Err(e),

@@ -196,6 +196,9 @@ pub struct Tail {
     /// Producer sequence states written with them, oldest first (a later one replaces an
     /// earlier one of the same producer).
     pub producers: Vec<(u64, Bytes)>,
+    /// The read stopped early (the engine did not answer): what is here is true, but more
+    /// may follow.
+    pub partial: bool,
 }
 
 /// Producer records as stored, and the next producer id to issue.

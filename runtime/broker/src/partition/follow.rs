@@ -18,12 +18,25 @@ impl Partition {
         Ok(())
     }
 
-    /// [`Partition::catch_up`] for a caller that holds the writer lock.
+    /// [`Partition::catch_up`] for a caller that holds the writer lock. Fails when the log
+    /// could not be read to its end (what was read is applied first).
     pub(super) fn catch_up_held(&self) -> Result<(), BrokerError> {
         if self.rebuild.load(Ordering::Acquire) {
             return self.rebuild_held();
         }
         let tail = self.store.tail(&self.tp)?;
+        let partial = tail.partial;
+        self.apply_tail(tail)?;
+        if partial {
+            return Err(BrokerError::Unavailable(format!(
+                "this node could not read the rest of {} from the replicated log (it did not answer in time); retry the request",
+                self.tp
+            )));
+        }
+        Ok(())
+    }
+
+    fn apply_tail(&self, tail: weir_log::Tail) -> Result<(), BrokerError> {
         let mut s = self.state();
         for (base, meta) in tail.chunks {
             if base < s.next {
