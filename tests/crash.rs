@@ -16,88 +16,23 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::idem::IdemProducer;
 use common::WeirProcess;
 use rand::{Rng, SeedableRng};
-use weir_api::pb;
 use weir_api::Client;
 use weir_core::StartAt;
-use weir_core::{Record, TopicConfig};
+use weir_core::TopicConfig;
 
 const PARTITIONS: u32 = 3;
 const PRODUCERS: usize = 4;
 
-/// What one producer knows; survives server crashes (it lives in the test).
-struct ProducerState {
-    id: u64,
-    epoch: u32,
-    next_seq: HashMap<u32, u64>,
-    /// A batch sent but not acknowledged: (partition, base sequence, record ids).
-    pending: Option<(u32, u64, Vec<String>)>,
-    /// Acknowledged record id → (partition, offset).
-    acked: HashMap<String, (u32, u64)>,
-    /// Retries the broker answered as already stored (the crash hit after the append).
-    duplicates: usize,
-    rng: rand::rngs::StdRng,
-}
-
-async fn send(client: &Client, p: &mut ProducerState) -> Result<(), tonic::Status> {
-    if p.pending.is_none() {
-        let partition = p.rng.random_range(0..PARTITIONS);
-        let seq = *p.next_seq.get(&partition).unwrap_or(&0);
-        let n = p.rng.random_range(1..=200);
-        let ids = (0..n)
-            .map(|i| format!("p{}-{partition}-{}", p.id, seq + i))
-            .collect();
-        p.pending = Some((partition, seq, ids));
-    }
-    let (partition, seq, ids) = p.pending.clone().unwrap();
-    let records = ids
-        .iter()
-        .map(|id| {
-            pb::Record::from(Record {
-                id: Some(id.clone()),
-                ..Record::from_value(id.clone())
-            })
-        })
-        .collect();
-    let request = pb::PublishRequest {
-        topic: "crash".into(),
-        partition: Some(partition),
-        records,
-        producer: Some(pb::ProducerFields {
-            producer_id: p.id,
-            epoch: p.epoch,
-            base_sequence: seq,
-        }),
-        request_id: 0,
-    };
-    let ack = client
-        .raw()
-        .publish(request)
-        .await?
-        .into_inner()
-        .acks
-        .remove(0);
-    assert_eq!(ack.record_count as usize, ids.len());
-    p.duplicates += usize::from(ack.duplicate);
-    for (i, id) in ids.iter().enumerate() {
-        let previous = p
-            .acked
-            .insert(id.clone(), (partition, ack.base_offset + i as u64));
-        assert!(previous.is_none(), "{id} acknowledged twice");
-    }
-    p.next_seq.insert(partition, seq + ids.len() as u64);
-    p.pending = None;
-    Ok(())
-}
-
 /// Publishes until `stop`; returns the state (with at most one pending batch).
-async fn run_producer(addr: String, mut p: ProducerState, stop: Arc<AtomicBool>) -> ProducerState {
+async fn run_producer(addr: String, mut p: IdemProducer, stop: Arc<AtomicBool>) -> IdemProducer {
     let Ok(client) = Client::connect(&addr).await else {
         return p;
     };
     while !stop.load(Ordering::Relaxed) {
-        if let Err(status) = send(&client, &mut p).await {
+        if let Err(status) = p.send(&client).await {
             assert!(
                 matches!(
                     status.code(),
@@ -158,15 +93,14 @@ async fn acked_publishes_survive_kill_9_exactly_once() {
     let mut producers = Vec::new();
     for i in 0..PRODUCERS {
         let (id, epoch) = client.init_producer(None).await.unwrap();
-        producers.push(ProducerState {
+        producers.push(IdemProducer::new(
             id,
             epoch,
-            next_seq: HashMap::new(),
-            pending: None,
-            acked: HashMap::new(),
-            duplicates: 0,
-            rng: rand::rngs::StdRng::seed_from_u64(seed ^ i as u64),
-        });
+            "crash",
+            PARTITIONS,
+            200,
+            seed ^ i as u64,
+        ));
     }
     drop(client);
     let mut server = Some(server);
@@ -194,7 +128,7 @@ async fn acked_publishes_survive_kill_9_exactly_once() {
     let process = spawn_on(dir.path(), port);
     let client = Client::connect(&process.addr).await.unwrap();
     for p in producers.iter_mut().filter(|p| p.pending.is_some()) {
-        send(&client, p).await.unwrap();
+        p.send(&client).await.unwrap();
     }
     let duplicates: usize = producers.iter().map(|p| p.duplicates).sum();
     println!(

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: servers in-process or as a real `weir` process.
 #![allow(dead_code)]
 
+pub mod idem;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

@@ -159,25 +159,7 @@ fn bench_publish(bin: &Path, records: &str) -> Result<()> {
                 .join(format!("weir-bench-{}-{fsync}-{round}", std::process::id()));
             let _ = std::fs::remove_dir_all(&data);
             let server = Server::start(bin, &data, fsync)?;
-            let out = weir(
-                bin,
-                &server,
-                &[
-                    "bench",
-                    "publish",
-                    "--records",
-                    records,
-                    "--record-size",
-                    "100",
-                    "--batch",
-                    "1000",
-                    "--partitions",
-                    "4",
-                    "--concurrency",
-                    "8",
-                    "--quiet",
-                ],
-            )?;
+            let out = weir(bin, &server, &publish_args(records))?;
             let written = written_bytes(server.child.id());
             server.stop()?;
             std::fs::remove_dir_all(&data).ok();
@@ -189,7 +171,7 @@ fn bench_publish(bin: &Path, records: &str) -> Result<()> {
                     .and_then(|n| n.parse().ok())
                     .with_context(|| format!("parse {prefix}"))
             };
-            let rate = field("throughput: ")?;
+            let rate = throughput(&out)?;
             let payload_mb = field(&format!("{records} records ("))?;
             if let Some(written) = written {
                 println!("server wrote {:.0} MB to disk for {payload_mb:.0} MB of keys and values ({:.1}x)", written / 1e6, written / 1e6 / payload_mb);
