@@ -223,7 +223,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// BENCHMARKS.md "Cluster mode": `weir bench publish` through two weir nodes on a local
 /// 3-node JetStream cluster (R3), through one single-node weir on sled (fsync always and
-/// never), and JetStream's own publish of the same records (packed as weir packs them, and
+/// never), and JetStream's own publish of the same records (packed in 128 KiB messages, and
 /// one message per record) — three interleaved rounds in one run, medians and ratios.
 fn bench_cluster(bin: &Path, records: &str) -> Result<()> {
     run(crate::cargo().args([

@@ -71,6 +71,10 @@ impl Broker {
             })
             .await?;
         }
+        if self.store.shared() {
+            // Stored in the replicated log: durable once it acknowledged.
+            return Ok(());
+        }
         let ticket = self.durability.written();
         self.durability
             .durable(ticket)

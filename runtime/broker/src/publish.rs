@@ -241,6 +241,12 @@ impl Broker {
                 },
             ));
         }
-        Ok((acks, self.durability.written()))
+        // A shared log's ack is its durability: no local sync to ask for (the ticket is unused).
+        let ticket = if self.store.shared() {
+            0
+        } else {
+            self.durability.written()
+        };
+        Ok((acks, ticket))
     }
 }

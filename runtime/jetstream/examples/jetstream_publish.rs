@@ -3,7 +3,7 @@
 //! R3 stream of 4 partition subjects, 8 publishers with 64 acks in flight each.
 //!
 //! `--mode per-record`: one message per record, the NATS-native way.
-//! `--mode packed`: records packed into ~128 KiB messages, as weir packs its chunks.
+//! `--mode packed`: records packed into ~128 KiB messages (weir packs its chunks to 256 KiB).
 //!
 //! cargo run --release -p weir-jetstream --example jetstream_publish -- \
 //!     --servers nats://127.0.0.1:4222 --records 1000000 --mode packed
