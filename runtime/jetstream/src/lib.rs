@@ -9,7 +9,9 @@
 //!   for its sequence state (`{prefix}.t.{token}.{p}.p.{id}`, rolled up so only the newest
 //!   stays);
 //! - one metadata stream `{prefix}-meta` keeping the newest value of each subject: topic
-//!   configs, producer records and the next producer id, consumer-group offsets.
+//!   configs, producer records and the next producer id, consumer-group offsets;
+//! - one stream `{prefix}-kv` of changelogs and blobs ([`weir_log::Changelog`]): plugins'
+//!   state, the plugin registry and ownership table, plugins' wasm (`changelog.rs`).
 //!
 //! An append is one JetStream atomic batch (the chunks, then the producer's new state) whose
 //! first message carries `Nats-Expected-Last-Subject-Sequence` for the partition's chunk
@@ -24,6 +26,7 @@
 
 #![deny(missing_docs)]
 
+mod changelog;
 mod log;
 mod meta;
 mod names;
@@ -152,6 +155,8 @@ pub struct JetStreamLog {
     options: JetStreamOptions,
     streams: Mutex<HashMap<String, jetstream::stream::Stream>>,
     parts: Mutex<HashMap<TopicPartition, Arc<Mutex<PartState>>>>,
+    /// The changelog stream (plugins' state), once opened.
+    kv: Mutex<Option<jetstream::stream::Stream>>,
 }
 
 impl Drop for JetStreamLog {
@@ -219,6 +224,7 @@ impl JetStreamLog {
             options,
             streams: Mutex::new(HashMap::new()),
             parts: Mutex::new(HashMap::new()),
+            kv: Mutex::new(None),
         })
     }
 

@@ -31,6 +31,23 @@ impl Names {
         format!("{readable}-{hash:016x}")
     }
 
+    /// The stream of changelogs and blobs (cluster mode's plugin store).
+    pub fn kv_stream(&self) -> String {
+        format!("{}-kv", self.prefix)
+    }
+
+    pub(crate) fn kv_subjects(&self) -> String {
+        format!("{}.kv.>", self.prefix)
+    }
+
+    pub(crate) fn changelog_subject(&self, log: &str) -> String {
+        format!("{}.kv.l.{}", self.prefix, Self::token(log))
+    }
+
+    pub(crate) fn blob_subject(&self, name: &str) -> String {
+        format!("{}.kv.b.{}", self.prefix, Self::token(name))
+    }
+
     /// The metadata stream.
     pub fn meta_stream(&self) -> String {
         format!("{}-meta", self.prefix)

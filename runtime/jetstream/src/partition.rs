@@ -217,9 +217,9 @@ impl JetStreamLog {
     }
 
     /// Sends one batch (a single message needs no batch headers) and waits for its ack.
-    async fn send_batch(
+    pub(crate) async fn send_batch(
         &self,
-        tp: &TopicPartition,
+        what: &dyn std::fmt::Display,
         messages: &[(String, HeaderMap, Bytes, Option<usize>)],
     ) -> Result<Result<PublishAck, PublishError>, LogError> {
         let n = messages.len();
@@ -237,13 +237,13 @@ impl JetStreamLog {
                 self.client
                     .publish_with_headers(subj, h, payload)
                     .await
-                    .map_err(|e| engine(&format!("append to {tp}"), e))?;
+                    .map_err(|e| engine(&format!("append to {what}"), e))?;
             } else {
                 commit = Some(
                     self.js
                         .publish_with_headers(subj, h, payload)
                         .await
-                        .map_err(|e| engine(&format!("append to {tp}"), e))?,
+                        .map_err(|e| engine(&format!("append to {what}"), e))?,
                 );
             }
         }
@@ -418,7 +418,7 @@ impl JetStreamLog {
     }
 }
 
-fn rand_id() -> u64 {
+pub(crate) fn rand_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(

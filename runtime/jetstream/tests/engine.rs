@@ -143,3 +143,55 @@ fn producers_and_groups_are_shared() {
     a.delete_group("g.1 x", "orders").unwrap();
     assert!(b.group_offsets("g.1 x", "orders").unwrap().is_empty());
 }
+
+/// Cluster mode's plugin store on the engine: a fenced entry, a rollup inside a fenced
+/// batch, entries bigger than a message, blobs, and ReplicatedKv's takeover between two
+/// nodes.
+#[test]
+fn changelogs_fence_roll_up_and_carry_plugin_state_between_nodes() {
+    use std::sync::Arc;
+    use weir_log::{Changelog, KvStore, MemoryStore, ReplicatedKv};
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let a = Arc::new(connect(&c, "cl"));
+    let b = Arc::new(connect(&c, "cl"));
+    let s1 = a.append_entry("plugin/x", Some(0), b"one", false).unwrap();
+    assert!(matches!(
+        b.append_entry("plugin/x", Some(0), b"stale", false),
+        Err(LogError::Conflict { .. })
+    ));
+    // Two fragments, then a rollup fenced on the last of them.
+    let big = vec![7u8; 700 * 1024];
+    let s2 = b.append_entry("plugin/x", Some(s1), &big, false).unwrap();
+    assert_eq!(b.last_position("plugin/x").unwrap(), s2);
+    let read = a.read_entries("plugin/x", 0, 10).unwrap();
+    assert_eq!(read.len(), 2);
+    assert_eq!((read[1].prev, read[1].payload.len()), (Some(s1), big.len()));
+    assert!(matches!(
+        a.append_entry("plugin/x", Some(s1), b"snap", true),
+        Err(LogError::Conflict { .. })
+    ));
+    let s3 = a.append_entry("plugin/x", Some(s2), b"snap", true).unwrap();
+    let read = b.read_entries("plugin/x", 0, 10).unwrap();
+    assert_eq!(read.len(), 1, "the rollup deleted the entries before it");
+    assert_eq!((read[0].seq, read[0].rollup), (s3, true));
+    a.put_blob("wasm-1", &big).unwrap();
+    assert_eq!(b.get_blob("wasm-1").unwrap().unwrap().len(), big.len());
+    assert_eq!(b.get_blob("wasm-2").unwrap(), None);
+
+    let node = |log: &Arc<JetStreamLog>| {
+        ReplicatedKv::new(Arc::new(MemoryStore::new()), log.clone(), "plugin/")
+    };
+    let (na, nb) = (node(&a), node(&b));
+    na.acquire("plugin/y").unwrap();
+    na.kv_apply("plugin/y", &[(b"k".to_vec(), Some(b"1".to_vec()))])
+        .unwrap();
+    nb.acquire("plugin/y").unwrap();
+    assert!(na
+        .kv_apply("plugin/y", &[(b"k".to_vec(), Some(b"2".to_vec()))])
+        .is_err());
+    assert_eq!(
+        nb.kv_get("plugin/y", b"k").unwrap().as_deref(),
+        Some(b"1".as_slice())
+    );
+}

@@ -21,18 +21,22 @@
 
 #![deny(missing_docs)]
 
+pub mod changelog;
 pub mod codec;
 pub mod durability;
 pub mod faulty;
 mod memory;
+mod replicated;
 pub mod sled_store;
 mod split;
 
 use bytes::Bytes;
 
+pub use changelog::{Changelog, MemoryChangelog};
 pub use codec::{ChunkHeader, CodecError, EncodedChunk};
 pub use durability::{Durability, FsyncPolicy, SyncFailed};
 pub use memory::MemoryStore;
+pub use replicated::{ReplicatedKv, SNAPSHOT_EVERY};
 pub use sled_store::SledStore;
 pub use split::SplitStore;
 
@@ -120,6 +124,13 @@ pub enum LogError {
         op: String,
         /// The engine's reason, in its words.
         reason: String,
+    },
+    /// A write to a namespace this node does not hold (cluster mode: another node took the
+    /// plugin over, or an append of this node's was refused or left uncertain).
+    #[error("this node does not hold {what}: another weir node took it over, or the replicated log refused or did not confirm a write to it; it is reacquired before writing again")]
+    NotHeld {
+        /// The namespace.
+        what: String,
     },
     /// The write can never succeed as sent (a limit of the engine): nothing was stored.
     #[error("the replicated log cannot take this write: {reason}")]

@@ -1,0 +1,127 @@
+//! [`Changelog`]: named, replicated, append-only logs whose appends are fenced on the log's
+//! last entry — the seam cluster mode keeps plugins' state on ([`crate::ReplicatedKv`]).
+//! JetStream implements it (weir-jetstream: a subject per log, an atomic batch per entry with
+//! `Nats-Expected-Last-Subject-Sequence`, `Nats-Rollup: sub` for an entry that replaces the
+//! log); [`MemoryChangelog`] models it for tests. A Kafka backend would use a compacted topic
+//! partition per log with a transactional producer whose epoch is the fence.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use crate::LogError;
+
+/// One entry of a changelog.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Its position: what the next append expects to follow.
+    pub seq: u64,
+    /// The position it was appended after (`None`: appended unconditionally).
+    pub prev: Option<u64>,
+    /// It replaced everything before it (a snapshot or a reset).
+    pub rollup: bool,
+    /// The bytes appended.
+    pub payload: Bytes,
+}
+
+/// Replicated, append-only logs by name, and blobs by name. Every method blocks.
+pub trait Changelog: Send + Sync + 'static {
+    /// Appends `payload` as one entry, all or nothing. With `expect`, only if the log's last
+    /// entry is still at that position (0: empty); otherwise [`LogError::Conflict`] and
+    /// nothing is stored. A `rollup` entry deletes every entry before it.
+    fn append_entry(
+        &self,
+        log: &str,
+        expect: Option<u64>,
+        payload: &[u8],
+        rollup: bool,
+    ) -> Result<u64, LogError>;
+    /// The position of the log's last entry (0: empty).
+    fn last_position(&self, log: &str) -> Result<u64, LogError>;
+    /// Up to `limit` entries after position `after`, oldest first.
+    fn read_entries(&self, log: &str, after: u64, limit: usize) -> Result<Vec<Entry>, LogError>;
+    /// Stores a blob under `name` (replacing one of the name).
+    fn put_blob(&self, name: &str, bytes: &[u8]) -> Result<(), LogError>;
+    /// A stored blob.
+    fn get_blob(&self, name: &str) -> Result<Option<Bytes>, LogError>;
+}
+
+/// [`Changelog`] in memory, shared by the "nodes" of a test through an `Arc`.
+#[derive(Default)]
+pub struct MemoryChangelog {
+    inner: Mutex<MemoryInner>,
+}
+
+#[derive(Default)]
+struct MemoryInner {
+    next_seq: u64,
+    logs: HashMap<String, BTreeMap<u64, Entry>>,
+    blobs: HashMap<String, Bytes>,
+}
+
+impl Changelog for MemoryChangelog {
+    fn append_entry(
+        &self,
+        log: &str,
+        expect: Option<u64>,
+        payload: &[u8],
+        rollup: bool,
+    ) -> Result<u64, LogError> {
+        let mut inner = self.inner.lock();
+        let inner = &mut *inner;
+        let entries = inner.logs.entry(log.to_string()).or_default();
+        let last = entries.keys().next_back().copied().unwrap_or(0);
+        if expect.is_some_and(|e| e != last) {
+            return Err(LogError::Conflict {
+                what: format!("changelog {log}"),
+            });
+        }
+        inner.next_seq += 1;
+        let seq = inner.next_seq;
+        if rollup {
+            entries.clear();
+        }
+        entries.insert(
+            seq,
+            Entry {
+                seq,
+                prev: expect,
+                rollup,
+                payload: Bytes::copy_from_slice(payload),
+            },
+        );
+        Ok(seq)
+    }
+
+    fn last_position(&self, log: &str) -> Result<u64, LogError> {
+        Ok(self
+            .inner
+            .lock()
+            .logs
+            .get(log)
+            .and_then(|e| e.keys().next_back().copied())
+            .unwrap_or(0))
+    }
+
+    fn read_entries(&self, log: &str, after: u64, limit: usize) -> Result<Vec<Entry>, LogError> {
+        Ok(self.inner.lock().logs.get(log).map_or_else(Vec::new, |e| {
+            e.range(after + 1..)
+                .take(limit)
+                .map(|(_, v)| v.clone())
+                .collect()
+        }))
+    }
+
+    fn put_blob(&self, name: &str, bytes: &[u8]) -> Result<(), LogError> {
+        self.inner
+            .lock()
+            .blobs
+            .insert(name.to_string(), Bytes::copy_from_slice(bytes));
+        Ok(())
+    }
+
+    fn get_blob(&self, name: &str) -> Result<Option<Bytes>, LogError> {
+        Ok(self.inner.lock().blobs.get(name).cloned())
+    }
+}

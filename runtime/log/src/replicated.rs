@@ -1,0 +1,422 @@
+//! [`ReplicatedKv`]: a [`KvStore`] whose namespaces are changelogs on a [`Changelog`] and whose
+//! local store (the node's sled) is a cache of them — cluster mode's plugin store.
+//!
+//! Every write is one changelog entry (the keys written and deleted, all or nothing), appended
+//! only if the changelog still ends where this node last read it, then applied to the cache
+//! with the entry's position. Two kinds of namespace:
+//!
+//! - **owned** (names starting with the owned prefix, a plugin's `plugin/<name>`): only the
+//!   node that [`ReplicatedKv::acquire`]d it writes. Acquiring reads the changelog to its end
+//!   and appends a takeover entry, so the previous holder's next append — fenced on the
+//!   position before the takeover — is refused by the engine. A refused or uncertain append
+//!   drops the hold ([`ReplicatedKv::held`] turns false): the holder reacquires (reading
+//!   what landed) before it writes again. Reads on a namespace not held read the changelog's
+//!   tail first.
+//! - **shared** (everything else: the plugin registry, the ownership table): any node writes;
+//!   a refused append reads the tail and appends again. [`ReplicatedKv::update`] is a
+//!   compare-and-set over the namespace.
+//!
+//! Every `snapshot_every` entries the writer appends a snapshot of the namespace as a rollup
+//! entry (the engine deletes the entries before it), so a node with an empty cache reads one
+//! snapshot and the entries after it. A cache whose recorded position is past the changelog's
+//! end (a changelog deleted and made again) is dropped and read again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+use crate::changelog::Changelog;
+use crate::{Durable, KvStore, LogError};
+
+/// The cache's own key in each namespace: the changelog position it reflects. Sorts after
+/// every key the plugin store writes (all start with an ASCII letter).
+const APPLIED: &[u8] = b"\xff\xffapplied";
+
+/// Entries between snapshots, by default.
+pub const SNAPSHOT_EVERY: u64 = 1_000;
+
+#[derive(Default)]
+struct Space {
+    loaded: bool,
+    /// The changelog position the cache reflects.
+    applied: u64,
+    /// This node may write (owned namespaces).
+    held: bool,
+    /// Entries since the last snapshot this node knows of.
+    since_snapshot: u64,
+}
+
+type Writes = Vec<(Vec<u8>, Option<Vec<u8>>)>;
+
+/// See the module documentation.
+pub struct ReplicatedKv {
+    local: Arc<dyn KvStore>,
+    log: Arc<dyn Changelog>,
+    owned_prefix: String,
+    snapshot_every: u64,
+    spaces: Mutex<HashMap<String, Arc<Mutex<Space>>>>,
+}
+
+fn encode(reset: bool, writes: &[(Vec<u8>, Option<Vec<u8>>)]) -> Vec<u8> {
+    let size: usize = writes
+        .iter()
+        .map(|(k, v)| 9 + k.len() + v.as_ref().map_or(0, Vec::len))
+        .sum();
+    let mut out = Vec::with_capacity(6 + size);
+    out.push(1);
+    out.push(u8::from(reset));
+    out.extend_from_slice(&(writes.len() as u32).to_be_bytes());
+    for (k, v) in writes {
+        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+        out.extend_from_slice(k);
+        match v {
+            Some(v) => {
+                out.push(1);
+                out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                out.extend_from_slice(v);
+            }
+            None => out.push(0),
+        }
+    }
+    out
+}
+
+fn decode(mut b: &[u8]) -> Option<(bool, Writes)> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = (b.get(..n)?, b.get(n..)?);
+        *b = rest;
+        Some(head)
+    }
+    fn u32_of(b: &mut &[u8]) -> Option<usize> {
+        Some(u32::from_be_bytes(take(b, 4)?.try_into().ok()?) as usize)
+    }
+    let head = take(&mut b, 2)?;
+    if head[0] != 1 {
+        return None;
+    }
+    let n = u32_of(&mut b)?;
+    let mut writes = Vec::with_capacity(n.min(1 << 16));
+    for _ in 0..n {
+        let klen = u32_of(&mut b)?;
+        let key = take(&mut b, klen)?.to_vec();
+        let value = match take(&mut b, 1)?[0] {
+            0 => None,
+            _ => {
+                let vlen = u32_of(&mut b)?;
+                Some(take(&mut b, vlen)?.to_vec())
+            }
+        };
+        writes.push((key, value));
+    }
+    b.is_empty().then_some((head[1] == 1, writes))
+}
+
+impl ReplicatedKv {
+    /// Namespaces on `log`, cached in `local`; those starting with `owned_prefix` are owned.
+    pub fn new(local: Arc<dyn KvStore>, log: Arc<dyn Changelog>, owned_prefix: &str) -> Self {
+        ReplicatedKv {
+            local,
+            log,
+            owned_prefix: owned_prefix.to_string(),
+            snapshot_every: SNAPSHOT_EVERY,
+            spaces: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Snapshots every `entries` entries instead of [`SNAPSHOT_EVERY`] (tests).
+    pub fn with_snapshot_every(mut self, entries: u64) -> Self {
+        self.snapshot_every = entries.max(1);
+        self
+    }
+
+    fn owned(&self, ns: &str) -> bool {
+        ns.starts_with(&self.owned_prefix)
+    }
+
+    fn space(&self, ns: &str) -> Result<Arc<Mutex<Space>>, LogError> {
+        let sp = self
+            .spaces
+            .lock()
+            .entry(ns.to_string())
+            .or_default()
+            .clone();
+        {
+            let mut s = sp.lock();
+            if !s.loaded {
+                s.applied = match self.local.kv_get(ns, APPLIED)? {
+                    Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| {
+                        LogError::Malformed {
+                            what: format!("changelog position of the cache of {ns}"),
+                            reason: "not 8 bytes".into(),
+                        }
+                    })?),
+                    None => 0,
+                };
+                s.loaded = true;
+            }
+        }
+        Ok(sp)
+    }
+
+    /// Applies an entry to the cache and records its position.
+    fn apply_local(
+        &self,
+        ns: &str,
+        s: &mut Space,
+        seq: u64,
+        reset: bool,
+        mut writes: Writes,
+    ) -> Result<(), LogError> {
+        if reset {
+            // A crash between the drop and the apply leaves an empty cache at position 0:
+            // the next read starts from the changelog's first entry, a rollup.
+            self.local.kv_drop(ns)?;
+        }
+        writes.push((APPLIED.to_vec(), Some(seq.to_be_bytes().to_vec())));
+        self.local.kv_apply(ns, &writes)?;
+        s.applied = seq;
+        s.since_snapshot = if reset { 0 } else { s.since_snapshot + 1 };
+        Ok(())
+    }
+
+    /// Reads the changelog after the cache's position and applies it.
+    fn catch_up(&self, ns: &str, s: &mut Space) -> Result<(), LogError> {
+        let last = self.log.last_position(ns)?;
+        if last < s.applied {
+            // The changelog was deleted and made again: the cache is of another life.
+            self.local.kv_drop(ns)?;
+            s.applied = 0;
+        }
+        while s.applied < last {
+            let entries = self.log.read_entries(ns, s.applied, 256)?;
+            if entries.is_empty() {
+                break;
+            }
+            for e in entries {
+                if !e.rollup && e.prev != Some(s.applied) {
+                    return Err(LogError::Malformed {
+                        what: format!("changelog of {ns}"),
+                        reason: format!(
+                            "entry {} follows {:?}, the cache is at {}",
+                            e.seq, e.prev, s.applied
+                        ),
+                    });
+                }
+                let (reset, writes) = decode(&e.payload).ok_or_else(|| LogError::Malformed {
+                    what: format!("changelog entry {} of {ns}", e.seq),
+                    reason: "not a weir key-value entry".into(),
+                })?;
+                self.apply_local(ns, s, e.seq, reset || e.rollup, writes)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends an entry fenced on the cache's position and applies it.
+    fn append(&self, ns: &str, s: &mut Space, reset: bool, writes: Writes) -> Result<(), LogError> {
+        let seq = self
+            .log
+            .append_entry(ns, Some(s.applied), &encode(reset, &writes), reset)?;
+        self.apply_local(ns, s, seq, reset, writes)?;
+        if s.since_snapshot >= self.snapshot_every {
+            self.snapshot(ns, s)?;
+        }
+        Ok(())
+    }
+
+    /// Appends the whole namespace as a rollup entry.
+    fn snapshot(&self, ns: &str, s: &mut Space) -> Result<(), LogError> {
+        let writes: Writes = self
+            .local
+            .kv_scan(ns, b"")?
+            .into_iter()
+            .filter(|(k, _)| k.as_ref() != APPLIED)
+            .map(|(k, v)| (k.to_vec(), Some(v.to_vec())))
+            .collect();
+        let seq = self
+            .log
+            .append_entry(ns, Some(s.applied), &encode(true, &writes), true)?;
+        self.local
+            .kv_apply(ns, &[(APPLIED.to_vec(), Some(seq.to_be_bytes().to_vec()))])?;
+        s.applied = seq;
+        s.since_snapshot = 0;
+        Ok(())
+    }
+
+    fn write(&self, ns: &str, reset: bool, writes: Writes) -> Result<(), LogError> {
+        let sp = self.space(ns)?;
+        let mut s = sp.lock();
+        if self.owned(ns) {
+            if !s.held {
+                return Err(LogError::NotHeld { what: ns.into() });
+            }
+            let result = self.append(ns, &mut s, reset, writes);
+            if let Err(e) = &result {
+                // Refused (another node took it over) or uncertain (it may have landed): the
+                // cache may be behind the changelog. Reacquire before writing again.
+                s.held = false;
+                if matches!(e, LogError::Conflict { .. }) {
+                    return Err(LogError::NotHeld { what: ns.into() });
+                }
+            }
+            return result;
+        }
+        for _ in 0..100 {
+            self.catch_up(ns, &mut s)?;
+            match self.append(ns, &mut s, reset, writes.clone()) {
+                Err(LogError::Conflict { .. }) => continue,
+                other => return other,
+            }
+        }
+        Err(LogError::Conflict { what: ns.into() })
+    }
+
+    /// Takes an owned namespace over: reads its changelog to the end and appends a takeover
+    /// entry, after which a previous holder's appends are refused. Blocking.
+    ///
+    /// # Errors
+    /// The changelog cannot be read or written.
+    pub fn acquire(&self, ns: &str) -> Result<(), LogError> {
+        let sp = self.space(ns)?;
+        let mut s = sp.lock();
+        s.held = false;
+        for _ in 0..100 {
+            self.catch_up(ns, &mut s)?;
+            match self.append(ns, &mut s, false, Vec::new()) {
+                Err(LogError::Conflict { .. }) => continue,
+                Err(e) => return Err(e),
+                Ok(()) => {
+                    s.held = true;
+                    return Ok(());
+                }
+            }
+        }
+        Err(LogError::Conflict { what: ns.into() })
+    }
+
+    /// Stops writing an owned namespace (its next holder acquires it).
+    pub fn release(&self, ns: &str) {
+        if let Some(sp) = self.spaces.lock().get(ns) {
+            sp.lock().held = false;
+        }
+    }
+
+    /// Whether this node holds an owned namespace (acquired, and no append refused since).
+    pub fn held(&self, ns: &str) -> bool {
+        self.spaces.lock().get(ns).is_some_and(|sp| sp.lock().held)
+    }
+
+    /// Compare-and-set on a shared namespace: `decide` sees the whole namespace as of the
+    /// changelog's end and returns the writes to make (`None`: none); if another node wrote
+    /// in between, it is asked again. Returns whether it wrote. Blocking.
+    ///
+    /// # Errors
+    /// An owned namespace, or the changelog or the cache failed.
+    pub fn update(
+        &self,
+        ns: &str,
+        mut decide: impl FnMut(&BTreeMap<Vec<u8>, Bytes>) -> Option<Writes>,
+    ) -> Result<bool, LogError> {
+        if self.owned(ns) {
+            return Err(LogError::NotHeld { what: ns.into() });
+        }
+        let sp = self.space(ns)?;
+        let mut s = sp.lock();
+        for _ in 0..100 {
+            self.catch_up(ns, &mut s)?;
+            let now: BTreeMap<Vec<u8>, Bytes> = self
+                .local
+                .kv_scan(ns, b"")?
+                .into_iter()
+                .filter(|(k, _)| k.as_ref() != APPLIED)
+                .map(|(k, v)| (k.to_vec(), v))
+                .collect();
+            let Some(writes) = decide(&now) else {
+                return Ok(false);
+            };
+            match self.append(ns, &mut s, false, writes) {
+                Err(LogError::Conflict { .. }) => continue,
+                Err(e) => return Err(e),
+                Ok(()) => return Ok(true),
+            }
+        }
+        Err(LogError::Conflict { what: ns.into() })
+    }
+
+    /// Reads a namespace's changelog tail into the cache unless this node holds it.
+    fn fresh(&self, ns: &str) -> Result<(), LogError> {
+        let sp = self.space(ns)?;
+        let mut s = sp.lock();
+        if !s.held {
+            self.catch_up(ns, &mut s)?;
+        }
+        Ok(())
+    }
+
+    /// Stores a blob (a plugin's wasm) for every node. Blocking.
+    ///
+    /// # Errors
+    /// The engine failed.
+    pub fn put_blob(&self, name: &str, bytes: &[u8]) -> Result<(), LogError> {
+        self.log.put_blob(name, bytes)
+    }
+
+    /// A stored blob. Blocking.
+    ///
+    /// # Errors
+    /// The engine failed.
+    pub fn get_blob(&self, name: &str) -> Result<Option<Bytes>, LogError> {
+        self.log.get_blob(name)
+    }
+}
+
+impl Durable for ReplicatedKv {
+    fn sync(&self) -> Result<(), LogError> {
+        // The changelog's acknowledgement is the durability; the cache is synced for speed
+        // of the next start only.
+        self.local.sync()
+    }
+}
+
+impl KvStore for ReplicatedKv {
+    fn kv_get(&self, ns: &str, key: &[u8]) -> Result<Option<Bytes>, LogError> {
+        self.fresh(ns)?;
+        self.local.kv_get(ns, key)
+    }
+
+    fn kv_scan_first(
+        &self,
+        ns: &str,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Bytes, Bytes)>, LogError> {
+        self.fresh(ns)?;
+        let mut out = self
+            .local
+            .kv_scan_first(ns, prefix, limit.saturating_add(1))?;
+        out.retain(|(k, _)| k.as_ref() != APPLIED);
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    fn kv_apply(&self, ns: &str, writes: &[(Vec<u8>, Option<Vec<u8>>)]) -> Result<(), LogError> {
+        self.write(ns, false, writes.to_vec())
+    }
+
+    fn kv_drop(&self, ns: &str) -> Result<(), LogError> {
+        if self.owned(ns) && !self.held(ns) {
+            // Dropped by a node that does not hold it (a plugin removed through another
+            // node): appended unconditionally, which also fences the holder.
+            let sp = self.space(ns)?;
+            let mut s = sp.lock();
+            let seq = self.log.append_entry(ns, None, &encode(true, &[]), true)?;
+            return self.apply_local(ns, &mut s, seq, true, Vec::new());
+        }
+        self.write(ns, true, Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,127 @@
+use std::sync::Arc;
+
+use super::*;
+use crate::{MemoryChangelog, MemoryStore};
+
+fn node(log: &Arc<MemoryChangelog>) -> ReplicatedKv {
+    ReplicatedKv::new(Arc::new(MemoryStore::new()), log.clone(), "plugin/")
+}
+
+fn put(k: &str, v: &str) -> (Vec<u8>, Option<Vec<u8>>) {
+    (k.as_bytes().to_vec(), Some(v.as_bytes().to_vec()))
+}
+
+fn get(kv: &ReplicatedKv, ns: &str, k: &str) -> Option<String> {
+    kv.kv_get(ns, k.as_bytes())
+        .unwrap()
+        .map(|v| String::from_utf8(v.to_vec()).unwrap())
+}
+
+const NS: &str = "plugin/points";
+
+#[test]
+fn an_owned_namespace_is_written_only_by_its_holder() {
+    let log = Arc::new(MemoryChangelog::default());
+    let (a, b) = (node(&log), node(&log));
+    assert!(matches!(
+        a.kv_apply(NS, &[put("x", "1")]),
+        Err(LogError::NotHeld { .. })
+    ));
+    a.acquire(NS).unwrap();
+    a.kv_apply(NS, &[put("x", "1")]).unwrap();
+    // Another node reads what the holder committed.
+    assert_eq!(get(&b, NS, "x").as_deref(), Some("1"));
+    // It takes over: the old holder's next write is refused by the fence and stores nothing.
+    b.acquire(NS).unwrap();
+    let refused = a.kv_apply(NS, &[put("x", "zombie")]);
+    assert!(
+        matches!(refused, Err(LogError::NotHeld { .. })),
+        "{refused:?}"
+    );
+    assert!(!a.held(NS));
+    b.kv_apply(NS, &[put("x", "2")]).unwrap();
+    assert_eq!(get(&b, NS, "x").as_deref(), Some("2"));
+    // The old holder reacquires and finds the new holder's writes, not its own refused one.
+    a.acquire(NS).unwrap();
+    assert_eq!(get(&a, NS, "x").as_deref(), Some("2"));
+    assert!(b.kv_apply(NS, &[put("x", "3")]).is_err());
+}
+
+#[test]
+fn snapshots_replace_the_entries_before_them_and_a_fresh_cache_reads_them() {
+    let log = Arc::new(MemoryChangelog::default());
+    let a = node(&log).with_snapshot_every(3);
+    a.acquire(NS).unwrap();
+    for i in 0..20 {
+        a.kv_apply(
+            NS,
+            &[
+                put(&format!("k{i}"), &i.to_string()),
+                (b"k0".to_vec(), None),
+            ],
+        )
+        .unwrap();
+    }
+    let entries = log.read_entries(NS, 0, usize::MAX).unwrap();
+    assert!(entries.len() <= 4, "{} entries kept", entries.len());
+    assert!(entries[0].rollup);
+    let fresh = node(&log);
+    let all = fresh.kv_scan(NS, b"").unwrap();
+    assert_eq!(all.len(), 19, "k1..k19, k0 deleted");
+    assert_eq!(get(&fresh, NS, "k7").as_deref(), Some("7"));
+    assert_eq!(get(&fresh, NS, "k0"), None);
+}
+
+#[test]
+fn shared_namespaces_take_every_nodes_writes_and_update_is_a_compare_and_set() {
+    let log = Arc::new(MemoryChangelog::default());
+    let (a, b) = (node(&log), node(&log));
+    a.kv_apply("plugins", &[put("p1", "spec1")]).unwrap();
+    b.kv_apply("plugins", &[put("p2", "spec2")]).unwrap();
+    assert_eq!(a.kv_scan("plugins", b"").unwrap().len(), 2);
+    let take = |kv: &ReplicatedKv, me: &str| {
+        kv.update("cluster", |now| {
+            (!now.contains_key(b"l/p1".as_slice())).then(|| vec![put("l/p1", me)])
+        })
+        .unwrap()
+    };
+    assert!(take(&a, "a"));
+    assert!(!take(&b, "b"), "b sees a's lease");
+    assert_eq!(get(&b, "cluster", "l/p1").as_deref(), Some("a"));
+}
+
+#[test]
+fn a_drop_by_a_node_not_holding_the_namespace_fences_the_holder() {
+    let log = Arc::new(MemoryChangelog::default());
+    let (a, b) = (node(&log), node(&log));
+    a.acquire(NS).unwrap();
+    a.kv_apply(NS, &[put("x", "1")]).unwrap();
+    b.kv_drop(NS).unwrap();
+    assert!(a.kv_apply(NS, &[put("x", "2")]).is_err());
+    assert_eq!(get(&b, NS, "x"), None);
+    a.acquire(NS).unwrap();
+    assert_eq!(get(&a, NS, "x"), None);
+}
+
+#[test]
+fn a_cache_ahead_of_its_changelog_is_dropped() {
+    let log = Arc::new(MemoryChangelog::default());
+    let local: Arc<dyn KvStore> = Arc::new(MemoryStore::new());
+    let a = ReplicatedKv::new(local.clone(), log.clone(), "plugin/");
+    a.kv_apply("plugins", &[put("old", "1")]).unwrap();
+    // The same cache against a new, empty cluster.
+    let other = Arc::new(MemoryChangelog::default());
+    let b = ReplicatedKv::new(local, other, "plugin/");
+    assert_eq!(get(&b, "plugins", "old"), None);
+}
+
+#[test]
+fn entries_round_trip() {
+    let writes = vec![put("a", "1"), (b"b".to_vec(), None), put("", "")];
+    assert_eq!(decode(&encode(true, &writes)), Some((true, writes)));
+    assert_eq!(
+        decode(&[1, 0, 0, 0, 0, 1]),
+        None,
+        "count says 1, nothing follows"
+    );
+}
