@@ -86,6 +86,9 @@ pub fn table(lag: &pb::GetLagResponse) -> String {
                 c.probe_p999_ms
             ));
         }
+        if !c.node.is_empty() {
+            out.push_str(&format!("; runs on node {}", c.node));
+        }
         for a in &c.alerts {
             out.push_str(&format!("\n  ALERT {a}"));
         }

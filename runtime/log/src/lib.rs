@@ -397,6 +397,11 @@ pub trait KvStore: Durable {
     ) -> Result<(), LogError>;
     /// Removes a namespace and everything in it.
     fn kv_drop(&self, namespace: &str) -> Result<(), LogError>;
+    /// Cluster mode: the replicated namespaces underneath, which the plugin manager also
+    /// needs for ownership (a [`SplitStore`] built with [`SplitStore::replicated`]).
+    fn replicated(&self) -> Option<std::sync::Arc<ReplicatedKv>> {
+        None
+    }
 }
 
 /// Keys of stored group offsets: topic \0 group \0 partition (u32 BE), so that both "all

@@ -17,12 +17,26 @@ use crate::{
 pub struct SplitStore {
     log: Arc<dyn Log>,
     kv: Arc<dyn KvStore>,
+    replicated: Option<Arc<crate::ReplicatedKv>>,
 }
 
 impl SplitStore {
     /// The log on `log`, the namespaces on `kv`.
     pub fn new(log: Arc<dyn Log>, kv: Arc<dyn KvStore>) -> Self {
-        SplitStore { log, kv }
+        SplitStore {
+            log,
+            kv,
+            replicated: None,
+        }
+    }
+
+    /// The log on `log`, the namespaces replicated (cluster mode).
+    pub fn replicated(log: Arc<dyn Log>, kv: Arc<crate::ReplicatedKv>) -> Self {
+        SplitStore {
+            log,
+            kv: kv.clone(),
+            replicated: Some(kv),
+        }
     }
 }
 
@@ -150,5 +164,8 @@ impl KvStore for SplitStore {
     }
     fn kv_drop(&self, namespace: &str) -> Result<(), LogError> {
         self.kv.kv_drop(namespace)
+    }
+    fn replicated(&self) -> Option<Arc<crate::ReplicatedKv>> {
+        self.replicated.clone()
     }
 }

@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 mod cache;
+pub mod cluster;
 mod commit;
 mod committer;
 mod dead_letter;

@@ -110,6 +110,8 @@ pub struct PluginInfo {
     pub partitions: Vec<PartitionStatus>,
     /// Bytes its committed-state cache holds.
     pub state_cache_bytes: u64,
+    /// Cluster mode: the node running it ("id (address)"), if any is.
+    pub node: Option<String>,
 }
 
 /// Checks a deploy's limits against the server's bounds.

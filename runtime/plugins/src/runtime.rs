@@ -31,6 +31,8 @@ pub enum PartitionState {
     Waiting(String),
     /// Stopped on a record that failed every attempt (or its input is gone): why.
     Halted(String),
+    /// Cluster mode: another node runs it (which), or none does yet.
+    Standby(String),
 }
 
 impl PartitionState {
@@ -48,6 +50,7 @@ impl std::fmt::Display for PartitionState {
             PartitionState::Retrying(why) => write!(f, "retrying: {why}"),
             PartitionState::Waiting(why) => write!(f, "waiting: {why}"),
             PartitionState::Halted(why) => write!(f, "halted: {why}"),
+            PartitionState::Standby(where_) => write!(f, "standby: {where_}"),
         }
     }
 }
@@ -83,6 +86,8 @@ pub struct Seams {
     pub durability: Arc<Durability>,
     /// Where its probes are reported.
     pub probes: Arc<dyn ProbeSink>,
+    /// Cluster mode: this node's membership (which node runs which plugin).
+    pub cluster: Option<Arc<crate::cluster::Membership>>,
 }
 
 /// A plugin's running state, shared by its tasks.
@@ -103,13 +108,15 @@ pub(crate) struct PluginRuntime {
 }
 
 impl PluginRuntime {
-    /// Loads the plugin's cursors, message ids and log position, and folds state deltas left
-    /// by a crash before anything reads state. Blocking.
+    /// Loads the plugin's cursors, message ids and log position, and (when this node runs
+    /// it: `active`) folds state deltas left by a crash before anything reads state. A
+    /// plugin another node runs is opened to answer queries only. Blocking.
     pub(crate) fn open(
         spec: PluginSpec,
         plugin: Arc<dyn Plugin>,
         seams: Seams,
         state_cache_bytes: usize,
+        active: bool,
     ) -> Result<Arc<Self>, LogError> {
         let partitions = spec.partitions();
         let loaded = seams.store.load(&spec.name, partitions)?;
@@ -121,7 +128,9 @@ impl PluginRuntime {
                 processed: c.processed,
                 skipped: c.skipped,
                 dead_lettered: c.dead_lettered,
-                state: if spec.paused {
+                state: if !active {
+                    PartitionState::Standby("waiting for a node to take it".into())
+                } else if spec.paused {
                     PartitionState::Paused
                 } else {
                     PartitionState::Running
@@ -142,7 +151,9 @@ impl PluginRuntime {
             plugin,
             seams,
         });
-        runtime.compact()?;
+        if active {
+            runtime.compact()?;
+        }
         Ok(runtime)
     }
 

@@ -48,6 +48,7 @@ pub(crate) fn plugin_info(info: PluginInfo) -> pb::PluginInfo {
             owner: spec.owner.unwrap_or_default(),
             max_rate: spec.max_rate,
             state_cache_bytes: info.state_cache_bytes,
+            node: info.node.unwrap_or_default(),
         }
     }
 }

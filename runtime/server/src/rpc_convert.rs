@@ -41,6 +41,7 @@ pub(crate) fn consumer_health(c: ConsumerHealth) -> pb::ConsumerHealth {
             probe_p50_ms: c.probes.p50_ms,
             probe_p99_ms: c.probes.p99_ms,
             probe_p999_ms: c.probes.p999_ms,
+            node: c.node.unwrap_or_default(),
         }
     }
 }

@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use weir_broker::{Broker, BrokerConfig, BrokerError};
 use weir_jetstream::JetStreamLog;
-use weir_log::{Durability, LogError, SledStore, SplitStore, Store, SyncFailed};
+use weir_log::{Durability, LogError, ReplicatedKv, SledStore, SplitStore, Store, SyncFailed};
 use weir_plugins::{KvPluginStore, PluginManager, Seams};
 
 use crate::auth::Authority;
@@ -190,7 +190,10 @@ pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerE
     })
     .await??;
     tracing::info!(message = "The log is on NATS JetStream.", servers = %servers, replicas = log.options().replicas, prefix = %log.options().prefix);
-    Ok(Arc::new(SplitStore::new(Arc::new(log), local)))
+    let log = Arc::new(log);
+    // Plugins' state: changelogs on JetStream, this data directory's sled as their cache.
+    let kv = ReplicatedKv::new(local, log.clone(), KvPluginStore::OWNED_PREFIX);
+    Ok(Arc::new(SplitStore::replicated(log, Arc::new(kv))))
 }
 
 /// [`start`] on a store the caller opened (tests wrap the sled store to inject faults).
@@ -228,7 +231,7 @@ pub async fn start_on(
             .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
             .map_err(|e| ServerError::Tls(e.to_string()))?;
     }
-    let core = Core::open_on(&config, store).await?;
+    let core = Core::open_on(&config, store, &format!("{addr}")).await?;
     if config.auth.is_open() {
         tracing::warn!(message = "No --auth file: every client may do everything (fine for local development, not for a shared server).");
     }
@@ -256,6 +259,7 @@ pub async fn start_on(
             broker.clone(),
             shutdown.clone(),
         ));
+        tracker.spawn(plugins.clone().run_cluster(shutdown.clone()));
     }
     let monitor = Monitor::new(
         broker.clone(),
@@ -376,16 +380,18 @@ impl Core {
     /// Store, recovery or plugin restart failures.
     pub async fn open(config: &ServerConfig) -> Result<Core, ServerError> {
         let store = open_store(config).await?;
-        Core::open_on(config, store).await
+        Core::open_on(config, store, &config.listen.to_string()).await
     }
 
     /// [`Core::open`] on a store the caller opened.
     ///
     /// # Errors
     /// Recovery or plugin restart failures.
+    /// In cluster mode `node_addr` is how operators are told where a plugin runs.
     pub async fn open_on(
         config: &ServerConfig,
         store: Arc<dyn Store>,
+        node_addr: &str,
     ) -> Result<Core, ServerError> {
         let (fsync, broker_config) = (config.fsync, config.broker.clone());
         let opened = store.clone();
@@ -406,10 +412,20 @@ impl Core {
             (config.compiled_dir.clone()).unwrap_or_else(|| config.data_dir.join("compiled"));
         let probes = Arc::new(ProbeBook::default());
         let io = Arc::new(BrokerIo(broker.clone()));
+        let (plugin_store, cluster) = match store.replicated() {
+            Some(kv) => (
+                KvPluginStore::replicated(kv.clone()),
+                Some(Arc::new(weir_plugins::cluster::Membership::new(
+                    kv, node_addr,
+                ))),
+            ),
+            None => (KvPluginStore::new(store), None),
+        };
         let seams = Seams {
             input: io.clone(),
             output: io,
-            store: Arc::new(KvPluginStore::new(store)),
+            store: Arc::new(plugin_store),
+            cluster,
             durability: durability.clone(),
             probes: probes.clone(),
         };

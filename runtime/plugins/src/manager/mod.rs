@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use weir_core::StartAt;
-use weir_wasm::{CompiledPlugin, PluginEngine, PluginError};
+use weir_wasm::PluginEngine;
 
 use crate::forwarder::Forwarder;
 use crate::partition::PartitionTask;
@@ -22,6 +22,8 @@ use crate::runtime::{PluginRuntime, Seams};
 use crate::spec::{OnError, PluginSpec, StartFrom};
 use crate::store::Cursor;
 
+mod cluster;
+mod code;
 mod queries;
 
 /// Runs blocking manager work (store, files, compiling) off the async workers.
@@ -47,6 +49,10 @@ pub struct PluginManager {
     config: PluginConfig,
     plugins: Mutex<BTreeMap<String, Running>>,
     admin: tokio::sync::Mutex<()>,
+    /// Cluster mode: the plugins this node runs, since when (the others are open to answer
+    /// queries only); what it last saw of the cluster.
+    active: Mutex<BTreeMap<String, std::time::Instant>>,
+    view: Mutex<crate::cluster::View>,
 }
 
 impl PluginManager {
@@ -72,6 +78,8 @@ impl PluginManager {
             config,
             plugins: Mutex::new(BTreeMap::new()),
             admin: Default::default(),
+            active: Mutex::new(BTreeMap::new()),
+            view: Mutex::new(Default::default()),
         });
         let store = manager.seams.store.clone();
         for mut spec in blocking(move || Ok(store.specs()?)).await? {
@@ -86,18 +94,7 @@ impl PluginManager {
                 .output
                 .claim_producers(&spec.producer_ids)
                 .await?;
-            let path = manager.wasm_dir.join(format!("{}.wasm", spec.wasm_sha256));
-            let (m, name) = (manager.clone(), spec.name.clone());
-            let compiled = blocking(move || {
-                let wasm = std::fs::read(&path).map_err(|e| {
-                    ManagerError::Io(format!(
-                        "plugin {name}: cannot read {}: {e}",
-                        path.display()
-                    ))
-                })?;
-                Ok(m.engine.compile(&wasm)?)
-            })
-            .await?;
+            let compiled = manager.load_compiled(&spec).await?;
             let name = spec.name.clone();
             manager.start(spec, Arc::new(compiled)).await?;
             tracing::info!(message = "Plugin restarted.", plugin = %name);
@@ -105,13 +102,31 @@ impl PluginManager {
         Ok(manager)
     }
 
+    /// Whether this node runs `name` (always, outside cluster mode).
+    fn is_active(&self, name: &str) -> bool {
+        self.seams.cluster.is_none() || self.active.lock().contains_key(name)
+    }
+
+    /// Opens a plugin; spawns its tasks if this node runs it.
     async fn start(&self, spec: PluginSpec, plugin: Arc<dyn Plugin>) -> Result<(), ManagerError> {
         let name = spec.name.clone();
         let partitions = spec.partitions();
+        let active = self.is_active(&name);
         let (seams, cache) = (self.seams.clone(), self.config.state_cache_bytes);
         let runtime =
-            blocking(move || Ok(PluginRuntime::open(spec, plugin, seams, cache)?)).await?;
+            blocking(move || Ok(PluginRuntime::open(spec, plugin, seams, cache, active)?)).await?;
         let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
+        if !active {
+            self.plugins.lock().insert(
+                name,
+                Running {
+                    runtime,
+                    cancel,
+                    tracker,
+                },
+            );
+            return Ok(());
+        }
         // Every event of a plugin's tasks carries the plugin and partition (publish → commit →
         // forward can be followed in the logs with WEIR_LOG=weir_plugins=debug).
         use tracing::Instrument as _;
@@ -153,46 +168,6 @@ impl PluginManager {
         for name in names {
             self.stop(&name).await;
         }
-    }
-
-    async fn compile(&self, wasm: Bytes) -> Result<CompiledPlugin, ManagerError> {
-        if wasm.len() > self.config.max_wasm_bytes {
-            return Err(PluginError::TooLarge {
-                size: wasm.len(),
-                max: self.config.max_wasm_bytes,
-            }
-            .into());
-        }
-        let engine = self.engine.clone();
-        blocking(move || Ok(engine.compile(&wasm)?)).await
-    }
-
-    async fn save_wasm(&self, sha256: &str, wasm: Bytes) -> Result<(), ManagerError> {
-        let (dir, path) = (
-            self.wasm_dir.clone(),
-            self.wasm_dir.join(format!("{sha256}.wasm")),
-        );
-        blocking(move || {
-            use std::io::Write;
-            if path.exists() {
-                return Ok(());
-            }
-            let io = |e: std::io::Error| {
-                ManagerError::Io(format!(
-                    "cannot store the plugin wasm in {}: {e}",
-                    dir.display()
-                ))
-            };
-            let tmp = path.with_extension("tmp");
-            let mut file = std::fs::File::create(&tmp).map_err(io)?;
-            file.write_all(&wasm).map_err(io)?;
-            file.sync_all().map_err(io)?;
-            std::fs::rename(&tmp, &path).map_err(io)?;
-            std::fs::File::open(&dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io)
-        })
-        .await
     }
 
     /// Records a spec and syncs it (under every fsync policy: specs are rare and must not
@@ -241,8 +216,22 @@ impl PluginManager {
             self.seams.output.partition_count(output)?;
         }
         let compiled = self.compile(request.wasm.clone()).await?;
-        self.save_wasm(&compiled.sha256, request.wasm.clone())
+        self.save_wasm(&compiled.sha256, request.wasm.clone(), true)
             .await?;
+        // Cluster mode: the deploying node runs the plugin first (it takes the lease and the
+        // plugin's store before writing it); the cluster loop may move it later.
+        if let Some(cluster) = self.seams.cluster.clone() {
+            let name = request.name.clone();
+            let holder = blocking(move || Ok(cluster.take(&name)?)).await?;
+            if holder.is_some() {
+                return Err(ManagerError::Exists(request.name));
+            }
+            let (store, name) = (self.seams.store.clone(), request.name.clone());
+            blocking(move || Ok(store.acquire(&name)?)).await?;
+            self.active
+                .lock()
+                .insert(request.name.clone(), std::time::Instant::now());
+        }
         let mut outputs = request.outputs.clone();
         let spec_name = request.name.clone();
         if request.on_error == OnError::Dlq {
@@ -274,6 +263,7 @@ impl PluginManager {
         .await;
         if let Err(e) = allocated {
             self.release_producers(&request.name, &producer_ids).await;
+            self.abandon_deploy(&request.name).await;
             return Err(e);
         }
         let spec = PluginSpec {
@@ -301,6 +291,7 @@ impl PluginManager {
         };
         if let Err(e) = stored {
             self.release_producers(&spec.name, &spec.producer_ids).await;
+            self.abandon_deploy(&spec.name).await;
             return Err(e);
         }
         tracing::info!(message = "Plugin deployed.", plugin = %spec.name, input = %spec.input, sha256 = %spec.wasm_sha256);
@@ -317,7 +308,7 @@ impl PluginManager {
         let _admin = self.admin.lock().await;
         let mut spec = self.spec(name)?;
         let compiled = self.compile(wasm.clone()).await?;
-        self.save_wasm(&compiled.sha256, wasm).await?;
+        self.save_wasm(&compiled.sha256, wasm, true).await?;
         let previous = self.runtime(name)?;
         spec.version += 1;
         spec.wasm_sha256 = compiled.sha256.clone();
@@ -400,6 +391,13 @@ impl PluginManager {
         })
         .await?;
         self.release_producers(name, &spec.producer_ids).await;
+        if let Some(cluster) = self.seams.cluster.clone() {
+            self.active.lock().remove(name);
+            let owned = name.to_string();
+            if let Err(e) = blocking(move || Ok(cluster.forget(&owned)?)).await {
+                tracing::warn!(message = "Deleting a removed plugin's lease failed; it expires with its node.", plugin = %name, error = %e);
+            }
+        }
         self.seams.probes.forget(name);
         let m = weir_metrics::global();
         let label = weir_metrics::plugin(name);
@@ -413,6 +411,19 @@ impl PluginManager {
         m.probe_delay_seconds.remove(&label);
         tracing::info!(message = "Plugin removed.", plugin = %name);
         Ok(())
+    }
+
+    /// Cluster mode: gives back what a failed deploy took (the lease, the plugin's store).
+    async fn abandon_deploy(&self, name: &str) {
+        let Some(cluster) = self.seams.cluster.clone() else {
+            return;
+        };
+        self.active.lock().remove(name);
+        self.seams.store.release(name);
+        let owned = name.to_string();
+        if let Err(e) = blocking(move || Ok(cluster.forget(&owned)?)).await {
+            tracing::warn!(message = "Giving back a failed deploy's lease failed; it expires with this node.", plugin = %name, error = %e);
+        }
     }
 
     /// Best effort: producer ids left behind cost a record each and nothing else.

@@ -29,10 +29,16 @@ impl PluginManager {
     pub fn info(&self, name: &str) -> Result<PluginInfo, ManagerError> {
         let (spec, runtime) = (self.spec(name)?, self.runtime(name)?);
         let partitions = runtime.status.lock().clone();
+        let node = match &self.seams.cluster {
+            None => None,
+            Some(m) if self.is_active(name) => Some(format!("{} ({})", m.node, m.addr)),
+            Some(_) => self.view.lock().describe_holder(name),
+        };
         Ok(PluginInfo {
             spec,
             partitions,
             state_cache_bytes: runtime.committer.cache.bytes() as u64,
+            node,
         })
     }
 
@@ -82,6 +88,14 @@ impl PluginManager {
         key: &[u8],
     ) -> Result<Option<(Vec<u8>, u64)>, ManagerError> {
         let (runtime, key) = (self.runtime(name)?, key.to_vec());
+        if !self.is_active(name) {
+            // Another node runs it: read what it committed (this node's cache of it may be
+            // behind; the store reads the changelog's tail first).
+            return blocking(move || {
+                Ok(runtime.seams.store.state_now(&runtime.spec.name, &key)?)
+            })
+            .await;
+        }
         blocking(move || {
             Ok(runtime
                 .committer

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use weir_log::{KvStore, LogError};
+use weir_log::{KvStore, LogError, ReplicatedKv};
 
 use super::codec::{
     decode_delta, decode_ids, decode_state, encode_delta, encode_ids, encode_state, Cursor,
@@ -76,6 +76,8 @@ fn malformed(what: String, reason: &str) -> LogError {
 /// The plugin store on a [`KvStore`].
 pub struct KvPluginStore {
     kv: Arc<dyn KvStore>,
+    /// Cluster mode: `kv` is this, and a plugin's namespace is acquired before it is written.
+    replicated: Option<Arc<ReplicatedKv>>,
     /// One compaction at a time: two that overlap a commit could write an older `s/<key>`
     /// over a newer one.
     compacting: parking_lot::Mutex<()>,
@@ -86,8 +88,55 @@ impl KvPluginStore {
     pub fn new(kv: Arc<dyn KvStore>) -> Self {
         KvPluginStore {
             kv,
+            replicated: None,
             compacting: parking_lot::Mutex::new(()),
         }
+    }
+
+    /// Cluster mode: the store on changelogs shared by every node (the registry shared, each
+    /// plugin's namespace owned by the node running it).
+    pub fn replicated(kv: Arc<ReplicatedKv>) -> Self {
+        KvPluginStore {
+            kv: kv.clone(),
+            replicated: Some(kv),
+            compacting: parking_lot::Mutex::new(()),
+        }
+    }
+
+    /// The namespaces a node must acquire before writing them ([`ReplicatedKv::new`]).
+    pub const OWNED_PREFIX: &'static str = "plugin/";
+
+    /// Committed state after folding the pending deltas, without writing anything.
+    fn folded(
+        &self,
+        plugin: &str,
+        prefix: &[u8],
+    ) -> Result<BTreeMap<Vec<u8>, (Vec<u8>, u64)>, LogError> {
+        let ns = namespace(plugin);
+        let mut out: BTreeMap<Vec<u8>, (Vec<u8>, u64)> = self
+            .kv
+            .kv_scan(&ns, &state_key(prefix))?
+            .into_iter()
+            .filter_map(|(k, v)| decode_state(&v).map(|s| (k[2..].to_vec(), s)))
+            .collect();
+        for (key, value) in self.kv.kv_scan(&ns, b"l/")? {
+            let writes = decode_delta(&value).ok_or_else(|| {
+                malformed(
+                    format!("state delta {}", String::from_utf8_lossy(&key)),
+                    "truncated or not a delta",
+                )
+            })?;
+            for (k, v) in writes {
+                if !k.starts_with(prefix) {
+                    continue;
+                }
+                match v {
+                    Some(v) => out.insert(k, v),
+                    None => out.remove(&k),
+                };
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -196,14 +245,35 @@ impl PluginStore for KvPluginStore {
     }
 
     fn state_entries(&self, plugin: &str) -> Result<Vec<(Vec<u8>, Vec<u8>, u64)>, LogError> {
-        self.compact(plugin)?;
-        let entries = self.kv.kv_scan(&namespace(plugin), b"s/")?;
-        Ok(entries
+        // Folded in memory, not compacted: a node not running the plugin may not write it.
+        Ok(self
+            .folded(plugin, b"")?
             .into_iter()
-            .filter_map(|(k, v)| {
-                decode_state(&v).map(|(value, version)| (k[2..].to_vec(), value, version))
-            })
+            .map(|(k, (v, version))| (k, v, version))
             .collect())
+    }
+
+    fn state_now(&self, plugin: &str, key: &[u8]) -> Result<Option<(Vec<u8>, u64)>, LogError> {
+        Ok(self.folded(plugin, key)?.remove(key))
+    }
+
+    fn acquire(&self, plugin: &str) -> Result<(), LogError> {
+        match &self.replicated {
+            Some(r) => r.acquire(&namespace(plugin)),
+            None => Ok(()),
+        }
+    }
+
+    fn release(&self, plugin: &str) {
+        if let Some(r) = &self.replicated {
+            r.release(&namespace(plugin));
+        }
+    }
+
+    fn held(&self, plugin: &str) -> bool {
+        self.replicated
+            .as_ref()
+            .is_none_or(|r| r.held(&namespace(plugin)))
     }
 
     fn compact(&self, plugin: &str) -> Result<Option<u64>, LogError> {

@@ -137,6 +137,23 @@ pub trait PluginStore: Send + Sync + 'static {
     ) -> Result<(), LogError>;
     /// The stored log lines, oldest first.
     fn log_lines(&self, plugin: &str) -> Result<Vec<String>, LogError>;
+
+    /// A committed state value with the deltas not yet compacted folded in (what a node
+    /// that does not run the plugin answers from).
+    fn state_now(&self, plugin: &str, key: &[u8]) -> Result<Option<(Vec<u8>, u64)>, LogError>;
+
+    /// Cluster mode: takes a plugin's store over for this node (reads everything other
+    /// nodes committed, then fences them out). A store of one node has nothing to take.
+    fn acquire(&self, _plugin: &str) -> Result<(), LogError> {
+        Ok(())
+    }
+    /// Cluster mode: stops writing a plugin's store.
+    fn release(&self, _plugin: &str) {}
+    /// Cluster mode: whether this node may write a plugin's store (it acquired it and no
+    /// write was refused or left uncertain since).
+    fn held(&self, _plugin: &str) -> bool {
+        true
+    }
 }
 
 /// Encodes output groups as an outbox entry: per group its topic, partition, base sequence

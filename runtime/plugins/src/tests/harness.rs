@@ -75,6 +75,30 @@ impl Harness {
         }
     }
 
+    /// A "node" of a cluster: its own memory cache, the plugins' changelogs in `changelog`,
+    /// the broker (`input`, `output`) shared with the other nodes.
+    pub fn node(
+        changelog: Arc<weir_log::MemoryChangelog>,
+        input: Arc<FakeInput>,
+        output: Arc<FakeOutput>,
+        snapshot_every: u64,
+    ) -> Harness {
+        let local = Arc::new(MemoryStore::new());
+        let (durability, syncer) = Durability::start(local.clone(), FsyncPolicy::Never);
+        let kv = weir_log::ReplicatedKv::new(local, changelog, KvPluginStore::OWNED_PREFIX)
+            .with_snapshot_every(snapshot_every);
+        Harness {
+            input,
+            output,
+            store: Arc::new(KvPluginStore::replicated(Arc::new(kv))),
+            durability,
+            syncer: Some(syncer),
+            runtime: None,
+            cancel: CancellationToken::new(),
+            tasks: Vec::new(),
+        }
+    }
+
     /// Starts `plugin` under `spec` (its cursors start at 0 unless stored).
     pub fn start(&mut self, spec: PluginSpec, plugin: Arc<dyn Plugin>) {
         let seams = Seams {
@@ -83,10 +107,11 @@ impl Harness {
             store: self.store.clone(),
             durability: self.durability.clone(),
             probes: Arc::new(NoProbes),
+            cluster: None,
         };
         let runtime = {
             let _blocking = weir_core::blocking::allow();
-            PluginRuntime::open(spec, plugin, seams, 1 << 20).unwrap()
+            PluginRuntime::open(spec, plugin, seams, 1 << 20, true).unwrap()
         };
         self.cancel = CancellationToken::new();
         for p in 0..runtime.spec.partitions() {

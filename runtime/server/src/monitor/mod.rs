@@ -316,6 +316,7 @@ impl Monitor {
                     time_lag_ms: 0,
                     alerts: Vec::new(),
                     probes: ProbeSummary::default(),
+                    node: None,
                 });
             c.status = c.status.max(r.status);
             c.lag += r.lag;
@@ -325,6 +326,7 @@ impl Monitor {
         for c in consumers.values_mut() {
             if c.kind == ConsumerKind::Plugin {
                 c.probes = self.probes.summary(&c.name);
+                c.node = self.plugins.info(&c.name).ok().and_then(|i| i.node);
                 if let Some(t) = specs.get(&c.name) {
                     if t.max_lag > 0 && c.lag > t.max_lag {
                         active_alerts.insert(

@@ -99,6 +99,9 @@ pub struct ConsumerHealth {
     /// Probe results (plugins).
     #[serde(serialize_with = "serialize_probes")]
     pub probes: ProbeSummary,
+    /// Cluster mode: the node running the plugin, "id (address)".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 fn serialize_probes<S: Serializer>(p: &ProbeSummary, s: S) -> Result<S::Ok, S::Error> {

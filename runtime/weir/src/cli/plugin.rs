@@ -112,6 +112,9 @@ fn print_plugin(p: &PluginStatus) {
         p.timeout_ms,
         &p.wasm_sha256[..12.min(p.wasm_sha256.len())]
     );
+    if !p.node.is_empty() {
+        println!("  runs on node {}", p.node);
+    }
     println!(
         "  {:>9} {:>12} {:>10} {:>8} {:>6}  STATE",
         "PARTITION", "COMMITTED", "PROCESSED", "SKIPPED", "DLQ"

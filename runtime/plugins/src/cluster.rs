@@ -1,0 +1,182 @@
+//! Cluster mode: which weir node runs which plugin. A shared namespace `cluster` of the
+//! replicated store holds each node's heartbeat (`n/<node>` → time in ms, address) and each
+//! plugin's lease (`l/<plugin>` → node). A node is live while its heartbeat is younger than
+//! [`NODE_TTL_MS`]; a lease is valid while its node is live. Every tick a node writes its
+//! heartbeat and, in the same compare-and-set, takes the free leases (no holder, or a holder
+//! that is not live) of the plugins whose preferred node it is (rendezvous hashing over the
+//! live nodes), and gives back those it was asked to.
+//!
+//! Leases are advisory: they decide who *should* run a plugin. What makes a second runner
+//! harmless is the fence of the plugin's changelog — a node that takes a plugin over appends
+//! a takeover entry, and the previous holder's next commit is refused by the engine.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use weir_log::{LogError, ReplicatedKv};
+
+/// A node whose heartbeat is older than this is dead: its plugins move.
+pub const NODE_TTL_MS: i64 = 4_000;
+/// Heartbeats of nodes dead this long are deleted.
+const FORGET_NODE_MS: i64 = 60_000;
+const NS: &str = "cluster";
+
+/// What a node sees of the cluster after a tick.
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    /// Live nodes: id → gRPC address.
+    pub live: BTreeMap<String, String>,
+    /// Plugin → the node holding its lease (live or not).
+    pub leases: BTreeMap<String, String>,
+}
+
+impl View {
+    /// The node that should run `plugin`: the live node with the highest hash of (node,
+    /// plugin), so a node joining or leaving moves only the plugins it wins or held.
+    pub fn preferred(&self, plugin: &str) -> Option<&str> {
+        self.live
+            .keys()
+            .max_by_key(|node| crate::dedup::id_hash(&format!("{node}\u{0}{plugin}")))
+            .map(String::as_str)
+    }
+
+    /// The holder of `plugin`'s lease if it is live.
+    pub fn holder(&self, plugin: &str) -> Option<&str> {
+        self.leases
+            .get(plugin)
+            .filter(|n| self.live.contains_key(*n))
+            .map(String::as_str)
+    }
+
+    /// "node-id (address)" of `plugin`'s live holder.
+    pub fn describe_holder(&self, plugin: &str) -> Option<String> {
+        let node = self.holder(plugin)?;
+        Some(format!("{node} ({})", self.live[node]))
+    }
+}
+
+/// This node's membership.
+pub struct Membership {
+    kv: Arc<ReplicatedKv>,
+    /// This node's id (new at every start).
+    pub node: String,
+    /// This node's gRPC address, shown to operators.
+    pub addr: String,
+}
+
+fn lease_key(plugin: &str) -> Vec<u8> {
+    format!("l/{plugin}").into_bytes()
+}
+
+fn parse(now: &BTreeMap<Vec<u8>, bytes::Bytes>, now_ms: i64) -> (View, Vec<Vec<u8>>) {
+    let mut view = View::default();
+    let mut forget = Vec::new();
+    for (k, v) in now {
+        let text = String::from_utf8_lossy(v);
+        if let Some(node) = k.strip_prefix(b"n/") {
+            let (at, addr) = text.split_once(' ').unwrap_or((&text, ""));
+            let age = now_ms - at.parse::<i64>().unwrap_or(0);
+            let node = String::from_utf8_lossy(node).into_owned();
+            if age < NODE_TTL_MS {
+                view.live.insert(node, addr.to_string());
+            } else if age > FORGET_NODE_MS {
+                forget.push(k.clone());
+            }
+        } else if let Some(plugin) = k.strip_prefix(b"l/") {
+            view.leases.insert(
+                String::from_utf8_lossy(plugin).into_owned(),
+                text.into_owned(),
+            );
+        }
+    }
+    (view, forget)
+}
+
+impl Membership {
+    /// A node with a new id, serving clients at `addr`.
+    pub fn new(kv: Arc<ReplicatedKv>, addr: &str) -> Self {
+        let node = format!(
+            "{:08x}",
+            crate::dedup::id_hash(&format!(
+                "{addr} {} {}",
+                std::process::id(),
+                weir_core::record::now_ms()
+            )) as u32
+        );
+        Membership {
+            kv,
+            node,
+            addr: addr.to_string(),
+        }
+    }
+
+    /// The replicated store (blobs: plugins' wasm).
+    pub fn kv(&self) -> &Arc<ReplicatedKv> {
+        &self.kv
+    }
+
+    /// Writes this node's heartbeat, takes the free leases of `plugins` this node is
+    /// preferred for, gives back `release`, and returns the view after. Blocking.
+    pub(crate) fn tick(&self, plugins: &[String], release: &[String]) -> Result<View, LogError> {
+        let mut result = View::default();
+        self.kv.update(NS, |now| {
+            let now_ms = weir_core::record::now_ms();
+            let (mut view, forget) = parse(now, now_ms);
+            view.live.insert(self.node.clone(), self.addr.clone());
+            let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = vec![(
+                format!("n/{}", self.node).into_bytes(),
+                Some(format!("{now_ms} {}", self.addr).into_bytes()),
+            )];
+            writes.extend(forget.into_iter().map(|k| (k, None)));
+            for p in release {
+                if view.leases.get(p) == Some(&self.node) {
+                    writes.push((lease_key(p), None));
+                    view.leases.remove(p);
+                }
+            }
+            for p in plugins {
+                if release.contains(p) || view.holder(p).is_some() {
+                    continue;
+                }
+                if view.preferred(p) == Some(self.node.as_str()) {
+                    writes.push((lease_key(p), Some(self.node.clone().into_bytes())));
+                    view.leases.insert(p.clone(), self.node.clone());
+                }
+            }
+            result = view;
+            Some(writes)
+        })?;
+        Ok(result)
+    }
+
+    /// Takes `plugin`'s lease if nobody live holds it (a deploy through this node). Returns
+    /// the live holder otherwise. Blocking.
+    pub(crate) fn take(&self, plugin: &str) -> Result<Option<String>, LogError> {
+        let mut held_by = None;
+        self.kv.update(NS, |now| {
+            let (mut view, _) = parse(now, weir_core::record::now_ms());
+            view.live.insert(self.node.clone(), self.addr.clone());
+            held_by = view
+                .holder(plugin)
+                .filter(|n| *n != self.node)
+                .map(String::from);
+            match held_by {
+                Some(_) => None,
+                None => Some(vec![(
+                    lease_key(plugin),
+                    Some(self.node.clone().into_bytes()),
+                )]),
+            }
+        })?;
+        Ok(held_by)
+    }
+
+    /// Deletes `plugin`'s lease (the plugin was removed). Blocking.
+    pub(crate) fn forget(&self, plugin: &str) -> Result<(), LogError> {
+        self.kv.update(NS, |now| {
+            now.contains_key(&lease_key(plugin))
+                .then(|| vec![(lease_key(plugin), None)])
+        })?;
+        Ok(())
+    }
+}
