@@ -28,12 +28,12 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("check") => check::check(),
-        Some("demo") => demo(),
+        Some("demo") => demo(&args[1..]),
         Some("bench") => bench::bench(&args[1..]),
         Some("nats-server") => nats::install(),
         Some("cluster") => cluster::cluster(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <test [cargo test args]|check|demo|bench [--records N]|nats-server|cluster [--sync-always] [--fresh]>");
+            eprintln!("usage: cargo xtask <test [cargo test args]|check|demo [--cluster]|bench [--records N]|nats-server|cluster [--sync-always] [--fresh]>");
             std::process::exit(2);
         }
     }
@@ -271,14 +271,44 @@ fn build_release() -> Result<PathBuf> {
 /// The README's first command: builds weir, the plugins and the flash-sale load generator
 /// (release), then runs the seed's flash sale twice on fresh data directories: once clean and
 /// once with `kill -9` mid-run, printing the verified totals of both (examples/flash-sale).
-fn demo() -> Result<()> {
+/// With `--cluster`, the second run is on three weir nodes over a 3-node JetStream cluster it
+/// starts on loopback (in `target/demo-nats`, installing the pinned nats-server), with the
+/// nodes running the order and points plugins killed mid-drain.
+fn demo(args: &[String]) -> Result<()> {
+    let cluster = match args {
+        [] => false,
+        [a] if a == "--cluster" => true,
+        _ => bail!("usage: cargo xtask demo [--cluster]"),
+    };
+    let nats_bin = if cluster { Some(nats::ensure()?) } else { None };
     let plugins = build_plugins()?;
     build_release()?;
-    run(Command::new("target/release/flash-sale").args([
+    let mut cmd = Command::new("target/release/flash-sale");
+    cmd.args([
         "demo",
         "--weir",
         "target/release/weir",
         "--wasm-dir",
         plugins.to_str().expect("utf-8 path"),
-    ]))
+    ]);
+    let _nats = match nats_bin {
+        Some(bin) => {
+            let dir = workspace_root().join("target/demo-nats");
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("removing {}", dir.display()))?;
+            }
+            eprintln!(
+                "Starting 3 nats-server nodes (JetStream, R3) in {} ...",
+                dir.display()
+            );
+            let nats =
+                weir_cluster::NatsCluster::start(&bin, &dir, 3, weir_cluster::SyncMode::Default)
+                    .map_err(anyhow::Error::msg)?;
+            cmd.args(["--cluster", &nats.url_list()]);
+            Some(nats)
+        }
+        None => None,
+    };
+    run(&mut cmd)
 }

@@ -8,6 +8,8 @@
 //!
 //! [`demo`] is `cargo xtask demo`: it runs the sale on a fresh `weir serve`, then again with
 //! the server killed with `kill -9` twice mid-run, and shows the same verified totals.
+//! [`demo_cluster`] is `cargo xtask demo --cluster`: one node, then three over JetStream with
+//! the nodes running the order and points plugins killed mid-drain ([`cluster`]).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -23,9 +25,10 @@ use weir_api::PROBE_HEADER;
 use weir_api::{Admission, Record, TopicConfig};
 use weir_api::{Client, Deploy};
 
+pub mod cluster;
 mod demo;
 mod verify;
-pub use demo::{demo, drain_bench, DemoOptions, Server};
+pub use demo::{demo, demo_cluster, drain_bench, DemoOptions, Server};
 pub use verify::{verify, Totals};
 
 /// The requests topic.

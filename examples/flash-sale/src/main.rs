@@ -20,6 +20,10 @@ enum Command {
         /// The CI-sized sale (a tenth of the load).
         #[arg(long)]
         small: bool,
+        /// Run the second phase on three weir nodes over the JetStream cluster at these
+        /// URLs (`cargo xtask demo --cluster` starts one) instead of kill -9 on one node.
+        #[arg(long)]
+        cluster: Option<String>,
     },
     /// Measure how fast the order plugin drains the accepted burst, unthrottled, on P
     /// partitions (docs/flash-sale.md's sizing numbers).
@@ -38,12 +42,13 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let (weir, wasm_dir, small) = match Command::parse() {
+    let (weir, wasm_dir, small, cluster) = match Command::parse() {
         Command::Demo {
             weir,
             wasm_dir,
             small,
-        } => (weir, wasm_dir, small),
+            cluster,
+        } => (weir, wasm_dir, small, cluster),
         Command::DrainBench {
             weir,
             wasm_dir,
@@ -67,12 +72,20 @@ async fn main() -> anyhow::Result<()> {
     } else {
         flash_sale::Sale::demo()
     };
-    flash_sale::demo(&flash_sale::DemoOptions {
+    let opts = flash_sale::DemoOptions {
         weir,
         wasm_dir,
         sale,
         verbose: true,
-    })
-    .await?;
+    };
+    match cluster {
+        Some(nats) => {
+            let prefix = format!("demo{}", std::process::id());
+            flash_sale::demo_cluster(&opts, &nats, &prefix).await?;
+        }
+        None => {
+            flash_sale::demo(&opts).await?;
+        }
+    }
     Ok(())
 }
