@@ -13,7 +13,7 @@
 use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,7 +22,6 @@ use common::idem::IdemProducer;
 use common::WeirProcess;
 use rand::{Rng, SeedableRng};
 use weir_api::Client;
-use weir_cluster::{nats_server_binary, NatsCluster, SyncMode};
 use weir_core::{StartAt, TopicConfig};
 
 const PARTITIONS: u32 = 3;
@@ -160,28 +159,14 @@ fn same_log(
     );
 }
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acked_publishes_survive_kill_9_of_stream_leaders_and_weir_nodes() {
-    let cycles: usize = std::env::var("WEIR_CLUSTER_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(6);
-    let seed: u64 = std::env::var("WEIR_CLUSTER_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(rand::random);
-    println!("cluster chaos: {cycles} cycles, WEIR_CLUSTER_SEED={seed}");
+    let (cycles, seed) = common::chaos_knobs("WEIR_CLUSTER", 6);
     let started = std::time::Instant::now();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
-    let bin = nats_server_binary(&root()).unwrap_or_else(|e| panic!("{e}"));
     // Started from the test's own thread: the servers die with it.
-    let mut nats = NatsCluster::start(&bin, &dir.path().join("nats"), 3, SyncMode::Default)
-        .unwrap_or_else(|e| panic!("{e}"));
+    let mut nats = common::nats_cluster(dir.path());
     let urls = nats.url_list();
     let stream = weir_jetstream::Names::new("weir").topic_stream(TOPIC);
 
@@ -228,23 +213,10 @@ async fn acked_publishes_survive_kill_9_of_stream_leaders_and_weir_nodes() {
     for cycle in 0..cycles {
         std::thread::sleep(Duration::from_millis(rng.random_range(800..2500)));
         if cycle % 2 == 0 {
-            // Right after an election the servers may not agree on a leader yet.
-            let mut leader = None;
-            for _ in 0..200 {
-                leader = nats.stream_leader(&stream);
-                if leader.is_some() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let leader = leader.expect("the topic stream has a leader within 20 s");
-            nats.kill(leader);
-            std::thread::sleep(Duration::from_millis(rng.random_range(300..1500)));
-            nats.restart(leader).unwrap_or_else(|e| panic!("{e}"));
+            let name = common::kill_stream_leader(&mut nats, &stream, rng.random_range(300..1500));
             println!(
-                "cycle {cycle} at {:?}: killed stream leader {}",
-                started.elapsed(),
-                nats.nodes[leader].name
+                "cycle {cycle} at {:?}: killed stream leader {name}",
+                started.elapsed()
             );
         } else {
             let i = rng.random_range(0..2usize);

@@ -179,11 +179,7 @@ pub fn weir_cli(server: &str, args: &[&str], stdin: &str) -> (bool, String, Stri
 /// The compiled wasm of an example plugin. `cargo xtask test` builds them first; a missing
 /// artifact is a failure that says so, never a skipped test.
 pub fn plugin_wasm(name: &str) -> bytes::Bytes {
-    let dir = std::env::var("WEIR_PLUGIN_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/wasm32-wasip2/plugin")
-        });
+    let dir = plugin_dir();
     let path = dir.join(format!("{}.wasm", name.replace('-', "_")));
     match std::fs::read(&path) {
         Ok(bytes) => bytes.into(),
@@ -255,4 +251,77 @@ pub async fn balance(client: &Client, user: &str) -> Option<u64> {
 pub async fn topic_end(client: &Client, topic: &str) -> u64 {
     let info = client.describe_topic(topic).await.unwrap();
     info.partitions.iter().map(|p| p.end_offset).sum()
+}
+
+/// The repository's root.
+pub fn repo_root() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Runs the CLI against `server` and returns its stdout; fails the test if it fails.
+pub fn cli_ok(server: &str, args: &[&str], stdin: &str) -> String {
+    let (ok, out, err) = weir_cli(server, args, stdin);
+    assert!(ok, "weir {args:?} failed: {err}");
+    out
+}
+
+/// A chaos test's cycle count and seed from `<prefix>_CYCLES` (default `cycles`) and
+/// `<prefix>_SEED` (random), printed so a failing run can be repeated.
+pub fn chaos_knobs(prefix: &str, cycles: usize) -> (usize, u64) {
+    let var = |name: &str| std::env::var(format!("{prefix}_{name}")).ok();
+    let cycles = var("CYCLES").and_then(|v| v.parse().ok()).unwrap_or(cycles);
+    let seed = var("SEED")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("{prefix}: {cycles} cycles, {prefix}_SEED={seed}");
+    (cycles, seed)
+}
+
+/// Kills (-9) the leader of `stream` (waiting up to 20 s for the servers to agree on one),
+/// keeps it down `down_ms`, restarts it, and returns its name.
+pub fn kill_stream_leader(
+    nats: &mut weir_cluster::NatsCluster,
+    stream: &str,
+    down_ms: u64,
+) -> String {
+    let mut leader = None;
+    for _ in 0..200 {
+        // Right after an election the servers may not agree on a leader yet.
+        leader = nats.stream_leader(stream);
+        if leader.is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let leader = leader.unwrap_or_else(|| panic!("stream {stream} has no leader within 20 s"));
+    nats.kill(leader);
+    std::thread::sleep(std::time::Duration::from_millis(down_ms));
+    nats.restart(leader).unwrap_or_else(|e| panic!("{e}"));
+    nats.nodes[leader].name.clone()
+}
+
+/// A 3-node JetStream cluster (R3 streams) on loopback under `dir/nats`, started from the
+/// calling thread (the servers die with the test). Needs nats-server: `cargo xtask test`
+/// installs it.
+pub fn nats_cluster(dir: &Path) -> weir_cluster::NatsCluster {
+    let bin = weir_cluster::nats_server_binary(&repo_root()).unwrap_or_else(|e| panic!("{e}"));
+    weir_cluster::NatsCluster::start(&bin, &dir.join("nats"), 3, weir_cluster::SyncMode::Default)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Where `cargo xtask test` puts the plugins' wasm (`WEIR_PLUGIN_DIR` overrides).
+pub fn plugin_dir() -> std::path::PathBuf {
+    std::env::var("WEIR_PLUGIN_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join("target/wasm32-wasip2/plugin"))
+}
+
+/// The flash sale at CI size against this build's `weir` and plugins.
+pub fn small_sale(verbose: bool) -> flash_sale::DemoOptions {
+    flash_sale::DemoOptions {
+        weir: std::path::PathBuf::from(weir_bin()),
+        wasm_dir: plugin_dir(),
+        sale: flash_sale::Sale::small(),
+        verbose,
+    }
 }

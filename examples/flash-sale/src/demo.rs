@@ -220,6 +220,14 @@ pub async fn demo_cluster(
     Ok((single, cluster))
 }
 
+/// The sale on one fresh node, without crashes: the totals every other run must reach.
+///
+/// # Errors
+/// Any failed step or verification.
+pub async fn single_phase(opts: &DemoOptions, dir: &Path) -> Result<Totals> {
+    run_phase(opts, dir, false).await
+}
+
 async fn run_phase(opts: &DemoOptions, dir: &Path, crash: bool) -> Result<Totals> {
     let sale = &opts.sale;
     std::fs::create_dir_all(dir)?;

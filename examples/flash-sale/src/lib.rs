@@ -28,7 +28,7 @@ use weir_api::{Client, Deploy};
 pub mod cluster;
 mod demo;
 mod verify;
-pub use demo::{demo, demo_cluster, drain_bench, DemoOptions, Server};
+pub use demo::{demo, demo_cluster, drain_bench, single_phase, DemoOptions, Server};
 pub use verify::{verify, Totals};
 
 /// The requests topic.

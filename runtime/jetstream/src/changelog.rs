@@ -36,11 +36,8 @@ impl JetStreamLog {
             max_message_size: -1,
             ..Default::default()
         };
-        let stream = self
-            .js
-            .get_or_create_stream(config)
-            .await
-            .map_err(|e| engine("open the plugin-state stream", e))?;
+        let stream =
+            crate::meta::ensure_stream(&self.js, config, "open the plugin-state stream").await?;
         *self.kv.lock() = Some(stream.clone());
         Ok(stream)
     }

@@ -26,8 +26,17 @@ pub(crate) async fn ensure_meta_stream(
         duplicate_window: Duration::from_secs(1),
         ..Default::default()
     };
-    // The first request after the servers start may meet a cluster still electing its
-    // meta leader: retry for a while.
+    ensure_stream(js, config, "open its metadata stream").await
+}
+
+/// Gets or creates a stream weir needs from its first start on. The first request after the
+/// servers start may meet a cluster still electing its meta leader, and several weir nodes
+/// starting together create the same stream at once: retry for a while.
+pub(crate) async fn ensure_stream(
+    js: &jetstream::Context,
+    config: jetstream::stream::Config,
+    what: &str,
+) -> Result<jetstream::stream::Stream, LogError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         match js.get_or_create_stream(config.clone()).await {
@@ -38,7 +47,7 @@ pub(crate) async fn ensure_meta_stream(
             }
             Err(e) => {
                 return Err(engine(
-                    "open its metadata stream (is JetStream enabled on these servers?)",
+                    &format!("{what} (is JetStream enabled on these servers?)"),
                     e,
                 ))
             }
@@ -145,5 +154,21 @@ impl JetStreamLog {
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
+    }
+}
+
+impl JetStreamLog {
+    /// The stored next producer id and the sequence it was written at.
+    pub(crate) async fn next_producer(&self) -> Result<Option<(u64, u64)>, LogError> {
+        let Some(v) = self.meta_get(&self.names.next_producer_key()).await? else {
+            return Ok(None);
+        };
+        let next = <[u8; 8]>::try_from(v.bytes.as_ref())
+            .map(u64::from_be_bytes)
+            .map_err(|_| LogError::Malformed {
+                what: "next producer id".into(),
+                reason: format!("{} bytes", v.bytes.len()),
+            })?;
+        Ok(Some((v.seq, next)))
     }
 }

@@ -258,6 +258,11 @@ impl JetStreamLog {
         chunks: &[EncodedChunk],
         producer: Option<(u64, &[u8])>,
     ) -> Result<(), LogError> {
+        if st.index.is_empty() && st.last_chunk_seq == 0 && st.next == 0 && st.walk_complete {
+            // A partition that never held a chunk may begin past 0: a log moved from a single
+            // node whose retention had trimmed it (`weir migrate`). The fence still applies.
+            st.next = base_offset;
+        }
         if base_offset != st.next {
             return Err(LogError::Fenced {
                 tp: tp.clone(),
@@ -428,22 +433,6 @@ pub(crate) fn rand_id() -> u64 {
             .unwrap_or(0),
     );
     h.finish()
-}
-
-impl JetStreamLog {
-    /// The stored next producer id and the sequence it was written at.
-    pub(crate) async fn next_producer(&self) -> Result<Option<(u64, u64)>, LogError> {
-        let Some(v) = self.meta_get(&self.names.next_producer_key()).await? else {
-            return Ok(None);
-        };
-        let next = <[u8; 8]>::try_from(v.bytes.as_ref())
-            .map(u64::from_be_bytes)
-            .map_err(|_| LogError::Malformed {
-                what: "next producer id".into(),
-                reason: format!("{} bytes", v.bytes.len()),
-            })?;
-        Ok(Some((v.seq, next)))
-    }
 }
 
 impl JetStreamLog {

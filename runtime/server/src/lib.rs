@@ -12,6 +12,7 @@ mod background;
 mod io;
 pub mod limits;
 pub mod local;
+pub mod migrate;
 pub mod monitor;
 mod plugin_rpc;
 mod rpc_convert;

@@ -121,6 +121,9 @@ pub enum ServerError {
     /// A start-up task panicked.
     #[error(transparent)]
     Panicked(#[from] weir_core::blocking::Panicked),
+    /// `weir migrate` could not move the data directory.
+    #[error("migrate: {0}")]
+    Migrate(String),
 }
 
 /// A server started with [`start`], running on its own tasks.

@@ -102,7 +102,20 @@ impl PluginManager {
             if mine && !(active && self.seams.store.held(name)) {
                 self.activate(name).await?;
             } else if !mine && active {
-                tracing::info!(message = "Plugin moved to another node.", plugin = %name, node = view.describe_holder(name).unwrap_or_default());
+                match view.describe_holder(name) {
+                    Some(node) if release.contains(name) => {
+                        tracing::info!(message = "Plugin handed over to the node preferred for it.", plugin = %name, node)
+                    }
+                    Some(node) => {
+                        tracing::warn!(message = "Another node runs this plugin now (this node was paused or cut off past its lease); what it had not committed is dropped.", plugin = %name, node)
+                    }
+                    None if release.contains(name) => {
+                        tracing::info!(message = "Plugin handed over to the node preferred for it.", plugin = %name)
+                    }
+                    None => {
+                        tracing::warn!(message = "This node lost its lease of a plugin; another node will take it.", plugin = %name)
+                    }
+                }
                 self.deactivate(name).await?;
             } else if !mine {
                 self.refresh_standby(name, &view).await;

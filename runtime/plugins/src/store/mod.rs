@@ -18,7 +18,7 @@ use weir_log::LogError;
 
 use crate::spec::PluginSpec;
 pub use codec::Cursor;
-pub use kv::KvPluginStore;
+pub use kv::{copy_plugin, KvPluginStore};
 
 /// A batch's state writes: key → new (value, version), `None` for a delete.
 pub type StateWrites = BTreeMap<Vec<u8>, Option<(Vec<u8>, u64)>>;

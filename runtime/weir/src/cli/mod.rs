@@ -5,6 +5,7 @@ mod auth;
 mod bench;
 mod consume;
 pub mod lag;
+mod migrate;
 mod plugin;
 mod publish;
 mod scaffold;
@@ -69,6 +70,9 @@ pub enum Command {
     /// Tokens for servers started with `--auth`.
     #[command(subcommand)]
     Auth(auth::AuthCommand),
+    /// Move a single node's data directory (stopped) into a cluster on NATS JetStream:
+    /// topics, records, offsets, groups, producers, plugins with their state.
+    Migrate(migrate::MigrateArgs),
 }
 
 /// `weir serve`.
@@ -82,8 +86,8 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
     /// Put the log on a NATS JetStream cluster shared with other weir nodes:
     /// `nats://HOST:PORT[,nats://HOST:PORT...]` (see docs/scale-out.md). Without it the log
-    /// is in the data directory's embedded store. Plugins' state stays in the data directory
-    /// either way.
+    /// is in the data directory's embedded store. With it plugins' state is on JetStream too
+    /// (the data directory caches it) and any node runs any plugin.
     #[arg(long, env = "WEIR_NATS", value_name = "NATS_URLS")]
     pub log: Option<String>,
     /// Replicas of every stream weir creates on JetStream (with --log): 1, 3 or 5.
@@ -196,6 +200,7 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
         Command::Test(args) => test::run(args).await,
         Command::Bench(cmd) => bench::run(&remote.connect().await?, cmd, shutdown).await,
         Command::Auth(cmd) => auth::run(cmd),
+        Command::Migrate(args) => migrate::run(args).await,
     }
 }
 
@@ -232,16 +237,11 @@ async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<(
     config.fsync = args.fsync;
     config.cache_bytes = args.cache_mb * 1024 * 1024;
     if let Some(list) = &args.log {
-        let servers = server::JetStreamOptions::parse_servers(list).map_err(anyhow::Error::msg)?;
-        anyhow::ensure!(
-            matches!(args.replicas, 1 | 3 | 5),
-            "--replicas must be 1, 3 or 5 (JetStream keeps an odd number of copies), not {}",
-            args.replicas
-        );
-        let mut options = server::JetStreamOptions::new(servers);
-        options.replicas = args.replicas;
-        options.prefix = args.log_prefix.clone();
-        config.log = Some(options);
+        config.log = Some(migrate::jetstream_options(
+            list,
+            args.replicas,
+            &args.log_prefix,
+        )?);
     }
     if let Some(path) = &args.auth {
         config.auth = std::sync::Arc::new(
