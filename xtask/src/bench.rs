@@ -138,7 +138,10 @@ pub fn bench(args: &[String]) -> Result<()> {
         return bench_soak(&bin, secs);
     }
     if cluster {
-        return bench_cluster(&bin, &records);
+        if !plugins_only {
+            bench_cluster(&bin, &records)?;
+        }
+        return bench_cluster_plugins(&bin, &records);
     }
     if !plugins_only {
         bench_publish(&bin, &records)?;
@@ -313,6 +316,97 @@ fn bench_cluster(bin: &Path, records: &str) -> Result<()> {
             r.iter().map(|x| x.round()).collect::<Vec<_>>()
         );
     }
+    Ok(())
+}
+
+/// BENCHMARKS.md "Plugins on a cluster": the points plugin draining `records` orders on one
+/// weir node on sled (fsync always), one weir node on JetStream R3 and two weir nodes on
+/// JetStream R3 (deployed through one), three interleaved rounds; then the failover time
+/// (`flash-sale failover-bench`: kill -9 of the node running points → first commit on the
+/// other), three runs.
+fn bench_cluster_plugins(bin: &Path, records: &str) -> Result<()> {
+    let plugins = build_plugins()?;
+    let points = plugins.join("points.wasm");
+    let points = points.to_str().expect("utf-8 path");
+    let nats = crate::nats::ensure()?;
+    let dir = std::env::temp_dir().join(format!("weir-bench-plugins-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cluster = weir_cluster::NatsCluster::start(
+        &nats,
+        &dir.join("nats"),
+        3,
+        weir_cluster::SyncMode::Default,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let urls = cluster.url_list();
+    let names = [
+        "points, 1 weir node on sled, fsync always",
+        "points, 1 weir node on JetStream R3",
+        "points, 2 weir nodes on JetStream R3",
+    ];
+    let args = [
+        "bench", "plugin", "--wasm", points, "--records", records, "--users", "10000",
+        "--partitions", "4",
+    ];
+    let rate = |out: &str| -> Result<f64> {
+        out.split(" records/s")
+            .next()
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("no rate in {out:?}"))
+    };
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    for round in 1..=3 {
+        let data = dir.join(format!("sled-{round}"));
+        let server = Server::start(bin, &data, "always")?;
+        let out = weir(bin, &server, &args)?;
+        server.stop()?;
+        std::fs::remove_dir_all(&data).ok();
+        println!("round {round}, {}: {}", names[0], out.trim());
+        rates[0].push(rate(&out)?);
+        for (i, count) in [(1, 1), (2, 2)] {
+            let prefix = format!("plugins{round}n{count}");
+            let nodes = (0..count)
+                .map(|n| {
+                    Server::start_with(
+                        bin,
+                        &dir.join(format!("{prefix}-{n}")),
+                        "always",
+                        &["--log", &urls, "--log-prefix", &prefix],
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let out = weir(bin, &nodes[0], &args)?;
+            for node in nodes {
+                node.stop()?;
+            }
+            println!("round {round}, {}: {}", names[i], out.trim());
+            rates[i].push(rate(&out)?);
+        }
+    }
+    let base = median(rates[0].clone());
+    println!("\nmedians of 3 ({records} orders from 10,000 users, 4 partitions):");
+    for (name, r) in names.iter().zip(&rates) {
+        let m = median(r.clone());
+        println!(
+            "  {name:<44} {m:>10.0} records/s  ({:.2}x sled; runs {:?})",
+            m / base,
+            r.iter().map(|x| x.round()).collect::<Vec<_>>()
+        );
+    }
+    run(Command::new("target/release/flash-sale").args([
+        "failover-bench",
+        "--weir",
+        bin.to_str().expect("utf-8 path"),
+        "--wasm-dir",
+        plugins.to_str().expect("utf-8 path"),
+        "--cluster",
+        &urls,
+        "--records",
+        "200000",
+    ]))?;
+    drop(cluster);
+    std::fs::remove_dir_all(&dir).ok();
     Ok(())
 }
 

@@ -186,3 +186,104 @@ pub async fn cluster_phase(
     }
     Ok(ClusterReport { totals, failovers })
 }
+
+/// Failover of the points plugin on two weir nodes over the JetStream cluster at `nats`:
+/// `records` paid orders are published, points is deployed and drains them; when a third is
+/// committed the node running it is killed with `kill -9`. Returns the time from the kill to
+/// the first commit on the other node, after checking that every order was credited once.
+///
+/// # Errors
+/// A failed step, or credits that are not one per order.
+pub async fn failover_bench(
+    weir: &Path,
+    wasm_dir: &Path,
+    nats: &str,
+    prefix: &str,
+    records: u64,
+) -> Result<Duration> {
+    let opts = DemoOptions {
+        weir: weir.to_path_buf(),
+        wasm_dir: wasm_dir.to_path_buf(),
+        sale: Sale::small(),
+        verbose: false,
+    };
+    let dir = tempfile::tempdir()?;
+    let mut servers = (0..2)
+        .map(|n| {
+            Server::start_with(
+                weir,
+                &dir.path().join(format!("node{n}")),
+                &dir.path().join(format!("node{n}.log")),
+                &["--log", nats, "--log-prefix", prefix],
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let client = Client::connect(&servers[0].url).await?;
+    for (name, partitions) in [("order.paid", 4), ("points.credited", 4)] {
+        client
+            .create_topic(&weir_api::TopicConfig {
+                name: name.into(),
+                partitions,
+                retention_ms: 0,
+                retention_bytes: 0,
+                admission: None,
+            })
+            .await?;
+    }
+    let mut n = 0;
+    while n < records {
+        let batch = (n..(n + 1000).min(records))
+            .map(|o| {
+                let user = format!("u{}", o % 10_000);
+                weir_api::Record {
+                    key: Some(user.clone().into()),
+                    id: Some(format!("paid-{o}")),
+                    ..weir_api::Record::from_value(format!(
+                        r#"{{"order":{o},"user":"{user}","amount":{}}}"#,
+                        10 + o % 90
+                    ))
+                }
+            })
+            .collect::<Vec<_>>();
+        n += batch.len() as u64;
+        client.publish("order.paid", None, batch).await?;
+    }
+    let wasm = std::fs::read(wasm_dir.join("points.wasm")).context("points.wasm")?;
+    client
+        .deploy_plugin(weir_api::Deploy {
+            name: "points".into(),
+            wasm,
+            input: "order.paid".into(),
+            outputs: vec!["points.credited".into()],
+            ..Default::default()
+        })
+        .await?;
+    while committed(&client, "points").await < records / 3 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (took, client) = kill_owner(&opts, &mut servers, &client, "points").await?;
+    drain(
+        &client,
+        "points",
+        Duration::from_millis(100),
+        Duration::from_secs(60),
+        &mut |_| {},
+    )
+    .await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let credited = read_all(&client, "points.credited").await?.len() as u64;
+        if credited == records {
+            break;
+        }
+        ensure!(
+            credited < records && Instant::now() < deadline,
+            "{credited} credits for {records} orders"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for s in servers {
+        s.stop()?;
+    }
+    Ok(took)
+}

@@ -38,6 +38,25 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
         partitions: Vec<u32>,
     },
+    /// Measure the failover of the points plugin between two weir nodes over the JetStream
+    /// cluster at `--cluster` (kill -9 of the node running it → first commit on the other).
+    FailoverBench {
+        /// The `weir` binary.
+        #[arg(long, default_value = "target/release/weir")]
+        weir: PathBuf,
+        /// Directory of the plugin `.wasm` files.
+        #[arg(long, default_value = "target/wasm32-wasip2/plugin")]
+        wasm_dir: PathBuf,
+        /// NATS URLs of the JetStream cluster.
+        #[arg(long)]
+        cluster: String,
+        /// Paid orders in the backlog.
+        #[arg(long, default_value_t = 200_000)]
+        records: u64,
+        /// Runs (each on fresh names).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+    },
 }
 
 #[tokio::main]
@@ -49,6 +68,25 @@ async fn main() -> anyhow::Result<()> {
             small,
             cluster,
         } => (weir, wasm_dir, small, cluster),
+        Command::FailoverBench {
+            weir,
+            wasm_dir,
+            cluster,
+            records,
+            runs,
+        } => {
+            let mut took = Vec::new();
+            for run in 1..=runs {
+                let prefix = format!("failover{}-{run}", std::process::id());
+                let t = flash_sale::cluster::failover_bench(&weir, &wasm_dir, &cluster, &prefix, records)
+                    .await?;
+                println!("failover run {run}: kill -9 of the node running points → first commit on the other node: {:.2} s ({records} orders, every one credited once)", t.as_secs_f64());
+                took.push(t.as_secs_f64());
+            }
+            took.sort_by(f64::total_cmp);
+            println!("failover: median {:.2} s of {runs} runs", took[took.len() / 2]);
+            return Ok(());
+        }
         Command::DrainBench {
             weir,
             wasm_dir,
