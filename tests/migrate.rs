@@ -102,6 +102,12 @@ async fn a_single_node_moved_into_a_cluster_finishes_the_sale_with_the_same_tota
     let mut offsets = client.fetch_offsets("audit", "order.paid").await.unwrap();
     offsets.sort_unstable();
     assert_eq!(offsets, vec![(0, 5), (3, 2)], "group offsets moved");
+    // Producer ids continue after the moved ones (the plugins' 16): none is issued twice.
+    let (id, _) = client.init_producer(None).await.unwrap();
+    assert!(
+        id > 16,
+        "producer id {id} was issued on the single node already"
+    );
     for plugin in ["order", "points", "red-envelope", "analytics-filter"] {
         flash_sale::drain(
             &client,

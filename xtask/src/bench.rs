@@ -345,8 +345,16 @@ fn bench_cluster_plugins(bin: &Path, records: &str) -> Result<()> {
         "points, 2 weir nodes on JetStream R3",
     ];
     let args = [
-        "bench", "plugin", "--wasm", points, "--records", records, "--users", "10000",
-        "--partitions", "4",
+        "bench",
+        "plugin",
+        "--wasm",
+        points,
+        "--records",
+        records,
+        "--users",
+        "10000",
+        "--partitions",
+        "4",
     ];
     let rate = |out: &str| -> Result<f64> {
         out.split(" records/s")

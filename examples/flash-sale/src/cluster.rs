@@ -262,14 +262,37 @@ pub async fn failover_bench(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let (took, client) = kill_owner(&opts, &mut servers, &client, "points").await?;
-    drain(
+    if let Err(e) = drain(
         &client,
         "points",
         Duration::from_millis(100),
         Duration::from_secs(60),
         &mut |_| {},
     )
-    .await?;
+    .await
+    {
+        let listed = client.list_plugins().await.unwrap_or_default();
+        let states: Vec<String> = listed
+            .iter()
+            .flat_map(|p| {
+                p.partitions
+                    .iter()
+                    .map(|q| format!("{} {}: {} {}", p.name, q.partition, q.state, q.forwarding))
+            })
+            .collect();
+        let mut logs = String::new();
+        for n in 0..2 {
+            let log = std::fs::read_to_string(dir.path().join(format!("node{n}.log")))
+                .unwrap_or_default();
+            for l in log
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            {
+                logs.push_str(&format!("node{n}: {l}\n"));
+            }
+        }
+        anyhow::bail!("{e}\n{}\n{logs}", states.join("\n"));
+    }
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let credited = read_all(&client, "points.credited").await?.len() as u64;

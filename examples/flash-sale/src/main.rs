@@ -78,13 +78,18 @@ async fn main() -> anyhow::Result<()> {
             let mut took = Vec::new();
             for run in 1..=runs {
                 let prefix = format!("failover{}-{run}", std::process::id());
-                let t = flash_sale::cluster::failover_bench(&weir, &wasm_dir, &cluster, &prefix, records)
-                    .await?;
+                let t = flash_sale::cluster::failover_bench(
+                    &weir, &wasm_dir, &cluster, &prefix, records,
+                )
+                .await?;
                 println!("failover run {run}: kill -9 of the node running points → first commit on the other node: {:.2} s ({records} orders, every one credited once)", t.as_secs_f64());
                 took.push(t.as_secs_f64());
             }
             took.sort_by(f64::total_cmp);
-            println!("failover: median {:.2} s of {runs} runs", took[took.len() / 2]);
+            println!(
+                "failover: median {:.2} s of {runs} runs",
+                took[took.len() / 2]
+            );
             return Ok(());
         }
         Command::DrainBench {

@@ -138,9 +138,12 @@ impl Broker {
         }
         let stored = store.load_producers()?;
         let now = now_ms();
+        // Never below an id already issued, whatever the stored next id says (a store whose
+        // next id was not carried over).
+        let max_id = stored.producers.iter().map(|(id, _)| *id).max();
         let mut producers = ProducerTable {
             records: HashMap::new(),
-            next_id: stored.next_id,
+            next_id: stored.next_id.max(max_id.map_or(0, |m| m + 1)),
         };
         for (id, bytes) in stored.producers {
             let record =

@@ -130,9 +130,14 @@ impl JetStreamLog {
         let mut payload = BytesMut::from(first.payload.as_ref());
         let mut seq = first.sequence;
         for _ in 1..frags {
-            let next = self.next_message(subject, seq + 1).await?.ok_or_else(|| {
-                engine(&format!("read {subject}"), "an entry's fragment is missing")
-            })?;
+            let next = self
+                .next_message(subject, seq + 1)
+                .await?
+                .filter(|m| m.sequence == seq + 1)
+                .ok_or_else(|| {
+                    // Rolled up while it was read: the caller reads again from its position.
+                    engine(&format!("read {subject}"), "an entry's fragments are gone")
+                })?;
             payload.extend_from_slice(&next.payload);
             seq = next.sequence;
         }

@@ -178,9 +178,27 @@ impl Log for JetStreamLog {
         })
     }
 
-    fn put_producer(&self, producer_id: u64, record: &[u8], _next_id: u64) -> Result<(), LogError> {
+    fn put_producer(&self, producer_id: u64, record: &[u8], next_id: u64) -> Result<(), LogError> {
         let record = Bytes::copy_from_slice(record);
         self.block_on(async {
+            // The next id only ever rises (`weir migrate` moves ids issued elsewhere).
+            let key = self.names.next_producer_key();
+            loop {
+                let (seq, stored_next) = self.next_producer().await?.unwrap_or((0, 1));
+                if stored_next >= next_id {
+                    break;
+                }
+                match self
+                    .meta_put(&key, next_id.to_be_bytes().to_vec().into(), Some(seq))
+                    .await
+                {
+                    Err(LogError::Conflict { .. }) => continue,
+                    other => {
+                        other?;
+                        break;
+                    }
+                }
+            }
             self.meta_put(&self.names.producer_key(producer_id), record, None)
                 .await
                 .map(|_| ())

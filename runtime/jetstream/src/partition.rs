@@ -258,12 +258,11 @@ impl JetStreamLog {
         chunks: &[EncodedChunk],
         producer: Option<(u64, &[u8])>,
     ) -> Result<(), LogError> {
-        if st.index.is_empty() && st.last_chunk_seq == 0 && st.next == 0 && st.walk_complete {
-            // A partition that never held a chunk may begin past 0: a log moved from a single
-            // node whose retention had trimmed it (`weir migrate`). The fence still applies.
-            st.next = base_offset;
-        }
-        if base_offset != st.next {
+        // A partition that never held a chunk may begin past 0: a log moved from a single node
+        // whose retention had trimmed it (`weir migrate`). The fence still applies.
+        let never_written =
+            st.index.is_empty() && st.last_chunk_seq == 0 && st.next == 0 && st.walk_complete;
+        if base_offset != st.next && !never_written {
             return Err(LogError::Fenced {
                 tp: tp.clone(),
                 expected: base_offset,

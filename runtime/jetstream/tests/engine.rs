@@ -171,10 +171,15 @@ fn changelogs_fence_roll_up_and_carry_plugin_state_between_nodes() {
         a.append_entry("plugin/x", Some(s1), b"snap", true),
         Err(LogError::Conflict { .. })
     ));
-    let s3 = a.append_entry("plugin/x", Some(s2), b"snap", true).unwrap();
+    // A snapshot bigger than a message: a rollup of two fragments, fenced.
+    let snapshot = vec![9u8; 900 * 1024];
+    let s3 = a
+        .append_entry("plugin/x", Some(s2), &snapshot, true)
+        .unwrap();
     let read = b.read_entries("plugin/x", 0, 10).unwrap();
     assert_eq!(read.len(), 1, "the rollup deleted the entries before it");
     assert_eq!((read[0].seq, read[0].rollup), (s3, true));
+    assert_eq!(read[0].payload.as_ref(), snapshot.as_slice());
     a.put_blob("wasm-1", &big).unwrap();
     assert_eq!(b.get_blob("wasm-1").unwrap().unwrap().len(), big.len());
     assert_eq!(b.get_blob("wasm-2").unwrap(), None);

@@ -53,8 +53,17 @@ pub struct MemoryChangelog {
     inner: Mutex<MemoryInner>,
 }
 
+impl MemoryChangelog {
+    /// The next append is stored but reported as failed (an acknowledgement lost in a
+    /// leader election).
+    pub fn lose_next_ack(&self) {
+        self.inner.lock().lose_ack = true;
+    }
+}
+
 #[derive(Default)]
 struct MemoryInner {
+    lose_ack: bool,
     next_seq: u64,
     logs: HashMap<String, BTreeMap<u64, Entry>>,
     blobs: HashMap<String, Bytes>,
@@ -91,6 +100,12 @@ impl Changelog for MemoryChangelog {
                 payload: Bytes::copy_from_slice(payload),
             },
         );
+        if std::mem::take(&mut inner.lose_ack) {
+            return Err(LogError::Engine {
+                op: format!("append to {log}"),
+                reason: "no acknowledgement (test)".into(),
+            });
+        }
         Ok(seq)
     }
 

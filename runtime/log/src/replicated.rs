@@ -42,8 +42,6 @@ struct Space {
     loaded: bool,
     /// The changelog position the cache reflects.
     applied: u64,
-    /// This node may write (owned namespaces).
-    held: bool,
     /// Entries since the last snapshot this node knows of.
     since_snapshot: u64,
 }
@@ -57,6 +55,10 @@ pub struct ReplicatedKv {
     owned_prefix: String,
     snapshot_every: u64,
     spaces: Mutex<HashMap<String, Arc<Mutex<Space>>>>,
+    /// Owned namespaces this node may write: acquired, and no append refused or left
+    /// uncertain since (read without waiting for a namespace's lock, which an append holds
+    /// across a round trip).
+    held: Mutex<std::collections::HashSet<String>>,
 }
 
 fn encode(reset: bool, writes: &[(Vec<u8>, Option<Vec<u8>>)]) -> Vec<u8> {
@@ -122,6 +124,7 @@ impl ReplicatedKv {
             owned_prefix: owned_prefix.to_string(),
             snapshot_every: SNAPSHOT_EVERY,
             spaces: Mutex::new(HashMap::new()),
+            held: Mutex::new(Default::default()),
         }
     }
 
@@ -152,7 +155,15 @@ impl ReplicatedKv {
                             reason: "not 8 bytes".into(),
                         }
                     })?),
-                    None => 0,
+                    None => {
+                        if !self.local.kv_scan_first(ns, b"", 1)?.is_empty() {
+                            return Err(LogError::Malformed {
+                                what: format!("namespace {ns} of the data directory"),
+                                reason: "it holds data written without a changelog (plugins of a single node, or of a weir before plugins ran across nodes); move a single node's data with `weir migrate`, or start this node on an empty --data-dir".into(),
+                            });
+                        }
+                        0
+                    }
                 };
                 s.loaded = true;
             }
@@ -221,7 +232,13 @@ impl ReplicatedKv {
             .append_entry(ns, Some(s.applied), &encode(reset, &writes), reset)?;
         self.apply_local(ns, s, seq, reset, writes)?;
         if s.since_snapshot >= self.snapshot_every {
-            self.snapshot(ns, s)?;
+            // The write landed whatever happens to the snapshot. A refused snapshot means
+            // another writer (the next write is refused too); an uncertain one is read back
+            // by the next catch-up; either way, try again after another round of entries.
+            if let Err(e) = self.snapshot(ns, s) {
+                tracing::warn!(message = "A changelog snapshot failed; the changelog keeps growing until the next one.", namespace = ns, error = %e);
+                s.since_snapshot = 0;
+            }
         }
         Ok(())
     }
@@ -249,14 +266,14 @@ impl ReplicatedKv {
         let sp = self.space(ns)?;
         let mut s = sp.lock();
         if self.owned(ns) {
-            if !s.held {
+            if !self.held(ns) {
                 return Err(LogError::NotHeld { what: ns.into() });
             }
             let result = self.append(ns, &mut s, reset, writes);
             if let Err(e) = &result {
                 // Refused (another node took it over) or uncertain (it may have landed): the
                 // cache may be behind the changelog. Reacquire before writing again.
-                s.held = false;
+                self.release(ns);
                 if matches!(e, LogError::Conflict { .. }) {
                     return Err(LogError::NotHeld { what: ns.into() });
                 }
@@ -281,14 +298,14 @@ impl ReplicatedKv {
     pub fn acquire(&self, ns: &str) -> Result<(), LogError> {
         let sp = self.space(ns)?;
         let mut s = sp.lock();
-        s.held = false;
+        self.release(ns);
         for _ in 0..100 {
             self.catch_up(ns, &mut s)?;
             match self.append(ns, &mut s, false, Vec::new()) {
                 Err(LogError::Conflict { .. }) => continue,
                 Err(e) => return Err(e),
                 Ok(()) => {
-                    s.held = true;
+                    self.held.lock().insert(ns.to_string());
                     return Ok(());
                 }
             }
@@ -298,14 +315,12 @@ impl ReplicatedKv {
 
     /// Stops writing an owned namespace (its next holder acquires it).
     pub fn release(&self, ns: &str) {
-        if let Some(sp) = self.spaces.lock().get(ns) {
-            sp.lock().held = false;
-        }
+        self.held.lock().remove(ns);
     }
 
     /// Whether this node holds an owned namespace (acquired, and no append refused since).
     pub fn held(&self, ns: &str) -> bool {
-        self.spaces.lock().get(ns).is_some_and(|sp| sp.lock().held)
+        self.held.lock().contains(ns)
     }
 
     /// Compare-and-set on a shared namespace: `decide` sees the whole namespace as of the
@@ -345,14 +360,21 @@ impl ReplicatedKv {
         Err(LogError::Conflict { what: ns.into() })
     }
 
-    /// Reads a namespace's changelog tail into the cache unless this node holds it.
-    fn fresh(&self, ns: &str) -> Result<(), LogError> {
+    /// Reads the cache; unless this node holds the namespace, after reading the changelog's
+    /// tail into it, under the namespace's lock (a reset being applied is never seen half
+    /// done).
+    fn fresh<T>(
+        &self,
+        ns: &str,
+        read: impl FnOnce() -> Result<T, LogError>,
+    ) -> Result<T, LogError> {
         let sp = self.space(ns)?;
-        let mut s = sp.lock();
-        if !s.held {
-            self.catch_up(ns, &mut s)?;
+        if self.held(ns) {
+            return read();
         }
-        Ok(())
+        let mut s = sp.lock();
+        self.catch_up(ns, &mut s)?;
+        read()
     }
 
     /// Stores a blob (a plugin's wasm) for every node. Blocking.
@@ -382,8 +404,7 @@ impl Durable for ReplicatedKv {
 
 impl KvStore for ReplicatedKv {
     fn kv_get(&self, ns: &str, key: &[u8]) -> Result<Option<Bytes>, LogError> {
-        self.fresh(ns)?;
-        self.local.kv_get(ns, key)
+        self.fresh(ns, || self.local.kv_get(ns, key))
     }
 
     fn kv_scan_first(
@@ -392,10 +413,10 @@ impl KvStore for ReplicatedKv {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<(Bytes, Bytes)>, LogError> {
-        self.fresh(ns)?;
-        let mut out = self
-            .local
-            .kv_scan_first(ns, prefix, limit.saturating_add(1))?;
+        let mut out = self.fresh(ns, || {
+            self.local
+                .kv_scan_first(ns, prefix, limit.saturating_add(1))
+        })?;
         out.retain(|(k, _)| k.as_ref() != APPLIED);
         out.truncate(limit);
         Ok(out)

@@ -58,6 +58,11 @@ impl View {
 /// This node's membership.
 pub struct Membership {
     kv: Arc<ReplicatedKv>,
+    /// Since when this node's heartbeats have been landing without a gap longer than the
+    /// time-out (`None`: the last one failed). A node cut off from the engine must not judge
+    /// others dead from heartbeats it could not read.
+    beating_since: parking_lot::Mutex<Option<std::time::Instant>>,
+    last_beat: parking_lot::Mutex<Option<std::time::Instant>>,
     /// This node's id (new at every start).
     pub node: String,
     /// This node's gRPC address, shown to operators.
@@ -107,7 +112,45 @@ impl Membership {
             kv,
             node,
             addr: addr.to_string(),
+            beating_since: parking_lot::Mutex::new(None),
+            last_beat: parking_lot::Mutex::new(None),
         }
+    }
+
+    fn beat(&self, landed: bool) {
+        let now = std::time::Instant::now();
+        let ttl = std::time::Duration::from_millis(NODE_TTL_MS as u64);
+        let mut last = self.last_beat.lock();
+        let mut since = self.beating_since.lock();
+        if !landed || last.is_none_or(|l| now - l > ttl) {
+            *since = landed.then_some(now);
+        }
+        if landed {
+            *last = Some(now);
+        }
+    }
+
+    /// Whether this node has been heartbeating for a whole time-out: only then does it trust
+    /// its view of who else is live enough to take their plugins.
+    fn steady(&self) -> bool {
+        self.beating_since
+            .lock()
+            .is_some_and(|s| s.elapsed().as_millis() as i64 >= NODE_TTL_MS)
+    }
+
+    /// Writes this node's heartbeat. Blocking.
+    ///
+    /// # Errors
+    /// The replicated store failed.
+    pub fn heartbeat(&self) -> Result<(), LogError> {
+        let result = self.kv.update(NS, |_| {
+            Some(vec![(
+                format!("n/{}", self.node).into_bytes(),
+                Some(format!("{} {}", weir_core::record::now_ms(), self.addr).into_bytes()),
+            )])
+        });
+        self.beat(result.is_ok());
+        result.map(|_| ())
     }
 
     /// The replicated store (blobs: plugins' wasm).
@@ -119,7 +162,8 @@ impl Membership {
     /// preferred for, gives back `release`, and returns the view after. Blocking.
     pub(crate) fn tick(&self, plugins: &[String], release: &[String]) -> Result<View, LogError> {
         let mut result = View::default();
-        self.kv.update(NS, |now| {
+        let steady = self.steady();
+        let outcome = self.kv.update(NS, |now| {
             let now_ms = weir_core::record::now_ms();
             let (mut view, forget) = parse(now, now_ms);
             view.live.insert(self.node.clone(), self.addr.clone());
@@ -135,7 +179,7 @@ impl Membership {
                 }
             }
             for p in plugins {
-                if release.contains(p) || view.holder(p).is_some() {
+                if !steady || release.contains(p) || view.holder(p).is_some() {
                     continue;
                 }
                 if view.preferred(p) == Some(self.node.as_str()) {
@@ -145,7 +189,9 @@ impl Membership {
             }
             result = view;
             Some(writes)
-        })?;
+        });
+        self.beat(outcome.is_ok());
+        outcome?;
         Ok(result)
     }
 

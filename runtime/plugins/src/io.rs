@@ -71,6 +71,10 @@ pub trait Input: Send + Sync + 'static {
         partition: u32,
         start: StartAt,
     ) -> Result<u64, IoError>;
+    /// Makes sure this node knows `topic` before [`Input::watch`] or
+    /// [`Input::partition_count`] (cluster mode: a topic created through another node a moment
+    /// ago). Nothing to do on a single node.
+    async fn know_topic(&self, _topic: &str) {}
 }
 
 /// One output partition's share of a committed batch, as the plugin's idempotent producer

@@ -99,6 +99,7 @@ impl PartitionTask {
     pub(crate) async fn run(mut self) {
         let (rt, partition) = (self.rt.clone(), self.partition);
         let input = rt.spec.input.clone();
+        rt.seams.input.know_topic(&input).await;
         let mut watch = match rt.seams.input.watch(&input, partition) {
             Ok(w) => w,
             Err(e) => return self.set_state(PartitionState::Halted(e.to_string())),

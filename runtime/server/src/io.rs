@@ -40,6 +40,19 @@ impl Input for BrokerIo {
             .map_err(io)
     }
 
+    async fn know_topic(&self, topic: &str) {
+        // A shared log: another node may have created it a moment ago, and a topic being
+        // created may not open at once; a few refreshes before callers call it unknown.
+        for _ in 0..20 {
+            match self.0.ensure_topic(topic).await {
+                Err(weir_broker::BrokerError::UnknownTopic(_)) if self.0.is_shared() => {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                _ => return,
+            }
+        }
+    }
+
     fn watch(&self, topic: &str, partition: u32) -> Result<watch::Receiver<u64>, IoError> {
         self.0.watch(topic, partition).map_err(io)
     }

@@ -37,8 +37,9 @@ pub struct Moved {
     pub warnings: Vec<String>,
 }
 
-/// Chunks per append (an atomic batch holds 1,000 messages; big chunks take several).
+/// Chunks and bytes per append (an atomic batch holds 1,000 messages of ≤ 512 KiB).
 const CHUNKS_PER_APPEND: usize = 200;
+const BYTES_PER_APPEND: usize = 32 << 20;
 
 fn failed(what: &str, e: impl std::fmt::Display) -> ServerError {
     ServerError::Migrate(format!("{what}: {e}"))
@@ -188,16 +189,20 @@ fn move_partition(
         .chunks
         .split_at(recovered.chunks.len() - producers.len());
     let mut records = 0;
-    for group in bulk.chunks(CHUNKS_PER_APPEND) {
-        let chunks = group
-            .iter()
-            .map(|(base, _)| read(*base))
-            .collect::<Result<Vec<_>, _>>()?;
-        records += chunks
-            .iter()
-            .map(|c| u64::from(c.header.count))
-            .sum::<u64>();
-        target.append(tp, group[0].0, &chunks, None)?;
+    let mut pending: Vec<EncodedChunk> = Vec::new();
+    let (mut first, mut bytes) = (0, 0);
+    for (i, (base, _)) in bulk.iter().enumerate() {
+        let chunk = read(*base)?;
+        if pending.is_empty() {
+            first = *base;
+        }
+        bytes += chunk.bytes.len();
+        records += u64::from(chunk.header.count);
+        pending.push(chunk);
+        if pending.len() == CHUNKS_PER_APPEND || bytes >= BYTES_PER_APPEND || i + 1 == bulk.len() {
+            target.append(tp, first, &std::mem::take(&mut pending), None)?;
+            bytes = 0;
+        }
     }
     for ((base, _), (id, state)) in last.iter().zip(&producers) {
         let chunk = read(*base)?;

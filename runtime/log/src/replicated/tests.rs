@@ -125,3 +125,37 @@ fn entries_round_trip() {
         "count says 1, nothing follows"
     );
 }
+
+#[test]
+fn an_append_whose_ack_was_lost_drops_the_hold_and_is_read_back_on_reacquiring() {
+    let log = Arc::new(MemoryChangelog::default());
+    let a = node(&log);
+    a.acquire(NS).unwrap();
+    a.kv_apply(NS, &[put("x", "1")]).unwrap();
+    log.lose_next_ack();
+    assert!(matches!(
+        a.kv_apply(NS, &[put("x", "2")]),
+        Err(LogError::Engine { .. })
+    ));
+    assert!(
+        !a.held(NS),
+        "nothing is written on a view that may miss its own write"
+    );
+    assert!(a.kv_apply(NS, &[put("x", "3")]).is_err());
+    a.acquire(NS).unwrap();
+    assert_eq!(
+        get(&a, NS, "x").as_deref(),
+        Some("2"),
+        "the write had landed"
+    );
+}
+
+#[test]
+fn a_data_directory_written_without_a_changelog_is_refused_not_merged() {
+    let log = Arc::new(MemoryChangelog::default());
+    let local = Arc::new(MemoryStore::new());
+    local.kv_apply("plugins", &[put("points", "{}")]).unwrap();
+    let kv = ReplicatedKv::new(local, log, "plugin/");
+    let err = kv.kv_scan("plugins", b"").unwrap_err().to_string();
+    assert!(err.contains("weir migrate"), "{err}");
+}

@@ -1,9 +1,10 @@
 //! Cluster mode: every node knows every plugin (the registry is replicated) and runs the
-//! ones whose lease it holds. Once a second each node brings its plugins in line with the
-//! registry (deployed, upgraded, paused, resumed or removed through another node), writes its
-//! heartbeat, takes the leases of plugins whose node died, and starts or stops what changed.
-//! A node that held a plugin for a while gives it back when a joining node is preferred, so
-//! plugins spread again.
+//! ones whose lease it holds. A heartbeat task says every second that the node lives; once a
+//! second the cluster loop takes the leases of plugins whose node died, brings the node's
+//! plugins in line with the registry (deployed, upgraded, paused, resumed or removed through
+//! another node), and starts or stops what changed. A node that held a plugin for a while
+//! gives it back when a joining node is preferred, so plugins spread again. A failure about
+//! one plugin is logged and retried at the next tick; it never stops the loop.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::{blocking, PluginManager};
 use crate::request::ManagerError;
 use crate::runtime::PartitionState;
+use crate::spec::PluginSpec;
 
 /// How often a node looks at the cluster.
 pub(crate) const TICK: Duration = Duration::from_secs(1);
@@ -21,12 +23,27 @@ pub(crate) const TICK: Duration = Duration::from_secs(1);
 const MIN_HOLD: Duration = Duration::from_secs(10);
 
 impl PluginManager {
-    /// Cluster mode: follows the registry and the leases until `shutdown` (a no-op on a
-    /// single node).
+    /// Cluster mode: the heartbeat and the cluster loop until `shutdown` (a no-op on a single
+    /// node).
     pub async fn run_cluster(self: Arc<Self>, shutdown: CancellationToken) {
-        if self.seams.cluster.is_none() {
+        let Some(membership) = self.seams.cluster.clone() else {
             return;
-        }
+        };
+        // Its own task: compiling a plugin or taking several over must not delay it past the
+        // time after which the others think this node dead.
+        let beat = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let m = membership.clone();
+                if let Ok(Err(e)) = weir_core::blocking::run(move || m.heartbeat()).await {
+                    tracing::debug!(message = "Heartbeat not written; retrying.", error = %e);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(TICK) => {}
+                    _ = beat.cancelled() => return,
+                }
+            }
+        });
         loop {
             if let Err(e) = self.reconcile().await {
                 tracing::warn!(message = "Following the cluster's plugins failed; retrying.", error = %e);
@@ -38,7 +55,7 @@ impl PluginManager {
         }
     }
 
-    /// One look at the cluster: the registry, then the leases.
+    /// One look at the cluster: the leases, the registry, then what to run.
     pub(crate) async fn reconcile(&self) -> Result<(), ManagerError> {
         let Some(membership) = self.seams.cluster.clone() else {
             return Ok(());
@@ -46,37 +63,6 @@ impl PluginManager {
         let _admin = self.admin.lock().await;
         let store = self.seams.store.clone();
         let specs = blocking(move || Ok(store.specs()?)).await?;
-        let known: Vec<String> = self.plugins.lock().keys().cloned().collect();
-        for name in &known {
-            if !specs.iter().any(|s| &s.name == name) {
-                tracing::info!(message = "Plugin removed through another node.", plugin = %name);
-                self.stop(name).await;
-                self.active.lock().remove(name);
-                self.seams.store.release(name);
-            }
-        }
-        for spec in &specs {
-            let local = self.spec(&spec.name).ok();
-            match local {
-                None => {
-                    let compiled = self.load_compiled(spec).await?;
-                    self.start(spec.clone(), Arc::new(compiled)).await?;
-                }
-                Some(l) if l.version != spec.version || l.wasm_sha256 != spec.wasm_sha256 => {
-                    tracing::info!(message = "Plugin upgraded through another node.", plugin = %spec.name, version = spec.version);
-                    let compiled = self.load_compiled(spec).await?;
-                    self.stop(&spec.name).await;
-                    self.start(spec.clone(), Arc::new(compiled)).await?;
-                }
-                Some(l) if l.paused != spec.paused => {
-                    if let Ok(rt) = self.runtime(&spec.name) {
-                        rt.paused.send_replace(spec.paused);
-                    }
-                }
-                Some(_) => {}
-            }
-        }
-
         let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
         let release: Vec<String> = {
             let view = self.view.lock();
@@ -96,12 +82,24 @@ impl PluginManager {
         let view = blocking(move || Ok(m.tick(&n, &r)?)).await?;
         *self.view.lock() = view.clone();
 
+        let known: Vec<String> = self.plugins.lock().keys().cloned().collect();
+        for name in known.iter().filter(|n| !names.contains(n)) {
+            tracing::info!(message = "Plugin removed through another node.", plugin = %name);
+            self.stop(name).await;
+            self.active.lock().remove(name);
+            self.seams.store.release(name);
+        }
+        for spec in &specs {
+            if let Err(e) = self.follow_spec(spec).await {
+                tracing::warn!(message = "Cannot open a plugin deployed or changed through another node; retrying.", plugin = %spec.name, error = %e);
+            }
+        }
         for name in &names {
             let mine = view.leases.get(name) == Some(&membership.node);
-            let active = self.active.lock().contains_key(name);
-            if mine && !(active && self.seams.store.held(name)) {
-                self.activate(name).await?;
-            } else if !mine && active {
+            let running = self.active.lock().contains_key(name);
+            let result = if mine && !self.is_active(name) {
+                self.activate(name).await
+            } else if !mine && running {
                 match view.describe_holder(name) {
                     Some(node) if release.contains(name) => {
                         tracing::info!(message = "Plugin handed over to the node preferred for it.", plugin = %name, node)
@@ -116,10 +114,45 @@ impl PluginManager {
                         tracing::warn!(message = "This node lost its lease of a plugin; another node will take it.", plugin = %name)
                     }
                 }
-                self.deactivate(name).await?;
-            } else if !mine {
-                self.refresh_standby(name, &view).await;
+                self.deactivate(name).await
+            } else {
+                if !mine {
+                    self.refresh_standby(name, &view).await;
+                }
+                Ok(())
+            };
+            if let Err(e) = result {
+                tracing::warn!(message = "Starting or stopping a plugin failed; retrying.", plugin = %name, error = %e);
             }
+        }
+        Ok(())
+    }
+
+    /// Brings this node's copy of a plugin in line with the registry's spec.
+    async fn follow_spec(&self, stored: &PluginSpec) -> Result<(), ManagerError> {
+        let spec = self.bounded(stored.clone(), false);
+        let Ok(local) = self.spec(&spec.name) else {
+            let compiled = self.load_compiled(&spec).await?;
+            return self.start(spec, Arc::new(compiled)).await;
+        };
+        let same = |mut a: PluginSpec, b: &PluginSpec| {
+            a.paused = b.paused;
+            a == *b
+        };
+        if !same(local.clone(), &spec) {
+            // Upgraded, or removed and deployed again, through another node.
+            tracing::info!(message = "Plugin changed through another node.", plugin = %spec.name, version = spec.version);
+            let plugin: Arc<dyn crate::processor::Plugin> = if local.wasm_sha256 == spec.wasm_sha256
+            {
+                self.runtime(&spec.name)?.plugin.clone()
+            } else {
+                Arc::new(self.load_compiled(&spec).await?)
+            };
+            self.stop(&spec.name).await;
+            return self.start(spec, plugin).await;
+        }
+        if local.paused != spec.paused {
+            self.runtime(&spec.name)?.paused.send_replace(spec.paused);
         }
         Ok(())
     }
@@ -130,12 +163,20 @@ impl PluginManager {
         let (spec, plugin) = (self.spec(name)?, self.runtime(name)?.plugin.clone());
         let started = Instant::now();
         self.stop(name).await;
-        let (store, owned) = (self.seams.store.clone(), name.to_string());
-        if let Err(e) = blocking(move || Ok(store.acquire(&owned)?)).await {
-            self.start(spec, plugin).await?;
-            return Err(e);
-        }
         self.active.lock().insert(name.to_string(), Instant::now());
+        let (store, owned) = (self.seams.store.clone(), name.to_string());
+        let acquired = blocking(move || {
+            store.acquire(&owned)?;
+            // Removed through another node meanwhile: give it back.
+            Ok(store.specs()?.iter().any(|s| s.name == owned))
+        })
+        .await;
+        if !matches!(acquired, Ok(true)) {
+            self.active.lock().remove(name);
+            self.seams.store.release(name);
+            self.start(spec, plugin).await?;
+            return acquired.map(|_| ());
+        }
         self.start(spec, plugin).await?;
         tracing::info!(message = "Plugin taken over: this node runs it now.", plugin = %name, took_ms = started.elapsed().as_millis() as u64);
         Ok(())

@@ -38,7 +38,16 @@ impl PluginManager {
                         spec.name, spec.wasm_sha256
                     ))
                 })?;
+                // What was read is what the spec names, or it is not kept.
+                let compiled = self.compile(wasm.clone()).await?;
+                if compiled.sha256 != spec.wasm_sha256 {
+                    return Err(ManagerError::Io(format!(
+                        "plugin {}: the cluster's store returned wasm {} for {}; retrying",
+                        spec.name, compiled.sha256, spec.wasm_sha256
+                    )));
+                }
                 self.save_wasm(&spec.wasm_sha256, wasm, false).await?;
+                return Ok(compiled);
             }
         }
         let (engine, name) = (self.engine.clone(), spec.name.clone());

@@ -82,11 +82,8 @@ impl PluginManager {
             view: Mutex::new(Default::default()),
         });
         let store = manager.seams.store.clone();
-        for mut spec in blocking(move || Ok(store.specs()?)).await? {
-            if spec.limits.timeout > config.max_timeout {
-                tracing::warn!(message = "A plugin's time limit is above --max-plugin-timeout-ms; it runs with the ceiling.", plugin = %spec.name, timeout_ms = spec.limits.timeout.as_millis() as u64, ceiling_ms = config.max_timeout.as_millis() as u64);
-                spec.limits.timeout = config.max_timeout;
-            }
+        for spec in blocking(move || Ok(store.specs()?)).await? {
+            let spec = manager.bounded(spec, true);
             // Plugins deployed before producer ownership was recorded: their producers become
             // the server's, so no client can fence or impersonate them.
             manager
@@ -102,9 +99,22 @@ impl PluginManager {
         Ok(manager)
     }
 
-    /// Whether this node runs `name` (always, outside cluster mode).
+    /// Whether this node runs `name` (always, outside cluster mode): it holds the lease and
+    /// the plugin's store, and no write to it was refused or left uncertain since.
     fn is_active(&self, name: &str) -> bool {
-        self.seams.cluster.is_none() || self.active.lock().contains_key(name)
+        self.seams.cluster.is_none()
+            || (self.active.lock().contains_key(name) && self.seams.store.held(name))
+    }
+
+    /// A stored spec as this server runs it (its time limit at most the server's ceiling).
+    fn bounded(&self, mut spec: PluginSpec, warn: bool) -> PluginSpec {
+        if spec.limits.timeout > self.config.max_timeout {
+            if warn {
+                tracing::warn!(message = "A plugin's time limit is above --max-plugin-timeout-ms; it runs with the ceiling.", plugin = %spec.name, timeout_ms = spec.limits.timeout.as_millis() as u64, ceiling_ms = self.config.max_timeout.as_millis() as u64);
+            }
+            spec.limits.timeout = self.config.max_timeout;
+        }
+        spec
     }
 
     /// Opens a plugin; spawns its tasks if this node runs it.
@@ -211,8 +221,10 @@ impl PluginManager {
                 )));
             }
         }
+        self.seams.input.know_topic(&request.input).await;
         let input_partitions = self.seams.input.partition_count(&request.input)?;
         for output in &request.outputs {
+            self.seams.input.know_topic(output).await;
             self.seams.output.partition_count(output)?;
         }
         let compiled = self.compile(request.wasm.clone()).await?;
@@ -221,6 +233,15 @@ impl PluginManager {
         // Cluster mode: the deploying node runs the plugin first (it takes the lease and the
         // plugin's store before writing it); the cluster loop may move it later.
         if let Some(cluster) = self.seams.cluster.clone() {
+            let (store, name) = (self.seams.store.clone(), request.name.clone());
+            // Deployed through another node a moment ago (not yet in this node's map).
+            if blocking(move || Ok(store.specs()?))
+                .await?
+                .iter()
+                .any(|s| s.name == name)
+            {
+                return Err(ManagerError::Exists(request.name));
+            }
             let name = request.name.clone();
             let holder = blocking(move || Ok(cluster.take(&name)?)).await?;
             if holder.is_some() {
@@ -393,6 +414,7 @@ impl PluginManager {
         self.release_producers(name, &spec.producer_ids).await;
         if let Some(cluster) = self.seams.cluster.clone() {
             self.active.lock().remove(name);
+            self.seams.store.release(name);
             let owned = name.to_string();
             if let Err(e) = blocking(move || Ok(cluster.forget(&owned)?)).await {
                 tracing::warn!(message = "Deleting a removed plugin's lease failed; it expires with its node.", plugin = %name, error = %e);

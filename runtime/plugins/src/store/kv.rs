@@ -148,6 +148,8 @@ impl KvPluginStore {
         plugin: &str,
         prefix: &[u8],
     ) -> Result<BTreeMap<Vec<u8>, (Vec<u8>, u64)>, LogError> {
+        // No compaction between the two scans (it would move deltas from one to the other).
+        let _one = self.compacting.lock();
         let ns = namespace(plugin);
         let mut out: BTreeMap<Vec<u8>, (Vec<u8>, u64)> = self
             .kv
