@@ -39,17 +39,22 @@ fn written_bytes(pid: u32) -> Option<f64> {
 }
 
 /// A `weir serve` child process.
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl Server {
-    fn start(bin: &Path, data_dir: &Path, fsync: &str) -> Result<Server> {
+    pub(crate) fn start(bin: &Path, data_dir: &Path, fsync: &str) -> Result<Server> {
         Self::start_with(bin, data_dir, fsync, &[])
     }
 
-    fn start_with(bin: &Path, data_dir: &Path, fsync: &str, extra: &[&str]) -> Result<Server> {
+    pub(crate) fn start_with(
+        bin: &Path,
+        data_dir: &Path,
+        fsync: &str,
+        extra: &[&str],
+    ) -> Result<Server> {
         let mut child = Command::new(bin)
             .args([
                 "serve",
@@ -77,7 +82,7 @@ impl Server {
         })
     }
 
-    fn stop(mut self) -> Result<()> {
+    pub(crate) fn stop(mut self) -> Result<()> {
         run(Command::new("kill")
             .arg("-TERM")
             .arg(self.child.id().to_string()))?;
@@ -96,7 +101,7 @@ impl Drop for Server {
     }
 }
 
-fn weir(bin: &Path, server: &Server, args: &[&str]) -> Result<String> {
+pub(crate) fn weir(bin: &Path, server: &Server, args: &[&str]) -> Result<String> {
     let out = Command::new(bin)
         .args(args)
         .env("WEIR_SERVER", &server.url)
@@ -139,9 +144,9 @@ pub fn bench(args: &[String]) -> Result<()> {
     }
     if cluster {
         if !plugins_only {
-            bench_cluster(&bin, &records)?;
+            crate::bench_cluster::bench_cluster(&bin, &records)?;
         }
-        return bench_cluster_plugins(&bin, &records);
+        return crate::bench_cluster::bench_cluster_plugins(&bin, &records);
     }
     if !plugins_only {
         bench_publish(&bin, &records)?;
@@ -192,7 +197,7 @@ fn bench_publish(bin: &Path, records: &str) -> Result<()> {
 }
 
 /// The arguments of every publish benchmark run (BENCHMARKS.md).
-fn publish_args(records: &str) -> Vec<&str> {
+pub(crate) fn publish_args(records: &str) -> Vec<&str> {
     vec![
         "bench",
         "publish",
@@ -210,8 +215,25 @@ fn publish_args(records: &str) -> Vec<&str> {
     ]
 }
 
+/// The arguments of every `weir bench plugin` run: `records` orders from 10,000 users on 4
+/// partitions through the plugin at `wasm`.
+pub(crate) fn plugin_args<'a>(wasm: &'a str, records: &'a str) -> Vec<&'a str> {
+    vec![
+        "bench",
+        "plugin",
+        "--wasm",
+        wasm,
+        "--records",
+        records,
+        "--users",
+        "10000",
+        "--partitions",
+        "4",
+    ]
+}
+
 /// The rate a `weir bench publish` or peer run printed.
-fn throughput(out: &str) -> Result<f64> {
+pub(crate) fn throughput(out: &str) -> Result<f64> {
     out.lines()
         .find_map(|l| l.split_once("throughput: ").map(|(_, r)| r))
         .and_then(|l| l.split_whitespace().next())
@@ -219,203 +241,9 @@ fn throughput(out: &str) -> Result<f64> {
         .with_context(|| format!("no throughput in {out:?}"))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-/// BENCHMARKS.md "Cluster mode": `weir bench publish` through two weir nodes on a local
-/// 3-node JetStream cluster (R3), through one single-node weir on sled (fsync always and
-/// never), and JetStream's own publish of the same records (packed in 128 KiB messages, and
-/// one message per record) — three interleaved rounds in one run, medians and ratios.
-fn bench_cluster(bin: &Path, records: &str) -> Result<()> {
-    run(crate::cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "weir-jetstream",
-        "--example",
-        "jetstream_publish",
-    ]))?;
-    let peer = crate::workspace_root().join("target/release/examples/jetstream_publish");
-    let nats = crate::nats::ensure()?;
-    let dir = std::env::temp_dir().join(format!("weir-bench-cluster-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let cluster = weir_cluster::NatsCluster::start(
-        &nats,
-        &dir.join("nats"),
-        3,
-        weir_cluster::SyncMode::Default,
-    )
-    .map_err(anyhow::Error::msg)?;
-    let urls = cluster.url_list();
-    let names = [
-        "weir, 2 nodes on JetStream R3",
-        "weir, 1 node on sled, fsync always",
-        "weir, 1 node on sled, fsync never",
-        "JetStream alone, packed 128 KiB messages",
-        "JetStream alone, one message per record",
-    ];
-    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
-    for round in 1..=3 {
-        let prefix = format!("bench{round}");
-        let nodes = [0, 1]
-            .iter()
-            .map(|i| {
-                Server::start_with(
-                    bin,
-                    &dir.join(format!("weir-{round}-{i}")),
-                    "always",
-                    &["--log", &urls, "--log-prefix", &prefix],
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let via = format!("{},{}", nodes[0].url, nodes[1].url);
-        let mut args = publish_args(records);
-        args.extend(["--via", &via]);
-        let out = weir(bin, &nodes[0], &args)?;
-        println!("round {round}, {}:\n{out}", names[0]);
-        rates[0].push(throughput(&out)?);
-        for node in nodes {
-            node.stop()?;
-        }
-        for (i, fsync) in [(1, "always"), (2, "never")] {
-            let data = dir.join(format!("sled-{round}-{fsync}"));
-            let server = Server::start(bin, &data, fsync)?;
-            let out = weir(bin, &server, &publish_args(records))?;
-            server.stop()?;
-            std::fs::remove_dir_all(&data).ok();
-            println!("round {round}, {}:\n{out}", names[i]);
-            rates[i].push(throughput(&out)?);
-        }
-        for (i, mode) in [(3, "packed"), (4, "per-record")] {
-            let out = Command::new(&peer)
-                .args(["--servers", &urls, "--records", records, "--mode", mode])
-                .output()?;
-            if !out.status.success() {
-                bail!(
-                    "{} failed: {}",
-                    peer.display(),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            let out = String::from_utf8_lossy(&out.stdout).into_owned();
-            println!("round {round}, {}: {}", names[i], out.trim());
-            rates[i].push(throughput(&out)?);
-        }
-    }
-    drop(cluster);
-    std::fs::remove_dir_all(&dir).ok();
-    let base = median(rates[0].clone());
-    println!("\nmedians of 3 ({records} records of 100 B, 16 B keys):");
-    for (name, r) in names.iter().zip(&rates) {
-        let m = median(r.clone());
-        println!(
-            "  {name:<44} {m:>10.0} records/s  ({:.2}x weir on JetStream; runs {:?})",
-            m / base,
-            r.iter().map(|x| x.round()).collect::<Vec<_>>()
-        );
-    }
-    Ok(())
-}
-
-/// BENCHMARKS.md "Plugins on a cluster": the points plugin draining `records` orders on one
-/// weir node on sled (fsync always), one weir node on JetStream R3 and two weir nodes on
-/// JetStream R3 (deployed through one), three interleaved rounds; then the failover time
-/// (`flash-sale failover-bench`: kill -9 of the node running points → first commit on the
-/// other), three runs.
-fn bench_cluster_plugins(bin: &Path, records: &str) -> Result<()> {
-    let plugins = build_plugins()?;
-    let points = plugins.join("points.wasm");
-    let points = points.to_str().expect("utf-8 path");
-    let nats = crate::nats::ensure()?;
-    let dir = std::env::temp_dir().join(format!("weir-bench-plugins-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let cluster = weir_cluster::NatsCluster::start(
-        &nats,
-        &dir.join("nats"),
-        3,
-        weir_cluster::SyncMode::Default,
-    )
-    .map_err(anyhow::Error::msg)?;
-    let urls = cluster.url_list();
-    let names = [
-        "points, 1 weir node on sled, fsync always",
-        "points, 1 weir node on JetStream R3",
-        "points, 2 weir nodes on JetStream R3",
-    ];
-    let args = [
-        "bench",
-        "plugin",
-        "--wasm",
-        points,
-        "--records",
-        records,
-        "--users",
-        "10000",
-        "--partitions",
-        "4",
-    ];
-    let rate = |out: &str| -> Result<f64> {
-        out.split(" records/s")
-            .next()
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|n| n.parse().ok())
-            .with_context(|| format!("no rate in {out:?}"))
-    };
-    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
-    for round in 1..=3 {
-        let data = dir.join(format!("sled-{round}"));
-        let server = Server::start(bin, &data, "always")?;
-        let out = weir(bin, &server, &args)?;
-        server.stop()?;
-        std::fs::remove_dir_all(&data).ok();
-        println!("round {round}, {}: {}", names[0], out.trim());
-        rates[0].push(rate(&out)?);
-        for (i, count) in [(1, 1), (2, 2)] {
-            let prefix = format!("plugins{round}n{count}");
-            let nodes = (0..count)
-                .map(|n| {
-                    Server::start_with(
-                        bin,
-                        &dir.join(format!("{prefix}-{n}")),
-                        "always",
-                        &["--log", &urls, "--log-prefix", &prefix],
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let out = weir(bin, &nodes[0], &args)?;
-            for node in nodes {
-                node.stop()?;
-            }
-            println!("round {round}, {}: {}", names[i], out.trim());
-            rates[i].push(rate(&out)?);
-        }
-    }
-    let base = median(rates[0].clone());
-    println!("\nmedians of 3 ({records} orders from 10,000 users, 4 partitions):");
-    for (name, r) in names.iter().zip(&rates) {
-        let m = median(r.clone());
-        println!(
-            "  {name:<44} {m:>10.0} records/s  ({:.2}x sled; runs {:?})",
-            m / base,
-            r.iter().map(|x| x.round()).collect::<Vec<_>>()
-        );
-    }
-    run(Command::new("target/release/flash-sale").args([
-        "failover-bench",
-        "--weir",
-        bin.to_str().expect("utf-8 path"),
-        "--wasm-dir",
-        plugins.to_str().expect("utf-8 path"),
-        "--cluster",
-        &urls,
-        "--records",
-        "200000",
-    ]))?;
-    drop(cluster);
-    std::fs::remove_dir_all(&dir).ok();
-    Ok(())
 }
 
 /// `weir bench soak` for `secs` seconds against a release server with bounded caches: orders
@@ -523,24 +351,11 @@ fn bench_plugins(bin: &Path, records: &str) -> Result<()> {
                 "always",
                 &["--compiled-cache", compiled.to_str().expect("utf-8 path")],
             )?;
-            let out = weir(
-                bin,
-                &server,
-                &[
-                    "bench",
-                    "plugin",
-                    "--wasm",
-                    wasm.to_str().expect("utf-8 path"),
-                    "--baseline-wasm",
-                    noop.to_str().expect("utf-8 path"),
-                    "--records",
-                    records,
-                    "--users",
-                    "10000",
-                    "--partitions",
-                    "4",
-                ],
-            )?;
+            let out = weir(bin, &server, &{
+                let mut args = plugin_args(wasm.to_str().expect("utf-8 path"), records);
+                args.extend(["--baseline-wasm", noop.to_str().expect("utf-8 path")]);
+                args
+            })?;
             server.stop()?;
             std::fs::remove_dir_all(&data).ok();
             println!("plugin bench, points in {language}, fsync always, run {round}:\n{out}");

@@ -15,6 +15,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 mod bench;
+mod bench_cluster;
 mod check;
 mod cluster;
 mod nats;
