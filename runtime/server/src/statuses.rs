@@ -103,6 +103,8 @@ pub(crate) fn of_manager(e: ManagerError) -> Status {
         M::Plugin(P::InitFailed(_)) => (Code::FailedPrecondition, "init-failed"),
         M::Quota(_) => (Code::ResourceExhausted, "plugin-quota"),
         M::Storage(e) if e.is_damage() => (Code::DataLoss, "corrupt"),
+        // Changed through another node meanwhile: look again, then retry.
+        M::Storage(weir_log::LogError::Conflict { .. }) => (Code::Aborted, "conflict"),
         M::Storage(_) | M::Io(_) => (Code::Unavailable, "storage"),
         M::Plugin(_) => (Code::Internal, "internal"),
     };

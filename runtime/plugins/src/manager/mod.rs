@@ -181,11 +181,19 @@ impl PluginManager {
     }
 
     /// Records a spec and syncs it (under every fsync policy: specs are rare and must not
-    /// be lost; a failed sync stops the server).
-    async fn save_spec(&self, spec: &PluginSpec) -> Result<(), ManagerError> {
-        let (seams, spec) = (self.seams.clone(), spec.clone());
+    /// be lost; a failed sync stops the server). With `previous`, only if the stored spec is
+    /// still that one (in cluster mode another node may have changed it meanwhile).
+    async fn save_spec(
+        &self,
+        spec: &PluginSpec,
+        previous: Option<&PluginSpec>,
+    ) -> Result<(), ManagerError> {
+        let (seams, spec, previous) = (self.seams.clone(), spec.clone(), previous.cloned());
         blocking(move || {
-            seams.store.put_spec(&spec)?;
+            match &previous {
+                Some(previous) => seams.store.replace_spec(&spec, previous)?,
+                None => seams.store.put_spec(&spec)?,
+            }
             seams
                 .durability
                 .sync_now()
@@ -307,7 +315,7 @@ impl PluginManager {
         };
         let (store, name) = (self.seams.store.clone(), spec.name.clone());
         let stored = match blocking(move || Ok(store.reset(&name, &cursors)?)).await {
-            Ok(()) => self.save_spec(&spec).await,
+            Ok(()) => self.save_spec(&spec, None).await,
             Err(e) => Err(e),
         };
         if let Err(e) = stored {
@@ -350,15 +358,16 @@ impl PluginManager {
     ) -> Result<(), ManagerError> {
         let mut old = previous.spec.clone();
         old.paused = *previous.paused.borrow();
-        let (error, stored_new) = match self.save_spec(&spec).await {
+        let spec_saved = spec.clone();
+        let (error, stored_new) = match self.save_spec(&spec, Some(&old)).await {
             Err(e) => (e, false),
-            Ok(()) => match self.start(spec, plugin).await {
+            Ok(()) => match self.start(spec.clone(), plugin).await {
                 Ok(()) => return Ok(()),
                 Err(e) => (e, true),
             },
         };
         let restored = match stored_new {
-            true => self.save_spec(&old).await,
+            true => self.save_spec(&old, Some(&spec_saved)).await,
             false => Ok(()),
         };
         let restored = match restored {
@@ -378,7 +387,8 @@ impl PluginManager {
     pub async fn set_paused(&self, name: &str, paused: bool) -> Result<PluginInfo, ManagerError> {
         let _admin = self.admin.lock().await;
         let runtime = self.runtime(name)?;
-        let mut spec = runtime.spec.clone();
+        let current = self.spec(name)?;
+        let mut spec = current.clone();
         spec.paused = paused;
         let halted = runtime.status.lock().iter().any(|s| s.state.is_halted());
         if !paused && halted {
@@ -388,7 +398,7 @@ impl PluginManager {
             self.stop(name).await;
             self.replace(&runtime, spec, plugin).await?;
         } else {
-            self.save_spec(&spec).await?;
+            self.save_spec(&spec, Some(&current)).await?;
             runtime.paused.send_replace(paused);
         }
         self.info(name)

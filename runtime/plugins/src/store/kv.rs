@@ -198,6 +198,30 @@ impl PluginStore for KvPluginStore {
             .kv_apply(REGISTRY, &[(spec.name.as_bytes().to_vec(), Some(json))])
     }
 
+    fn replace_spec(&self, spec: &PluginSpec, previous: &PluginSpec) -> Result<(), LogError> {
+        let Some(r) = &self.replicated else {
+            return self.put_spec(spec);
+        };
+        let json = serde_json::to_vec(spec).expect("spec serialises");
+        let written = r.update(REGISTRY, |now| {
+            let stored: Option<PluginSpec> = now
+                .get(spec.name.as_bytes())
+                .and_then(|v| serde_json::from_slice(v).ok());
+            stored
+                .filter(|s| {
+                    (s.version, &s.wasm_sha256, s.paused)
+                        == (previous.version, &previous.wasm_sha256, previous.paused)
+                })
+                .map(|_| vec![(spec.name.as_bytes().to_vec(), Some(json.clone()))])
+        })?;
+        match written {
+            true => Ok(()),
+            false => Err(LogError::Conflict {
+                what: format!("plugin {}", spec.name),
+            }),
+        }
+    }
+
     fn reset(&self, plugin: &str, cursors: &[Cursor]) -> Result<(), LogError> {
         let ns = namespace(plugin);
         self.kv.kv_drop(&ns)?;

@@ -84,6 +84,12 @@ pub trait PluginStore: Send + Sync + 'static {
     fn specs(&self) -> Result<Vec<PluginSpec>, LogError>;
     /// Records a spec (deploy, upgrade, pause).
     fn put_spec(&self, spec: &PluginSpec) -> Result<(), LogError>;
+    /// Records a spec in place of `previous` (upgrade, pause, resume): in cluster mode only if
+    /// the stored spec is still `previous` (same version, code and pause), else
+    /// [`LogError::Conflict`] — another node changed the plugin meanwhile.
+    fn replace_spec(&self, spec: &PluginSpec, _previous: &PluginSpec) -> Result<(), LogError> {
+        self.put_spec(spec)
+    }
     /// A fresh plugin: drops whatever an earlier plugin of the name left and writes the
     /// partitions' starting cursors.
     fn reset(&self, plugin: &str, cursors: &[Cursor]) -> Result<(), LogError>;

@@ -489,3 +489,32 @@ async fn two_nodes_running_one_plugin_leave_one_commit_chain() {
         301
     );
 }
+
+/// Cluster mode: a spec change made from a stale view (another node paused or upgraded the
+/// plugin meanwhile) is refused, not written over the other node's change.
+#[test]
+fn a_spec_change_from_a_stale_view_is_refused() {
+    use crate::store::{KvPluginStore, PluginStore};
+    let changelog = Arc::new(weir_log::MemoryChangelog::default());
+    let node = || {
+        KvPluginStore::replicated(Arc::new(weir_log::ReplicatedKv::new(
+            Arc::new(weir_log::MemoryStore::new()),
+            changelog.clone(),
+            KvPluginStore::OWNED_PREFIX,
+        )))
+    };
+    let (a, b) = (node(), node());
+    let _blocking = weir_core::blocking::allow();
+    let v1 = spec(1, OnError::Halt);
+    a.put_spec(&v1).unwrap();
+    let mut paused = v1.clone();
+    paused.paused = true;
+    b.replace_spec(&paused, &v1).unwrap();
+    let mut upgraded = v1.clone();
+    upgraded.version = 2;
+    assert!(matches!(
+        a.replace_spec(&upgraded, &v1),
+        Err(weir_log::LogError::Conflict { .. })
+    ));
+    assert!(a.specs().unwrap()[0].paused, "the pause stays");
+}
