@@ -132,3 +132,80 @@ async fn the_flash_sale_on_three_nodes_with_two_killed_matches_one_node() {
         );
     }
 }
+
+/// Waits until `weir plugin list` through `addr` prints something `check` accepts.
+fn wait_listed(addr: &str, what: &str, check: impl Fn(&str) -> bool) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = common::weir_cli(addr, &["plugin", "list"], "").1;
+        if check(&listed) {
+            return listed;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}; plugin list through {addr}:\n{listed}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Upgrade, pause, resume and remove through a node that does not run the plugin reach the
+/// node that does (a change from a stale view is refused: runtime/plugins tests).
+#[test]
+fn plugins_are_operated_through_any_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = common::nats_cluster(dir.path());
+    let urls = nats.url_list();
+    let a = WeirProcess::spawn(&dir.path().join("a"), "127.0.0.1:0", &["--log", &urls]);
+    let b = WeirProcess::spawn(&dir.path().join("b"), "127.0.0.1:0", &["--log", &urls]);
+    let wasm = dir.path().join("points.wasm");
+    std::fs::write(&wasm, common::plugin_wasm("points")).unwrap();
+    let w = wasm.to_str().unwrap();
+    common::cli_ok(
+        &a.addr,
+        &["topic", "create", "order.paid", "--partitions", "2"],
+        "",
+    );
+    common::cli_ok(&a.addr, &["topic", "create", "points.credited"], "");
+    let deploy = [
+        "plugin",
+        "deploy",
+        "points",
+        "--wasm",
+        w,
+        "--input",
+        "order.paid",
+        "--output",
+        "points.credited",
+    ];
+    common::cli_ok(&a.addr, &deploy, "");
+    let a_addr = a.addr.replace("http://", "");
+    // B knows it, and where it runs; a second deploy of the name through B is refused.
+    wait_listed(&b.addr, "B sees points on A", |l| {
+        l.contains("runs on node") && l.contains(&a_addr)
+    });
+    let (ok, _, err) = common::weir_cli(&b.addr, &deploy, "");
+    assert!(!ok && err.contains("already deployed"), "{err}");
+    // Pause through B: A's partitions pause.
+    common::cli_ok(&b.addr, &["plugin", "pause", "points"], "");
+    wait_listed(&a.addr, "A pauses points", |l| {
+        l.contains("(paused)") && l.matches("  paused").count() == 2
+    });
+    common::cli_ok(&b.addr, &["plugin", "resume", "points"], "");
+    wait_listed(&a.addr, "A resumes points", |l| {
+        l.contains("(deployed)") && l.matches("running").count() == 2
+    });
+    // Upgrade through B: A runs version 2.
+    common::cli_ok(&b.addr, &["plugin", "upgrade", "points", "--wasm", w], "");
+    wait_listed(&a.addr, "A runs version 2", |l| l.contains("points v2"));
+    common::cli_ok(
+        &b.addr,
+        &["publish", "order.paid", "--json"],
+        &orders(&[("o1", 10), ("o2", 20)]),
+    );
+    wait_balance(&a.addr, 30);
+    wait_balance(&b.addr, 30);
+    // Remove through B: gone from A too.
+    common::cli_ok(&b.addr, &["plugin", "remove", "points"], "");
+    wait_listed(&a.addr, "A forgets points", |l| !l.contains("points v"));
+}

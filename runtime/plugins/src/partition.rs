@@ -122,7 +122,13 @@ impl PartitionTask {
             if *self.stop.paused.borrow_and_update() {
                 self.set_state(PartitionState::Paused);
                 tokio::select! {
-                    _ = self.stop.paused.changed() => continue,
+                    _ = self.stop.paused.changed() => {
+                        // Resumed: say so now, not at the next record.
+                        if !*self.stop.paused.borrow() {
+                            self.set_state(PartitionState::Running);
+                        }
+                        continue;
+                    }
                     _ = self.stop.cancel.cancelled() => return,
                 }
             }
