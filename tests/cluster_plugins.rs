@@ -205,6 +205,38 @@ fn plugins_are_operated_through_any_node() {
     );
     wait_balance(&a.addr, 30);
     wait_balance(&b.addr, 30);
+    // A record points cannot read halts its partition on A; a resume through B restarts it
+    // there (the record is tried again and halts it again: a second "halted" log line).
+    common::cli_ok(
+        &b.addr,
+        &["publish", "order.paid", "--key", "ann", "not json"],
+        "",
+    );
+    wait_listed(&a.addr, "A halts points", |l| l.contains("halted"));
+    let halts = || {
+        common::cli_ok(&b.addr, &["plugin", "logs", "points"], "")
+            .matches("halted")
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut before = halts();
+    while before == 0 {
+        // The log line reaches the store within a moment of the status.
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no halted line in the plugin's log"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        before = halts();
+    }
+    common::cli_ok(&b.addr, &["plugin", "resume", "points"], "");
+    while halts() <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the resume through B did not restart points on A"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // Remove through B: gone from A too.
     common::cli_ok(&b.addr, &["plugin", "remove", "points"], "");
     wait_listed(&a.addr, "A forgets points", |l| !l.contains("points v"));

@@ -92,6 +92,14 @@ pub struct PluginSpec {
     /// downstream system (the seed's database) can take.
     #[serde(default)]
     pub max_rate: u64,
+    /// Resumes that restart the plugin made through a node not running it (cluster mode):
+    /// the node running it restarts it when this changes (a halted partition retries).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restarts: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl PluginSpec {

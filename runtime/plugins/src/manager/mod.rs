@@ -312,6 +312,7 @@ impl PluginManager {
             owner: request.owner,
             alerts: request.alerts,
             max_rate: request.max_rate,
+            restarts: 0,
         };
         let (store, name) = (self.seams.store.clone(), spec.name.clone());
         let stored = match blocking(move || Ok(store.reset(&name, &cursors)?)).await {
@@ -391,7 +392,13 @@ impl PluginManager {
         let mut spec = current.clone();
         spec.paused = paused;
         let halted = runtime.status.lock().iter().any(|s| s.state.is_halted());
-        if !paused && halted {
+        if !paused && !self.is_active(name) {
+            // Cluster mode, another node runs it: whether it halted is that node's to see; a
+            // new restart count makes it restart the plugin (which retries a halted record).
+            spec.restarts += 1;
+            self.save_spec(&spec, Some(&current)).await?;
+            runtime.paused.send_replace(paused);
+        } else if !paused && halted {
             // A halted partition's task has ended: resuming restarts the plugin, which retries
             // the record that halted it.
             let plugin = runtime.plugin.clone();
