@@ -33,6 +33,27 @@ fn orders(list: &[(&str, u64)]) -> String {
         .collect()
 }
 
+/// Two `weir serve --log` nodes on a fresh 3-node JetStream cluster, `points.wasm` in the
+/// directory returned (which, like the cluster, must outlive the test).
+fn two_nodes() -> (
+    tempfile::TempDir,
+    weir_cluster::NatsCluster,
+    WeirProcess,
+    WeirProcess,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = common::nats_cluster(dir.path());
+    let urls = nats.url_list();
+    let a = WeirProcess::spawn(&dir.path().join("a"), "127.0.0.1:0", &["--log", &urls]);
+    let b = WeirProcess::spawn(&dir.path().join("b"), "127.0.0.1:0", &["--log", &urls]);
+    std::fs::write(
+        dir.path().join("points.wasm"),
+        common::plugin_wasm("points"),
+    )
+    .unwrap();
+    (dir, nats, a, b)
+}
+
 /// A plugin deployed on one node of a cluster consumes records published through the other,
 /// exactly once; the other node answers its state and says where it runs. When its node is
 /// killed (-9) the survivor takes it over from the changelog and carries on: the balance
@@ -40,13 +61,8 @@ fn orders(list: &[(&str, u64)]) -> String {
 /// exists once.
 #[test]
 fn a_plugin_moves_to_the_surviving_node_when_its_node_is_killed() {
-    let dir = tempfile::tempdir().unwrap();
-    let nats = common::nats_cluster(dir.path());
-    let urls = nats.url_list();
-    let a = WeirProcess::spawn(&dir.path().join("a"), "127.0.0.1:0", &["--log", &urls]);
-    let b = WeirProcess::spawn(&dir.path().join("b"), "127.0.0.1:0", &["--log", &urls]);
+    let (dir, _nats, a, b) = two_nodes();
     let wasm = dir.path().join("points.wasm");
-    std::fs::write(&wasm, common::plugin_wasm("points")).unwrap();
     common::cli_ok(
         &a.addr,
         &["topic", "create", "order.paid", "--partitions", "2"],
@@ -153,13 +169,8 @@ fn wait_listed(addr: &str, what: &str, check: impl Fn(&str) -> bool) -> String {
 /// node that does (a change from a stale view is refused: runtime/plugins tests).
 #[test]
 fn plugins_are_operated_through_any_node() {
-    let dir = tempfile::tempdir().unwrap();
-    let nats = common::nats_cluster(dir.path());
-    let urls = nats.url_list();
-    let a = WeirProcess::spawn(&dir.path().join("a"), "127.0.0.1:0", &["--log", &urls]);
-    let b = WeirProcess::spawn(&dir.path().join("b"), "127.0.0.1:0", &["--log", &urls]);
+    let (dir, _nats, a, b) = two_nodes();
     let wasm = dir.path().join("points.wasm");
-    std::fs::write(&wasm, common::plugin_wasm("points")).unwrap();
     let w = wasm.to_str().unwrap();
     common::cli_ok(
         &a.addr,

@@ -129,27 +129,7 @@ pub async fn demo(opts: &DemoOptions) -> Result<(Totals, Totals)> {
         "\n== phase 2: the same sale, with kill -9 twice mid-run"
     );
     let second = run_phase(opts, &dir.path().join("phase2"), true).await?;
-    say!(
-        opts,
-        "\n== verified totals              phase 1   phase 2 (kill -9 ×2)"
-    );
-    for (name, a, b) in [
-        ("requests sent", first.sent, second.sent),
-        ("accepted into the log", first.accepted, second.accepted),
-        ("refused by admission", first.refused, second.refused),
-        ("orders created (= stock)", first.orders, second.orders),
-        ("requests rejected", first.rejected, second.rejected),
-        ("paid orders", first.paid, second.paid),
-        ("points credited", first.points, second.points),
-        ("red envelopes", first.envelopes, second.envelopes),
-        ("analytics records", first.analytics, second.analytics),
-    ] {
-        say!(
-            opts,
-            "   {name:<28} {a:>9} {b:>9}   {}",
-            if a == b { "same" } else { "DIFFERENT" }
-        );
-    }
+    print_totals(opts, "phase 1   phase 2 (kill -9 ×2)", &first, &second);
     ensure!(
         first == second,
         "the run with kill -9 differs: {first:?} vs {second:?}"
@@ -159,6 +139,28 @@ pub async fn demo(opts: &DemoOptions) -> Result<(Totals, Totals)> {
         "\n== exactly once: a crashed and restarted weir reached the same totals"
     );
     Ok((first, second))
+}
+
+/// Two runs' verified totals side by side, each line marked same or DIFFERENT.
+fn print_totals(opts: &DemoOptions, columns: &str, a: &Totals, b: &Totals) {
+    say!(opts, "\n== verified totals              {columns}");
+    for (name, x, y) in [
+        ("requests sent", a.sent, b.sent),
+        ("accepted into the log", a.accepted, b.accepted),
+        ("refused by admission", a.refused, b.refused),
+        ("orders created (= stock)", a.orders, b.orders),
+        ("requests rejected", a.rejected, b.rejected),
+        ("paid orders", a.paid, b.paid),
+        ("points credited", a.points, b.points),
+        ("red envelopes", a.envelopes, b.envelopes),
+        ("analytics records", a.analytics, b.analytics),
+    ] {
+        say!(
+            opts,
+            "   {name:<28} {x:>9} {y:>9}   {}",
+            if x == y { "same" } else { "DIFFERENT" }
+        );
+    }
 }
 
 /// The sale on one node, then on three weir nodes over the JetStream cluster at `nats` with
@@ -180,28 +182,12 @@ pub async fn demo_cluster(
     );
     let cluster =
         crate::cluster::cluster_phase(opts, &dir.path().join("cluster"), nats, prefix, 3).await?;
-    say!(
+    print_totals(
         opts,
-        "\n== verified totals              one node   cluster (2 nodes killed)"
+        "one node   cluster (2 nodes killed)",
+        &single,
+        &cluster.totals,
     );
-    let (a, b) = (&single, &cluster.totals);
-    for (name, x, y) in [
-        ("requests sent", a.sent, b.sent),
-        ("accepted into the log", a.accepted, b.accepted),
-        ("refused by admission", a.refused, b.refused),
-        ("orders created (= stock)", a.orders, b.orders),
-        ("requests rejected", a.rejected, b.rejected),
-        ("paid orders", a.paid, b.paid),
-        ("points credited", a.points, b.points),
-        ("red envelopes", a.envelopes, b.envelopes),
-        ("analytics records", a.analytics, b.analytics),
-    ] {
-        say!(
-            opts,
-            "   {name:<28} {x:>9} {y:>9}   {}",
-            if x == y { "same" } else { "DIFFERENT" }
-        );
-    }
     for (plugin, took) in &cluster.failovers {
         say!(
             opts,

@@ -120,23 +120,33 @@ impl PluginManager {
     /// Opens a plugin; spawns its tasks if this node runs it.
     async fn start(&self, spec: PluginSpec, plugin: Arc<dyn Plugin>) -> Result<(), ManagerError> {
         let name = spec.name.clone();
-        let partitions = spec.partitions();
         let active = self.is_active(&name);
         let (seams, cache) = (self.seams.clone(), self.config.state_cache_bytes);
         let runtime =
             blocking(move || Ok(PluginRuntime::open(spec, plugin, seams, cache, active)?)).await?;
         let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
-        if !active {
-            self.plugins.lock().insert(
-                name,
-                Running {
-                    runtime,
-                    cancel,
-                    tracker,
-                },
-            );
-            return Ok(());
+        if active {
+            self.spawn_tasks(&runtime, &cancel, &tracker);
         }
+        self.plugins.lock().insert(
+            name,
+            Running {
+                runtime,
+                cancel,
+                tracker,
+            },
+        );
+        Ok(())
+    }
+
+    /// A running plugin's tasks: per partition its loop and its forwarder, and the compactor.
+    fn spawn_tasks(
+        &self,
+        runtime: &Arc<PluginRuntime>,
+        cancel: &CancellationToken,
+        tracker: &TaskTracker,
+    ) {
+        let (name, partitions) = (&runtime.spec.name, runtime.spec.partitions());
         // Every event of a plugin's tasks carries the plugin and partition (publish → commit →
         // forward can be followed in the logs with WEIR_LOG=weir_plugins=debug).
         use tracing::Instrument as _;
@@ -153,15 +163,6 @@ impl PluginManager {
             );
         }
         tracker.spawn(runtime.clone().run_compactor(cancel.clone()));
-        self.plugins.lock().insert(
-            name,
-            Running {
-                runtime,
-                cancel,
-                tracker,
-            },
-        );
-        Ok(())
     }
 
     async fn stop(&self, name: &str) -> Option<Arc<PluginRuntime>> {
