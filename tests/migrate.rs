@@ -119,8 +119,14 @@ async fn a_single_node_moved_into_a_cluster_finishes_the_sale_with_the_same_tota
         .await
         .unwrap_or_else(|e| panic!("{plugin}: {e}"));
     }
-    let totals = flash_sale::verify(&client, &opts.sale, &report, &payments)
-        .await
-        .unwrap();
+    let totals = flash_sale::verify_settled(
+        &client,
+        &opts.sale,
+        &report,
+        &payments,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
     assert_eq!(totals, reference);
 }

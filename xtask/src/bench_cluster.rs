@@ -183,7 +183,7 @@ pub(crate) fn bench_cluster_plugins(bin: &Path, records: &str) -> Result<()> {
         "--cluster",
         &urls,
         "--records",
-        "200000",
+        records,
     ]))?;
     drop(cluster);
     std::fs::remove_dir_all(&dir).ok();

@@ -214,7 +214,7 @@ pub async fn cluster_phase(
         &mut |_| {},
     )
     .await?;
-    let totals = verify(&client, sale, &report, &payments).await?;
+    let totals = verify_settled(&client, sale, &report, &payments, Duration::from_secs(30)).await?;
     for s in servers {
         s.stop()?;
     }

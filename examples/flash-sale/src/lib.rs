@@ -29,7 +29,7 @@ pub mod cluster;
 mod demo;
 mod verify;
 pub use demo::{demo, demo_cluster, drain_bench, single_phase, DemoOptions, Server};
-pub use verify::{verify, Totals};
+pub use verify::{verify, verify_settled, Totals};
 
 /// The requests topic.
 pub const REQUESTS: &str = "seckill.requests";

@@ -164,3 +164,28 @@ pub async fn verify(
         analytics: analytics.len() as u64,
     })
 }
+
+/// [`verify`], again for up to `within` while it fails: a drained plugin has committed every
+/// record, but its outputs reach their topics a moment later (the forwarder publishes after
+/// the commit; on a cluster, through JetStream). Counts only grow, so an output stored twice
+/// fails every attempt.
+///
+/// # Errors
+/// The last attempt's failure.
+pub async fn verify_settled(
+    client: &Client,
+    sale: &Sale,
+    burst: &BurstReport,
+    payments: &[Payment],
+    within: std::time::Duration,
+) -> Result<Totals> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match verify(client, sale, burst, payments).await {
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await
+            }
+            done => return done,
+        }
+    }
+}

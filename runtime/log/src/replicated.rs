@@ -377,6 +377,21 @@ impl ReplicatedKv {
         read()
     }
 
+    /// Several reads of one namespace's cache that see one changelog position: after reading
+    /// the tail (unless this node holds it), under the namespace's lock. `read` gets the cache
+    /// (whose scans include no changelog bookkeeping under the plugin store's prefixes).
+    /// Blocking.
+    ///
+    /// # Errors
+    /// The changelog or the cache failed, or `read` did.
+    pub fn read_at_once<T>(
+        &self,
+        ns: &str,
+        read: impl FnOnce(&dyn KvStore) -> Result<T, LogError>,
+    ) -> Result<T, LogError> {
+        self.fresh(ns, || read(&*self.local))
+    }
+
     /// Stores a blob (a plugin's wasm) for every node. Blocking.
     ///
     /// # Errors

@@ -1,10 +1,10 @@
 //! Cluster mode: which weir node runs which plugin. A shared namespace `cluster` of the
 //! replicated store holds each node's heartbeat (`n/<node>` → time in ms, address) and each
 //! plugin's lease (`l/<plugin>` → node). A node is live while its heartbeat is younger than
-//! [`NODE_TTL_MS`]; a lease is valid while its node is live. Every tick a node writes its
-//! heartbeat and, in the same compare-and-set, takes the free leases (no holder, or a holder
-//! that is not live) of the plugins whose preferred node it is (rendezvous hashing over the
-//! live nodes), and gives back those it was asked to.
+//! [`NODE_TTL_MS`]; a lease is valid while its node is live. A node writes its heartbeat
+//! every second; every tick it takes, in one compare-and-set, the free leases (no holder, or
+//! a holder that is not live) of the plugins whose preferred node it is (rendezvous hashing
+//! over the live nodes), and gives back those it was asked to.
 //!
 //! Leases are advisory: they decide who *should* run a plugin. What makes a second runner
 //! harmless is the fence of the plugin's changelog — a node that takes a plugin over appends
@@ -55,7 +55,8 @@ impl View {
     }
 }
 
-/// This node's membership.
+/// This node's membership (its heartbeat is written by [`Membership::heartbeat`]; the
+/// manager calls it every second from a task of its own).
 pub struct Membership {
     kv: Arc<ReplicatedKv>,
     /// Since when this node's heartbeats have been landing without a gap longer than the
@@ -167,11 +168,9 @@ impl Membership {
             let now_ms = weir_core::record::now_ms();
             let (mut view, forget) = parse(now, now_ms);
             view.live.insert(self.node.clone(), self.addr.clone());
-            let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = vec![(
-                format!("n/{}", self.node).into_bytes(),
-                Some(format!("{now_ms} {}", self.addr).into_bytes()),
-            )];
-            writes.extend(forget.into_iter().map(|k| (k, None)));
+            // The heartbeat is the heartbeat task's: a tick writes only what changes.
+            let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+                forget.into_iter().map(|k| (k, None)).collect();
             for p in release {
                 if view.leases.get(p) == Some(&self.node) {
                     writes.push((lease_key(p), None));
@@ -188,9 +187,8 @@ impl Membership {
                 }
             }
             result = view;
-            Some(writes)
+            (!writes.is_empty()).then_some(writes)
         });
-        self.beat(outcome.is_ok());
         outcome?;
         Ok(result)
     }

@@ -63,18 +63,13 @@ pub fn migrate(
         )
     })?);
     let target = Arc::new(JetStreamLog::connect(options)?);
-    let kv = ReplicatedKv::new(
+    let kv = Arc::new(ReplicatedKv::new(
         Arc::new(MemoryStore::new()),
         target.clone(),
         KvPluginStore::OWNED_PREFIX,
-    );
+    ));
     let plugins = KvPluginStore::new(source.clone()).specs()?;
-    let cluster_plugins = KvPluginStore::replicated(Arc::new(ReplicatedKv::new(
-        Arc::new(MemoryStore::new()),
-        target.clone(),
-        KvPluginStore::OWNED_PREFIX,
-    )))
-    .specs()?;
+    let cluster_plugins = KvPluginStore::replicated(kv.clone()).specs()?;
     let topics = source.load_topics()?;
     let existing = target.load_topics()?;
     if let Some(t) = topics

@@ -147,3 +147,20 @@ impl<T> ToStatus<T> for Result<T, AuthError> {
         self.map_err(of_auth)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plugin_changed_through_another_node_is_aborted_with_a_retry_hint() {
+        let status = of_manager(ManagerError::Storage(weir_log::LogError::Conflict {
+            what: "plugin points".into(),
+        }));
+        assert_eq!(status.code(), Code::Aborted);
+        assert_eq!(
+            status.message(),
+            "another weir node changed plugin points at the same moment; retry the request"
+        );
+    }
+}

@@ -86,8 +86,7 @@ impl PluginManager {
         for name in known.iter().filter(|n| !names.contains(n)) {
             tracing::info!(message = "Plugin removed through another node.", plugin = %name);
             self.stop(name).await;
-            self.active.lock().remove(name);
-            self.seams.store.release(name);
+            self.give_back(name);
         }
         for spec in &specs {
             if let Err(e) = self.follow_spec(spec).await {
@@ -149,6 +148,11 @@ impl PluginManager {
                 Arc::new(self.load_compiled(&spec).await?)
             };
             self.stop(&spec.name).await;
+            if local.producer_ids != spec.producer_ids {
+                // Removed and deployed again: its store was reset by another node, whatever
+                // this node's cache says. It runs here again only after a takeover.
+                self.give_back(&spec.name);
+            }
             return self.start(spec, plugin).await;
         }
         if local.paused != spec.paused {
@@ -172,8 +176,7 @@ impl PluginManager {
         })
         .await;
         if !matches!(acquired, Ok(true)) {
-            self.active.lock().remove(name);
-            self.seams.store.release(name);
+            self.give_back(name);
             self.start(spec, plugin).await?;
             return acquired.map(|_| ());
         }
@@ -186,8 +189,7 @@ impl PluginManager {
     async fn deactivate(&self, name: &str) -> Result<(), ManagerError> {
         let (spec, plugin) = (self.spec(name)?, self.runtime(name)?.plugin.clone());
         self.stop(name).await;
-        self.active.lock().remove(name);
-        self.seams.store.release(name);
+        self.give_back(name);
         self.start(spec, plugin).await
     }
 

@@ -211,6 +211,12 @@ impl PluginManager {
     /// Bad name or limits, existing plugin, unknown topics, invalid or mismatched wasm.
     pub async fn deploy(&self, request: DeployRequest) -> Result<PluginInfo, ManagerError> {
         validate(&self.config, &request)?;
+        // Before the admin lock: a topic created through another node may take a moment to
+        // be known here, and the cluster loop waits on the lock.
+        self.seams.input.know_topic(&request.input).await;
+        for output in &request.outputs {
+            self.seams.input.know_topic(output).await;
+        }
         let _admin = self.admin.lock().await;
         if self.plugins.lock().contains_key(&request.name) {
             return Err(ManagerError::Exists(request.name));
@@ -230,10 +236,8 @@ impl PluginManager {
                 )));
             }
         }
-        self.seams.input.know_topic(&request.input).await;
         let input_partitions = self.seams.input.partition_count(&request.input)?;
         for output in &request.outputs {
-            self.seams.input.know_topic(output).await;
             self.seams.output.partition_count(output)?;
         }
         let compiled = self.compile(request.wasm.clone()).await?;
@@ -293,7 +297,7 @@ impl PluginManager {
         .await;
         if let Err(e) = allocated {
             self.release_producers(&request.name, &producer_ids).await;
-            self.abandon_deploy(&request.name).await;
+            self.forget_lease(&request.name).await;
             return Err(e);
         }
         let spec = PluginSpec {
@@ -322,7 +326,7 @@ impl PluginManager {
         };
         if let Err(e) = stored {
             self.release_producers(&spec.name, &spec.producer_ids).await;
-            self.abandon_deploy(&spec.name).await;
+            self.forget_lease(&spec.name).await;
             return Err(e);
         }
         tracing::info!(message = "Plugin deployed.", plugin = %spec.name, input = %spec.input, sha256 = %spec.wasm_sha256);
@@ -397,9 +401,8 @@ impl PluginManager {
             // Cluster mode, another node runs it: whether it halted is that node's to see; a
             // new restart count makes it restart the plugin (which retries a halted record).
             spec.restarts += 1;
-            self.save_spec(&spec, Some(&current)).await?;
-            runtime.paused.send_replace(paused);
-        } else if !paused && halted {
+        }
+        if !paused && halted {
             // A halted partition's task has ended: resuming restarts the plugin, which retries
             // the record that halted it.
             let plugin = runtime.plugin.clone();
@@ -430,14 +433,7 @@ impl PluginManager {
         })
         .await?;
         self.release_producers(name, &spec.producer_ids).await;
-        if let Some(cluster) = self.seams.cluster.clone() {
-            self.active.lock().remove(name);
-            self.seams.store.release(name);
-            let owned = name.to_string();
-            if let Err(e) = blocking(move || Ok(cluster.forget(&owned)?)).await {
-                tracing::warn!(message = "Deleting a removed plugin's lease failed; it expires with its node.", plugin = %name, error = %e);
-            }
-        }
+        self.forget_lease(name).await;
         self.seams.probes.forget(name);
         let m = weir_metrics::global();
         let label = weir_metrics::plugin(name);
@@ -453,16 +449,23 @@ impl PluginManager {
         Ok(())
     }
 
-    /// Cluster mode: gives back what a failed deploy took (the lease, the plugin's store).
-    async fn abandon_deploy(&self, name: &str) {
+    /// Cluster mode: this node stops counting itself the runner of `name` and stops writing
+    /// its store (it runs here again only after a takeover).
+    fn give_back(&self, name: &str) {
+        self.active.lock().remove(name);
+        self.seams.store.release(name);
+    }
+
+    /// Cluster mode: gives back what this node held of a removed plugin, or of a failed
+    /// deploy, and deletes its lease.
+    async fn forget_lease(&self, name: &str) {
         let Some(cluster) = self.seams.cluster.clone() else {
             return;
         };
-        self.active.lock().remove(name);
-        self.seams.store.release(name);
+        self.give_back(name);
         let owned = name.to_string();
         if let Err(e) = blocking(move || Ok(cluster.forget(&owned)?)).await {
-            tracing::warn!(message = "Giving back a failed deploy's lease failed; it expires with this node.", plugin = %name, error = %e);
+            tracing::warn!(message = "Deleting a plugin's lease failed; it expires with this node.", plugin = %name, error = %e);
         }
     }
 

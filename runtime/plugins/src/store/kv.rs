@@ -23,9 +23,9 @@ use super::codec::{
 use super::{decode_groups, CommitWrite, DedupKey, Loaded, OutboxEntry, PluginStore};
 use crate::spec::PluginSpec;
 
-const REGISTRY: &str = "plugins";
+pub(super) const REGISTRY: &str = "plugins";
 
-fn namespace(plugin: &str) -> String {
+pub(super) fn namespace(plugin: &str) -> String {
     format!("plugin/{plugin}")
 }
 
@@ -73,40 +73,36 @@ fn malformed(what: String, reason: &str) -> LogError {
     }
 }
 
-/// Copies a plugin — everything its namespace holds (cursors, state, deltas, message ids,
-/// outbox, output sequences, log), then its spec — from a node's store into the replicated
-/// store of a cluster (`weir migrate`). The namespace is written after a takeover, as a reset
-/// followed by entries of at most ~4 MiB; the spec last, so nodes see the plugin once its
-/// state is there. Returns the keys copied. Blocking.
-///
-/// # Errors
-/// Either store failed.
-pub fn copy_plugin(
-    from: &dyn KvStore,
-    to: &ReplicatedKv,
-    spec: &PluginSpec,
-) -> Result<usize, LogError> {
-    let ns = namespace(&spec.name);
-    let entries = from.kv_scan(&ns, b"")?;
-    to.acquire(&ns)?;
-    to.kv_drop(&ns)?;
-    let mut batch: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
-    let mut bytes = 0;
-    for (k, v) in &entries {
-        bytes += k.len() + v.len();
-        batch.push((k.to_vec(), Some(v.to_vec())));
-        if bytes >= 4 << 20 {
-            to.kv_apply(&ns, &std::mem::take(&mut batch))?;
-            bytes = 0;
+/// Committed state of a plugin's namespace with its pending deltas folded in, for keys
+/// starting with `prefix`.
+fn fold(
+    kv: &dyn KvStore,
+    ns: &str,
+    prefix: &[u8],
+) -> Result<BTreeMap<Vec<u8>, (Vec<u8>, u64)>, LogError> {
+    let mut out: BTreeMap<Vec<u8>, (Vec<u8>, u64)> = kv
+        .kv_scan(ns, &state_key(prefix))?
+        .into_iter()
+        .filter_map(|(k, v)| decode_state(&v).map(|s| (k[2..].to_vec(), s)))
+        .collect();
+    for (key, value) in kv.kv_scan(ns, b"l/")? {
+        let writes = decode_delta(&value).ok_or_else(|| {
+            malformed(
+                format!("state delta {}", String::from_utf8_lossy(&key)),
+                "truncated or not a delta",
+            )
+        })?;
+        for (k, v) in writes {
+            if !k.starts_with(prefix) {
+                continue;
+            }
+            match v {
+                Some(v) => out.insert(k, v),
+                None => out.remove(&k),
+            };
         }
     }
-    if !batch.is_empty() {
-        to.kv_apply(&ns, &batch)?;
-    }
-    to.release(&ns);
-    let json = serde_json::to_vec(spec).expect("spec serialises");
-    to.kv_apply(REGISTRY, &[(spec.name.as_bytes().to_vec(), Some(json))])?;
-    Ok(entries.len())
+    Ok(out)
 }
 
 /// The plugin store on a [`KvStore`].
@@ -148,33 +144,15 @@ impl KvPluginStore {
         plugin: &str,
         prefix: &[u8],
     ) -> Result<BTreeMap<Vec<u8>, (Vec<u8>, u64)>, LogError> {
-        // No compaction between the two scans (it would move deltas from one to the other).
+        // No compaction between the two scans (it would move deltas from one to the other):
+        // this node's under the lock; another node's, in a replicated store, by reading the
+        // cache at one changelog position.
         let _one = self.compacting.lock();
         let ns = namespace(plugin);
-        let mut out: BTreeMap<Vec<u8>, (Vec<u8>, u64)> = self
-            .kv
-            .kv_scan(&ns, &state_key(prefix))?
-            .into_iter()
-            .filter_map(|(k, v)| decode_state(&v).map(|s| (k[2..].to_vec(), s)))
-            .collect();
-        for (key, value) in self.kv.kv_scan(&ns, b"l/")? {
-            let writes = decode_delta(&value).ok_or_else(|| {
-                malformed(
-                    format!("state delta {}", String::from_utf8_lossy(&key)),
-                    "truncated or not a delta",
-                )
-            })?;
-            for (k, v) in writes {
-                if !k.starts_with(prefix) {
-                    continue;
-                }
-                match v {
-                    Some(v) => out.insert(k, v),
-                    None => out.remove(&k),
-                };
-            }
+        match &self.replicated {
+            Some(r) => r.read_at_once(&ns, |kv| fold(kv, &ns, prefix)),
+            None => fold(&*self.kv, &ns, prefix),
         }
-        Ok(out)
     }
 }
 
@@ -209,8 +187,21 @@ impl PluginStore for KvPluginStore {
                 .and_then(|v| serde_json::from_slice(v).ok());
             stored
                 .filter(|s| {
-                    (s.version, &s.wasm_sha256, s.paused)
-                        == (previous.version, &previous.wasm_sha256, previous.paused)
+                    // The same deployment (its producer ids), version, code, pause and
+                    // restart count as the node saw.
+                    (
+                        s.version,
+                        &s.wasm_sha256,
+                        s.paused,
+                        s.restarts,
+                        &s.producer_ids,
+                    ) == (
+                        previous.version,
+                        &previous.wasm_sha256,
+                        previous.paused,
+                        previous.restarts,
+                        &previous.producer_ids,
+                    )
                 })
                 .map(|_| vec![(spec.name.as_bytes().to_vec(), Some(json.clone()))])
         })?;

@@ -8,6 +8,7 @@
 //! outbox entry, output sequences and the partition's new cursor, all or nothing.
 
 mod codec;
+mod copy;
 mod kv;
 
 use std::collections::BTreeMap;
@@ -18,7 +19,8 @@ use weir_log::LogError;
 
 use crate::spec::PluginSpec;
 pub use codec::Cursor;
-pub use kv::{copy_plugin, KvPluginStore};
+pub use copy::copy_plugin;
+pub use kv::KvPluginStore;
 
 /// A batch's state writes: key → new (value, version), `None` for a delete.
 pub type StateWrites = BTreeMap<Vec<u8>, Option<(Vec<u8>, u64)>>;
@@ -85,7 +87,8 @@ pub trait PluginStore: Send + Sync + 'static {
     /// Records a spec (deploy, upgrade, pause).
     fn put_spec(&self, spec: &PluginSpec) -> Result<(), LogError>;
     /// Records a spec in place of `previous` (upgrade, pause, resume): in cluster mode only if
-    /// the stored spec is still `previous` (same version, code and pause), else
+    /// the stored spec is still `previous` (same deployment, version, code, pause and restart
+    /// count), else
     /// [`LogError::Conflict`] — another node changed the plugin meanwhile.
     fn replace_spec(&self, spec: &PluginSpec, _previous: &PluginSpec) -> Result<(), LogError> {
         self.put_spec(spec)
