@@ -411,7 +411,7 @@ impl Broker {
                     tp: p.tp.clone(),
                     offset: o,
                     start: stats.start_offset,
-                    end: p.stats().end_offset,
+                    end: p.next_offset(),
                 })
             }
             StartAt::Offset(o) => Ok(o.max(stats.start_offset)),

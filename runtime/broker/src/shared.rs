@@ -178,13 +178,13 @@ impl Broker {
         partition: &Arc<Partition>,
         offset: u64,
     ) -> Result<u64, BrokerError> {
-        let end = partition.stats().end_offset;
+        let end = partition.next_offset();
         if offset <= end || !self.is_shared() {
             return Ok(end);
         }
         let p = partition.clone();
         Self::blocking(move || p.catch_up()).await?;
-        Ok(partition.stats().end_offset)
+        Ok(partition.next_offset())
     }
 
     /// Moves every partition's start to where retention on any node left it (shared logs).
