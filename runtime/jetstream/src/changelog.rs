@@ -37,7 +37,13 @@ impl JetStreamLog {
             ..Default::default()
         };
         let stream =
-            crate::meta::ensure_stream(&self.js, config, "open the plugin-state stream").await?;
+            crate::meta::ensure_stream(
+                &self.js,
+                config,
+                "open the plugin-state stream (is JetStream enabled on these servers?)",
+                std::time::Duration::from_secs(30),
+            )
+            .await?;
         *self.kv.lock() = Some(stream.clone());
         Ok(stream)
     }

@@ -288,11 +288,12 @@ impl JetStreamLog {
             max_message_size: -1,
             ..Default::default()
         };
-        let stream = self
-            .js
-            .get_or_create_stream(config)
-            .await
-            .map_err(|e| engine(&format!("create the stream of topic {topic}"), e))?;
+        let what = format!(
+            "create the stream of topic {topic} ({} replicas: that many nats-servers with JetStream must be up)",
+            self.options.replicas
+        );
+        let stream =
+            crate::meta::ensure_stream(&self.js, config, &what, Duration::from_secs(15)).await?;
         self.streams.lock().insert(topic.to_string(), stream);
         Ok(())
     }

@@ -26,31 +26,34 @@ pub(crate) async fn ensure_meta_stream(
         duplicate_window: Duration::from_secs(1),
         ..Default::default()
     };
-    ensure_stream(js, config, "open its metadata stream").await
+    ensure_stream(
+        js,
+        config,
+        "open its metadata stream (is JetStream enabled on these servers?)",
+        Duration::from_secs(30),
+    )
+    .await
 }
 
-/// Gets or creates a stream weir needs from its first start on. The first request after the
-/// servers start may meet a cluster still electing its meta leader, and several weir nodes
-/// starting together create the same stream at once: retry for a while.
+/// Gets or creates a stream, retrying for `patience`: the first request after the servers
+/// start may meet a cluster still electing its meta leader; several weir nodes starting
+/// together create the same stream at once; a busy or restarting server is reported as
+/// "peer offline" ("no suitable peers for placement") for a few seconds.
 pub(crate) async fn ensure_stream(
     js: &jetstream::Context,
     config: jetstream::stream::Config,
     what: &str,
+    patience: Duration,
 ) -> Result<jetstream::stream::Stream, LogError> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + patience;
     loop {
         match js.get_or_create_stream(config.clone()).await {
             Ok(s) => return Ok(s),
             Err(e) if tokio::time::Instant::now() < deadline => {
-                tracing::debug!(message = "JetStream not ready yet.", error = %e);
+                tracing::debug!(message = "JetStream cannot create the stream yet.", stream = %config.name, error = %e);
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            Err(e) => {
-                return Err(engine(
-                    &format!("{what} (is JetStream enabled on these servers?)"),
-                    e,
-                ))
-            }
+            Err(e) => return Err(engine(what, e)),
         }
     }
 }

@@ -59,11 +59,25 @@ impl MemoryChangelog {
     pub fn lose_next_ack(&self) {
         self.inner.lock().lose_ack = true;
     }
+
+    /// Runs `hook` just before the next append to `log` (a race between nodes made to happen
+    /// at one point: the hook may append through another node).
+    pub fn before_next_append(&self, log: &str, hook: impl FnOnce() + Send + 'static) {
+        self.inner.lock().hook = Some((log.to_string(), Box::new(hook)));
+    }
+
+    /// Whether a hook set with [`MemoryChangelog::before_next_append`] is still waiting.
+    pub fn hook_pending(&self) -> bool {
+        self.inner.lock().hook.is_some()
+    }
 }
+
+type Hook = (String, Box<dyn FnOnce() + Send>);
 
 #[derive(Default)]
 struct MemoryInner {
     lose_ack: bool,
+    hook: Option<Hook>,
     next_seq: u64,
     logs: HashMap<String, BTreeMap<u64, Entry>>,
     blobs: HashMap<String, Bytes>,
@@ -77,6 +91,16 @@ impl Changelog for MemoryChangelog {
         payload: &[u8],
         rollup: bool,
     ) -> Result<u64, LogError> {
+        let hook = {
+            let mut inner = self.inner.lock();
+            match &inner.hook {
+                Some((l, _)) if l == log => inner.hook.take(),
+                _ => None,
+            }
+        };
+        if let Some((_, hook)) = hook {
+            hook();
+        }
         let mut inner = self.inner.lock();
         let inner = &mut *inner;
         let entries = inner.logs.entry(log.to_string()).or_default();

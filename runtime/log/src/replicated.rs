@@ -392,6 +392,42 @@ impl ReplicatedKv {
         self.fresh(ns, || read(&*self.local))
     }
 
+    /// Drops an owned namespace this node does not hold (a plugin removed through a node
+    /// that does not run it), unless `keep` says otherwise once the tail has been read: the
+    /// drop is fenced on that tail, so a writer that appends after `keep` was asked (a new
+    /// deployment of the name resetting it) makes the drop ask again instead of wiping what it
+    /// wrote. The drop fences the holder, as a takeover does. Returns whether it dropped.
+    /// Blocking.
+    ///
+    /// # Errors
+    /// The changelog or the cache failed, or `keep` did.
+    pub fn drop_unless(
+        &self,
+        ns: &str,
+        mut keep: impl FnMut() -> Result<bool, LogError>,
+    ) -> Result<bool, LogError> {
+        let sp = self.space(ns)?;
+        let mut s = sp.lock();
+        for _ in 0..100 {
+            self.catch_up(ns, &mut s)?;
+            if keep()? {
+                return Ok(false);
+            }
+            match self
+                .log
+                .append_entry(ns, Some(s.applied), &encode(true, &[]), true)
+            {
+                Err(LogError::Conflict { .. }) => continue,
+                Err(e) => return Err(e),
+                Ok(seq) => {
+                    self.apply_local(ns, &mut s, seq, true, Vec::new())?;
+                    return Ok(true);
+                }
+            }
+        }
+        Err(LogError::Conflict { what: ns.into() })
+    }
+
     /// Stores a blob (a plugin's wasm) for every node. Blocking.
     ///
     /// # Errors
@@ -443,12 +479,8 @@ impl KvStore for ReplicatedKv {
 
     fn kv_drop(&self, ns: &str) -> Result<(), LogError> {
         if self.owned(ns) && !self.held(ns) {
-            // Dropped by a node that does not hold it (a plugin removed through another
-            // node): appended unconditionally, which also fences the holder.
-            let sp = self.space(ns)?;
-            let mut s = sp.lock();
-            let seq = self.log.append_entry(ns, None, &encode(true, &[]), true)?;
-            return self.apply_local(ns, &mut s, seq, true, Vec::new());
+            self.drop_unless(ns, || Ok(false))?;
+            return Ok(());
         }
         self.write(ns, true, Vec::new())
     }

@@ -103,6 +103,38 @@ fn a_drop_by_a_node_not_holding_the_namespace_fences_the_holder() {
     assert_eq!(get(&a, NS, "x"), None);
 }
 
+/// A remove through node B races a new deployment of the name through node C: C writes the
+/// namespace after B read its tail and asked whether to keep it. B's drop is refused by the
+/// fence, B asks again (now the name is deployed: keep), and C's writes survive.
+#[test]
+fn a_conditional_drop_never_wipes_what_was_written_after_it_looked() {
+    let log = Arc::new(MemoryChangelog::default());
+    let (a, b, c) = (node(&log), node(&log), node(&log));
+    a.acquire(NS).unwrap();
+    a.kv_apply(NS, &[put("x", "old")]).unwrap();
+    let mut asked = 0;
+    let dropped = b
+        .drop_unless(NS, || {
+            asked += 1;
+            if asked == 1 {
+                // The new deployment lands between B's look and B's append.
+                c.acquire(NS).unwrap();
+                c.kv_apply(NS, &[put("x", "new")]).unwrap();
+                return Ok(false);
+            }
+            Ok(true)
+        })
+        .unwrap();
+    assert_eq!((dropped, asked), (false, 2));
+    assert!(c.held(NS));
+    c.kv_apply(NS, &[put("y", "1")]).unwrap();
+    assert_eq!(get(&b, NS, "x").as_deref(), Some("new"));
+    // Nothing raced: the drop lands and fences the holder.
+    assert!(b.drop_unless(NS, || Ok(false)).unwrap());
+    assert!(c.kv_apply(NS, &[put("x", "late")]).is_err());
+    assert_eq!((get(&b, NS, "x"), get(&b, NS, "y")), (None, None));
+}
+
 #[test]
 fn a_cache_ahead_of_its_changelog_is_dropped() {
     let log = Arc::new(MemoryChangelog::default());

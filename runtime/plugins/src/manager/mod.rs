@@ -181,20 +181,17 @@ impl PluginManager {
         }
     }
 
-    /// Records a spec and syncs it (under every fsync policy: specs are rare and must not
-    /// be lost; a failed sync stops the server). With `previous`, only if the stored spec is
-    /// still that one (in cluster mode another node may have changed it meanwhile).
+    /// Records a spec in place of `previous` and syncs it (under every fsync policy: specs
+    /// are rare and must not be lost; a failed sync stops the server); in cluster mode only
+    /// if the stored spec is still `previous` (another node may have changed it meanwhile).
     async fn save_spec(
         &self,
         spec: &PluginSpec,
-        previous: Option<&PluginSpec>,
+        previous: &PluginSpec,
     ) -> Result<(), ManagerError> {
-        let (seams, spec, previous) = (self.seams.clone(), spec.clone(), previous.cloned());
+        let (seams, spec, previous) = (self.seams.clone(), spec.clone(), previous.clone());
         blocking(move || {
-            match &previous {
-                Some(previous) => seams.store.replace_spec(&spec, previous)?,
-                None => seams.store.put_spec(&spec)?,
-            }
+            seams.store.replace_spec(&spec, &previous)?;
             seams
                 .durability
                 .sync_now()
@@ -319,11 +316,15 @@ impl PluginManager {
             max_rate: request.max_rate,
             restarts: 0,
         };
-        let (store, name) = (self.seams.store.clone(), spec.name.clone());
-        let stored = match blocking(move || Ok(store.reset(&name, &cursors)?)).await {
-            Ok(()) => self.save_spec(&spec, None).await,
-            Err(e) => Err(e),
-        };
+        let (seams, created) = (self.seams.clone(), spec.clone());
+        let stored = blocking(move || {
+            seams.store.create(&created, &cursors)?;
+            seams
+                .durability
+                .sync_now()
+                .map_err(|e| ManagerError::Io(e.to_string()))
+        })
+        .await;
         if let Err(e) = stored {
             self.release_producers(&spec.name, &spec.producer_ids).await;
             self.forget_lease(&spec.name).await;
@@ -365,7 +366,7 @@ impl PluginManager {
         let mut old = previous.spec.clone();
         old.paused = *previous.paused.borrow();
         let spec_saved = spec.clone();
-        let (error, stored_new) = match self.save_spec(&spec, Some(&old)).await {
+        let (error, stored_new) = match self.save_spec(&spec, &old).await {
             Err(e) => (e, false),
             Ok(()) => match self.start(spec.clone(), plugin).await {
                 Ok(()) => return Ok(()),
@@ -373,7 +374,7 @@ impl PluginManager {
             },
         };
         let restored = match stored_new {
-            true => self.save_spec(&old, Some(&spec_saved)).await,
+            true => self.save_spec(&old, &spec_saved).await,
             false => Ok(()),
         };
         let restored = match restored {
@@ -409,7 +410,7 @@ impl PluginManager {
             self.stop(name).await;
             self.replace(&runtime, spec, plugin).await?;
         } else {
-            self.save_spec(&spec, Some(&current)).await?;
+            self.save_spec(&spec, &current).await?;
             runtime.paused.send_replace(paused);
         }
         self.info(name)

@@ -2,7 +2,7 @@
 
 use weir_log::{KvStore, LogError, ReplicatedKv};
 
-use super::kv::{namespace, REGISTRY};
+use super::keys::{namespace, REGISTRY};
 use crate::spec::PluginSpec;
 
 /// Copies a plugin — everything its namespace holds (cursors, state, deltas, message ids,

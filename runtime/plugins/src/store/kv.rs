@@ -1,16 +1,5 @@
-//! [`PluginStore`] on a key-value store, and the key layout — the only place that names a
-//! plugin key.
-//!
-//! Registry namespace `plugins`: name → JSON spec. Each plugin's namespace `plugin/<name>`:
-//! - `c/<p>/` → the partition's [`Cursor`]
-//! - `l/<seq>` → a batch's state delta, until compaction folds it into
-//! - `s/<key>` → version + value
-//! - `d/<p>/<seq>` → a commit's message ids
-//! - `o/<p>/<seq>` → a commit's outbox entry (output groups with producer sequences)
-//! - `q/<p>/<topic>\0<out partition>` → the next producer sequence of an output partition
-//! - `g/<seq>` → a log line
-//!
-//! `<p>` is a u32 BE, `<seq>` a u64 BE, so scans return entries in order.
+//! [`PluginStore`] on a key-value store (the layout is in `keys.rs`): a node's sled, or in
+//! cluster mode the replicated namespaces of [`ReplicatedKv`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,50 +10,10 @@ use super::codec::{
     decode_delta, decode_ids, decode_state, encode_delta, encode_ids, encode_state, Cursor,
 };
 use super::{decode_groups, CommitWrite, DedupKey, Loaded, OutboxEntry, PluginStore};
+use super::keys::{
+    key_seq, namespace, partition_key, seq_key, sequence_key, state_key, REGISTRY,
+};
 use crate::spec::PluginSpec;
-
-pub(super) const REGISTRY: &str = "plugins";
-
-pub(super) fn namespace(plugin: &str) -> String {
-    format!("plugin/{plugin}")
-}
-
-/// `<tag>/<partition BE>/<suffix>`.
-fn partition_key(tag: u8, partition: u32, suffix: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(7 + suffix.len());
-    k.push(tag);
-    k.push(b'/');
-    k.extend_from_slice(&partition.to_be_bytes());
-    k.push(b'/');
-    k.extend_from_slice(suffix);
-    k
-}
-
-fn seq_key(tag: &[u8], seq: u64) -> Vec<u8> {
-    let mut k = tag.to_vec();
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
-fn key_seq(key: &[u8], prefix_len: usize) -> Option<u64> {
-    key.get(prefix_len..prefix_len + 8)?
-        .try_into()
-        .ok()
-        .map(u64::from_be_bytes)
-}
-
-fn state_key(key: &[u8]) -> Vec<u8> {
-    let mut k = b"s/".to_vec();
-    k.extend_from_slice(key);
-    k
-}
-
-fn sequence_key(partition: u32, topic: &str, output_partition: u32) -> Vec<u8> {
-    let mut suffix = topic.as_bytes().to_vec();
-    suffix.push(0);
-    suffix.extend_from_slice(&output_partition.to_be_bytes());
-    partition_key(b'q', partition, &suffix)
-}
 
 fn malformed(what: String, reason: &str) -> LogError {
     LogError::Malformed {
@@ -213,15 +162,37 @@ impl PluginStore for KvPluginStore {
         }
     }
 
-    fn reset(&self, plugin: &str, cursors: &[Cursor]) -> Result<(), LogError> {
-        let ns = namespace(plugin);
-        self.kv.kv_drop(&ns)?;
-        let writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = cursors
-            .iter()
-            .enumerate()
-            .map(|(p, c)| (partition_key(b'c', p as u32, b""), Some(c.encode())))
-            .collect();
-        self.kv.kv_apply(&ns, &writes)
+    fn create(&self, spec: &PluginSpec, cursors: &[Cursor]) -> Result<(), LogError> {
+        let ns = namespace(&spec.name);
+        let reset = || {
+            self.kv.kv_drop(&ns)?;
+            let writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = cursors
+                .iter()
+                .enumerate()
+                .map(|(p, c)| (partition_key(b'c', p as u32, b""), Some(c.encode())))
+                .collect();
+            self.kv.kv_apply(&ns, &writes)
+        };
+        reset()?;
+        self.put_spec(spec)?;
+        let Some(r) = &self.replicated else {
+            return Ok(());
+        };
+        // A remove of an earlier plugin of this name, through a node not running it, drops
+        // the namespace unless the registry has the name (`drop_unless`), and the spec was
+        // written after the reset: a drop may have landed in between. An empty entry fenced on
+        // the reset says it did not; if it did, the reset is made again (the registry has the
+        // name now, so a remove still under way leaves it alone).
+        for _ in 0..10 {
+            match self.kv.kv_apply(&ns, &[]) {
+                Err(LogError::NotHeld { .. }) => {
+                    r.acquire(&ns)?;
+                    reset()?;
+                }
+                other => return other,
+            }
+        }
+        Err(LogError::Conflict { what: ns })
     }
 
     fn remove(&self, plugin: &str) -> Result<(), LogError> {
@@ -229,7 +200,18 @@ impl PluginStore for KvPluginStore {
         // deploy of the name), never a plugin without its state.
         self.kv
             .kv_apply(REGISTRY, &[(plugin.as_bytes().to_vec(), None)])?;
-        self.kv.kv_drop(&namespace(plugin))
+        let ns = namespace(plugin);
+        match &self.replicated {
+            // Removed through a node that does not run it: the drop is fenced on what this
+            // node read, and skipped when the name has been deployed again meanwhile (that
+            // deployment's reset must not be wiped).
+            Some(r) if !r.held(&ns) => {
+                let name = plugin.as_bytes();
+                r.drop_unless(&ns, || Ok(self.kv.kv_get(REGISTRY, name)?.is_some()))?;
+                Ok(())
+            }
+            _ => self.kv.kv_drop(&ns),
+        }
     }
 
     fn sync(&self) -> Result<(), LogError> {

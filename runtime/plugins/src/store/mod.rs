@@ -9,6 +9,7 @@
 
 mod codec;
 mod copy;
+mod keys;
 mod kv;
 
 use std::collections::BTreeMap;
@@ -93,9 +94,10 @@ pub trait PluginStore: Send + Sync + 'static {
     fn replace_spec(&self, spec: &PluginSpec, _previous: &PluginSpec) -> Result<(), LogError> {
         self.put_spec(spec)
     }
-    /// A fresh plugin: drops whatever an earlier plugin of the name left and writes the
-    /// partitions' starting cursors.
-    fn reset(&self, plugin: &str, cursors: &[Cursor]) -> Result<(), LogError>;
+    /// A new plugin: drops whatever an earlier plugin of the name left, writes the
+    /// partitions' starting cursors, then records the spec (in cluster mode the caller has
+    /// acquired the plugin's namespace).
+    fn create(&self, spec: &PluginSpec, cursors: &[Cursor]) -> Result<(), LogError>;
     /// Removes a plugin's spec and everything it kept.
     fn remove(&self, plugin: &str) -> Result<(), LogError>;
     /// Makes every write that returned before this call durable.

@@ -82,16 +82,9 @@ async fn two_nodes_running_one_plugin_leave_one_commit_chain() {
 /// plugin meanwhile) is refused, not written over the other node's change.
 #[test]
 fn a_spec_change_from_a_stale_view_is_refused() {
-    use crate::store::{KvPluginStore, PluginStore};
+    use crate::store::PluginStore;
     let changelog = Arc::new(weir_log::MemoryChangelog::default());
-    let node = || {
-        KvPluginStore::replicated(Arc::new(weir_log::ReplicatedKv::new(
-            Arc::new(weir_log::MemoryStore::new()),
-            changelog.clone(),
-            KvPluginStore::OWNED_PREFIX,
-        )))
-    };
-    let (a, b) = (node(), node());
+    let (a, b) = (store_node(&changelog), store_node(&changelog));
     let _blocking = weir_core::blocking::allow();
     let v1 = spec(1, OnError::Halt);
     a.put_spec(&v1).unwrap();
@@ -105,4 +98,40 @@ fn a_spec_change_from_a_stale_view_is_refused() {
         Err(weir_log::LogError::Conflict { .. })
     ));
     assert!(a.specs().unwrap()[0].paused, "the pause stays");
+}
+
+/// Cluster mode: a remove of plugin `p` through node B (which does not run it) drops `p`'s
+/// namespace between the reset and the spec of a new deployment of `p` through node C. The
+/// drop asked the registry first (no `p` yet), so it lands; C finds its reset gone and makes
+/// it again, and the new deployment starts at its own cursors, not at none.
+#[test]
+fn a_remove_racing_a_new_deployment_of_the_name_leaves_the_new_one_whole() {
+    use crate::store::{Cursor, PluginStore};
+    let changelog = Arc::new(weir_log::MemoryChangelog::default());
+    let (b, c) = (
+        Arc::new(store_node(&changelog)),
+        Arc::new(store_node(&changelog)),
+    );
+    let _blocking = weir_core::blocking::allow();
+    let cursors = [Cursor::at(7), Cursor::at(9)];
+    let b_removes = b.clone();
+    changelog.before_next_append("plugins", move || b_removes.remove("p").unwrap());
+    c.acquire("p").unwrap();
+    c.create(&spec(2, OnError::Halt), &cursors).unwrap();
+    assert!(!changelog.hook_pending(), "the remove ran");
+    assert!(c.held("p"));
+    assert_eq!(b.specs().unwrap().len(), 1);
+    for (p, cursor) in cursors.iter().enumerate() {
+        assert_eq!(b.cursor("p", p as u32).unwrap(), *cursor);
+    }
+}
+
+/// A node's plugin store on a changelog shared by the "nodes" of a test.
+fn store_node(changelog: &Arc<weir_log::MemoryChangelog>) -> crate::store::KvPluginStore {
+    use crate::store::KvPluginStore;
+    KvPluginStore::replicated(Arc::new(weir_log::ReplicatedKv::new(
+        Arc::new(weir_log::MemoryStore::new()),
+        changelog.clone(),
+        KvPluginStore::OWNED_PREFIX,
+    )))
 }
