@@ -25,6 +25,26 @@ fn wait_balance(addr: &str, want: u64) {
     }
 }
 
+/// Asks `weir state get points balance/ann --after` the last record of each partition of
+/// `topic` through `addr`, once: the answer must not be pending.
+fn not_pending_through(addr: &str, topic: &str) {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let client = weir_api::Client::connect(addr).await.unwrap();
+        let info = client.describe_topic(topic).await.unwrap();
+        for p in info.partitions.iter().filter(|p| p.end_offset > 0) {
+            let answer = client
+                .get_state_after("points", b"balance/ann", p.partition, p.end_offset - 1)
+                .await
+                .unwrap();
+            assert!(
+                !matches!(answer, weir_api::StateAnswer::Pending),
+                "{topic}/{} through {addr}: {answer:?}",
+                p.partition
+            );
+        }
+    });
+}
+
 fn orders(list: &[(&str, u64)]) -> String {
     list.iter()
         .map(|(id, amount)| {
@@ -215,6 +235,10 @@ fn plugins_are_operated_through_any_node() {
         &orders(&[("o1", 10), ("o2", 20)]),
     );
     wait_balance(&a.addr, 30);
+    // Through B, which does not run points, `--after` the last record of each partition
+    // stops answering pending as soon as A's commit landed (read from the changelog, not
+    // from B's view refreshed every second).
+    not_pending_through(&b.addr, "order.paid");
     wait_balance(&b.addr, 30);
     // A record points cannot read halts its partition on A; a resume through B restarts it
     // there (the record is tried again and halts it again: a second "halted" log line).

@@ -133,19 +133,17 @@ pub(super) async fn get_state(
 ) -> Result<pb::GetStateResponse, Status> {
     let pending = match r.after {
         Some(at) => {
-            let info = plugins.info(&r.plugin).or_status()?;
-            let committed = info
-                .partitions
-                .get(at.partition as usize)
+            let committed = plugins
+                .committed(&r.plugin, at.partition)
+                .await
+                .or_status()?
                 .ok_or_else(|| {
+                    let partitions = plugins.info(&r.plugin).map_or(0, |i| i.partitions.len());
                     Status::invalid_argument(format!(
-                        "plugin {} reads {} partitions; there is no partition {}",
-                        r.plugin,
-                        info.partitions.len(),
-                        at.partition
+                        "plugin {} reads {partitions} partitions; there is no partition {}",
+                        r.plugin, at.partition
                     ))
-                })?
-                .committed;
+                })?;
             committed <= at.offset
         }
         None => false,

@@ -42,6 +42,33 @@ impl PluginManager {
         })
     }
 
+    /// The input offset below which a plugin has committed every record of `partition`
+    /// (`None`: it has no such partition). Where it runs, from its running state; on a node
+    /// that does not run it, read from the changelog's tail rather than from the view
+    /// refreshed every second, so `--after` through any node stops answering pending as soon
+    /// as the commit landed.
+    ///
+    /// # Errors
+    /// Unknown plugin, storage failure.
+    pub async fn committed(&self, name: &str, partition: u32) -> Result<Option<u64>, ManagerError> {
+        let runtime = self.runtime(name)?;
+        let Some(known) = runtime
+            .status
+            .lock()
+            .get(partition as usize)
+            .map(|s| s.committed)
+        else {
+            return Ok(None);
+        };
+        if self.is_active(name) {
+            return Ok(Some(known));
+        }
+        let cursor =
+            blocking(move || Ok(runtime.seams.store.cursor(&runtime.spec.name, partition)?))
+                .await?;
+        Ok(Some(cursor.next.max(known)))
+    }
+
     /// Every plugin.
     pub fn list(&self) -> Vec<PluginInfo> {
         let names: Vec<String> = self.plugins.lock().keys().cloned().collect();
