@@ -17,6 +17,11 @@ impl PluginManager {
             }
             .into());
         }
+        let _slot = self
+            .compiling
+            .acquire()
+            .await
+            .expect("the compile semaphore is never closed");
         let engine = self.engine.clone();
         blocking(move || Ok(engine.compile(&wasm)?)).await
     }

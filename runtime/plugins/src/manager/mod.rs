@@ -49,6 +49,9 @@ pub struct PluginManager {
     config: PluginConfig,
     plugins: Mutex<BTreeMap<String, Running>>,
     admin: tokio::sync::Mutex<()>,
+    /// One deploy's or upgrade's compile at a time, outside the admin lock (which the cluster
+    /// loop also takes): a flood of deploys does not compile many components at once.
+    compiling: tokio::sync::Semaphore,
     /// Cluster mode: the plugins this node runs, since when (the others are open to answer
     /// queries only); what it last saw of the cluster.
     active: Mutex<BTreeMap<String, std::time::Instant>>,
@@ -78,6 +81,7 @@ impl PluginManager {
             config,
             plugins: Mutex::new(BTreeMap::new()),
             admin: Default::default(),
+            compiling: tokio::sync::Semaphore::new(1),
             active: Mutex::new(BTreeMap::new()),
             view: Mutex::new(Default::default()),
         });
@@ -214,6 +218,11 @@ impl PluginManager {
         for output in &request.outputs {
             self.seams.input.know_topic(output).await;
         }
+        if self.plugins.lock().contains_key(&request.name) {
+            return Err(ManagerError::Exists(request.name));
+        }
+        // Compiling takes seconds for a Python component: not under the admin lock.
+        let compiled = self.compile(request.wasm.clone()).await?;
         let _admin = self.admin.lock().await;
         if self.plugins.lock().contains_key(&request.name) {
             return Err(ManagerError::Exists(request.name));
@@ -237,7 +246,6 @@ impl PluginManager {
         for output in &request.outputs {
             self.seams.output.partition_count(output)?;
         }
-        let compiled = self.compile(request.wasm.clone()).await?;
         self.save_wasm(&compiled.sha256, request.wasm.clone(), true)
             .await?;
         // Cluster mode: the deploying node runs the plugin first (it takes the lease and the
@@ -341,9 +349,10 @@ impl PluginManager {
     /// # Errors
     /// Unknown plugin, invalid or mismatched wasm (the old version keeps running).
     pub async fn upgrade(&self, name: &str, wasm: Bytes) -> Result<PluginInfo, ManagerError> {
+        self.runtime(name)?;
+        let compiled = self.compile(wasm.clone()).await?;
         let _admin = self.admin.lock().await;
         let mut spec = self.spec(name)?;
-        let compiled = self.compile(wasm.clone()).await?;
         self.save_wasm(&compiled.sha256, wasm, true).await?;
         let previous = self.runtime(name)?;
         spec.version += 1;
