@@ -39,6 +39,18 @@ fn cpu_over(pid: u32, window: Duration) -> f64 {
     cpu_seconds(pid) - before
 }
 
+/// Whether the process burns at least half a core over some 1 s window within 10 s (on a
+/// loaded machine one window may fall short while other tests run).
+fn burns_a_core(pid: u32) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if cpu_over(pid, Duration::from_secs(1)) > 0.5 {
+            return true;
+        }
+    }
+    false
+}
+
 fn refused<T: std::fmt::Debug>(result: Result<T, ClientError>, code: Code, needles: &[&str]) {
     let e = result.expect_err("the call should have been refused");
     assert_eq!(e.code(), Some(code), "{e}");
@@ -94,11 +106,7 @@ async fn a_runaway_plugin_is_capped_and_interrupted_by_pause_upgrade_remove_and_
         .publish("in", Some(0), vec![Record::from_value("loop")])
         .await
         .unwrap();
-    let busy = cpu_over(pid, Duration::from_secs(1));
-    assert!(
-        busy > 0.5,
-        "the loop should burn a core: {busy:.2} s of CPU in 1 s"
-    );
+    assert!(burns_a_core(pid), "the loop should burn a core");
 
     // Pause: the running call stops within a tick; nothing is committed or spent.
     let started = Instant::now();
@@ -123,10 +131,7 @@ async fn a_runaway_plugin_is_capped_and_interrupted_by_pause_upgrade_remove_and_
     // Resume: it loops again (the record was not skipped); upgrade interrupts it.
     client.pause_plugin("chaos", false).await.unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        cpu_over(pid, Duration::from_secs(1)) > 0.5,
-        "resumed: the record runs again"
-    );
+    assert!(burns_a_core(pid), "resumed: the record runs again");
     let started = Instant::now();
     client
         .upgrade_plugin("chaos", plugin_wasm("chaos").to_vec())
@@ -138,10 +143,7 @@ async fn a_runaway_plugin_is_capped_and_interrupted_by_pause_upgrade_remove_and_
         started.elapsed()
     );
     std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        cpu_over(pid, Duration::from_secs(1)) > 0.5,
-        "the upgraded version runs the record"
-    );
+    assert!(burns_a_core(pid), "the upgraded version runs the record");
 
     // Remove returns at once and leaves no thread burning.
     let started = Instant::now();
@@ -158,7 +160,7 @@ async fn a_runaway_plugin_is_capped_and_interrupted_by_pause_upgrade_remove_and_
     // Shutdown interrupts it too: SIGTERM ends the process promptly and cleanly.
     client.deploy_plugin(chaos(600_000)).await.unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    assert!(cpu_over(pid, Duration::from_secs(1)) > 0.5);
+    assert!(burns_a_core(pid), "the loop runs again after a new deploy");
     let status = server.terminate(Duration::from_secs(10));
     assert!(status.success(), "weir serve exited with {status}");
 }

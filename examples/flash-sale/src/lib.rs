@@ -393,7 +393,7 @@ pub async fn read_all(client: &Client, topic: &str) -> Result<Vec<serde_json::Va
     let end: u64 = info
         .partitions
         .iter()
-        .map(|p| p.end_offset - p.start_offset)
+        .map(|p| p.end_offset.saturating_sub(p.start_offset))
         .sum();
     let mut out = Vec::with_capacity(end as usize);
     let mut seen = 0u64;

@@ -42,6 +42,7 @@ impl JetStreamLog {
                 config,
                 "open the plugin-state stream (is JetStream enabled on these servers?)",
                 std::time::Duration::from_secs(30),
+                |_| true,
             )
             .await?;
         *self.kv.lock() = Some(stream.clone());

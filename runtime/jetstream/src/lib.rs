@@ -289,11 +289,17 @@ impl JetStreamLog {
             ..Default::default()
         };
         let what = format!(
-            "create the stream of topic {topic} ({} replicas: that many nats-servers with JetStream must be up)",
+            "create the stream of topic {topic} ({} replicas)",
             self.options.replicas
         );
-        let stream =
-            crate::meta::ensure_stream(&self.js, config, &what, Duration::from_secs(15)).await?;
+        let stream = crate::meta::ensure_stream(
+            &self.js,
+            config,
+            &what,
+            Duration::from_secs(15),
+            crate::meta::transient,
+        )
+        .await?;
         self.streams.lock().insert(topic.to_string(), stream);
         Ok(())
     }

@@ -31,25 +31,37 @@ pub(crate) async fn ensure_meta_stream(
         config,
         "open its metadata stream (is JetStream enabled on these servers?)",
         Duration::from_secs(30),
+        |_| true,
     )
     .await
 }
 
-/// Gets or creates a stream, retrying for `patience`: the first request after the servers
-/// start may meet a cluster still electing its meta leader; several weir nodes starting
-/// together create the same stream at once; a busy or restarting server is reported as
-/// "peer offline" ("no suitable peers for placement") for a few seconds.
+/// Whether a stream request failed for a moment only: no meta leader yet (an election), a
+/// server that did not answer in time, or one reported offline while it is busy or
+/// restarting ("no suitable peers for placement, peer offline").
+pub(crate) fn transient(error: &str) -> bool {
+    let e = error.to_ascii_lowercase();
+    ["timed out", "no responders", "peer offline", "leader", "temporarily", "unavailable"]
+        .iter()
+        .any(|t| e.contains(t))
+}
+
+/// Gets or creates a stream, retrying for `patience` the errors `retry` accepts: the first
+/// request after the servers start may meet a cluster still electing its meta leader;
+/// several weir nodes starting together create the same stream at once; a busy or
+/// restarting server is reported offline for a few seconds.
 pub(crate) async fn ensure_stream(
     js: &jetstream::Context,
     config: jetstream::stream::Config,
     what: &str,
     patience: Duration,
+    retry: fn(&str) -> bool,
 ) -> Result<jetstream::stream::Stream, LogError> {
     let deadline = tokio::time::Instant::now() + patience;
     loop {
         match js.get_or_create_stream(config.clone()).await {
             Ok(s) => return Ok(s),
-            Err(e) if tokio::time::Instant::now() < deadline => {
+            Err(e) if tokio::time::Instant::now() < deadline && retry(&e.to_string()) => {
                 tracing::debug!(message = "JetStream cannot create the stream yet.", stream = %config.name, error = %e);
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
@@ -173,5 +185,27 @@ impl JetStreamLog {
                 reason: format!("{} bytes", v.bytes.len()),
             })?;
         Ok(Some((v.seq, next)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_passing_failures_are_retried() {
+        for passing in [
+            "jetstream error: no suitable peers for placement, peer offline (code 400, error code 10005)",
+            "timed out: didn't receive ack in time",
+            "jetstream error: JetStream system temporarily unavailable (code 503, error code 10008)",
+            "no responders",
+        ] {
+            assert!(super::transient(passing), "{passing}");
+        }
+        for lasting in [
+            "jetstream error: replicas > 1 not supported in non-clustered mode (code 500, error code 10074)",
+            "jetstream error: insufficient resources (code 503, error code 10023)",
+            "jetstream error: jetstream not enabled for account (code 503, error code 10039)",
+        ] {
+            assert!(!super::transient(lasting), "{lasting}");
+        }
     }
 }

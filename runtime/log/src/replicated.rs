@@ -34,6 +34,9 @@ use crate::{Durable, KvStore, LogError};
 /// every key the plugin store writes (all start with an ASCII letter).
 const APPLIED: &[u8] = b"\xff\xffapplied";
 
+/// How long [`ReplicatedKv::drop_unless`] tries to land its drop while other writers append.
+const DROP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Entries between snapshots, by default.
 pub const SNAPSHOT_EVERY: u64 = 1_000;
 
@@ -408,7 +411,11 @@ impl ReplicatedKv {
     ) -> Result<bool, LogError> {
         let sp = self.space(ns)?;
         let mut s = sp.lock();
-        for _ in 0..100 {
+        // The holder may keep committing until it notices (its next tick): retry for a
+        // while, not a number of times, and back off so its commits leave a gap.
+        let deadline = std::time::Instant::now() + DROP_PATIENCE;
+        let mut attempt = 0u64;
+        loop {
             self.catch_up(ns, &mut s)?;
             if keep()? {
                 return Ok(false);
@@ -417,7 +424,10 @@ impl ReplicatedKv {
                 .log
                 .append_entry(ns, Some(s.applied), &encode(true, &[]), true)
             {
-                Err(LogError::Conflict { .. }) => continue,
+                Err(LogError::Conflict { .. }) if std::time::Instant::now() < deadline => {
+                    attempt += 1;
+                    std::thread::sleep(std::time::Duration::from_millis((attempt * 7) % 50));
+                }
                 Err(e) => return Err(e),
                 Ok(seq) => {
                     self.apply_local(ns, &mut s, seq, true, Vec::new())?;
@@ -425,7 +435,6 @@ impl ReplicatedKv {
                 }
             }
         }
-        Err(LogError::Conflict { what: ns.into() })
     }
 
     /// Stores a blob (a plugin's wasm) for every node. Blocking.

@@ -123,7 +123,7 @@ impl Partition {
         PartitionStats {
             partition: self.tp.partition,
             start_offset: s.start,
-            end_offset: visible.min(s.next),
+            end_offset: visible.min(s.next).max(s.start),
             size_bytes: s.size,
         }
     }

@@ -220,3 +220,25 @@ impl PluginManager {
         }
     }
 }
+
+impl PluginManager {
+    /// Cluster mode: this node stops counting itself the runner of `name` and stops writing
+    /// its store (it runs here again only after a takeover).
+    pub(super) fn give_back(&self, name: &str) {
+        self.active.lock().remove(name);
+        self.seams.store.release(name);
+    }
+
+    /// Cluster mode: gives back what this node held of a removed plugin, or of a failed
+    /// deploy, and deletes its lease.
+    pub(super) async fn forget_lease(&self, name: &str) {
+        let Some(cluster) = self.seams.cluster.clone() else {
+            return;
+        };
+        self.give_back(name);
+        let owned = name.to_string();
+        if let Err(e) = blocking(move || Ok(cluster.forget(&owned)?)).await {
+            tracing::warn!(message = "Deleting a plugin's lease failed; it expires with this node.", plugin = %name, error = %e);
+        }
+    }
+}

@@ -66,7 +66,8 @@ impl PluginManager {
         let cursor =
             blocking(move || Ok(runtime.seams.store.cursor(&runtime.spec.name, partition)?))
                 .await?;
-        Ok(Some(cursor.next.max(known)))
+        // The tail is authoritative (the view may still be of a deployment since removed).
+        Ok(Some(cursor.next))
     }
 
     /// Every plugin.

@@ -9,6 +9,7 @@ use weir_log::{KvStore, LogError, ReplicatedKv};
 use super::codec::{
     decode_delta, decode_ids, decode_state, encode_delta, encode_ids, encode_state, Cursor,
 };
+use super::replicated;
 use super::{decode_groups, CommitWrite, DedupKey, Loaded, OutboxEntry, PluginStore};
 use super::keys::{
     key_seq, namespace, partition_key, seq_key, sequence_key, state_key, REGISTRY,
@@ -103,6 +104,19 @@ impl KvPluginStore {
             None => fold(&*self.kv, &ns, prefix),
         }
     }
+
+    /// Drops whatever the namespace of `plugin` holds and writes the partitions' starting
+    /// cursors.
+    pub(super) fn reset(&self, plugin: &str, cursors: &[Cursor]) -> Result<(), LogError> {
+        let ns = namespace(plugin);
+        self.kv.kv_drop(&ns)?;
+        let writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = cursors
+            .iter()
+            .enumerate()
+            .map(|(p, c)| (partition_key(b'c', p as u32, b""), Some(c.encode())))
+            .collect();
+        self.kv.kv_apply(&ns, &writes)
+    }
 }
 
 impl PluginStore for KvPluginStore {
@@ -126,73 +140,18 @@ impl PluginStore for KvPluginStore {
     }
 
     fn replace_spec(&self, spec: &PluginSpec, previous: &PluginSpec) -> Result<(), LogError> {
-        let Some(r) = &self.replicated else {
-            return self.put_spec(spec);
-        };
-        let json = serde_json::to_vec(spec).expect("spec serialises");
-        let written = r.update(REGISTRY, |now| {
-            let stored: Option<PluginSpec> = now
-                .get(spec.name.as_bytes())
-                .and_then(|v| serde_json::from_slice(v).ok());
-            stored
-                .filter(|s| {
-                    // The same deployment (its producer ids), version, code, pause and
-                    // restart count as the node saw.
-                    (
-                        s.version,
-                        &s.wasm_sha256,
-                        s.paused,
-                        s.restarts,
-                        &s.producer_ids,
-                    ) == (
-                        previous.version,
-                        &previous.wasm_sha256,
-                        previous.paused,
-                        previous.restarts,
-                        &previous.producer_ids,
-                    )
-                })
-                .map(|_| vec![(spec.name.as_bytes().to_vec(), Some(json.clone()))])
-        })?;
-        match written {
-            true => Ok(()),
-            false => Err(LogError::Conflict {
-                what: format!("plugin {}", spec.name),
-            }),
+        match &self.replicated {
+            Some(r) => replicated::replace_spec(r, spec, previous),
+            None => self.put_spec(spec),
         }
     }
 
     fn create(&self, spec: &PluginSpec, cursors: &[Cursor]) -> Result<(), LogError> {
-        let ns = namespace(&spec.name);
-        let reset = || {
-            self.kv.kv_drop(&ns)?;
-            let writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = cursors
-                .iter()
-                .enumerate()
-                .map(|(p, c)| (partition_key(b'c', p as u32, b""), Some(c.encode())))
-                .collect();
-            self.kv.kv_apply(&ns, &writes)
-        };
-        reset()?;
-        self.put_spec(spec)?;
-        let Some(r) = &self.replicated else {
-            return Ok(());
-        };
-        // A remove of an earlier plugin of this name, through a node not running it, drops
-        // the namespace unless the registry has the name (`drop_unless`), and the spec was
-        // written after the reset: a drop may have landed in between. An empty entry fenced on
-        // the reset says it did not; if it did, the reset is made again (the registry has the
-        // name now, so a remove still under way leaves it alone).
-        for _ in 0..10 {
-            match self.kv.kv_apply(&ns, &[]) {
-                Err(LogError::NotHeld { .. }) => {
-                    r.acquire(&ns)?;
-                    reset()?;
-                }
-                other => return other,
-            }
+        if let Some(r) = &self.replicated {
+            return replicated::create(self, r, spec, cursors);
         }
-        Err(LogError::Conflict { what: ns })
+        self.reset(&spec.name, cursors)?;
+        self.put_spec(spec)
     }
 
     fn remove(&self, plugin: &str) -> Result<(), LogError> {
@@ -200,17 +159,9 @@ impl PluginStore for KvPluginStore {
         // deploy of the name), never a plugin without its state.
         self.kv
             .kv_apply(REGISTRY, &[(plugin.as_bytes().to_vec(), None)])?;
-        let ns = namespace(plugin);
         match &self.replicated {
-            // Removed through a node that does not run it: the drop is fenced on what this
-            // node read, and skipped when the name has been deployed again meanwhile (that
-            // deployment's reset must not be wiped).
-            Some(r) if !r.held(&ns) => {
-                let name = plugin.as_bytes();
-                r.drop_unless(&ns, || Ok(self.kv.kv_get(REGISTRY, name)?.is_some()))?;
-                Ok(())
-            }
-            _ => self.kv.kv_drop(&ns),
+            Some(r) => replicated::drop_removed(r, plugin),
+            None => self.kv.kv_drop(&namespace(plugin)),
         }
     }
 

@@ -11,6 +11,7 @@ mod codec;
 mod copy;
 mod keys;
 mod kv;
+mod replicated;
 
 use std::collections::BTreeMap;
 

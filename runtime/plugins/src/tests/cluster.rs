@@ -126,6 +126,27 @@ fn a_remove_racing_a_new_deployment_of_the_name_leaves_the_new_one_whole() {
     }
 }
 
+/// Cluster mode: a deployment whose spec write was not confirmed (its acknowledgement lost
+/// in a leader election; the write landed) fails and takes the spec back: no node runs a
+/// plugin whose deployment reported failure and whose producer ids were released.
+#[test]
+fn a_deployment_that_cannot_complete_takes_its_spec_back() {
+    use crate::store::{Cursor, PluginStore};
+    let changelog = Arc::new(weir_log::MemoryChangelog::default());
+    let c = store_node(&changelog);
+    let _blocking = weir_core::blocking::allow();
+    let lossy = changelog.clone();
+    changelog.before_next_append("plugins", move || lossy.lose_next_ack());
+    c.acquire("p").unwrap();
+    let created = c.create(&spec(2, OnError::Halt), &[Cursor::at(1), Cursor::at(2)]);
+    assert!(created.is_err(), "{created:?}");
+    assert!(!changelog.hook_pending());
+    assert!(
+        store_node(&changelog).specs().unwrap().is_empty(),
+        "the spec that landed is taken back"
+    );
+}
+
 /// A node's plugin store on a changelog shared by the "nodes" of a test.
 fn store_node(changelog: &Arc<weir_log::MemoryChangelog>) -> crate::store::KvPluginStore {
     use crate::store::KvPluginStore;

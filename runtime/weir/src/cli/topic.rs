@@ -79,7 +79,7 @@ pub(super) async fn run(client: &Client, cmd: TopicCommand) -> anyhow::Result<()
                 let records: u64 = t
                     .partitions
                     .iter()
-                    .map(|p| p.end_offset - p.start_offset)
+                    .map(|p| p.end_offset.saturating_sub(p.start_offset))
                     .sum();
                 let bytes: u64 = t.partitions.iter().map(|p| p.size_bytes).sum();
                 println!(

@@ -1,0 +1,124 @@
+//! The registry operations of cluster mode, where several nodes write the registry and a
+//! plugin's namespace is written only by the node holding it (`ReplicatedKv`).
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use weir_log::{KvStore, LogError, ReplicatedKv};
+
+use super::codec::Cursor;
+use super::keys::{namespace, REGISTRY};
+use super::kv::KvPluginStore;
+use super::PluginStore;
+use crate::spec::PluginSpec;
+
+fn stored_spec(now: &BTreeMap<Vec<u8>, Bytes>, name: &str) -> Option<PluginSpec> {
+    now.get(name.as_bytes())
+        .and_then(|v| serde_json::from_slice(v).ok())
+}
+
+/// [`PluginStore::replace_spec`]: a compare-and-set on the registry.
+pub(super) fn replace_spec(
+    r: &ReplicatedKv,
+    spec: &PluginSpec,
+    previous: &PluginSpec,
+) -> Result<(), LogError> {
+    let json = serde_json::to_vec(spec).expect("spec serialises");
+    let written = r.update(REGISTRY, |now| {
+        stored_spec(now, &spec.name)
+            .filter(|s| {
+                // The same deployment (its producer ids), version, code, pause and restart
+                // count as the node saw.
+                (
+                    s.version,
+                    &s.wasm_sha256,
+                    s.paused,
+                    s.restarts,
+                    &s.producer_ids,
+                ) == (
+                    previous.version,
+                    &previous.wasm_sha256,
+                    previous.paused,
+                    previous.restarts,
+                    &previous.producer_ids,
+                )
+            })
+            .map(|_| vec![(spec.name.as_bytes().to_vec(), Some(json.clone()))])
+    })?;
+    match written {
+        true => Ok(()),
+        false => Err(LogError::Conflict {
+            what: format!("plugin {}", spec.name),
+        }),
+    }
+}
+
+/// [`PluginStore::create`] for a caller that acquired the plugin's namespace.
+///
+/// A remove of an earlier plugin of the name, through a node not running it, drops the
+/// namespace unless the registry has the name (`drop_unless`), and the spec is written after
+/// the reset: the drop may land before the reset or between it and the spec. An empty entry
+/// fenced on the reset, after the spec, says it did not; if it did (the hold is lost), the
+/// namespace is acquired and reset again (the registry has the name now, so a remove still
+/// under way leaves it alone). If it cannot be completed, the spec is taken back: never a
+/// spec without its starting cursors.
+pub(super) fn create(
+    store: &KvPluginStore,
+    r: &ReplicatedKv,
+    spec: &PluginSpec,
+    cursors: &[Cursor],
+) -> Result<(), LogError> {
+    let ns = namespace(&spec.name);
+    let mut spec_tried = false;
+    let mut result = Ok(());
+    for _ in 0..10 {
+        result = store.reset(&spec.name, cursors).and_then(|()| {
+            if !spec_tried {
+                spec_tried = true;
+                store.put_spec(spec)?;
+            }
+            r.kv_apply(&ns, &[])
+        });
+        if !matches!(result, Err(LogError::NotHeld { .. })) {
+            break;
+        }
+        if let Err(e) = r.acquire(&ns) {
+            result = Err(e);
+            break;
+        }
+    }
+    if result.is_err() && spec_tried {
+        take_back(r, spec);
+    }
+    result
+}
+
+/// Deletes the spec of a deployment that could not be completed, if the registry still has
+/// this deployment (its producer ids). Best effort.
+fn take_back(r: &ReplicatedKv, spec: &PluginSpec) {
+    let key = spec.name.as_bytes().to_vec();
+    let undone = r.update(REGISTRY, |now| {
+        stored_spec(now, &spec.name)
+            .is_some_and(|s| s.producer_ids == spec.producer_ids)
+            .then(|| vec![(key.clone(), None)])
+    });
+    if let Err(e) = undone {
+        tracing::warn!(message = "A failed deployment's spec could not be taken back; remove the plugin.", plugin = %spec.name, error = %e);
+    }
+}
+
+/// Drops a removed plugin's namespace (its spec is already deleted). Through a node that
+/// does not run it, the drop is fenced on what this node read and skipped when the name has
+/// been deployed again meanwhile (that deployment's reset must not be wiped); if it cannot
+/// land, the namespace is left to the next deployment of the name, which resets it.
+pub(super) fn drop_removed(r: &ReplicatedKv, plugin: &str) -> Result<(), LogError> {
+    let ns = namespace(plugin);
+    if r.held(&ns) {
+        return r.kv_drop(&ns);
+    }
+    let name = plugin.as_bytes();
+    if let Err(e) = r.drop_unless(&ns, || Ok(r.kv_get(REGISTRY, name)?.is_some())) {
+        tracing::warn!(message = "A removed plugin's state could not be dropped; the next deployment of the name resets it.", plugin = %plugin, error = %e);
+    }
+    Ok(())
+}
