@@ -609,7 +609,11 @@ async fn a_failed_sync_stops_the_server_with_the_reason() {
     // The unsynced record is not shown: the end clients see is what they can read.
     let end = server.broker.describe_topic("t").unwrap().partitions[0].end_offset;
     let readable = server.broker.read("t", 0, 0, usize::MAX).await.unwrap();
-    assert_eq!((end, readable.len()), (1, 1), "shown end and readable records");
+    assert_eq!(
+        (end, readable.len()),
+        (1, 1),
+        "shown end and readable records"
+    );
     let stopped = tokio::time::timeout(Duration::from_secs(10), server.shutdown.cancelled()).await;
     assert!(
         stopped.is_ok(),

@@ -36,15 +36,14 @@ impl JetStreamLog {
             max_message_size: -1,
             ..Default::default()
         };
-        let stream =
-            crate::meta::ensure_stream(
-                &self.js,
-                config,
-                "open the plugin-state stream (is JetStream enabled on these servers?)",
-                std::time::Duration::from_secs(30),
-                |_| true,
-            )
-            .await?;
+        let stream = crate::meta::ensure_stream(
+            &self.js,
+            config,
+            "open the plugin-state stream (is JetStream enabled on these servers?)",
+            std::time::Duration::from_secs(30),
+            |_| true,
+        )
+        .await?;
         *self.kv.lock() = Some(stream.clone());
         Ok(stream)
     }

@@ -41,9 +41,16 @@ pub(crate) async fn ensure_meta_stream(
 /// restarting ("no suitable peers for placement, peer offline").
 pub(crate) fn transient(error: &str) -> bool {
     let e = error.to_ascii_lowercase();
-    ["timed out", "no responders", "peer offline", "leader", "temporarily", "unavailable"]
-        .iter()
-        .any(|t| e.contains(t))
+    [
+        "timed out",
+        "no responders",
+        "peer offline",
+        "leader",
+        "temporarily",
+        "unavailable",
+    ]
+    .iter()
+    .any(|t| e.contains(t))
 }
 
 /// Gets or creates a stream, retrying for `patience` the errors `retry` accepts: the first

@@ -9,11 +9,9 @@ use weir_log::{KvStore, LogError, ReplicatedKv};
 use super::codec::{
     decode_delta, decode_ids, decode_state, encode_delta, encode_ids, encode_state, Cursor,
 };
+use super::keys::{key_seq, namespace, partition_key, seq_key, sequence_key, state_key, REGISTRY};
 use super::replicated;
 use super::{decode_groups, CommitWrite, DedupKey, Loaded, OutboxEntry, PluginStore};
-use super::keys::{
-    key_seq, namespace, partition_key, seq_key, sequence_key, state_key, REGISTRY,
-};
 use crate::spec::PluginSpec;
 
 fn malformed(what: String, reason: &str) -> LogError {
