@@ -56,12 +56,15 @@ async fn a_single_node_moved_into_a_cluster_finishes_the_sale_with_the_same_tota
 
     // One command moves it.
     let urls = nats.url_list();
-    let out = std::process::Command::new(common::weir_bin())
-        .args(["migrate", "--data-dir"])
-        .arg(&data)
-        .args(["--to", &urls])
-        .output()
-        .unwrap();
+    let migrate = || {
+        std::process::Command::new(common::weir_bin())
+            .args(["migrate", "--data-dir"])
+            .arg(&data)
+            .args(["--to", &urls])
+            .output()
+            .unwrap()
+    };
+    let out = migrate();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -71,12 +74,7 @@ async fn a_single_node_moved_into_a_cluster_finishes_the_sale_with_the_same_tota
     println!("{stdout}");
     assert!(stdout.contains("4 plugins"), "{stdout}");
     // A second migration into the same cluster is refused, naming what is there already.
-    let again = std::process::Command::new(common::weir_bin())
-        .args(["migrate", "--data-dir"])
-        .arg(&data)
-        .args(["--to", &urls])
-        .output()
-        .unwrap();
+    let again = migrate();
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(
         !again.status.success() && err.contains("already has a topic"),

@@ -25,6 +25,40 @@ fn local_cluster(what: &str) -> Result<(std::path::PathBuf, weir_cluster::NatsCl
     Ok((dir, cluster))
 }
 
+/// `count` weir nodes on the cluster at `urls`, sharing the log prefix `prefix`.
+fn cluster_nodes(
+    bin: &Path,
+    dir: &Path,
+    urls: &str,
+    prefix: &str,
+    count: usize,
+) -> Result<Vec<Server>> {
+    (0..count)
+        .map(|n| {
+            Server::start_with(
+                bin,
+                &dir.join(format!("{prefix}-{n}")),
+                "always",
+                &["--log", urls, "--log-prefix", prefix],
+            )
+        })
+        .collect()
+}
+
+/// Prints each setup's median rate and its ratio to the first setup's (`base`).
+fn print_medians(title: &str, names: &[&str], rates: &[Vec<f64>], base: &str) {
+    let base_rate = median(rates[0].clone());
+    println!("\nmedians of 3 ({title}):");
+    for (name, r) in names.iter().zip(rates) {
+        let m = median(r.clone());
+        println!(
+            "  {name:<44} {m:>10.0} records/s  ({:.2}x {base}; runs {:?})",
+            m / base_rate,
+            r.iter().map(|x| x.round()).collect::<Vec<_>>()
+        );
+    }
+}
+
 /// BENCHMARKS.md "Cluster mode": `weir bench publish` through two weir nodes on a local
 /// 3-node JetStream cluster (R3), through one single-node weir on sled (fsync always and
 /// never), and JetStream's own publish of the same records (packed in 128 KiB messages, and
@@ -50,18 +84,7 @@ pub(crate) fn bench_cluster(bin: &Path, records: &str) -> Result<()> {
     ];
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for round in 1..=3 {
-        let prefix = format!("bench{round}");
-        let nodes = [0, 1]
-            .iter()
-            .map(|i| {
-                Server::start_with(
-                    bin,
-                    &dir.join(format!("weir-{round}-{i}")),
-                    "always",
-                    &["--log", &urls, "--log-prefix", &prefix],
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let nodes = cluster_nodes(bin, &dir, &urls, &format!("bench{round}"), 2)?;
         let via = format!("{},{}", nodes[0].url, nodes[1].url);
         let mut args = publish_args(records);
         args.extend(["--via", &via]);
@@ -98,16 +121,12 @@ pub(crate) fn bench_cluster(bin: &Path, records: &str) -> Result<()> {
     }
     drop(cluster);
     std::fs::remove_dir_all(&dir).ok();
-    let base = median(rates[0].clone());
-    println!("\nmedians of 3 ({records} records of 100 B, 16 B keys):");
-    for (name, r) in names.iter().zip(&rates) {
-        let m = median(r.clone());
-        println!(
-            "  {name:<44} {m:>10.0} records/s  ({:.2}x weir on JetStream; runs {:?})",
-            m / base,
-            r.iter().map(|x| x.round()).collect::<Vec<_>>()
-        );
-    }
+    print_medians(
+        &format!("{records} records of 100 B, 16 B keys"),
+        &names,
+        &rates,
+        "weir on JetStream",
+    );
     Ok(())
 }
 
@@ -146,16 +165,7 @@ pub(crate) fn bench_cluster_plugins(bin: &Path, records: &str) -> Result<()> {
         rates[0].push(rate(&out)?);
         for (i, count) in [(1, 1), (2, 2)] {
             let prefix = format!("plugins{round}n{count}");
-            let nodes = (0..count)
-                .map(|n| {
-                    Server::start_with(
-                        bin,
-                        &dir.join(format!("{prefix}-{n}")),
-                        "always",
-                        &["--log", &urls, "--log-prefix", &prefix],
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let nodes = cluster_nodes(bin, &dir, &urls, &prefix, count)?;
             let out = weir(bin, &nodes[0], &args)?;
             for node in nodes {
                 node.stop()?;
@@ -164,16 +174,12 @@ pub(crate) fn bench_cluster_plugins(bin: &Path, records: &str) -> Result<()> {
             rates[i].push(rate(&out)?);
         }
     }
-    let base = median(rates[0].clone());
-    println!("\nmedians of 3 ({records} orders from 10,000 users, 4 partitions):");
-    for (name, r) in names.iter().zip(&rates) {
-        let m = median(r.clone());
-        println!(
-            "  {name:<44} {m:>10.0} records/s  ({:.2}x sled; runs {:?})",
-            m / base,
-            r.iter().map(|x| x.round()).collect::<Vec<_>>()
-        );
-    }
+    print_medians(
+        &format!("{records} orders from 10,000 users, 4 partitions"),
+        &names,
+        &rates,
+        "sled",
+    );
     run(Command::new("target/release/flash-sale").args([
         "failover-bench",
         "--weir",

@@ -167,39 +167,8 @@ pub async fn cluster_phase(
         &mut |_| {},
     )
     .await?;
-    // `--after` through every surviving node, whichever runs the order plugin: the last
-    // request's result, processed, the same everywhere.
-    if let Some((user, &(partition, offset))) = report.positions.iter().max_by_key(|(_, p)| p.1) {
-        let key = format!("result/{ITEM}/{user}");
-        let mut answers = Vec::new();
-        for s in &servers {
-            let c = Client::connect(&s.url).await?;
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                match c
-                    .get_state_after("order", key.as_bytes(), partition, offset)
-                    .await?
-                {
-                    weir_api::StateAnswer::Pending if Instant::now() < deadline => {
-                        tokio::time::sleep(Duration::from_millis(100)).await
-                    }
-                    answer => {
-                        answers.push(answer);
-                        break;
-                    }
-                }
-            }
-        }
-        ensure!(
-            answers
-                .iter()
-                .all(|a| matches!(a, weir_api::StateAnswer::Value(..)) && *a == answers[0]),
-            "{user}'s result after {partition}:{offset} differs between nodes: {answers:?}"
-        );
-        say!(
-            opts,
-            "   {user}'s result (--after {partition}:{offset}) is the same through every node"
-        );
+    if let Some((user, &at)) = report.positions.iter().max_by_key(|(_, p)| p.1) {
+        same_result_everywhere(opts, &servers, user, at).await?;
     }
     let payments = pay(&client, sale).await?;
     say!(opts, "   {} orders paid", payments.len());
@@ -343,4 +312,45 @@ pub async fn failover_bench(
         s.stop()?;
     }
     Ok(took)
+}
+
+/// `--after` through every surviving node, whichever runs the order plugin: `user`'s result
+/// after their request at `(partition, offset)` is processed and the same everywhere.
+async fn same_result_everywhere(
+    opts: &DemoOptions,
+    servers: &[Server],
+    user: &str,
+    (partition, offset): (u32, u64),
+) -> Result<()> {
+    let key = format!("result/{ITEM}/{user}");
+    let mut answers = Vec::new();
+    for s in servers {
+        let c = Client::connect(&s.url).await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match c
+                .get_state_after("order", key.as_bytes(), partition, offset)
+                .await?
+            {
+                weir_api::StateAnswer::Pending if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await
+                }
+                answer => {
+                    answers.push(answer);
+                    break;
+                }
+            }
+        }
+    }
+    ensure!(
+        answers
+            .iter()
+            .all(|a| matches!(a, weir_api::StateAnswer::Value(..)) && *a == answers[0]),
+        "{user}'s result after {partition}:{offset} differs between nodes: {answers:?}"
+    );
+    say!(
+        opts,
+        "   {user}'s result (--after {partition}:{offset}) is the same through every node"
+    );
+    Ok(())
 }

@@ -5,7 +5,6 @@
 //! checks the expectation before the rollup purges). An entry's position is the stream
 //! sequence of its last fragment, which is what the next append expects.
 
-use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::StreamMessage;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::HeaderMap;
@@ -84,29 +83,9 @@ impl JetStreamLog {
                 )
             })
             .collect();
-        let mut tries = 0;
-        let ack = loop {
-            match self.send_batch(&subject, &messages).await? {
-                Err(e) if e.kind() == PublishErrorKind::StreamNotFound && tries < 30 => {
-                    tries += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-                other => break other,
-            }
-        };
-        match ack {
-            Ok(ack) => Ok(ack.sequence),
-            Err(e) => {
-                let text = e.to_string();
-                if e.kind() == PublishErrorKind::WrongLastSequence
-                    || text.contains("10071")
-                    || text.contains("10164")
-                {
-                    Err(LogError::Conflict { what: subject })
-                } else {
-                    Err(engine(&format!("append to {subject}"), e))
-                }
-            }
+        match self.send_fenced(&subject, &messages).await? {
+            Some(ack) => Ok(ack.sequence),
+            None => Err(LogError::Conflict { what: subject }),
         }
     }
 

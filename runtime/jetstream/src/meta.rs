@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, context::PublishErrorKind, stream::LastRawMessageErrorKind};
+use async_nats::jetstream::{self, stream::LastRawMessageErrorKind};
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use futures::TryStreamExt;
@@ -116,36 +116,12 @@ impl JetStreamLog {
                 seq.to_string().as_str(),
             );
         }
-        let mut tries = 0;
-        let ack = loop {
-            let ack = self
-                .js
-                .publish_with_headers(subject.to_string(), headers.clone(), bytes.clone())
-                .await
-                .map_err(|e| engine(&format!("write {subject}"), e))?
-                .await;
-            match ack {
-                // Interest in a stream's subjects reaches every server a moment after it is
-                // created; "no responders" stored nothing.
-                Err(e) if e.kind() == PublishErrorKind::StreamNotFound && tries < 30 => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                other => break other,
-            }
-        };
-        match ack {
-            Ok(ack) => Ok(ack.sequence),
-            // 10071: the subject moved on; 10164: another conditional write to it is in flight.
-            Err(e)
-                if e.kind() == PublishErrorKind::WrongLastSequence
-                    || e.to_string().contains("10164") =>
-            {
-                Err(LogError::Conflict {
-                    what: subject.to_string(),
-                })
-            }
-            Err(e) => Err(engine(&format!("write {subject}"), e)),
+        let message = [(subject.to_string(), headers, bytes, None)];
+        match self.send_fenced(&subject, &message).await? {
+            Some(ack) => Ok(ack.sequence),
+            None => Err(LogError::Conflict {
+                what: subject.to_string(),
+            }),
         }
     }
 

@@ -250,6 +250,54 @@ impl JetStreamLog {
         Ok(commit.expect("a batch has a last message").await)
     }
 
+    /// Sends one batch whose first message carries a fence, again while a new stream has no
+    /// responders yet ("no responders" stores nothing; a new batch id each time). `None`: the
+    /// fence refused it (10071 the subject moved on, 10164 another conditional write to it is
+    /// in flight). An ack that does not cover the whole batch is an error, never a position.
+    pub(crate) async fn send_fenced(
+        &self,
+        what: &dyn std::fmt::Display,
+        messages: &[(String, HeaderMap, Bytes, Option<usize>)],
+    ) -> Result<Option<PublishAck>, LogError> {
+        let mut tries = 0;
+        let ack = loop {
+            match self.send_batch(what, messages).await? {
+                Err(e) if e.kind() == PublishErrorKind::StreamNotFound && tries < 30 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                other => break other,
+            }
+        };
+        let ack = match ack {
+            Ok(ack) => ack,
+            Err(e) => {
+                let text = e.to_string();
+                let lost_race = e.kind() == PublishErrorKind::WrongLastSequence
+                    || text.contains("10071")
+                    || text.contains("10164")
+                    || text.contains("wrong last sequence");
+                return match lost_race {
+                    true => Ok(None),
+                    false => Err(engine(&format!("append to {what}"), e)),
+                };
+            }
+        };
+        let n = messages.len();
+        if n > 1 && ack.batch_size.is_some_and(|c| c != n as u64) {
+            // Not what was sent: the caller's view stays as it was; its next append is
+            // fenced and reads the tail.
+            return Err(engine(
+                &format!("append to {what}"),
+                format!(
+                    "the batch of {n} messages was acknowledged with {:?}",
+                    ack.batch_size
+                ),
+            ));
+        }
+        Ok(Some(ack))
+    }
+
     pub(crate) async fn append_async(
         &self,
         tp: &TopicPartition,
@@ -310,49 +358,13 @@ impl JetStreamLog {
         );
         let n = messages.len();
         let last_chunk_message = messages.iter().rposition(|m| m.0 == subject).unwrap_or(0);
-        // A stream created a moment ago may not yet have interest on the server this client
-        // talks to: "no responders" stores nothing, so the batch is sent again (a new id).
-        let mut tries = 0;
-        let ack = loop {
-            let ack = self.send_batch(tp, &messages).await?;
-            match ack {
-                Err(e) if e.kind() == PublishErrorKind::StreamNotFound && tries < 30 => {
-                    tries += 1;
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                }
-                other => break other,
-            }
+        let Some(ack) = self.send_fenced(tp, &messages).await? else {
+            return Err(LogError::Fenced {
+                tp: tp.clone(),
+                expected: base_offset,
+                actual: st.next,
+            });
         };
-        let ack = match ack {
-            Ok(ack) => ack,
-            Err(e) => {
-                let text = e.to_string();
-                let lost_race = e.kind() == PublishErrorKind::WrongLastSequence
-                    || text.contains("10071")
-                    || text.contains("10164")
-                    || text.contains("wrong last sequence");
-                return Err(if lost_race {
-                    LogError::Fenced {
-                        tp: tp.clone(),
-                        expected: base_offset,
-                        actual: st.next,
-                    }
-                } else {
-                    engine(&format!("append to {tp}"), e)
-                });
-            }
-        };
-        if n > 1 && ack.batch_size.is_some_and(|c| c != n as u64) {
-            // Not what was sent: leave this node's view alone; its next append is fenced and
-            // reads the tail.
-            return Err(engine(
-                &format!("append to {tp}"),
-                format!(
-                    "the batch of {n} messages was acknowledged with {:?}",
-                    ack.batch_size
-                ),
-            ));
-        }
         // The batch's messages have consecutive sequences ending at the ack's.
         let first = ack.sequence + 1 - n as u64;
         let mut offset = base_offset;

@@ -1,6 +1,6 @@
 //! The forwarder of a plugin partition: publishes the partition's outbox entries in order, as
 //! the partition's idempotent producer with the sequences assigned at commit, and deletes
-//! each once acknowledged. A re-forward after a crash carries the same (producer id,
+//! them once acknowledged (a page of entries in one write). A re-forward after a crash carries the same (producer id,
 //! sequence), so the broker drops it: outputs appear exactly once.
 //!
 //! A failure it cannot get past (its producer fenced, an output topic deleted) shows in the
@@ -70,10 +70,17 @@ impl Forwarder {
                 }
             };
             let full_page = entries.len() >= OUTBOX_PAGE;
+            // Entries forwarded, deleted together once the page is done: in cluster mode
+            // each delete is a replicated append, one per page instead of one per entry (a
+            // crash before it re-forwards them, which the producer sequences make harmless).
+            let mut forwarded = Vec::new();
             for entry in entries {
                 let groups = match entry.groups {
                     Ok(groups) => groups,
                     Err(why) => {
+                        if !self.delete(&cancel, &mut backoff, forwarded).await {
+                            return;
+                        }
                         // Forwarding past it would reorder outputs: stop here and say so.
                         self.failed(format!("{why}; outputs after it wait"), true);
                         if !pause(&cancel, Duration::from_secs(5)).await {
@@ -114,27 +121,12 @@ impl Forwarder {
                         }
                     }
                 }
-                loop {
-                    let this = rt.clone();
-                    let deleted = weir_core::blocking::run(move || {
-                        this.seams
-                            .store
-                            .forwarded(&this.spec.name, partition, entry.seq)
-                    })
-                    .await;
-                    match deleted {
-                        Ok(Ok(())) => break,
-                        Ok(Err(e)) => {
-                            self.failed(format!("deleting a forwarded outbox entry: {e}"), false)
-                        }
-                        Err(e) => self.failed(e.to_string(), false),
-                    }
-                    if !pause(&cancel, backoff.next()).await {
-                        return;
-                    }
-                }
+                forwarded.push(entry.seq);
                 backoff.reset();
                 self.ok();
+            }
+            if !self.delete(&cancel, &mut backoff, forwarded).await {
+                return;
             }
             if full_page {
                 if cancel.is_cancelled() {
@@ -146,6 +138,36 @@ impl Forwarder {
                 _ = rt.outbox[partition as usize].notified() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = cancel.cancelled() => return,
+            }
+        }
+    }
+
+    /// Deletes forwarded outbox entries, retrying until it can; `false` when cancelled.
+    async fn delete(
+        &self,
+        cancel: &CancellationToken,
+        backoff: &mut Backoff,
+        seqs: Vec<u64>,
+    ) -> bool {
+        if seqs.is_empty() {
+            return true;
+        }
+        let seqs = Arc::new(seqs);
+        loop {
+            let (this, seqs, partition) = (self.rt.clone(), seqs.clone(), self.partition);
+            let deleted = weir_core::blocking::run(move || {
+                this.seams
+                    .store
+                    .forwarded(&this.spec.name, partition, &seqs)
+            })
+            .await;
+            match deleted {
+                Ok(Ok(())) => return true,
+                Ok(Err(e)) => self.failed(format!("deleting forwarded outbox entries: {e}"), false),
+                Err(e) => self.failed(e.to_string(), false),
+            }
+            if !pause(cancel, backoff.next()).await {
+                return false;
             }
         }
     }

@@ -367,11 +367,12 @@ impl PluginStore for KvPluginStore {
             .collect())
     }
 
-    fn forwarded(&self, plugin: &str, partition: u32, seq: u64) -> Result<(), LogError> {
-        self.kv.kv_apply(
-            &namespace(plugin),
-            &[(partition_key(b'o', partition, &seq.to_be_bytes()), None)],
-        )
+    fn forwarded(&self, plugin: &str, partition: u32, seqs: &[u64]) -> Result<(), LogError> {
+        let deletes: Vec<_> = seqs
+            .iter()
+            .map(|seq| (partition_key(b'o', partition, &seq.to_be_bytes()), None))
+            .collect();
+        self.kv.kv_apply(&namespace(plugin), &deletes)
     }
 
     fn pending_outputs(&self, plugin: &str) -> Result<usize, LogError> {

@@ -135,8 +135,8 @@ pub trait PluginStore: Send + Sync + 'static {
         partition: u32,
         limit: usize,
     ) -> Result<Vec<OutboxEntry>, LogError>;
-    /// Deletes an outbox entry once forwarded.
-    fn forwarded(&self, plugin: &str, partition: u32, seq: u64) -> Result<(), LogError>;
+    /// Deletes outbox entries once forwarded (one atomic write).
+    fn forwarded(&self, plugin: &str, partition: u32, seqs: &[u64]) -> Result<(), LogError>;
     /// Outbox entries not yet forwarded, over all partitions.
     fn pending_outputs(&self, plugin: &str) -> Result<usize, LogError>;
     /// Writes log lines from sequence `first` on and deletes those below `keep_from`.
