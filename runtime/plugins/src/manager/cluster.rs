@@ -204,9 +204,10 @@ impl PluginManager {
         };
         let rt = runtime.clone();
         let cursors = blocking(move || {
-            (0..rt.spec.partitions())
-                .map(|p| Ok(rt.seams.store.cursor(&rt.spec.name, p)?))
-                .collect::<Result<Vec<_>, ManagerError>>()
+            Ok(rt
+                .seams
+                .store
+                .cursors(&rt.spec.name, rt.spec.partitions())?)
         })
         .await;
         let mut status = runtime.status.lock();

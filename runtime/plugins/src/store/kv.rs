@@ -14,6 +14,19 @@ use super::replicated;
 use super::{decode_groups, CommitWrite, DedupKey, Loaded, OutboxEntry, PluginStore};
 use crate::spec::PluginSpec;
 
+/// A partition's cursor as stored in `kv` (a new partition's is the default).
+fn cursor_in(kv: &dyn KvStore, plugin: &str, partition: u32) -> Result<Cursor, LogError> {
+    match kv.kv_get(&namespace(plugin), &partition_key(b'c', partition, b""))? {
+        Some(v) => Cursor::decode(&v).ok_or_else(|| {
+            malformed(
+                format!("cursor of partition {partition} of plugin {plugin}"),
+                "not 16 or 40 bytes",
+            )
+        }),
+        None => Ok(Cursor::default()),
+    }
+}
+
 fn malformed(what: String, reason: &str) -> LogError {
     LogError::Malformed {
         what,
@@ -169,10 +182,10 @@ impl PluginStore for KvPluginStore {
 
     fn load(&self, plugin: &str, partitions: u32) -> Result<Loaded, LogError> {
         let ns = namespace(plugin);
-        let mut loaded = Loaded::default();
-        for p in 0..partitions {
-            loaded.cursors.push(self.cursor(plugin, p)?);
-        }
+        let mut loaded = Loaded {
+            cursors: self.cursors(plugin, partitions)?,
+            ..Loaded::default()
+        };
         for (key, value) in self.kv.kv_scan(&ns, b"d/")? {
             let partition = key
                 .get(2..6)
@@ -202,17 +215,19 @@ impl PluginStore for KvPluginStore {
     }
 
     fn cursor(&self, plugin: &str, partition: u32) -> Result<Cursor, LogError> {
-        match self
-            .kv
-            .kv_get(&namespace(plugin), &partition_key(b'c', partition, b""))?
-        {
-            Some(v) => Cursor::decode(&v).ok_or_else(|| {
-                malformed(
-                    format!("cursor of partition {partition} of plugin {plugin}"),
-                    "not 16 or 40 bytes",
-                )
-            }),
-            None => Ok(Cursor::default()),
+        cursor_in(&*self.kv, plugin, partition)
+    }
+
+    fn cursors(&self, plugin: &str, partitions: u32) -> Result<Vec<Cursor>, LogError> {
+        let read = |kv: &dyn KvStore| {
+            (0..partitions)
+                .map(|p| cursor_in(kv, plugin, p))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        match &self.replicated {
+            // One look at the changelog's tail for all partitions, not one each.
+            Some(r) => r.read_at_once(&namespace(plugin), read),
+            None => read(&*self.kv),
         }
     }
 

@@ -108,6 +108,8 @@ pub trait PluginStore: Send + Sync + 'static {
     fn load(&self, plugin: &str, partitions: u32) -> Result<Loaded, LogError>;
     /// A partition's cursor as stored.
     fn cursor(&self, plugin: &str, partition: u32) -> Result<Cursor, LogError>;
+    /// Every partition's cursor, read at one changelog position in cluster mode.
+    fn cursors(&self, plugin: &str, partitions: u32) -> Result<Vec<Cursor>, LogError>;
     /// A committed state value and its version (as of the last compaction: pending deltas
     /// are the caller's to know, see the state cache).
     fn state(&self, plugin: &str, key: &[u8]) -> Result<Option<(Vec<u8>, u64)>, LogError>;
