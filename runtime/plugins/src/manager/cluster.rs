@@ -85,7 +85,7 @@ impl PluginManager {
         let known: Vec<String> = self.plugins.lock().keys().cloned().collect();
         for name in known.iter().filter(|n| !names.contains(n)) {
             tracing::info!(message = "Plugin removed through another node.", plugin = %name);
-            self.stop(name).await;
+            self.unlist(name).await;
             self.give_back(name);
         }
         for spec in &specs {

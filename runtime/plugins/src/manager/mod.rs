@@ -169,19 +169,36 @@ impl PluginManager {
         tracker.spawn(runtime.clone().run_compactor(cancel.clone()));
     }
 
+    /// Stops a plugin's tasks. It stays listed, answering queries from what it committed,
+    /// until [`PluginManager::start`] replaces it (a restart, an upgrade, a takeover: never
+    /// "unknown plugin" in between) or [`PluginManager::unlist`] drops it.
     async fn stop(&self, name: &str) -> Option<Arc<PluginRuntime>> {
-        let running = self.plugins.lock().remove(name)?;
-        running.cancel.cancel();
-        running.tracker.close();
-        running.tracker.wait().await;
-        Some(running.runtime)
+        let (runtime, cancel, tracker) = {
+            let plugins = self.plugins.lock();
+            let running = plugins.get(name)?;
+            (
+                running.runtime.clone(),
+                running.cancel.clone(),
+                running.tracker.clone(),
+            )
+        };
+        cancel.cancel();
+        tracker.close();
+        tracker.wait().await;
+        Some(runtime)
+    }
+
+    /// Stops a plugin and drops it from the list (removed, or the server stops).
+    async fn unlist(&self, name: &str) {
+        self.stop(name).await;
+        self.plugins.lock().remove(name);
     }
 
     /// Stops every plugin (server shutdown).
     pub async fn shutdown(&self) {
         let names: Vec<String> = self.plugins.lock().keys().cloned().collect();
         for name in names {
-            self.stop(&name).await;
+            self.unlist(&name).await;
         }
     }
 
@@ -432,7 +449,7 @@ impl PluginManager {
     pub async fn remove(&self, name: &str) -> Result<(), ManagerError> {
         let _admin = self.admin.lock().await;
         let spec = self.spec(name)?;
-        self.stop(name).await;
+        self.unlist(name).await;
         let (seams, owned) = (self.seams.clone(), name.to_string());
         blocking(move || {
             seams.store.remove(&owned)?;
