@@ -249,6 +249,28 @@ impl NatsCluster {
         }
     }
 
+    /// Freezes node `i` with SIGSTOP: its sockets stay open and what clients send it waits
+    /// in them (a server stalled by a GC pause, a full disk or a VM migration). Dropping the
+    /// cluster kills it frozen or not.
+    pub fn freeze(&self, i: usize) {
+        self.signal(i, libc::SIGSTOP);
+    }
+
+    /// Lets node `i` run again after [`NatsCluster::freeze`] (SIGCONT): it then handles what
+    /// waited in its sockets.
+    pub fn thaw(&self, i: usize) {
+        self.signal(i, libc::SIGCONT);
+    }
+
+    fn signal(&self, i: usize, signal: libc::c_int) {
+        if let Some(child) = &self.nodes[i].child {
+            // SAFETY: a plain kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, signal);
+            }
+        }
+    }
+
     /// Starts node `i` again on its ports and store, and waits until it is healthy.
     ///
     /// # Errors

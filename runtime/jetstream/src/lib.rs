@@ -157,6 +157,9 @@ pub struct JetStreamLog {
     parts: Mutex<HashMap<TopicPartition, Arc<Mutex<PartState>>>>,
     /// The changelog stream (plugins' state), once opened.
     kv: Mutex<Option<jetstream::stream::Stream>>,
+    /// Metadata subjects written over ([`JetStreamLog::meta_put_over`]) → the sequence of
+    /// this node's last acknowledged write there (the next write's compare-and-set).
+    meta_seqs_known: Mutex<HashMap<String, u64>>,
 }
 
 impl Drop for JetStreamLog {
@@ -225,6 +228,7 @@ impl JetStreamLog {
             streams: Mutex::new(HashMap::new()),
             parts: Mutex::new(HashMap::new()),
             kv: Mutex::new(None),
+            meta_seqs_known: Mutex::new(HashMap::new()),
         })
     }
 

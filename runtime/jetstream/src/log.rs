@@ -268,8 +268,7 @@ impl Log for JetStreamLog {
         at_ms: i64,
     ) -> Result<(), LogError> {
         self.block_on(async {
-            let mut acks = Vec::with_capacity(offsets.len());
-            for (partition, offset) in offsets {
+            let writes = offsets.iter().map(|(partition, offset)| {
                 let value = GroupValue {
                     group: group.into(),
                     topic: topic.into(),
@@ -278,16 +277,14 @@ impl Log for JetStreamLog {
                 };
                 let subject = self.names.group_key(topic, group, *partition);
                 let json = serde_json::to_vec(&value).expect("group offsets serialise");
-                acks.push(
-                    self.js
-                        .publish(subject, json.into())
-                        .await
-                        .map_err(|e| engine("commit group offsets", e))?,
-                );
-            }
-            for ack in acks {
-                ack.await.map_err(|e| engine("commit group offsets", e))?;
-            }
+                self.meta_put_over(subject, json.into())
+            });
+            futures::future::try_join_all(writes)
+                .await
+                .map_err(|e| match e {
+                    LogError::Engine { reason, .. } => engine("commit group offsets", reason),
+                    other => other,
+                })?;
             Ok(())
         })
     }
@@ -336,7 +333,18 @@ impl Log for JetStreamLog {
     }
 
     fn delete_group(&self, group: &str, topic: &str) -> Result<(), LogError> {
-        self.block_on(self.meta_purge(&self.names.group_keys(topic, group)))
+        self.block_on(async {
+            // An empty value fenced on the commit it read (never a purge, which a late
+            // landing would apply over a commit made after it): a commit that lands in
+            // between keeps the group.
+            for (subject, seq) in self.meta_seqs(&self.names.group_keys(topic, group)).await? {
+                match self.meta_put(&subject, Bytes::new(), Some(seq)).await {
+                    Ok(_) | Err(LogError::Conflict { .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        })
     }
 
     fn shared(&self) -> bool {

@@ -77,6 +77,9 @@ pub(crate) async fn ensure_stream(
     }
 }
 
+/// How many times [`JetStreamLog::meta_put_over`] re-reads after losing a race.
+const MAX_PUT_OVER_TRIES: usize = 20;
+
 /// A stored value and the stream sequence it was written at (the compare-and-set token).
 pub(crate) struct Value {
     pub(crate) seq: u64,
@@ -125,6 +128,64 @@ impl JetStreamLog {
         }
     }
 
+    /// Replaces a subject's value whatever it is, with a compare-and-set on the sequence this
+    /// node last knew for it (its own last write, or a fresh read): a write that failed or
+    /// timed out and lands late is refused by the engine if anything was written after the
+    /// value it replaced, so it never undoes a later acknowledged write (consumer-group
+    /// commits). A conflict re-reads and tries again.
+    pub(crate) async fn meta_put_over(
+        &self,
+        subject: String,
+        bytes: Bytes,
+    ) -> Result<u64, LogError> {
+        let mut known = self.meta_seqs_known.lock().get(&subject).copied();
+        for _ in 0..MAX_PUT_OVER_TRIES {
+            let expect = match known {
+                Some(seq) => seq,
+                None => self.meta_get(&subject).await?.map_or(0, |v| v.seq),
+            };
+            match self.meta_put(&subject, bytes.clone(), Some(expect)).await {
+                Ok(seq) => {
+                    self.meta_seqs_known.lock().insert(subject, seq);
+                    return Ok(seq);
+                }
+                Err(LogError::Conflict { .. }) => known = None,
+                Err(e) => {
+                    // Whether it landed is unknown: the next write reads first.
+                    self.meta_seqs_known.lock().remove(&subject);
+                    return Err(e);
+                }
+            }
+        }
+        Err(LogError::Engine {
+            op: format!("write {subject}"),
+            reason: format!(
+                "other writers changed it {MAX_PUT_OVER_TRIES} times while this node tried; retry the request"
+            ),
+        })
+    }
+
+    /// Every subject matching a filter with the sequence of its value.
+    pub(crate) async fn meta_seqs(&self, filter: &str) -> Result<Vec<(String, u64)>, LogError> {
+        let subjects: Vec<(String, usize)> = self
+            .meta
+            .info_with_subjects(filter.to_string())
+            .await
+            .map_err(|e| engine(&format!("list {filter}"), e))?
+            .try_collect()
+            .await
+            .map_err(|e| engine(&format!("list {filter}"), e))?;
+        let mut out = Vec::with_capacity(subjects.len());
+        for (subject, _) in subjects {
+            if let Some(v) = self.meta_get(&subject).await? {
+                if !v.bytes.is_empty() {
+                    out.push((subject, v.seq));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     pub(crate) async fn meta_purge(&self, filter: &str) -> Result<(), LogError> {
         self.meta
             .purge()
@@ -146,7 +207,12 @@ impl JetStreamLog {
             .map_err(|e| engine(&format!("list {filter}"), e))?;
         let mut out = Vec::with_capacity(subjects.len());
         for (subject, _) in subjects {
-            if let Some(v) = self.meta_get(&subject).await? {
+            // An empty value is a deletion written over a value (see `delete_group`).
+            if let Some(v) = self
+                .meta_get(&subject)
+                .await?
+                .filter(|v| !v.bytes.is_empty())
+            {
                 out.push((subject, v.bytes));
             }
         }

@@ -22,6 +22,14 @@ fn connect(c: &NatsCluster, prefix: &str) -> JetStreamLog {
     JetStreamLog::connect(o).expect("connect")
 }
 
+/// A log reaching the cluster only through `servers`, whose requests give up after 3 s.
+fn connect_through(servers: Vec<String>, prefix: &str) -> JetStreamLog {
+    let mut o = JetStreamOptions::new(servers);
+    o.prefix = prefix.into();
+    o.request_timeout = std::time::Duration::from_secs(3);
+    JetStreamLog::connect(o).expect("connect")
+}
+
 fn records(n: usize, size: usize, tag: u8) -> Vec<Record> {
     (0..n)
         .map(|i| Record {
@@ -199,4 +207,63 @@ fn changelogs_fence_roll_up_and_carry_plugin_state_between_nodes() {
         nb.kv_get("plugin/y", b"k").unwrap().as_deref(),
         Some(b"1".as_slice())
     );
+}
+
+/// A node that reaches NATS through a server that freezes: its commit times out, but the
+/// publish waits in the frozen server's socket and is delivered when it thaws. It must not
+/// land over the commit another node made (and acknowledged) in between.
+#[test]
+fn a_group_commit_that_timed_out_never_lands_over_a_later_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let prefix = "late1";
+    let first = connect(&c, prefix);
+    let leader = (0..100)
+        .find_map(|_| {
+            let l = c.stream_leader(&first.names().meta_stream());
+            if l.is_none() {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            l
+        })
+        .expect("the metadata stream has a leader");
+    let frozen = (0..3).find(|i| *i != leader).unwrap();
+    let a = connect_through(vec![c.nodes[frozen].url()], prefix);
+    let b = connect_through(
+        (0..3)
+            .filter(|i| *i != frozen)
+            .map(|i| c.nodes[i].url())
+            .collect(),
+        prefix,
+    );
+    a.put_group_offsets("g", "t", &[(0, 10)], 1).unwrap();
+    c.freeze(frozen);
+    let late = std::thread::spawn(move || {
+        let r = a.put_group_offsets("g", "t", &[(0, 300)], 2);
+        (a, r)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    b.put_group_offsets("g", "t", &[(0, 600)], 3).unwrap();
+    assert_eq!(b.group_offsets("g", "t").unwrap(), vec![(0, 600)]);
+    let (a, r) = late.join().unwrap();
+    assert!(r.is_err(), "the commit through the frozen server timed out");
+    c.thaw(frozen);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    for (who, log) in [("b", &b), ("a", &a), ("a fresh node", &connect(&c, prefix))] {
+        assert_eq!(
+            log.group_offsets("g", "t").unwrap(),
+            vec![(0, 600)],
+            "{who}: the late commit must not replace the acknowledged one"
+        );
+    }
+    // A commit through A after it failed reads again and lands.
+    a.put_group_offsets("g", "t", &[(0, 700)], 4).unwrap();
+    assert_eq!(b.group_offsets("g", "t").unwrap(), vec![(0, 700)]);
+    // A deletion is a value written over the commit: gone for every node, and a new commit
+    // of the group starts from nothing.
+    b.delete_group("g", "t").unwrap();
+    assert!(a.group_offsets("g", "t").unwrap().is_empty());
+    assert!(a.list_groups().unwrap().is_empty());
+    a.put_group_offsets("g", "t", &[(0, 5)], 5).unwrap();
+    assert_eq!(b.group_offsets("g", "t").unwrap(), vec![(0, 5)]);
 }
