@@ -138,6 +138,17 @@ impl ProducerState {
         }
     }
 
+    /// Where this state stands in the producer's history: its epoch, then the sequence after
+    /// its newest batch. A state written later never has a lower position.
+    pub fn position(&self) -> (u32, u64) {
+        (
+            self.epoch,
+            self.batches
+                .back()
+                .map_or(0, |b| b.last_seq.saturating_add(1)),
+        )
+    }
+
     /// The state after appending, at `now_ms`, a batch accepted by [`ProducerState::check`].
     pub fn after_append(
         state: Option<&ProducerState>,

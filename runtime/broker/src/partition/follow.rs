@@ -3,6 +3,10 @@
 
 use std::sync::atomic::Ordering;
 
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
 use super::{Partition, State};
 use crate::producer::ProducerState;
 use crate::BrokerError;
@@ -58,11 +62,7 @@ impl Partition {
             s.size += u64::from(meta.bytes);
             s.next = base + u64::from(meta.count);
         }
-        for (id, bytes) in tail.producers {
-            if let Some(state) = ProducerState::decode(&bytes) {
-                s.producers.insert(id, state);
-            }
-        }
+        apply_producers(&mut s.producers, tail.producers);
         Ok(())
     }
 
@@ -93,5 +93,58 @@ impl Partition {
         }
         s.start = first.min(s.next);
         Ok(())
+    }
+}
+
+/// Applies producer states read from the log's tail, each only if it is at least as new as
+/// the one this node has: a tail read that stopped early, or this node's own append racing
+/// the walk, can hand back a state older than one already applied, and applying it would
+/// forget the newer batches (a client's retry of one of them would be stored again).
+fn apply_producers(known: &mut HashMap<u64, ProducerState>, read: Vec<(u64, Bytes)>) {
+    for (id, bytes) in read {
+        let Some(state) = ProducerState::decode(&bytes) else {
+            continue;
+        };
+        match known.get(&id) {
+            Some(have) if state.position() < have.position() => {
+                tracing::debug!(
+                    message = "Skipped an older producer state read from the log.",
+                    producer = id
+                );
+            }
+            _ => {
+                known.insert(id, state);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::producer::SequenceCheck;
+
+    fn after(state: Option<&ProducerState>, epoch: u32, seq: u64, offset: u64) -> ProducerState {
+        ProducerState::after_append(state, epoch, seq, 10, offset, 1)
+    }
+
+    #[test]
+    fn an_older_state_read_late_never_replaces_a_newer_one() {
+        // Batches 0..10 and 10..20 are stored; this node applied the newer state, then a tail
+        // read that stopped early hands back the state written with the first batch.
+        let s1 = after(None, 0, 0, 100);
+        let s2 = after(Some(&s1), 0, 10, 110);
+        let mut known = HashMap::from([(7, s2.clone())]);
+        apply_producers(&mut known, vec![(7, Bytes::from(s1.encode()))]);
+        assert_eq!(known[&7], s2, "the newer state stays");
+        // So a client's retry of the second batch is answered with its offsets, not stored twice.
+        assert_eq!(
+            ProducerState::check(known.get(&7), 0, 10, 10),
+            Ok(SequenceCheck::Duplicate { base_offset: 110 })
+        );
+        // A newer state (here a new epoch) does replace it.
+        let s3 = after(Some(&s2), 1, 0, 120);
+        apply_producers(&mut known, vec![(7, Bytes::from(s3.encode()))]);
+        assert_eq!(known[&7], s3);
     }
 }
