@@ -20,6 +20,10 @@ use crate::runtime::PluginRuntime;
 /// committing) is forwarded a page at a time, never read into memory whole.
 pub(crate) const OUTBOX_PAGE: usize = 64;
 
+/// The broker's name for a sequence below the next expected one that matches none of the
+/// batches it remembers for retries (weir_broker's `KEEP_BATCHES`, 5, as Kafka).
+pub(crate) const SEQUENCE_OUT_OF_ORDER: &str = "sequence-out-of-order";
+
 /// Sleeps `d`; `false` when cancelled.
 async fn pause(cancel: &CancellationToken, d: Duration) -> bool {
     tokio::select! {
@@ -101,6 +105,15 @@ impl Forwarder {
                     loop {
                         let e = match rt.seams.output.publish(batch.clone()).await {
                             Ok(()) => break,
+                            Err(e) if e.name == SEQUENCE_OUT_OF_ORDER => {
+                                // Older than the batches the broker remembers for retries
+                                // (a crash or a lost hold after more than that many batches
+                                // of a page went out): the producer id is this partition's
+                                // alone and its sequences are dense, so a sequence below the
+                                // next expected one was stored.
+                                tracing::debug!(message = "An output batch was stored before (older than the retry window).", topic = %g.topic, output_partition = g.partition, base_seq = g.base_seq);
+                                break;
+                            }
                             Err(e) => e,
                         };
                         let transient = e.kind == IoKind::Unavailable;

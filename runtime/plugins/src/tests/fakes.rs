@@ -96,6 +96,10 @@ impl Input for FakeInput {
 
 /// Output topics that keep what the plugin's producers published, dropping a retry of a stored
 /// batch as the broker does; `fail` queues failures for the next publishes.
+/// Batches remembered per producer × partition for retries, as the broker (weir_broker's
+/// `KEEP_BATCHES`, Kafka's 5).
+const KEEP_BATCHES: usize = 5;
+
 /// The largest record the fake output takes, as the broker's default.
 pub const RECORD_LIMIT: usize = 1 << 20;
 
@@ -104,8 +108,9 @@ pub struct FakeOutput {
     partitions: Mutex<HashMap<String, u32>>,
     /// (topic, partition) → records.
     pub stored: Mutex<BTreeMap<(String, u32), Vec<Record>>>,
-    /// (producer, topic, partition) → next sequence.
-    sequences: Mutex<HashMap<(u64, String, u32), u64>>,
+    /// (producer, topic, partition) → next sequence and the batches remembered for retries
+    /// (first and last sequence), newest last: the broker keeps the last [`KEEP_BATCHES`].
+    sequences: Mutex<HashMap<(u64, String, u32), (u64, VecDeque<(u64, u64)>)>>,
     pub fail: Mutex<VecDeque<IoError>>,
     /// Publishes refused with this while set.
     pub block: Mutex<Option<IoError>>,
@@ -164,9 +169,21 @@ impl Output for FakeOutput {
         }
         let key = (batch.producer_id, batch.topic.clone(), batch.partition);
         let mut sequences = self.sequences.lock();
-        let next = sequences.entry(key).or_insert(0);
+        let (next, remembered) = sequences.entry(key).or_default();
+        let last_seq = batch.base_sequence + (batch.records.len() as u64).saturating_sub(1);
         if batch.base_sequence < *next {
-            return Ok(()); // a retry of a stored batch
+            if remembered.contains(&(batch.base_sequence, last_seq)) {
+                return Ok(()); // a retry of a stored batch
+            }
+            // As the broker: older than what it remembers, so not recognised as a retry.
+            return Err(IoError {
+                kind: IoKind::Refused,
+                name: "sequence-out-of-order",
+                message: format!(
+                    "sequence out of order: producer {} sent sequence {} to {}/{}, which is older than the last batches kept for retries (next expected {})",
+                    batch.producer_id, batch.base_sequence, batch.topic, batch.partition, *next
+                ),
+            });
         }
         if batch.base_sequence != *next {
             // Not a panic: it would end the forwarder's task quietly, not the test.
@@ -178,6 +195,10 @@ impl Output for FakeOutput {
             return Err(IoError::new(IoKind::Refused, gap));
         }
         *next += batch.records.len() as u64;
+        remembered.push_back((batch.base_sequence, last_seq));
+        if remembered.len() > KEEP_BATCHES {
+            remembered.pop_front();
+        }
         self.stored
             .lock()
             .entry((batch.topic, batch.partition))

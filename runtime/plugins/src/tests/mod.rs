@@ -268,6 +268,57 @@ async fn a_backlog_longer_than_a_page_is_forwarded_in_order() {
     assert_eq!(h.output.values("out"), want, "every output once, in order");
 }
 
+/// A runner forwarded a page of outbox entries (more batches to one output partition than
+/// the broker remembers for retries) and crashed before deleting them: the next runner
+/// re-forwards the page, and the oldest batches are answered "out of order", not as
+/// duplicates. They were stored: outputs flow on, each once (they used to stall for good,
+/// retried every 5 s while the outbox grew).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_re_forwarded_after_a_crash_is_stored_once_and_outputs_flow_on() {
+    let mut h = Harness::new(1, None);
+    *h.output.block.lock() = Some(IoError::new(IoKind::Unavailable, "broker away"));
+    h.start(spec(1, OnError::Halt), points());
+    let n = 12u64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    for i in 1..=n {
+        // One commit, so one outbox entry (one batch to `out`/0), per record.
+        h.input
+            .append("in", 0, vec![rec("ann", "1", Some(&format!("m{i}")))]);
+        while h.rt().status.lock()[0].committed < i {
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let producer_id = h.rt().spec.producer_ids[0];
+    h.stop().await;
+    *h.output.block.lock() = None;
+    // What the crashed runner had done: every entry forwarded, none deleted.
+    let entries = {
+        let _blocking = weir_core::blocking::allow();
+        h.store.outbox("p", 0, usize::MAX).unwrap()
+    };
+    assert_eq!(entries.len() as u64, n);
+    for entry in entries {
+        for g in entry.groups.unwrap() {
+            let batch = crate::io::OutputBatch {
+                topic: g.topic,
+                partition: g.partition,
+                producer_id,
+                base_sequence: g.base_seq,
+                records: g.records,
+            };
+            crate::io::Output::publish(&*h.output, batch).await.unwrap();
+        }
+    }
+    h.start(spec(1, OnError::Halt), points());
+    h.input
+        .append("in", 0, vec![rec("ann", "1", Some("after"))]);
+    h.idle().await;
+    let want: Vec<String> = (1..=n + 1).map(|i| i.to_string()).collect();
+    assert_eq!(h.output.values("out"), want, "every output once, in order");
+    assert_eq!(h.rt().status.lock()[0].forwarding, None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_resumes_at_the_committed_offset_and_forwards_pending_outputs_once() {
     let mut h = Harness::new(1, None);
