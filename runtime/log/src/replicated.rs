@@ -316,6 +316,34 @@ impl ReplicatedKv {
         Err(LogError::Conflict { what: ns.into() })
     }
 
+    /// Whether this node still holds an owned namespace as of the changelog's end: a holder
+    /// is the changelog's only writer, so an entry after its last one means another node took
+    /// the namespace over (or dropped it) and this node has not noticed yet (a paused process
+    /// resumed). It then stops holding it, and reads catch up again. One round trip to the
+    /// engine; answers to clients rest on it, never on the hold alone. Blocking.
+    ///
+    /// # Errors
+    /// The changelog did not answer.
+    pub fn confirm_held(&self, ns: &str) -> Result<bool, LogError> {
+        if !self.held(ns) {
+            return Ok(false);
+        }
+        let sp = self.space(ns)?;
+        let s = sp.lock();
+        if !self.held(ns) {
+            return Ok(false);
+        }
+        if self.log.last_position(ns)? == s.applied {
+            return Ok(true);
+        }
+        tracing::warn!(
+            message = "Another node wrote to a namespace this node held: it stops writing it.",
+            namespace = ns
+        );
+        self.release(ns);
+        Ok(false)
+    }
+
     /// Stops writing an owned namespace (its next holder acquires it).
     pub fn release(&self, ns: &str) {
         self.held.lock().remove(ns);

@@ -191,3 +191,24 @@ fn a_data_directory_written_without_a_changelog_is_refused_not_merged() {
     let err = kv.kv_scan("plugins", b"").unwrap_err().to_string();
     assert!(err.contains("weir migrate"), "{err}");
 }
+
+/// A holder paused past its lease (a zombie) still believes it holds the namespace and would
+/// answer reads from its cache, a state the new holder has moved on from. Confirming the
+/// hold reads the changelog's end: it finds the takeover, stops holding, and reads what the
+/// new holder committed.
+#[test]
+fn a_holder_taken_over_finds_out_before_answering() {
+    let log = Arc::new(MemoryChangelog::default());
+    let (a, b) = (node(&log), node(&log));
+    a.acquire(NS).unwrap();
+    a.kv_apply(NS, &[put("x", "1")]).unwrap();
+    assert!(a.confirm_held(NS).unwrap(), "nothing after its own entry");
+    b.acquire(NS).unwrap();
+    b.kv_apply(NS, &[put("x", "2")]).unwrap();
+    assert!(a.held(NS), "a has not noticed yet");
+    assert_eq!(get(&a, NS, "x").as_deref(), Some("1"), "its cache is stale");
+    assert!(!a.confirm_held(NS).unwrap());
+    assert!(!a.held(NS));
+    assert_eq!(get(&a, NS, "x").as_deref(), Some("2"));
+    assert!(b.confirm_held(NS).unwrap());
+}

@@ -60,7 +60,7 @@ impl PluginManager {
         else {
             return Ok(None);
         };
-        if self.is_active(name) {
+        if self.serves_from_memory(name).await? {
             return Ok(Some(known));
         }
         let cursor =
@@ -68,6 +68,21 @@ impl PluginManager {
                 .await?;
         // The tail is authoritative (the view may still be of a deployment since removed).
         Ok(Some(cursor.next))
+    }
+
+    /// Whether this node may answer for `name` from what it runs: it runs the plugin and, in
+    /// cluster mode, still holds its changelog as of its end. A node paused past its lease
+    /// (a zombie that has not noticed yet) would answer from a state another node has moved
+    /// on from; it reads the changelog's tail instead (and stops holding the plugin).
+    async fn serves_from_memory(&self, name: &str) -> Result<bool, ManagerError> {
+        if !self.is_active(name) {
+            return Ok(false);
+        }
+        if self.seams.cluster.is_none() {
+            return Ok(true);
+        }
+        let (store, owned) = (self.seams.store.clone(), name.to_string());
+        blocking(move || Ok(store.confirm_held(&owned)?)).await
     }
 
     /// Every plugin.
@@ -116,7 +131,7 @@ impl PluginManager {
         key: &[u8],
     ) -> Result<Option<(Vec<u8>, u64)>, ManagerError> {
         let (runtime, key) = (self.runtime(name)?, key.to_vec());
-        if !self.is_active(name) {
+        if !self.serves_from_memory(name).await? {
             // Another node runs it: read what it committed (this node's cache of it may be
             // behind; the store reads the changelog's tail first).
             return blocking(move || {

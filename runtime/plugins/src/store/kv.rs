@@ -269,6 +269,13 @@ impl PluginStore for KvPluginStore {
         }
     }
 
+    fn confirm_held(&self, plugin: &str) -> Result<bool, LogError> {
+        match &self.replicated {
+            Some(r) => r.confirm_held(&namespace(plugin)),
+            None => Ok(true),
+        }
+    }
+
     fn held(&self, plugin: &str) -> bool {
         self.replicated
             .as_ref()

@@ -163,6 +163,12 @@ pub trait PluginStore: Send + Sync + 'static {
     }
     /// Cluster mode: stops writing a plugin's store.
     fn release(&self, _plugin: &str) {}
+    /// Cluster mode: whether this node still holds a plugin's store as of the changelog's
+    /// end (one round trip); a node that finds another's entry after its own stops holding
+    /// it. Always true on one node.
+    fn confirm_held(&self, _plugin: &str) -> Result<bool, LogError> {
+        Ok(true)
+    }
     /// Cluster mode: whether this node may write a plugin's store (it acquired it and no
     /// write was refused or left uncertain since).
     fn held(&self, _plugin: &str) -> bool {
