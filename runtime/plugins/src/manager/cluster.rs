@@ -163,7 +163,7 @@ impl PluginManager {
 
     /// Starts running a plugin this node took the lease of: reads what other nodes
     /// committed, fences them out, opens it from there.
-    async fn activate(&self, name: &str) -> Result<(), ManagerError> {
+    pub(crate) async fn activate(&self, name: &str) -> Result<(), ManagerError> {
         let (spec, plugin) = (self.spec(name)?, self.runtime(name)?.plugin.clone());
         let started = Instant::now();
         self.stop(name).await;
@@ -180,7 +180,16 @@ impl PluginManager {
             self.start(spec, plugin).await?;
             return acquired.map(|_| ());
         }
-        self.start(spec, plugin).await?;
+        if let Err(e) = self.start(spec.clone(), plugin.clone()).await {
+            // Not running after all (its store or code failed to open): not active either,
+            // so the next tick takes it over again. Left marked active it was never retried
+            // while this live node kept the lease, and no node ran the plugin.
+            self.give_back(name);
+            if let Err(standby) = self.start(spec, plugin).await {
+                tracing::debug!(message = "The standby copy did not open either.", plugin = %name, error = %standby);
+            }
+            return Err(e);
+        }
         tracing::info!(message = "Plugin taken over: this node runs it now.", plugin = %name, took_ms = started.elapsed().as_millis() as u64);
         Ok(())
     }

@@ -105,7 +105,7 @@ impl PluginManager {
 
     /// Whether this node runs `name` (always, outside cluster mode): it holds the lease and
     /// the plugin's store, and no write to it was refused or left uncertain since.
-    fn is_active(&self, name: &str) -> bool {
+    pub(crate) fn is_active(&self, name: &str) -> bool {
         self.seams.cluster.is_none()
             || (self.active.lock().contains_key(name) && self.seams.store.held(name))
     }
@@ -122,7 +122,11 @@ impl PluginManager {
     }
 
     /// Opens a plugin; spawns its tasks if this node runs it.
-    async fn start(&self, spec: PluginSpec, plugin: Arc<dyn Plugin>) -> Result<(), ManagerError> {
+    pub(crate) async fn start(
+        &self,
+        spec: PluginSpec,
+        plugin: Arc<dyn Plugin>,
+    ) -> Result<(), ManagerError> {
         let name = spec.name.clone();
         let active = self.is_active(&name);
         let (seams, cache) = (self.seams.clone(), self.config.state_cache_bytes);
@@ -356,7 +360,12 @@ impl PluginManager {
             return Err(e);
         }
         tracing::info!(message = "Plugin deployed.", plugin = %spec.name, input = %spec.input, sha256 = %spec.wasm_sha256);
-        self.start(spec.clone(), Arc::new(compiled)).await?;
+        if let Err(e) = self.start(spec.clone(), Arc::new(compiled)).await {
+            // Deployed, but not running here: not active, so the cluster loop opens it and
+            // takes it over again (its lease is this node's) instead of believing it runs.
+            self.give_back(&spec_name);
+            return Err(e);
+        }
         self.info(&spec_name)
     }
 
@@ -488,7 +497,7 @@ impl PluginManager {
         &self.engine
     }
 
-    fn runtime(&self, name: &str) -> Result<Arc<PluginRuntime>, ManagerError> {
+    pub(crate) fn runtime(&self, name: &str) -> Result<Arc<PluginRuntime>, ManagerError> {
         self.plugins
             .lock()
             .get(name)

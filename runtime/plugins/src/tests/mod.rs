@@ -5,6 +5,7 @@
 mod cluster;
 mod fakes;
 mod harness;
+mod manager_cluster;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
