@@ -91,24 +91,26 @@ pub struct ServeArgs {
     #[arg(long, env = "WEIR_NATS", value_name = "NATS_URLS")]
     pub log: Option<String>,
     /// Replicas of every stream weir creates on JetStream (with --log): 1, 3 or 5.
-    #[arg(long, default_value_t = 3, requires = "log")]
+    #[arg(long, default_value_t = 3, requires = "log", value_parser = ranged::<usize>(bounds::REPLICAS))]
     pub replicas: usize,
     /// Prefix of weir's stream and subject names on JetStream (with --log): weir nodes with
     /// the same prefix serve the same topics.
     #[arg(long, default_value = "weir", requires = "log")]
     pub log_prefix: String,
     /// When writes are synced: `always` (ack after fsync, group commit), `interval:<ms>`
-    /// (ack after write, fsync every interval), `never` (fsync only at shutdown).
-    #[arg(long, default_value = "always", value_parser = |s: &str| s.parse::<FsyncPolicy>())]
+    /// (ack after write, fsync every interval of 1 to 3600000 ms), `never` (fsync only at
+    /// shutdown).
+    #[arg(long, default_value = "always", value_parser = parse_fsync)]
     pub fsync: FsyncPolicy,
-    /// Largest record accepted, in encoded bytes.
-    #[arg(long, default_value_t = 1024 * 1024)]
+    /// Largest record accepted, in encoded bytes (1 to 33554432).
+    #[arg(long, default_value_t = 1024 * 1024, value_parser = ranged::<usize>(bounds::RECORD_BYTES))]
     pub max_record_bytes: usize,
-    /// How often retention runs, in milliseconds.
-    #[arg(long, default_value_t = 30_000)]
+    /// How often retention and the expiry of idle producers and groups run, ms (1 to
+    /// 86400000).
+    #[arg(long, default_value_t = 30_000, value_parser = ranged::<u64>(bounds::RETENTION_CHECK_MS))]
     pub retention_check_ms: u64,
-    /// sled page cache in MiB.
-    #[arg(long, default_value_t = 512)]
+    /// sled page cache in MiB (1 to 1048576).
+    #[arg(long, default_value_t = 512, value_parser = ranged::<u64>(bounds::CACHE_MB))]
     pub cache_mb: u64,
     /// Principals, token hashes and grants (TOML, see docs/security.md). Without it every
     /// client may do everything.
@@ -120,60 +122,170 @@ pub struct ServeArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Largest gRPC request accepted, in MiB (a publish batch, a deploy with its wasm).
-    #[arg(long, default_value_t = 64)]
+    /// Largest gRPC request accepted, in MiB (a publish batch, a deploy with its wasm; 1 to
+    /// 4095: gRPC frames a message with a 32-bit length).
+    #[arg(long, default_value_t = 64, value_parser = ranged::<usize>(bounds::REQUEST_MB))]
     pub max_request_mb: usize,
-    /// Most records in one publish request.
-    #[arg(long, default_value_t = 100_000)]
+    /// Most records in one publish request (1 to 10000000).
+    #[arg(long, default_value_t = 100_000, value_parser = ranged::<usize>(bounds::BATCH_RECORDS))]
     pub max_batch_records: usize,
-    /// Most open subscribe / publish streams per client connection.
-    #[arg(long, default_value_t = 64)]
+    /// Most open subscribe / publish streams per client connection (1 to 100000).
+    #[arg(long, default_value_t = 64, value_parser = ranged::<usize>(bounds::STREAMS_PER_CONNECTION))]
     pub max_streams_per_connection: usize,
-    /// Largest plugin wasm accepted, in MiB (below --max-request-mb: a deploy carries the
-    /// wasm in one request).
-    #[arg(long, default_value_t = 48)]
+    /// Largest plugin wasm accepted, in MiB (1 to 4094, and below --max-request-mb: a deploy
+    /// carries the wasm in one request).
+    #[arg(long, default_value_t = 48, value_parser = ranged::<usize>(bounds::WASM_MB))]
     pub max_wasm_mb: usize,
-    /// The highest CPU bound per batch a plugin may be deployed with, ms. Pause, remove,
-    /// upgrade and shutdown interrupt a running batch within an epoch tick (10 ms) anyway.
-    #[arg(long, default_value_t = 60_000)]
+    /// The highest CPU bound per batch a plugin may be deployed with, ms (1 to 4294967295); a
+    /// deploy that names none gets 5000 ms or this, if lower. Pause, remove, upgrade and
+    /// shutdown interrupt a running batch within an epoch tick (10 ms) anyway.
+    #[arg(long, default_value_t = 60_000, value_parser = ranged::<u64>(bounds::PLUGIN_TIMEOUT_MS))]
     pub max_plugin_timeout_ms: u64,
-    /// Committed-state cache per plugin, MiB (least recently used keys are evicted; reads of
-    /// evicted keys go to the store).
-    #[arg(long, default_value_t = 64)]
+    /// Committed-state cache per plugin, MiB (1 to 1048576; least recently used keys are
+    /// evicted; reads of evicted keys go to the store).
+    #[arg(long, default_value_t = 64, value_parser = ranged::<usize>(bounds::STATE_CACHE_MB))]
     pub state_cache_mb: usize,
-    /// Forget a client's idempotent producer after it has been idle this long, ms (Kafka's
-    /// transactional.id.expiration.ms); a retry after that is refused as expired. Plugins'
-    /// producers never expire.
-    #[arg(long, default_value_t = 7 * 24 * 3600 * 1000)]
+    /// Forget a client's idempotent producer after it has been idle this long, ms (1 to
+    /// 2^63-1; Kafka's transactional.id.expiration.ms); a retry after that is refused as
+    /// expired. Plugins' producers never expire.
+    #[arg(long, default_value_t = 7 * 24 * 3600 * 1000, value_parser = ranged::<u64>(bounds::EXPIRY_MS))]
     pub producer_expiry_ms: u64,
     /// Forget a consumer group's offsets for a topic after it has had no subscriber and no
-    /// commit or fetch of its offsets for this long, ms (Kafka's offsets.retention.minutes).
-    #[arg(long, default_value_t = 7 * 24 * 3600 * 1000)]
+    /// commit or fetch of its offsets for this long, ms (1 to 2^63-1; Kafka's
+    /// offsets.retention.minutes).
+    #[arg(long, default_value_t = 7 * 24 * 3600 * 1000, value_parser = ranged::<u64>(bounds::EXPIRY_MS))]
     pub group_expiry_ms: u64,
     /// Cache compiled plugins here instead of DATA_DIR/compiled (servers may share one: entries
     /// are keyed by the component's sha256 and the engine's settings).
     #[arg(long)]
     pub compiled_cache: Option<std::path::PathBuf>,
-    /// Most plugins one principal may own (an auth entry's `max_plugins` overrides it).
-    #[arg(long, default_value_t = 100)]
+    /// Most plugins one principal may own (0 to 1000000; an auth entry's `max_plugins`
+    /// overrides it).
+    #[arg(long, default_value_t = 100, value_parser = ranged::<usize>(bounds::PLUGINS_PER_PRINCIPAL))]
     pub max_plugins_per_principal: usize,
     /// Serve Prometheus `/metrics` and the status page (`/`) on this address (TLS too when
     /// --tls-cert is given).
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
-    /// How often lag is sampled, ms.
-    #[arg(long, default_value_t = 1000)]
+    /// How often lag is sampled, ms (1 to 3600000).
+    #[arg(long, default_value_t = 1000, value_parser = ranged::<u64>(bounds::LAG_SAMPLE_MS))]
     pub lag_sample_ms: u64,
-    /// Samples in the window lag status is evaluated over (Burrow's rules).
-    #[arg(long, default_value_t = 10)]
+    /// Samples in the window lag status is evaluated over (Burrow's rules; 2 to 10000).
+    #[arg(long, default_value_t = 10, value_parser = ranged::<usize>(bounds::LAG_WINDOW))]
     pub lag_window: usize,
     /// Write a probe record into each partition of the watched topics this often, ms (0 = no
-    /// probes). Plugins never see probes; `weir lag` reports their end-to-end delay.
-    #[arg(long, default_value_t = 0)]
+    /// probes, at most 86400000). Plugins never see probes; `weir lag` reports their
+    /// end-to-end delay.
+    #[arg(long, default_value_t = 0, value_parser = ranged::<u64>(bounds::PROBE_INTERVAL_MS))]
     pub probe_interval_ms: u64,
     /// A topic to probe (repeatable); every plugin's input topic when none is given.
     #[arg(long)]
     pub probe_topic: Vec<String>,
+}
+
+/// The range of every numeric flag of `weir serve` (docs/security.md, "Flags and their
+/// ranges", lists them). clap refuses a value outside with the flag's name and the range before
+/// anything starts, so no flag can wrap when it is scaled to bytes or combined with another.
+pub mod bounds {
+    use std::ops::RangeInclusive;
+
+    /// `--replicas` (1, 3 or 5: `weir serve` refuses an even count with its own message).
+    pub const REPLICAS: RangeInclusive<u64> = 1..=5;
+    /// `--max-record-bytes`.
+    pub const RECORD_BYTES: RangeInclusive<u64> = 1..=32 << 20;
+    /// `--retention-check-ms` (at least once a day).
+    pub const RETENTION_CHECK_MS: RangeInclusive<u64> = 1..=86_400_000;
+    /// `--cache-mb` (sled's page cache; 1 TiB at most).
+    pub const CACHE_MB: RangeInclusive<u64> = 1..=1 << 20;
+    /// `--max-request-mb`: gRPC frames a message with a 32-bit length, so below 4 GiB.
+    pub const REQUEST_MB: RangeInclusive<u64> = 1..=4095;
+    /// `--max-batch-records`.
+    pub const BATCH_RECORDS: RangeInclusive<u64> = 1..=10_000_000;
+    /// `--max-streams-per-connection`.
+    pub const STREAMS_PER_CONNECTION: RangeInclusive<u64> = 1..=100_000;
+    /// `--max-wasm-mb` (and below `--max-request-mb`).
+    pub const WASM_MB: RangeInclusive<u64> = 1..=4094;
+    /// `--max-plugin-timeout-ms` (a deploy's `timeout_ms` is 32 bits).
+    pub const PLUGIN_TIMEOUT_MS: RangeInclusive<u64> = 1..=u32::MAX as u64;
+    /// `--state-cache-mb` (per plugin; 1 TiB at most).
+    pub const STATE_CACHE_MB: RangeInclusive<u64> = 1..=1 << 20;
+    /// `--producer-expiry-ms`, `--group-expiry-ms`: any duration weir can add to a timestamp.
+    pub const EXPIRY_MS: RangeInclusive<u64> = 1..=weir_core::MAX_DURATION_MS;
+    /// `--max-plugins-per-principal` (0: only principals whose auth entry sets `max_plugins`
+    /// may deploy).
+    pub const PLUGINS_PER_PRINCIPAL: RangeInclusive<u64> = 0..=1_000_000;
+    /// `--lag-sample-ms` (at least once an hour).
+    pub const LAG_SAMPLE_MS: RangeInclusive<u64> = 1..=3_600_000;
+    /// `--lag-window`, in samples.
+    pub const LAG_WINDOW: RangeInclusive<u64> = 2..=10_000;
+    /// `--probe-interval-ms` (0: no probes; at least once a day).
+    pub const PROBE_INTERVAL_MS: RangeInclusive<u64> = 0..=86_400_000;
+    /// The `<ms>` of `--fsync interval:<ms>` (beyond an hour, `never` says what is meant).
+    pub const FSYNC_INTERVAL_MS: RangeInclusive<u64> = 1..=3_600_000;
+}
+
+/// clap's parser of an integer flag within `range`; its error names the flag and the range
+/// ("invalid value '0' for '--cache-mb <CACHE_MB>': 0 is not in 1..=1048576").
+fn ranged<T>(range: std::ops::RangeInclusive<u64>) -> clap::builder::RangedU64ValueParser<T>
+where
+    T: TryFrom<u64> + Clone + Send + Sync + 'static,
+    <T as TryFrom<u64>>::Error: Send + Sync + 'static + std::error::Error + ToString,
+{
+    clap::builder::RangedU64ValueParser::<T>::new().range(range)
+}
+
+/// `value` of `flag` if it is within `range`, else an error naming both.
+fn within<T: Copy + TryInto<u64> + std::fmt::Display>(
+    value: T,
+    flag: &str,
+    range: std::ops::RangeInclusive<u64>,
+) -> anyhow::Result<T> {
+    match value.try_into() {
+        Ok(v) if range.contains(&v) => Ok(value),
+        _ => anyhow::bail!(
+            "{flag} {value} is out of range: {} to {}",
+            range.start(),
+            range.end()
+        ),
+    }
+}
+
+/// `value` MiB of `flag` in bytes, refusing a value outside `range` or one whose bytes do not
+/// fit (checked, never shifted: `17592186044416 << 20` wraps to 0).
+fn mib<T>(value: T, flag: &str, range: std::ops::RangeInclusive<u64>) -> anyhow::Result<T>
+where
+    T: Copy + TryInto<u64> + TryFrom<u64> + std::fmt::Display,
+{
+    within(value, flag, range.clone())?;
+    value
+        .try_into()
+        .ok()
+        .and_then(|v: u64| v.checked_mul(1 << 20))
+        .and_then(|bytes| T::try_from(bytes).ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{flag} {value} is out of range: {} to {}",
+                range.start(),
+                range.end()
+            )
+        })
+}
+
+/// `--fsync`: a policy, with `interval:<ms>` within [`bounds::FSYNC_INTERVAL_MS`].
+fn parse_fsync(s: &str) -> Result<FsyncPolicy, String> {
+    let policy = s.parse::<FsyncPolicy>()?;
+    if let FsyncPolicy::Interval(d) = policy {
+        let range = bounds::FSYNC_INTERVAL_MS;
+        if !range.contains(&u64::try_from(d.as_millis()).unwrap_or(u64::MAX)) {
+            return Err(format!(
+                "interval:{} is out of range: {} to {} ms (use never to leave syncing to the OS)",
+                d.as_millis(),
+                range.start(),
+                range.end()
+            ));
+        }
+    }
+    Ok(policy)
 }
 
 /// Runs a parsed command line until it finishes or `shutdown` is cancelled (Ctrl-C).
@@ -229,13 +341,12 @@ impl Remote {
 }
 
 async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    if args.max_record_bytes == 0 || args.max_record_bytes > 32 * 1024 * 1024 {
-        anyhow::bail!("--max-record-bytes must be between 1 and 33554432");
-    }
+    // Every numeric flag was range-checked by clap (`bounds`); the products below are checked
+    // again so that a `ServeArgs` built in code cannot wrap either.
     let mut config = ServerConfig::new(args.data_dir);
     config.listen = args.listen;
     config.fsync = args.fsync;
-    config.cache_bytes = args.cache_mb * 1024 * 1024;
+    config.cache_bytes = mib(args.cache_mb, "--cache-mb", bounds::CACHE_MB)?;
     if let Some(list) = &args.log {
         config.log = Some(migrate::jetstream_options(
             list,
@@ -251,20 +362,41 @@ async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<(
     if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
         config.tls = Some(server::TlsFiles { cert, key });
     }
-    anyhow::ensure!(
-        args.max_request_mb > 0 && args.max_batch_records > 0 && args.max_streams_per_connection > 0 && args.max_wasm_mb > 0,
-        "--max-request-mb, --max-batch-records, --max-streams-per-connection and --max-wasm-mb must be positive"
-    );
+    let max_request_bytes = mib(args.max_request_mb, "--max-request-mb", bounds::REQUEST_MB)?;
+    let max_wasm_bytes = mib(args.max_wasm_mb, "--max-wasm-mb", bounds::WASM_MB)?;
+    within(
+        args.max_batch_records,
+        "--max-batch-records",
+        bounds::BATCH_RECORDS,
+    )?;
+    within(
+        args.max_streams_per_connection,
+        "--max-streams-per-connection",
+        bounds::STREAMS_PER_CONNECTION,
+    )?;
+    within(
+        args.max_plugins_per_principal,
+        "--max-plugins-per-principal",
+        bounds::PLUGINS_PER_PRINCIPAL,
+    )?;
+    within(
+        args.max_record_bytes,
+        "--max-record-bytes",
+        bounds::RECORD_BYTES,
+    )?;
     config.limits = weir_server::ApiLimits {
-        max_request_bytes: args.max_request_mb << 20,
+        max_request_bytes,
         max_streams_per_connection: args.max_streams_per_connection,
         max_plugins_per_principal: args.max_plugins_per_principal,
     };
     config.broker.max_batch_records = args.max_batch_records;
-    anyhow::ensure!(
-        args.lag_sample_ms > 0 && args.lag_window >= 2,
-        "--lag-sample-ms must be positive and --lag-window at least 2"
-    );
+    within(args.lag_sample_ms, "--lag-sample-ms", bounds::LAG_SAMPLE_MS)?;
+    within(args.lag_window, "--lag-window", bounds::LAG_WINDOW)?;
+    within(
+        args.probe_interval_ms,
+        "--probe-interval-ms",
+        bounds::PROBE_INTERVAL_MS,
+    )?;
     config.metrics_listen = args.metrics;
     config.monitor = weir_server::monitor::MonitorConfig {
         sample_interval: std::time::Duration::from_millis(args.lag_sample_ms),
@@ -280,27 +412,36 @@ async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<(
         args.max_wasm_mb,
         args.max_request_mb
     );
-    anyhow::ensure!(
-        args.max_plugin_timeout_ms > 0 && args.max_plugin_timeout_ms <= u64::from(u32::MAX),
-        "--max-plugin-timeout-ms must be between 1 and {}",
-        u32::MAX
-    );
-    anyhow::ensure!(args.state_cache_mb > 0, "--state-cache-mb must be positive");
-    anyhow::ensure!(
-        args.producer_expiry_ms > 0 && args.group_expiry_ms > 0,
-        "--producer-expiry-ms and --group-expiry-ms must be positive"
-    );
+    within(
+        args.max_plugin_timeout_ms,
+        "--max-plugin-timeout-ms",
+        bounds::PLUGIN_TIMEOUT_MS,
+    )?;
+    within(
+        args.producer_expiry_ms,
+        "--producer-expiry-ms",
+        bounds::EXPIRY_MS,
+    )?;
+    within(args.group_expiry_ms, "--group-expiry-ms", bounds::EXPIRY_MS)?;
     config.plugins = weir_server::server::PluginLimits {
-        max_wasm_bytes: args.max_wasm_mb << 20,
+        max_wasm_bytes,
         max_timeout: std::time::Duration::from_millis(args.max_plugin_timeout_ms),
-        state_cache_bytes: args.state_cache_mb << 20,
+        state_cache_bytes: mib(
+            args.state_cache_mb,
+            "--state-cache-mb",
+            bounds::STATE_CACHE_MB,
+        )?,
     };
     config.broker.producer_expiry = std::time::Duration::from_millis(args.producer_expiry_ms);
     config.broker.group_expiry = std::time::Duration::from_millis(args.group_expiry_ms);
     config.compiled_dir = args.compiled_cache;
     config.broker.max_record_bytes = args.max_record_bytes;
-    config.broker.retention_interval =
-        std::time::Duration::from_millis(args.retention_check_ms.max(1));
+    within(
+        args.retention_check_ms,
+        "--retention-check-ms",
+        bounds::RETENTION_CHECK_MS,
+    )?;
+    config.broker.retention_interval = std::time::Duration::from_millis(args.retention_check_ms);
     server::run(config, shutdown, |server| {
         // Machine-readable for scripts and tests that start the server on port 0.
         println!("weir listening on {}", server.addr);
