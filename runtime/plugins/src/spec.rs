@@ -51,6 +51,63 @@ pub struct AlertThresholds {
     pub max_delay_ms: u64,
 }
 
+impl AlertThresholds {
+    /// The highest `--alert-lag` a deploy may set (offsets and lags are signed 64-bit in
+    /// Kafka's protocol and in Prometheus' gauges).
+    pub const MAX_LAG: u64 = i64::MAX as u64;
+    /// The highest `--alert-delay-ms` a deploy may set.
+    pub const MAX_DELAY_MS: u64 = weir_core::MAX_DURATION_MS;
+}
+
+/// The highest `--max-rate` a deploy may set, records per second over all partitions: far
+/// above what one server reads, so a value above it is a mistake (2^64-1 from an unsigned
+/// underflow), not a pace.
+pub const MAX_RATE: u64 = 1_000_000_000;
+
+/// Checks what a deploy sets beyond its limits (which `request::validate` checks): alert
+/// thresholds and `--max-rate` within their ranges (0 turns each off), config keys not empty.
+/// The message names the flag and its range.
+///
+/// # Errors
+/// The first setting out of range, in words.
+pub fn check_settings(
+    alerts: &AlertThresholds,
+    max_rate: u64,
+    config: &[(String, String)],
+) -> Result<(), String> {
+    let ranges = [
+        (
+            "--alert-lag",
+            alerts.max_lag,
+            AlertThresholds::MAX_LAG,
+            "records",
+        ),
+        (
+            "--alert-delay-ms",
+            alerts.max_delay_ms,
+            AlertThresholds::MAX_DELAY_MS,
+            "ms",
+        ),
+        ("--max-rate", max_rate, MAX_RATE, "records per second"),
+    ];
+    for (flag, value, max, unit) in ranges {
+        if value > max {
+            return Err(format!(
+                "{flag} {value} is out of range: 0 (off) to {max} {unit}"
+            ));
+        }
+    }
+    // The value is not echoed: config may carry credentials.
+    if let Some(n) = config.iter().position(|(key, _)| key.is_empty()) {
+        return Err(format!(
+            "--config entry {} of {} has an empty key: give each entry as key=value",
+            n + 1,
+            config.len()
+        ));
+    }
+    Ok(())
+}
+
 /// A deployed plugin.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -2,15 +2,16 @@
 
 use std::time::Duration;
 
-use tonic::Status;
+use tonic::{Code, Status};
 
 use weir_api::pb;
+use weir_broker::{Broker, BrokerError, StartAt};
 use weir_plugins::{
     AlertThresholds, DedupWindow, DeployRequest, Limits, OnError, PluginInfo, PluginManager,
     StartFrom,
 };
 
-use crate::statuses::ToStatus;
+use crate::statuses::{status, ToStatus};
 
 /// A plugin as the API shows it.
 pub(crate) fn plugin_info(info: PluginInfo) -> pb::PluginInfo {
@@ -126,9 +127,11 @@ pub(super) fn deploy_request(r: pb::DeployPluginRequest) -> Result<DeployRequest
     })
 }
 
-/// A state value for `GetState`.
+/// A state value for `GetState`. With `after`, whether the plugin has processed that offset
+/// yet; an offset at or past the partition's end is refused (it may never be processed).
 pub(super) async fn get_state(
     plugins: &PluginManager,
+    broker: &Broker,
     r: pb::GetStateRequest,
 ) -> Result<pb::GetStateResponse, Status> {
     let pending = match r.after {
@@ -144,7 +147,7 @@ pub(super) async fn get_state(
                         r.plugin, at.partition
                     ))
                 })?;
-            committed <= at.offset
+            committed <= at.offset && !past_end(plugins, broker, &r.plugin, at).await?
         }
         None => false,
     };
@@ -164,4 +167,36 @@ pub(super) async fn get_state(
             },
         },
     )
+}
+
+/// Whether `at` names no record yet: its offset is at or past the end of the plugin's input
+/// partition (a client polling for it would wait for ever). Refused as CommitOffsets refuses
+/// a commit past the end: `OUT_OF_RANGE`, naming the end.
+async fn past_end(
+    plugins: &PluginManager,
+    broker: &Broker,
+    plugin: &str,
+    at: pb::InputPosition,
+) -> Result<bool, Status> {
+    let input = plugins.info(plugin).or_status()?.spec.input;
+    // The record at `offset` exists when `offset + 1` is a valid start (on a shared log, after
+    // catching up with what other nodes appended).
+    let next = at.offset.saturating_add(1);
+    match broker
+        .resolve_start(&input, at.partition, StartAt::Offset(next))
+        .await
+    {
+        Ok(_) => Ok(false),
+        Err(BrokerError::OffsetOutOfRange { end, .. }) => Err(status(
+            Code::OutOfRange,
+            "offset-out-of-range",
+            format!(
+                "offset {} is past the end of partition {} of {input}, the input of plugin \
+                 {plugin}: the partition ends at {end} (the next record will get offset {end}); \
+                 pass the partition:offset `weir publish` acknowledged for your record",
+                at.offset, at.partition
+            ),
+        )),
+        Err(e) => Err(crate::statuses::of_broker(e)),
+    }
 }

@@ -309,6 +309,7 @@ pub async fn start_on(
         config.auth.clone(),
         config.limits,
         monitor.clone(),
+        config.plugins.max_timeout,
     );
     let tls = config.tls.is_some();
     let serve_shutdown = shutdown.clone();

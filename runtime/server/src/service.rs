@@ -10,7 +10,7 @@ use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use weir_api::convert::{admission, start_at};
 use weir_api::pb::{self, weir_server::Weir};
@@ -22,7 +22,7 @@ use crate::auth::{self, Authority, Operation, Principal, Resource};
 use crate::limits::{ApiLimits, Guarded, StreamLimiter};
 use crate::monitor::{ConsumerKind, Monitor};
 use crate::rpc_convert::{acks_response, caller_of, consumer_health, lag_row, publish_of};
-use crate::statuses::{of_broker, ToStatus};
+use crate::statuses::{of_broker, status, ToStatus};
 use crate::streams::{Follower, STREAM_IN_FLIGHT};
 
 /// Default and maximum records per subscribe response message.
@@ -44,6 +44,8 @@ pub struct WeirService {
     limits: ApiLimits,
     streams: Arc<StreamLimiter>,
     monitor: Arc<Monitor>,
+    /// `--max-plugin-timeout-ms`: a deploy naming no CPU bound gets the default or this.
+    max_plugin_timeout: std::time::Duration,
 }
 
 impl WeirService {
@@ -55,6 +57,7 @@ impl WeirService {
         auth: Arc<Authority>,
         limits: ApiLimits,
         monitor: Arc<Monitor>,
+        max_plugin_timeout: std::time::Duration,
     ) -> Self {
         WeirService {
             broker,
@@ -64,6 +67,7 @@ impl WeirService {
             limits,
             streams: Arc::default(),
             monitor,
+            max_plugin_timeout,
         }
     }
 
@@ -423,7 +427,15 @@ impl Weir for WeirService {
             Operation::Deploy,
             Resource::Plugin(&request.get_ref().name),
         )?;
+        let names_timeout = request.get_ref().timeout_ms != 0;
         let mut deploy = crate::plugin_rpc::deploy_request(request.into_inner())?;
+        if !names_timeout {
+            // The default bound, lowered to this server's ceiling: a deploy is never refused
+            // for a value its user did not give.
+            deploy.limits.timeout = deploy.limits.timeout.min(self.max_plugin_timeout);
+        }
+        weir_plugins::spec::check_settings(&deploy.alerts, deploy.max_rate, &deploy.config)
+            .map_err(|m| status(Code::InvalidArgument, "invalid-argument", m))?;
         // A plugin acts with its owner's rights: it reads only what the owner may read and
         // emits only where the owner may publish.
         auth::check(
@@ -567,7 +579,7 @@ impl Weir for WeirService {
             Resource::Plugin(&request.get_ref().plugin),
         )?;
         Ok(Response::new(
-            crate::plugin_rpc::get_state(&self.plugins, request.into_inner()).await?,
+            crate::plugin_rpc::get_state(&self.plugins, &self.broker, request.into_inner()).await?,
         ))
     }
 }

@@ -155,9 +155,10 @@ pub struct DeployArgs {
     /// Memory cap per instance, MiB.
     #[arg(long, default_value_t = 64)]
     pub memory_mb: u32,
-    /// CPU bound per batch, ms.
-    #[arg(long, default_value_t = 5000)]
-    pub timeout_ms: u32,
+    /// CPU bound per batch, ms [default: 5000, or the server's --max-plugin-timeout-ms when
+    /// that is lower].
+    #[arg(long)]
+    pub timeout_ms: Option<u32>,
     /// After retries: stop the partition (halt) or dead-letter the record (dlq).
     #[arg(long, default_value = "halt", value_parser = ["halt", "dlq"])]
     pub on_error: String,
@@ -189,7 +190,8 @@ impl DeployArgs {
             config: self.config,
             from: self.from,
             memory_mb: self.memory_mb,
-            timeout_ms: self.timeout_ms,
+            // 0: the server's default, which it lowers to its own ceiling.
+            timeout_ms: self.timeout_ms.unwrap_or(0),
             on_error: self.on_error,
             dedup_ids: self.dedup_ids,
             dedup_age_ms: self.dedup_age_ms,
