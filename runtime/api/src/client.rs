@@ -34,6 +34,14 @@ pub enum ClientError {
     /// The server's answer did not have the expected shape.
     #[error("unexpected response: {0}")]
     Protocol(String),
+    /// The address is not one weir speaks to (no call was made).
+    #[error("{addr:?} is not a weir server address: {reason}")]
+    Address {
+        /// The address given.
+        addr: String,
+        /// What is wrong with it, and what to write instead.
+        reason: String,
+    },
 }
 
 impl From<Status> for ClientError {
@@ -138,15 +146,21 @@ impl Client {
         Client::connect_with(addr, &ConnectOptions::default()).await
     }
 
-    /// Connects with a token and TLS settings; `https://` addresses use TLS.
+    /// Connects with a token and TLS settings; `https://` addresses use TLS, `http://` ones
+    /// plain HTTP/2, and any other scheme is refused.
     ///
     /// # Errors
+    /// [`ClientError::Address`] for a scheme other than `http://` and `https://`;
     /// [`ClientError::Connect`] when the address or token is malformed or nothing answers.
     pub async fn connect_with(addr: &str, options: &ConnectOptions) -> Result<Self, ClientError> {
         let connect_err = |reason: String| ClientError::Connect {
             addr: addr.to_string(),
             reason,
         };
+        check_scheme(addr).map_err(|reason| ClientError::Address {
+            addr: addr.to_string(),
+            reason,
+        })?;
         let authorization = match &options.token {
             Some(token) => Some(format!("Bearer {}", token.trim()).parse().map_err(|_| {
                 connect_err("the token has characters that cannot go in a header".into())
@@ -383,6 +397,21 @@ impl Subscription {
             .message()
             .await?
             .map(|r| r.records.into_iter().map(StoredRecord::from).collect()))
+    }
+}
+
+/// Refuses an address whose scheme is not `http://` or `https://` (before this, `ftp://h:1`
+/// was spoken to as plain HTTP).
+fn check_scheme(addr: &str) -> Result<(), String> {
+    let expected = "expected a URL like http://127.0.0.1:7070, or https://HOST:PORT for TLS";
+    match addr.split_once("://") {
+        Some(("http" | "https", _)) => Ok(()),
+        Some((scheme, _)) => Err(format!(
+            "weir speaks gRPC over http:// and https://, not {scheme}:// ({expected})"
+        )),
+        None => Err(format!(
+            "it does not start with http:// or https:// ({expected})"
+        )),
     }
 }
 

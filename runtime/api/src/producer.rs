@@ -40,7 +40,7 @@ fn retriable(e: &ClientError) -> bool {
                 | Code::Aborted
                 | Code::Internal
         ),
-        ClientError::Protocol(_) => false,
+        ClientError::Protocol(_) | ClientError::Address { .. } => false,
     }
 }
 

@@ -70,8 +70,10 @@ fn io_code(e: &IoError) -> (Code, &'static str) {
     (code, if e.name.is_empty() { "io" } else { e.name })
 }
 
-/// A status with its `weir-error` kind.
+/// A status with its `weir-error` kind. The message is given in words: an I/O error's debug
+/// form inside it (see [`plain_io_errors`]) is rewritten as the error's own Display.
 pub(crate) fn status(code: Code, kind: &str, message: String) -> Status {
+    let message = plain_io_errors(message);
     if code == Code::Internal || code == Code::DataLoss {
         tracing::error!(message = "Request failed inside the server.", error = %message);
     }
@@ -148,6 +150,53 @@ impl<T> ToStatus<T> for Result<T, AuthError> {
     }
 }
 
+/// The start of an OS error's debug form, `Os { code: 5, kind: Uncategorized, message: "…" }`.
+const OS_DEBUG: &str = "Os { code: ";
+
+/// Rewrites every OS error's debug form in `message` as that error's Display
+/// (`Input/output error (os error 5)`). sled keeps a failed I/O as its global error and hands
+/// out clones of it, and its `Clone` builds a new `io::Error` from the old one's `{:?}`: every
+/// later call's error then says `Os { code: 5, kind: Uncategorized, … }` even through Display.
+/// No client should read Rust's debug text.
+pub(crate) fn plain_io_errors(message: String) -> String {
+    if !message.contains(OS_DEBUG) {
+        return message;
+    }
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message.as_str();
+    while let Some(at) = rest.find(OS_DEBUG) {
+        out.push_str(&rest[..at]);
+        let from = &rest[at..];
+        match os_debug_in_words(from) {
+            Some((words, used)) => {
+                out.push_str(&words);
+                rest = &from[used..];
+            }
+            None => {
+                out.push_str(OS_DEBUG);
+                rest = &from[OS_DEBUG.len()..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `Os { code: N, kind: K, message: "M" }` at the start of `s` as `M (os error N)`, with the
+/// length of the debug form.
+fn os_debug_in_words(s: &str) -> Option<(String, usize)> {
+    let body = s.strip_prefix(OS_DEBUG)?;
+    let (code, body) = body.split_once(", kind: ")?;
+    let code: i32 = code.parse().ok()?;
+    let (kind, body) = body.split_once(", message: \"")?;
+    if !kind.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return None;
+    }
+    let (text, _) = body.split_once("\" }")?;
+    let used = s.len() - body.len() + text.len() + "\" }".len();
+    Some((format!("{text} (os error {code})"), used))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,5 +211,47 @@ mod tests {
             status.message(),
             "another weir node changed plugin points at the same moment; retry the request"
         );
+    }
+
+    /// What sled's `Clone` of an I/O error holds: a new error whose text is the old one's
+    /// debug form.
+    fn sled_clone_of_eio() -> std::io::Error {
+        let eio = std::io::Error::from_raw_os_error(5);
+        std::io::Error::new(eio.kind(), format!("{eio:?}"))
+    }
+
+    #[test]
+    fn a_failed_write_reaches_the_client_in_words() {
+        let failed = BrokerError::WriteFailed {
+            source: weir_log::LogError::Io {
+                path: "db".into(),
+                source: sled_clone_of_eio(),
+            },
+        };
+        assert!(failed.to_string().contains("Os {"), "the repro holds");
+        let status = of_broker(failed);
+        assert_eq!(status.code(), Code::Unavailable);
+        let message = status.message();
+        assert!(
+            !message.contains("Os {") && !message.contains("kind:"),
+            "{message}"
+        );
+        let eio = std::io::Error::from_raw_os_error(5).to_string();
+        assert!(message.contains(&format!("db: {eio}")), "{message}");
+        assert!(message.contains("may or may not be stored"), "{message}");
+    }
+
+    #[test]
+    fn debug_forms_are_rewritten_and_other_text_is_kept() {
+        let eio = std::io::Error::from_raw_os_error(5);
+        let text = format!("a: {eio:?}; b: {eio:?} end");
+        assert_eq!(plain_io_errors(text), format!("a: {eio}; b: {eio} end"));
+        for kept in [
+            "no error here",
+            "Os { code: x",
+            "Os { code: 5, kind: A B, message: \"m\" }",
+        ] {
+            assert_eq!(plain_io_errors(kept.to_string()), kept);
+        }
     }
 }

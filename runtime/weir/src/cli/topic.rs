@@ -71,11 +71,13 @@ pub(super) async fn run(client: &Client, cmd: TopicCommand) -> anyhow::Result<()
             );
         }
         TopicCommand::List => {
+            // Asked before the header is printed: a refused call prints only its error.
+            let topics = client.list_topics().await?;
             println!(
                 "{:<32} {:>10} {:>14} {:>14}",
                 "TOPIC", "PARTITIONS", "RECORDS", "BYTES"
             );
-            for t in client.list_topics().await? {
+            for t in topics {
                 let records: u64 = t
                     .partitions
                     .iter()
