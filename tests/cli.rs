@@ -588,3 +588,188 @@ fn the_proto_names_the_plugin_world_of_the_sdk() {
         "the proto says where a subscribe without a start begins"
     );
 }
+
+/// `weir serve` with `extra`: its exit success and stderr, or a failure of the test if it is
+/// still running after 20 s (it accepted the flags and started).
+fn serve_refused(data: &std::path::Path, extra: &[&str]) -> String {
+    let mut child = std::process::Command::new(common::weir_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .args(extra)
+        .env("WEIR_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("weir serve {extra:?} started: the flags should be refused");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "weir serve {extra:?}: {stderr}");
+    stderr
+}
+
+/// Issue 21, item 8: a numeric flag of `weir serve` that would wrap when scaled (MiB to bytes)
+/// or that means nothing (0) is refused before anything starts, naming the flag and its
+/// range; `--cache-mb 0` on a healthy data directory no longer says the store is corrupt.
+#[test]
+fn serve_flags_out_of_range_are_refused_naming_the_flag_and_its_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // A healthy store with a record in it.
+    let server = WeirProcess::spawn(&data, "127.0.0.1:0", &[]);
+    ok(&server.addr, &["topic", "create", "kept"], "");
+    ok(&server.addr, &["publish", "kept"], "a\n");
+    assert!(server.terminate(Duration::from_secs(20)).success());
+
+    let wraps = "17592186044416"; // 2^44: times 2^20 is 2^64
+    let max = u64::MAX.to_string();
+    for (flag, value, range) in [
+        ("--max-request-mb", wraps, "1..=4095"),
+        ("--max-request-mb", "0", "1..=4095"),
+        ("--max-wasm-mb", wraps, "1..=4094"),
+        ("--cache-mb", "0", "1..=1048576"),
+        ("--cache-mb", wraps, "1..=1048576"),
+        ("--state-cache-mb", wraps, "1..=1048576"),
+        ("--state-cache-mb", "0", "1..=1048576"),
+        ("--max-record-bytes", "0", "1..=33554432"),
+        ("--max-batch-records", "0", "1..=10000000"),
+        ("--max-streams-per-connection", &max, "1..=100000"),
+        ("--max-plugin-timeout-ms", "0", "1..=4294967295"),
+        ("--max-plugins-per-principal", &max, "0..=1000000"),
+        ("--retention-check-ms", &max, "1..=86400000"),
+        ("--producer-expiry-ms", &max, "1..=9223372036854775807"),
+        ("--group-expiry-ms", "0", "1..=9223372036854775807"),
+        ("--lag-sample-ms", &max, "1..=3600000"),
+        ("--lag-window", "1", "2..=10000"),
+        ("--lag-window", &max, "2..=10000"),
+        ("--probe-interval-ms", &max, "0..=86400000"),
+    ] {
+        let stderr = serve_refused(&data, &[flag, value]);
+        assert!(
+            stderr.contains(flag) && stderr.contains(&format!("{value} is not in {range}")),
+            "{flag} {value}: {stderr}"
+        );
+        assert!(!stderr.contains("corrupt"), "{flag} {value}: {stderr}");
+    }
+    let stderr = serve_refused(&data, &["--fsync", "interval:86400001"]);
+    assert!(
+        stderr.contains("--fsync") && stderr.contains("1 to 3600000 ms"),
+        "{stderr}"
+    );
+    // Nothing was harmed: the smallest cache opens the same store with its record.
+    let server = WeirProcess::spawn(&data, "127.0.0.1:0", &["--cache-mb", "1"]);
+    let out = ok(
+        &server.addr,
+        &["consume", "kept", "--from", "earliest", "--max", "1"],
+        "",
+    );
+    assert_eq!(out, "a\n");
+}
+
+/// Issue 21, item 8: a deploy that names no CPU bound on a server whose
+/// --max-plugin-timeout-ms is below the default (5000 ms) runs with the server's ceiling; it
+/// used to be refused for "--timeout-ms 5000", a value its user never gave. One that names a
+/// bound above the ceiling is still refused, naming it.
+#[test]
+fn a_deploy_without_a_timeout_gets_the_servers_ceiling() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm_dir = tempfile::tempdir().unwrap();
+    let points = wasm_dir.path().join("points.wasm");
+    std::fs::write(&points, common::plugin_wasm("points")).unwrap();
+    let points = points.to_str().unwrap();
+    let server = WeirProcess::spawn(
+        dir.path(),
+        "127.0.0.1:0",
+        &["--max-plugin-timeout-ms", "1000"],
+    );
+    let s = &server.addr;
+    ok(s, &["topic", "create", "order.paid"], "");
+    ok(s, &["topic", "create", "points.credited"], "");
+    let deploy = |timeout: &[&'static str]| {
+        let mut args = vec![
+            "plugin",
+            "deploy",
+            "points",
+            "--wasm",
+            points,
+            "--input",
+            "order.paid",
+            "--output",
+            "points.credited",
+        ];
+        args.extend(timeout);
+        args
+    };
+    let err = fails(s, &deploy(&["--timeout-ms", "5000"]), "");
+    assert!(
+        err.contains("--timeout-ms 5000 is out of range: this server allows 1 to 1000 ms"),
+        "{err}"
+    );
+    let out = ok(s, &deploy(&[]), "");
+    assert!(out.contains("timeout=1000ms"), "{out}");
+}
+
+/// Issue 21, item 10: the CLI speaks only http:// and https://; any other address is refused
+/// in one line before anything is sent (ftp:// used to be spoken to as http).
+#[test]
+fn the_cli_refuses_an_address_that_is_not_http_or_https() {
+    // A server on the port: the old client reached it over plain http whatever the scheme.
+    let dir = tempfile::tempdir().unwrap();
+    let server = WeirProcess::spawn(dir.path(), "127.0.0.1:0", &[]);
+    let port = server.port();
+    for addr in [
+        format!("ftp://127.0.0.1:{port}"),
+        format!("127.0.0.1:{port}"),
+        format!("unix://127.0.0.1:{port}"),
+    ] {
+        let err = fails(&addr, &["topic", "list"], "");
+        assert!(
+            err.contains("is not a weir server address")
+                && err.contains("expected a URL like http://127.0.0.1:7070"),
+            "{addr}: {err}"
+        );
+    }
+    ok(&format!("http://127.0.0.1:{port}"), &["topic", "list"], "");
+}
+
+/// Issue 21, item 10: a refused call prints its error and nothing on stdout (`topic list`
+/// printed its table header before the authentication error).
+#[test]
+fn a_refused_listing_prints_no_table_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let (token, hash) = weir_server::auth::mint_token();
+    std::fs::write(
+        dir.path().join("auth.toml"),
+        format!("[[principal]]\nname = \"ops\"\ntokens = [\"{hash}\"]\nadmin = true\n"),
+    )
+    .unwrap();
+    let auth = dir.path().join("auth.toml");
+    let server = WeirProcess::spawn(
+        &dir.path().join("data"),
+        "127.0.0.1:0",
+        &["--auth", auth.to_str().unwrap()],
+    );
+    let (stranger, _) = weir_server::auth::mint_token();
+    for args in [
+        vec!["--token", stranger.as_str(), "topic", "list"],
+        vec!["topic", "list"],
+    ] {
+        let (success, stdout, stderr) = weir_cli(&server.addr, &args, "");
+        assert!(!success, "{stderr}");
+        assert_eq!(stdout, "", "stdout before a refused call: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    }
+    let out = ok(&server.addr, &["--token", &token, "topic", "list"], "");
+    assert!(out.starts_with("TOPIC"), "{out}");
+}

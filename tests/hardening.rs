@@ -1126,3 +1126,148 @@ fn memory_stays_flat_under_a_steady_load() {
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("memory flat after warm-up: ok"), "{out}");
 }
+
+/// Issue 21, item 9: `state get --after P:O` with an offset no record has (at or past the
+/// partition's end) is refused with OUT_OF_RANGE naming the end, as CommitOffsets refuses a
+/// commit past the end; it used to answer `pending` for ever. A real record's offset is
+/// pending, then answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn state_after_an_offset_past_the_partitions_end_is_refused_naming_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), |_| {}).await;
+    let client = Client::connect(&server.url()).await.unwrap();
+    points_on(&client, "halt").await;
+    let acks = client
+        .publish(
+            "order.paid",
+            Some(1),
+            vec![paid(1, "ann", 10.0), paid(2, "ann", 10.0)],
+        )
+        .await
+        .unwrap();
+    let last = acks[0].base_offset + u64::from(acks[0].count) - 1;
+    wait_for(30, "the record processed", async || {
+        matches!(
+            client
+                .get_state_after("points", b"balance/ann", 1, last)
+                .await
+                .unwrap(),
+            weir_api::StateAnswer::Value(..)
+        )
+    })
+    .await;
+    let end = last + 1;
+    for offset in [end, end + 1_000_000, u64::MAX] {
+        let e = client
+            .get_state_after("points", b"balance/ann", 1, offset)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some(Code::OutOfRange), "{offset}: {e}");
+        assert_eq!(e.kind(), Some("offset-out-of-range"), "{offset}: {e}");
+        let message = e.to_string();
+        assert!(
+            message.contains(&format!(
+                "offset {offset} is past the end of partition 1 of order.paid"
+            )) && message.contains(&format!("ends at {end}")),
+            "{message}"
+        );
+    }
+    // Another partition's end is its own: partition 0 has no record yet.
+    let e = client
+        .get_state_after("points", b"balance/ann", 0, 0)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("ends at 0"), "{e}");
+    server.stop().await.unwrap();
+}
+
+/// Issue 21, items 8 and 10: deploy settings out of range are refused with INVALID_ARGUMENT
+/// naming the field and its range (alert thresholds and --max-rate of 2^64-1, an empty config
+/// key used to be accepted); a deploy naming no CPU bound gets the server's ceiling when that
+/// is below the default.
+#[tokio::test(flavor = "multi_thread")]
+async fn deploy_settings_out_of_range_are_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), |c| {
+        c.plugins.max_timeout = Duration::from_millis(1000);
+    })
+    .await;
+    let client = Client::connect(&server.url()).await.unwrap();
+    for topic in ["order.paid", "points.credited"] {
+        client
+            .create_topic(&TopicConfig::new(topic, 1))
+            .await
+            .unwrap();
+    }
+    let request = || pb::DeployPluginRequest {
+        name: "points".into(),
+        wasm: plugin_wasm("points"),
+        input: "order.paid".into(),
+        outputs: vec!["points.credited".into()],
+        // Within the ceiling: each request below is refused for its one bad field.
+        timeout_ms: 500,
+        ..Default::default()
+    };
+    for (r, needle) in [
+        (
+            pb::DeployPluginRequest {
+                alert_lag: u64::MAX,
+                ..request()
+            },
+            "--alert-lag 18446744073709551615 is out of range: 0 (off) to 9223372036854775807 records",
+        ),
+        (
+            pb::DeployPluginRequest {
+                alert_delay_ms: u64::MAX,
+                ..request()
+            },
+            "--alert-delay-ms 18446744073709551615 is out of range: 0 (off) to 9223372036854775807 ms",
+        ),
+        (
+            pb::DeployPluginRequest {
+                max_rate: u64::MAX,
+                ..request()
+            },
+            "--max-rate 18446744073709551615 is out of range: 0 (off) to 1000000000 records per second",
+        ),
+        (
+            pb::DeployPluginRequest {
+                config: vec![
+                    pb::ConfigEntry {
+                        key: "rate".into(),
+                        value: "0.5".into(),
+                    },
+                    pb::ConfigEntry {
+                        key: String::new(),
+                        value: "secret".into(),
+                    },
+                ],
+                ..request()
+            },
+            "--config entry 2 of 2 has an empty key",
+        ),
+    ] {
+        let status = client.raw().deploy_plugin(r).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(weir_api::error_kind(&status), Some("invalid-argument"));
+        assert!(status.message().contains(needle), "{status:?}");
+        assert!(!status.message().contains("secret"), "{status:?}");
+    }
+    assert!(client.list_plugins().await.unwrap().is_empty());
+    // The largest values in range are taken, and no timeout means the ceiling.
+    let info = client
+        .raw()
+        .deploy_plugin(pb::DeployPluginRequest {
+            alert_lag: i64::MAX as u64,
+            alert_delay_ms: i64::MAX as u64,
+            max_rate: 1_000_000_000,
+            timeout_ms: 0,
+            ..request()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.timeout_ms, 1000);
+    assert_eq!(info.max_rate, 1_000_000_000);
+    server.stop().await.unwrap();
+}
