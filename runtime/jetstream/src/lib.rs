@@ -27,6 +27,7 @@
 #![deny(missing_docs)]
 
 mod changelog;
+mod close;
 mod log;
 mod meta;
 mod names;
@@ -143,6 +144,8 @@ struct PartState {
     next: u64,
     /// The last walk read to the end (it was not cut short by a failure).
     walk_complete: bool,
+    /// A deletion of the topic closed the partition: it takes no more appends.
+    closed: bool,
 }
 
 /// The log on JetStream. See the crate documentation for the layout.

@@ -64,7 +64,11 @@ impl Log for JetStreamLog {
 
     fn delete_topic(&self, config: &TopicConfig) -> Result<(), LogError> {
         self.block_on(async {
-            // The key first: a topic never exists without its stream (a crash after this
+            // Closed first, fenced on what every partition holds: from then on no node can
+            // acknowledge a record of it. A deletion that fails before this never lands
+            // later over records acknowledged after it (its close is refused by the engine).
+            self.close_topic_async(config).await?;
+            // Then the key: a topic never exists without its stream (a crash after this
             // leaves an orphan stream, which creating the topic again removes).
             self.meta_purge(&self.names.topic_key(&config.name)).await?;
             self.meta_purge(&self.names.topic_group_keys(&config.name))
@@ -366,7 +370,7 @@ impl Log for JetStreamLog {
         let walked = self.block_on(self.walk(tp, &mut st, |w| match w {
             Walked::Chunk { base, meta, .. } => tail.chunks.push((base, meta)),
             Walked::Producer { id, state } => tail.producers.push((id, state)),
-            Walked::ChunkPart => {}
+            Walked::ChunkPart | Walked::Closed => {}
         }));
         match walked {
             Ok(()) => Ok(tail),

@@ -22,13 +22,15 @@ pub const CHUNK_TARGET_BYTES: usize = 256 * 1024;
 /// A chunk larger than this (one big record) is stored as several messages of the batch.
 pub const FRAGMENT_BYTES: usize = 512 * 1024;
 /// JetStream's limit on messages in one atomic batch.
-const MAX_BATCH_MESSAGES: usize = 1000;
+pub(crate) const MAX_BATCH_MESSAGES: usize = 1000;
 
 pub(crate) const H_BASE: &str = "Weir-Base";
 const H_COUNT: &str = "Weir-Count";
 const H_BYTES: &str = "Weir-Bytes";
 const H_MAX_TS: &str = "Weir-Max-Ts";
 const H_FRAGS: &str = "Weir-Frags";
+/// On a chunk subject, in place of a chunk: the topic's deletion closed the partition.
+pub(crate) const H_CLOSED: &str = "Weir-Closed";
 
 pub(crate) fn header<T: std::str::FromStr>(h: &HeaderMap, name: &str) -> Option<T> {
     h.get(name)?.as_str().parse().ok()
@@ -63,6 +65,8 @@ pub(crate) enum Walked {
     ChunkPart,
     /// A producer's sequence state.
     Producer { id: u64, state: Bytes },
+    /// The mark a topic's deletion leaves on each partition before anything is removed.
+    Closed,
 }
 
 fn classify(m: &async_nats::jetstream::message::StreamMessage) -> Walked {
@@ -79,6 +83,9 @@ fn classify_parts(subject: &str, seq: u64, headers: Option<&HeaderMap>, payload:
     let Some(h) = headers else {
         return Walked::ChunkPart;
     };
+    if h.get(H_CLOSED).is_some() {
+        return Walked::Closed;
+    }
     match (
         header::<u64>(h, H_BASE),
         header::<u32>(h, H_COUNT),
@@ -107,6 +114,9 @@ fn advance(st: &mut PartState, walked: &Walked, seq: u64) -> bool {
     st.walked_seq = seq;
     if !matches!(walked, Walked::Producer { .. }) {
         st.last_chunk_seq = seq;
+    }
+    if matches!(walked, Walked::Closed) {
+        st.closed = true;
     }
     if let Walked::Chunk { base, loc, meta } = walked {
         if *base < st.next && !st.index.is_empty() {
@@ -308,6 +318,11 @@ impl JetStreamLog {
     ) -> Result<(), LogError> {
         // A partition that never held a chunk may begin past 0: a log moved from a single node
         // whose retention had trimmed it (`weir migrate`). The fence still applies.
+        if st.closed {
+            return Err(LogError::Closed {
+                topic: tp.topic.clone(),
+            });
+        }
         let never_written =
             st.index.is_empty() && st.last_chunk_seq == 0 && st.next == 0 && st.walk_complete;
         if base_offset != st.next && !never_written {
@@ -456,7 +471,7 @@ impl JetStreamLog {
             Walked::Producer { id, state } => {
                 producers.insert(id, state);
             }
-            Walked::ChunkPart => {}
+            Walked::ChunkPart | Walked::Closed => {}
         };
         self.block_on(async {
             self.scan_headers(tp, &mut st, &mut collect).await?;

@@ -267,3 +267,98 @@ fn a_group_commit_that_timed_out_never_lands_over_a_later_one() {
     a.put_group_offsets("g", "t", &[(0, 5)], 5).unwrap();
     assert_eq!(b.group_offsets("g", "t").unwrap(), vec![(0, 5)]);
 }
+
+/// A deletion through a node whose nats-server freezes times out; its request waits in the
+/// frozen server. Records acknowledged through another node meanwhile must stay: the late
+/// deletion must not land over them (it used to remove the topic's key when the server
+/// thawed, and every node answered "unknown topic").
+#[test]
+fn a_topic_deletion_that_timed_out_never_lands_over_later_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let prefix = "late2";
+    let first = connect(&c, prefix);
+    let config = TopicConfig::new("keep0", 1);
+    let tp = TopicPartition::new("keep0", 0);
+    let chunks = |tag| codec::encode_chunks(&records(100, 10, tag), 1, 128 * 1024);
+    first.put_topic(&config).unwrap();
+    first.recover_partition(&tp).unwrap();
+    first.append(&tp, 0, &chunks(1), None).unwrap();
+    // The server frozen leads neither the metadata stream nor the topic's.
+    let leaders: Vec<usize> = [
+        first.names().meta_stream(),
+        first.names().topic_stream("keep0"),
+    ]
+    .iter()
+    .map(|stream| {
+        (0..100)
+            .find_map(|_| {
+                let l = c.stream_leader(stream);
+                if l.is_none() {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                l
+            })
+            .expect("the stream has a leader")
+    })
+    .collect();
+    let frozen = (0..3).find(|i| !leaders.contains(i)).unwrap();
+    let a = connect_through(vec![c.nodes[frozen].url()], prefix);
+    let b = connect_through(
+        (0..3)
+            .filter(|i| *i != frozen)
+            .map(|i| c.nodes[i].url())
+            .collect(),
+        prefix,
+    );
+    b.recover_partition(&tp).unwrap();
+    assert_eq!(a.load_topics().unwrap(), vec![config.clone()]);
+    c.freeze(frozen);
+    let late = {
+        let config = config.clone();
+        std::thread::spawn(move || {
+            let r = a.delete_topic(&config);
+            (a, r)
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    b.append(&tp, 100, &chunks(2), None).unwrap();
+    let (a, r) = late.join().unwrap();
+    assert!(
+        r.is_err(),
+        "the deletion through the frozen server timed out"
+    );
+    c.thaw(frozen);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let fresh = connect(&c, prefix);
+    for (who, log) in [("b", &b), ("a", &a), ("a fresh node", &fresh)] {
+        assert_eq!(
+            log.load_topics().unwrap(),
+            vec![config.clone()],
+            "{who}: the topic is still there"
+        );
+    }
+    let recovered = fresh.recover_partition(&tp).unwrap();
+    let stored: u64 = recovered
+        .chunks
+        .iter()
+        .map(|(_, m)| u64::from(m.count))
+        .sum();
+    assert_eq!(stored, 200, "every acknowledged record is still stored");
+
+    // A deletion that goes through closes the topic first: a node that has not heard of it
+    // is refused (its append is fenced, and the tail says closed), never acknowledged.
+    a.recover_partition(&tp).unwrap();
+    b.close_topic(&config).unwrap_or_else(|e| panic!("{e}"));
+    match a.append(&tp, 200, &chunks(3), None) {
+        Err(LogError::Fenced { .. }) => {}
+        other => panic!("expected the append to be fenced, got {other:?}"),
+    }
+    a.tail(&tp).unwrap();
+    match a.append(&tp, 200, &chunks(3), None) {
+        Err(LogError::Closed { topic }) => assert_eq!(topic, "keep0"),
+        other => panic!("expected the closed topic to refuse, got {other:?}"),
+    }
+    b.delete_topic(&config).unwrap();
+    assert!(fresh.load_topics().unwrap().is_empty());
+}

@@ -132,6 +132,13 @@ pub enum LogError {
         /// The namespace.
         what: String,
     },
+    /// An append to a topic whose deletion has closed it (shared logs: a deletion begun through
+    /// any node); nothing was stored.
+    #[error("topic {topic} is being deleted: it takes no more records")]
+    Closed {
+        /// The topic.
+        topic: String,
+    },
     /// The write can never succeed as sent (a limit of the engine): nothing was stored.
     #[error("the replicated log cannot take this write: {reason}")]
     TooLarge {

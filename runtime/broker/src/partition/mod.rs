@@ -254,6 +254,8 @@ impl Partition {
             .map_err(|source| match source {
                 // A limit of the engine: nothing was stored, and a retry would fail the same.
                 LogError::TooLarge { .. } => BrokerError::InvalidArgument(source.to_string()),
+                // Its deletion (through any node) closed it: nothing was stored.
+                LogError::Closed { topic } => BrokerError::UnknownTopic(topic),
                 source => BrokerError::WriteFailed { source },
             })?;
         let mut s = self.state();
