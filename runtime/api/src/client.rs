@@ -141,6 +141,7 @@ impl Client {
     /// Connects to `addr` (e.g. `http://127.0.0.1:7070`).
     ///
     /// # Errors
+    /// [`ClientError::Address`] for a scheme other than `http://` and `https://`;
     /// [`ClientError::Connect`] when the address is malformed or nothing answers.
     pub async fn connect(addr: &str) -> Result<Self, ClientError> {
         Client::connect_with(addr, &ConnectOptions::default()).await

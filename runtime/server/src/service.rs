@@ -22,7 +22,7 @@ use crate::auth::{self, Authority, Operation, Principal, Resource};
 use crate::limits::{ApiLimits, Guarded, StreamLimiter};
 use crate::monitor::{ConsumerKind, Monitor};
 use crate::rpc_convert::{acks_response, caller_of, consumer_health, lag_row, publish_of};
-use crate::statuses::{of_broker, status, ToStatus};
+use crate::statuses::{of_broker, plain_io_errors, status, ToStatus};
 use crate::streams::{Follower, STREAM_IN_FLIGHT};
 
 /// Default and maximum records per subscribe response message.
@@ -525,12 +525,14 @@ impl Weir for WeirService {
             Operation::ReadLogs,
             Resource::Plugin(&request.get_ref().name),
         )?;
+        let lines = self
+            .plugins
+            .logs(&request.into_inner().name)
+            .await
+            .or_status()?;
         Ok(Response::new(pb::PluginLogsResponse {
-            lines: self
-                .plugins
-                .logs(&request.into_inner().name)
-                .await
-                .or_status()?,
+            // A line about a failing store quotes its error, which may carry sled's debug form.
+            lines: lines.into_iter().map(plain_io_errors).collect(),
         }))
     }
 
