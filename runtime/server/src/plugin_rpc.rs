@@ -147,7 +147,11 @@ pub(super) async fn get_state(
                         r.plugin, at.partition
                     ))
                 })?;
-            committed <= at.offset && !past_end(plugins, broker, &r.plugin, at).await?
+            let pending = committed <= at.offset;
+            if pending {
+                ensure_stored(plugins, broker, &r.plugin, at).await?;
+            }
+            pending
         }
         None => false,
     };
@@ -169,15 +173,15 @@ pub(super) async fn get_state(
     )
 }
 
-/// Whether `at` names no record yet: its offset is at or past the end of the plugin's input
-/// partition (a client polling for it would wait for ever). Refused as CommitOffsets refuses
-/// a commit past the end: `OUT_OF_RANGE`, naming the end.
-async fn past_end(
+/// Refuses an `after` that names no record: an offset at or past the end of the plugin's input
+/// partition would be `pending` for ever (a client polls for ever). Refused as CommitOffsets
+/// refuses a commit past the end: `OUT_OF_RANGE`, naming the end.
+async fn ensure_stored(
     plugins: &PluginManager,
     broker: &Broker,
     plugin: &str,
     at: pb::InputPosition,
-) -> Result<bool, Status> {
+) -> Result<(), Status> {
     let input = plugins.info(plugin).or_status()?.spec.input;
     // The record at `offset` exists when `offset + 1` is a valid start (on a shared log, after
     // catching up with what other nodes appended).
@@ -186,7 +190,7 @@ async fn past_end(
         .resolve_start(&input, at.partition, StartAt::Offset(next))
         .await
     {
-        Ok(_) => Ok(false),
+        Ok(_) => Ok(()),
         Err(BrokerError::OffsetOutOfRange { end, .. }) => Err(status(
             Code::OutOfRange,
             "offset-out-of-range",
