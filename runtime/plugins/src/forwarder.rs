@@ -49,6 +49,21 @@ impl Forwarder {
         let producer_id = rt.spec.producer_ids[partition as usize];
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         'scan: loop {
+            // A node that no longer holds the plugin (another node took it over, a remove
+            // dropped it, or one of its writes was refused or left uncertain) forwards
+            // nothing: the holder forwards what was committed, and a straggler's outputs
+            // must never reach a topic after the plugin moved or was redeployed.
+            if !rt.seams.store.held(&rt.spec.name) {
+                self.failed(
+                    "this node no longer holds the plugin; the node that runs it forwards".into(),
+                    false,
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = cancel.cancelled() => return,
+                }
+                continue;
+            }
             let this = rt.clone();
             let scanned = weir_core::blocking::run(move || {
                 this.seams
@@ -103,6 +118,9 @@ impl Forwarder {
                     };
                     tracing::debug!(message = "Forwarding outputs.", topic = %g.topic, output_partition = g.partition, records = batch.records.len(), base_seq = g.base_seq);
                     loop {
+                        if !rt.seams.store.held(&rt.spec.name) {
+                            continue 'scan; // see the top of the loop
+                        }
                         let e = match rt.seams.output.publish(batch.clone()).await {
                             Ok(()) => break,
                             Err(e) if e.name == SEQUENCE_OUT_OF_ORDER => {
@@ -176,6 +194,8 @@ impl Forwarder {
             .await;
             match deleted {
                 Ok(Ok(())) => return true,
+                // Not this node's to delete any more: the holder re-forwards and deletes them.
+                Ok(Err(_)) if !self.rt.seams.store.held(&self.rt.spec.name) => return true,
                 Ok(Err(e)) => self.failed(format!("deleting forwarded outbox entries: {e}"), false),
                 Err(e) => self.failed(e.to_string(), false),
             }

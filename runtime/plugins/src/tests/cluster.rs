@@ -156,3 +156,61 @@ fn store_node(changelog: &Arc<weir_log::MemoryChangelog>) -> crate::store::KvPlu
         KvPluginStore::OWNED_PREFIX,
     )))
 }
+
+/// Cluster mode: a node that no longer holds a plugin (taken over, removed, or a write of
+/// its refused) forwards none of its outbox: a straggler's outputs must never reach a topic
+/// after the plugin moved or was redeployed. The holder forwards them, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_the_plugin_forwards_nothing() {
+    use crate::io::{IoError, IoKind};
+    let changelog = Arc::new(weir_log::MemoryChangelog::default());
+    let input = Arc::new(fakes::FakeInput::default());
+    input.topic("in", 1);
+    let output = Arc::new(fakes::FakeOutput::default());
+    output.topic("out", 2);
+    output.topic("p.dlq", 1);
+    let node = || harness::Harness::node(changelog.clone(), input.clone(), output.clone(), 1000);
+    let (mut a, mut b) = (node(), node());
+    {
+        let _blocking = weir_core::blocking::allow();
+        a.store.acquire("p").unwrap();
+    }
+    // Outputs cannot leave while A runs: they wait in its outbox.
+    *output.block.lock() = Some(IoError::new(IoKind::Unavailable, "broker away"));
+    a.start(spec(1, OnError::Halt), points());
+    for i in 0..5 {
+        input.append("in", 0, vec![rec("ann", "1", Some(&format!("m{i}")))]);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while a.rt().status.lock()[0].committed < 5 {
+        assert!(std::time::Instant::now() < deadline);
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // A stops holding the plugin (as the cluster loop's give-back does when its lease moved);
+    // then the way out opens. A forwards nothing.
+    a.store.release("p");
+    *output.block.lock() = None;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(
+        output.values("out").is_empty(),
+        "{:?}",
+        output.values("out")
+    );
+    let shown = a.rt().status.lock()[0].forwarding.clone();
+    assert!(
+        shown
+            .as_deref()
+            .is_some_and(|s| s.contains("no longer holds")),
+        "{shown:?}"
+    );
+    // B takes over and forwards A's committed outputs, each once.
+    {
+        let _blocking = weir_core::blocking::allow();
+        b.store.acquire("p").unwrap();
+    }
+    b.start(spec(1, OnError::Halt), points());
+    b.idle().await;
+    assert_eq!(output.values("out"), vec!["1", "2", "3", "4", "5"]);
+    a.stop().await;
+    b.stop().await;
+}
