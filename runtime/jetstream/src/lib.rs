@@ -32,6 +32,7 @@ mod log;
 mod meta;
 mod names;
 mod partition;
+mod recover;
 
 pub use partition::{CHUNK_TARGET_BYTES, FRAGMENT_BYTES};
 

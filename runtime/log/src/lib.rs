@@ -164,7 +164,7 @@ impl LogError {
 /// (`IO error: Os { code: 5, kind: Uncategorized, ... }`).
 fn describe_sled(e: &sled::Error) -> String {
     match e {
-        sled::Error::Io(io) => format!("I/O error: {io}"),
+        sled::Error::Io(io) => format!("I/O error: {}", plain_io(io)),
         sled::Error::Corruption { at, .. } => match at {
             Some(at) => format!("the store's files are damaged at {at}"),
             None => "the store's files are damaged".into(),
@@ -175,6 +175,22 @@ fn describe_sled(e: &sled::Error) -> String {
         sled::Error::Unsupported(what) => format!("unsupported operation: {what}"),
         sled::Error::ReportableBug(what) => format!("sled bug: {what}"),
     }
+}
+
+/// An I/O error in words. Once a write failed, sled hands back copies of that error whose
+/// text is the original's Rust debug form (`Os { code: 5, kind: Uncategorized, message:
+/// "Input/output error" }`): that reached clients and plugin states; it is told as the OS
+/// error it is.
+fn plain_io(io: &std::io::Error) -> String {
+    let text = io.to_string();
+    if let Some(code) = text
+        .strip_prefix("Os { code: ")
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|code| code.parse::<i32>().ok())
+    {
+        return std::io::Error::from_raw_os_error(code).to_string();
+    }
+    text
 }
 
 impl From<sled::Error> for LogError {
@@ -453,5 +469,22 @@ impl GroupKeys {
     fn partition(&self, key: &[u8]) -> Option<u32> {
         let rest = key.strip_prefix(self.prefix.as_slice())?;
         <[u8; 4]>::try_from(rest).ok().map(u32::from_be_bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LogError;
+
+    #[test]
+    fn a_copied_io_error_is_told_in_words_not_rust_debug_text() {
+        let copied = std::io::Error::other(
+            "Os { code: 5, kind: Uncategorized, message: \"Input/output error\" }",
+        );
+        let shown = LogError::Sled(sled::Error::Io(copied)).to_string();
+        assert!(!shown.contains("Os {"), "{shown}");
+        assert!(shown.contains("(os error 5)"), "{shown}");
+        let plain = LogError::Sled(sled::Error::Io(std::io::Error::other("disk full"))).to_string();
+        assert!(plain.contains("disk full"), "{plain}");
     }
 }
