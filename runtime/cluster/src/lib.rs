@@ -304,7 +304,8 @@ impl NatsCluster {
         }
     }
 
-    /// The index of the node leading `stream`'s Raft group, as the running nodes report it.
+    /// The index of the node leading `stream`'s Raft group, as the running nodes report it
+    /// (for a topic's stream, `stream` is its name without the per-creation suffix).
     pub fn stream_leader(&self, stream: &str) -> Option<usize> {
         for node in self.nodes.iter().filter(|n| n.is_running()) {
             let Ok((200, body)) = http_get(node.http_port, "/jsz?accounts=true&streams=true")
@@ -324,7 +325,16 @@ impl NatsCluster {
                     .cloned()
                     .unwrap_or_default()
                 {
-                    if s["name"] == stream {
+                    // A topic's stream is named per creation: `<name>-<8 hex>`.
+                    let name = s["name"].as_str().unwrap_or_default();
+                    if name == stream
+                        || name
+                            .strip_prefix(stream)
+                            .and_then(|rest| rest.strip_prefix('-'))
+                            .is_some_and(|tail| {
+                                tail.len() == 8 && tail.bytes().all(|b| b.is_ascii_hexdigit())
+                            })
+                    {
                         if let Some(leader) = s["cluster"]["leader"].as_str() {
                             return self.nodes.iter().position(|n| n.name == leader);
                         }

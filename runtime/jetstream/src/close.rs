@@ -32,7 +32,7 @@ impl JetStreamLog {
     }
 
     pub(crate) async fn close_topic_async(&self, config: &TopicConfig) -> Result<(), LogError> {
-        let name = self.names.topic_stream(&config.name);
+        let name = self.stream_name(&config.name).await?;
         let stream = match self.js.get_stream(&name).await {
             Ok(s) => s,
             Err(e) if e.to_string().contains("not found") => return Ok(()),
@@ -63,6 +63,8 @@ impl JetStreamLog {
                     );
                     messages.push((subject, h, Bytes::new(), None));
                 }
+                // Only into this topic's stream, never one of the name created since.
+                messages[0].1.insert("Nats-Expected-Stream", name.as_str());
                 let what = format!("topic {} (closing it)", config.name);
                 if self.send_fenced(&what, &messages).await?.is_some() {
                     break;

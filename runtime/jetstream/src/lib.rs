@@ -4,12 +4,15 @@
 //! Layout (every name starts with the options' prefix, `weir` by default, so several weir
 //! clusters can share one NATS cluster):
 //!
-//! - one stream per topic, `{prefix}-t-{token}`, replicated `replicas` times, with a subject
+//! - one stream per topic, `{prefix}-t-{token}-{8 hex}` (new at each creation; topics created
+//!   by an older weir keep `{prefix}-t-{token}`), replicated `replicas` times, with a subject
 //!   per partition for its chunks (`{prefix}.t.{token}.{p}.c`) and one per idempotent producer
 //!   for its sequence state (`{prefix}.t.{token}.{p}.p.{id}`, rolled up so only the newest
 //!   stays);
 //! - one metadata stream `{prefix}-meta` keeping the newest value of each subject: topic
-//!   configs, producer records and the next producer id, consumer-group offsets;
+//!   configs (with their stream's name), producer records and the next producer id,
+//!   consumer-group offsets; a deletion writes an empty value (never a purge: every write
+//!   there is fenced on what its writer read, see topics.rs and meta.rs);
 //! - one stream `{prefix}-kv` of changelogs and blobs ([`weir_log::Changelog`]): plugins'
 //!   state, the plugin registry and ownership table, plugins' wasm (`changelog.rs`).
 //!
@@ -33,6 +36,7 @@ mod meta;
 mod names;
 mod partition;
 mod recover;
+mod topics;
 
 pub use partition::{CHUNK_TARGET_BYTES, FRAGMENT_BYTES};
 
@@ -147,6 +151,9 @@ struct PartState {
     walk_complete: bool,
     /// A deletion of the topic closed the partition: it takes no more appends.
     closed: bool,
+    /// Producer id → stream sequence of its newest sequence state read or written here (what
+    /// an expiry's purge is bounded by).
+    producer_seqs: HashMap<u64, u64>,
 }
 
 /// The log on JetStream. See the crate documentation for the layout.
@@ -161,6 +168,9 @@ pub struct JetStreamLog {
     parts: Mutex<HashMap<TopicPartition, Arc<Mutex<PartState>>>>,
     /// The changelog stream (plugins' state), once opened.
     kv: Mutex<Option<jetstream::stream::Stream>>,
+    /// Topic → the name of its stream, as its stored config says (a name new at every
+    /// creation; topics created before that use [`Names::topic_stream`]).
+    topic_streams: Mutex<HashMap<String, String>>,
     /// Metadata subjects written over ([`JetStreamLog::meta_put_over`]) → the sequence of
     /// this node's last acknowledged write there (the next write's compare-and-set).
     meta_seqs_known: Mutex<HashMap<String, u64>>,
@@ -233,6 +243,7 @@ impl JetStreamLog {
             parts: Mutex::new(HashMap::new()),
             kv: Mutex::new(None),
             meta_seqs_known: Mutex::new(HashMap::new()),
+            topic_streams: Mutex::new(HashMap::new()),
         })
     }
 
@@ -251,65 +262,6 @@ impl JetStreamLog {
             .as_ref()
             .expect("the runtime lives as long as the log")
             .block_on(f)
-    }
-
-    /// The stream of an existing topic (created by [`JetStreamLog::create_stream`]; never
-    /// recreated here, so a deleted topic's stream does not come back).
-    async fn stream(&self, topic: &str) -> Result<jetstream::stream::Stream, LogError> {
-        if let Some(s) = self.streams.lock().get(topic) {
-            return Ok(s.clone());
-        }
-        let name = self.names.topic_stream(topic);
-        let stream = self.js.get_stream(&name).await.map_err(|e| {
-            engine(
-                &format!("open the stream of topic {topic}"),
-                format!("{e} (stream {name}; was the topic deleted?)"),
-            )
-        })?;
-        self.streams
-            .lock()
-            .insert(topic.to_string(), stream.clone());
-        Ok(stream)
-    }
-
-    /// Deletes a topic's stream if there is one.
-    async fn delete_stream_if_any(&self, topic: &str) -> Result<(), LogError> {
-        let name = self.names.topic_stream(topic);
-        match self.js.delete_stream(&name).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.to_string().contains("not found") => Ok(()),
-            Err(e) => Err(engine(&format!("delete stream {name}"), e)),
-        }
-    }
-
-    /// Creates a topic's stream with the configured replicas.
-    async fn create_stream(&self, topic: &str) -> Result<(), LogError> {
-        let config = jetstream::stream::Config {
-            name: self.names.topic_stream(topic),
-            subjects: vec![self.names.topic_subjects(topic)],
-            num_replicas: self.options.replicas,
-            storage: jetstream::stream::StorageType::File,
-            allow_rollup: true,
-            allow_atomic_publish: true,
-            // The fence, not the duplicate window, keeps appends unique.
-            duplicate_window: Duration::from_secs(1),
-            max_message_size: -1,
-            ..Default::default()
-        };
-        let what = format!(
-            "create the stream of topic {topic} ({} replicas)",
-            self.options.replicas
-        );
-        let stream = crate::meta::ensure_stream(
-            &self.js,
-            config,
-            &what,
-            Duration::from_secs(15),
-            crate::meta::transient,
-        )
-        .await?;
-        self.streams.lock().insert(topic.to_string(), stream);
-        Ok(())
     }
 
     fn part(&self, tp: &TopicPartition) -> Result<Arc<Mutex<PartState>>, LogError> {

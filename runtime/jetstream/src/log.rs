@@ -30,54 +30,15 @@ impl Durable for JetStreamLog {
 
 impl Log for JetStreamLog {
     fn load_topics(&self) -> Result<Vec<TopicConfig>, LogError> {
-        self.block_on(async {
-            let mut topics = Vec::new();
-            for (subject, bytes) in self.meta_list(&self.names.topic_keys()).await? {
-                let config: TopicConfig =
-                    serde_json::from_slice(&bytes).map_err(|e| LogError::Malformed {
-                        what: subject,
-                        reason: e.to_string(),
-                    })?;
-                topics.push(config);
-            }
-            topics.sort_by(|a, b| a.name.cmp(&b.name));
-            Ok(topics)
-        })
+        self.block_on(self.load_topics_async())
     }
 
     fn put_topic(&self, config: &TopicConfig) -> Result<(), LogError> {
-        let json = serde_json::to_vec(config).expect("topic config serialises");
-        self.block_on(async {
-            // Created only if absent: of two nodes creating a topic, one wins.
-            let key = self.names.topic_key(&config.name);
-            self.meta_put(&key, json.into(), Some(0)).await?;
-            // A stream left by an earlier topic of this name whose deletion was cut short.
-            self.delete_stream_if_any(&config.name).await?;
-            if let Err(e) = self.create_stream(&config.name).await {
-                // No topic without its stream: every node would fail to open it.
-                let _ = self.meta_purge(&key).await;
-                return Err(e);
-            }
-            Ok(())
-        })
+        self.block_on(self.put_topic_async(config))
     }
 
     fn delete_topic(&self, config: &TopicConfig) -> Result<(), LogError> {
-        self.block_on(async {
-            // Closed first, fenced on what every partition holds: from then on no node can
-            // acknowledge a record of it. A deletion that fails before this never lands
-            // later over records acknowledged after it (its close is refused by the engine).
-            self.close_topic_async(config).await?;
-            // Then the key: a topic never exists without its stream (a crash after this
-            // leaves an orphan stream, which creating the topic again removes).
-            self.meta_purge(&self.names.topic_key(&config.name)).await?;
-            self.meta_purge(&self.names.topic_group_keys(&config.name))
-                .await?;
-            self.streams.lock().remove(&config.name);
-            self.delete_stream_if_any(&config.name).await?;
-            self.parts.lock().retain(|tp, _| tp.topic != config.name);
-            Ok(())
-        })
+        self.block_on(self.delete_topic_async(config))
     }
 
     fn recover_partition(&self, tp: &TopicPartition) -> Result<RecoveredPartition, LogError> {
@@ -152,17 +113,26 @@ impl Log for JetStreamLog {
     }
 
     fn remove_producers(&self, tp: &TopicPartition, ids: &[u64]) -> Result<(), LogError> {
+        let part = self.part(tp)?;
         self.block_on(async {
             let stream = self.stream(&tp.topic).await?;
             for id in ids {
+                // Bounded by the newest state this node read or wrote: a state written after
+                // (the producer came back through another node) survives a purge that lands
+                // late.
+                let Some(seq) = part.lock().producer_seqs.get(id).copied() else {
+                    continue;
+                };
                 let subject = self
                     .names
                     .producer_state_subject(&tp.topic, tp.partition, *id);
                 stream
                     .purge()
                     .filter(subject)
+                    .sequence(seq + 1)
                     .await
                     .map_err(|e| engine(&format!("forget producer {id} in {tp}"), e))?;
+                part.lock().producer_seqs.remove(id);
             }
             Ok(())
         })
@@ -258,7 +228,10 @@ impl Log for JetStreamLog {
     fn delete_producers(&self, ids: &[u64]) -> Result<(), LogError> {
         self.block_on(async {
             for id in ids {
-                self.meta_purge(&self.names.producer_key(*id)).await?;
+                // An empty value fenced on the record read, not a purge: an epoch bump that
+                // lands after the read is kept (a late deletion would undo it).
+                self.tombstone_current(&self.names.producer_key(*id))
+                    .await?;
             }
             Ok(())
         })
@@ -413,7 +386,8 @@ impl Log for JetStreamLog {
             Ok(self
                 .meta_get(&self.names.producer_key(producer_id))
                 .await?
-                .map(|v| v.bytes))
+                .map(|v| v.bytes)
+                .filter(|b| !b.is_empty()))
         })
     }
 }

@@ -186,15 +186,6 @@ impl JetStreamLog {
         Ok(out)
     }
 
-    pub(crate) async fn meta_purge(&self, filter: &str) -> Result<(), LogError> {
-        self.meta
-            .purge()
-            .filter(filter.to_string())
-            .await
-            .map(|_| ())
-            .map_err(|e| engine(&format!("delete {filter}"), e))
-    }
-
     /// Every (subject, value) matching a filter.
     pub(crate) async fn meta_list(&self, filter: &str) -> Result<Vec<(String, Bytes)>, LogError> {
         let subjects: Vec<(String, usize)> = self

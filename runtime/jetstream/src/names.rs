@@ -106,7 +106,8 @@ impl Names {
         format!("{}.meta.group.>", self.prefix)
     }
 
-    /// A topic's stream.
+    /// A topic's stream as topics created before streams were named per creation have it;
+    /// a topic created since has `<this>-<8 hex>` (recorded in its config, see topics.rs).
     pub fn topic_stream(&self, topic: &str) -> String {
         format!("{}-t-{}", self.prefix, Self::token(topic))
     }

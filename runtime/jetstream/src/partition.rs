@@ -116,8 +116,12 @@ pub(crate) fn advance(st: &mut PartState, walked: &Walked, seq: u64) -> bool {
     if !matches!(walked, Walked::Producer { .. }) {
         st.last_chunk_seq = seq;
     }
-    if matches!(walked, Walked::Closed) {
-        st.closed = true;
+    match walked {
+        Walked::Closed => st.closed = true,
+        Walked::Producer { id, .. } => {
+            st.producer_seqs.insert(*id, seq);
+        }
+        _ => {}
     }
     if let Walked::Chunk { base, loc, meta } = walked {
         if *base < st.next && !st.index.is_empty() {
@@ -310,6 +314,12 @@ impl JetStreamLog {
             "Nats-Expected-Last-Subject-Sequence",
             st.last_chunk_seq.to_string().as_str(),
         );
+        // Only into this topic's stream: an append that lands late after the topic was
+        // deleted and created again (a new stream, the same subjects) is refused.
+        let stream = self.stream_name(&tp.topic).await?;
+        messages[0]
+            .1
+            .insert("Nats-Expected-Stream", stream.as_str());
         let n = messages.len();
         let last_chunk_message = messages.iter().rposition(|m| m.0 == subject).unwrap_or(0);
         let Some(ack) = self.send_fenced(tp, &messages).await? else {
@@ -337,6 +347,9 @@ impl JetStreamLog {
         }
         st.next = offset;
         st.last_chunk_seq = first + last_chunk_message as u64;
+        if let Some((id, _)) = producer {
+            st.producer_seqs.insert(id, ack.sequence); // the batch's last message
+        }
         // The fence proved no other batch reached the partition since the last chunk this
         // node knows; if its last walk also read everything up to there (the producer states
         // after that chunk included), the walk may continue after this batch.

@@ -52,6 +52,7 @@ impl JetStreamLog {
             let walked = classify_parts(m.subject.as_str(), seq, m.headers.as_ref(), &m.payload);
             if let Walked::Producer { id, .. } = walked {
                 st.walked_seq = seq;
+                st.producer_seqs.insert(id, seq);
                 producer_seqs.insert(id, seq);
             } else if advance(st, &walked, seq) {
                 seen(walked);

@@ -362,3 +362,44 @@ fn a_topic_deletion_that_timed_out_never_lands_over_later_records() {
     b.delete_topic(&config).unwrap();
     assert!(fresh.load_topics().unwrap().is_empty());
 }
+
+/// A topic deleted and created again gets a new stream. Writes meant for the old one — an
+/// append, a retention trim, a producer-state purge, from a node whose view is stale or whose
+/// request landed late — never reach the new one (with one stream name for both, an append
+/// fenced on a sequence the new stream happened to have landed there, and a trim purged it).
+#[test]
+fn a_topic_created_again_is_out_of_reach_of_the_old_ones_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let (a, b) = (connect(&c, "again"), connect(&c, "again"));
+    let config = TopicConfig::new("t", 1);
+    let tp = TopicPartition::new("t", 0);
+    let chunk = |tag| codec::encode_chunks(&records(1, 10, tag), 1, 128 * 1024);
+    a.put_topic(&config).unwrap();
+    a.recover_partition(&tp).unwrap();
+    a.append(&tp, 0, &chunk(1), Some((7, b"old-state")))
+        .unwrap();
+    // Deleted and created again through B, with one record at the same stream sequence.
+    b.load_topics().unwrap();
+    b.delete_topic(&config).unwrap();
+    b.put_topic(&config).unwrap();
+    b.recover_partition(&tp).unwrap();
+    b.append(&tp, 0, &chunk(2), None).unwrap();
+    // A still sees the old topic: its writes are refused or reach nothing.
+    assert!(a.append(&tp, 1, &chunk(3), None).is_err());
+    let _ = a.trim(&tp, &[0], 1);
+    let _ = a.remove_producers(&tp, &[7]);
+    let fresh = connect(&c, "again");
+    assert_eq!(fresh.load_topics().unwrap(), vec![config.clone()]);
+    let recovered = fresh.recover_partition(&tp).unwrap();
+    assert_eq!(recovered.chunks.len(), 1, "only B's record: {recovered:?}");
+    assert_eq!(recovered.chunks[0].0, 0);
+    let bytes = fresh.read_chunk(&tp, 0).unwrap().expect("B's chunk");
+    let got = codec::decode_chunk(&bytes, 0, 0).unwrap();
+    assert_eq!(got[0].record.value[0], 2, "B's record, not A's");
+    assert!(recovered.producers.is_empty(), "{:?}", recovered.producers);
+    // A learns the new topic from the metadata and writes to it.
+    a.load_topics().unwrap();
+    a.recover_partition(&tp).unwrap();
+    a.append(&tp, 1, &chunk(4), None).unwrap();
+}
