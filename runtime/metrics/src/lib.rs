@@ -10,6 +10,7 @@ use std::sync::LazyLock;
 use prometheus_client::encoding::EncodeLabelSet;
 pub use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+pub use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 pub use prometheus_client::registry::Registry;
 
@@ -58,6 +59,9 @@ pub struct Metrics {
     pub plugin_forward_failures: Family<PluginLabel, Counter>,
     /// Publish → effects committed for probe records, per plugin.
     pub probe_delay_seconds: Family<PluginLabel, Histogram, fn() -> Histogram>,
+    /// Cluster mode: 1 while no live node has run the plugin for longer than the lease
+    /// time-out (as this node sees the cluster), else 0.
+    pub plugin_unowned: Family<PluginLabel, Gauge>,
 }
 
 impl Metrics {
@@ -75,6 +79,7 @@ impl Metrics {
             probe_delay_seconds: Family::new_with_constructor(seconds_histogram),
             admission_refused: Family::default(),
             plugin_forward_failures: Family::default(),
+            plugin_unowned: Family::default(),
         }
     }
 
@@ -130,6 +135,11 @@ impl Metrics {
             "probe_delay_seconds",
             "End-to-end delay of probe records: publish to effects committed",
             self.probe_delay_seconds.clone(),
+        );
+        r.register(
+            "plugin_unowned",
+            "1 while no live weir node has run the plugin for longer than the lease time-out",
+            self.plugin_unowned.clone(),
         );
         r.register(
             "plugin_forward_failures",

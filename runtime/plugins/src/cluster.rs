@@ -64,6 +64,8 @@ pub struct Membership {
     /// others dead from heartbeats it could not read.
     beating_since: parking_lot::Mutex<Option<std::time::Instant>>,
     last_beat: parking_lot::Mutex<Option<std::time::Instant>>,
+    /// Plugins no live node held at this node's last ticks, since when.
+    free_since: parking_lot::Mutex<BTreeMap<String, std::time::Instant>>,
     /// This node's id (new at every start).
     pub node: String,
     /// This node's gRPC address, shown to operators.
@@ -115,6 +117,7 @@ impl Membership {
             addr: addr.to_string(),
             beating_since: parking_lot::Mutex::new(None),
             last_beat: parking_lot::Mutex::new(None),
+            free_since: parking_lot::Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -164,6 +167,17 @@ impl Membership {
     pub(crate) fn tick(&self, plugins: &[String], release: &[String]) -> Result<View, LogError> {
         let mut result = View::default();
         let steady = self.steady();
+        // Plugins free (no live holder) for longer than the time-out: the preferred node
+        // should have taken them by now; any live node may (the compare-and-set lets one win).
+        let overdue: Vec<String> = {
+            let ttl = std::time::Duration::from_millis(NODE_TTL_MS as u64);
+            self.free_since
+                .lock()
+                .iter()
+                .filter(|(_, since)| since.elapsed() > ttl)
+                .map(|(p, _)| p.clone())
+                .collect()
+        };
         let outcome = self.kv.update(NS, |now| {
             let now_ms = weir_core::record::now_ms();
             let (mut view, forget) = parse(now, now_ms);
@@ -181,7 +195,7 @@ impl Membership {
                 if !steady || release.contains(p) || view.holder(p).is_some() {
                     continue;
                 }
-                if view.preferred(p) == Some(self.node.as_str()) {
+                if view.preferred(p) == Some(self.node.as_str()) || overdue.contains(p) {
                     writes.push((lease_key(p), Some(self.node.clone().into_bytes())));
                     view.leases.insert(p.clone(), self.node.clone());
                 }
@@ -190,7 +204,45 @@ impl Membership {
             (!writes.is_empty()).then_some(writes)
         });
         outcome?;
+        self.note_free(plugins, &result);
         Ok(result)
+    }
+
+    /// Keeps when each plugin became free (no live holder) and says so — a warning naming it
+    /// and the `plugin_unowned` gauge — once it has been free longer than the time-out.
+    fn note_free(&self, plugins: &[String], view: &View) {
+        let ttl = std::time::Duration::from_millis(NODE_TTL_MS as u64);
+        let gauge = &weir_metrics::global().plugin_unowned;
+        let mut free = self.free_since.lock();
+        free.retain(|p, _| plugins.contains(p));
+        for p in plugins {
+            let label = weir_metrics::PluginLabel { plugin: p.clone() };
+            if view.holder(p).is_some() {
+                if free.remove(p).is_some_and(|since| since.elapsed() > ttl) {
+                    tracing::info!(message = "A node runs the plugin again.", plugin = %p);
+                }
+                gauge.get_or_create(&label).set(0);
+                continue;
+            }
+            let since = *free
+                .entry(p.clone())
+                .or_insert_with(std::time::Instant::now);
+            if since.elapsed() > ttl {
+                if gauge.get_or_create(&label).set(1) == 0 {
+                    tracing::warn!(message = "No live node runs this plugin; a live node takes it over.", plugin = %p, free_ms = since.elapsed().as_millis() as u64);
+                }
+            }
+        }
+    }
+
+    /// Whether no live node has run `plugin` for longer than the lease time-out, as of this
+    /// node's last tick.
+    pub fn unowned(&self, plugin: &str) -> bool {
+        let ttl = std::time::Duration::from_millis(NODE_TTL_MS as u64);
+        self.free_since
+            .lock()
+            .get(plugin)
+            .is_some_and(|since| since.elapsed() > ttl)
     }
 
     /// Takes `plugin`'s lease if nobody live holds it (a deploy through this node). Returns
@@ -222,5 +274,56 @@ impl Membership {
                 .then(|| vec![(lease_key(plugin), None)])
         })?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(log: &Arc<weir_log::MemoryChangelog>, addr: &str) -> Membership {
+        let kv = ReplicatedKv::new(
+            Arc::new(weir_log::MemoryStore::new()),
+            log.clone(),
+            crate::store::KvPluginStore::OWNED_PREFIX,
+        );
+        Membership::new(Arc::new(kv), addr)
+    }
+
+    /// A plugin whose preferred node does not take it (whatever the reason) is not left
+    /// running nowhere: once it has been free for longer than the time-out, another live
+    /// node takes it, and until then it is reported unowned.
+    #[test]
+    fn a_plugin_no_node_takes_is_taken_by_any_live_node_after_the_time_out() {
+        let _blocking = weir_core::blocking::allow();
+        let log = Arc::new(weir_log::MemoryChangelog::default());
+        let (a, b) = (node(&log, "a:1"), node(&log, "b:1"));
+        // Both beat for a whole time-out: steady, each sees the other live.
+        let started = std::time::Instant::now();
+        while started.elapsed().as_millis() as i64 <= NODE_TTL_MS + 300 {
+            a.heartbeat().unwrap();
+            b.heartbeat().unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        // A plugin preferred by one of them; only the other ticks.
+        let view = a.tick(&[], &[]).unwrap();
+        let plugin = (0..100)
+            .map(|i| format!("p{i}"))
+            .find(|p| view.preferred(p) == Some(a.node.as_str()))
+            .expect("some plugin prefers a");
+        let plugins = vec![plugin.clone()];
+        let view = b.tick(&plugins, &[]).unwrap();
+        assert_eq!(view.holder(&plugin), None, "b is not preferred: it waits");
+        assert!(!b.unowned(&plugin));
+        let started = std::time::Instant::now();
+        while started.elapsed().as_millis() as i64 <= NODE_TTL_MS + 300 {
+            a.heartbeat().unwrap();
+            b.heartbeat().unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        assert!(b.unowned(&plugin), "free longer than the time-out");
+        let view = b.tick(&plugins, &[]).unwrap();
+        assert_eq!(view.holder(&plugin), Some(b.node.as_str()), "b took it");
+        assert!(!b.unowned(&plugin));
     }
 }

@@ -207,8 +207,13 @@ impl PluginManager {
         let Ok(runtime) = self.runtime(name) else {
             return;
         };
+        let unowned = self.seams.cluster.as_ref().is_some_and(|m| m.unowned(name));
         let where_ = match view.describe_holder(name) {
             Some(node) => format!("runs on node {node}"),
+            None if unowned => {
+                "no node has run it for longer than the lease time-out; a live node takes it over"
+                    .to_string()
+            }
             None => "waiting for a node to take it".to_string(),
         };
         let rt = runtime.clone();
