@@ -8,6 +8,7 @@ mod common;
 mod broker;
 mod cli;
 mod cluster;
+mod cluster_admin;
 mod cluster_plugins;
 mod crash;
 mod fuzz;

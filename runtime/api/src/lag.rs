@@ -115,6 +115,9 @@ pub fn json(lag: &pb::GetLagResponse) -> String {
         let v = serde_json::json!({
             "type": "consumer", "kind": c.kind, "name": c.name, "status": c.status, "lag": c.lag,
             "time_lag_ms": c.time_lag_ms, "alerts": c.alerts,
+            // The node running a plugin in cluster mode (the table's "runs on node"); null
+            // on a single node and for consumer groups.
+            "node": (!c.node.is_empty()).then_some(&c.node),
             "probes": {
                 "seen": c.probes_seen, "lost": c.probes_lost, "duplicated": c.probes_duplicated,
                 "p50_ms": c.probe_p50_ms, "p99_ms": c.probe_p99_ms, "p999_ms": c.probe_p999_ms,

@@ -34,6 +34,7 @@ use owners::{ProducerRecord, ProducerTable};
 use partition::Partition;
 pub use partition::{retention_plan, Appended, ProducerFields};
 pub use publish::{PartitionAck, PendingPublish, Publish};
+pub use shared::TopicLookup;
 pub use weir_core::{PartitionStats, ReadLimits, StartAt, TopicInfo};
 
 use weir_core::{now_ms, StoredRecord, TopicConfig, TopicPartition};

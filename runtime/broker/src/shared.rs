@@ -11,6 +11,18 @@ use crate::owners::ProducerRecord;
 use crate::partition::Partition;
 use crate::{Broker, BrokerError, ProducerFields, Topic};
 
+/// What [`Broker::look_up_topic`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopicLookup {
+    /// Open on this node.
+    Open,
+    /// The shared log has its configuration, but this node could not open it yet (another
+    /// node is creating it: the configuration is written before the stream): look again soon.
+    Opening,
+    /// No such topic.
+    Absent,
+}
+
 impl Broker {
     /// Whether other weir nodes write the same log.
     pub fn is_shared(&self) -> bool {
@@ -38,13 +50,43 @@ impl Broker {
         }
     }
 
+    /// Whether a topic is open here, being created (the shared log has its configuration but
+    /// this node cannot open it yet: its stream is being made), or absent. One look at the
+    /// store at most: callers retry only [`TopicLookup::Opening`], and a misspelt name is
+    /// refused at once rather than after their retries.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn look_up_topic(&self, name: &str) -> Result<TopicLookup, BrokerError> {
+        if self.topic(name).is_ok() {
+            return Ok(TopicLookup::Open);
+        }
+        if !self.is_shared() {
+            return Ok(TopicLookup::Absent);
+        }
+        let configured = self.refresh_topics_named().await?;
+        Ok(if self.topic(name).is_ok() {
+            TopicLookup::Open
+        } else if configured.contains(name) {
+            TopicLookup::Opening
+        } else {
+            TopicLookup::Absent
+        })
+    }
+
     /// Opens topics other nodes created and drops those they deleted (shared logs).
     ///
     /// # Errors
     /// A store failure.
     pub async fn refresh_topics(&self) -> Result<(), BrokerError> {
+        self.refresh_topics_named().await.map(drop)
+    }
+
+    /// [`Self::refresh_topics`], returning the names the shared log has a configuration of
+    /// (opened here or not).
+    async fn refresh_topics_named(&self) -> Result<BTreeSet<String>, BrokerError> {
         if !self.is_shared() {
-            return Ok(());
+            return Ok(BTreeSet::new());
         }
         let _admin = self.admin.lock().await;
         let store = self.store.clone();
@@ -79,7 +121,7 @@ impl Broker {
             tracing::info!(message = "Topic created (or created again) by another node.", topic = %topic.config.name);
             topics.insert(topic.config.name.clone(), topic);
         }
-        Ok(())
+        Ok(names)
     }
 
     /// Reloads a producer's record when another node may have issued it or bumped its epoch

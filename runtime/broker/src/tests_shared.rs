@@ -198,3 +198,24 @@ async fn a_topic_deleted_and_created_again_is_seen_new_by_the_other_node() {
     b.follow_shared(false).await.unwrap();
     assert_eq!(read_all(&b, "t", 2).await, vec![(0, "v0".to_string())]);
 }
+
+/// A name the shared log has no configuration of is absent after one look (a deploy naming a
+/// misspelt topic is refused at once, not after the retries meant for a topic being created);
+/// a topic another node created is open after one look.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_the_shared_log_lacks_is_absent_at_once_and_one_another_node_made_is_open() {
+    use crate::TopicLookup;
+    let (a, b) = two_nodes();
+    a.create_topic(TopicConfig::new("orders", 1)).await.unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(
+        b.look_up_topic("ordres").await.unwrap(),
+        TopicLookup::Absent
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "one look, not retries: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(b.look_up_topic("orders").await.unwrap(), TopicLookup::Open);
+}

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::sync::watch;
-use weir_broker::{Broker, BrokerError, Caller, ProducerFields, Publish};
+use weir_broker::{Broker, BrokerError, Caller, ProducerFields, Publish, TopicLookup};
 use weir_core::{ProbeMarker, ReadLimits, StartAt, StoredRecord, TopicConfig};
 use weir_plugins::{Input, IoError, Output, OutputBatch, ProbeSink};
 
@@ -41,11 +41,13 @@ impl Input for BrokerIo {
     }
 
     async fn know_topic(&self, topic: &str) {
-        // A shared log: another node may have created it a moment ago, and a topic being
-        // created may not open at once; a few refreshes before callers call it unknown.
+        // A shared log: another node may have created it a moment ago (one look at the
+        // store finds it), and a topic being created may not open at once (its configuration
+        // is written before its stream): only that case waits, up to 10 s. A name the log
+        // does not have (misspelt) returns at once, and the caller says it is unknown.
         for _ in 0..20 {
-            match self.0.ensure_topic(topic).await {
-                Err(weir_broker::BrokerError::UnknownTopic(_)) if self.0.is_shared() => {
+            match self.0.look_up_topic(topic).await {
+                Ok(TopicLookup::Opening) => {
                     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                 }
                 _ => return,
