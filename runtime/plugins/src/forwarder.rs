@@ -3,6 +3,10 @@
 //! them once acknowledged (a page of entries in one write). A re-forward after a crash carries the same (producer id,
 //! sequence), so the broker drops it: outputs appear exactly once.
 //!
+//! In cluster mode it forwards only while this node holds the plugin, confirmed at the
+//! changelog's end before each page and each retry: a node that lost the plugin (taken over,
+//! removed, a write refused) or a zombie that has not noticed yet sends nothing.
+//!
 //! A failure it cannot get past (its producer fenced, an output topic deleted) shows in the
 //! partition's status, the monitor and a metric, and is retried every few seconds in case an
 //! operator fixes it.
@@ -88,6 +92,14 @@ impl Forwarder {
                     continue;
                 }
             };
+            if !entries.is_empty() && !self.confirmed().await {
+                // Another node took the plugin over (or a remove dropped it) since this node
+                // last wrote: it no longer holds it, and the top of the loop waits.
+                if !pause(&cancel, backoff.next()).await {
+                    return;
+                }
+                continue;
+            }
             let full_page = entries.len() >= OUTBOX_PAGE;
             // Entries forwarded, deleted together once the page is done: in cluster mode
             // each delete is a replicated append, one per page instead of one per entry (a
@@ -117,10 +129,15 @@ impl Forwarder {
                         records: g.records,
                     };
                     tracing::debug!(message = "Forwarding outputs.", topic = %g.topic, output_partition = g.partition, records = batch.records.len(), base_seq = g.base_seq);
+                    let mut retry = false;
                     loop {
-                        if !rt.seams.store.held(&rt.spec.name) {
+                        // A retry may come long after the page was confirmed (outputs blocked
+                        // while the plugin moved): confirm again.
+                        if !rt.seams.store.held(&rt.spec.name) || (retry && !self.confirmed().await)
+                        {
                             continue 'scan; // see the top of the loop
                         }
+                        retry = true;
                         let e = match rt.seams.output.publish(batch.clone()).await {
                             Ok(()) => break,
                             Err(e) if e.name == SEQUENCE_OUT_OF_ORDER => {
@@ -169,6 +186,29 @@ impl Forwarder {
                 _ = rt.outbox[partition as usize].notified() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = cancel.cancelled() => return,
+            }
+        }
+    }
+
+    /// Whether this node still holds the plugin as of the changelog's end (cluster mode: one
+    /// round trip per page; a node that finds another's entry after its own stops holding it).
+    /// A failure to ask counts as not confirmed: the page waits for the next scan.
+    async fn confirmed(&self) -> bool {
+        let rt = self.rt.clone();
+        let asked =
+            weir_core::blocking::run(move || rt.seams.store.confirm_held(&rt.spec.name)).await;
+        match asked {
+            Ok(Ok(held)) => held,
+            Ok(Err(e)) => {
+                self.failed(
+                    format!("confirming this node still runs the plugin: {e}"),
+                    false,
+                );
+                false
+            }
+            Err(e) => {
+                self.failed(e.to_string(), false);
+                false
             }
         }
     }

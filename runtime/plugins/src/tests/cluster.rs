@@ -162,6 +162,18 @@ fn store_node(changelog: &Arc<weir_log::MemoryChangelog>) -> crate::store::KvPlu
 /// after the plugin moved or was redeployed. The holder forwards them, each once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_lost_the_plugin_forwards_nothing() {
+    lost_plugin_forwards_nothing(false).await;
+}
+
+/// The same for a zombie: B took the plugin over while A, paused past its lease, has not
+/// noticed (it still believes it holds it). A confirms its hold at the changelog's end before
+/// forwarding a page, finds B's takeover, and forwards nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombie_confirms_its_hold_before_forwarding_and_forwards_nothing() {
+    lost_plugin_forwards_nothing(true).await;
+}
+
+async fn lost_plugin_forwards_nothing(zombie: bool) {
     use crate::io::{IoError, IoKind};
     let changelog = Arc::new(weir_log::MemoryChangelog::default());
     let input = Arc::new(fakes::FakeInput::default());
@@ -186,9 +198,17 @@ async fn a_node_that_lost_the_plugin_forwards_nothing() {
         assert!(std::time::Instant::now() < deadline);
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    // A stops holding the plugin (as the cluster loop's give-back does when its lease moved);
-    // then the way out opens. A forwards nothing.
-    a.store.release("p");
+    if zombie {
+        // B takes the plugin over; A has not noticed.
+        let _blocking = weir_core::blocking::allow();
+        b.store.acquire("p").unwrap();
+        assert!(a.store.held("p"));
+    } else {
+        // A stops holding the plugin (as the cluster loop's give-back does when its lease
+        // moved).
+        a.store.release("p");
+    }
+    // The way out opens: A forwards nothing.
     *output.block.lock() = None;
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     assert!(
@@ -196,6 +216,7 @@ async fn a_node_that_lost_the_plugin_forwards_nothing() {
         "{:?}",
         output.values("out")
     );
+    assert!(!a.store.held("p"));
     let shown = a.rt().status.lock()[0].forwarding.clone();
     assert!(
         shown
