@@ -647,6 +647,8 @@ fn serve_flags_out_of_range_are_refused_naming_the_flag_and_its_range() {
         ("--max-streams-per-connection", &max, "1..=100000"),
         ("--max-plugin-timeout-ms", "0", "1..=4294967295"),
         ("--max-plugins-per-principal", &max, "0..=1000000"),
+        ("--max-producers-per-principal", "0", "1..=100000000"),
+        ("--max-producers-per-principal", &max, "1..=100000000"),
         ("--retention-check-ms", &max, "1..=86400000"),
         ("--producer-expiry-ms", &max, "1..=9223372036854775807"),
         ("--group-expiry-ms", "0", "1..=9223372036854775807"),

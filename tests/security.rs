@@ -420,6 +420,74 @@ async fn plugins_per_principal_are_limited() {
     server.stop().await.unwrap();
 }
 
+/// Producer ids per principal are limited (issue 21, item 11): past the limit InitProducer
+/// is refused with RESOURCE_EXHAUSTED saying the limit, how many the principal holds and what
+/// to do; bumping the epoch of an id it holds still works, other principals are not charged,
+/// plugins' producers are the server's and not limited, and once idle ids expire the principal
+/// may make new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producers_per_principal_are_limited() {
+    let dir = tempfile::tempdir().unwrap();
+    let (text, t) = auth_file();
+    let auth = Arc::new(Authority::parse(&text).unwrap());
+    let server = start_with(dir.path(), |c| {
+        c.auth = auth;
+        c.broker.max_producers_per_principal = 3;
+        c.broker.producer_expiry = Duration::from_secs(3);
+        c.broker.retention_interval = Duration::from_millis(200);
+    })
+    .await;
+    let [ops, loyalty, marketing, _] = principals(&server, &t).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(loyalty.init_producer(None).await.unwrap().0);
+    }
+    refused(
+        loyalty.init_producer(None).await,
+        Code::ResourceExhausted,
+        &[
+            "principal \"loyalty\" holds 3 producer ids, the limit is 3",
+            "--max-producers-per-principal",
+            "reuse a producer id",
+            "--producer-expiry-ms",
+        ],
+    );
+    // An id it holds can still be re-initialised (its epoch bumped).
+    assert_eq!(
+        loyalty.init_producer(Some(held[0])).await.unwrap(),
+        (held[0], 1)
+    );
+    // The limit is per principal.
+    marketing.init_producer(None).await.unwrap();
+    // Plugins' producers are the server's: a deploy by a principal at its limit still gets
+    // them, and they do not count.
+    for name in ["order.paid", "points.credited"] {
+        ops.create_topic(&topic(name)).await.unwrap();
+    }
+    loyalty
+        .deploy_plugin(points_deploy("points", &["points.credited"]))
+        .await
+        .unwrap();
+    refused(
+        loyalty.init_producer(None).await,
+        Code::ResourceExhausted,
+        &["holds 3 producer ids"],
+    );
+    // Idle ids are forgotten after --producer-expiry-ms; then new ones are issued again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match loyalty.init_producer(None).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e.code(), Some(Code::ResourceExhausted), "{e}");
+                assert!(std::time::Instant::now() < deadline, "never expired: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    server.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn request_batch_stream_and_wasm_limits_are_refused_with_a_status() {
     let dir = tempfile::tempdir().unwrap();

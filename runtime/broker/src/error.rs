@@ -126,6 +126,18 @@ pub enum BrokerError {
         /// The expiry in force.
         expiry_ms: u64,
     },
+    /// A principal holds as many producers as it may; no new id was issued.
+    #[error("principal {principal:?} holds {held} producer ids, the limit is {max} (weir serve --max-producers-per-principal): reuse a producer id you hold (InitProducer with it bumps its epoch and keeps its sequences apart) instead of making a new one per connection or batch, or wait for idle ones to be forgotten ({expiry_ms} ms after their last use, weir serve --producer-expiry-ms)")]
+    TooManyProducers {
+        /// The principal.
+        principal: String,
+        /// Producer ids it holds (on this node's view in cluster mode).
+        held: usize,
+        /// The limit.
+        max: usize,
+        /// The expiry in force.
+        expiry_ms: u64,
+    },
     /// A consumer-group commit past a partition's end.
     #[error("cannot commit offset {offset} for {tp}: the partition ends at {end} (the next record will get offset {end}); commit at most {end}")]
     CommitPastEnd {

@@ -53,10 +53,19 @@ pub struct BrokerConfig {
     /// A client's producer idle for longer is forgotten (Kafka's
     /// `transactional.id.expiration.ms`); plugins' producers never expire.
     pub producer_expiry: Duration,
+    /// Most producer ids one client principal may hold (issued and not yet expired); the
+    /// server's (plugins') are not counted. Each costs a record in the store and memory on
+    /// every node until it expires.
+    pub max_producers_per_principal: usize,
     /// A consumer group that has not committed for longer is forgotten, with its offsets
     /// (Kafka's `offsets.retention.minutes`).
     pub group_expiry: Duration,
 }
+
+/// The default of [`BrokerConfig::max_producers_per_principal`]: far above what a client
+/// that reuses its producers needs (one per process or partition writer), low enough that one
+/// principal cannot fill the store and every node's table with ids kept for a week.
+pub const DEFAULT_MAX_PRODUCERS_PER_PRINCIPAL: usize = 10_000;
 
 /// A week: the default expiry of idle producers and consumer groups.
 pub const WEEK: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -68,6 +77,7 @@ impl Default for BrokerConfig {
             max_batch_records: 100_000,
             retention_interval: Duration::from_secs(30),
             producer_expiry: WEEK,
+            max_producers_per_principal: DEFAULT_MAX_PRODUCERS_PER_PRINCIPAL,
             group_expiry: WEEK,
         }
     }

@@ -75,6 +75,7 @@ impl Broker {
                     (id, record, producers.next_id, Some(current.encode()))
                 }
                 None => {
+                    self.check_producer_quota(&producers, caller)?;
                     let record = ProducerRecord {
                         epoch: 0,
                         owner: Owner::of(caller),
@@ -110,6 +111,33 @@ impl Broker {
         self.producers.lock().records.insert(id, record);
         self.sync_now().await?;
         Ok((id, epoch))
+    }
+
+    /// Refuses a new producer id to a client principal that holds the most it may (the
+    /// server's producers, plugins', are not limited). Counts the ids this node knows of.
+    fn check_producer_quota(
+        &self,
+        producers: &ProducerTable,
+        caller: &Caller,
+    ) -> Result<(), BrokerError> {
+        let Caller::Client { name, .. } = caller else {
+            return Ok(());
+        };
+        let max = self.config.max_producers_per_principal;
+        let held = producers
+            .records
+            .values()
+            .filter(|r| matches!(&r.owner, Owner::Principal(owner) if owner == name))
+            .count();
+        if held >= max {
+            return Err(BrokerError::TooManyProducers {
+                principal: name.clone(),
+                held,
+                max,
+                expiry_ms: self.config.producer_expiry.as_millis() as u64,
+            });
+        }
+        Ok(())
     }
 
     /// The current epoch of a producer owned by the server (a plugin's), if it is one.

@@ -36,6 +36,7 @@ pub(crate) fn broker_code(e: &BrokerError) -> (Code, &'static str) {
         }
         BrokerError::ProducerNotOwned { .. } => (Code::PermissionDenied, "producer-not-owned"),
         BrokerError::ProducerExpired { .. } => (Code::FailedPrecondition, "producer-expired"),
+        BrokerError::TooManyProducers { .. } => (Code::ResourceExhausted, "producer-limit"),
         BrokerError::OffsetOutOfRange { .. } => (Code::OutOfRange, "offset-out-of-range"),
         BrokerError::CommitPastEnd { .. } => (Code::OutOfRange, "commit-past-end"),
         BrokerError::Unavailable(_) => (Code::Unavailable, "unavailable"),

@@ -150,6 +150,11 @@ pub struct ServeArgs {
     /// expired. Plugins' producers never expire.
     #[arg(long, default_value_t = 7 * 24 * 3600 * 1000, value_parser = ranged::<u64>(bounds::EXPIRY_MS))]
     pub producer_expiry_ms: u64,
+    /// Most idempotent producer ids one principal may hold (1 to 100000000): InitProducer
+    /// without an id is refused past it until the principal's idle ones expire after
+    /// --producer-expiry-ms. Plugins' producers are not counted.
+    #[arg(long, default_value_t = 10_000, value_parser = ranged::<usize>(bounds::PRODUCERS_PER_PRINCIPAL))]
+    pub max_producers_per_principal: usize,
     /// Forget a consumer group's offsets for a topic after it has had no subscriber and no
     /// commit or fetch of its offsets for this long, ms (1 to 2^63-1; Kafka's
     /// offsets.retention.minutes).
@@ -214,6 +219,8 @@ pub mod bounds {
     /// `--max-plugins-per-principal` (0: only principals whose auth entry sets `max_plugins`
     /// may deploy).
     pub const PLUGINS_PER_PRINCIPAL: RangeInclusive<u64> = 0..=1_000_000;
+    /// `--max-producers-per-principal`.
+    pub const PRODUCERS_PER_PRINCIPAL: RangeInclusive<u64> = 1..=100_000_000;
     /// `--lag-sample-ms` (at least once an hour).
     pub const LAG_SAMPLE_MS: RangeInclusive<u64> = 1..=3_600_000;
     /// `--lag-window`, in samples.
@@ -433,6 +440,11 @@ async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<(
         )?,
     };
     config.broker.producer_expiry = std::time::Duration::from_millis(args.producer_expiry_ms);
+    config.broker.max_producers_per_principal = within(
+        args.max_producers_per_principal,
+        "--max-producers-per-principal",
+        bounds::PRODUCERS_PER_PRINCIPAL,
+    )?;
     config.broker.group_expiry = std::time::Duration::from_millis(args.group_expiry_ms);
     config.compiled_dir = args.compiled_cache;
     config.broker.max_record_bytes = args.max_record_bytes;
