@@ -77,7 +77,9 @@ async fn a_single_node_moved_into_a_cluster_finishes_the_sale_with_the_same_tota
     let again = migrate();
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(
-        !again.status.success() && err.contains("already has a topic"),
+        !again.status.success()
+            && err.contains("already has topics")
+            && err.contains("already has plugins"),
         "{err}"
     );
 
@@ -127,4 +129,60 @@ async fn a_single_node_moved_into_a_cluster_finishes_the_sale_with_the_same_tota
     .await
     .unwrap();
     assert_eq!(totals, reference);
+}
+
+/// `weir migrate` into a cluster that already has one of the node's plugins is refused, and
+/// the refusal names the plugins as well as the topics (before, the topic check answered
+/// first and the plugin refusal was never reached); nothing more is written.
+#[test]
+fn a_migration_into_a_cluster_with_the_nodes_plugin_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = common::nats_cluster(dir.path());
+    let data = dir.path().join("single");
+    let node = common::WeirProcess::spawn(&data, "127.0.0.1:0", &[]);
+    let wasm = dir.path().join("points.wasm");
+    std::fs::write(&wasm, common::plugin_wasm("points")).unwrap();
+    common::cli_ok(&node.addr, &["topic", "create", "order.paid"], "");
+    common::cli_ok(&node.addr, &["topic", "create", "points.credited"], "");
+    common::cli_ok(
+        &node.addr,
+        &[
+            "plugin",
+            "deploy",
+            "points",
+            "--wasm",
+            wasm.to_str().unwrap(),
+            "--input",
+            "order.paid",
+            "--output",
+            "points.credited",
+        ],
+        "",
+    );
+    assert!(node.terminate(Duration::from_secs(30)).success());
+    let urls = nats.url_list();
+    let migrate = || {
+        std::process::Command::new(common::weir_bin())
+            .args(["migrate", "--data-dir"])
+            .arg(&data)
+            .args(["--to", &urls])
+            .output()
+            .unwrap()
+    };
+    let first = migrate();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let again = migrate();
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success(), "a second migration was accepted");
+    for needle in [
+        "already has topics \"order.paid\", \"points.credited\"",
+        "already has a plugin \"points\"",
+        "nothing was moved",
+    ] {
+        assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+    }
 }

@@ -37,6 +37,15 @@ pub struct Moved {
     pub warnings: Vec<String>,
 }
 
+/// Names as a list of quoted strings: `"a", "b"`.
+fn quoted(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("{n:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Chunks and bytes per append (an atomic batch holds 1,000 messages of ≤ 512 KiB).
 const CHUNKS_PER_APPEND: usize = 200;
 const BYTES_PER_APPEND: usize = 32 << 20;
@@ -72,22 +81,46 @@ pub fn migrate(
     let cluster_plugins = KvPluginStore::replicated(kv.clone()).specs()?;
     let topics = source.load_topics()?;
     let existing = target.load_topics()?;
-    if let Some(t) = topics
+    // Every clash is named in one refusal, plugins too: a cluster holding this node's topics
+    // usually holds its plugins as well, and an operator removing only the topics there would
+    // otherwise learn of the plugins on the next try.
+    let mut clashes = Vec::new();
+    let taken_topics: Vec<&str> = topics
         .iter()
-        .find(|t| existing.iter().any(|e| e.name == t.name))
-    {
-        return Err(ServerError::Migrate(format!(
-            "the cluster already has a topic {:?}: migrate into a cluster without this node's topics (or under another --log-prefix)",
-            t.name
-        )));
+        .filter(|t| existing.iter().any(|e| e.name == t.name))
+        .map(|t| t.name.as_str())
+        .collect();
+    if !taken_topics.is_empty() {
+        clashes.push(format!(
+            "the cluster already has {} {}",
+            if taken_topics.len() == 1 {
+                "a topic"
+            } else {
+                "topics"
+            },
+            quoted(&taken_topics)
+        ));
     }
-    if let Some(p) = plugins
+    let taken_plugins: Vec<&str> = plugins
         .iter()
-        .find(|p| cluster_plugins.iter().any(|c| c.name == p.name))
-    {
+        .filter(|p| cluster_plugins.iter().any(|c| c.name == p.name))
+        .map(|p| p.name.as_str())
+        .collect();
+    if !taken_plugins.is_empty() {
+        clashes.push(format!(
+            "the cluster already has {} {}",
+            if taken_plugins.len() == 1 {
+                "a plugin"
+            } else {
+                "plugins"
+            },
+            quoted(&taken_plugins)
+        ));
+    }
+    if !clashes.is_empty() {
         return Err(ServerError::Migrate(format!(
-            "the cluster already has a plugin {:?}: remove it there first (or migrate under another --log-prefix)",
-            p.name
+            "{}: migrate into a cluster without this node's topics and plugins (remove them there first, or use another --log-prefix); nothing was moved",
+            clashes.join("; ")
         )));
     }
     let mut moved = Moved::default();
