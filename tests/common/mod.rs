@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: servers in-process or as a real `weir` process.
 #![allow(dead_code)]
 
+pub mod chaos;
 pub mod idem;
 
 use std::io::{BufRead, BufReader};

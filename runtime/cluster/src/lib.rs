@@ -163,10 +163,14 @@ impl NatsCluster {
                 SyncMode::Always => "  sync_interval: always\n",
                 SyncMode::Default => "",
             };
+            // `no_advertise`: clients are not told the other servers' addresses, so a weir
+            // node keeps to the servers its --log names (reconnecting only to those): a node
+            // given one server reaches NATS only through it, and freezing that server cuts it
+            // off, as a partition would.
             let config_text = format!(
                 "server_name: {name}\nlisten: 127.0.0.1:{client_port}\nhttp: 127.0.0.1:{http_port}\n\
                  jetstream {{\n  store_dir: {store:?}\n  max_memory_store: 256MB\n  max_file_store: 64GB\n{sync_line}}}\n\
-                 cluster {{\n  name: weir-local\n  listen: 127.0.0.1:{cluster_port}\n  routes: [{}]\n}}\n",
+                 cluster {{\n  name: weir-local\n  listen: 127.0.0.1:{cluster_port}\n  no_advertise: true\n  routes: [{}]\n}}\n",
                 routes.join(", "),
                 store = store.display().to_string(),
             );
