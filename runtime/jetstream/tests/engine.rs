@@ -403,3 +403,59 @@ fn a_topic_created_again_is_out_of_reach_of_the_old_ones_writes() {
     a.recover_partition(&tp).unwrap();
     a.append(&tp, 1, &chunk(4), None).unwrap();
 }
+
+/// A topic as the weir before per-creation streams stored it (its config without a stream
+/// name, its stream named `<prefix>-t-<token>`) opens, takes appends, is deleted, and its name
+/// can be created again: clusters written by that weir carry on.
+#[test]
+fn a_topic_written_by_the_previous_layout_opens_and_is_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let prefix = "legacy";
+    let log = connect(&c, prefix); // makes the metadata stream
+    let names = log.names().clone();
+    let config = TopicConfig::new("old.orders", 1);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(c.urls()[0].as_str()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: names.topic_stream(&config.name),
+            subjects: vec![names.topic_subjects(&config.name)],
+            num_replicas: 3,
+            allow_rollup: true,
+            allow_atomic_publish: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let key = format!(
+            "{prefix}.meta.topic.{}",
+            weir_jetstream::Names::token(&config.name)
+        );
+        js.publish(key, serde_json::to_vec(&config).unwrap().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    });
+    let (a, b) = (connect(&c, prefix), connect(&c, prefix));
+    assert_eq!(a.load_topics().unwrap(), vec![config.clone()]);
+    let tp = TopicPartition::new("old.orders", 0);
+    a.recover_partition(&tp).unwrap();
+    let chunk = codec::encode_chunks(&records(3, 10, 1), 1, 128 * 1024);
+    a.append(&tp, 0, &chunk, None).unwrap();
+    b.load_topics().unwrap();
+    let recovered = b.recover_partition(&tp).unwrap();
+    assert_eq!(recovered.chunks.len(), 1);
+    assert!(
+        c.stream_leader(&names.topic_stream(&config.name)).is_some(),
+        "the old stream is the topic's"
+    );
+    b.delete_topic(&config).unwrap();
+    assert!(a.load_topics().unwrap().is_empty());
+    a.put_topic(&config).unwrap();
+    a.recover_partition(&tp).unwrap();
+    a.append(&tp, 0, &chunk, None).unwrap();
+    assert_eq!(b.load_topics().unwrap(), vec![config]);
+}
