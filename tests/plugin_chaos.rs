@@ -1,20 +1,29 @@
 //! Plugin chaos on a real JetStream cluster: weir nodes killed, paused past their lease and
-//! restarted (on empty data directories too), the plugin-state stream's leader killed, while
-//! publishers send paid orders and seckill requests with duplicate ids; exact totals after.
+//! restarted (on empty data directories too), the plugin-state stream's leader killed, the
+//! nats-server under a node frozen, plugins upgraded and removed and redeployed while the
+//! nodes running them die or pause, while publishers send paid orders and seckill requests
+//! with duplicate ids; exact totals after, and one output per distinct input on every output
+//! topic (issues 21 and 25).
 
 use crate::common;
 
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use common::WeirProcess;
+use rand::{Rng, SeedableRng};
 
 /// The weir nodes' addresses for publishers; `None` while a node is down or paused.
-type Nodes = std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>;
+type Nodes = Arc<Mutex<Vec<Option<String>>>>;
 
+/// The plugins the test runs.
+const PLUGINS: [&str; 3] = ["points", "red-envelope", "order"];
 /// Publishes `records` through a random live node until one acknowledges them (a batch whose
 /// ack was lost is sent again: its records carry message ids, which the plugins skip).
 async fn publish_retrying(nodes: &Nodes, topic: &str, records: Vec<weir_api::Record>, seed: u64) {
-    use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     loop {
         let live: Vec<String> = nodes.lock().unwrap().iter().flatten().cloned().collect();
@@ -40,47 +49,313 @@ fn record(key: &str, id: &str, value: String) -> weir_api::Record {
     }
 }
 
+/// The three weir nodes: node 0 names every nats-server, node 1 all but `path`, node 2 only
+/// `path` (which the freeze cycles SIGSTOP).
+struct Weirs {
+    procs: Vec<Option<WeirProcess>>,
+    ports: Vec<u16>,
+    /// Each node's `--log`.
+    urls: Vec<String>,
+    /// What the publishers send through.
+    nodes: Nodes,
+    dir: PathBuf,
+    restarts: usize,
+}
+
+impl Weirs {
+    fn start(dir: &Path, urls: Vec<String>) -> Weirs {
+        let procs: Vec<Option<WeirProcess>> = urls
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                Some(WeirProcess::spawn(
+                    &dir.join(format!("w{i}")),
+                    "127.0.0.1:0",
+                    &["--log", u],
+                ))
+            })
+            .collect();
+        let ports = procs.iter().map(|p| p.as_ref().unwrap().port()).collect();
+        let nodes = Arc::new(Mutex::new(
+            procs
+                .iter()
+                .map(|p| p.as_ref().map(|p| p.addr.clone()))
+                .collect(),
+        ));
+        Weirs {
+            procs,
+            ports,
+            urls,
+            nodes,
+            dir: dir.to_path_buf(),
+            restarts: 0,
+        }
+    }
+
+    fn addr(&self, i: usize) -> String {
+        self.procs[i].as_ref().unwrap().addr.clone()
+    }
+
+    fn live(&self) -> Vec<usize> {
+        (0..self.procs.len())
+            .filter(|i| self.procs[*i].is_some())
+            .collect()
+    }
+
+    /// `kill -9` node `i`, `down_ms` later a restart, every other one on an empty data
+    /// directory; returns whether it was.
+    fn kill9_restart(&mut self, i: usize, down_ms: u64) -> bool {
+        self.nodes.lock().unwrap()[i] = None;
+        self.procs[i].take().unwrap().kill9();
+        std::thread::sleep(Duration::from_millis(down_ms));
+        self.restarts += 1;
+        let fresh = self.restarts % 2 == 1;
+        let name = if fresh {
+            format!("w{i}-empty{}", self.restarts)
+        } else {
+            format!("w{i}")
+        };
+        let p = super::cluster::spawn_weir(&self.dir.join(name), self.ports[i], &self.urls[i]);
+        self.nodes.lock().unwrap()[i] = Some(p.addr.clone());
+        self.procs[i] = Some(p);
+        fresh
+    }
+
+    /// SIGSTOP node `i` for `ms` (publishers leave it alone meanwhile), then SIGCONT.
+    fn pause(&self, i: usize, ms: u64) {
+        let pid = self.procs[i].as_ref().unwrap().child.id().to_string();
+        self.nodes.lock().unwrap()[i] = None;
+        let signal = |s: &str| {
+            std::process::Command::new("kill")
+                .args([s, &pid])
+                .status()
+                .unwrap()
+        };
+        signal("-STOP");
+        std::thread::sleep(Duration::from_millis(ms));
+        signal("-CONT");
+        self.nodes.lock().unwrap()[i] = Some(self.addr(i));
+    }
+
+    /// `weir plugin list` through node 1 (never behind the frozen server), else a live one.
+    fn list(&self) -> String {
+        let via = if self.procs[1].is_some() {
+            1
+        } else {
+            self.live()[0]
+        };
+        common::weir_cli(&self.addr(via), &["plugin", "list"], "").1
+    }
+
+    /// The node the listing says runs `plugin`.
+    fn runner(&self, listed: &str, plugin: &str) -> Option<usize> {
+        let block = plugin_block(listed, plugin)?;
+        let line = block
+            .lines()
+            .find(|l| l.trim_start().starts_with("runs on node"))?;
+        (0..self.procs.len()).find(|i| {
+            self.procs[*i].is_some() && line.contains(&format!("(127.0.0.1:{})", self.ports[*i]))
+        })
+    }
+
+    /// A live node other than `not`, at random.
+    fn other_than(&self, not: Option<usize>, rng: &mut impl Rng) -> usize {
+        let others: Vec<usize> = self
+            .live()
+            .into_iter()
+            .filter(|i| Some(*i) != not)
+            .collect();
+        others[rng.random_range(0..others.len())]
+    }
+
+    /// Waits until every deployed plugin runs on a node (a deployment no node runs is issue
+    /// 25's second defect).
+    fn wait_all_run(&self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(45);
+        loop {
+            let listed = self.list();
+            let idle: Vec<&str> = PLUGINS
+                .into_iter()
+                .filter(|p| match plugin_block(&listed, p) {
+                    Some(block) => !block.contains("runs on node"),
+                    None => true,
+                })
+                .collect();
+            if idle.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {idle:?} deployed but run by no node (or not deployed) for 45 s:\n{listed}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+}
+
+/// The lines of `weir plugin list` about `plugin`: its header and the indented ones after.
+fn plugin_block(listed: &str, plugin: &str) -> Option<String> {
+    let header = format!("{plugin} v");
+    let mut lines = listed.lines().skip_while(|l| !l.starts_with(&header));
+    let first = lines.next()?;
+    let rest: Vec<&str> = lines.take_while(|l| l.starts_with(' ')).collect();
+    Some(
+        std::iter::once(first)
+            .chain(rest)
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+}
+
+/// The output topics `weir plugin list` gives `plugin`, if it is deployed.
+fn outputs_of(listed: &str, plugin: &str) -> Option<Vec<String>> {
+    let block = plugin_block(listed, plugin)?;
+    let header = block.lines().next()?;
+    let inside = header.split_once("-> [")?.1.split_once(']')?.0;
+    Some(inside.split(", ").map(str::to_string).collect())
+}
+
+/// `weir plugin upgrade NAME --wasm W` through `addr` until one is acknowledged (90 s);
+/// returns the failed attempts.
+fn upgrade_until_ok(addr: &str, name: &str, wasm: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut failures = Vec::new();
+    loop {
+        let (ok, _, err) = common::weir_cli(addr, &["plugin", "upgrade", name, "--wasm", wasm], "");
+        if ok {
+            return failures;
+        }
+        failures.push(err.trim().to_string());
+        assert!(
+            Instant::now() < deadline,
+            "no upgrade of {name} through {addr} acknowledged within 90 s: {failures:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// `weir plugin remove points` through `addr` until the listing through it has no points (an
+/// attempt that failed may have landed); returns the failed attempts.
+fn remove_points(addr: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut failures = Vec::new();
+    loop {
+        let (ok, _, err) = common::weir_cli(addr, &["plugin", "remove", "points"], "");
+        if ok {
+            return failures;
+        }
+        failures.push(err.trim().to_string());
+        let listed = common::weir_cli(addr, &["plugin", "list"], "").1;
+        if plugin_block(&listed, "points").is_none() {
+            return failures;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "points not removed through {addr} within 90 s: {failures:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// The deploy of points from the earliest payment to `output` (where it writes its credits,
+/// `--config output=`).
+fn deploy_points_args(wasm: &str, output: &str) -> Vec<String> {
+    [
+        "plugin",
+        "deploy",
+        "points",
+        "--wasm",
+        wasm,
+        "--input",
+        "order.paid",
+        "--output",
+        output,
+        "--config",
+        &format!("output={output}"),
+        "--from",
+        "earliest",
+    ]
+    .map(str::to_string)
+    .to_vec()
+}
+
+/// Deploys points to `output` through `addr` until an attempt is acknowledged (true) or the
+/// listing through `addr` shows a deployment of points (false: a failed attempt landed, or
+/// another deployment did); the failed attempts.
+fn deploy_points(addr: &str, wasm: &str, output: &str) -> (bool, Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut failures = Vec::new();
+    loop {
+        let (ok, _, err) = common::weir_cli(
+            addr,
+            &deploy_points_args(wasm, output)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            "",
+        );
+        if ok {
+            return (true, failures);
+        }
+        failures.push(err.trim().to_string());
+        let listed = common::weir_cli(addr, &["plugin", "list"], "").1;
+        if plugin_block(&listed, "points").is_some() {
+            return (false, failures);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "points not deployed through {addr} within 90 s: {failures:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// Plugin chaos over 3 JetStream nodes and 3 weir nodes: points, red-envelope and order run
 /// while publishers send paid orders and seckill requests (a tenth of the batches sent twice,
-/// and any batch whose ack was lost sent again through another node). Each cycle does one of:
-/// `kill -9` a weir node (restarted after a moment, every other time on an empty data
-/// directory); `kill -9` the leader of the plugin-state stream (restarted); `SIGSTOP` the node
-/// running a plugin for longer than a lease lives, then `SIGCONT` (it resumes believing it
-/// runs the plugin: its commits are refused by the changelog's fence). At the end, through a
+/// and any batch whose ack was lost sent again through another node), spread over the cycles.
+/// Node 0 names every nats-server, node 1 all but one (`path`), node 2 only `path`. Each cycle
+/// does one of (the kinds in seeded shuffled blocks, so a default run meets each once):
+/// - `kill -9` a weir node (restarted after a moment, every other time on an empty data
+///   directory);
+/// - `kill -9` the leader of the plugin-state stream (restarted);
+/// - `SIGSTOP` the node running a plugin for longer than a lease lives, then `SIGCONT` (it
+///   resumes believing it runs the plugin: its commits are refused by the changelog's fence);
+/// - freeze `path` (SIGSTOP the nats-server; past the 4 s lease, every other time past the
+///   10 s request timeout) while node 2 may run plugins and publishers send through it;
+/// - upgrade a plugin (to the same wasm) through a node that does not run it, racing `kill -9`
+///   or `SIGSTOP` of the node that does; or, with `path` frozen, through node 2 (hangs, may
+///   land late) and then through node 1;
+/// - remove points and redeploy it to a new output topic `--from earliest`, racing `kill -9`
+///   or `SIGSTOP` of its node; or, with `path` frozen, remove through node 1, a deploy to one
+///   new topic through node 2 (hangs) and to another through node 1: at most one of the two
+///   deployments is acknowledged and the one listed is it.
+/// After each admin cycle every plugin runs on some node within 45 s. At the end, through a
 /// node: every balance is the recount of distinct payments, one red envelope per user with 3
-/// paid orders, sold = stock with nobody twice, one order output per distinct request, one
-/// credit per distinct payment.
+/// paid orders, sold = stock with nobody twice, one order output per distinct request; every
+/// topic points ever wrote to has at most one credit per distinct payment, and the last one
+/// exactly one.
 ///
 /// `WEIR_PLUGIN_CHAOS_CYCLES` (default 6) and `WEIR_PLUGIN_CHAOS_SEED`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugins_keep_exactly_once_effects_while_nodes_die_pause_and_lose_their_leader() {
-    use rand::{Rng, SeedableRng};
-    use std::collections::{BTreeMap, BTreeSet};
     let (cycles, seed) = common::chaos_knobs("WEIR_PLUGIN_CHAOS", 6);
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let mut nats = common::nats_cluster(dir.path());
-    let urls = nats.url_list();
     let kv_stream = weir_jetstream::Names::new("weir").kv_stream();
-    let data = |name: &str| dir.path().join(name);
-    let mut procs: Vec<Option<WeirProcess>> = (0..3)
-        .map(|i| {
-            Some(WeirProcess::spawn(
-                &data(&format!("w{i}")),
-                "127.0.0.1:0",
-                &["--log", &urls],
-            ))
-        })
-        .collect();
-    let ports: Vec<u16> = procs.iter().map(|p| p.as_ref().unwrap().port()).collect();
-    let nodes: Nodes = std::sync::Arc::new(std::sync::Mutex::new(
-        procs
-            .iter()
-            .map(|p| p.as_ref().map(|p| p.addr.clone()))
-            .collect(),
-    ));
-    let a = procs[0].as_ref().unwrap().addr.clone();
+    let path = rng.random_range(0..3usize);
+    let server = nats.nodes[path].name.clone();
+    let mut weirs = Weirs::start(
+        dir.path(),
+        vec![
+            nats.url_list(),
+            common::chaos::urls_except(&nats, path),
+            nats.nodes[path].url(),
+        ],
+    );
+    println!("node 2 reaches NATS only through {server}; node 1 never through it");
+    let a = weirs.addr(0);
     for (topic, partitions) in [
         ("order.paid", "4"),
         ("points.credited", "2"),
@@ -95,7 +370,7 @@ async fn plugins_keep_exactly_once_effects_while_nodes_die_pause_and_lose_their_
             "",
         );
     }
-    let wasm = |name: &str| {
+    let wasm = |name: &str| -> String {
         let path = dir.path().join(format!("{name}.wasm"));
         std::fs::write(&path, common::plugin_wasm(name)).unwrap();
         path.to_str().unwrap().to_string()
@@ -185,81 +460,244 @@ async fn plugins_keep_exactly_once_effects_while_nodes_die_pause_and_lose_their_
             request_batches.push(batch);
         }
     }
+    let wasms: BTreeMap<&str, String> = PLUGINS.into_iter().map(|p| (p, wasm(p))).collect();
+
+    // Publishing keeps pace with the cycles: the batches of cycle c go while it runs.
+    let begun = Arc::new(AtomicUsize::new(0));
+    let all_begun = Arc::new(AtomicBool::new(false));
     let publishers = [
         ("order.paid", pay_batches),
         ("seckill.requests", request_batches),
     ]
     .map(|(topic, batches)| {
-        let nodes = nodes.clone();
+        let nodes = weirs.nodes.clone();
+        let (begun, all_begun) = (begun.clone(), all_begun.clone());
         tokio::spawn(async move {
+            let n = batches.len();
             for (i, batch) in batches.into_iter().enumerate() {
+                while !all_begun.load(Ordering::Relaxed)
+                    && begun.load(Ordering::Relaxed) * n < i * cycles
+                {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 publish_retrying(&nodes, topic, batch, seed ^ i as u64).await;
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         })
     });
 
-    let mut empty_dirs = 0;
-    for cycle in 0..cycles {
+    // Every topic points has written to, and the one it writes to now.
+    let mut points_outputs = vec!["points.credited".to_string()];
+    let mut points_output = "points.credited".to_string();
+    let mut freezes = 0;
+    let kinds = common::chaos::cycle_kinds(&mut rng, cycles, 6);
+    for (cycle, kind) in kinds.into_iter().enumerate() {
+        begun.store(cycle + 1, Ordering::Relaxed);
         std::thread::sleep(Duration::from_millis(rng.random_range(1500..3500)));
-        let live: Vec<usize> = (0..3).filter(|i| procs[*i].is_some()).collect();
-        match cycle % 3 {
+        let at = started.elapsed();
+        match kind {
             0 => {
+                let live = weirs.live();
                 let i = live[rng.random_range(0..live.len())];
-                nodes.lock().unwrap()[i] = None;
-                procs[i].take().unwrap().kill9();
-                std::thread::sleep(Duration::from_millis(rng.random_range(300..1500)));
-                let fresh = cycle % 2 == 0;
-                let name = if fresh {
-                    empty_dirs += 1;
-                    format!("w{i}-empty{empty_dirs}")
-                } else {
-                    format!("w{i}")
-                };
-                let p = super::cluster::spawn_weir(&data(&name), ports[i], &urls);
-                nodes.lock().unwrap()[i] = Some(p.addr.clone());
-                procs[i] = Some(p);
-                println!("cycle {cycle} at {:?}: kill -9 weir node {i}, restarted (empty data dir: {fresh})", started.elapsed());
+                let fresh = weirs.kill9_restart(i, rng.random_range(300..1500));
+                println!("cycle {cycle} at {at:?}: kill -9 weir node {i}, restarted (empty data dir: {fresh})");
             }
             1 => {
                 let name =
                     common::kill_stream_leader(&mut nats, &kv_stream, rng.random_range(300..1500));
                 println!(
-                    "cycle {cycle} at {:?}: kill -9 the plugin-state stream's leader {name}",
-                    started.elapsed()
+                    "cycle {cycle} at {at:?}: kill -9 the plugin-state stream's leader {name}"
                 );
             }
-            _ => {
+            2 => {
                 // Pause the node running a plugin past its lease, then let it go on.
-                let listed = common::cli_ok(
-                    &procs[live[0]].as_ref().unwrap().addr,
-                    &["plugin", "list"],
-                    "",
-                );
-                let owner = (0..3).find(|i| {
-                    procs[*i].is_some() && listed.contains(&format!("(127.0.0.1:{})", ports[*i]))
-                });
-                let i = owner.unwrap_or(live[0]);
-                let pid = procs[i].as_ref().unwrap().child.id().to_string();
-                nodes.lock().unwrap()[i] = None;
-                std::process::Command::new("kill")
-                    .args(["-STOP", &pid])
-                    .status()
-                    .unwrap();
-                std::thread::sleep(Duration::from_millis(6500));
-                std::process::Command::new("kill")
-                    .args(["-CONT", &pid])
-                    .status()
-                    .unwrap();
-                nodes.lock().unwrap()[i] = procs[i].as_ref().map(|p| p.addr.clone());
+                let listed = weirs.list();
+                let plugin = PLUGINS[rng.random_range(0..PLUGINS.len())];
+                let owner = weirs.runner(&listed, plugin);
+                let i = owner.unwrap_or(weirs.live()[0]);
+                weirs.pause(i, 6500);
                 println!(
-                    "cycle {cycle} at {:?}: paused weir node {i} for 6.5 s (it ran a plugin: {})",
-                    started.elapsed(),
+                    "cycle {cycle} at {at:?}: paused weir node {i} for 6.5 s (it ran {plugin}: {})",
                     owner.is_some()
                 );
             }
+            3 => {
+                let listed = weirs.list();
+                let ran: Vec<&str> = PLUGINS
+                    .into_iter()
+                    .filter(|p| weirs.runner(&listed, p) == Some(2))
+                    .collect();
+                let ms = common::chaos::freeze_ms(&mut rng, freezes);
+                freezes += 1;
+                nats.freeze(path);
+                std::thread::sleep(Duration::from_millis(ms));
+                nats.thaw(path);
+                println!("cycle {cycle} at {at:?}: froze {server} (node 2's only server) for {ms} ms; node 2 ran {ran:?}");
+            }
+            4 => {
+                let plugin = PLUGINS[rng.random_range(0..PLUGINS.len())];
+                let w = wasms[plugin].clone();
+                let runner = weirs.runner(&weirs.list(), plugin);
+                match rng.random_range(0..3) {
+                    fault @ (0 | 1) => {
+                        let target = runner.unwrap_or_else(|| weirs.other_than(None, &mut rng));
+                        let via = weirs.other_than(Some(target), &mut rng);
+                        let addr = weirs.addr(via);
+                        let delay = rng.random_range(0..1000);
+                        let admin = std::thread::spawn(move || {
+                            std::thread::sleep(Duration::from_millis(delay));
+                            upgrade_until_ok(&addr, plugin, &w)
+                        });
+                        std::thread::sleep(Duration::from_millis(rng.random_range(0..1500)));
+                        let what = if fault == 0 {
+                            let fresh = weirs.kill9_restart(target, rng.random_range(300..1500));
+                            format!("kill -9 (restart on an empty data dir: {fresh})")
+                        } else {
+                            weirs.pause(target, 6500);
+                            "SIGSTOP for 6.5 s".to_string()
+                        };
+                        let failed = admin.join().unwrap();
+                        println!(
+                            "cycle {cycle} at {at:?}: upgraded {plugin} through node {via} racing {what} of node {target} (its runner: {}); failed tries {failed:?}",
+                            runner.is_some()
+                        );
+                    }
+                    _ => {
+                        let ms = common::chaos::freeze_ms(&mut rng, freezes);
+                        freezes += 1;
+                        let frozen_at = Instant::now();
+                        nats.freeze(path);
+                        let (addr, stale_w) = (weirs.addr(2), w.clone());
+                        let stale = std::thread::spawn(move || {
+                            common::weir_cli(
+                                &addr,
+                                &["plugin", "upgrade", plugin, "--wasm", &stale_w],
+                                "",
+                            )
+                        });
+                        std::thread::sleep(Duration::from_millis(500));
+                        let failed = upgrade_until_ok(&weirs.addr(1), plugin, &w);
+                        std::thread::sleep(
+                            Duration::from_millis(ms).saturating_sub(frozen_at.elapsed()),
+                        );
+                        nats.thaw(path);
+                        let (ok, _, err) = stale.join().unwrap();
+                        println!(
+                            "cycle {cycle} at {at:?}: froze {server} for {ms} ms; upgrade of {plugin} (run by node {runner:?}) through node 2 answered {}, through node 1 acknowledged after failed tries {failed:?}",
+                            if ok { "ok".to_string() } else { err.trim().to_string() }
+                        );
+                    }
+                }
+                weirs.wait_all_run(&format!("after cycle {cycle} (seed {seed})"));
+            }
+            _ => {
+                let new = format!("pc.{cycle}");
+                common::cli_ok(
+                    &weirs.addr(1),
+                    &["topic", "create", &new, "--partitions", "2"],
+                    "",
+                );
+                points_outputs.push(new.clone());
+                let w = wasms["points"].clone();
+                let runner = weirs.runner(&weirs.list(), "points");
+                match rng.random_range(0..3) {
+                    fault @ (0 | 1) => {
+                        let target = runner.unwrap_or_else(|| weirs.other_than(None, &mut rng));
+                        let via = weirs.other_than(Some(target), &mut rng);
+                        let (addr, output) = (weirs.addr(via), new.clone());
+                        let delay = rng.random_range(0..1000);
+                        let admin = std::thread::spawn(move || {
+                            std::thread::sleep(Duration::from_millis(delay));
+                            let removing = remove_points(&addr);
+                            (removing, deploy_points(&addr, &w, &output))
+                        });
+                        std::thread::sleep(Duration::from_millis(rng.random_range(0..2000)));
+                        let what = if fault == 0 {
+                            let fresh = weirs.kill9_restart(target, rng.random_range(300..1500));
+                            format!("kill -9 (restart on an empty data dir: {fresh})")
+                        } else {
+                            weirs.pause(target, 6500);
+                            "SIGSTOP for 6.5 s".to_string()
+                        };
+                        let (removing, (acked, deploying)) = admin.join().unwrap();
+                        let listed = weirs.list();
+                        assert_eq!(
+                            outputs_of(&listed, "points"),
+                            Some(vec![new.clone()]),
+                            "cycle {cycle} (seed {seed}): points redeployed to {new} through node {via} (acknowledged: {acked}):\n{listed}"
+                        );
+                        points_output = new.clone();
+                        println!(
+                            "cycle {cycle} at {at:?}: removed points and redeployed it to {new} through node {via} racing {what} of node {target} (its runner: {}); failed tries {removing:?} {deploying:?}",
+                            runner.is_some()
+                        );
+                    }
+                    _ => {
+                        // Issue 25's second defect: a remove through a healthy node, a deploy
+                        // through the node behind the frozen server, another through a healthy
+                        // node.
+                        let other = format!("pc.{cycle}b");
+                        common::cli_ok(
+                            &weirs.addr(1),
+                            &["topic", "create", &other, "--partitions", "2"],
+                            "",
+                        );
+                        points_outputs.push(other.clone());
+                        let ms = common::chaos::freeze_ms(&mut rng, freezes);
+                        freezes += 1;
+                        let frozen_at = Instant::now();
+                        nats.freeze(path);
+                        let removing = remove_points(&weirs.addr(1));
+                        let (addr, stale_w, output) = (weirs.addr(2), w.clone(), other.clone());
+                        let stale = std::thread::spawn(move || {
+                            let args = deploy_points_args(&stale_w, &output);
+                            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                            common::weir_cli(&addr, &args, "")
+                        });
+                        std::thread::sleep(Duration::from_millis(500));
+                        let (acked, deploying) = deploy_points(&weirs.addr(1), &w, &new);
+                        std::thread::sleep(
+                            Duration::from_millis(ms).saturating_sub(frozen_at.elapsed()),
+                        );
+                        nats.thaw(path);
+                        let (stale_ok, _, stale_err) = stale.join().unwrap();
+                        assert!(
+                            !(acked && stale_ok),
+                            "cycle {cycle} (seed {seed}): two deployments of points acknowledged, to {new} through node 1 and to {other} through node 2"
+                        );
+                        // What is listed is the acknowledged one (once node 1's view settles).
+                        let deadline = Instant::now() + Duration::from_secs(30);
+                        let listed = loop {
+                            let listed = weirs.list();
+                            let outputs = outputs_of(&listed, "points");
+                            let settled = match (acked, stale_ok) {
+                                (true, _) => outputs == Some(vec![new.clone()]),
+                                (_, true) => outputs == Some(vec![other.clone()]),
+                                _ => outputs.is_some(),
+                            };
+                            if settled || Instant::now() > deadline {
+                                break listed;
+                            }
+                            std::thread::sleep(Duration::from_millis(250));
+                        };
+                        let outputs = outputs_of(&listed, "points");
+                        match (acked, stale_ok) {
+                            (true, _) => assert_eq!(outputs, Some(vec![new.clone()]), "cycle {cycle} (seed {seed}): the deploy to {new} through node 1 was acknowledged:\n{listed}"),
+                            (_, true) => assert_eq!(outputs, Some(vec![other.clone()]), "cycle {cycle} (seed {seed}): the deploy to {other} through node 2 was acknowledged:\n{listed}"),
+                            _ => assert!(outputs.is_some(), "cycle {cycle} (seed {seed}): points deployed by neither:\n{listed}"),
+                        }
+                        points_output = outputs.unwrap().remove(0);
+                        println!(
+                            "cycle {cycle} at {at:?}: froze {server} for {ms} ms; removed points through node 1 (failed tries {removing:?}); deploy to {other} through node 2 answered {}; deploy to {new} through node 1 acknowledged: {acked} ({deploying:?}); points writes to {points_output}",
+                            if stale_ok { "ok".to_string() } else { stale_err.trim().to_string() }
+                        );
+                    }
+                }
+                weirs.wait_all_run(&format!("after cycle {cycle} (seed {seed})"));
+            }
         }
     }
+    all_begun.store(true, Ordering::Relaxed);
     for p in publishers {
         p.await.unwrap();
     }
@@ -290,7 +728,7 @@ async fn plugins_keep_exactly_once_effects_while_nodes_die_pause_and_lose_their_
         });
     let eligible = paid_count.values().filter(|n| **n >= 3).count();
     let want_outputs = [
-        ("points.credited", payments.len()),
+        (points_output.as_str(), payments.len()),
         ("red-envelope.grants", eligible),
         ("order.created", STOCK as usize),
     ];
@@ -323,18 +761,37 @@ async fn plugins_keep_exactly_once_effects_while_nodes_die_pause_and_lose_their_
         let got: u64 = serde_json::from_slice(&value).unwrap();
         assert_eq!(got, *want, "{user}'s balance");
     }
-    let credited = flash_sale::read_all(&client, "points.credited")
-        .await
-        .unwrap();
-    let credited_orders: BTreeSet<u64> = credited
-        .iter()
-        .map(|c| c["order"].as_u64().unwrap())
-        .collect();
-    assert_eq!(
-        (credited.len(), credited_orders.len()),
-        (payments.len(), payments.len()),
-        "one credit per payment"
-    );
+    // Every topic points wrote to (a redeployment from the earliest payment writes them all
+    // again to its new topic): at most one credit per payment, each of a real payment; the
+    // topic it writes to now, one per payment.
+    for topic in &points_outputs {
+        let credited = flash_sale::read_all(&client, topic).await.unwrap();
+        let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
+        for c in &credited {
+            *seen.entry(c["order"].as_u64().unwrap()).or_default() += 1;
+        }
+        let twice: Vec<(&u64, &usize)> = seen.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            twice.is_empty(),
+            "{topic} (seed {seed}): {} of {} payments credited more than once (order, times): {:?}",
+            twice.len(),
+            seen.len(),
+            &twice[..twice.len().min(20)]
+        );
+        let unknown: Vec<&u64> = seen.keys().filter(|o| !payments.contains_key(o)).collect();
+        assert!(
+            unknown.is_empty(),
+            "{topic}: credits of no payment {unknown:?}"
+        );
+        if *topic == points_output {
+            assert_eq!(
+                (credited.len(), seen.len()),
+                (payments.len(), payments.len()),
+                "one credit per payment in {topic}, the topic points writes to (seed {seed})"
+            );
+        }
+        println!("{topic}: {} credits, none twice", credited.len());
+    }
     let grants = flash_sale::read_all(&client, "red-envelope.grants")
         .await
         .unwrap();
@@ -367,11 +824,11 @@ async fn plugins_keep_exactly_once_effects_while_nodes_die_pause_and_lose_their_
         "one answer per distinct request"
     );
     println!(
-        "plugin chaos passed at {:?}: {} payments, {} requests, {eligible} envelopes",
+        "plugin chaos passed at {:?}: {} payments, {} requests, {eligible} envelopes, {freezes} freezes",
         started.elapsed(),
         payments.len(),
         requests.len()
     );
-    drop(procs);
+    drop(weirs);
     drop(nats);
 }
