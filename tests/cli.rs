@@ -775,3 +775,19 @@ fn a_refused_listing_prints_no_table_header() {
     let out = ok(&server.addr, &["--token", &token, "topic", "list"], "");
     assert!(out.starts_with("TOPIC"), "{out}");
 }
+
+/// Issue 21, item 11: `--cache-mb` defaults to 128 MiB, the size chosen from a measurement
+/// (BENCHMARKS.md, "sled's cache and RSS": past 128 MiB a publish load got no faster while
+/// RSS grew with the cache), and a server configured in code gets the same default. It was
+/// 512 MiB.
+#[test]
+fn the_sled_cache_default_is_the_measured_one_in_the_cli_and_in_code() {
+    use clap::Parser as _;
+    let cli = weir::cli::Cli::try_parse_from(["weir", "serve"]).unwrap();
+    let weir::cli::Command::Serve(args) = cli.command else {
+        panic!("not serve: {:?}", cli.command);
+    };
+    assert_eq!(args.cache_mb, 128);
+    let config = weir_server::server::ServerConfig::new(std::path::Path::new("unused"));
+    assert_eq!(config.cache_bytes, args.cache_mb << 20);
+}

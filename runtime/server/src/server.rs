@@ -37,7 +37,7 @@ pub struct ServerConfig {
     pub fsync: FsyncPolicy,
     /// Broker limits.
     pub broker: BrokerConfig,
-    /// sled cache in bytes.
+    /// sled cache in bytes (128 MiB by default).
     pub cache_bytes: u64,
     /// Plugin bounds: wasm size, time limit ceiling, state cache.
     pub plugins: PluginLimits,
@@ -76,7 +76,8 @@ impl ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             fsync: FsyncPolicy::Always,
             broker: BrokerConfig::default(),
-            cache_bytes: 512 * 1024 * 1024,
+            // `weir serve --cache-mb`'s default (BENCHMARKS.md, "sled's cache and RSS").
+            cache_bytes: 128 * 1024 * 1024,
             plugins: PluginLimits::default(),
             compiled_dir: None,
             auth: Arc::new(Authority::open()),

@@ -109,8 +109,10 @@ pub struct ServeArgs {
     /// 86400000).
     #[arg(long, default_value_t = 30_000, value_parser = ranged::<u64>(bounds::RETENTION_CHECK_MS))]
     pub retention_check_ms: u64,
-    /// sled page cache in MiB (1 to 1048576).
-    #[arg(long, default_value_t = 512, value_parser = ranged::<u64>(bounds::CACHE_MB))]
+    /// sled page cache in MiB (1 to 1048576). The default, 128, is from a measurement
+    /// (BENCHMARKS.md, "sled's cache and RSS"): past 128 MiB the publish path got no faster,
+    /// while the server's RSS grew with the cache (sled's nodes take more than it counts).
+    #[arg(long, default_value_t = 128, value_parser = ranged::<u64>(bounds::CACHE_MB))]
     pub cache_mb: u64,
     /// Principals, token hashes and grants (TOML, see docs/security.md). Without it every
     /// client may do everything.
