@@ -645,9 +645,36 @@ async fn plugins_keep_exactly_once_effects_while_nodes_die_pause_and_lose_their_
                         points_outputs.push(other.clone());
                         let ms = common::chaos::freeze_ms(&mut rng, freezes);
                         freezes += 1;
+                        // The remove before the freeze (node 2 knows points is gone, and its
+                        // deploy waits on the frozen server) or during it (node 2 may refuse
+                        // from what it last saw).
+                        let remove_first = rng.random_bool(0.5);
+                        let removing = if remove_first {
+                            let removing = remove_points(&weirs.addr(1));
+                            let deadline = Instant::now() + Duration::from_secs(30);
+                            loop {
+                                let listed =
+                                    common::weir_cli(&weirs.addr(2), &["plugin", "list"], "").1;
+                                if plugin_block(&listed, "points").is_none() {
+                                    break;
+                                }
+                                assert!(
+                                    Instant::now() < deadline,
+                                    "node 2 still lists points 30 s after its remove:\n{listed}"
+                                );
+                                std::thread::sleep(Duration::from_millis(100));
+                            }
+                            removing
+                        } else {
+                            Vec::new()
+                        };
                         let frozen_at = Instant::now();
                         nats.freeze(path);
-                        let removing = remove_points(&weirs.addr(1));
+                        let removing = if remove_first {
+                            removing
+                        } else {
+                            remove_points(&weirs.addr(1))
+                        };
                         let (addr, stale_w, output) = (weirs.addr(2), w.clone(), other.clone());
                         let stale = std::thread::spawn(move || {
                             let args = deploy_points_args(&stale_w, &output);
@@ -688,7 +715,7 @@ async fn plugins_keep_exactly_once_effects_while_nodes_die_pause_and_lose_their_
                         }
                         points_output = outputs.unwrap().remove(0);
                         println!(
-                            "cycle {cycle} at {at:?}: froze {server} for {ms} ms; removed points through node 1 (failed tries {removing:?}); deploy to {other} through node 2 answered {}; deploy to {new} through node 1 acknowledged: {acked} ({deploying:?}); points writes to {points_output}",
+                            "cycle {cycle} at {at:?}: froze {server} for {ms} ms; removed points through node 1 (before the freeze: {remove_first}; failed tries {removing:?}); deploy to {other} through node 2 answered {}; deploy to {new} through node 1 acknowledged: {acked} ({deploying:?}); points writes to {points_output}",
                             if stale_ok { "ok".to_string() } else { stale_err.trim().to_string() }
                         );
                     }
