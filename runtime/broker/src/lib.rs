@@ -86,6 +86,8 @@ impl Default for BrokerConfig {
 /// A topic and its live partitions.
 pub(crate) struct Topic {
     config: TopicConfig,
+    /// Which creation of the topic this is (shared logs; see `Log::incarnation`).
+    incarnation: Option<String>,
     partitions: Vec<Arc<Partition>>,
     /// Admission per key, if the topic has a limit.
     admission: Option<Mutex<admission::AdmissionLog>>,
@@ -210,6 +212,7 @@ impl Broker {
                     m.publish_bytes.get_or_create(&label).clone(),
                 )
             },
+            incarnation: store.incarnation(&config.name),
             config,
             partitions,
             sticky: AtomicU32::new(0),

@@ -90,19 +90,23 @@ impl Broker {
         }
         let _admin = self.admin.lock().await;
         let store = self.store.clone();
-        let known: Vec<TopicConfig> = self
+        let known: Vec<(TopicConfig, Option<String>)> = self
             .topics
             .read()
             .values()
-            .map(|t| t.config.clone())
+            .map(|t| (t.config.clone(), t.incarnation.clone()))
             .collect();
         let (opened, names) = Self::blocking(move || {
             let configs = store.load_topics()?;
             let names: BTreeSet<String> = configs.iter().map(|c| c.name.clone()).collect();
-            // New topics, and topics deleted and created again with another configuration.
+            // New topics, and topics deleted and created again (with another configuration,
+            // or with the same one: another creation).
             let opened = configs
                 .into_iter()
-                .filter(|c| !known.contains(c))
+                .filter(|c| {
+                    let now = store.incarnation(&c.name);
+                    !known.iter().any(|(k, i)| k == c && *i == now)
+                })
                 .filter_map(|c| match Self::open_topic(&store, c.clone()) {
                     Ok(topic) => Some(topic),
                     Err(e) => {

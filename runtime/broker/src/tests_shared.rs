@@ -199,6 +199,35 @@ async fn a_topic_deleted_and_created_again_is_seen_new_by_the_other_node() {
     assert_eq!(read_all(&b, "t", 2).await, vec![(0, "v0".to_string())]);
 }
 
+/// The same with the same configuration, faster than a refresh: it is another creation, and
+/// the other node opens it anew (it used to keep the old topic's offsets and states: a
+/// publish through it failed or landed at a stale offset).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_created_again_with_the_same_config_is_seen_new_by_the_other_node() {
+    let (a, b) = two_nodes();
+    a.create_topic(TopicConfig::new("t", 1)).await.unwrap();
+    a.publish(to("t", 0, values(0..5))).await.unwrap();
+    b.ensure_topic("t").await.unwrap();
+    b.follow_shared(false).await.unwrap();
+    assert_eq!(b.describe_topic("t").unwrap().partitions[0].end_offset, 5);
+    a.delete_topic("t").await.unwrap();
+    a.create_topic(TopicConfig::new("t", 1)).await.unwrap();
+    a.publish(to("t", 0, values(0..1))).await.unwrap();
+    b.refresh_topics().await.unwrap();
+    b.follow_shared(false).await.unwrap();
+    assert_eq!(read_all(&b, "t", 0).await, vec![(0, "v0".to_string())]);
+    let ack = b.publish(to("t", 0, values(1..2))).await.unwrap();
+    assert_eq!(
+        ack[0].appended.base_offset, 1,
+        "after the new topic's record"
+    );
+    a.follow_shared(false).await.unwrap();
+    assert_eq!(
+        read_all(&a, "t", 0).await,
+        vec![(0, "v0".to_string()), (1, "v1".to_string())]
+    );
+}
+
 /// A name the shared log has no configuration of is absent after one look (a deploy naming a
 /// misspelt topic is refused at once, not after the retries meant for a topic being created);
 /// a topic another node created is open after one look.

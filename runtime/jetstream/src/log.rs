@@ -315,7 +315,7 @@ impl Log for JetStreamLog {
             // landing would apply over a commit made after it): a commit that lands in
             // between keeps the group.
             for (subject, seq) in self.meta_seqs(&self.names.group_keys(topic, group)).await? {
-                match self.meta_put(&subject, Bytes::new(), Some(seq)).await {
+                match self.tombstone(&subject, seq).await {
                     Ok(_) | Err(LogError::Conflict { .. }) => {}
                     Err(e) => return Err(e),
                 }
@@ -379,6 +379,10 @@ impl Log for JetStreamLog {
             st.index.retain(|base, _| *base >= first);
         }
         Ok(first)
+    }
+
+    fn incarnation(&self, topic: &str) -> Option<String> {
+        self.topic_streams.lock().get(topic).cloned()
     }
 
     fn load_producer(&self, producer_id: u64) -> Result<Option<Bytes>, LogError> {

@@ -66,7 +66,10 @@ impl JetStreamLog {
             .lock()
             .insert(topic.clone(), name.clone());
         if previous.is_some_and(|p| p != name) {
+            // Another creation: nothing this node knew of the old one's partitions holds (the
+            // broker opens the topic anew, `Log::incarnation`).
             self.streams.lock().remove(topic);
+            self.parts.lock().retain(|tp, _| tp.topic != *topic);
         }
     }
 
@@ -139,7 +142,7 @@ impl JetStreamLog {
         self.learn_stream(&stored);
         // A stream left by an earlier topic of this name whose deletion was cut short holds
         // the subjects: remove it (no topic of this name exists but the one just written).
-        let made = match self.delete_orphan(config).await {
+        let made = match self.delete_orphan(config, &key, written).await {
             Ok(()) => self.create_stream(&config.name, &stream).await,
             Err(e) => Err(e),
         };
@@ -154,15 +157,36 @@ impl JetStreamLog {
     }
 
     pub(crate) async fn delete_topic_async(&self, config: &TopicConfig) -> Result<(), LogError> {
-        let stream = self.stream_name(&config.name).await?;
+        // What is deleted is the creation the key holds now, read once: its stream is closed
+        // and removed, and its key is overwritten fenced on this read (a creation landing in
+        // between makes the deletion fail rather than remove a topic it never closed).
+        let key = self.names.topic_key(&config.name);
+        let Some(read) = self.meta_get(&key).await?.filter(|v| !v.bytes.is_empty()) else {
+            return Ok(()); // deleted already
+        };
+        let stored: StoredTopic =
+            serde_json::from_slice(&read.bytes).map_err(|e| LogError::Malformed {
+                what: key.clone(),
+                reason: e.to_string(),
+            })?;
+        self.learn_stream(&stored);
+        let stream = stored
+            .stream
+            .clone()
+            .unwrap_or_else(|| self.names.topic_stream(&config.name));
         // Closed first, fenced on what every partition holds: from then on no node can
         // acknowledge a record of it. A deletion that fails before this never lands later
         // over records acknowledged after it (its close is refused by the engine).
-        self.close_topic_async(config).await?;
+        self.close_stream(&config.name, &stored.config, &stream)
+            .await?;
         // Then the key: a topic never exists without its stream (a crash after this leaves
         // an orphan stream, which creating the topic again removes).
-        let key = self.names.topic_key(&config.name);
-        self.tombstone_current(&key).await?;
+        self.tombstone(&key, read.seq).await.map_err(|e| match e {
+            LogError::Conflict { .. } => LogError::Conflict {
+                what: format!("topic {} (created again while it was deleted)", config.name),
+            },
+            e => e,
+        })?;
         for (subject, _) in self
             .meta_seqs(&self.names.topic_group_keys(&config.name))
             .await?
@@ -194,7 +218,7 @@ impl JetStreamLog {
     }
 
     /// Writes an empty value over the value at `seq`, only if it is still the subject's last.
-    async fn tombstone(&self, subject: &str, seq: u64) -> Result<(), LogError> {
+    pub(crate) async fn tombstone(&self, subject: &str, seq: u64) -> Result<(), LogError> {
         self.meta_seqs_known.lock().remove(subject);
         self.meta_put(subject, Bytes::new(), Some(seq))
             .await
@@ -211,18 +235,33 @@ impl JetStreamLog {
     }
 
     /// Deletes whatever stream holds a topic's subjects: what an earlier topic of the name
-    /// left when its deletion was cut short (under its own name, or the old shared one).
-    async fn delete_orphan(&self, config: &TopicConfig) -> Result<(), LogError> {
+    /// left when its deletion was cut short (under its own name, or the old shared one) —
+    /// only while the key still holds the creation this node wrote at `written` (a node
+    /// paused here must not delete the stream of a creation made since).
+    async fn delete_orphan(
+        &self,
+        config: &TopicConfig,
+        key: &str,
+        written: u64,
+    ) -> Result<(), LogError> {
         let subject = self.names.chunk_subject(&config.name, 0);
-        match self.js.stream_by_subject(subject).await {
-            Ok(name) => self.delete_stream_named(&name).await,
-            Err(e) if e.to_string().to_ascii_lowercase().contains("no stream") => Ok(()),
-            Err(e) if e.to_string().contains("not found") => Ok(()),
-            Err(e) => Err(engine(
-                &format!("look for a stream left by an earlier topic {}", config.name),
-                e,
-            )),
+        let orphan = match self.js.stream_by_subject(subject).await {
+            Ok(name) => name,
+            Err(e) if e.to_string().to_ascii_lowercase().contains("no stream") => return Ok(()),
+            Err(e) if e.to_string().contains("not found") => return Ok(()),
+            Err(e) => {
+                return Err(engine(
+                    &format!("look for a stream left by an earlier topic {}", config.name),
+                    e,
+                ))
+            }
+        };
+        if self.meta_get(key).await?.map(|v| v.seq) != Some(written) {
+            return Err(LogError::Conflict {
+                what: format!("topic {} (deleted or created again meanwhile)", config.name),
+            });
         }
+        self.delete_stream_named(&orphan).await
     }
 
     /// Creates a topic's stream under `name` with the configured replicas.

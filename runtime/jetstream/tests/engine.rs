@@ -459,3 +459,59 @@ fn a_topic_written_by_the_previous_layout_opens_and_is_deleted() {
     a.append(&tp, 0, &chunk, None).unwrap();
     assert_eq!(b.load_topics().unwrap(), vec![config]);
 }
+
+/// A topic under steady appends through another node is deleted: each partition closes
+/// between two appends (a close of every partition in one fenced batch was refused by any
+/// append anywhere, and the deletion gave up), and after its close every append is refused.
+#[test]
+fn a_topic_under_steady_appends_is_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let (a, b) = (connect(&c, "busy"), connect(&c, "busy"));
+    let config = TopicConfig::new("busy", 4);
+    a.put_topic(&config).unwrap();
+    b.load_topics().unwrap();
+    let tps: Vec<TopicPartition> = (0..4).map(|p| TopicPartition::new("busy", p)).collect();
+    for tp in &tps {
+        b.recover_partition(tp).unwrap();
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let chunk = codec::encode_chunks(&records(1, 10, 1), 1, 128 * 1024);
+            let mut next = [0u64; 4];
+            let mut refused = [false; 4];
+            while !refused.iter().all(|r| *r) && !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                for (p, tp) in tps.iter().enumerate() {
+                    if refused[p] {
+                        continue;
+                    }
+                    match b.append(tp, next[p], &chunk, None) {
+                        Ok(()) => next[p] += 1,
+                        Err(LogError::Closed { .. }) => refused[p] = true,
+                        Err(LogError::Fenced { .. }) => {
+                            // Reads the close, or fails once the stream is gone.
+                            if b.tail(tp).is_err() {
+                                refused[p] = true;
+                            }
+                        }
+                        // The stream is gone once the deletion is through.
+                        Err(_) => refused[p] = true,
+                    }
+                }
+            }
+            next
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let deleted = a.delete_topic(&config);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let appended = writer.join().unwrap();
+    deleted.unwrap_or_else(|e| panic!("the deletion under load failed: {e}"));
+    assert!(
+        appended.iter().all(|n| *n > 0),
+        "appends went on: {appended:?}"
+    );
+    assert!(connect(&c, "busy").load_topics().unwrap().is_empty());
+}

@@ -388,6 +388,12 @@ pub trait Log: Durable {
     fn load_producer(&self, _producer_id: u64) -> Result<Option<Bytes>, LogError> {
         Ok(None)
     }
+    /// Which creation of a topic the last [`Log::load_topics`] saw (shared logs: a topic
+    /// deleted and created again elsewhere with the same configuration is another topic, to
+    /// be opened anew; `None` otherwise).
+    fn incarnation(&self, _topic: &str) -> Option<String> {
+        None
+    }
 }
 
 /// Both seams over one durable store (one sync covers the log and the key-value namespaces).

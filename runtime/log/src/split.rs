@@ -141,6 +141,9 @@ impl Log for SplitStore {
     fn load_producer(&self, producer_id: u64) -> Result<Option<Bytes>, LogError> {
         self.log.load_producer(producer_id)
     }
+    fn incarnation(&self, topic: &str) -> Option<String> {
+        self.log.incarnation(topic)
+    }
 }
 
 impl KvStore for SplitStore {
