@@ -66,6 +66,9 @@ pub struct Membership {
     last_beat: parking_lot::Mutex<Option<std::time::Instant>>,
     /// Plugins no live node held at this node's last ticks, since when.
     free_since: parking_lot::Mutex<BTreeMap<String, std::time::Instant>>,
+    /// Plugins this node took because they were overdue, not because it is preferred: kept
+    /// longer before a hand-back (the preferred node let them lapse once).
+    taken_overdue: parking_lot::Mutex<std::collections::BTreeSet<String>>,
     /// This node's id (new at every start).
     pub node: String,
     /// This node's gRPC address, shown to operators.
@@ -118,6 +121,7 @@ impl Membership {
             beating_since: parking_lot::Mutex::new(None),
             last_beat: parking_lot::Mutex::new(None),
             free_since: parking_lot::Mutex::new(BTreeMap::new()),
+            taken_overdue: parking_lot::Mutex::new(Default::default()),
         }
     }
 
@@ -166,6 +170,7 @@ impl Membership {
     /// preferred for, gives back `release`, and returns the view after. Blocking.
     pub(crate) fn tick(&self, plugins: &[String], release: &[String]) -> Result<View, LogError> {
         let mut result = View::default();
+        let mut took_overdue = Vec::new();
         let steady = self.steady();
         // Plugins free (no live holder) for longer than the time-out: the preferred node
         // should have taken them by now; any live node may (the compare-and-set lets one win).
@@ -195,15 +200,24 @@ impl Membership {
                 if !steady || release.contains(p) || view.holder(p).is_some() {
                     continue;
                 }
-                if view.preferred(p) == Some(self.node.as_str()) || overdue.contains(p) {
+                let preferred = view.preferred(p) == Some(self.node.as_str());
+                if preferred || overdue.contains(p) {
                     writes.push((lease_key(p), Some(self.node.clone().into_bytes())));
                     view.leases.insert(p.clone(), self.node.clone());
+                    if !preferred {
+                        took_overdue.push(p.clone());
+                    }
                 }
             }
             result = view;
             (!writes.is_empty()).then_some(writes)
         });
         outcome?;
+        {
+            let mut taken = self.taken_overdue.lock();
+            taken.extend(took_overdue);
+            taken.retain(|p| result.leases.get(p) == Some(&self.node));
+        }
         self.note_free(plugins, &result);
         Ok(result)
     }
@@ -214,7 +228,15 @@ impl Membership {
         let ttl = std::time::Duration::from_millis(NODE_TTL_MS as u64);
         let gauge = &weir_metrics::global().plugin_unowned;
         let mut free = self.free_since.lock();
-        free.retain(|p, _| plugins.contains(p));
+        free.retain(|p, _| {
+            let kept = plugins.contains(p);
+            if !kept {
+                // Removed: no alert left behind.
+                let label = weir_metrics::PluginLabel { plugin: p.clone() };
+                gauge.get_or_create(&label).set(0);
+            }
+            kept
+        });
         for p in plugins {
             let label = weir_metrics::PluginLabel { plugin: p.clone() };
             if view.holder(p).is_some() {
@@ -233,6 +255,11 @@ impl Membership {
                 }
             }
         }
+    }
+
+    /// Whether this node holds `plugin` because it was overdue (not because it is preferred).
+    pub(crate) fn took_overdue(&self, plugin: &str) -> bool {
+        self.taken_overdue.lock().contains(plugin)
     }
 
     /// Whether no live node has run `plugin` for longer than the lease time-out, as of this

@@ -58,10 +58,7 @@ impl Forwarder {
             // nothing: the holder forwards what was committed, and a straggler's outputs
             // must never reach a topic after the plugin moved or was redeployed.
             if !rt.seams.store.held(&rt.spec.name) {
-                self.failed(
-                    "this node no longer holds the plugin; the node that runs it forwards".into(),
-                    false,
-                );
+                self.show("retrying: this node no longer holds the plugin; the node that runs it forwards".into());
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                     _ = cancel.cancelled() => return,
@@ -245,18 +242,23 @@ impl Forwarder {
         }
     }
 
-    /// Shows why outputs are stuck; `blocked`: retrying alone will not help.
+    /// Shows why outputs are stuck and counts a failed attempt; `blocked`: retrying alone
+    /// will not help.
     fn failed(&self, why: String, blocked: bool) {
-        let rt = &self.rt;
         weir_metrics::global()
             .plugin_forward_failures
-            .get_or_create(&rt.label)
+            .get_or_create(&self.rt.label)
             .inc();
-        let shown = if blocked {
+        self.show(if blocked {
             format!("blocked: {why}")
         } else {
             format!("retrying: {why}")
-        };
+        });
+    }
+
+    /// Shows why outputs are not flowing (logged once per change).
+    fn show(&self, shown: String) {
+        let rt = &self.rt;
         let mut status = rt.status.lock();
         let slot = &mut status[self.partition as usize].forwarding;
         if slot.as_deref() != Some(shown.as_str()) {

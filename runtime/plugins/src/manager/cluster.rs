@@ -21,6 +21,14 @@ pub(crate) const TICK: Duration = Duration::from_secs(1);
 /// A node keeps a plugin at least this long before giving it to a preferred node (no
 /// ping-pong while nodes come and go).
 const MIN_HOLD: Duration = Duration::from_secs(10);
+/// A plugin taken because no node had run it for longer than the lease time-out is kept this
+/// long before a hand-back (its preferred node let it lapse once).
+const OVERDUE_HOLD: Duration = Duration::from_secs(60);
+/// A node that failed to start a plugin it holds this many times in a row gives its lease
+/// up, and does not take it again for [`GIVE_UP_FOR`]: another live node takes it once it is
+/// overdue.
+const START_FAILURES: u32 = 3;
+const GIVE_UP_FOR: Duration = Duration::from_secs(30);
 
 impl PluginManager {
     /// Cluster mode: the heartbeat and the cluster loop until `shutdown` (a no-op on a single
@@ -64,13 +72,18 @@ impl PluginManager {
         let store = self.seams.store.clone();
         let specs = blocking(move || Ok(store.specs()?)).await?;
         let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
-        let release: Vec<String> = {
+        let mut release: Vec<String> = {
             let view = self.view.lock();
             self.active
                 .lock()
                 .iter()
                 .filter(|(name, since)| {
-                    since.elapsed() >= MIN_HOLD
+                    let hold = if membership.took_overdue(name) {
+                        OVERDUE_HOLD
+                    } else {
+                        MIN_HOLD
+                    };
+                    since.elapsed() >= hold
                         && view
                             .preferred(name)
                             .is_some_and(|p| p != membership.node.as_str())
@@ -78,6 +91,17 @@ impl PluginManager {
                 .map(|(name, _)| name.clone())
                 .collect()
         };
+        // Plugins this node could not start, given up for a while.
+        self.start_failures
+            .lock()
+            .retain(|_, (n, at)| *n < START_FAILURES || at.elapsed() < GIVE_UP_FOR);
+        release.extend(
+            self.start_failures
+                .lock()
+                .iter()
+                .filter(|(_, (n, _))| *n >= START_FAILURES)
+                .map(|(name, _)| name.clone()),
+        );
         let (m, n, r) = (membership.clone(), names.clone(), release.clone());
         let view = blocking(move || Ok(m.tick(&n, &r)?)).await?;
         *self.view.lock() = view.clone();
@@ -121,7 +145,22 @@ impl PluginManager {
                 Ok(())
             };
             if let Err(e) = result {
+                if mine && !self.is_active(name) {
+                    let failures = {
+                        let mut all = self.start_failures.lock();
+                        let entry = all.entry(name.clone()).or_insert((0, Instant::now()));
+                        entry.0 += 1;
+                        entry.1 = Instant::now();
+                        entry.0
+                    };
+                    if failures >= START_FAILURES {
+                        tracing::warn!(message = "This node cannot start a plugin it holds; it gives the lease up for another node to take.", plugin = %name, failures, error = %e);
+                        continue;
+                    }
+                }
                 tracing::warn!(message = "Starting or stopping a plugin failed; retrying.", plugin = %name, error = %e);
+            } else if self.is_active(name) {
+                self.start_failures.lock().remove(name);
             }
         }
         Ok(())

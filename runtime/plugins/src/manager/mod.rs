@@ -55,6 +55,9 @@ pub struct PluginManager {
     /// queries only); what it last saw of the cluster.
     active: Mutex<BTreeMap<String, std::time::Instant>>,
     view: Mutex<crate::cluster::View>,
+    /// Cluster mode: plugins this node failed to start while holding their lease, how many
+    /// times in a row, and when last.
+    start_failures: Mutex<BTreeMap<String, (u32, std::time::Instant)>>,
 }
 
 impl PluginManager {
@@ -83,6 +86,7 @@ impl PluginManager {
             compiling: tokio::sync::Semaphore::new(1),
             active: Mutex::new(BTreeMap::new()),
             view: Mutex::new(Default::default()),
+            start_failures: Mutex::new(BTreeMap::new()),
         });
         let store = manager.seams.store.clone();
         for spec in blocking(move || Ok(store.specs()?)).await? {
