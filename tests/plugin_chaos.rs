@@ -147,6 +147,32 @@ impl Weirs {
         common::weir_cli(&self.addr(via), &["plugin", "list"], "").1
     }
 
+    /// Waits up to 30 s until the listing through every live node satisfies `check`;
+    /// returns node 1's (or a live node's).
+    fn wait_listed(&self, what: &str, check: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let listings: Vec<(usize, String)> = self
+                .live()
+                .into_iter()
+                .map(|i| {
+                    (
+                        i,
+                        common::weir_cli(&self.addr(i), &["plugin", "list"], "").1,
+                    )
+                })
+                .collect();
+            if listings.iter().all(|(_, l)| check(l)) {
+                return self.list();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not listed so by every node within 30 s: {listings:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
     /// The node the listing says runs `plugin`.
     fn runner(&self, listed: &str, plugin: &str) -> Option<usize> {
         let block = plugin_block(listed, plugin)?;
@@ -279,34 +305,47 @@ fn deploy_points_args(wasm: &str, output: &str) -> Vec<String> {
     .to_vec()
 }
 
-/// Deploys points to `output` through `addr` until an attempt is acknowledged (true) or the
-/// listing through `addr` shows a deployment of points (false: a failed attempt landed, or
-/// another deployment did); the failed attempts.
-fn deploy_points(addr: &str, wasm: &str, output: &str) -> (bool, Vec<String>) {
+/// Deploys points to `output` through `addr` (right after an acknowledged remove) until an
+/// attempt is acknowledged (true), or the listing through `addr` shows points writing to
+/// `output` or to one of `racing` (false: a failed attempt landed, or a racing deployment
+/// did); the failed attempts. Points listed with any other output for 90 s means the removed
+/// deployment is back.
+fn deploy_points(addr: &str, wasm: &str, output: &str, racing: &[String]) -> (bool, Vec<String>) {
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut failures = Vec::new();
     loop {
-        let (ok, _, err) = common::weir_cli(
-            addr,
-            &deploy_points_args(wasm, output)
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-            "",
-        );
+        let args = deploy_points_args(wasm, output);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, _, err) = common::weir_cli(addr, &args, "");
         if ok {
             return (true, failures);
         }
         failures.push(err.trim().to_string());
         let listed = common::weir_cli(addr, &["plugin", "list"], "").1;
-        if plugin_block(&listed, "points").is_some() {
-            return (false, failures);
+        if let Some(outputs) = outputs_of(&listed, "points") {
+            if outputs == [output] || racing.iter().any(|r| outputs == [r.as_str()]) {
+                return (false, failures);
+            }
         }
         assert!(
             Instant::now() < deadline,
-            "points not deployed through {addr} within 90 s: {failures:?}"
+            "points removed (acknowledged) then not deployed to {output} through {addr} within \
+             90 s; its deploys answered {failures:?}; it lists:\n{listed}"
         );
         std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Every record of `topic` (retrying for 60 s while the engine answers that it is busy: an
+/// election after the last cycle).
+async fn read_topic(client: &weir_api::Client, topic: &str) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match flash_sale::read_all(client, topic).await {
+            Ok(records) => return records,
+            Err(e) => assert!(Instant::now() < deadline, "reading {topic}: {e:#}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
@@ -354,7 +393,10 @@ async fn plugins_keep_exactly_once_effects_while_nodes_die_pause_and_lose_their_
             nats.nodes[path].url(),
         ],
     );
-    println!("node 2 reaches NATS only through {server}; node 1 never through it");
+    println!(
+        "node 2 reaches NATS only through {server}; node 1 never through it; nodes 0, 1, 2 at {:?}",
+        (0..3).map(|i| weirs.addr(i)).collect::<Vec<_>>()
+    );
     let a = weirs.addr(0);
     for (topic, partitions) in [
         ("order.paid", "4"),
@@ -609,7 +651,7 @@ async fn plugins_keep_exactly_once_effects_while_nodes_die_pause_and_lose_their_
                         let admin = std::thread::spawn(move || {
                             std::thread::sleep(Duration::from_millis(delay));
                             let removing = remove_points(&addr);
-                            (removing, deploy_points(&addr, &w, &output))
+                            (removing, deploy_points(&addr, &w, &output, &[]))
                         });
                         std::thread::sleep(Duration::from_millis(rng.random_range(0..2000)));
                         let what = if fault == 0 {
@@ -620,17 +662,16 @@ async fn plugins_keep_exactly_once_effects_while_nodes_die_pause_and_lose_their_
                             "SIGSTOP for 6.5 s".to_string()
                         };
                         let (removing, (acked, deploying)) = admin.join().unwrap();
-                        let listed = weirs.list();
-                        assert_eq!(
-                            outputs_of(&listed, "points"),
-                            Some(vec![new.clone()]),
-                            "cycle {cycle} (seed {seed}): points redeployed to {new} through node {via} (acknowledged: {acked}):\n{listed}"
-                        );
-                        points_output = new.clone();
                         println!(
-                            "cycle {cycle} at {at:?}: removed points and redeployed it to {new} through node {via} racing {what} of node {target} (its runner: {}); failed tries {removing:?} {deploying:?}",
+                            "cycle {cycle} at {at:?}: removed points and redeployed it to {new} through node {via} racing {what} of node {target} (its runner: {}); acknowledged: {acked}; failed tries {removing:?} {deploying:?}",
                             runner.is_some()
                         );
+                        // Every node's view of the registry follows within moments.
+                        weirs.wait_listed(
+                            &format!("cycle {cycle} (seed {seed}): points redeployed to {new}"),
+                            |l| outputs_of(l, "points") == Some(vec![new.clone()]),
+                        );
+                        points_output = new.clone();
                     }
                     _ => {
                         // Issue 25's second defect: a remove through a healthy node, a deploy
@@ -682,7 +723,8 @@ async fn plugins_keep_exactly_once_effects_while_nodes_die_pause_and_lose_their_
                             common::weir_cli(&addr, &args, "")
                         });
                         std::thread::sleep(Duration::from_millis(500));
-                        let (acked, deploying) = deploy_points(&weirs.addr(1), &w, &new);
+                        let (acked, deploying) =
+                            deploy_points(&weirs.addr(1), &w, &new, &[other.clone()]);
                         std::thread::sleep(
                             Duration::from_millis(ms).saturating_sub(frozen_at.elapsed()),
                         );
@@ -692,27 +734,23 @@ async fn plugins_keep_exactly_once_effects_while_nodes_die_pause_and_lose_their_
                             !(acked && stale_ok),
                             "cycle {cycle} (seed {seed}): two deployments of points acknowledged, to {new} through node 1 and to {other} through node 2"
                         );
-                        // What is listed is the acknowledged one (once node 1's view settles).
-                        let deadline = Instant::now() + Duration::from_secs(30);
-                        let listed = loop {
-                            let listed = weirs.list();
-                            let outputs = outputs_of(&listed, "points");
-                            let settled = match (acked, stale_ok) {
-                                (true, _) => outputs == Some(vec![new.clone()]),
-                                (_, true) => outputs == Some(vec![other.clone()]),
-                                _ => outputs.is_some(),
-                            };
-                            if settled || Instant::now() > deadline {
-                                break listed;
-                            }
-                            std::thread::sleep(Duration::from_millis(250));
-                        };
+                        // What is listed is the acknowledged one (once the views settle).
+                        let listed = weirs.wait_listed(
+                            &format!(
+                                "cycle {cycle} (seed {seed}): deploys to {new} through node 1 \
+                                 (acknowledged: {acked}) and to {other} through node 2 \
+                                 (acknowledged: {stale_ok})"
+                            ),
+                            |l| {
+                                let outputs = outputs_of(l, "points");
+                                match (acked, stale_ok) {
+                                    (true, _) => outputs == Some(vec![new.clone()]),
+                                    (_, true) => outputs == Some(vec![other.clone()]),
+                                    _ => outputs.is_some(),
+                                }
+                            },
+                        );
                         let outputs = outputs_of(&listed, "points");
-                        match (acked, stale_ok) {
-                            (true, _) => assert_eq!(outputs, Some(vec![new.clone()]), "cycle {cycle} (seed {seed}): the deploy to {new} through node 1 was acknowledged:\n{listed}"),
-                            (_, true) => assert_eq!(outputs, Some(vec![other.clone()]), "cycle {cycle} (seed {seed}): the deploy to {other} through node 2 was acknowledged:\n{listed}"),
-                            _ => assert!(outputs.is_some(), "cycle {cycle} (seed {seed}): points deployed by neither:\n{listed}"),
-                        }
                         points_output = outputs.unwrap().remove(0);
                         println!(
                             "cycle {cycle} at {at:?}: froze {server} for {ms} ms; removed points through node 1 (before the freeze: {remove_first}; failed tries {removing:?}); deploy to {other} through node 2 answered {}; deploy to {new} through node 1 acknowledged: {acked} ({deploying:?}); points writes to {points_output}",
@@ -763,12 +801,9 @@ async fn plugins_keep_exactly_once_effects_while_nodes_die_pause_and_lose_their_
     loop {
         let mut counts = Vec::new();
         for (topic, _) in want_outputs {
-            counts.push(flash_sale::read_all(&client, topic).await.unwrap().len());
+            counts.push(read_topic(&client, topic).await.len());
         }
-        let rejected = flash_sale::read_all(&client, "order.rejected")
-            .await
-            .unwrap()
-            .len();
+        let rejected = read_topic(&client, "order.rejected").await.len();
         let done = want_outputs
             .iter()
             .zip(&counts)
@@ -780,19 +815,24 @@ async fn plugins_keep_exactly_once_effects_while_nodes_die_pause_and_lose_their_
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     for (user, want) in &distinct_users {
-        let (value, _) = client
-            .get_state("points", format!("balance/{user}").as_bytes())
-            .await
-            .unwrap()
-            .unwrap();
+        let key = format!("balance/{user}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let value = loop {
+            match client.get_state("points", key.as_bytes()).await {
+                Ok(found) => break found,
+                Err(e) => assert!(Instant::now() < deadline, "points' {key}: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        let (value, _) = value.unwrap_or_else(|| panic!("points has no {key} (seed {seed})"));
         let got: u64 = serde_json::from_slice(&value).unwrap();
-        assert_eq!(got, *want, "{user}'s balance");
+        assert_eq!(got, *want, "{user}'s balance (seed {seed})");
     }
     // Every topic points wrote to (a redeployment from the earliest payment writes them all
     // again to its new topic): at most one credit per payment, each of a real payment; the
     // topic it writes to now, one per payment.
     for topic in &points_outputs {
-        let credited = flash_sale::read_all(&client, topic).await.unwrap();
+        let credited = read_topic(&client, topic).await;
         let mut seen: BTreeMap<u64, usize> = BTreeMap::new();
         for c in &credited {
             *seen.entry(c["order"].as_u64().unwrap()).or_default() += 1;
@@ -819,21 +859,15 @@ async fn plugins_keep_exactly_once_effects_while_nodes_die_pause_and_lose_their_
         }
         println!("{topic}: {} credits, none twice", credited.len());
     }
-    let grants = flash_sale::read_all(&client, "red-envelope.grants")
-        .await
-        .unwrap();
+    let grants = read_topic(&client, "red-envelope.grants").await;
     let granted: BTreeSet<&str> = grants.iter().filter_map(|g| g["user"].as_str()).collect();
     assert_eq!(
         (grants.len(), granted.len()),
         (eligible, eligible),
         "one envelope per user with 3 paid orders"
     );
-    let created = flash_sale::read_all(&client, "order.created")
-        .await
-        .unwrap();
-    let rejected = flash_sale::read_all(&client, "order.rejected")
-        .await
-        .unwrap();
+    let created = read_topic(&client, "order.created").await;
+    let rejected = read_topic(&client, "order.rejected").await;
     let buyers: BTreeSet<&str> = created.iter().filter_map(|o| o["user"].as_str()).collect();
     assert_eq!(
         (created.len(), buyers.len()),
