@@ -49,6 +49,26 @@ fn record(key: &str, id: &str, value: String) -> weir_api::Record {
     }
 }
 
+/// Starts weir node `i` (its `restarts`th start) with `--log url`; with `WEIR_PLUGIN_CHAOS_LOGS`
+/// set, its info-level log goes to `<that dir>/w<i>-<restarts>.log` (the data directories are
+/// deleted with the test).
+fn spawn_node(dir: &Path, listen: &str, url: &str, i: usize, restarts: usize) -> WeirProcess {
+    let args = ["--log", url, "--cache-mb", "16"];
+    match std::env::var_os("WEIR_PLUGIN_CHAOS_LOGS") {
+        Some(logs) => {
+            let logs = PathBuf::from(logs);
+            std::fs::create_dir_all(&logs).unwrap();
+            WeirProcess::spawn_logging(
+                dir,
+                listen,
+                &args,
+                &logs.join(format!("w{i}-{restarts}.log")),
+            )
+        }
+        None => WeirProcess::spawn(dir, listen, &args),
+    }
+}
+
 /// The three weir nodes: node 0 names every nats-server, node 1 all but `path`, node 2 only
 /// `path` (which the freeze cycles SIGSTOP).
 struct Weirs {
@@ -68,10 +88,12 @@ impl Weirs {
             .iter()
             .enumerate()
             .map(|(i, u)| {
-                Some(WeirProcess::spawn(
+                Some(spawn_node(
                     &dir.join(format!("w{i}")),
                     "127.0.0.1:0",
-                    &["--log", u],
+                    u,
+                    i,
+                    0,
                 ))
             })
             .collect();
@@ -115,7 +137,19 @@ impl Weirs {
         } else {
             format!("w{i}")
         };
-        let p = super::cluster::spawn_weir(&self.dir.join(name), self.ports[i], &self.urls[i]);
+        let listen = format!("127.0.0.1:{}", self.ports[i]);
+        // The port may not be free again at once.
+        let mut p = None;
+        for _ in 0..100 {
+            let (dir, url, restarts) = (self.dir.join(&name), &self.urls[i], self.restarts);
+            let started = std::panic::catch_unwind(|| spawn_node(&dir, &listen, url, i, restarts));
+            if let Ok(process) = started {
+                p = Some(process);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let p = p.unwrap_or_else(|| panic!("weir node {i} did not start again on {listen}"));
         self.nodes.lock().unwrap()[i] = Some(p.addr.clone());
         self.procs[i] = Some(p);
         fresh
