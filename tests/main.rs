@@ -10,6 +10,7 @@ mod cli;
 mod cluster;
 mod cluster_admin;
 mod cluster_plugins;
+mod cluster_zombie;
 mod crash;
 mod fuzz;
 mod hardening;
