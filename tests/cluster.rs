@@ -1,4 +1,6 @@
 //! Cluster chaos: three `weir serve --log nats://...` processes over a real 3-node JetStream
+//! (Over 500 lines because it is one chaos test: its fault cycles share the cluster, the
+//! producers and the final checks.)
 //! cluster (R3) on 127.0.0.1, idempotent producers publishing through all of them, while the
 //! topic stream's leader and the weir nodes are `kill -9`'d at random moments over many
 //! cycles, and the nats-server under a node is frozen. Node 0 names every nats-server, node 1

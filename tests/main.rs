@@ -9,6 +9,7 @@ mod broker;
 mod cli;
 mod cluster;
 mod cluster_admin;
+mod cluster_placement;
 mod cluster_plugins;
 mod cluster_zombie;
 mod crash;
