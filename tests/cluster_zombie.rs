@@ -48,13 +48,8 @@ fn order(id: &str, amount: u64) -> String {
 /// first, finds B's takeover, and reads the tail).
 #[test]
 fn a_node_resumed_after_losing_its_plugin_answers_what_the_new_runner_committed() {
-    let dir = tempfile::tempdir().unwrap();
-    let nats = common::nats_cluster(dir.path());
-    let urls = nats.url_list();
-    let a = WeirProcess::spawn(&dir.path().join("a"), "127.0.0.1:0", &["--log", &urls]);
-    let b = WeirProcess::spawn(&dir.path().join("b"), "127.0.0.1:0", &["--log", &urls]);
+    let (dir, _nats, a, b) = crate::cluster_plugins::two_nodes();
     let wasm = dir.path().join("points.wasm");
-    std::fs::write(&wasm, common::plugin_wasm("points")).unwrap();
     common::cli_ok(&a.addr, &["topic", "create", "order.paid"], "");
     common::cli_ok(&a.addr, &["topic", "create", "points.credited"], "");
     common::cli_ok(
@@ -106,5 +101,4 @@ fn a_node_resumed_after_losing_its_plugin_answers_what_the_new_runner_committed(
         Some("30"),
         "A answered from the state it had before B took points over"
     );
-    drop(nats);
 }

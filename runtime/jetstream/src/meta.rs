@@ -167,6 +167,29 @@ impl JetStreamLog {
 
     /// Every subject matching a filter with the sequence of its value.
     pub(crate) async fn meta_seqs(&self, filter: &str) -> Result<Vec<(String, u64)>, LogError> {
+        Ok(self
+            .meta_values(filter)
+            .await?
+            .into_iter()
+            .map(|(subject, v)| (subject, v.seq))
+            .collect())
+    }
+
+    /// Every (subject, value) matching a filter, in subject order.
+    pub(crate) async fn meta_list(&self, filter: &str) -> Result<Vec<(String, Bytes)>, LogError> {
+        let mut out: Vec<(String, Bytes)> = self
+            .meta_values(filter)
+            .await?
+            .into_iter()
+            .map(|(subject, v)| (subject, v.bytes))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// Every subject matching a filter with its value, leaving out empty values (a deletion
+    /// written over a value, see topics.rs).
+    async fn meta_values(&self, filter: &str) -> Result<Vec<(String, Value)>, LogError> {
         let subjects: Vec<(String, usize)> = self
             .meta
             .info_with_subjects(filter.to_string())
@@ -179,35 +202,10 @@ impl JetStreamLog {
         for (subject, _) in subjects {
             if let Some(v) = self.meta_get(&subject).await? {
                 if !v.bytes.is_empty() {
-                    out.push((subject, v.seq));
+                    out.push((subject, v));
                 }
             }
         }
-        Ok(out)
-    }
-
-    /// Every (subject, value) matching a filter.
-    pub(crate) async fn meta_list(&self, filter: &str) -> Result<Vec<(String, Bytes)>, LogError> {
-        let subjects: Vec<(String, usize)> = self
-            .meta
-            .info_with_subjects(filter.to_string())
-            .await
-            .map_err(|e| engine(&format!("list {filter}"), e))?
-            .try_collect()
-            .await
-            .map_err(|e| engine(&format!("list {filter}"), e))?;
-        let mut out = Vec::with_capacity(subjects.len());
-        for (subject, _) in subjects {
-            // An empty value is a deletion written over a value (see `delete_group`).
-            if let Some(v) = self
-                .meta_get(&subject)
-                .await?
-                .filter(|v| !v.bytes.is_empty())
-            {
-                out.push((subject, v.bytes));
-            }
-        }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
 }

@@ -7,6 +7,39 @@
 mod common;
 use common::*;
 
+use weir_cluster::NatsCluster;
+use weir_jetstream::JetStreamLog;
+
+/// The server leading `stream`'s Raft group, once it has one.
+fn leader_of(c: &NatsCluster, stream: &str) -> usize {
+    for _ in 0..100 {
+        if let Some(l) = c.stream_leader(stream) {
+            return l;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("stream {stream} has no leader");
+}
+
+/// A server that leads none of `leaders`, a log reaching the cluster only through it, and a
+/// log reaching it through the two others.
+fn through_one_server(
+    c: &NatsCluster,
+    prefix: &str,
+    leaders: &[usize],
+) -> (usize, JetStreamLog, JetStreamLog) {
+    let frozen = (0..3).find(|i| !leaders.contains(i)).unwrap();
+    let a = connect_through(vec![c.nodes[frozen].url()], prefix);
+    let b = connect_through(
+        (0..3)
+            .filter(|i| *i != frozen)
+            .map(|i| c.nodes[i].url())
+            .collect(),
+        prefix,
+    );
+    (frozen, a, b)
+}
+
 use weir_core::{TopicConfig, TopicPartition};
 use weir_log::{codec, Log, LogError};
 
@@ -19,24 +52,8 @@ fn a_group_commit_that_timed_out_never_lands_over_a_later_one() {
     let c = cluster(dir.path());
     let prefix = "late1";
     let first = connect(&c, prefix);
-    let leader = (0..100)
-        .find_map(|_| {
-            let l = c.stream_leader(&first.names().meta_stream());
-            if l.is_none() {
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-            l
-        })
-        .expect("the metadata stream has a leader");
-    let frozen = (0..3).find(|i| *i != leader).unwrap();
-    let a = connect_through(vec![c.nodes[frozen].url()], prefix);
-    let b = connect_through(
-        (0..3)
-            .filter(|i| *i != frozen)
-            .map(|i| c.nodes[i].url())
-            .collect(),
-        prefix,
-    );
+    let leader = leader_of(&c, &first.names().meta_stream());
+    let (frozen, a, b) = through_one_server(&c, prefix, &[leader]);
     a.put_group_offsets("g", "t", &[(0, 10)], 1).unwrap();
     c.freeze(frozen);
     let late = std::thread::spawn(move || {
@@ -86,32 +103,11 @@ fn a_topic_deletion_that_timed_out_never_lands_over_later_records() {
     first.recover_partition(&tp).unwrap();
     first.append(&tp, 0, &chunks(1), None).unwrap();
     // The server frozen leads neither the metadata stream nor the topic's.
-    let leaders: Vec<usize> = [
-        first.names().meta_stream(),
-        first.names().topic_stream("keep0"),
-    ]
-    .iter()
-    .map(|stream| {
-        (0..100)
-            .find_map(|_| {
-                let l = c.stream_leader(stream);
-                if l.is_none() {
-                    std::thread::sleep(std::time::Duration::from_millis(100));
-                }
-                l
-            })
-            .expect("the stream has a leader")
-    })
-    .collect();
-    let frozen = (0..3).find(|i| !leaders.contains(i)).unwrap();
-    let a = connect_through(vec![c.nodes[frozen].url()], prefix);
-    let b = connect_through(
-        (0..3)
-            .filter(|i| *i != frozen)
-            .map(|i| c.nodes[i].url())
-            .collect(),
-        prefix,
-    );
+    let leaders = [
+        leader_of(&c, &first.names().meta_stream()),
+        leader_of(&c, &first.names().topic_stream("keep0")),
+    ];
+    let (frozen, a, b) = through_one_server(&c, prefix, &leaders);
     b.recover_partition(&tp).unwrap();
     assert_eq!(a.load_topics().unwrap(), vec![config.clone()]);
     c.freeze(frozen);
