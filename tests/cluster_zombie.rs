@@ -1,6 +1,7 @@
-//! A weir node paused past its plugin's lease (SIGSTOP: a GC pause, a frozen VM) while
-//! another node took the plugin over and committed more: when it resumes it must not answer
-//! from the state it had (issue 21: "a zombie answers reads from its cache").
+//! Plugins on a real cluster when a node loses one or cannot run it (issue 21): a weir node
+//! paused past its plugin's lease (SIGSTOP: a GC pause, a frozen VM) while another node took
+//! the plugin over must not answer from the state it had; a plugin whose store a node cannot
+//! open must not be left running nowhere.
 
 use crate::common;
 
@@ -101,4 +102,75 @@ fn a_node_resumed_after_losing_its_plugin_answers_what_the_new_runner_committed(
         Some("30"),
         "A answered from the state it had before B took points over"
     );
+}
+
+/// Plugin `points`'s cursor of input partition 0, as the plugin store lays it out.
+fn cursor_key() -> Vec<u8> {
+    let mut k = b"c/".to_vec();
+    k.extend_from_slice(&0u32.to_be_bytes());
+    k.push(b'/');
+    k
+}
+
+/// The node running points takes it over again after a write of another writer, and cannot
+/// open it (a malformed entry in its changelog). It must not count itself the plugin's runner
+/// for good: once the entry is mended, points runs again and credits what waited (it stayed
+/// marked active, no tick tried again, and the plugin ran nowhere).
+#[test]
+fn a_plugin_that_could_not_be_opened_runs_again_once_mended() {
+    use weir_log::{KvStore, ReplicatedKv};
+    let (dir, nats, a, b) = crate::cluster_plugins::two_nodes();
+    let wasm = dir.path().join("points.wasm");
+    common::cli_ok(&a.addr, &["topic", "create", "order.paid"], "");
+    common::cli_ok(&a.addr, &["topic", "create", "points.credited"], "");
+    common::cli_ok(
+        &a.addr,
+        &[
+            "plugin",
+            "deploy",
+            "points",
+            "--wasm",
+            wasm.to_str().unwrap(),
+            "--input",
+            "order.paid",
+            "--output",
+            "points.credited",
+        ],
+        "",
+    );
+    common::cli_ok(
+        &b.addr,
+        &["publish", "order.paid", "--json"],
+        &order("o1", 10),
+    );
+    wait_for("o1 credited", || balance(&b.addr).as_deref() == Some("10"));
+
+    // Another writer of the plugin's changelog (this test) leaves a malformed cursor.
+    let _blocking = weir_core::blocking::allow();
+    let log =
+        weir_jetstream::JetStreamLog::connect(weir_jetstream::JetStreamOptions::new(nats.urls()))
+            .unwrap();
+    let kv = ReplicatedKv::new(
+        std::sync::Arc::new(weir_log::MemoryStore::new()),
+        std::sync::Arc::new(log),
+        "plugin/",
+    );
+    let write_cursor = |value: Vec<u8>| {
+        kv.acquire("plugin/points").unwrap();
+        kv.kv_apply("plugin/points", &[(cursor_key(), Some(value))])
+            .unwrap();
+    };
+    write_cursor(b"not a cursor".to_vec());
+    // The runner's next commit is refused; it takes points over again and cannot open it.
+    common::cli_ok(
+        &b.addr,
+        &["publish", "order.paid", "--json"],
+        &order("o2", 20),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    // Mended: o1 (offset 0) was committed, o2 waits.
+    write_cursor(weir_plugins::store::Cursor::at(1).encode());
+    wait_for("points runs again and credits o2", || {
+        balance(&b.addr).as_deref() == Some("30")
+    });
 }
