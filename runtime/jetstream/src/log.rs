@@ -173,9 +173,11 @@ impl Log for JetStreamLog {
                     }
                 }
             }
-            self.meta_put(&self.names.producer_key(producer_id), record, None)
-                .await
-                .map(|_| ())
+            // Fenced on the record read just before (`weir migrate` moving a node's producers):
+            // a write that lands late never replaces one made after it.
+            let key = self.names.producer_key(producer_id);
+            let seen = self.meta_get(&key).await?.map_or(0, |v| v.seq);
+            self.meta_put(&key, record, Some(seen)).await.map(|_| ())
         })
     }
 
@@ -196,7 +198,9 @@ impl Log for JetStreamLog {
             }
             self.meta_put(&key, next_id.to_be_bytes().to_vec().into(), Some(seq))
                 .await?;
-            self.meta_put(&self.names.producer_key(producer_id), record, None)
+            // The id was never written (ids only rise): fenced on that, so a late copy cannot
+            // replace an epoch bumped since.
+            self.meta_put(&self.names.producer_key(producer_id), record, Some(0))
                 .await
                 .map(|_| ())
         })
