@@ -162,7 +162,26 @@ fn store_node(changelog: &Arc<weir_log::MemoryChangelog>) -> crate::store::KvPlu
 /// after the plugin moved or was redeployed. The holder forwards them, each once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_lost_the_plugin_forwards_nothing() {
-    lost_plugin_forwards_nothing(false).await;
+    lost_plugin_forwards_nothing(Lost::Released).await;
+}
+
+/// Issue 25's redeployment: the plugin is removed and deployed again (new producer ids, from
+/// the earliest input) through another node while the old runner's outputs wait in its outbox.
+/// The old runner forwards nothing: every output exists once, the new deployment's (its
+/// straggling forward used to add the old deployment's copies after the new ones).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redeployment_through_another_node_is_not_doubled_by_the_old_runner() {
+    lost_plugin_forwards_nothing(Lost::Redeployed).await;
+}
+
+/// How the first runner loses the plugin.
+enum Lost {
+    /// It gives it back (its lease moved).
+    Released,
+    /// Another node takes it over; the first has not noticed.
+    TakenOver,
+    /// Another node removes it and deploys it again; the first has not noticed.
+    Redeployed,
 }
 
 /// The same for a zombie: B took the plugin over while A, paused past its lease, has not
@@ -170,10 +189,10 @@ async fn a_node_that_lost_the_plugin_forwards_nothing() {
 /// forwarding a page, finds B's takeover, and forwards nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_zombie_confirms_its_hold_before_forwarding_and_forwards_nothing() {
-    lost_plugin_forwards_nothing(true).await;
+    lost_plugin_forwards_nothing(Lost::TakenOver).await;
 }
 
-async fn lost_plugin_forwards_nothing(zombie: bool) {
+async fn lost_plugin_forwards_nothing(how: Lost) {
     use crate::io::{IoError, IoKind};
     let changelog = Arc::new(weir_log::MemoryChangelog::default());
     let input = Arc::new(fakes::FakeInput::default());
@@ -198,15 +217,24 @@ async fn lost_plugin_forwards_nothing(zombie: bool) {
         assert!(std::time::Instant::now() < deadline);
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    if zombie {
-        // B takes the plugin over; A has not noticed.
-        let _blocking = weir_core::blocking::allow();
-        b.store.acquire("p").unwrap();
-        assert!(a.store.held("p"));
-    } else {
-        // A stops holding the plugin (as the cluster loop's give-back does when its lease
-        // moved).
-        a.store.release("p");
+    let mut redeployed = spec(1, OnError::Halt);
+    redeployed.producer_ids = vec![9];
+    match how {
+        Lost::Released => a.store.release("p"),
+        Lost::TakenOver => {
+            let _blocking = weir_core::blocking::allow();
+            b.store.acquire("p").unwrap();
+            assert!(a.store.held("p"));
+        }
+        Lost::Redeployed => {
+            let _blocking = weir_core::blocking::allow();
+            b.store.remove("p").unwrap();
+            b.store.acquire("p").unwrap();
+            b.store
+                .create(&redeployed, &[crate::store::Cursor::at(0)])
+                .unwrap();
+            assert!(a.store.held("p"));
+        }
     }
     // The way out opens: A forwards nothing.
     *output.block.lock() = None;
@@ -224,14 +252,23 @@ async fn lost_plugin_forwards_nothing(zombie: bool) {
             .is_some_and(|s| s.contains("no longer holds")),
         "{shown:?}"
     );
-    // B takes over and forwards A's committed outputs, each once.
-    {
-        let _blocking = weir_core::blocking::allow();
-        b.store.acquire("p").unwrap();
+    if let Lost::Redeployed = how {
+        // The new deployment processes the input again and forwards its own outputs.
+        b.start(redeployed, points());
+    } else {
+        // B takes over and forwards A's committed outputs.
+        {
+            let _blocking = weir_core::blocking::allow();
+            b.store.acquire("p").unwrap();
+        }
+        b.start(spec(1, OnError::Halt), points());
     }
-    b.start(spec(1, OnError::Halt), points());
     b.idle().await;
-    assert_eq!(output.values("out"), vec!["1", "2", "3", "4", "5"]);
+    assert_eq!(
+        output.values("out"),
+        vec!["1", "2", "3", "4", "5"],
+        "each output once"
+    );
     a.stop().await;
     b.stop().await;
 }
