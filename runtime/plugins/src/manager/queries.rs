@@ -85,6 +85,12 @@ impl PluginManager {
         blocking(move || Ok(store.confirm_held(&owned)?)).await
     }
 
+    /// Cluster mode: whether no live node has run `name` for longer than the lease time-out
+    /// (as this node's last look at the cluster saw it); a live node takes it over.
+    pub fn unowned(&self, name: &str) -> bool {
+        self.seams.cluster.as_ref().is_some_and(|m| m.unowned(name))
+    }
+
     /// Every plugin.
     pub fn list(&self) -> Vec<PluginInfo> {
         let names: Vec<String> = self.plugins.lock().keys().cloned().collect();

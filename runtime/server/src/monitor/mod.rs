@@ -63,6 +63,8 @@ pub(crate) struct Sample {
 enum AlertKind {
     Lag,
     Delay,
+    /// Cluster mode: no live node has run the plugin for longer than the lease time-out.
+    Unowned,
 }
 
 #[derive(Default)]
@@ -327,6 +329,12 @@ impl Monitor {
             if c.kind == ConsumerKind::Plugin {
                 c.probes = self.probes.summary(&c.name);
                 c.node = self.plugins.info(&c.name).ok().and_then(|i| i.node);
+                if self.plugins.unowned(&c.name) {
+                    active_alerts.insert(
+                        (c.name.clone(), AlertKind::Unowned),
+                        "no live weir node has run it for longer than the lease time-out; a live node takes it over".to_string(),
+                    );
+                }
                 if let Some(t) = specs.get(&c.name) {
                     if t.max_lag > 0 && c.lag > t.max_lag {
                         active_alerts.insert(
