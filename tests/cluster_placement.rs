@@ -118,12 +118,24 @@ fn plugins_spread_to_a_node_that_joins() {
         (a_id.as_str(), a_bare.as_str()),
         (b_id.as_str(), b_bare.as_str()),
     ];
-    // Three names the two nodes share: one preferring each, and one more.
+    // Three names the two nodes share: one preferring each, and one more; each won with a
+    // rank in the lower 70 % of the range, so a joining node outranks both for at least one
+    // of them with a fair chance (a name two nodes both rank near the top keeps a third off).
+    let modest = |n: &str| {
+        let top = two
+            .iter()
+            .map(|(id, _)| weir_plugins::cluster::rank(id, n))
+            .max()
+            .unwrap();
+        top < u64::MAX / 10 * 7
+    };
     let mut names: Vec<String> = Vec::new();
     for want in [Some(&a_id), Some(&b_id), None] {
         let name = (0..)
             .map(|n| format!("pts{n}"))
-            .find(|n| !names.contains(n) && want.is_none_or(|w| preferred(&two, n) == *w))
+            .find(|n| {
+                !names.contains(n) && modest(n) && want.is_none_or(|w| preferred(&two, n) == *w)
+            })
             .unwrap();
         names.push(name);
     }

@@ -21,6 +21,17 @@ pub const NODE_TTL_MS: i64 = 4_000;
 const FORGET_NODE_MS: i64 = 60_000;
 const NS: &str = "cluster";
 
+/// How strongly `node` is preferred for `plugin` (rendezvous hashing: the live node with the
+/// highest rank runs it). FNV-1a of the pair, then a full-avalanche finish (splitmix64's):
+/// FNV alone orders nodes nearly alike for names that differ in their last characters
+/// (`pts0`, `pts1`), so such plugins piled onto one node.
+pub fn rank(node: &str, plugin: &str) -> u64 {
+    let mut z = crate::dedup::id_hash(&format!("{node}\u{0}{plugin}"));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// What a node sees of the cluster after a tick.
 #[derive(Clone, Debug, Default)]
 pub struct View {
@@ -36,7 +47,7 @@ impl View {
     pub fn preferred(&self, plugin: &str) -> Option<&str> {
         self.live
             .keys()
-            .max_by_key(|node| crate::dedup::id_hash(&format!("{node}\u{0}{plugin}")))
+            .max_by_key(|node| rank(node, plugin))
             .map(String::as_str)
     }
 
