@@ -433,11 +433,20 @@ async fn producers_per_principal_are_limited() {
     let server = start_with(dir.path(), |c| {
         c.auth = auth;
         c.broker.max_producers_per_principal = 3;
-        c.broker.producer_expiry = Duration::from_secs(3);
+        c.broker.producer_expiry = Duration::from_secs(8);
         c.broker.retention_interval = Duration::from_millis(200);
     })
     .await;
     let [ops, loyalty, marketing, _] = principals(&server, &t).await;
+    // A first deploy compiles the plugin (seconds on a loaded machine): before the producers
+    // below, which would otherwise sit idle past their expiry during it.
+    for name in ["order.paid", "points.credited"] {
+        ops.create_topic(&topic(name)).await.unwrap();
+    }
+    loyalty
+        .deploy_plugin(points_deploy("points", &["points.credited"]))
+        .await
+        .unwrap();
     let mut held = Vec::new();
     for _ in 0..3 {
         held.push(loyalty.init_producer(None).await.unwrap().0);
@@ -460,12 +469,9 @@ async fn producers_per_principal_are_limited() {
     // The limit is per principal.
     marketing.init_producer(None).await.unwrap();
     // Plugins' producers are the server's: a deploy by a principal at its limit still gets
-    // them, and they do not count.
-    for name in ["order.paid", "points.credited"] {
-        ops.create_topic(&topic(name)).await.unwrap();
-    }
+    // them, and they do not count (the component is compiled already).
     loyalty
-        .deploy_plugin(points_deploy("points", &["points.credited"]))
+        .deploy_plugin(points_deploy("points2", &["points.credited"]))
         .await
         .unwrap();
     refused(
@@ -474,7 +480,7 @@ async fn producers_per_principal_are_limited() {
         &["holds 3 producer ids"],
     );
     // Idle ids are forgotten after --producer-expiry-ms; then new ones are issued again.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
     loop {
         match loyalty.init_producer(None).await {
             Ok(_) => break,
