@@ -37,24 +37,13 @@ fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
-fn order(id: &str, amount: u64) -> String {
-    format!(
-        "{{\"key\":\"ann\",\"id\":\"{id}\",\"value\":{{\"order\":1,\"user\":\"ann\",\"amount\":{amount}}}}}\n"
-    )
-}
-
-/// A runs points; A is frozen past its lease, B takes points over and commits another order;
-/// a `state get` sent to A while it is frozen is answered when it resumes — with what B
-/// committed, not the balance A had in memory (A confirms its hold at the changelog's end
-/// first, finds B's takeover, and reads the tail).
-#[test]
-fn a_node_resumed_after_losing_its_plugin_answers_what_the_new_runner_committed() {
-    let (dir, _nats, a, b) = crate::cluster_plugins::two_nodes();
-    let wasm = dir.path().join("points.wasm");
-    common::cli_ok(&a.addr, &["topic", "create", "order.paid"], "");
-    common::cli_ok(&a.addr, &["topic", "create", "points.credited"], "");
+/// Topics `order.paid` and `points.credited`, and points deployed through `addr` (which runs
+/// it first).
+fn deploy_points(addr: &str, wasm: &std::path::Path) {
+    common::cli_ok(addr, &["topic", "create", "order.paid"], "");
+    common::cli_ok(addr, &["topic", "create", "points.credited"], "");
     common::cli_ok(
-        &a.addr,
+        addr,
         &[
             "plugin",
             "deploy",
@@ -68,6 +57,22 @@ fn a_node_resumed_after_losing_its_plugin_answers_what_the_new_runner_committed(
         ],
         "",
     );
+}
+
+fn order(id: &str, amount: u64) -> String {
+    format!(
+        "{{\"key\":\"ann\",\"id\":\"{id}\",\"value\":{{\"order\":1,\"user\":\"ann\",\"amount\":{amount}}}}}\n"
+    )
+}
+
+/// A runs points; A is frozen past its lease, B takes points over and commits another order;
+/// a `state get` sent to A while it is frozen is answered when it resumes — with what B
+/// committed, not the balance A had in memory (A confirms its hold at the changelog's end
+/// first, finds B's takeover, and reads the tail).
+#[test]
+fn a_node_resumed_after_losing_its_plugin_answers_what_the_new_runner_committed() {
+    let (dir, _nats, a, b) = crate::cluster_plugins::two_nodes();
+    deploy_points(&a.addr, &dir.path().join("points.wasm"));
     common::cli_ok(
         &b.addr,
         &["publish", "order.paid", "--json"],
@@ -120,24 +125,7 @@ fn cursor_key() -> Vec<u8> {
 fn a_plugin_that_could_not_be_opened_runs_again_once_mended() {
     use weir_log::{KvStore, ReplicatedKv};
     let (dir, nats, a, b) = crate::cluster_plugins::two_nodes();
-    let wasm = dir.path().join("points.wasm");
-    common::cli_ok(&a.addr, &["topic", "create", "order.paid"], "");
-    common::cli_ok(&a.addr, &["topic", "create", "points.credited"], "");
-    common::cli_ok(
-        &a.addr,
-        &[
-            "plugin",
-            "deploy",
-            "points",
-            "--wasm",
-            wasm.to_str().unwrap(),
-            "--input",
-            "order.paid",
-            "--output",
-            "points.credited",
-        ],
-        "",
-    );
+    deploy_points(&a.addr, &dir.path().join("points.wasm"));
     common::cli_ok(
         &b.addr,
         &["publish", "order.paid", "--json"],
