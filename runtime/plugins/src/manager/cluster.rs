@@ -91,10 +91,10 @@ impl PluginManager {
                 .map(|(name, _)| name.clone())
                 .collect()
         };
-        // Plugins this node could not start, given up for a while.
-        self.start_failures
-            .lock()
-            .retain(|_, (n, at)| *n < START_FAILURES || at.elapsed() < GIVE_UP_FOR);
+        // Plugins this node could not start, given up for a while (removed ones forgotten).
+        self.start_failures.lock().retain(|name, (n, at)| {
+            names.contains(name) && (*n < START_FAILURES || at.elapsed() < GIVE_UP_FOR)
+        });
         release.extend(
             self.start_failures
                 .lock()
