@@ -79,6 +79,8 @@ impl JetStreamLog {
                     if self.send_fenced(&what, &message).await?.is_some() {
                         return Ok(());
                     }
+                    // Appends keep landing: leave them a gap before reading again.
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
                 Err(LogError::Conflict {
                     what: format!(

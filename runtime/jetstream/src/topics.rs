@@ -179,6 +179,11 @@ impl JetStreamLog {
         // over records acknowledged after it (its close is refused by the engine).
         self.close_stream(&config.name, &stored.config, &stream)
             .await?;
+        // The groups' commits as they are before the key goes: read now, overwritten fenced
+        // on this read, so a commit on a creation made after the key went is kept.
+        let groups = self
+            .meta_seqs(&self.names.topic_group_keys(&config.name))
+            .await?;
         // Then the key: a topic never exists without its stream (a crash after this leaves
         // an orphan stream, which creating the topic again removes).
         self.tombstone(&key, read.seq).await.map_err(|e| match e {
@@ -187,16 +192,19 @@ impl JetStreamLog {
             },
             e => e,
         })?;
-        for (subject, _) in self
-            .meta_seqs(&self.names.topic_group_keys(&config.name))
-            .await?
-        {
-            self.tombstone_current(&subject).await?;
+        for (subject, seq) in groups {
+            match self.tombstone(&subject, seq).await {
+                Ok(()) | Err(LogError::Conflict { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
-        self.streams.lock().remove(&config.name);
-        self.topic_streams.lock().remove(&config.name);
+        // Only this creation's views: one learned meanwhile (created again) stays.
+        if self.topic_streams.lock().get(&config.name) == Some(&stream) {
+            self.streams.lock().remove(&config.name);
+            self.topic_streams.lock().remove(&config.name);
+            self.parts.lock().retain(|tp, _| tp.topic != config.name);
+        }
         self.delete_stream_named(&stream).await?;
-        self.parts.lock().retain(|tp, _| tp.topic != config.name);
         Ok(())
     }
 
