@@ -1,6 +1,7 @@
 //! Cluster mode: every node knows every plugin (the registry is replicated) and runs the
-//! ones whose lease it holds. A heartbeat task says every second that the node lives; once a
-//! second the cluster loop takes the leases of plugins whose node died, brings the node's
+//! ones whose lease it holds. A heartbeat task says every second that the node lives (only
+//! while its cluster loop works: a node that cannot follow the cluster must not keep leases
+//! alive); once a second the cluster loop takes the leases of plugins whose node died, brings the node's
 //! plugins in line with the registry (deployed, upgraded, paused, resumed or removed through
 //! another node), and starts or stops what changed. A node that held a plugin for a while
 //! gives it back when a joining node is preferred, so plugins spread again. A failure about
@@ -29,6 +30,11 @@ const OVERDUE_HOLD: Duration = Duration::from_secs(60);
 /// overdue.
 const START_FAILURES: u32 = 3;
 const GIVE_UP_FOR: Duration = Duration::from_secs(30);
+/// A node whose every look at the cluster has failed for this long stops heartbeating: it
+/// holds leases it cannot act on (a deploy, a removal or a takeover through another node never
+/// reaches it), and while it beats no other node may take them. Once it is dead to the others
+/// their loops take its plugins; its heartbeat returns with its first good look.
+const LOOP_FAILING_LIMIT: Duration = Duration::from_millis(crate::cluster::NODE_TTL_MS as u64);
 
 impl PluginManager {
     /// Cluster mode: the heartbeat and the cluster loop until `shutdown` (a no-op on a single
@@ -40,11 +46,28 @@ impl PluginManager {
         // Its own task: compiling a plugin or taking several over must not delay it past the
         // time after which the others think this node dead.
         let beat = shutdown.clone();
+        let manager = self.clone();
         tokio::spawn(async move {
+            let mut withheld = false;
             loop {
-                let m = membership.clone();
-                if let Ok(Err(e)) = weir_core::blocking::run(move || m.heartbeat()).await {
-                    tracing::debug!(message = "Heartbeat not written; retrying.", error = %e);
+                let failing = manager.failing_since.lock().map(|since| since.elapsed());
+                match failing {
+                    Some(for_) if for_ >= LOOP_FAILING_LIMIT => {
+                        if !withheld {
+                            tracing::warn!(message = "This node's look at the cluster has failed for longer than the lease time-out: it stops heartbeating, so live nodes take the plugins it holds, until a look works again.", failing_ms = for_.as_millis() as u64);
+                        }
+                        withheld = true;
+                    }
+                    _ => {
+                        if withheld {
+                            tracing::info!(message = "This node's look at the cluster works again: it heartbeats again.");
+                        }
+                        withheld = false;
+                        let m = membership.clone();
+                        if let Ok(Err(e)) = weir_core::blocking::run(move || m.heartbeat()).await {
+                            tracing::debug!(message = "Heartbeat not written; retrying.", error = %e);
+                        }
+                    }
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(TICK) => {}
@@ -53,8 +76,12 @@ impl PluginManager {
             }
         });
         loop {
-            if let Err(e) = self.reconcile().await {
-                tracing::warn!(message = "Following the cluster's plugins failed; retrying.", error = %e);
+            match self.reconcile().await {
+                Ok(()) => *self.failing_since.lock() = None,
+                Err(e) => {
+                    self.failing_since.lock().get_or_insert_with(Instant::now);
+                    tracing::warn!(message = "Following the cluster's plugins failed; retrying.", error = %e);
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(TICK) => {}

@@ -58,6 +58,9 @@ pub struct PluginManager {
     /// Cluster mode: plugins this node failed to start while holding their lease, how many
     /// times in a row, and when last.
     start_failures: Mutex<BTreeMap<String, (u32, std::time::Instant)>>,
+    /// Cluster mode: since when every look at the cluster has failed (`None`: the last one
+    /// worked). A node whose loop keeps failing stops heartbeating, so its leases lapse.
+    failing_since: Mutex<Option<std::time::Instant>>,
 }
 
 impl PluginManager {
@@ -87,6 +90,7 @@ impl PluginManager {
             active: Mutex::new(BTreeMap::new()),
             view: Mutex::new(Default::default()),
             start_failures: Mutex::new(BTreeMap::new()),
+            failing_since: Mutex::new(None),
         });
         let store = manager.seams.store.clone();
         for spec in blocking(move || Ok(store.specs()?)).await? {

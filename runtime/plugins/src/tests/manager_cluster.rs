@@ -30,6 +30,58 @@ fn replicated(changelog: &Arc<MemoryChangelog>) -> Arc<ReplicatedKv> {
     ))
 }
 
+/// One node of a test cluster: a manager in cluster mode over `kv`, reading `in` (1
+/// partition) and writing `out` (2) through fakes.
+struct Node {
+    manager: Arc<PluginManager>,
+    input: Arc<FakeInput>,
+    durability: Arc<Durability>,
+    syncer: std::thread::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Node {
+    async fn open(kv: Arc<ReplicatedKv>) -> Node {
+        let input = Arc::new(FakeInput::default());
+        input.topic("in", 1);
+        let output = Arc::new(FakeOutput::default());
+        output.topic("out", 2);
+        output.topic("p.dlq", 1);
+        let local: Arc<dyn weir_log::Store> = Arc::new(MemoryStore::new());
+        let (durability, syncer) = Durability::start(local, FsyncPolicy::Never);
+        let seams = Seams {
+            input: input.clone(),
+            output,
+            store: Arc::new(KvPluginStore::replicated(kv.clone())),
+            durability: durability.clone(),
+            probes: Arc::new(NoProbes),
+            cluster: Some(Arc::new(Membership::new(kv, "127.0.0.1:1"))),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let manager = PluginManager::open(
+            dir.path(),
+            &dir.path().join("compiled"),
+            seams,
+            Default::default(),
+        )
+        .await
+        .unwrap();
+        Node {
+            manager,
+            input,
+            durability,
+            syncer,
+            _dir: dir,
+        }
+    }
+
+    async fn shut(self) {
+        self.manager.shutdown().await;
+        self.durability.stop();
+        self.syncer.join().unwrap();
+    }
+}
+
 /// A node takes a plugin over (its lease is this node's, the takeover entry lands) and then
 /// cannot open it (a malformed entry in its store). It must not count itself the plugin's
 /// runner: it used to stay marked active, the cluster loop never tried again while this live
@@ -38,31 +90,8 @@ fn replicated(changelog: &Arc<MemoryChangelog>) -> Arc<ReplicatedKv> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_that_cannot_open_the_plugin_is_tried_again() {
     let changelog = Arc::new(MemoryChangelog::default());
-    let input = Arc::new(FakeInput::default());
-    input.topic("in", 1);
-    let output = Arc::new(FakeOutput::default());
-    output.topic("out", 2);
-    output.topic("p.dlq", 1);
-    let kv = replicated(&changelog);
-    let local: Arc<dyn weir_log::Store> = Arc::new(MemoryStore::new());
-    let (durability, syncer) = Durability::start(local, FsyncPolicy::Never);
-    let seams = Seams {
-        input: input.clone(),
-        output: output.clone(),
-        store: Arc::new(KvPluginStore::replicated(kv.clone())),
-        durability: durability.clone(),
-        probes: Arc::new(NoProbes),
-        cluster: Some(Arc::new(Membership::new(kv.clone(), "127.0.0.1:1"))),
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let manager = PluginManager::open(
-        dir.path(),
-        &dir.path().join("compiled"),
-        seams,
-        Default::default(),
-    )
-    .await
-    .unwrap();
+    let node = Node::open(replicated(&changelog)).await;
+    let (manager, input) = (node.manager.clone(), node.input.clone());
 
     // Another node deployed `p` and ran it; this node keeps it open on standby.
     let other_kv = replicated(&changelog);
@@ -110,7 +139,146 @@ async fn a_takeover_that_cannot_open_the_plugin_is_tried_again() {
         runtime.status.lock()[0].state,
         PartitionState::Standby(_)
     ));
-    manager.shutdown().await;
-    durability.stop();
-    syncer.join().unwrap();
+    node.shut().await;
+}
+
+/// A changelog as one node reaches it: `cut` makes every log but the cluster's membership
+/// time out (a node whose path to the registry's stream hangs while its heartbeats land, as
+/// seen from outside: "Following the cluster's plugins failed … timed out" every few seconds).
+struct PartlyCut {
+    inner: Arc<MemoryChangelog>,
+    cut: std::sync::atomic::AtomicBool,
+}
+
+impl PartlyCut {
+    fn check(&self, log: &str) -> Result<(), weir_log::LogError> {
+        if log != "cluster" && self.cut.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(weir_log::LogError::Engine {
+                op: format!("read {log}"),
+                reason: "timed out (test)".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl weir_log::Changelog for PartlyCut {
+    fn append_entry(
+        &self,
+        log: &str,
+        expect: Option<u64>,
+        payload: &[u8],
+        rollup: bool,
+    ) -> Result<u64, weir_log::LogError> {
+        self.check(log)?;
+        self.inner.append_entry(log, expect, payload, rollup)
+    }
+    fn last_position(&self, log: &str) -> Result<u64, weir_log::LogError> {
+        self.check(log)?;
+        self.inner.last_position(log)
+    }
+    fn read_entries(
+        &self,
+        log: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<weir_log::changelog::Entry>, weir_log::LogError> {
+        self.check(log)?;
+        self.inner.read_entries(log, after, limit)
+    }
+    fn put_blob(&self, name: &str, bytes: &[u8]) -> Result<(), weir_log::LogError> {
+        self.check(name)?;
+        self.inner.put_blob(name, bytes)
+    }
+    fn get_blob(&self, name: &str) -> Result<Option<bytes::Bytes>, weir_log::LogError> {
+        self.check(name)?;
+        self.inner.get_blob(name)
+    }
+}
+
+/// Issue 25's plugin that no node ran: a node holds a plugin's lease while its cluster loop
+/// keeps failing (its heartbeats still land). It used to stay live, so its lease stayed
+/// valid and no other node could take the plugin; now it stops heartbeating once its loop
+/// has failed for the lease time-out, another node takes the plugin, and once the node's
+/// path is back it heartbeats again and stands by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_cluster_loop_keeps_failing_lets_its_plugins_go() {
+    let changelog = Arc::new(MemoryChangelog::default());
+    let path = Arc::new(PartlyCut {
+        inner: changelog.clone(),
+        cut: false.into(),
+    });
+    let node = Node::open(Arc::new(ReplicatedKv::new(
+        Arc::new(MemoryStore::new()),
+        path.clone(),
+        KvPluginStore::OWNED_PREFIX,
+    )))
+    .await;
+    let manager = node.manager.clone();
+    let s = spec(1, OnError::Halt);
+    {
+        let _blocking = weir_core::blocking::allow();
+        let other = KvPluginStore::replicated(replicated(&changelog));
+        other.create(&s, &[Cursor::at(0)]).unwrap();
+    }
+    manager.start(s, points()).await.unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(manager.clone().run_cluster(shutdown.clone()));
+    // The only live node: it takes the plugin once it has beaten for a time-out.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !manager.is_active("p") {
+        assert!(std::time::Instant::now() < deadline, "never took p");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Its path to everything but the membership hangs; another node beats and ticks.
+    path.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    let b = Arc::new(Membership::new(replicated(&changelog), "127.0.0.1:2"));
+    let cut_at = std::time::Instant::now();
+    let holder = loop {
+        let b2 = b.clone();
+        let view = tokio::task::spawn_blocking(move || {
+            let _blocking = weir_core::blocking::allow();
+            b2.heartbeat().unwrap();
+            b2.tick(&["p".to_string()], &[]).unwrap()
+        })
+        .await
+        .unwrap();
+        let holder = view.holder("p").map(str::to_string);
+        if holder.as_deref() == Some(b.node.as_str()) || cut_at.elapsed() > Duration::from_secs(30)
+        {
+            break holder;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(
+        holder.as_deref(),
+        Some(b.node.as_str()),
+        "a node that cannot follow the cluster kept its lease alive for 30 s"
+    );
+
+    // Its path is back: it sees the other node's lease, stops running the plugin, and beats.
+    path.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let b2 = b.clone();
+        let view = tokio::task::spawn_blocking(move || {
+            let _blocking = weir_core::blocking::allow();
+            b2.heartbeat().unwrap();
+            b2.tick(&["p".to_string()], &[]).unwrap()
+        })
+        .await
+        .unwrap();
+        if !manager.is_active("p") && view.live.len() == 2 {
+            assert_eq!(view.holder("p"), Some(b.node.as_str()));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node never stood down and beat again: {view:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    shutdown.cancel();
+    node.shut().await;
 }
