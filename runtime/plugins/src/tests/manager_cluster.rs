@@ -196,6 +196,18 @@ impl weir_log::Changelog for PartlyCut {
     }
 }
 
+/// Another node's second: its heartbeat, then a tick over plugin `p`.
+async fn beat_and_tick(node: &Arc<Membership>) -> crate::cluster::View {
+    let node = node.clone();
+    tokio::task::spawn_blocking(move || {
+        let _blocking = weir_core::blocking::allow();
+        node.heartbeat().unwrap();
+        node.tick(&["p".to_string()], &[]).unwrap()
+    })
+    .await
+    .unwrap()
+}
+
 /// Issue 25's plugin that no node ran: a node holds a plugin's lease while its cluster loop
 /// keeps failing (its heartbeats still land). It used to stay live, so its lease stayed
 /// valid and no other node could take the plugin; now it stops heartbeating once its loop
@@ -236,14 +248,7 @@ async fn a_node_whose_cluster_loop_keeps_failing_lets_its_plugins_go() {
     let b = Arc::new(Membership::new(replicated(&changelog), "127.0.0.1:2"));
     let cut_at = std::time::Instant::now();
     let holder = loop {
-        let b2 = b.clone();
-        let view = tokio::task::spawn_blocking(move || {
-            let _blocking = weir_core::blocking::allow();
-            b2.heartbeat().unwrap();
-            b2.tick(&["p".to_string()], &[]).unwrap()
-        })
-        .await
-        .unwrap();
+        let view = beat_and_tick(&b).await;
         let holder = view.holder("p").map(str::to_string);
         if holder.as_deref() == Some(b.node.as_str()) || cut_at.elapsed() > Duration::from_secs(30)
         {
@@ -261,14 +266,7 @@ async fn a_node_whose_cluster_loop_keeps_failing_lets_its_plugins_go() {
     path.cut.store(false, std::sync::atomic::Ordering::SeqCst);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let b2 = b.clone();
-        let view = tokio::task::spawn_blocking(move || {
-            let _blocking = weir_core::blocking::allow();
-            b2.heartbeat().unwrap();
-            b2.tick(&["p".to_string()], &[]).unwrap()
-        })
-        .await
-        .unwrap();
+        let view = beat_and_tick(&b).await;
         if !manager.is_active("p") && view.live.len() == 2 {
             assert_eq!(view.holder("p"), Some(b.node.as_str()));
             break;
