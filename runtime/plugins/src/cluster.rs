@@ -66,6 +66,15 @@ impl View {
     }
 }
 
+/// Whose lease [`Membership::forget`] deletes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Holder {
+    /// Any node's.
+    Any,
+    /// Only this node's.
+    This,
+}
+
 /// This node's membership (its heartbeat is written by [`Membership::heartbeat`]; the
 /// manager calls it every second from a task of its own).
 pub struct Membership {
@@ -305,10 +314,14 @@ impl Membership {
         Ok(held_by)
     }
 
-    /// Deletes `plugin`'s lease (the plugin was removed). Blocking.
-    pub(crate) fn forget(&self, plugin: &str) -> Result<(), LogError> {
+    /// Deletes `plugin`'s lease: whoever holds it (`Holder::Any`: the plugin was removed), or
+    /// only if this node does (`Holder::This`: this node's deploy failed; a lease another
+    /// node took meanwhile — its own deploy of the name, or a takeover while this node was
+    /// cut off — is that node's to keep). Blocking.
+    pub(crate) fn forget(&self, plugin: &str, holder: Holder) -> Result<(), LogError> {
         self.kv.update(NS, |now| {
-            now.contains_key(&lease_key(plugin))
+            let held = now.get(&lease_key(plugin))?;
+            (holder == Holder::Any || held.as_ref() == self.node.as_bytes())
                 .then(|| vec![(lease_key(plugin), None)])
         })?;
         Ok(())
@@ -363,5 +376,25 @@ mod tests {
         let view = b.tick(&plugins, &[]).unwrap();
         assert_eq!(view.holder(&plugin), Some(b.node.as_str()), "b took it");
         assert!(!b.unowned(&plugin));
+    }
+
+    /// A deploy that failed after taking the lease deletes the lease only if this node still
+    /// holds it: another node's deploy of the name (or a takeover while this node was cut off)
+    /// may hold it by then, and deleting that left the new deployment without a runner.
+    #[test]
+    fn a_failed_deploy_forgets_only_its_own_lease() {
+        let _blocking = weir_core::blocking::allow();
+        let log = Arc::new(weir_log::MemoryChangelog::default());
+        let (a, b) = (node(&log, "a:1"), node(&log, "b:1"));
+        assert_eq!(a.take("p").unwrap(), None, "a took p");
+        // a's heartbeat never landed (a cut off): b, live, takes the lease over.
+        b.heartbeat().unwrap();
+        assert_eq!(b.take("p").unwrap(), None, "b took p from a dead node");
+        a.forget("p", Holder::This).unwrap();
+        let view = b.tick(&[], &[]).unwrap();
+        assert_eq!(view.holder("p"), Some(b.node.as_str()), "b's lease stays");
+        // A removal forgets whoever's lease.
+        a.forget("p", Holder::Any).unwrap();
+        assert_eq!(b.tick(&[], &[]).unwrap().holder("p"), None);
     }
 }

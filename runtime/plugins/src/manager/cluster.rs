@@ -311,14 +311,14 @@ impl PluginManager {
     }
 
     /// Cluster mode: gives back what this node held of a removed plugin, or of a failed
-    /// deploy, and deletes its lease.
-    pub(super) async fn forget_lease(&self, name: &str) {
+    /// deploy, and deletes its lease (`holder`: whoever's, or only this node's).
+    pub(super) async fn forget_lease(&self, name: &str, holder: crate::cluster::Holder) {
         let Some(cluster) = self.seams.cluster.clone() else {
             return;
         };
         self.give_back(name);
         let owned = name.to_string();
-        if let Err(e) = blocking(move || Ok(cluster.forget(&owned)?)).await {
+        if let Err(e) = blocking(move || Ok(cluster.forget(&owned, holder)?)).await {
             tracing::warn!(message = "Deleting a plugin's lease failed; it expires with this node.", plugin = %name, error = %e);
         }
     }

@@ -332,7 +332,7 @@ impl PluginManager {
         })
         .await?;
         self.release_producers(name, &spec.producer_ids).await;
-        self.forget_lease(name).await;
+        self.forget_lease(name, crate::cluster::Holder::Any).await;
         self.seams.probes.forget(name);
         let m = weir_metrics::global();
         let label = weir_metrics::plugin(name);
