@@ -422,6 +422,7 @@ async fn faulty_server(
     tweak(&mut config);
     let sled = server::open_sled(&config).await.unwrap();
     let (store, faults) = FaultyStore::wrap(sled);
+    let store: Arc<dyn weir_log::Store> = store;
     let running = server::start_on(config, store, CancellationToken::new())
         .await
         .unwrap();

@@ -71,7 +71,7 @@ impl Broker {
             })
             .await?;
         }
-        if self.store.shared() {
+        if self.store.shared().is_some() {
             // Stored in the replicated log: durable once it acknowledged.
             return Ok(());
         }

@@ -86,7 +86,7 @@ impl Default for BrokerConfig {
 /// A topic and its live partitions.
 pub(crate) struct Topic {
     config: TopicConfig,
-    /// Which creation of the topic this is (shared logs; see `Log::incarnation`).
+    /// Which creation of the topic this is (shared logs; see `SharedLog::incarnation`).
     incarnation: Option<String>,
     partitions: Vec<Arc<Partition>>,
     /// Admission per key, if the topic has a limit.
@@ -143,7 +143,7 @@ impl Broker {
                 }
                 // On a shared log another node may be deleting it (its stream is gone): the
                 // topic refresh tries again; one topic does not keep the node from starting.
-                Err(e) if store.shared() => {
+                Err(e) if store.shared().is_some() => {
                     tracing::warn!(message = "Cannot open a topic of the shared log; will retry.", topic = %topic_config.name, error = %e);
                 }
                 Err(e) => return Err(e),
@@ -212,7 +212,7 @@ impl Broker {
                     m.publish_bytes.get_or_create(&label).clone(),
                 )
             },
-            incarnation: store.incarnation(&config.name),
+            incarnation: store.shared().and_then(|s| s.incarnation(&config.name)),
             config,
             partitions,
             sticky: AtomicU32::new(0),

@@ -164,7 +164,7 @@ impl Broker {
         // if the publisher goes away before its acknowledgement.
         let task = tokio::spawn(async move {
             // A shared log acknowledged the append once replicated: nothing local to wait for.
-            if !this.store.shared() {
+            if this.store.shared().is_none() {
                 this.durability
                     .durable(ticket)
                     .await
@@ -242,7 +242,7 @@ impl Broker {
             ));
         }
         // A shared log's ack is its durability: no local sync to ask for (the ticket is unused).
-        let ticket = if self.store.shared() {
+        let ticket = if self.store.shared().is_some() {
             0
         } else {
             self.durability.written()

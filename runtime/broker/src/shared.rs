@@ -26,7 +26,7 @@ pub enum TopicLookup {
 impl Broker {
     /// Whether other weir nodes write the same log.
     pub fn is_shared(&self) -> bool {
-        self.store.shared()
+        self.store.shared().is_some()
     }
 
     /// Fails with [`BrokerError::UnknownTopic`] unless the topic exists; in a shared log, one
@@ -104,7 +104,7 @@ impl Broker {
             let opened = configs
                 .into_iter()
                 .filter(|c| {
-                    let now = store.incarnation(&c.name);
+                    let now = store.shared().and_then(|s| s.incarnation(&c.name));
                     !known.iter().any(|(k, i)| k == c && *i == now)
                 })
                 .filter_map(|c| match Self::open_topic(&store, c.clone()) {
@@ -146,7 +146,12 @@ impl Broker {
 
     pub(crate) async fn reload_producer(&self, id: u64) -> Result<(), BrokerError> {
         let store = self.store.clone();
-        let Some(bytes) = Self::blocking(move || Ok(store.load_producer(id)?)).await? else {
+        let Some(bytes) = Self::blocking(move || match store.shared() {
+            Some(shared) => Ok(shared.load_producer(id)?),
+            None => Ok(None),
+        })
+        .await?
+        else {
             // Expired and deleted by another node: forgotten here too (a publish or re-init
             // is then refused as expired).
             self.producers.lock().records.remove(&id);

@@ -7,7 +7,8 @@ use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use bytes::Bytes;
 use weir_core::{TopicConfig, TopicPartition};
 use weir_log::{
-    Durable, EncodedChunk, GroupEntry, Log, LogError, RecoveredPartition, StoredProducers, Tail,
+    Durable, EncodedChunk, GroupEntry, Log, LogError, RecoveredPartition, SharedLog,
+    StoredProducers, Tail,
 };
 
 use crate::partition::{header, Walked, CHUNK_TARGET_BYTES, H_BASE};
@@ -328,8 +329,8 @@ impl Log for JetStreamLog {
         })
     }
 
-    fn shared(&self) -> bool {
-        true
+    fn shared(&self) -> Option<&dyn SharedLog> {
+        Some(self)
     }
 
     fn check_append(&self, chunks: &[EncodedChunk], with_producer: bool) -> Result<(), LogError> {
@@ -339,7 +340,9 @@ impl Log for JetStreamLog {
     fn chunk_target_bytes(&self) -> usize {
         CHUNK_TARGET_BYTES
     }
+}
 
+impl SharedLog for JetStreamLog {
     fn tail(&self, tp: &TopicPartition) -> Result<Tail, LogError> {
         let part = self.part(tp)?;
         let mut st = part.lock();

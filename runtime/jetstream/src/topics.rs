@@ -67,7 +67,7 @@ impl JetStreamLog {
             .insert(topic.clone(), name.clone());
         if previous.is_some_and(|p| p != name) {
             // Another creation: nothing this node knew of the old one's partitions holds (the
-            // broker opens the topic anew, `Log::incarnation`).
+            // broker opens the topic anew, `SharedLog::incarnation`).
             self.streams.lock().remove(topic);
             self.parts.lock().retain(|tp, _| tp.topic != *topic);
         }

@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use weir_core::{TopicConfig, TopicPartition};
 use weir_jetstream::JetStreamLog;
-use weir_log::{codec, Log, LogError};
+use weir_log::{codec, Log, LogError, SharedLog};
 
 mod common;
 use common::*;

@@ -41,7 +41,7 @@ fn through_one_server(
 }
 
 use weir_core::{TopicConfig, TopicPartition};
-use weir_log::{codec, Log, LogError};
+use weir_log::{codec, Log, LogError, SharedLog};
 
 /// A node that reaches NATS through a server that freezes: its commit times out, but the
 /// publish waits in the frozen server's socket and is delivered when it thaws. It must not

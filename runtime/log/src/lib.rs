@@ -356,13 +356,13 @@ pub trait Log: Durable {
     /// Removes a consumer group's offsets for a topic (expired groups).
     fn delete_group(&self, group: &str, topic: &str) -> Result<(), LogError>;
 
-    /// Whether other processes write this log too (a replicated engine shared by several
-    /// weir nodes). A shared log acknowledges a write once it is replicated, so the broker
-    /// does not wait for [`Durable::sync`]; it follows the others' appends with
-    /// [`Log::tail`], retries fenced appends, and reloads topics and producers it does not
-    /// know.
-    fn shared(&self) -> bool {
-        false
+    /// The shared-log operations, when other processes write this log too (a replicated
+    /// engine shared by several weir nodes); `None` for a log with one writer. A shared log
+    /// acknowledges a write once it is replicated, so the broker does not wait for
+    /// [`Durable::sync`]; it follows the others' appends with [`SharedLog::tail`], retries
+    /// fenced appends, and reloads topics and producers it does not know.
+    fn shared(&self) -> Option<&dyn SharedLog> {
+        None
     }
     /// The encoded size the broker packs a publish's records into per chunk.
     fn chunk_target_bytes(&self) -> usize {
@@ -373,27 +373,24 @@ pub trait Log: Durable {
     fn check_append(&self, _chunks: &[EncodedChunk], _with_producer: bool) -> Result<(), LogError> {
         Ok(())
     }
-    /// What other writers appended to a partition since this process last looked (shared
-    /// logs; a log with one writer has nothing to report).
-    fn tail(&self, _tp: &TopicPartition) -> Result<Tail, LogError> {
-        Ok(Tail::default())
-    }
-    /// The first offset still stored in a partition, when another process's retention may
-    /// have moved it (shared logs; `None` otherwise).
-    fn first_offset(&self, _tp: &TopicPartition) -> Result<Option<u64>, LogError> {
-        Ok(None)
-    }
-    /// One producer's stored record, read again (shared logs, where another node may have
-    /// issued it or bumped its epoch; `None` otherwise).
-    fn load_producer(&self, _producer_id: u64) -> Result<Option<Bytes>, LogError> {
-        Ok(None)
-    }
-    /// Which creation of a topic the last [`Log::load_topics`] saw (shared logs: a topic
-    /// deleted and created again elsewhere with the same configuration is another topic, to
-    /// be opened anew; `None` otherwise).
-    fn incarnation(&self, _topic: &str) -> Option<String> {
-        None
-    }
+}
+
+/// What a log that other processes write too adds to [`Log`] (reached through
+/// [`Log::shared`]): what the others appended, retention they ran, producers they issued,
+/// topics they created again. Every method blocks.
+pub trait SharedLog: Send + Sync {
+    /// What other writers appended to a partition since this process last looked.
+    fn tail(&self, tp: &TopicPartition) -> Result<Tail, LogError>;
+    /// The first offset still stored in a partition (another process's retention may have
+    /// moved it); `None` when the partition holds nothing.
+    fn first_offset(&self, tp: &TopicPartition) -> Result<Option<u64>, LogError>;
+    /// One producer's stored record, read again (another node may have issued it or bumped
+    /// its epoch).
+    fn load_producer(&self, producer_id: u64) -> Result<Option<Bytes>, LogError>;
+    /// Which creation of a topic the last [`Log::load_topics`] saw: a topic deleted and
+    /// created again elsewhere with the same configuration is another topic, to be opened
+    /// anew.
+    fn incarnation(&self, topic: &str) -> Option<String>;
 }
 
 /// Both seams over one durable store (one sync covers the log and the key-value namespaces).
@@ -426,11 +423,6 @@ pub trait KvStore: Durable {
     ) -> Result<(), LogError>;
     /// Removes a namespace and everything in it.
     fn kv_drop(&self, namespace: &str) -> Result<(), LogError>;
-    /// Cluster mode: the replicated namespaces underneath, which the plugin manager also
-    /// needs for ownership (a [`SplitStore`] built with [`SplitStore::replicated`]).
-    fn replicated(&self) -> Option<std::sync::Arc<ReplicatedKv>> {
-        None
-    }
 }
 
 /// Keys of stored group offsets: topic \0 group \0 partition (u32 BE), so that both "all

@@ -8,7 +8,6 @@ use weir_core::{TopicConfig, TopicPartition};
 
 use crate::{
     Durable, EncodedChunk, GroupEntry, KvStore, Log, LogError, RecoveredPartition, StoredProducers,
-    Tail,
 };
 
 /// A [`Log`] and a [`KvStore`] on different backends behind one [`crate::Store`]. `sync`
@@ -17,26 +16,12 @@ use crate::{
 pub struct SplitStore {
     log: Arc<dyn Log>,
     kv: Arc<dyn KvStore>,
-    replicated: Option<Arc<crate::ReplicatedKv>>,
 }
 
 impl SplitStore {
     /// The log on `log`, the namespaces on `kv`.
     pub fn new(log: Arc<dyn Log>, kv: Arc<dyn KvStore>) -> Self {
-        SplitStore {
-            log,
-            kv,
-            replicated: None,
-        }
-    }
-
-    /// The log on `log`, the namespaces replicated (cluster mode).
-    pub fn replicated(log: Arc<dyn Log>, kv: Arc<crate::ReplicatedKv>) -> Self {
-        SplitStore {
-            log,
-            kv: kv.clone(),
-            replicated: Some(kv),
-        }
+        SplitStore { log, kv }
     }
 }
 
@@ -123,7 +108,7 @@ impl Log for SplitStore {
     fn delete_group(&self, group: &str, topic: &str) -> Result<(), LogError> {
         self.log.delete_group(group, topic)
     }
-    fn shared(&self) -> bool {
+    fn shared(&self) -> Option<&dyn crate::SharedLog> {
         self.log.shared()
     }
     fn chunk_target_bytes(&self) -> usize {
@@ -131,18 +116,6 @@ impl Log for SplitStore {
     }
     fn check_append(&self, chunks: &[EncodedChunk], with_producer: bool) -> Result<(), LogError> {
         self.log.check_append(chunks, with_producer)
-    }
-    fn tail(&self, tp: &TopicPartition) -> Result<Tail, LogError> {
-        self.log.tail(tp)
-    }
-    fn first_offset(&self, tp: &TopicPartition) -> Result<Option<u64>, LogError> {
-        self.log.first_offset(tp)
-    }
-    fn load_producer(&self, producer_id: u64) -> Result<Option<Bytes>, LogError> {
-        self.log.load_producer(producer_id)
-    }
-    fn incarnation(&self, topic: &str) -> Option<String> {
-        self.log.incarnation(topic)
     }
 }
 
@@ -167,8 +140,5 @@ impl KvStore for SplitStore {
     }
     fn kv_drop(&self, namespace: &str) -> Result<(), LogError> {
         self.kv.kv_drop(namespace)
-    }
-    fn replicated(&self) -> Option<Arc<crate::ReplicatedKv>> {
-        self.replicated.clone()
     }
 }

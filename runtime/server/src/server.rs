@@ -178,15 +178,35 @@ pub async fn start(
     start_on(config, store, shutdown).await
 }
 
+/// A node's store as the server opened it: the log and the key-value namespaces, and in
+/// cluster mode the replicated namespaces underneath, which the plugin manager also needs for
+/// ownership (heartbeats, leases, the plugins' changelogs).
+pub struct OpenedStore {
+    /// Everything the broker and the plugins' state use.
+    pub store: Arc<dyn Store>,
+    /// Cluster mode: the replicated namespaces `store` keeps plugins' state in.
+    pub replicated: Option<Arc<ReplicatedKv>>,
+}
+
+impl From<Arc<dyn Store>> for OpenedStore {
+    /// One node's own store (embedded; tests wrap the sled store to inject faults).
+    fn from(store: Arc<dyn Store>) -> Self {
+        OpenedStore {
+            store,
+            replicated: None,
+        }
+    }
+}
+
 /// The store `config` names: the embedded sled store of the data directory, or (with
 /// `config.log`) the log on JetStream beside the data directory's sled for plugins' state.
 ///
 /// # Errors
 /// The data directory or the NATS servers cannot be opened.
-pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerError> {
+pub async fn open_store(config: &ServerConfig) -> Result<OpenedStore, ServerError> {
     let local = open_sled(config).await?;
     let Some(options) = config.log.clone() else {
-        return Ok(local);
+        return Ok(local.into());
     };
     let servers = options.servers.join(",");
     let log = weir_core::blocking::run(move || -> Result<JetStreamLog, ServerError> {
@@ -196,8 +216,15 @@ pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerE
     tracing::info!(message = "The log is on NATS JetStream.", servers = %servers, replicas = log.options().replicas, prefix = %log.options().prefix);
     let log = Arc::new(log);
     // Plugins' state: changelogs on JetStream, this data directory's sled as their cache.
-    let kv = ReplicatedKv::new(local, log.clone(), KvPluginStore::OWNED_PREFIX);
-    Ok(Arc::new(SplitStore::replicated(log, Arc::new(kv))))
+    let kv = Arc::new(ReplicatedKv::new(
+        local,
+        log.clone(),
+        KvPluginStore::OWNED_PREFIX,
+    ));
+    Ok(OpenedStore {
+        store: Arc::new(SplitStore::new(log, kv.clone())),
+        replicated: Some(kv),
+    })
 }
 
 /// [`start`] on a store the caller opened (tests wrap the sled store to inject faults).
@@ -206,7 +233,7 @@ pub async fn open_store(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerE
 /// As [`start`].
 pub async fn start_on(
     config: ServerConfig,
-    store: Arc<dyn Store>,
+    store: impl Into<OpenedStore>,
     shutdown: CancellationToken,
 ) -> Result<RunningServer, ServerError> {
     let listener = TcpListener::bind(config.listen)
@@ -395,9 +422,10 @@ impl Core {
     /// In cluster mode `node_addr` is how operators are told where a plugin runs.
     pub async fn open_on(
         config: &ServerConfig,
-        store: Arc<dyn Store>,
+        opened: impl Into<OpenedStore>,
         node_addr: &str,
     ) -> Result<Core, ServerError> {
+        let OpenedStore { store, replicated } = opened.into();
         let (fsync, broker_config) = (config.fsync, config.broker.clone());
         let opened = store.clone();
         let (broker, durability, syncer) =
@@ -417,7 +445,7 @@ impl Core {
             (config.compiled_dir.clone()).unwrap_or_else(|| config.data_dir.join("compiled"));
         let probes = Arc::new(ProbeBook::default());
         let io = Arc::new(BrokerIo(broker.clone()));
-        let (plugin_store, cluster) = match store.replicated() {
+        let (plugin_store, cluster) = match replicated {
             Some(kv) => (
                 KvPluginStore::replicated(kv.clone()),
                 Some(Arc::new(weir_plugins::cluster::Membership::new(

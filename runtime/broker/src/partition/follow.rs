@@ -28,7 +28,10 @@ impl Partition {
         if self.rebuild.load(Ordering::Acquire) {
             return self.rebuild_held();
         }
-        let tail = self.store.tail(&self.tp)?;
+        let Some(shared) = self.store.shared() else {
+            return Ok(());
+        };
+        let tail = shared.tail(&self.tp)?;
         let partial = tail.partial;
         self.apply_tail(tail)?;
         if partial {
@@ -78,7 +81,10 @@ impl Partition {
     /// Blocking (store read).
     pub(crate) fn refresh_start(&self) -> Result<(), BrokerError> {
         let _writer = self.writer.lock();
-        let Some(first) = self.store.first_offset(&self.tp)? else {
+        let Some(shared) = self.store.shared() else {
+            return Ok(());
+        };
+        let Some(first) = shared.first_offset(&self.tp)? else {
             return Ok(());
         };
         let mut s = self.state();

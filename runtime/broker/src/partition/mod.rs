@@ -168,7 +168,7 @@ impl Partition {
                     | BrokerError::SequenceOutOfOrder { .. }
                     | BrokerError::SequenceCountMismatch { .. }
                     | BrokerError::StaleEpoch { .. },
-                ) if self.store.shared() && !caught_up => {
+                ) if self.store.shared().is_some() && !caught_up => {
                     caught_up = true;
                     self.catch_up_held()?;
                 }
@@ -187,7 +187,7 @@ impl Partition {
                     caught_up = true;
                 }
                 other => {
-                    if self.store.shared() {
+                    if self.store.shared().is_some() {
                         // What the engine acknowledged is replicated: readers may see it.
                         let end = self.state().next;
                         self.publish_visible(end);
@@ -311,7 +311,7 @@ impl Partition {
             let s = self.state();
             let mut remove =
                 retention_plan(&s.chunks, s.size, now_ms, retention_ms, retention_bytes);
-            if self.store.shared() && remove.len() == s.chunks.len() {
+            if self.store.shared().is_some() && remove.len() == s.chunks.len() {
                 // A shared log keeps the newest chunk (as Kafka keeps the active segment):
                 // its message carries the sequence the next append is fenced on.
                 remove.pop();

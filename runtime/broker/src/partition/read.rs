@@ -15,7 +15,7 @@ impl Partition {
         limits: ReadLimits,
     ) -> Result<Vec<StoredRecord>, BrokerError> {
         let out = self.read_once(from, limits)?;
-        if out.is_empty() && self.store.shared() && from < self.visible_end() {
+        if out.is_empty() && self.store.shared().is_some() && from < self.visible_end() {
             // Another node's retention may have removed what the index still lists.
             self.refresh_start()?;
             return self.read_once(from, limits);
