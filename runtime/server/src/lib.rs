@@ -9,11 +9,13 @@
 
 pub mod auth;
 mod background;
+mod config;
 mod io;
 pub mod limits;
 pub mod local;
 pub mod migrate;
 pub mod monitor;
+mod open;
 mod plugin_rpc;
 mod rpc_convert;
 pub mod server;

@@ -10,122 +10,19 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use weir_broker::{Broker, BrokerConfig, BrokerError};
-use weir_jetstream::JetStreamLog;
-use weir_log::{Durability, LogError, ReplicatedKv, SledStore, SplitStore, Store, SyncFailed};
+use weir_broker::Broker;
+use weir_log::Durability;
 use weir_plugins::{KvPluginStore, PluginManager, Seams};
 
-use crate::auth::Authority;
 use crate::io::BrokerIo;
-use crate::limits::ApiLimits;
 use crate::monitor::probe::ProbeBook;
-use crate::monitor::{Monitor, MonitorConfig};
+use crate::monitor::Monitor;
 use crate::service::WeirService;
 
-pub use weir_jetstream::JetStreamOptions;
-pub use weir_log::FsyncPolicy;
-pub use weir_plugins::PluginConfig as PluginLimits;
-
-/// Everything `weir serve` needs, validated by the binary before [`run`] is called.
-#[derive(Clone, Debug)]
-pub struct ServerConfig {
-    /// Directory of the embedded store.
-    pub data_dir: PathBuf,
-    /// Address to listen on (port 0 picks a free port).
-    pub listen: SocketAddr,
-    /// When writes are synced.
-    pub fsync: FsyncPolicy,
-    /// Broker limits.
-    pub broker: BrokerConfig,
-    /// sled cache in bytes (128 MiB by default).
-    pub cache_bytes: u64,
-    /// Plugin bounds: wasm size, time limit ceiling, state cache.
-    pub plugins: PluginLimits,
-    /// Where compiled plugins are cached (`DATA_DIR/compiled` when `None`). Artifacts are keyed
-    /// by the component's sha256 and the engine's settings, so servers may share a directory.
-    pub compiled_dir: Option<PathBuf>,
-    /// Who may do what; open when started without `--auth`.
-    pub auth: Arc<Authority>,
-    /// gRPC API limits.
-    pub limits: ApiLimits,
-    /// Certificate chain and private key (PEM) to serve TLS with (gRPC and metrics).
-    pub tls: Option<TlsFiles>,
-    /// Lag sampling, Burrow window, probes.
-    pub monitor: MonitorConfig,
-    /// Address of the metrics / status page listener, if any.
-    pub metrics_listen: Option<SocketAddr>,
-    /// The log on a NATS JetStream cluster shared with other weir nodes (`--log`); `None`
-    /// keeps it in the embedded sled store. Plugins' state stays in the data directory.
-    pub log: Option<JetStreamOptions>,
-}
-
-/// PEM files of the server's TLS identity.
-#[derive(Clone, Debug)]
-pub struct TlsFiles {
-    /// Certificate chain.
-    pub cert: PathBuf,
-    /// Private key.
-    pub key: PathBuf,
-}
-
-impl ServerConfig {
-    /// Defaults for a data directory: `127.0.0.1:7070`, fsync `always`.
-    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
-        ServerConfig {
-            data_dir: data_dir.into(),
-            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
-            fsync: FsyncPolicy::Always,
-            broker: BrokerConfig::default(),
-            // `weir serve --cache-mb`'s default (BENCHMARKS.md, "sled's cache and RSS").
-            cache_bytes: 128 * 1024 * 1024,
-            plugins: PluginLimits::default(),
-            compiled_dir: None,
-            auth: Arc::new(Authority::open()),
-            limits: ApiLimits::default(),
-            tls: None,
-            monitor: MonitorConfig::default(),
-            metrics_listen: None,
-            log: None,
-        }
-    }
-}
-
-/// Why the server could not start or stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum ServerError {
-    /// The store could not be opened.
-    #[error(transparent)]
-    Store(#[from] LogError),
-    /// The broker could not rebuild its state.
-    #[error(transparent)]
-    Broker(#[from] BrokerError),
-    /// The deployed plugins could not be restarted.
-    #[error("plugins: {0}")]
-    Plugins(#[from] weir_plugins::ManagerError),
-    /// Binding the listen address failed.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// The TLS certificate or key could not be read.
-    #[error("TLS: {0}")]
-    Tls(String),
-    /// The gRPC server failed.
-    #[error("gRPC server failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
-    /// The store could not be synced: the server stopped (fail-stop).
-    #[error(transparent)]
-    SyncFailed(#[from] SyncFailed),
-    /// A start-up task panicked.
-    #[error(transparent)]
-    Panicked(#[from] weir_core::blocking::Panicked),
-    /// `weir migrate` could not move the data directory.
-    #[error("migrate: {0}")]
-    Migrate(String),
-}
+pub use crate::config::{
+    FsyncPolicy, JetStreamOptions, PluginLimits, ServerConfig, ServerError, TlsFiles,
+};
+pub use crate::open::{open_sled, open_store, OpenedStore};
 
 /// A server started with [`start`], running on its own tasks.
 pub struct RunningServer {
@@ -176,55 +73,6 @@ pub async fn start(
 ) -> Result<RunningServer, ServerError> {
     let store = open_store(&config).await?;
     start_on(config, store, shutdown).await
-}
-
-/// A node's store as the server opened it: the log and the key-value namespaces, and in
-/// cluster mode the replicated namespaces underneath, which the plugin manager also needs for
-/// ownership (heartbeats, leases, the plugins' changelogs).
-pub struct OpenedStore {
-    /// Everything the broker and the plugins' state use.
-    pub store: Arc<dyn Store>,
-    /// Cluster mode: the replicated namespaces `store` keeps plugins' state in.
-    pub replicated: Option<Arc<ReplicatedKv>>,
-}
-
-impl From<Arc<dyn Store>> for OpenedStore {
-    /// One node's own store (embedded; tests wrap the sled store to inject faults).
-    fn from(store: Arc<dyn Store>) -> Self {
-        OpenedStore {
-            store,
-            replicated: None,
-        }
-    }
-}
-
-/// The store `config` names: the embedded sled store of the data directory, or (with
-/// `config.log`) the log on JetStream beside the data directory's sled for plugins' state.
-///
-/// # Errors
-/// The data directory or the NATS servers cannot be opened.
-pub async fn open_store(config: &ServerConfig) -> Result<OpenedStore, ServerError> {
-    let local = open_sled(config).await?;
-    let Some(options) = config.log.clone() else {
-        return Ok(local.into());
-    };
-    let servers = options.servers.join(",");
-    let log = weir_core::blocking::run(move || -> Result<JetStreamLog, ServerError> {
-        Ok(JetStreamLog::connect(options)?)
-    })
-    .await??;
-    tracing::info!(message = "The log is on NATS JetStream.", servers = %servers, replicas = log.options().replicas, prefix = %log.options().prefix);
-    let log = Arc::new(log);
-    // Plugins' state: changelogs on JetStream, this data directory's sled as their cache.
-    let kv = Arc::new(ReplicatedKv::new(
-        local,
-        log.clone(),
-        KvPluginStore::OWNED_PREFIX,
-    ));
-    Ok(OpenedStore {
-        store: Arc::new(SplitStore::new(log, kv.clone())),
-        replicated: Some(kv),
-    })
 }
 
 /// [`start`] on a store the caller opened (tests wrap the sled store to inject faults).
@@ -382,26 +230,6 @@ pub struct Core {
     pub probes: Arc<ProbeBook>,
     durability: Arc<Durability>,
     syncer: std::thread::JoinHandle<()>,
-}
-
-/// Opens the embedded sled store of `config.data_dir`.
-///
-/// # Errors
-/// The directory is not a weir store, or sled cannot open it.
-pub async fn open_sled(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerError> {
-    let (data_dir, cache_bytes, fsync) =
-        (config.data_dir.clone(), config.cache_bytes, config.fsync);
-    let store = weir_core::blocking::run(move || -> Result<Arc<dyn Store>, ServerError> {
-        let options = weir_log::sled_store::SledOptions {
-            cache_bytes,
-            // Under `never` sled's own flusher moves writes to the OS every 500 ms; otherwise
-            // weir's syncer drives every flush.
-            background_flush_ms: (fsync == FsyncPolicy::Never).then_some(500),
-        };
-        Ok(Arc::new(SledStore::open(&data_dir, &options)?))
-    })
-    .await??;
-    Ok(store)
 }
 
 impl Core {

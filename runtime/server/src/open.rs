@@ -1,0 +1,79 @@
+//! Opening a node's store: the embedded sled store of the data directory, or the log on
+//! JetStream beside that sled for the plugins' state ([`open_store`]).
+
+use std::sync::Arc;
+
+use weir_jetstream::JetStreamLog;
+use weir_log::{ReplicatedKv, SledStore, SplitStore, Store};
+use weir_plugins::KvPluginStore;
+
+use crate::config::{FsyncPolicy, ServerConfig, ServerError};
+
+/// A node's store as the server opened it: the log and the key-value namespaces, and in
+/// cluster mode the replicated namespaces underneath, which the plugin manager also needs for
+/// ownership (heartbeats, leases, the plugins' changelogs).
+pub struct OpenedStore {
+    /// Everything the broker and the plugins' state use.
+    pub store: Arc<dyn Store>,
+    /// Cluster mode: the replicated namespaces `store` keeps plugins' state in.
+    pub replicated: Option<Arc<ReplicatedKv>>,
+}
+
+impl From<Arc<dyn Store>> for OpenedStore {
+    /// One node's own store (embedded; tests wrap the sled store to inject faults).
+    fn from(store: Arc<dyn Store>) -> Self {
+        OpenedStore {
+            store,
+            replicated: None,
+        }
+    }
+}
+
+/// The store `config` names: the embedded sled store of the data directory, or (with
+/// `config.log`) the log on JetStream beside the data directory's sled for plugins' state.
+///
+/// # Errors
+/// The data directory or the NATS servers cannot be opened.
+pub async fn open_store(config: &ServerConfig) -> Result<OpenedStore, ServerError> {
+    let local = open_sled(config).await?;
+    let Some(options) = config.log.clone() else {
+        return Ok(local.into());
+    };
+    let servers = options.servers.join(",");
+    let log = weir_core::blocking::run(move || -> Result<JetStreamLog, ServerError> {
+        Ok(JetStreamLog::connect(options)?)
+    })
+    .await??;
+    tracing::info!(message = "The log is on NATS JetStream.", servers = %servers, replicas = log.options().replicas, prefix = %log.options().prefix);
+    let log = Arc::new(log);
+    // Plugins' state: changelogs on JetStream, this data directory's sled as their cache.
+    let kv = Arc::new(ReplicatedKv::new(
+        local,
+        log.clone(),
+        KvPluginStore::OWNED_PREFIX,
+    ));
+    Ok(OpenedStore {
+        store: Arc::new(SplitStore::new(log, kv.clone())),
+        replicated: Some(kv),
+    })
+}
+
+/// Opens the embedded sled store of `config.data_dir`.
+///
+/// # Errors
+/// The directory is not a weir store, or sled cannot open it.
+pub async fn open_sled(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerError> {
+    let (data_dir, cache_bytes, fsync) =
+        (config.data_dir.clone(), config.cache_bytes, config.fsync);
+    let store = weir_core::blocking::run(move || -> Result<Arc<dyn Store>, ServerError> {
+        let options = weir_log::sled_store::SledOptions {
+            cache_bytes,
+            // Under `never` sled's own flusher moves writes to the OS every 500 ms; otherwise
+            // weir's syncer drives every flush.
+            background_flush_ms: (fsync == FsyncPolicy::Never).then_some(500),
+        };
+        Ok(Arc::new(SledStore::open(&data_dir, &options)?))
+    })
+    .await??;
+    Ok(store)
+}
