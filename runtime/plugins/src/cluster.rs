@@ -66,17 +66,9 @@ impl View {
     }
 }
 
-/// Whose lease [`Membership::forget`] deletes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Holder {
-    /// Any node's.
-    Any,
-    /// Only this node's.
-    This,
-}
-
 /// This node's membership (its heartbeat is written by [`Membership::heartbeat`]; the
-/// manager calls it every second from a task of its own).
+/// manager calls it every second from a task of its own while its cluster loop works, and
+/// calls [`Membership::withhold`] instead while that loop fails and other nodes live).
 pub struct Membership {
     kv: Arc<ReplicatedKv>,
     /// Since when this node's heartbeats have been landing without a gap longer than the
@@ -210,10 +202,20 @@ impl Membership {
             // The heartbeat is the heartbeat task's: a tick writes only what changes.
             let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> =
                 forget.into_iter().map(|k| (k, None)).collect();
-            for p in release {
-                if view.leases.get(p) == Some(&self.node) {
-                    writes.push((lease_key(p), None));
-                    view.leases.remove(p);
+            // This node's leases of plugins no longer deployed (a deploy through this node
+            // that failed after taking the lease, a removal that could not delete it): held
+            // by a live node, they would refuse every later deploy of the name elsewhere. A
+            // deploy through this node does not run meanwhile (the caller holds the admin
+            // lock), so a lease taken just before its spec lands is not one of them.
+            let stale = view
+                .leases
+                .iter()
+                .filter(|(p, node)| **node == self.node && !plugins.contains(*p))
+                .map(|(p, _)| p.clone());
+            for p in release.iter().cloned().chain(stale.collect::<Vec<_>>()) {
+                if view.leases.get(&p) == Some(&self.node) {
+                    writes.push((lease_key(&p), None));
+                    view.leases.remove(&p);
                 }
             }
             for p in plugins {
@@ -314,17 +316,46 @@ impl Membership {
         Ok(held_by)
     }
 
-    /// Deletes `plugin`'s lease: whoever holds it (`Holder::Any`: the plugin was removed), or
-    /// only if this node does (`Holder::This`: this node's deploy failed; a lease another
-    /// node took meanwhile — its own deploy of the name, or a takeover while this node was
-    /// cut off — is that node's to keep). Blocking.
-    pub(crate) fn forget(&self, plugin: &str, holder: Holder) -> Result<(), LogError> {
+    /// Deletes `plugin`'s lease if `holder` still holds it: this node's after its deploy
+    /// failed, or the holder read before a removal. A lease another node took meanwhile — its
+    /// own deploy of the name, or a takeover while this node was cut off — is that node's to
+    /// keep: deleting it left the new deployment without a runner. Blocking.
+    pub(crate) fn forget(&self, plugin: &str, holder: &str) -> Result<(), LogError> {
         self.kv.update(NS, |now| {
             let held = now.get(&lease_key(plugin))?;
-            (holder == Holder::Any || held.as_ref() == self.node.as_bytes())
-                .then(|| vec![(lease_key(plugin), None)])
+            (held.as_ref() == holder.as_bytes()).then(|| vec![(lease_key(plugin), None)])
         })?;
         Ok(())
+    }
+
+    /// The node `plugin`'s lease names, live or not (`None`: no lease). Blocking.
+    pub(crate) fn lease_of(&self, plugin: &str) -> Result<Option<String>, LogError> {
+        let mut held = None;
+        self.kv.update(NS, |now| {
+            held = now
+                .get(&lease_key(plugin))
+                .map(|v| String::from_utf8_lossy(v).into_owned());
+            None
+        })?;
+        Ok(held)
+    }
+
+    /// Whether a node other than this one is live. Blocking.
+    pub(crate) fn others_live(&self) -> Result<bool, LogError> {
+        let mut others = false;
+        self.kv.update(NS, |now| {
+            let (view, _) = parse(now, weir_core::record::now_ms());
+            others = view.live.keys().any(|n| *n != self.node);
+            None
+        })?;
+        Ok(others)
+    }
+
+    /// This node stops heartbeating for a while (its cluster loop fails): once it beats
+    /// again it must beat for a whole time-out before it judges others dead and takes their
+    /// leases, as after a start.
+    pub(crate) fn withhold(&self) {
+        *self.beating_since.lock() = None;
     }
 }
 
@@ -386,15 +417,33 @@ mod tests {
         let _blocking = weir_core::blocking::allow();
         let log = Arc::new(weir_log::MemoryChangelog::default());
         let (a, b) = (node(&log, "a:1"), node(&log, "b:1"));
+        let p = vec!["p".to_string()];
         assert_eq!(a.take("p").unwrap(), None, "a took p");
         // a's heartbeat never landed (a cut off): b, live, takes the lease over.
         b.heartbeat().unwrap();
         assert_eq!(b.take("p").unwrap(), None, "b took p from a dead node");
-        a.forget("p", Holder::This).unwrap();
-        let view = b.tick(&[], &[]).unwrap();
+        a.forget("p", &a.node).unwrap();
+        let view = b.tick(&p, &[]).unwrap();
         assert_eq!(view.holder("p"), Some(b.node.as_str()), "b's lease stays");
-        // A removal forgets whoever's lease.
-        a.forget("p", Holder::Any).unwrap();
-        assert_eq!(b.tick(&[], &[]).unwrap().holder("p"), None);
+        // A removal forgets the holder it read.
+        assert_eq!(a.lease_of("p").unwrap().as_deref(), Some(b.node.as_str()));
+        a.forget("p", &b.node).unwrap();
+        assert_eq!(b.tick(&p, &[]).unwrap().holder("p"), None);
+    }
+
+    /// A lease this node holds of a plugin no longer in the registry (a deploy that failed
+    /// after taking it) is deleted at its next tick; other nodes' leases stay.
+    #[test]
+    fn a_lease_of_a_plugin_not_deployed_is_dropped_by_its_holder() {
+        let _blocking = weir_core::blocking::allow();
+        let log = Arc::new(weir_log::MemoryChangelog::default());
+        let (a, b) = (node(&log, "a:1"), node(&log, "b:1"));
+        a.heartbeat().unwrap();
+        b.heartbeat().unwrap();
+        assert_eq!(a.take("gone").unwrap(), None);
+        assert_eq!(b.take("other").unwrap(), None);
+        let view = a.tick(&["p".to_string()], &[]).unwrap();
+        assert_eq!(view.holder("gone"), None, "a dropped its stale lease");
+        assert_eq!(view.holder("other"), Some(b.node.as_str()), "b's stays");
     }
 }

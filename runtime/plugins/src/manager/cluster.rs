@@ -30,11 +30,16 @@ const OVERDUE_HOLD: Duration = Duration::from_secs(60);
 /// overdue.
 const START_FAILURES: u32 = 3;
 const GIVE_UP_FOR: Duration = Duration::from_secs(30);
-/// A node whose every look at the cluster has failed for this long stops heartbeating: it
-/// holds leases it cannot act on (a deploy, a removal or a takeover through another node never
-/// reaches it), and while it beats no other node may take them. Once it is dead to the others
-/// their loops take its plugins; its heartbeat returns with its first good look.
+/// A node whose every look at the cluster has failed for this long stops heartbeating while
+/// another node is live: it holds leases it cannot act on (a deploy, a removal or a takeover
+/// through another node never reaches it), and while it beats no other node may take them.
+/// Once it is dead to the others their loops take its plugins; its heartbeat returns with its
+/// first good look. (Alone, it beats on: stepping down would hand nothing to anyone.)
 const LOOP_FAILING_LIMIT: Duration = Duration::from_millis(crate::cluster::NODE_TTL_MS as u64);
+/// A look at the cluster's registry and leases that has not answered for this long counts
+/// as failing too (a read that hangs instead of timing out). Longer than the limit above: a
+/// slow read on a loaded engine is not a failure.
+const LOOK_HANGS_LIMIT: Duration = Duration::from_millis(2 * crate::cluster::NODE_TTL_MS as u64);
 
 impl PluginManager {
     /// Cluster mode: the heartbeat and the cluster loop until `shutdown` (a no-op on a single
@@ -50,12 +55,21 @@ impl PluginManager {
         tokio::spawn(async move {
             let mut withheld = false;
             loop {
-                let failing = manager.failing_since.lock().map(|since| since.elapsed());
+                let failing = manager.loop_stalled();
+                let m = membership.clone();
+                let step_down = match failing {
+                    Some(_) => !matches!(
+                        weir_core::blocking::run(move || m.others_live()).await,
+                        Ok(Ok(false))
+                    ),
+                    None => false,
+                };
                 match failing {
-                    Some(for_) if for_ >= LOOP_FAILING_LIMIT => {
+                    Some(for_) if step_down => {
                         if !withheld {
-                            tracing::warn!(message = "This node's look at the cluster has failed for longer than the lease time-out: it stops heartbeating, so live nodes take the plugins it holds, until a look works again.", failing_ms = for_.as_millis() as u64);
+                            tracing::warn!(message = "This node's look at the cluster has failed for longer than the lease time-out: it stops heartbeating, so live nodes take the plugins it holds (it runs them until their new holder fences it), until a look works again.", failing_ms = for_.as_millis() as u64);
                         }
+                        membership.withhold();
                         withheld = true;
                     }
                     _ => {
@@ -76,10 +90,16 @@ impl PluginManager {
             }
         });
         loop {
-            match self.reconcile().await {
+            let began = Instant::now();
+            let result = self.reconcile().await;
+            *self.looking_since.lock() = None;
+            match result {
                 Ok(()) => *self.failing_since.lock() = None,
                 Err(e) => {
-                    self.failing_since.lock().get_or_insert_with(Instant::now);
+                    // Failing since the failed look began: a read that timed out after 10 s
+                    // has been failing for 10 s (counting from its answer would let the
+                    // node beat again between the hang limit and this limit).
+                    self.failing_since.lock().get_or_insert(began);
                     tracing::warn!(message = "Following the cluster's plugins failed; retrying.", error = %e);
                 }
             }
@@ -90,12 +110,24 @@ impl PluginManager {
         }
     }
 
+    /// For how long this node's cluster loop has failed or hung, once past its limit.
+    fn loop_stalled(&self) -> Option<Duration> {
+        let failing = self.failing_since.lock().map(|since| since.elapsed());
+        let hanging = self.looking_since.lock().map(|since| since.elapsed());
+        match (failing, hanging) {
+            (Some(f), _) if f >= LOOP_FAILING_LIMIT => Some(f),
+            (_, Some(h)) if h >= LOOK_HANGS_LIMIT => Some(h),
+            _ => None,
+        }
+    }
+
     /// One look at the cluster: the leases, the registry, then what to run.
     pub(crate) async fn reconcile(&self) -> Result<(), ManagerError> {
         let Some(membership) = self.seams.cluster.clone() else {
             return Ok(());
         };
         let _admin = self.admin.lock().await;
+        *self.looking_since.lock() = Some(Instant::now());
         let store = self.seams.store.clone();
         let specs = blocking(move || Ok(store.specs()?)).await?;
         let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
@@ -131,6 +163,7 @@ impl PluginManager {
         );
         let (m, n, r) = (membership.clone(), names.clone(), release.clone());
         let view = blocking(move || Ok(m.tick(&n, &r)?)).await?;
+        *self.looking_since.lock() = None;
         *self.view.lock() = view.clone();
 
         let known: Vec<String> = self.plugins.lock().keys().cloned().collect();
@@ -311,14 +344,15 @@ impl PluginManager {
     }
 
     /// Cluster mode: gives back what this node held of a removed plugin, or of a failed
-    /// deploy, and deletes its lease (`holder`: whoever's, or only this node's).
-    pub(super) async fn forget_lease(&self, name: &str, holder: crate::cluster::Holder) {
+    /// deploy, and deletes its lease if `holder` still holds it (`None`: this node).
+    pub(super) async fn forget_lease(&self, name: &str, holder: Option<String>) {
         let Some(cluster) = self.seams.cluster.clone() else {
             return;
         };
         self.give_back(name);
         let owned = name.to_string();
-        if let Err(e) = blocking(move || Ok(cluster.forget(&owned, holder)?)).await {
+        let holder = holder.unwrap_or_else(|| cluster.node.clone());
+        if let Err(e) = blocking(move || Ok(cluster.forget(&owned, &holder)?)).await {
             tracing::warn!(message = "Deleting a plugin's lease failed; it expires with this node.", plugin = %name, error = %e);
         }
     }

@@ -109,8 +109,7 @@ impl PluginManager {
         .await;
         if let Err(e) = allocated {
             self.release_producers(&request.name, &producer_ids).await;
-            self.forget_lease(&request.name, crate::cluster::Holder::This)
-                .await;
+            self.forget_lease(&request.name, None).await;
             return Err(e);
         }
         let spec = PluginSpec {
@@ -143,8 +142,7 @@ impl PluginManager {
         .await;
         if let Err(e) = stored {
             self.release_producers(&spec.name, &spec.producer_ids).await;
-            self.forget_lease(&spec.name, crate::cluster::Holder::This)
-                .await;
+            self.forget_lease(&spec.name, None).await;
             return Err(e);
         }
         tracing::info!(message = "Plugin deployed.", plugin = %spec.name, input = %spec.input, sha256 = %spec.wasm_sha256);

@@ -61,6 +61,9 @@ pub struct PluginManager {
     /// Cluster mode: since when every look at the cluster has failed (`None`: the last one
     /// worked). A node whose loop keeps failing stops heartbeating, so its leases lapse.
     failing_since: Mutex<Option<std::time::Instant>>,
+    /// Cluster mode: since when the current look at the registry and leases has been waiting
+    /// (`None`: not looking).
+    looking_since: Mutex<Option<std::time::Instant>>,
 }
 
 impl PluginManager {
@@ -91,6 +94,7 @@ impl PluginManager {
             view: Mutex::new(Default::default()),
             start_failures: Mutex::new(BTreeMap::new()),
             failing_since: Mutex::new(None),
+            looking_since: Mutex::new(None),
         });
         let store = manager.seams.store.clone();
         for spec in blocking(move || Ok(store.specs()?)).await? {
@@ -323,16 +327,26 @@ impl PluginManager {
         let spec = self.spec(name)?;
         self.unlist(name).await;
         let (seams, owned) = (self.seams.clone(), name.to_string());
-        blocking(move || {
+        let holder = blocking(move || {
+            // The holder before the spec goes: a lease taken after it (a new deployment of
+            // the name through another node) is not this removal's to delete.
+            let holder = match &seams.cluster {
+                Some(cluster) => cluster.lease_of(&owned)?,
+                None => None,
+            };
             seams.store.remove(&owned)?;
             seams
                 .durability
                 .sync_now()
-                .map_err(|e| ManagerError::Io(e.to_string()))
+                .map_err(|e| ManagerError::Io(e.to_string()))?;
+            Ok(holder)
         })
         .await?;
         self.release_producers(name, &spec.producer_ids).await;
-        self.forget_lease(name, crate::cluster::Holder::Any).await;
+        match holder {
+            Some(holder) => self.forget_lease(name, Some(holder)).await,
+            None => self.give_back(name),
+        }
         self.seams.probes.forget(name);
         let m = weir_metrics::global();
         let label = weir_metrics::plugin(name);

@@ -142,21 +142,30 @@ async fn a_takeover_that_cannot_open_the_plugin_is_tried_again() {
     node.shut().await;
 }
 
-/// A changelog as one node reaches it: `cut` makes every log but the cluster's membership
-/// time out (a node whose path to the registry's stream hangs while its heartbeats land, as
-/// seen from outside: "Following the cluster's plugins failed … timed out" every few seconds).
+/// A changelog as one node reaches it: while `cut`, every log but the cluster's membership
+/// fails with a time-out, or (`hang`) does not answer until the path is back — a node whose
+/// path to the registry's stream fails or hangs while its heartbeats land (as seen from
+/// outside: "Following the cluster's plugins failed … timed out" every few seconds).
 struct PartlyCut {
     inner: Arc<MemoryChangelog>,
     cut: std::sync::atomic::AtomicBool,
+    hang: bool,
 }
 
 impl PartlyCut {
     fn check(&self, log: &str) -> Result<(), weir_log::LogError> {
-        if log != "cluster" && self.cut.load(std::sync::atomic::Ordering::SeqCst) {
+        let cut = || self.cut.load(std::sync::atomic::Ordering::SeqCst);
+        if log == "cluster" || !cut() {
+            return Ok(());
+        }
+        if !self.hang {
             return Err(weir_log::LogError::Engine {
                 op: format!("read {log}"),
                 reason: "timed out (test)".into(),
             });
+        }
+        while cut() {
+            std::thread::sleep(Duration::from_millis(20));
         }
         Ok(())
     }
@@ -215,10 +224,22 @@ async fn beat_and_tick(node: &Arc<Membership>) -> crate::cluster::View {
 /// path is back it heartbeats again and stands by.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_cluster_loop_keeps_failing_lets_its_plugins_go() {
+    loop_cut_off(false).await;
+}
+
+/// The same with a path that hangs instead of failing: the node's look at the registry never
+/// answers, which counts as failing once it has waited twice the lease time-out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_cluster_loop_hangs_lets_its_plugins_go() {
+    loop_cut_off(true).await;
+}
+
+async fn loop_cut_off(hang: bool) {
     let changelog = Arc::new(MemoryChangelog::default());
     let path = Arc::new(PartlyCut {
         inner: changelog.clone(),
         cut: false.into(),
+        hang,
     });
     let node = Node::open(Arc::new(ReplicatedKv::new(
         Arc::new(MemoryStore::new()),
@@ -250,20 +271,21 @@ async fn a_node_whose_cluster_loop_keeps_failing_lets_its_plugins_go() {
     let holder = loop {
         let view = beat_and_tick(&b).await;
         let holder = view.holder("p").map(str::to_string);
-        if holder.as_deref() == Some(b.node.as_str()) || cut_at.elapsed() > Duration::from_secs(30)
+        if holder.as_deref() == Some(b.node.as_str()) || cut_at.elapsed() > Duration::from_secs(40)
         {
             break holder;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
+    // Back before asserting: a hung read must return for the runtime to stop.
+    path.cut.store(false, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(
         holder.as_deref(),
         Some(b.node.as_str()),
-        "a node that cannot follow the cluster kept its lease alive for 30 s"
+        "a node that cannot follow the cluster kept its lease alive for 40 s"
     );
 
     // Its path is back: it sees the other node's lease, stops running the plugin, and beats.
-    path.cut.store(false, std::sync::atomic::Ordering::SeqCst);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let view = beat_and_tick(&b).await;
