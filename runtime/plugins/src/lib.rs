@@ -35,7 +35,7 @@ pub use request::{
 };
 pub use runtime::{PartitionState, PartitionStatus, Seams};
 pub use spec::{AlertThresholds, DedupWindow, OnError, PluginSpec, StartFrom};
-pub use store::{KvPluginStore, PluginStore};
+pub use store::{KvPluginStore, PluginStore, ReplicatedPluginStore};
 pub use weir_wasm::{CompiledPlugin, Limits, PluginEngine, PluginError};
 
 /// The topics a plugin emits to when it processes `records` as one batch from empty state (a

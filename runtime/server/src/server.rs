@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use weir_broker::Broker;
 use weir_log::Durability;
-use weir_plugins::{KvPluginStore, PluginManager, Seams};
+use weir_plugins::{KvPluginStore, PluginManager, PluginStore, Seams};
 
 use crate::io::BrokerIo;
 use crate::monitor::probe::ProbeBook;
@@ -273,19 +273,19 @@ impl Core {
             (config.compiled_dir.clone()).unwrap_or_else(|| config.data_dir.join("compiled"));
         let probes = Arc::new(ProbeBook::default());
         let io = Arc::new(BrokerIo(broker.clone()));
-        let (plugin_store, cluster) = match replicated {
+        let (plugin_store, cluster): (Arc<dyn PluginStore>, _) = match replicated {
             Some(kv) => (
-                KvPluginStore::replicated(kv.clone()),
+                Arc::new(KvPluginStore::replicated(kv.clone())),
                 Some(Arc::new(weir_plugins::cluster::Membership::new(
                     kv, node_addr,
                 ))),
             ),
-            None => (KvPluginStore::new(store), None),
+            None => (Arc::new(KvPluginStore::new(store)), None),
         };
         let seams = Seams {
             input: io.clone(),
             output: io,
-            store: Arc::new(plugin_store),
+            store: plugin_store,
             cluster,
             durability: durability.clone(),
             probes: probes.clone(),

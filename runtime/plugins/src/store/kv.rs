@@ -1,16 +1,17 @@
-//! [`PluginStore`] on a key-value store (the layout is in `keys.rs`): a node's sled, or in
-//! cluster mode the replicated namespaces of [`ReplicatedKv`].
+//! [`PluginStore`] on a key-value store (the layout is in `keys.rs`): a node's sled
+//! ([`Local`]), or in cluster mode the replicated namespaces (`replicated::Shared`, a type of
+//! its own: what differs — spec changes, creation, removal, reads at one position, holding a
+//! plugin — is behind [`Namespaces`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use weir_log::{KvStore, LogError, ReplicatedKv};
+use weir_log::{KvStore, LogError};
 
 use super::codec::{
     decode_delta, decode_ids, decode_state, encode_delta, encode_ids, encode_state, Cursor,
 };
 use super::keys::{key_seq, namespace, partition_key, seq_key, sequence_key, state_key, REGISTRY};
-use super::replicated;
 use super::{decode_groups, CommitWrite, DedupKey, Loaded, OutboxEntry, PluginStore};
 use crate::spec::PluginSpec;
 
@@ -66,38 +67,121 @@ fn fold(
     Ok(out)
 }
 
-/// The plugin store on a [`KvStore`].
-pub struct KvPluginStore {
-    kv: Arc<dyn KvStore>,
-    /// Cluster mode: `kv` is this, and a plugin's namespace is acquired before it is written.
-    replicated: Option<Arc<ReplicatedKv>>,
+/// Where a plugin store's namespaces live, and what differs between one node's store and the
+/// cluster's: a plugin's namespace is written only by the node holding it there, and several
+/// nodes change the registry.
+pub trait Namespaces: Send + Sync + Sized + 'static {
+    /// The key-value store everything is kept in.
+    fn kv(&self) -> &dyn KvStore;
+    /// `read` over namespace `ns` as of one moment (one changelog position in the cluster).
+    fn read_at_once<T>(
+        &self,
+        ns: &str,
+        read: impl FnOnce(&dyn KvStore) -> Result<T, LogError>,
+    ) -> Result<T, LogError>;
+    /// [`PluginStore::replace_spec`].
+    fn replace_spec(
+        store: &KvPluginStore<Self>,
+        spec: &PluginSpec,
+        previous: &PluginSpec,
+    ) -> Result<(), LogError>;
+    /// [`PluginStore::create`].
+    fn create(
+        store: &KvPluginStore<Self>,
+        spec: &PluginSpec,
+        cursors: &[Cursor],
+    ) -> Result<(), LogError>;
+    /// Drops a removed plugin's namespace (its spec is already deleted).
+    fn drop_removed(&self, plugin: &str) -> Result<(), LogError>;
+    /// [`PluginStore::acquire`].
+    fn acquire(&self, plugin: &str) -> Result<(), LogError>;
+    /// [`PluginStore::release`].
+    fn release(&self, plugin: &str);
+    /// [`PluginStore::confirm_held`].
+    fn confirm_held(&self, plugin: &str) -> Result<bool, LogError>;
+    /// [`PluginStore::held`].
+    fn held(&self, plugin: &str) -> bool;
+}
+
+/// One node's own store: nothing is shared, everything is held.
+pub struct Local(Arc<dyn KvStore>);
+
+impl Namespaces for Local {
+    fn kv(&self) -> &dyn KvStore {
+        &*self.0
+    }
+
+    fn read_at_once<T>(
+        &self,
+        _ns: &str,
+        read: impl FnOnce(&dyn KvStore) -> Result<T, LogError>,
+    ) -> Result<T, LogError> {
+        read(&*self.0)
+    }
+
+    fn replace_spec(
+        store: &KvPluginStore<Self>,
+        spec: &PluginSpec,
+        _previous: &PluginSpec,
+    ) -> Result<(), LogError> {
+        store.put_spec(spec)
+    }
+
+    fn create(
+        store: &KvPluginStore<Self>,
+        spec: &PluginSpec,
+        cursors: &[Cursor],
+    ) -> Result<(), LogError> {
+        store.reset(&spec.name, cursors)?;
+        store.put_spec(spec)
+    }
+
+    fn drop_removed(&self, plugin: &str) -> Result<(), LogError> {
+        self.0.kv_drop(&namespace(plugin))
+    }
+
+    fn acquire(&self, _plugin: &str) -> Result<(), LogError> {
+        Ok(())
+    }
+
+    fn release(&self, _plugin: &str) {}
+
+    fn confirm_held(&self, _plugin: &str) -> Result<bool, LogError> {
+        Ok(true)
+    }
+
+    fn held(&self, _plugin: &str) -> bool {
+        true
+    }
+}
+
+/// The plugin store on a [`KvStore`]: one node's ([`KvPluginStore::new`]) or the cluster's
+/// (`KvPluginStore::replicated`, [`ReplicatedPluginStore`](super::ReplicatedPluginStore)).
+pub struct KvPluginStore<N: Namespaces = Local> {
+    pub(super) namespaces: N,
     /// One compaction at a time: two that overlap a commit could write an older `s/<key>`
     /// over a newer one.
     compacting: parking_lot::Mutex<()>,
 }
 
-impl KvPluginStore {
-    /// A store over `kv`.
+impl KvPluginStore<Local> {
+    /// A store over one node's `kv`.
     pub fn new(kv: Arc<dyn KvStore>) -> Self {
+        KvPluginStore::on(Local(kv))
+    }
+}
+
+impl<N: Namespaces> KvPluginStore<N> {
+    pub(super) fn on(namespaces: N) -> Self {
         KvPluginStore {
-            kv,
-            replicated: None,
+            namespaces,
             compacting: parking_lot::Mutex::new(()),
         }
     }
 
-    /// Cluster mode: the store on changelogs shared by every node (the registry shared, each
-    /// plugin's namespace owned by the node running it).
-    pub fn replicated(kv: Arc<ReplicatedKv>) -> Self {
-        KvPluginStore {
-            kv: kv.clone(),
-            replicated: Some(kv),
-            compacting: parking_lot::Mutex::new(()),
-        }
+    fn kv(&self) -> &dyn KvStore {
+        self.namespaces.kv()
     }
-
-    /// The namespaces a node must acquire before writing them ([`ReplicatedKv::new`]).
-    pub const OWNED_PREFIX: &'static str = "plugin/";
 
     /// Committed state after folding the pending deltas, without writing anything.
     fn folded(
@@ -110,29 +194,27 @@ impl KvPluginStore {
         // cache at one changelog position.
         let _one = self.compacting.lock();
         let ns = namespace(plugin);
-        match &self.replicated {
-            Some(r) => r.read_at_once(&ns, |kv| fold(kv, &ns, prefix)),
-            None => fold(&*self.kv, &ns, prefix),
-        }
+        self.namespaces
+            .read_at_once(&ns, |kv| fold(kv, &ns, prefix))
     }
 
     /// Drops whatever the namespace of `plugin` holds and writes the partitions' starting
     /// cursors.
     pub(super) fn reset(&self, plugin: &str, cursors: &[Cursor]) -> Result<(), LogError> {
         let ns = namespace(plugin);
-        self.kv.kv_drop(&ns)?;
+        self.kv().kv_drop(&ns)?;
         let writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = cursors
             .iter()
             .enumerate()
             .map(|(p, c)| (partition_key(b'c', p as u32, b""), Some(c.encode())))
             .collect();
-        self.kv.kv_apply(&ns, &writes)
+        self.kv().kv_apply(&ns, &writes)
     }
 }
 
-impl PluginStore for KvPluginStore {
+impl<N: Namespaces> PluginStore for KvPluginStore<N> {
     fn specs(&self) -> Result<Vec<PluginSpec>, LogError> {
-        self.kv
+        self.kv()
             .kv_scan(REGISTRY, b"")?
             .into_iter()
             .map(|(k, v)| {
@@ -146,38 +228,28 @@ impl PluginStore for KvPluginStore {
 
     fn put_spec(&self, spec: &PluginSpec) -> Result<(), LogError> {
         let json = serde_json::to_vec(spec).expect("spec serialises");
-        self.kv
+        self.kv()
             .kv_apply(REGISTRY, &[(spec.name.as_bytes().to_vec(), Some(json))])
     }
 
     fn replace_spec(&self, spec: &PluginSpec, previous: &PluginSpec) -> Result<(), LogError> {
-        match &self.replicated {
-            Some(r) => replicated::replace_spec(r, spec, previous),
-            None => self.put_spec(spec),
-        }
+        N::replace_spec(self, spec, previous)
     }
 
     fn create(&self, spec: &PluginSpec, cursors: &[Cursor]) -> Result<(), LogError> {
-        if let Some(r) = &self.replicated {
-            return replicated::create(self, r, spec, cursors);
-        }
-        self.reset(&spec.name, cursors)?;
-        self.put_spec(spec)
+        N::create(self, spec, cursors)
     }
 
     fn remove(&self, plugin: &str) -> Result<(), LogError> {
         // The spec first: a crash half-way leaves an orphan namespace (dropped by the next
         // deploy of the name), never a plugin without its state.
-        self.kv
+        self.kv()
             .kv_apply(REGISTRY, &[(plugin.as_bytes().to_vec(), None)])?;
-        match &self.replicated {
-            Some(r) => replicated::drop_removed(r, plugin),
-            None => self.kv.kv_drop(&namespace(plugin)),
-        }
+        self.namespaces.drop_removed(plugin)
     }
 
     fn sync(&self) -> Result<(), LogError> {
-        self.kv.sync()
+        self.kv().sync()
     }
 
     fn load(&self, plugin: &str, partitions: u32) -> Result<Loaded, LogError> {
@@ -186,7 +258,7 @@ impl PluginStore for KvPluginStore {
             cursors: self.cursors(plugin, partitions)?,
             ..Loaded::default()
         };
-        for (key, value) in self.kv.kv_scan(&ns, b"d/")? {
+        for (key, value) in self.kv().kv_scan(&ns, b"d/")? {
             let partition = key
                 .get(2..6)
                 .and_then(|b| b.try_into().ok())
@@ -199,12 +271,12 @@ impl PluginStore for KvPluginStore {
             loaded.dedup.push(((partition, seq), newest, ids));
         }
         loaded.next_delta = self
-            .kv
+            .kv()
             .kv_scan(&ns, b"l/")?
             .last()
             .and_then(|(k, _)| key_seq(k, 2))
             .map_or(0, |s| s + 1);
-        let lines = self.kv.kv_scan(&ns, b"g/")?;
+        let lines = self.kv().kv_scan(&ns, b"g/")?;
         let first = lines.first().and_then(|(k, _)| key_seq(k, 2)).unwrap_or(0);
         let next = lines
             .last()
@@ -215,7 +287,7 @@ impl PluginStore for KvPluginStore {
     }
 
     fn cursor(&self, plugin: &str, partition: u32) -> Result<Cursor, LogError> {
-        cursor_in(&*self.kv, plugin, partition)
+        cursor_in(self.kv(), plugin, partition)
     }
 
     fn cursors(&self, plugin: &str, partitions: u32) -> Result<Vec<Cursor>, LogError> {
@@ -224,15 +296,12 @@ impl PluginStore for KvPluginStore {
                 .map(|p| cursor_in(kv, plugin, p))
                 .collect::<Result<Vec<_>, _>>()
         };
-        match &self.replicated {
-            // One look at the changelog's tail for all partitions, not one each.
-            Some(r) => r.read_at_once(&namespace(plugin), read),
-            None => read(&*self.kv),
-        }
+        // In the cluster, one look at the changelog's tail for all partitions, not one each.
+        self.namespaces.read_at_once(&namespace(plugin), read)
     }
 
     fn state(&self, plugin: &str, key: &[u8]) -> Result<Option<(Vec<u8>, u64)>, LogError> {
-        match self.kv.kv_get(&namespace(plugin), &state_key(key))? {
+        match self.kv().kv_get(&namespace(plugin), &state_key(key))? {
             None => Ok(None),
             Some(v) => decode_state(&v).map(Some).ok_or_else(|| {
                 malformed(
@@ -257,35 +326,25 @@ impl PluginStore for KvPluginStore {
     }
 
     fn acquire(&self, plugin: &str) -> Result<(), LogError> {
-        match &self.replicated {
-            Some(r) => r.acquire(&namespace(plugin)),
-            None => Ok(()),
-        }
+        self.namespaces.acquire(plugin)
     }
 
     fn release(&self, plugin: &str) {
-        if let Some(r) = &self.replicated {
-            r.release(&namespace(plugin));
-        }
+        self.namespaces.release(plugin)
     }
 
     fn confirm_held(&self, plugin: &str) -> Result<bool, LogError> {
-        match &self.replicated {
-            Some(r) => r.confirm_held(&namespace(plugin)),
-            None => Ok(true),
-        }
+        self.namespaces.confirm_held(plugin)
     }
 
     fn held(&self, plugin: &str) -> bool {
-        self.replicated
-            .as_ref()
-            .is_none_or(|r| r.held(&namespace(plugin)))
+        self.namespaces.held(plugin)
     }
 
     fn compact(&self, plugin: &str) -> Result<Option<u64>, LogError> {
         let _one = self.compacting.lock();
         let ns = namespace(plugin);
-        let deltas = self.kv.kv_scan(&ns, b"l/")?;
+        let deltas = self.kv().kv_scan(&ns, b"l/")?;
         let Some(last) = deltas.last().and_then(|(k, _)| key_seq(k, 2)) else {
             return Ok(None);
         };
@@ -309,7 +368,7 @@ impl PluginStore for KvPluginStore {
             })
             .collect();
         writes.extend(deltas.iter().map(|(k, _)| (k.to_vec(), None)));
-        self.kv.kv_apply(&ns, &writes)?;
+        self.kv().kv_apply(&ns, &writes)?;
         Ok(Some(last + 1))
     }
 
@@ -321,7 +380,7 @@ impl PluginStore for KvPluginStore {
         output_partition: u32,
     ) -> Result<u64, LogError> {
         Ok(self
-            .kv
+            .kv()
             .kv_get(
                 &namespace(plugin),
                 &sequence_key(partition, topic, output_partition),
@@ -358,7 +417,7 @@ impl PluginStore for KvPluginStore {
             partition_key(b'c', w.partition, b""),
             Some(w.cursor.encode()),
         ));
-        self.kv.kv_apply(&namespace(plugin), &writes)
+        self.kv().kv_apply(&namespace(plugin), &writes)
     }
 
     fn forget_ids(&self, plugin: &str, keys: &[DedupKey]) -> Result<(), LogError> {
@@ -366,7 +425,7 @@ impl PluginStore for KvPluginStore {
             .iter()
             .map(|(p, seq)| (partition_key(b'd', *p, &seq.to_be_bytes()), None))
             .collect();
-        self.kv.kv_apply(&namespace(plugin), &deletes)
+        self.kv().kv_apply(&namespace(plugin), &deletes)
     }
 
     fn outbox(
@@ -377,7 +436,7 @@ impl PluginStore for KvPluginStore {
     ) -> Result<Vec<OutboxEntry>, LogError> {
         let prefix = partition_key(b'o', partition, b"");
         Ok(self
-            .kv
+            .kv()
             .kv_scan_first(&namespace(plugin), &prefix, limit)?
             .into_iter()
             .map(|(k, v)| OutboxEntry {
@@ -394,11 +453,11 @@ impl PluginStore for KvPluginStore {
             .iter()
             .map(|seq| (partition_key(b'o', partition, &seq.to_be_bytes()), None))
             .collect();
-        self.kv.kv_apply(&namespace(plugin), &deletes)
+        self.kv().kv_apply(&namespace(plugin), &deletes)
     }
 
     fn pending_outputs(&self, plugin: &str) -> Result<usize, LogError> {
-        Ok(self.kv.kv_scan(&namespace(plugin), b"o/")?.len())
+        Ok(self.kv().kv_scan(&namespace(plugin), b"o/")?.len())
     }
 
     fn append_log(
@@ -410,7 +469,7 @@ impl PluginStore for KvPluginStore {
     ) -> Result<(), LogError> {
         let ns = namespace(plugin);
         let stored_from = self
-            .kv
+            .kv()
             .kv_scan(&ns, b"g/")?
             .first()
             .and_then(|(k, _)| key_seq(k, 2))
@@ -424,12 +483,12 @@ impl PluginStore for KvPluginStore {
                 writes.push((seq_key(b"g/", seq), Some(line.clone().into_bytes())));
             }
         }
-        self.kv.kv_apply(&ns, &writes)
+        self.kv().kv_apply(&ns, &writes)
     }
 
     fn log_lines(&self, plugin: &str) -> Result<Vec<String>, LogError> {
         Ok(self
-            .kv
+            .kv()
             .kv_scan(&namespace(plugin), b"g/")?
             .into_iter()
             .map(|(_, v)| String::from_utf8_lossy(&v).into_owned())

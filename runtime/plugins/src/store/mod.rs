@@ -22,7 +22,8 @@ use weir_log::LogError;
 use crate::spec::PluginSpec;
 pub use codec::Cursor;
 pub use copy::copy_plugin;
-pub use kv::KvPluginStore;
+pub use kv::{KvPluginStore, Local, Namespaces};
+pub use replicated::{ReplicatedPluginStore, Shared};
 
 /// A batch's state writes: key → new (value, version), `None` for a delete.
 pub type StateWrites = BTreeMap<Vec<u8>, Option<(Vec<u8>, u64)>>;
@@ -92,9 +93,7 @@ pub trait PluginStore: Send + Sync + 'static {
     /// the stored spec is still `previous` (same deployment, version, code, pause and restart
     /// count), else
     /// [`LogError::Conflict`] — another node changed the plugin meanwhile.
-    fn replace_spec(&self, spec: &PluginSpec, _previous: &PluginSpec) -> Result<(), LogError> {
-        self.put_spec(spec)
-    }
+    fn replace_spec(&self, spec: &PluginSpec, previous: &PluginSpec) -> Result<(), LogError>;
     /// A new plugin: drops whatever an earlier plugin of the name left, writes the
     /// partitions' starting cursors, then records the spec (in cluster mode the caller has
     /// acquired the plugin's namespace).
@@ -158,22 +157,16 @@ pub trait PluginStore: Send + Sync + 'static {
 
     /// Cluster mode: takes a plugin's store over for this node (reads everything other
     /// nodes committed, then fences them out). A store of one node has nothing to take.
-    fn acquire(&self, _plugin: &str) -> Result<(), LogError> {
-        Ok(())
-    }
+    fn acquire(&self, plugin: &str) -> Result<(), LogError>;
     /// Cluster mode: stops writing a plugin's store.
-    fn release(&self, _plugin: &str) {}
+    fn release(&self, plugin: &str);
     /// Cluster mode: whether this node still holds a plugin's store as of the changelog's
     /// end (one round trip); a node that finds another's entry after its own stops holding
     /// it. Always true on one node.
-    fn confirm_held(&self, _plugin: &str) -> Result<bool, LogError> {
-        Ok(true)
-    }
+    fn confirm_held(&self, plugin: &str) -> Result<bool, LogError>;
     /// Cluster mode: whether this node may write a plugin's store (it acquired it and no
     /// write was refused or left uncertain since).
-    fn held(&self, _plugin: &str) -> bool {
-        true
-    }
+    fn held(&self, plugin: &str) -> bool;
 }
 
 /// Encodes output groups as an outbox entry: per group its topic, partition, base sequence

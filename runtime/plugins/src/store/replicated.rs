@@ -1,16 +1,85 @@
-//! The registry operations of cluster mode, where several nodes write the registry and a
-//! plugin's namespace is written only by the node holding it (`ReplicatedKv`).
+//! The plugin store of cluster mode ([`ReplicatedPluginStore`]): several nodes write the
+//! registry, and a plugin's namespace is written only by the node holding it
+//! ([`ReplicatedKv`]).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use weir_log::{KvStore, LogError, ReplicatedKv};
 
 use super::codec::Cursor;
 use super::keys::{namespace, REGISTRY};
-use super::kv::KvPluginStore;
+use super::kv::{KvPluginStore, Namespaces};
 use super::PluginStore;
 use crate::spec::PluginSpec;
+
+/// The cluster's namespaces: the replicated changelogs every node shares.
+pub struct Shared(Arc<ReplicatedKv>);
+
+/// The plugin store of cluster mode.
+pub type ReplicatedPluginStore = KvPluginStore<Shared>;
+
+impl KvPluginStore<Shared> {
+    /// The store on changelogs shared by every node (the registry shared, each plugin's
+    /// namespace owned by the node running it).
+    pub fn replicated(kv: Arc<ReplicatedKv>) -> Self {
+        KvPluginStore::on(Shared(kv))
+    }
+
+    /// The namespaces a node must acquire before writing them ([`ReplicatedKv::new`]).
+    pub const OWNED_PREFIX: &'static str = "plugin/";
+}
+
+impl Namespaces for Shared {
+    fn kv(&self) -> &dyn KvStore {
+        &*self.0
+    }
+
+    fn read_at_once<T>(
+        &self,
+        ns: &str,
+        read: impl FnOnce(&dyn KvStore) -> Result<T, LogError>,
+    ) -> Result<T, LogError> {
+        self.0.read_at_once(ns, read)
+    }
+
+    fn replace_spec(
+        store: &KvPluginStore<Self>,
+        spec: &PluginSpec,
+        previous: &PluginSpec,
+    ) -> Result<(), LogError> {
+        replace_spec(&store.namespaces.0, spec, previous)
+    }
+
+    fn create(
+        store: &KvPluginStore<Self>,
+        spec: &PluginSpec,
+        cursors: &[Cursor],
+    ) -> Result<(), LogError> {
+        create(store, &store.namespaces.0, spec, cursors)
+    }
+
+    fn drop_removed(&self, plugin: &str) -> Result<(), LogError> {
+        drop_removed(&self.0, plugin)
+    }
+
+    fn acquire(&self, plugin: &str) -> Result<(), LogError> {
+        self.0.acquire(&namespace(plugin))
+    }
+
+    fn release(&self, plugin: &str) {
+        self.0.release(&namespace(plugin))
+    }
+
+    fn confirm_held(&self, plugin: &str) -> Result<bool, LogError> {
+        self.0.confirm_held(&namespace(plugin))
+    }
+
+    fn held(&self, plugin: &str) -> bool {
+        self.0.held(&namespace(plugin))
+    }
+}
 
 fn stored_spec(now: &BTreeMap<Vec<u8>, Bytes>, name: &str) -> Option<PluginSpec> {
     now.get(name.as_bytes())
@@ -18,7 +87,7 @@ fn stored_spec(now: &BTreeMap<Vec<u8>, Bytes>, name: &str) -> Option<PluginSpec>
 }
 
 /// [`PluginStore::replace_spec`]: a compare-and-set on the registry.
-pub(super) fn replace_spec(
+fn replace_spec(
     r: &ReplicatedKv,
     spec: &PluginSpec,
     previous: &PluginSpec,
@@ -62,8 +131,8 @@ pub(super) fn replace_spec(
 /// namespace is acquired and reset again (the registry has the name now, so a remove still
 /// under way leaves it alone). If it cannot be completed, the spec is taken back: never a
 /// spec without its starting cursors.
-pub(super) fn create(
-    store: &KvPluginStore,
+fn create(
+    store: &ReplicatedPluginStore,
     r: &ReplicatedKv,
     spec: &PluginSpec,
     cursors: &[Cursor],
@@ -111,7 +180,7 @@ fn take_back(r: &ReplicatedKv, spec: &PluginSpec) {
 /// does not run it, the drop is fenced on what this node read and skipped when the name has
 /// been deployed again meanwhile (that deployment's reset must not be wiped); if it cannot
 /// land, the namespace is left to the next deployment of the name, which resets it.
-pub(super) fn drop_removed(r: &ReplicatedKv, plugin: &str) -> Result<(), LogError> {
+fn drop_removed(r: &ReplicatedKv, plugin: &str) -> Result<(), LogError> {
     let ns = namespace(plugin);
     if r.held(&ns) {
         return r.kv_drop(&ns);

@@ -148,7 +148,7 @@ fn a_deployment_that_cannot_complete_takes_its_spec_back() {
 }
 
 /// A node's plugin store on a changelog shared by the "nodes" of a test.
-fn store_node(changelog: &Arc<weir_log::MemoryChangelog>) -> crate::store::KvPluginStore {
+fn store_node(changelog: &Arc<weir_log::MemoryChangelog>) -> crate::store::ReplicatedPluginStore {
     use crate::store::KvPluginStore;
     KvPluginStore::replicated(Arc::new(weir_log::ReplicatedKv::new(
         Arc::new(weir_log::MemoryStore::new()),
