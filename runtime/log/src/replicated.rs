@@ -16,9 +16,12 @@
 //!   a refused append reads the tail and appends again. [`ReplicatedKv::update`] is a
 //!   compare-and-set over the namespace.
 //!
-//! Every `snapshot_every` entries the writer appends a snapshot of the namespace as a rollup
-//! entry (the engine deletes the entries before it), so a node with an empty cache reads one
-//! snapshot and the entries after it. A cache whose recorded position is past the changelog's
+//! Once `snapshot_every` entries have landed, a snapshot of the namespace is appended as a
+//! rollup entry (the engine deletes the entries before it), so a node with an empty cache
+//! reads one snapshot and the entries after it. A shared namespace's writer appends it after
+//! its write; an owned namespace's holder only when asked ([`ReplicatedKv::snapshot_if_due`],
+//! the plugin compactor's job), never inside a commit: a snapshot is a scan and an append of
+//! the whole namespace, which would stall the commit that happened to be the thousandth. A cache whose recorded position is past the changelog's
 //! end (a changelog deleted and made again) is dropped and read again.
 
 use std::collections::{BTreeMap, HashMap};
@@ -52,6 +55,7 @@ struct Space {
 type Writes = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 mod entry;
+mod snapshot;
 use entry::{decode, encode};
 
 /// See the module documentation.
@@ -183,7 +187,7 @@ impl ReplicatedKv {
             .log
             .append_entry(ns, Some(s.applied), &encode(reset, &writes), reset)?;
         self.apply_local(ns, s, seq, reset, writes)?;
-        if s.since_snapshot >= self.snapshot_every {
+        if !self.owned(ns) && s.since_snapshot >= self.snapshot_every {
             // The write landed whatever happens to the snapshot. A refused snapshot means
             // another writer (the next write is refused too); an uncertain one is read back
             // by the next catch-up; either way, try again after another round of entries.
@@ -192,25 +196,6 @@ impl ReplicatedKv {
                 s.since_snapshot = 0;
             }
         }
-        Ok(())
-    }
-
-    /// Appends the whole namespace as a rollup entry.
-    fn snapshot(&self, ns: &str, s: &mut Space) -> Result<(), LogError> {
-        let writes: Writes = self
-            .local
-            .kv_scan(ns, b"")?
-            .into_iter()
-            .filter(|(k, _)| k.as_ref() != APPLIED)
-            .map(|(k, v)| (k.to_vec(), Some(v.to_vec())))
-            .collect();
-        let seq = self
-            .log
-            .append_entry(ns, Some(s.applied), &encode(true, &writes), true)?;
-        self.local
-            .kv_apply(ns, &[(APPLIED.to_vec(), Some(seq.to_be_bytes().to_vec()))])?;
-        s.applied = seq;
-        s.since_snapshot = 0;
         Ok(())
     }
 

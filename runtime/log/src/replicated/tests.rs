@@ -61,6 +61,15 @@ fn snapshots_replace_the_entries_before_them_and_a_fresh_cache_reads_them() {
             ],
         )
         .unwrap();
+        // The holder's writes never snapshot: its compactor asks between them.
+        let before = log.read_entries(NS, 0, usize::MAX).unwrap().len();
+        let taken = a.snapshot_if_due(NS).unwrap();
+        let after = log.read_entries(NS, 0, usize::MAX).unwrap().len();
+        assert_eq!(
+            taken,
+            after < before,
+            "a snapshot replaces what is before it"
+        );
     }
     let entries = log.read_entries(NS, 0, usize::MAX).unwrap();
     assert!(entries.len() <= 4, "{} entries kept", entries.len());
@@ -70,6 +79,29 @@ fn snapshots_replace_the_entries_before_them_and_a_fresh_cache_reads_them() {
     assert_eq!(all.len(), 19, "k1..k19, k0 deleted");
     assert_eq!(get(&fresh, NS, "k7").as_deref(), Some("7"));
     assert_eq!(get(&fresh, NS, "k0"), None);
+    assert!(
+        matches!(fresh.snapshot_if_due(NS), Err(LogError::NotHeld { .. })),
+        "only the holder snapshots an owned namespace"
+    );
+}
+
+#[test]
+fn a_holders_commits_never_snapshot_an_owned_namespace_by_themselves() {
+    let log = Arc::new(MemoryChangelog::default());
+    let a = node(&log).with_snapshot_every(3);
+    a.acquire(NS).unwrap();
+    for i in 0..10 {
+        a.kv_apply(NS, &[put(&format!("k{i}"), "v")]).unwrap();
+    }
+    let entries = log.read_entries(NS, 0, usize::MAX).unwrap();
+    assert_eq!(entries.len(), 11, "the takeover and ten writes");
+    assert!(entries.iter().all(|e| !e.rollup));
+    // A shared namespace's writer still snapshots after its write.
+    for i in 0..10 {
+        a.kv_apply("plugins", &[put(&format!("p{i}"), "spec")])
+            .unwrap();
+    }
+    assert!(log.read_entries("plugins", 0, usize::MAX).unwrap().len() <= 4);
 }
 
 #[test]

@@ -8,64 +8,11 @@ use std::sync::Arc;
 
 use weir_log::{KvStore, LogError};
 
-use super::codec::{
-    decode_delta, decode_ids, decode_state, encode_delta, encode_ids, encode_state, Cursor,
-};
+use super::codec::{decode_ids, decode_state, encode_delta, encode_ids, Cursor};
+use super::deltas::{compaction, cursor_in, fold, malformed};
 use super::keys::{key_seq, namespace, partition_key, seq_key, sequence_key, state_key, REGISTRY};
 use super::{decode_groups, CommitWrite, DedupKey, Loaded, OutboxEntry, PluginStore};
 use crate::spec::PluginSpec;
-
-/// A partition's cursor as stored in `kv` (a new partition's is the default).
-fn cursor_in(kv: &dyn KvStore, plugin: &str, partition: u32) -> Result<Cursor, LogError> {
-    match kv.kv_get(&namespace(plugin), &partition_key(b'c', partition, b""))? {
-        Some(v) => Cursor::decode(&v).ok_or_else(|| {
-            malformed(
-                format!("cursor of partition {partition} of plugin {plugin}"),
-                "not 16 or 40 bytes",
-            )
-        }),
-        None => Ok(Cursor::default()),
-    }
-}
-
-fn malformed(what: String, reason: &str) -> LogError {
-    LogError::Malformed {
-        what,
-        reason: reason.into(),
-    }
-}
-
-/// Committed state of a plugin's namespace with its pending deltas folded in, for keys
-/// starting with `prefix`.
-fn fold(
-    kv: &dyn KvStore,
-    ns: &str,
-    prefix: &[u8],
-) -> Result<BTreeMap<Vec<u8>, (Vec<u8>, u64)>, LogError> {
-    let mut out: BTreeMap<Vec<u8>, (Vec<u8>, u64)> = kv
-        .kv_scan(ns, &state_key(prefix))?
-        .into_iter()
-        .filter_map(|(k, v)| decode_state(&v).map(|s| (k[2..].to_vec(), s)))
-        .collect();
-    for (key, value) in kv.kv_scan(ns, b"l/")? {
-        let writes = decode_delta(&value).ok_or_else(|| {
-            malformed(
-                format!("state delta {}", String::from_utf8_lossy(&key)),
-                "truncated or not a delta",
-            )
-        })?;
-        for (k, v) in writes {
-            if !k.starts_with(prefix) {
-                continue;
-            }
-            match v {
-                Some(v) => out.insert(k, v),
-                None => out.remove(&k),
-            };
-        }
-    }
-    Ok(out)
-}
 
 /// Where a plugin store's namespaces live, and what differs between one node's store and the
 /// cluster's: a plugin's namespace is written only by the node holding it there, and several
@@ -101,6 +48,9 @@ pub trait Namespaces: Send + Sync + Sized + 'static {
     fn confirm_held(&self, plugin: &str) -> Result<bool, LogError>;
     /// [`PluginStore::held`].
     fn held(&self, plugin: &str) -> bool;
+    /// After a compaction: whatever else keeps a plugin's namespace small (the cluster's
+    /// changelog snapshot, taken here rather than inside a commit).
+    fn after_compaction(&self, plugin: &str) -> Result<(), LogError>;
 }
 
 /// One node's own store: nothing is shared, everything is held.
@@ -153,6 +103,10 @@ impl Namespaces for Local {
     fn held(&self, _plugin: &str) -> bool {
         true
     }
+
+    fn after_compaction(&self, _plugin: &str) -> Result<(), LogError> {
+        Ok(())
+    }
 }
 
 /// The plugin store on a [`KvStore`]: one node's ([`KvPluginStore::new`]) or the cluster's
@@ -181,6 +135,18 @@ impl<N: Namespaces> KvPluginStore<N> {
 
     fn kv(&self) -> &dyn KvStore {
         self.namespaces.kv()
+    }
+
+    /// Folds the pending state deltas into per-key entries ([`PluginStore::compact`]).
+    fn fold_deltas(&self, plugin: &str) -> Result<Option<u64>, LogError> {
+        let _one = self.compacting.lock();
+        let ns = namespace(plugin);
+        let deltas = self.kv().kv_scan(&ns, b"l/")?;
+        let Some((writes, below)) = compaction(&deltas)? else {
+            return Ok(None);
+        };
+        self.kv().kv_apply(&ns, &writes)?;
+        Ok(Some(below))
     }
 
     /// Committed state after folding the pending deltas, without writing anything.
@@ -342,34 +308,13 @@ impl<N: Namespaces> PluginStore for KvPluginStore<N> {
     }
 
     fn compact(&self, plugin: &str) -> Result<Option<u64>, LogError> {
-        let _one = self.compacting.lock();
-        let ns = namespace(plugin);
-        let deltas = self.kv().kv_scan(&ns, b"l/")?;
-        let Some(last) = deltas.last().and_then(|(k, _)| key_seq(k, 2)) else {
-            return Ok(None);
-        };
-        let mut latest: BTreeMap<Vec<u8>, Option<(Vec<u8>, u64)>> = BTreeMap::new();
-        for (key, value) in &deltas {
-            let writes = decode_delta(value).ok_or_else(|| {
-                malformed(
-                    format!("state delta {}", String::from_utf8_lossy(key)),
-                    "truncated or not a delta",
-                )
-            })?;
-            latest.extend(writes);
+        let folded = self.fold_deltas(plugin)?;
+        // The fold landed whatever happens here; a refused snapshot means the hold is lost,
+        // which the next commit finds.
+        if let Err(e) = self.namespaces.after_compaction(plugin) {
+            tracing::warn!(message = "A changelog snapshot failed; the changelog keeps growing until the next one.", plugin = %plugin, error = %e);
         }
-        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = latest
-            .into_iter()
-            .map(|(k, v)| {
-                (
-                    state_key(&k),
-                    v.map(|(v, version)| encode_state(&v, version)),
-                )
-            })
-            .collect();
-        writes.extend(deltas.iter().map(|(k, _)| (k.to_vec(), None)));
-        self.kv().kv_apply(&ns, &writes)?;
-        Ok(Some(last + 1))
+        Ok(folded)
     }
 
     fn output_sequence(

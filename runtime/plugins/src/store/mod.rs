@@ -9,6 +9,7 @@
 
 mod codec;
 mod copy;
+mod deltas;
 mod keys;
 mod kv;
 mod replicated;

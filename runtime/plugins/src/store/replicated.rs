@@ -79,6 +79,15 @@ impl Namespaces for Shared {
     fn held(&self, plugin: &str) -> bool {
         self.0.held(&namespace(plugin))
     }
+
+    fn after_compaction(&self, plugin: &str) -> Result<(), LogError> {
+        let ns = namespace(plugin);
+        // A node that lost the plugin has nothing to snapshot (its commits are refused too).
+        if !self.0.held(&ns) {
+            return Ok(());
+        }
+        self.0.snapshot_if_due(&ns).map(|_| ())
+    }
 }
 
 fn stored_spec(now: &BTreeMap<Vec<u8>, Bytes>, name: &str) -> Option<PluginSpec> {

@@ -64,6 +64,23 @@ async fn two_nodes_running_one_plugin_leave_one_commit_chain() {
         "{:?}",
         a.rt().status.lock()
     );
+    // B's compactor snapshotted the changelog (every 7 entries here): it starts with one.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let first = {
+            use weir_log::Changelog;
+            let _blocking = weir_core::blocking::allow();
+            changelog.read_entries("plugin/p", 0, 1).unwrap()
+        };
+        if first.first().is_some_and(|e| e.rollup) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no snapshot was taken"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     a.stop().await;
     b.stop().await;
     // A node with an empty cache reads the snapshot and what followed.

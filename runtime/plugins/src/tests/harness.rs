@@ -123,6 +123,10 @@ impl Harness {
                 Forwarder::new(runtime.clone(), p).run(self.cancel.clone()),
             ));
         }
+        // As the manager: the compactor folds deltas (and in the cluster takes snapshots).
+        self.tasks.push(tokio::spawn(
+            runtime.clone().run_compactor(self.cancel.clone()),
+        ));
         self.runtime = Some(runtime);
     }
 
