@@ -115,7 +115,23 @@ impl SledStore {
             .segment_size(SEGMENT_BYTES)
             .mode(sled::Mode::HighThroughput);
         // sled 0.34 can panic on some corrupt files instead of returning an error.
-        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+        let open = || std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+        let locked = |e: &sled::Error| {
+            let reason = e.to_string();
+            reason.contains("lock")
+                || reason.contains("WouldBlock")
+                || reason.contains("temporarily unavailable")
+        };
+        // The file lock of a store closed a moment ago in this process is released when
+        // sled's flusher thread lets go of the database, which can lag the close: a reopen
+        // (a restart of the local runtime, a test) waits briefly for it. Another process
+        // holding the directory is still refused, after the wait.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut opened = open();
+        while matches!(&opened, Ok(Err(e)) if locked(e)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            opened = open();
+        }
         let db = match opened {
             Ok(Ok(db)) => db,
             Ok(Err(e)) if e.to_string().contains("io buffer size") => {
@@ -125,14 +141,11 @@ impl SledStore {
                 });
             }
             Ok(Err(e)) => {
-                let reason = e.to_string();
-                let reason = if reason.contains("lock")
-                    || reason.contains("WouldBlock")
-                    || reason.contains("temporarily unavailable")
-                {
+                let reason = if locked(&e) {
+                    let reason = e.to_string();
                     format!("{reason} (is another `weir serve` using this directory?)")
                 } else {
-                    reason
+                    e.to_string()
                 };
                 return Err(LogError::Open {
                     path: dir.to_path_buf(),
