@@ -20,8 +20,10 @@
 //! rollup entry (the engine deletes the entries before it), so a node with an empty cache
 //! reads one snapshot and the entries after it. A shared namespace's writer appends it after
 //! its write; an owned namespace's holder only when asked ([`ReplicatedKv::snapshot_if_due`],
-//! the plugin compactor's job), never inside a commit: a snapshot is a scan and an append of
-//! the whole namespace, which would stall the commit that happened to be the thousandth. A cache whose recorded position is past the changelog's
+//! the plugin compactor's job), not as part of a commit: a snapshot is a scan and an append
+//! of the whole namespace, which the commit that happened to be the thousandth paid for.
+//! Commits still wait for a snapshot under way (both hold the namespace's lock: two appends
+//! fenced on one position would refuse one of them). A cache whose recorded position is past the changelog's
 //! end (a changelog deleted and made again) is dropped and read again.
 
 use std::collections::{BTreeMap, HashMap};

@@ -4,7 +4,8 @@
 //! [`NODE_TTL_MS`]; a lease is valid while its node is live. A node writes its heartbeat
 //! every second; every tick it takes, in one compare-and-set, the free leases (no holder, or
 //! a holder that is not live) of the plugins whose preferred node it is (rendezvous hashing
-//! over the live nodes), and gives back those it was asked to.
+//! over the live nodes), gives back those it was asked to, and drops its own leases of
+//! plugins no longer registered.
 //!
 //! Leases are advisory: they decide who *should* run a plugin. What makes a second runner
 //! harmless is the fence of the plugin's changelog — a node that takes a plugin over appends
@@ -142,7 +143,9 @@ impl Membership {
         let ttl = std::time::Duration::from_millis(NODE_TTL_MS as u64);
         let mut last = self.last_beat.lock();
         let mut since = self.beating_since.lock();
-        if !landed || last.is_none_or(|l| now - l > ttl) {
+        // A streak starts at a beat that lands after a failed one, a gap or a withhold (a
+        // streak left unset there would never start again: no lease taken for the node's life).
+        if !landed || since.is_none() || last.is_none_or(|l| now - l > ttl) {
             *since = landed.then_some(now);
         }
         if landed {
@@ -355,7 +358,11 @@ impl Membership {
     /// again it must beat for a whole time-out before it judges others dead and takes their
     /// leases, as after a start.
     pub(crate) fn withhold(&self) {
-        *self.beating_since.lock() = None;
+        // In `beat`'s lock order.
+        let mut last = self.last_beat.lock();
+        let mut since = self.beating_since.lock();
+        *last = None;
+        *since = None;
     }
 }
 
@@ -429,6 +436,28 @@ mod tests {
         assert_eq!(a.lease_of("p").unwrap().as_deref(), Some(b.node.as_str()));
         a.forget("p", &b.node).unwrap();
         assert_eq!(b.tick(&p, &[]).unwrap().holder("p"), None);
+    }
+
+    /// A node that stopped heartbeating (withheld) or whose heartbeat failed is not steady
+    /// again until it has beaten a whole time-out; then it is (a streak left unset by a
+    /// failed beat followed at once by a good one never restarted: no lease for its life).
+    #[test]
+    fn a_withheld_node_is_steady_again_after_beating_a_time_out() {
+        let _blocking = weir_core::blocking::allow();
+        let log = Arc::new(weir_log::MemoryChangelog::default());
+        let a = node(&log, "a:1");
+        a.beat(true);
+        a.withhold();
+        a.beat(true);
+        assert!(!a.steady(), "steady at once after a withhold");
+        a.beat(false);
+        a.beat(true);
+        let started = std::time::Instant::now();
+        while started.elapsed() < std::time::Duration::from_millis(NODE_TTL_MS as u64 + 300) {
+            a.beat(true);
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+        assert!(a.steady(), "never steady again after a failed beat");
     }
 
     /// A lease this node holds of a plugin no longer in the registry (a deploy that failed

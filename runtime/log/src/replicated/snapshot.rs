@@ -8,7 +8,8 @@ use crate::LogError;
 impl ReplicatedKv {
     /// An owned namespace this node holds: appends its snapshot if `snapshot_every` entries
     /// have landed since the last one. Returns whether it did. A refused or uncertain
-    /// snapshot drops the hold, as a refused write does. Blocking.
+    /// append drops the hold, as a refused write does (a failed read of the cache does
+    /// not). Blocking.
     ///
     /// # Errors
     /// The namespace is not held (or not owned), or the changelog or the cache failed.
@@ -24,9 +25,13 @@ impl ReplicatedKv {
         if s.since_snapshot < self.snapshot_every {
             return Ok(false);
         }
-        match self.snapshot(ns, &mut s) {
+        // Commits wait for the namespace's lock meanwhile: a snapshot appended beside a
+        // commit, both fenced on the same position, would refuse one of them.
+        let writes = self.snapshot_writes(ns)?;
+        match self.append_snapshot(ns, &mut s, &writes) {
             Ok(()) => Ok(true),
             Err(e) => {
+                // Refused (another node took it over) or uncertain: as after a write.
                 self.release(ns);
                 match e {
                     LogError::Conflict { .. } => Err(LogError::NotHeld { what: ns.into() }),
@@ -38,16 +43,26 @@ impl ReplicatedKv {
 
     /// Appends the whole namespace as a rollup entry.
     pub(super) fn snapshot(&self, ns: &str, s: &mut Space) -> Result<(), LogError> {
-        let writes: Writes = self
+        let writes = self.snapshot_writes(ns)?;
+        self.append_snapshot(ns, s, &writes)
+    }
+
+    /// The namespace's content as the cache holds it, as a snapshot's writes.
+    fn snapshot_writes(&self, ns: &str) -> Result<Writes, LogError> {
+        Ok(self
             .local
             .kv_scan(ns, b"")?
             .into_iter()
             .filter(|(k, _)| k.as_ref() != APPLIED)
             .map(|(k, v)| (k.to_vec(), Some(v.to_vec())))
-            .collect();
+            .collect())
+    }
+
+    /// Appends `writes` as a rollup entry fenced on the cache's position.
+    fn append_snapshot(&self, ns: &str, s: &mut Space, writes: &Writes) -> Result<(), LogError> {
         let seq = self
             .log
-            .append_entry(ns, Some(s.applied), &encode(true, &writes), true)?;
+            .append_entry(ns, Some(s.applied), &encode(true, writes), true)?;
         self.local
             .kv_apply(ns, &[(APPLIED.to_vec(), Some(seq.to_be_bytes().to_vec()))])?;
         s.applied = seq;

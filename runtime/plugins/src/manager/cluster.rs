@@ -1,7 +1,7 @@
 //! Cluster mode: every node knows every plugin (the registry is replicated) and runs the
 //! ones whose lease it holds. A heartbeat task says every second that the node lives (only
-//! while its cluster loop works: a node that cannot follow the cluster must not keep leases
-//! alive); once a second the cluster loop takes the leases of plugins whose node died, brings the node's
+//! while its cluster loop works, or no other node lives: a node that cannot follow the
+//! cluster must not keep leases alive that others could act on); once a second the cluster loop takes the leases of plugins whose node died, brings the node's
 //! plugins in line with the registry (deployed, upgraded, paused, resumed or removed through
 //! another node), and starts or stops what changed. A node that held a plugin for a while
 //! gives it back when a joining node is preferred, so plugins spread again. A failure about
@@ -73,8 +73,10 @@ impl PluginManager {
                         withheld = true;
                     }
                     _ => {
-                        if withheld {
+                        if withheld && failing.is_none() {
                             tracing::info!(message = "This node's look at the cluster works again: it heartbeats again.");
+                        } else if withheld {
+                            tracing::warn!(message = "This node's look at the cluster still fails, but no other node is live: it heartbeats again and keeps its plugins.");
                         }
                         withheld = false;
                         let m = membership.clone();
@@ -90,16 +92,19 @@ impl PluginManager {
             }
         });
         loop {
-            let began = Instant::now();
             let result = self.reconcile().await;
-            *self.looking_since.lock() = None;
+            // Set once the admin lock was taken (a deploy holding it is not the look's
+            // failure), cleared after the leases' tick.
+            let began = self.looking_since.lock().take();
             match result {
                 Ok(()) => *self.failing_since.lock() = None,
                 Err(e) => {
                     // Failing since the failed look began: a read that timed out after 10 s
                     // has been failing for 10 s (counting from its answer would let the
                     // node beat again between the hang limit and this limit).
-                    self.failing_since.lock().get_or_insert(began);
+                    self.failing_since
+                        .lock()
+                        .get_or_insert(began.unwrap_or_else(Instant::now));
                     tracing::warn!(message = "Following the cluster's plugins failed; retrying.", error = %e);
                 }
             }

@@ -308,13 +308,14 @@ impl<N: Namespaces> PluginStore for KvPluginStore<N> {
     }
 
     fn compact(&self, plugin: &str) -> Result<Option<u64>, LogError> {
-        let folded = self.fold_deltas(plugin)?;
-        // The fold landed whatever happens here; a refused snapshot means the hold is lost,
-        // which the next commit finds.
+        let folded = self.fold_deltas(plugin);
+        // Whether or not the fold landed (a fold failing for good must not stop the
+        // snapshots too); a refused snapshot means the hold is lost, which the next commit
+        // finds.
         if let Err(e) = self.namespaces.after_compaction(plugin) {
             tracing::warn!(message = "A changelog snapshot failed; the changelog keeps growing until the next one.", plugin = %plugin, error = %e);
         }
-        Ok(folded)
+        folded
     }
 
     fn output_sequence(

@@ -1,8 +1,8 @@
 //! The plugin store: everything a plugin keeps — its spec in the registry, its cursors, state,
 //! message ids, outbox, output sequences and log — behind [`PluginStore`], whose
 //! implementation owns the key layout and every value codec. [`KvPluginStore`] lays it out on
-//! a weir-log [`weir_log::KvStore`] (sled, or memory in tests); a replicated backend would lay
-//! it out on its own engine (a changelog with a fence).
+//! a weir-log [`weir_log::KvStore`]: one node's (sled, or memory in tests), or in cluster mode
+//! the replicated namespaces ([`ReplicatedPluginStore`]: each write one fenced changelog entry).
 //!
 //! The one write that matters is [`PluginStore::commit`]: a batch's state delta, message ids,
 //! outbox entry, output sequences and the partition's new cursor, all or nothing.
