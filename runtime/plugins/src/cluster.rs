@@ -210,15 +210,16 @@ impl Membership {
             // by a live node, they would refuse every later deploy of the name elsewhere. A
             // deploy through this node does not run meanwhile (the caller holds the admin
             // lock), so a lease taken just before its spec lands is not one of them.
-            let stale = view
+            let stale: Vec<String> = view
                 .leases
                 .iter()
                 .filter(|(p, node)| **node == self.node && !plugins.contains(*p))
-                .map(|(p, _)| p.clone());
-            for p in release.iter().cloned().chain(stale.collect::<Vec<_>>()) {
-                if view.leases.get(&p) == Some(&self.node) {
-                    writes.push((lease_key(&p), None));
-                    view.leases.remove(&p);
+                .map(|(p, _)| p.clone())
+                .collect();
+            for p in release.iter().chain(&stale) {
+                if view.leases.get(p) == Some(&self.node) {
+                    writes.push((lease_key(p), None));
+                    view.leases.remove(p);
                 }
             }
             for p in plugins {
@@ -331,27 +332,31 @@ impl Membership {
         Ok(())
     }
 
-    /// The node `plugin`'s lease names, live or not (`None`: no lease). Blocking.
-    pub(crate) fn lease_of(&self, plugin: &str) -> Result<Option<String>, LogError> {
-        let mut held = None;
+    /// `read` over the table as of the changelog's end (a compare-and-set that writes
+    /// nothing). Blocking.
+    fn read<T>(&self, read: impl Fn(&BTreeMap<Vec<u8>, bytes::Bytes>) -> T) -> Result<T, LogError> {
+        let mut out = None;
         self.kv.update(NS, |now| {
-            held = now
-                .get(&lease_key(plugin))
-                .map(|v| String::from_utf8_lossy(v).into_owned());
+            out = Some(read(now));
             None
         })?;
-        Ok(held)
+        Ok(out.expect("update looks at the table before it returns"))
+    }
+
+    /// The node `plugin`'s lease names, live or not (`None`: no lease). Blocking.
+    pub(crate) fn lease_of(&self, plugin: &str) -> Result<Option<String>, LogError> {
+        self.read(|now| {
+            now.get(&lease_key(plugin))
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        })
     }
 
     /// Whether a node other than this one is live. Blocking.
     pub(crate) fn others_live(&self) -> Result<bool, LogError> {
-        let mut others = false;
-        self.kv.update(NS, |now| {
+        self.read(|now| {
             let (view, _) = parse(now, weir_core::record::now_ms());
-            others = view.live.keys().any(|n| *n != self.node);
-            None
-        })?;
-        Ok(others)
+            view.live.keys().any(|n| *n != self.node)
+        })
     }
 
     /// This node stops heartbeating for a while (its cluster loop fails): once it beats

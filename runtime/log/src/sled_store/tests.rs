@@ -67,6 +67,28 @@ fn kv_values_of_any_size_round_trip_and_stay_out_of_blob_files() {
     assert_eq!(blobs, 0, "no blob files");
 }
 
+/// A directory another store holds open is refused, after the short wait for a lock a
+/// closing store may still hold, with a message that names the likely cause.
+#[test]
+fn a_directory_in_use_is_refused_naming_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let held = SledStore::open(dir.path(), &SledOptions::default()).unwrap();
+    let started = std::time::Instant::now();
+    let err = SledStore::open(dir.path(), &SledOptions::default())
+        .err()
+        .expect("a second store on a directory in use");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(2),
+        "refused before the wait"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("is another `weir serve` using this directory?"),
+        "{text}"
+    );
+    drop(held);
+}
+
 #[test]
 fn foreign_corrupt_and_newer_directories_are_clear_errors_and_version_1_migrates() {
     let dir = tempfile::tempdir().unwrap();

@@ -264,8 +264,22 @@ async fn loop_cut_off(hang: bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // Its path to everything but the membership hangs; another node beats and ticks.
+    // Its path to everything but the membership breaks. Alone, it beats on past both
+    // limits (stepping down would hand its plugins to no one).
     path.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let onlooker = Arc::new(Membership::new(replicated(&changelog), "127.0.0.1:3"));
+    let alone_live = tokio::task::spawn_blocking(move || {
+        let _blocking = weir_core::blocking::allow();
+        onlooker.others_live().unwrap()
+    })
+    .await
+    .unwrap();
+    if !alone_live {
+        path.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+    assert!(alone_live, "a node alone stopped heartbeating");
+    // Another node beats and ticks.
     let b = Arc::new(Membership::new(replicated(&changelog), "127.0.0.1:2"));
     let cut_at = std::time::Instant::now();
     let holder = loop {
