@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use weir_log::{LogError, ReplicatedKv};
+use weir_log::{KvStore, LogError, ReplicatedKv};
 
 /// A node whose heartbeat is older than this is dead: its plugins move.
 pub const NODE_TTL_MS: i64 = 4_000;
@@ -332,31 +332,25 @@ impl Membership {
         Ok(())
     }
 
-    /// `read` over the table as of the changelog's end (a compare-and-set that writes
-    /// nothing). Blocking.
-    fn read<T>(&self, read: impl Fn(&BTreeMap<Vec<u8>, bytes::Bytes>) -> T) -> Result<T, LogError> {
-        let mut out = None;
-        self.kv.update(NS, |now| {
-            out = Some(read(now));
-            None
-        })?;
-        Ok(out.expect("update looks at the table before it returns"))
-    }
-
-    /// The node `plugin`'s lease names, live or not (`None`: no lease). Blocking.
+    /// The node `plugin`'s lease names, live or not (`None`: no lease), as of the
+    /// changelog's end. Blocking.
     pub(crate) fn lease_of(&self, plugin: &str) -> Result<Option<String>, LogError> {
-        self.read(|now| {
-            now.get(&lease_key(plugin))
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-        })
+        Ok(self
+            .kv
+            .kv_get(NS, &lease_key(plugin))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
-    /// Whether a node other than this one is live. Blocking.
+    /// Whether a node other than this one is live, as of the changelog's end. Blocking.
     pub(crate) fn others_live(&self) -> Result<bool, LogError> {
-        self.read(|now| {
-            let (view, _) = parse(now, weir_core::record::now_ms());
-            view.live.keys().any(|n| *n != self.node)
-        })
+        let now: BTreeMap<Vec<u8>, bytes::Bytes> = self
+            .kv
+            .kv_scan(NS, b"n/")?
+            .into_iter()
+            .map(|(k, v)| (k.to_vec(), v))
+            .collect();
+        let (view, _) = parse(&now, weir_core::record::now_ms());
+        Ok(view.live.keys().any(|n| *n != self.node))
     }
 
     /// This node stops heartbeating for a while (its cluster loop fails): once it beats

@@ -7,9 +7,9 @@ use crate::LogError;
 
 impl ReplicatedKv {
     /// An owned namespace this node holds: appends its snapshot if `snapshot_every` entries
-    /// have landed since the last one. Returns whether it did. A refused or uncertain
-    /// append drops the hold, as a refused write does (a failed read of the cache does
-    /// not). Blocking.
+    /// have landed since the last one. Returns whether it did. A refused append drops the
+    /// hold, as a refused write does; an uncertain one leaves it to the next commit's fence.
+    /// Blocking.
     ///
     /// # Errors
     /// The namespace is not held (or not owned), or the changelog or the cache failed.
@@ -30,13 +30,18 @@ impl ReplicatedKv {
         let writes = self.snapshot_writes(ns)?;
         match self.append_snapshot(ns, &mut s, &writes) {
             Ok(()) => Ok(true),
-            Err(e) => {
-                // Refused (another node took it over) or uncertain: as after a write.
+            Err(LogError::Conflict { .. }) => {
+                // Another node took the namespace over.
                 self.release(ns);
-                match e {
-                    LogError::Conflict { .. } => Err(LogError::NotHeld { what: ns.into() }),
-                    e => Err(e),
-                }
+                Err(LogError::NotHeld { what: ns.into() })
+            }
+            Err(e) => {
+                // Uncertain or failed: the hold stays (if the snapshot landed after all, the
+                // next commit, fenced on the position before it, is refused and drops the
+                // hold then). Dropping it here would make every takeover, whose open
+                // compacts, fail on the same snapshot again. Tried again a round later.
+                s.since_snapshot = 0;
+                Err(e)
             }
         }
     }
