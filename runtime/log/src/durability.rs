@@ -135,6 +135,18 @@ impl Durability {
         }
     }
 
+    /// Whether `ticket` is durable now, as [`Durability::durable`] would answer without
+    /// waiting.
+    ///
+    /// # Errors
+    /// [`SyncFailed`] when a sync failed.
+    pub fn is_durable(&self, ticket: u64) -> Result<bool, SyncFailed> {
+        match &*self.synced.borrow() {
+            Err(failed) => Err(failed.clone()),
+            Ok(synced) => Ok(self.policy != FsyncPolicy::Always || *synced >= ticket),
+        }
+    }
+
     /// Whether syncing has failed (writes must be refused).
     pub fn failed(&self) -> Option<SyncFailed> {
         self.synced.borrow().clone().err()

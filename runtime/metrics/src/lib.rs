@@ -33,6 +33,11 @@ fn seconds_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
 }
 
+fn count_histogram() -> Histogram {
+    // 1 … 512
+    Histogram::new(exponential_buckets(1.0, 2.0, 10))
+}
+
 /// Every event metric of the process.
 pub struct Metrics {
     /// Records appended, per topic.
@@ -43,6 +48,12 @@ pub struct Metrics {
     pub fsync_seconds: Histogram,
     /// Plugin batch processing time (the guest call), per plugin.
     pub plugin_batch_seconds: Family<PluginLabel, Histogram, fn() -> Histogram>,
+    /// A plugin batch's commit: written to the store → seen durable (the pipeline's
+    /// latency), per plugin.
+    pub plugin_commit_seconds: Family<PluginLabel, Histogram, fn() -> Histogram>,
+    /// Batches of one partition seen durable together (how many batches one durable step
+    /// covered), per plugin.
+    pub plugin_commit_batches: Family<PluginLabel, Histogram, fn() -> Histogram>,
     /// Records handed to the plugin, per plugin.
     pub plugin_records_in: Family<PluginLabel, Counter>,
     /// Records the plugin emitted (committed), per plugin.
@@ -71,6 +82,8 @@ impl Metrics {
             publish_bytes: Family::default(),
             fsync_seconds: seconds_histogram(),
             plugin_batch_seconds: Family::new_with_constructor(seconds_histogram),
+            plugin_commit_seconds: Family::new_with_constructor(seconds_histogram),
+            plugin_commit_batches: Family::new_with_constructor(count_histogram),
             plugin_records_in: Family::default(),
             plugin_records_out: Family::default(),
             plugin_traps: Family::default(),
@@ -105,6 +118,16 @@ impl Metrics {
             "plugin_batch_seconds",
             "Time a plugin took to process a batch",
             self.plugin_batch_seconds.clone(),
+        );
+        r.register(
+            "plugin_commit_seconds",
+            "A plugin batch's commit, from written to the store to durable",
+            self.plugin_commit_seconds.clone(),
+        );
+        r.register(
+            "plugin_commit_batches",
+            "Batches of one plugin partition made durable by one step of the store's group commit",
+            self.plugin_commit_batches.clone(),
         );
         r.register(
             "plugin_records_in",

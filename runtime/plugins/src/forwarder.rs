@@ -11,6 +11,7 @@
 //! partition's status, the monitor and a metric, and is retried every few seconds in case an
 //! operator fixes it.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,6 +53,14 @@ impl Forwarder {
         let (rt, partition) = (self.rt.clone(), self.partition);
         let producer_id = rt.spec.producer_ids[partition as usize];
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        // Commits written before the plugin opened here (by a runtime it replaced) are in
+        // the outbox as of the cursors; forward them once they are durable.
+        tokio::select! {
+            durable = rt.seams.durability.durable(rt.opened) => if let Err(e) = durable {
+                return self.failed(e.to_string(), true);
+            },
+            _ = cancel.cancelled() => return,
+        }
         'scan: loop {
             // A node that no longer holds the plugin (another node took it over, a remove
             // dropped it, or one of its writes was refused or left uncertain) forwards
@@ -72,7 +81,7 @@ impl Forwarder {
                     .outbox(&this.spec.name, partition, OUTBOX_PAGE)
             })
             .await;
-            let entries = match scanned {
+            let mut entries = match scanned {
                 Ok(Ok(entries)) => entries,
                 Ok(Err(e)) => {
                     self.failed(format!("reading the outbox: {e}"), false);
@@ -98,6 +107,12 @@ impl Forwarder {
                 continue;
             }
             let full_page = entries.len() >= OUTBOX_PAGE;
+            // Only what durable commits wrote: the entries are in commit order, and those of a
+            // commit still in flight wait for the reporter's wake-up.
+            let durable = rt.durable_seq[partition as usize].load(Ordering::Acquire);
+            let all = entries.len();
+            entries.retain(|e| e.seq < durable);
+            let full_page = full_page && entries.len() == all;
             // Entries forwarded, deleted together once the page is done: in cluster mode
             // each delete is a replicated append, one per page instead of one per entry (a
             // crash before it re-forwards them, which the producer sequences make harmless).

@@ -20,6 +20,7 @@ mod io;
 mod logs;
 mod manager;
 mod partition;
+mod pipeline;
 mod processor;
 mod request;
 mod runtime;

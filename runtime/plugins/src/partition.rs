@@ -5,17 +5,27 @@
 //! spend attempts and end in a dead letter or a halt. The server's (the store, a full instance
 //! pool) make the partition wait and retry without spending anything. An interrupt (pause,
 //! remove, upgrade, shutdown) stops a batch within an epoch tick and commits nothing.
+//!
+//! Commits are pipelined: once a batch's commit is written to the store the partition reads
+//! and runs the next batch, on the state the written commit leaves, while the store's group
+//! commit makes it durable. A reporter beside the loop waits for each commit's durability in
+//! order and only then shows it: status and `--after`, metrics, probes, and the forwarder's
+//! watermark, so no output of a commit reaches its topic before the commit is durable. At
+//! most [`MAX_IN_FLIGHT`](crate::pipeline::MAX_IN_FLIGHT) commits of a partition wait for durability at a time. A crash loses
+//! the written, not yet durable commits together (the store recovers a prefix of its writes),
+//! and the records they covered are read and run again.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use weir_core::{Backoff, ReadLimits, StoredRecord};
 use weir_wasm::{Interrupt, PluginError};
 
 use crate::commit::{commit_dead_letter, run_and_commit, Commit, Done, Local, StepError};
 use crate::io::IoKind;
+use crate::pipeline::{report, InFlight, Pipeline};
 use crate::runtime::{PartitionState, PluginRuntime};
 use crate::spec::OnError;
 
@@ -77,17 +87,23 @@ pub(crate) struct PartitionTask {
     /// through `&mut self` (`get_mut`, no locking); the mutex makes the task `Sync`, so its
     /// futures may hold `&self` across awaits.
     local: parking_lot::Mutex<Option<Local>>,
+    pipeline: Pipeline,
+    /// Given to the reporter when the loop starts.
+    from_loop: Option<mpsc::UnboundedReceiver<InFlight>>,
 }
 
 impl PartitionTask {
     pub(crate) fn new(rt: Arc<PluginRuntime>, partition: u32, cancel: CancellationToken) -> Self {
         let paused = rt.paused.subscribe();
         let cursor = rt.cursors[partition as usize];
+        let (pipeline, from_loop) = Pipeline::new();
         PartitionTask {
             rt,
             partition,
             stop: Stop { cancel, paused },
             local: parking_lot::Mutex::new(Some(Local::at(cursor))),
+            pipeline,
+            from_loop: Some(from_loop),
         }
     }
 
@@ -95,8 +111,15 @@ impl PartitionTask {
         self.rt.set_state(self.partition, state);
     }
 
-    /// Runs until cancelled or halted.
+    /// Runs until cancelled or halted; the reporter shows the commits still in flight then.
     pub(crate) async fn run(mut self) {
+        let from_loop = self.from_loop.take().expect("run once");
+        let reporter = report(self.rt.clone(), self.partition, from_loop);
+        // The loop owns the pipeline's sender: when it ends, the reporter drains and ends.
+        tokio::join!(self.run_loop(), reporter);
+    }
+
+    async fn run_loop(mut self) {
         let (rt, partition) = (self.rt.clone(), self.partition);
         let input = rt.spec.input.clone();
         rt.seams.input.know_topic(&input).await;
@@ -347,7 +370,7 @@ impl PartitionTask {
             };
             match outcome {
                 Ok(done) => {
-                    return self.after_commit(done).await.map_err(Halt::Fatal);
+                    return self.committed(done).await.map_err(Halt::Fatal);
                 }
                 Err(StepError::Fatal(why)) => return Err(Halt::Fatal(why)),
                 // The decision is made; only the store can delay it.
@@ -378,49 +401,13 @@ impl PartitionTask {
             *self.local.get_mut() = Some(local);
             match result? {
                 Commit::Conflict => continue,
-                Commit::Done(done) => {
-                    return self.after_commit(done).await.map_err(StepError::Fatal)
-                }
+                Commit::Done(done) => return self.committed(done).await.map_err(StepError::Fatal),
             }
         }
     }
 
-    /// After a commit is written: wait until it is durable, then show and report it.
-    async fn after_commit(&self, done: Done) -> Result<(), String> {
-        let rt = &self.rt;
-        let durability = &rt.seams.durability;
-        durability
-            .durable(durability.written())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut status = rt.status.lock();
-        let s = &mut status[self.partition as usize];
-        let (skipped, dead) = (
-            done.cursor.skipped.saturating_sub(s.skipped),
-            done.cursor.dead_lettered.saturating_sub(s.dead_lettered),
-        );
-        s.committed = done.cursor.next;
-        s.processed = done.cursor.processed;
-        s.skipped = done.cursor.skipped;
-        s.dead_lettered = done.cursor.dead_lettered;
-        drop(status);
-        let m = weir_metrics::global();
-        m.plugin_records_out
-            .get_or_create(&rt.label)
-            .inc_by(done.outputs);
-        m.plugin_dlq.get_or_create(&rt.label).inc_by(dead);
-        m.plugin_dedup_skips
-            .get_or_create(&rt.label)
-            .inc_by(skipped);
-        // Effects are durable now: this is the end of the probe's trip.
-        let now = weir_core::now_ms();
-        for (marker, published) in done.probes {
-            let delay = weir_core::elapsed_ms(published, now);
-            rt.seams
-                .probes
-                .record(&rt.spec.name, self.partition, marker, delay);
-        }
-        rt.outbox[self.partition as usize].notify_one();
-        Ok(())
+    /// After a commit is written: it joins the pipeline; the reporter shows it once durable.
+    async fn committed(&mut self, done: Done) -> Result<(), String> {
+        self.pipeline.send(&self.rt.seams.durability, done).await
     }
 }

@@ -1,6 +1,7 @@
 //! A running plugin: what its tasks share — the spec, the seams, the committer, the status
 //! operators see, the log — and the compactor task.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -98,8 +99,15 @@ pub(crate) struct PluginRuntime {
     pub(crate) committer: Committer,
     pub(crate) logs: LogRing,
     pub(crate) status: Mutex<Vec<PartitionStatus>>,
-    /// Wakes a partition's forwarder after a commit.
+    /// Wakes a partition's forwarder after a commit is durable.
     pub(crate) outbox: Vec<Notify>,
+    /// Per partition, the commit sequence below which every commit is durable: the forwarder
+    /// forwards outbox entries below it only (commits are pipelined, see `partition`).
+    pub(crate) durable_seq: Vec<AtomicU64>,
+    /// A durability ticket taken at open, after the cursors were read: once it is durable, so
+    /// is every commit the cursors cover (a previous runtime of the plugin on this node may
+    /// have left commits in flight).
+    pub(crate) opened: u64,
     pub(crate) paused: watch::Sender<bool>,
     /// Each partition's cursor as stored at open; the partition task owns it from then on.
     pub(crate) cursors: Vec<Cursor>,
@@ -139,12 +147,19 @@ impl PluginRuntime {
             })
             .collect();
         let committer = Committer::new(state_cache_bytes, loaded.next_delta, loaded.dedup);
+        let opened = seams.durability.written();
         let runtime = Arc::new(PluginRuntime {
             label: weir_metrics::plugin(&spec.name),
             paused: watch::channel(spec.paused).0,
             outbox: (0..partitions).map(|_| Notify::new()).collect(),
             logs: LogRing::new(loaded.log_range.1),
             status: Mutex::new(status),
+            durable_seq: loaded
+                .cursors
+                .iter()
+                .map(|c| AtomicU64::new(c.seq))
+                .collect(),
+            opened,
             cursors: loaded.cursors,
             committer,
             spec,

@@ -58,7 +58,17 @@ impl Harness {
     pub fn new(partitions: u32, store: Option<Arc<dyn weir_log::Store>>) -> Harness {
         let memory = Arc::new(MemoryStore::new());
         let kv: Arc<dyn weir_log::Store> = store.unwrap_or_else(|| memory.clone());
-        let (durability, syncer) = Durability::start(kv.clone(), FsyncPolicy::Never);
+        Harness::synced_by(partitions, kv.clone(), kv, FsyncPolicy::Never)
+    }
+
+    /// Seams over `kv`, whose writes `syncs` makes durable under `policy`.
+    pub fn synced_by(
+        partitions: u32,
+        kv: Arc<dyn weir_log::Store>,
+        syncs: Arc<dyn weir_log::Durable>,
+        policy: FsyncPolicy,
+    ) -> Harness {
+        let (durability, syncer) = Durability::start(syncs, policy);
         let input = Arc::new(FakeInput::default());
         input.topic("in", partitions);
         let output = Arc::new(FakeOutput::default());

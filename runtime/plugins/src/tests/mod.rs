@@ -6,6 +6,7 @@ mod cluster;
 mod fakes;
 mod harness;
 mod manager_cluster;
+mod pipeline;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

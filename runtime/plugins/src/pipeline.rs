@@ -1,0 +1,153 @@
+//! The commit pipeline of a partition: the commits its loop wrote and the reporter that shows
+//! each once it is durable (see `partition` for the loop, ARCHITECTURE.md "A commit shows only
+//! once it is durable").
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use weir_log::Durability;
+
+use crate::commit::Done;
+use crate::runtime::{PartitionState, PluginRuntime};
+
+/// Commits of one partition written to the store and not yet seen durable, at most: the depth
+/// of the commit pipeline. A crash replays at most this many batches per partition beyond what
+/// the last sync covered.
+pub const MAX_IN_FLIGHT: usize = 8;
+
+/// A commit written to the store, waiting for the group commit that makes it durable.
+pub(crate) struct InFlight {
+    /// The durability ticket taken after it was written.
+    ticket: u64,
+    done: Done,
+    written: Instant,
+    /// Its place in the pipeline, given back once it is shown.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The partition loop's end of the pipeline.
+pub(crate) struct Pipeline {
+    to_reporter: mpsc::UnboundedSender<InFlight>,
+    permits: Arc<Semaphore>,
+}
+
+impl Pipeline {
+    /// A pipeline and the reporter's end of it.
+    pub(crate) fn new() -> (Pipeline, mpsc::UnboundedReceiver<InFlight>) {
+        let (to_reporter, from_loop) = mpsc::unbounded_channel();
+        let pipeline = Pipeline {
+            to_reporter,
+            permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        };
+        (pipeline, from_loop)
+    }
+
+    /// Hands the reporter a commit just written (waiting for a place while [`MAX_IN_FLIGHT`]
+    /// commits wait for durability).
+    ///
+    /// # Errors
+    /// A failed sync (the server stops), or a reporter gone.
+    pub(crate) async fn send(&self, durability: &Durability, done: Done) -> Result<(), String> {
+        let ticket = durability.written();
+        if let Some(failed) = durability.failed() {
+            return Err(failed.to_string());
+        }
+        let permit = tokio::select! {
+            permit = self.permits.clone().acquire_owned() => permit.map_err(|e| e.to_string())?,
+            failed = durability.failure() => return Err(failed.to_string()),
+        };
+        let in_flight = InFlight {
+            ticket,
+            done,
+            written: Instant::now(),
+            _permit: permit,
+        };
+        self.to_reporter
+            .send(in_flight)
+            .map_err(|_| "the partition's reporter stopped".to_string())
+    }
+}
+
+/// Shows a partition's commits in order once each is durable, until the loop ends and every
+/// commit it sent is shown. Commits found durable together are shown together: how many
+/// batches one durable step covered is a metric. A failed sync shows in the partition's state;
+/// the server stops (fail-stop).
+pub(crate) async fn report(
+    rt: Arc<PluginRuntime>,
+    partition: u32,
+    mut from_loop: mpsc::UnboundedReceiver<InFlight>,
+) {
+    let durability = rt.seams.durability.clone();
+    let m = weir_metrics::global();
+    let mut queue: VecDeque<InFlight> = VecDeque::new();
+    loop {
+        if queue.is_empty() {
+            match from_loop.recv().await {
+                Some(first) => queue.push_back(first),
+                None => return,
+            }
+        }
+        let oldest = queue.front().map_or(0, |f| f.ticket);
+        if let Err(failed) = durability.durable(oldest).await {
+            rt.set_state(partition, PartitionState::Waiting(failed.to_string()));
+            return;
+        }
+        while let Ok(next) = from_loop.try_recv() {
+            queue.push_back(next);
+        }
+        let mut covered = 0u64;
+        while queue
+            .front()
+            .is_some_and(|f| durability.is_durable(f.ticket).unwrap_or(false))
+        {
+            let shown = queue.pop_front().expect("a front");
+            m.plugin_commit_seconds
+                .get_or_create(&rt.label)
+                .observe(shown.written.elapsed().as_secs_f64());
+            show(&rt, partition, shown.done);
+            covered += 1;
+        }
+        if covered > 0 {
+            m.plugin_commit_batches
+                .get_or_create(&rt.label)
+                .observe(covered as f64);
+        }
+    }
+}
+
+/// A durable commit: shown in status (and so to `--after`), counted, its probes reported, its
+/// outputs let through to the forwarder.
+fn show(rt: &PluginRuntime, partition: u32, done: Done) {
+    let mut status = rt.status.lock();
+    let s = &mut status[partition as usize];
+    let (skipped, dead) = (
+        done.cursor.skipped.saturating_sub(s.skipped),
+        done.cursor.dead_lettered.saturating_sub(s.dead_lettered),
+    );
+    s.committed = done.cursor.next;
+    s.processed = done.cursor.processed;
+    s.skipped = done.cursor.skipped;
+    s.dead_lettered = done.cursor.dead_lettered;
+    drop(status);
+    let m = weir_metrics::global();
+    m.plugin_records_out
+        .get_or_create(&rt.label)
+        .inc_by(done.outputs);
+    m.plugin_dlq.get_or_create(&rt.label).inc_by(dead);
+    m.plugin_dedup_skips
+        .get_or_create(&rt.label)
+        .inc_by(skipped);
+    // Effects are durable now: this is the end of the probe's trip.
+    let now = weir_core::now_ms();
+    for (marker, published) in done.probes {
+        let delay = weir_core::elapsed_ms(published, now);
+        rt.seams
+            .probes
+            .record(&rt.spec.name, partition, marker, delay);
+    }
+    rt.durable_seq[partition as usize].store(done.cursor.seq, Ordering::Release);
+    rt.outbox[partition as usize].notify_one();
+}
