@@ -241,6 +241,12 @@ pub(crate) fn throughput(out: &str) -> Result<f64> {
         .with_context(|| format!("no throughput in {out:?}"))
 }
 
+/// A loopback address no one listens on now (for a child server's --metrics).
+pub(crate) fn free_local_addr() -> Result<String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.to_string())
+}
+
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -345,15 +351,23 @@ fn bench_plugins(bin: &Path, records: &str) -> Result<()> {
             let data = std::env::temp_dir()
                 .join(format!("weir-bench-plugin-{}-{round}", std::process::id()));
             let _ = std::fs::remove_dir_all(&data);
+            // The monitor's page gives each run's commit latency and batches per sync.
+            let metrics = free_local_addr()?;
             let server = Server::start_with(
                 bin,
                 &data,
                 "always",
-                &["--compiled-cache", compiled.to_str().expect("utf-8 path")],
+                &[
+                    "--compiled-cache",
+                    compiled.to_str().expect("utf-8 path"),
+                    "--metrics",
+                    &metrics,
+                ],
             )?;
             let out = weir(bin, &server, &{
                 let mut args = plugin_args(wasm.to_str().expect("utf-8 path"), records);
                 args.extend(["--baseline-wasm", noop.to_str().expect("utf-8 path")]);
+                args.extend(["--metrics", &metrics]);
                 args
             })?;
             server.stop()?;

@@ -45,6 +45,10 @@ pub struct PluginBench {
     /// Partitions of the input topic (one partition loop each).
     #[arg(long, default_value_t = 4)]
     pub partitions: u32,
+    /// The server's monitoring address (`weir serve --metrics ADDR`): print each run's commit
+    /// latency (written → durable, p50/p99) and batches per durable step.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
 }
 
 /// Arguments of `weir bench publish`.
@@ -436,6 +440,10 @@ async fn plugin_run(
         committed_at.as_secs_f64(),
         forwarded_at.as_secs_f64()
     );
+    if let Some(metrics) = &args.metrics {
+        let page = super::scrape::page(metrics).await?;
+        println!("{file}: {}", super::scrape::commit_summary(&page, &name));
+    }
     client.remove_plugin(&name).await?;
     Ok(rate)
 }

@@ -9,6 +9,7 @@ mod migrate;
 mod plugin;
 mod publish;
 mod scaffold;
+mod scrape;
 mod soak;
 mod test;
 mod topic;
