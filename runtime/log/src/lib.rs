@@ -36,7 +36,7 @@ pub use changelog::{Changelog, MemoryChangelog};
 pub use codec::{ChunkHeader, CodecError, EncodedChunk};
 pub use durability::{Durability, FsyncPolicy, SyncFailed};
 pub use memory::MemoryStore;
-pub use replicated::{ReplicatedKv, SNAPSHOT_EVERY};
+pub use replicated::{Landing, ReplicatedKv, GROUP_MAX_BYTES, SNAPSHOT_EVERY};
 pub use sled_store::SledStore;
 pub use split::SplitStore;
 

@@ -57,8 +57,10 @@ struct Space {
 type Writes = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 mod entry;
+mod group;
 mod snapshot;
 use entry::{decode, encode};
+pub use group::{Landing, GROUP_MAX_BYTES};
 
 /// See the module documentation.
 pub struct ReplicatedKv {
@@ -71,6 +73,8 @@ pub struct ReplicatedKv {
     /// uncertain since (read without waiting for a namespace's lock, which an append holds
     /// across a round trip).
     held: Mutex<std::collections::HashSet<String>>,
+    /// Writes queued on owned namespaces, not landed yet (`group`).
+    queues: Mutex<HashMap<String, Arc<group::Queue>>>,
 }
 
 impl ReplicatedKv {
@@ -83,6 +87,7 @@ impl ReplicatedKv {
             snapshot_every: SNAPSHOT_EVERY,
             spaces: Mutex::new(HashMap::new()),
             held: Mutex::new(Default::default()),
+            queues: Mutex::new(HashMap::new()),
         }
     }
 
@@ -202,23 +207,15 @@ impl ReplicatedKv {
     }
 
     fn write(&self, ns: &str, reset: bool, writes: Writes) -> Result<(), LogError> {
+        if self.owned(ns) {
+            // Queued and landed with whatever else is queued (`group`).
+            let landing = self
+                .begin_with(ns, reset, writes)?
+                .expect("an owned namespace's write is queued");
+            return self.land(&landing);
+        }
         let sp = self.space(ns)?;
         let mut s = sp.lock();
-        if self.owned(ns) {
-            if !self.held(ns) {
-                return Err(LogError::NotHeld { what: ns.into() });
-            }
-            let result = self.append(ns, &mut s, reset, writes);
-            if let Err(e) = &result {
-                // Refused (another node took it over) or uncertain (it may have landed): the
-                // cache may be behind the changelog. Reacquire before writing again.
-                self.release(ns);
-                if matches!(e, LogError::Conflict { .. }) {
-                    return Err(LogError::NotHeld { what: ns.into() });
-                }
-            }
-            return result;
-        }
         for _ in 0..100 {
             self.catch_up(ns, &mut s)?;
             match self.append(ns, &mut s, reset, writes.clone()) {
@@ -280,9 +277,11 @@ impl ReplicatedKv {
         Ok(false)
     }
 
-    /// Stops writing an owned namespace (its next holder acquires it).
+    /// Stops writing an owned namespace (its next holder acquires it); the writes queued on
+    /// it fail.
     pub fn release(&self, ns: &str) {
         self.held.lock().remove(ns);
+        self.fail_queued(ns);
     }
 
     /// Whether this node holds an owned namespace (acquired, and no append refused since).
@@ -461,3 +460,5 @@ impl KvStore for ReplicatedKv {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_group;

@@ -76,6 +76,9 @@ pub(crate) struct Done {
     pub(crate) outputs: u64,
     /// Probes committed past, with their publish times.
     pub(crate) probes: Vec<(ProbeMarker, i64)>,
+    /// Cluster mode: the commit is queued for the plugin's changelog; it is durable once
+    /// landed (`None`: written to the store already).
+    pub(crate) landing: Option<weir_log::Landing>,
 }
 
 /// The outcome of trying to commit a batch.
@@ -332,6 +335,11 @@ fn commit(
     let routed = route(rt, partition, outputs)?;
 
     let _guard = c.lock.lock();
+    if let Some(lost) = c.lost.lock().clone() {
+        return Err(StepError::Storage(LogError::NotHeld {
+            what: format!("plugin {} (a commit did not land: {lost})", rt.spec.name),
+        }));
+    }
     // Optimistic check: nothing this batch read changed, none of its ids was processed by
     // another partition meanwhile.
     for (key, version) in &effects.reads {
@@ -382,8 +390,8 @@ fn commit(
         outbox: (!groups.is_empty()).then(|| encode_groups(groups.into_iter())),
         sequences: &sequences,
     };
-    rt.seams.store.commit(&rt.spec.name, &write)?;
-    // Written: from here on memory follows the store.
+    let landing = rt.seams.store.commit(&rt.spec.name, &write)?;
+    // Written (or queued to land in this order): from here on memory follows the store.
     local.cursor = cursor;
     local.sequences.extend(sequences);
     if let Some(delta_seq) = delta_seq {
@@ -407,6 +415,7 @@ fn commit(
         cursor,
         outputs: emitted,
         probes: batch.probes,
+        landing,
     }))
 }
 

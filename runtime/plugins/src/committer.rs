@@ -20,6 +20,10 @@ pub(crate) struct Committer {
     pub(crate) cache: Arc<StateCache>,
     pub(crate) dedup: Mutex<DedupIndex>,
     pub(crate) next_delta: AtomicU64,
+    /// Cluster mode: why a commit queued for the changelog did not land, once one did not.
+    /// Memory (the cache, cursors, ids) ran ahead of the changelog on it, so no later commit
+    /// of this runtime may be made; the plugin runs again from the changelog after a takeover.
+    pub(crate) lost: Mutex<Option<String>>,
 }
 
 impl Committer {
@@ -37,6 +41,7 @@ impl Committer {
             cache: Arc::new(StateCache::new(cache_bytes)),
             dedup: Mutex::new(dedup),
             next_delta: AtomicU64::new(next_delta),
+            lost: Mutex::new(None),
         }
     }
 

@@ -157,7 +157,9 @@ impl PartitionTask {
             }
             let Some(offset) = self.local.get_mut().as_ref().map(|l| l.cursor.next) else {
                 // A batch task panicked and took the partition's state with it: reload it
-                // from the store, which holds exactly what was committed.
+                // from the store, which holds exactly what was committed once the commits in
+                // flight landed.
+                self.pipeline.drain().await;
                 let (rt, p) = (rt.clone(), partition);
                 match weir_core::blocking::run(move || rt.seams.store.cursor(&rt.spec.name, p))
                     .await

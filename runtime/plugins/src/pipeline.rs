@@ -69,12 +69,22 @@ impl Pipeline {
             .send(in_flight)
             .map_err(|_| "the partition's reporter stopped".to_string())
     }
+
+    /// Waits until every commit sent is shown (or dropped as lost).
+    pub(crate) async fn drain(&self) {
+        if let Ok(all) = self.permits.acquire_many(MAX_IN_FLIGHT as u32).await {
+            drop(all);
+        }
+    }
 }
 
 /// Shows a partition's commits in order once each is durable, until the loop ends and every
-/// commit it sent is shown. Commits found durable together are shown together: how many
-/// batches one durable step covered is a metric. A failed sync shows in the partition's state;
-/// the server stops (fail-stop).
+/// commit it sent is shown. In cluster mode a commit is first landed in the plugin's changelog
+/// (landing the oldest lands whatever was queued behind it, from every partition: one append).
+/// Commits found durable together are shown together: how many batches one durable step
+/// covered is a metric. A failed sync shows in the partition's state; the server stops
+/// (fail-stop). A commit that did not land loses the runtime its right to commit (see
+/// `Committer::lost`): it and every later one are dropped unshown.
 pub(crate) async fn report(
     rt: Arc<PluginRuntime>,
     partition: u32,
@@ -90,6 +100,27 @@ pub(crate) async fn report(
                 None => return,
             }
         }
+        if rt.committer.lost.lock().is_some() {
+            queue.clear();
+            continue;
+        }
+        let front = queue.front_mut().expect("a front");
+        if let Some(landing) = front.done.landing.take() {
+            if !landing.is_landed() {
+                let store = rt.seams.store.clone();
+                let landed = weir_core::blocking::run(move || store.land(&landing)).await;
+                let failed = match landed {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(panicked) => Some(panicked.to_string()),
+                };
+                if let Some(why) = failed {
+                    lose(&rt, partition, why);
+                    queue.clear();
+                    continue;
+                }
+            }
+        }
         let oldest = queue.front().map_or(0, |f| f.ticket);
         if let Err(failed) = durability.durable(oldest).await {
             rt.set_state(partition, PartitionState::Waiting(failed.to_string()));
@@ -99,10 +130,10 @@ pub(crate) async fn report(
             queue.push_back(next);
         }
         let mut covered = 0u64;
-        while queue
-            .front()
-            .is_some_and(|f| durability.is_durable(f.ticket).unwrap_or(false))
-        {
+        while queue.front().is_some_and(|f| {
+            f.done.landing.as_ref().is_none_or(|l| l.is_landed())
+                && durability.is_durable(f.ticket).unwrap_or(false)
+        }) {
             let shown = queue.pop_front().expect("a front");
             m.plugin_commit_seconds
                 .get_or_create(&rt.label)
@@ -116,6 +147,26 @@ pub(crate) async fn report(
                 .observe(covered as f64);
         }
     }
+}
+
+/// A commit did not land: this runtime commits nothing more (its memory ran ahead of the
+/// changelog); the node takes the plugin over anew, reading what landed, and runs it from
+/// there.
+fn lose(rt: &PluginRuntime, partition: u32, why: String) {
+    let mut lost = rt.committer.lost.lock();
+    if lost.is_none() {
+        rt.log(format!(
+            "partition {partition}: a commit did not land in the replicated log ({why}); the \
+             plugin runs again from what landed once this node takes it over anew"
+        ));
+        tracing::warn!(message = "A plugin commit did not land; the plugin restarts from what landed.", plugin = %rt.spec.name, partition, error = %why);
+        *lost = Some(why.clone());
+    }
+    drop(lost);
+    rt.set_state(
+        partition,
+        PartitionState::Waiting(format!("a commit did not land: {why}")),
+    );
 }
 
 /// A durable commit: shown in status (and so to `--after`), counted, its probes reported, its

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use weir_log::{KvStore, LogError};
+use weir_log::{KvStore, Landing, LogError};
 
 use super::codec::{decode_ids, decode_state, encode_delta, encode_ids, Cursor};
 use super::deltas::{compaction, cursor_in, fold, malformed};
@@ -51,7 +51,14 @@ pub trait Namespaces: Send + Sync + Sized + 'static {
     /// After a compaction: whatever else keeps a plugin's namespace small (the cluster's
     /// changelog snapshot, taken here rather than inside a commit).
     fn after_compaction(&self, plugin: &str) -> Result<(), LogError>;
+    /// [`PluginStore::commit`]'s writes to namespace `ns`: made, or queued for the changelog.
+    fn commit_writes(&self, ns: &str, writes: Writes) -> Result<Option<Landing>, LogError>;
+    /// [`PluginStore::land`].
+    fn land(&self, landing: &Landing) -> Result<(), LogError>;
 }
+
+/// Keys written (`Some`) and deleted (`None`), applied together.
+pub(super) type Writes = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 /// One node's own store: nothing is shared, everything is held.
 pub struct Local(Arc<dyn KvStore>);
@@ -105,6 +112,14 @@ impl Namespaces for Local {
     }
 
     fn after_compaction(&self, _plugin: &str) -> Result<(), LogError> {
+        Ok(())
+    }
+
+    fn commit_writes(&self, ns: &str, writes: Writes) -> Result<Option<Landing>, LogError> {
+        self.0.kv_apply(ns, &writes).map(|()| None)
+    }
+
+    fn land(&self, _landing: &Landing) -> Result<(), LogError> {
         Ok(())
     }
 }
@@ -335,9 +350,9 @@ impl<N: Namespaces> PluginStore for KvPluginStore<N> {
             .unwrap_or(0))
     }
 
-    fn commit(&self, plugin: &str, w: &CommitWrite<'_>) -> Result<(), LogError> {
+    fn commit(&self, plugin: &str, w: &CommitWrite<'_>) -> Result<Option<Landing>, LogError> {
         let seq = w.cursor.seq - 1;
-        let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        let mut writes: Writes = Vec::new();
         if let Some((delta_seq, delta)) = w.delta {
             writes.push((seq_key(b"l/", delta_seq), Some(encode_delta(delta))));
         }
@@ -363,7 +378,11 @@ impl<N: Namespaces> PluginStore for KvPluginStore<N> {
             partition_key(b'c', w.partition, b""),
             Some(w.cursor.encode()),
         ));
-        self.kv().kv_apply(&namespace(plugin), &writes)
+        self.namespaces.commit_writes(&namespace(plugin), writes)
+    }
+
+    fn land(&self, landing: &Landing) -> Result<(), LogError> {
+        self.namespaces.land(landing)
     }
 
     fn forget_ids(&self, plugin: &str, keys: &[DedupKey]) -> Result<(), LogError> {

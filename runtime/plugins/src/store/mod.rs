@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use weir_core::Record;
-use weir_log::LogError;
+use weir_log::{Landing, LogError};
 
 use crate::spec::PluginSpec;
 pub use codec::Cursor;
@@ -126,8 +126,16 @@ pub trait PluginStore: Send + Sync + 'static {
         topic: &str,
         output_partition: u32,
     ) -> Result<u64, LogError>;
-    /// Writes a batch's effects atomically.
-    fn commit(&self, plugin: &str, write: &CommitWrite<'_>) -> Result<(), LogError>;
+    /// Writes a batch's effects atomically. In cluster mode they are queued for the plugin's
+    /// changelog and land with [`PluginStore::land`] (with whatever else was queued by then:
+    /// one append for many commits); `None`: written already (a store of one node).
+    fn commit(&self, plugin: &str, write: &CommitWrite<'_>) -> Result<Option<Landing>, LogError>;
+    /// Cluster mode: waits until a queued commit landed in the changelog. Blocking.
+    ///
+    /// # Errors
+    /// It did not land, or may not have: the hold is dropped, and every commit queued after
+    /// it failed too.
+    fn land(&self, landing: &Landing) -> Result<(), LogError>;
     /// Deletes message ids that left the dedup window.
     fn forget_ids(&self, plugin: &str, keys: &[DedupKey]) -> Result<(), LogError>;
     /// A partition's oldest `limit` outbox entries, oldest first.

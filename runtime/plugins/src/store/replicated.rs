@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use weir_log::{KvStore, LogError, ReplicatedKv};
+use weir_log::{KvStore, Landing, LogError, ReplicatedKv};
 
 use super::codec::Cursor;
 use super::keys::{namespace, REGISTRY};
-use super::kv::{KvPluginStore, Namespaces};
+use super::kv::{KvPluginStore, Namespaces, Writes};
 use super::PluginStore;
 use crate::spec::PluginSpec;
 
@@ -87,6 +87,14 @@ impl Namespaces for Shared {
             return Ok(());
         }
         self.0.snapshot_if_due(&ns).map(|_| ())
+    }
+
+    fn commit_writes(&self, ns: &str, writes: Writes) -> Result<Option<Landing>, LogError> {
+        self.0.begin(ns, writes)
+    }
+
+    fn land(&self, landing: &Landing) -> Result<(), LogError> {
+        self.0.land(landing)
     }
 }
 

@@ -289,3 +289,65 @@ async fn lost_plugin_forwards_nothing(how: Lost) {
     a.stop().await;
     b.stop().await;
 }
+
+/// Cluster mode: an acknowledgement lost while commits of both partitions are queued and in
+/// flight (the append landed, the node cannot know). The node stops holding the plugin, the
+/// runtime commits nothing more on memory that ran ahead of the changelog, and once the node
+/// takes the plugin over anew (as its manager does) it runs on from what landed: every
+/// record's effect and output exists once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_acknowledgement_of_pipelined_commits_restarts_the_plugin_from_what_landed() {
+    let changelog = Arc::new(weir_log::MemoryChangelog::default());
+    let input = Arc::new(fakes::FakeInput::default());
+    input.topic("in", 2);
+    let output = Arc::new(fakes::FakeOutput::default());
+    output.topic("out", 2);
+    output.topic("p.dlq", 2);
+    let mut a = harness::Harness::node(changelog.clone(), input.clone(), output.clone(), 1000);
+    let acquire = |h: &Harness| {
+        let _blocking = weir_core::blocking::allow();
+        h.store.acquire("p").unwrap();
+    };
+    let feed = |from: usize, to: usize| {
+        for i in from..to {
+            let id = format!("o{i}");
+            input.append(
+                "in",
+                (i % 2) as u32,
+                vec![rec(&format!("u{}", i % 5), "1", Some(&id))],
+            );
+        }
+    };
+    acquire(&a);
+    a.start(spec(2, OnError::Halt), points());
+    feed(0, 50);
+    a.idle().await;
+    changelog.lose_next_ack();
+    feed(50, 600);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while a.store.held("p") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lost acknowledgement was not noticed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // Nothing the runtime shows as committed is ahead of the changelog.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let shown: u64 = a.rt().status.lock().iter().map(|s| s.committed).sum();
+    let landed = {
+        let _blocking = weir_core::blocking::allow();
+        a.store.cursor("p", 0).unwrap().next + a.store.cursor("p", 1).unwrap().next
+    };
+    assert!(shown <= landed, "{shown} shown committed, {landed} landed");
+    a.stop().await;
+    acquire(&a);
+    a.start(spec(2, OnError::Halt), points());
+    a.idle().await;
+    let total: u64 = (0..5).map(|u| a.state(&format!("u{u}")).unwrap_or(0)).sum();
+    assert_eq!(total, 600, "every record credited once");
+    let mut out = output.values("out");
+    out.sort();
+    assert_eq!(out.len(), 600, "every output once");
+    a.stop().await;
+}
