@@ -355,11 +355,7 @@ async fn plugins_keep_exactly_once_effects_while_nodes_die_pause_and_lose_their_
             }
             _ => {
                 let new = format!("pc.{cycle}");
-                common::cli_ok(
-                    &weirs.addr(1),
-                    &["topic", "create", &new, "--partitions", "2"],
-                    "",
-                );
+                create_topic_until_ok(&weirs.addr(1), &new, 2);
                 points_outputs.push(new.clone());
                 let w = wasms["points"].clone();
                 let runner = weirs.runner(&weirs.list(), "points");

@@ -44,6 +44,31 @@ pub(super) fn upgrade_until_ok(addr: &str, name: &str, wasm: &str) -> Vec<String
     }
 }
 
+/// `weir topic create` through `addr`, retried while the engine is unavailable (a leader
+/// election after a fault: the CLI says to retry); an attempt that failed may have landed, so
+/// "already exists" after a failed try is success.
+pub(super) fn create_topic_until_ok(addr: &str, topic: &str, partitions: u32) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let partitions = partitions.to_string();
+    let mut failures: Vec<String> = Vec::new();
+    loop {
+        let (ok, _, err) = common::weir_cli(
+            addr,
+            &["topic", "create", topic, "--partitions", &partitions],
+            "",
+        );
+        if ok || (!failures.is_empty() && err.contains("already exists")) {
+            return;
+        }
+        assert!(
+            err.contains("(Unavailable)") && Instant::now() < deadline,
+            "creating {topic} through {addr} failed: {err} (after {failures:?})"
+        );
+        failures.push(err.trim().to_string());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// `weir plugin remove points` through `addr` until the listing through it has no points (an
 /// attempt that failed may have landed); returns the failed attempts.
 pub(super) fn remove_points(addr: &str) -> Vec<String> {

@@ -117,15 +117,17 @@ pub(crate) fn weir(bin: &Path, server: &Server, args: &[&str]) -> Result<String>
 /// fsync policy, three runs each; prints every run and the median.
 pub fn bench(args: &[String]) -> Result<()> {
     let usage =
-        "usage: cargo xtask bench [--records N] [--plugins-only] [--soak [SECONDS]] [--cluster]";
+        "usage: cargo xtask bench [--records N] [--plugins-only] [--soak [SECONDS]] [--cluster [--baseline-bin PATH]]";
     let (mut records, mut plugins_only, mut soak) = ("1000000".to_string(), false, None);
-    let mut cluster = false;
+    let (mut cluster, mut baseline) = (false, None);
     let mut rest = args.iter().peekable();
     while let Some(arg) = rest.next() {
         match arg.as_str() {
             "--records" => records = rest.next().context(usage)?.clone(),
             "--plugins-only" => plugins_only = true,
             "--cluster" => cluster = true,
+            // Another weir build measured in the same rounds (before/after a change).
+            "--baseline-bin" => baseline = Some(PathBuf::from(rest.next().context(usage)?)),
             "--soak" => {
                 soak = Some(match rest.peek().and_then(|s| s.parse::<u64>().ok()) {
                     Some(secs) => {
@@ -146,7 +148,7 @@ pub fn bench(args: &[String]) -> Result<()> {
         if !plugins_only {
             crate::bench_cluster::bench_cluster(&bin, &records)?;
         }
-        return crate::bench_cluster::bench_cluster_plugins(&bin, &records);
+        return crate::bench_cluster::bench_cluster_plugins(&bin, baseline.as_deref(), &records);
     }
     if !plugins_only {
         bench_publish(&bin, &records)?;

@@ -135,17 +135,30 @@ pub(crate) fn bench_cluster(bin: &Path, records: &str) -> Result<()> {
 /// JetStream R3 (deployed through one), three interleaved rounds; then the failover time
 /// (`flash-sale failover-bench`: kill -9 of the node running points → first commit on the
 /// other), three runs.
-pub(crate) fn bench_cluster_plugins(bin: &Path, records: &str) -> Result<()> {
+pub(crate) fn bench_cluster_plugins(
+    bin: &Path,
+    baseline: Option<&Path>,
+    records: &str,
+) -> Result<()> {
     let plugins = build_plugins()?;
     let points = plugins.join("points.wasm");
     let points = points.to_str().expect("utf-8 path");
     let (dir, cluster) = local_cluster("plugins")?;
     let urls = cluster.url_list();
-    let names = [
+    let setups = [
         "points, 1 weir node on sled, fsync always",
         "points, 1 weir node on JetStream R3",
         "points, 2 weir nodes on JetStream R3",
     ];
+    // With --baseline-bin, every setup runs with both builds in each round.
+    let mut builds = vec![("", bin)];
+    if let Some(baseline) = baseline {
+        builds.insert(0, ("baseline: ", baseline));
+    }
+    let names: Vec<String> = builds
+        .iter()
+        .flat_map(|(label, _)| setups.iter().map(move |s| format!("{label}{s}")))
+        .collect();
     let args = plugin_args(points, records);
     let rate = |out: &str| -> Result<f64> {
         out.split(" records/s")
@@ -156,29 +169,33 @@ pub(crate) fn bench_cluster_plugins(bin: &Path, records: &str) -> Result<()> {
     };
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for round in 1..=3 {
-        let data = dir.join(format!("sled-{round}"));
-        let server = Server::start(bin, &data, "always")?;
-        let out = weir(bin, &server, &args)?;
-        server.stop()?;
-        std::fs::remove_dir_all(&data).ok();
-        println!("round {round}, {}: {}", names[0], out.trim());
-        rates[0].push(rate(&out)?);
-        for (i, count) in [(1, 1), (2, 2)] {
-            let prefix = format!("plugins{round}n{count}");
-            let nodes = cluster_nodes(bin, &dir, &urls, &prefix, count)?;
-            let out = weir(bin, &nodes[0], &args)?;
-            for node in nodes {
-                node.stop()?;
+        for (b, (label, bin)) in builds.iter().enumerate() {
+            let at = b * setups.len();
+            let data = dir.join(format!("sled-{round}-{b}"));
+            let server = Server::start(bin, &data, "always")?;
+            let out = weir(bin, &server, &args)?;
+            server.stop()?;
+            std::fs::remove_dir_all(&data).ok();
+            println!("round {round}, {label}{}: {}", setups[0], out.trim());
+            rates[at].push(rate(&out)?);
+            for (i, count) in [(1, 1), (2, 2)] {
+                let prefix = format!("plugins{round}b{b}n{count}");
+                let nodes = cluster_nodes(bin, &dir, &urls, &prefix, count)?;
+                let out = weir(bin, &nodes[0], &args)?;
+                for node in nodes {
+                    node.stop()?;
+                }
+                println!("round {round}, {label}{}: {}", setups[i], out.trim());
+                rates[at + i].push(rate(&out)?);
             }
-            println!("round {round}, {}: {}", names[i], out.trim());
-            rates[i].push(rate(&out)?);
         }
     }
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
     print_medians(
         &format!("{records} orders from 10,000 users, 4 partitions"),
         &names,
         &rates,
-        "sled",
+        "the first",
     );
     run(Command::new("target/release/flash-sale").args([
         "failover-bench",
