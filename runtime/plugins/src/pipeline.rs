@@ -20,8 +20,10 @@ pub const MAX_IN_FLIGHT: usize = 8;
 
 /// A commit written to the store, waiting for the group commit that makes it durable.
 pub(crate) struct InFlight {
-    /// The durability ticket taken after it was written.
-    ticket: u64,
+    /// The durability ticket taken after it was written; `None` for a commit queued for the
+    /// replicated changelog, durable once landed (the node's local store is a cache of the
+    /// changelog there, whose syncs durability does not rest on).
+    ticket: Option<u64>,
     done: Done,
     written: Instant,
     /// Its place in the pipeline, given back once it is shown.
@@ -51,7 +53,7 @@ impl Pipeline {
     /// # Errors
     /// A failed sync (the server stops), or a reporter gone.
     pub(crate) async fn send(&self, durability: &Durability, done: Done) -> Result<(), String> {
-        let ticket = durability.written();
+        let ticket = done.landing.is_none().then(|| durability.written());
         if let Some(failed) = durability.failed() {
             return Err(failed.to_string());
         }
@@ -121,7 +123,7 @@ pub(crate) async fn report(
                 }
             }
         }
-        let oldest = queue.front().map_or(0, |f| f.ticket);
+        let oldest = queue.front().and_then(|f| f.ticket).unwrap_or(0);
         if let Err(failed) = durability.durable(oldest).await {
             rt.set_state(partition, PartitionState::Waiting(failed.to_string()));
             return;
@@ -132,7 +134,9 @@ pub(crate) async fn report(
         let mut covered = 0u64;
         while queue.front().is_some_and(|f| {
             f.done.landing.as_ref().is_none_or(|l| l.is_landed())
-                && durability.is_durable(f.ticket).unwrap_or(false)
+                && durability
+                    .is_durable(f.ticket.unwrap_or(0))
+                    .unwrap_or(false)
         }) {
             let shown = queue.pop_front().expect("a front");
             m.plugin_commit_seconds

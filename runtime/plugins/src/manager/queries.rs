@@ -137,9 +137,11 @@ impl PluginManager {
         key: &[u8],
     ) -> Result<Option<(Vec<u8>, u64)>, ManagerError> {
         let (runtime, key) = (self.runtime(name)?, key.to_vec());
-        if !self.serves_from_memory(name).await? {
+        if !self.serves_from_memory(name).await? || self.seams.cluster.is_some() {
             // Another node runs it: read what it committed (this node's cache of it may be
-            // behind; the store reads the changelog's tail first).
+            // behind; the store reads the changelog's tail first). Or this node runs it in
+            // cluster mode: its memory runs ahead of the changelog by the commits queued to
+            // land (group commit), and an answer shows only what landed.
             return blocking(move || {
                 Ok(runtime.seams.store.state_now(&runtime.spec.name, &key)?)
             })
