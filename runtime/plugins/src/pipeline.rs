@@ -167,6 +167,9 @@ fn lose(rt: &PluginRuntime, partition: u32, why: String) {
         *lost = Some(why.clone());
     }
     drop(lost);
+    // Not held any more (a failed append dropped the hold already; a failure to wait for it
+    // may not have): the node takes the plugin over anew, which reopens the runtime.
+    rt.seams.store.release(&rt.spec.name);
     rt.set_state(
         partition,
         PartitionState::Waiting(format!("a commit did not land: {why}")),
