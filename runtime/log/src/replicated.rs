@@ -75,6 +75,9 @@ pub struct ReplicatedKv {
     held: Mutex<std::collections::HashSet<String>>,
     /// Writes queued on owned namespaces, not landed yet (`group`).
     queues: Mutex<HashMap<String, Arc<group::Queue>>>,
+    /// How many times each owned namespace was acquired: a write queued under one hold never
+    /// lands under a later one (`group`).
+    holds: Mutex<HashMap<String, u64>>,
 }
 
 impl ReplicatedKv {
@@ -88,6 +91,7 @@ impl ReplicatedKv {
             spaces: Mutex::new(HashMap::new()),
             held: Mutex::new(Default::default()),
             queues: Mutex::new(HashMap::new()),
+            holds: Mutex::new(HashMap::new()),
         }
     }
 
@@ -241,6 +245,7 @@ impl ReplicatedKv {
                 Err(LogError::Conflict { .. }) => continue,
                 Err(e) => return Err(e),
                 Ok(()) => {
+                    *self.holds.lock().entry(ns.to_string()).or_default() += 1;
                     self.held.lock().insert(ns.to_string());
                     return Ok(());
                 }

@@ -34,6 +34,8 @@ enum Outcome {
 
 /// A queued write.
 pub(super) struct Pending {
+    /// The hold it was queued under (how many times the namespace had been acquired).
+    hold: u64,
     reset: bool,
     bytes: usize,
     /// Taken by the leader that appends it.
@@ -106,6 +108,7 @@ impl ReplicatedKv {
             self.write(ns, reset, writes)?;
             return Ok(None);
         }
+        let hold = self.hold_of(ns);
         if !self.held(ns) {
             return Err(LogError::NotHeld { what: ns.into() });
         }
@@ -114,6 +117,7 @@ impl ReplicatedKv {
             .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
             .sum();
         let pending = Arc::new(Pending {
+            hold,
             reset,
             bytes,
             writes: Mutex::new(Some(writes)),
@@ -200,11 +204,18 @@ impl ReplicatedKv {
     /// The writes the next append carries: the queue's oldest, and those after it up to the
     /// size bound and the next reset (a reset starts an entry of its own).
     fn take_group(&self, ns: &str) -> Vec<Arc<Pending>> {
+        let hold = self.hold_of(ns);
         let queue = self.queue(ns);
         let mut q = queue.lock();
         let mut group: Vec<Arc<Pending>> = Vec::new();
         let mut bytes = 0;
         while let Some(next) = q.front() {
+            if next.hold != hold {
+                // Queued under an earlier hold (released and acquired again since): decided
+                // on a state this hold does not build on.
+                q.pop_front().expect("a front").settle(Outcome::Failed);
+                continue;
+            }
             if !group.is_empty() && (next.reset || bytes + next.bytes > GROUP_MAX_BYTES) {
                 break;
             }
@@ -212,6 +223,11 @@ impl ReplicatedKv {
             group.push(q.pop_front().expect("a front"));
         }
         group
+    }
+
+    /// How many times `ns` was acquired.
+    fn hold_of(&self, ns: &str) -> u64 {
+        self.holds.lock().get(ns).copied().unwrap_or(0)
     }
 
     /// Fails every write queued on `ns` (the hold was dropped).

@@ -112,3 +112,20 @@ fn a_lost_acknowledgement_fails_the_group_and_the_reacquire_reads_what_landed() 
         (Some("1".into()), Some("1".into()))
     );
 }
+
+#[test]
+fn a_write_queued_under_an_earlier_hold_never_lands_under_a_later_one() {
+    let log = Arc::new(MemoryChangelog::default());
+    let a = node(&log);
+    a.acquire(NS).unwrap();
+    let stale = a.begin(NS, vec![put("x", "stale")]).unwrap().unwrap();
+    // Acquired again (as a takeover does) without the queue being emptied in between: the
+    // write decided under the first hold must not land under the second.
+    a.held.lock().remove(NS);
+    *a.holds.lock().get_mut(NS).unwrap() += 1;
+    a.held.lock().insert(NS.to_string());
+    let fresh = a.begin(NS, vec![put("y", "1")]).unwrap().unwrap();
+    a.land(&fresh).unwrap();
+    assert!(matches!(a.land(&stale), Err(LogError::NotHeld { .. })));
+    assert_eq!((get(&a, "x"), get(&a, "y")), (None, Some("1".into())));
+}
