@@ -60,6 +60,11 @@ impl MemoryChangelog {
         self.inner.lock().lose_ack = true;
     }
 
+    /// The next append fails without landing (a leader that went away before storing it).
+    pub fn fail_next_append(&self) {
+        self.inner.lock().fail_next = true;
+    }
+
     /// Runs `hook` just before the next append to `log` (a race between nodes made to happen
     /// at one point: the hook may append through another node).
     pub fn before_next_append(&self, log: &str, hook: impl FnOnce() + Send + 'static) {
@@ -77,6 +82,7 @@ type Hook = (String, Box<dyn FnOnce() + Send>);
 #[derive(Default)]
 struct MemoryInner {
     lose_ack: bool,
+    fail_next: bool,
     hook: Option<Hook>,
     next_seq: u64,
     logs: HashMap<String, BTreeMap<u64, Entry>>,
@@ -103,6 +109,12 @@ impl Changelog for MemoryChangelog {
         }
         let mut inner = self.inner.lock();
         let inner = &mut *inner;
+        if std::mem::take(&mut inner.fail_next) {
+            return Err(LogError::Engine {
+                op: format!("append to {log}"),
+                reason: "the leader went away before storing it (test)".into(),
+            });
+        }
         let entries = inner.logs.entry(log.to_string()).or_default();
         let last = entries.keys().next_back().copied().unwrap_or(0);
         if expect.is_some_and(|e| e != last) {

@@ -34,8 +34,8 @@ fn seconds_histogram() -> Histogram {
 }
 
 fn count_histogram() -> Histogram {
-    // 1 … 512
-    Histogram::new(exponential_buckets(1.0, 2.0, 10))
+    // 1 … 16 (a partition has at most 8 commits in flight)
+    Histogram::new(exponential_buckets(1.0, 2.0, 5))
 }
 
 /// Every event metric of the process.

@@ -79,6 +79,8 @@ pub(crate) struct Done {
     /// Cluster mode: the commit is queued for the plugin's changelog; it is durable once
     /// landed (`None`: written to the store already).
     pub(crate) landing: Option<weir_log::Landing>,
+    /// When it was written (or queued).
+    pub(crate) written: std::time::Instant,
 }
 
 /// The outcome of trying to commit a batch.
@@ -391,6 +393,7 @@ fn commit(
         sequences: &sequences,
     };
     let landing = rt.seams.store.commit(&rt.spec.name, &write)?;
+    let written = std::time::Instant::now();
     // Written (or queued to land in this order): from here on memory follows the store.
     local.cursor = cursor;
     local.sequences.extend(sequences);
@@ -416,6 +419,7 @@ fn commit(
         outputs: emitted,
         probes: batch.probes,
         landing,
+        written,
     }))
 }
 

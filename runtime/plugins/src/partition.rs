@@ -25,7 +25,7 @@ use weir_wasm::{Interrupt, PluginError};
 
 use crate::commit::{commit_dead_letter, run_and_commit, Commit, Done, Local, StepError};
 use crate::io::IoKind;
-use crate::pipeline::{report, InFlight, Pipeline};
+use crate::pipeline::{report, InFlight, Pipeline, Place};
 use crate::runtime::{PartitionState, PluginRuntime};
 use crate::spec::OnError;
 
@@ -158,7 +158,17 @@ impl PartitionTask {
             let Some(offset) = self.local.get_mut().as_ref().map(|l| l.cursor.next) else {
                 // A batch task panicked and took the partition's state with it: reload it
                 // from the store, which holds exactly what was committed once the commits in
-                // flight landed.
+                // flight landed. In cluster mode the panic may have come after the batch's
+                // commit was queued and before the pipeline had it: memory and the queue are
+                // not to be trusted, so this runtime commits nothing more and the node takes
+                // the plugin over anew.
+                if rt.seams.store.queues_commits() {
+                    crate::pipeline::lose(
+                        &rt,
+                        partition,
+                        "a batch task panicked with its commit perhaps queued".into(),
+                    );
+                }
                 self.pipeline.drain().await;
                 let (rt, p) = (rt.clone(), partition);
                 match weir_core::blocking::run(move || rt.seams.store.cursor(&rt.spec.name, p))
@@ -353,6 +363,11 @@ impl PartitionTask {
         ));
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
+            let place = self
+                .pipeline
+                .place(&rt.seams.durability)
+                .await
+                .map_err(Halt::Fatal)?;
             let Some(mut local) = self.local.get_mut().take() else {
                 return Err(Halt::Stopped);
             };
@@ -372,7 +387,7 @@ impl PartitionTask {
             };
             match outcome {
                 Ok(done) => {
-                    return self.committed(done).await.map_err(Halt::Fatal);
+                    return self.committed(done, place).map_err(Halt::Fatal);
                 }
                 Err(StepError::Fatal(why)) => return Err(Halt::Fatal(why)),
                 // The decision is made; only the store can delay it.
@@ -392,6 +407,11 @@ impl PartitionTask {
             let (rt, p) = (self.rt.clone(), self.partition);
             let batch = records.to_vec();
             let interrupt = self.stop.interrupt();
+            let place = self
+                .pipeline
+                .place(&self.rt.seams.durability)
+                .await
+                .map_err(StepError::Fatal)?;
             let Some(mut local) = self.local.get_mut().take() else {
                 return Err(StepError::Stopped);
             };
@@ -403,13 +423,13 @@ impl PartitionTask {
             *self.local.get_mut() = Some(local);
             match result? {
                 Commit::Conflict => continue,
-                Commit::Done(done) => return self.committed(done).await.map_err(StepError::Fatal),
+                Commit::Done(done) => return self.committed(done, place).map_err(StepError::Fatal),
             }
         }
     }
 
     /// After a commit is written: it joins the pipeline; the reporter shows it once durable.
-    async fn committed(&mut self, done: Done) -> Result<(), String> {
-        self.pipeline.send(&self.rt.seams.durability, done).await
+    fn committed(&mut self, done: Done, place: Place) -> Result<(), String> {
+        self.pipeline.send(&self.rt.seams.durability, done, place)
     }
 }

@@ -30,6 +30,9 @@ pub(crate) struct InFlight {
     _permit: OwnedSemaphorePermit,
 }
 
+/// A place in the pipeline (see [`Pipeline::place`]).
+pub(crate) struct Place(OwnedSemaphorePermit);
+
 /// The partition loop's end of the pipeline.
 pub(crate) struct Pipeline {
     to_reporter: mpsc::UnboundedSender<InFlight>,
@@ -47,25 +50,40 @@ impl Pipeline {
         (pipeline, from_loop)
     }
 
-    /// Hands the reporter a commit just written (waiting for a place while [`MAX_IN_FLIGHT`]
-    /// commits wait for durability).
+    /// A place in the pipeline, taken before a batch runs: a partition has at most
+    /// [`MAX_IN_FLIGHT`] commits written and not yet durable.
+    ///
+    /// # Errors
+    /// A failed sync (the server stops).
+    pub(crate) async fn place(&self, durability: &Durability) -> Result<Place, String> {
+        if let Some(failed) = durability.failed() {
+            return Err(failed.to_string());
+        }
+        tokio::select! {
+            permit = self.permits.clone().acquire_owned() => permit.map(Place).map_err(|e| e.to_string()),
+            failed = durability.failure() => Err(failed.to_string()),
+        }
+    }
+
+    /// Hands the reporter a commit just written, in the place taken for it.
     ///
     /// # Errors
     /// A failed sync (the server stops), or a reporter gone.
-    pub(crate) async fn send(&self, durability: &Durability, done: Done) -> Result<(), String> {
+    pub(crate) fn send(
+        &self,
+        durability: &Durability,
+        done: Done,
+        place: Place,
+    ) -> Result<(), String> {
         let ticket = done.landing.is_none().then(|| durability.written());
         if let Some(failed) = durability.failed() {
             return Err(failed.to_string());
         }
-        let permit = tokio::select! {
-            permit = self.permits.clone().acquire_owned() => permit.map_err(|e| e.to_string())?,
-            failed = durability.failure() => return Err(failed.to_string()),
-        };
         let in_flight = InFlight {
             ticket,
+            written: done.written,
             done,
-            written: Instant::now(),
-            _permit: permit,
+            _permit: place.0,
         };
         self.to_reporter
             .send(in_flight)
@@ -156,7 +174,7 @@ pub(crate) async fn report(
 /// A commit did not land: this runtime commits nothing more (its memory ran ahead of the
 /// changelog); the node takes the plugin over anew, reading what landed, and runs it from
 /// there.
-fn lose(rt: &PluginRuntime, partition: u32, why: String) {
+pub(crate) fn lose(rt: &PluginRuntime, partition: u32, why: String) {
     let mut lost = rt.committer.lost.lock();
     if lost.is_none() {
         rt.log(format!(
@@ -170,10 +188,11 @@ fn lose(rt: &PluginRuntime, partition: u32, why: String) {
     // Not held any more (a failed append dropped the hold already; a failure to wait for it
     // may not have): the node takes the plugin over anew, which reopens the runtime.
     rt.seams.store.release(&rt.spec.name);
-    rt.set_state(
-        partition,
-        PartitionState::Waiting(format!("a commit did not land: {why}")),
-    );
+    let mut status = rt.status.lock();
+    let state = &mut status[partition as usize].state;
+    if !state.is_halted() {
+        *state = PartitionState::Waiting(format!("a commit did not land: {why}"));
+    }
 }
 
 /// A durable commit: shown in status (and so to `--after`), counted, its probes reported, its

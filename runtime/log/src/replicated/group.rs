@@ -58,6 +58,25 @@ impl Pending {
     }
 }
 
+/// Fails a group and drops the hold unless disarmed (a leader that panicked mid-append).
+struct Unsettled<'a> {
+    kv: &'a ReplicatedKv,
+    ns: &'a str,
+    group: &'a [Arc<Pending>],
+    armed: bool,
+}
+
+impl Drop for Unsettled<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.kv.release(self.ns);
+            for p in self.group {
+                p.settle(Outcome::Failed);
+            }
+        }
+    }
+}
+
 /// A write queued on an owned namespace, to be landed with [`ReplicatedKv::land`].
 pub struct Landing {
     ns: String,
@@ -161,9 +180,26 @@ impl ReplicatedKv {
             // The leader: the queue's front is this write or one queued before it.
             let group = self.take_group(ns);
             if group.is_empty() {
-                // Settled between the look and the lock.
+                // Another lander took it and has not settled it yet (it settles before it
+                // lets the namespace go, so only in a moment): wait for it, do not spin.
+                drop(s);
+                let mut outcome = mine.outcome.lock();
+                if outcome.is_none() {
+                    mine.settled
+                        .wait_for(&mut outcome, std::time::Duration::from_millis(100));
+                }
                 continue;
             }
+            // Settled before the namespace is let go, whatever happens: a lander waiting for
+            // the lock must never append the writes queued after a group whose fate is not
+            // known yet (fenced on the same position, they would land without it). A panic
+            // below fails the group and drops the hold.
+            let mut unsettled = Unsettled {
+                kv: self,
+                ns,
+                group: &group,
+                armed: true,
+            };
             let reset = group[0].reset;
             let mut writes = Vec::new();
             for p in &group {
@@ -174,12 +210,13 @@ impl ReplicatedKv {
             } else {
                 Err(not_held())
             };
-            drop(s);
             match result {
                 Ok(()) => {
                     for p in &group {
                         p.settle(Outcome::Landed);
                     }
+                    unsettled.armed = false;
+                    drop(s);
                 }
                 Err(e) => {
                     // Refused (another node took it over) or uncertain (it may have landed):
@@ -189,6 +226,8 @@ impl ReplicatedKv {
                     for p in &group {
                         p.settle(Outcome::Failed);
                     }
+                    unsettled.armed = false;
+                    drop(s);
                     if group.iter().any(|p| Arc::ptr_eq(p, mine)) {
                         return Err(match e {
                             LogError::Conflict { .. } => not_held(),

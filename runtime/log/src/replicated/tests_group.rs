@@ -129,3 +129,37 @@ fn a_write_queued_under_an_earlier_hold_never_lands_under_a_later_one() {
     assert!(matches!(a.land(&stale), Err(LogError::NotHeld { .. })));
     assert_eq!((get(&a, "x"), get(&a, "y")), (None, Some("1".into())));
 }
+
+/// A lander waiting for the namespace while an append fails without landing must not append
+/// the writes queued after it: fenced on the same position they would land without it (batch
+/// n+1's cursor without batch n's effects).
+#[test]
+fn writes_queued_behind_an_append_that_failed_without_landing_never_land() {
+    let log = Arc::new(MemoryChangelog::default());
+    let a = Arc::new(node(&log));
+    a.acquire(NS).unwrap();
+    let first = a.begin(NS, vec![put("n", "1")]).unwrap().unwrap();
+    let waiter = Arc::new(Mutex::new(None));
+    let (kv, slot) = (a.clone(), waiter.clone());
+    log.before_next_append(NS, move || {
+        // While the first append is under way: the next batch queues its write and its
+        // lander waits for the namespace.
+        let next = kv.begin(NS, vec![put("n", "2")]).unwrap().unwrap();
+        let kv = kv.clone();
+        *slot.lock() = Some(std::thread::spawn(move || kv.land(&next)));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    });
+    log.fail_next_append();
+    assert!(a.land(&first).is_err());
+    let waited = waiter.lock().take().unwrap().join().unwrap();
+    assert!(
+        matches!(waited, Err(LogError::NotHeld { .. })),
+        "{waited:?}"
+    );
+    a.acquire(NS).unwrap();
+    assert_eq!(
+        get(&a, "n"),
+        None,
+        "the second write landed without the first"
+    );
+}

@@ -356,6 +356,8 @@ impl PluginManager {
         let m = weir_metrics::global();
         let label = weir_metrics::plugin(name);
         m.plugin_batch_seconds.remove(&label);
+        m.plugin_commit_seconds.remove(&label);
+        m.plugin_commit_batches.remove(&label);
         m.plugin_records_in.remove(&label);
         m.plugin_records_out.remove(&label);
         m.plugin_traps.remove(&label);

@@ -55,6 +55,8 @@ pub trait Namespaces: Send + Sync + Sized + 'static {
     fn commit_writes(&self, ns: &str, writes: Writes) -> Result<Option<Landing>, LogError>;
     /// [`PluginStore::land`].
     fn land(&self, landing: &Landing) -> Result<(), LogError>;
+    /// [`PluginStore::queues_commits`].
+    fn queues_commits(&self) -> bool;
 }
 
 /// Keys written (`Some`) and deleted (`None`), applied together.
@@ -121,6 +123,10 @@ impl Namespaces for Local {
 
     fn land(&self, _landing: &Landing) -> Result<(), LogError> {
         Ok(())
+    }
+
+    fn queues_commits(&self) -> bool {
+        false
     }
 }
 
@@ -390,7 +396,16 @@ impl<N: Namespaces> PluginStore for KvPluginStore<N> {
             .iter()
             .map(|(p, seq)| (partition_key(b'd', *p, &seq.to_be_bytes()), None))
             .collect();
-        self.kv().kv_apply(&namespace(plugin), &deletes)
+        // In cluster mode queued, not landed: the deletes ride with the next group (a commit
+        // waiting here for its own round trip would hold the plugin's commit lock across it).
+        // If that group fails they are lost, which the next open's expiry makes good.
+        self.namespaces
+            .commit_writes(&namespace(plugin), deletes)
+            .map(|_| ())
+    }
+
+    fn queues_commits(&self) -> bool {
+        self.namespaces.queues_commits()
     }
 
     fn outbox(

@@ -136,6 +136,9 @@ pub trait PluginStore: Send + Sync + 'static {
     /// It did not land, or may not have: the hold is dropped, and every commit queued after
     /// it failed too.
     fn land(&self, landing: &Landing) -> Result<(), LogError>;
+    /// Whether commits are queued to land later (cluster mode): memory then runs ahead of
+    /// the store by the commits in flight.
+    fn queues_commits(&self) -> bool;
     /// Deletes message ids that left the dedup window.
     fn forget_ids(&self, plugin: &str, keys: &[DedupKey]) -> Result<(), LogError>;
     /// A partition's oldest `limit` outbox entries, oldest first.

@@ -96,6 +96,10 @@ impl Namespaces for Shared {
     fn land(&self, landing: &Landing) -> Result<(), LogError> {
         self.0.land(landing)
     }
+
+    fn queues_commits(&self) -> bool {
+        true
+    }
 }
 
 fn stored_spec(now: &BTreeMap<Vec<u8>, Bytes>, name: &str) -> Option<PluginSpec> {
