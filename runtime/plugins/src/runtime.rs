@@ -207,21 +207,34 @@ impl PluginRuntime {
 
     /// Compacts state deltas and writes buffered log lines every 200 ms until cancelled.
     pub(crate) async fn run_compactor(self: Arc<Self>, cancel: CancellationToken) {
+        // The last failure warned of: the same one again, every 200 ms until the manager
+        // stops a runtime that lost its plugin (10 s and more while its cluster loop fails),
+        // is logged at debug level.
+        let mut failing: Option<String> = None;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                 _ = cancel.cancelled() => break,
             }
             let this = self.clone();
-            match weir_core::blocking::run(move || this.compact()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
+            let error = match weir_core::blocking::run(move || this.compact()).await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(format!("failed: {e}")),
+                Err(e) => Some(format!("panicked: {e}")),
+            };
+            match (&error, &failing) {
+                (Some(e), Some(before)) if e == before => {
+                    tracing::debug!(message = "State compaction still fails; will retry.", plugin = %self.spec.name, error = %e)
+                }
+                (Some(e), _) => {
                     tracing::warn!(message = "State compaction failed; will retry.", plugin = %self.spec.name, error = %e)
                 }
-                Err(e) => {
-                    tracing::warn!(message = "State compaction panicked; will retry.", plugin = %self.spec.name, error = %e)
+                (None, Some(_)) => {
+                    tracing::info!(message = "State compaction works again.", plugin = %self.spec.name)
                 }
+                (None, None) => {}
             }
+            failing = error;
             self.flush_logs().await;
         }
         self.flush_logs().await;
