@@ -82,6 +82,11 @@ impl Server {
         })
     }
 
+    /// The process id (for `weir bench plugin --server-pid`).
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub(crate) fn stop(mut self) -> Result<()> {
         run(Command::new("kill")
             .arg("-TERM")
@@ -304,6 +309,36 @@ fn bench_soak(bin: &Path, secs: u64) -> Result<()> {
     Ok(())
 }
 
+/// A compiled-component cache (`weir serve --compiled-cache`) holding `wasms`, compiled by
+/// `weir test` so no timed run compiles them. The caller deletes it.
+pub(crate) fn compiled_cache(bin: &Path, wasms: &[&Path]) -> Result<PathBuf> {
+    let compiled = std::env::temp_dir().join(format!("weir-bench-compiled-{}", std::process::id()));
+    let sample = compiled.join("sample.jsonl");
+    std::fs::create_dir_all(&compiled)?;
+    std::fs::write(
+        &sample,
+        "{\"key\":\"u\",\"value\":{\"order\":1,\"user\":\"u\",\"amount\":1}}\n",
+    )?;
+    for wasm in wasms {
+        let out = Command::new(bin)
+            .arg("test")
+            .arg(wasm)
+            .arg("--input")
+            .arg(&sample)
+            .args(["--output", "points.credited"])
+            .env("WEIR_CACHE_DIR", &compiled)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "weir test {} failed: {}",
+                wasm.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    Ok(compiled)
+}
+
 /// `weir bench plugin`: the points plugin in Rust, Python and JavaScript, three runs each, each
 /// run against the no-op plugin in the same server.
 fn bench_plugins(bin: &Path, records: &str) -> Result<()> {
@@ -324,30 +359,8 @@ fn bench_plugins(bin: &Path, records: &str) -> Result<()> {
     ];
     // One compiled-component cache for every run, filled before timing: a Python component
     // takes seconds to compile, which is deploy cost, not records/s.
-    let compiled = std::env::temp_dir().join(format!("weir-bench-compiled-{}", std::process::id()));
-    let sample = compiled.join("sample.jsonl");
-    std::fs::create_dir_all(&compiled)?;
-    std::fs::write(
-        &sample,
-        "{\"key\":\"u\",\"value\":{\"order\":1,\"user\":\"u\",\"amount\":1}}\n",
-    )?;
-    for (_, wasm) in &languages {
-        let out = Command::new(bin)
-            .arg("test")
-            .arg(wasm)
-            .arg("--input")
-            .arg(&sample)
-            .args(["--output", "points.credited"])
-            .env("WEIR_CACHE_DIR", &compiled)
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "weir test {} failed: {}",
-                wasm.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
+    let wasms: Vec<&Path> = languages.iter().map(|(_, w)| w.as_path()).collect();
+    let compiled = compiled_cache(bin, &wasms)?;
     for (language, wasm) in &languages {
         for round in 1..=3 {
             let data = std::env::temp_dir()

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::bench::{median, plugin_args, publish_args, throughput, weir, Server};
+use crate::bench::{compiled_cache, median, plugin_args, publish_args, throughput, weir, Server};
 use crate::{build_plugins, run};
 
 /// A fresh 3-node JetStream cluster in a temporary directory named after `what`.
@@ -32,15 +32,13 @@ fn cluster_nodes(
     urls: &str,
     prefix: &str,
     count: usize,
+    extra: &[&str],
 ) -> Result<Vec<Server>> {
     (0..count)
         .map(|n| {
-            Server::start_with(
-                bin,
-                &dir.join(format!("{prefix}-{n}")),
-                "always",
-                &["--log", urls, "--log-prefix", prefix],
-            )
+            let mut args = vec!["--log", urls, "--log-prefix", prefix];
+            args.extend(extra);
+            Server::start_with(bin, &dir.join(format!("{prefix}-{n}")), "always", &args)
         })
         .collect()
 }
@@ -84,7 +82,7 @@ pub(crate) fn bench_cluster(bin: &Path, records: &str) -> Result<()> {
     ];
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for round in 1..=3 {
-        let nodes = cluster_nodes(bin, &dir, &urls, &format!("bench{round}"), 2)?;
+        let nodes = cluster_nodes(bin, &dir, &urls, &format!("bench{round}"), 2, &[])?;
         let via = format!("{},{}", nodes[0].url, nodes[1].url);
         let mut args = publish_args(records);
         args.extend(["--via", &via]);
@@ -132,9 +130,10 @@ pub(crate) fn bench_cluster(bin: &Path, records: &str) -> Result<()> {
 
 /// BENCHMARKS.md "Plugins on a cluster": the points plugin draining `records` orders on one
 /// weir node on sled (fsync always), one weir node on JetStream R3 and two weir nodes on
-/// JetStream R3 (deployed through one), three interleaved rounds; then the failover time
-/// (`flash-sale failover-bench`: kill -9 of the node running points → first commit on the
-/// other), three runs.
+/// JetStream R3 (deployed through one), with each node's CPU time per record; then two copies
+/// of points (`records` / 2 orders each) on one weir node against one copy on each of two
+/// nodes; three interleaved rounds. Then the failover time (`flash-sale failover-bench`: kill
+/// -9 of the node running points → first commit on the other), three runs.
 pub(crate) fn bench_cluster_plugins(
     bin: &Path,
     baseline: Option<&Path>,
@@ -142,6 +141,8 @@ pub(crate) fn bench_cluster_plugins(
 ) -> Result<()> {
     let plugins = build_plugins()?;
     let points = plugins.join("points.wasm");
+    let compiled = compiled_cache(bin, &[&points])?;
+    let cache = ["--compiled-cache", compiled.to_str().expect("utf-8 path")];
     let points = points.to_str().expect("utf-8 path");
     let (dir, cluster) = local_cluster("plugins")?;
     let urls = cluster.url_list();
@@ -150,44 +151,74 @@ pub(crate) fn bench_cluster_plugins(
         "points, 1 weir node on JetStream R3",
         "points, 2 weir nodes on JetStream R3",
     ];
-    // With --baseline-bin, every setup runs with both builds in each round.
+    let spread = [
+        "2x points, both on 1 weir node on JetStream R3",
+        "2x points, one on each of 2 weir nodes",
+    ];
+    // With --baseline-bin, the first setups run with both builds in each round (the copies
+    // are this build's: an older one may not have --copies).
     let mut builds = vec![("", bin)];
     if let Some(baseline) = baseline {
         builds.insert(0, ("baseline: ", baseline));
     }
-    let names: Vec<String> = builds
+    let mut names: Vec<String> = builds
         .iter()
         .flat_map(|(label, _)| setups.iter().map(move |s| format!("{label}{s}")))
         .collect();
-    let args = plugin_args(points, records);
-    let rate = |out: &str| -> Result<f64> {
-        out.split(" records/s")
-            .next()
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|n| n.parse().ok())
-            .with_context(|| format!("no rate in {out:?}"))
-    };
+    names.extend(spread.iter().map(|s| s.to_string()));
+    let half = (records.parse::<u64>().context("--records")? / 2).to_string();
+    let (whole, halves) = (plugin_args(points, records), plugin_args(points, &half));
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    // Each copy of the spread setups drains half the orders, so every setup drains `records`.
+    let mut measure = |i: usize, round: u32, build: &Path, nodes: &[Server], extra: &[&str]| {
+        let pids: Vec<String> = nodes.iter().map(|n| n.pid().to_string()).collect();
+        let pids = pids.join(",");
+        let mut args = if extra.is_empty() {
+            whole.clone()
+        } else {
+            halves.clone()
+        };
+        args.extend(extra);
+        // The CPU time is this build's (an older one may not have --server-pid).
+        if build == bin {
+            args.extend(["--server-pid", &pids]);
+        }
+        let out = weir(build, &nodes[0], &args)?;
+        println!("round {round}, {}:\n{}", names[i], out.trim());
+        rates[i].push(rate(&out)?);
+        if build == bin {
+            cpus[i].push(cpu_per_record(&out)?);
+        }
+        anyhow::Ok(())
+    };
     for round in 1..=3 {
-        for (b, (label, bin)) in builds.iter().enumerate() {
+        for (b, (_, build)) in builds.iter().enumerate() {
             let at = b * setups.len();
             let data = dir.join(format!("sled-{round}-{b}"));
-            let server = Server::start(bin, &data, "always")?;
-            let out = weir(bin, &server, &args)?;
+            let server = Server::start_with(build, &data, "always", &cache)?;
+            measure(at, round, build, std::slice::from_ref(&server), &[])?;
             server.stop()?;
             std::fs::remove_dir_all(&data).ok();
-            println!("round {round}, {label}{}: {}", setups[0], out.trim());
-            rates[at].push(rate(&out)?);
             for (i, count) in [(1, 1), (2, 2)] {
                 let prefix = format!("plugins{round}b{b}n{count}");
-                let nodes = cluster_nodes(bin, &dir, &urls, &prefix, count)?;
-                let out = weir(bin, &nodes[0], &args)?;
-                for node in nodes {
-                    node.stop()?;
-                }
-                println!("round {round}, {label}{}: {}", setups[i], out.trim());
-                rates[at + i].push(rate(&out)?);
+                let nodes = cluster_nodes(build, &dir, &urls, &prefix, count, &cache)?;
+                measure(at + i, round, build, &nodes, &[])?;
+                stop_all(nodes)?;
             }
+        }
+        let at = builds.len() * setups.len();
+        for (i, count) in [(0, 1), (1, 2)] {
+            let prefix = format!("spread{round}n{count}");
+            let nodes = cluster_nodes(bin, &dir, &urls, &prefix, count, &cache)?;
+            let via: Vec<&str> = nodes.iter().map(|n| n.url.as_str()).collect();
+            let via = via.join(",");
+            let mut extra = vec!["--copies", "2", "--via", &via];
+            if count == 2 {
+                extra.push("--one-per-node");
+            }
+            measure(at + i, round, bin, &nodes, &extra)?;
+            stop_all(nodes)?;
         }
     }
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -197,6 +228,16 @@ pub(crate) fn bench_cluster_plugins(
         &rates,
         "the first",
     );
+    println!("\nweir nodes' CPU time (user+sys) per record, medians of 3:");
+    for (name, c) in names.iter().zip(&cpus).filter(|(_, c)| !c.is_empty()) {
+        println!(
+            "  {name:<48} {:>7.2} µs  (runs {:?})",
+            median(c.clone()),
+            c.iter()
+                .map(|x| (x * 100.0).round() / 100.0)
+                .collect::<Vec<_>>()
+        );
+    }
     run(Command::new("target/release/flash-sale").args([
         "failover-bench",
         "--weir",
@@ -210,5 +251,32 @@ pub(crate) fn bench_cluster_plugins(
     ]))?;
     drop(cluster);
     std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_dir_all(&compiled).ok();
     Ok(())
+}
+
+fn stop_all(nodes: Vec<Server>) -> Result<()> {
+    for node in nodes {
+        node.stop()?;
+    }
+    Ok(())
+}
+
+/// The rate a `weir bench plugin` run printed ("… = N records/s …").
+fn rate(out: &str) -> Result<f64> {
+    number_before(out, " records/s")
+}
+
+/// The servers' CPU time per record a `weir bench plugin --server-pid` run printed.
+fn cpu_per_record(out: &str) -> Result<f64> {
+    number_before(out, " µs per record")
+}
+
+/// The number printed just before the first `unit` in `out`.
+fn number_before(out: &str, unit: &str) -> Result<f64> {
+    out.split(unit)
+        .next()
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no number before {unit:?} in {out:?}"))
 }

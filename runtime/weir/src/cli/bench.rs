@@ -21,34 +21,10 @@ pub enum BenchCommand {
     /// Publish records as fast as the server acknowledges them.
     Publish(PublishBench),
     /// Exactly-once plugin throughput: orders published first, then drained by the plugin.
-    Plugin(PluginBench),
+    Plugin(super::bench_plugin::PluginBench),
     /// Memory over a long steady load: orders from many users through three plugins, the
     /// server's RSS sampled; fails if it keeps growing after the warm-up.
     Soak(super::soak::SoakBench),
-}
-
-/// Arguments of `weir bench plugin`.
-#[derive(clap::Args, Debug, Clone)]
-pub struct PluginBench {
-    /// The plugin to measure (the points plugin: emits to points.credited).
-    #[arg(long)]
-    pub wasm: std::path::PathBuf,
-    /// A baseline plugin measured in the same run (e.g. the no-op plugin).
-    #[arg(long)]
-    pub baseline_wasm: Option<std::path::PathBuf>,
-    /// Orders to process.
-    #[arg(long, default_value_t = 1_000_000)]
-    pub records: u64,
-    /// Distinct users the orders are spread over.
-    #[arg(long, default_value_t = 10_000)]
-    pub users: u64,
-    /// Partitions of the input topic (one partition loop each).
-    #[arg(long, default_value_t = 4)]
-    pub partitions: u32,
-    /// The server's monitoring address (`weir serve --metrics ADDR`): print each run's commit
-    /// latency (written → durable, p50/p99) and batches per durable step.
-    #[arg(long, value_name = "ADDR")]
-    pub metrics: Option<String>,
 }
 
 /// Arguments of `weir bench publish`.
@@ -104,16 +80,7 @@ pub(super) async fn run(
             println!("{}", publish_via(&clients, &args, shutdown).await?)
         }
         BenchCommand::Soak(args) => super::soak::run(client, args).await?,
-        BenchCommand::Plugin(args) => {
-            let main = plugin_run(client, &args, &args.wasm, "main").await?;
-            if let Some(baseline) = &args.baseline_wasm {
-                let base = plugin_run(client, &args, baseline, "baseline").await?;
-                println!(
-                    "ratio: the plugin runs at {:.2}x the baseline's rate",
-                    main / base
-                );
-            }
-        }
+        BenchCommand::Plugin(args) => super::bench_plugin::run(client, args).await?,
     }
     Ok(())
 }
@@ -324,126 +291,4 @@ pub async fn publish_via(
         elapsed,
         latencies,
     })
-}
-
-/// Publishes the orders, deploys the plugin from the earliest offset, and times the drain.
-/// Returns records/s.
-async fn plugin_run(
-    client: &Client,
-    args: &PluginBench,
-    wasm: &std::path::Path,
-    label: &str,
-) -> anyhow::Result<f64> {
-    let wasm_bytes =
-        std::fs::read(wasm).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", wasm.display()))?;
-    let input = format!("bench.orders.{label}");
-    let name = format!("bench-{label}");
-    let _ = client.remove_plugin(&name).await;
-    let _ = client.delete_topic(&input).await;
-    client
-        .create_topic(&TopicConfig {
-            name: input.clone(),
-            partitions: args.partitions,
-            retention_ms: 0,
-            retention_bytes: 0,
-            admission: None,
-        })
-        .await?;
-    if client.describe_topic("points.credited").await.is_err() {
-        client
-            .create_topic(&TopicConfig {
-                name: "points.credited".into(),
-                partitions: args.partitions,
-                retention_ms: 0,
-                retention_bytes: 0,
-                admission: None,
-            })
-            .await?;
-    }
-    let out_before: u64 = client
-        .describe_topic("points.credited")
-        .await?
-        .partitions
-        .iter()
-        .map(|p| p.end_offset)
-        .sum();
-    let mut i = 0;
-    while i < args.records {
-        let n = (args.records - i).min(1000);
-        let records = (i..i + n)
-            .map(|o| {
-                let user = format!("user-{}", o % args.users);
-                weir_core::Record {
-                    key: Some(Bytes::from(user.clone())),
-                    id: Some(format!("order-{o}")),
-                    ..weir_core::Record::from_value(format!(
-                        r#"{{"order":{o},"user":"{user}","amount":{}}}"#,
-                        10 + o % 90
-                    ))
-                }
-            })
-            .collect();
-        client.publish(&input, None, records).await?;
-        i += n;
-    }
-    let started = Instant::now();
-    let deploy = weir_api::Deploy {
-        name: name.clone(),
-        wasm: wasm_bytes,
-        input,
-        outputs: vec!["points.credited".into()],
-        config: vec![("rate".into(), "0.1".into())],
-        ..Default::default()
-    };
-    client.deploy_plugin(deploy).await?;
-    let committed_at = loop {
-        let plugins = client.list_plugins().await?;
-        let p = plugins
-            .iter()
-            .find(|p| p.name == name)
-            .ok_or_else(|| anyhow::anyhow!("plugin vanished"))?;
-        if let Some(halted) = p.partitions.iter().find(|s| s.state.starts_with("halted")) {
-            anyhow::bail!("plugin halted: {}", halted.state);
-        }
-        if p.partitions.iter().map(|s| s.committed).sum::<u64>() >= args.records {
-            break started.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    // Outputs are done when there is one per record (points) or none arrive for 500 ms.
-    let (mut last, mut last_change) = (u64::MAX, Instant::now());
-    let forwarded_at = loop {
-        let out: u64 = client
-            .describe_topic("points.credited")
-            .await?
-            .partitions
-            .iter()
-            .map(|p| p.end_offset)
-            .sum::<u64>()
-            - out_before;
-        if out != last {
-            (last, last_change) = (out, Instant::now());
-        }
-        if out >= args.records || last_change.elapsed() > Duration::from_millis(500) {
-            break last_change.duration_since(started);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let rate = args.records as f64 / committed_at.as_secs_f64();
-    let file = wasm
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    println!(
-        "{file}: {} records committed exactly-once in {:.2} s = {rate:.0} records/s (deploy and compile included); outputs forwarded after {:.2} s",
-        args.records,
-        committed_at.as_secs_f64(),
-        forwarded_at.as_secs_f64()
-    );
-    if let Some(metrics) = &args.metrics {
-        let page = super::scrape::page(metrics).await?;
-        println!("{file}: {}", super::scrape::commit_summary(&page, &name));
-    }
-    client.remove_plugin(&name).await?;
-    Ok(rate)
 }

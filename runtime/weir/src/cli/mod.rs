@@ -3,6 +3,8 @@
 
 mod auth;
 mod bench;
+mod bench_placed;
+mod bench_plugin;
 mod consume;
 pub mod lag;
 mod migrate;

@@ -1,0 +1,239 @@
+//! `weir bench plugin --copies N --via A,B`: several copies of the plugin at once, each timed
+//! on the cluster node that runs it once their placement has settled.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+use weir_api::Client;
+
+use super::bench_plugin::{
+    committed, deploy, file_name, fresh_topic, output_end, outputs_done, publish_orders, read_wasm,
+    Cpu, PluginBench,
+};
+
+/// A node keeps a plugin it took at a deploy for 10 s before it hands it to the node preferred
+/// for it (`MIN_HOLD` in the plugin manager's cluster loop), which takes it at its next look
+/// (every second): placement has settled after this long.
+const SETTLE: Duration = Duration::from_secs(14);
+/// How many names `--one-per-node` tries for a copy before it gives up.
+const PLACEMENT_TRIES: usize = 8;
+
+/// One copy of the plugin in a placed run.
+struct Copy {
+    name: String,
+    input: String,
+    /// The index of the client of the node that runs it.
+    home: usize,
+}
+
+/// Deploys the copies on empty inputs, waits until the cluster has placed them, pauses each
+/// where it runs, publishes every copy's orders, resumes them and times the drain. Returns
+/// the records/s of all copies together.
+pub(super) async fn placed_run(
+    clients: &[Client],
+    args: &PluginBench,
+    wasm: &std::path::Path,
+    label: &str,
+) -> anyhow::Result<f64> {
+    let wasm_bytes = read_wasm(wasm)?;
+    let first = &clients[0];
+    let out_before = output_end(first, args.partitions).await?;
+    let mut copies = Vec::new();
+    for i in 0..args.copies {
+        let (name, input) = (
+            format!("bench-{label}-{i}"),
+            format!("bench.orders.{label}-{i}"),
+        );
+        let _ = first.remove_plugin(&name).await;
+        fresh_topic(first, &input, args.partitions).await?;
+        let via = &clients[i % clients.len()];
+        via.deploy_plugin(deploy(&name, &input, &wasm_bytes))
+            .await?;
+        copies.push(Copy {
+            name,
+            input,
+            home: 0,
+        });
+    }
+    settle(clients, args, &wasm_bytes, label, &mut copies).await?;
+    // A pause or resume through the node that runs a copy acts there at once (through another
+    // node, a resume restarts the plugin on its node at that node's next look).
+    for copy in &copies {
+        clients[copy.home].pause_plugin(&copy.name, true).await?;
+    }
+    for copy in &copies {
+        publish_orders(first, &copy.input, args).await?;
+    }
+    let cpu = Cpu::start(&args.server_pid)?;
+    let started = Instant::now();
+    for copy in &copies {
+        clients[copy.home].pause_plugin(&copy.name, false).await?;
+    }
+    let mut pending: Vec<&Copy> = copies.iter().collect();
+    while !pending.is_empty() {
+        let mut left = Vec::new();
+        for copy in pending {
+            if committed(&clients[copy.home], &copy.name).await? < args.records {
+                left.push(copy);
+            }
+        }
+        pending = left;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    let total = args.records * copies.len() as u64;
+    let cpu = cpu.per_record(total)?;
+    let forwarded_at = outputs_done(first, out_before, total, started).await?;
+    let moved: Vec<&str> = {
+        let now = placement(clients, &args.via, &copies).await?;
+        copies
+            .iter()
+            .zip(now)
+            .filter(|(c, home)| *home != Some(c.home))
+            .map(|(c, _)| c.name.as_str())
+            .collect()
+    };
+    let rate = total as f64 / elapsed.as_secs_f64();
+    let file = file_name(wasm);
+    let homes: Vec<String> = copies
+        .iter()
+        .map(|c| format!("{} on node {}", c.name, c.home + 1))
+        .collect();
+    println!(
+        "{file} ×{}: {total} records committed exactly-once in {:.2} s = {rate:.0} records/s (from the resume; {}); outputs forwarded after {:.2} s",
+        copies.len(),
+        elapsed.as_secs_f64(),
+        homes.join(", "),
+        forwarded_at.as_secs_f64()
+    );
+    if !moved.is_empty() {
+        println!(
+            "{file}: warning: moved to another node during the run: {}",
+            moved.join(", ")
+        );
+    }
+    if let Some(cpu) = cpu {
+        println!("{file}: {cpu}");
+    }
+    if let Some(metrics) = &args.metrics {
+        let page = super::scrape::page(metrics).await?;
+        for copy in &copies {
+            println!(
+                "{file} {}: {}",
+                copy.name,
+                super::scrape::commit_summary(&page, &copy.name)
+            );
+        }
+    }
+    for copy in &copies {
+        clients[copy.home].remove_plugin(&copy.name).await?;
+    }
+    Ok(rate)
+}
+
+/// Waits until every copy runs where the cluster means it to (on one node: at once), with
+/// `--one-per-node` deploying a copy that shares a node under a new name until each has its
+/// own. Sets each copy's `home`.
+async fn settle(
+    clients: &[Client],
+    args: &PluginBench,
+    wasm: &[u8],
+    label: &str,
+    copies: &mut [Copy],
+) -> anyhow::Result<()> {
+    if clients.len() == 1 && args.via.is_empty() {
+        return Ok(());
+    }
+    for attempt in 1..=PLACEMENT_TRIES {
+        if clients.len() > 1 {
+            tokio::time::sleep(SETTLE).await;
+        }
+        let homes = stable_placement(clients, &args.via, copies).await?;
+        for (copy, home) in copies.iter_mut().zip(&homes) {
+            copy.home = *home;
+        }
+        let shared = (1..copies.len()).find(|&j| homes[..j].contains(&homes[j]));
+        let Some(j) = shared.filter(|_| args.one_per_node) else {
+            return Ok(());
+        };
+        // Another name hashes anew; deployed through a node with no copy, it runs there
+        // until the hand-over, if any.
+        let copy = &mut copies[j];
+        clients[copy.home].remove_plugin(&copy.name).await?;
+        copy.name = format!("bench-{label}-{j}-{attempt}");
+        let free = (0..clients.len())
+            .find(|n| !homes.contains(n))
+            .unwrap_or_default();
+        clients[free]
+            .deploy_plugin(deploy(&copy.name, &copy.input, wasm))
+            .await?;
+    }
+    anyhow::bail!(
+        "--one-per-node: {PLACEMENT_TRIES} names did not give every copy a node of its own; are all --via nodes live members of one cluster?"
+    )
+}
+
+/// Each copy's node (an index into `clients`), read twice a couple of seconds apart until
+/// the two agree and every copy runs somewhere.
+async fn stable_placement(
+    clients: &[Client],
+    vias: &[String],
+    copies: &[Copy],
+) -> anyhow::Result<Vec<usize>> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = None;
+    loop {
+        let now = placement(clients, vias, copies).await?;
+        if now.iter().all(Option::is_some) && last.as_ref() == Some(&now) {
+            return Ok(now.into_iter().flatten().collect());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the copies did not settle on nodes within 60 s (placement: {now:?})"
+        );
+        last = Some(now);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// Where each copy runs now: the index of its node among `clients` (`None`: no node runs it).
+async fn placement(
+    clients: &[Client],
+    vias: &[String],
+    copies: &[Copy],
+) -> anyhow::Result<Vec<Option<usize>>> {
+    if clients.len() == 1 {
+        return Ok(vec![Some(0); copies.len()]);
+    }
+    let plugins = clients[0].list_plugins().await?;
+    copies
+        .iter()
+        .map(|copy| {
+            let node = plugins
+                .iter()
+                .find(|p| p.name == copy.name)
+                .map(|p| p.node.clone())
+                .unwrap_or_default();
+            // "<node id> (<address>)"; empty while no node runs it.
+            let Some(addr) = node
+                .rsplit_once('(')
+                .and_then(|(_, a)| a.strip_suffix(')'))
+            else {
+                return Ok(None);
+            };
+            let home = vias.iter().position(|v| {
+                v.trim_start_matches("http://")
+                    .trim_start_matches("https://")
+                    .trim_end_matches('/')
+                    == addr
+            });
+            home.map(Some).with_context(|| {
+                format!(
+                    "{} runs on node {node}, which is none of --via: list every node of the cluster",
+                    copy.name
+                )
+            })
+        })
+        .collect()
+}
