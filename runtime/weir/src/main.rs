@@ -13,6 +13,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
+    no_transparent_huge_pages();
     let cli = weir::cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -67,4 +68,17 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
     let _ = ctrl_c.await;
     tracing::info!(message = "Shutting down.");
     shutdown.cancel();
+}
+
+/// Turns transparent huge pages off for this process. mimalloc asks for them on its arenas
+/// (`madvise(MADV_HUGEPAGE)`, honoured on kernels set to `madvise` or `always`): each first
+/// touch of a fresh 2 MiB region then zeroes a whole huge page, which was a fifth of a busy
+/// server's CPU time (BENCHMARKS.md, "Transparent huge pages"). Redis and MongoDB advise the
+/// same for the same reason. Failure (an old kernel) leaves them as they were.
+fn no_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_THP_DISABLE takes integer arguments and touches no memory of ours.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    }
 }
