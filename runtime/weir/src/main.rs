@@ -13,7 +13,6 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
-    no_transparent_huge_pages();
     let cli = weir::cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -25,6 +24,9 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if matches!(cli.command, weir::cli::Command::Serve(_)) {
+        no_transparent_huge_pages();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -70,15 +72,19 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-/// Turns transparent huge pages off for this process. mimalloc asks for them on its arenas
-/// (`madvise(MADV_HUGEPAGE)`, honoured on kernels set to `madvise` or `always`): each first
-/// touch of a fresh 2 MiB region then zeroes a whole huge page, which was a fifth of a busy
-/// server's CPU time (BENCHMARKS.md, "Transparent huge pages"). Redis and MongoDB advise the
-/// same for the same reason. Failure (an old kernel) leaves them as they were.
+/// Turns transparent huge pages off for the server's process (and what it starts). mimalloc
+/// asks for them on its arenas (`madvise(MADV_HUGEPAGE)`, honoured on kernels set to `madvise`
+/// or `always`): each first touch of a fresh 2 MiB region then zeroes a whole huge page, which
+/// was about 23% of a busy server's CPU time (BENCHMARKS.md, "Transparent huge pages"). A
+/// kernel that refuses leaves them as they were.
 fn no_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
-    // SAFETY: PR_SET_THP_DISABLE takes integer arguments and touches no memory of ours.
-    unsafe {
-        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+    {
+        let off: libc::c_ulong = 1;
+        let zero: libc::c_ulong = 0;
+        // SAFETY: PR_SET_THP_DISABLE takes integer arguments and touches no memory of ours.
+        if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, off, zero, zero, zero) } != 0 {
+            tracing::debug!(message = "Could not turn transparent huge pages off.", error = %std::io::Error::last_os_error());
+        }
     }
 }

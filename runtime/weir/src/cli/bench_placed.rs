@@ -8,8 +8,8 @@ use anyhow::Context as _;
 use weir_api::Client;
 
 use super::bench_plugin::{
-    committed, deploy, file_name, fresh_topic, output_end, outputs_done, publish_orders, read_wasm,
-    Cpu, PluginBench,
+    deploy, file_name, fresh_topic, output_end, outputs_done, publish_orders, read_wasm,
+    wait_committed, Cpu, PluginBench,
 };
 
 /// A node keeps a plugin it took at a deploy for 10 s before it hands it to the node preferred
@@ -20,7 +20,7 @@ const SETTLE: Duration = Duration::from_secs(14);
 const PLACEMENT_TRIES: usize = 8;
 
 /// One copy of the plugin in a placed run.
-struct Copy {
+struct Placed {
     name: String,
     input: String,
     /// The index of the client of the node that runs it.
@@ -50,13 +50,18 @@ pub(super) async fn placed_run(
         let via = &clients[i % clients.len()];
         via.deploy_plugin(deploy(&name, &input, &wasm_bytes))
             .await?;
-        copies.push(Copy {
+        copies.push(Placed {
             name,
             input,
             home: 0,
         });
     }
-    settle(clients, args, &wasm_bytes, label, &mut copies).await?;
+    if let Err(e) = settle(clients, args, &wasm_bytes, label, &mut copies).await {
+        for copy in &copies {
+            let _ = first.remove_plugin(&copy.name).await;
+        }
+        return Err(e);
+    }
     // A pause or resume through the node that runs a copy acts there at once (through another
     // node, a resume restarts the plugin on its node at that node's next look).
     for copy in &copies {
@@ -70,21 +75,14 @@ pub(super) async fn placed_run(
     for copy in &copies {
         clients[copy.home].pause_plugin(&copy.name, false).await?;
     }
-    let mut pending: Vec<&Copy> = copies.iter().collect();
-    while !pending.is_empty() {
-        let mut left = Vec::new();
-        for copy in pending {
-            if committed(&clients[copy.home], &copy.name).await? < args.records {
-                left.push(copy);
-            }
-        }
-        pending = left;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let elapsed = started.elapsed();
+    let runs: Vec<(&Client, &str)> = copies
+        .iter()
+        .map(|c| (&clients[c.home], c.name.as_str()))
+        .collect();
+    let elapsed = wait_committed(&runs, args.records).await? - started;
     let total = args.records * copies.len() as u64;
-    let cpu = cpu.per_record(total)?;
     let forwarded_at = outputs_done(first, out_before, total, started).await?;
+    let cpu = cpu.per_record(total)?;
     let moved: Vec<&str> = {
         let now = placement(clients, &args.via, &copies).await?;
         copies
@@ -132,7 +130,7 @@ pub(super) async fn placed_run(
     Ok(rate)
 }
 
-/// Waits until every copy runs where the cluster means it to (on one node: at once), with
+/// Waits until every copy runs where the cluster means it to (on one node: two equal looks), with
 /// `--one-per-node` deploying a copy that shares a node under a new name until each has its
 /// own. Sets each copy's `home`.
 async fn settle(
@@ -140,12 +138,9 @@ async fn settle(
     args: &PluginBench,
     wasm: &[u8],
     label: &str,
-    copies: &mut [Copy],
+    copies: &mut [Placed],
 ) -> anyhow::Result<()> {
-    if clients.len() == 1 && args.via.is_empty() {
-        return Ok(());
-    }
-    for attempt in 1..=PLACEMENT_TRIES {
+    for attempt in 0..=PLACEMENT_TRIES {
         if clients.len() > 1 {
             tokio::time::sleep(SETTLE).await;
         }
@@ -157,11 +152,15 @@ async fn settle(
         let Some(j) = shared.filter(|_| args.one_per_node) else {
             return Ok(());
         };
+        if attempt == PLACEMENT_TRIES {
+            break;
+        }
         // Another name hashes anew; deployed through a node with no copy, it runs there
         // until the hand-over, if any.
         let copy = &mut copies[j];
         clients[copy.home].remove_plugin(&copy.name).await?;
-        copy.name = format!("bench-{label}-{j}-{attempt}");
+        copy.name = format!("bench-{label}-{j}-{}", attempt + 1);
+        let _ = clients[0].remove_plugin(&copy.name).await;
         let free = (0..clients.len())
             .find(|n| !homes.contains(n))
             .unwrap_or_default();
@@ -179,7 +178,7 @@ async fn settle(
 async fn stable_placement(
     clients: &[Client],
     vias: &[String],
-    copies: &[Copy],
+    copies: &[Placed],
 ) -> anyhow::Result<Vec<usize>> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut last = None;
@@ -201,11 +200,8 @@ async fn stable_placement(
 async fn placement(
     clients: &[Client],
     vias: &[String],
-    copies: &[Copy],
+    copies: &[Placed],
 ) -> anyhow::Result<Vec<Option<usize>>> {
-    if clients.len() == 1 {
-        return Ok(vec![Some(0); copies.len()]);
-    }
     let plugins = clients[0].list_plugins().await?;
     copies
         .iter()
@@ -215,25 +211,49 @@ async fn placement(
                 .find(|p| p.name == copy.name)
                 .map(|p| p.node.clone())
                 .unwrap_or_default();
-            // "<node id> (<address>)"; empty while no node runs it.
+            // One server not in cluster mode runs every plugin it has (and names no node).
+            if node.is_empty() && clients.len() == 1 {
+                return Ok(Some(0));
+            }
+            if vias.is_empty() {
+                anyhow::bail!(
+                    "the server is a cluster node ({} runs on {node}): pass every node of the cluster with --via",
+                    copy.name
+                );
+            }
+            // "<node id> (<address it listens on>)"; empty while no node runs it.
             let Some(addr) = node
                 .rsplit_once('(')
                 .and_then(|(_, a)| a.strip_suffix(')'))
             else {
                 return Ok(None);
             };
-            let home = vias.iter().position(|v| {
-                v.trim_start_matches("http://")
-                    .trim_start_matches("https://")
-                    .trim_end_matches('/')
-                    == addr
-            });
-            home.map(Some).with_context(|| {
+            node_of(vias, addr).map(Some).with_context(|| {
                 format!(
-                    "{} runs on node {node}, which is none of --via: list every node of the cluster",
-                    copy.name
+                    "{} runs on node {node}, and no --via address ({}) has that address or port: list every node of the cluster",
+                    copy.name,
+                    vias.join(", ")
                 )
             })
         })
         .collect()
+}
+
+/// The `--via` entry of the node listening on `addr`: the same host and port, or else the
+/// only entry with its port (a node listening on 0.0.0.0, or reached by a host name).
+fn node_of(vias: &[String], addr: &str) -> Option<usize> {
+    let host_port = |v: &str| -> String {
+        let v = v
+            .trim_start_matches("http://")
+            .trim_start_matches("https://");
+        v.trim_end_matches('/').to_string()
+    };
+    let port = |v: &str| v.rsplit_once(':').map(|(_, p)| p.to_string());
+    if let Some(i) = vias.iter().position(|v| host_port(v) == addr) {
+        return Some(i);
+    }
+    let same_port: Vec<usize> = (0..vias.len())
+        .filter(|&i| port(&host_port(&vias[i])) == port(addr))
+        .collect();
+    (same_port.len() == 1).then(|| same_port[0])
 }

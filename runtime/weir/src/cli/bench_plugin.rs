@@ -35,12 +35,13 @@ pub struct PluginBench {
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
     /// Copies of the plugin run at once, each on an input topic of its own with --records
-    /// orders; copy i is deployed through --via server i mod N. The drain is timed from the
-    /// moment every copy is resumed where it runs, after placement settled.
+    /// orders; copy i is deployed through --via server i mod N. The drain is timed from just
+    /// before the first copy is resumed where it runs, after placement settled.
     #[arg(long, default_value_t = 1)]
     pub copies: usize,
-    /// The weir nodes of one cluster (comma-separated) instead of --server: list every node,
-    /// so the bench can pause and resume each copy through the node that runs it.
+    /// The weir nodes of one cluster (comma-separated): list every node, so the bench can
+    /// pause and resume each copy through the node that runs it. Topics are created and
+    /// orders published through the first; --token and --tls-ca are not passed to them.
     #[arg(long, value_delimiter = ',')]
     pub via: Vec<String>,
     /// With --via: deploy copies under new names until each runs on a node of its own (the
@@ -48,13 +49,11 @@ pub struct PluginBench {
     #[arg(long)]
     pub one_per_node: bool,
     /// The `weir serve` processes on this machine (comma-separated pids): print their CPU time
-    /// (user + system, from /proc/PID/stat) per record over the timed drain.
+    /// (user + system, from /proc/PID/stat) per record, from the start of the timed drain until
+    /// the outputs are forwarded.
     #[arg(long, value_delimiter = ',')]
     pub server_pid: Vec<u32>,
 }
-
-/// Linux reports CPU time in clock ticks of 1/100 s (USER_HZ, fixed in its ABI).
-const TICKS_PER_SECOND: f64 = 100.0;
 
 pub(super) async fn run(client: &Client, args: PluginBench) -> anyhow::Result<()> {
     let mut clients = Vec::new();
@@ -117,14 +116,9 @@ async fn plugin_run(
     client
         .deploy_plugin(deploy(&name, &input, &wasm_bytes))
         .await?;
-    let committed_at = loop {
-        if committed(client, &name).await? >= args.records {
-            break started.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let cpu = cpu.per_record(args.records)?;
+    let committed_at = wait_committed(&[(client, &name)], args.records).await? - started;
     let forwarded_at = outputs_done(client, out_before, args.records, started).await?;
+    let cpu = cpu.per_record(args.records)?;
     let rate = args.records as f64 / committed_at.as_secs_f64();
     let file = file_name(wasm);
     println!(
@@ -142,6 +136,41 @@ async fn plugin_run(
     }
     client.remove_plugin(&name).await?;
     Ok(rate)
+}
+
+/// How long a run may go without any copy committing more before the bench gives up.
+const STALL: Duration = Duration::from_secs(120);
+
+/// Waits until every `(client, plugin)` has committed `records`; returns when the last did.
+/// Fails when none committed anything more for [`STALL`] (halted, paused, or gone from the
+/// node asked).
+pub(super) async fn wait_committed(
+    runs: &[(&Client, &str)],
+    records: u64,
+) -> anyhow::Result<Instant> {
+    let mut seen = vec![0; runs.len()];
+    let mut progress = Instant::now();
+    loop {
+        for (i, (client, name)) in runs.iter().enumerate() {
+            if seen[i] < records {
+                let now = committed(client, name).await?;
+                if now > seen[i] {
+                    (seen[i], progress) = (now, Instant::now());
+                }
+            }
+        }
+        if seen.iter().all(|&n| n >= records) {
+            return Ok(Instant::now());
+        }
+        if progress.elapsed() > STALL {
+            let names: Vec<&str> = runs.iter().map(|(_, name)| *name).collect();
+            anyhow::bail!(
+                "nothing more was committed for {} s ({names:?} committed {seen:?} of {records} each); `weir plugin status NAME` says why",
+                STALL.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The servers' CPU time (user + system) at the start of a measurement.
@@ -163,12 +192,21 @@ impl Cpu {
         if self.pids.is_empty() {
             return Ok(None);
         }
-        let spent = (cpu_ticks(&self.pids)? - self.ticks) as f64 / TICKS_PER_SECOND;
+        let spent = (cpu_ticks(&self.pids)? - self.ticks) as f64 / ticks_per_second();
         Ok(Some(format!(
             "server CPU (user+sys, pids {:?}): {spent:.2} s = {:.2} µs per record",
             self.pids,
             spent * 1e6 / records as f64
         )))
+    }
+}
+
+/// The clock ticks /proc counts CPU time in (USER_HZ; 100 on Linux's common architectures).
+fn ticks_per_second() -> f64 {
+    // SAFETY: sysconf reads a constant of the system and touches no memory of ours.
+    match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+        n if n > 0 => n as f64,
+        _ => 100.0,
     }
 }
 
