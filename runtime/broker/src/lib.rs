@@ -350,6 +350,7 @@ impl Broker {
         let (m, label) = (weir_metrics::global(), weir_metrics::topic(name));
         m.publish_records.remove(&label);
         m.publish_bytes.remove(&label);
+        m.publish_log_writes.remove(&label);
         m.admission_refused.remove(&label);
         tracing::info!(message = "Topic deleted.", topic = %name);
         Ok(())

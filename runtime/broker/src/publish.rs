@@ -219,7 +219,7 @@ impl Broker {
         for (p, records) in groups {
             let chunks = codec::encode_chunks(&records, now, self.store.chunk_target_bytes());
             self.store
-                .check_append(&chunks, publish.producer.is_some())
+                .check_append(&chunks, usize::from(publish.producer.is_some()))
                 .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
             encoded.push((p, records, chunks));
         }

@@ -74,6 +74,98 @@ async fn concurrent_appends_through_two_nodes_keep_offsets_dense_and_acks_true()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_queued_behind_a_write_share_the_next_one_and_are_each_answered_as_alone() {
+    let (a, b) = two_nodes();
+    // A name no other test uses: the write counter is per topic name, for the process.
+    let topic = "grouped-writes";
+    a.create_topic(TopicConfig::new(topic, 1)).await.unwrap();
+    // Eight idempotent producers through A, each sending every batch twice at once (a
+    // retry racing its first try, likely queued in the same write), and plain publishes
+    // through B racing them for the same partition.
+    let mut tasks = Vec::new();
+    for w in 0..8u32 {
+        let node = a.clone();
+        let (id, epoch) = node.init_producer(None, &Caller::default()).await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..10u64 {
+                let batch = || Publish {
+                    producer: Some(ProducerFields {
+                        producer_id: id,
+                        epoch,
+                        base_sequence: i * 5,
+                    }),
+                    ..to(
+                        topic,
+                        0,
+                        (0..5)
+                            .map(|j| Record::from_value(format!("p{w}-{i}-{j}")))
+                            .collect(),
+                    )
+                };
+                let (first, retry) = tokio::join!(node.publish(batch()), node.publish(batch()));
+                let (first, retry) = (first.unwrap()[0].appended, retry.unwrap()[0].appended);
+                assert_eq!(
+                    first.base_offset, retry.base_offset,
+                    "a retry is answered with the first offsets"
+                );
+                assert!(
+                    first.duplicate != retry.duplicate,
+                    "stored once: {first:?} {retry:?}"
+                );
+                acked.push((first.base_offset, format!("p{w}-{i}-0")));
+            }
+            acked
+        }));
+    }
+    for w in 0..4u32 {
+        let node = b.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..10 {
+                let records = (0..3)
+                    .map(|j| Record::from_value(format!("b{w}-{i}-{j}")))
+                    .collect();
+                let ack = node.publish(to(topic, 0, records)).await.unwrap();
+                assert!(!ack[0].appended.duplicate);
+                acked.push((ack[0].appended.base_offset, format!("b{w}-{i}-0")));
+            }
+            acked
+        }));
+    }
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    a.follow_shared(false).await.unwrap();
+    b.follow_shared(false).await.unwrap();
+    let (on_a, on_b) = (read_all(&a, topic, 0).await, read_all(&b, topic, 0).await);
+    assert_eq!(on_a, on_b, "both nodes read the same log");
+    assert_eq!(on_a.len(), 8 * 10 * 5 + 4 * 10 * 3, "every batch once");
+    assert!(
+        on_a.iter().enumerate().all(|(i, (o, _))| *o == i as u64),
+        "dense offsets"
+    );
+    let by_offset: BTreeMap<u64, String> = on_a.into_iter().collect();
+    for (offset, value) in &acked {
+        assert_eq!(
+            &by_offset[offset], value,
+            "the ack said where the batch went"
+        );
+    }
+    // 120 batches stored; through A, sixteen publishes at a time queue behind each write.
+    let writes = weir_metrics::global()
+        .publish_log_writes
+        .get_or_create(&weir_metrics::topic(topic))
+        .get();
+    assert!(
+        writes < acked.len() as u64,
+        "{writes} writes for {} batches: publishes queued behind a write were not grouped",
+        acked.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_through_the_other_node_returns_the_first_offsets_and_groups_are_shared() {
     let (a, b) = two_nodes();
     a.create_topic(TopicConfig::new("t", 2)).await.unwrap();

@@ -62,14 +62,14 @@ impl Log for JetStreamLog {
         tp: &TopicPartition,
         base_offset: u64,
         chunks: &[EncodedChunk],
-        producer: Option<(u64, &[u8])>,
+        producers: &[(u64, &[u8])],
     ) -> Result<(), LogError> {
         if chunks.is_empty() {
             return Ok(());
         }
         let part = self.part(tp)?;
         let mut st = part.lock();
-        self.block_on(self.append_async(tp, &mut st, base_offset, chunks, producer))
+        self.block_on(self.append_async(tp, &mut st, base_offset, chunks, producers))
     }
 
     fn read_chunk(&self, tp: &TopicPartition, base_offset: u64) -> Result<Option<Bytes>, LogError> {
@@ -333,8 +333,8 @@ impl Log for JetStreamLog {
         Some(self)
     }
 
-    fn check_append(&self, chunks: &[EncodedChunk], with_producer: bool) -> Result<(), LogError> {
-        crate::partition::check_batch(chunks, with_producer)
+    fn check_append(&self, chunks: &[EncodedChunk], producers: usize) -> Result<(), LogError> {
+        crate::partition::check_batch(chunks, producers)
     }
 
     fn chunk_target_bytes(&self) -> usize {

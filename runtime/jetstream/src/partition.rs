@@ -33,12 +33,12 @@ pub(crate) fn header<T: std::str::FromStr>(h: &HeaderMap, name: &str) -> Option<
 }
 
 /// Refuses an append that needs more messages than one atomic batch holds.
-pub(crate) fn check_batch(chunks: &[EncodedChunk], with_producer: bool) -> Result<(), LogError> {
+pub(crate) fn check_batch(chunks: &[EncodedChunk], producers: usize) -> Result<(), LogError> {
     let messages: usize = chunks
         .iter()
         .map(|c| c.bytes.len().div_ceil(FRAGMENT_BYTES).max(1))
         .sum::<usize>()
-        + usize::from(with_producer);
+        + producers;
     if messages > MAX_BATCH_MESSAGES {
         return Err(LogError::TooLarge {
             reason: format!(
@@ -257,7 +257,7 @@ impl JetStreamLog {
         st: &mut PartState,
         base_offset: u64,
         chunks: &[EncodedChunk],
-        producer: Option<(u64, &[u8])>,
+        producers: &[(u64, &[u8])],
     ) -> Result<(), LogError> {
         // A partition that never held a chunk may begin past 0: a log moved from a single node
         // whose retention had trimmed it (`weir migrate`). The fence still applies.
@@ -298,7 +298,7 @@ impl JetStreamLog {
             }
             offset += u64::from(chunk.header.count);
         }
-        if let Some((id, state)) = producer {
+        for &(id, state) in producers {
             let mut h = HeaderMap::new();
             h.insert("Nats-Rollup", "sub");
             messages.push((
@@ -309,7 +309,7 @@ impl JetStreamLog {
                 None,
             ));
         }
-        check_batch(chunks, producer.is_some())?;
+        check_batch(chunks, producers.len())?;
         messages[0].1.insert(
             "Nats-Expected-Last-Subject-Sequence",
             st.last_chunk_seq.to_string().as_str(),
@@ -347,8 +347,10 @@ impl JetStreamLog {
         }
         st.next = offset;
         st.last_chunk_seq = first + last_chunk_message as u64;
-        if let Some((id, _)) = producer {
-            st.producer_seqs.insert(id, ack.sequence); // the batch's last message
+        // A producer's state is the message it was given in the batch (after the chunks).
+        for (i, &(id, _)) in producers.iter().enumerate() {
+            st.producer_seqs
+                .insert(id, ack.sequence + 1 + i as u64 - producers.len() as u64);
         }
         // The fence proved no other batch reached the partition since the last chunk this
         // node knows; if its last walk also read everything up to there (the producer states
@@ -424,13 +426,13 @@ mod tests {
         // A 1-byte target puts every record in a chunk (a message) of its own.
         let chunks = weir_log::codec::encode_chunks(&records, 1, 1);
         assert_eq!(chunks.len(), 1001);
-        let e = check_batch(&chunks, false).unwrap_err();
+        let e = check_batch(&chunks, 0).unwrap_err();
         assert!(matches!(e, LogError::TooLarge { .. }), "{e}");
         assert!(
             e.to_string().contains("send fewer records per request"),
             "{e}"
         );
-        assert!(check_batch(&chunks[..999], true).is_ok());
-        assert!(check_batch(&chunks[..1000], true).is_err());
+        assert!(check_batch(&chunks[..999], 1).is_ok());
+        assert!(check_batch(&chunks[..1000], 1).is_err());
     }
 }

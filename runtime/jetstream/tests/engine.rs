@@ -28,10 +28,10 @@ fn two_writers_are_fenced_and_follow_each_other() {
 
     let first = codec::encode_chunks(&records(300, 1000, 1), 1, 128 * 1024);
     assert!(first.len() > 1, "several chunks make an atomic batch");
-    a.append(&tp, 0, &first, Some((7, b"state-1"))).unwrap();
+    a.append(&tp, 0, &first, &[(7, &b"state-1"[..])]).unwrap();
     // B still believes the partition is empty: the engine refuses its append.
     let second = codec::encode_chunks(&records(10, 100, 2), 2, 128 * 1024);
-    match b.append(&tp, 0, &second, None) {
+    match b.append(&tp, 0, &second, &[]) {
         Err(LogError::Fenced { expected: 0, .. }) => {}
         other => panic!("expected a fence, got {other:?}"),
     }
@@ -39,7 +39,7 @@ fn two_writers_are_fenced_and_follow_each_other() {
     let counted: u64 = tail.chunks.iter().map(|(_, m)| u64::from(m.count)).sum();
     assert_eq!(counted, 300);
     assert_eq!(tail.producers, vec![(7, Bytes::from_static(b"state-1"))]);
-    b.append(&tp, 300, &second, None).unwrap();
+    b.append(&tp, 300, &second, &[]).unwrap();
 
     // A learns B's chunk from the tail and reads it.
     assert!(
@@ -55,7 +55,7 @@ fn two_writers_are_fenced_and_follow_each_other() {
 
     // One record larger than a message: fragments, read back whole.
     let big = codec::encode_chunks(&records(1, 1_300_000, 3), 3, 128 * 1024);
-    a.append(&tp, 310, &big, Some((7, b"state-2"))).unwrap();
+    a.append(&tp, 310, &big, &[(7, &b"state-2"[..])]).unwrap();
     let got = a.read_chunk(&tp, 310).unwrap().expect("the big chunk");
     assert_eq!(got, big[0].bytes);
 
@@ -74,9 +74,9 @@ fn two_writers_are_fenced_and_follow_each_other() {
     assert_eq!(a.first_offset(&tp).unwrap(), Some(bases[1]));
     assert!(a.read_chunk(&tp, 0).unwrap().is_none());
     let third = codec::encode_chunks(&records(5, 10, 4), 4, 128 * 1024);
-    assert!(matches!(fresh.append(&tp, 311, &third, None), Ok(())));
+    assert!(matches!(fresh.append(&tp, 311, &third, &[]), Ok(())));
     assert!(matches!(
-        a.append(&tp, 311, &third, None),
+        a.append(&tp, 311, &third, &[]),
         Err(LogError::Fenced { .. })
     ));
 }

@@ -101,7 +101,7 @@ fn a_topic_deletion_that_timed_out_never_lands_over_later_records() {
     let chunks = |tag| codec::encode_chunks(&records(100, 10, tag), 1, 128 * 1024);
     first.put_topic(&config).unwrap();
     first.recover_partition(&tp).unwrap();
-    first.append(&tp, 0, &chunks(1), None).unwrap();
+    first.append(&tp, 0, &chunks(1), &[]).unwrap();
     // The server frozen leads neither the metadata stream nor the topic's.
     let leaders = [
         leader_of(&c, &first.names().meta_stream()),
@@ -119,7 +119,7 @@ fn a_topic_deletion_that_timed_out_never_lands_over_later_records() {
         })
     };
     std::thread::sleep(std::time::Duration::from_millis(500));
-    b.append(&tp, 100, &chunks(2), None).unwrap();
+    b.append(&tp, 100, &chunks(2), &[]).unwrap();
     let (a, r) = late.join().unwrap();
     assert!(
         r.is_err(),
@@ -147,12 +147,12 @@ fn a_topic_deletion_that_timed_out_never_lands_over_later_records() {
     // is refused (its append is fenced, and the tail says closed), never acknowledged.
     a.recover_partition(&tp).unwrap();
     b.close_topic(&config).unwrap_or_else(|e| panic!("{e}"));
-    match a.append(&tp, 200, &chunks(3), None) {
+    match a.append(&tp, 200, &chunks(3), &[]) {
         Err(LogError::Fenced { .. }) => {}
         other => panic!("expected the append to be fenced, got {other:?}"),
     }
     a.tail(&tp).unwrap();
-    match a.append(&tp, 200, &chunks(3), None) {
+    match a.append(&tp, 200, &chunks(3), &[]) {
         Err(LogError::Closed { topic }) => assert_eq!(topic, "keep0"),
         other => panic!("expected the closed topic to refuse, got {other:?}"),
     }
@@ -174,16 +174,16 @@ fn a_topic_created_again_is_out_of_reach_of_the_old_ones_writes() {
     let chunk = |tag| codec::encode_chunks(&records(1, 10, tag), 1, 128 * 1024);
     a.put_topic(&config).unwrap();
     a.recover_partition(&tp).unwrap();
-    a.append(&tp, 0, &chunk(1), Some((7, b"old-state")))
+    a.append(&tp, 0, &chunk(1), &[(7, &b"old-state"[..])])
         .unwrap();
     // Deleted and created again through B, with one record at the same stream sequence.
     b.load_topics().unwrap();
     b.delete_topic(&config).unwrap();
     b.put_topic(&config).unwrap();
     b.recover_partition(&tp).unwrap();
-    b.append(&tp, 0, &chunk(2), None).unwrap();
+    b.append(&tp, 0, &chunk(2), &[]).unwrap();
     // A still sees the old topic: its writes are refused or reach nothing.
-    assert!(a.append(&tp, 1, &chunk(3), None).is_err());
+    assert!(a.append(&tp, 1, &chunk(3), &[]).is_err());
     let _ = a.trim(&tp, &[0], 1);
     let _ = a.remove_producers(&tp, &[7]);
     let fresh = connect(&c, "again");
@@ -198,7 +198,7 @@ fn a_topic_created_again_is_out_of_reach_of_the_old_ones_writes() {
     // A learns the new topic from the metadata and writes to it.
     a.load_topics().unwrap();
     a.recover_partition(&tp).unwrap();
-    a.append(&tp, 1, &chunk(4), None).unwrap();
+    a.append(&tp, 1, &chunk(4), &[]).unwrap();
 }
 
 /// A topic as the weir before per-creation streams stored it (its config without a stream
@@ -241,7 +241,7 @@ fn a_topic_written_by_the_previous_layout_opens_and_is_deleted() {
     let tp = TopicPartition::new("old.orders", 0);
     a.recover_partition(&tp).unwrap();
     let chunk = codec::encode_chunks(&records(3, 10, 1), 1, 128 * 1024);
-    a.append(&tp, 0, &chunk, None).unwrap();
+    a.append(&tp, 0, &chunk, &[]).unwrap();
     b.load_topics().unwrap();
     let recovered = b.recover_partition(&tp).unwrap();
     assert_eq!(recovered.chunks.len(), 1);
@@ -253,7 +253,7 @@ fn a_topic_written_by_the_previous_layout_opens_and_is_deleted() {
     assert!(a.load_topics().unwrap().is_empty());
     a.put_topic(&config).unwrap();
     a.recover_partition(&tp).unwrap();
-    a.append(&tp, 0, &chunk, None).unwrap();
+    a.append(&tp, 0, &chunk, &[]).unwrap();
     assert_eq!(b.load_topics().unwrap(), vec![config]);
 }
 
@@ -284,7 +284,7 @@ fn a_topic_under_steady_appends_is_deleted() {
                     if refused[p] {
                         continue;
                     }
-                    match b.append(tp, next[p], &chunk, None) {
+                    match b.append(tp, next[p], &chunk, &[]) {
                         Ok(()) => next[p] += 1,
                         Err(LogError::Closed { .. }) => refused[p] = true,
                         Err(LogError::Fenced { .. }) => {

@@ -111,10 +111,10 @@ impl Log for FaultyStore {
         tp: &TopicPartition,
         base_offset: u64,
         chunks: &[EncodedChunk],
-        producer: Option<(u64, &[u8])>,
+        producers: &[(u64, &[u8])],
     ) -> Result<(), LogError> {
         self.write()?;
-        self.inner.append(tp, base_offset, chunks, producer)
+        self.inner.append(tp, base_offset, chunks, producers)
     }
 
     fn read_chunk(&self, tp: &TopicPartition, base_offset: u64) -> Result<Option<Bytes>, LogError> {

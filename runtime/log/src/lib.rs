@@ -293,7 +293,8 @@ pub trait Log: Durable {
     /// Reads what a partition holds to rebuild its index.
     fn recover_partition(&self, tp: &TopicPartition) -> Result<RecoveredPartition, LogError>;
     /// Stores `chunks` at consecutive offsets from `base_offset`, which must be the
-    /// partition's end, together with the producer's new state, atomically. In one process the
+    /// partition's end, together with the new states of the producers whose batches they
+    /// hold (one per producer id), atomically. In one process the
     /// broker's partition lock makes it the only writer; a backend written by several
     /// processes refuses an append whose base is not the end ([`LogError::Fenced`]).
     fn append(
@@ -301,7 +302,7 @@ pub trait Log: Durable {
         tp: &TopicPartition,
         base_offset: u64,
         chunks: &[EncodedChunk],
-        producer: Option<(u64, &[u8])>,
+        producers: &[(u64, &[u8])],
     ) -> Result<(), LogError>;
     /// The encoded chunk stored at `base_offset`, if it is (still) there.
     fn read_chunk(&self, tp: &TopicPartition, base_offset: u64) -> Result<Option<Bytes>, LogError>;
@@ -368,9 +369,9 @@ pub trait Log: Durable {
     fn chunk_target_bytes(&self) -> usize {
         CHUNK_TARGET_BYTES
     }
-    /// Refuses ([`LogError::TooLarge`]) an append this log could never take in one write,
-    /// before anything of the publish is stored.
-    fn check_append(&self, _chunks: &[EncodedChunk], _with_producer: bool) -> Result<(), LogError> {
+    /// Refuses ([`LogError::TooLarge`]) an append of `chunks` and `producers` producer states
+    /// this log could never take in one write, before anything of the publish is stored.
+    fn check_append(&self, _chunks: &[EncodedChunk], _producers: usize) -> Result<(), LogError> {
         Ok(())
     }
 }

@@ -132,7 +132,7 @@ impl Log for MemoryStore {
         tp: &TopicPartition,
         base_offset: u64,
         chunks: &[EncodedChunk],
-        producer: Option<(u64, &[u8])>,
+        producers: &[(u64, &[u8])],
     ) -> Result<(), LogError> {
         weir_core::blocking::check("append");
         self.with(|s| {
@@ -142,7 +142,7 @@ impl Log for MemoryStore {
                 part.chunks.insert(base, chunk.bytes.clone());
                 base += u64::from(chunk.header.count);
             }
-            if let Some((id, state)) = producer {
+            for &(id, state) in producers {
                 part.producers.insert(id, Bytes::copy_from_slice(state));
             }
         });

@@ -50,9 +50,9 @@ impl Log for SplitStore {
         tp: &TopicPartition,
         base_offset: u64,
         chunks: &[EncodedChunk],
-        producer: Option<(u64, &[u8])>,
+        producers: &[(u64, &[u8])],
     ) -> Result<(), LogError> {
-        self.log.append(tp, base_offset, chunks, producer)
+        self.log.append(tp, base_offset, chunks, producers)
     }
     fn read_chunk(&self, tp: &TopicPartition, base_offset: u64) -> Result<Option<Bytes>, LogError> {
         self.log.read_chunk(tp, base_offset)
@@ -114,8 +114,8 @@ impl Log for SplitStore {
     fn chunk_target_bytes(&self) -> usize {
         self.log.chunk_target_bytes()
     }
-    fn check_append(&self, chunks: &[EncodedChunk], with_producer: bool) -> Result<(), LogError> {
-        self.log.check_append(chunks, with_producer)
+    fn check_append(&self, chunks: &[EncodedChunk], producers: usize) -> Result<(), LogError> {
+        self.log.check_append(chunks, producers)
     }
 }
 

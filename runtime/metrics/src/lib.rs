@@ -44,6 +44,9 @@ pub struct Metrics {
     pub publish_records: Family<TopicLabel, Counter>,
     /// Encoded bytes appended, per topic.
     pub publish_bytes: Family<TopicLabel, Counter>,
+    /// Writes to a replicated log that carried publishes, per topic: one write covers every
+    /// publish to a partition queued while the one before it was in flight.
+    pub publish_log_writes: Family<TopicLabel, Counter>,
     /// Duration of each store sync (flush + fdatasync).
     pub fsync_seconds: Histogram,
     /// Plugin batch processing time (the guest call), per plugin.
@@ -80,6 +83,7 @@ impl Metrics {
         Metrics {
             publish_records: Family::default(),
             publish_bytes: Family::default(),
+            publish_log_writes: Family::default(),
             fsync_seconds: seconds_histogram(),
             plugin_batch_seconds: Family::new_with_constructor(seconds_histogram),
             plugin_commit_seconds: Family::new_with_constructor(seconds_histogram),
@@ -108,6 +112,11 @@ impl Metrics {
             "publish_bytes",
             "Encoded record bytes appended to the log",
             self.publish_bytes.clone(),
+        );
+        r.register(
+            "publish_log_writes",
+            "Writes to the replicated log that carried publishes (cluster mode: one write covers every publish to a partition queued while the one before it was in flight)",
+            self.publish_log_writes.clone(),
         );
         r.register(
             "fsync_seconds",

@@ -228,14 +228,14 @@ fn move_partition(
         records += u64::from(chunk.header.count);
         pending.push(chunk);
         if pending.len() == CHUNKS_PER_APPEND || bytes >= BYTES_PER_APPEND || i + 1 == bulk.len() {
-            target.append(tp, first, &std::mem::take(&mut pending), None)?;
+            target.append(tp, first, &std::mem::take(&mut pending), &[])?;
             bytes = 0;
         }
     }
     for ((base, _), (id, state)) in last.iter().zip(&producers) {
         let chunk = read(*base)?;
         records += u64::from(chunk.header.count);
-        target.append(tp, *base, &[chunk], Some((*id, state)))?;
+        target.append(tp, *base, &[chunk], &[(*id, &state[..])])?;
     }
     Ok(records)
 }

@@ -15,6 +15,7 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 
 mod follow;
+mod group;
 mod read;
 
 use super::producer::{ProducerState, SequenceCheck};
@@ -42,6 +43,11 @@ pub(crate) struct Partition {
     /// Serialises the partition's writers (append, catch-up, trim, producer removal); taken
     /// before `state`.
     writer: Mutex<()>,
+    /// On a shared log, appends waiting for the writer lock: the next writer appends them
+    /// all as one write (`group.rs`).
+    queue: Mutex<Vec<Arc<group::Queued>>>,
+    /// The topic's `publish_log_writes` counter.
+    log_writes: weir_metrics::Counter,
     /// The index must be rebuilt from the log before the next catch-up (a rebuild failed).
     rebuild: AtomicBool,
     state: Mutex<State>,
@@ -58,6 +64,22 @@ struct State {
 }
 
 impl State {
+    /// Indexes `chunks`, just stored from `base`, and moves the end past them.
+    fn index_appended(&mut self, base: u64, chunks: &[EncodedChunk]) {
+        let mut offset = base;
+        for chunk in chunks {
+            let meta = ChunkMeta {
+                count: chunk.header.count,
+                bytes: chunk.bytes.len() as u32,
+                max_timestamp_ms: chunk.header.max_timestamp_ms,
+            };
+            self.chunks.insert(offset, meta);
+            self.size += u64::from(meta.bytes);
+            offset += u64::from(meta.count);
+        }
+        self.next = offset;
+    }
+
     fn from_recovered(recovered: weir_log::RecoveredPartition) -> State {
         let mut chunks = BTreeMap::new();
         let mut size = 0;
@@ -100,10 +122,16 @@ impl Partition {
     pub(crate) fn recover(store: Arc<dyn Log>, tp: TopicPartition) -> Result<Arc<Self>, LogError> {
         let state = State::from_recovered(store.recover_partition(&tp)?);
         let next = state.next;
+        let log_writes = weir_metrics::global()
+            .publish_log_writes
+            .get_or_create(&weir_metrics::topic(&tp.topic))
+            .clone();
         Ok(Arc::new(Partition {
             tp,
             store,
             writer: Mutex::new(()),
+            queue: Mutex::new(Vec::new()),
+            log_writes,
             rebuild: AtomicBool::new(false),
             state: Mutex::new(state),
             visible: watch::channel(next).0,
@@ -148,7 +176,8 @@ impl Partition {
     }
 
     /// Appends encoded chunks holding `count` records at `now_ms`, with the idempotence check
-    /// when `producer` is given. Blocking (store write).
+    /// when `producer` is given. Blocking (store write). On a shared log, appends waiting for
+    /// one another are written together (`group.rs`).
     pub(crate) fn append(
         &self,
         chunks: &[EncodedChunk],
@@ -156,50 +185,15 @@ impl Partition {
         producer: Option<ProducerFields>,
         now_ms: i64,
     ) -> Result<Appended, BrokerError> {
-        let _writer = self.writer.lock();
-        let mut attempt = 0u32;
-        let mut caught_up = false;
-        loop {
-            match self.try_append(chunks, count, producer, now_ms) {
-                // In a shared log this node's view of the producer may be behind what other
-                // nodes appended for it: judge the sequence again on the current tail.
-                Err(
-                    BrokerError::SequenceGap { .. }
-                    | BrokerError::SequenceOutOfOrder { .. }
-                    | BrokerError::SequenceCountMismatch { .. }
-                    | BrokerError::StaleEpoch { .. },
-                ) if self.store.shared().is_some() && !caught_up => {
-                    caught_up = true;
-                    self.catch_up_held()?;
-                }
-                Err(BrokerError::WriteFailed {
-                    source: LogError::Fenced { .. },
-                }) if attempt < FENCE_RETRIES => {
-                    // Another node appended first: learn what it wrote (maybe this very
-                    // batch, sent through it by a retrying producer), then decide again.
-                    attempt += 1;
-                    if attempt > 2 {
-                        std::thread::sleep(std::time::Duration::from_millis(
-                            u64::from(attempt) * 5,
-                        ));
-                    }
-                    self.catch_up_held()?;
-                    caught_up = true;
-                }
-                other => {
-                    if self.store.shared().is_some() {
-                        // What the engine acknowledged is replicated: readers may see it.
-                        let end = self.state().next;
-                        self.publish_visible(end);
-                    }
-                    return other;
-                }
-            }
+        if self.store.shared().is_some() {
+            return self.append_grouped(chunks, count, producer, now_ms);
         }
+        let _writer = self.writer.lock();
+        self.try_append(chunks, count, producer, now_ms)
     }
 
-    /// One attempt; the caller holds the writer lock, so nothing else changes the state
-    /// between the check and the update after the write.
+    /// An append to a log no other process writes; the caller holds the writer lock, so
+    /// nothing else changes the state between the check and the update after the write.
     fn try_append(
         &self,
         chunks: &[EncodedChunk],
@@ -244,33 +238,16 @@ impl Partition {
         let encoded = new_producer_state
             .as_ref()
             .map(|(id, st)| (*id, st.encode()));
+        let producers: Vec<(u64, &[u8])> = encoded
+            .as_ref()
+            .map(|(id, b)| (*id, b.as_slice()))
+            .into_iter()
+            .collect();
         self.store
-            .append(
-                &self.tp,
-                base,
-                chunks,
-                encoded.as_ref().map(|(id, b)| (*id, b.as_slice())),
-            )
-            .map_err(|source| match source {
-                // A limit of the engine: nothing was stored, and a retry would fail the same.
-                LogError::TooLarge { .. } => BrokerError::InvalidArgument(source.to_string()),
-                // Its deletion (through any node) closed it: nothing was stored.
-                LogError::Closed { topic } => BrokerError::UnknownTopic(topic),
-                source => BrokerError::WriteFailed { source },
-            })?;
+            .append(&self.tp, base, chunks, &producers)
+            .map_err(append_error)?;
         let mut s = self.state();
-        let mut offset = base;
-        for chunk in chunks {
-            let meta = ChunkMeta {
-                count: chunk.header.count,
-                bytes: chunk.bytes.len() as u32,
-                max_timestamp_ms: chunk.header.max_timestamp_ms,
-            };
-            s.chunks.insert(offset, meta);
-            s.size += u64::from(meta.bytes);
-            offset += u64::from(meta.count);
-        }
-        s.next = offset;
+        s.index_appended(base, chunks);
         if let Some((id, st)) = new_producer_state {
             s.producers.insert(id, st);
         }
@@ -395,4 +372,15 @@ pub fn retention_plan(
         remove.push(base);
     }
     remove
+}
+
+/// What a failed store append means for the publish.
+fn append_error(source: LogError) -> BrokerError {
+    match source {
+        // A limit of the engine: nothing was stored, and a retry would fail the same.
+        LogError::TooLarge { .. } => BrokerError::InvalidArgument(source.to_string()),
+        // Its deletion (through any node) closed it: nothing was stored.
+        LogError::Closed { topic } => BrokerError::UnknownTopic(topic),
+        source => BrokerError::WriteFailed { source },
+    }
 }

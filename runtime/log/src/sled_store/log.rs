@@ -106,7 +106,7 @@ impl Log for SledStore {
         tp: &TopicPartition,
         base_offset: u64,
         chunks: &[EncodedChunk],
-        producer: Option<(u64, &[u8])>,
+        producers: &[(u64, &[u8])],
     ) -> Result<(), LogError> {
         weir_core::blocking::check("append");
         let tree = self.part(tp)?;
@@ -118,7 +118,7 @@ impl Log for SledStore {
             }
             base += u64::from(chunk.header.count);
         }
-        if let Some((id, state)) = producer {
+        for &(id, state) in producers {
             batch.insert(&producer_key(id), state);
         }
         tree.apply_batch(batch)?;

@@ -201,7 +201,7 @@ fn a_recreated_topic_starts_empty() {
             &tp,
             0,
             &crate::codec::encode_chunks(&records, 0, 1 << 15),
-            None,
+            &[],
         )
         .unwrap();
     store.put_topic(&config).unwrap();
