@@ -44,7 +44,13 @@ struct Write {
     producers: HashMap<u64, ProducerState>,
     base: u64,
     end: u64,
+    /// The chunks' encoded bytes.
+    bytes: usize,
 }
+
+/// The most chunk bytes one grouped write carries (one share alone may carry more): a batch
+/// the engine takes well within its time-outs, as the plugin changelog's group commit.
+const MAX_WRITE_BYTES: usize = 8 << 20;
 
 impl Partition {
     /// [`Partition::append`] on a shared log: queued, and appended with every share queued
@@ -69,10 +75,18 @@ impl Partition {
             if let Some(outcome) = mine.outcome.lock().take() {
                 return outcome;
             }
-            let group = std::mem::take(&mut *self.queue.lock());
-            if !group.iter().any(|q| Arc::ptr_eq(q, &mine)) {
+            let group = {
+                let mut queue = self.queue.lock();
+                if queue.iter().any(|q| Arc::ptr_eq(q, &mine)) {
+                    std::mem::take(&mut *queue)
+                } else {
+                    Vec::new()
+                }
+            };
+            if group.is_empty() {
                 // Taken by a writer that panicked before it answered: whether the write
-                // landed is unknown, as after a lost acknowledgement.
+                // landed is unknown, as after a lost acknowledgement. (The shares queued
+                // since stay for their own writers.)
                 return Err(BrokerError::WriteFailed {
                     source: LogError::Engine {
                         op: format!("append to {}", self.tp),
@@ -127,7 +141,6 @@ impl Partition {
                     self.log_writes.inc();
                     let mut s = self.state();
                     s.index_appended(write.base, &write.chunks);
-                    debug_assert_eq!(s.next, write.end);
                     s.producers.extend(write.producers);
                     drop(s);
                     return answer(&group, write.judged);
@@ -152,7 +165,8 @@ impl Partition {
     }
 
     /// Judges the group's shares in order against the partition's state, as far as one write
-    /// takes (the first share always fits: its publish was checked alone).
+    /// takes: the store's limit and [`MAX_WRITE_BYTES`] (the first share always fits: its
+    /// publish was checked alone).
     fn judge(&self, group: &[Arc<Queued>]) -> Write {
         let s = self.state();
         let mut write = Write {
@@ -161,6 +175,7 @@ impl Partition {
             producers: HashMap::new(),
             base: s.next,
             end: s.next,
+            bytes: 0,
         };
         for q in group {
             let mut after = None;
@@ -197,6 +212,11 @@ impl Partition {
                 }
             }
             let before = write.chunks.len();
+            let bytes: usize = q.chunks.iter().map(|c| c.bytes.len()).sum();
+            if before > 0 && write.bytes + bytes > MAX_WRITE_BYTES {
+                break;
+            }
+            write.bytes += bytes;
             write.chunks.extend(q.chunks.iter().cloned());
             let producers = write.producers.len()
                 + usize::from(
@@ -272,6 +292,11 @@ fn copy(e: &BrokerError) -> BrokerError {
         BrokerError::UnknownTopic(topic) => BrokerError::UnknownTopic(topic.clone()),
         BrokerError::InvalidArgument(why) => BrokerError::InvalidArgument(why.clone()),
         BrokerError::Unavailable(why) => BrokerError::Unavailable(why.clone()),
+        // Damage found while reading the tail stays damage (data loss, logged as such).
+        BrokerError::Storage(e) if e.is_damage() => BrokerError::Storage(LogError::Malformed {
+            what: "partition data".into(),
+            reason: e.to_string(),
+        }),
         other => BrokerError::Unavailable(other.to_string()),
     }
 }
