@@ -166,6 +166,55 @@ async fn publishes_queued_behind_a_write_share_the_next_one_and_are_each_answere
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_publishes_past_one_writes_bytes_wait_for_the_next_write_in_order() {
+    let (a, _b) = two_nodes();
+    let topic = "grouped-big";
+    a.create_topic(TopicConfig::new(topic, 1)).await.unwrap();
+    // Eight publishes of 3 MiB at once: a write carries at most 8 MiB, so the shares queued
+    // behind one write do not all fit in the next; the rest go back to the queue.
+    let mut tasks = Vec::new();
+    for w in 0..8u32 {
+        let node = a.clone();
+        tasks.push(tokio::spawn(async move {
+            let records: Vec<Record> = (0..30)
+                .map(|j| Record::from_value(format!("w{w}-{j}-{}", "x".repeat(100_000))))
+                .collect();
+            let ack = node.publish(to(topic, 0, records)).await.unwrap();
+            (ack[0].appended.base_offset, w)
+        }));
+    }
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.push(t.await.unwrap());
+    }
+    let stored = read_all(&a, topic, 0).await;
+    assert_eq!(stored.len(), 8 * 30, "every publish once");
+    assert!(
+        stored.iter().enumerate().all(|(i, (o, _))| *o == i as u64),
+        "dense offsets"
+    );
+    for (base, w) in acked {
+        for j in 0..30 {
+            let (offset, value) = &stored[(base + j) as usize];
+            assert_eq!(*offset, base + j);
+            assert!(
+                value.starts_with(&format!("w{w}-{j}-")),
+                "{offset}: {}",
+                &value[..10]
+            );
+        }
+    }
+    let writes = weir_metrics::global()
+        .publish_log_writes
+        .get_or_create(&weir_metrics::topic(topic))
+        .get();
+    assert!(
+        writes >= 3,
+        "{writes} writes carried 24 MiB: more than 8 MiB in one"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_through_the_other_node_returns_the_first_offsets_and_groups_are_shared() {
     let (a, b) = two_nodes();
     a.create_topic(TopicConfig::new("t", 2)).await.unwrap();
