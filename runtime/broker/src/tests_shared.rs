@@ -27,6 +27,33 @@ async fn read_all(b: &Broker, topic: &str, partition: u32) -> Vec<(u64, String)>
         .collect()
 }
 
+/// Both nodes, caught up, read the same `records` records of `topic`'s partition 0 at dense
+/// offsets, and each acknowledged `(base offset, first value)` is where its ack said.
+async fn assert_both_read(
+    a: &Broker,
+    b: &Broker,
+    topic: &str,
+    records: usize,
+    acked: &[(u64, String)],
+) {
+    b.follow_shared(true).await.unwrap();
+    a.follow_shared(true).await.unwrap();
+    let (on_a, on_b) = (read_all(a, topic, 0).await, read_all(b, topic, 0).await);
+    assert_eq!(on_a, on_b, "both nodes read the same log");
+    assert_eq!(on_a.len(), records, "every batch once");
+    assert!(
+        on_a.iter().enumerate().all(|(i, (o, _))| *o == i as u64),
+        "dense offsets"
+    );
+    let by_offset: BTreeMap<u64, String> = on_a.into_iter().collect();
+    for (offset, value) in acked {
+        assert_eq!(
+            &by_offset[offset], value,
+            "the ack said where the batch went"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appends_through_two_nodes_keep_offsets_dense_and_acks_true() {
     let (a, b) = two_nodes();
@@ -55,22 +82,7 @@ async fn concurrent_appends_through_two_nodes_keep_offsets_dense_and_acks_true()
     for t in tasks {
         acked.extend(t.await.unwrap());
     }
-    b.follow_shared(true).await.unwrap();
-    a.follow_shared(true).await.unwrap();
-    let (on_a, on_b) = (read_all(&a, "t", 0).await, read_all(&b, "t", 0).await);
-    assert_eq!(on_a, on_b, "both nodes read the same log");
-    assert_eq!(on_a.len(), 300);
-    assert!(
-        on_a.iter().enumerate().all(|(i, (o, _))| *o == i as u64),
-        "dense offsets"
-    );
-    let by_offset: BTreeMap<u64, String> = on_a.into_iter().collect();
-    for (offset, value) in acked {
-        assert_eq!(
-            by_offset[&offset], value,
-            "the ack said where the batch went"
-        );
-    }
+    assert_both_read(&a, &b, "t", 300, &acked).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,22 +149,7 @@ async fn publishes_queued_behind_a_write_share_the_next_one_and_are_each_answere
     for t in tasks {
         acked.extend(t.await.unwrap());
     }
-    a.follow_shared(false).await.unwrap();
-    b.follow_shared(false).await.unwrap();
-    let (on_a, on_b) = (read_all(&a, topic, 0).await, read_all(&b, topic, 0).await);
-    assert_eq!(on_a, on_b, "both nodes read the same log");
-    assert_eq!(on_a.len(), 8 * 10 * 5 + 4 * 10 * 3, "every batch once");
-    assert!(
-        on_a.iter().enumerate().all(|(i, (o, _))| *o == i as u64),
-        "dense offsets"
-    );
-    let by_offset: BTreeMap<u64, String> = on_a.into_iter().collect();
-    for (offset, value) in &acked {
-        assert_eq!(
-            &by_offset[offset], value,
-            "the ack said where the batch went"
-        );
-    }
+    assert_both_read(&a, &b, topic, 8 * 10 * 5 + 4 * 10 * 3, &acked).await;
     // 120 batches stored; through A, sixteen publishes at a time queue behind each write.
     let writes = weir_metrics::global()
         .publish_log_writes

@@ -11,8 +11,8 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::{append_error, Appended, Partition, ProducerFields, FENCE_RETRIES};
-use crate::producer::{ProducerState, SequenceCheck};
+use super::{append_error, Appended, Partition, ProducerFields, Sequenced, FENCE_RETRIES};
+use crate::producer::ProducerState;
 use crate::BrokerError;
 use weir_log::{EncodedChunk, LogError};
 
@@ -178,39 +178,23 @@ impl Partition {
             bytes: 0,
         };
         for q in group {
-            let mut after = None;
-            if let Some(p) = q.producer {
-                let current = write
+            let current = q.producer.and_then(|p| {
+                write
                     .producers
                     .get(&p.producer_id)
-                    .or_else(|| s.producers.get(&p.producer_id));
-                let count = u64::from(q.count);
-                match ProducerState::check(current, p.epoch, p.base_sequence, count) {
-                    Ok(SequenceCheck::Duplicate { base_offset }) => {
-                        write.judged.push(Judged::Duplicate(Appended {
-                            base_offset,
-                            count: q.count,
-                            duplicate: true,
-                        }));
-                        continue;
-                    }
-                    Ok(SequenceCheck::Append) => {
-                        after = Some(ProducerState::after_append(
-                            current,
-                            p.epoch,
-                            p.base_sequence,
-                            count,
-                            write.end,
-                            q.now_ms,
-                        ));
-                    }
-                    Err(e) => {
-                        let refused = BrokerError::sequence(p.producer_id, &self.tp, e);
-                        write.judged.push(Judged::Refused(refused));
-                        continue;
-                    }
+                    .or_else(|| s.producers.get(&p.producer_id))
+            });
+            let after = match self.sequence(current, q.producer, q.count, write.end, q.now_ms) {
+                Ok(Sequenced::Append(after)) => after,
+                Ok(Sequenced::Duplicate(appended)) => {
+                    write.judged.push(Judged::Duplicate(appended));
+                    continue;
                 }
-            }
+                Err(refused) => {
+                    write.judged.push(Judged::Refused(refused));
+                    continue;
+                }
+            };
             let before = write.chunks.len();
             let bytes: usize = q.chunks.iter().map(|c| c.bytes.len()).sum();
             if before > 0 && write.bytes + bytes > MAX_WRITE_BYTES {
@@ -233,8 +217,8 @@ impl Partition {
                 .iter()
                 .map(|c| u64::from(c.header.count))
                 .sum::<u64>();
-            if let (Some(p), Some(state)) = (q.producer, after) {
-                write.producers.insert(p.producer_id, state);
+            if let Some((id, state)) = after {
+                write.producers.insert(id, state);
             }
         }
         write

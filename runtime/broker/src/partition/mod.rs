@@ -107,6 +107,14 @@ impl State {
     }
 }
 
+/// What a batch comes to against its producer's state.
+enum Sequenced {
+    /// A retry of a batch stored already: nothing to append.
+    Duplicate(Appended),
+    /// To be appended, with its producer's state after it (if it has one).
+    Append(Option<(u64, ProducerState)>),
+}
+
 /// Result of appending one partition's share of a publish.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Appended {
@@ -203,37 +211,11 @@ impl Partition {
     ) -> Result<Appended, BrokerError> {
         let (base, new_producer_state) = {
             let s = self.state();
-            let base = s.next;
-            let new_producer_state = match producer {
-                None => None,
-                Some(p) => match ProducerState::check(
-                    s.producers.get(&p.producer_id),
-                    p.epoch,
-                    p.base_sequence,
-                    u64::from(count),
-                ) {
-                    Ok(SequenceCheck::Duplicate { base_offset }) => {
-                        return Ok(Appended {
-                            base_offset,
-                            count,
-                            duplicate: true,
-                        })
-                    }
-                    Ok(SequenceCheck::Append) => Some((
-                        p.producer_id,
-                        ProducerState::after_append(
-                            s.producers.get(&p.producer_id),
-                            p.epoch,
-                            p.base_sequence,
-                            u64::from(count),
-                            base,
-                            now_ms,
-                        ),
-                    )),
-                    Err(e) => return Err(BrokerError::sequence(p.producer_id, &self.tp, e)),
-                },
-            };
-            (base, new_producer_state)
+            let current = producer.and_then(|p| s.producers.get(&p.producer_id));
+            match self.sequence(current, producer, count, s.next, now_ms)? {
+                Sequenced::Duplicate(appended) => return Ok(appended),
+                Sequenced::Append(after) => (s.next, after),
+            }
         };
         let encoded = new_producer_state
             .as_ref()
@@ -256,6 +238,44 @@ impl Partition {
             count,
             duplicate: false,
         })
+    }
+
+    /// Judges a batch of `count` records that would be stored at `base` against its
+    /// producer's `current` state (none for a publish without producer fields).
+    ///
+    /// # Errors
+    /// The producer's sequence or epoch refuses it.
+    fn sequence(
+        &self,
+        current: Option<&ProducerState>,
+        producer: Option<ProducerFields>,
+        count: u32,
+        base: u64,
+        now_ms: i64,
+    ) -> Result<Sequenced, BrokerError> {
+        let Some(p) = producer else {
+            return Ok(Sequenced::Append(None));
+        };
+        let records = u64::from(count);
+        match ProducerState::check(current, p.epoch, p.base_sequence, records) {
+            Ok(SequenceCheck::Duplicate { base_offset }) => Ok(Sequenced::Duplicate(Appended {
+                base_offset,
+                count,
+                duplicate: true,
+            })),
+            Ok(SequenceCheck::Append) => Ok(Sequenced::Append(Some((
+                p.producer_id,
+                ProducerState::after_append(
+                    current,
+                    p.epoch,
+                    p.base_sequence,
+                    records,
+                    base,
+                    now_ms,
+                ),
+            )))),
+            Err(e) => Err(BrokerError::sequence(p.producer_id, &self.tp, e)),
+        }
     }
 
     /// Lets readers see records up to `end` (called once they are as durable as promised).
