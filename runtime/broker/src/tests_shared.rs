@@ -209,6 +209,10 @@ async fn queued_publishes_past_one_writes_bytes_wait_for_the_next_write_in_order
         writes >= 3,
         "{writes} writes carried 24 MiB: more than 8 MiB in one"
     );
+    assert!(
+        writes < 8,
+        "{writes} writes for 8 publishes queued at once: none grouped"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use super::{append_error, Appended, Partition, ProducerFields, Sequenced, FENCE_RETRIES};
 use crate::producer::ProducerState;
 use crate::BrokerError;
-use weir_log::{EncodedChunk, LogError};
+use weir_log::{EncodedChunk, LogError, GROUP_MAX_BYTES};
 
 /// One publish's share of a partition, waiting for the writer lock.
 pub(super) struct Queued {
@@ -47,10 +47,6 @@ struct Write {
     /// The chunks' encoded bytes.
     bytes: usize,
 }
-
-/// The most chunk bytes one grouped write carries (one share alone may carry more): a batch
-/// the engine takes well within its time-outs, as the plugin changelog's group commit.
-const MAX_WRITE_BYTES: usize = 8 << 20;
 
 impl Partition {
     /// [`Partition::append`] on a shared log: queued, and appended with every share queued
@@ -165,8 +161,8 @@ impl Partition {
     }
 
     /// Judges the group's shares in order against the partition's state, as far as one write
-    /// takes: the store's limit and [`MAX_WRITE_BYTES`] (the first share always fits: its
-    /// publish was checked alone).
+    /// takes: the store's limit and [`GROUP_MAX_BYTES`], the plugin changelog's bound too (the
+    /// first share always fits: its publish was checked alone).
     fn judge(&self, group: &[Arc<Queued>]) -> Write {
         let s = self.state();
         let mut write = Write {
@@ -197,7 +193,7 @@ impl Partition {
             };
             let before = write.chunks.len();
             let bytes: usize = q.chunks.iter().map(|c| c.bytes.len()).sum();
-            if before > 0 && write.bytes + bytes > MAX_WRITE_BYTES {
+            if before > 0 && write.bytes + bytes > GROUP_MAX_BYTES {
                 break;
             }
             write.bytes += bytes;
