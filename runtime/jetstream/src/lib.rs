@@ -21,7 +21,9 @@
 //! subject: of two nodes appending at the same offset the engine lets exactly one through,
 //! the other gets [`LogError::Fenced`], reads the tail and decides again. A batch is
 //! acknowledged once the stream's quorum has it, which is what an acknowledged publish
-//! promises in cluster mode. Reads go to the stream leader (never a lagging replica).
+//! promises in cluster mode. Reading a partition's tail goes many messages per request to any
+//! replica (direct gets; a follower may lag) but ends only on the stream leader's answer that
+//! nothing follows, so no read ends short of what was acknowledged (direct.rs).
 //!
 //! The [`Log`](weir_log::Log) seam is blocking; this crate runs its NATS client on a runtime
 //! of its own and blocks the calling thread (the broker calls the store from tokio's blocking
@@ -31,6 +33,7 @@
 
 mod changelog;
 mod close;
+mod direct;
 mod log;
 mod meta;
 mod names;
@@ -171,6 +174,8 @@ pub struct JetStreamLog {
     /// Topic → the name of its stream, as its stored config says (a name new at every
     /// creation; topics created before that use [`Names::topic_stream`]).
     topic_streams: Mutex<HashMap<String, String>>,
+    /// Streams whose tail is read from the leader only until then (a direct get failed).
+    direct_benched: Mutex<HashMap<String, std::time::Instant>>,
     /// Metadata subjects written over ([`JetStreamLog::meta_put_over`]) → the sequence of
     /// this node's last acknowledged write there (the next write's compare-and-set).
     meta_seqs_known: Mutex<HashMap<String, u64>>,
@@ -244,6 +249,7 @@ impl JetStreamLog {
             kv: Mutex::new(None),
             meta_seqs_known: Mutex::new(HashMap::new()),
             topic_streams: Mutex::new(HashMap::new()),
+            direct_benched: Mutex::new(HashMap::new()),
         })
     }
 

@@ -136,8 +136,11 @@ pub(crate) fn advance(st: &mut PartState, walked: &Walked, seq: u64) -> bool {
 }
 
 impl JetStreamLog {
-    /// Reads every message of a partition after `st.walked_seq`, from the stream leader,
-    /// applying chunks that continue the partition to `st` and handing each to `seen`.
+    /// Reads every message of a partition after `st.walked_seq`, applying chunks that
+    /// continue the partition to `st` and handing each to `seen`. It reads in batches from
+    /// any replica where the stream allows it (direct.rs), one message per request from the
+    /// leader otherwise, and ends only when the leader has nothing after what it read: a
+    /// lagging follower can slow a walk, never shorten it.
     pub(crate) async fn walk(
         &self,
         tp: &TopicPartition,
@@ -147,7 +150,24 @@ impl JetStreamLog {
         st.walk_complete = false;
         let stream = self.stream(&tp.topic).await?;
         let filter = self.names.partition_subjects(&tp.topic, tp.partition);
+        let direct = stream.cached_info().config.allow_direct;
+        let name = stream.cached_info().config.name.clone();
         loop {
+            if direct {
+                let batch = self
+                    .try_direct_batch(&name, &filter, st.walked_seq + 1)
+                    .await;
+                if let Some(batch) = batch.filter(|b| !b.is_empty()) {
+                    for m in batch {
+                        let walked =
+                            classify_parts(&m.subject, m.seq, Some(&m.headers), &m.payload);
+                        if advance(st, &walked, m.seq) {
+                            seen(walked);
+                        }
+                    }
+                    continue;
+                }
+            }
             let got = stream
                 .raw_message_builder()
                 .sequence(st.walked_seq + 1)

@@ -281,6 +281,8 @@ impl JetStreamLog {
             storage: jetstream::stream::StorageType::File,
             allow_rollup: true,
             allow_atomic_publish: true,
+            // Walks read the tail many messages per request (direct.rs).
+            allow_direct: true,
             // The fence, not the duplicate window, keeps appends unique.
             duplicate_window: Duration::from_secs(1),
             max_message_size: -1,

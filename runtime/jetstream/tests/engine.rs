@@ -178,3 +178,63 @@ fn changelogs_fence_roll_up_and_carry_plugin_state_between_nodes() {
         Some(b"1".as_slice())
     );
 }
+
+/// A tail of more messages and more bytes than one direct-get batch holds (256 messages,
+/// 4 MiB) is read whole, in order, with the newest producer state; so is a whole partition
+/// recovered on a fresh connection. Topic streams allow direct gets (how the tail is read).
+#[test]
+fn a_tail_longer_than_a_batch_is_read_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = cluster(dir.path());
+    let (a, b) = (connect(&c, "t4"), connect(&c, "t4"));
+    let config = TopicConfig::new("burst", 1);
+    a.put_topic(&config).unwrap();
+    b.load_topics().unwrap();
+    let tp = TopicPartition::new("burst", 0);
+    a.recover_partition(&tp).unwrap();
+    b.recover_partition(&tp).unwrap();
+    let mut next = 0u64;
+    // ~7.5 MB in messages of ~128 KiB, then 300 one-record appends with producer states.
+    for i in 0..50u8 {
+        let chunks = codec::encode_chunks(&records(100, 1500, i), 1, 128 * 1024);
+        a.append(&tp, next, &chunks, &[]).unwrap();
+        next += 100;
+    }
+    for i in 0..300u32 {
+        let chunks = codec::encode_chunks(&records(1, 10, 7), 1, 128 * 1024);
+        let state = i.to_be_bytes();
+        a.append(&tp, next, &chunks, &[(9, &state[..])]).unwrap();
+        next += 1;
+    }
+    let tail = b.tail(&tp).unwrap();
+    assert!(!tail.partial);
+    let mut end = 0u64;
+    for (base, meta) in &tail.chunks {
+        assert_eq!(*base, end, "chunks in order, none missing");
+        end += u64::from(meta.count);
+    }
+    assert_eq!(end, next);
+    assert_eq!(
+        tail.producers.last(),
+        Some(&(9, Bytes::copy_from_slice(&299u32.to_be_bytes())))
+    );
+    // B appends after what it read: its view is the partition's end.
+    let mine = codec::encode_chunks(&records(2, 10, 8), 2, 128 * 1024);
+    b.append(&tp, next, &mine, &[]).unwrap();
+    let fresh = connect(&c, "t4");
+    let r = fresh.recover_partition(&tp).unwrap();
+    let count: u64 = r.chunks.iter().map(|(_, m)| u64::from(m.count)).sum();
+    assert_eq!(count, next + 2);
+    assert_eq!(
+        r.producers,
+        vec![(9, Bytes::copy_from_slice(&299u32.to_be_bytes()))]
+    );
+    let stream = a.incarnation("burst").expect("the topic's stream");
+    let allows_direct = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let client = async_nats::connect(c.urls()[0].as_str()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let s = js.get_stream(&stream).await.unwrap();
+        s.cached_info().config.allow_direct
+    });
+    assert!(allows_direct, "topic streams allow direct gets");
+}

@@ -245,6 +245,11 @@ fn a_topic_written_by_the_previous_layout_opens_and_is_deleted() {
     b.load_topics().unwrap();
     let recovered = b.recover_partition(&tp).unwrap();
     assert_eq!(recovered.chunks.len(), 1);
+    // Its stream does not allow direct gets: the tail is read from the leader.
+    a.append(&tp, 3, &chunk, &[]).unwrap();
+    let tail = b.tail(&tp).unwrap();
+    assert_eq!(tail.chunks.len(), 1);
+    assert_eq!(tail.chunks[0].0, 3);
     assert!(
         c.stream_leader(&names.topic_stream(&config.name)).is_some(),
         "the old stream is the topic's"
