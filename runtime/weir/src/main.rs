@@ -45,7 +45,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
@@ -86,5 +86,37 @@ fn no_transparent_huge_pages() {
         if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, off, zero, zero, zero) } != 0 {
             tracing::debug!(message = "Could not turn transparent huge pages off.", error = %std::io::Error::last_os_error());
         }
+    }
+}
+
+/// An error and its causes joined by ": ", leaving out a cause whose words the message before
+/// it already ends with (errors that print their source, `#[error("plugins: {0}")]`, would
+/// otherwise say everything twice).
+fn describe(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let words = cause.to_string();
+        if text.is_empty() {
+            text = words;
+        } else if !text.ends_with(&words) {
+            text.push_str(": ");
+            text.push_str(&words);
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe;
+
+    #[test]
+    fn a_cause_the_message_already_ends_with_is_said_once() {
+        let said_twice =
+            anyhow::Error::from(std::io::Error::other("disk full")).context("plugins: disk full");
+        assert_eq!(describe(&said_twice), "plugins: disk full");
+        let chained =
+            anyhow::Error::from(std::io::Error::other("disk full")).context("cannot write");
+        assert_eq!(describe(&chained), "cannot write: disk full");
     }
 }

@@ -96,8 +96,7 @@ impl PluginManager {
             failing_since: Mutex::new(None),
             looking_since: Mutex::new(None),
         });
-        let store = manager.seams.store.clone();
-        for spec in blocking(move || Ok(store.specs()?)).await? {
+        for spec in manager.stored_specs().await? {
             let spec = manager.bounded(spec, true);
             // Plugins deployed before producer ownership was recorded: their producers become
             // the server's, so no client can fence or impersonate them.
@@ -112,6 +111,27 @@ impl PluginManager {
             tracing::info!(message = "Plugin restarted.", plugin = %name);
         }
         Ok(manager)
+    }
+
+    /// The deployed plugins' specs. In cluster mode a node may start while the NATS cluster
+    /// is still electing the leaders of weir's streams (a fresh cluster, or nodes started
+    /// together): a read that gets no answer is tried again for up to a minute before the
+    /// node gives up, the way it waits for the servers to accept its connection.
+    async fn stored_specs(&self) -> Result<Vec<PluginSpec>, ManagerError> {
+        const PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            let store = self.seams.store.clone();
+            match blocking(move || Ok(store.specs()?)).await {
+                Err(ManagerError::Storage(e @ weir_log::LogError::Engine { .. }))
+                    if self.seams.cluster.is_some() && std::time::Instant::now() < deadline =>
+                {
+                    tracing::warn!(message = "The replicated log did not answer a read of the deployed plugins; trying again (a NATS cluster elects its leaders in seconds).", error = %e);
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Whether this node runs `name` (always, outside cluster mode): it holds the lease and
