@@ -55,7 +55,8 @@ impl Server {
         fsync: &str,
         extra: &[&str],
     ) -> Result<Server> {
-        let mut child = Command::new(bin)
+        let mut command = Command::new(bin);
+        command
             .args([
                 "serve",
                 "--listen",
@@ -65,17 +66,30 @@ impl Server {
                 "--data-dir",
             ])
             .arg(data_dir)
-            .args(extra)
+            .args(extra);
+        Self::spawn(command)
+    }
+
+    /// `weir bench discard-server`: the API with nothing stored, the gRPC ceiling.
+    pub(crate) fn start_discard(bin: &Path) -> Result<Server> {
+        let mut command = Command::new(bin);
+        command.args(["bench", "discard-server", "--listen", "127.0.0.1:0"]);
+        Self::spawn(command)
+    }
+
+    /// Starts `command`, which prints `weir listening on ADDR` first on its stdout.
+    fn spawn(mut command: Command) -> Result<Server> {
+        let mut child = command
             .env("WEIR_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()
-            .context("starting weir serve")?;
+            .context("starting weir")?;
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line)?;
         let addr = line
             .trim()
             .strip_prefix("weir listening on ")
-            .with_context(|| format!("weir serve did not start: {line:?}"))?;
+            .with_context(|| format!("the weir server did not start: {line:?}"))?;
         Ok(Server {
             url: format!("http://{addr}"),
             child,
@@ -122,14 +136,16 @@ pub(crate) fn weir(bin: &Path, server: &Server, args: &[&str]) -> Result<String>
 /// fsync policy, three runs each; prints every run and the median.
 pub fn bench(args: &[String]) -> Result<()> {
     let usage =
-        "usage: cargo xtask bench [--records N] [--plugins-only] [--soak [SECONDS]] [--cluster [--baseline-bin PATH]]";
+        "usage: cargo xtask bench [--records N] [--plugins-only | --publish-only] [--soak [SECONDS]] [--cluster [--baseline-bin PATH]]";
     let (mut records, mut plugins_only, mut soak) = ("1000000".to_string(), false, None);
+    let mut publish_only = false;
     let (mut cluster, mut baseline) = (false, None);
     let mut rest = args.iter().peekable();
     while let Some(arg) = rest.next() {
         match arg.as_str() {
             "--records" => records = rest.next().context(usage)?.clone(),
             "--plugins-only" => plugins_only = true,
+            "--publish-only" => publish_only = true,
             "--cluster" => cluster = true,
             // Another weir build measured in the same rounds (before/after a change).
             "--baseline-bin" => baseline = Some(PathBuf::from(rest.next().context(usage)?)),
@@ -145,6 +161,9 @@ pub fn bench(args: &[String]) -> Result<()> {
             _ => bail!(usage),
         }
     }
+    if plugins_only && publish_only {
+        bail!("--plugins-only and --publish-only leave nothing to run; {usage}");
+    }
     let bin = build_release()?;
     if let Some(secs) = soak {
         return bench_soak(&bin, secs);
@@ -153,10 +172,16 @@ pub fn bench(args: &[String]) -> Result<()> {
         if !plugins_only {
             crate::bench_cluster::bench_cluster(&bin, &records)?;
         }
+        if publish_only {
+            return Ok(());
+        }
         return crate::bench_cluster::bench_cluster_plugins(&bin, baseline.as_deref(), &records);
     }
     if !plugins_only {
         bench_publish(&bin, &records)?;
+    }
+    if publish_only {
+        return Ok(());
     }
     bench_plugins(&bin, &records)
 }
@@ -167,18 +192,30 @@ fn bench_publish(bin: &Path, records: &str) -> Result<()> {
     println!(
         "baseline: raw sequential write of 256 MiB in 1 MiB writes + fdatasync: {disk:.0} MB/s\n"
     );
-    for fsync in ["always", "never"] {
+    // The first "policy" is no storage at all: `weir bench discard-server` decodes each
+    // publish and acknowledges it (issue 23's ceiling for durable publish).
+    let mut medians = Vec::new();
+    for fsync in ["discard", "always", "never"] {
         let mut rates = Vec::new();
         for round in 1..=3 {
             let data = std::env::temp_dir()
                 .join(format!("weir-bench-{}-{fsync}-{round}", std::process::id()));
             let _ = std::fs::remove_dir_all(&data);
-            let server = Server::start(bin, &data, fsync)?;
+            let server = if fsync == "discard" {
+                Server::start_discard(bin)?
+            } else {
+                Server::start(bin, &data, fsync)?
+            };
             let out = weir(bin, &server, &publish_args(records))?;
             let written = written_bytes(server.child.id());
             server.stop()?;
             std::fs::remove_dir_all(&data).ok();
-            println!("fsync {fsync}, run {round}:\n{out}");
+            let label = if fsync == "discard" {
+                "no storage (weir bench discard-server)".to_string()
+            } else {
+                format!("fsync {fsync}")
+            };
+            println!("{label}, run {round}:\n{out}");
             let field = |prefix: &str| -> Result<f64> {
                 out.lines()
                     .find_map(|l| l.strip_prefix(prefix))
@@ -188,18 +225,29 @@ fn bench_publish(bin: &Path, records: &str) -> Result<()> {
             };
             let rate = throughput(&out)?;
             let payload_mb = field(&format!("{records} records ("))?;
-            if let Some(written) = written {
+            if let Some(written) = written.filter(|_| fsync != "discard") {
                 println!("server wrote {:.0} MB to disk for {payload_mb:.0} MB of keys and values ({:.1}x)", written / 1e6, written / 1e6 / payload_mb);
             }
             rates.push(rate);
             std::thread::sleep(Duration::from_millis(500));
         }
         rates.sort_by(f64::total_cmp);
+        let label = if fsync == "discard" {
+            "no storage".to_string()
+        } else {
+            format!("fsync {fsync}")
+        };
         println!(
-            "fsync {fsync}: median {:.0} records/s (runs: {:?})\n",
+            "{label}: median {:.0} records/s (runs: {:?})\n",
             rates[1], rates
         );
+        medians.push(rates[1]);
     }
+    println!(
+        "durable publish / no-storage gRPC ceiling: fsync always {:.2}x, never {:.2}x",
+        medians[1] / medians[0],
+        medians[2] / medians[0]
+    );
     Ok(())
 }
 

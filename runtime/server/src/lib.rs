@@ -10,6 +10,7 @@
 pub mod auth;
 mod background;
 mod config;
+pub mod discard;
 mod io;
 pub mod limits;
 pub mod local;

@@ -25,6 +25,9 @@ pub enum BenchCommand {
     /// Memory over a long steady load: orders from many users through three plugins, the
     /// server's RSS sampled; fails if it keeps growing after the warm-up.
     Soak(super::soak::SoakBench),
+    /// Serve weir's publish API with nothing behind it (records decoded and discarded): the
+    /// gRPC ceiling to measure `weir serve` against with `weir bench publish`.
+    DiscardServer(super::bench_ceiling::DiscardServer),
 }
 
 /// Arguments of `weir bench publish`.
@@ -81,6 +84,7 @@ pub(super) async fn run(
         }
         BenchCommand::Soak(args) => super::soak::run(client, args).await?,
         BenchCommand::Plugin(args) => super::bench_plugin::run(client, args).await?,
+        BenchCommand::DiscardServer(args) => super::bench_ceiling::run(args, shutdown).await?,
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 mod auth;
 mod bench;
+mod bench_ceiling;
 mod bench_placed;
 mod bench_plugin;
 mod consume;
@@ -322,6 +323,9 @@ pub async fn run(cli: Cli, shutdown: CancellationToken) -> anyhow::Result<()> {
         Command::Lag(args) => lag::run(&remote.connect().await?, args, shutdown).await,
         Command::State(cmd) => plugin::state(&remote.connect().await?, cmd).await,
         Command::Test(args) => test::run(args).await,
+        Command::Bench(bench::BenchCommand::DiscardServer(args)) => {
+            bench_ceiling::run(args, shutdown).await
+        }
         Command::Bench(cmd) => bench::run(&remote.connect().await?, cmd, shutdown).await,
         Command::Auth(cmd) => auth::run(cmd),
         Command::Migrate(args) => migrate::run(args).await,
