@@ -71,6 +71,24 @@ impl MemoryChangelog {
         self.inner.lock().hook = Some((log.to_string(), Box::new(hook)));
     }
 
+    /// The next `n` reads of any log (its last position or its entries) fail without an
+    /// answer (a stream whose leader is still being elected).
+    pub fn fail_next_reads(&self, n: usize) {
+        self.inner.lock().failing_reads = n;
+    }
+
+    fn read_fails(&self, log: &str) -> Result<(), LogError> {
+        let mut inner = self.inner.lock();
+        if inner.failing_reads == 0 {
+            return Ok(());
+        }
+        inner.failing_reads -= 1;
+        Err(LogError::Engine {
+            op: format!("read {log}"),
+            reason: "request timed out: the stream has no leader yet (test)".into(),
+        })
+    }
+
     /// Whether a hook set with [`MemoryChangelog::before_next_append`] is still waiting.
     pub fn hook_pending(&self) -> bool {
         self.inner.lock().hook.is_some()
@@ -83,6 +101,7 @@ type Hook = (String, Box<dyn FnOnce() + Send>);
 struct MemoryInner {
     lose_ack: bool,
     fail_next: bool,
+    failing_reads: usize,
     hook: Option<Hook>,
     next_seq: u64,
     logs: HashMap<String, BTreeMap<u64, Entry>>,
@@ -146,6 +165,7 @@ impl Changelog for MemoryChangelog {
     }
 
     fn last_position(&self, log: &str) -> Result<u64, LogError> {
+        self.read_fails(log)?;
         Ok(self
             .inner
             .lock()
@@ -156,6 +176,7 @@ impl Changelog for MemoryChangelog {
     }
 
     fn read_entries(&self, log: &str, after: u64, limit: usize) -> Result<Vec<Entry>, LogError> {
+        self.read_fails(log)?;
         Ok(self.inner.lock().logs.get(log).map_or_else(Vec::new, |e| {
             e.range(after + 1..)
                 .take(limit)

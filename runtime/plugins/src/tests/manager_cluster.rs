@@ -82,6 +82,22 @@ impl Node {
     }
 }
 
+/// A node that starts while the changelog cannot be read yet (a fresh NATS cluster electing
+/// its stream leaders) waits for it instead of failing to start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_starting_before_the_changelog_answers_waits_for_it() {
+    let changelog = Arc::new(MemoryChangelog::default());
+    changelog.fail_next_reads(2);
+    let started = std::time::Instant::now();
+    let node = Node::open(replicated(&changelog)).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "it read the registry again after each failure, a second apart"
+    );
+    assert!(node.manager.list().is_empty());
+    node.shut().await;
+}
+
 /// A node takes a plugin over (its lease is this node's, the takeover entry lands) and then
 /// cannot open it (a malformed entry in its store). It must not count itself the plugin's
 /// runner: it used to stay marked active, the cluster loop never tried again while this live
