@@ -17,8 +17,8 @@ use crate::{engine, JetStreamLog};
 
 /// Messages asked for per batch.
 const BATCH_MESSAGES: usize = 256;
-/// Bytes asked for per batch: the server stops after the message that passes it (a chunk
-/// is at most 256 KiB plus its headers, so a batch stays under ~4.3 MiB).
+/// Bytes asked for per batch: the server stops after the message that passes it (a message
+/// is at most a 512 KiB fragment plus its headers, so a batch stays under ~4.6 MiB).
 const BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 /// How long a batch may take to begin and between its messages. A replica answers at once
@@ -27,6 +27,12 @@ const BATCH_BYTES: usize = 4 * 1024 * 1024;
 const PATIENCE: Duration = Duration::from_secs(1);
 /// How long a stream's tail is read from its leader only after a direct get failed.
 const BENCHED_FOR: Duration = Duration::from_secs(30);
+
+/// What one batch read.
+pub(crate) struct Batch {
+    /// In stream order, with no message of the filter missing between them.
+    pub(crate) messages: Vec<DirectMessage>,
+}
 
 /// One message of a batch.
 pub(crate) struct DirectMessage {
@@ -44,7 +50,7 @@ impl JetStreamLog {
         stream: &str,
         filter: &str,
         from: u64,
-    ) -> Option<Vec<DirectMessage>> {
+    ) -> Option<Batch> {
         {
             let mut benched = self.direct_benched.lock();
             match benched.get(stream) {
@@ -69,13 +75,14 @@ impl JetStreamLog {
 
     /// The messages of `filter` from sequence `from` on, as many as one batch holds, from
     /// whichever replica of `stream` answers (see the module's note on lagging followers).
-    /// Empty when that replica has none.
+    /// Empty when that replica has none, or when no replica answers direct gets right now
+    /// (a stream between leaders).
     pub(crate) async fn direct_batch(
         &self,
         stream: &str,
         filter: &str,
         from: u64,
-    ) -> Result<Vec<DirectMessage>, LogError> {
+    ) -> Result<Batch, LogError> {
         let what = format!("read {filter} from sequence {from} (direct get)");
         let failed = |e: &dyn std::fmt::Display| engine(&what, e);
         let request = serde_json::json!({
@@ -98,17 +105,31 @@ impl JetStreamLog {
             )
             .await
             .map_err(|e| failed(&e))?;
-        let mut out = Vec::new();
+        let mut out: Vec<DirectMessage> = Vec::new();
         loop {
             let patience = PATIENCE.min(self.options.request_timeout);
             let reply = tokio::time::timeout(patience, replies.next())
                 .await
                 .map_err(|_| failed(&format!("no answer within {patience:?}")))?
                 .ok_or_else(|| failed(&"the connection closed"))?;
+            // Each answer names the sequence of the one before it (0 for the first): a
+            // message lost on the way would otherwise be a message the walk skips.
+            let previous = out.last().map_or(0, |m| m.seq);
             match reply.status {
-                None => out.push(direct_message(reply).map_err(|e| failed(&e))?),
-                // The end of the batch, or nothing at all from `from` on.
-                Some(s) if s.as_u16() == 204 || s == StatusCode::NOT_FOUND => break,
+                None => {
+                    let m = direct_message(reply).map_err(|e| failed(&e))?;
+                    chained(&m.headers, previous).map_err(|e| failed(&e))?;
+                    out.push(m);
+                }
+                Some(s) if s.as_u16() == 204 => {
+                    let h = reply.headers.unwrap_or_default();
+                    chained(&h, previous).map_err(|e| failed(&e))?;
+                    return Ok(Batch { messages: out });
+                }
+                // Nothing from `from` on; no replica answers direct gets at the moment.
+                Some(s) if s == StatusCode::NOT_FOUND || s == StatusCode::NO_RESPONDERS => {
+                    return Ok(Batch { messages: out })
+                }
                 Some(s) => {
                     return Err(failed(&format!(
                         "status {} {}",
@@ -118,11 +139,10 @@ impl JetStreamLog {
                 }
             }
             // Older servers ignore `batch` and answer one message without the batch's end.
-            if out.len() == 1 && !has_pending(&out[0].headers) {
-                break;
+            if out.len() == 1 && number::<u64>(&out[0].headers, "Nats-Num-Pending").is_none() {
+                return Ok(Batch { messages: out });
             }
         }
-        Ok(out)
     }
 }
 
@@ -145,6 +165,16 @@ fn direct_message(m: async_nats::Message) -> Result<DirectMessage, String> {
     })
 }
 
-fn has_pending(h: &HeaderMap) -> bool {
-    h.get("Nats-Num-Pending").is_some()
+fn number<T: std::str::FromStr>(h: &HeaderMap, name: &str) -> Option<T> {
+    h.get(name)?.as_str().parse().ok()
+}
+
+/// Checks that a batch's answer follows the message before it (`Nats-Last-Sequence`).
+fn chained(h: &HeaderMap, previous: u64) -> Result<(), String> {
+    match number::<u64>(h, "Nats-Last-Sequence") {
+        Some(last) if last != previous => Err(format!(
+            "a direct get batch lost a message: an answer follows sequence {last}, the last one received was {previous}"
+        )),
+        _ => Ok(()),
+    }
 }

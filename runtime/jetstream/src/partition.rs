@@ -152,13 +152,16 @@ impl JetStreamLog {
         let filter = self.names.partition_subjects(&tp.topic, tp.partition);
         let direct = stream.cached_info().config.allow_direct;
         let name = stream.cached_info().config.name.clone();
+        // Batches first, from whichever replica answers, and the leader only once they run
+        // dry: under load the leader's one-message answers are the slow part (asking it first
+        // brought the ~10 s chase back in half the runs, BENCHMARKS.md).
         loop {
             if direct {
                 let batch = self
                     .try_direct_batch(&name, &filter, st.walked_seq + 1)
                     .await;
-                if let Some(batch) = batch.filter(|b| !b.is_empty()) {
-                    for m in batch {
+                if let Some(batch) = batch.filter(|b| !b.messages.is_empty()) {
+                    for m in batch.messages {
                         let walked =
                             classify_parts(&m.subject, m.seq, Some(&m.headers), &m.payload);
                         if advance(st, &walked, m.seq) {
@@ -168,23 +171,58 @@ impl JetStreamLog {
                     continue;
                 }
             }
-            let got = stream
-                .raw_message_builder()
-                .sequence(st.walked_seq + 1)
-                .next_by_subject(filter.clone())
-                .send()
-                .await;
-            let m = match got {
-                Ok(m) => m,
-                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {
-                    st.walk_complete = true;
-                    return Ok(());
-                }
-                Err(e) => return Err(engine(&format!("read the tail of {tp}"), e)),
+            let Some(m) = self
+                .leader_next(&stream, tp, st.walked_seq + 1, &filter)
+                .await?
+            else {
+                st.walk_complete = true;
+                return Ok(());
             };
             let walked = classify(&m);
             if advance(st, &walked, m.sequence) {
                 seen(walked);
+            }
+        }
+    }
+
+    /// The stream leader's first message of `filter` from `seq` on (`None`: there is none).
+    ///
+    /// A request the leader never answers is asked again after a second, then two, and so
+    /// on up to the request timeout: the first read of a stream created a moment ago by
+    /// another node has gone unanswered (while its new leader settles in) and waited the
+    /// whole timeout — 10 s during which every publish through this node waited.
+    async fn leader_next(
+        &self,
+        stream: &async_nats::jetstream::stream::Stream,
+        tp: &TopicPartition,
+        seq: u64,
+        filter: &str,
+    ) -> Result<Option<async_nats::jetstream::message::StreamMessage>, LogError> {
+        let deadline = tokio::time::Instant::now() + self.options.request_timeout;
+        let mut patience = std::time::Duration::from_secs(1);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let ask = stream
+                .raw_message_builder()
+                .sequence(seq)
+                .next_by_subject(filter.to_string())
+                .send();
+            match tokio::time::timeout(patience.min(left), ask).await {
+                Ok(Ok(m)) => return Ok(Some(m)),
+                Ok(Err(e)) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {
+                    return Ok(None)
+                }
+                Ok(Err(e)) => return Err(engine(&format!("read the tail of {tp}"), e)),
+                Err(_) if patience < left => {
+                    tracing::debug!(message = "The stream leader did not answer a read; asking again.", partition = %tp, waited_ms = patience.as_millis() as u64);
+                    patience *= 2;
+                }
+                Err(_) => {
+                    return Err(engine(
+                        &format!("read the tail of {tp}"),
+                        "the stream leader did not answer within the request timeout",
+                    ))
+                }
             }
         }
     }

@@ -89,8 +89,8 @@ fn no_transparent_huge_pages() {
     }
 }
 
-/// An error and its causes joined by ": ", leaving out a cause whose words the message before
-/// it already ends with (errors that print their source, `#[error("plugins: {0}")]`, would
+/// An error and its causes joined by ": ", leaving out a cause the message before it already
+/// ends with as its own clause (errors that print their source, `#[error("plugins: {0}")]`, would
 /// otherwise say everything twice).
 fn describe(e: &anyhow::Error) -> String {
     let mut text = String::new();
@@ -98,7 +98,7 @@ fn describe(e: &anyhow::Error) -> String {
         let words = cause.to_string();
         if text.is_empty() {
             text = words;
-        } else if !text.ends_with(&words) {
+        } else if text != words && !text.ends_with(&format!(": {words}")) {
             text.push_str(": ");
             text.push_str(&words);
         }
@@ -118,5 +118,8 @@ mod tests {
         let chained =
             anyhow::Error::from(std::io::Error::other("disk full")).context("cannot write");
         assert_eq!(describe(&chained), "cannot write: disk full");
+        let mid_word =
+            anyhow::Error::from(std::io::Error::other("used")).context("connection refused");
+        assert_eq!(describe(&mid_word), "connection refused: used");
     }
 }
