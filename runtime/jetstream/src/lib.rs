@@ -38,6 +38,7 @@ mod log;
 mod meta;
 mod names;
 mod partition;
+mod patient;
 mod recover;
 mod topics;
 

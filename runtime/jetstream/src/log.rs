@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 
-use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use bytes::Bytes;
 use weir_core::{TopicConfig, TopicPartition};
 use weir_log::{
@@ -369,17 +368,15 @@ impl SharedLog for JetStreamLog {
         let subject = self.names.chunk_subject(&tp.topic, tp.partition);
         let first = self.block_on(async {
             let stream = self.stream(&tp.topic).await?;
-            match stream
-                .raw_message_builder()
-                .sequence(1)
-                .next_by_subject(subject)
-                .send()
-                .await
-            {
-                Ok(m) => Ok(header::<u64>(&m.headers, H_BASE)),
-                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
-                Err(e) => Err(engine(&format!("read the start of {tp}"), e)),
-            }
+            let what = format!("read the start of {tp}");
+            let first = self.patiently(&what, || {
+                stream
+                    .raw_message_builder()
+                    .sequence(1)
+                    .next_by_subject(subject.clone())
+                    .send()
+            });
+            Ok::<_, LogError>(first.await?.and_then(|m| header::<u64>(&m.headers, H_BASE)))
         })?;
         if let (Some(first), Ok(part)) = (first, self.part(tp)) {
             let mut st = part.lock();

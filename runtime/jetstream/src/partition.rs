@@ -3,7 +3,6 @@
 
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::publish::PublishAck;
-use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::HeaderMap;
 use bytes::{Bytes, BytesMut};
 use weir_core::TopicPartition;
@@ -171,58 +170,22 @@ impl JetStreamLog {
                     continue;
                 }
             }
-            let Some(m) = self
-                .leader_next(&stream, tp, st.walked_seq + 1, &filter)
-                .await?
-            else {
+            let seq = st.walked_seq + 1;
+            let what = format!("read the tail of {tp}");
+            let read = self.patiently(&what, || {
+                stream
+                    .raw_message_builder()
+                    .sequence(seq)
+                    .next_by_subject(filter.clone())
+                    .send()
+            });
+            let Some(m) = read.await? else {
                 st.walk_complete = true;
                 return Ok(());
             };
             let walked = classify(&m);
             if advance(st, &walked, m.sequence) {
                 seen(walked);
-            }
-        }
-    }
-
-    /// The stream leader's first message of `filter` from `seq` on (`None`: there is none).
-    ///
-    /// A request the leader never answers is asked again after a second, then two, and so
-    /// on up to the request timeout: the first read of a stream created a moment ago by
-    /// another node has gone unanswered (while its new leader settles in) and waited the
-    /// whole timeout — 10 s during which every publish through this node waited.
-    async fn leader_next(
-        &self,
-        stream: &async_nats::jetstream::stream::Stream,
-        tp: &TopicPartition,
-        seq: u64,
-        filter: &str,
-    ) -> Result<Option<async_nats::jetstream::message::StreamMessage>, LogError> {
-        let deadline = tokio::time::Instant::now() + self.options.request_timeout;
-        let mut patience = std::time::Duration::from_secs(1);
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let ask = stream
-                .raw_message_builder()
-                .sequence(seq)
-                .next_by_subject(filter.to_string())
-                .send();
-            match tokio::time::timeout(patience.min(left), ask).await {
-                Ok(Ok(m)) => return Ok(Some(m)),
-                Ok(Err(e)) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {
-                    return Ok(None)
-                }
-                Ok(Err(e)) => return Err(engine(&format!("read the tail of {tp}"), e)),
-                Err(_) if patience < left => {
-                    tracing::debug!(message = "The stream leader did not answer a read; asking again.", partition = %tp, waited_ms = patience.as_millis() as u64);
-                    patience *= 2;
-                }
-                Err(_) => {
-                    return Err(engine(
-                        &format!("read the tail of {tp}"),
-                        "the stream leader did not answer within the request timeout",
-                    ))
-                }
             }
         }
     }
@@ -430,20 +393,17 @@ impl JetStreamLog {
         let mut seq = loc.seq;
         let mut out = BytesMut::new();
         for f in 0..loc.frags {
-            let got = if f == 0 {
-                stream.raw_message_builder().sequence(seq).send().await
-            } else {
-                stream
-                    .raw_message_builder()
-                    .sequence(seq)
-                    .next_by_subject(subject.clone())
-                    .send()
-                    .await
-            };
-            let m = match got {
-                Ok(m) => m,
-                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
-                Err(e) => return Err(engine(&format!("read {tp} at offset {base_offset}"), e)),
+            let what = format!("read {tp} at offset {base_offset}");
+            let got = self.patiently(&what, || {
+                let ask = stream.raw_message_builder().sequence(seq);
+                if f == 0 {
+                    ask.send()
+                } else {
+                    ask.next_by_subject(subject.clone()).send()
+                }
+            });
+            let Some(m) = got.await? else {
+                return Ok(None);
             };
             if f == 0 && header::<u64>(&m.headers, H_BASE) != Some(base_offset) {
                 return Err(LogError::Malformed {

@@ -28,7 +28,8 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(service)
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            // As `weir serve`: small acknowledgements are not held back by Nagle's algorithm.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.cancelled_owned(),
         )
         .await
@@ -49,24 +50,24 @@ impl Discard {
 
     /// Acks for a publish: offsets move on as if the records were stored.
     fn ack(&self, r: pb::PublishRequest) -> Result<pb::PublishResponse, Status> {
+        let (request_id, partition, topic) =
+            (r.request_id, r.partition.unwrap_or(0), r.topic.clone());
+        // The per-record work `weir serve` does before its broker sees a publish.
+        let caller = weir_broker::Caller::Client {
+            name: "discard".into(),
+            admin: true,
+        };
+        let publish = crate::rpc_convert::publish_of(r, caller);
+        let count = std::hint::black_box(publish).records.len() as u32;
         let mut topics = self.topics();
-        let (_, next) = topics.get_mut(&r.topic).ok_or_else(|| {
+        let (_, next) = topics.get_mut(&topic).ok_or_else(|| {
             Status::not_found(format!(
-                "unknown topic {:?}; create it first (the discard server keeps topics in memory)",
-                r.topic
+                "unknown topic {topic:?}; create it first (the discard server keeps topics in memory)"
             ))
         })?;
-        let partition = r.partition.unwrap_or(0);
         let end = next.get_mut(partition as usize).ok_or_else(|| {
-            Status::invalid_argument(format!("topic {} has no partition {partition}", r.topic))
+            Status::invalid_argument(format!("topic {topic} has no partition {partition}"))
         })?;
-        let bytes: usize = r
-            .records
-            .iter()
-            .map(|rec| rec.value.len() + rec.key.as_ref().map_or(0, |k| k.len()))
-            .sum();
-        std::hint::black_box(bytes);
-        let count = r.records.len() as u32;
         let ack = pb::PartitionAck {
             partition,
             base_offset: *end,
@@ -75,7 +76,7 @@ impl Discard {
         };
         *end += u64::from(count);
         Ok(pb::PublishResponse {
-            request_id: r.request_id,
+            request_id,
             acks: vec![ack],
             error: None,
         })
@@ -144,7 +145,12 @@ impl Weir for Discard {
         };
         tokio::spawn(async move {
             while let Some(next) = inbound.next().await {
-                let answer = next.and_then(|r| this.ack(r));
+                // As `weir serve`: a refused request is answered on the stream, which goes on.
+                let answer = next.map(|r| {
+                    let id = r.request_id;
+                    this.ack(r)
+                        .unwrap_or_else(|status| crate::rpc_convert::status_response(id, status))
+                });
                 if tx.send(answer).await.is_err() {
                     break;
                 }
@@ -317,6 +323,16 @@ mod tests {
             refused.message().contains("weir serve"),
             "{}",
             refused.message()
+        );
+        // On a stream a refused request is answered in place and the stream goes on.
+        let requests = tokio_stream::iter(vec![request("nope", 0, 1), request("t", 0, 4)]);
+        let mut answers = raw.publish_stream(requests).await.unwrap().into_inner();
+        let refused = answers.message().await.unwrap().unwrap();
+        assert_eq!(refused.error.unwrap().code, tonic::Code::NotFound as i32);
+        let stored = answers.message().await.unwrap().unwrap();
+        assert_eq!(
+            (stored.acks[0].base_offset, stored.acks[0].record_count),
+            (0, 4)
         );
         shutdown.cancel();
         server.await.unwrap().unwrap();

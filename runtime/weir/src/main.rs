@@ -24,7 +24,12 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    if matches!(cli.command, weir::cli::Command::Serve(_)) {
+    // Servers only (a discard server is measured against `weir serve`, so it runs as one).
+    if matches!(
+        cli.command,
+        weir::cli::Command::Serve(_)
+            | weir::cli::Command::Bench(weir::cli::BenchCommand::DiscardServer(_))
+    ) {
         no_transparent_huge_pages();
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -27,6 +27,8 @@ use weir_api::{Client, ConnectOptions, DEFAULT_SERVER};
 use weir_server::server::FsyncPolicy;
 use weir_server::server::{self, ServerConfig};
 
+pub use bench::BenchCommand;
+
 /// weir: a durable log with WebAssembly consumers that have exactly-once effects.
 #[derive(Parser, Debug)]
 #[command(name = "weir", version, about, max_term_width = 100)]
