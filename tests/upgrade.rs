@@ -1,8 +1,10 @@
-//! A data directory written by weir before the crate split (commit 504c982, store format
-//! weir-log/1; tests/fixtures/make-weir-log-1.sh) opens with this weir and carries on
-//! exactly once: topics and records, the idempotent producer's states (a retry is still
-//! recognised), a consumer group's offsets, the points plugin's state, and the outputs its
-//! outbox still held. The directory is marked weir-log/2, which the old weir refuses.
+//! Data directories written by earlier weirs (tests/fixtures/make-fixture.sh: weir-log/1 from
+//! before the crate split, commit 504c982; weir-log/2 from before segment files, commit
+//! 2eb85d9, records inside sled) open with this weir and carry on exactly once: topics and
+//! records, the idempotent producer's states (a retry is still recognised), a consumer
+//! group's offsets, the points plugin's state, and the outputs its outbox still held. Old
+//! records stay readable where they are, new ones go to segment files. The directory is
+//! marked with this weir's format, which the old weirs refuse.
 
 use std::time::{Duration, Instant};
 
@@ -12,13 +14,13 @@ use weir_core::Record;
 
 use crate::common::{self, balance, paid};
 
-fn unpack(into: &std::path::Path) -> std::path::PathBuf {
-    let fixture = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/fixtures/weir-log-1.tar.gz"
+fn unpack(into: &std::path::Path, fixture: &str) -> std::path::PathBuf {
+    let fixture = format!(
+        "{}/../../tests/fixtures/{fixture}.tar.gz",
+        env!("CARGO_MANIFEST_DIR")
     );
     let status = std::process::Command::new("tar")
-        .args(["-xzf", fixture, "-C"])
+        .args(["-xzf", &fixture, "-C"])
         .arg(into)
         .status()
         .expect("run tar");
@@ -52,9 +54,18 @@ async fn outputs(client: &Client) -> Vec<(String, u64)> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_data_directory_of_the_previous_weir_carries_on_exactly_once() {
+async fn a_weir_log_1_directory_carries_on_exactly_once() {
+    carries_on("weir-log-1").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_weir_log_2_directory_carries_on_exactly_once() {
+    carries_on("weir-log-2").await;
+}
+
+async fn carries_on(fixture: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let data = unpack(dir.path());
+    let data = unpack(dir.path(), fixture);
     let server = common::start_server(&data).await;
     let client = Client::connect(&server.url()).await.unwrap();
 
@@ -158,17 +169,47 @@ async fn a_data_directory_of_the_previous_weir_carries_on_exactly_once() {
         Some(90),
         "order-1 again is skipped"
     );
+    // Every record reads back, the old ones from sled and the new ones from segment files,
+    // and so after a restart.
+    assert_eq!(all_orders(&client).await, 8);
+    server.stop().await.unwrap();
+    let server = common::start_server(&data).await;
+    let client = Client::connect(&server.url()).await.unwrap();
+    assert_eq!(all_orders(&client).await, 8);
     server.stop().await.unwrap();
 
-    // The directory is format 2 now: the weir that wrote it would misread it, and refuses.
+    // The directory is in this weir's format now: the weir that wrote it would not see the
+    // records in segment files, and refuses it.
     let marker = {
         let _blocking = weir_core::blocking::allow();
         let store = weir_log::SledStore::open(&data, &Default::default()).unwrap();
         drop(store);
         std::fs::read(data.join("db")).unwrap()
     };
+    let current = format!("weir-log/{}", weir_log::sled_store::FORMAT_VERSION);
     assert!(
-        marker.windows(10).any(|w| w == b"weir-log/2"),
+        marker.windows(10).any(|w| w == current.as_bytes()),
         "the format marker moved on"
     );
+}
+
+/// How many records order.paid holds, read from the earliest offset.
+async fn all_orders(client: &Client) -> usize {
+    let end: u64 = client
+        .describe_topic("order.paid")
+        .await
+        .unwrap()
+        .partitions
+        .iter()
+        .map(|p| p.end_offset - p.start_offset)
+        .sum();
+    let mut sub = client
+        .subscribe("order.paid", &[], weir_core::StartAt::Earliest, None)
+        .await
+        .unwrap();
+    let mut got = 0;
+    while (got as u64) < end {
+        got += sub.next().await.unwrap().unwrap().len();
+    }
+    got
 }

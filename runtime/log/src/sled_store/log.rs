@@ -1,11 +1,16 @@
-//! The partitioned log on sled: a tree per partition (chunks, producer states, log start),
-//! topic and producer records in `meta`, group offsets in `groups`.
+//! The partitioned log: records in segment files (`segments.rs`), a tree per partition in
+//! sled (chunk index, producer states, log start), topic and producer records in `meta`,
+//! group offsets in `groups`.
 
 use bytes::Bytes;
+use std::collections::BTreeMap;
 use weir_core::{TopicConfig, TopicPartition};
 
+use super::pending::PendingAppend;
+use super::segments::Loc;
 use super::{
-    be_u64, chunk_key, producer_key, SledStore, PRODUCER_NEXT, PRODUCER_PREFIX, TOPIC_PREFIX,
+    be_u64, chunk_key, index_key, producer_key, SledStore, PRODUCER_NEXT, PRODUCER_PREFIX,
+    TOPIC_PREFIX,
 };
 use crate::{
     codec, decode_group_offset, encode_group_offset, ChunkMeta, EncodedChunk, GroupEntry,
@@ -23,6 +28,7 @@ impl Log for SledStore {
                     what: format!("topic metadata {}", String::from_utf8_lossy(&key)),
                     reason: e.to_string(),
                 })?;
+            self.segments.configure(&config);
             topics.push(config);
         }
         Ok(topics)
@@ -30,8 +36,12 @@ impl Log for SledStore {
 
     fn put_topic(&self, config: &TopicConfig) -> Result<(), LogError> {
         weir_core::blocking::check("put_topic");
+        let _sync = self.sync_lock.lock();
         // What a deleted topic of this name left (a crash half-way through the delete, a
         // publish in flight during it) is dropped, never read back into the new topic.
+        self.pending.forget_topic(&config.name);
+        self.segments.drop_topic(&config.name)?;
+        self.segments.configure(config);
         let prefix = format!("part/{}/", config.name);
         for name in self.db.tree_names() {
             if name.starts_with(prefix.as_bytes()) {
@@ -48,6 +58,8 @@ impl Log for SledStore {
 
     fn delete_topic(&self, config: &TopicConfig) -> Result<(), LogError> {
         weir_core::blocking::check("delete_topic");
+        let _sync = self.sync_lock.lock();
+        self.pending.forget_topic(&config.name);
         // Metadata first: a crash half-way leaves orphan trees (harmless: `put_topic` drops
         // them on re-create) rather than a topic whose partitions are gone.
         self.meta.remove(format!("{TOPIC_PREFIX}{}", config.name))?;
@@ -56,7 +68,8 @@ impl Log for SledStore {
             self.parts.write().remove(&tp);
             self.db.drop_tree(Self::tree_name(&tp))?;
         }
-        self.delete_group_offsets(&config.name)
+        self.delete_group_offsets(&config.name)?;
+        self.segments.drop_topic(&config.name)
     }
 
     fn recover_partition(&self, tp: &TopicPartition) -> Result<RecoveredPartition, LogError> {
@@ -92,6 +105,7 @@ impl Log for SledStore {
                 }
             }
         }
+        self.recover_indexed(tp, &tree, &mut out)?;
         for item in tree.scan_prefix(b"p") {
             let (key, value) = item?;
             if let Some(id) = be_u64(&key[1..]) {
@@ -109,25 +123,34 @@ impl Log for SledStore {
         producers: &[(u64, &[u8])],
     ) -> Result<(), LogError> {
         weir_core::blocking::check("append");
-        let tree = self.part(tp)?;
-        let mut batch = sled::Batch::default();
-        let mut base = base_offset;
-        for chunk in chunks {
-            for (i, fragment) in chunk.bytes.chunks(FRAGMENT_MAX_BYTES).enumerate() {
-                batch.insert(&chunk_key(base, i as u16), fragment);
-            }
-            base += u64::from(chunk.header.count);
+        let chunks = self.segments.append(tp, base_offset, chunks)?;
+        let append = PendingAppend {
+            tp: tp.clone(),
+            chunks,
+            producers: producers
+                .iter()
+                .map(|&(id, state)| (id, Bytes::copy_from_slice(state)))
+                .collect(),
+        };
+        if self.index_after_sync {
+            self.pending.push(append);
+            Ok(())
+        } else {
+            self.write_index(std::slice::from_ref(&append))
         }
-        for &(id, state) in producers {
-            batch.insert(&producer_key(id), state);
-        }
-        tree.apply_batch(batch)?;
-        Ok(())
     }
 
     fn read_chunk(&self, tp: &TopicPartition, base_offset: u64) -> Result<Option<Bytes>, LogError> {
         weir_core::blocking::check("read_chunk");
+        if let Some(loc) = self.pending.loc(tp, base_offset) {
+            return self.segments.read(tp, &loc);
+        }
         let tree = self.part(tp)?;
+        if let Some(value) = tree.get(index_key(base_offset))? {
+            let loc = decode_loc(tp, base_offset, &value)?;
+            return self.segments.read(tp, &loc);
+        }
+        // A chunk stored by weir-log/1 or /2, inside sled.
         let Some(first) = tree.get(chunk_key(base_offset, 0))? else {
             return Ok(None);
         };
@@ -144,20 +167,32 @@ impl Log for SledStore {
 
     fn trim(&self, tp: &TopicPartition, bases: &[u64], new_start: u64) -> Result<(), LogError> {
         weir_core::blocking::check("trim");
+        let _sync = self.sync_lock.lock();
+        self.pending.forget_chunks(tp, bases);
         let tree = self.part(tp)?;
         let mut batch = sled::Batch::default();
         for &base in bases {
+            batch.remove(&index_key(base));
             for item in tree.range(chunk_key(base, 0)..=chunk_key(base, u16::MAX)) {
                 batch.remove(item?.0);
             }
         }
         batch.insert(b"s", &new_start.to_be_bytes());
         tree.apply_batch(batch)?;
+        // The trim is durable before a segment goes: a crash never leaves index entries of
+        // a deleted segment above the partition's start.
+        self.sync_sled()?;
+        let freed = self.segments.delete_below(tp, new_start)?;
+        if freed > 0 {
+            tracing::debug!(message = "Retention deleted segments.", partition = %tp, bytes = freed);
+        }
         Ok(())
     }
 
     fn remove_producers(&self, tp: &TopicPartition, ids: &[u64]) -> Result<(), LogError> {
         weir_core::blocking::check("remove_producers");
+        let _sync = self.sync_lock.lock();
+        self.pending.forget_producers(tp, ids);
         let tree = self.part(tp)?;
         let mut batch = sled::Batch::default();
         for &id in ids {
@@ -274,5 +309,108 @@ impl Log for SledStore {
         }
         self.groups.apply_batch(batch)?;
         Ok(())
+    }
+}
+
+fn decode_loc(tp: &TopicPartition, base: u64, value: &[u8]) -> Result<Loc, LogError> {
+    Loc::decode(value).ok_or_else(|| LogError::Malformed {
+        what: format!("index entry of {tp} at offset {base}"),
+        reason: format!("{} bytes, expected {}", value.len(), Loc::ENCODED_LEN),
+    })
+}
+
+impl SledStore {
+    /// Writes appends' index entries and producer states into sled, in order, one batch per
+    /// partition (a later state of a producer replaces an earlier one in the batch).
+    pub(super) fn write_index(&self, appends: &[PendingAppend]) -> Result<(), LogError> {
+        let mut batches: Vec<(&TopicPartition, sled::Batch)> = Vec::new();
+        for append in appends {
+            let i = match batches.iter().position(|(tp, _)| *tp == &append.tp) {
+                Some(i) => i,
+                None => {
+                    batches.push((&append.tp, sled::Batch::default()));
+                    batches.len() - 1
+                }
+            };
+            let batch = &mut batches[i].1;
+            for (base, loc) in &append.chunks {
+                batch.insert(&index_key(*base), &loc.encode());
+            }
+            for (id, state) in &append.producers {
+                batch.insert(&producer_key(*id), state.as_ref());
+            }
+        }
+        for (tp, batch) in batches {
+            self.part(tp)?.apply_batch(batch)?;
+        }
+        Ok(())
+    }
+
+    /// Reads a partition's chunks in segment files into `out` and makes the files agree with
+    /// the index: an entry whose bytes are not all in its segment (possible only under
+    /// `--fsync never` after a power cut, or a damaged directory) ends the partition there —
+    /// it and every later entry are dropped, with a warning; unindexed bytes at a segment's
+    /// end (written, never committed) are cut off.
+    fn recover_indexed(
+        &self,
+        tp: &TopicPartition,
+        tree: &sled::Tree,
+        out: &mut RecoveredPartition,
+    ) -> Result<(), LogError> {
+        let mut ends: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut dropped: Vec<sled::IVec> = Vec::new();
+        let mut broken = false;
+        for item in tree.scan_prefix(b"i") {
+            let (key, value) = item?;
+            if broken {
+                dropped.push(key);
+                continue;
+            }
+            let base = be_u64(&key[1..]).ok_or_else(|| LogError::Malformed {
+                what: format!("index key in {tp}"),
+                reason: format!("{} bytes, expected 9", key.len()),
+            })?;
+            let loc = decode_loc(tp, base, &value)?;
+            match self.segments.length_of(tp, loc.segment)? {
+                Some(len) if loc.end() <= len => {
+                    out.chunks.push((
+                        base,
+                        ChunkMeta {
+                            count: loc.count,
+                            bytes: loc.len,
+                            max_timestamp_ms: loc.max_timestamp_ms,
+                        },
+                    ));
+                    let end = ends.entry(loc.segment).or_default();
+                    *end = (*end).max(loc.end());
+                    self.segments
+                        .set_next_offset(tp, loc.segment, base + u64::from(loc.count));
+                }
+                None if out.chunks.is_empty() => {
+                    // Retention deleted the segment; its trim was durable first, so this is
+                    // an entry a crash kept from being removed with it.
+                    out.start_offset = out.start_offset.max(base + u64::from(loc.count));
+                    dropped.push(key);
+                }
+                found => {
+                    tracing::warn!(message = "A chunk's bytes are missing from its segment: the partition ends before it (only `--fsync never` after a power cut loses them).", partition = %tp, offset = base, segment = loc.segment, needed = loc.end(), segment_bytes = ?found);
+                    broken = true;
+                    dropped.push(key);
+                }
+            }
+        }
+        if self.pending.holds(tp) {
+            // A partition already being written (not a restart): nothing to reconcile.
+            return Ok(());
+        }
+        if !dropped.is_empty() {
+            let mut batch = sled::Batch::default();
+            for key in dropped {
+                batch.remove(key);
+            }
+            tree.apply_batch(batch)?;
+            self.sync_sled()?;
+        }
+        self.segments.reconcile(tp, &ends)
     }
 }

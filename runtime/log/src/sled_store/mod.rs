@@ -5,13 +5,23 @@
 //! id), tree `groups` (topic \0 group \0 partition → next offset and commit time), trees
 //! `kv/<namespace>` (the plugin store's key-value namespaces), and one tree per partition
 //! `part/<topic>/<partition>` holding, so that one `apply_batch` covers an append atomically:
-//! - `c` + base offset (u64 BE) + fragment (u16 BE) → chunk bytes
+//! - `i` + base offset (u64 BE) → where the chunk is in the partition's segment files
+//!   (`segments.rs`: segment, position, length, record count, newest timestamp)
 //! - `p` + producer id (u64 BE) → that producer's sequence state
 //! - `s` → first offset still stored (written by retention)
+//! - `c` + base offset (u64 BE) + fragment (u16 BE) → chunk bytes, in stores written by
+//!   weir-log/1 and /2: read as they are until retention removes them; nothing new is
+//!   written there.
+//!
+//! The records' bytes are in segment files under `<dir>/segments`, written once; sled holds
+//! only the index, so a byte of payload is written once (plus sled's share of a 32-byte entry
+//! per 32 KiB chunk) instead of once per B-tree leaf rewrite.
 //!
 //! Durability: `Db::flush` only calls `sync_file_range`; [`Durable::sync`] follows it with
-//! `fdatasync` of `<dir>/db`, the one file sled writes records to. The directory and `conf`
-//! are synced once at open, because sled never does.
+//! `fdatasync` of `<dir>/db`, the one file sled writes records to. Before that it fdatasyncs
+//! the segment files written since the last sync and only then writes the index entries of
+//! those appends into sled (`pending.rs`), so a durable index entry never points at bytes
+//! that are not. The directory and `conf` are synced once at open, because sled never does.
 //!
 //! sled writes any *page* (a whole B-tree leaf, not a single value) larger than a quarter of
 //! its segment size to a separate blob file that it never fsyncs. A leaf splits only past 16
@@ -20,18 +30,21 @@
 //! one file create + delete per page write. [`SEGMENT_BYTES`] puts the threshold at 2 MiB,
 //! above any leaf weir can build, so `<dir>/db` holds everything and one fdatasync covers it.
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::{Durable, LogError};
+use pending::Pending;
+use segments::Segments;
 use weir_core::TopicPartition;
 
 const FORMAT_KEY: &[u8] = b"format";
-/// The layout version this weir writes. Version 1 (weir before producer ownership and expiry)
-/// is migrated at open; a later version is refused: this weir would misread it.
-pub const FORMAT_VERSION: u32 = 2;
+/// The layout version this weir writes. Versions 1 (weir before producer ownership and
+/// expiry) and 2 (chunks inside sled) are migrated at open; a later version is refused: this
+/// weir would misread it.
+pub const FORMAT_VERSION: u32 = 3;
 const FORMAT_PREFIX: &str = "weir-log/";
 
 /// What a data directory's format marker says.
@@ -48,6 +61,8 @@ const PRODUCER_PREFIX: &[u8] = b"producer/";
 const PRODUCER_NEXT: &[u8] = b"producer-next";
 /// sled segment size: blob threshold = a quarter of it = 2 MiB (see the module docs).
 pub const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
+/// The largest log segment file (a topic with retention rolls at a quarter of it).
+pub const LOG_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Options for opening a [`SledStore`].
 #[derive(Clone, Debug)]
@@ -56,6 +71,12 @@ pub struct SledOptions {
     pub cache_bytes: u64,
     /// sled's own background flush interval; `None` when weir drives every flush itself.
     pub background_flush_ms: Option<u64>,
+    /// Write an append's index entries into sled only once a sync has made its segment bytes
+    /// durable (`pending.rs`). Off only when nothing is ever synced while running (`--fsync
+    /// never`): the entries then go to sled at once.
+    pub index_after_sync: bool,
+    /// The largest log segment file.
+    pub segment_bytes: u64,
 }
 
 impl Default for SledOptions {
@@ -63,6 +84,8 @@ impl Default for SledOptions {
         SledOptions {
             cache_bytes: 512 * 1024 * 1024,
             background_flush_ms: None,
+            index_after_sync: true,
+            segment_bytes: LOG_SEGMENT_BYTES,
         }
     }
 }
@@ -79,6 +102,14 @@ pub struct SledStore {
     parts: RwLock<HashMap<TopicPartition, sled::Tree>>,
     /// Key-value namespace trees (`kv/<namespace>`), opened once.
     kvs: RwLock<HashMap<String, sled::Tree>>,
+    /// The records' bytes.
+    segments: Segments,
+    /// Appends whose index entries wait for the next sync (when `index_after_sync`).
+    pending: Pending,
+    index_after_sync: bool,
+    /// One sync at a time, and no retention or topic change in the middle of one: a sync
+    /// writes the pending entries it took into sled in order.
+    sync_lock: Mutex<()>,
 }
 
 impl SledStore {
@@ -164,14 +195,16 @@ impl SledStore {
         match meta.get(FORMAT_KEY)? {
             Some(v) => match format_version(&v) {
                 Some(FORMAT_VERSION) => {}
-                Some(1) => {
+                Some(old @ (1 | 2)) => {
                     // Version 1 values all read as they are: producer records without an
                     // owner (usable by anyone), cursors without counters (0), group offsets
                     // without a commit time (counted from now) and producer states without
-                    // an append time. The marker moves on so that an older weir, which would
-                    // misread version 2 values, refuses the directory.
+                    // an append time. Version 1 and 2 chunks stay in sled (`c` keys) and are
+                    // read there until retention removes them; new appends go to segment
+                    // files. The marker moves on so that an older weir, which would not see
+                    // the records in segment files, refuses the directory.
                     meta.insert(FORMAT_KEY, current.as_bytes())?;
-                    tracing::info!(message = "Store migrated.", from = "weir-log/1", to = %current, dir = %dir.display());
+                    tracing::info!(message = "Store migrated.", from = %format!("{FORMAT_PREFIX}{old}"), to = %current, dir = %dir.display());
                 }
                 Some(newer) if newer > FORMAT_VERSION => {
                     return Err(LogError::ForeignDirectory {
@@ -213,7 +246,12 @@ impl SledStore {
             data_file,
             parts: RwLock::new(HashMap::new()),
             kvs: RwLock::new(HashMap::new()),
+            segments: Segments::new(dir, options.segment_bytes),
+            pending: Pending::default(),
+            index_after_sync: options.index_after_sync,
+            sync_lock: Mutex::new(()),
         };
+        store.remove_orphan_segments()?;
         store.sync()?;
         // sled never syncs its `conf` nor the directory entries: a new store could vanish on
         // power loss even after a synced write.
@@ -228,6 +266,24 @@ impl SledStore {
     /// The directory this store lives in.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Deletes the segment directories of topics that no longer exist (a crash in the middle
+    /// of a topic's deletion, or an append in flight during it).
+    fn remove_orphan_segments(&self) -> Result<(), LogError> {
+        let root = self.dir.join("segments");
+        let entries = match std::fs::read_dir(&root) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(LogError::Io { path: root, source }),
+        };
+        for entry in entries.filter_map(|e| e.ok()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if self.meta.get(format!("{TOPIC_PREFIX}{name}"))?.is_none() {
+                self.segments.drop_topic(&name)?;
+            }
+        }
+        Ok(())
     }
 
     pub(super) fn tree_name(tp: &TopicPartition) -> String {
@@ -274,6 +330,13 @@ pub(super) fn chunk_key(base: u64, fragment: u16) -> [u8; 11] {
     key
 }
 
+pub(super) fn index_key(base: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = b'i';
+    key[1..9].copy_from_slice(&base.to_be_bytes());
+    key
+}
+
 pub(super) fn producer_key(id: u64) -> [u8; 9] {
     let mut key = [0u8; 9];
     key[0] = b'p';
@@ -285,9 +348,9 @@ pub(super) fn be_u64(bytes: &[u8]) -> Option<u64> {
     bytes.try_into().ok().map(u64::from_be_bytes)
 }
 
-impl Durable for SledStore {
-    fn sync(&self) -> Result<(), LogError> {
-        weir_core::blocking::check("sync");
+impl SledStore {
+    /// Makes everything written to sled durable.
+    fn sync_sled(&self) -> Result<(), LogError> {
         self.db.flush()?;
         self.data_file.sync_data().map_err(|source| LogError::Io {
             path: self.dir.join("db"),
@@ -296,7 +359,25 @@ impl Durable for SledStore {
     }
 }
 
+impl Durable for SledStore {
+    /// The segment files first, then the index entries of the appends they hold into sled,
+    /// then sled: see the module docs.
+    fn sync(&self) -> Result<(), LogError> {
+        weir_core::blocking::check("sync");
+        let _one = self.sync_lock.lock();
+        let taken = self.pending.take();
+        self.segments.sync_dirty()?;
+        self.write_index(&taken)?;
+        self.pending.applied(&taken);
+        self.sync_sled()
+    }
+}
+
 mod kv;
 mod log;
+mod pending;
+mod segments;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_segments;

@@ -167,7 +167,7 @@ fn foreign_corrupt_and_newer_directories_are_clear_errors_and_version_1_migrates
         let meta = db.open_tree("meta").unwrap();
         assert_eq!(
             meta.get(FORMAT_KEY).unwrap().unwrap().as_ref(),
-            b"weir-log/2"
+            format!("weir-log/{FORMAT_VERSION}").as_bytes()
         );
         meta.insert(FORMAT_KEY, "weir-log/9").unwrap();
         db.flush().unwrap();
