@@ -469,6 +469,83 @@ async fn retention_trims_in_the_background_and_delete_removes_the_topic() {
     server.stop().await.unwrap();
 }
 
+/// Bytes in files under `dir`.
+fn bytes_under(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .map(|e| e.unwrap())
+        .map(|e| {
+            let meta = e.metadata().unwrap();
+            if meta.is_dir() {
+                bytes_under(&e.path())
+            } else {
+                meta.len()
+            }
+        })
+        .sum()
+}
+
+/// Retention gives disk back: four retention windows published in a row leave about one
+/// window in the data directory (Kafka's whole-segment deletion), and what is kept reads.
+#[tokio::test(flavor = "multi_thread")]
+async fn four_retention_windows_in_a_row_leave_about_one_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_with(dir.path(), |c| {
+        c.broker.retention_interval = Duration::from_millis(50)
+    })
+    .await;
+    let client = Client::connect(&server.url()).await.unwrap();
+    let window: u64 = 4 * 1024 * 1024;
+    client
+        .create_topic(&TopicConfig {
+            retention_bytes: window,
+            ..TopicConfig::new("t", 1)
+        })
+        .await
+        .unwrap();
+    let before = bytes_under(dir.path());
+    let value = vec![7u8; 1000];
+    let mut sent = 0u64;
+    while sent < 4 * window {
+        let batch: Vec<Record> = (0..1000)
+            .map(|_| Record::from_value(value.clone()))
+            .collect();
+        client.publish("t", Some(0), batch).await.unwrap();
+        sent += 1000 * 1000;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let p = loop {
+        let p = client.describe_topic("t").await.unwrap().partitions[0];
+        let segments = bytes_under(&dir.path().join("segments/t"));
+        if p.size_bytes <= window && segments <= window + window / 4 + 64 * 1024 {
+            break p;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "retention never gave the disk back: {p:?}, {segments} bytes in segments"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let after = bytes_under(dir.path());
+    assert!(
+        after <= before + window * 3 / 2,
+        "data directory {before} bytes before, {after} after publishing {sent} bytes with a {window}-byte window"
+    );
+    let mut sub = client
+        .subscribe("t", &[0], StartAt::Earliest, None)
+        .await
+        .unwrap();
+    let mut read = 0;
+    while read < p.end_offset - p.start_offset {
+        let got = sub.next().await.unwrap().unwrap();
+        assert_eq!(got[0].offset, p.start_offset + read);
+        read += got.len() as u64;
+    }
+    server.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn producer_retries_through_a_server_restart_with_the_same_sequence() {
     let dir = tempfile::tempdir().unwrap();

@@ -302,3 +302,42 @@ fn segments_no_index_entry_points_into_are_deleted_at_recovery() {
     assert_eq!(values(&store, &tp), (start..1500).collect::<Vec<_>>());
     assert_eq!(segment_files(dir.path(), &tp), kept);
 }
+
+/// The ordering recovery relies on: an append's index entry and the producer state written
+/// with it reach sled only in the sync that made its bytes durable, never before.
+#[test]
+fn the_index_reaches_sled_only_in_the_sync_that_made_its_bytes_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let tp = TopicPartition::new("t", 0);
+    let store = SledStore::open(dir.path(), &SledOptions::default()).unwrap();
+    store.put_topic(&TopicConfig::new("t", 1)).unwrap();
+    store
+        .append(&tp, 0, &chunks(0, 2, 10), &[(3, b"seq-19")])
+        .unwrap();
+    let tree = store.part(&tp).unwrap();
+    assert_eq!(tree.scan_prefix(b"i").count(), 0, "indexed before its sync");
+    assert!(tree.get(producer_key(3)).unwrap().is_none());
+    assert!(
+        store.read_chunk(&tp, 10).unwrap().is_some(),
+        "served while pending"
+    );
+    store.sync().unwrap();
+    assert_eq!(tree.scan_prefix(b"i").count(), 2);
+    assert_eq!(
+        tree.get(producer_key(3)).unwrap().unwrap().as_ref(),
+        b"seq-19"
+    );
+    // Under `--fsync never` nothing syncs while running: the index is written at once.
+    let never_dir = tempfile::tempdir().unwrap();
+    let never = SledStore::open(
+        never_dir.path(),
+        &SledOptions {
+            index_after_sync: false,
+            ..SledOptions::default()
+        },
+    )
+    .unwrap();
+    never.put_topic(&TopicConfig::new("t", 1)).unwrap();
+    never.append(&tp, 0, &chunks(0, 2, 10), &[]).unwrap();
+    assert_eq!(never.part(&tp).unwrap().scan_prefix(b"i").count(), 2);
+}
