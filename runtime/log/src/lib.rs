@@ -13,11 +13,12 @@
 //! (fault injection). The on-disk layout is the backend's own; ARCHITECTURE.md describes the
 //! sled one.
 //!
-//! The unit of storage is the *chunk* ([`codec`]): consecutive records encoded once, stored as
-//! one value keyed by its base offset. Sled is ~100k inserts/s with a key per record but
-//! millions of records/s with a value per batch, and values above ~128 KiB go to blob files
-//! sled never fsyncs, so chunks are kept to [`CHUNK_TARGET_BYTES`] and larger single records
-//! are split into fragments of at most [`FRAGMENT_MAX_BYTES`].
+//! The unit of storage is the *chunk* ([`codec`]): consecutive records encoded once, stored
+//! under its base offset — in [`SledStore`], written once into a partition's segment file and
+//! indexed in sled; in the other backends, a value. Publishes are packed into chunks of about
+//! [`CHUNK_TARGET_BYTES`]; a backend whose values must stay small (sled's key-value
+//! namespaces: values above ~128 KiB go to blob files sled never fsyncs) splits them into
+//! fragments of at most [`FRAGMENT_MAX_BYTES`].
 
 #![deny(missing_docs)]
 

@@ -71,8 +71,9 @@ pub async fn open_sled(config: &ServerConfig) -> Result<Arc<dyn Store>, ServerEr
             // Under `never` sled's own flusher moves writes to the OS every 500 ms; otherwise
             // weir's syncer drives every flush.
             background_flush_ms: (fsync == FsyncPolicy::Never).then_some(500),
-            // Under `never` nothing syncs while running: appends index their chunks at once.
-            index_after_sync: fsync != FsyncPolicy::Never,
+            // Only `always` acknowledges after a sync; under `interval` and `never` records are
+            // read before one, and their index goes to sled at once (SledOptions).
+            index_after_sync: fsync == FsyncPolicy::Always,
             ..Default::default()
         };
         Ok(Arc::new(SledStore::open(&data_dir, &options)?))

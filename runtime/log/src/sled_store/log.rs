@@ -180,8 +180,9 @@ impl Log for SledStore {
         batch.insert(b"s", &new_start.to_be_bytes());
         tree.apply_batch(batch)?;
         // The trim is durable before a segment goes: a crash never leaves index entries of
-        // a deleted segment above the partition's start.
-        self.sync_sled()?;
+        // a deleted segment above the partition's start. A whole sync (pending entries
+        // included), so nothing in sled becomes durable ahead of the records it points past.
+        self.sync_locked()?;
         let freed = self.segments.delete_below(tp, new_start)?;
         if freed > 0 {
             tracing::debug!(message = "Retention deleted segments.", partition = %tp, bytes = freed);
@@ -408,6 +409,8 @@ impl SledStore {
             for key in dropped {
                 batch.remove(key);
             }
+            // A start moved past entries whose segment is gone is stored with their removal.
+            batch.insert(b"s", &out.start_offset.to_be_bytes());
             tree.apply_batch(batch)?;
             self.sync_sled()?;
         }

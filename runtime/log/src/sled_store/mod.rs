@@ -72,8 +72,9 @@ pub struct SledOptions {
     /// sled's own background flush interval; `None` when weir drives every flush itself.
     pub background_flush_ms: Option<u64>,
     /// Write an append's index entries into sled only once a sync has made its segment bytes
-    /// durable (`pending.rs`). Off only when nothing is ever synced while running (`--fsync
-    /// never`): the entries then go to sled at once.
+    /// durable (`pending.rs`): `--fsync always`. Under `interval` and `never` records are
+    /// acknowledged and read before any sync, so their index goes to sled at once, in sled's
+    /// order with the group offsets and plugin cursors that point past them.
     pub index_after_sync: bool,
     /// The largest log segment file.
     pub segment_bytes: u64,
@@ -365,6 +366,13 @@ impl Durable for SledStore {
     fn sync(&self) -> Result<(), LogError> {
         weir_core::blocking::check("sync");
         let _one = self.sync_lock.lock();
+        self.sync_locked()
+    }
+}
+
+impl SledStore {
+    /// [`Durable::sync`] for a caller holding `sync_lock`.
+    fn sync_locked(&self) -> Result<(), LogError> {
         let taken = self.pending.take();
         self.segments.sync_dirty()?;
         self.write_index(&taken)?;

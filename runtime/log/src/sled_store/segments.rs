@@ -9,9 +9,12 @@
 //! points into it). Retention deletes a segment once every chunk in it is trimmed.
 //!
 //! Every write marks its segment dirty; [`Segments::sync_dirty`] fdatasyncs the dirty ones
-//! (several at once when several partitions wrote). A segment file stays open while the store
-//! holds it, and a reader holds it by an `Arc`: a segment deleted by retention under a reader
-//! is still read whole (the inode lives until the last descriptor closes).
+//! (several at once when several partitions wrote). Only a partition's last segment (and one
+//! rolled past but not yet synced) keeps a descriptor open; an older one is opened for each
+//! read, so descriptors stay bounded by the partitions written, not by the segments kept. A
+//! read holds its descriptor by an `Arc`: a segment deleted by retention after the read
+//! opened it is still read whole (the inode lives until the last descriptor closes); one
+//! deleted before reads as gone (trimmed).
 
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
@@ -80,7 +83,8 @@ impl Loc {
 #[derive(Clone, Copy, Debug)]
 struct Roll {
     bytes: u64,
-    age: Duration,
+    /// Only a topic with retention by age rolls by age.
+    age: Option<Duration>,
 }
 
 /// One segment file.
@@ -88,7 +92,10 @@ pub(super) struct Segment {
     /// Offset of its first chunk (its name).
     pub base: u64,
     path: PathBuf,
-    file: File,
+    /// Open while it takes writes or holds unsynced ones.
+    file: Mutex<Option<Arc<File>>>,
+    /// A newer segment took over: once synced, its descriptor is closed.
+    sealed: AtomicBool,
     /// Bytes written (the next write's position).
     len: AtomicU64,
     /// The offset after its last chunk (where the next segment would begin).
@@ -99,6 +106,19 @@ pub(super) struct Segment {
 }
 
 impl Segment {
+    fn new(path: PathBuf, base: u64, len: u64) -> Segment {
+        Segment {
+            base,
+            path,
+            file: Mutex::new(None),
+            sealed: AtomicBool::new(false),
+            len: AtomicU64::new(len),
+            next_offset: AtomicU64::new(base),
+            dirty: AtomicBool::new(false),
+            opened: Instant::now(),
+        }
+    }
+
     fn io(&self, source: std::io::Error) -> LogError {
         LogError::Io {
             path: self.path.clone(),
@@ -109,12 +129,51 @@ impl Segment {
     pub fn len(&self) -> u64 {
         self.len.load(Ordering::Acquire)
     }
+
+    /// The descriptor writes and syncs use, opened if it was closed.
+    fn writer(&self) -> Result<Arc<File>, LogError> {
+        let mut file = self.file.lock();
+        if let Some(f) = &*file {
+            return Ok(f.clone());
+        }
+        let opened = Arc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&self.path)
+                .map_err(|e| self.io(e))?,
+        );
+        *file = Some(opened.clone());
+        Ok(opened)
+    }
+
+    /// A descriptor to read with: the open one, or a new one for this read only; `None` when
+    /// retention deleted the file.
+    fn reader(&self) -> Result<Option<Arc<File>>, LogError> {
+        if let Some(f) = &*self.file.lock() {
+            return Ok(Some(f.clone()));
+        }
+        match File::open(&self.path) {
+            Ok(f) => Ok(Some(Arc::new(f))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io(e)),
+        }
+    }
+
+    /// Closes the descriptor of a sealed segment with nothing left to sync.
+    fn close_if_done(&self) {
+        if self.sealed.load(Ordering::Acquire) && !self.dirty.load(Ordering::Acquire) {
+            *self.file.lock() = None;
+        }
+    }
 }
 
 /// A partition's segments by base offset.
 pub(super) struct PartitionSegments {
     dir: PathBuf,
     segments: Mutex<BTreeMap<u64, Arc<Segment>>>,
+    /// The directories above were synced by this process (their entries are durable).
+    dirs_synced: AtomicBool,
 }
 
 /// Every partition's segment files under `<dir>/segments`.
@@ -128,8 +187,8 @@ pub(super) struct Segments {
     segment_bytes: u64,
 }
 
-/// Segments roll at least this often (Kafka's `segment.ms` is a week; retention by age is
-/// what makes a shorter roll matter, and a topic with retention rolls at a quarter of it).
+/// A topic with retention by age rolls its segments at a quarter of it, and at least this
+/// often (Kafka's `segment.ms` is a week; it is what lets retention by age give disk back).
 const MAX_SEGMENT_AGE: Duration = Duration::from_secs(3600);
 
 impl Segments {
@@ -160,8 +219,8 @@ impl Segments {
             r => (r / 4).clamp(64 * 1024, self.segment_bytes.max(64 * 1024)),
         };
         let age = match config.retention_ms {
-            0 => MAX_SEGMENT_AGE,
-            r => Duration::from_millis(r / 4).clamp(Duration::from_secs(1), MAX_SEGMENT_AGE),
+            0 => None,
+            r => Some(Duration::from_millis(r / 4).clamp(Duration::from_secs(1), MAX_SEGMENT_AGE)),
         };
         self.rolls
             .write()
@@ -171,7 +230,7 @@ impl Segments {
     fn roll(&self, topic: &str) -> Roll {
         self.rolls.read().get(topic).copied().unwrap_or(Roll {
             bytes: self.segment_bytes,
-            age: MAX_SEGMENT_AGE,
+            age: None,
         })
     }
 
@@ -198,16 +257,21 @@ impl Segments {
                     else {
                         continue;
                     };
-                    let segment = open_segment(&entry.path(), base, false)?;
-                    segments.insert(base, Arc::new(segment));
+                    let len = entry.metadata().map_err(Self::io(&entry.path()))?.len();
+                    segments.insert(base, Arc::new(Segment::new(entry.path(), base, len)));
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Self::io(&dir)(e)),
         }
+        // Every listed segment but the last is sealed.
+        for s in segments.values().rev().skip(1) {
+            s.sealed.store(true, Ordering::Release);
+        }
         let p = Arc::new(PartitionSegments {
             dir,
             segments: Mutex::new(segments),
+            dirs_synced: AtomicBool::new(false),
         });
         parts.insert(tp.clone(), p.clone());
         Ok(p)
@@ -225,27 +289,82 @@ impl Segments {
         let part = self.partition(tp)?;
         let roll = self.roll(&tp.topic);
         let mut segments = part.segments.lock();
+        let mut created: Vec<Arc<Segment>> = Vec::new();
+        let written = self.write_chunks(
+            &part,
+            &mut segments,
+            &mut created,
+            roll,
+            base_offset,
+            chunks,
+        );
+        if written.is_err() {
+            // A segment this append created and left empty goes: the next append (at the
+            // same offset) must not find a segment named after an offset it never reached.
+            for segment in created.iter().filter(|s| s.len() == 0) {
+                segments.remove(&segment.base);
+                let _ = std::fs::remove_file(&segment.path);
+            }
+            if let Some(last) = segments.values().next_back() {
+                last.sealed.store(false, Ordering::Release);
+            }
+        }
+        drop(segments);
+        let (out, touched) = written?;
+        for segment in touched {
+            if !segment.dirty.swap(true, Ordering::AcqRel) {
+                self.dirty.lock().push(segment);
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Segments::append`]'s writes, under the partition's segment lock.
+    #[allow(clippy::type_complexity)]
+    fn write_chunks(
+        &self,
+        part: &PartitionSegments,
+        segments: &mut BTreeMap<u64, Arc<Segment>>,
+        created: &mut Vec<Arc<Segment>>,
+        roll: Roll,
+        base_offset: u64,
+        chunks: &[EncodedChunk],
+    ) -> Result<(Vec<(u64, Loc)>, Vec<Arc<Segment>>), LogError> {
         let mut out = Vec::with_capacity(chunks.len());
         let mut base = base_offset;
         let mut touched: Vec<Arc<Segment>> = Vec::with_capacity(1);
         for chunk in chunks {
             let len = chunk.bytes.len() as u64;
-            let active = match segments.values().next_back() {
+            let last = segments.values().next_back().cloned();
+            let active = match last {
+                Some(s) if s.len() == 0 && s.base == base => s,
                 Some(s)
-                    if s.len() == 0
-                        || (s.len() + len <= roll.bytes && s.opened.elapsed() < roll.age) =>
+                    if s.len() > 0
+                        && s.len() + len <= roll.bytes
+                        && roll.age.is_none_or(|age| s.opened.elapsed() < age) =>
                 {
-                    s.clone()
+                    s
                 }
-                _ => {
-                    let created = Arc::new(self.create(&part.dir, base)?);
-                    segments.insert(base, created.clone());
-                    created
+                previous => {
+                    if let Some(previous) = previous {
+                        if previous.len() == 0 {
+                            // Empty and named after another offset: nothing points into it.
+                            segments.remove(&previous.base);
+                            remove_file(&previous.path)?;
+                        } else {
+                            previous.sealed.store(true, Ordering::Release);
+                            previous.close_if_done();
+                        }
+                    }
+                    let segment = Arc::new(self.create(part, base)?);
+                    segments.insert(base, segment.clone());
+                    created.push(segment.clone());
+                    segment
                 }
             };
             let pos = active.len();
             active
-                .file
+                .writer()?
                 .write_all_at(&chunk.bytes, pos)
                 .map_err(|e| active.io(e))?;
             active.len.store(pos + len, Ordering::Release);
@@ -267,34 +386,45 @@ impl Segments {
             }
             base += u64::from(chunk.header.count);
         }
-        drop(segments);
-        for segment in touched {
-            if !segment.dirty.swap(true, Ordering::AcqRel) {
-                self.dirty.lock().push(segment);
-            }
-        }
-        Ok(out)
+        Ok((out, touched))
     }
 
-    /// Creates a segment file and makes its directory entry durable (and the directories
-    /// above it, the first time): an index entry pointing into it must never outlive it.
-    fn create(&self, dir: &Path, base: u64) -> Result<Segment, LogError> {
-        let fresh_dir = !dir.exists();
-        if fresh_dir {
-            std::fs::create_dir_all(dir).map_err(Self::io(dir))?;
-        }
+    /// Creates a segment file and makes its directory entry durable (and, the first time in
+    /// this process, the directories above it, which it may have created or a killed process
+    /// may have left unsynced): an index entry pointing into it must never outlive it. An
+    /// empty file of the name (a create whose directory sync failed) is taken as it is.
+    fn create(&self, part: &PartitionSegments, base: u64) -> Result<Segment, LogError> {
+        let dir = &part.dir;
+        std::fs::create_dir_all(dir).map_err(Self::io(dir))?;
         let path = dir.join(format!("{base:020}.seg"));
-        let segment = open_segment(&path, base, true)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(Self::io(&path))?;
+        let len = file.metadata().map_err(Self::io(&path))?.len();
+        if len != 0 {
+            return Err(LogError::Malformed {
+                what: format!("segment file {}", path.display()),
+                reason: format!(
+                    "it holds {len} bytes no index entry points at: move it away and restart"
+                ),
+            });
+        }
         sync_dir(dir)?;
-        if fresh_dir {
-            // create_dir_all may have made the topic's directory and `segments` too.
+        if !part.dirs_synced.load(Ordering::Acquire) {
             for above in [dir.parent(), Some(self.root.as_path()), self.root.parent()]
                 .into_iter()
                 .flatten()
             {
                 sync_dir(above)?;
             }
+            part.dirs_synced.store(true, Ordering::Release);
         }
+        let segment = Segment::new(path, base, 0);
+        *segment.file.lock() = Some(Arc::new(file));
         Ok(segment)
     }
 
@@ -305,10 +435,11 @@ impl Segments {
         let Some(segment) = part.segments.lock().get(&loc.segment).cloned() else {
             return Ok(None);
         };
+        let Some(file) = segment.reader()? else {
+            return Ok(None);
+        };
         let mut buf = BytesMut::zeroed(loc.len as usize);
-        segment
-            .file
-            .read_exact_at(&mut buf, loc.pos)
+        file.read_exact_at(&mut buf, loc.pos)
             .map_err(|e| segment.io(e))?;
         Ok(Some(buf.freeze()))
     }
@@ -321,7 +452,11 @@ impl Segments {
         for s in &dirty {
             s.dirty.store(false, Ordering::Release);
         }
-        let sync = |s: &Arc<Segment>| s.file.sync_data().map_err(|e| s.io(e));
+        let sync = |s: &Arc<Segment>| {
+            s.writer()?.sync_data().map_err(|e| s.io(e))?;
+            s.close_if_done();
+            Ok(())
+        };
         match dirty.len() {
             0 => Ok(()),
             1 => sync(&dirty[0]),
@@ -389,8 +524,10 @@ impl Segments {
                 Some(&end) => {
                     if segment.len() > end {
                         tracing::warn!(message = "Cutting a segment's unindexed tail (a crash before its commit).", segment = %segment.path.display(), from = end, bytes = segment.len() - end);
-                        segment.file.set_len(end).map_err(|e| segment.io(e))?;
-                        segment.file.sync_all().map_err(|e| segment.io(e))?;
+                        let file = segment.writer()?;
+                        file.set_len(end).map_err(|e| segment.io(e))?;
+                        file.sync_all().map_err(|e| segment.io(e))?;
+                        segment.close_if_done();
                         segment.len.store(end, Ordering::Release);
                     }
                 }
@@ -433,25 +570,6 @@ impl Segments {
             Err(e) => Err(Self::io(&dir)(e)),
         }
     }
-}
-
-fn open_segment(path: &Path, base: u64, create: bool) -> Result<Segment, LogError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(create)
-        .open(path)
-        .map_err(Segments::io(path))?;
-    let len = file.metadata().map_err(Segments::io(path))?.len();
-    Ok(Segment {
-        base,
-        path: path.to_path_buf(),
-        file,
-        len: AtomicU64::new(len),
-        next_offset: AtomicU64::new(base),
-        dirty: AtomicBool::new(false),
-        opened: Instant::now(),
-    })
 }
 
 fn sync_dir(dir: &Path) -> Result<(), LogError> {
