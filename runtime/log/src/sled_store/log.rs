@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use weir_core::{TopicConfig, TopicPartition};
 
 use super::pending::PendingAppend;
-use super::segments::Loc;
+use super::segment::Loc;
 use super::{
     be_u64, chunk_key, index_key, producer_key, SledStore, PRODUCER_NEXT, PRODUCER_PREFIX,
     TOPIC_PREFIX,

@@ -384,6 +384,7 @@ impl SledStore {
 mod kv;
 mod log;
 mod pending;
+mod segment;
 mod segments;
 #[cfg(test)]
 mod tests;

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::{BTreeMap, HashMap};
 
-use super::segments::Loc;
+use super::segment::Loc;
 use weir_core::TopicPartition;
 
 /// One append's index entries and producer states.

@@ -18,66 +18,18 @@
 
 use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use weir_core::{TopicConfig, TopicPartition};
 
+use super::segment::{io, remove_file, sync_dir, Loc, Segment};
 use crate::{EncodedChunk, LogError};
-
-/// Where a chunk lives: the value of its index entry in sled (32 bytes, big endian).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Loc {
-    /// The base offset (name) of the segment holding it.
-    pub segment: u64,
-    /// Byte position in that segment.
-    pub pos: u64,
-    /// Encoded length.
-    pub len: u32,
-    /// Records in the chunk.
-    pub count: u32,
-    /// Newest record timestamp in the chunk.
-    pub max_timestamp_ms: i64,
-}
-
-impl Loc {
-    pub const ENCODED_LEN: usize = 32;
-
-    pub fn encode(&self) -> [u8; Self::ENCODED_LEN] {
-        let mut v = [0u8; Self::ENCODED_LEN];
-        v[..8].copy_from_slice(&self.segment.to_be_bytes());
-        v[8..16].copy_from_slice(&self.pos.to_be_bytes());
-        v[16..20].copy_from_slice(&self.len.to_be_bytes());
-        v[20..24].copy_from_slice(&self.count.to_be_bytes());
-        v[24..32].copy_from_slice(&self.max_timestamp_ms.to_be_bytes());
-        v
-    }
-
-    pub fn decode(v: &[u8]) -> Option<Loc> {
-        if v.len() != Self::ENCODED_LEN {
-            return None;
-        }
-        let u64_at = |i: usize| u64::from_be_bytes(v[i..i + 8].try_into().expect("8 bytes"));
-        let u32_at = |i: usize| u32::from_be_bytes(v[i..i + 4].try_into().expect("4 bytes"));
-        Some(Loc {
-            segment: u64_at(0),
-            pos: u64_at(8),
-            len: u32_at(16),
-            count: u32_at(20),
-            max_timestamp_ms: u64_at(24) as i64,
-        })
-    }
-
-    /// The byte just after the chunk.
-    pub fn end(&self) -> u64 {
-        self.pos + u64::from(self.len)
-    }
-}
 
 /// When a topic's segments roll over to a new file.
 #[derive(Clone, Copy, Debug)]
@@ -85,87 +37,6 @@ struct Roll {
     bytes: u64,
     /// Only a topic with retention by age rolls by age.
     age: Option<Duration>,
-}
-
-/// One segment file.
-pub(super) struct Segment {
-    /// Offset of its first chunk (its name).
-    pub base: u64,
-    path: PathBuf,
-    /// Open while it takes writes or holds unsynced ones.
-    file: Mutex<Option<Arc<File>>>,
-    /// A newer segment took over: once synced, its descriptor is closed.
-    sealed: AtomicBool,
-    /// Bytes written (the next write's position).
-    len: AtomicU64,
-    /// The offset after its last chunk (where the next segment would begin).
-    next_offset: AtomicU64,
-    /// Written since its last fdatasync.
-    dirty: AtomicBool,
-    opened: Instant,
-}
-
-impl Segment {
-    fn new(path: PathBuf, base: u64, len: u64) -> Segment {
-        Segment {
-            base,
-            path,
-            file: Mutex::new(None),
-            sealed: AtomicBool::new(false),
-            len: AtomicU64::new(len),
-            next_offset: AtomicU64::new(base),
-            dirty: AtomicBool::new(false),
-            opened: Instant::now(),
-        }
-    }
-
-    fn io(&self, source: std::io::Error) -> LogError {
-        LogError::Io {
-            path: self.path.clone(),
-            source,
-        }
-    }
-
-    pub fn len(&self) -> u64 {
-        self.len.load(Ordering::Acquire)
-    }
-
-    /// The descriptor writes and syncs use, opened if it was closed.
-    fn writer(&self) -> Result<Arc<File>, LogError> {
-        let mut file = self.file.lock();
-        if let Some(f) = &*file {
-            return Ok(f.clone());
-        }
-        let opened = Arc::new(
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&self.path)
-                .map_err(|e| self.io(e))?,
-        );
-        *file = Some(opened.clone());
-        Ok(opened)
-    }
-
-    /// A descriptor to read with: the open one, or a new one for this read only; `None` when
-    /// retention deleted the file.
-    fn reader(&self) -> Result<Option<Arc<File>>, LogError> {
-        if let Some(f) = &*self.file.lock() {
-            return Ok(Some(f.clone()));
-        }
-        match File::open(&self.path) {
-            Ok(f) => Ok(Some(Arc::new(f))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.io(e)),
-        }
-    }
-
-    /// Closes the descriptor of a sealed segment with nothing left to sync.
-    fn close_if_done(&self) {
-        if self.sealed.load(Ordering::Acquire) && !self.dirty.load(Ordering::Acquire) {
-            *self.file.lock() = None;
-        }
-    }
 }
 
 /// A partition's segments by base offset.
@@ -200,11 +71,6 @@ impl Segments {
             rolls: RwLock::new(HashMap::new()),
             segment_bytes: segment_bytes.max(1),
         }
-    }
-
-    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LogError {
-        let path = path.to_path_buf();
-        move |source| LogError::Io { path, source }
     }
 
     fn topic_dir(&self, topic: &str) -> PathBuf {
@@ -248,7 +114,7 @@ impl Segments {
         match std::fs::read_dir(&dir) {
             Ok(entries) => {
                 for entry in entries {
-                    let entry = entry.map_err(Self::io(&dir))?;
+                    let entry = entry.map_err(io(&dir))?;
                     let name = entry.file_name();
                     let Some(base) = name
                         .to_str()
@@ -257,12 +123,12 @@ impl Segments {
                     else {
                         continue;
                     };
-                    let len = entry.metadata().map_err(Self::io(&entry.path()))?.len();
+                    let len = entry.metadata().map_err(io(&entry.path()))?.len();
                     segments.insert(base, Arc::new(Segment::new(entry.path(), base, len)));
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Self::io(&dir)(e)),
+            Err(e) => return Err(io(&dir)(e)),
         }
         // Every listed segment but the last is sealed.
         for s in segments.values().rev().skip(1) {
@@ -395,7 +261,7 @@ impl Segments {
     /// empty file of the name (a create whose directory sync failed) is taken as it is.
     fn create(&self, part: &PartitionSegments, base: u64) -> Result<Segment, LogError> {
         let dir = &part.dir;
-        std::fs::create_dir_all(dir).map_err(Self::io(dir))?;
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
         let path = dir.join(format!("{base:020}.seg"));
         let file = OpenOptions::new()
             .read(true)
@@ -403,8 +269,8 @@ impl Segments {
             .create(true)
             .truncate(false)
             .open(&path)
-            .map_err(Self::io(&path))?;
-        let len = file.metadata().map_err(Self::io(&path))?.len();
+            .map_err(io(&path))?;
+        let len = file.metadata().map_err(io(&path))?.len();
         if len != 0 {
             return Err(LogError::Malformed {
                 what: format!("segment file {}", path.display()),
@@ -567,21 +433,7 @@ impl Segments {
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Self::io(&dir)(e)),
+            Err(e) => Err(io(&dir)(e)),
         }
-    }
-}
-
-fn sync_dir(dir: &Path) -> Result<(), LogError> {
-    File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(Segments::io(dir))
-}
-
-fn remove_file(path: &Path) -> Result<(), LogError> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Segments::io(path)(e)),
     }
 }
