@@ -136,7 +136,7 @@ pub(crate) fn weir(bin: &Path, server: &Server, args: &[&str]) -> Result<String>
 /// fsync policy, three runs each; prints every run and the median.
 pub fn bench(args: &[String]) -> Result<()> {
     let usage =
-        "usage: cargo xtask bench [--records N] [--plugins-only | --publish-only] [--soak [SECONDS]] [--cluster [--baseline-bin PATH]]";
+        "usage: cargo xtask bench [--records N] [--plugins-only | --publish-only] [--soak [SECONDS]] [--cluster] [--baseline-bin PATH]";
     let (mut records, mut plugins_only, mut soak) = ("1000000".to_string(), false, None);
     let mut publish_only = false;
     let (mut cluster, mut baseline) = (false, None);
@@ -178,7 +178,7 @@ pub fn bench(args: &[String]) -> Result<()> {
         return crate::bench_cluster::bench_cluster_plugins(&bin, baseline.as_deref(), &records);
     }
     if !plugins_only {
-        bench_publish(&bin, &records)?;
+        bench_publish(&bin, baseline.as_deref(), &records)?;
     }
     if publish_only {
         return Ok(());
@@ -186,8 +186,10 @@ pub fn bench(args: &[String]) -> Result<()> {
     bench_plugins(&bin, &records)
 }
 
-/// `weir bench publish`, 100-byte records, under fsync always and never, three runs each.
-fn bench_publish(bin: &Path, records: &str) -> Result<()> {
+/// `weir bench publish`, 100-byte records, under fsync always and never, three runs each,
+/// after three runs of the no-storage ceiling; with `baseline`, that build runs each policy
+/// right after this one in every round (before/after a change, in one run).
+fn bench_publish(bin: &Path, baseline: Option<&Path>, records: &str) -> Result<()> {
     let disk = disk_baseline()?;
     println!(
         "baseline: raw sequential write of 256 MiB in 1 MiB writes + fdatasync: {disk:.0} MB/s\n"
@@ -197,51 +199,36 @@ fn bench_publish(bin: &Path, records: &str) -> Result<()> {
     let mut medians = Vec::new();
     for fsync in ["discard", "always", "never"] {
         let mut rates = Vec::new();
+        let mut baseline_rates = Vec::new();
         for round in 1..=3 {
-            let data = std::env::temp_dir()
-                .join(format!("weir-bench-{}-{fsync}-{round}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&data);
-            let server = if fsync == "discard" {
-                Server::start_discard(bin)?
-            } else {
-                Server::start(bin, &data, fsync)?
-            };
-            let out = weir(bin, &server, &publish_args(records))?;
-            let written = written_bytes(server.child.id());
-            server.stop()?;
-            std::fs::remove_dir_all(&data).ok();
-            let label = if fsync == "discard" {
-                "no storage (weir bench discard-server)".to_string()
-            } else {
-                format!("fsync {fsync}")
-            };
-            println!("{label}, run {round}:\n{out}");
-            let field = |prefix: &str| -> Result<f64> {
-                out.lines()
-                    .find_map(|l| l.strip_prefix(prefix))
-                    .and_then(|l| l.split_whitespace().next())
-                    .and_then(|n| n.parse().ok())
-                    .with_context(|| format!("parse {prefix}"))
-            };
-            let rate = throughput(&out)?;
-            let payload_mb = field(&format!("{records} records ("))?;
-            if let Some(written) = written.filter(|_| fsync != "discard") {
-                println!("server wrote {:.0} MB to disk for {payload_mb:.0} MB of keys and values ({:.1}x)", written / 1e6, written / 1e6 / payload_mb);
+            rates.push(publish_run(bin, "", fsync, round, records)?);
+            if let Some(before) = baseline.filter(|_| fsync != "discard") {
+                baseline_rates.push(publish_run(
+                    before,
+                    "baseline build, ",
+                    fsync,
+                    round,
+                    records,
+                )?);
             }
-            rates.push(rate);
             std::thread::sleep(Duration::from_millis(500));
         }
-        rates.sort_by(f64::total_cmp);
         let label = if fsync == "discard" {
             "no storage".to_string()
         } else {
             format!("fsync {fsync}")
         };
-        println!(
-            "{label}: median {:.0} records/s (runs: {:?})\n",
-            rates[1], rates
-        );
-        medians.push(rates[1]);
+        let m = median(rates.clone());
+        println!("{label}: median {m:.0} records/s (runs: {rates:?})");
+        if !baseline_rates.is_empty() {
+            let b = median(baseline_rates.clone());
+            println!(
+                "{label}, baseline build: median {b:.0} records/s (runs: {baseline_rates:?}); this build / baseline {:.2}x",
+                m / b
+            );
+        }
+        println!();
+        medians.push(m);
     }
     println!(
         "durable publish / no-storage gRPC ceiling: fsync always {:.2}x, never {:.2}x",
@@ -249,6 +236,43 @@ fn bench_publish(bin: &Path, records: &str) -> Result<()> {
         medians[2] / medians[0]
     );
     Ok(())
+}
+
+/// One `weir bench publish` against a fresh server of `bin` (`discard`: the no-storage
+/// server); prints the run and the bytes the server wrote, returns records/s.
+fn publish_run(bin: &Path, which: &str, fsync: &str, round: u32, records: &str) -> Result<f64> {
+    let data =
+        std::env::temp_dir().join(format!("weir-bench-{}-{fsync}-{round}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&data);
+    let server = if fsync == "discard" {
+        Server::start_discard(bin)?
+    } else {
+        Server::start(bin, &data, fsync)?
+    };
+    let out = weir(bin, &server, &publish_args(records))?;
+    let written = written_bytes(server.child.id());
+    server.stop()?;
+    std::fs::remove_dir_all(&data).ok();
+    let label = if fsync == "discard" {
+        "no storage (weir bench discard-server)".to_string()
+    } else {
+        format!("{which}fsync {fsync}")
+    };
+    println!("{label}, run {round}:\n{out}");
+    let payload_mb: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{records} records (")))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .context("parse the payload size")?;
+    if let Some(written) = written.filter(|_| fsync != "discard") {
+        println!(
+            "server wrote {:.0} MB to disk for {payload_mb:.0} MB of keys and values ({:.1}x)",
+            written / 1e6,
+            written / 1e6 / payload_mb
+        );
+    }
+    throughput(&out)
 }
 
 /// The arguments of every publish benchmark run (BENCHMARKS.md).
@@ -347,6 +371,8 @@ fn bench_soak(bin: &Path, secs: u64) -> Result<()> {
             "30",
             "--budget-mb",
             "600",
+            "--data-dir",
+            data.to_str().expect("utf-8 path"),
         ])
         .status()?;
     server.stop()?;

@@ -50,6 +50,52 @@ pub struct SoakBench {
     /// is reached in ~2 minutes at 5,000 orders/s, inside the warm-up.
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     pub retention_bytes: u64,
+    /// The server's data directory: each sample then also shows its size on disk (segment
+    /// files, sled's file) against the log's live bytes.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Bytes in the files under `dir` (0 when it does not exist).
+fn bytes_under(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => bytes_under(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// The data directory's size on disk as a sample line's tail: the whole, the segment files,
+/// sled's file, and the bytes the log's partitions hold (what retention keeps).
+async fn disk_sample(
+    client: &Client,
+    dir: &std::path::Path,
+    topics: &[(&str, u32)],
+) -> anyhow::Result<String> {
+    let mut live = 0;
+    for (topic, _) in topics {
+        live += client
+            .describe_topic(topic)
+            .await?
+            .partitions
+            .iter()
+            .map(|p| p.size_bytes)
+            .sum::<u64>();
+    }
+    let mb = |b: u64| b as f64 / 1e6;
+    Ok(format!(
+        " dir={:.1} MB (segments={:.1} sled={:.1}) log-live={:.1} MB",
+        mb(bytes_under(dir)),
+        mb(bytes_under(&dir.join("segments"))),
+        mb(std::fs::metadata(dir.join("db")).map_or(0, |m| m.len())),
+        mb(live)
+    ))
 }
 
 /// Resident memory of a process, bytes.
@@ -200,8 +246,12 @@ pub(super) async fn run(client: &Client, args: SoakBench) -> anyhow::Result<()> 
             for row in client.lag("").await?.rows {
                 lag += row.lag;
             }
+            let disk = match &args.data_dir {
+                Some(dir) => disk_sample(client, dir, &topics).await?,
+                None => String::new(),
+            };
             println!(
-                "t={:>5.0}s rss={rss:>7.1} MB state-cache={:>6.1} MB orders={order} lag={lag}",
+                "t={:>5.0}s rss={rss:>7.1} MB state-cache={:>6.1} MB orders={order} lag={lag}{disk}",
                 elapsed.as_secs_f64(),
                 cache as f64 / 1e6
             );
