@@ -1072,6 +1072,7 @@ async fn a_self_signed_ca_certificate_is_trusted_when_given() {
 /// of them seen within the warm-up: sled keeps ~50–80 bytes per stored key in memory beyond its cache
 /// (BENCHMARKS.md, "Memory over time"), so with a keyspace still growing this would measure
 /// the store's index, not a leak. The full soak (`cargo xtask bench --soak`) has 1,000,000.
+/// The log's segment files must stay within 2× what retention keeps (issue 23).
 /// `cargo xtask test` runs this test alone, after the others.
 #[test]
 fn memory_stays_flat_under_a_steady_load() {
@@ -1121,11 +1122,16 @@ fn memory_stays_flat_under_a_steady_load() {
             "1048576",
             "--max-growth-pct",
             "15",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--max-log-disk-ratio",
+            "2",
         ],
         "",
     );
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("memory flat after warm-up: ok"), "{out}");
+    assert!(out.contains("log's disk bounded by retention: ok"), "{out}");
 }
 
 /// Issue 21, item 9: `state get --after P:O` with an offset no record has (at or past the

@@ -373,6 +373,8 @@ fn bench_soak(bin: &Path, secs: u64) -> Result<()> {
             "600",
             "--data-dir",
             data.to_str().expect("utf-8 path"),
+            "--max-log-disk-ratio",
+            "2",
         ])
         .status()?;
     server.stop()?;

@@ -54,6 +54,10 @@ pub struct SoakBench {
     /// files, sled's file) against the log's live bytes.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// Fail when, at the end, the segment files hold more than this many times the log's live
+    /// bytes (retention must give disk back); needs `--data-dir`.
+    #[arg(long)]
+    pub max_log_disk_ratio: Option<f64>,
 }
 
 /// Bytes in the files under `dir` (0 when it does not exist).
@@ -71,13 +75,8 @@ fn bytes_under(dir: &std::path::Path) -> u64 {
         .sum()
 }
 
-/// The data directory's size on disk as a sample line's tail: the whole, the segment files,
-/// sled's file, and the bytes the log's partitions hold (what retention keeps).
-async fn disk_sample(
-    client: &Client,
-    dir: &std::path::Path,
-    topics: &[(&str, u32)],
-) -> anyhow::Result<String> {
+/// The bytes the log's partitions hold (what retention keeps).
+async fn log_live_bytes(client: &Client, topics: &[(&str, u32)]) -> anyhow::Result<u64> {
     let mut live = 0;
     for (topic, _) in topics {
         live += client
@@ -88,6 +87,17 @@ async fn disk_sample(
             .map(|p| p.size_bytes)
             .sum::<u64>();
     }
+    Ok(live)
+}
+
+/// The data directory's size on disk as a sample line's tail: the whole, the segment files,
+/// sled's file, and the log's live bytes.
+async fn disk_sample(
+    client: &Client,
+    dir: &std::path::Path,
+    topics: &[(&str, u32)],
+) -> anyhow::Result<String> {
+    let live = log_live_bytes(client, topics).await?;
     let mb = |b: u64| b as f64 / 1e6;
     Ok(format!(
         " dir={:.1} MB (segments={:.1} sled={:.1}) log-live={:.1} MB",
@@ -279,6 +289,22 @@ pub(super) async fn run(client: &Client, args: SoakBench) -> anyhow::Result<()> 
         next_tick += tick;
         tokio::time::sleep_until(next_tick).await;
     }
+    // What retention left on disk against what it keeps, judged after the memory verdict.
+    let log_disk = match (&args.data_dir, args.max_log_disk_ratio) {
+        (Some(dir), Some(limit)) => {
+            let live = log_live_bytes(client, &topics).await?;
+            let on_disk = bytes_under(&dir.join("segments"));
+            let ratio = on_disk as f64 / live.max(1) as f64;
+            println!(
+                "log on disk: {:.1} MB of segment files for {:.1} MB the log holds ({ratio:.2}x, limit {limit}x)",
+                on_disk as f64 / 1e6,
+                live as f64 / 1e6
+            );
+            Some((ratio, limit))
+        }
+        (None, Some(_)) => anyhow::bail!("--max-log-disk-ratio needs --data-dir"),
+        _ => None,
+    };
     let warmup = args.warmup_s.unwrap_or(args.duration_s / 3) as f64;
     let verdict = judge(&samples, warmup).ok_or_else(|| {
         anyhow::anyhow!("no sample after the warm-up: run longer or sample more often")
@@ -301,6 +327,13 @@ pub(super) async fn run(client: &Client, args: SoakBench) -> anyhow::Result<()> 
         );
     }
     println!("memory flat after warm-up: ok");
+    if let Some((ratio, limit)) = log_disk {
+        anyhow::ensure!(
+            ratio <= limit,
+            "retention did not give the log's disk back: {ratio:.2}x its live bytes > {limit}x"
+        );
+        println!("log's disk bounded by retention: ok");
+    }
     Ok(())
 }
 
