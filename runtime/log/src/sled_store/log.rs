@@ -142,13 +142,14 @@ impl Log for SledStore {
 
     fn read_chunk(&self, tp: &TopicPartition, base_offset: u64) -> Result<Option<Bytes>, LogError> {
         weir_core::blocking::check("read_chunk");
+        let generation = self.segments.generation(&tp.topic);
         if let Some(loc) = self.pending.loc(tp, base_offset) {
-            return self.segments.read(tp, &loc);
+            return self.segments.read(tp, &loc, generation);
         }
         let tree = self.part(tp)?;
         if let Some(value) = tree.get(index_key(base_offset))? {
             let loc = decode_loc(tp, base_offset, &value)?;
-            return self.segments.read(tp, &loc);
+            return self.segments.read(tp, &loc, generation);
         }
         // A chunk stored by weir-log/1 or /2, inside sled.
         let Some(first) = tree.get(chunk_key(base_offset, 0))? else {

@@ -54,6 +54,9 @@ pub(super) struct Segments {
     /// Segments written since the last [`Segments::sync_dirty`].
     dirty: Mutex<Vec<Arc<Segment>>>,
     rolls: RwLock<HashMap<String, Roll>>,
+    /// How many times each topic's segments were dropped: a read that began before a drop
+    /// (a `Loc` of the old topic) must not read a new topic's file of the same name.
+    generations: RwLock<HashMap<String, u64>>,
     /// The largest segment (`SledOptions::segment_bytes`).
     segment_bytes: u64,
 }
@@ -69,6 +72,7 @@ impl Segments {
             parts: RwLock::new(HashMap::new()),
             dirty: Mutex::new(Vec::new()),
             rolls: RwLock::new(HashMap::new()),
+            generations: RwLock::new(HashMap::new()),
             segment_bytes: segment_bytes.max(1),
         }
     }
@@ -169,7 +173,9 @@ impl Segments {
             // same offset) must not find a segment named after an offset it never reached.
             for segment in created.iter().filter(|s| s.len() == 0) {
                 segments.remove(&segment.base);
+                // Best effort: recovery deletes a segment no index entry points into.
                 let _ = std::fs::remove_file(&segment.path);
+                let _ = sync_dir(&part.dir);
             }
             if let Some(last) = segments.values().next_back() {
                 last.sealed.store(false, Ordering::Release);
@@ -279,24 +285,41 @@ impl Segments {
                 ),
             });
         }
-        sync_dir(dir)?;
-        if !part.dirs_synced.load(Ordering::Acquire) {
-            for above in [dir.parent(), Some(self.root.as_path()), self.root.parent()]
-                .into_iter()
-                .flatten()
-            {
-                sync_dir(above)?;
+        let synced = sync_dir(dir).and_then(|()| {
+            if !part.dirs_synced.load(Ordering::Acquire) {
+                for above in [dir.parent(), Some(self.root.as_path()), self.root.parent()]
+                    .into_iter()
+                    .flatten()
+                {
+                    sync_dir(above)?;
+                }
+                part.dirs_synced.store(true, Ordering::Release);
             }
-            part.dirs_synced.store(true, Ordering::Release);
+            Ok(())
+        });
+        if let Err(e) = synced {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
         }
         let segment = Segment::new(path, base, 0);
         *segment.file.lock() = Some(Arc::new(file));
         Ok(segment)
     }
 
+    /// The topic's drop count, taken before looking a chunk up ([`Segments::read`]).
+    pub fn generation(&self, topic: &str) -> u64 {
+        self.generations.read().get(topic).copied().unwrap_or(0)
+    }
+
     /// Reads a chunk: one `pread` into a buffer of its length, which the chunk's records are
-    /// then sliced from. `None` when retention deleted its segment.
-    pub fn read(&self, tp: &TopicPartition, loc: &Loc) -> Result<Option<Bytes>, LogError> {
+    /// then sliced from. `None` when retention deleted its segment, or when the topic was
+    /// dropped since `generation` (taken before `loc` was looked up) was read.
+    pub fn read(
+        &self,
+        tp: &TopicPartition,
+        loc: &Loc,
+        generation: u64,
+    ) -> Result<Option<Bytes>, LogError> {
         let part = self.partition(tp)?;
         let Some(segment) = part.segments.lock().get(&loc.segment).cloned() else {
             return Ok(None);
@@ -304,6 +327,10 @@ impl Segments {
         let Some(file) = segment.reader()? else {
             return Ok(None);
         };
+        if self.generation(&tp.topic) != generation {
+            // The file opened may be a new topic's of the same name.
+            return Ok(None);
+        }
         let mut buf = BytesMut::zeroed(loc.len as usize);
         file.read_exact_at(&mut buf, loc.pos)
             .map_err(|e| segment.io(e))?;
@@ -319,7 +346,13 @@ impl Segments {
             s.dirty.store(false, Ordering::Release);
         }
         let sync = |s: &Arc<Segment>| {
-            s.writer()?.sync_data().map_err(|e| s.io(e))?;
+            match s.writer() {
+                Ok(file) => file.sync_data().map_err(|e| s.io(e))?,
+                // Its topic was dropped after the write: nothing of it is left to sync.
+                Err(LogError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
             s.close_if_done();
             Ok(())
         };
@@ -349,10 +382,10 @@ impl Segments {
             let bases: Vec<u64> = segments.keys().copied().collect();
             let mut doomed = Vec::new();
             for (i, base) in bases.iter().enumerate() {
-                let end = match bases.get(i + 1) {
-                    Some(next) => *next,
-                    None => segments[base].next_offset.load(Ordering::Acquire),
-                };
+                // Where its chunks end: the next segment's name, unless (a retried append
+                // after a failed roll) it went on past it.
+                let written = segments[base].next_offset.load(Ordering::Acquire);
+                let end = bases.get(i + 1).map_or(written, |next| written.max(*next));
                 if end > start || end <= *base {
                     break;
                 }
@@ -371,9 +404,9 @@ impl Segments {
     /// Makes a partition's segments agree with its durable index after a restart: the index
     /// points at `(segment, end of its last chunk)` pairs in `last_ends`. A segment's bytes
     /// past its last indexed chunk (written, never indexed: a crash before the commit) are
-    /// cut off; segments no index entry points into and that lie after the last indexed one
-    /// (created, never indexed) or before the first (retention that crashed before deleting
-    /// them) are deleted.
+    /// cut off; segments no index entry points into hold nothing live (created and never
+    /// indexed, left by a failed roll, or retention's that a crash kept from being deleted)
+    /// and are deleted.
     pub fn reconcile(
         &self,
         tp: &TopicPartition,
@@ -381,8 +414,6 @@ impl Segments {
     ) -> Result<(), LogError> {
         let part = self.partition(tp)?;
         let mut segments = part.segments.lock();
-        let first = last_ends.keys().next().copied();
-        let last = last_ends.keys().next_back().copied();
         let bases: Vec<u64> = segments.keys().copied().collect();
         for base in bases {
             let segment = segments[&base].clone();
@@ -397,12 +428,15 @@ impl Segments {
                         segment.len.store(end, Ordering::Release);
                     }
                 }
-                None if first.is_none_or(|f| base < f) || last.is_none_or(|l| base > l) => {
+                None => {
                     segments.remove(&base);
                     remove_file(&segment.path)?;
                 }
-                None => {}
             }
+        }
+        // The newest left takes the appends: its descriptor stays open.
+        if let Some(last) = segments.values().next_back() {
+            last.sealed.store(false, Ordering::Release);
         }
         Ok(())
     }
@@ -425,6 +459,11 @@ impl Segments {
 
     /// Forgets and deletes every segment of a topic (deletion, or a new topic of the name).
     pub fn drop_topic(&self, topic: &str) -> Result<(), LogError> {
+        *self
+            .generations
+            .write()
+            .entry(topic.to_string())
+            .or_default() += 1;
         self.parts.write().retain(|tp, _| tp.topic != topic);
         self.dirty
             .lock()

@@ -271,8 +271,9 @@ fn a_segment_deleted_under_readers_reads_whole_or_not_at_all() {
     assert!(segment_files(dir.path(), &tp).len() <= 1);
 }
 
-/// A crash after retention's trim was durable but before its segment file was deleted, or
-/// a segment created and written but never indexed: recovery deletes those files.
+/// A crash after retention's trim was durable but before its segment file was deleted, a
+/// segment created and written but never indexed, an empty one a failed roll left between
+/// indexed ones: recovery deletes those files.
 #[test]
 fn segments_no_index_entry_points_into_are_deleted_at_recovery() {
     let dir = tempfile::tempdir().unwrap();
@@ -298,6 +299,8 @@ fn segments_no_index_entry_points_into_are_deleted_at_recovery() {
     // the last was created but never indexed.
     std::fs::write(part.join(&first), &first_bytes).unwrap();
     std::fs::write(part.join(format!("{:020}.seg", 10_000u64)), b"junk").unwrap();
+    // And an empty one between indexed segments (a roll that failed and was retried).
+    std::fs::write(part.join(format!("{:020}.seg", start + 1)), b"").unwrap();
     let store = SledStore::open(dir.path(), &options(64 * 1024)).unwrap();
     assert_eq!(values(&store, &tp), (start..1500).collect::<Vec<_>>());
     assert_eq!(segment_files(dir.path(), &tp), kept);
@@ -431,4 +434,30 @@ fn a_start_moved_past_missing_segments_is_stored() {
         assert_eq!(recovered.start_offset, second);
         assert_eq!(values(&store, &tp), (second..1500).collect::<Vec<_>>());
     }
+}
+
+/// A read that looked a chunk up before its topic was deleted and created again must not
+/// read the new topic's segment of the same name (base 0 is every new topic's first).
+#[test]
+fn a_read_begun_before_a_topic_was_recreated_reads_nothing_of_the_new_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let tp = TopicPartition::new("t", 0);
+    let store = SledStore::open(dir.path(), &SledOptions::default()).unwrap();
+    let config = TopicConfig::new("t", 1);
+    store.put_topic(&config).unwrap();
+    store.append(&tp, 0, &chunks(0, 1, 10), &[]).unwrap();
+    store.sync().unwrap();
+    let generation = store.segments.generation("t");
+    let old = store.part(&tp).unwrap().get(index_key(0)).unwrap().unwrap();
+    let old = segment::Loc::decode(&old).unwrap();
+    store.delete_topic(&config).unwrap();
+    store.put_topic(&config).unwrap();
+    store.append(&tp, 0, &chunks(500, 1, 10), &[]).unwrap();
+    store.sync().unwrap();
+    assert!(store
+        .segments
+        .read(&tp, &old, generation)
+        .unwrap()
+        .is_none());
+    assert_eq!(values(&store, &tp), (500..510).collect::<Vec<_>>());
 }

@@ -75,29 +75,22 @@ fn bytes_under(dir: &std::path::Path) -> u64 {
         .sum()
 }
 
-/// The bytes the log's partitions hold (what retention keeps).
-async fn log_live_bytes(client: &Client, topics: &[(&str, u32)]) -> anyhow::Result<u64> {
-    let mut live = 0;
-    for (topic, _) in topics {
-        live += client
-            .describe_topic(topic)
-            .await?
-            .partitions
-            .iter()
-            .map(|p| p.size_bytes)
-            .sum::<u64>();
-    }
-    Ok(live)
+/// The bytes every topic's partitions hold (what retention keeps; the same topics as the
+/// segment files on disk, dead-letter topics included).
+async fn log_live_bytes(client: &Client) -> anyhow::Result<u64> {
+    Ok(client
+        .list_topics()
+        .await?
+        .iter()
+        .flat_map(|t| &t.partitions)
+        .map(|p| p.size_bytes)
+        .sum())
 }
 
 /// The data directory's size on disk as a sample line's tail: the whole, the segment files,
 /// sled's file, and the log's live bytes.
-async fn disk_sample(
-    client: &Client,
-    dir: &std::path::Path,
-    topics: &[(&str, u32)],
-) -> anyhow::Result<String> {
-    let live = log_live_bytes(client, topics).await?;
+async fn disk_sample(client: &Client, dir: &std::path::Path) -> anyhow::Result<String> {
+    let live = log_live_bytes(client).await?;
     let mb = |b: u64| b as f64 / 1e6;
     Ok(format!(
         " dir={:.1} MB (segments={:.1} sled={:.1}) log-live={:.1} MB",
@@ -174,6 +167,10 @@ pub(super) async fn run(client: &Client, args: SoakBench) -> anyhow::Result<()> 
     anyhow::ensure!(
         args.users > 0 && args.rate > 0 && args.duration_s > 0 && args.sample_s > 0,
         "--users, --rate, --duration-s and --sample-s must be positive"
+    );
+    anyhow::ensure!(
+        args.max_log_disk_ratio.is_none() || args.data_dir.is_some(),
+        "--max-log-disk-ratio needs --data-dir (the server's data directory)"
     );
     let topics = [
         ("order.paid", 4),
@@ -257,7 +254,7 @@ pub(super) async fn run(client: &Client, args: SoakBench) -> anyhow::Result<()> 
                 lag += row.lag;
             }
             let disk = match &args.data_dir {
-                Some(dir) => disk_sample(client, dir, &topics).await?,
+                Some(dir) => disk_sample(client, dir).await?,
                 None => String::new(),
             };
             println!(
@@ -292,7 +289,7 @@ pub(super) async fn run(client: &Client, args: SoakBench) -> anyhow::Result<()> 
     // What retention left on disk against what it keeps, judged after the memory verdict.
     let log_disk = match (&args.data_dir, args.max_log_disk_ratio) {
         (Some(dir), Some(limit)) => {
-            let live = log_live_bytes(client, &topics).await?;
+            let live = log_live_bytes(client).await?;
             let on_disk = bytes_under(&dir.join("segments"));
             let ratio = on_disk as f64 / live.max(1) as f64;
             println!(
@@ -302,7 +299,6 @@ pub(super) async fn run(client: &Client, args: SoakBench) -> anyhow::Result<()> 
             );
             Some((ratio, limit))
         }
-        (None, Some(_)) => anyhow::bail!("--max-log-disk-ratio needs --data-dir"),
         _ => None,
     };
     let warmup = args.warmup_s.unwrap_or(args.duration_s / 3) as f64;
