@@ -32,6 +32,9 @@ fn main() -> ExitCode {
     ) {
         no_transparent_huge_pages();
     }
+    if matches!(cli.command, weir::cli::Command::Serve(_)) {
+        raise_open_file_limit();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -90,6 +93,33 @@ fn no_transparent_huge_pages() {
         // SAFETY: PR_SET_THP_DISABLE takes integer arguments and touches no memory of ours.
         if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, off, zero, zero, zero) } != 0 {
             tracing::debug!(message = "Could not turn transparent huge pages off.", error = %std::io::Error::last_os_error());
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard one, as Kafka's and Redpanda's guides ask
+/// of their brokers: each partition being written keeps its newest segment file open, beside
+/// the clients' sockets, and the usual soft limit of 1,024 would end a server with many
+/// partitions (`EMFILE`). A limit that cannot be raised stays as it was.
+fn raise_open_file_limit() {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit read and write the one struct passed, which lives
+        // on this stack frame for both calls.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0
+                && limit.rlim_cur < limit.rlim_max
+            {
+                let previous = limit.rlim_cur;
+                limit.rlim_cur = limit.rlim_max;
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    tracing::debug!(message = "Could not raise the open-file limit.", from = previous, error = %std::io::Error::last_os_error());
+                }
+            }
         }
     }
 }
