@@ -143,12 +143,24 @@ impl Log for SledStore {
     fn read_chunk(&self, tp: &TopicPartition, base_offset: u64) -> Result<Option<Bytes>, LogError> {
         weir_core::blocking::check("read_chunk");
         let generation = self.segments.generation(&tp.topic);
-        if let Some(loc) = self.pending.loc(tp, base_offset) {
-            return self.segments.read(tp, &loc, generation);
-        }
         let tree = self.part(tp)?;
-        if let Some(value) = tree.get(index_key(base_offset))? {
-            let loc = decode_loc(tp, base_offset, &value)?;
+        // sled's index first (every acknowledged chunk is there under `always`), then the
+        // pending entries, then sled again: a sync moves an entry into sled before it leaves
+        // the pending ones, so one of the three looks finds it.
+        let indexed = || -> Result<Option<Loc>, LogError> {
+            match tree.get(index_key(base_offset))? {
+                Some(value) => Ok(Some(decode_loc(tp, base_offset, &value)?)),
+                None => Ok(None),
+            }
+        };
+        let loc = match indexed()? {
+            Some(loc) => Some(loc),
+            None => match self.pending.loc(tp, base_offset) {
+                Some(loc) => Some(loc),
+                None => indexed()?,
+            },
+        };
+        if let Some(loc) = loc {
             return self.segments.read(tp, &loc, generation);
         }
         // A chunk stored by weir-log/1 or /2, inside sled.
@@ -180,11 +192,13 @@ impl Log for SledStore {
         }
         batch.insert(b"s", &new_start.to_be_bytes());
         tree.apply_batch(batch)?;
-        // The trim is durable before a segment goes: a crash never leaves index entries of
-        // a deleted segment above the partition's start. A whole sync (pending entries
+        // When a segment goes, the trim is durable first: a crash never leaves index entries
+        // of a deleted segment above the partition's start. A whole sync (pending entries
         // included), so nothing in sled becomes durable ahead of the records it points past.
-        self.sync_locked()?;
-        let freed = self.segments.delete_below(tp, new_start)?;
+        // A trim that deletes no segment waits for the next sync like any write.
+        let freed = self
+            .segments
+            .delete_below(tp, new_start, || self.sync_locked())?;
         if freed > 0 {
             tracing::debug!(message = "Retention deleted segments.", partition = %tp, bytes = freed);
         }
@@ -350,7 +364,7 @@ impl SledStore {
 
     /// Reads a partition's chunks in segment files into `out` and makes the files agree with
     /// the index: an entry whose bytes are not all in its segment (possible only under
-    /// `--fsync never` after a power cut, or a damaged directory) ends the partition there —
+    /// `--fsync interval` or `never` after a power cut, or a damaged directory) ends it there —
     /// it and every later entry are dropped, with a warning; unindexed bytes at a segment's
     /// end (written, never committed) are cut off.
     fn recover_indexed(
@@ -395,7 +409,7 @@ impl SledStore {
                     dropped.push(key);
                 }
                 found => {
-                    tracing::warn!(message = "A chunk's bytes are missing from its segment: the partition ends before it (only `--fsync never` after a power cut loses them).", partition = %tp, offset = base, segment = loc.segment, needed = loc.end(), segment_bytes = ?found);
+                    tracing::warn!(message = "A chunk's bytes are missing from its segment: the partition ends before it (only `--fsync interval` or `never` after a power cut loses them).", partition = %tp, offset = base, segment = loc.segment, needed = loc.end(), segment_bytes = ?found);
                     broken = true;
                     dropped.push(key);
                 }

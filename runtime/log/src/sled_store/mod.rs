@@ -61,7 +61,7 @@ const PRODUCER_PREFIX: &[u8] = b"producer/";
 const PRODUCER_NEXT: &[u8] = b"producer-next";
 /// sled segment size: blob threshold = a quarter of it = 2 MiB (see the module docs).
 pub const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
-/// The largest log segment file (a topic with retention rolls at a quarter of it).
+/// The largest log segment file (a topic with retention rolls at a quarter of its retention, at most this).
 pub const LOG_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 
 /// Options for opening a [`SledStore`].

@@ -373,9 +373,15 @@ impl Segments {
         }
     }
 
-    /// Deletes the partition's segments whose every chunk is below `start` (retention).
-    /// Returns the bytes given back.
-    pub fn delete_below(&self, tp: &TopicPartition, start: u64) -> Result<u64, LogError> {
+    /// Deletes the partition's segments whose every chunk is below `start` (retention),
+    /// calling `first` (which makes the trim durable) only when there are some. Returns the
+    /// bytes given back.
+    pub fn delete_below(
+        &self,
+        tp: &TopicPartition,
+        start: u64,
+        first: impl FnOnce() -> Result<(), LogError>,
+    ) -> Result<u64, LogError> {
         let part = self.partition(tp)?;
         let doomed: Vec<Arc<Segment>> = {
             let mut segments = part.segments.lock();
@@ -393,6 +399,12 @@ impl Segments {
             }
             doomed
         };
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        // Out of the map already: a failure here leaves files no entry points into, which
+        // recovery deletes.
+        first()?;
         let mut freed = 0;
         for segment in doomed {
             freed += segment.len();
