@@ -1,9 +1,11 @@
 //! Data directories written by earlier weirs (tests/fixtures/make-fixture.sh: weir-log/1 from
 //! before the crate split, commit 504c982; weir-log/2 from before segment files, commit
-//! 2eb85d9, records inside sled) open with this weir and carry on exactly once: topics and
+//! 2eb85d9, records inside sled; weir-log/3 from before redb, commit 667509b, plugins' state
+//! in sled trees) open with this weir and carry on exactly once: topics and
 //! records, the idempotent producer's states (a retry is still recognised), a consumer
 //! group's offsets, the points plugin's state, and the outputs its outbox still held. Old
-//! records stay readable where they are, new ones go to segment files. The directory is
+//! records stay readable where they are, new ones go to segment files; the key-value
+//! namespaces move to redb. The directory is
 //! marked with this weir's format, which the old weirs refuse.
 
 use std::time::{Duration, Instant};
@@ -61,6 +63,11 @@ async fn a_weir_log_1_directory_carries_on_exactly_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_weir_log_2_directory_carries_on_exactly_once() {
     carries_on("weir-log-2").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_weir_log_3_directory_carries_on_exactly_once() {
+    carries_on("weir-log-3").await;
 }
 
 async fn carries_on(fixture: &str) {

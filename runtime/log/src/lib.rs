@@ -55,6 +55,14 @@ pub enum LogError {
     /// sled reported an error (an I/O failure underneath, or a damaged store).
     #[error("the store failed: {}", describe_sled(.0))]
     Sled(#[source] sled::Error),
+    /// The key-value file (redb) reported an error (an I/O failure underneath, or damage).
+    #[error("the key-value store {path} failed: {reason}")]
+    Kv {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What redb said.
+        reason: String,
+    },
     /// A file operation failed.
     #[error("I/O error on {path}: {source}")]
     Io {

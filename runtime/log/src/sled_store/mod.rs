@@ -1,9 +1,10 @@
-//! The embedded store on sled 0.34.7.
+//! The embedded store: the log's index in sled 0.34.7, its records in segment files, the
+//! key-value namespaces in redb (`<dir>/kv.redb`, `redb_kv.rs`).
 //!
-//! Layout: tree `meta` (`format` → `weir-log/<version>`, `topic/<name>` → JSON config,
+//! sled layout: tree `meta` (`format` → `weir-log/<version>`, `topic/<name>` → JSON config,
 //! `producer/<id>` → the broker's producer record (epoch, owner), `producer-next` → the next
-//! id), tree `groups` (topic \0 group \0 partition → next offset and commit time), trees
-//! `kv/<namespace>` (the plugin store's key-value namespaces), and one tree per partition
+//! id), tree `groups` (topic \0 group \0 partition → next offset and commit time), and one
+//! tree per partition
 //! `part/<topic>/<partition>` holding, so that one `apply_batch` covers an append atomically:
 //! - `i` + base offset (u64 BE) → where the chunk is in the partition's segment files
 //!   (`segments.rs`: segment, position, length, record count, newest timestamp)
@@ -21,7 +22,10 @@
 //! `fdatasync` of `<dir>/db`, the one file sled writes records to. Before that it fdatasyncs
 //! the segment files written since the last sync and only then writes the index entries of
 //! those appends into sled (`pending.rs`), so a durable index entry never points at bytes
-//! that are not. The directory and `conf` are synced once at open, because sled never does.
+//! that are not. Last it makes redb's commits durable: after sled, so that a plugin's cursor
+//! is never durable past input records a crash took back (under `interval` and `never` a
+//! plugin reads records before any sync). The directory and `conf` are synced once at open,
+//! because sled never does.
 //!
 //! sled writes any *page* (a whole B-tree leaf, not a single value) larger than a quarter of
 //! its segment size to a separate blob file that it never fsyncs. A leaf splits only past 16
@@ -34,17 +38,20 @@ use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use crate::{Durable, LogError};
 use pending::Pending;
+use redb_kv::RedbKv;
 use segments::Segments;
 use weir_core::TopicPartition;
 
 const FORMAT_KEY: &[u8] = b"format";
 /// The layout version this weir writes. Versions 1 (weir before producer ownership and
-/// expiry) and 2 (chunks inside sled) are migrated at open; a later version is refused: this
-/// weir would misread it.
-pub const FORMAT_VERSION: u32 = 3;
+/// expiry), 2 (chunks inside sled) and 3 (key-value namespaces in sled) are migrated at open;
+/// a later version is refused: this weir would misread it.
+pub const FORMAT_VERSION: u32 = 4;
 const FORMAT_PREFIX: &str = "weir-log/";
 
 /// What a data directory's format marker says.
@@ -101,8 +108,8 @@ pub struct SledStore {
     data_file: File,
     /// Partition trees, opened once: `Db::open_tree` takes a lock and allocates a name.
     parts: RwLock<HashMap<TopicPartition, sled::Tree>>,
-    /// Key-value namespace trees (`kv/<namespace>`), opened once.
-    kvs: RwLock<HashMap<String, sled::Tree>>,
+    /// The key-value namespaces.
+    kv: Arc<RedbKv>,
     /// The records' bytes.
     segments: Segments,
     /// Appends whose index entries wait for the next sync (when `index_after_sync`).
@@ -196,15 +203,22 @@ impl SledStore {
         match meta.get(FORMAT_KEY)? {
             Some(v) => match format_version(&v) {
                 Some(FORMAT_VERSION) => {}
-                Some(old @ (1 | 2)) => {
+                Some(old @ (1..=3)) => {
                     // Version 1 values all read as they are: producer records without an
                     // owner (usable by anyone), cursors without counters (0), group offsets
                     // without a commit time (counted from now) and producer states without
                     // an append time. Version 1 and 2 chunks stay in sled (`c` keys) and are
                     // read there until retention removes them; new appends go to segment
-                    // files. The marker moves on so that an older weir, which would not see
-                    // the records in segment files, refuses the directory.
+                    // files. Version 3's key-value namespaces move to redb below. The marker
+                    // moves on first, synced, so that an older weir, which would not see the
+                    // records in segment files nor the namespaces in redb, refuses the
+                    // directory even if the move is cut short.
                     meta.insert(FORMAT_KEY, current.as_bytes())?;
+                    db.flush()?;
+                    let data_path = dir.join("db");
+                    File::open(&data_path)
+                        .and_then(|f| f.sync_data())
+                        .map_err(io(&data_path))?;
                     tracing::info!(message = "Store migrated.", from = %format!("{FORMAT_PREFIX}{old}"), to = %current, dir = %dir.display());
                 }
                 Some(newer) if newer > FORMAT_VERSION => {
@@ -236,6 +250,11 @@ impl SledStore {
                 meta.insert(FORMAT_KEY, current.as_bytes())?;
             }
         }
+        let kv = Arc::new(RedbKv::open(dir, options.cache_bytes)?);
+        Self::move_namespaces(&db, &kv)?;
+        if let Some(ms) = options.background_flush_ms {
+            background_kv_sync(&db, &kv, ms);
+        }
         let groups = db.open_tree("groups")?;
         let data_path = dir.join("db");
         let data_file = File::open(&data_path).map_err(io(&data_path))?;
@@ -246,7 +265,7 @@ impl SledStore {
             groups,
             data_file,
             parts: RwLock::new(HashMap::new()),
-            kvs: RwLock::new(HashMap::new()),
+            kv,
             segments: Segments::new(dir, options.segment_bytes),
             pending: Pending::default(),
             index_after_sync: options.index_after_sync,
@@ -302,15 +321,6 @@ impl SledStore {
         }
         self.groups.apply_batch(batch)?;
         Ok(())
-    }
-
-    pub(super) fn kv(&self, namespace: &str) -> Result<sled::Tree, LogError> {
-        if let Some(tree) = self.kvs.read().get(namespace) {
-            return Ok(tree.clone());
-        }
-        let tree = self.db.open_tree(format!("kv/{namespace}"))?;
-        self.kvs.write().insert(namespace.to_string(), tree.clone());
-        Ok(tree)
     }
 
     pub(super) fn part(&self, tp: &TopicPartition) -> Result<sled::Tree, LogError> {
@@ -377,16 +387,37 @@ impl SledStore {
         self.segments.sync_dirty()?;
         self.write_index(&taken)?;
         self.pending.applied(&taken);
-        self.sync_sled()
+        self.sync_sled()?;
+        self.kv.sync()
     }
 }
 
 mod kv;
 mod log;
 mod pending;
+mod redb_kv;
 mod segment;
 mod segments;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_segments;
+
+/// Under sled's own write-back (`--fsync never`): every `ms`, sled's writes go to the OS and
+/// then redb's commits are made durable, in that order (see the module docs), as weir's syncer
+/// does under the other policies. The thread ends once the store is dropped.
+fn background_kv_sync(db: &sled::Db, kv: &Arc<RedbKv>, ms: u64) {
+    let (db, kv): (sled::Db, Weak<RedbKv>) = (db.clone(), Arc::downgrade(kv));
+    let spawned = std::thread::Builder::new()
+        .name("weir-kv-flush".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(ms));
+            let Some(kv) = kv.upgrade() else { return };
+            if let Err(e) = db.flush().map_err(LogError::from).and_then(|_| kv.sync()) {
+                tracing::error!(message = "Writing the key-value namespaces out failed; they are written out at the next try or at shutdown.", error = %e);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(message = "Could not start the key-value write-back thread; plugin state is written out at shutdown only.", error = %e);
+    }
+}

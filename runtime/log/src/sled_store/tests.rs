@@ -1,33 +1,33 @@
 //! The sled store on disk: values of any size, blob files, foreign and newer directories.
 
-use super::kv::KV_FRAGMENT_PREFIX;
 use super::*;
 use crate::{KvStore, Log, FRAGMENT_MAX_BYTES};
 
+fn value(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+const SIZES: [usize; 6] = [
+    0,
+    1,
+    FRAGMENT_MAX_BYTES - 1,
+    FRAGMENT_MAX_BYTES,
+    100_000,
+    3_000_000,
+];
+
 #[test]
-fn kv_values_of_any_size_round_trip_and_stay_out_of_blob_files() {
+fn kv_values_of_any_size_round_trip_and_only_synced_commits_survive_a_crash() {
     let dir = tempfile::tempdir().unwrap();
-    let sizes = [
-        0usize,
-        1,
-        FRAGMENT_MAX_BYTES - 1,
-        FRAGMENT_MAX_BYTES,
-        100_000,
-        3_000_000,
-    ];
-    let value = |n: usize, seed: u8| {
-        (0..n)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-            .collect::<Vec<u8>>()
-    };
     {
         let store = SledStore::open(dir.path(), &SledOptions::default()).unwrap();
-        let writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = sizes
+        let writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = SIZES
             .iter()
             .map(|&n| (format!("o/{n:08}").into_bytes(), Some(value(n, 1))))
             .collect();
         store.kv_apply("plugin/p", &writes).unwrap();
-        // Replace a large value by a small one and delete another large one: no fragment stays.
         store
             .kv_apply(
                 "plugin/p",
@@ -37,11 +37,27 @@ fn kv_values_of_any_size_round_trip_and_stay_out_of_blob_files() {
                 ],
             )
             .unwrap();
+        store.kv_apply("plugin/gone", &writes[..1]).unwrap();
+        store.kv_drop("plugin/gone").unwrap();
         store.sync().unwrap();
+        // Written after the last sync: a crash (the store forgotten without a close) loses it.
+        store
+            .kv_apply("plugin/p", &[(b"o/late".to_vec(), Some(b"x".to_vec()))])
+            .unwrap();
+        assert!(store.kv_get("plugin/p", b"o/late").unwrap().is_some());
+        std::mem::forget(store);
     }
-    let store = SledStore::open(dir.path(), &SledOptions::default()).unwrap();
+    // The forgotten store still holds the files' locks in this process: read a copy.
+    let copy = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+        }
+    }
+    let store = SledStore::open(copy.path(), &SledOptions::default()).unwrap();
     let scanned = store.kv_scan("plugin/p", b"o/").unwrap();
-    assert_eq!(scanned.len(), sizes.len() - 1);
+    assert_eq!(scanned.len(), SIZES.len() - 1, "o/late is gone");
     for (key, got) in &scanned {
         let n: usize = std::str::from_utf8(&key[2..]).unwrap().parse().unwrap();
         let want = if n == 100_000 {
@@ -52,19 +68,78 @@ fn kv_values_of_any_size_round_trip_and_stay_out_of_blob_files() {
         assert_eq!(got.as_ref(), &want[..], "value of {n} bytes");
         assert_eq!(store.kv_get("plugin/p", key).unwrap().unwrap(), *got);
     }
-    let tree = store.kv("plugin/p").unwrap();
-    let fragments = tree.scan_prefix([KV_FRAGMENT_PREFIX]).count();
-    // Only the 32 KiB value's own fragment: the replaced and deleted values left none.
-    assert_eq!(fragments, 1);
-    assert!(tree
+    assert_eq!(store.kv_scan_first("plugin/p", b"o/", 2).unwrap().len(), 2);
+    assert!(store.kv_scan("plugin/gone", b"").unwrap().is_empty());
+    assert!(store.kv_get("never/written", b"k").unwrap().is_none());
+}
+
+/// A weir-log/3 store's namespaces (sled trees, large values in fragments) move into redb at
+/// open, whole; a crash after the move's commit and before the trees were dropped only drops
+/// them the next time — nothing is copied twice, nothing older comes back.
+#[test]
+fn a_weir_log_3_stores_namespaces_move_to_redb() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(SledStore::open(dir.path(), &SledOptions::default()).unwrap());
+    std::fs::remove_file(dir.path().join(super::redb_kv::FILE)).unwrap();
+    let old: Vec<(Vec<u8>, Vec<u8>)> = SIZES
         .iter()
-        .values()
-        .all(|v| v.unwrap().len() <= FRAGMENT_MAX_BYTES + 1));
-    drop(store);
-    let blobs = std::fs::read_dir(dir.path().join("blobs"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    assert_eq!(blobs, 0, "no blob files");
+        .map(|&n| (format!("o/{n:08}").into_bytes(), value(n, 2)))
+        .collect();
+    let write_old = |path: &std::path::Path| {
+        let db = sled::Config::new()
+            .path(path)
+            .segment_size(SEGMENT_BYTES)
+            .open()
+            .unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert(FORMAT_KEY, "weir-log/3")
+            .unwrap();
+        super::kv::write_sled_namespace(&db, "plugin/p", &old).unwrap();
+        super::kv::write_sled_namespace(&db, "plugins", &[(b"p".to_vec(), b"{}".to_vec())])
+            .unwrap();
+        db.flush().unwrap();
+    };
+    write_old(dir.path());
+    let check = |store: &SledStore| {
+        let scanned = store.kv_scan("plugin/p", b"").unwrap();
+        assert_eq!(scanned.len(), old.len());
+        for ((k, v), (ok, ov)) in scanned.iter().zip(&old) {
+            assert_eq!((k.as_ref(), v.as_ref()), (ok.as_slice(), ov.as_slice()));
+        }
+        assert_eq!(
+            store.kv_get("plugins", b"p").unwrap().unwrap().as_ref(),
+            b"{}"
+        );
+    };
+    {
+        let store = SledStore::open(dir.path(), &SledOptions::default()).unwrap();
+        check(&store);
+        let names = store.db.tree_names();
+        assert!(
+            !names.iter().any(|n| n.starts_with(b"kv/")),
+            "sled's namespace trees are dropped"
+        );
+        assert_eq!(
+            store.meta.get(FORMAT_KEY).unwrap().unwrap().as_ref(),
+            format!("weir-log/{FORMAT_VERSION}").as_bytes()
+        );
+    }
+    // As if a crash had come between the move and the drop: the trees are back (with other
+    // values), the move is marked done.
+    {
+        let db = sled::Config::new()
+            .path(dir.path())
+            .segment_size(SEGMENT_BYTES)
+            .open()
+            .unwrap();
+        super::kv::write_sled_namespace(&db, "plugin/p", &[(b"o/stale".to_vec(), b"x".to_vec())])
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let store = SledStore::open(dir.path(), &SledOptions::default()).unwrap();
+    check(&store);
+    assert!(!store.db.tree_names().iter().any(|n| n.starts_with(b"kv/")));
 }
 
 /// A directory another store holds open is refused, after the short wait for a lock a
