@@ -375,6 +375,8 @@ fn bench_soak(bin: &Path, secs: u64) -> Result<()> {
             data.to_str().expect("utf-8 path"),
             "--max-log-disk-ratio",
             "2",
+            "--max-dir-growth-pct",
+            "10",
         ])
         .status()?;
     server.stop()?;

@@ -58,6 +58,10 @@ pub struct SoakBench {
     /// bytes (retention must give disk back); needs `--data-dir`.
     #[arg(long)]
     pub max_log_disk_ratio: Option<f64>,
+    /// Fail when the data directory's size grew by more than this share after the warm-up,
+    /// percent (by a fitted slope, as RSS); needs `--data-dir`.
+    #[arg(long)]
+    pub max_dir_growth_pct: Option<f64>,
 }
 
 /// Bytes in the files under `dir` (0 when it does not exist).
@@ -87,17 +91,22 @@ async fn log_live_bytes(client: &Client) -> anyhow::Result<u64> {
         .sum())
 }
 
-/// The data directory's size on disk as a sample line's tail: the whole, the segment files,
-/// sled's file, and the log's live bytes.
-async fn disk_sample(client: &Client, dir: &std::path::Path) -> anyhow::Result<String> {
+/// The data directory's size on disk, MB, and a sample line's tail: the whole, the segment
+/// files, sled's file (the log's index), redb's (the plugins' store), and the log's live bytes.
+async fn disk_sample(client: &Client, dir: &std::path::Path) -> anyhow::Result<(f64, String)> {
     let live = log_live_bytes(client).await?;
     let mb = |b: u64| b as f64 / 1e6;
-    Ok(format!(
-        " dir={:.1} MB (segments={:.1} sled={:.1}) log-live={:.1} MB",
-        mb(bytes_under(dir)),
-        mb(bytes_under(&dir.join("segments"))),
-        mb(std::fs::metadata(dir.join("db")).map_or(0, |m| m.len())),
-        mb(live)
+    let file = |name: &str| mb(std::fs::metadata(dir.join(name)).map_or(0, |m| m.len()));
+    let whole = mb(bytes_under(dir));
+    Ok((
+        whole,
+        format!(
+            " dir={whole:.1} MB (segments={:.1} sled={:.1} kv={:.1}) log-live={:.1} MB",
+            mb(bytes_under(&dir.join("segments"))),
+            file("db"),
+            file("kv.redb"),
+            mb(live)
+        ),
     ))
 }
 
@@ -169,8 +178,9 @@ pub(super) async fn run(client: &Client, args: SoakBench) -> anyhow::Result<()> 
         "--users, --rate, --duration-s and --sample-s must be positive"
     );
     anyhow::ensure!(
-        args.max_log_disk_ratio.is_none() || args.data_dir.is_some(),
-        "--max-log-disk-ratio needs --data-dir (the server's data directory)"
+        (args.max_log_disk_ratio.is_none() && args.max_dir_growth_pct.is_none())
+            || args.data_dir.is_some(),
+        "--max-log-disk-ratio and --max-dir-growth-pct need --data-dir (the server's data directory)"
     );
     let topics = [
         ("order.paid", 4),
@@ -241,7 +251,7 @@ pub(super) async fn run(client: &Client, args: SoakBench) -> anyhow::Result<()> 
     let per_tick = (args.rate / 10).max(1);
     let mut next_tick = tokio::time::Instant::now();
     let mut next_sample = Duration::ZERO;
-    let (mut order, mut samples) = (0u64, Vec::new());
+    let (mut order, mut samples, mut dir_samples) = (0u64, Vec::new(), Vec::new());
     loop {
         let elapsed = started.elapsed();
         if elapsed >= next_sample {
@@ -254,7 +264,11 @@ pub(super) async fn run(client: &Client, args: SoakBench) -> anyhow::Result<()> 
                 lag += row.lag;
             }
             let disk = match &args.data_dir {
-                Some(dir) => disk_sample(client, dir).await?,
+                Some(dir) => {
+                    let (whole, line) = disk_sample(client, dir).await?;
+                    dir_samples.push((elapsed.as_secs_f64(), whole));
+                    line
+                }
                 None => String::new(),
             };
             println!(
@@ -309,6 +323,17 @@ pub(super) async fn run(client: &Client, args: SoakBench) -> anyhow::Result<()> 
         "after the {warmup:.0} s warm-up: RSS {:.1} MB → max {:.1} MB; fitted growth {:+.1}% (limit {}%)",
         verdict.start_mb, verdict.max_mb, verdict.growth_pct, args.max_growth_pct
     );
+    let dir_verdict = judge(&dir_samples, warmup);
+    if let Some(dir) = &dir_verdict {
+        println!(
+            "after the warm-up: data directory {:.1} MB → max {:.1} MB; fitted growth {:+.1}%{}",
+            dir.start_mb,
+            dir.max_mb,
+            dir.growth_pct,
+            args.max_dir_growth_pct
+                .map_or(String::new(), |l| format!(" (limit {l}%)"))
+        );
+    }
     anyhow::ensure!(
         verdict.growth_pct <= args.max_growth_pct,
         "memory kept growing after the warm-up: {:+.1}% > {}%",
@@ -323,6 +348,13 @@ pub(super) async fn run(client: &Client, args: SoakBench) -> anyhow::Result<()> 
         );
     }
     println!("memory flat after warm-up: ok");
+    if let (Some(dir), Some(limit)) = (&dir_verdict, args.max_dir_growth_pct) {
+        anyhow::ensure!(
+            dir.growth_pct <= limit,
+            "the data directory kept growing after the warm-up: {:+.1}% > {limit}%",
+            dir.growth_pct
+        );
+    }
     if let Some((ratio, limit)) = log_disk {
         anyhow::ensure!(
             ratio <= limit,
