@@ -1,5 +1,7 @@
 //! What a stopped server's sled store holds: keys and bytes per tree and key prefix, against
 //! the file's size. For diagnosing disk and memory growth (BENCHMARKS.md, "Memory over time").
+//! Since weir-log/4 sled holds the log's index and metadata only; the plugins' state is in
+//! `kv.redb`, which this does not read.
 //!
 //! `cargo run -p weir-log --release --example sled_stats -- DATA_DIR` (the server must be stopped).
 

@@ -16,9 +16,9 @@
 //! The unit of storage is the *chunk* ([`codec`]): consecutive records encoded once, stored
 //! under its base offset — in [`SledStore`], written once into a partition's segment file and
 //! indexed in sled; in the other backends, a value. Publishes are packed into chunks of about
-//! [`CHUNK_TARGET_BYTES`]; a backend whose values must stay small (sled's key-value
-//! namespaces: values above ~128 KiB go to blob files sled never fsyncs) splits them into
-//! fragments of at most [`FRAGMENT_MAX_BYTES`].
+//! [`CHUNK_TARGET_BYTES`]; a backend whose values must stay small (a JetStream message, or
+//! sled's key-value namespaces before weir-log/4: values above ~128 KiB went to blob files
+//! sled never fsyncs) splits them into fragments of at most [`FRAGMENT_MAX_BYTES`].
 
 #![deny(missing_docs)]
 

@@ -29,8 +29,8 @@ impl From<Arc<dyn Store>> for OpenedStore {
     }
 }
 
-/// The store `config` names: the embedded sled store of the data directory, or (with
-/// `config.log`) the log on JetStream beside the data directory's sled for plugins' state.
+/// The store `config` names: the embedded store of the data directory, or (with
+/// `config.log`) the log on JetStream beside the data directory's store for plugins' state.
 ///
 /// # Errors
 /// The data directory or the NATS servers cannot be opened.
@@ -46,7 +46,8 @@ pub async fn open_store(config: &ServerConfig) -> Result<OpenedStore, ServerErro
     .await??;
     tracing::info!(message = "The log is on NATS JetStream.", servers = %servers, replicas = log.options().replicas, prefix = %log.options().prefix);
     let log = Arc::new(log);
-    // Plugins' state: changelogs on JetStream, this data directory's sled as their cache.
+    // Plugins' state: changelogs on JetStream, this data directory's key-value store as their
+    // cache.
     let kv = Arc::new(ReplicatedKv::new(
         local,
         log.clone(),

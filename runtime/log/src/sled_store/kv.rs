@@ -62,37 +62,57 @@ fn kv_value(tree: &sled::Tree, key: &[u8], stored: sled::IVec) -> Result<Bytes, 
     }
 }
 
+/// Whether `key` of a sled namespace tree is a fragment of a large value (not an entry): a
+/// namespace's own keys may start with 0xFF too (the cluster cache's `\xff\xffapplied`).
+fn is_fragment_key(key: &[u8]) -> bool {
+    key.len() >= 9
+        && key[0] == KV_FRAGMENT_PREFIX
+        && key[1..5]
+            .try_into()
+            .map(u32::from_be_bytes)
+            .is_ok_and(|n| n as usize + 9 == key.len())
+}
+
+/// The namespace trees of a store before weir-log/4: (namespace, tree name).
+fn sled_namespaces(db: &sled::Db) -> Vec<(String, sled::IVec)> {
+    db.tree_names()
+        .into_iter()
+        .filter_map(|name| {
+            let namespace = std::str::from_utf8(&name)
+                .ok()?
+                .strip_prefix(SLED_KV_PREFIX)?
+                .to_string();
+            Some((namespace, name))
+        })
+        .collect()
+}
+
 impl SledStore {
+    /// Whether sled still holds namespace trees (a store before weir-log/4, or one whose move
+    /// a crash cut short before the trees were dropped).
+    pub(super) fn has_sled_namespaces(db: &sled::Db) -> bool {
+        !sled_namespaces(db).is_empty()
+    }
+
     /// Moves the namespaces of a store written before weir-log/4 from sled into `kv` (see the
     /// module docs); on any store, drops namespace trees a crash left after the move.
     pub(super) fn move_namespaces(db: &sled::Db, kv: &RedbKv) -> Result<(), LogError> {
-        let trees: Vec<(String, sled::IVec)> = db
-            .tree_names()
-            .into_iter()
-            .filter_map(|name| {
-                let namespace = std::str::from_utf8(&name)
-                    .ok()?
-                    .strip_prefix(SLED_KV_PREFIX)?
-                    .to_string();
-                Some((namespace, name))
-            })
-            .collect();
+        let trees = sled_namespaces(db);
         if !kv.moved_from_sled()? {
-            let mut namespaces = Vec::with_capacity(trees.len());
-            for (namespace, name) in &trees {
-                let tree = db.open_tree(name)?;
-                let mut entries = Vec::new();
-                for item in tree.iter() {
-                    let (key, stored) = item?;
-                    if key.first() == Some(&KV_FRAGMENT_PREFIX) {
-                        continue;
+            kv.move_in(|insert| {
+                for (namespace, name) in &trees {
+                    let tree = db.open_tree(name)?;
+                    for item in tree.iter() {
+                        let (key, stored) = item?;
+                        if is_fragment_key(&key) {
+                            continue;
+                        }
+                        let value = kv_value(&tree, &key, stored)?;
+                        insert(namespace, &key, &value)?;
                     }
-                    let value = kv_value(&tree, &key, stored)?;
-                    entries.push((key.to_vec(), value.to_vec()));
                 }
-                namespaces.push((namespace.clone(), entries));
-            }
-            kv.move_in(&namespaces)?;
+                Ok(())
+            })?;
             if !trees.is_empty() {
                 tracing::info!(
                     message = "Key-value namespaces moved from sled to redb.",
@@ -104,6 +124,57 @@ impl SledStore {
             db.drop_tree(name)?;
         }
         Ok(())
+    }
+}
+
+/// Under sled's own write-back (`--fsync never`) a thread makes the namespaces' commits
+/// durable every interval, as weir's syncer does under the other policies: holding redb's
+/// writer across sled's write-back, so no commit is made durable ahead of the log it points
+/// into (`redb_kv.rs`, [`RedbKv::sync_around`]). Dropping it stops and joins the thread.
+pub(super) struct KvFlusher {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl KvFlusher {
+    pub(super) fn start(db: &sled::Db, kv: &std::sync::Arc<RedbKv>, ms: u64) -> KvFlusher {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let (db, kv) = (db.clone(), kv.clone());
+        let every = std::time::Duration::from_millis(ms);
+        let thread = std::thread::Builder::new()
+            .name("weir-kv-flush".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(every)
+                {
+                    let flush = || db.flush().map(|_| ()).map_err(LogError::from);
+                    if let Err(e) = kv.sync_around(flush) {
+                        tracing::error!(message = "Writing the key-value namespaces out failed; tried again in a moment, and at shutdown.", error = %e);
+                    }
+                }
+            });
+        match thread {
+            Ok(thread) => KvFlusher {
+                stop: Some(stop),
+                thread: Some(thread),
+            },
+            Err(e) => {
+                tracing::error!(message = "Could not start the key-value write-back thread; plugins' state is written out at shutdown only.", error = %e);
+                KvFlusher {
+                    stop: None,
+                    thread: None,
+                }
+            }
+        }
+    }
+}
+
+impl Drop for KvFlusher {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _joined = thread.join();
+        }
     }
 }
 

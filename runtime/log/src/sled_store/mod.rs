@@ -38,30 +38,15 @@ use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::sync::Arc;
 
 use crate::{Durable, LogError};
+pub use format::FORMAT_VERSION;
 use pending::Pending;
 use redb_kv::RedbKv;
 use segments::Segments;
 use weir_core::TopicPartition;
 
-const FORMAT_KEY: &[u8] = b"format";
-/// The layout version this weir writes. Versions 1 (weir before producer ownership and
-/// expiry), 2 (chunks inside sled) and 3 (key-value namespaces in sled) are migrated at open;
-/// a later version is refused: this weir would misread it.
-pub const FORMAT_VERSION: u32 = 4;
-const FORMAT_PREFIX: &str = "weir-log/";
-
-/// What a data directory's format marker says.
-fn format_version(marker: &[u8]) -> Option<u32> {
-    std::str::from_utf8(marker)
-        .ok()?
-        .strip_prefix(FORMAT_PREFIX)?
-        .parse()
-        .ok()
-}
 const TOPIC_PREFIX: &str = "topic/";
 const PRODUCER_PREFIX: &[u8] = b"producer/";
 /// The next producer id to issue (ids stay unique after expired producers are deleted).
@@ -74,7 +59,8 @@ pub const LOG_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Options for opening a [`SledStore`].
 #[derive(Clone, Debug)]
 pub struct SledOptions {
-    /// sled's page cache size in bytes.
+    /// The page caches' size in bytes: a quarter for sled's (the log's index), the rest for
+    /// redb's (the key-value namespaces).
     pub cache_bytes: u64,
     /// sled's own background flush interval; `None` when weir drives every flush itself.
     pub background_flush_ms: Option<u64>,
@@ -100,6 +86,9 @@ impl Default for SledOptions {
 
 /// A [`Log`](crate::Log) and [`KvStore`](crate::KvStore) on an embedded sled database.
 pub struct SledStore {
+    /// Under `--fsync never`, the thread that writes the namespaces out; stopped and joined
+    /// first when the store drops (fields drop in order).
+    _kv_flusher: Option<kv::KvFlusher>,
     dir: PathBuf,
     db: sled::Db,
     meta: sled::Tree,
@@ -149,7 +138,7 @@ impl SledStore {
         }
         let config = sled::Config::new()
             .path(dir)
-            .cache_capacity(options.cache_bytes)
+            .cache_capacity(options.cache_bytes / 4)
             .flush_every_ms(options.background_flush_ms)
             .segment_size(SEGMENT_BYTES)
             .mode(sled::Mode::HighThroughput);
@@ -199,62 +188,15 @@ impl SledStore {
             }
         };
         let meta = db.open_tree("meta")?;
-        let current = format!("{FORMAT_PREFIX}{FORMAT_VERSION}");
-        match meta.get(FORMAT_KEY)? {
-            Some(v) => match format_version(&v) {
-                Some(FORMAT_VERSION) => {}
-                Some(old @ (1..=3)) => {
-                    // Version 1 values all read as they are: producer records without an
-                    // owner (usable by anyone), cursors without counters (0), group offsets
-                    // without a commit time (counted from now) and producer states without
-                    // an append time. Version 1 and 2 chunks stay in sled (`c` keys) and are
-                    // read there until retention removes them; new appends go to segment
-                    // files. Version 3's key-value namespaces move to redb below. The marker
-                    // moves on first, synced, so that an older weir, which would not see the
-                    // records in segment files nor the namespaces in redb, refuses the
-                    // directory even if the move is cut short.
-                    meta.insert(FORMAT_KEY, current.as_bytes())?;
-                    db.flush()?;
-                    let data_path = dir.join("db");
-                    File::open(&data_path)
-                        .and_then(|f| f.sync_data())
-                        .map_err(io(&data_path))?;
-                    tracing::info!(message = "Store migrated.", from = %format!("{FORMAT_PREFIX}{old}"), to = %current, dir = %dir.display());
-                }
-                Some(newer) if newer > FORMAT_VERSION => {
-                    return Err(LogError::ForeignDirectory {
-                        path: dir.to_path_buf(),
-                        reason: format!(
-                            "it was written by a newer weir (format weir-log/{newer}; this weir \
-                             reads weir-log/1 to {current}): run that weir, or a newer one"
-                        ),
-                    })
-                }
-                _ => {
-                    return Err(LogError::ForeignDirectory {
-                        path: dir.to_path_buf(),
-                        reason: format!(
-                            "format marker {:?}, this weir reads weir-log/1 to {current}",
-                            String::from_utf8_lossy(&v),
-                        ),
-                    })
-                }
-            },
-            None if db.tree_names().len() > 2 || !db.is_empty() => {
-                return Err(LogError::ForeignDirectory {
-                    path: dir.to_path_buf(),
-                    reason: "a sled database without weir's format marker".into(),
-                })
-            }
-            None => {
-                meta.insert(FORMAT_KEY, current.as_bytes())?;
-            }
-        }
-        let kv = Arc::new(RedbKv::open(dir, options.cache_bytes)?);
-        Self::move_namespaces(&db, &kv)?;
-        if let Some(ms) = options.background_flush_ms {
-            background_kv_sync(&db, &kv, ms);
-        }
+        let kv = Arc::new(format::open_kv(
+            dir,
+            &db,
+            &meta,
+            options.cache_bytes - options.cache_bytes / 4,
+        )?);
+        let kv_flusher = options
+            .background_flush_ms
+            .map(|ms| kv::KvFlusher::start(&db, &kv, ms));
         let groups = db.open_tree("groups")?;
         let data_path = dir.join("db");
         let data_file = File::open(&data_path).map_err(io(&data_path))?;
@@ -265,6 +207,7 @@ impl SledStore {
             groups,
             data_file,
             parts: RwLock::new(HashMap::new()),
+            _kv_flusher: kv_flusher,
             kv,
             segments: Segments::new(dir, options.segment_bytes),
             pending: Pending::default(),
@@ -383,15 +326,25 @@ impl Durable for SledStore {
 impl SledStore {
     /// [`Durable::sync`] for a caller holding `sync_lock`.
     fn sync_locked(&self) -> Result<(), LogError> {
-        let taken = self.pending.take();
-        self.segments.sync_dirty()?;
-        self.write_index(&taken)?;
-        self.pending.applied(&taken);
-        self.sync_sled()?;
-        self.kv.sync()
+        let log = || {
+            let taken = self.pending.take();
+            self.segments.sync_dirty()?;
+            self.write_index(&taken)?;
+            self.pending.applied(&taken);
+            self.sync_sled()
+        };
+        if self.index_after_sync {
+            // `always`: plugins read only synced records, so no cursor written meanwhile can
+            // point past the log's sync, and writes need not wait for it.
+            log()?;
+            self.kv.sync()
+        } else {
+            self.kv.sync_around(log)
+        }
     }
 }
 
+mod format;
 mod kv;
 mod log;
 mod pending;
@@ -402,22 +355,3 @@ mod segments;
 mod tests;
 #[cfg(test)]
 mod tests_segments;
-
-/// Under sled's own write-back (`--fsync never`): every `ms`, sled's writes go to the OS and
-/// then redb's commits are made durable, in that order (see the module docs), as weir's syncer
-/// does under the other policies. The thread ends once the store is dropped.
-fn background_kv_sync(db: &sled::Db, kv: &Arc<RedbKv>, ms: u64) {
-    let (db, kv): (sled::Db, Weak<RedbKv>) = (db.clone(), Arc::downgrade(kv));
-    let spawned = std::thread::Builder::new()
-        .name("weir-kv-flush".into())
-        .spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(ms));
-            let Some(kv) = kv.upgrade() else { return };
-            if let Err(e) = db.flush().map_err(LogError::from).and_then(|_| kv.sync()) {
-                tracing::error!(message = "Writing the key-value namespaces out failed; they are written out at the next try or at shutdown.", error = %e);
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::error!(message = "Could not start the key-value write-back thread; plugin state is written out at shutdown only.", error = %e);
-    }
-}

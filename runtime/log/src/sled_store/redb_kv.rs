@@ -5,20 +5,27 @@
 //! keys every batch (outbox entries, state deltas, message ids), and sled 0.34 never gives the
 //! space of deleted values back — its file grew at about the write rate, ~4 MB/s in the soak.
 //! redb is a copy-on-write B-tree that reuses the pages a commit freed, so its file stays the
-//! size of what it holds plus what a few commits touch (BENCHMARKS.md, "Plugin store on
-//! redb").
+//! size of what it holds plus what a few commits touch (BENCHMARKS.md, "The plugins' store in
+//! redb: one hour").
 //!
 //! Durability: every write commits with [`Durability::None`] — visible at once, kept only in
 //! memory — and [`RedbKv::sync`] commits an empty transaction with [`Durability::Immediate`],
 //! which makes every commit before it durable (one fsync). A crash loses the commits after the
-//! last durable one, as a suffix: redb reopens at its last durable commit.
+//! last durable one, as a suffix: redb reopens at its last durable commit (after a crash it
+//! first walks the file to rebuild its allocator state). [`RedbKv::sync_around`] holds redb's
+//! one writer across a sync of the log, so that nothing written after the log's sync is made
+//! durable with it (`mod.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableError};
+use parking_lot::Mutex;
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableError,
+    WriteTransaction,
+};
 
 use crate::LogError;
 
@@ -48,16 +55,21 @@ fn failed(path: &Path, e: impl std::fmt::Display) -> LogError {
 pub(super) struct RedbKv {
     db: Database,
     path: PathBuf,
-    /// A commit was made since the last durable one.
+    /// A commit was made since the last durable one, or a commit failed (the next sync then
+    /// meets redb's refusal and the server stops, instead of every write failing for good).
     dirty: AtomicBool,
+    /// One sync at a time: a second one must not find `dirty` cleared by a first whose
+    /// durable commit has not ended.
+    sync_lock: Mutex<()>,
 }
 
 impl RedbKv {
-    /// Opens (or creates) `<dir>/kv.redb`. A database closed a moment ago in this process
-    /// (a restart of the local runtime, a test) may hold its lock briefly: waited for up to
-    /// 2 s, like sled's.
+    /// Opens (or creates, and syncs the directory's entry of) `<dir>/kv.redb`. A database
+    /// closed a moment ago in this process (a restart of the local runtime, a test) may hold
+    /// its lock briefly: waited for up to 2 s, like sled's.
     pub(super) fn open(dir: &Path, cache_bytes: u64) -> Result<RedbKv, LogError> {
         let path = dir.join(FILE);
+        let created = !path.exists();
         let deadline = Instant::now() + Duration::from_secs(2);
         let db = loop {
             match Database::builder()
@@ -77,10 +89,19 @@ impl RedbKv {
                 Err(e) => return Err(failed(&path, e)),
             }
         };
+        if created {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|source| LogError::Io {
+                    path: dir.to_path_buf(),
+                    source,
+                })?;
+        }
         Ok(RedbKv {
             db,
             path,
             dirty: AtomicBool::new(false),
+            sync_lock: Mutex::new(()),
         })
     }
 
@@ -158,10 +179,28 @@ impl RedbKv {
 
     /// Makes every commit made before this call durable; nothing to do when none was.
     pub(super) fn sync(&self) -> Result<(), LogError> {
+        self.sync_around(|| Ok(()))
+    }
+
+    /// Runs `log_sync` and then makes every commit made before this call durable, holding
+    /// redb's one writer from before `log_sync` to the durable commit: writes made meanwhile
+    /// wait, so none is made durable by a sync of the log that did not cover what it points
+    /// at. Without a commit to make durable, only `log_sync` runs.
+    pub(super) fn sync_around(
+        &self,
+        log_sync: impl FnOnce() -> Result<(), LogError>,
+    ) -> Result<(), LogError> {
+        let _one = self.sync_lock.lock();
         if !self.dirty.swap(false, Ordering::SeqCst) {
-            return Ok(());
+            return log_sync();
         }
-        let synced = self.commit(Durability::Immediate, |_| Ok(()));
+        let synced = self.begin(Durability::Immediate).and_then(|tx| {
+            if let Err(e) = log_sync() {
+                let _aborted = tx.abort();
+                return Err(e);
+            }
+            tx.commit().map_err(|e| self.err(e))
+        });
         if synced.is_err() {
             self.dirty.store(true, Ordering::SeqCst);
         }
@@ -173,20 +212,26 @@ impl RedbKv {
         Ok(self.get(META, MOVED_FROM_SLED)?.is_some())
     }
 
-    /// Writes `namespaces` (name, entries) and the [`MOVED_FROM_SLED`] mark in one durable
-    /// commit.
+    /// Writes every entry `fill` hands over (namespace, key, value; one namespace's entries
+    /// together) and the [`MOVED_FROM_SLED`] mark in one durable commit.
     pub(super) fn move_in(
         &self,
-        namespaces: &[(String, Vec<(Vec<u8>, Vec<u8>)>)],
+        fill: impl FnOnce(
+            &mut dyn FnMut(&str, &[u8], &[u8]) -> Result<(), LogError>,
+        ) -> Result<(), LogError>,
     ) -> Result<(), LogError> {
         self.commit(Durability::Immediate, |tx| {
-            for (namespace, entries) in namespaces {
-                let mut t = tx.open_table(table(namespace)).map_err(|e| self.err(e))?;
-                for (k, v) in entries {
-                    t.insert(k.as_slice(), v.as_slice())
-                        .map_err(|e| self.err(e))?;
+            let mut open: Option<(String, redb::Table<'_, &'static [u8], &'static [u8]>)> = None;
+            fill(&mut |namespace, key, value| {
+                if open.as_ref().is_none_or(|(name, _)| name != namespace) {
+                    open = None; // one table open at a time
+                    let t = tx.open_table(table(namespace)).map_err(|e| self.err(e))?;
+                    open = Some((namespace.to_string(), t));
                 }
-            }
+                let (_, t) = open.as_mut().expect("opened above");
+                t.insert(key, value).map(|_| ()).map_err(|e| self.err(e))
+            })?;
+            drop(open);
             let mut meta = tx.open_table(table(META)).map_err(|e| self.err(e))?;
             meta.insert(MOVED_FROM_SLED, b"1".as_slice())
                 .map_err(|e| self.err(e))?;
@@ -194,21 +239,29 @@ impl RedbKv {
         })
     }
 
+    fn begin(&self, durability: Durability) -> Result<WriteTransaction, LogError> {
+        let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        tx.set_durability(durability).map_err(|e| self.err(e))?;
+        Ok(tx)
+    }
+
     fn commit(
         &self,
         durability: Durability,
-        write: impl FnOnce(&redb::WriteTransaction) -> Result<(), LogError>,
+        write: impl FnOnce(&WriteTransaction) -> Result<(), LogError>,
     ) -> Result<(), LogError> {
-        let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        tx.set_durability(durability).map_err(|e| self.err(e))?;
-        if let Err(e) = write(&tx) {
-            let _aborted = tx.abort();
-            return Err(e);
-        }
-        tx.commit().map_err(|e| self.err(e))?;
-        if matches!(durability, Durability::None) {
+        let committed = self.begin(durability).and_then(|tx| {
+            if let Err(e) = write(&tx) {
+                let _aborted = tx.abort();
+                return Err(e);
+            }
+            tx.commit().map_err(|e| self.err(e))
+        });
+        // A failed commit marks the store dirty too: redb refuses every write after an I/O
+        // failure, and the next sync must meet that refusal (and stop the server).
+        if committed.is_err() || matches!(durability, Durability::None) {
             self.dirty.store(true, Ordering::SeqCst);
         }
-        Ok(())
+        committed
     }
 }

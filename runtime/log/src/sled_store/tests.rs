@@ -1,7 +1,22 @@
-//! The sled store on disk: values of any size, blob files, foreign and newer directories.
+//! The embedded store on disk: key-value values of any size and their durability, the move
+//! of weir-log/3's namespaces into redb, foreign and newer directories.
 
+use super::format::FORMAT_KEY;
 use super::*;
 use crate::{KvStore, Log, FRAGMENT_MAX_BYTES};
+
+/// The files a crash would leave of a store still open in this process (its locks keep it
+/// from being opened again here): a copy of the directory's files.
+fn crash_image(dir: &std::path::Path) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
+        }
+    }
+    copy
+}
 
 fn value(n: usize, seed: u8) -> Vec<u8> {
     (0..n)
@@ -47,14 +62,7 @@ fn kv_values_of_any_size_round_trip_and_only_synced_commits_survive_a_crash() {
         assert!(store.kv_get("plugin/p", b"o/late").unwrap().is_some());
         std::mem::forget(store);
     }
-    // The forgotten store still holds the files' locks in this process: read a copy.
-    let copy = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(dir.path()).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_file() {
-            std::fs::copy(entry.path(), copy.path().join(entry.file_name())).unwrap();
-        }
-    }
+    let copy = crash_image(dir.path());
     let store = SledStore::open(copy.path(), &SledOptions::default()).unwrap();
     let scanned = store.kv_scan("plugin/p", b"o/").unwrap();
     assert_eq!(scanned.len(), SIZES.len() - 1, "o/late is gone");
@@ -78,6 +86,7 @@ fn kv_values_of_any_size_round_trip_and_only_synced_commits_survive_a_crash() {
 /// them the next time — nothing is copied twice, nothing older comes back.
 #[test]
 fn a_weir_log_3_stores_namespaces_move_to_redb() {
+    const APPLIED: &[u8] = b"\xff\xffapplied";
     let dir = tempfile::tempdir().unwrap();
     drop(SledStore::open(dir.path(), &SledOptions::default()).unwrap());
     std::fs::remove_file(dir.path().join(super::redb_kv::FILE)).unwrap();
@@ -96,6 +105,10 @@ fn a_weir_log_3_stores_namespaces_move_to_redb() {
             .insert(FORMAT_KEY, "weir-log/3")
             .unwrap();
         super::kv::write_sled_namespace(&db, "plugin/p", &old).unwrap();
+        // A cluster node's cache keeps its changelog position under a key starting with 0xFF,
+        // like the fragments' keys: it moves, the fragments do not.
+        let position = 7u64.to_be_bytes().to_vec();
+        super::kv::write_sled_namespace(&db, "cluster", &[(APPLIED.to_vec(), position)]).unwrap();
         super::kv::write_sled_namespace(&db, "plugins", &[(b"p".to_vec(), b"{}".to_vec())])
             .unwrap();
         db.flush().unwrap();
@@ -110,6 +123,12 @@ fn a_weir_log_3_stores_namespaces_move_to_redb() {
         assert_eq!(
             store.kv_get("plugins", b"p").unwrap().unwrap().as_ref(),
             b"{}"
+        );
+        let cluster = store.kv_scan("cluster", b"").unwrap();
+        assert_eq!(cluster.len(), 1);
+        assert_eq!(
+            (cluster[0].0.as_ref(), cluster[0].1.as_ref()),
+            (APPLIED, &7u64.to_be_bytes()[..])
         );
     };
     {
@@ -140,6 +159,42 @@ fn a_weir_log_3_stores_namespaces_move_to_redb() {
     let store = SledStore::open(dir.path(), &SledOptions::default()).unwrap();
     check(&store);
     assert!(!store.db.tree_names().iter().any(|n| n.starts_with(b"kv/")));
+    drop(store);
+    // A weir-log/4 directory without its key-value file is refused, not opened without every
+    // plugin's state.
+    std::fs::remove_file(dir.path().join(super::redb_kv::FILE)).unwrap();
+    let err = SledStore::open(dir.path(), &SledOptions::default())
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("kv.redb (the plugins' state) is missing"),
+        "{err}"
+    );
+}
+
+/// Under `--fsync never` a thread writes the namespaces out every interval: once the interval
+/// passed, a commit is in what a crash leaves, without any sync.
+#[test]
+fn under_never_the_namespaces_are_written_out_in_the_background() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = SledOptions {
+        background_flush_ms: Some(50),
+        index_after_sync: false,
+        ..SledOptions::default()
+    };
+    let store = SledStore::open(dir.path(), &options).unwrap();
+    store
+        .kv_apply("plugin/p", &[(b"c/".to_vec(), Some(b"cursor".to_vec()))])
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let copy = crash_image(dir.path());
+    drop(store);
+    let store = SledStore::open(copy.path(), &SledOptions::default()).unwrap();
+    assert_eq!(
+        store.kv_get("plugin/p", b"c/").unwrap().unwrap().as_ref(),
+        b"cursor"
+    );
 }
 
 /// A directory another store holds open is refused, after the short wait for a lock a

@@ -115,7 +115,8 @@ pub struct ServeArgs {
     /// 86400000).
     #[arg(long, default_value_t = 30_000, value_parser = ranged::<u64>(bounds::RETENTION_CHECK_MS))]
     pub retention_check_ms: u64,
-    /// sled page cache in MiB (1 to 1048576). The default, 128, is from a measurement
+    /// Page caches in MiB (1 to 1048576): a quarter for sled's (the log's index), the rest
+    /// for redb's (plugins' state). The default, 128, is from a measurement
     /// (BENCHMARKS.md, "sled's cache and RSS"): past 128 MiB the publish path got no faster,
     /// while the server's RSS grew with the cache (sled's nodes take more than it counts).
     #[arg(long, default_value_t = 128, value_parser = ranged::<u64>(bounds::CACHE_MB))]
@@ -208,7 +209,7 @@ pub mod bounds {
     pub const RECORD_BYTES: RangeInclusive<u64> = 1..=32 << 20;
     /// `--retention-check-ms` (at least once a day).
     pub const RETENTION_CHECK_MS: RangeInclusive<u64> = 1..=86_400_000;
-    /// `--cache-mb` (sled's page cache; 1 TiB at most).
+    /// `--cache-mb` (sled's and redb's page caches; 1 TiB at most).
     pub const CACHE_MB: RangeInclusive<u64> = 1..=1 << 20;
     /// `--max-request-mb`: gRPC frames a message with a 32-bit length, so below 4 GiB.
     pub const REQUEST_MB: RangeInclusive<u64> = 1..=4095;
