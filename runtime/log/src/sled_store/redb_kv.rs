@@ -53,7 +53,14 @@ fn failed(path: &Path, e: impl std::fmt::Display) -> LogError {
 
 /// The key-value namespaces of a data directory.
 pub(super) struct RedbKv {
-    db: Database,
+    /// Closed by [`Drop`] unless `poisoned`: redb's close makes pending non-durable commits
+    /// durable, which must not happen after the log's sync failed under them.
+    db: Option<Database>,
+    /// A log sync under [`RedbKv::sync_around`] failed: the commits waiting for it may point
+    /// past records a crash or the failure took back, so none of them may become durable —
+    /// not even by the close (the server is stopping; the next open goes back to the last
+    /// durable commit).
+    poisoned: AtomicBool,
     path: PathBuf,
     /// A commit was made since the last durable one, or a commit failed (the next sync then
     /// meets redb's refusal and the server stops, instead of every write failing for good).
@@ -64,12 +71,11 @@ pub(super) struct RedbKv {
 }
 
 impl RedbKv {
-    /// Opens (or creates, and syncs the directory's entry of) `<dir>/kv.redb`. A database
+    /// Opens (or creates) `<dir>/kv.redb` and syncs its directory entry. A database
     /// closed a moment ago in this process (a restart of the local runtime, a test) may hold
     /// its lock briefly: waited for up to 2 s, like sled's.
     pub(super) fn open(dir: &Path, cache_bytes: u64) -> Result<RedbKv, LogError> {
         let path = dir.join(FILE);
-        let created = !path.exists();
         let deadline = Instant::now() + Duration::from_secs(2);
         let db = loop {
             match Database::builder()
@@ -89,20 +95,25 @@ impl RedbKv {
                 Err(e) => return Err(failed(&path, e)),
             }
         };
-        if created {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|source| LogError::Io {
-                    path: dir.to_path_buf(),
-                    source,
-                })?;
-        }
+        // Every time, not only when the file was created: an open killed before its first sync
+        // of the directory leaves the entry unsynced for the next one to sync.
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| LogError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         Ok(RedbKv {
-            db,
+            db: Some(db),
+            poisoned: AtomicBool::new(false),
             path,
             dirty: AtomicBool::new(false),
             sync_lock: Mutex::new(()),
         })
+    }
+
+    fn db(&self) -> &Database {
+        self.db.as_ref().expect("open until dropped")
     }
 
     fn err(&self, e: impl std::fmt::Display) -> LogError {
@@ -110,7 +121,7 @@ impl RedbKv {
     }
 
     pub(super) fn get(&self, namespace: &str, key: &[u8]) -> Result<Option<Bytes>, LogError> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
         let t = match tx.open_table(table(namespace)) {
             Ok(t) => t,
             Err(TableError::TableDoesNotExist(_)) => return Ok(None),
@@ -126,7 +137,7 @@ impl RedbKv {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<(Bytes, Bytes)>, LogError> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
         let t = match tx.open_table(table(namespace)) {
             Ok(t) => t,
             Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
@@ -196,6 +207,7 @@ impl RedbKv {
         }
         let synced = self.begin(Durability::Immediate).and_then(|tx| {
             if let Err(e) = log_sync() {
+                self.poisoned.store(true, Ordering::SeqCst);
                 let _aborted = tx.abort();
                 return Err(e);
             }
@@ -240,7 +252,7 @@ impl RedbKv {
     }
 
     fn begin(&self, durability: Durability) -> Result<WriteTransaction, LogError> {
-        let mut tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        let mut tx = self.db().begin_write().map_err(|e| self.err(e))?;
         tx.set_durability(durability).map_err(|e| self.err(e))?;
         Ok(tx)
     }
@@ -263,5 +275,15 @@ impl RedbKv {
             self.dirty.store(true, Ordering::SeqCst);
         }
         committed
+    }
+}
+
+impl Drop for RedbKv {
+    fn drop(&mut self) {
+        if self.poisoned.load(Ordering::SeqCst) {
+            tracing::warn!(message = "The key-value store is left unclosed: the log's sync failed under commits not yet durable, and closing would make them durable. The next open goes back to its last durable commit.", path = %self.path.display());
+            // Leaked with its lock, unclosed: the process is stopping.
+            std::mem::forget(self.db.take());
+        }
     }
 }

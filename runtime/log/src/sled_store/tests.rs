@@ -339,3 +339,31 @@ fn a_recreated_topic_starts_empty() {
     assert!(recovered.chunks.is_empty(), "{:?}", recovered.chunks);
     assert!(store.group_offsets("g", "t").unwrap().is_empty());
 }
+
+/// A log sync that fails under a sync holding key-value commits back leaves them out of what
+/// a later open finds, even after the store is dropped: redb's close would otherwise make
+/// them durable (cursors past records the failed sync may have lost).
+#[test]
+fn commits_held_back_by_a_failed_log_sync_never_become_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let kv = super::redb_kv::RedbKv::open(dir.path(), 1 << 20).unwrap();
+    kv.apply("plugin/p", &[(b"c/".to_vec(), Some(b"early".to_vec()))])
+        .unwrap();
+    kv.sync().unwrap();
+    kv.apply("plugin/p", &[(b"c/".to_vec(), Some(b"late".to_vec()))])
+        .unwrap();
+    let failed = kv.sync_around(|| {
+        Err(LogError::Io {
+            path: dir.path().join("segments"),
+            source: std::io::Error::other("fdatasync failed"),
+        })
+    });
+    assert!(failed.is_err());
+    drop(kv);
+    let image = crash_image(dir.path());
+    let kv = super::redb_kv::RedbKv::open(image.path(), 1 << 20).unwrap();
+    assert_eq!(
+        kv.get("plugin/p", b"c/").unwrap().unwrap().as_ref(),
+        b"early"
+    );
+}
