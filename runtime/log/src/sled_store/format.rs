@@ -83,6 +83,20 @@ pub(super) fn open_kv(
             redb_kv::FILE
         )));
     }
+    if from.is_some() {
+        // Before the marker says weir-log/4 nothing was moved into `kv.redb` yet: a file left
+        // by an open that was killed part-way (even inside redb's creation, which can leave
+        // a zeroed file redb would refuse for good) is replaced.
+        match std::fs::remove_file(dir.join(redb_kv::FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(LogError::Io {
+                    path: dir.join(redb_kv::FILE),
+                    source: e,
+                })
+            }
+            _ => {}
+        }
+    }
     let kv = RedbKv::open(dir, cache_bytes)?;
     if let Some(old) = from {
         meta.insert(FORMAT_KEY, current.as_bytes())?;
