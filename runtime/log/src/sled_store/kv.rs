@@ -20,9 +20,9 @@ use crate::{KvStore, LogError};
 const SLED_KV_PREFIX: &str = "kv/";
 const KV_INLINE: u8 = 0;
 const KV_FRAGMENTED: u8 = 1;
-pub(super) const KV_FRAGMENT_PREFIX: u8 = 0xFF;
+const KV_FRAGMENT_PREFIX: u8 = 0xFF;
 
-pub(super) fn fragment_key(key: &[u8], i: u32) -> Vec<u8> {
+fn fragment_key(key: &[u8], i: u32) -> Vec<u8> {
     let mut k = Vec::with_capacity(key.len() + 9);
     k.push(KV_FRAGMENT_PREFIX);
     k.extend_from_slice(&(key.len() as u32).to_be_bytes());

@@ -120,12 +120,22 @@ impl RedbKv {
         failed(&self.path, e)
     }
 
-    pub(super) fn get(&self, namespace: &str, key: &[u8]) -> Result<Option<Bytes>, LogError> {
+    /// A namespace's table as of now; `None` when nothing was ever written to it.
+    fn read_table(
+        &self,
+        namespace: &str,
+    ) -> Result<Option<redb::ReadOnlyTable<&'static [u8], &'static [u8]>>, LogError> {
         let tx = self.db().begin_read().map_err(|e| self.err(e))?;
-        let t = match tx.open_table(table(namespace)) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(self.err(e)),
+        match tx.open_table(table(namespace)) {
+            Ok(t) => Ok(Some(t)),
+            Err(TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    pub(super) fn get(&self, namespace: &str, key: &[u8]) -> Result<Option<Bytes>, LogError> {
+        let Some(t) = self.read_table(namespace)? else {
+            return Ok(None);
         };
         let value = t.get(key).map_err(|e| self.err(e))?;
         Ok(value.map(|v| Bytes::copy_from_slice(v.value())))
@@ -137,11 +147,8 @@ impl RedbKv {
         prefix: &[u8],
         limit: usize,
     ) -> Result<Vec<(Bytes, Bytes)>, LogError> {
-        let tx = self.db().begin_read().map_err(|e| self.err(e))?;
-        let t = match tx.open_table(table(namespace)) {
-            Ok(t) => t,
-            Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(self.err(e)),
+        let Some(t) = self.read_table(namespace)? else {
+            return Ok(Vec::new());
         };
         let mut out = Vec::new();
         for item in t.range(prefix..).map_err(|e| self.err(e))? {

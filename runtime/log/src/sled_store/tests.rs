@@ -369,3 +369,43 @@ fn commits_held_back_by_a_failed_log_sync_never_become_durable() {
         b"early"
     );
 }
+
+/// A commit made while a sync holds the log's sync (`interval`, `never`) waits for it and is
+/// not made durable with it: what a crash right after that sync leaves holds the commits from
+/// before it only, so no cursor is durable ahead of records the log's sync did not cover.
+#[test]
+fn a_commit_made_during_the_logs_sync_waits_and_is_not_made_durable_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let kv = std::sync::Arc::new(super::redb_kv::RedbKv::open(dir.path(), 1 << 20).unwrap());
+    kv.apply("plugin/p", &[(b"c/".to_vec(), Some(b"early".to_vec()))])
+        .unwrap();
+    let mut late = None;
+    kv.sync_around(|| {
+        let writer = kv.clone();
+        let started = std::time::Instant::now();
+        late = Some(std::thread::spawn(move || {
+            writer
+                .apply("plugin/p", &[(b"c/".to_vec(), Some(b"late".to_vec()))])
+                .unwrap();
+            started.elapsed()
+        }));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        Ok(())
+    })
+    .unwrap();
+    let waited = late.unwrap().join().unwrap();
+    assert!(
+        waited >= std::time::Duration::from_millis(200),
+        "the commit went ahead during the log's sync ({waited:?})"
+    );
+    let image = crash_image(dir.path());
+    let reopened = super::redb_kv::RedbKv::open(image.path(), 1 << 20).unwrap();
+    assert_eq!(
+        reopened.get("plugin/p", b"c/").unwrap().unwrap().as_ref(),
+        b"early"
+    );
+    assert_eq!(
+        kv.get("plugin/p", b"c/").unwrap().unwrap().as_ref(),
+        b"late"
+    );
+}
