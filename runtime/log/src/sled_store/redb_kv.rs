@@ -39,7 +39,10 @@ const META: &str = "weir:meta";
 /// Set in [`META`] by the commit that copied sled's namespaces in (or created a fresh store).
 pub(super) const MOVED_FROM_SLED: &[u8] = b"moved-from-sled";
 
-fn table(namespace: &str) -> TableDefinition<'_, &'static [u8], &'static [u8]> {
+/// Keys and values as bytes.
+type Raw = &'static [u8];
+
+fn table(namespace: &str) -> TableDefinition<'_, Raw, Raw> {
     TableDefinition::new(namespace)
 }
 
@@ -124,7 +127,7 @@ impl RedbKv {
     fn read_table(
         &self,
         namespace: &str,
-    ) -> Result<Option<redb::ReadOnlyTable<&'static [u8], &'static [u8]>>, LogError> {
+    ) -> Result<Option<redb::ReadOnlyTable<Raw, Raw>>, LogError> {
         let tx = self.db().begin_read().map_err(|e| self.err(e))?;
         match tx.open_table(table(namespace)) {
             Ok(t) => Ok(Some(t)),
@@ -240,7 +243,7 @@ impl RedbKv {
         ) -> Result<(), LogError>,
     ) -> Result<(), LogError> {
         self.commit(Durability::Immediate, |tx| {
-            let mut open: Option<(String, redb::Table<'_, &'static [u8], &'static [u8]>)> = None;
+            let mut open: Option<(String, redb::Table<'_, Raw, Raw>)> = None;
             fill(&mut |namespace, key, value| {
                 if open.as_ref().is_none_or(|(name, _)| name != namespace) {
                     open = None; // one table open at a time
