@@ -16,9 +16,9 @@
 //! The unit of storage is the *chunk* ([`codec`]): consecutive records encoded once, stored
 //! under its base offset — in [`SledStore`], written once into a partition's segment file and
 //! indexed in sled; in the other backends, a value. Publishes are packed into chunks of about
-//! [`CHUNK_TARGET_BYTES`]; a backend whose values must stay small (a JetStream message, or
-//! sled's key-value namespaces before weir-log/4: values above ~128 KiB went to blob files
-//! sled never fsyncs) splits them into fragments of at most [`FRAGMENT_MAX_BYTES`].
+//! [`CHUNK_TARGET_BYTES`]. Stores before weir-log/3 kept chunks in sled, and before
+//! weir-log/4 key-value values too, split into fragments of at most [`FRAGMENT_MAX_BYTES`]
+//! (sled wrote larger pages to blob files it never fsyncs); they are still read that way.
 
 #![deny(missing_docs)]
 
@@ -45,7 +45,8 @@ use weir_core::{TopicConfig, TopicPartition};
 
 /// Records of one publish are packed into chunks of about this many encoded bytes.
 pub const CHUNK_TARGET_BYTES: usize = 32 * 1024;
-/// No stored value is larger than this; a bigger chunk (one big record) is split.
+/// The fragment size of chunks and key-value values in sled, in stores before weir-log/3 and
+/// /4 (read as they are); segment files and redb take any size.
 pub const FRAGMENT_MAX_BYTES: usize = 32 * 1024;
 
 /// Errors of the storage layer. Each message is a sentence an operator can act on; the

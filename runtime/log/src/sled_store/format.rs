@@ -4,8 +4,8 @@
 use std::fs::File;
 use std::path::Path;
 
+use super::kv;
 use super::redb_kv::{self, RedbKv};
-use super::SledStore;
 use crate::LogError;
 
 pub(super) const FORMAT_KEY: &[u8] = b"format";
@@ -76,7 +76,7 @@ pub(super) fn open_kv(
         }
         None => Some(None),
     };
-    if from.is_none() && !dir.join(redb_kv::FILE).exists() && !SledStore::has_sled_namespaces(db) {
+    if from.is_none() && !dir.join(redb_kv::FILE).exists() && !kv::has_sled_namespaces(db) {
         return Err(refuse(format!(
             "its key-value file {} (the plugins' state) is missing; restore it with the rest \
              of the directory, or start on an empty --data-dir",
@@ -99,6 +99,13 @@ pub(super) fn open_kv(
     }
     let kv = RedbKv::open(dir, cache_bytes)?;
     if let Some(old) = from {
+        // The new file's directory entry is durable before the marker says it exists.
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| LogError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         meta.insert(FORMAT_KEY, current.as_bytes())?;
         db.flush()?;
         let data_path = dir.join("db");
@@ -112,6 +119,6 @@ pub(super) fn open_kv(
             tracing::info!(message = "Store migrated.", from = %format!("{FORMAT_PREFIX}{old}"), to = %current, dir = %dir.display());
         }
     }
-    SledStore::move_namespaces(db, &kv)?;
+    kv::move_namespaces(db, &kv)?;
     Ok(kv)
 }

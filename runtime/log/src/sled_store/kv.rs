@@ -87,44 +87,42 @@ fn sled_namespaces(db: &sled::Db) -> Vec<(String, sled::IVec)> {
         .collect()
 }
 
-impl SledStore {
-    /// Whether sled still holds namespace trees (a store before weir-log/4, or one whose move
-    /// a crash cut short before the trees were dropped).
-    pub(super) fn has_sled_namespaces(db: &sled::Db) -> bool {
-        !sled_namespaces(db).is_empty()
-    }
+/// Whether sled still holds namespace trees (a store before weir-log/4, or one whose move
+/// a crash cut short before the trees were dropped).
+pub(super) fn has_sled_namespaces(db: &sled::Db) -> bool {
+    !sled_namespaces(db).is_empty()
+}
 
-    /// Moves the namespaces of a store written before weir-log/4 from sled into `kv` (see the
-    /// module docs); on any store, drops namespace trees a crash left after the move.
-    pub(super) fn move_namespaces(db: &sled::Db, kv: &RedbKv) -> Result<(), LogError> {
-        let trees = sled_namespaces(db);
-        if !kv.moved_from_sled()? {
-            kv.move_in(|insert| {
-                for (namespace, name) in &trees {
-                    let tree = db.open_tree(name)?;
-                    for item in tree.iter() {
-                        let (key, stored) = item?;
-                        if is_fragment_key(&key) {
-                            continue;
-                        }
-                        let value = kv_value(&tree, &key, stored)?;
-                        insert(namespace, &key, &value)?;
+/// Moves the namespaces of a store written before weir-log/4 from sled into `kv` (see the
+/// module docs); on any store, drops namespace trees a crash left after the move.
+pub(super) fn move_namespaces(db: &sled::Db, kv: &RedbKv) -> Result<(), LogError> {
+    let trees = sled_namespaces(db);
+    if !kv.moved_from_sled()? {
+        kv.move_in(|insert| {
+            for (namespace, name) in &trees {
+                let tree = db.open_tree(name)?;
+                for item in tree.iter() {
+                    let (key, stored) = item?;
+                    if is_fragment_key(&key) {
+                        continue;
                     }
+                    let value = kv_value(&tree, &key, stored)?;
+                    insert(namespace, &key, &value)?;
                 }
-                Ok(())
-            })?;
-            if !trees.is_empty() {
-                tracing::info!(
-                    message = "Key-value namespaces moved from sled to redb.",
-                    namespaces = trees.len()
-                );
             }
+            Ok(())
+        })?;
+        if !trees.is_empty() {
+            tracing::info!(
+                message = "Key-value namespaces moved from sled to redb.",
+                namespaces = trees.len()
+            );
         }
-        for (_, name) in &trees {
-            db.drop_tree(name)?;
-        }
-        Ok(())
     }
+    for (_, name) in &trees {
+        db.drop_tree(name)?;
+    }
+    Ok(())
 }
 
 /// Under sled's own write-back (`--fsync never`) a thread makes the namespaces' commits

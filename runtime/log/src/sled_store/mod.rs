@@ -97,7 +97,9 @@ pub struct SledStore {
     data_file: File,
     /// Partition trees, opened once: `Db::open_tree` takes a lock and allocates a name.
     parts: RwLock<HashMap<TopicPartition, sled::Tree>>,
-    /// The key-value namespaces.
+    /// The key-value namespaces. Declared after the sled handles: fields drop in order, and
+    /// redb's close makes its pending commits durable, so sled's close (its last flush) goes
+    /// first — the namespaces never durable ahead of the log.
     kv: Arc<RedbKv>,
     /// The records' bytes.
     segments: Segments,

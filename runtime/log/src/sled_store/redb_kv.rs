@@ -37,7 +37,7 @@ pub(super) const FILE: &str = "kv.redb";
 /// and `plugin/<name>` and the cluster's, none starting with `weir:`.
 const META: &str = "weir:meta";
 /// Set in [`META`] by the commit that copied sled's namespaces in (or created a fresh store).
-pub(super) const MOVED_FROM_SLED: &[u8] = b"moved-from-sled";
+const MOVED_FROM_SLED: &[u8] = b"moved-from-sled";
 
 /// Keys and values as bytes.
 type Raw = &'static [u8];
@@ -74,7 +74,7 @@ pub(super) struct RedbKv {
 }
 
 impl RedbKv {
-    /// Opens (or creates) `<dir>/kv.redb` and syncs its directory entry. A database
+    /// Opens (or creates) `<dir>/kv.redb` (the caller syncs the directory's entry). A database
     /// closed a moment ago in this process (a restart of the local runtime, a test) may hold
     /// its lock briefly: waited for up to 2 s, like sled's.
     pub(super) fn open(dir: &Path, cache_bytes: u64) -> Result<RedbKv, LogError> {
@@ -98,14 +98,6 @@ impl RedbKv {
                 Err(e) => return Err(failed(&path, e)),
             }
         };
-        // Every time, not only when the file was created: an open killed before its first sync
-        // of the directory leaves the entry unsynced for the next one to sync.
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|source| LogError::Io {
-                path: dir.to_path_buf(),
-                source,
-            })?;
         Ok(RedbKv {
             db: Some(db),
             poisoned: AtomicBool::new(false),
@@ -215,18 +207,10 @@ impl RedbKv {
         if !self.dirty.swap(false, Ordering::SeqCst) {
             return log_sync();
         }
-        let synced = self.begin(Durability::Immediate).and_then(|tx| {
-            if let Err(e) = log_sync() {
-                self.poisoned.store(true, Ordering::SeqCst);
-                let _aborted = tx.abort();
-                return Err(e);
-            }
-            tx.commit().map_err(|e| self.err(e))
-        });
-        if synced.is_err() {
-            self.dirty.store(true, Ordering::SeqCst);
-        }
-        synced
+        // `commit` marks the store dirty again if this fails.
+        self.commit(Durability::Immediate, |_| {
+            log_sync().inspect_err(|_| self.poisoned.store(true, Ordering::SeqCst))
+        })
     }
 
     /// Whether the older store's namespaces were copied in already.
