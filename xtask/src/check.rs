@@ -21,6 +21,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("weir-jetstream", &["weir-core", "weir-log"]),
     ("weir-cluster", &[]),
     ("weir-broker", &["weir-core", "weir-log", "weir-metrics"]),
+    ("weir-kafka", &["weir-broker", "weir-core"]),
     ("weir-wasm", &[]),
     (
         "weir-plugins",
@@ -40,6 +41,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "weir-broker",
             "weir-core",
             "weir-jetstream",
+            "weir-kafka",
             "weir-log",
             "weir-metrics",
             "weir-plugins",
@@ -71,6 +73,7 @@ const OWNED: &[(&str, &[&str])] = &[
     ("tonic-prost-build", &["weir-api"]),
     ("prost", &["weir-api"]),
     ("async-nats", &["weir-jetstream"]),
+    ("kafka-protocol", &["weir-kafka"]),
 ];
 
 /// One package's declared dependencies: (name, kind) where kind is "normal", "build" or "dev".

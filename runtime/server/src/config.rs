@@ -43,6 +43,11 @@ pub struct ServerConfig {
     pub monitor: MonitorConfig,
     /// Address of the metrics / status page listener, if any.
     pub metrics_listen: Option<SocketAddr>,
+    /// Address of the Kafka protocol listener, if any (`--kafka-listen`).
+    pub kafka_listen: Option<SocketAddr>,
+    /// `host:port` the Kafka listener tells clients to connect to (`--kafka-advertise`);
+    /// the bound address when `None`.
+    pub kafka_advertise: Option<(String, u16)>,
     /// The log on a NATS JetStream cluster shared with other weir nodes (`--log`); `None`
     /// keeps it in the embedded sled store. Plugins' state stays in the data directory.
     pub log: Option<JetStreamOptions>,
@@ -74,6 +79,8 @@ impl ServerConfig {
             tls: None,
             monitor: MonitorConfig::default(),
             metrics_listen: None,
+            kafka_listen: None,
+            kafka_advertise: None,
             log: None,
         }
     }
@@ -102,6 +109,9 @@ pub enum ServerError {
     /// The TLS certificate or key could not be read.
     #[error("TLS: {0}")]
     Tls(String),
+    /// Options that do not go together.
+    #[error("{0}")]
+    Config(String),
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),

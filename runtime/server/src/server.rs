@@ -40,6 +40,8 @@ pub struct RunningServer {
     pub monitor: Arc<Monitor>,
     /// Where `/metrics` and the status page are served, if asked.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where Kafka clients are served, if asked.
+    pub kafka_addr: Option<SocketAddr>,
     handle: tokio::task::JoinHandle<Result<(), ServerError>>,
 }
 
@@ -84,6 +86,7 @@ pub async fn start_on(
     store: impl Into<OpenedStore>,
     shutdown: CancellationToken,
 ) -> Result<RunningServer, ServerError> {
+    check_kafka(&config)?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Bind {
@@ -178,6 +181,10 @@ pub async fn start_on(
         }
         None => None,
     };
+    let kafka_addr = match config.kafka_listen {
+        Some(listen) => Some(start_kafka(&config, listen, &broker, &tracker, &shutdown).await?),
+        None => None,
+    };
     let service = WeirService::new(
         broker.clone(),
         plugins.clone(),
@@ -215,8 +222,58 @@ pub async fn start_on(
         tls,
         monitor,
         metrics_addr,
+        kafka_addr,
         handle,
     })
+}
+
+/// The Kafka listener speaks plaintext without SASL (docs/kafka.md): on a server that asks
+/// its clients for tokens or TLS it would be a way around both, so it is refused there.
+fn check_kafka(config: &ServerConfig) -> Result<(), ServerError> {
+    if config.kafka_listen.is_none() {
+        return Ok(());
+    }
+    if !config.auth.is_open() {
+        return Err(ServerError::Config(
+            "--kafka-listen cannot be used with --auth yet: the Kafka listener has no SASL, so it would let any client past the tokens; run it on a server without --auth (docs/kafka.md)".into(),
+        ));
+    }
+    if config.tls.is_some() {
+        return Err(ServerError::Config(
+            "--kafka-listen cannot be used with --tls-cert yet: the Kafka listener speaks plaintext only (docs/kafka.md)".into(),
+        ));
+    }
+    Ok(())
+}
+
+async fn start_kafka(
+    config: &ServerConfig,
+    listen: SocketAddr,
+    broker: &Arc<Broker>,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Result<SocketAddr, ServerError> {
+    let bind_error = |source| ServerError::Bind {
+        addr: listen,
+        source,
+    };
+    let listener = TcpListener::bind(listen).await.map_err(bind_error)?;
+    let bound = listener.local_addr().map_err(bind_error)?;
+    let options = weir_kafka::KafkaOptions {
+        advertised: config
+            .kafka_advertise
+            .clone()
+            .unwrap_or_else(|| weir_kafka::default_advertised(bound)),
+        cluster_id: "weir".into(),
+    };
+    tracing::info!(message = "Serving Kafka clients.", addr = %bound, advertised = %format!("{}:{}", options.advertised.0, options.advertised.1));
+    tracker.spawn(weir_kafka::serve(
+        listener,
+        broker.clone(),
+        options,
+        shutdown.clone(),
+    ));
+    Ok(bound)
 }
 
 /// The store, syncer, broker and plugins of one data directory: everything but the network.

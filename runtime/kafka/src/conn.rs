@@ -1,0 +1,188 @@
+//! One client connection: length-prefixed frames in, answers out in request order.
+//!
+//! Requests are taken in order: a produce is applied (its offsets assigned, in the order the
+//! client sent its batches) before the next request is read, and only its wait for
+//! durability runs beside the reading. Answers are written in request order whatever order
+//! they finish in, as Kafka clients require; at most [`IN_FLIGHT`] wait at once, then the
+//! reading waits (backpressure instead of memory).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use kafka_protocol::messages::{
+    ApiKey, ApiVersionsRequest, CreateTopicsRequest, DeleteTopicsRequest, FetchRequest,
+    InitProducerIdRequest, ListOffsetsRequest, MetadataRequest, ProduceRequest, RequestHeader,
+};
+use kafka_protocol::protocol::Decodable;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use weir_broker::Broker;
+
+use crate::wire::{encode, ready, Answer, Ctx};
+use crate::{admin, apis, fetch, produce, KafkaOptions, MAX_FRAME_BYTES};
+
+/// Answers a connection may have waiting (Kafka clients pipeline up to 5 by default).
+const IN_FLIGHT: usize = 16;
+
+/// Serves one connection until the client closes it, a frame does not decode, or shutdown.
+pub(crate) async fn run(
+    socket: TcpStream,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    options: Arc<KafkaOptions>,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let (mut reader, mut writer) = socket.into_split();
+    let (answers, mut to_write) = mpsc::channel::<Answer>(IN_FLIGHT);
+    let write_loop = tokio::spawn(async move {
+        while let Some(answer) = to_write.recv().await {
+            if let Some(frame) = answer.await? {
+                writer
+                    .write_all(&frame)
+                    .await
+                    .map_err(|e| format!("writing an answer: {e}"))?;
+            }
+        }
+        Ok::<(), String>(())
+    });
+    let ctx = Ctx {
+        broker,
+        options,
+        shutdown: shutdown.clone(),
+    };
+    tracing::debug!(message = "Kafka client connected.", %peer);
+    let read_result = async {
+        loop {
+            let frame = tokio::select! {
+                f = read_frame(&mut reader) => f?,
+                _ = shutdown.cancelled() => return Ok(()),
+            };
+            let Some(frame) = frame else { return Ok(()) };
+            let answer = handle(frame, &ctx).await?;
+            if answers.send(answer).await.is_err() {
+                return Ok(()); // the writer failed: its error is reported below
+            }
+        }
+    }
+    .await;
+    drop(answers);
+    let write_result = write_loop
+        .await
+        .unwrap_or_else(|e| Err(format!("the writer panicked: {e}")));
+    read_result.and(write_result)
+}
+
+/// The next frame's body, `None` at a clean end of stream.
+async fn read_frame(reader: &mut (impl AsyncReadExt + Unpin)) -> Result<Option<Bytes>, String> {
+    let mut len = [0u8; 4];
+    match reader.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(format!("reading a request: {e}")),
+    }
+    let len = i32::from_be_bytes(len);
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|&l| (4..=MAX_FRAME_BYTES).contains(&l))
+        .ok_or_else(|| {
+            format!("a request frame of {len} bytes (the limit is {MAX_FRAME_BYTES}; is this a Kafka client?)")
+        })?;
+    let mut body = BytesMut::zeroed(len);
+    reader
+        .read_exact(&mut body)
+        .await
+        .map_err(|e| format!("reading a request of {len} bytes: {e}"))?;
+    Ok(Some(body.freeze()))
+}
+
+/// Decodes one request and starts its answer. `Err` closes the connection: the frame could
+/// not be understood well enough to answer it.
+pub(crate) async fn handle(mut frame: Bytes, ctx: &Ctx) -> Result<Answer, String> {
+    if frame.len() < 4 {
+        return Err("a request shorter than its header".into());
+    }
+    let raw_key = i16::from_be_bytes([frame[0], frame[1]]);
+    let version = i16::from_be_bytes([frame[2], frame[3]]);
+    let key = ApiKey::try_from(raw_key).map_err(|()| format!("unknown API key {raw_key}"))?;
+    if key == ApiKey::ApiVersions && !apis::speaks(key, version) {
+        // KIP-511: a client asking with a newer ApiVersions than the broker's gets a v0
+        // answer with UNSUPPORTED_VERSION and the versions the broker does speak.
+        let correlation_id = correlation_id(&frame)?;
+        return Ok(ready(admin::api_versions_unsupported(correlation_id)));
+    }
+    if !apis::speaks(key, version) {
+        return Err(format!(
+            "{key:?} v{version} is not supported (see docs/kafka.md for what weir speaks; the client should have read it from ApiVersions)"
+        ));
+    }
+    let header = RequestHeader::decode(&mut frame, key.request_header_version(version))
+        .map_err(|e| format!("a {key:?} v{version} request header: {e}"))?;
+    let id = header.correlation_id;
+    macro_rules! body {
+        ($t:ty) => {
+            <$t>::decode(&mut frame, version)
+                .map_err(|e| format!("a {key:?} v{version} request: {e}"))?
+        };
+    }
+    let answer = match key {
+        ApiKey::ApiVersions => {
+            let _ = body!(ApiVersionsRequest);
+            ready(encode(key, version, id, &admin::api_versions()).map(Some))
+        }
+        ApiKey::Metadata => {
+            let r = body!(MetadataRequest);
+            ready(encode(key, version, id, &admin::metadata(ctx, r, version).await).map(Some))
+        }
+        ApiKey::CreateTopics => {
+            let r = body!(CreateTopicsRequest);
+            ready(encode(key, version, id, &admin::create_topics(ctx, r).await).map(Some))
+        }
+        ApiKey::DeleteTopics => {
+            let r = body!(DeleteTopicsRequest);
+            ready(encode(key, version, id, &admin::delete_topics(ctx, r).await).map(Some))
+        }
+        ApiKey::ListOffsets => {
+            let r = body!(ListOffsetsRequest);
+            ready(encode(key, version, id, &admin::list_offsets(ctx, r).await).map(Some))
+        }
+        ApiKey::InitProducerId => {
+            let r = body!(InitProducerIdRequest);
+            ready(encode(key, version, id, &admin::init_producer_id(ctx, r).await).map(Some))
+        }
+        ApiKey::Produce => {
+            let r = body!(ProduceRequest);
+            let silent = r.acks == 0;
+            let pending = produce::produce(ctx, r).await;
+            Box::pin(async move {
+                let response = pending.await;
+                if silent {
+                    return Ok(None);
+                }
+                encode(key, version, id, &response).map(Some)
+            })
+        }
+        ApiKey::Fetch => {
+            let r = body!(FetchRequest);
+            let (broker, shutdown) = (ctx.broker.clone(), ctx.shutdown.clone());
+            Box::pin(async move {
+                let response = fetch::fetch(broker, r, version, shutdown).await;
+                encode(key, version, id, &response).map(Some)
+            })
+        }
+        other => return Err(format!("{other:?} is not supported")),
+    };
+    Ok(answer)
+}
+
+/// The correlation id of a request whose header version is unknown: it always follows the
+/// key and version.
+fn correlation_id(frame: &Bytes) -> Result<i32, String> {
+    let mut b = frame.slice(4..);
+    if b.remaining() < 4 {
+        return Err("a request shorter than its header".into());
+    }
+    Ok(b.get_i32())
+}

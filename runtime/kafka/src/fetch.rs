@@ -1,0 +1,252 @@
+//! Fetch: visible records from any offset as one uncompressed v2 record batch per partition,
+//! within the request's byte bounds, long-polling up to `max_wait_ms` when there are fewer
+//! than `min_bytes`.
+//!
+//! Copies: weir reads a partition's chunks with one `pread` each into a buffer whose records
+//! are slices; the batch encoder copies each key, value and header once into the batch, and
+//! the batch is written to the socket as it is. Fetch sessions (KIP-227) are not kept:
+//! every answer has session id 0, which tells a client to send full fetches.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+use kafka_protocol::messages::{FetchRequest, FetchResponse};
+use kafka_protocol::records::{
+    Compression, Record as KafkaRecord, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
+use tokio_util::sync::CancellationToken;
+use weir_broker::{Broker, BrokerError, ReadLimits, StartAt};
+use weir_core::StoredRecord;
+
+use crate::errors;
+
+/// Longest long poll honoured, whatever a client asks.
+const MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// Records read per partition per fetch at most (the byte bounds usually end it first).
+const MAX_RECORDS: usize = 10_000;
+
+/// One requested partition.
+struct Want {
+    topic: usize,
+    partition: i32,
+    offset: i64,
+    max_bytes: usize,
+}
+
+pub(crate) async fn fetch(
+    broker: Arc<Broker>,
+    request: FetchRequest,
+    _version: i16,
+    shutdown: CancellationToken,
+) -> FetchResponse {
+    let names: Vec<_> = request.topics.iter().map(|t| t.topic.clone()).collect();
+    let wants: Vec<Want> = request
+        .topics
+        .iter()
+        .enumerate()
+        .flat_map(|(i, t)| {
+            t.partitions.iter().map(move |p| Want {
+                topic: i,
+                partition: p.partition,
+                offset: p.fetch_offset,
+                max_bytes: p.partition_max_bytes.max(0) as usize,
+            })
+        })
+        .collect();
+    let max_bytes = match request.max_bytes {
+        b if b > 0 => b as usize,
+        _ => usize::MAX,
+    };
+    let min_bytes = request.min_bytes.max(0) as usize;
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_millis(request.max_wait_ms.max(0) as u64).min(MAX_WAIT);
+    // Subscribed before the first read, so a record landing between the read and the wait
+    // is not missed.
+    let mut watches = Vec::new();
+    for w in &wants {
+        if let Ok(p) = u32::try_from(w.partition) {
+            if let Ok(rx) = broker.watch(&names[w.topic].0, p) {
+                watches.push(rx);
+            }
+        }
+    }
+    loop {
+        for rx in &mut watches {
+            rx.borrow_and_update();
+        }
+        let (answers, bytes) = read_all(&broker, &names, &wants, max_bytes).await;
+        let waited_out = tokio::time::Instant::now() >= deadline;
+        if bytes >= min_bytes.max(1)
+            || waited_out
+            || watches.is_empty()
+            || bytes > 0 && min_bytes <= 1
+        {
+            return respond(&names, answers);
+        }
+        let changed =
+            futures::future::select_all(watches.iter_mut().map(|rx| Box::pin(rx.changed())));
+        tokio::select! {
+            _ = changed => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = shutdown.cancelled() => return respond(&names, answers),
+        }
+    }
+}
+
+/// Reads every wanted partition once: each one's answer, and the record bytes read in all.
+async fn read_all(
+    broker: &Broker,
+    names: &[kafka_protocol::messages::TopicName],
+    wants: &[Want],
+    max_bytes: usize,
+) -> (Vec<(usize, PartitionData)>, usize) {
+    let mut left = max_bytes;
+    let mut total = 0;
+    let mut answers = Vec::with_capacity(wants.len());
+    for w in wants {
+        let topic = &names[w.topic].0;
+        let answer = PartitionData::default()
+            .with_partition_index(w.partition)
+            .with_aborted_transactions(Some(Vec::new()))
+            .with_preferred_read_replica(kafka_protocol::messages::BrokerId(-1));
+        let read = read_one(broker, topic, w, left).await;
+        answers.push((
+            w.topic,
+            match read {
+                Ok((records, start, end)) => {
+                    let bytes = records.as_ref().map_or(0, |r| r.len());
+                    total += bytes;
+                    left = left.saturating_sub(bytes);
+                    answer
+                        .with_high_watermark(end)
+                        .with_last_stable_offset(end)
+                        .with_log_start_offset(start)
+                        .with_records(records)
+                }
+                Err(e) => answer
+                    .with_error_code(errors::wire(&e))
+                    .with_high_watermark(-1)
+                    .with_last_stable_offset(-1)
+                    .with_log_start_offset(-1),
+            },
+        ));
+    }
+    (answers, total)
+}
+
+/// One partition's records from the wanted offset (encoded), its start and its visible end.
+async fn read_one(
+    broker: &Broker,
+    topic: &str,
+    want: &Want,
+    budget: usize,
+) -> Result<(Option<Bytes>, i64, i64), BrokerError> {
+    let partition =
+        u32::try_from(want.partition).map_err(|_| BrokerError::PartitionOutOfRange {
+            topic: topic.to_string(),
+            partition: 0,
+            partitions: broker.partition_count(topic).unwrap_or(0),
+        })?;
+    let start = broker
+        .resolve_start(topic, partition, StartAt::Earliest)
+        .await?;
+    let end = broker
+        .resolve_start(topic, partition, StartAt::Latest)
+        .await?;
+    let offset = u64::try_from(want.offset).unwrap_or(u64::MAX);
+    if offset < start || offset > end {
+        return Err(BrokerError::OffsetOutOfRange {
+            tp: weir_core::TopicPartition::new(topic, partition),
+            offset,
+            start,
+            end,
+        });
+    }
+    let limit = want.max_bytes.min(budget);
+    if offset == end || limit == 0 {
+        return Ok((None, start as i64, end as i64));
+    }
+    let records = broker
+        .read_limited(
+            topic,
+            partition,
+            offset,
+            ReadLimits {
+                max_records: MAX_RECORDS,
+                max_bytes: limit,
+            },
+        )
+        .await?;
+    Ok((encode(&records), start as i64, end as i64))
+}
+
+/// The records as one v2 batch, `None` for none.
+fn encode(records: &[StoredRecord]) -> Option<Bytes> {
+    if records.is_empty() {
+        return None;
+    }
+    let kafka: Vec<KafkaRecord> = records
+        .iter()
+        .map(|r| KafkaRecord {
+            transactional: false,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: 0,
+            producer_id: -1,
+            producer_epoch: -1,
+            timestamp_type: TimestampType::Creation,
+            offset: r.offset as i64,
+            sequence: -1,
+            timestamp: r.record.timestamp_ms,
+            key: r.record.key.clone(),
+            value: Some(r.record.value.clone()),
+            headers: headers(&r.record.headers),
+        })
+        .collect();
+    let mut out = BytesMut::new();
+    let options = RecordEncodeOptions {
+        version: 2,
+        compression: Compression::None,
+    };
+    match RecordBatchEncoder::encode(&mut out, kafka.iter(), &options) {
+        Ok(()) => Some(out.freeze()),
+        Err(e) => {
+            tracing::error!(message = "Kafka fetch: a record batch did not encode.", error = %e);
+            None
+        }
+    }
+}
+
+fn respond(
+    names: &[kafka_protocol::messages::TopicName],
+    answers: Vec<(usize, PartitionData)>,
+) -> FetchResponse {
+    let mut topics: Vec<FetchableTopicResponse> = names
+        .iter()
+        .map(|n| FetchableTopicResponse::default().with_topic(n.clone()))
+        .collect();
+    for (topic, answer) in answers {
+        topics[topic].partitions.push(answer);
+    }
+    FetchResponse::default()
+        .with_session_id(0)
+        .with_responses(topics)
+}
+
+/// weir's headers as the batch encoder's map (a repeated name keeps its last value there).
+fn headers(
+    headers: &[(String, Bytes)],
+) -> kafka_protocol::indexmap::IndexMap<kafka_protocol::protocol::StrBytes, Option<Bytes>> {
+    headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                kafka_protocol::protocol::StrBytes::from_string(k.clone()),
+                Some(v.clone()),
+            )
+        })
+        .collect()
+}

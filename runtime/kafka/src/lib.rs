@@ -1,0 +1,95 @@
+//! weir-kafka: the Kafka protocol on `weir serve --kafka-listen ADDR`, so that existing Kafka
+//! producers and consumers (librdkafka, the Java client, franz-go, kcat) work against weir
+//! unchanged. gRPC stays the native API; both map onto the same [`Broker`]: a record produced
+//! through Kafka is the record a gRPC client or a plugin reads, and an idempotent producer's
+//! state is the one weir keeps (KIP-98), so a retry is stored once whichever way it comes.
+//!
+//! The codecs are the `kafka-protocol` crate's (generated from Kafka's message schemas); this
+//! crate frames requests, decides which API versions it speaks ([`apis`]) and maps each
+//! request onto the broker. What it does not support is not advertised in ApiVersions, and a
+//! request for it is answered with Kafka's error code where the response can carry one
+//! (docs/kafka.md has the coverage table). A frame that does not decode closes that
+//! connection with a log line; the server and the other connections go on.
+
+#![deny(missing_docs)]
+
+mod admin;
+pub mod apis;
+mod conn;
+mod errors;
+mod fetch;
+mod produce;
+mod wire;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use weir_broker::Broker;
+
+/// The one broker id weir gives itself in Kafka metadata: every partition's leader, whichever
+/// node a client is connected to (each weir node accepts writes to every partition).
+pub const NODE_ID: i32 = 0;
+
+/// Largest request frame accepted (Kafka's `socket.request.max.bytes` default, 100 MiB): a
+/// longer length prefix closes the connection before anything is allocated.
+pub const MAX_FRAME_BYTES: usize = 100 * 1024 * 1024;
+
+/// How a Kafka listener presents itself.
+#[derive(Clone, Debug)]
+pub struct KafkaOptions {
+    /// The `host:port` clients are told to connect to (Kafka's `advertised.listeners`).
+    pub advertised: (String, u16),
+    /// The cluster id shown in metadata.
+    pub cluster_id: String,
+}
+
+/// Serves Kafka clients on `listener` until `shutdown` is cancelled; connections are closed
+/// then, answers in flight are finished first.
+pub async fn serve(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    options: KafkaOptions,
+    shutdown: CancellationToken,
+) {
+    let options = Arc::new(options);
+    let connections = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.cancelled() => break,
+        };
+        let (socket, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of descriptors and the like: the listener itself is fine; wait a moment.
+                tracing::warn!(message = "Kafka listener: accept failed.", error = %e);
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        let (broker, options, shutdown) = (broker.clone(), options.clone(), shutdown.clone());
+        connections.spawn(async move {
+            if let Err(why) = conn::run(socket, peer, broker, options, shutdown).await {
+                tracing::warn!(message = "Kafka connection closed.", %peer, reason = %why);
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+}
+
+/// The address to advertise for a listener bound to `bound` when none was given: the bound
+/// address itself, or `localhost` for an unspecified one (0.0.0.0 is not an address a client
+/// can connect to).
+pub fn default_advertised(bound: SocketAddr) -> (String, u16) {
+    let host = if bound.ip().is_unspecified() {
+        "localhost".to_string()
+    } else {
+        bound.ip().to_string()
+    };
+    (host, bound.port())
+}

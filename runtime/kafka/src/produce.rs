@@ -1,0 +1,183 @@
+//! Produce: Kafka record batches (v2, any of the four compressions) into weir records.
+//!
+//! Each batch is one weir publish to its partition, applied in the order the request names
+//! them before the next request is read, so a producer's batches keep their order. An
+//! idempotent batch carries its producer id, epoch and base sequence into weir's producer
+//! check: a retry of a stored batch is answered with the first try's offset and stores
+//! nothing. Every `acks` value waits for weir's durable acknowledgement before answering
+//! (`acks=0` answers nothing, as Kafka); `acks=1` and `acks=all` mean the same on weir.
+
+use std::future::Future;
+
+use bytes::Bytes;
+use kafka_protocol::error::ResponseError;
+use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
+use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
+use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::records::{RecordBatchDecoder, TimestampType};
+use weir_broker::{BrokerError, Caller, PendingPublish, ProducerFields, Publish};
+use weir_core::Record;
+
+use crate::errors;
+use crate::wire::Ctx;
+
+/// One partition's answer being made.
+enum Outcome {
+    Done(Result<i64, (ResponseError, String)>),
+    /// Stored; waits for durability.
+    Pending(Vec<PendingPublish>),
+}
+
+/// Applies every batch of the request, then returns the wait for their acknowledgements.
+pub(crate) async fn produce(
+    ctx: &Ctx,
+    request: ProduceRequest,
+) -> impl Future<Output = ProduceResponse> + Send + 'static {
+    let mut topics = Vec::with_capacity(request.topic_data.len());
+    for t in request.topic_data {
+        let mut partitions = Vec::with_capacity(t.partition_data.len());
+        for p in t.partition_data {
+            let outcome = if request.transactional_id.is_some() {
+                Outcome::Done(Err((
+                    ResponseError::TransactionalIdAuthorizationFailed,
+                    "weir has no Kafka transactions (docs/kafka.md): use an idempotent producer"
+                        .into(),
+                )))
+            } else {
+                apply(ctx, &t.name.0, p.index, p.records).await
+            };
+            partitions.push((p.index, outcome));
+        }
+        topics.push((t.name, partitions));
+    }
+    async move {
+        let mut responses = Vec::with_capacity(topics.len());
+        for (name, partitions) in topics {
+            let mut answers = Vec::with_capacity(partitions.len());
+            for (index, outcome) in partitions {
+                let result = match outcome {
+                    Outcome::Done(r) => r,
+                    Outcome::Pending(pending) => acked(pending).await,
+                };
+                let answer = PartitionProduceResponse::default()
+                    .with_index(index)
+                    .with_log_append_time_ms(-1)
+                    .with_log_start_offset(-1);
+                answers.push(match result {
+                    Ok(base) => answer.with_base_offset(base),
+                    Err((code, why)) => answer
+                        .with_error_code(code.code())
+                        .with_base_offset(-1)
+                        .with_error_message(Some(StrBytes::from_string(why))),
+                });
+            }
+            responses.push(
+                TopicProduceResponse::default()
+                    .with_name(name)
+                    .with_partition_responses(answers),
+            );
+        }
+        ProduceResponse::default().with_responses(responses)
+    }
+}
+
+/// The first batch's base offset once every batch is durable.
+async fn acked(pending: Vec<PendingPublish>) -> Result<i64, (ResponseError, String)> {
+    let mut base = None;
+    for p in pending {
+        let acks = p.acked().await.map_err(refusal)?;
+        if let (None, Some(a)) = (base, acks.first()) {
+            base = Some(a.appended.base_offset as i64);
+        }
+    }
+    base.ok_or((ResponseError::InvalidRecord, "no records".into()))
+}
+
+fn refusal(e: BrokerError) -> (ResponseError, String) {
+    (errors::code(&e), e.to_string())
+}
+
+/// Decodes one partition's batches and stores each; the first refusal stops the rest (a
+/// producer's later batches would be out of sequence anyway).
+async fn apply(ctx: &Ctx, topic: &str, partition: i32, records: Option<Bytes>) -> Outcome {
+    let Ok(partition) = u32::try_from(partition) else {
+        return Outcome::Done(Err((
+            ResponseError::UnknownTopicOrPartition,
+            format!("partition {partition} does not exist"),
+        )));
+    };
+    let mut bytes = records.unwrap_or_default();
+    let mut pending = Vec::new();
+    while !bytes.is_empty() {
+        let set = match RecordBatchDecoder::decode(&mut bytes) {
+            Ok(s) => s,
+            Err(e) => {
+                return Outcome::Done(Err((
+                    ResponseError::CorruptMessage,
+                    format!("a record batch did not decode: {e}"),
+                )))
+            }
+        };
+        let Some(first) = set.records.first() else {
+            continue;
+        };
+        if first.transactional || first.control {
+            return Outcome::Done(Err((
+                ResponseError::TransactionalIdAuthorizationFailed,
+                "transactional batches are not supported by weir (docs/kafka.md)".into(),
+            )));
+        }
+        let producer = match (first.producer_id, first.producer_epoch, first.sequence) {
+            (id, epoch, seq) if id >= 0 && seq >= 0 => Some(ProducerFields {
+                producer_id: id as u64,
+                epoch: epoch.max(0) as u32,
+                base_sequence: seq as u64,
+            }),
+            _ => None,
+        };
+        let records = set
+            .records
+            .into_iter()
+            .map(|r| Record {
+                key: r.key,
+                value: r.value.unwrap_or_default(),
+                headers: r
+                    .headers
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.unwrap_or_default()))
+                    .collect(),
+                // A log-append-time batch, or a record without a time, is stamped by weir.
+                timestamp_ms: match r.timestamp_type {
+                    TimestampType::Creation if r.timestamp >= 0 => r.timestamp,
+                    _ => 0,
+                },
+                id: None,
+            })
+            .collect();
+        let publish = Publish {
+            topic: topic.to_string(),
+            partition: Some(partition),
+            records,
+            producer,
+            caller: Caller::default(),
+        };
+        match ctx.broker.append(publish).await {
+            Ok(p) => pending.push(p),
+            Err(e) if pending.is_empty() => return Outcome::Done(Err(refusal(e))),
+            Err(e) => {
+                // Earlier batches are stored: wait for them, then answer with the refusal.
+                for p in pending {
+                    let _ = p.acked().await;
+                }
+                return Outcome::Done(Err(refusal(e)));
+            }
+        }
+    }
+    if pending.is_empty() {
+        return Outcome::Done(Err((
+            ResponseError::InvalidRecord,
+            "a produce without records".into(),
+        )));
+    }
+    Outcome::Pending(pending)
+}
