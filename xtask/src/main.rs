@@ -18,6 +18,7 @@ mod bench;
 mod bench_cluster;
 mod check;
 mod cluster;
+mod kafka_clients;
 mod nats;
 
 const WASM_TARGET: &str = "wasm32-wasip2";
@@ -32,9 +33,10 @@ fn main() -> Result<()> {
         Some("demo") => demo(&args[1..]),
         Some("bench") => bench::bench(&args[1..]),
         Some("nats-server") => nats::install(),
+        Some("kafka-clients") => kafka_clients::install(),
         Some("cluster") => cluster::cluster(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <test [cargo test args]|check|demo [--cluster]|bench [--records N]|nats-server|cluster [--sync-always] [--fresh]>");
+            eprintln!("usage: cargo xtask <test [cargo test args]|check|demo [--cluster]|bench [--records N]|nats-server|kafka-clients|cluster [--sync-always] [--fresh]>");
             std::process::exit(2);
         }
     }
@@ -97,18 +99,26 @@ fn ensure_chromium() -> Result<()> {
         eprintln!("warning: chromium is missing and cannot be installed here (needs root and apt-get); the status-page test will fail and say so");
         return Ok(());
     }
+    apt_install("chromium")
+}
+
+/// `apt-get install -y PACKAGE` (a `name=version` pins it), updating the package lists first
+/// if the install fails without them (a fresh machine).
+fn apt_install(package: &str) -> Result<()> {
+    if !Path::new("/usr/bin/apt-get").exists() {
+        bail!("{package} is missing and apt-get is not here to install it: install it by hand");
+    }
     let install = || {
         Command::new("apt-get")
-            .args(["install", "-y", "chromium"])
+            .args(["install", "-y", package])
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status()
     };
-    eprintln!("+ apt-get install -y chromium");
+    eprintln!("+ apt-get install -y {package}");
     if !install().is_ok_and(|s| s.success()) {
-        // Package lists may be missing on a fresh machine.
         run(Command::new("apt-get").arg("update"))?;
         if !install().is_ok_and(|s| s.success()) {
-            bail!("apt-get install chromium failed");
+            bail!("apt-get install {package} failed (as root: apt-get install {package})");
         }
     }
     Ok(())
@@ -171,6 +181,8 @@ fn test(extra: &[String]) -> Result<()> {
     ensure_chromium()?;
     // The cluster tests run weir over a local JetStream cluster of the pinned nats-server.
     nats::ensure()?;
+    // The Kafka-protocol tests run real Kafka clients: confluent-kafka and kcat.
+    kafka_clients::ensure()?;
     let plugin_dir = build_plugins()?;
     // Build the tests (and the `weir` binary they run) first: that binary builds the Python
     // and JavaScript example plugins, as a plugin author would.

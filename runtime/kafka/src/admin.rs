@@ -85,9 +85,7 @@ pub(crate) async fn metadata(
             Ok(()) => broker.describe_topic(&name),
             Err(e) => Err(e),
         };
-        let topic = MetadataResponseTopic::default()
-            .with_name(Some(topic_name(&name)))
-            .with_topic_authorized_operations(i32::MIN);
+        let topic = MetadataResponseTopic::default().with_name(Some(topic_name(&name)));
         topics.push(match found {
             Ok(info) => topic.with_partitions(
                 (0..info.config.partitions as i32)
@@ -95,7 +93,7 @@ pub(crate) async fn metadata(
                         MetadataResponsePartition::default()
                             .with_partition_index(p)
                             .with_leader_id(BrokerId(NODE_ID))
-                            .with_leader_epoch(0)
+                            .with_leader_epoch(if version >= 7 { 0 } else { -1 })
                             .with_replica_nodes(vec![BrokerId(NODE_ID)])
                             .with_isr_nodes(vec![BrokerId(NODE_ID)])
                     })
@@ -105,15 +103,20 @@ pub(crate) async fn metadata(
         });
     }
     let (host, port) = &ctx.options.advertised;
-    MetadataResponse::default()
+    // Fields are set only from the version that has them: the codec refuses others.
+    let response = MetadataResponse::default()
         .with_brokers(vec![MetadataResponseBroker::default()
             .with_node_id(BrokerId(NODE_ID))
             .with_host(text(host.clone()))
             .with_port(i32::from(*port))])
-        .with_cluster_id(Some(text(ctx.options.cluster_id.clone())))
-        .with_controller_id(BrokerId(NODE_ID))
-        .with_cluster_authorized_operations(i32::MIN)
-        .with_topics(topics)
+        .with_topics(topics);
+    match version {
+        0 => response,
+        1 => response.with_controller_id(BrokerId(NODE_ID)),
+        _ => response
+            .with_controller_id(BrokerId(NODE_ID))
+            .with_cluster_id(Some(text(ctx.options.cluster_id.clone()))),
+    }
 }
 
 /// The topic a CreateTopics entry asks for, or why it cannot be made.
@@ -167,7 +170,11 @@ fn topic_config(
 
 /// CreateTopics. The replication factor is the backend's (one node's disk, or JetStream's
 /// replicas), so any asked for is accepted; assignments of replicas to brokers are refused.
-pub(crate) async fn create_topics(ctx: &Ctx, request: CreateTopicsRequest) -> CreateTopicsResponse {
+pub(crate) async fn create_topics(
+    ctx: &Ctx,
+    request: CreateTopicsRequest,
+    version: i16,
+) -> CreateTopicsResponse {
     let mut results = Vec::with_capacity(request.topics.len());
     for t in request.topics {
         let name = t.name.0.to_string();
@@ -198,21 +205,25 @@ pub(crate) async fn create_topics(ctx: &Ctx, request: CreateTopicsRequest) -> Cr
             }
         };
         results.push(match made {
-            Ok(partitions) => result
+            // v5+ tell what was made.
+            Ok(partitions) if version >= 5 => result
                 .with_num_partitions(partitions as i32)
                 .with_replication_factor(1),
+            Ok(_) => result,
             Err((code, why)) => result
                 .with_error_code(code.code())
-                .with_error_message(Some(text(why)))
-                .with_num_partitions(-1)
-                .with_replication_factor(-1),
+                .with_error_message(Some(text(why))),
         });
     }
     CreateTopicsResponse::default().with_topics(results)
 }
 
 /// DeleteTopics, by name.
-pub(crate) async fn delete_topics(ctx: &Ctx, request: DeleteTopicsRequest) -> DeleteTopicsResponse {
+pub(crate) async fn delete_topics(
+    ctx: &Ctx,
+    request: DeleteTopicsRequest,
+    version: i16,
+) -> DeleteTopicsResponse {
     let names: Vec<TopicName> = if request.topic_names.is_empty() {
         request.topics.into_iter().filter_map(|t| t.name).collect()
     } else {
@@ -223,9 +234,10 @@ pub(crate) async fn delete_topics(ctx: &Ctx, request: DeleteTopicsRequest) -> De
         let result = DeletableTopicResult::default().with_name(Some(name.clone()));
         results.push(match ctx.broker.delete_topic(&name.0).await {
             Ok(()) => result,
-            Err(e) => result
+            Err(e) if version >= 5 => result
                 .with_error_code(errors::wire(&e))
                 .with_error_message(Some(text(e.to_string()))),
+            Err(e) => result.with_error_code(errors::wire(&e)),
         });
     }
     DeleteTopicsResponse::default().with_responses(results)
@@ -245,8 +257,7 @@ pub(crate) async fn list_offsets(ctx: &Ctx, request: ListOffsetsRequest) -> List
             };
             let answer = ListOffsetsPartitionResponse::default()
                 .with_partition_index(p.partition_index)
-                .with_timestamp(-1)
-                .with_leader_epoch(0);
+                .with_timestamp(-1);
             let Some(start) = start else {
                 partitions.push(
                     answer
@@ -289,7 +300,11 @@ pub(crate) async fn init_producer_id(
             .with_producer_id(ProducerId(-1))
             .with_producer_epoch(-1)
     };
-    if request.transactional_id.is_some() {
+    if request
+        .transactional_id
+        .as_ref()
+        .is_some_and(|t| !t.0.is_empty())
+    {
         tracing::info!(message = "Kafka client asked for a transactional producer; weir has no Kafka transactions (docs/kafka.md).");
         return refuse(ResponseError::TransactionalIdAuthorizationFailed);
     }

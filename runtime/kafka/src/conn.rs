@@ -11,8 +11,10 @@ use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 use kafka_protocol::messages::{
-    ApiKey, ApiVersionsRequest, CreateTopicsRequest, DeleteTopicsRequest, FetchRequest,
-    InitProducerIdRequest, ListOffsetsRequest, MetadataRequest, ProduceRequest, RequestHeader,
+    ApiKey, ApiVersionsRequest, CreateTopicsRequest, DeleteTopicsRequest, DescribeGroupsRequest,
+    FetchRequest, FindCoordinatorRequest, HeartbeatRequest, InitProducerIdRequest,
+    JoinGroupRequest, LeaveGroupRequest, ListGroupsRequest, ListOffsetsRequest, MetadataRequest,
+    OffsetCommitRequest, OffsetFetchRequest, ProduceRequest, RequestHeader, SyncGroupRequest,
 };
 use kafka_protocol::protocol::Decodable;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,8 +23,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use weir_broker::Broker;
 
+use crate::coordinator::Coordinator;
 use crate::wire::{encode, ready, Answer, Ctx};
-use crate::{admin, apis, fetch, produce, KafkaOptions, MAX_FRAME_BYTES};
+use crate::{admin, apis, fetch, groups, produce, KafkaOptions, MAX_FRAME_BYTES};
 
 /// Answers a connection may have waiting (Kafka clients pipeline up to 5 by default).
 const IN_FLIGHT: usize = 16;
@@ -32,6 +35,7 @@ pub(crate) async fn run(
     socket: TcpStream,
     peer: SocketAddr,
     broker: Arc<Broker>,
+    coordinator: Arc<Coordinator>,
     options: Arc<KafkaOptions>,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
@@ -50,8 +54,10 @@ pub(crate) async fn run(
     });
     let ctx = Ctx {
         broker,
+        coordinator,
         options,
         shutdown: shutdown.clone(),
+        peer,
     };
     tracing::debug!(message = "Kafka client connected.", %peer);
     let read_result = async {
@@ -138,11 +144,27 @@ pub(crate) async fn handle(mut frame: Bytes, ctx: &Ctx) -> Result<Answer, String
         }
         ApiKey::CreateTopics => {
             let r = body!(CreateTopicsRequest);
-            ready(encode(key, version, id, &admin::create_topics(ctx, r).await).map(Some))
+            ready(
+                encode(
+                    key,
+                    version,
+                    id,
+                    &admin::create_topics(ctx, r, version).await,
+                )
+                .map(Some),
+            )
         }
         ApiKey::DeleteTopics => {
             let r = body!(DeleteTopicsRequest);
-            ready(encode(key, version, id, &admin::delete_topics(ctx, r).await).map(Some))
+            ready(
+                encode(
+                    key,
+                    version,
+                    id,
+                    &admin::delete_topics(ctx, r, version).await,
+                )
+                .map(Some),
+            )
         }
         ApiKey::ListOffsets => {
             let r = body!(ListOffsetsRequest);
@@ -155,7 +177,7 @@ pub(crate) async fn handle(mut frame: Bytes, ctx: &Ctx) -> Result<Answer, String
         ApiKey::Produce => {
             let r = body!(ProduceRequest);
             let silent = r.acks == 0;
-            let pending = produce::produce(ctx, r).await;
+            let pending = produce::produce(ctx, r, version).await;
             Box::pin(async move {
                 let response = pending.await;
                 if silent {
@@ -171,6 +193,63 @@ pub(crate) async fn handle(mut frame: Bytes, ctx: &Ctx) -> Result<Answer, String
                 let response = fetch::fetch(broker, r, version, shutdown).await;
                 encode(key, version, id, &response).map(Some)
             })
+        }
+        ApiKey::FindCoordinator => {
+            let r = body!(FindCoordinatorRequest);
+            ready(encode(key, version, id, &groups::find_coordinator(ctx, r, version)).map(Some))
+        }
+        ApiKey::JoinGroup => {
+            let r = body!(JoinGroupRequest);
+            let client = header.client_id.map(|c| c.to_string()).unwrap_or_default();
+            let ctx = ctx.clone();
+            Box::pin(async move {
+                let response = groups::join_group(&ctx, r, version, client).await;
+                encode(key, version, id, &response).map(Some)
+            })
+        }
+        ApiKey::SyncGroup => {
+            let r = body!(SyncGroupRequest);
+            let ctx = ctx.clone();
+            Box::pin(async move {
+                let response = groups::sync_group(&ctx, r).await;
+                encode(key, version, id, &response).map(Some)
+            })
+        }
+        ApiKey::Heartbeat => {
+            let r = body!(HeartbeatRequest);
+            ready(encode(key, version, id, &groups::heartbeat(ctx, r)).map(Some))
+        }
+        ApiKey::LeaveGroup => {
+            let r = body!(LeaveGroupRequest);
+            ready(encode(key, version, id, &groups::leave_group(ctx, r, version)).map(Some))
+        }
+        ApiKey::OffsetCommit => {
+            let r = body!(OffsetCommitRequest);
+            let ctx = ctx.clone();
+            Box::pin(async move {
+                let response = groups::offset_commit(&ctx, r).await;
+                encode(key, version, id, &response).map(Some)
+            })
+        }
+        ApiKey::OffsetFetch => {
+            let r = body!(OffsetFetchRequest);
+            ready(encode(key, version, id, &groups::offset_fetch(ctx, r).await).map(Some))
+        }
+        ApiKey::DescribeGroups => {
+            let r = body!(DescribeGroupsRequest);
+            ready(encode(key, version, id, &groups::describe_groups(ctx, r).await).map(Some))
+        }
+        ApiKey::ListGroups => {
+            let r = body!(ListGroupsRequest);
+            ready(
+                encode(
+                    key,
+                    version,
+                    id,
+                    &groups::list_groups(ctx, r, version).await,
+                )
+                .map(Some),
+            )
         }
         other => return Err(format!("{other:?} is not supported")),
     };

@@ -39,7 +39,7 @@ struct Want {
 pub(crate) async fn fetch(
     broker: Arc<Broker>,
     request: FetchRequest,
-    _version: i16,
+    version: i16,
     shutdown: CancellationToken,
 ) -> FetchResponse {
     let names: Vec<_> = request.topics.iter().map(|t| t.topic.clone()).collect();
@@ -77,7 +77,7 @@ pub(crate) async fn fetch(
         for rx in &mut watches {
             rx.borrow_and_update();
         }
-        let (answers, bytes) = read_all(&broker, &names, &wants, max_bytes).await;
+        let (answers, bytes) = read_all(&broker, &names, &wants, max_bytes, version).await;
         let waited_out = tokio::time::Instant::now() >= deadline;
         if bytes >= min_bytes.max(1)
             || waited_out
@@ -102,16 +102,14 @@ async fn read_all(
     names: &[kafka_protocol::messages::TopicName],
     wants: &[Want],
     max_bytes: usize,
+    version: i16,
 ) -> (Vec<(usize, PartitionData)>, usize) {
     let mut left = max_bytes;
     let mut total = 0;
     let mut answers = Vec::with_capacity(wants.len());
     for w in wants {
         let topic = &names[w.topic].0;
-        let answer = PartitionData::default()
-            .with_partition_index(w.partition)
-            .with_aborted_transactions(Some(Vec::new()))
-            .with_preferred_read_replica(kafka_protocol::messages::BrokerId(-1));
+        let answer = PartitionData::default().with_partition_index(w.partition);
         let read = read_one(broker, topic, w, left).await;
         answers.push((
             w.topic,
@@ -120,17 +118,20 @@ async fn read_all(
                     let bytes = records.as_ref().map_or(0, |r| r.len());
                     total += bytes;
                     left = left.saturating_sub(bytes);
-                    answer
+                    let answer = answer
                         .with_high_watermark(end)
                         .with_last_stable_offset(end)
-                        .with_log_start_offset(start)
-                        .with_records(records)
+                        .with_records(records);
+                    // v5+ carry the log start.
+                    if version >= 5 {
+                        answer.with_log_start_offset(start)
+                    } else {
+                        answer
+                    }
                 }
                 Err(e) => answer
                     .with_error_code(errors::wire(&e))
-                    .with_high_watermark(-1)
-                    .with_last_stable_offset(-1)
-                    .with_log_start_offset(-1),
+                    .with_high_watermark(-1),
             },
         ));
     }
@@ -167,7 +168,7 @@ async fn read_one(
     }
     let limit = want.max_bytes.min(budget);
     if offset == end || limit == 0 {
-        return Ok((None, start as i64, end as i64));
+        return Ok((Some(Bytes::new()), start as i64, end as i64));
     }
     let records = broker
         .read_limited(
@@ -183,10 +184,10 @@ async fn read_one(
     Ok((encode(&records), start as i64, end as i64))
 }
 
-/// The records as one v2 batch, `None` for none.
+/// The records as one v2 batch (empty for none: clients refuse a null record set).
 fn encode(records: &[StoredRecord]) -> Option<Bytes> {
     if records.is_empty() {
-        return None;
+        return Some(Bytes::new());
     }
     let kafka: Vec<KafkaRecord> = records
         .iter()
@@ -231,9 +232,7 @@ fn respond(
     for (topic, answer) in answers {
         topics[topic].partitions.push(answer);
     }
-    FetchResponse::default()
-        .with_session_id(0)
-        .with_responses(topics)
+    FetchResponse::default().with_responses(topics)
 }
 
 /// weir's headers as the batch encoder's map (a repeated name keeps its last value there).

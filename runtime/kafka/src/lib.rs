@@ -16,9 +16,16 @@
 mod admin;
 pub mod apis;
 mod conn;
+mod coordinator;
 mod errors;
 mod fetch;
+mod group;
+mod groups;
 mod produce;
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod tests_groups;
 mod wire;
 
 use std::net::SocketAddr;
@@ -55,7 +62,20 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let options = Arc::new(options);
+    let coordinator = Arc::new(coordinator::Coordinator::default());
     let connections = TaskTracker::new();
+    // Sessions that time out and rebalances that run out of time are noticed here.
+    let ticking = coordinator.clone();
+    let tick_shutdown = shutdown.clone();
+    connections.spawn(async move {
+        let mut tick = tokio::time::interval(coordinator::TICK);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => ticking.tick(),
+                _ = tick_shutdown.cancelled() => return,
+            }
+        }
+    });
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -72,8 +92,10 @@ pub async fn serve(
         };
         let _ = socket.set_nodelay(true);
         let (broker, options, shutdown) = (broker.clone(), options.clone(), shutdown.clone());
+        let coordinator = coordinator.clone();
         connections.spawn(async move {
-            if let Err(why) = conn::run(socket, peer, broker, options, shutdown).await {
+            if let Err(why) = conn::run(socket, peer, broker, coordinator, options, shutdown).await
+            {
                 tracing::warn!(message = "Kafka connection closed.", %peer, reason = %why);
             }
         });

@@ -32,12 +32,17 @@ enum Outcome {
 pub(crate) async fn produce(
     ctx: &Ctx,
     request: ProduceRequest,
+    version: i16,
 ) -> impl Future<Output = ProduceResponse> + Send + 'static {
+    let transactional = request
+        .transactional_id
+        .as_ref()
+        .is_some_and(|t| !t.0.is_empty());
     let mut topics = Vec::with_capacity(request.topic_data.len());
     for t in request.topic_data {
         let mut partitions = Vec::with_capacity(t.partition_data.len());
         for p in t.partition_data {
-            let outcome = if request.transactional_id.is_some() {
+            let outcome = if transactional {
                 Outcome::Done(Err((
                     ResponseError::TransactionalIdAuthorizationFailed,
                     "weir has no Kafka transactions (docs/kafka.md): use an idempotent producer"
@@ -59,16 +64,15 @@ pub(crate) async fn produce(
                     Outcome::Done(r) => r,
                     Outcome::Pending(pending) => acked(pending).await,
                 };
-                let answer = PartitionProduceResponse::default()
-                    .with_index(index)
-                    .with_log_append_time_ms(-1)
-                    .with_log_start_offset(-1);
+                let answer = PartitionProduceResponse::default().with_index(index);
                 answers.push(match result {
                     Ok(base) => answer.with_base_offset(base),
-                    Err((code, why)) => answer
+                    // v8+ carry the message.
+                    Err((code, why)) if version >= 8 => answer
                         .with_error_code(code.code())
                         .with_base_offset(-1)
                         .with_error_message(Some(StrBytes::from_string(why))),
+                    Err((code, _)) => answer.with_error_code(code.code()).with_base_offset(-1),
                 });
             }
             responses.push(

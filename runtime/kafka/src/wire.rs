@@ -1,6 +1,7 @@
 //! What a request handler works with: its context, and the answer frame it makes.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -10,18 +11,22 @@ use kafka_protocol::protocol::Encodable;
 use tokio_util::sync::CancellationToken;
 use weir_broker::Broker;
 
+use crate::coordinator::Coordinator;
 use crate::KafkaOptions;
 
 /// An answer being made: the encoded frame, `None` for a request answered by silence (a
 /// produce with `acks=0`), or why the connection must close.
 pub(crate) type Answer = Pin<Box<dyn Future<Output = Result<Option<Bytes>, String>> + Send>>;
 
-/// What a request handler has: the broker, how the listener presents itself, the request's
-/// header.
+/// What a request handler has: the broker, the group coordinator, how the listener presents
+/// itself, the client's address.
+#[derive(Clone)]
 pub(crate) struct Ctx {
     pub(crate) broker: Arc<Broker>,
+    pub(crate) coordinator: Arc<Coordinator>,
     pub(crate) options: Arc<KafkaOptions>,
     pub(crate) shutdown: CancellationToken,
+    pub(crate) peer: SocketAddr,
 }
 
 /// An answer that is ready.

@@ -1,0 +1,322 @@
+//! Kafka's classic group membership protocol (JoinGroup, SyncGroup, Heartbeat, LeaveGroup):
+//! who is in a consumer group, which generation it is in, and the assignment its leader
+//! computed. The assignment itself is the clients' (their assignor runs in the leader), as
+//! in Kafka; the offsets the members commit are weir's group offsets (`groups.rs`).
+//!
+//! Membership is held in memory by the node a member is connected to, as a Kafka
+//! coordinator holds it for its groups: a restart makes every member join again (their
+//! heartbeats answer UNKNOWN_MEMBER_ID), which costs a rebalance and loses no offset.
+//!
+//! States as Kafka names them: a join moves a group to `PreparingRebalance`; once every
+//! member has (re)joined, or the rebalance time-out passed and the missing ones are dropped,
+//! the generation is bumped, the leader gets every member's subscription, and the group is
+//! `CompletingRebalance` until the leader's SyncGroup hands out the assignment (`Stable`).
+//! A member whose session times out without a heartbeat is dropped, and the others rebalance.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use kafka_protocol::error::ResponseError;
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::group::{Group, Member};
+pub(crate) use crate::group::{Joined, State};
+
+/// A member's join request.
+#[derive(Clone)]
+pub(crate) struct Join {
+    pub(crate) group: String,
+    /// Empty for a new member.
+    pub(crate) member_id: String,
+    pub(crate) client_id: String,
+    pub(crate) host: String,
+    pub(crate) session_timeout: Duration,
+    pub(crate) rebalance_timeout: Duration,
+    pub(crate) protocol_type: String,
+    pub(crate) protocols: Vec<(String, Bytes)>,
+    /// JoinGroup v4+: a new member is first given its id and asked to join again with it.
+    pub(crate) id_required: bool,
+}
+
+/// A member as DescribeGroups shows it.
+pub(crate) struct MemberView {
+    pub(crate) member_id: String,
+    pub(crate) client_id: String,
+    pub(crate) host: String,
+    pub(crate) metadata: Bytes,
+    pub(crate) assignment: Bytes,
+}
+
+/// A group as DescribeGroups and ListGroups show it.
+pub(crate) struct GroupView {
+    pub(crate) state: State,
+    pub(crate) protocol_type: String,
+    pub(crate) protocol: String,
+    pub(crate) members: Vec<MemberView>,
+}
+
+/// The groups of this node.
+#[derive(Default)]
+pub(crate) struct Coordinator {
+    groups: Mutex<HashMap<String, Group>>,
+    next_member: AtomicU64,
+}
+
+impl Coordinator {
+    /// Joins (or rejoins) a member; resolves when the join phase ends.
+    pub(crate) fn join(
+        &self,
+        join: Join,
+    ) -> Result<oneshot::Receiver<Result<Joined, ResponseError>>, (ResponseError, String)> {
+        let mut groups = self.groups.lock();
+        let group = groups.entry(join.group.clone()).or_insert_with(Group::new);
+        let member_id = if join.member_id.is_empty() {
+            let n = self.next_member.fetch_add(1, Ordering::Relaxed);
+            let id = format!(
+                "{}-{n}",
+                if join.client_id.is_empty() {
+                    "member"
+                } else {
+                    &join.client_id
+                }
+            );
+            if join.id_required {
+                group
+                    .pending
+                    .insert(id.clone(), Instant::now() + join.session_timeout);
+                return Err((ResponseError::MemberIdRequired, id));
+            }
+            id
+        } else {
+            join.member_id.clone()
+        };
+        let known =
+            group.members.contains_key(&member_id) || group.pending.remove(&member_id).is_some();
+        if !known && !join.member_id.is_empty() {
+            // Not one of ours (or from before a restart): the client starts over without one.
+            return Err((ResponseError::UnknownMemberId, member_id));
+        }
+        if !group.members.is_empty() {
+            if group.protocol_type != join.protocol_type {
+                return Err((ResponseError::InconsistentGroupProtocol, member_id));
+            }
+            let others_share_one = join.protocols.iter().any(|(name, _)| {
+                group
+                    .members
+                    .iter()
+                    .filter(|(id, _)| **id != member_id)
+                    .all(|(_, m)| m.protocols.iter().any(|(n, _)| n == name))
+            });
+            if !others_share_one {
+                return Err((ResponseError::InconsistentGroupProtocol, member_id));
+            }
+        } else {
+            group.protocol_type = join.protocol_type.clone();
+        }
+        let (tx, rx) = oneshot::channel();
+        let now = Instant::now();
+        let member = group.members.entry(member_id).or_insert_with(|| Member {
+            client_id: String::new(),
+            host: String::new(),
+            session_timeout: join.session_timeout,
+            rebalance_timeout: join.rebalance_timeout,
+            protocols: Vec::new(),
+            assignment: Bytes::new(),
+            expires: now,
+            joining: None,
+            syncing: None,
+        });
+        member.client_id = join.client_id;
+        member.host = join.host;
+        member.session_timeout = join.session_timeout;
+        member.rebalance_timeout = join.rebalance_timeout;
+        member.protocols = join.protocols;
+        member.expires = now + join.session_timeout;
+        if let Some(old) = member.joining.replace(tx) {
+            let _ = old.send(Err(ResponseError::UnknownMemberId));
+        }
+        group.prepare_rebalance();
+        group.try_complete_join(now);
+        Ok(rx)
+    }
+
+    /// The member's assignment once its leader has synced (the leader's own sync hands
+    /// everyone theirs).
+    pub(crate) fn sync(
+        &self,
+        group_id: &str,
+        member_id: &str,
+        generation: i32,
+        assignments: Vec<(String, Bytes)>,
+    ) -> Result<oneshot::Receiver<Result<Bytes, ResponseError>>, ResponseError> {
+        let mut groups = self.groups.lock();
+        let group = groups
+            .get_mut(group_id)
+            .ok_or(ResponseError::UnknownMemberId)?;
+        group.check(member_id, generation)?;
+        let (tx, rx) = oneshot::channel();
+        let now = Instant::now();
+        match group.state {
+            State::Empty | State::PreparingRebalance => {
+                return Err(ResponseError::RebalanceInProgress)
+            }
+            State::Stable => {
+                let m = group.members.get_mut(member_id).expect("checked");
+                m.expires = now + m.session_timeout;
+                let _ = tx.send(Ok(m.assignment.clone()));
+            }
+            State::CompletingRebalance => {
+                let m = group.members.get_mut(member_id).expect("checked");
+                m.expires = now + m.session_timeout;
+                m.syncing = Some(tx);
+                if group.leader.as_deref() == Some(member_id) {
+                    let mut given: HashMap<String, Bytes> = assignments.into_iter().collect();
+                    for (id, m) in group.members.iter_mut() {
+                        m.assignment = given.remove(id).unwrap_or_default();
+                        if let Some(s) = m.syncing.take() {
+                            let _ = s.send(Ok(m.assignment.clone()));
+                        }
+                    }
+                    group.state = State::Stable;
+                }
+            }
+        }
+        Ok(rx)
+    }
+
+    /// A heartbeat: keeps the member's session, and tells it when to rejoin.
+    pub(crate) fn heartbeat(
+        &self,
+        group_id: &str,
+        member_id: &str,
+        generation: i32,
+    ) -> Result<(), ResponseError> {
+        let mut groups = self.groups.lock();
+        let group = groups
+            .get_mut(group_id)
+            .ok_or(ResponseError::UnknownMemberId)?;
+        group.check(member_id, generation)?;
+        let m = group.members.get_mut(member_id).expect("checked");
+        m.expires = Instant::now() + m.session_timeout;
+        match group.state {
+            State::PreparingRebalance => Err(ResponseError::RebalanceInProgress),
+            _ => Ok(()),
+        }
+    }
+
+    /// Members leave; the rest rebalance.
+    pub(crate) fn leave(&self, group_id: &str, member_id: &str) -> Result<(), ResponseError> {
+        let mut groups = self.groups.lock();
+        let group = groups
+            .get_mut(group_id)
+            .ok_or(ResponseError::UnknownMemberId)?;
+        if group.remove(member_id) {
+            Ok(())
+        } else {
+            Err(ResponseError::UnknownMemberId)
+        }
+    }
+
+    /// Whether an offset commit of this member in this generation is taken now. A commit
+    /// outside any membership (generation -1, no member id) is taken while the group has no
+    /// members, as Kafka takes a standalone consumer's.
+    pub(crate) fn may_commit(
+        &self,
+        group_id: &str,
+        member_id: &str,
+        generation: i32,
+    ) -> Result<(), ResponseError> {
+        let mut groups = self.groups.lock();
+        let Some(group) = groups.get_mut(group_id) else {
+            return if generation < 0 && member_id.is_empty() {
+                Ok(())
+            } else {
+                Err(ResponseError::UnknownMemberId)
+            };
+        };
+        if generation < 0 && member_id.is_empty() {
+            return if group.members.is_empty() {
+                Ok(())
+            } else {
+                Err(ResponseError::UnknownMemberId)
+            };
+        }
+        group.check(member_id, generation)?;
+        if group.state == State::CompletingRebalance {
+            return Err(ResponseError::RebalanceInProgress);
+        }
+        let m = group.members.get_mut(member_id).expect("checked");
+        m.expires = Instant::now() + m.session_timeout;
+        Ok(())
+    }
+
+    /// Drops members whose session expired and ends join phases whose time ran out. Called
+    /// every [`TICK`].
+    pub(crate) fn tick(&self) {
+        let now = Instant::now();
+        let mut groups = self.groups.lock();
+        for group in groups.values_mut() {
+            let expired: Vec<String> = group
+                .members
+                .iter()
+                .filter(|(_, m)| m.joining.is_none() && m.expires <= now)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in expired {
+                tracing::info!(message = "Kafka group member's session expired.", member = %id);
+                group.remove(&id);
+            }
+            group.try_complete_join(now);
+            group.pending.retain(|_, until| *until > now);
+        }
+        groups.retain(|_, g| !g.members.is_empty() || !g.pending.is_empty());
+    }
+
+    /// A group's view, `None` if this node holds no members of it.
+    pub(crate) fn describe(&self, group_id: &str) -> Option<GroupView> {
+        let groups = self.groups.lock();
+        let g = groups.get(group_id)?;
+        let protocol = g.protocol.clone().unwrap_or_default();
+        Some(GroupView {
+            state: g.state,
+            protocol_type: g.protocol_type.clone(),
+            protocol: protocol.clone(),
+            members: g
+                .members
+                .iter()
+                .map(|(id, m)| MemberView {
+                    member_id: id.clone(),
+                    client_id: m.client_id.clone(),
+                    host: m.host.clone(),
+                    metadata: m
+                        .protocols
+                        .iter()
+                        .find(|(n, _)| *n == protocol)
+                        .map(|(_, md)| md.clone())
+                        .unwrap_or_default(),
+                    assignment: m.assignment.clone(),
+                })
+                .collect(),
+        })
+    }
+
+    /// The groups with members on this node: name, protocol type, state.
+    pub(crate) fn list(&self) -> Vec<(String, String, State)> {
+        self.groups
+            .lock()
+            .iter()
+            .map(|(name, g)| (name.clone(), g.protocol_type.clone(), g.state))
+            .collect()
+    }
+}
+
+/// How often sessions and rebalance deadlines are checked.
+pub(crate) const TICK: Duration = Duration::from_millis(200);
+
+#[cfg(test)]
+#[path = "tests_coordinator.rs"]
+mod tests;

@@ -1,0 +1,140 @@
+//! The group membership state machine, on tokio's paused clock.
+
+use super::*;
+
+fn join(c: &Coordinator, member: &str) -> oneshot::Receiver<Result<Joined, ResponseError>> {
+    c.join(Join {
+        group: "g".into(),
+        member_id: member.into(),
+        client_id: "c".into(),
+        host: "h".into(),
+        session_timeout: Duration::from_millis(300),
+        rebalance_timeout: Duration::from_millis(500),
+        protocol_type: "consumer".into(),
+        protocols: vec![("range".into(), Bytes::from_static(b"sub"))],
+        id_required: false,
+    })
+    .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_members_rebalance_and_a_silent_one_is_dropped() {
+    let c = Coordinator::default();
+    let a = join(&c, "").await.unwrap().unwrap();
+    assert_eq!(a.generation, 1);
+    assert_eq!(a.leader, a.member_id, "alone, it leads");
+    assert_eq!(a.members.len(), 1);
+    let got = c
+        .sync(
+            "g",
+            &a.member_id,
+            1,
+            vec![(a.member_id.clone(), "p0,p1".into())],
+        )
+        .unwrap();
+    assert_eq!(got.await.unwrap().unwrap(), Bytes::from("p0,p1"));
+    // A second member joins: the first is told to rejoin by its heartbeat.
+    let b_join = join(&c, "");
+    assert_eq!(
+        c.heartbeat("g", &a.member_id, 1),
+        Err(ResponseError::RebalanceInProgress)
+    );
+    let a_join = join(&c, &a.member_id);
+    let (a2, b) = (
+        a_join.await.unwrap().unwrap(),
+        b_join.await.unwrap().unwrap(),
+    );
+    assert_eq!((a2.generation, b.generation), (2, 2));
+    assert_eq!(a2.leader, a.member_id, "the leader stays the leader");
+    assert_eq!(a2.members.len(), 2, "the leader sees both subscriptions");
+    assert!(b.members.is_empty());
+    // The follower's sync waits for the leader's.
+    let b_sync = c.sync("g", &b.member_id, 2, vec![]).unwrap();
+    let a_sync = c
+        .sync(
+            "g",
+            &a.member_id,
+            2,
+            vec![
+                (a.member_id.clone(), "p0".into()),
+                (b.member_id.clone(), "p1".into()),
+            ],
+        )
+        .unwrap();
+    assert_eq!(b_sync.await.unwrap().unwrap(), Bytes::from("p1"));
+    assert_eq!(a_sync.await.unwrap().unwrap(), Bytes::from("p0"));
+    assert_eq!(
+        c.may_commit("g", &b.member_id, 1),
+        Err(ResponseError::IllegalGeneration)
+    );
+    assert_eq!(c.may_commit("g", &b.member_id, 2), Ok(()));
+    // b stops heartbeating: once its session passes it is dropped and a rebalances alone.
+    for _ in 0..2 {
+        tokio::time::advance(Duration::from_millis(150)).await;
+        c.heartbeat("g", &a.member_id, 2).unwrap();
+        c.tick();
+    }
+    assert_eq!(
+        c.heartbeat("g", &b.member_id, 2),
+        Err(ResponseError::UnknownMemberId)
+    );
+    assert_eq!(
+        c.heartbeat("g", &a.member_id, 2),
+        Err(ResponseError::RebalanceInProgress)
+    );
+    let a3 = join(&c, &a.member_id).await.unwrap().unwrap();
+    assert_eq!((a3.generation, a3.members.len()), (3, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_member_that_does_not_rejoin_in_time_is_left_out() {
+    let c = Coordinator::default();
+    let a = join(&c, "").await.unwrap().unwrap();
+    c.sync("g", &a.member_id, 1, vec![]).unwrap();
+    let b_join = join(&c, "");
+    // a never rejoins: after the rebalance time-out b goes on alone.
+    let mut b_join = std::pin::pin!(b_join);
+    assert!(futures::poll!(&mut b_join).is_pending());
+    tokio::time::advance(Duration::from_millis(600)).await;
+    c.tick();
+    let b = b_join.await.unwrap().unwrap();
+    assert_eq!((b.generation, b.leader == b.member_id), (2, true));
+    assert_eq!(
+        c.heartbeat("g", &a.member_id, 1),
+        Err(ResponseError::UnknownMemberId)
+    );
+}
+
+#[test]
+fn new_members_of_v4_are_given_an_id_first_and_strangers_are_refused() {
+    let c = Coordinator::default();
+    let mut j = Join {
+        group: "g".into(),
+        member_id: String::new(),
+        client_id: "rdkafka".into(),
+        host: "h".into(),
+        session_timeout: Duration::from_secs(10),
+        rebalance_timeout: Duration::from_secs(10),
+        protocol_type: "consumer".into(),
+        protocols: vec![("range".into(), Bytes::new())],
+        id_required: true,
+    };
+    let Err((ResponseError::MemberIdRequired, id)) = c.join(j.clone()) else {
+        panic!("an id first")
+    };
+    assert!(id.starts_with("rdkafka-"));
+    j.member_id = id;
+    assert!(c.join(j.clone()).is_ok());
+    j.member_id = "made-up".into();
+    assert!(matches!(
+        c.join(j.clone()),
+        Err((ResponseError::UnknownMemberId, _))
+    ));
+    j.member_id = String::new();
+    j.id_required = false;
+    j.protocols = vec![("roundrobin".into(), Bytes::new())];
+    assert!(matches!(
+        c.join(j),
+        Err((ResponseError::InconsistentGroupProtocol, _))
+    ));
+}
