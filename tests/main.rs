@@ -15,6 +15,7 @@ mod cluster_zombie;
 mod crash;
 mod fuzz;
 mod hardening;
+mod kafka;
 mod local;
 mod migrate;
 mod monitor;

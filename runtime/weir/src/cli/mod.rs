@@ -376,11 +376,15 @@ async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<(
     server::run(config, shutdown, |server| {
         // Machine-readable for scripts and tests that start the server on port 0.
         println!("weir listening on {}", server.addr);
+        // Further lines go to a reader that may have stopped reading after the first (a
+        // closed pipe must not stop the server, as `println!` would).
+        use std::io::Write;
+        let mut out = std::io::stdout();
         if let Some(addr) = server.metrics_addr {
-            println!("weir metrics on {addr}");
+            let _ = writeln!(out, "weir metrics on {addr}");
         }
         if let Some(addr) = server.kafka_addr {
-            println!("weir kafka on {addr}");
+            let _ = writeln!(out, "weir kafka on {addr}");
         }
     })
     .await?;
