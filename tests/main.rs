@@ -16,6 +16,7 @@ mod crash;
 mod fuzz;
 mod hardening;
 mod kafka;
+mod kafka_cluster;
 mod local;
 mod migrate;
 mod monitor;

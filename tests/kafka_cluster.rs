@@ -1,0 +1,140 @@
+//! The Kafka listener on the replicated backend: two `weir serve --log` nodes over a real
+//! 3-node JetStream cluster, each with `--kafka-listen`, and a librdkafka idempotent producer
+//! bootstrapped with both. Each node in turn is killed -9 while the producer sends (and
+//! restarted): the producer's batches in flight are retried through the other node, whose
+//! producer state is the shared log's, so every record is stored once.
+
+use crate::common;
+use crate::kafka::{free_port, run_script};
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use common::WeirProcess;
+use weir_api::Client;
+use weir_core::{StartAt, TopicConfig};
+
+fn spawn_node(dir: &Path, port: u16, kafka_port: u16, nats: &str) -> WeirProcess {
+    let kafka = format!("127.0.0.1:{kafka_port}");
+    for _ in 0..100 {
+        let result = std::panic::catch_unwind(|| {
+            WeirProcess::spawn(
+                dir,
+                &format!("127.0.0.1:{port}"),
+                &["--log", nats, "--cache-mb", "16", "--kafka-listen", &kafka],
+            )
+        });
+        if let Ok(process) = result {
+            return process;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("weir serve --log did not start on port {port}");
+}
+
+/// Every record of `topic` through `addr`: value → where it is stored.
+async fn read_all(addr: &str, topic: &str) -> BTreeMap<String, Vec<(u32, u64)>> {
+    let client = Client::connect(addr).await.unwrap();
+    let info = client.describe_topic(topic).await.unwrap();
+    let total: u64 = info.partitions.iter().map(|p| p.end_offset).sum();
+    let mut subscription = client
+        .subscribe(topic, &[], StartAt::Earliest, None)
+        .await
+        .unwrap();
+    let (mut stored, mut read) = (BTreeMap::<String, Vec<(u32, u64)>>::new(), 0u64);
+    while read < total {
+        let batch = tokio::time::timeout(Duration::from_secs(30), subscription.next())
+            .await
+            .expect("read back")
+            .unwrap()
+            .unwrap();
+        for r in batch {
+            read += 1;
+            stored
+                .entry(String::from_utf8_lossy(&r.record.value).into_owned())
+                .or_default()
+                .push((r.partition, r.offset));
+        }
+    }
+    stored
+}
+
+fn acked_count(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_librdkafka_producer_failing_over_between_two_nodes_stores_each_record_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = common::nats_cluster(dir.path());
+    let urls = nats.url_list();
+    let ports = [(free_port(), free_port()), (free_port(), free_port())];
+    let data = [dir.path().join("node0"), dir.path().join("node1")];
+    let mut nodes: Vec<WeirProcess> = (0..2)
+        .map(|i| spawn_node(&data[i], ports[i].0, ports[i].1, &urls))
+        .collect();
+    Client::connect(&nodes[0].addr)
+        .await
+        .unwrap()
+        .create_topic(&TopicConfig::new("kx", 2))
+        .await
+        .unwrap();
+    let acked = dir.path().join("acked.txt");
+    let total = 40_000;
+    let bootstrap = format!("127.0.0.1:{},127.0.0.1:{}", ports[0].1, ports[1].1);
+    let producer = tokio::spawn(run_script(
+        "produce.py",
+        vec![
+            bootstrap,
+            "kx".into(),
+            total.to_string(),
+            "--acked".into(),
+            acked.display().to_string(),
+            "--pace".into(),
+            "0.15".into(),
+            "--set".into(),
+            "reconnect.backoff.max.ms=200".into(),
+            "--set".into(),
+            "topic.metadata.refresh.interval.ms=1000".into(),
+        ],
+    ));
+    // Each node killed once while the producer sends: whichever one it is writing through,
+    // one of the kills makes it go on through the other.
+    for i in 0..2 {
+        let before = acked_count(&acked);
+        common::eventually(90, "acknowledgements before the kill", || {
+            acked_count(&acked) >= before + 2000
+        })
+        .await;
+        let node = nodes.remove(i);
+        node.kill9();
+        // Acknowledgements go on through the other node while this one is down.
+        let down = acked_count(&acked);
+        common::eventually(90, "acknowledgements through the other node", || {
+            acked_count(&acked) >= down + 1000
+        })
+        .await;
+        nodes.insert(i, spawn_node(&data[i], ports[i].0, ports[i].1, &urls));
+    }
+    let out = producer.await.unwrap();
+    assert_eq!(out["acked"], total, "{out}");
+    let stored = read_all(&nodes[1].addr, "kx").await;
+    let twice: Vec<_> = stored
+        .iter()
+        .filter(|(_, at)| at.len() > 1)
+        .take(5)
+        .collect();
+    assert!(twice.is_empty(), "stored twice: {twice:?}");
+    assert_eq!(stored.len(), total, "every record stored");
+    for line in std::fs::read_to_string(&acked).unwrap().lines() {
+        let mut it = line.splitn(3, ' ');
+        let (p, o, v) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+        let at = (p.parse::<u32>().unwrap(), o.parse::<u64>().unwrap());
+        assert_eq!(stored.get(v), Some(&vec![at]), "{v} acknowledged at {at:?}");
+    }
+    // Both nodes serve the same log.
+    assert_eq!(read_all(&nodes[0].addr, "kx").await, stored);
+}
