@@ -11,12 +11,8 @@ use crate::common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
-use common::WeirProcess;
-use rand::Rng;
-use tokio::sync::Notify;
 use weir_core::{StoredRecord, TopicConfig};
 use weir_server::server::RunningServer;
 
@@ -37,6 +33,35 @@ fn kcat() -> &'static str {
         "kcat is not installed: run `cargo xtask kafka-clients` (as root: apt-get install kcat)"
     );
     "/usr/bin/kcat"
+}
+
+/// What kcat reads of `topic` from its beginning to its end, one `format`ted line a record.
+fn kcat_read(kafka: &str, topic: &str, extra: &[&str], format: &str) -> Vec<String> {
+    let out = Command::new(kcat())
+        .args([
+            "-b",
+            kafka,
+            "-C",
+            "-t",
+            topic,
+            "-o",
+            "beginning",
+            "-e",
+            "-q",
+        ])
+        .args(extra)
+        .args(["-f", format])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 fn script(name: &str) -> PathBuf {
@@ -81,7 +106,7 @@ async fn start(dir: &Path) -> (RunningServer, String) {
     (server, kafka)
 }
 
-async fn stored(server: &RunningServer, topic: &str) -> Vec<StoredRecord> {
+pub(crate) async fn stored(server: &RunningServer, topic: &str) -> Vec<StoredRecord> {
     let partitions = server.broker.partition_count(topic).unwrap();
     let mut all = Vec::new();
     for p in 0..partitions {
@@ -97,7 +122,7 @@ async fn stored(server: &RunningServer, topic: &str) -> Vec<StoredRecord> {
 }
 
 /// "partition offset value" lines a producer wrote as acknowledgements arrived.
-fn acked_lines(path: &Path) -> Vec<(u32, u64, String)> {
+pub(crate) fn acked_lines(path: &Path) -> Vec<(u32, u64, String)> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
@@ -161,32 +186,7 @@ async fn librdkafka_produces_idempotently_in_every_compression_and_reads_back() 
     }
     // kcat (another librdkafka) reads them back from the start of a partition.
     let p0 = records.iter().filter(|r| r.partition == 0).count();
-    let out = Command::new(kcat())
-        .args([
-            "-b",
-            &kafka,
-            "-C",
-            "-t",
-            "kp",
-            "-p",
-            "0",
-            "-o",
-            "beginning",
-            "-e",
-            "-q",
-        ])
-        .args(["-f", "%k %s %o\n"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
+    let lines = kcat_read(&kafka, "kp", &["-p", "0"], "%k %s %o\n");
     assert_eq!(lines.len(), p0);
     for (i, r) in records.iter().filter(|r| r.partition == 0).enumerate() {
         let want = format!(
@@ -269,143 +269,90 @@ async fn a_librdkafka_group_of_two_rebalances_commits_and_resumes_on_weir_offset
     server.stop().await.unwrap();
 }
 
-fn spawn_on(dir: &Path, port: u16, kafka_port: u16, advertise: u16) -> WeirProcess {
-    let kafka = format!("127.0.0.1:{kafka_port}");
-    let advertise = format!("127.0.0.1:{advertise}");
-    // The ports of a killed process may take a moment to be free again.
-    for _ in 0..50 {
-        let result = std::panic::catch_unwind(|| {
-            WeirProcess::spawn(
-                dir,
-                &format!("127.0.0.1:{port}"),
-                &[
-                    "--fsync",
-                    "always",
-                    "--kafka-listen",
-                    &kafka,
-                    "--kafka-advertise",
-                    &advertise,
-                ],
-            )
-        });
-        if let Ok(process) = result {
-            return process;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("weir serve did not restart on port {port}");
-}
-
-/// A TCP proxy to `upstream` whose connections are all cut whenever `cut` is notified: what
-/// was in flight either way is lost, as in a network failure.
-async fn flaky_proxy(listener: tokio::net::TcpListener, upstream: String, cut: Arc<Notify>) {
-    loop {
-        let Ok((mut client, _)) = listener.accept().await else {
-            return;
-        };
-        let (upstream, cut) = (upstream.clone(), cut.clone());
-        tokio::spawn(async move {
-            let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
-                return;
-            };
-            tokio::select! {
-                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                _ = cut.notified() => {}
-            }
-        });
-    }
-}
-
-/// A librdkafka idempotent producer through a network that drops connections (answers of
-/// stored batches lost on the way) and a weir that is killed -9 several times: its retries
-/// are stored once, and every record it was told was stored is there, at the offset it was
-/// told.
+/// Orders produced through kcat are what the points plugin reads: balances credited once
+/// each, and its outputs (written by weir's forwarder) read back through Kafka.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_librdkafka_producer_retrying_across_kill_9_stores_each_record_once() {
+async fn a_plugin_consumes_a_topic_written_through_kafka() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let (port, kafka_port) = (free_port(), free_port());
-    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy_port = proxy.local_addr().unwrap().port();
-    let cut = Arc::new(Notify::new());
-    tokio::spawn(flaky_proxy(
-        proxy,
-        format!("127.0.0.1:{kafka_port}"),
-        cut.clone(),
-    ));
-    let mut process = spawn_on(&data, port, kafka_port, proxy_port);
-    {
-        let client = weir_api::Client::connect(&process.addr).await.unwrap();
+    let (server, kafka) = start(dir.path()).await;
+    let client = weir_api::Client::connect(&server.url()).await.unwrap();
+    for (topic, partitions) in [("order.paid", 2), ("points.credited", 1)] {
         client
-            .create_topic(&TopicConfig::new("kc", 2))
+            .create_topic(&TopicConfig::new(topic, partitions))
             .await
             .unwrap();
     }
-    let acked = dir.path().join("acked.txt");
-    let total = 150_000;
-    let producer = tokio::spawn(run_script(
-        "produce.py",
-        vec![
-            format!("127.0.0.1:{proxy_port}"),
-            "kc".into(),
-            total.to_string(),
-            "--acked".into(),
-            acked.display().to_string(),
-            "--pace".into(),
-            "0.05".into(),
-            "--set".into(),
-            "reconnect.backoff.max.ms=200".into(),
-        ],
-    ));
-    // Connections cut at random moments while batches are in flight (their answers lost),
-    // and every third time weir killed -9 as well.
-    let mut rng = rand::rng();
-    let (mut cuts, mut kills) = (0, 0);
-    common::eventually(60, "first acknowledgements", || {
-        !acked_lines(&acked).is_empty()
-    })
-    .await;
-    while cuts < 24 && !producer.is_finished() {
-        tokio::time::sleep(Duration::from_millis(rng.random_range(100..400))).await;
-        cut.notify_waiters();
-        cuts += 1;
-        if cuts % 3 == 0 {
-            process.kill9();
-            kills += 1;
-            tokio::time::sleep(Duration::from_millis(rng.random_range(50..400))).await;
-            process = spawn_on(&data, port, kafka_port, proxy_port);
-        }
-    }
-    assert!(
-        kills >= 2,
-        "the producer finished before weir was killed twice: make it longer"
-    );
-    let out = producer.await.unwrap();
-    assert_eq!(out["acked"], total, "{out}");
-    assert_eq!(out["unflushed"], 0, "{out}");
-    process.terminate(Duration::from_secs(30));
-    let server = common::start_server(&data).await;
-    let records = stored(&server, "kc").await;
-    let mut by_value: BTreeMap<String, Vec<(u32, u64)>> = BTreeMap::new();
-    for r in &records {
-        by_value
-            .entry(String::from_utf8_lossy(&r.record.value).into_owned())
-            .or_default()
-            .push((r.partition, r.offset));
-    }
-    let twice: Vec<_> = by_value
-        .iter()
-        .filter(|(_, at)| at.len() > 1)
-        .take(5)
+    client
+        .deploy_plugin(weir_api::Deploy {
+            name: "points".into(),
+            wasm: common::plugin_wasm("points").to_vec(),
+            input: "order.paid".into(),
+            outputs: vec!["points.credited".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let orders: String = (0..300)
+        .map(|i| {
+            format!(
+                "u{}|{{\"order\":{i},\"user\":\"u{}\",\"amount\":{}.5}}\n",
+                i % 3,
+                i % 3,
+                i % 10
+            )
+        })
         .collect();
-    assert!(twice.is_empty(), "stored twice: {twice:?}");
-    assert_eq!(by_value.len(), total, "every record stored");
-    for (partition, offset, value) in acked_lines(&acked) {
-        assert_eq!(
-            by_value.get(&value),
-            Some(&vec![(partition, offset)]),
-            "{value} acknowledged at {partition}/{offset}"
-        );
+    let mut kcat_p = Command::new(kcat())
+        .args([
+            "-b",
+            &kafka,
+            "-P",
+            "-t",
+            "order.paid",
+            "-K",
+            "|",
+            "-z",
+            "gzip",
+        ])
+        .args(["-X", "enable.idempotence=true"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    kcat_p
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(orders.as_bytes())
+        .unwrap();
+    assert!(kcat_p.wait().unwrap().success());
+    // floor(amount) per order: users 0, 1, 2 each paid 100 orders.
+    let expected: Vec<u64> = (0..3)
+        .map(|u| {
+            (0..300)
+                .filter(|i| i % 3 == u)
+                .map(|i| (i % 10) as u64)
+                .sum()
+        })
+        .collect();
+    for (u, want) in expected.iter().enumerate() {
+        let user = format!("u{u}");
+        let mut got = None;
+        for _ in 0..300 {
+            got = common::balance(&client, &user).await;
+            if got == Some(*want) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(got, Some(*want), "{user}");
     }
+    let credited = kcat_read(&kafka, "points.credited", &[], "%s\n");
+    assert_eq!(
+        credited.len(),
+        300,
+        "one output per order, read through Kafka"
+    );
+    assert!(credited.iter().all(|l| l.contains("\"points\"")));
     server.stop().await.unwrap();
 }

@@ -17,6 +17,7 @@ mod fuzz;
 mod hardening;
 mod kafka;
 mod kafka_cluster;
+mod kafka_crash;
 mod local;
 mod migrate;
 mod monitor;

@@ -15,6 +15,7 @@
 
 mod admin;
 pub mod apis;
+mod batches;
 mod conn;
 mod coordinator;
 mod errors;
@@ -24,6 +25,8 @@ mod groups;
 mod produce;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_fuzz;
 #[cfg(test)]
 mod tests_groups;
 mod wire;

@@ -14,12 +14,12 @@ use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
 use kafka_protocol::protocol::StrBytes;
-use kafka_protocol::records::{RecordBatchDecoder, TimestampType};
+use kafka_protocol::records::TimestampType;
 use weir_broker::{BrokerError, Caller, PendingPublish, ProducerFields, Publish};
 use weir_core::Record;
 
-use crate::errors;
 use crate::wire::Ctx;
+use crate::{batches, errors};
 
 /// One partition's answer being made.
 enum Outcome {
@@ -113,14 +113,9 @@ async fn apply(ctx: &Ctx, topic: &str, partition: i32, records: Option<Bytes>) -
     let mut bytes = records.unwrap_or_default();
     let mut pending = Vec::new();
     while !bytes.is_empty() {
-        let set = match RecordBatchDecoder::decode(&mut bytes) {
+        let set = match batches::decode(&mut bytes) {
             Ok(s) => s,
-            Err(e) => {
-                return Outcome::Done(Err((
-                    ResponseError::CorruptMessage,
-                    format!("a record batch did not decode: {e}"),
-                )))
-            }
+            Err(why) => return Outcome::Done(Err((ResponseError::CorruptMessage, why))),
         };
         let Some(first) = set.records.first() else {
             continue;
