@@ -356,3 +356,55 @@ async fn a_plugin_consumes_a_topic_written_through_kafka() {
     assert!(credited.iter().all(|l| l.contains("\"points\"")));
     server.stop().await.unwrap();
 }
+
+/// With `--tls-cert` the Kafka listener speaks TLS with the same certificate: librdkafka
+/// with `security.protocol=SSL` and the CA produces; a plaintext client is not served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kafka_listener_speaks_tls_with_the_servers_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let port = free_port();
+    let server = common::start_with(&dir.path().join("data"), |c| {
+        c.tls = Some(weir_server::server::TlsFiles {
+            cert: cert_path.clone(),
+            key: key_path.clone(),
+        });
+        c.kafka_listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
+        c.kafka_advertise = Some(("localhost".into(), port));
+    })
+    .await;
+    server
+        .broker
+        .create_topic(TopicConfig::new("kt", 1))
+        .await
+        .unwrap();
+    let out = run_script(
+        "produce.py",
+        vec![
+            format!("localhost:{port}"),
+            "kt".into(),
+            "100".into(),
+            "--set".into(),
+            "security.protocol=SSL".into(),
+            "--set".into(),
+            format!("ssl.ca.location={}", cert_path.display()),
+        ],
+    )
+    .await;
+    assert_eq!(out["acked"], 100, "{out}");
+    assert_eq!(stored(&server, "kt").await.len(), 100);
+    // A plaintext client gets nothing it can read: kcat fails, nothing stored.
+    let plain = Command::new(kcat())
+        .args(["-b", &format!("localhost:{port}"), "-L", "-m", "5"])
+        .output()
+        .unwrap();
+    assert!(!plain.status.success(), "a plaintext client was answered");
+    server.stop().await.unwrap();
+}

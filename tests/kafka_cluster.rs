@@ -2,7 +2,8 @@
 //! 3-node JetStream cluster, each with `--kafka-listen`, and a librdkafka idempotent producer
 //! bootstrapped with both. Each node in turn is killed -9 while the producer sends (and
 //! restarted): the producer's batches in flight are retried through the other node, whose
-//! producer state is the shared log's, so every record is stored once.
+//! producer state is the shared log's, so every record is stored once. Then a consumer group
+//! of two on one node, whose commits the other node answers.
 
 use crate::common;
 use crate::kafka::{free_port, run_script};
@@ -137,4 +138,38 @@ async fn a_librdkafka_producer_failing_over_between_two_nodes_stores_each_record
     }
     // Both nodes serve the same log.
     assert_eq!(read_all(&nodes[0].addr, "kx").await, stored);
+
+    // A consumer group of two on one node, in every compression's produce: its commits are
+    // the shared log's group offsets, which the other node answers too.
+    Client::connect(&nodes[0].addr)
+        .await
+        .unwrap()
+        .create_topic(&TopicConfig::new("kg", 4))
+        .await
+        .unwrap();
+    let out = run_script(
+        "group.py",
+        vec![
+            format!("127.0.0.1:{}", ports[1].1),
+            "kg".into(),
+            "4".into(),
+            "600".into(),
+        ],
+    )
+    .await;
+    assert_eq!(out["distinct"], 600, "{out}");
+    assert_eq!(out["c_values"].as_array().unwrap().len(), 50, "{out}");
+    let other = Client::connect(&nodes[0].addr).await.unwrap();
+    let info = other.describe_topic("kg").await.unwrap();
+    let mut offsets = other.fetch_offsets("kgroup", "kg").await.unwrap();
+    offsets.sort_unstable();
+    let ends: Vec<(u32, u64)> = info
+        .partitions
+        .iter()
+        .map(|p| (p.partition, p.end_offset))
+        .collect();
+    assert_eq!(
+        offsets, ends,
+        "the group's commits, read through the other node"
+    );
 }

@@ -2,14 +2,14 @@
 //! processes (publish under each fsync policy with a raw-disk baseline, the points plugin in
 //! three languages against the no-op baseline, the memory soak).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{build_example_plugins, build_plugins, build_release, run};
+use crate::server::Server;
+use crate::{build_example_plugins, build_plugins, build_release};
 
 /// Raw disk bandwidth in the same run, the baseline the publish rates are compared with:
 /// 256 MiB written sequentially in 1 MiB writes, then fdatasync, in MB/s.
@@ -36,88 +36,6 @@ fn written_bytes(pid: u32) -> Option<f64> {
         .trim()
         .parse()
         .ok()
-}
-
-/// A `weir serve` child process.
-pub(crate) struct Server {
-    child: Child,
-    pub(crate) url: String,
-}
-
-impl Server {
-    pub(crate) fn start(bin: &Path, data_dir: &Path, fsync: &str) -> Result<Server> {
-        Self::start_with(bin, data_dir, fsync, &[])
-    }
-
-    pub(crate) fn start_with(
-        bin: &Path,
-        data_dir: &Path,
-        fsync: &str,
-        extra: &[&str],
-    ) -> Result<Server> {
-        let mut command = Command::new(bin);
-        command
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--fsync",
-                fsync,
-                "--data-dir",
-            ])
-            .arg(data_dir)
-            .args(extra);
-        Self::spawn(command)
-    }
-
-    /// `weir bench discard-server`: the API with nothing stored, the gRPC ceiling.
-    pub(crate) fn start_discard(bin: &Path) -> Result<Server> {
-        let mut command = Command::new(bin);
-        command.args(["bench", "discard-server", "--listen", "127.0.0.1:0"]);
-        Self::spawn(command)
-    }
-
-    /// Starts `command`, which prints `weir listening on ADDR` first on its stdout.
-    fn spawn(mut command: Command) -> Result<Server> {
-        let mut child = command
-            .env("WEIR_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting weir")?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line)?;
-        let addr = line
-            .trim()
-            .strip_prefix("weir listening on ")
-            .with_context(|| format!("the weir server did not start: {line:?}"))?;
-        Ok(Server {
-            url: format!("http://{addr}"),
-            child,
-        })
-    }
-
-    /// The process id (for `weir bench plugin --server-pid`).
-    pub(crate) fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub(crate) fn stop(mut self) -> Result<()> {
-        run(Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string()))?;
-        let status = self.child.wait()?;
-        if !status.success() {
-            bail!("weir serve exited with {status}");
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 pub(crate) fn weir(bin: &Path, server: &Server, args: &[&str]) -> Result<String> {
@@ -196,13 +114,25 @@ fn bench_publish(bin: &Path, baseline: Option<&Path>, records: &str) -> Result<(
     );
     // The first "policy" is no storage at all: `weir bench discard-server` decodes each
     // publish and acknowledges it (issue 23's ceiling for durable publish).
+    let kafka_python = crate::kafka_clients::ensure()?;
     let mut medians = Vec::new();
-    for fsync in ["discard", "always", "never"] {
+    for fsync in ["discard", "always", "never", "kafka-python", "kafka-kcat"] {
         let mut rates = Vec::new();
         let mut baseline_rates = Vec::new();
         for round in 1..=3 {
-            rates.push(publish_run(bin, "", fsync, round, records)?);
-            if let Some(before) = baseline.filter(|_| fsync != "discard") {
+            rates.push(match fsync.strip_prefix("kafka-") {
+                Some(client) => crate::bench_kafka::kafka_produce_run(
+                    bin,
+                    client,
+                    &kafka_python,
+                    round,
+                    records,
+                )?,
+                None => publish_run(bin, "", fsync, round, records)?,
+            });
+            if let Some(before) =
+                baseline.filter(|_| !fsync.starts_with("kafka") && fsync != "discard")
+            {
                 baseline_rates.push(publish_run(
                     before,
                     "baseline build, ",
@@ -213,10 +143,11 @@ fn bench_publish(bin: &Path, baseline: Option<&Path>, records: &str) -> Result<(
             }
             std::thread::sleep(Duration::from_millis(500));
         }
-        let label = if fsync == "discard" {
-            "no storage".to_string()
-        } else {
-            format!("fsync {fsync}")
+        let label = match fsync {
+            "discard" => "no storage".to_string(),
+            "kafka-python" => "Kafka produce, confluent-kafka (fsync always)".to_string(),
+            "kafka-kcat" => "Kafka produce, kcat (fsync always)".to_string(),
+            _ => format!("fsync {fsync}"),
         };
         let m = median(rates.clone());
         println!("{label}: median {m:.0} records/s (runs: {rates:?})");
@@ -234,6 +165,11 @@ fn bench_publish(bin: &Path, baseline: Option<&Path>, records: &str) -> Result<(
         "durable publish / no-storage gRPC ceiling: fsync always {:.2}x, never {:.2}x",
         medians[1] / medians[0],
         medians[2] / medians[0]
+    );
+    println!(
+        "Kafka produce / gRPC publish, both fsync always: confluent-kafka {:.2}x, kcat {:.2}x",
+        medians[3] / medians[1],
+        medians[4] / medians[1]
     );
     Ok(())
 }

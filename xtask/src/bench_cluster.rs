@@ -7,7 +7,8 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::bench::{compiled_cache, median, plugin_args, publish_args, throughput, weir, Server};
+use crate::bench::{compiled_cache, median, plugin_args, publish_args, throughput, weir};
+use crate::server::Server;
 use crate::{build_plugins, run};
 
 /// A fresh 3-node JetStream cluster in a temporary directory named after `what`.

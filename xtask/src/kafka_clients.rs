@@ -21,7 +21,7 @@ const WHEEL_SHA256: &str = "f4cae8bc8e5208def5cfe9ac07b85c934c07e5424011608b3bac
 const KCAT: &str = "1.7.1-2";
 
 /// Installs both clients if missing; returns the venv's python.
-pub fn ensure() -> Result<PathBuf> {
+pub(crate) fn ensure() -> Result<PathBuf> {
     let python = ensure_confluent_kafka()?;
     ensure_kcat()?;
     Ok(python)

@@ -16,10 +16,12 @@ use anyhow::{bail, Context, Result};
 
 mod bench;
 mod bench_cluster;
+mod bench_kafka;
 mod check;
 mod cluster;
 mod kafka_clients;
 mod nats;
+mod server;
 
 const WASM_TARGET: &str = "wasm32-wasip2";
 
@@ -42,7 +44,7 @@ fn main() -> Result<()> {
     }
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("xtask lives in the workspace")

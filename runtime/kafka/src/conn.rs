@@ -17,8 +17,7 @@ use kafka_protocol::messages::{
     OffsetCommitRequest, OffsetFetchRequest, ProduceRequest, RequestHeader, SyncGroupRequest,
 };
 use kafka_protocol::protocol::Decodable;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use weir_broker::Broker;
@@ -31,15 +30,18 @@ use crate::{admin, apis, fetch, groups, produce, KafkaOptions, MAX_FRAME_BYTES};
 const IN_FLIGHT: usize = 16;
 
 /// Serves one connection until the client closes it, a frame does not decode, or shutdown.
-pub(crate) async fn run(
-    socket: TcpStream,
+pub(crate) async fn run<S>(
+    socket: S,
     peer: SocketAddr,
     broker: Arc<Broker>,
     coordinator: Arc<Coordinator>,
     options: Arc<KafkaOptions>,
     shutdown: CancellationToken,
-) -> Result<(), String> {
-    let (mut reader, mut writer) = socket.into_split();
+) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut reader, mut writer) = tokio::io::split(socket);
     let (answers, mut to_write) = mpsc::channel::<Answer>(IN_FLIGHT);
     let write_loop = tokio::spawn(async move {
         while let Some(answer) = to_write.recv().await {

@@ -48,13 +48,19 @@ pub const NODE_ID: i32 = 0;
 pub const MAX_FRAME_BYTES: usize = 100 * 1024 * 1024;
 
 /// How a Kafka listener presents itself.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct KafkaOptions {
     /// The `host:port` clients are told to connect to (Kafka's `advertised.listeners`).
     pub advertised: (String, u16),
     /// The cluster id shown in metadata.
     pub cluster_id: String,
+    /// TLS on every connection (Kafka's `SSL` security protocol), with the server's
+    /// certificate; `None`: plaintext.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
+
+/// How long a client may take over its TLS handshake.
+const HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves Kafka clients on `listener` until `shutdown` is cancelled; connections are closed
 /// then, answers in flight are finished first.
@@ -97,8 +103,17 @@ pub async fn serve(
         let (broker, options, shutdown) = (broker.clone(), options.clone(), shutdown.clone());
         let coordinator = coordinator.clone();
         connections.spawn(async move {
-            if let Err(why) = conn::run(socket, peer, broker, coordinator, options, shutdown).await
-            {
+            let served = match options.tls.clone() {
+                None => conn::run(socket, peer, broker, coordinator, options, shutdown).await,
+                Some(tls) => match tokio::time::timeout(HANDSHAKE, tls.accept(socket)).await {
+                    Ok(Ok(stream)) => {
+                        conn::run(stream, peer, broker, coordinator, options, shutdown).await
+                    }
+                    Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
+                    Err(_) => Err(format!("no TLS handshake within {HANDSHAKE:?}")),
+                },
+            };
+            if let Err(why) = served {
                 tracing::warn!(message = "Kafka connection closed.", %peer, reason = %why);
             }
         });

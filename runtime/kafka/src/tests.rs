@@ -130,6 +130,7 @@ pub(super) async fn setup() -> Setup {
             options: Arc::new(KafkaOptions {
                 advertised: ("127.0.0.1".into(), 9092),
                 cluster_id: "weir".into(),
+                tls: None,
             }),
             shutdown: CancellationToken::new(),
             peer: "127.0.0.1:5555".parse().unwrap(),

@@ -165,7 +165,7 @@ pub async fn start_on(
             })?;
             let tls = match &config.tls {
                 Some(files) => Some(
-                    crate::monitor::http::tls_acceptor(&files.cert, &files.key)
+                    crate::monitor::http::tls_acceptor(&files.cert, &files.key, &[b"http/1.1"])
                         .map_err(ServerError::Tls)?,
                 ),
                 None => None,
@@ -227,8 +227,9 @@ pub async fn start_on(
     })
 }
 
-/// The Kafka listener speaks plaintext without SASL (docs/kafka.md): on a server that asks
-/// its clients for tokens or TLS it would be a way around both, so it is refused there.
+/// The Kafka listener has no SASL yet (docs/kafka.md): on a server that asks its clients for
+/// tokens it would be a way around them, so it is refused there. With `--tls-cert` it speaks
+/// TLS with the same certificate.
 fn check_kafka(config: &ServerConfig) -> Result<(), ServerError> {
     if config.kafka_listen.is_none() {
         return Ok(());
@@ -236,11 +237,6 @@ fn check_kafka(config: &ServerConfig) -> Result<(), ServerError> {
     if !config.auth.is_open() {
         return Err(ServerError::Config(
             "--kafka-listen cannot be used with --auth yet: the Kafka listener has no SASL, so it would let any client past the tokens; run it on a server without --auth (docs/kafka.md)".into(),
-        ));
-    }
-    if config.tls.is_some() {
-        return Err(ServerError::Config(
-            "--kafka-listen cannot be used with --tls-cert yet: the Kafka listener speaks plaintext only (docs/kafka.md)".into(),
         ));
     }
     Ok(())
@@ -265,6 +261,13 @@ async fn start_kafka(
             .clone()
             .unwrap_or_else(|| weir_kafka::default_advertised(bound)),
         cluster_id: "weir".into(),
+        tls: match &config.tls {
+            Some(files) => Some(
+                crate::monitor::http::tls_acceptor(&files.cert, &files.key, &[])
+                    .map_err(ServerError::Tls)?,
+            ),
+            None => None,
+        },
     };
     tracing::info!(message = "Serving Kafka clients.", addr = %bound, advertised = %format!("{}:{}", options.advertised.0, options.advertised.1));
     tracker.spawn(weir_kafka::serve(

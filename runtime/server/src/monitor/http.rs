@@ -70,11 +70,16 @@ async fn status(State(monitor): State<Arc<Monitor>>) -> axum::Json<serde_json::V
     axum::Json(serde_json::to_value(status).unwrap_or_default())
 }
 
-/// A TLS acceptor for the certificate chain and key PEM files.
+/// A TLS acceptor for the certificate chain and key PEM files, offering the `alpn` protocols
+/// (none for Kafka clients, which offer none).
 ///
 /// # Errors
 /// Unreadable or invalid PEM, or a key that does not match.
-pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    alpn: &[&[u8]],
+) -> Result<TlsAcceptor, String> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let certs = CertificateDer::pem_file_iter(cert)
@@ -89,7 +94,7 @@ pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<Tls
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| e.to_string())?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 

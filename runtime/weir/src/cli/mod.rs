@@ -185,8 +185,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
     /// Also serve the Kafka protocol on this address (e.g. 127.0.0.1:9092), for existing
-    /// Kafka producers and consumers (docs/kafka.md). Off by default; not with --auth or
-    /// --tls-cert yet (no SASL, plaintext only).
+    /// Kafka producers and consumers (docs/kafka.md). Off by default; TLS with --tls-cert;
+    /// not with --auth yet (no SASL).
     #[arg(long)]
     pub kafka_listen: Option<SocketAddr>,
     /// `host:port` Kafka clients are told to connect to (Kafka's advertised.listeners);
