@@ -16,6 +16,7 @@ mod crash;
 mod fuzz;
 mod hardening;
 mod kafka;
+mod kafka_auth;
 mod kafka_cluster;
 mod kafka_crash;
 mod local;

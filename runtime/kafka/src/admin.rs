@@ -18,11 +18,11 @@ use kafka_protocol::messages::{
     TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
-use weir_broker::{BrokerError, Caller, StartAt};
+use weir_broker::{BrokerError, StartAt};
 use weir_core::TopicConfig;
 
 use crate::wire::{encode, Ctx};
-use crate::{apis, errors, NODE_ID};
+use crate::{access, apis, errors, TopicOp, NODE_ID};
 
 /// The ApiVersions answer: every API and version weir speaks.
 pub(crate) fn api_versions() -> ApiVersionsResponse {
@@ -61,6 +61,7 @@ pub(crate) async fn metadata(
     version: i16,
 ) -> MetadataResponse {
     let broker = &ctx.broker;
+    let who = access::who(ctx);
     let names: Vec<String> = match request.topics {
         // v0's empty list, and v1+'s null, ask for every topic.
         Some(t) if !(version == 0 && t.is_empty()) => t
@@ -76,11 +77,20 @@ pub(crate) async fn metadata(
                 .list_topics()
                 .into_iter()
                 .map(|t| t.config.name)
+                .filter(|name| who.sees(name))
                 .collect()
         }
     };
     let mut topics = Vec::with_capacity(names.len());
     for name in names {
+        if !who.sees(&name) {
+            topics.push(
+                MetadataResponseTopic::default()
+                    .with_name(Some(topic_name(&name)))
+                    .with_error_code(ResponseError::TopicAuthorizationFailed.code()),
+            );
+            continue;
+        }
         let found = match broker.ensure_topic(&name).await {
             Ok(()) => broker.describe_topic(&name),
             Err(e) => Err(e),
@@ -184,7 +194,12 @@ pub(crate) async fn create_topics(
             .map(|c| (c.name.to_string(), c.value.as_ref().map(|v| v.to_string())))
             .collect();
         let result = CreatableTopicResult::default().with_name(t.name.clone());
-        let made = if !t.assignments.is_empty() {
+        let made = if !access::who(ctx).may(TopicOp::Create, &name) {
+            Err((
+                ResponseError::TopicAuthorizationFailed,
+                access::denied(ctx, TopicOp::Create, &name),
+            ))
+        } else if !t.assignments.is_empty() {
             Err((
                 ResponseError::InvalidRequest,
                 "replica assignments are not supported: weir places replicas itself".to_string(),
@@ -232,6 +247,10 @@ pub(crate) async fn delete_topics(
     let mut results = Vec::with_capacity(names.len());
     for name in names {
         let result = DeletableTopicResult::default().with_name(Some(name.clone()));
+        if !access::who(ctx).may(TopicOp::Delete, &name.0) {
+            results.push(result.with_error_code(ResponseError::TopicAuthorizationFailed.code()));
+            continue;
+        }
         results.push(match ctx.broker.delete_topic(&name.0).await {
             Ok(()) => result,
             Err(e) if version >= 5 => result
@@ -246,9 +265,20 @@ pub(crate) async fn delete_topics(
 /// ListOffsets: earliest (-2), latest (-1) or the first offset at or after a timestamp.
 pub(crate) async fn list_offsets(ctx: &Ctx, request: ListOffsetsRequest) -> ListOffsetsResponse {
     let mut topics = Vec::with_capacity(request.topics.len());
+    let who = access::who(ctx);
     for t in request.topics {
+        let allowed = who.may(TopicOp::Subscribe, &t.name.0);
         let mut partitions = Vec::with_capacity(t.partitions.len());
         for p in t.partitions {
+            if !allowed {
+                partitions.push(
+                    ListOffsetsPartitionResponse::default()
+                        .with_partition_index(p.partition_index)
+                        .with_error_code(ResponseError::TopicAuthorizationFailed.code())
+                        .with_offset(-1),
+                );
+                continue;
+            }
             let start = match p.timestamp {
                 -2 => Some(StartAt::Earliest),
                 -1 => Some(StartAt::Latest),
@@ -308,7 +338,7 @@ pub(crate) async fn init_producer_id(
         tracing::info!(message = "Kafka client asked for a transactional producer; weir has no Kafka transactions (docs/kafka.md).");
         return refuse(ResponseError::TransactionalIdAuthorizationFailed);
     }
-    let caller = Caller::default();
+    let caller = access::who(ctx).caller();
     let existing = u64::try_from(request.producer_id.0).ok();
     let mut issued = ctx.broker.init_producer(existing, &caller).await;
     // Kafka's epoch is 16 bits: an id whose epochs ran out is replaced by a new one, as Kafka

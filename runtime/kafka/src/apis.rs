@@ -26,6 +26,10 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::OffsetFetch, 1, 7),
     (ApiKey::DescribeGroups, 0, 5),
     (ApiKey::ListGroups, 0, 4),
+    // v0 is listed because librdkafka looks for it, but answered UNSUPPORTED_VERSION: its
+    // raw token exchange after the handshake is not spoken (v1 + SaslAuthenticate is).
+    (ApiKey::SaslHandshake, 0, 1),
+    (ApiKey::SaslAuthenticate, 0, 2),
 ];
 
 /// The versions of `key` weir speaks, if any.

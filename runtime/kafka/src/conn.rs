@@ -14,7 +14,8 @@ use kafka_protocol::messages::{
     ApiKey, ApiVersionsRequest, CreateTopicsRequest, DeleteTopicsRequest, DescribeGroupsRequest,
     FetchRequest, FindCoordinatorRequest, HeartbeatRequest, InitProducerIdRequest,
     JoinGroupRequest, LeaveGroupRequest, ListGroupsRequest, ListOffsetsRequest, MetadataRequest,
-    OffsetCommitRequest, OffsetFetchRequest, ProduceRequest, RequestHeader, SyncGroupRequest,
+    OffsetCommitRequest, OffsetFetchRequest, ProduceRequest, RequestHeader,
+    SaslAuthenticateRequest, SaslHandshakeRequest, SyncGroupRequest,
 };
 use kafka_protocol::protocol::Decodable;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -24,7 +25,7 @@ use weir_broker::Broker;
 
 use crate::coordinator::Coordinator;
 use crate::wire::{encode, ready, Answer, Ctx};
-use crate::{admin, apis, fetch, groups, produce, KafkaOptions, MAX_FRAME_BYTES};
+use crate::{access, admin, apis, fetch, groups, produce, KafkaOptions, MAX_FRAME_BYTES};
 
 /// Answers a connection may have waiting (Kafka clients pipeline up to 5 by default).
 const IN_FLIGHT: usize = 16;
@@ -60,6 +61,8 @@ where
         options,
         shutdown: shutdown.clone(),
         peer,
+        login: Default::default(),
+        closing: Default::default(),
     };
     tracing::debug!(message = "Kafka client connected.", %peer);
     let read_result = async {
@@ -72,6 +75,9 @@ where
             let answer = handle(frame, &ctx).await?;
             if answers.send(answer).await.is_err() {
                 return Ok(()); // the writer failed: its error is reported below
+            }
+            if ctx.closing.load(std::sync::atomic::Ordering::Relaxed) {
+                return Ok(()); // after a failed login: its answer is written, then the end
             }
         }
     }
@@ -124,6 +130,11 @@ pub(crate) async fn handle(mut frame: Bytes, ctx: &Ctx) -> Result<Answer, String
     if !apis::speaks(key, version) {
         return Err(format!(
             "{key:?} v{version} is not supported (see docs/kafka.md for what weir speaks; the client should have read it from ApiVersions)"
+        ));
+    }
+    if access::must_log_in(ctx) && !access::before_login(key) {
+        return Err(format!(
+            "a {key:?} request before logging in: this server asks Kafka clients for SASL/PLAIN with a weir token as the password (docs/kafka.md)"
         ));
     }
     let header = RequestHeader::decode(&mut frame, key.request_header_version(version))
@@ -191,8 +202,9 @@ pub(crate) async fn handle(mut frame: Bytes, ctx: &Ctx) -> Result<Answer, String
         ApiKey::Fetch => {
             let r = body!(FetchRequest);
             let (broker, shutdown) = (ctx.broker.clone(), ctx.shutdown.clone());
+            let who = access::who(ctx);
             Box::pin(async move {
-                let response = fetch::fetch(broker, r, version, shutdown).await;
+                let response = fetch::fetch(broker, who, r, version, shutdown).await;
                 encode(key, version, id, &response).map(Some)
             })
         }
@@ -252,6 +264,15 @@ pub(crate) async fn handle(mut frame: Bytes, ctx: &Ctx) -> Result<Answer, String
                 )
                 .map(Some),
             )
+        }
+        ApiKey::SaslHandshake => {
+            let r = body!(SaslHandshakeRequest);
+            ready(encode(key, version, id, &access::handshake(ctx, r, version)).map(Some))
+        }
+        ApiKey::SaslAuthenticate => {
+            let r = body!(SaslAuthenticateRequest);
+            let answer = access::authenticate(ctx, r).unwrap_or_else(|refused| refused);
+            ready(encode(key, version, id, &answer).map(Some))
         }
         other => return Err(format!("{other:?} is not supported")),
     };

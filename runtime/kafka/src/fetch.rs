@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use weir_broker::{Broker, BrokerError, ReadLimits, StartAt};
 use weir_core::StoredRecord;
 
-use crate::errors;
+use crate::{errors, Principal, TopicOp};
+use kafka_protocol::error::ResponseError;
 
 /// Longest long poll honoured, whatever a client asks.
 const MAX_WAIT: Duration = Duration::from_secs(30);
@@ -38,6 +39,7 @@ struct Want {
 
 pub(crate) async fn fetch(
     broker: Arc<Broker>,
+    who: Arc<dyn Principal>,
     request: FetchRequest,
     version: i16,
     shutdown: CancellationToken,
@@ -77,7 +79,7 @@ pub(crate) async fn fetch(
         for rx in &mut watches {
             rx.borrow_and_update();
         }
-        let (answers, bytes) = read_all(&broker, &names, &wants, max_bytes, version).await;
+        let (answers, bytes) = read_all(&broker, &*who, &names, &wants, max_bytes, version).await;
         let waited_out = tokio::time::Instant::now() >= deadline;
         if bytes >= min_bytes.max(1)
             || waited_out
@@ -99,6 +101,7 @@ pub(crate) async fn fetch(
 /// Reads every wanted partition once: each one's answer, and the record bytes read in all.
 async fn read_all(
     broker: &Broker,
+    who: &dyn Principal,
     names: &[kafka_protocol::messages::TopicName],
     wants: &[Want],
     max_bytes: usize,
@@ -110,6 +113,15 @@ async fn read_all(
     for w in wants {
         let topic = &names[w.topic].0;
         let answer = PartitionData::default().with_partition_index(w.partition);
+        if !who.may(TopicOp::Subscribe, topic) {
+            answers.push((
+                w.topic,
+                answer
+                    .with_error_code(ResponseError::TopicAuthorizationFailed.code())
+                    .with_high_watermark(-1),
+            ));
+            continue;
+        }
         let read = read_one(broker, topic, w, left).await;
         answers.push((
             w.topic,

@@ -31,7 +31,7 @@ use kafka_protocol::protocol::StrBytes;
 
 use crate::coordinator::{Join, Joined};
 use crate::wire::Ctx;
-use crate::{errors, NODE_ID};
+use crate::{access, errors, TopicOp, NODE_ID};
 
 fn text(s: impl Into<String>) -> StrBytes {
     StrBytes::from_string(s.into())
@@ -235,6 +235,9 @@ pub(crate) async fn offset_commit(ctx: &Ctx, request: OffsetCommitRequest) -> Of
     for t in request.topics {
         let partitions: Vec<i32> = t.partitions.iter().map(|p| p.partition_index).collect();
         let result: Result<(), i16> = match &allowed {
+            _ if !access::who(ctx).may(TopicOp::Subscribe, &t.name.0) => {
+                Err(ResponseError::TopicAuthorizationFailed.code())
+            }
             Err(code) => Err(code.code()),
             Ok(()) => {
                 let offsets: Option<Vec<(u32, u64)>> = t
@@ -300,7 +303,26 @@ pub(crate) async fn offset_fetch(ctx: &Ctx, request: OffsetFetchRequest) -> Offs
         },
     };
     let mut topics = Vec::with_capacity(wanted.len());
+    let who = access::who(ctx);
     for (name, partitions) in wanted {
+        if !who.may(TopicOp::Subscribe, &name.0) {
+            let denied = partitions
+                .unwrap_or_default()
+                .into_iter()
+                .map(|p| {
+                    OffsetFetchResponsePartition::default()
+                        .with_partition_index(p)
+                        .with_committed_offset(-1)
+                        .with_error_code(ResponseError::TopicAuthorizationFailed.code())
+                })
+                .collect();
+            topics.push(
+                OffsetFetchResponseTopic::default()
+                    .with_name(name)
+                    .with_partitions(denied),
+            );
+            continue;
+        }
         let stored = ctx.broker.fetch_offsets(&group, &name.0).await;
         if stored.is_ok() {
             ctx.broker.touch_group(&group, &name.0);

@@ -13,18 +13,23 @@
 
 #![deny(missing_docs)]
 
+mod access;
 mod admin;
+pub use grants::{Access, Principal, TopicOp};
 pub mod apis;
 mod batches;
 mod conn;
 mod coordinator;
 mod errors;
 mod fetch;
+mod grants;
 mod group;
 mod groups;
 mod produce;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_access;
 #[cfg(test)]
 mod tests_fuzz;
 #[cfg(test)]
@@ -57,6 +62,9 @@ pub struct KafkaOptions {
     /// TLS on every connection (Kafka's `SSL` security protocol), with the server's
     /// certificate; `None`: plaintext.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// SASL/PLAIN logins with weir tokens and the grants that go with them; `None`: every
+    /// client is the anonymous admin of an open server.
+    pub access: Option<Arc<dyn Access>>,
 }
 
 /// How long a client may take over its TLS handshake.

@@ -19,7 +19,7 @@ use weir_broker::{BrokerError, Caller, PendingPublish, ProducerFields, Publish};
 use weir_core::Record;
 
 use crate::wire::Ctx;
-use crate::{batches, errors};
+use crate::{access, batches, errors, TopicOp};
 
 /// One partition's answer being made.
 enum Outcome {
@@ -38,18 +38,24 @@ pub(crate) async fn produce(
         .transactional_id
         .as_ref()
         .is_some_and(|t| !t.0.is_empty());
+    let who = access::who(ctx);
     let mut topics = Vec::with_capacity(request.topic_data.len());
     for t in request.topic_data {
         let mut partitions = Vec::with_capacity(t.partition_data.len());
         for p in t.partition_data {
-            let outcome = if transactional {
+            let outcome = if !who.may(TopicOp::Publish, &t.name.0) {
+                Outcome::Done(Err((
+                    ResponseError::TopicAuthorizationFailed,
+                    access::denied(ctx, TopicOp::Publish, &t.name.0),
+                )))
+            } else if transactional {
                 Outcome::Done(Err((
                     ResponseError::TransactionalIdAuthorizationFailed,
                     "weir has no Kafka transactions (docs/kafka.md): use an idempotent producer"
                         .into(),
                 )))
             } else {
-                apply(ctx, &t.name.0, p.index, p.records).await
+                apply(ctx, who.caller(), &t.name.0, p.index, p.records).await
             };
             partitions.push((p.index, outcome));
         }
@@ -103,7 +109,13 @@ fn refusal(e: BrokerError) -> (ResponseError, String) {
 
 /// Decodes one partition's batches and stores each; the first refusal stops the rest (a
 /// producer's later batches would be out of sequence anyway).
-async fn apply(ctx: &Ctx, topic: &str, partition: i32, records: Option<Bytes>) -> Outcome {
+async fn apply(
+    ctx: &Ctx,
+    caller: Caller,
+    topic: &str,
+    partition: i32,
+    records: Option<Bytes>,
+) -> Outcome {
     let Ok(partition) = u32::try_from(partition) else {
         return Outcome::Done(Err((
             ResponseError::UnknownTopicOrPartition,
@@ -158,7 +170,7 @@ async fn apply(ctx: &Ctx, topic: &str, partition: i32, records: Option<Bytes>) -
             partition: Some(partition),
             records,
             producer,
-            caller: Caller::default(),
+            caller: caller.clone(),
         };
         match ctx.broker.append(publish).await {
             Ok(p) => pending.push(p),

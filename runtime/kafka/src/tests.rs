@@ -131,9 +131,12 @@ pub(super) async fn setup() -> Setup {
                 advertised: ("127.0.0.1".into(), 9092),
                 cluster_id: "weir".into(),
                 tls: None,
+                access: None,
             }),
             shutdown: CancellationToken::new(),
             peer: "127.0.0.1:5555".parse().unwrap(),
+            login: Default::default(),
+            closing: Default::default(),
         },
         _syncer: syncer,
     }

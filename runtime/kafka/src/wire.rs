@@ -27,6 +27,11 @@ pub(crate) struct Ctx {
     pub(crate) options: Arc<KafkaOptions>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) peer: SocketAddr,
+    /// Who logged in on this connection (SASL), once someone did.
+    pub(crate) login: Arc<std::sync::OnceLock<Arc<dyn crate::grants::Principal>>>,
+    /// Set when the connection must close once its queued answers are written (a failed
+    /// login).
+    pub(crate) closing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// An answer that is ready.

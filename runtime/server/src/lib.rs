@@ -12,6 +12,7 @@ mod background;
 mod config;
 pub mod discard;
 mod io;
+mod kafka_access;
 pub mod limits;
 pub mod local;
 pub mod migrate;

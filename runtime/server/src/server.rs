@@ -86,7 +86,6 @@ pub async fn start_on(
     store: impl Into<OpenedStore>,
     shutdown: CancellationToken,
 ) -> Result<RunningServer, ServerError> {
-    check_kafka(&config)?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServerError::Bind {
@@ -227,21 +226,6 @@ pub async fn start_on(
     })
 }
 
-/// The Kafka listener has no SASL yet (docs/kafka.md): on a server that asks its clients for
-/// tokens it would be a way around them, so it is refused there. With `--tls-cert` it speaks
-/// TLS with the same certificate.
-fn check_kafka(config: &ServerConfig) -> Result<(), ServerError> {
-    if config.kafka_listen.is_none() {
-        return Ok(());
-    }
-    if !config.auth.is_open() {
-        return Err(ServerError::Config(
-            "--kafka-listen cannot be used with --auth yet: the Kafka listener has no SASL, so it would let any client past the tokens; run it on a server without --auth (docs/kafka.md)".into(),
-        ));
-    }
-    Ok(())
-}
-
 async fn start_kafka(
     config: &ServerConfig,
     listen: SocketAddr,
@@ -261,6 +245,11 @@ async fn start_kafka(
             .clone()
             .unwrap_or_else(|| weir_kafka::default_advertised(bound)),
         cluster_id: "weir".into(),
+        // With --auth, Kafka clients log in with SASL/PLAIN and a token, and get its grants.
+        access: (!config.auth.is_open()).then(|| {
+            Arc::new(crate::kafka_access::AuthFileAccess(config.auth.clone()))
+                as Arc<dyn weir_kafka::Access>
+        }),
         tls: match &config.tls {
             Some(files) => Some(
                 crate::monitor::http::tls_acceptor(&files.cert, &files.key, &[])

@@ -186,7 +186,7 @@ pub struct ServeArgs {
     pub metrics: Option<SocketAddr>,
     /// Also serve the Kafka protocol on this address (e.g. 127.0.0.1:9092), for existing
     /// Kafka producers and consumers (docs/kafka.md). Off by default; TLS with --tls-cert;
-    /// not with --auth yet (no SASL).
+    /// with --auth, clients log in with SASL/PLAIN and a weir token as the password.
     #[arg(long)]
     pub kafka_listen: Option<SocketAddr>,
     /// `host:port` Kafka clients are told to connect to (Kafka's advertised.listeners);
