@@ -185,7 +185,9 @@ fn publish_run(bin: &Path, which: &str, fsync: &str, round: u32, records: &str) 
     } else {
         Server::start(bin, &data, fsync)?
     };
+    let cpu_before = crate::bench_kafka::cpu_seconds(server.pid());
     let out = weir(bin, &server, &publish_args(records))?;
+    let cpu = crate::bench_kafka::cpu_seconds(server.pid()) - cpu_before;
     let written = written_bytes(server.child.id());
     server.stop()?;
     std::fs::remove_dir_all(&data).ok();
@@ -194,7 +196,11 @@ fn publish_run(bin: &Path, which: &str, fsync: &str, round: u32, records: &str) 
     } else {
         format!("{which}fsync {fsync}")
     };
-    println!("{label}, run {round}:\n{out}");
+    let n: f64 = records.parse()?;
+    println!(
+        "{label}, run {round} (server CPU {:.2} µs per record):\n{out}",
+        cpu / n * 1e6
+    );
     let payload_mb: f64 = out
         .lines()
         .find_map(|l| l.strip_prefix(&format!("{records} records (")))

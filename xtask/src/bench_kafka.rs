@@ -37,6 +37,11 @@ pub(crate) fn kafka_produce_run(
         .kafka
         .clone()
         .context("the Kafka listener's address")?;
+    let lines = if client == "python" {
+        None
+    } else {
+        Some(kcat_lines(records)?)
+    };
     let cpu_before = cpu_seconds(server.pid());
     let started = Instant::now();
     let out = if client == "python" {
@@ -47,7 +52,6 @@ pub(crate) fn kafka_produce_run(
             .stderr(Stdio::inherit())
             .output()?
     } else {
-        let lines = kcat_lines(records)?;
         Command::new("kcat")
             .args([
                 "-b",
@@ -65,7 +69,7 @@ pub(crate) fn kafka_produce_run(
                 "queue.buffering.max.messages=1000000",
                 "-l",
             ])
-            .arg(&lines)
+            .arg(lines.as_deref().expect("made above"))
             .stderr(Stdio::inherit())
             .output()?
     };
@@ -121,7 +125,7 @@ fn kcat_lines(records: &str) -> Result<PathBuf> {
 }
 
 /// User + system CPU seconds of a process so far (/proc/PID/stat, at 100 ticks a second).
-fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {

@@ -10,6 +10,7 @@
 use std::io::Read;
 
 use bytes::{Buf, Bytes};
+use kafka_protocol::error::ResponseError;
 use kafka_protocol::records::{Compression, RecordBatchDecoder, RecordSet};
 
 /// A batch decompresses into at most this (Kafka's own limit is the batch's compressed size;
@@ -23,11 +24,29 @@ const MIN_RECORD_BYTES: usize = 7;
 /// Bytes of a v2 batch header before its records.
 const HEADER_BYTES: usize = 61;
 
-/// Decodes the next batch of `bytes`.
+/// Decodes the next batch of `bytes`, of at most `max_records` records (the broker's
+/// `--max-batch-records`, checked here before anything is reserved for them).
 ///
 /// # Errors
-/// What is wrong with the batch, for the client.
-pub(crate) fn decode(bytes: &mut Bytes) -> Result<RecordSet, String> {
+/// The Kafka error and what is wrong with the batch, for the client.
+pub(crate) fn decode(
+    bytes: &mut Bytes,
+    max_records: usize,
+) -> Result<RecordSet, (ResponseError, String)> {
+    let corrupt = |why: String| (ResponseError::CorruptMessage, why);
+    if bytes.len() >= HEADER_BYTES {
+        let count = i32::from_be_bytes(bytes[57..61].try_into().expect("4 bytes"));
+        if usize::try_from(count).is_ok_and(|c| c > max_records) {
+            return Err((
+                ResponseError::RecordListTooLarge,
+                format!("a record batch of {count} records; the server takes at most {max_records} per batch (weir serve --max-batch-records)"),
+            ));
+        }
+    }
+    decode_bounded(bytes).map_err(corrupt)
+}
+
+fn decode_bounded(bytes: &mut Bytes) -> Result<RecordSet, String> {
     if bytes.len() < HEADER_BYTES {
         return Err(format!(
             "a record batch of {} bytes is shorter than its header",

@@ -30,6 +30,12 @@ use crate::{access, admin, apis, fetch, groups, produce, KafkaOptions, MAX_FRAME
 /// Answers a connection may have waiting (Kafka clients pipeline up to 5 by default).
 const IN_FLIGHT: usize = 16;
 
+/// Largest frame before a login (Kafka's `sasl.server.max.receive.size`).
+const PRE_LOGIN_FRAME_BYTES: usize = 512 * 1024;
+
+/// How long a connection may take to log in, on a server that asks for it.
+const LOGIN_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Serves one connection until the client closes it, a frame does not decode, or shutdown.
 pub(crate) async fn run<S>(
     socket: S,
@@ -65,10 +71,22 @@ where
         closing: Default::default(),
     };
     tracing::debug!(message = "Kafka client connected.", %peer);
+    let login_by = tokio::time::Instant::now() + LOGIN_WITHIN;
     let read_result = async {
         loop {
+            // Until a client has logged in (on a server that asks), its frames are small and
+            // its time is short: an anonymous socket cannot hold memory or a slot for long.
+            let must_log_in = access::must_log_in(&ctx);
+            let max = if must_log_in {
+                PRE_LOGIN_FRAME_BYTES
+            } else {
+                MAX_FRAME_BYTES
+            };
             let frame = tokio::select! {
-                f = read_frame(&mut reader) => f?,
+                f = read_frame(&mut reader, max) => f?,
+                _ = tokio::time::sleep_until(login_by), if must_log_in => {
+                    return Err(format!("no SASL login within {LOGIN_WITHIN:?}"));
+                }
                 _ = shutdown.cancelled() => return Ok(()),
             };
             let Some(frame) = frame else { return Ok(()) };
@@ -90,7 +108,10 @@ where
 }
 
 /// The next frame's body, `None` at a clean end of stream.
-async fn read_frame(reader: &mut (impl AsyncReadExt + Unpin)) -> Result<Option<Bytes>, String> {
+async fn read_frame(
+    reader: &mut (impl AsyncReadExt + Unpin),
+    max: usize,
+) -> Result<Option<Bytes>, String> {
     let mut len = [0u8; 4];
     match reader.read_exact(&mut len).await {
         Ok(_) => {}
@@ -100,9 +121,11 @@ async fn read_frame(reader: &mut (impl AsyncReadExt + Unpin)) -> Result<Option<B
     let len = i32::from_be_bytes(len);
     let len = usize::try_from(len)
         .ok()
-        .filter(|&l| (4..=MAX_FRAME_BYTES).contains(&l))
+        .filter(|&l| (4..=max).contains(&l))
         .ok_or_else(|| {
-            format!("a request frame of {len} bytes (the limit is {MAX_FRAME_BYTES}; is this a Kafka client?)")
+            format!(
+                "a request frame of {len} bytes (the limit is {max} here; is this a Kafka client?)"
+            )
         })?;
     let mut body = BytesMut::zeroed(len);
     reader
@@ -215,19 +238,13 @@ pub(crate) async fn handle(mut frame: Bytes, ctx: &Ctx) -> Result<Answer, String
         ApiKey::JoinGroup => {
             let r = body!(JoinGroupRequest);
             let client = header.client_id.map(|c| c.to_string()).unwrap_or_default();
-            let ctx = ctx.clone();
-            Box::pin(async move {
-                let response = groups::join_group(&ctx, r, version, client).await;
-                encode(key, version, id, &response).map(Some)
-            })
+            let joined = groups::join_group(ctx, r, version, client);
+            Box::pin(async move { encode(key, version, id, &joined.await).map(Some) })
         }
         ApiKey::SyncGroup => {
             let r = body!(SyncGroupRequest);
-            let ctx = ctx.clone();
-            Box::pin(async move {
-                let response = groups::sync_group(&ctx, r).await;
-                encode(key, version, id, &response).map(Some)
-            })
+            let synced = groups::sync_group(ctx, r);
+            Box::pin(async move { encode(key, version, id, &synced.await).map(Some) })
         }
         ApiKey::Heartbeat => {
             let r = body!(HeartbeatRequest);
@@ -238,12 +255,10 @@ pub(crate) async fn handle(mut frame: Bytes, ctx: &Ctx) -> Result<Answer, String
             ready(encode(key, version, id, &groups::leave_group(ctx, r, version)).map(Some))
         }
         ApiKey::OffsetCommit => {
+            // Committed (and durable) before the next request is read: a pipelined
+            // OffsetFetch or LeaveGroup after it sees it.
             let r = body!(OffsetCommitRequest);
-            let ctx = ctx.clone();
-            Box::pin(async move {
-                let response = groups::offset_commit(&ctx, r).await;
-                encode(key, version, id, &response).map(Some)
-            })
+            ready(encode(key, version, id, &groups::offset_commit(ctx, r).await).map(Some))
         }
         ApiKey::OffsetFetch => {
             let r = body!(OffsetFetchRequest);

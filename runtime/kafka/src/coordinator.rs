@@ -60,11 +60,30 @@ pub(crate) struct GroupView {
 }
 
 /// The groups of this node.
-#[derive(Default)]
 pub(crate) struct Coordinator {
     groups: Mutex<HashMap<String, Group>>,
     next_member: AtomicU64,
+    /// Differs at every start, so member ids given before a restart are never given again.
+    nonce: u64,
 }
+
+impl Default for Coordinator {
+    fn default() -> Self {
+        let nonce = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Coordinator {
+            groups: Mutex::default(),
+            next_member: AtomicU64::new(0),
+            nonce,
+        }
+    }
+}
+
+/// Session time-outs a member may ask for (Kafka's `group.min.session.timeout.ms` and
+/// `group.max.session.timeout.ms` defaults); others are refused with INVALID_SESSION_TIMEOUT.
+pub(crate) const SESSION_TIMEOUTS: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(6)..=Duration::from_secs(1800);
 
 impl Coordinator {
     /// Joins (or rejoins) a member; resolves when the join phase ends.
@@ -74,15 +93,19 @@ impl Coordinator {
     ) -> Result<oneshot::Receiver<Result<Joined, ResponseError>>, (ResponseError, String)> {
         let mut groups = self.groups.lock();
         let group = groups.entry(join.group.clone()).or_insert_with(Group::new);
+        if !SESSION_TIMEOUTS.contains(&join.session_timeout) {
+            return Err((ResponseError::InvalidSessionTimeout, join.member_id.clone()));
+        }
         let member_id = if join.member_id.is_empty() {
             let n = self.next_member.fetch_add(1, Ordering::Relaxed);
             let id = format!(
-                "{}-{n}",
+                "{}-{:x}-{n}",
                 if join.client_id.is_empty() {
                     "member"
                 } else {
                     &join.client_id
-                }
+                },
+                self.nonce
             );
             if join.id_required {
                 group
@@ -133,7 +156,7 @@ impl Coordinator {
         member.client_id = join.client_id;
         member.host = join.host;
         member.session_timeout = join.session_timeout;
-        member.rebalance_timeout = join.rebalance_timeout;
+        member.rebalance_timeout = join.rebalance_timeout.min(*SESSION_TIMEOUTS.end());
         member.protocols = join.protocols;
         member.expires = now + join.session_timeout;
         if let Some(old) = member.joining.replace(tx) {
@@ -274,6 +297,21 @@ impl Coordinator {
             group.pending.retain(|_, until| *until > now);
         }
         groups.retain(|_, g| !g.members.is_empty() || !g.pending.is_empty());
+    }
+
+    /// The listener stops: every join and sync still waiting is answered NOT_COORDINATOR (the
+    /// clients find a coordinator again), so no answer waits for a tick that will not come.
+    pub(crate) fn stop(&self) {
+        for group in self.groups.lock().values_mut() {
+            for m in group.members.values_mut() {
+                if let Some(j) = m.joining.take() {
+                    let _ = j.send(Err(ResponseError::NotCoordinator));
+                }
+                if let Some(s) = m.syncing.take() {
+                    let _ = s.send(Err(ResponseError::NotCoordinator));
+                }
+            }
+        }
     }
 
     /// A group's view, `None` if this node holds no members of it.

@@ -18,9 +18,13 @@ pub(crate) fn code(e: &BrokerError) -> ResponseError {
         B::Admission { .. } => K::PolicyViolation,
         B::UnknownProducer(_) | B::ProducerExpired { .. } => K::UnknownProducerId,
         B::StaleEpoch { .. } => K::InvalidProducerEpoch,
-        B::SequenceGap { .. } | B::SequenceCountMismatch { .. } => K::OutOfOrderSequenceNumber,
-        // Older than the batches kept for retries: a duplicate of something long stored.
-        B::SequenceOutOfOrder { .. } => K::DuplicateSequenceNumber,
+        // Older than the batches kept for retries is out of order too, as Kafka answers it:
+        // DUPLICATE_SEQUENCE_NUMBER would tell a client its batch is stored, and a Kafka
+        // sequence that wrapped past 2^31 (weir's do not wrap) would then be acknowledged
+        // and dropped.
+        B::SequenceGap { .. } | B::SequenceCountMismatch { .. } | B::SequenceOutOfOrder { .. } => {
+            K::OutOfOrderSequenceNumber
+        }
         B::ProducerNotOwned { .. } => K::ClusterAuthorizationFailed,
         B::TooManyProducers { .. } => K::ThrottlingQuotaExceeded,
         B::OffsetOutOfRange { .. } => K::OffsetOutOfRange,

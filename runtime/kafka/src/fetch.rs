@@ -81,19 +81,26 @@ pub(crate) async fn fetch(
         }
         let (answers, bytes) = read_all(&broker, &*who, &names, &wants, max_bytes, version).await;
         let waited_out = tokio::time::Instant::now() >= deadline;
-        if bytes >= min_bytes.max(1)
-            || waited_out
-            || watches.is_empty()
-            || bytes > 0 && min_bytes <= 1
+        // As Kafka: answered at once when enough is there, when a partition has an error
+        // (out of range, not allowed), or when the client asked not to wait.
+        let failed = answers.iter().any(|(_, a)| a.error_code != 0);
+        if bytes >= min_bytes.max(1) || min_bytes == 0 || failed || waited_out || watches.is_empty()
         {
             return respond(&names, answers);
         }
-        let changed =
-            futures::future::select_all(watches.iter_mut().map(|rx| Box::pin(rx.changed())));
-        tokio::select! {
-            _ = changed => {}
-            _ = tokio::time::sleep_until(deadline) => {}
-            _ = shutdown.cancelled() => return respond(&names, answers),
+        let closed = {
+            let changed =
+                futures::future::select_all(watches.iter_mut().map(|rx| Box::pin(rx.changed())));
+            tokio::select! {
+                (changed, _, _) = changed => changed.is_err(),
+                _ = tokio::time::sleep_until(deadline) => false,
+                _ = shutdown.cancelled() => return respond(&names, answers),
+            }
+        };
+        // A partition whose topic was deleted never changes again: stop watching it rather
+        // than wake at once on every round.
+        if closed {
+            watches.retain(|rx| rx.has_changed().is_ok());
         }
     }
 }
@@ -166,18 +173,23 @@ async fn read_one(
     let start = broker
         .resolve_start(topic, partition, StartAt::Earliest)
         .await?;
-    let end = broker
-        .resolve_start(topic, partition, StartAt::Latest)
-        .await?;
     let offset = u64::try_from(want.offset).unwrap_or(u64::MAX);
-    if offset < start || offset > end {
+    if offset < start {
         return Err(BrokerError::OffsetOutOfRange {
             tp: weir_core::TopicPartition::new(topic, partition),
             offset,
             start,
-            end,
+            end: start,
         });
     }
+    // Past this node's end: on a shared log another node may have written that far, so the
+    // broker catches up before it calls the offset out of range.
+    broker
+        .resolve_start(topic, partition, StartAt::Offset(offset))
+        .await?;
+    let end = broker
+        .resolve_start(topic, partition, StartAt::Latest)
+        .await?;
     let limit = want.max_bytes.min(budget);
     if offset == end || limit == 0 {
         return Ok((Some(Bytes::new()), start as i64, end as i64));

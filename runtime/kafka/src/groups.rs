@@ -91,13 +91,14 @@ pub(crate) fn find_coordinator(
         .with_port(i32::from(*port))
 }
 
-/// JoinGroup: resolves when the group's join phase ends.
-pub(crate) async fn join_group(
+/// JoinGroup: the member joins now (before the connection's next request is read); the
+/// returned answer resolves when the group's join phase ends.
+pub(crate) fn join_group(
     ctx: &Ctx,
     request: JoinGroupRequest,
     version: i16,
     client_id: String,
-) -> JoinGroupResponse {
+) -> impl std::future::Future<Output = JoinGroupResponse> + Send + 'static {
     let session = millis(request.session_timeout_ms);
     // v0 has no rebalance time-out: it is the session's.
     let rebalance = if version == 0 {
@@ -126,15 +127,21 @@ pub(crate) async fn join_group(
             .with_generation_id(-1)
             .with_member_id(text(member))
     };
-    let joined = match ctx.coordinator.join(join) {
-        Ok(rx) => rx,
-        Err((code, member)) => return failed(code, member),
-    };
-    let joined: Joined = match joined.await {
-        Ok(Ok(j)) => j,
-        Ok(Err(code)) => return failed(code, String::new()),
-        Err(_) => return failed(ResponseError::UnknownServerError, String::new()),
-    };
+    let joined = ctx.coordinator.join(join);
+    async move {
+        let joined: Joined = match joined {
+            Err((code, member)) => return failed(code, member),
+            Ok(rx) => match rx.await {
+                Ok(Ok(j)) => j,
+                Ok(Err(code)) => return failed(code, String::new()),
+                Err(_) => return failed(ResponseError::UnknownServerError, String::new()),
+            },
+        };
+        answer_join(joined, version)
+    }
+}
+
+fn answer_join(joined: Joined, version: i16) -> JoinGroupResponse {
     let response = JoinGroupResponse::default();
     // v7+ name the protocol type.
     let response = if version >= 7 {
@@ -160,8 +167,13 @@ pub(crate) async fn join_group(
         )
 }
 
-/// SyncGroup: the member's assignment, once the leader handed them out.
-pub(crate) async fn sync_group(ctx: &Ctx, request: SyncGroupRequest) -> SyncGroupResponse {
+/// SyncGroup: handed to the coordinator now (a leader's assignment takes effect before the
+/// connection's next request is read); the answer resolves with the member's assignment once
+/// the leader handed them out.
+pub(crate) fn sync_group(
+    ctx: &Ctx,
+    request: SyncGroupRequest,
+) -> impl std::future::Future<Output = SyncGroupResponse> + Send + 'static {
     let assignments = request
         .assignments
         .into_iter()
@@ -173,18 +185,21 @@ pub(crate) async fn sync_group(ctx: &Ctx, request: SyncGroupRequest) -> SyncGrou
         request.generation_id,
         assignments,
     );
-    let outcome = match rx {
-        Ok(rx) => rx.await.unwrap_or(Err(ResponseError::UnknownServerError)),
-        Err(code) => Err(code),
-    };
-    match outcome {
-        Ok(assignment) => SyncGroupResponse::default()
-            .with_protocol_type(request.protocol_type)
-            .with_protocol_name(request.protocol_name)
-            .with_assignment(assignment),
-        Err(code) => SyncGroupResponse::default()
-            .with_error_code(code.code())
-            .with_assignment(Bytes::new()),
+    let (protocol_type, protocol_name) = (request.protocol_type, request.protocol_name);
+    async move {
+        let outcome = match rx {
+            Ok(rx) => rx.await.unwrap_or(Err(ResponseError::UnknownServerError)),
+            Err(code) => Err(code),
+        };
+        match outcome {
+            Ok(assignment) => SyncGroupResponse::default()
+                .with_protocol_type(protocol_type)
+                .with_protocol_name(protocol_name)
+                .with_assignment(assignment),
+            Err(code) => SyncGroupResponse::default()
+                .with_error_code(code.code())
+                .with_assignment(Bytes::new()),
+        }
     }
 }
 

@@ -89,7 +89,7 @@ pub async fn serve(
         loop {
             tokio::select! {
                 _ = tick.tick() => ticking.tick(),
-                _ = tick_shutdown.cancelled() => return,
+                _ = tick_shutdown.cancelled() => return ticking.stop(),
             }
         }
     });

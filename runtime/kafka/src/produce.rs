@@ -125,9 +125,9 @@ async fn apply(
     let mut bytes = records.unwrap_or_default();
     let mut pending = Vec::new();
     while !bytes.is_empty() {
-        let set = match batches::decode(&mut bytes) {
+        let set = match batches::decode(&mut bytes, ctx.broker.config().max_batch_records) {
             Ok(s) => s,
-            Err(why) => return Outcome::Done(Err((ResponseError::CorruptMessage, why))),
+            Err(refused) => return Outcome::Done(Err(refused)),
         };
         let Some(first) = set.records.first() else {
             continue;

@@ -53,17 +53,26 @@ proptest! {
         });
     }
 
-    /// A produce of a valid batch in each compression with bytes flipped anywhere.
+    /// A produce of a valid batch in each compression with bytes flipped anywhere, and half
+    /// the time the batch's CRC made right again, so the flips reach decompression and the
+    /// record decoding instead of stopping at the checksum.
     #[test]
     fn flipped_bytes_in_a_produce_never_panic(
         codec in 0..5usize,
         flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        fix_crc in any::<bool>(),
     ) {
         let compression = [Compression::None, Compression::Gzip, Compression::Snappy, Compression::Lz4, Compression::Zstd][codec];
-        let mut f = produce_frame(batch(compression)).to_vec();
+        let records = batch(compression);
+        let mut f = produce_frame(records.clone()).to_vec();
+        let start = f.len() - records.len();
         for (at, byte) in flips {
-            let i = at.index(f.len());
+            let i = if fix_crc { start + 21 + at.index(records.len() - 21) } else { at.index(f.len()) };
             f[i] ^= byte | 1;
+        }
+        if fix_crc {
+            let crc = crc32c(&f[start + 21..]);
+            f[start + 17..start + 21].copy_from_slice(&crc.to_be_bytes());
         }
         let rt = runtime();
         rt.block_on(async {
@@ -116,8 +125,17 @@ fn crc32c(data: &[u8]) -> u32 {
 #[test]
 fn counts_and_sizes_a_batch_cannot_back_are_refused_before_anything_is_reserved() {
     // Two billion records in 7 bytes.
-    let err = batches::decode(&mut raw_batch(i32::MAX, 0, &[0; 7])).unwrap_err();
+    let err = batches::decode(&mut raw_batch(i32::MAX, 0, &[0; 7]), usize::MAX)
+        .unwrap_err()
+        .1;
     assert!(err.contains("holds 2147483647 records"), "{err}");
+    // More records than the broker takes in one batch: refused from the header alone.
+    let (code, why) = batches::decode(&mut raw_batch(1_000_000, 0, &[0; 7]), 100_000).unwrap_err();
+    assert_eq!(
+        code,
+        kafka_protocol::error::ResponseError::RecordListTooLarge
+    );
+    assert!(why.contains("--max-batch-records"), "{why}");
     // One record claiming a billion headers (zigzag varint of 1e9).
     let mut record = vec![
         1u8, /* attributes */
@@ -133,17 +151,23 @@ fn counts_and_sizes_a_batch_cannot_back_are_refused_before_anything_is_reserved(
     let mut framed = vec![(record.len() as u8) << 1];
     framed.extend_from_slice(&record);
     framed.resize(16, 0);
-    let err = batches::decode(&mut raw_batch(1, 0, &framed)).unwrap_err();
+    let err = batches::decode(&mut raw_batch(1, 0, &framed), usize::MAX)
+        .unwrap_err()
+        .1;
     assert!(err.contains("header count"), "{err}");
     // A zstd bomb: 64 MiB + 1 of zeros in a few kilobytes.
     let bomb = zstd::encode_all(&vec![0u8; MAX_DECOMPRESSED_BYTES + 1][..], 3).unwrap();
     assert!(bomb.len() < 64 * 1024);
-    let err = batches::decode(&mut raw_batch(1, 4, &bomb)).unwrap_err();
+    let err = batches::decode(&mut raw_batch(1, 4, &bomb), usize::MAX)
+        .unwrap_err()
+        .1;
     assert!(err.contains("decompresses to more than"), "{err}");
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&vec![0u8; MAX_DECOMPRESSED_BYTES + 1])
         .unwrap();
-    let err = batches::decode(&mut raw_batch(1, 1, &gz.finish().unwrap())).unwrap_err();
+    let err = batches::decode(&mut raw_batch(1, 1, &gz.finish().unwrap()), usize::MAX)
+        .unwrap_err()
+        .1;
     assert!(err.contains("decompresses to more than"), "{err}");
 }
 
