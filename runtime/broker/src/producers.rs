@@ -20,6 +20,31 @@ impl Broker {
         existing: Option<u64>,
         caller: &Caller,
     ) -> Result<(u64, u32), BrokerError> {
+        self.init_producer_expecting(existing, None, caller).await
+    }
+
+    /// [`Broker::init_producer`] of `existing` only while its epoch is `epoch` (KIP-360: a
+    /// zombie instance that still holds an older epoch cannot fence the live one).
+    ///
+    /// # Errors
+    /// As [`Broker::init_producer`], and [`BrokerError::StaleEpoch`] when the producer has
+    /// moved past `epoch`.
+    pub async fn bump_producer_epoch(
+        &self,
+        id: u64,
+        epoch: u32,
+        caller: &Caller,
+    ) -> Result<(u64, u32), BrokerError> {
+        self.init_producer_expecting(Some(id), Some(epoch), caller)
+            .await
+    }
+
+    async fn init_producer_expecting(
+        &self,
+        existing: Option<u64>,
+        expected_epoch: Option<u32>,
+        caller: &Caller,
+    ) -> Result<(u64, u32), BrokerError> {
         let _writing = self.producer_writes.lock().await;
         if let Some(id) = existing {
             if self.is_shared() {
@@ -29,7 +54,10 @@ impl Broker {
         }
         let mut attempt = 0;
         loop {
-            match self.init_producer_once(existing, caller).await {
+            match self
+                .init_producer_once(existing, expected_epoch, caller)
+                .await
+            {
                 // Another node issued the id this one proposed (shared logs): reload, retry.
                 Err(BrokerError::Storage(LogError::Conflict { .. })) if attempt < 20 => {
                     attempt += 1;
@@ -47,6 +75,7 @@ impl Broker {
     async fn init_producer_once(
         &self,
         existing: Option<u64>,
+        expected_epoch: Option<u32>,
         caller: &Caller,
     ) -> Result<(u64, u32), BrokerError> {
         let (id, record, next_id, previous) = {
@@ -60,6 +89,13 @@ impl Broker {
                             producer_id: id,
                             owner: current.owner.to_string(),
                             caller: caller.to_string(),
+                        });
+                    }
+                    if let Some(seen) = expected_epoch.filter(|&e| e != current.epoch) {
+                        return Err(BrokerError::StaleEpoch {
+                            producer_id: id,
+                            epoch: seen,
+                            current: current.epoch,
                         });
                     }
                     let epoch = current.epoch.checked_add(1).ok_or_else(|| {

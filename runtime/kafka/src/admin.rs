@@ -340,7 +340,12 @@ pub(crate) async fn init_producer_id(
     }
     let caller = access::who(ctx).caller();
     let existing = u64::try_from(request.producer_id.0).ok();
-    let mut issued = ctx.broker.init_producer(existing, &caller).await;
+    let seen_epoch = u32::try_from(request.producer_epoch).ok();
+    let mut issued = match (existing, seen_epoch) {
+        // KIP-360: a bump names the epoch its client holds; a zombie's older one is fenced.
+        (Some(id), Some(epoch)) => ctx.broker.bump_producer_epoch(id, epoch, &caller).await,
+        _ => ctx.broker.init_producer(existing, &caller).await,
+    };
     // Kafka's epoch is 16 bits: an id whose epochs ran out is replaced by a new one, as Kafka
     // does on epoch exhaustion.
     if matches!(issued, Ok((_, epoch)) if epoch > i16::MAX as u32) {

@@ -34,6 +34,8 @@ mod tests_access;
 mod tests_fuzz;
 #[cfg(test)]
 mod tests_groups;
+#[cfg(test)]
+mod tests_produce;
 mod wire;
 
 use std::net::SocketAddr;
