@@ -339,12 +339,16 @@ pub(crate) async fn init_producer_id(
         return refuse(ResponseError::TransactionalIdAuthorizationFailed);
     }
     let caller = access::who(ctx).caller();
-    let existing = u64::try_from(request.producer_id.0).ok();
-    let seen_epoch = u32::try_from(request.producer_epoch).ok();
-    let mut issued = match (existing, seen_epoch) {
+    let mut issued = match (request.producer_id.0, request.producer_epoch) {
+        (-1, -1) => ctx.broker.init_producer(None, &caller).await,
         // KIP-360: a bump names the epoch its client holds; a zombie's older one is fenced.
-        (Some(id), Some(epoch)) => ctx.broker.bump_producer_epoch(id, epoch, &caller).await,
-        _ => ctx.broker.init_producer(existing, &caller).await,
+        (id, epoch) if id >= 0 && epoch >= 0 => {
+            ctx.broker
+                .bump_producer_epoch(id as u64, epoch as u32, &caller)
+                .await
+        }
+        // One of the two without the other: Kafka's INVALID_REQUEST.
+        _ => return refuse(ResponseError::InvalidRequest),
     };
     // Kafka's epoch is 16 bits: an id whose epochs ran out is replaced by a new one, as Kafka
     // does on epoch exhaustion.

@@ -33,6 +33,9 @@ const IN_FLIGHT: usize = 16;
 /// Largest frame before a login (Kafka's `sasl.server.max.receive.size`).
 const PRE_LOGIN_FRAME_BYTES: usize = 512 * 1024;
 
+/// How long answers still queued at shutdown may take to be read by their client.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long a connection may take to log in, on a server that asks for it.
 const LOGIN_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -91,7 +94,16 @@ where
             };
             let Some(frame) = frame else { return Ok(()) };
             let answer = handle(frame, &ctx).await?;
-            if answers.send(answer).await.is_err() {
+            // Before a login, a client that does not read its answers must not hold the
+            // connection past the login deadline either.
+            let sent = if must_log_in {
+                tokio::time::timeout_at(login_by, answers.send(answer))
+                    .await
+                    .map_err(|_| format!("no SASL login within {LOGIN_WITHIN:?}"))?
+            } else {
+                answers.send(answer).await
+            };
+            if sent.is_err() {
                 return Ok(()); // the writer failed: its error is reported below
             }
             if ctx.closing.load(std::sync::atomic::Ordering::Relaxed) {
@@ -101,9 +113,25 @@ where
     }
     .await;
     drop(answers);
-    let write_result = write_loop
-        .await
-        .unwrap_or_else(|e| Err(format!("the writer panicked: {e}")));
+    let mut write_loop = write_loop;
+    let write_result = if read_result.is_err() {
+        // Closing for a protocol error: answers still queued are not owed.
+        write_loop.abort();
+        Ok(())
+    } else {
+        // A client that stopped reading must not hold the server's shutdown.
+        let stopping = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        tokio::select! {
+            r = &mut write_loop => r.unwrap_or_else(|e| Err(format!("the writer panicked: {e}"))),
+            _ = stopping => {
+                write_loop.abort();
+                Err(format!("answers not read within {SHUTDOWN_GRACE:?} of shutdown"))
+            }
+        }
+    };
     read_result.and(write_result)
 }
 

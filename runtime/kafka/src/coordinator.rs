@@ -61,7 +61,9 @@ pub(crate) struct GroupView {
 
 /// The groups of this node.
 pub(crate) struct Coordinator {
+    /// The groups, and whether the listener has stopped (then nothing waits any more).
     groups: Mutex<HashMap<String, Group>>,
+    stopped: std::sync::atomic::AtomicBool,
     next_member: AtomicU64,
     /// Differs at every start, so member ids given before a restart are never given again.
     nonce: u64,
@@ -74,6 +76,7 @@ impl Default for Coordinator {
             .map_or(0, |d| d.as_nanos() as u64);
         Coordinator {
             groups: Mutex::default(),
+            stopped: Default::default(),
             next_member: AtomicU64::new(0),
             nonce,
         }
@@ -92,6 +95,9 @@ impl Coordinator {
         join: Join,
     ) -> Result<oneshot::Receiver<Result<Joined, ResponseError>>, (ResponseError, String)> {
         let mut groups = self.groups.lock();
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err((ResponseError::NotCoordinator, join.member_id.clone()));
+        }
         let group = groups.entry(join.group.clone()).or_insert_with(Group::new);
         if !SESSION_TIMEOUTS.contains(&join.session_timeout) {
             return Err((ResponseError::InvalidSessionTimeout, join.member_id.clone()));
@@ -177,6 +183,9 @@ impl Coordinator {
         assignments: Vec<(String, Bytes)>,
     ) -> Result<oneshot::Receiver<Result<Bytes, ResponseError>>, ResponseError> {
         let mut groups = self.groups.lock();
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(ResponseError::NotCoordinator);
+        }
         let group = groups
             .get_mut(group_id)
             .ok_or(ResponseError::UnknownMemberId)?;
@@ -302,7 +311,10 @@ impl Coordinator {
     /// The listener stops: every join and sync still waiting is answered NOT_COORDINATOR (the
     /// clients find a coordinator again), so no answer waits for a tick that will not come.
     pub(crate) fn stop(&self) {
-        for group in self.groups.lock().values_mut() {
+        let mut groups = self.groups.lock();
+        // Set under the lock: a join or sync after this sees it and does not wait.
+        self.stopped.store(true, Ordering::SeqCst);
+        for group in groups.values_mut() {
             for m in group.members.values_mut() {
                 if let Some(j) = m.joining.take() {
                     let _ = j.send(Err(ResponseError::NotCoordinator));

@@ -89,13 +89,35 @@ async fn two_members_rebalance_and_a_silent_one_is_dropped() {
 #[tokio::test(start_paused = true)]
 async fn a_member_that_does_not_rejoin_in_time_is_left_out() {
     let c = Coordinator::default();
-    let a = join(&c, "").await.unwrap().unwrap();
+    // Sessions far longer than the rebalance time-out: only the rebalance deadline can
+    // leave `a` out.
+    let join = |member: &str| {
+        c.join(Join {
+            group: "g".into(),
+            member_id: member.into(),
+            client_id: "c".into(),
+            host: "h".into(),
+            session_timeout: Duration::from_secs(30),
+            rebalance_timeout: Duration::from_secs(7),
+            protocol_type: "consumer".into(),
+            protocols: vec![("range".into(), Bytes::from_static(b"sub"))],
+            id_required: false,
+        })
+        .unwrap()
+    };
+    let a = join("").await.unwrap().unwrap();
     c.sync("g", &a.member_id, 1, vec![]).unwrap();
-    let b_join = join(&c, "");
-    // a never rejoins: after the rebalance time-out b goes on alone.
+    let b_join = join("");
+    // a never rejoins: after the rebalance time-out (7 s, within its 30 s session) b goes
+    // on alone.
     let mut b_join = std::pin::pin!(b_join);
-    assert!(futures::poll!(&mut b_join).is_pending());
-    tokio::time::advance(Duration::from_secs(11)).await;
+    tokio::time::advance(Duration::from_secs(6)).await;
+    c.tick();
+    assert!(
+        futures::poll!(&mut b_join).is_pending(),
+        "still waiting for a"
+    );
+    tokio::time::advance(Duration::from_secs(2)).await;
     c.tick();
     let b = b_join.await.unwrap().unwrap();
     assert_eq!((b.generation, b.leader == b.member_id), (2, true));
@@ -103,6 +125,36 @@ async fn a_member_that_does_not_rejoin_in_time_is_left_out() {
         c.heartbeat("g", &a.member_id, 1),
         Err(ResponseError::UnknownMemberId)
     );
+}
+
+#[tokio::test]
+async fn after_stop_nothing_waits() {
+    let c = Coordinator::default();
+    let a = join(&c, "").await.unwrap().unwrap();
+    let pending = c.sync("g", &a.member_id, 1, vec![]).ok();
+    c.stop();
+    assert!(matches!(
+        c.join(Join {
+            group: "g2".into(),
+            member_id: String::new(),
+            client_id: "c".into(),
+            host: "h".into(),
+            session_timeout: Duration::from_secs(10),
+            rebalance_timeout: Duration::from_secs(10),
+            protocol_type: "consumer".into(),
+            protocols: vec![],
+            id_required: false,
+        }),
+        Err((ResponseError::NotCoordinator, _))
+    ));
+    assert_eq!(
+        c.sync("g", &a.member_id, 1, vec![]).unwrap_err(),
+        ResponseError::NotCoordinator
+    );
+    // The leader's own sync had already answered (it is the only member).
+    if let Some(rx) = pending {
+        assert!(rx.await.is_ok());
+    }
 }
 
 #[test]

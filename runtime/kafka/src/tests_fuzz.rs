@@ -16,8 +16,9 @@ use crate::batches::{self, MAX_DECOMPRESSED_BYTES};
 use crate::tests::{ask, batch, frame, produce_to_t0, s, setup};
 use crate::{apis, conn};
 
+/// Produce v8 (not flexible): the batch is the frame's last bytes.
 fn produce_frame(records: Bytes) -> Bytes {
-    frame(ApiKey::Produce, 9, &produce_to_t0(records))
+    frame(ApiKey::Produce, 8, &produce_to_t0(records))
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -65,6 +66,7 @@ proptest! {
         let compression = [Compression::None, Compression::Gzip, Compression::Snappy, Compression::Lz4, Compression::Zstd][codec];
         let records = batch(compression);
         let mut f = produce_frame(records.clone()).to_vec();
+        prop_assert!(f.ends_with(&records), "the batch is the frame's tail");
         let start = f.len() - records.len();
         for (at, byte) in flips {
             let i = if fix_crc { start + 21 + at.index(records.len() - 21) } else { at.index(f.len()) };
@@ -221,4 +223,23 @@ async fn garbage_on_a_socket_closes_that_connection_and_the_listener_serves_on()
     )
     .await;
     let _ = Arc::clone(&setup.ctx.broker);
+}
+
+/// A produce whose topic array claims two billion entries in a 20-byte frame: the codec
+/// reserves for the count before reading, and the answer is a closed connection, not an
+/// aborted server (on the server's allocator, mimalloc).
+#[tokio::test]
+async fn an_array_count_the_frame_cannot_hold_is_refused() {
+    let setup = setup().await;
+    let mut f = Vec::new();
+    f.extend_from_slice(&0i16.to_be_bytes()); // Produce
+    f.extend_from_slice(&8i16.to_be_bytes()); // v8, header v1
+    f.extend_from_slice(&1i32.to_be_bytes()); // correlation id
+    f.extend_from_slice(&(-1i16).to_be_bytes()); // no client id
+    f.extend_from_slice(&(-1i16).to_be_bytes()); // no transactional id
+    f.extend_from_slice(&(-1i16).to_be_bytes()); // acks
+    f.extend_from_slice(&5000i32.to_be_bytes()); // timeout
+    f.extend_from_slice(&i32::MAX.to_be_bytes()); // topics: 2^31 - 1 of them
+    let refused = conn::handle(Bytes::from(f), &setup.ctx).await;
+    assert!(matches!(refused, Err(e) if e.contains("Produce v8 request")), "refused");
 }
