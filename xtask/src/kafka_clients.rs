@@ -14,9 +14,15 @@ use anyhow::{bail, Context, Result};
 
 /// confluent-kafka's version (it bundles librdkafka 2.16.0).
 pub const CONFLUENT_KAFKA: &str = "2.16.2";
-/// sha256 of `confluent_kafka-2.16.2-cp311-cp311-manylinux_2_28_x86_64.whl` (CPython 3.11 on
-/// Linux x86_64, this project's machines); pip refuses any other file.
-const WHEEL_SHA256: &str = "f4cae8bc8e5208def5cfe9ac07b85c934c07e5424011608b3bac713cbcc82c3e";
+/// sha256 of `confluent_kafka-2.16.2-cpXY-cpXY-manylinux_2_28_x86_64.whl` for CPython 3.10 to
+/// 3.13 on Linux x86_64 (this project's machines have 3.11); pip picks the one for the venv's
+/// Python and refuses any other file.
+const WHEEL_SHA256: &[&str] = &[
+    "3ae6219de6c062b55712d877b096d3d18b1ba87c88dde9f4cbf9ef66b458914a", // cp310
+    "f4cae8bc8e5208def5cfe9ac07b85c934c07e5424011608b3bac713cbcc82c3e", // cp311
+    "ecbbe58ddc8a1c9cbcdb1db33ba2d8865c539f2fd8ffd2668900672b8df0aca8", // cp312
+    "66faaa9eb2160d6acde7e03900db7845c0e5e9e60e18de73dd728735a0d4fc36", // cp313
+];
 /// Debian's kcat package version (bookworm).
 const KCAT: &str = "1.7.1-2";
 
@@ -37,14 +43,18 @@ fn ensure_confluent_kafka() -> Result<PathBuf> {
     std::fs::create_dir_all(&dir)?;
     if !venv.join("bin/pip").exists() {
         super::run(Command::new("python3").arg("-m").arg("venv").arg(&venv)).context(
-            "creating a Python venv for confluent-kafka (Python 3.11 with its venv module is \
-             needed: apt-get install python3-venv)",
+            "creating a Python venv for confluent-kafka (Python 3.10 to 3.13 with its venv \
+             module is needed: apt-get install python3-venv)",
         )?;
     }
     let requirements = dir.join("requirements.txt");
+    let hashes: Vec<String> = WHEEL_SHA256
+        .iter()
+        .map(|h| format!("--hash=sha256:{h}"))
+        .collect();
     std::fs::write(
         &requirements,
-        format!("confluent-kafka=={CONFLUENT_KAFKA} --hash=sha256:{WHEEL_SHA256}\n"),
+        format!("confluent-kafka=={CONFLUENT_KAFKA} {}\n", hashes.join(" ")),
     )?;
     super::run(
         Command::new(venv.join("bin/pip"))
