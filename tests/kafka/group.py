@@ -58,11 +58,29 @@ assert producer.flush(60) == 0
 
 a = consumer("A")
 counts = {}
-t_a = threading.Thread(target=lambda: counts.__setitem__("A", consume(a, "A", lambda: len(seen) >= total // 3)))
+started = time.time()
+
+
+def a_done():
+    # A goes on until B has joined and been given partitions (so the split is seen, however
+    # fast A is) and a third of the records are read; a minute at most.
+    with lock:
+        b_assigned = any(assignments["B"])
+    return (b_assigned and len(seen) >= total // 3) or time.time() - started > 60
+
+
+t_a = threading.Thread(target=lambda: counts.__setitem__("A", consume(a, "A", a_done)))
 t_a.start()
 time.sleep(1.0)
 b = consumer("B")
-t_b = threading.Thread(target=lambda: counts.__setitem__("B", consume(b, "B", lambda: len(seen) >= total)))
+def b_done():
+    # B goes on until every record is read and A's leaving gave it every partition.
+    with lock:
+        b_all = bool(assignments["B"]) and len(assignments["B"][-1]) == partitions
+    return (len(seen) >= total and b_all) or time.time() - started > 90
+
+
+t_b = threading.Thread(target=lambda: counts.__setitem__("B", consume(b, "B", b_done)))
 t_b.start()
 t_a.join()
 a.close()  # leaves the group: B takes every partition
