@@ -241,5 +241,8 @@ async fn an_array_count_the_frame_cannot_hold_is_refused() {
     f.extend_from_slice(&5000i32.to_be_bytes()); // timeout
     f.extend_from_slice(&i32::MAX.to_be_bytes()); // topics: 2^31 - 1 of them
     let refused = conn::handle(Bytes::from(f), &setup.ctx).await;
-    assert!(matches!(refused, Err(e) if e.contains("Produce v8 request")), "refused");
+    assert!(
+        matches!(refused, Err(e) if e.contains("Produce v8 request")),
+        "refused"
+    );
 }
