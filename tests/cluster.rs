@@ -110,17 +110,7 @@ async fn run_producer(nodes: Nodes, mut p: IdemProducer, stop: Arc<AtomicBool>) 
 }
 
 pub(crate) fn spawn_weir(dir: &Path, port: u16, nats: &str) -> WeirProcess {
-    let args = ["--log", nats, "--cache-mb", "16"];
-    for _ in 0..100 {
-        let result = std::panic::catch_unwind(|| {
-            WeirProcess::spawn(dir, &format!("127.0.0.1:{port}"), &args)
-        });
-        if let Ok(process) = result {
-            return process;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("weir serve --log did not start on port {port}");
+    WeirProcess::spawn_on_port(dir, port, &["--log", nats, "--cache-mb", "16"])
 }
 
 /// Everything stored, read through `addr` from the earliest offsets.

@@ -50,17 +50,7 @@ async fn run_producer(addr: String, mut p: IdemProducer, stop: Arc<AtomicBool>) 
 }
 
 fn spawn_on(dir: &std::path::Path, port: u16) -> WeirProcess {
-    // The port of the killed process may take a moment to be free again.
-    for _ in 0..50 {
-        let result = std::panic::catch_unwind(|| {
-            WeirProcess::spawn(dir, &format!("127.0.0.1:{port}"), &["--fsync", "always"])
-        });
-        if let Ok(process) = result {
-            return process;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("weir serve did not restart on port {port}");
+    WeirProcess::spawn_on_port(dir, port, &["--fsync", "always"])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

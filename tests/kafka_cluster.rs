@@ -18,20 +18,8 @@ use weir_core::{StartAt, TopicConfig};
 
 fn spawn_node(dir: &Path, port: u16, kafka_port: u16, nats: &str) -> WeirProcess {
     let kafka = format!("127.0.0.1:{kafka_port}");
-    for _ in 0..100 {
-        let result = std::panic::catch_unwind(|| {
-            WeirProcess::spawn(
-                dir,
-                &format!("127.0.0.1:{port}"),
-                &["--log", nats, "--cache-mb", "16", "--kafka-listen", &kafka],
-            )
-        });
-        if let Ok(process) = result {
-            return process;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("weir serve --log did not start on port {port}");
+    let args = ["--log", nats, "--cache-mb", "16", "--kafka-listen", &kafka];
+    WeirProcess::spawn_on_port(dir, port, &args)
 }
 
 /// Every record of `topic` through `addr`: value → where it is stored.

@@ -15,30 +15,19 @@ use tokio::sync::Notify;
 use weir_core::TopicConfig;
 
 fn spawn_on(dir: &Path, port: u16, kafka_port: u16, advertise: u16) -> WeirProcess {
-    let kafka = format!("127.0.0.1:{kafka_port}");
-    let advertise = format!("127.0.0.1:{advertise}");
-    // The ports of a killed process may take a moment to be free again.
-    for _ in 0..50 {
-        let result = std::panic::catch_unwind(|| {
-            WeirProcess::spawn(
-                dir,
-                &format!("127.0.0.1:{port}"),
-                &[
-                    "--fsync",
-                    "always",
-                    "--kafka-listen",
-                    &kafka,
-                    "--kafka-advertise",
-                    &advertise,
-                ],
-            )
-        });
-        if let Ok(process) = result {
-            return process;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("weir serve did not restart on port {port}");
+    let (kafka, advertise) = (
+        format!("127.0.0.1:{kafka_port}"),
+        format!("127.0.0.1:{advertise}"),
+    );
+    let args = [
+        "--fsync",
+        "always",
+        "--kafka-listen",
+        &kafka,
+        "--kafka-advertise",
+        &advertise,
+    ];
+    WeirProcess::spawn_on_port(dir, port, &args)
 }
 
 /// A TCP proxy to `upstream` whose connections are all cut whenever `cut` is notified: what

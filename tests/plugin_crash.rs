@@ -120,15 +120,7 @@ async fn run_publisher(
 }
 
 fn spawn_on(dir: &std::path::Path, port: u16) -> WeirProcess {
-    for _ in 0..50 {
-        if let Ok(p) =
-            std::panic::catch_unwind(|| WeirProcess::spawn(dir, &format!("127.0.0.1:{port}"), &[]))
-        {
-            return p;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("weir serve did not restart on port {port}");
+    WeirProcess::spawn_on_port(dir, port, &[])
 }
 
 fn deploy(

@@ -107,6 +107,20 @@ impl WeirProcess {
         }
     }
 
+    /// Spawns `weir serve` on 127.0.0.1:`port`, trying again for up to 10 s: the ports of a
+    /// process just killed may take a moment to be free again.
+    pub fn spawn_on_port(dir: &Path, port: u16, extra: &[&str]) -> WeirProcess {
+        for _ in 0..100 {
+            let attempt =
+                std::panic::catch_unwind(|| Self::spawn(dir, &format!("127.0.0.1:{port}"), extra));
+            if let Ok(process) = attempt {
+                return process;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("weir serve {extra:?} did not start on port {port}");
+    }
+
     /// The port it listens on.
     pub fn port(&self) -> u16 {
         self.addr.rsplit(':').next().unwrap().parse().unwrap()
