@@ -4,7 +4,7 @@
 //!   into `target/kafka-clients/venv`;
 //! - `kcat` (librdkafka's command-line client), Debian's package, pinned by version.
 //!
-//! The tests find them there (`tests/kafka/mod.rs`) and fail, saying to run this, when they
+//! The tests find them there (`tests/kafka.rs`) and fail, saying to run this, when they
 //! are missing.
 
 use std::path::{Path, PathBuf};

@@ -63,6 +63,15 @@ pub(crate) fn who(ctx: &Ctx) -> Arc<dyn Principal> {
     }
 }
 
+/// Whether the connection's principal is an admin (every principal of an open server is):
+/// only admins see groups' members and the list of groups, as weir has no group grants.
+pub(crate) fn is_admin(ctx: &Ctx) -> bool {
+    matches!(
+        who(ctx).caller(),
+        Caller::Server | Caller::Client { admin: true, .. }
+    )
+}
+
 /// Whether this connection must log in before asking anything but [`before_login`] APIs.
 pub(crate) fn must_log_in(ctx: &Ctx) -> bool {
     ctx.options.access.is_some() && ctx.login.get().is_none()

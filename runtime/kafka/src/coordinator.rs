@@ -63,6 +63,10 @@ pub(crate) struct GroupView {
 pub(crate) struct Coordinator {
     /// The groups, and whether the listener has stopped (then nothing waits any more).
     groups: Mutex<HashMap<String, Group>>,
+    /// The broker's membership of each (group, topic) a group with members here committed or
+    /// fetched offsets for: while held, the broker never expires that group's offsets, as for
+    /// a gRPC subscription. Dropped once the group has no members.
+    in_use: Mutex<HashMap<String, HashMap<String, weir_broker::GroupMember>>>,
     stopped: std::sync::atomic::AtomicBool,
     next_member: AtomicU64,
     /// Differs at every start, so member ids given before a restart are never given again.
@@ -76,6 +80,7 @@ impl Default for Coordinator {
             .map_or(0, |d| d.as_nanos() as u64);
         Coordinator {
             groups: Mutex::default(),
+            in_use: Mutex::default(),
             stopped: Default::default(),
             next_member: AtomicU64::new(0),
             nonce,
@@ -306,6 +311,32 @@ impl Coordinator {
             group.pending.retain(|_, until| *until > now);
         }
         groups.retain(|_, g| !g.members.is_empty() || !g.pending.is_empty());
+        let live = |name: &String| groups.get(name).is_some_and(|g| !g.members.is_empty());
+        // Groups left empty give their offsets back to the broker's expiry.
+        self.in_use.lock().retain(|name, _| live(name));
+    }
+
+    /// Marks `topic`'s offsets of `group` in use while the group has members here (`join`
+    /// makes the broker's guard when there is none yet).
+    pub(crate) fn in_use(
+        &self,
+        group: &str,
+        topic: &str,
+        join: impl FnOnce() -> weir_broker::GroupMember,
+    ) {
+        let live = self
+            .groups
+            .lock()
+            .get(group)
+            .is_some_and(|g| !g.members.is_empty());
+        if !live {
+            return;
+        }
+        let mut in_use = self.in_use.lock();
+        let topics = in_use.entry(group.to_string()).or_default();
+        if !topics.contains_key(topic) {
+            topics.insert(topic.to_string(), join());
+        }
     }
 
     /// The listener stops: every join and sync still waiting is answered NOT_COORDINATOR (the
@@ -314,6 +345,7 @@ impl Coordinator {
         let mut groups = self.groups.lock();
         // Set under the lock: a join or sync after this sees it and does not wait.
         self.stopped.store(true, Ordering::SeqCst);
+        self.in_use.lock().clear();
         for group in groups.values_mut() {
             for m in group.members.values_mut() {
                 if let Some(j) = m.joining.take() {

@@ -271,6 +271,10 @@ pub(crate) async fn offset_commit(ctx: &Ctx, request: OffsetCommitRequest) -> Of
                         .broker
                         .commit_offsets(&group, &t.name.0, offsets)
                         .await
+                        .inspect(|()| {
+                            ctx.coordinator
+                                .in_use(&group, &t.name.0, || ctx.broker.join_group(&group, &t.name.0))
+                        })
                         .map_err(|e| {
                             tracing::info!(message = "Kafka offset commit refused.", group = %group, error = %e);
                             errors::wire(&e)
@@ -309,7 +313,7 @@ pub(crate) async fn offset_fetch(ctx: &Ctx, request: OffsetFetchRequest) -> Offs
         None => match ctx.broker.list_groups().await {
             Ok(all) => all
                 .into_iter()
-                .filter(|(g, _)| *g == group)
+                .filter(|(g, topic)| *g == group && access::who(ctx).may(TopicOp::Subscribe, topic))
                 .map(|(_, topic)| (TopicName(text(topic)), None))
                 .collect(),
             Err(e) => {
@@ -341,6 +345,8 @@ pub(crate) async fn offset_fetch(ctx: &Ctx, request: OffsetFetchRequest) -> Offs
         let stored = ctx.broker.fetch_offsets(&group, &name.0).await;
         if stored.is_ok() {
             ctx.broker.touch_group(&group, &name.0);
+            ctx.coordinator
+                .in_use(&group, &name.0, || ctx.broker.join_group(&group, &name.0));
         }
         let answer = |p: i32, offset: i64, code: i16| {
             OffsetFetchResponsePartition::default()
@@ -392,11 +398,18 @@ pub(crate) async fn describe_groups(
         .await
         .map(|all| all.into_iter().map(|(g, _)| g).collect())
         .unwrap_or_default();
+    // weir has no group grants: members, hosts and assignments are shown to admins only.
+    let admin = access::is_admin(ctx);
     let groups = request
         .groups
         .into_iter()
         .map(|GroupId(name)| {
             let described = DescribedGroup::default().with_group_id(GroupId(name.clone()));
+            if !admin {
+                return described
+                    .with_error_code(ResponseError::GroupAuthorizationFailed.code())
+                    .with_group_state(text("Dead"));
+            }
             match ctx.coordinator.describe(&name) {
                 Some(view) => described
                     .with_group_state(text(view.state.name()))
@@ -432,6 +445,11 @@ pub(crate) async fn list_groups(
     request: ListGroupsRequest,
     version: i16,
 ) -> ListGroupsResponse {
+    if !access::is_admin(ctx) {
+        // No group grants: only admins list groups.
+        return ListGroupsResponse::default()
+            .with_error_code(ResponseError::GroupAuthorizationFailed.code());
+    }
     let mut listed: std::collections::BTreeMap<String, (String, String)> = ctx
         .coordinator
         .list()

@@ -24,8 +24,9 @@ use crate::{access, batches, errors, TopicOp};
 /// One partition's answer being made.
 enum Outcome {
     Done(Result<i64, (ResponseError, String)>),
-    /// Stored; waits for durability.
-    Pending(Vec<PendingPublish>),
+    /// Stored; waits for durability, then answers with the first batch's offset, or with the
+    /// refusal of a later batch of the same partition (the earlier ones are stored).
+    Pending(Vec<PendingPublish>, Option<(ResponseError, String)>),
 }
 
 /// Applies every batch of the request, then returns the wait for their acknowledgements.
@@ -68,7 +69,13 @@ pub(crate) async fn produce(
             for (index, outcome) in partitions {
                 let result = match outcome {
                     Outcome::Done(r) => r,
-                    Outcome::Pending(pending) => acked(pending).await,
+                    Outcome::Pending(pending, refused) => {
+                        let stored = acked(pending).await;
+                        match refused {
+                            Some(refused) => Err(refused),
+                            None => stored,
+                        }
+                    }
                 };
                 let answer = PartitionProduceResponse::default().with_index(index);
                 answers.push(match result {
@@ -175,13 +182,9 @@ async fn apply(
         match ctx.broker.append(publish).await {
             Ok(p) => pending.push(p),
             Err(e) if pending.is_empty() => return Outcome::Done(Err(refusal(e))),
-            Err(e) => {
-                // Earlier batches are stored: wait for them, then answer with the refusal.
-                for p in pending {
-                    let _ = p.acked().await;
-                }
-                return Outcome::Done(Err(refusal(e)));
-            }
+            // Earlier batches are stored: their durability is waited for beside the reading,
+            // then the refusal answered.
+            Err(e) => return Outcome::Pending(pending, Some(refusal(e))),
         }
     }
     if pending.is_empty() {
@@ -190,5 +193,5 @@ async fn apply(
             "a produce without records".into(),
         )));
     }
-    Outcome::Pending(pending)
+    Outcome::Pending(pending, None)
 }

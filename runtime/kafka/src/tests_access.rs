@@ -130,6 +130,18 @@ async fn a_login_is_needed_and_gives_only_the_tokens_grants() {
     )
     .await;
     assert_eq!(fetched.responses[0].partitions[0].error_code, 29);
+    // No group grants in weir: groups are listed and described to admins only.
+    let listed: ListGroupsResponse =
+        ask(ctx, ApiKey::ListGroups, 4, &ListGroupsRequest::default()).await;
+    assert_eq!(listed.error_code, 30, "GROUP_AUTHORIZATION_FAILED");
+    let described: DescribeGroupsResponse = ask(
+        ctx,
+        ApiKey::DescribeGroups,
+        5,
+        &DescribeGroupsRequest::default().with_groups(vec![GroupId(s("g"))]),
+    )
+    .await;
+    assert_eq!(described.groups[0].error_code, 30);
     // Every advertised version of the SASL calls answers in a frame clients decode.
     for v in 0..=1 {
         let r: SaslHandshakeResponse = ask(
@@ -146,4 +158,42 @@ async fn a_login_is_needed_and_gives_only_the_tokens_grants() {
             ask(ctx, ApiKey::SaslAuthenticate, v, &plain("", "good")).await;
         assert_eq!(r.error_code, 0, "v{v}");
     }
+}
+
+/// Before a login, a connection has 10 s and frames of 512 KiB: an anonymous socket cannot
+/// hold a slot or memory for long.
+#[tokio::test(start_paused = true)]
+async fn a_connection_that_does_not_log_in_is_closed() {
+    let mut setup = setup().await;
+    let options = KafkaOptions {
+        access: Some(Arc::new(Fake)),
+        ..(*setup.ctx.options).clone()
+    };
+    setup.ctx.options = Arc::new(options);
+    let ctx = &setup.ctx;
+    let run = |server| {
+        tokio::spawn(conn::run(
+            server,
+            ctx.peer,
+            ctx.broker.clone(),
+            ctx.coordinator.clone(),
+            ctx.options.clone(),
+            ctx.shutdown.clone(),
+        ))
+    };
+    // Silent: closed at the deadline.
+    let (_client, server) = tokio::io::duplex(1024);
+    let silent = run(server);
+    tokio::time::sleep(std::time::Duration::from_secs(11)).await;
+    let why = silent.await.unwrap().unwrap_err();
+    assert!(why.contains("no SASL login within"), "{why}");
+    // A 1 MiB frame before logging in: refused at its length.
+    let (client, server) = tokio::io::duplex(1024);
+    let big = run(server);
+    let (_rd, mut wr) = tokio::io::split(client);
+    tokio::io::AsyncWriteExt::write_all(&mut wr, &(1i32 << 20).to_be_bytes())
+        .await
+        .unwrap();
+    let why = big.await.unwrap().unwrap_err();
+    assert!(why.contains("the limit is 524288"), "{why}");
 }

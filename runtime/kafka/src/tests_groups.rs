@@ -179,3 +179,82 @@ async fn every_advertised_version_of_the_group_apis_is_answered_in_a_frame_clien
         );
     }
 }
+
+/// A group with members here keeps its offsets however long it goes without committing (as a
+/// gRPC subscription does); once its last member leaves, the broker's expiry applies again.
+#[tokio::test]
+async fn a_live_groups_offsets_never_expire_and_an_empty_groups_do() {
+    let setup = setup().await;
+    let ctx = &setup.ctx;
+    ctx.broker
+        .publish(weir_broker::Publish {
+            topic: "t".into(),
+            partition: Some(0),
+            records: vec![weir_core::Record::from_value("r")],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let join = JoinGroupRequest::default()
+        .with_group_id(GroupId(s("live")))
+        .with_session_timeout_ms(10_000)
+        .with_rebalance_timeout_ms(10_000)
+        .with_protocol_type(s("consumer"))
+        .with_protocols(vec![
+            JoinGroupRequestProtocol::default().with_name(s("range"))
+        ]);
+    let joined: JoinGroupResponse = ask(ctx, ApiKey::JoinGroup, 3, &join).await;
+    assert_eq!(joined.error_code, 0);
+    let synced: SyncGroupResponse = ask(
+        ctx,
+        ApiKey::SyncGroup,
+        3,
+        &SyncGroupRequest::default()
+            .with_group_id(GroupId(s("live")))
+            .with_generation_id(joined.generation_id)
+            .with_member_id(joined.member_id.clone()),
+    )
+    .await;
+    assert_eq!(synced.error_code, 0);
+    let commit: OffsetCommitResponse = ask(
+        ctx,
+        ApiKey::OffsetCommit,
+        8,
+        &OffsetCommitRequest::default()
+            .with_group_id(GroupId(s("live")))
+            .with_generation_id_or_member_epoch(joined.generation_id)
+            .with_member_id(joined.member_id.clone())
+            .with_topics(vec![OffsetCommitRequestTopic::default()
+                .with_name(TopicName(s("t")))
+                .with_partitions(vec![OffsetCommitRequestPartition::default()
+                    .with_partition_index(0)
+                    .with_committed_offset(1)])]),
+    )
+    .await;
+    assert_eq!(commit.topics[0].partitions[0].error_code, 0);
+    // Long past the group expiry (a week by default): the member is still in the group.
+    let later = weir_core::now_ms() + 30 * 24 * 3600 * 1000;
+    ctx.broker.expire_idle(later).await.unwrap();
+    assert_eq!(
+        ctx.broker.fetch_offsets("live", "t").await.unwrap(),
+        vec![(0, 1)]
+    );
+    // The member leaves: the group is empty and its offsets expire like any idle group's.
+    let _: LeaveGroupResponse = ask(
+        ctx,
+        ApiKey::LeaveGroup,
+        0,
+        &LeaveGroupRequest::default()
+            .with_group_id(GroupId(s("live")))
+            .with_member_id(joined.member_id),
+    )
+    .await;
+    ctx.coordinator.tick();
+    ctx.broker.expire_idle(later).await.unwrap();
+    assert!(ctx
+        .broker
+        .fetch_offsets("live", "t")
+        .await
+        .unwrap()
+        .is_empty());
+}

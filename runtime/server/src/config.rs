@@ -109,9 +109,6 @@ pub enum ServerError {
     /// The TLS certificate or key could not be read.
     #[error("TLS: {0}")]
     Tls(String),
-    /// Options that do not go together.
-    #[error("{0}")]
-    Config(String),
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),

@@ -131,3 +131,24 @@ pub(super) fn host_port(s: &str) -> Result<(String, u16), String> {
     }
     Ok((host.trim_matches(['[', ']']).to_string(), port))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::host_port;
+
+    #[test]
+    fn kafka_advertise_takes_host_port_and_says_what_is_wrong() {
+        assert_eq!(host_port("broker1:9092"), Ok(("broker1".into(), 9092)));
+        assert_eq!(host_port("[::1]:9092"), Ok(("::1".into(), 9092)));
+        for (bad, says) in [
+            ("broker1", "is not host:port"),
+            (":9092", "is not host:port"),
+            ("broker1:0", "is not host:port"),
+            ("broker1:99999", "is not a port number"),
+            ("broker1:x", "is not a port number"),
+        ] {
+            let err = host_port(bad).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+}
