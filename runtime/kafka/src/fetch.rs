@@ -228,7 +228,7 @@ fn encode(records: &[StoredRecord]) -> Option<Bytes> {
             timestamp: r.record.timestamp_ms,
             key: r.record.key.clone(),
             value: Some(r.record.value.clone()),
-            headers: headers(&r.record.headers),
+            headers: headers(&r.record.headers, r.record.id.as_deref()),
         })
         .collect();
     let mut out = BytesMut::new();
@@ -259,17 +259,22 @@ fn respond(
     FetchResponse::default().with_responses(topics)
 }
 
-/// weir's headers as the batch encoder's map (a repeated name keeps its last value there).
+/// weir's headers as the batch encoder's map (a repeated name keeps its last value there),
+/// with the message id as the `weir-id` header.
 fn headers(
     headers: &[(String, Bytes)],
+    id: Option<&str>,
 ) -> kafka_protocol::indexmap::IndexMap<kafka_protocol::protocol::StrBytes, Option<Bytes>> {
-    headers
+    use kafka_protocol::protocol::StrBytes;
+    let mut map: kafka_protocol::indexmap::IndexMap<StrBytes, Option<Bytes>> = headers
         .iter()
-        .map(|(k, v)| {
-            (
-                kafka_protocol::protocol::StrBytes::from_string(k.clone()),
-                Some(v.clone()),
-            )
-        })
-        .collect()
+        .map(|(k, v)| (StrBytes::from_string(k.clone()), Some(v.clone())))
+        .collect();
+    if let Some(id) = id {
+        map.insert(
+            StrBytes::from_static_str(crate::ID_HEADER),
+            Some(Bytes::copy_from_slice(id.as_bytes())),
+        );
+    }
+    map
 }

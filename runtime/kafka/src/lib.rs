@@ -59,6 +59,12 @@ use weir_broker::Broker;
 /// node a client is connected to (each weir node accepts writes to every partition).
 pub const NODE_ID: i32 = 0;
 
+/// The record header that carries weir's message id (gRPC's `Record.id`) through Kafka, as
+/// `Nats-Msg-Id` does for NATS: taken out of a produced record's headers into its id, and
+/// put back on every fetched record that has an id. Plugins skip a message id they have
+/// processed, so an application's own retries are effects once whichever API sent them.
+pub const ID_HEADER: &str = "weir-id";
+
 /// Largest request frame accepted (Kafka's `socket.request.max.bytes` default, 100 MiB): a
 /// longer length prefix closes the connection before anything is allocated.
 pub const MAX_FRAME_BYTES: usize = 100 * 1024 * 1024;

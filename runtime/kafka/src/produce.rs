@@ -21,6 +21,24 @@ use weir_core::Record;
 use crate::wire::Ctx;
 use crate::{access, batches, errors, TopicOp};
 
+/// A `weir-id` header's value as the record's message id: UTF-8 text, not empty.
+fn message_id(value: Option<Bytes>) -> Result<String, (ResponseError, String)> {
+    let bad = |what: &str| {
+        (
+            ResponseError::InvalidRecord,
+            format!(
+                "a record's {} header {what}: it is weir's message id (docs/kafka.md), UTF-8 text of 1 to 65,535 bytes",
+                crate::ID_HEADER
+            ),
+        )
+    };
+    let value = value.unwrap_or_default();
+    if value.is_empty() {
+        return Err(bad("is empty"));
+    }
+    String::from_utf8(value.to_vec()).map_err(|_| bad("is not UTF-8"))
+}
+
 /// One partition's answer being made.
 enum Outcome {
     Done(Result<i64, (ResponseError, String)>),
@@ -129,8 +147,10 @@ async fn apply(
             format!("partition {partition} does not exist"),
         )));
     };
+    // Every batch is decoded and checked before any is stored: a malformed batch refuses the
+    // partition's data whole, as Kafka validates it.
     let mut bytes = records.unwrap_or_default();
-    let mut pending = Vec::new();
+    let mut publishes = Vec::new();
     while !bytes.is_empty() {
         let set = match batches::decode(&mut bytes, ctx.broker.config().max_batch_records) {
             Ok(s) => s,
@@ -153,32 +173,48 @@ async fn apply(
             }),
             _ => None,
         };
-        let records = set
-            .records
-            .into_iter()
-            .map(|r| Record {
+        let mut records = Vec::with_capacity(set.records.len());
+        for r in set.records {
+            let mut id = None;
+            let mut headers = Vec::with_capacity(r.headers.len());
+            for (name, value) in r.headers {
+                if &*name == crate::ID_HEADER {
+                    match message_id(value) {
+                        Ok(v) => id = Some(v),
+                        Err(refused) => return Outcome::Done(Err(refused)),
+                    }
+                } else {
+                    headers.push((name.to_string(), value.unwrap_or_default()));
+                }
+            }
+            records.push(Record {
                 key: r.key,
                 value: r.value.unwrap_or_default(),
-                headers: r
-                    .headers
-                    .into_iter()
-                    .map(|(k, v)| (k.to_string(), v.unwrap_or_default()))
-                    .collect(),
+                headers,
                 // A log-append-time batch, or a record without a time, is stamped by weir.
                 timestamp_ms: match r.timestamp_type {
                     TimestampType::Creation if r.timestamp >= 0 => r.timestamp,
                     _ => 0,
                 },
-                id: None,
-            })
-            .collect();
-        let publish = Publish {
+                id,
+            });
+        }
+        publishes.push(Publish {
             topic: topic.to_string(),
             partition: Some(partition),
             records,
             producer,
             caller: caller.clone(),
-        };
+        });
+    }
+    if publishes.is_empty() {
+        return Outcome::Done(Err((
+            ResponseError::InvalidRecord,
+            "a produce without records".into(),
+        )));
+    }
+    let mut pending = Vec::with_capacity(publishes.len());
+    for publish in publishes {
         match ctx.broker.append(publish).await {
             Ok(p) => pending.push(p),
             Err(e) if pending.is_empty() => return Outcome::Done(Err(refusal(e))),
@@ -186,12 +222,6 @@ async fn apply(
             // then the refusal answered.
             Err(e) => return Outcome::Pending(pending, Some(refusal(e))),
         }
-    }
-    if pending.is_empty() {
-        return Outcome::Done(Err((
-            ResponseError::InvalidRecord,
-            "a produce without records".into(),
-        )));
     }
     Outcome::Pending(pending, None)
 }

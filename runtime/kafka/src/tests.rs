@@ -31,26 +31,39 @@ pub(super) fn s(v: &str) -> StrBytes {
     StrBytes::from_string(v.to_string())
 }
 
-pub(super) fn batch(compression: Compression) -> Bytes {
-    let record = Record {
+/// A record as a client's batch holds it: at `offset`, from `producer` (-1: none) at
+/// `sequence`, with these headers.
+pub(super) fn record(
+    offset: i64,
+    producer: i64,
+    sequence: i32,
+    value: Bytes,
+    headers: IndexMap<StrBytes, Option<Bytes>>,
+) -> Record {
+    Record {
         transactional: false,
         control: false,
         delete_horizon: false,
         partition_leader_epoch: -1,
-        producer_id: -1,
-        producer_epoch: -1,
+        producer_id: producer,
+        producer_epoch: if producer < 0 { -1 } else { 0 },
         timestamp_type: TimestampType::Creation,
-        offset: 0,
-        sequence: -1,
+        offset,
+        sequence,
         timestamp: 1_700_000_000_000,
-        key: Some(Bytes::from_static(b"k")),
-        value: Some(Bytes::from_static(b"v")),
-        headers: IndexMap::from([(s("h"), Some(Bytes::from_static(b"x")))]),
-    };
+        key: None,
+        value: Some(value),
+        headers,
+    }
+}
+
+/// `records` as v2 batches (the encoder starts a new batch where offsets and sequences stop
+/// stepping together).
+pub(super) fn encode(records: &[Record], compression: Compression) -> Bytes {
     let mut out = BytesMut::new();
     RecordBatchEncoder::encode(
         &mut out,
-        [&record],
+        records.iter(),
         &RecordEncodeOptions {
             version: 2,
             compression,
@@ -58,6 +71,20 @@ pub(super) fn batch(compression: Compression) -> Bytes {
     )
     .unwrap();
     out.freeze()
+}
+
+pub(super) fn batch(compression: Compression) -> Bytes {
+    let record = Record {
+        key: Some(Bytes::from_static(b"k")),
+        ..record(
+            0,
+            -1,
+            -1,
+            Bytes::from_static(b"v"),
+            IndexMap::from([(s("h"), Some(Bytes::from_static(b"x")))]),
+        )
+    };
+    encode(&[record], compression)
 }
 
 /// A produce (acks=all) of `records` to partition 0 of topic `t`.

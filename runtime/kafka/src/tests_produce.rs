@@ -5,46 +5,24 @@
 
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::indexmap::IndexMap;
+use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
 use kafka_protocol::messages::*;
 use kafka_protocol::protocol::{Decodable, Encodable};
-use kafka_protocol::records::{
-    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-};
+use kafka_protocol::records::{Compression, Record};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::tests::{ask, frame, produce_to_t0, setup};
+use crate::tests::{ask, encode, frame, produce_to_t0, record, s, setup};
 use crate::{conn, wire::Ctx};
 
 /// One idempotent batch of `n` records from `producer` at `sequence`, values `v<seq+i>`.
 fn idempotent_batch(producer: i64, sequence: i32, n: i32) -> Bytes {
     let records: Vec<Record> = (0..n)
-        .map(|i| Record {
-            transactional: false,
-            control: false,
-            delete_horizon: false,
-            partition_leader_epoch: -1,
-            producer_id: producer,
-            producer_epoch: 0,
-            timestamp_type: TimestampType::Creation,
-            offset: i64::from(i),
-            sequence: sequence + i,
-            timestamp: 1_700_000_000_000,
-            key: None,
-            value: Some(Bytes::from(format!("v{}", sequence + i))),
-            headers: IndexMap::new(),
+        .map(|i| {
+            let value = Bytes::from(format!("v{}", sequence + i));
+            record(i64::from(i), producer, sequence + i, value, IndexMap::new())
         })
         .collect();
-    let mut out = BytesMut::new();
-    RecordBatchEncoder::encode(
-        &mut out,
-        records.iter(),
-        &RecordEncodeOptions {
-            version: 2,
-            compression: Compression::Lz4,
-        },
-    )
-    .unwrap();
-    out.freeze()
+    encode(&records, Compression::Lz4)
 }
 
 async fn producer_id(ctx: &Ctx) -> i64 {
@@ -212,4 +190,112 @@ async fn an_epoch_bump_naming_an_old_epoch_is_fenced() {
     assert_eq!(zombie.error_code, 47, "INVALID_PRODUCER_EPOCH");
     let again: InitProducerIdResponse = ask(ctx, ApiKey::InitProducerId, 4, &bump(1)).await;
     assert_eq!((again.error_code, again.producer_epoch), (0, 2));
+}
+
+/// One plain batch whose records carry these `weir-id` header values (None: no header).
+fn batch_with_ids(ids: &[Option<&[u8]>]) -> Bytes {
+    let records: Vec<Record> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let mut headers = IndexMap::from([(s("h"), Some(Bytes::from_static(b"x")))]);
+            if let Some(id) = id {
+                headers.insert(s(crate::ID_HEADER), Some(Bytes::copy_from_slice(id)));
+            }
+            // Offsets and sequences in step keep the records in one batch (base sequence
+            // -1: no producer).
+            let value = Bytes::from(format!("v{i}"));
+            record(i as i64, -1, i as i32 - 1, value, headers)
+        })
+        .collect();
+    encode(&records, Compression::None)
+}
+
+#[tokio::test]
+async fn the_weir_id_header_is_the_message_id_both_ways() {
+    let setup = setup().await;
+    let ctx = &setup.ctx;
+    let r: ProduceResponse = ask(
+        ctx,
+        ApiKey::Produce,
+        9,
+        &produce_to_t0(batch_with_ids(&[Some(b"req-1"), None])),
+    )
+    .await;
+    assert_eq!(r.responses[0].partition_responses[0].error_code, 0);
+    let stored = ctx.broker.read("t", 0, 0, 10).await.unwrap();
+    assert_eq!(stored[0].record.id.as_deref(), Some("req-1"));
+    assert_eq!(stored[1].record.id, None);
+    // Taken out of the headers: a gRPC consumer sees the id once, as the id.
+    for r in &stored {
+        assert_eq!(
+            r.record.headers,
+            vec![("h".to_string(), Bytes::from_static(b"x"))]
+        );
+    }
+    // A gRPC-published id comes back to a Kafka consumer as the header.
+    let grpc = weir_broker::Publish {
+        topic: "t".into(),
+        partition: Some(0),
+        records: vec![weir_core::Record {
+            id: Some("paid-7".into()),
+            ..weir_core::Record::from_value("g")
+        }],
+        producer: None,
+        caller: weir_broker::Caller::default(),
+    };
+    ctx.broker
+        .append(grpc)
+        .await
+        .unwrap()
+        .acked()
+        .await
+        .unwrap();
+    let fetched: FetchResponse = ask(
+        ctx,
+        ApiKey::Fetch,
+        12,
+        &FetchRequest::default()
+            .with_max_wait_ms(0)
+            .with_max_bytes(1 << 20)
+            .with_topics(vec![FetchTopic::default()
+                .with_topic(TopicName(s("t")))
+                .with_partitions(vec![FetchPartition::default()
+                    .with_partition(0)
+                    .with_fetch_offset(0)
+                    .with_partition_max_bytes(1 << 20)])]),
+    )
+    .await;
+    let mut bytes = fetched.responses[0].partitions[0].records.clone().unwrap();
+    let sets = kafka_protocol::records::RecordBatchDecoder::decode_all(&mut bytes).unwrap();
+    let ids: Vec<Option<Bytes>> = sets
+        .iter()
+        .flat_map(|s| &s.records)
+        .map(|r| {
+            r.headers
+                .get(crate::ID_HEADER.as_bytes())
+                .cloned()
+                .flatten()
+        })
+        .collect();
+    assert_eq!(
+        ids,
+        vec![
+            Some(Bytes::from_static(b"req-1")),
+            None,
+            Some(Bytes::from_static(b"paid-7"))
+        ]
+    );
+    // An id that is not text, or empty, refuses the partition's data and stores nothing of it,
+    // a well-formed batch before the bad one included.
+    for bad in [&b"\xff\xfe"[..], b""] {
+        let mut two = BytesMut::from(&batch_with_ids(&[None])[..]);
+        two.extend_from_slice(&batch_with_ids(&[None, Some(bad)]));
+        let r: ProduceResponse = ask(ctx, ApiKey::Produce, 9, &produce_to_t0(two.freeze())).await;
+        let p = &r.responses[0].partition_responses[0];
+        assert_eq!(p.error_code, 87, "INVALID_RECORD");
+        assert!(p.error_message.as_ref().unwrap().contains("weir-id"));
+    }
+    let after = ctx.broker.read("t", 0, 0, 10).await.unwrap();
+    assert_eq!(after.len(), 3, "{after:?}");
 }
