@@ -33,7 +33,8 @@ pub(crate) fn ensure() -> Result<PathBuf> {
     Ok(python)
 }
 
-fn ensure_confluent_kafka() -> Result<PathBuf> {
+/// Installs confluent-kafka if missing; returns the venv's python.
+pub(crate) fn ensure_confluent_kafka() -> Result<PathBuf> {
     let dir = super::workspace_root().join("target/kafka-clients");
     let venv = dir.join("venv");
     let python = venv.join("bin/python");

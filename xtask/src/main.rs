@@ -38,7 +38,7 @@ fn main() -> Result<()> {
         Some("kafka-clients") => kafka_clients::install(),
         Some("cluster") => cluster::cluster(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <test [cargo test args]|check|demo [--cluster]|bench [--records N]|nats-server|kafka-clients|cluster [--sync-always] [--fresh]>");
+            eprintln!("usage: cargo xtask <test [cargo test args]|check|demo [--cluster|--kafka]|bench [--records N]|nats-server|kafka-clients|cluster [--sync-always] [--fresh]>");
             std::process::exit(2);
         }
     }
@@ -288,14 +288,22 @@ fn build_release() -> Result<PathBuf> {
 /// once with `kill -9` mid-run, printing the verified totals of both (examples/flash-sale).
 /// With `--cluster`, the second run is on three weir nodes over a 3-node JetStream cluster it
 /// starts on loopback (in `target/demo-nats`, installing the pinned nats-server), with the
-/// nodes running the order and points plugins killed mid-drain.
+/// nodes running the order and points plugins killed mid-drain. With `--kafka`, the second
+/// run's requests and payments are produced through weir's Kafka listener by confluent-kafka
+/// (installed as `cargo xtask kafka-clients` does).
 fn demo(args: &[String]) -> Result<()> {
-    let cluster = match args {
-        [] => false,
-        [a] if a == "--cluster" => true,
-        _ => bail!("usage: cargo xtask demo [--cluster]"),
+    let (cluster, kafka) = match args {
+        [] => (false, false),
+        [a] if a == "--cluster" => (true, false),
+        [a] if a == "--kafka" => (false, true),
+        _ => bail!("usage: cargo xtask demo [--cluster|--kafka]"),
     };
     let nats_bin = if cluster { Some(nats::ensure()?) } else { None };
+    let python = if kafka {
+        Some(kafka_clients::ensure_confluent_kafka()?)
+    } else {
+        None
+    };
     let plugins = build_plugins()?;
     build_release()?;
     let mut cmd = Command::new("target/release/flash-sale");
@@ -306,6 +314,9 @@ fn demo(args: &[String]) -> Result<()> {
         "--wasm-dir",
         plugins.to_str().expect("utf-8 path"),
     ]);
+    if let Some(python) = python {
+        cmd.arg("--kafka").arg(python);
+    }
     let _nats = match nats_bin {
         Some(bin) => {
             let dir = workspace_root().join("target/demo-nats");

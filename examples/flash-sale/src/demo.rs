@@ -1,5 +1,5 @@
-//! The demo around the sale: a `weir serve` child process, the two phases (a clean run, then
-//! one with the server killed with `kill -9` mid-run) and the order plugin's drain benchmark.
+//! The demo around the sale: the two phases (a clean run, then one with the server killed
+//! with `kill -9` mid-run, or produced through Kafka) and the order plugin's drain benchmark.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -8,94 +8,16 @@ use anyhow::{ensure, Context as _, Result};
 use weir_api::pb;
 use weir_api::{Client, Deploy, StateAnswer};
 
+pub use crate::server::Server;
 use crate::*;
 
-/// A `weir serve` child process of the demo.
-pub struct Server {
-    child: std::process::Child,
-    /// gRPC URL.
-    pub url: String,
-    /// Status page / metrics address.
-    pub metrics: String,
-}
-
-impl Server {
-    /// Starts `weir serve` on `data_dir` with metrics, fast lag sampling and probes.
-    ///
-    /// # Errors
-    /// The binary did not start or did not print its addresses.
-    pub fn start(weir: &Path, data_dir: &Path, log: &Path) -> Result<Server> {
-        Self::start_with(weir, data_dir, log, &[])
-    }
-
-    /// [`Server::start`] with more `weir serve` arguments (`--log nats://...`).
-    ///
-    /// # Errors
-    /// As [`Server::start`].
-    pub fn start_with(weir: &Path, data_dir: &Path, log: &Path, extra: &[&str]) -> Result<Server> {
-        use std::io::BufRead;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)?;
-        let mut child = std::process::Command::new(weir)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics",
-                "127.0.0.1:0",
-            ])
-            .args(["--lag-sample-ms", "250", "--probe-interval-ms", "250"])
-            .args(extra)
-            .arg("--data-dir")
-            .arg(data_dir)
-            .env("WEIR_LOG", "info")
-            .stdout(std::process::Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", weir.display()))?;
-        let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let mut line = |prefix: &str| -> Result<String> {
-            let l = lines.next().context("weir serve exited")??;
-            l.strip_prefix(prefix)
-                .map(str::to_string)
-                .with_context(|| format!("unexpected output of weir serve: {l:?}"))
-        };
-        let url = format!("http://{}", line("weir listening on ")?);
-        let metrics = line("weir metrics on ")?;
-        Ok(Server {
-            child,
-            url,
-            metrics,
-        })
-    }
-
-    /// `kill -9`.
-    pub fn kill9(mut self) -> Result<()> {
-        let status = std::process::Command::new("kill")
-            .args(["-9", &self.child.id().to_string()])
-            .status()?;
-        ensure!(status.success(), "kill -9 failed");
-        self.child.wait()?;
-        Ok(())
-    }
-
-    /// SIGTERM and wait (a clean stop).
-    pub fn stop(mut self) -> Result<()> {
-        let _ = std::process::Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        self.child.wait()?;
-        Ok(())
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// How a phase's requests and payments reach weir.
+#[derive(Clone, Debug)]
+pub enum Via {
+    /// weir's gRPC API (the requests topic has the admission limit).
+    Grpc,
+    /// Kafka, produced by confluent-kafka under this Python (see [`crate::kafka`]).
+    Kafka(PathBuf),
 }
 
 /// Where the demo runs and how loud it is.
@@ -123,13 +45,19 @@ macro_rules! say {
 pub async fn demo(opts: &DemoOptions) -> Result<(Totals, Totals)> {
     let dir = tempfile::tempdir()?;
     say!(opts, "\n== phase 1: the flash sale");
-    let first = run_phase(opts, &dir.path().join("phase1"), false).await?;
+    let first = run_phase(opts, &dir.path().join("phase1"), false, &Via::Grpc).await?;
     say!(
         opts,
         "\n== phase 2: the same sale, with kill -9 twice mid-run"
     );
-    let second = run_phase(opts, &dir.path().join("phase2"), true).await?;
-    print_totals(opts, "phase 1   phase 2 (kill -9 ×2)", &first, &second);
+    let second = run_phase(opts, &dir.path().join("phase2"), true, &Via::Grpc).await?;
+    print_totals(
+        opts,
+        "phase 1   phase 2 (kill -9 ×2)",
+        &first,
+        &second,
+        false,
+    );
     ensure!(
         first == second,
         "the run with kill -9 differs: {first:?} vs {second:?}"
@@ -141,26 +69,75 @@ pub async fn demo(opts: &DemoOptions) -> Result<(Totals, Totals)> {
     Ok((first, second))
 }
 
-/// Two runs' verified totals side by side, each line marked same or DIFFERENT.
-fn print_totals(opts: &DemoOptions, columns: &str, a: &Totals, b: &Totals) {
+/// Two runs' verified totals side by side, each line marked same or DIFFERENT. With
+/// `repeats_moved` (a gRPC run beside a Kafka one) the lines of where repeats stop are marked
+/// as such: admission in one, the order plugin in the other.
+fn print_totals(opts: &DemoOptions, columns: &str, a: &Totals, b: &Totals, repeats_moved: bool) {
     say!(opts, "\n== verified totals              {columns}");
-    for (name, x, y) in [
-        ("requests sent", a.sent, b.sent),
-        ("accepted into the log", a.accepted, b.accepted),
-        ("refused by admission", a.refused, b.refused),
-        ("orders created (= stock)", a.orders, b.orders),
-        ("requests rejected", a.rejected, b.rejected),
-        ("paid orders", a.paid, b.paid),
-        ("points credited", a.points, b.points),
-        ("red envelopes", a.envelopes, b.envelopes),
-        ("analytics records", a.analytics, b.analytics),
+    for (name, x, y, moved) in [
+        ("requests sent", a.sent, b.sent, false),
+        ("accepted into the log", a.accepted, b.accepted, true),
+        ("refused by admission", a.refused, b.refused, true),
+        ("orders created (= stock)", a.orders, b.orders, false),
+        ("requests rejected", a.rejected, b.rejected, true),
+        (
+            "retries skipped by id",
+            a.deduplicated,
+            b.deduplicated,
+            true,
+        ),
+        ("paid orders", a.paid, b.paid, false),
+        ("points credited", a.points, b.points, false),
+        ("red envelopes", a.envelopes, b.envelopes, false),
+        ("analytics records", a.analytics, b.analytics, false),
     ] {
-        say!(
-            opts,
-            "   {name:<28} {x:>9} {y:>9}   {}",
-            if x == y { "same" } else { "DIFFERENT" }
-        );
+        let mark = match (x == y, moved && repeats_moved) {
+            (true, _) => "same",
+            (false, true) => "repeats stopped by the plugin, not admission",
+            (false, false) => "DIFFERENT",
+        };
+        say!(opts, "   {name:<28} {x:>9} {y:>9}   {mark}");
     }
+}
+
+/// The sale through gRPC, then the same sale with its requests and payments produced through
+/// Kafka by confluent-kafka under `python`, with kill -9 twice mid-run; both verified, and
+/// every effect compared.
+///
+/// # Errors
+/// Any failed step or verification, or different effects.
+pub async fn demo_kafka(opts: &DemoOptions, python: &Path) -> Result<(Totals, Totals)> {
+    let dir = tempfile::tempdir()?;
+    say!(opts, "\n== phase 1: the flash sale, published through gRPC");
+    let grpc = run_phase(opts, &dir.path().join("grpc"), false, &Via::Grpc).await?;
+    say!(
+        opts,
+        "\n== phase 2: the same sale produced through Kafka (confluent-kafka), with kill -9 twice mid-run"
+    );
+    let kafka = run_phase(
+        opts,
+        &dir.path().join("kafka"),
+        true,
+        &Via::Kafka(python.to_path_buf()),
+    )
+    .await?;
+    print_totals(opts, "gRPC      Kafka (kill -9 ×2)", &grpc, &kafka, true);
+    let effects = |t: &Totals| (t.sent, t.orders, t.paid, t.points, t.envelopes, t.analytics);
+    ensure!(
+        effects(&grpc) == effects(&kafka),
+        "the Kafka run's effects differ: {grpc:?} vs {kafka:?}"
+    );
+    ensure!(
+        kafka.accepted == kafka.sent
+            && kafka.rejected + kafka.deduplicated
+                == grpc.rejected + grpc.refused + grpc.deduplicated,
+        "the Kafka run's repeats do not add up: {grpc:?} vs {kafka:?}"
+    );
+    say!(
+        opts,
+        "\n== the same orders, points, envelopes and analytics whichever protocol the services speak"
+    );
+    Ok((grpc, kafka))
 }
 
 /// The sale on one node, then on three weir nodes over the JetStream cluster at `nats` with
@@ -175,7 +152,7 @@ pub async fn demo_cluster(
 ) -> Result<(Totals, crate::cluster::ClusterReport)> {
     let dir = tempfile::tempdir()?;
     say!(opts, "\n== phase 1: the flash sale on one node");
-    let single = run_phase(opts, &dir.path().join("single"), false).await?;
+    let single = run_phase(opts, &dir.path().join("single"), false, &Via::Grpc).await?;
     say!(
         opts,
         "\n== phase 2: the same sale on 3 weir nodes over JetStream, two of them killed with kill -9"
@@ -187,6 +164,7 @@ pub async fn demo_cluster(
         "one node   cluster (2 nodes killed)",
         &single,
         &cluster.totals,
+        false,
     );
     for (plugin, took) in &cluster.failovers {
         say!(
@@ -211,15 +189,36 @@ pub async fn demo_cluster(
 /// # Errors
 /// Any failed step or verification.
 pub async fn single_phase(opts: &DemoOptions, dir: &Path) -> Result<Totals> {
-    run_phase(opts, dir, false).await
+    run_phase(opts, dir, false, &Via::Grpc).await
 }
 
-async fn run_phase(opts: &DemoOptions, dir: &Path, crash: bool) -> Result<Totals> {
-    let sale = &opts.sale;
+async fn run_phase(opts: &DemoOptions, dir: &Path, crash: bool, via: &Via) -> Result<Totals> {
+    // Through Kafka, no admission limit: it would refuse a client's whole batch (crate::kafka).
+    let kafka_sale;
+    let (sale, extra): (&Sale, &[&str]) = match via {
+        Via::Grpc => (&opts.sale, &[]),
+        Via::Kafka(_) => {
+            kafka_sale = Sale {
+                admit_window_ms: 0,
+                ..opts.sale.clone()
+            };
+            (&kafka_sale, &["--kafka-listen", "127.0.0.1:0"])
+        }
+    };
     std::fs::create_dir_all(dir)?;
     let data = dir.join("data");
     let log = dir.join("server.log");
-    let mut server = Server::start(&opts.weir, &data, &log)?;
+    let mut server = Server::start_with(&opts.weir, &data, &log, extra)?;
+    // A producer for the server's Kafka listener (its port changes with each start).
+    let producer = |server: &Server| -> Result<Option<crate::kafka::KafkaProducer>> {
+        match (via, &server.kafka) {
+            (Via::Grpc, _) => Ok(None),
+            (Via::Kafka(python), Some(bootstrap)) => Ok(Some(crate::kafka::KafkaProducer::new(
+                python, dir, bootstrap,
+            )?)),
+            (Via::Kafka(_), None) => anyhow::bail!("weir serve did not start its Kafka listener"),
+        }
+    };
     say!(
         opts,
         "   weir serve on {} · status page http://{}/ · server log {}",
@@ -265,19 +264,35 @@ async fn run_phase(opts: &DemoOptions, dir: &Path, crash: bool) -> Result<Totals
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         });
-        let report = burst(&client, &load, sale.partitions, &progress).await;
+        let report = match producer(&server)? {
+            None => burst(&client, &load, sale.partitions, &progress).await,
+            Some(kafka) => {
+                let load = load.clone();
+                let partitions = sale.partitions;
+                tokio::task::spawn_blocking(move || kafka.burst(&load, partitions, &progress))
+                    .await?
+            }
+        };
         watcher.abort();
         report?
     };
     bar.finish();
-    say!(
-        opts,
-        "   burst acknowledged in {:.2?}: {} stored, {} refused by admission (one per user per {} ms)",
-        report.elapsed,
-        report.accepted,
-        report.refused,
-        sale.admit_window_ms
-    );
+    match via {
+        Via::Grpc => say!(
+            opts,
+            "   burst acknowledged in {:.2?}: {} stored, {} refused by admission (one per user per {} ms)",
+            report.elapsed,
+            report.accepted,
+            report.refused,
+            sale.admit_window_ms
+        ),
+        Via::Kafka(_) => say!(
+            opts,
+            "   burst produced through Kafka in {:.2?}: {} stored (idempotent producer, acks=all); no admission limit on this path: repeats go to the order plugin",
+            report.elapsed,
+            report.accepted,
+        ),
+    }
     // The seed's 秒杀结果计算中: a late requester asks for the result right away.
     if let Some((user, &(partition, offset))) = report.positions.iter().max_by_key(|(_, p)| p.1) {
         let key = format!("result/{ITEM}/{user}");
@@ -321,7 +336,7 @@ async fn run_phase(opts: &DemoOptions, dir: &Path, crash: bool) -> Result<Totals
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         server.kill9()?;
-        server = Server::start(&opts.weir, &data, &log)?;
+        server = Server::start_with(&opts.weir, &data, &log, extra)?;
         client = Client::connect(&server.url).await?;
         say!(opts, "   restarted on {}", server.url);
     }
@@ -334,7 +349,16 @@ async fn run_phase(opts: &DemoOptions, dir: &Path, crash: bool) -> Result<Totals
     )
     .await?;
     say!(opts, "   drained: every request answered");
-    let payments = pay(&client, sale).await?;
+    let payments = match producer(&server)? {
+        None => pay(&client, sale).await?,
+        Some(kafka) => {
+            let payments = crate::payments(&client, sale).await?;
+            let sent = payments.clone();
+            let partitions = sale.partitions;
+            tokio::task::spawn_blocking(move || kafka.pay(&sent, partitions)).await??;
+            payments
+        }
+    };
     say!(
         opts,
         "   {} orders paid (a tenth of the payments delivered twice)",
@@ -347,7 +371,7 @@ async fn run_phase(opts: &DemoOptions, dir: &Path, crash: bool) -> Result<Totals
             "   kill -9 while points, red envelopes and analytics drain"
         );
         server.kill9()?;
-        server = Server::start(&opts.weir, &data, &log)?;
+        server = Server::start_with(&opts.weir, &data, &log, extra)?;
         client = Client::connect(&server.url).await?;
     }
     let lag = drain(

@@ -1,5 +1,5 @@
 //! `flash-sale demo`: the README's flash sale against a `weir serve` it starts itself (see the
-//! library docs). `cargo xtask demo` builds everything and runs it.
+//! library docs). `cargo xtask demo [--cluster|--kafka]` builds everything and runs it.
 
 use std::path::PathBuf;
 
@@ -24,6 +24,10 @@ enum Command {
         /// URLs (`cargo xtask demo --cluster` starts one) instead of kill -9 on one node.
         #[arg(long)]
         cluster: Option<String>,
+        /// Run the second phase through Kafka: the requests and payments produced by
+        /// confluent-kafka under this Python (`cargo xtask demo --kafka` installs it).
+        #[arg(long, value_name = "PYTHON", conflicts_with = "cluster")]
+        kafka: Option<PathBuf>,
     },
     /// Measure how fast the order plugin drains the accepted burst, unthrottled, on P
     /// partitions (docs/flash-sale.md's sizing numbers).
@@ -61,13 +65,14 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let (weir, wasm_dir, small, cluster) = match Command::parse() {
+    let (weir, wasm_dir, small, cluster, kafka) = match Command::parse() {
         Command::Demo {
             weir,
             wasm_dir,
             small,
             cluster,
-        } => (weir, wasm_dir, small, cluster),
+            kafka,
+        } => (weir, wasm_dir, small, cluster, kafka),
         Command::FailoverBench {
             weir,
             wasm_dir,
@@ -121,12 +126,15 @@ async fn main() -> anyhow::Result<()> {
         sale,
         verbose: true,
     };
-    match cluster {
-        Some(nats) => {
+    match (cluster, kafka) {
+        (Some(nats), _) => {
             let prefix = format!("demo{}", std::process::id());
             flash_sale::demo_cluster(&opts, &nats, &prefix).await?;
         }
-        None => {
+        (None, Some(python)) => {
+            flash_sale::demo_kafka(&opts, &python).await?;
+        }
+        (None, None) => {
             flash_sale::demo(&opts).await?;
         }
     }

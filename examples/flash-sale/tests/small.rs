@@ -1,5 +1,6 @@
 //! The demo's code path at a tenth of the size, in CI: both phases (the second with kill -9
-//! twice) against the `weir` binary cargo built for this workspace, every total verified.
+//! twice) against the `weir` binary cargo built for this workspace, every total verified; and
+//! the sale produced through Kafka by confluent-kafka, with the same effects.
 
 use std::path::PathBuf;
 
@@ -41,4 +42,39 @@ async fn the_flash_sale_verifies_and_survives_kill_9() {
     assert!(first.refused > 0 && first.accepted > first.orders);
     assert!(first.paid > 0 && first.envelopes == first.paid);
     assert_eq!(first, second);
+}
+
+/// The venv python `cargo xtask kafka-clients` installs confluent-kafka into.
+fn kafka_python() -> PathBuf {
+    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/kafka-clients/venv/bin/python");
+    assert!(
+        python.exists(),
+        "confluent-kafka is not installed at {}: run `cargo xtask kafka-clients` (cargo xtask test does it first)",
+        python.display()
+    );
+    python
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_flash_sale_produced_through_kafka_has_the_same_effects() {
+    let (grpc, kafka) = flash_sale::demo_kafka(
+        &flash_sale::DemoOptions {
+            weir: weir_binary(),
+            wasm_dir: wasm_dir(),
+            sale: flash_sale::Sale::small(),
+            verbose: false,
+        },
+        &kafka_python(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(kafka.orders, 200);
+    assert_eq!((kafka.refused, kafka.accepted), (0, kafka.sent));
+    // Retries (same request id) are skipped by the order plugin on the Kafka path.
+    assert!(kafka.deduplicated > 0);
+    assert_eq!(
+        (grpc.paid, grpc.points, grpc.envelopes, grpc.analytics),
+        (kafka.paid, kafka.points, kafka.envelopes, kafka.analytics)
+    );
 }
