@@ -63,6 +63,7 @@ fn preferred(live: &[(&str, &str)], plugin: &str) -> String {
             .map(|(id, addr)| (id.to_string(), addr.to_string()))
             .collect(),
         leases: Default::default(),
+        kafka: Default::default(),
     };
     view.preferred(plugin).unwrap().to_string()
 }

@@ -3,7 +3,9 @@
 //! bootstrapped with both. Each node in turn is killed -9 while the producer sends (and
 //! restarted): the producer's batches in flight are retried through the other node, whose
 //! producer state is the shared log's, so every record is stored once. Then a consumer group
-//! of two on one node, whose commits the other node answers.
+//! of two whose members bootstrap from different nodes: both are sent to the one node that
+//! coordinates the group, and form one group there; once that node is killed -9, the group
+//! is coordinated by the survivor and resumes at its offsets.
 
 use crate::common;
 use crate::kafka::{free_port, run_script};
@@ -127,8 +129,9 @@ async fn a_librdkafka_producer_failing_over_between_two_nodes_stores_each_record
     // Both nodes serve the same log.
     assert_eq!(read_all(&nodes[0].addr, "kx").await, stored);
 
-    // A consumer group of two on one node, in every compression's produce: its commits are
-    // the shared log's group offsets, which the other node answers too.
+    // A consumer group of two whose members bootstrap from different nodes: FindCoordinator
+    // sends both to the node the group is placed on, so they split the partitions as one
+    // group. Its commits are the shared log's group offsets, which either node answers.
     Client::connect(&nodes[0].addr)
         .await
         .unwrap()
@@ -138,7 +141,7 @@ async fn a_librdkafka_producer_failing_over_between_two_nodes_stores_each_record
     let out = run_script(
         "group.py",
         vec![
-            format!("127.0.0.1:{}", ports[1].1),
+            format!("127.0.0.1:{}|127.0.0.1:{}", ports[1].1, ports[0].1),
             "kg".into(),
             "4".into(),
             "600".into(),
@@ -146,6 +149,17 @@ async fn a_librdkafka_producer_failing_over_between_two_nodes_stores_each_record
     )
     .await;
     assert_eq!(out["distinct"], 600, "{out}");
+    let split = |member: &str| {
+        out["assignments"][member]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x.as_array().unwrap().len() < 4)
+    };
+    assert!(
+        split("A") && split("B"),
+        "members bootstrapped from different nodes formed one group: {out}"
+    );
     assert_eq!(out["c_values"].as_array().unwrap().len(), 50, "{out}");
     let other = Client::connect(&nodes[0].addr).await.unwrap();
     let info = other.describe_topic("kg").await.unwrap();
@@ -159,5 +173,46 @@ async fn a_librdkafka_producer_failing_over_between_two_nodes_stores_each_record
     assert_eq!(
         offsets, ends,
         "the group's commits, read through the other node"
+    );
+
+    // The group's coordinator is killed -9: the survivor takes the group over once the dead
+    // node's heartbeat times out, and a member bootstrapped with the survivor alone resumes at
+    // the group's offsets (only the records produced after them).
+    let both = format!("127.0.0.1:{},127.0.0.1:{}", ports[0].1, ports[1].1);
+    let coordinator = run_script(
+        "resume.py",
+        vec!["coordinator".into(), both, "kgroup".into()],
+    )
+    .await;
+    let port = coordinator["port"].as_u64().unwrap() as u16;
+    let dead = ports
+        .iter()
+        .position(|p| p.1 == port)
+        .expect("a node's port");
+    nodes.remove(dead).kill9();
+    let survivor = format!("127.0.0.1:{}", ports[1 - dead].1);
+    let out = run_script(
+        "resume.py",
+        vec![
+            "resume".into(),
+            survivor,
+            "kg".into(),
+            "kgroup".into(),
+            "40".into(),
+        ],
+    )
+    .await;
+    let mut values: Vec<String> = out["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    values.sort_unstable();
+    let mut expected: Vec<String> = (0..40).map(|i| format!("r-{i}")).collect();
+    expected.sort_unstable();
+    assert_eq!(
+        values, expected,
+        "resumed at the group's offsets on the survivor: {out}"
     );
 }

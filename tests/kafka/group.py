@@ -3,6 +3,9 @@
 a new member of the same group, resumes from the committed offsets. Prints one JSON line.
 
 Usage: group.py BOOTSTRAP TOPIC PARTITIONS TOTAL
+
+BOOTSTRAP may be "FOR_A_AND_C|FOR_B": on a cluster, A and B bootstrap from different nodes
+and must still form one group.
 """
 
 import json
@@ -13,6 +16,8 @@ import time
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 bootstrap, topic, partitions, total = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+bootstrap_b = bootstrap.split("|")[-1]
+bootstrap = bootstrap.split("|")[0]
 seen = {}  # (partition, offset) -> [consumer names]
 assignments = {"A": [], "B": [], "C": []}
 lock = threading.Lock()
@@ -21,7 +26,7 @@ b_done = threading.Event()
 
 def consumer(name):
     c = Consumer({
-        "bootstrap.servers": bootstrap,
+        "bootstrap.servers": bootstrap_b if name == "B" else bootstrap,
         "group.id": "kgroup",
         "auto.offset.reset": "earliest",
         "enable.auto.commit": False,

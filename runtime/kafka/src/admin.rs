@@ -21,8 +21,9 @@ use kafka_protocol::protocol::StrBytes;
 use weir_broker::{BrokerError, StartAt};
 use weir_core::TopicConfig;
 
+use crate::placement::Nodes;
 use crate::wire::{encode, Ctx};
-use crate::{access, apis, errors, TopicOp, NODE_ID};
+use crate::{access, apis, errors, TopicOp};
 
 /// The ApiVersions answer: every API and version weir speaks.
 pub(crate) fn api_versions() -> ApiVersionsResponse {
@@ -53,8 +54,9 @@ fn topic_name(s: &str) -> TopicName {
     TopicName(text(s))
 }
 
-/// Metadata: this node as the one broker and every partition's leader. Topics are never
-/// created by a metadata request (weir's `auto.create.topics.enable` is false, as Redpanda's).
+/// Metadata: the nodes serving Kafka as brokers, and each partition's leader among them
+/// (`placement.rs`). Topics are never created by a metadata request (weir's
+/// `auto.create.topics.enable` is false, as Redpanda's).
 pub(crate) async fn metadata(
     ctx: &Ctx,
     request: MetadataRequest,
@@ -62,6 +64,7 @@ pub(crate) async fn metadata(
 ) -> MetadataResponse {
     let broker = &ctx.broker;
     let who = access::who(ctx);
+    let nodes = Nodes::or_alone(&ctx.options);
     let names: Vec<String> = match request.topics {
         // v0's empty list, and v1+'s null, ask for every topic.
         Some(t) if !(version == 0 && t.is_empty()) => t
@@ -100,31 +103,39 @@ pub(crate) async fn metadata(
             Ok(info) => topic.with_partitions(
                 (0..info.config.partitions as i32)
                     .map(|p| {
+                        let leader = BrokerId(nodes.leader(&name, p as u32));
                         MetadataResponsePartition::default()
                             .with_partition_index(p)
-                            .with_leader_id(BrokerId(NODE_ID))
+                            .with_leader_id(leader)
                             .with_leader_epoch(if version >= 7 { 0 } else { -1 })
-                            .with_replica_nodes(vec![BrokerId(NODE_ID)])
-                            .with_isr_nodes(vec![BrokerId(NODE_ID)])
+                            .with_replica_nodes(vec![leader])
+                            .with_isr_nodes(vec![leader])
                     })
                     .collect(),
             ),
             Err(e) => topic.with_error_code(errors::wire(&e)),
         });
     }
-    let (host, port) = &ctx.options.advertised;
     // Fields are set only from the version that has them: the codec refuses others.
     let response = MetadataResponse::default()
-        .with_brokers(vec![MetadataResponseBroker::default()
-            .with_node_id(BrokerId(NODE_ID))
-            .with_host(text(host.clone()))
-            .with_port(i32::from(*port))])
+        .with_brokers(
+            nodes
+                .all
+                .iter()
+                .map(|n| {
+                    MetadataResponseBroker::default()
+                        .with_node_id(BrokerId(n.id))
+                        .with_host(text(n.host.clone()))
+                        .with_port(i32::from(n.port))
+                })
+                .collect(),
+        )
         .with_topics(topics);
     match version {
         0 => response,
-        1 => response.with_controller_id(BrokerId(NODE_ID)),
+        1 => response.with_controller_id(BrokerId(nodes.me)),
         _ => response
-            .with_controller_id(BrokerId(NODE_ID))
+            .with_controller_id(BrokerId(nodes.me))
             .with_cluster_id(Some(text(ctx.options.cluster_id.clone()))),
     }
 }

@@ -25,7 +25,7 @@ use weir_broker::Broker;
 
 use crate::coordinator::Coordinator;
 use crate::wire::{encode, ready, Answer, Ctx};
-use crate::{access, admin, apis, fetch, groups, produce, KafkaOptions, MAX_FRAME_BYTES};
+use crate::{access, admin, apis, fetch, groups, offsets, produce, KafkaOptions, MAX_FRAME_BYTES};
 
 /// Answers a connection may have waiting (Kafka clients pipeline up to 5 by default).
 const IN_FLIGHT: usize = 16;
@@ -286,11 +286,11 @@ pub(crate) async fn handle(mut frame: Bytes, ctx: &Ctx) -> Result<Answer, String
             // Committed (and durable) before the next request is read: a pipelined
             // OffsetFetch or LeaveGroup after it sees it.
             let r = body!(OffsetCommitRequest);
-            ready(encode(key, version, id, &groups::offset_commit(ctx, r).await).map(Some))
+            ready(encode(key, version, id, &offsets::offset_commit(ctx, r).await).map(Some))
         }
         ApiKey::OffsetFetch => {
             let r = body!(OffsetFetchRequest);
-            ready(encode(key, version, id, &groups::offset_fetch(ctx, r).await).map(Some))
+            ready(encode(key, version, id, &offsets::offset_fetch(ctx, r).await).map(Some))
         }
         ApiKey::DescribeGroups => {
             let r = body!(DescribeGroupsRequest);

@@ -347,15 +347,28 @@ impl Coordinator {
         self.stopped.store(true, Ordering::SeqCst);
         self.in_use.lock().clear();
         for group in groups.values_mut() {
-            for m in group.members.values_mut() {
-                if let Some(j) = m.joining.take() {
-                    let _ = j.send(Err(ResponseError::NotCoordinator));
-                }
-                if let Some(s) = m.syncing.take() {
-                    let _ = s.send(Err(ResponseError::NotCoordinator));
-                }
+            not_coordinator(group);
+        }
+    }
+
+    /// Drops the groups `here` says another node coordinates now (the cluster's members
+    /// changed): their waiting joins and syncs are answered NOT_COORDINATOR, and their members'
+    /// next calls too, so they find the new coordinator and rejoin there.
+    pub(crate) fn unload(&self, here: impl Fn(&str) -> bool) {
+        let mut groups = self.groups.lock();
+        let moved: Vec<String> = groups.keys().filter(|g| !here(g)).cloned().collect();
+        if moved.is_empty() {
+            return;
+        }
+        for name in moved {
+            if let Some(mut group) = groups.remove(&name) {
+                tracing::info!(message = "Kafka group moved to another node's coordinator.", group = %name);
+                not_coordinator(&mut group);
             }
         }
+        self.in_use
+            .lock()
+            .retain(|name, _| groups.contains_key(name));
     }
 
     /// A group's view, `None` if this node holds no members of it.
@@ -393,6 +406,18 @@ impl Coordinator {
             .iter()
             .map(|(name, g)| (name.clone(), g.protocol_type.clone(), g.state))
             .collect()
+    }
+}
+
+/// Answers a group's waiting joins and syncs with NOT_COORDINATOR.
+fn not_coordinator(group: &mut Group) {
+    for m in group.members.values_mut() {
+        if let Some(j) = m.joining.take() {
+            let _ = j.send(Err(ResponseError::NotCoordinator));
+        }
+        if let Some(s) = m.syncing.take() {
+            let _ = s.send(Err(ResponseError::NotCoordinator));
+        }
     }
 }
 

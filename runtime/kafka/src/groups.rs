@@ -1,9 +1,7 @@
-//! Consumer groups: FindCoordinator, the membership calls (over [`Coordinator`]), and
-//! OffsetCommit/OffsetFetch on weir's own group offsets, so `weir lag`, the status page and
-//! gRPC consumers see a Kafka group's progress, and a group can move between the two APIs.
-//!
-//! Kafka keeps one offset per (group, topic, partition) with a metadata string; weir keeps
-//! the offset (the metadata string is not stored: an OffsetFetch answers it empty).
+//! Consumer groups: FindCoordinator, the membership calls (over [`Coordinator`]) and
+//! DescribeGroups/ListGroups. Their offsets are weir's own group offsets (`offsets.rs`), so
+//! `weir lag`, the status page and gRPC consumers see a Kafka group's progress, and a group
+//! can move between the two APIs.
 
 use std::time::Duration;
 
@@ -14,26 +12,20 @@ use kafka_protocol::messages::find_coordinator_response::Coordinator as Coordina
 use kafka_protocol::messages::join_group_response::JoinGroupResponseMember;
 use kafka_protocol::messages::leave_group_response::MemberResponse;
 use kafka_protocol::messages::list_groups_response::ListedGroup;
-use kafka_protocol::messages::offset_commit_response::{
-    OffsetCommitResponsePartition, OffsetCommitResponseTopic,
-};
-use kafka_protocol::messages::offset_fetch_response::{
-    OffsetFetchResponsePartition, OffsetFetchResponseTopic,
-};
 use kafka_protocol::messages::{
     BrokerId, DescribeGroupsRequest, DescribeGroupsResponse, FindCoordinatorRequest,
     FindCoordinatorResponse, GroupId, HeartbeatRequest, HeartbeatResponse, JoinGroupRequest,
     JoinGroupResponse, LeaveGroupRequest, LeaveGroupResponse, ListGroupsRequest,
-    ListGroupsResponse, OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest,
-    OffsetFetchResponse, SyncGroupRequest, SyncGroupResponse, TopicName,
+    ListGroupsResponse, SyncGroupRequest, SyncGroupResponse,
 };
 use kafka_protocol::protocol::StrBytes;
 
 use crate::coordinator::{Join, Joined};
+use crate::placement::{self, KafkaNode, Nodes};
 use crate::wire::Ctx;
-use crate::{access, errors, TopicOp, NODE_ID};
+use crate::{access, errors};
 
-fn text(s: impl Into<String>) -> StrBytes {
+pub(crate) fn text(s: impl Into<String>) -> StrBytes {
     StrBytes::from_string(s.into())
 }
 
@@ -41,44 +33,61 @@ fn millis(ms: i32) -> Duration {
     Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
-/// FindCoordinator: this node coordinates every group its clients ask for (transaction
-/// coordinators are refused: no Kafka transactions).
+/// FindCoordinator: the node a group's members are sent to (`placement.rs`); transaction
+/// coordinators are refused (no Kafka transactions).
 pub(crate) fn find_coordinator(
     ctx: &Ctx,
     request: FindCoordinatorRequest,
     version: i16,
 ) -> FindCoordinatorResponse {
-    let (host, port) = &ctx.options.advertised;
-    let group_key = request.key_type == 0;
-    let (code, message) = if group_key {
-        (0, None)
-    } else {
-        (
-            ResponseError::CoordinatorNotAvailable.code(),
-            Some(text("weir has no Kafka transactions (docs/kafka.md)")),
-        )
+    let nodes = Nodes::of(&ctx.options);
+    // (error code, message, node) for one key.
+    let find = |key: &str| -> (i16, Option<StrBytes>, Option<KafkaNode>) {
+        if request.key_type != 0 {
+            return (
+                ResponseError::CoordinatorNotAvailable.code(),
+                Some(text("weir has no Kafka transactions (docs/kafka.md)")),
+                None,
+            );
+        }
+        match &nodes {
+            Some(n) => (0, None, Some(n.coordinator(key).clone())),
+            None => (
+                ResponseError::CoordinatorNotAvailable.code(),
+                Some(text("this weir node cannot see the cluster's members just now; ask again or ask another node")),
+                None,
+            ),
+        }
+    };
+    let where_ = |node: &Option<KafkaNode>| match node {
+        Some(n) => (n.id, n.host.clone(), i32::from(n.port)),
+        None => (-1, String::new(), -1),
     };
     let response = FindCoordinatorResponse::default();
     if version >= 4 {
         let keys = if request.coordinator_keys.is_empty() {
-            vec![request.key]
+            vec![request.key.clone()]
         } else {
-            request.coordinator_keys
+            request.coordinator_keys.clone()
         };
         return response.with_coordinators(
             keys.into_iter()
                 .map(|key| {
+                    let (code, message, node) = find(&key);
+                    let (id, host, port) = where_(&node);
                     CoordinatorEntry::default()
                         .with_key(key)
-                        .with_node_id(BrokerId(if group_key { NODE_ID } else { -1 }))
-                        .with_host(text(host.clone()))
-                        .with_port(i32::from(*port))
+                        .with_node_id(BrokerId(id))
+                        .with_host(text(host))
+                        .with_port(port)
                         .with_error_code(code)
-                        .with_error_message(message.clone())
+                        .with_error_message(message)
                 })
                 .collect(),
         );
     }
+    let (code, message, node) = find(&request.key);
+    let (id, host, port) = where_(&node);
     let response = if version >= 1 {
         response.with_error_message(message)
     } else {
@@ -86,9 +95,14 @@ pub(crate) fn find_coordinator(
     };
     response
         .with_error_code(code)
-        .with_node_id(BrokerId(if group_key { NODE_ID } else { -1 }))
-        .with_host(text(host.clone()))
-        .with_port(i32::from(*port))
+        .with_node_id(BrokerId(id))
+        .with_host(text(host))
+        .with_port(port)
+}
+
+/// NOT_COORDINATOR when another node coordinates `group`: the client finds it again.
+pub(crate) fn elsewhere(ctx: &Ctx, group: &str) -> Option<ResponseError> {
+    (!placement::coordinates(ctx, group)).then_some(ResponseError::NotCoordinator)
 }
 
 /// JoinGroup: the member joins now (before the connection's next request is read); the
@@ -127,7 +141,10 @@ pub(crate) fn join_group(
             .with_generation_id(-1)
             .with_member_id(text(member))
     };
-    let joined = ctx.coordinator.join(join);
+    let joined = match elsewhere(ctx, &join.group) {
+        Some(code) => Err((code, join.member_id.clone())),
+        None => ctx.coordinator.join(join),
+    };
     async move {
         let joined: Joined = match joined {
             Err((code, member)) => return failed(code, member),
@@ -179,12 +196,15 @@ pub(crate) fn sync_group(
         .into_iter()
         .map(|a| (a.member_id.to_string(), a.assignment))
         .collect();
-    let rx = ctx.coordinator.sync(
-        &request.group_id.0,
-        &request.member_id,
-        request.generation_id,
-        assignments,
-    );
+    let rx = match elsewhere(ctx, &request.group_id.0) {
+        Some(code) => Err(code),
+        None => ctx.coordinator.sync(
+            &request.group_id.0,
+            &request.member_id,
+            request.generation_id,
+            assignments,
+        ),
+    };
     let (protocol_type, protocol_name) = (request.protocol_type, request.protocol_name);
     async move {
         let outcome = match rx {
@@ -204,11 +224,14 @@ pub(crate) fn sync_group(
 }
 
 pub(crate) fn heartbeat(ctx: &Ctx, request: HeartbeatRequest) -> HeartbeatResponse {
-    let result = ctx.coordinator.heartbeat(
-        &request.group_id.0,
-        &request.member_id,
-        request.generation_id,
-    );
+    let result = match elsewhere(ctx, &request.group_id.0) {
+        Some(code) => Err(code),
+        None => ctx.coordinator.heartbeat(
+            &request.group_id.0,
+            &request.member_id,
+            request.generation_id,
+        ),
+    };
     HeartbeatResponse::default().with_error_code(result.err().map_or(0, |c| c.code()))
 }
 
@@ -219,6 +242,9 @@ pub(crate) fn leave_group(
     version: i16,
 ) -> LeaveGroupResponse {
     let group = request.group_id.0.to_string();
+    if let Some(code) = elsewhere(ctx, &group) {
+        return LeaveGroupResponse::default().with_error_code(code.code());
+    }
     if version < 3 {
         let result = ctx.coordinator.leave(&group, &request.member_id);
         return LeaveGroupResponse::default().with_error_code(result.err().map_or(0, |c| c.code()));
@@ -235,155 +261,6 @@ pub(crate) fn leave_group(
         })
         .collect();
     LeaveGroupResponse::default().with_members(members)
-}
-
-/// OffsetCommit: checked against the member's generation, stored as weir group offsets (one
-/// durable write per topic).
-pub(crate) async fn offset_commit(ctx: &Ctx, request: OffsetCommitRequest) -> OffsetCommitResponse {
-    let group = request.group_id.0.to_string();
-    let allowed = ctx.coordinator.may_commit(
-        &group,
-        &request.member_id,
-        request.generation_id_or_member_epoch,
-    );
-    let mut topics = Vec::with_capacity(request.topics.len());
-    for t in request.topics {
-        let partitions: Vec<i32> = t.partitions.iter().map(|p| p.partition_index).collect();
-        let result: Result<(), i16> = match &allowed {
-            _ if !access::who(ctx).may(TopicOp::Subscribe, &t.name.0) => {
-                Err(ResponseError::TopicAuthorizationFailed.code())
-            }
-            Err(code) => Err(code.code()),
-            Ok(()) => {
-                let offsets: Option<Vec<(u32, u64)>> = t
-                    .partitions
-                    .iter()
-                    .map(|p| {
-                        Some((
-                            u32::try_from(p.partition_index).ok()?,
-                            u64::try_from(p.committed_offset).ok()?,
-                        ))
-                    })
-                    .collect();
-                match offsets {
-                    None => Err(ResponseError::InvalidCommitOffsetSize.code()),
-                    Some(offsets) => ctx
-                        .broker
-                        .commit_offsets(&group, &t.name.0, offsets)
-                        .await
-                        .inspect(|()| {
-                            ctx.coordinator
-                                .in_use(&group, &t.name.0, || ctx.broker.join_group(&group, &t.name.0))
-                        })
-                        .map_err(|e| {
-                            tracing::info!(message = "Kafka offset commit refused.", group = %group, error = %e);
-                            errors::wire(&e)
-                        }),
-                }
-            }
-        };
-        let code = result.err().unwrap_or(0);
-        topics.push(
-            OffsetCommitResponseTopic::default()
-                .with_name(t.name)
-                .with_partitions(
-                    partitions
-                        .into_iter()
-                        .map(|p| {
-                            OffsetCommitResponsePartition::default()
-                                .with_partition_index(p)
-                                .with_error_code(code)
-                        })
-                        .collect(),
-                ),
-        );
-    }
-    OffsetCommitResponse::default().with_topics(topics)
-}
-
-/// OffsetFetch (v1–7: one group): -1 where the group committed nothing.
-pub(crate) async fn offset_fetch(ctx: &Ctx, request: OffsetFetchRequest) -> OffsetFetchResponse {
-    let group = request.group_id.0.to_string();
-    let wanted: Vec<(TopicName, Option<Vec<i32>>)> = match request.topics {
-        Some(topics) => topics
-            .into_iter()
-            .map(|t| (t.name, Some(t.partition_indexes)))
-            .collect(),
-        // Null: every topic the group committed for.
-        None => match ctx.broker.list_groups().await {
-            Ok(all) => all
-                .into_iter()
-                .filter(|(g, topic)| *g == group && access::who(ctx).may(TopicOp::Subscribe, topic))
-                .map(|(_, topic)| (TopicName(text(topic)), None))
-                .collect(),
-            Err(e) => {
-                return OffsetFetchResponse::default().with_error_code(errors::wire(&e));
-            }
-        },
-    };
-    let mut topics = Vec::with_capacity(wanted.len());
-    let who = access::who(ctx);
-    for (name, partitions) in wanted {
-        if !who.may(TopicOp::Subscribe, &name.0) {
-            let denied = partitions
-                .unwrap_or_default()
-                .into_iter()
-                .map(|p| {
-                    OffsetFetchResponsePartition::default()
-                        .with_partition_index(p)
-                        .with_committed_offset(-1)
-                        .with_error_code(ResponseError::TopicAuthorizationFailed.code())
-                })
-                .collect();
-            topics.push(
-                OffsetFetchResponseTopic::default()
-                    .with_name(name)
-                    .with_partitions(denied),
-            );
-            continue;
-        }
-        let stored = ctx.broker.fetch_offsets(&group, &name.0).await;
-        if stored.is_ok() {
-            ctx.broker.touch_group(&group, &name.0);
-            ctx.coordinator
-                .in_use(&group, &name.0, || ctx.broker.join_group(&group, &name.0));
-        }
-        let answer = |p: i32, offset: i64, code: i16| {
-            OffsetFetchResponsePartition::default()
-                .with_partition_index(p)
-                .with_committed_offset(offset)
-                .with_committed_leader_epoch(-1)
-                .with_metadata(Some(StrBytes::default()))
-                .with_error_code(code)
-        };
-        let partitions: Vec<OffsetFetchResponsePartition> = match (stored, partitions) {
-            (Ok(stored), Some(wanted)) => wanted
-                .into_iter()
-                .map(|p| {
-                    let offset = stored
-                        .iter()
-                        .find(|(sp, _)| i64::from(*sp) == i64::from(p))
-                        .map_or(-1, |(_, o)| *o as i64);
-                    answer(p, offset, 0)
-                })
-                .collect(),
-            (Ok(stored), None) => stored
-                .into_iter()
-                .map(|(p, o)| answer(p as i32, o as i64, 0))
-                .collect(),
-            (Err(e), Some(wanted)) => wanted
-                .into_iter()
-                .map(|p| answer(p, -1, errors::wire(&e)))
-                .collect(),
-            (Err(_), None) => Vec::new(),
-        };
-        topics.push(
-            OffsetFetchResponseTopic::default()
-                .with_name(name)
-                .with_partitions(partitions),
-        );
-    }
-    OffsetFetchResponse::default().with_topics(topics)
 }
 
 /// DescribeGroups: members and state on this node; a group with offsets but no members here
@@ -408,6 +285,11 @@ pub(crate) async fn describe_groups(
             if !admin {
                 return described
                     .with_error_code(ResponseError::GroupAuthorizationFailed.code())
+                    .with_group_state(text("Dead"));
+            }
+            if let Some(code) = elsewhere(ctx, &name) {
+                return described
+                    .with_error_code(code.code())
                     .with_group_state(text("Dead"));
             }
             match ctx.coordinator.describe(&name) {

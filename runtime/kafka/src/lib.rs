@@ -25,6 +25,9 @@ mod fetch;
 mod grants;
 mod group;
 mod groups;
+mod offsets;
+mod placement;
+pub use placement::{KafkaNode, Placement};
 mod produce;
 // The tests run on the server's allocator. The protocol codec reserves `Vec`s for array
 // counts read from the wire before reading their elements; mimalloc reserves a huge request
@@ -44,6 +47,8 @@ mod tests_fuzz;
 #[cfg(test)]
 mod tests_groups;
 #[cfg(test)]
+mod tests_placement;
+#[cfg(test)]
 mod tests_produce;
 mod wire;
 
@@ -55,8 +60,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use weir_broker::Broker;
 
-/// The one broker id weir gives itself in Kafka metadata: every partition's leader, whichever
-/// node a client is connected to (each weir node accepts writes to every partition).
+/// The broker id of a single node: every partition's leader and every group's coordinator
+/// (a cluster's nodes have ids of their own: [`Placement`]).
 pub const NODE_ID: i32 = 0;
 
 /// The record header that carries weir's message id (gRPC's `Record.id`) through Kafka, as
@@ -82,6 +87,9 @@ pub struct KafkaOptions {
     /// SASL/PLAIN logins with weir tokens and the grants that go with them; `None`: every
     /// client is the anonymous admin of an open server.
     pub access: Option<Arc<dyn Access>>,
+    /// On a cluster, the nodes serving Kafka (leaders and group coordinators are placed over
+    /// them); `None`: this node alone, broker [`NODE_ID`].
+    pub placement: Option<Arc<dyn Placement>>,
 }
 
 /// How long a client may take over its TLS handshake.
@@ -98,14 +106,23 @@ pub async fn serve(
     let options = Arc::new(options);
     let coordinator = Arc::new(coordinator::Coordinator::default());
     let connections = TaskTracker::new();
-    // Sessions that time out and rebalances that run out of time are noticed here.
+    // Sessions that time out, rebalances that run out of time and groups whose coordinator
+    // is now another node are noticed here.
     let ticking = coordinator.clone();
     let tick_shutdown = shutdown.clone();
+    let tick_options = options.clone();
     connections.spawn(async move {
         let mut tick = tokio::time::interval(coordinator::TICK);
         loop {
             tokio::select! {
-                _ = tick.tick() => ticking.tick(),
+                _ = tick.tick() => {
+                    ticking.tick();
+                    // Only on a view of the cluster: a node that cannot see it keeps its
+                    // groups (their calls are answered NOT_COORDINATOR meanwhile).
+                    if let Some(nodes) = placement::Nodes::of(&tick_options) {
+                        ticking.unload(|g| nodes.coordinator(g).id == nodes.me);
+                    }
+                }
                 _ = tick_shutdown.cancelled() => return ticking.stop(),
             }
         }

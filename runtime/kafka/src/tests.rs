@@ -159,6 +159,7 @@ pub(super) async fn setup() -> Setup {
                 cluster_id: "weir".into(),
                 tls: None,
                 access: None,
+                placement: None,
             }),
             shutdown: CancellationToken::new(),
             peer: "127.0.0.1:5555".parse().unwrap(),

@@ -1,6 +1,6 @@
 //! Cluster mode: which weir node runs which plugin. A shared namespace `cluster` of the
-//! replicated store holds each node's heartbeat (`n/<node>` → time in ms, address) and each
-//! plugin's lease (`l/<plugin>` → node). A node is live while its heartbeat is younger than
+//! replicated store holds each node's heartbeat (`n/<node>` → time in ms, address, and where
+//! it serves Kafka if it does) and each plugin's lease (`l/<plugin>` → node). A node is live while its heartbeat is younger than
 //! [`NODE_TTL_MS`]; a lease is valid while its node is live. A node writes its heartbeat
 //! every second; every tick it takes, in one compare-and-set, the free leases (no holder, or
 //! a holder that is not live) of the plugins whose preferred node it is (rendezvous hashing
@@ -22,50 +22,9 @@ pub const NODE_TTL_MS: i64 = 4_000;
 const FORGET_NODE_MS: i64 = 60_000;
 const NS: &str = "cluster";
 
-/// How strongly `node` is preferred for `plugin` (rendezvous hashing: the live node with the
-/// highest rank runs it). FNV-1a of the pair, then a full-avalanche finish (splitmix64's):
-/// FNV alone orders nodes nearly alike for names that differ in their last characters
-/// (`pts0`, `pts1`), so such plugins piled onto one node.
-pub fn rank(node: &str, plugin: &str) -> u64 {
-    let mut z = crate::dedup::id_hash(&format!("{node}\u{0}{plugin}"));
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// What a node sees of the cluster after a tick.
-#[derive(Clone, Debug, Default)]
-pub struct View {
-    /// Live nodes: id → gRPC address.
-    pub live: BTreeMap<String, String>,
-    /// Plugin → the node holding its lease (live or not).
-    pub leases: BTreeMap<String, String>,
-}
-
-impl View {
-    /// The node that should run `plugin`: the live node with the highest hash of (node,
-    /// plugin), so a node joining or leaving moves only the plugins it wins or held.
-    pub fn preferred(&self, plugin: &str) -> Option<&str> {
-        self.live
-            .keys()
-            .max_by_key(|node| rank(node, plugin))
-            .map(String::as_str)
-    }
-
-    /// The holder of `plugin`'s lease if it is live.
-    pub fn holder(&self, plugin: &str) -> Option<&str> {
-        self.leases
-            .get(plugin)
-            .filter(|n| self.live.contains_key(*n))
-            .map(String::as_str)
-    }
-
-    /// "node-id (address)" of `plugin`'s live holder.
-    pub fn describe_holder(&self, plugin: &str) -> Option<String> {
-        let node = self.holder(plugin)?;
-        Some(format!("{node} ({})", self.live[node]))
-    }
-}
+mod view;
+use view::parse;
+pub use view::{rank, View};
 
 /// This node's membership (its heartbeat is written by [`Membership::heartbeat`]; the
 /// manager calls it every second from a task of its own while its cluster loop works, and
@@ -82,6 +41,10 @@ pub struct Membership {
     /// Plugins this node took because they were overdue, not because it is preferred: kept
     /// longer before a hand-back (the preferred node let them lapse once).
     taken_overdue: parking_lot::Mutex<std::collections::BTreeSet<String>>,
+    /// The advertised address of this node's Kafka listener, once it serves one.
+    kafka: parking_lot::Mutex<Option<String>>,
+    /// The view of the last tick, and when it was taken.
+    last_view: parking_lot::Mutex<Option<(std::time::Instant, View)>>,
     /// This node's id (new at every start).
     pub node: String,
     /// This node's gRPC address, shown to operators.
@@ -90,30 +53,6 @@ pub struct Membership {
 
 fn lease_key(plugin: &str) -> Vec<u8> {
     format!("l/{plugin}").into_bytes()
-}
-
-fn parse(now: &BTreeMap<Vec<u8>, bytes::Bytes>, now_ms: i64) -> (View, Vec<Vec<u8>>) {
-    let mut view = View::default();
-    let mut forget = Vec::new();
-    for (k, v) in now {
-        let text = String::from_utf8_lossy(v);
-        if let Some(node) = k.strip_prefix(b"n/") {
-            let (at, addr) = text.split_once(' ').unwrap_or((&text, ""));
-            let age = now_ms - at.parse::<i64>().unwrap_or(0);
-            let node = String::from_utf8_lossy(node).into_owned();
-            if age < NODE_TTL_MS {
-                view.live.insert(node, addr.to_string());
-            } else if age > FORGET_NODE_MS {
-                forget.push(k.clone());
-            }
-        } else if let Some(plugin) = k.strip_prefix(b"l/") {
-            view.leases.insert(
-                String::from_utf8_lossy(plugin).into_owned(),
-                text.into_owned(),
-            );
-        }
-    }
-    (view, forget)
 }
 
 impl Membership {
@@ -135,7 +74,36 @@ impl Membership {
             last_beat: parking_lot::Mutex::new(None),
             free_since: parking_lot::Mutex::new(BTreeMap::new()),
             taken_overdue: parking_lot::Mutex::new(Default::default()),
+            kafka: parking_lot::Mutex::new(None),
+            last_view: parking_lot::Mutex::new(None),
         }
+    }
+
+    /// Says in this node's heartbeats that it serves Kafka clients at `advertised`
+    /// (`host:port`), so other nodes place Kafka leaders and group coordinators on it.
+    pub fn serve_kafka(&self, advertised: String) {
+        *self.kafka.lock() = Some(advertised);
+    }
+
+    /// The view of this node's last tick if it is younger than a node's time-out: a node
+    /// whose look at the cluster fails has none.
+    pub fn view(&self) -> Option<View> {
+        let ttl = std::time::Duration::from_millis(NODE_TTL_MS as u64);
+        self.last_view
+            .lock()
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < ttl)
+            .map(|(_, v)| v.clone())
+    }
+
+    /// This node's heartbeat value: "<ms> <address>[ kafka=<host:port>]".
+    fn beat_value(&self) -> Vec<u8> {
+        let mut v = format!("{} {}", weir_core::record::now_ms(), self.addr);
+        if let Some(kafka) = &*self.kafka.lock() {
+            v.push_str(" kafka=");
+            v.push_str(kafka);
+        }
+        v.into_bytes()
     }
 
     fn beat(&self, landed: bool) {
@@ -169,7 +137,7 @@ impl Membership {
         let result = self.kv.update(NS, |_| {
             Some(vec![(
                 format!("n/{}", self.node).into_bytes(),
-                Some(format!("{} {}", weir_core::record::now_ms(), self.addr).into_bytes()),
+                Some(self.beat_value()),
             )])
         });
         self.beat(result.is_ok());
@@ -202,6 +170,9 @@ impl Membership {
             let now_ms = weir_core::record::now_ms();
             let (mut view, forget) = parse(now, now_ms);
             view.live.insert(self.node.clone(), self.addr.clone());
+            if let Some(kafka) = &*self.kafka.lock() {
+                view.kafka.insert(self.node.clone(), kafka.clone());
+            }
             // The heartbeat is the heartbeat task's: a tick writes only what changes.
             let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> =
                 forget.into_iter().map(|k| (k, None)).collect();
@@ -239,6 +210,7 @@ impl Membership {
             (!writes.is_empty()).then_some(writes)
         });
         outcome?;
+        *self.last_view.lock() = Some((std::time::Instant::now(), result.clone()));
         {
             let mut taken = self.taken_overdue.lock();
             taken.extend(took_overdue);
@@ -376,6 +348,31 @@ mod tests {
             crate::store::KvPluginStore::OWNED_PREFIX,
         );
         Membership::new(Arc::new(kv), addr)
+    }
+
+    /// A node serving Kafka says where in its heartbeat; every node's view has it, and a
+    /// node without a listener is live but not in the Kafka map.
+    #[test]
+    fn the_kafka_address_travels_in_the_heartbeat() {
+        let _blocking = weir_core::blocking::allow();
+        let log = Arc::new(weir_log::MemoryChangelog::default());
+        let (a, b) = (node(&log, "a:1"), node(&log, "b:1"));
+        assert!(a.view().is_none(), "no tick yet");
+        a.serve_kafka("127.0.0.1:9092".into());
+        a.heartbeat().unwrap();
+        b.heartbeat().unwrap();
+        let seen_by_b = b.tick(&[], &[]).unwrap();
+        assert_eq!(seen_by_b.live.len(), 2);
+        assert_eq!(
+            seen_by_b.kafka.into_iter().collect::<Vec<_>>(),
+            vec![(a.node.clone(), "127.0.0.1:9092".to_string())]
+        );
+        assert_eq!(
+            b.view().unwrap().live.len(),
+            2,
+            "the last tick's view is kept"
+        );
+        assert_eq!(seen_by_b.live[&a.node], "a:1", "the address is unchanged");
     }
 
     /// A plugin whose preferred node does not take it (whatever the reason) is not left

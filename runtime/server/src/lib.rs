@@ -13,6 +13,7 @@ mod config;
 pub mod discard;
 mod io;
 mod kafka_access;
+mod kafka_placement;
 pub mod limits;
 pub mod local;
 pub mod migrate;

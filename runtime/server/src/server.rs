@@ -181,7 +181,17 @@ pub async fn start_on(
         None => None,
     };
     let kafka_addr = match config.kafka_listen {
-        Some(listen) => Some(start_kafka(&config, listen, &broker, &tracker, &shutdown).await?),
+        Some(listen) => Some(
+            start_kafka(
+                &config,
+                listen,
+                &broker,
+                plugins.membership(),
+                &tracker,
+                &shutdown,
+            )
+            .await?,
+        ),
         None => None,
     };
     let service = WeirService::new(
@@ -230,6 +240,7 @@ async fn start_kafka(
     config: &ServerConfig,
     listen: SocketAddr,
     broker: &Arc<Broker>,
+    membership: Option<&Arc<weir_plugins::cluster::Membership>>,
     tracker: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<SocketAddr, ServerError> {
@@ -257,7 +268,16 @@ async fn start_kafka(
             ),
             None => None,
         },
+        // On a cluster, leaders and group coordinators are placed over the nodes serving
+        // Kafka, which this node's heartbeats now include.
+        placement: membership.map(|m| {
+            Arc::new(crate::kafka_placement::MembershipPlacement(m.clone()))
+                as Arc<dyn weir_kafka::Placement>
+        }),
     };
+    if let Some(m) = membership {
+        m.serve_kafka(format!("{}:{}", options.advertised.0, options.advertised.1));
+    }
     tracing::info!(message = "Serving Kafka clients.", addr = %bound, advertised = %format!("{}:{}", options.advertised.0, options.advertised.1));
     tracker.spawn(weir_kafka::serve(
         listener,

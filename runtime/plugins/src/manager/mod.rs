@@ -396,6 +396,11 @@ impl PluginManager {
         }
     }
 
+    /// This node's cluster membership (`None` on a single node).
+    pub fn membership(&self) -> Option<&Arc<crate::cluster::Membership>> {
+        self.seams.cluster.as_ref()
+    }
+
     /// The engine plugins are compiled with.
     pub fn engine(&self) -> &Arc<PluginEngine> {
         &self.engine

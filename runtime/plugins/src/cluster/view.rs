@@ -1,0 +1,85 @@
+//! What a node sees of the cluster: the live nodes (and where they serve Kafka) and the
+//! plugins' leases, read from the `cluster` table, and the rendezvous rule that places
+//! plugins over the live nodes.
+
+use std::collections::BTreeMap;
+
+use super::{FORGET_NODE_MS, NODE_TTL_MS};
+
+/// How strongly `node` is preferred for `plugin` (rendezvous hashing: the live node with the
+/// highest rank runs it). FNV-1a of the pair, then a full-avalanche finish (splitmix64's):
+/// FNV alone orders nodes nearly alike for names that differ in their last characters
+/// (`pts0`, `pts1`), so such plugins piled onto one node.
+pub fn rank(node: &str, plugin: &str) -> u64 {
+    let mut z = crate::dedup::id_hash(&format!("{node}\u{0}{plugin}"));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// What a node sees of the cluster after a tick.
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    /// Live nodes: id → gRPC address.
+    pub live: BTreeMap<String, String>,
+    /// Plugin → the node holding its lease (live or not).
+    pub leases: BTreeMap<String, String>,
+    /// Live nodes serving Kafka clients: id → advertised `host:port`.
+    pub kafka: BTreeMap<String, String>,
+}
+
+impl View {
+    /// The node that should run `plugin`: the live node with the highest hash of (node,
+    /// plugin), so a node joining or leaving moves only the plugins it wins or held.
+    pub fn preferred(&self, plugin: &str) -> Option<&str> {
+        self.live
+            .keys()
+            .max_by_key(|node| rank(node, plugin))
+            .map(String::as_str)
+    }
+
+    /// The holder of `plugin`'s lease if it is live.
+    pub fn holder(&self, plugin: &str) -> Option<&str> {
+        self.leases
+            .get(plugin)
+            .filter(|n| self.live.contains_key(*n))
+            .map(String::as_str)
+    }
+
+    /// "node-id (address)" of `plugin`'s live holder.
+    pub fn describe_holder(&self, plugin: &str) -> Option<String> {
+        let node = self.holder(plugin)?;
+        Some(format!("{node} ({})", self.live[node]))
+    }
+}
+
+pub(super) fn parse(now: &BTreeMap<Vec<u8>, bytes::Bytes>, now_ms: i64) -> (View, Vec<Vec<u8>>) {
+    let mut view = View::default();
+    let mut forget = Vec::new();
+    for (k, v) in now {
+        let text = String::from_utf8_lossy(v);
+        if let Some(node) = k.strip_prefix(b"n/") {
+            // "<ms> <address>[ kafka=<host:port>]"
+            let mut fields = text.split(' ');
+            let at = fields.next().unwrap_or("");
+            let addr = fields.next().unwrap_or("");
+            let kafka = fields.find_map(|f| f.strip_prefix("kafka="));
+            let age = now_ms - at.parse::<i64>().unwrap_or(0);
+            let node = String::from_utf8_lossy(node).into_owned();
+            if age < NODE_TTL_MS {
+                if let Some(kafka) = kafka {
+                    view.kafka.insert(node.clone(), kafka.to_string());
+                }
+                view.live.insert(node, addr.to_string());
+            } else if age > FORGET_NODE_MS {
+                forget.push(k.clone());
+            }
+        } else if let Some(plugin) = k.strip_prefix(b"l/") {
+            view.leases.insert(
+                String::from_utf8_lossy(plugin).into_owned(),
+                text.into_owned(),
+            );
+        }
+    }
+    (view, forget)
+}
