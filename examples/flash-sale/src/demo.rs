@@ -122,7 +122,10 @@ pub async fn demo_kafka(opts: &DemoOptions, python: &Path) -> Result<(Totals, To
     )
     .await?;
     print_totals(opts, "gRPC      Kafka (kill -9 ×2)", &grpc, &kafka, true);
-    let effects = |t: &Totals| (t.sent, t.orders, t.paid, t.points, t.envelopes, t.analytics);
+    let effects = |t: &Totals| {
+        let counts = (t.sent, t.orders, t.paid, t.points, t.envelopes, t.analytics);
+        (counts, t.buyers)
+    };
     ensure!(
         effects(&grpc) == effects(&kafka),
         "the Kafka run's effects differ: {grpc:?} vs {kafka:?}"

@@ -29,6 +29,17 @@ struct Produce<'a> {
     value: String,
 }
 
+/// A child process killed and waited for when dropped (an error while it runs must not leave
+/// a producer sending into a server being torn down).
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// confluent-kafka under `python`, producing into `bootstrap`.
 pub struct KafkaProducer {
     python: PathBuf,
@@ -63,14 +74,16 @@ impl KafkaProducer {
         records: &[Produce<'_>],
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<Vec<(u32, u64)>> {
-        let mut child = Command::new(&self.python)
-            .arg(&self.script)
-            .arg(&self.bootstrap)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", self.python.display()))?;
-        let mut stdin = child.stdin.take().expect("piped");
+        let mut child = Reaped(
+            Command::new(&self.python)
+                .arg(&self.script)
+                .arg(&self.bootstrap)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .with_context(|| format!("starting {}", self.python.display()))?,
+        );
+        let mut stdin = child.0.stdin.take().expect("piped");
         let lines: Vec<String> = records
             .iter()
             .map(|r| {
@@ -90,7 +103,7 @@ impl KafkaProducer {
         });
         let mut at: Vec<Option<(u32, u64)>> = vec![None; records.len()];
         let mut reports = 0u64;
-        for line in BufReader::new(child.stdout.take().expect("piped")).lines() {
+        for line in BufReader::new(child.0.stdout.take().expect("piped")).lines() {
             let line = line?;
             let mut parts = line.splitn(3, ' ');
             let (Some(n), Some(partition), Some(rest)) = (parts.next(), parts.next(), parts.next())
@@ -110,7 +123,7 @@ impl KafkaProducer {
         }
         progress(reports % 1000);
         let wrote = writer.join().expect("writer thread");
-        let status = child.wait()?;
+        let status = child.0.wait()?;
         ensure!(status.success(), "the Kafka producer failed: {status}");
         wrote.context("feeding the Kafka producer")?;
         at.into_iter()

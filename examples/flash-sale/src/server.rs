@@ -52,26 +52,27 @@ impl Server {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", weir.display()))?;
-        let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let stdout = child.stdout.take().expect("stdout");
+        // Held from here, so a server whose output is not as expected is killed, not left.
+        let mut server = Server {
+            child,
+            url: String::new(),
+            metrics: String::new(),
+            kafka: None,
+        };
+        let mut lines = std::io::BufReader::new(stdout).lines();
         let mut line = |prefix: &str| -> Result<String> {
             let l = lines.next().context("weir serve exited")??;
             l.strip_prefix(prefix)
                 .map(str::to_string)
                 .with_context(|| format!("unexpected output of weir serve: {l:?}"))
         };
-        let url = format!("http://{}", line("weir listening on ")?);
-        let metrics = line("weir metrics on ")?;
-        let kafka = if extra.contains(&"--kafka-listen") {
-            Some(line("weir kafka on ")?)
-        } else {
-            None
-        };
-        Ok(Server {
-            child,
-            url,
-            metrics,
-            kafka,
-        })
+        server.url = format!("http://{}", line("weir listening on ")?);
+        server.metrics = line("weir metrics on ")?;
+        if extra.contains(&"--kafka-listen") {
+            server.kafka = Some(line("weir kafka on ")?);
+        }
+        Ok(server)
     }
 
     /// `kill -9`.

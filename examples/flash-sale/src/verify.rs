@@ -31,6 +31,9 @@ pub struct Totals {
     pub envelopes: u64,
     /// Analytics records.
     pub analytics: u64,
+    /// A digest of who bought (FNV-1a of the sorted buyers): equal totals mean the same
+    /// buyers, not only as many.
+    pub buyers: u64,
 }
 
 /// Recounts everything from what was sent and checks weir's state and topics against it.
@@ -162,6 +165,11 @@ pub async fn verify(
         points: expected_points.values().sum(),
         envelopes: grants.len() as u64,
         analytics: analytics.len() as u64,
+        buyers: buyers.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, user| {
+            user.bytes()
+                .chain([0])
+                .fold(h, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+        }),
     })
 }
 

@@ -371,6 +371,11 @@ impl Coordinator {
             .retain(|name, _| groups.contains_key(name));
     }
 
+    /// Whether this node holds `group` (members, or joins waiting).
+    pub(crate) fn holds(&self, group: &str) -> bool {
+        self.groups.lock().contains_key(group)
+    }
+
     /// A group's view, `None` if this node holds no members of it.
     pub(crate) fn describe(&self, group_id: &str) -> Option<GroupView> {
         let groups = self.groups.lock();

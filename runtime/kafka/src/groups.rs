@@ -340,10 +340,14 @@ pub(crate) async fn list_groups(
         .collect();
     match ctx.broker.list_groups().await {
         Ok(all) => {
+            // On a cluster each node lists the groups it coordinates, as a Kafka broker does
+            // (clients ask every broker and merge).
             for (group, _) in all {
-                listed
-                    .entry(group)
-                    .or_insert_with(|| ("consumer".into(), "Empty".into()));
+                if placement::coordinates(ctx, &group) {
+                    listed
+                        .entry(group)
+                        .or_insert_with(|| ("consumer".into(), "Empty".into()));
+                }
             }
         }
         Err(e) => return ListGroupsResponse::default().with_error_code(errors::wire(&e)),

@@ -115,14 +115,7 @@ pub async fn serve(
         let mut tick = tokio::time::interval(coordinator::TICK);
         loop {
             tokio::select! {
-                _ = tick.tick() => {
-                    ticking.tick();
-                    // Only on a view of the cluster: a node that cannot see it keeps its
-                    // groups (their calls are answered NOT_COORDINATOR meanwhile).
-                    if let Some(nodes) = placement::Nodes::of(&tick_options) {
-                        ticking.unload(|g| nodes.coordinator(g).id == nodes.me);
-                    }
-                }
+                _ = tick.tick() => tick_groups(&ticking, &tick_options),
                 _ = tick_shutdown.cancelled() => return ticking.stop(),
             }
         }
@@ -162,6 +155,16 @@ pub async fn serve(
     }
     connections.close();
     connections.wait().await;
+}
+
+/// One look at the groups: sessions that expired, rebalances out of time and, on a view of
+/// the cluster, groups now placed on another node (a node that cannot see the cluster keeps
+/// the groups it holds).
+fn tick_groups(coordinator: &coordinator::Coordinator, options: &KafkaOptions) {
+    coordinator.tick();
+    if let Some(nodes) = placement::Nodes::of(options) {
+        coordinator.unload(|g| nodes.coordinator(g).id == nodes.me);
+    }
 }
 
 /// The address to advertise for a listener bound to `bound` when none was given: the bound

@@ -101,10 +101,13 @@ fn placed(p: &Arc<dyn Placement>) -> Option<Nodes> {
     all.iter().any(|n| n.id == me).then_some(Nodes { me, all })
 }
 
-/// Whether this node coordinates `group`. `false` while a cluster node cannot see the
-/// cluster: clients are sent to find the coordinator again.
+/// Whether this node coordinates `group`. While a cluster node cannot see the cluster, it
+/// keeps the groups it holds and sends others to find their coordinator again.
 pub(crate) fn coordinates(ctx: &Ctx, group: &str) -> bool {
-    Nodes::of(&ctx.options).is_some_and(|n| n.coordinator(group).id == n.me)
+    match Nodes::of(&ctx.options) {
+        Some(n) => n.coordinator(group).id == n.me,
+        None => ctx.coordinator.holds(group),
+    }
 }
 
 /// How strongly node `id` is preferred for `what`: FNV-1a of both, finished with splitmix64's

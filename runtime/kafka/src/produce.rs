@@ -14,7 +14,7 @@ use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
 use kafka_protocol::protocol::StrBytes;
-use kafka_protocol::records::TimestampType;
+use kafka_protocol::records::{Compression, TimestampType};
 use weir_broker::{BrokerError, Caller, PendingPublish, ProducerFields, Publish};
 use weir_core::Record;
 
@@ -35,6 +35,9 @@ fn message_id(value: Option<Bytes>) -> Result<String, (ResponseError, String)> {
     let value = value.unwrap_or_default();
     if value.is_empty() {
         return Err(bad("is empty"));
+    }
+    if value.len() > usize::from(u16::MAX) {
+        return Err(bad("is too long"));
     }
     String::from_utf8(value.to_vec()).map_err(|_| bad("is not UTF-8"))
 }
@@ -148,14 +151,39 @@ async fn apply(
         )));
     };
     // Every batch is decoded and checked before any is stored: a malformed batch refuses the
-    // partition's data whole, as Kafka validates it.
+    // partition's data whole, as Kafka validates it. What the decoded batches hold beyond the
+    // request's own bytes (their decompressed records) is bounded as one batch is.
     let mut bytes = records.unwrap_or_default();
     let mut publishes = Vec::new();
+    let mut decompressed = 0usize;
     while !bytes.is_empty() {
         let set = match batches::decode(&mut bytes, ctx.broker.config().max_batch_records) {
             Ok(s) => s,
             Err(refused) => return Outcome::Done(Err(refused)),
         };
+        if set.compression != Compression::None {
+            decompressed += set
+                .records
+                .iter()
+                .map(|r| {
+                    r.value.as_ref().map_or(0, Bytes::len)
+                        + r.key.as_ref().map_or(0, Bytes::len)
+                        + r.headers
+                            .iter()
+                            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Bytes::len))
+                            .sum::<usize>()
+                })
+                .sum::<usize>();
+            if decompressed > batches::MAX_DECOMPRESSED_BYTES {
+                return Outcome::Done(Err((
+                    ResponseError::RecordListTooLarge,
+                    format!(
+                        "a partition's record batches decompress to more than {} bytes in all",
+                        batches::MAX_DECOMPRESSED_BYTES
+                    ),
+                )));
+            }
+        }
         let Some(first) = set.records.first() else {
             continue;
         };

@@ -288,7 +288,8 @@ async fn the_weir_id_header_is_the_message_id_both_ways() {
     );
     // An id that is not text, or empty, refuses the partition's data and stores nothing of it,
     // a well-formed batch before the bad one included.
-    for bad in [&b"\xff\xfe"[..], b""] {
+    let long = vec![b'a'; 65_536];
+    for bad in [&b"\xff\xfe"[..], b"", &long[..]] {
         let mut two = BytesMut::from(&batch_with_ids(&[None])[..]);
         two.extend_from_slice(&batch_with_ids(&[None, Some(bad)]));
         let r: ProduceResponse = ask(ctx, ApiKey::Produce, 9, &produce_to_t0(two.freeze())).await;
@@ -298,4 +299,37 @@ async fn the_weir_id_header_is_the_message_id_both_ways() {
     }
     let after = ctx.broker.read("t", 0, 0, 10).await.unwrap();
     assert_eq!(after.len(), 3, "{after:?}");
+}
+
+/// Each batch decompresses within the limit, but a partition's batches, all decoded before
+/// any is stored, must too: a frame of small compressed batches cannot make the server hold
+/// many times the limit.
+#[tokio::test]
+async fn a_partitions_batches_are_bounded_in_all_when_decompressed() {
+    let setup = setup().await;
+    let ctx = &setup.ctx;
+    // 65 records of 512 KiB (each within the broker's record limit): just over half the limit.
+    let value = Bytes::from(vec![0u8; 512 * 1024]);
+    let records: Vec<Record> = (0..65)
+        .map(|i| record(i, -1, i as i32 - 1, value.clone(), IndexMap::new()))
+        .collect();
+    let one = encode(&records, Compression::Zstd);
+    assert!(
+        one.len() < 64 * 1024,
+        "compressed small: {} bytes",
+        one.len()
+    );
+    let mut two = BytesMut::from(&one[..]);
+    two.extend_from_slice(&one);
+    let r: ProduceResponse = ask(ctx, ApiKey::Produce, 9, &produce_to_t0(two.freeze())).await;
+    let p = &r.responses[0].partition_responses[0];
+    assert_eq!(
+        p.error_code, 18,
+        "RECORD_LIST_TOO_LARGE: {:?}",
+        p.error_message
+    );
+    assert!(ctx.broker.read("t", 0, 0, 10).await.unwrap().is_empty());
+    // One of them alone is taken.
+    let r: ProduceResponse = ask(ctx, ApiKey::Produce, 9, &produce_to_t0(one)).await;
+    assert_eq!(r.responses[0].partition_responses[0].error_code, 0);
 }

@@ -43,7 +43,7 @@ pub struct Membership {
     taken_overdue: parking_lot::Mutex<std::collections::BTreeSet<String>>,
     /// The advertised address of this node's Kafka listener, once it serves one.
     kafka: parking_lot::Mutex<Option<String>>,
-    /// The view of the last tick, and when it was taken.
+    /// The view of the last heartbeat or tick, and when it was taken.
     last_view: parking_lot::Mutex<Option<(std::time::Instant, View)>>,
     /// This node's id (new at every start).
     pub node: String,
@@ -85,8 +85,8 @@ impl Membership {
         *self.kafka.lock() = Some(advertised);
     }
 
-    /// The view of this node's last tick if it is younger than a node's time-out: a node
-    /// whose look at the cluster fails has none.
+    /// The view of this node's last heartbeat or tick if it is younger than a node's
+    /// time-out: a node whose heartbeats fail has none.
     pub fn view(&self) -> Option<View> {
         let ttl = std::time::Duration::from_millis(NODE_TTL_MS as u64);
         self.last_view
@@ -134,14 +134,32 @@ impl Membership {
     /// # Errors
     /// The replicated store failed.
     pub fn heartbeat(&self) -> Result<(), LogError> {
-        let result = self.kv.update(NS, |_| {
+        let mut seen = None;
+        let result = self.kv.update(NS, |now| {
+            // The table as it was read: the view of who is live, kept even while the plugin
+            // loop (which ticks) is busy for longer than the time-out.
+            seen = Some(parse(now, weir_core::record::now_ms()).0);
             Some(vec![(
                 format!("n/{}", self.node).into_bytes(),
                 Some(self.beat_value()),
             )])
         });
         self.beat(result.is_ok());
+        if let (Ok(_), Some(mut view)) = (&result, seen) {
+            self.add_self(&mut view);
+            *self.last_view.lock() = Some((std::time::Instant::now(), view));
+        }
         result.map(|_| ())
+    }
+
+    /// Puts this node in `view`: live, and serving Kafka where it says (a node that used
+    /// the same Kafka address before a restart is dropped from the Kafka map: it is this one).
+    fn add_self(&self, view: &mut View) {
+        view.live.insert(self.node.clone(), self.addr.clone());
+        if let Some(kafka) = &*self.kafka.lock() {
+            view.kafka.retain(|_, addr| addr != kafka);
+            view.kafka.insert(self.node.clone(), kafka.clone());
+        }
     }
 
     /// The replicated store (blobs: plugins' wasm).
@@ -169,10 +187,7 @@ impl Membership {
         let outcome = self.kv.update(NS, |now| {
             let now_ms = weir_core::record::now_ms();
             let (mut view, forget) = parse(now, now_ms);
-            view.live.insert(self.node.clone(), self.addr.clone());
-            if let Some(kafka) = &*self.kafka.lock() {
-                view.kafka.insert(self.node.clone(), kafka.clone());
-            }
+            self.add_self(&mut view);
             // The heartbeat is the heartbeat task's: a tick writes only what changes.
             let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> =
                 forget.into_iter().map(|k| (k, None)).collect();
@@ -373,6 +388,17 @@ mod tests {
             "the last tick's view is kept"
         );
         assert_eq!(seen_by_b.live[&a.node], "a:1", "the address is unchanged");
+        // a restarted on the same Kafka address (a new node id) while a's last heartbeat is
+        // young: one node per address, the new one, whoever looks.
+        let restarted = node(&log, "a:1");
+        restarted.serve_kafka("127.0.0.1:9092".into());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        restarted.heartbeat().unwrap();
+        let kafka_of = |m: &Membership| m.view().unwrap().kafka.into_iter().collect::<Vec<_>>();
+        let want = vec![(restarted.node.clone(), "127.0.0.1:9092".to_string())];
+        assert_eq!(kafka_of(&restarted), want);
+        b.heartbeat().unwrap();
+        assert_eq!(kafka_of(&b), want, "the heartbeat keeps the view too");
     }
 
     /// A plugin whose preferred node does not take it (whatever the reason) is not left

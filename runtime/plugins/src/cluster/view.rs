@@ -56,6 +56,8 @@ impl View {
 pub(super) fn parse(now: &BTreeMap<Vec<u8>, bytes::Bytes>, now_ms: i64) -> (View, Vec<Vec<u8>>) {
     let mut view = View::default();
     let mut forget = Vec::new();
+    // Kafka address → (heartbeat time, node) of the newest node serving there.
+    let mut kafka_at: BTreeMap<String, (i64, String)> = BTreeMap::new();
     for (k, v) in now {
         let text = String::from_utf8_lossy(v);
         if let Some(node) = k.strip_prefix(b"n/") {
@@ -64,11 +66,17 @@ pub(super) fn parse(now: &BTreeMap<Vec<u8>, bytes::Bytes>, now_ms: i64) -> (View
             let at = fields.next().unwrap_or("");
             let addr = fields.next().unwrap_or("");
             let kafka = fields.find_map(|f| f.strip_prefix("kafka="));
-            let age = now_ms - at.parse::<i64>().unwrap_or(0);
+            let at = at.parse::<i64>().unwrap_or(0);
+            let age = now_ms - at;
             let node = String::from_utf8_lossy(node).into_owned();
             if age < NODE_TTL_MS {
                 if let Some(kafka) = kafka {
-                    view.kafka.insert(node.clone(), kafka.to_string());
+                    // One node per Kafka address, the newest: a node restarted on the same
+                    // address has a new id while its old heartbeat is still young.
+                    let newer = kafka_at.get(kafka).is_none_or(|(seen, _)| *seen < at);
+                    if newer {
+                        kafka_at.insert(kafka.to_string(), (at, node.clone()));
+                    }
                 }
                 view.live.insert(node, addr.to_string());
             } else if age > FORGET_NODE_MS {
@@ -81,5 +89,9 @@ pub(super) fn parse(now: &BTreeMap<Vec<u8>, bytes::Bytes>, now_ms: i64) -> (View
             );
         }
     }
+    view.kafka = kafka_at
+        .into_iter()
+        .map(|(addr, (_, node))| (node, addr))
+        .collect();
     (view, forget)
 }
