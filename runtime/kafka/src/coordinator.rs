@@ -94,13 +94,29 @@ pub(crate) const SESSION_TIMEOUTS: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(6)..=Duration::from_secs(1800);
 
 impl Coordinator {
-    /// Joins (or rejoins) a member; resolves when the join phase ends.
+    /// [`Coordinator::join_where`] on a node that coordinates every group.
+    #[cfg(test)]
     pub(crate) fn join(
         &self,
         join: Join,
     ) -> Result<oneshot::Receiver<Result<Joined, ResponseError>>, (ResponseError, String)> {
+        self.join_where(join, |_, _| true)
+    }
+
+    /// Joins (or rejoins) a member if `here(group, held)` says this node coordinates the group
+    /// (`held`: whether it holds it now), else NOT_COORDINATOR; resolves when the join phase
+    /// ends. Asked under the groups' lock, as [`Coordinator::unload`] decides, so a join
+    /// cannot bring back a group just let go.
+    pub(crate) fn join_where(
+        &self,
+        join: Join,
+        here: impl FnOnce(&str, bool) -> bool,
+    ) -> Result<oneshot::Receiver<Result<Joined, ResponseError>>, (ResponseError, String)> {
         let mut groups = self.groups.lock();
         if self.stopped.load(Ordering::SeqCst) {
+            return Err((ResponseError::NotCoordinator, join.member_id.clone()));
+        }
+        if !here(&join.group, groups.contains_key(&join.group)) {
             return Err((ResponseError::NotCoordinator, join.member_id.clone()));
         }
         let group = groups.entry(join.group.clone()).or_insert_with(Group::new);

@@ -141,10 +141,10 @@ pub(crate) fn join_group(
             .with_generation_id(-1)
             .with_member_id(text(member))
     };
-    let joined = match elsewhere(ctx, &join.group) {
-        Some(code) => Err((code, join.member_id.clone())),
-        None => ctx.coordinator.join(join),
-    };
+    let options = ctx.options.clone();
+    let joined = ctx.coordinator.join_where(join, |group, held| {
+        placement::placed_here(&options, group, held)
+    });
     async move {
         let joined: Joined = match joined {
             Err((code, member)) => return failed(code, member),

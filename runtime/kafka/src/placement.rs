@@ -104,9 +104,14 @@ fn placed(p: &Arc<dyn Placement>) -> Option<Nodes> {
 /// Whether this node coordinates `group`. While a cluster node cannot see the cluster, it
 /// keeps the groups it holds and sends others to find their coordinator again.
 pub(crate) fn coordinates(ctx: &Ctx, group: &str) -> bool {
-    match Nodes::of(&ctx.options) {
+    placed_here(&ctx.options, group, ctx.coordinator.holds(group))
+}
+
+/// [`coordinates`], given whether this node holds `group` now.
+pub(crate) fn placed_here(options: &KafkaOptions, group: &str, held: bool) -> bool {
+    match Nodes::of(options) {
         Some(n) => n.coordinator(group).id == n.me,
-        None => ctx.coordinator.holds(group),
+        None => held,
     }
 }
 

@@ -190,3 +190,37 @@ fn new_members_of_v4_are_given_an_id_first_and_strangers_are_refused() {
         Err((ResponseError::InconsistentGroupProtocol, _))
     ));
 }
+
+/// A group let go (it moved to another node) cannot be brought back by a join that was
+/// placed before the move: the join asks where the group is under the same lock as the
+/// unload, and a node without a view of the cluster takes joins only for groups it holds.
+#[tokio::test(start_paused = true)]
+async fn a_join_asks_where_the_group_is_under_the_groups_lock() {
+    let c = Coordinator::default();
+    let a = join(&c, "").await.unwrap().unwrap();
+    let rejoin = |here: bool| {
+        c.join_where(
+            Join {
+                group: "g".into(),
+                member_id: a.member_id.clone(),
+                client_id: "c".into(),
+                host: "h".into(),
+                session_timeout: Duration::from_secs(6),
+                rebalance_timeout: Duration::from_secs(10),
+                protocol_type: "consumer".into(),
+                protocols: vec![("range".into(), Bytes::from_static(b"sub"))],
+                id_required: false,
+            },
+            // No view: held groups only.
+            move |_, held| here && held,
+        )
+    };
+    assert!(rejoin(true).is_ok(), "held: served");
+    c.unload(|_| false);
+    assert!(!c.holds("g"));
+    assert_eq!(rejoin(true).unwrap_err().0, ResponseError::NotCoordinator);
+    assert!(
+        !c.holds("g"),
+        "the refused join did not bring the group back"
+    );
+}
