@@ -29,10 +29,19 @@ const HEADER_BYTES: usize = 61;
 ///
 /// # Errors
 /// The Kafka error and what is wrong with the batch, for the client.
+/// A decoded batch, and the bytes it was decompressed into (0 for an uncompressed batch,
+/// whose records are slices of the request). Its records hold that buffer alive, whatever
+/// their own lengths: it is what a caller keeping batches must count.
+#[derive(Debug)]
+pub(crate) struct Decoded {
+    pub(crate) set: RecordSet,
+    pub(crate) decompressed: usize,
+}
+
 pub(crate) fn decode(
     bytes: &mut Bytes,
     max_records: usize,
-) -> Result<RecordSet, (ResponseError, String)> {
+) -> Result<Decoded, (ResponseError, String)> {
     let corrupt = |why: String| (ResponseError::CorruptMessage, why);
     if bytes.len() >= HEADER_BYTES {
         let count = i32::from_be_bytes(bytes[57..61].try_into().expect("4 bytes"));
@@ -46,7 +55,7 @@ pub(crate) fn decode(
     decode_bounded(bytes).map_err(corrupt)
 }
 
-fn decode_bounded(bytes: &mut Bytes) -> Result<RecordSet, String> {
+fn decode_bounded(bytes: &mut Bytes) -> Result<Decoded, String> {
     if bytes.len() < HEADER_BYTES {
         return Err(format!(
             "a record batch of {} bytes is shorter than its header",
@@ -68,15 +77,21 @@ fn decode_bounded(bytes: &mut Bytes) -> Result<RecordSet, String> {
             bytes.len() - 12
         ));
     }
-    RecordBatchDecoder::decode_with_custom_compression(
+    let decompressed = std::cell::Cell::new(0usize);
+    let set = RecordBatchDecoder::decode_with_custom_compression(
         bytes,
         Some(|compressed: &mut Bytes, compression: Compression| {
             let plain = decompress(compressed, compression).map_err(anyhow::Error::msg)?;
+            decompressed.set(decompressed.get() + plain.len());
             check_records(&plain, count).map_err(anyhow::Error::msg)?;
             Ok(plain)
         }),
     )
-    .map_err(|e| format!("a record batch did not decode: {e}"))
+    .map_err(|e| format!("a record batch did not decode: {e}"))?;
+    Ok(Decoded {
+        set,
+        decompressed: decompressed.get(),
+    })
 }
 
 /// Decompresses into at most [`MAX_DECOMPRESSED_BYTES`].
@@ -93,6 +108,8 @@ fn decompress(compressed: &mut Bytes, compression: Compression) -> Result<Bytes,
                 "a record batch decompresses to more than {MAX_DECOMPRESSED_BYTES} bytes"
             ));
         }
+        // The records keep the buffer alive: no spare capacity with them.
+        out.shrink_to_fit();
         Ok(out.into())
     };
     match compression {

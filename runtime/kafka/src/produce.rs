@@ -14,7 +14,7 @@ use kafka_protocol::error::ResponseError;
 use kafka_protocol::messages::produce_response::{PartitionProduceResponse, TopicProduceResponse};
 use kafka_protocol::messages::{ProduceRequest, ProduceResponse};
 use kafka_protocol::protocol::StrBytes;
-use kafka_protocol::records::{Compression, TimestampType};
+use kafka_protocol::records::TimestampType;
 use weir_broker::{BrokerError, Caller, PendingPublish, ProducerFields, Publish};
 use weir_core::Record;
 
@@ -158,31 +158,22 @@ async fn apply(
     let mut decompressed = 0usize;
     while !bytes.is_empty() {
         let set = match batches::decode(&mut bytes, ctx.broker.config().max_batch_records) {
-            Ok(s) => s,
+            Ok(d) => {
+                // The decompressed buffers the decoded records hold, whatever the records' own
+                // lengths (padding after them is kept alive with them).
+                decompressed += d.decompressed;
+                d.set
+            }
             Err(refused) => return Outcome::Done(Err(refused)),
         };
-        if set.compression != Compression::None {
-            decompressed += set
-                .records
-                .iter()
-                .map(|r| {
-                    r.value.as_ref().map_or(0, Bytes::len)
-                        + r.key.as_ref().map_or(0, Bytes::len)
-                        + r.headers
-                            .iter()
-                            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Bytes::len))
-                            .sum::<usize>()
-                })
-                .sum::<usize>();
-            if decompressed > batches::MAX_DECOMPRESSED_BYTES {
-                return Outcome::Done(Err((
-                    ResponseError::RecordListTooLarge,
-                    format!(
-                        "a partition's record batches decompress to more than {} bytes in all",
-                        batches::MAX_DECOMPRESSED_BYTES
-                    ),
-                )));
-            }
+        if decompressed > batches::MAX_DECOMPRESSED_BYTES {
+            return Outcome::Done(Err((
+                ResponseError::RecordListTooLarge,
+                format!(
+                    "a partition's record batches decompress to more than {} bytes in all",
+                    batches::MAX_DECOMPRESSED_BYTES
+                ),
+            )));
         }
         let Some(first) = set.records.first() else {
             continue;

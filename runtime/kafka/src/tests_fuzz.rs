@@ -246,3 +246,37 @@ async fn an_array_count_the_frame_cannot_hold_is_refused() {
         "refused"
     );
 }
+
+/// A record's decoded slices keep its whole decompressed buffer alive, padding after the
+/// records included: that buffer, not the records' lengths, counts against a partition's
+/// bound, so batches of one small record and 40 MiB of compressed padding are refused in
+/// pairs.
+#[tokio::test]
+async fn padding_after_the_records_counts_against_a_partitions_bound() {
+    // One record: attributes, timestamp and offset deltas, null key, value "v", no headers.
+    let mut plain = vec![14u8, 0, 0, 0, 1, 2, b'v', 0];
+    plain.resize(40 << 20, 0);
+    let padded = raw_batch(1, 4, &zstd::encode_all(&plain[..], 3).unwrap());
+    assert!(padded.len() < 64 * 1024);
+    let decoded = batches::decode(&mut padded.clone(), usize::MAX).unwrap();
+    assert_eq!(decoded.set.records.len(), 1);
+    assert_eq!(decoded.decompressed, 40 << 20);
+    let setup = crate::tests::setup().await;
+    let ctx = &setup.ctx;
+    let mut two = bytes::BytesMut::from(&padded[..]);
+    two.extend_from_slice(&padded);
+    let r: kafka_protocol::messages::ProduceResponse = crate::tests::ask(
+        ctx,
+        kafka_protocol::messages::ApiKey::Produce,
+        9,
+        &crate::tests::produce_to_t0(two.freeze()),
+    )
+    .await;
+    let p = &r.responses[0].partition_responses[0];
+    assert_eq!(
+        p.error_code, 18,
+        "RECORD_LIST_TOO_LARGE: {:?}",
+        p.error_message
+    );
+    assert!(ctx.broker.read("t", 0, 0, 10).await.unwrap().is_empty());
+}

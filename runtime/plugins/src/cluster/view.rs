@@ -56,27 +56,26 @@ impl View {
 pub(super) fn parse(now: &BTreeMap<Vec<u8>, bytes::Bytes>, now_ms: i64) -> (View, Vec<Vec<u8>>) {
     let mut view = View::default();
     let mut forget = Vec::new();
-    // Kafka address → (heartbeat time, node) of the newest node serving there.
-    let mut kafka_at: BTreeMap<String, (i64, String)> = BTreeMap::new();
+    // (node, Kafka address, last heartbeat, start) of the live nodes serving Kafka.
+    let mut kafka: Vec<(String, String, i64, i64)> = Vec::new();
     for (k, v) in now {
         let text = String::from_utf8_lossy(v);
         if let Some(node) = k.strip_prefix(b"n/") {
-            // "<ms> <address>[ kafka=<host:port>]"
+            // "<ms> <address>[ started=<ms>][ kafka=<host:port>]" (older nodes write the
+            // first two alone)
             let mut fields = text.split(' ');
             let at = fields.next().unwrap_or("");
             let addr = fields.next().unwrap_or("");
-            let kafka = fields.find_map(|f| f.strip_prefix("kafka="));
+            let rest: Vec<&str> = fields.collect();
+            let field = |name: &str| rest.iter().find_map(|f| f.strip_prefix(name));
+            let started = field("started=").and_then(|s| s.parse::<i64>().ok());
+            let serves = field("kafka=");
             let at = at.parse::<i64>().unwrap_or(0);
             let age = now_ms - at;
             let node = String::from_utf8_lossy(node).into_owned();
             if age < NODE_TTL_MS {
-                if let Some(kafka) = kafka {
-                    // One node per Kafka address, the newest: a node restarted on the same
-                    // address has a new id while its old heartbeat is still young.
-                    let newer = kafka_at.get(kafka).is_none_or(|(seen, _)| *seen < at);
-                    if newer {
-                        kafka_at.insert(kafka.to_string(), (at, node.clone()));
-                    }
+                if let Some(serves) = serves {
+                    kafka.push((node.clone(), serves.to_string(), at, started.unwrap_or(0)));
                 }
                 view.live.insert(node, addr.to_string());
             } else if age > FORGET_NODE_MS {
@@ -89,9 +88,16 @@ pub(super) fn parse(now: &BTreeMap<Vec<u8>, bytes::Bytes>, now_ms: i64) -> (View
             );
         }
     }
-    view.kafka = kafka_at
-        .into_iter()
-        .map(|(addr, (_, node))| (node, addr))
-        .collect();
+    // A node restarted on the same Kafka address has a new id while its previous self's
+    // heartbeat is still young: that one has not beaten since the new one started, so it is
+    // gone. Nodes that both beat after each other's start both stay (every view alike).
+    for (node, serves, at, _) in &kafka {
+        let replaced = kafka
+            .iter()
+            .any(|(other, addr, _, started)| other != node && addr == serves && started > at);
+        if !replaced {
+            view.kafka.insert(node.clone(), serves.clone());
+        }
+    }
     (view, forget)
 }
