@@ -262,21 +262,5 @@ async fn padding_after_the_records_counts_against_a_partitions_bound() {
     assert_eq!(decoded.set.records.len(), 1);
     assert_eq!(decoded.decompressed, 40 << 20);
     let setup = crate::tests::setup().await;
-    let ctx = &setup.ctx;
-    let mut two = bytes::BytesMut::from(&padded[..]);
-    two.extend_from_slice(&padded);
-    let r: kafka_protocol::messages::ProduceResponse = crate::tests::ask(
-        ctx,
-        kafka_protocol::messages::ApiKey::Produce,
-        9,
-        &crate::tests::produce_to_t0(two.freeze()),
-    )
-    .await;
-    let p = &r.responses[0].partition_responses[0];
-    assert_eq!(
-        p.error_code, 18,
-        "RECORD_LIST_TOO_LARGE: {:?}",
-        p.error_message
-    );
-    assert!(ctx.broker.read("t", 0, 0, 10).await.unwrap().is_empty());
+    crate::tests_produce::refuses_two_as_too_large(&setup.ctx, &padded).await;
 }

@@ -319,8 +319,17 @@ async fn a_partitions_batches_are_bounded_in_all_when_decompressed() {
         "compressed small: {} bytes",
         one.len()
     );
-    let mut two = BytesMut::from(&one[..]);
-    two.extend_from_slice(&one);
+    refuses_two_as_too_large(ctx, &one).await;
+    // One of them alone is taken.
+    let r: ProduceResponse = ask(ctx, ApiKey::Produce, 9, &produce_to_t0(one)).await;
+    assert_eq!(r.responses[0].partition_responses[0].error_code, 0);
+}
+
+/// A produce of `batch` twice in one partition's data is refused RECORD_LIST_TOO_LARGE and
+/// stores nothing.
+pub(super) async fn refuses_two_as_too_large(ctx: &Ctx, batch: &Bytes) {
+    let mut two = BytesMut::from(&batch[..]);
+    two.extend_from_slice(batch);
     let r: ProduceResponse = ask(ctx, ApiKey::Produce, 9, &produce_to_t0(two.freeze())).await;
     let p = &r.responses[0].partition_responses[0];
     assert_eq!(
@@ -329,7 +338,4 @@ async fn a_partitions_batches_are_bounded_in_all_when_decompressed() {
         p.error_message
     );
     assert!(ctx.broker.read("t", 0, 0, 10).await.unwrap().is_empty());
-    // One of them alone is taken.
-    let r: ProduceResponse = ask(ctx, ApiKey::Produce, 9, &produce_to_t0(one)).await;
-    assert_eq!(r.responses[0].partition_responses[0].error_code, 0);
 }
