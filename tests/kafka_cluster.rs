@@ -1,5 +1,5 @@
 //! The Kafka listener on the replicated backend: two `weir serve --log` nodes over a real
-//! 3-node JetStream cluster, each with `--kafka-listen`, and a librdkafka idempotent producer
+//! 3-node JetStream cluster, each with `--kafka-listen`, and a librdkafka idempotent lz4 producer
 //! bootstrapped with both. Each node in turn is killed -9 while the producer sends (and
 //! restarted): the producer's batches in flight are retried through the other node, whose
 //! producer state is the shared log's, so every record is stored once. Then a consumer group
@@ -84,6 +84,9 @@ async fn a_librdkafka_producer_failing_over_between_two_nodes_stores_each_record
             total.to_string(),
             "--acked".into(),
             acked.display().to_string(),
+            // Compressed, as the single-node tests produce in every compression.
+            "--compression".into(),
+            "lz4".into(),
             "--pace".into(),
             "0.15".into(),
             "--set".into(),
