@@ -170,6 +170,36 @@ pub(super) async fn setup() -> Setup {
     }
 }
 
+/// Serves one connection over `stream` with the listener's own loop, as `serve` does.
+pub(super) fn serve<S>(ctx: &Ctx, stream: S) -> tokio::task::JoinHandle<Result<(), String>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(conn::run(
+        stream,
+        ctx.peer,
+        ctx.broker.clone(),
+        ctx.coordinator.clone(),
+        ctx.options.clone(),
+        ctx.shutdown.clone(),
+    ))
+}
+
+/// Stores `n` records (values "0".."n-1") in partition 0 of topic `t`.
+pub(super) async fn fill_t0(ctx: &Ctx, n: usize) {
+    ctx.broker
+        .publish(weir_broker::Publish {
+            topic: "t".into(),
+            partition: Some(0),
+            records: (0..n)
+                .map(|i| weir_core::Record::from_value(format!("{i}")))
+                .collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
 pub(super) fn versions(key: ApiKey) -> std::ops::RangeInclusive<i16> {
     let (min, max) = apis::versions(key).expect("advertised");
     min..=max

@@ -171,16 +171,7 @@ async fn a_connection_that_does_not_log_in_is_closed() {
     };
     setup.ctx.options = Arc::new(options);
     let ctx = &setup.ctx;
-    let run = |server| {
-        tokio::spawn(conn::run(
-            server,
-            ctx.peer,
-            ctx.broker.clone(),
-            ctx.coordinator.clone(),
-            ctx.options.clone(),
-            ctx.shutdown.clone(),
-        ))
-    };
+    let run = |server| crate::tests::serve(ctx, server);
     // Silent: closed at the deadline.
     let (_client, server) = tokio::io::duplex(1024);
     let silent = run(server);

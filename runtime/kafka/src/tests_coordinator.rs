@@ -2,8 +2,9 @@
 
 use super::*;
 
-fn join(c: &Coordinator, member: &str) -> oneshot::Receiver<Result<Joined, ResponseError>> {
-    c.join(Join {
+/// A join of `member` ("": a new one) to group `g`.
+fn request(member: &str) -> Join {
+    Join {
         group: "g".into(),
         member_id: member.into(),
         client_id: "c".into(),
@@ -13,8 +14,11 @@ fn join(c: &Coordinator, member: &str) -> oneshot::Receiver<Result<Joined, Respo
         protocol_type: "consumer".into(),
         protocols: vec![("range".into(), Bytes::from_static(b"sub"))],
         id_required: false,
-    })
-    .unwrap()
+    }
+}
+
+fn join(c: &Coordinator, member: &str) -> oneshot::Receiver<Result<Joined, ResponseError>> {
+    c.join(request(member)).unwrap()
 }
 
 #[tokio::test(start_paused = true)]
@@ -200,17 +204,7 @@ async fn a_join_asks_where_the_group_is_under_the_groups_lock() {
     let a = join(&c, "").await.unwrap().unwrap();
     let rejoin = |here: bool| {
         c.join_where(
-            Join {
-                group: "g".into(),
-                member_id: a.member_id.clone(),
-                client_id: "c".into(),
-                host: "h".into(),
-                session_timeout: Duration::from_secs(6),
-                rebalance_timeout: Duration::from_secs(10),
-                protocol_type: "consumer".into(),
-                protocols: vec![("range".into(), Bytes::from_static(b"sub"))],
-                id_required: false,
-            },
+            request(&a.member_id),
             // No view: held groups only.
             move |_, held| here && held,
         )

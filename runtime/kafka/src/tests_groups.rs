@@ -9,24 +9,14 @@ use kafka_protocol::messages::offset_commit_request::{
 use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
 use kafka_protocol::messages::*;
 
-use crate::tests::{ask, s, setup, versions};
+use crate::tests::{ask, fill_t0, s, setup, versions};
 
 #[tokio::test]
 async fn every_advertised_version_of_the_group_apis_is_answered_in_a_frame_clients_decode() {
     let setup = setup().await;
     let ctx = &setup.ctx;
     // Offsets up to 10 may be committed.
-    ctx.broker
-        .publish(weir_broker::Publish {
-            topic: "t".into(),
-            partition: Some(0),
-            records: (0..10)
-                .map(|i| weir_core::Record::from_value(format!("{i}")))
-                .collect(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    fill_t0(ctx, 10).await;
     for v in versions(ApiKey::FindCoordinator) {
         let r: FindCoordinatorResponse = ask(
             ctx,
@@ -186,15 +176,7 @@ async fn every_advertised_version_of_the_group_apis_is_answered_in_a_frame_clien
 async fn a_live_groups_offsets_never_expire_and_an_empty_groups_do() {
     let setup = setup().await;
     let ctx = &setup.ctx;
-    ctx.broker
-        .publish(weir_broker::Publish {
-            topic: "t".into(),
-            partition: Some(0),
-            records: vec![weir_core::Record::from_value("r")],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    fill_t0(ctx, 1).await;
     let join = JoinGroupRequest::default()
         .with_group_id(GroupId(s("live")))
         .with_session_timeout_ms(10_000)

@@ -130,14 +130,7 @@ async fn pipelined_produces_are_stored_and_answered_in_request_order() {
     let ctx = &setup.ctx;
     let id = producer_id(ctx).await;
     let (client, server) = tokio::io::duplex(1 << 20);
-    let served = tokio::spawn(conn::run(
-        server,
-        ctx.peer,
-        ctx.broker.clone(),
-        ctx.coordinator.clone(),
-        ctx.options.clone(),
-        ctx.shutdown.clone(),
-    ));
+    let served = crate::tests::serve(ctx, server);
     let (mut rd, mut wr) = tokio::io::split(client);
     for i in 0..20 {
         let mut f = BytesMut::new();
