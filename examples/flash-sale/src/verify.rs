@@ -165,11 +165,14 @@ pub async fn verify(
         points: expected_points.values().sum(),
         envelopes: grants.len() as u64,
         analytics: analytics.len() as u64,
-        buyers: buyers.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, user| {
-            user.bytes()
-                .chain([0])
-                .fold(h, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
-        }),
+        buyers: weir_api::fnv1a(
+            buyers
+                .iter()
+                .copied()
+                .collect::<Vec<_>>()
+                .join("\0")
+                .as_bytes(),
+        ),
     })
 }
 

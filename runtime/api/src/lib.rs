@@ -21,8 +21,8 @@ pub use producer::Producer;
 /// gRPC status codes, as [`ClientError::code`] returns them.
 pub use tonic::Code;
 pub use weir_core::{
-    partition_for_key, Admission, PartitionStats, Record, StartAt, StoredRecord, TopicConfig,
-    TopicInfo, PROBE_HEADER,
+    fnv1a, partition_for_key, Admission, PartitionStats, Record, StartAt, StoredRecord,
+    TopicConfig, TopicInfo, PROBE_HEADER,
 };
 
 /// Generated protobuf and tonic types of `proto/weir.proto`.

@@ -1,5 +1,5 @@
 //! weir-core: what every weir crate shares and nothing else — records and their size rules,
-//! topic configurations with their validation, the key partitioner, the probe marker, where a
+//! topic configurations with their validation, the key partitioner and the stable hashes, the probe marker, where a
 //! read starts, time arithmetic that cannot overflow; and two helpers of the host: the one way
 //! blocking work leaves the async workers ([`blocking`]) and retry pacing ([`backoff`]).
 //!
@@ -9,6 +9,7 @@
 
 pub mod backoff;
 pub mod blocking;
+pub mod hash;
 pub mod record;
 pub mod topic;
 
@@ -17,6 +18,7 @@ pub mod topic;
 pub const ANONYMOUS: &str = "anonymous";
 
 pub use backoff::Backoff;
+pub use hash::{fnv1a, rendezvous_rank};
 pub use record::{
     cut_text, elapsed_ms, now_ms, partition_for_key, stored_len, ProbeMarker, Record, StoredRecord,
     TopicPartition, PROBE_HEADER,

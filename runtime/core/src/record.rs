@@ -164,12 +164,7 @@ impl ProbeMarker {
 /// Stable across versions and platforms, so clients can partition before sending (the
 /// idempotent producer must, because sequences are per partition).
 pub fn partition_for_key(key: &[u8], partitions: u32) -> u32 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in key {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    (hash % u64::from(partitions.max(1))) as u32
+    (crate::fnv1a(key) % u64::from(partitions.max(1))) as u32
 }
 
 /// How many ms lie between `earlier` and `later` (0 when `later` is not after it), without

@@ -18,11 +18,7 @@ impl Names {
 
     /// A topic's subject token.
     pub fn token(topic: &str) -> String {
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in topic.bytes() {
-            hash ^= u64::from(b);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
+        let hash = weir_core::fnv1a(topic.as_bytes());
         let readable: String = topic
             .chars()
             .take(100)

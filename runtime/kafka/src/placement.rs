@@ -88,7 +88,7 @@ impl Nodes {
     fn chosen(&self, what: &str) -> &KafkaNode {
         self.all
             .iter()
-            .max_by_key(|n| rank(n.id, what))
+            .max_by_key(|n| weir_core::rendezvous_rank(&n.id.to_string(), what))
             .expect("a placement's nodes include this one")
     }
 }
@@ -113,19 +113,6 @@ pub(crate) fn placed_here(options: &KafkaOptions, group: &str, held: bool) -> bo
         Some(n) => n.coordinator(group).id == n.me,
         None => held,
     }
-}
-
-/// How strongly node `id` is preferred for `what`: FNV-1a of both, finished with splitmix64's
-/// avalanche so that names differing in their last characters spread over the nodes.
-fn rank(id: i32, what: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in id.to_be_bytes().iter().chain(what.as_bytes()) {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 31)
 }
 
 #[cfg(test)]

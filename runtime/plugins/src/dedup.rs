@@ -10,12 +10,7 @@ use crate::store::DedupKey;
 /// 64-bit FNV-1a of a message id: stable across versions, since hashes are stored. With a
 /// million ids in the window the chance of any collision is ~3·10⁻⁸.
 pub fn id_hash(id: &str) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in id.as_bytes() {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash
+    weir_core::fnv1a(id.as_bytes())
 }
 
 /// One stored commit's ids.

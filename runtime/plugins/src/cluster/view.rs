@@ -6,15 +6,10 @@ use std::collections::BTreeMap;
 
 use super::{FORGET_NODE_MS, NODE_TTL_MS};
 
-/// How strongly `node` is preferred for `plugin` (rendezvous hashing: the live node with the
-/// highest rank runs it). FNV-1a of the pair, then a full-avalanche finish (splitmix64's):
-/// FNV alone orders nodes nearly alike for names that differ in their last characters
-/// (`pts0`, `pts1`), so such plugins piled onto one node.
+/// How strongly `node` is preferred for `plugin`: the live node with the highest rank runs
+/// it ([`weir_core::rendezvous_rank`]).
 pub fn rank(node: &str, plugin: &str) -> u64 {
-    let mut z = crate::dedup::id_hash(&format!("{node}\u{0}{plugin}"));
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
+    weir_core::rendezvous_rank(node, plugin)
 }
 
 /// What a node sees of the cluster after a tick.
