@@ -24,11 +24,6 @@ const MIN_RECORD_BYTES: usize = 7;
 /// Bytes of a v2 batch header before its records.
 const HEADER_BYTES: usize = 61;
 
-/// Decodes the next batch of `bytes`, of at most `max_records` records (the broker's
-/// `--max-batch-records`, checked here before anything is reserved for them).
-///
-/// # Errors
-/// The Kafka error and what is wrong with the batch, for the client.
 /// A decoded batch, and the bytes it was decompressed into (0 for an uncompressed batch,
 /// whose records are slices of the request). Its records hold that buffer alive, whatever
 /// their own lengths: it is what a caller keeping batches must count.
@@ -38,6 +33,11 @@ pub(crate) struct Decoded {
     pub(crate) decompressed: usize,
 }
 
+/// Decodes the next batch of `bytes`, of at most `max_records` records (the broker's
+/// `--max-batch-records`, checked here before anything is reserved for them).
+///
+/// # Errors
+/// The Kafka error and what is wrong with the batch, for the client.
 pub(crate) fn decode(
     bytes: &mut Bytes,
     max_records: usize,
@@ -82,7 +82,9 @@ fn decode_bounded(bytes: &mut Bytes) -> Result<Decoded, String> {
         bytes,
         Some(|compressed: &mut Bytes, compression: Compression| {
             let plain = decompress(compressed, compression).map_err(anyhow::Error::msg)?;
-            decompressed.set(decompressed.get() + plain.len());
+            if compression != Compression::None {
+                decompressed.set(decompressed.get() + plain.len());
+            }
             check_records(&plain, count).map_err(anyhow::Error::msg)?;
             Ok(plain)
         }),

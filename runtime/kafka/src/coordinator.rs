@@ -119,10 +119,11 @@ impl Coordinator {
         if !here(&join.group, groups.contains_key(&join.group)) {
             return Err((ResponseError::NotCoordinator, join.member_id.clone()));
         }
-        let group = groups.entry(join.group.clone()).or_insert_with(Group::new);
+        // Refused before the group is made: a refused join leaves nothing held here.
         if !SESSION_TIMEOUTS.contains(&join.session_timeout) {
             return Err((ResponseError::InvalidSessionTimeout, join.member_id.clone()));
         }
+        let group = groups.entry(join.group.clone()).or_insert_with(Group::new);
         let member_id = if join.member_id.is_empty() {
             let n = self.next_member.fetch_add(1, Ordering::Relaxed);
             let id = format!(

@@ -342,8 +342,13 @@ pub(crate) async fn list_groups(
         Ok(all) => {
             // On a cluster each node lists the groups it coordinates, as a Kafka broker does
             // (clients ask every broker and merge).
+            let nodes = Nodes::of(&ctx.options);
             for (group, _) in all {
-                if placement::coordinates(ctx, &group) {
+                let here = match &nodes {
+                    Some(n) => n.coordinator(&group).id == n.me,
+                    None => ctx.coordinator.holds(&group),
+                };
+                if here {
                     listed
                         .entry(group)
                         .or_insert_with(|| ("consumer".into(), "Empty".into()));

@@ -218,3 +218,28 @@ async fn a_join_asks_where_the_group_is_under_the_groups_lock() {
         "the refused join did not bring the group back"
     );
 }
+
+/// Session time-outs outside 6 s–30 min (Kafka's broker defaults) are refused, and the refused
+/// join leaves no group behind.
+#[tokio::test(start_paused = true)]
+async fn a_session_time_out_outside_the_range_is_refused() {
+    let c = Coordinator::default();
+    for secs in [5, 1801] {
+        let refused = c
+            .join(Join {
+                session_timeout: Duration::from_secs(secs),
+                ..request("")
+            })
+            .unwrap_err();
+        assert_eq!(refused.0, ResponseError::InvalidSessionTimeout, "{secs} s");
+        assert!(!c.holds("g"), "{secs} s: nothing held");
+    }
+    for secs in [6, 1800] {
+        assert!(c
+            .join(Join {
+                session_timeout: Duration::from_secs(secs),
+                ..request("")
+            })
+            .is_ok());
+    }
+}

@@ -261,6 +261,9 @@ async fn padding_after_the_records_counts_against_a_partitions_bound() {
     let decoded = batches::decode(&mut padded.clone(), usize::MAX).unwrap();
     assert_eq!(decoded.set.records.len(), 1);
     assert_eq!(decoded.decompressed, 40 << 20);
+    // An uncompressed batch holds slices of the request itself: nothing extra is counted.
+    let plain_batch = batches::decode(&mut raw_batch(1, 0, &plain[..8]), usize::MAX).unwrap();
+    assert_eq!(plain_batch.decompressed, 0);
     let setup = crate::tests::setup().await;
     crate::tests_produce::refuses_two_as_too_large(&setup.ctx, &padded).await;
 }

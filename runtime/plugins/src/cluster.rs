@@ -47,7 +47,7 @@ pub struct Membership {
     /// The advertised address of this node's Kafka listener, once it serves one.
     kafka: parking_lot::Mutex<Option<String>>,
     /// The view of the last heartbeat or tick, and when it was taken.
-    last_view: parking_lot::Mutex<Option<(std::time::Instant, View)>>,
+    last_view: parking_lot::Mutex<Option<(std::time::Instant, Arc<View>)>>,
     /// This node's id (new at every start).
     pub node: String,
     /// This node's gRPC address, shown to operators.
@@ -91,7 +91,7 @@ impl Membership {
 
     /// The view of this node's last heartbeat or tick if it is younger than a node's
     /// time-out: a node whose heartbeats fail has none.
-    pub fn view(&self) -> Option<View> {
+    pub fn view(&self) -> Option<Arc<View>> {
         let ttl = std::time::Duration::from_millis(NODE_TTL_MS as u64);
         self.last_view
             .lock()
@@ -156,7 +156,7 @@ impl Membership {
         self.beat(result.is_ok());
         if let (Ok(_), Some(mut view)) = (&result, seen) {
             self.add_self(&mut view);
-            *self.last_view.lock() = Some((std::time::Instant::now(), view));
+            *self.last_view.lock() = Some((std::time::Instant::now(), Arc::new(view)));
         }
         result.map(|_| ())
     }
@@ -234,7 +234,7 @@ impl Membership {
             (!writes.is_empty()).then_some(writes)
         });
         outcome?;
-        *self.last_view.lock() = Some((std::time::Instant::now(), result.clone()));
+        *self.last_view.lock() = Some((std::time::Instant::now(), Arc::new(result.clone())));
         {
             let mut taken = self.taken_overdue.lock();
             taken.extend(took_overdue);

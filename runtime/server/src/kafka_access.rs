@@ -16,10 +16,7 @@ struct Granted(Arc<Principal>);
 
 impl KafkaPrincipal for Granted {
     fn caller(&self) -> Caller {
-        Caller::Client {
-            name: self.0.name.clone(),
-            admin: self.0.admin,
-        }
+        crate::rpc_convert::caller_of(&self.0)
     }
 
     fn may(&self, op: TopicOp, topic: &str) -> bool {

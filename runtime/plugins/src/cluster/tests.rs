@@ -44,7 +44,7 @@ fn the_kafka_address_travels_in_the_heartbeat() {
     restarted.heartbeat().unwrap();
     restarted.heartbeat().unwrap();
     let kafka_of = |m: &Membership| {
-        let mut v: Vec<String> = m.view().unwrap().kafka.into_keys().collect();
+        let mut v: Vec<String> = m.view().unwrap().kafka.keys().cloned().collect();
         v.sort();
         v
     };
