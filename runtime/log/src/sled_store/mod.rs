@@ -347,6 +347,7 @@ impl SledStore {
 }
 
 mod format;
+mod helpers;
 mod kv;
 mod log;
 mod pending;

@@ -28,6 +28,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use weir_core::{TopicConfig, TopicPartition};
 
+use super::helpers::SyncHelpers;
 use super::segment::{io, remove_file, sync_dir, Loc, Segment};
 use crate::{EncodedChunk, LogError};
 
@@ -59,6 +60,8 @@ pub(super) struct Segments {
     generations: RwLock<HashMap<String, u64>>,
     /// The largest segment (`SledOptions::segment_bytes`).
     segment_bytes: u64,
+    /// Threads that sync several dirty segments at once.
+    helpers: SyncHelpers,
 }
 
 /// A topic with retention by age rolls its segments at a quarter of it, and at least this
@@ -74,6 +77,7 @@ impl Segments {
             rolls: RwLock::new(HashMap::new()),
             generations: RwLock::new(HashMap::new()),
             segment_bytes: segment_bytes.max(1),
+            helpers: SyncHelpers::default(),
         }
     }
 
@@ -337,40 +341,31 @@ impl Segments {
         Ok(Some(buf.freeze()))
     }
 
-    /// fdatasyncs every segment written since the last call (in parallel when there are
-    /// several: one journal commit serves them).
+    /// fdatasyncs every segment written since the last call (in parallel on the helper
+    /// threads when there are several: one journal commit serves them).
     pub fn sync_dirty(&self) -> Result<(), LogError> {
         let dirty = std::mem::take(&mut *self.dirty.lock());
         // Cleared before the sync: a write after this marks the segment dirty again.
         for s in &dirty {
             s.dirty.store(false, Ordering::Release);
         }
-        let sync = |s: &Arc<Segment>| {
-            match s.writer() {
-                Ok(file) => file.sync_data().map_err(|e| s.io(e))?,
-                // Its topic was dropped after the write: nothing of it is left to sync.
-                Err(LogError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-            s.close_if_done();
-            Ok(())
-        };
-        match dirty.len() {
-            0 => Ok(()),
-            1 => sync(&dirty[0]),
-            _ => std::thread::scope(|scope| {
-                let handles: Vec<_> = dirty[1..]
-                    .iter()
-                    .map(|s| scope.spawn(move || sync(s)))
-                    .collect();
-                let first = sync(&dirty[0]);
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("segment sync thread"))
-                    .fold(first, |acc, r| acc.and(r))
-            }),
-        }
+        let jobs: Vec<_> = dirty
+            .into_iter()
+            .map(|s| {
+                move || {
+                    match s.writer() {
+                        Ok(file) => file.sync_data().map_err(|e| s.io(e))?,
+                        // Its topic was dropped after the write: nothing of it is left to sync.
+                        Err(LogError::Io { source, .. })
+                            if source.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
+                    s.close_if_done();
+                    Ok(())
+                }
+            })
+            .collect();
+        self.helpers.run_all(jobs)
     }
 
     /// Deletes the partition's segments whose every chunk is below `start` (retention),
