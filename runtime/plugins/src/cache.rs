@@ -2,6 +2,8 @@
 
 use std::collections::HashMap;
 
+use foldhash::fast::RandomState;
+
 use parking_lot::RwLock;
 use weir_log::LogError;
 
@@ -28,10 +30,14 @@ pub(crate) struct StateCache {
     budget: usize,
 }
 
+/// Keys hashed with foldhash, seeded per process: SipHash was a tenth of the host's time
+/// per state call (perf, points), and a random seed keeps chosen keys from colliding.
+type Map = HashMap<Vec<u8>, Entry, RandomState>;
+
 #[derive(Default)]
 struct Generations {
-    hot: HashMap<Vec<u8>, Entry>,
-    cold: HashMap<Vec<u8>, Entry>,
+    hot: Map,
+    cold: Map,
     hot_bytes: usize,
     cold_bytes: usize,
     /// Newest state-delta sequence (+1) of a commit inserted into each generation.
@@ -61,6 +67,14 @@ impl StateCache {
     pub(crate) fn get(&self, key: &[u8]) -> Option<Entry> {
         let g = self.inner.read();
         g.hot.get(key).or_else(|| g.cold.get(key)).cloned()
+    }
+
+    /// The cached version of a key, without copying its value (`None`: not cached; 0: cached
+    /// as absent).
+    pub(crate) fn version(&self, key: &[u8]) -> Option<u64> {
+        let g = self.inner.read();
+        let entry = g.hot.get(key).or_else(|| g.cold.get(key))?;
+        Some(entry.as_ref().map_or(0, |(_, v)| *v))
     }
 
     /// How many evictions happened so far; take it before a store read meant for [`fill`].
@@ -120,6 +134,19 @@ impl StateCache {
     }
 }
 
+/// Committed version of a key (0: absent), as [`read_through`] finds it.
+pub(crate) fn version_through(
+    cache: &StateCache,
+    store: &dyn PluginStore,
+    plugin: &str,
+    key: &[u8],
+) -> Result<u64, LogError> {
+    match cache.version(key) {
+        Some(v) => Ok(v),
+        None => Ok(read_through(cache, store, plugin, key)?.map_or(0, |(_, v)| v)),
+    }
+}
+
 /// Committed state of a key: from the cache, else from the store (then cached if still
 /// absent from the cache and nothing was evicted meanwhile). Nothing is cached from a failed
 /// read.
@@ -168,8 +195,11 @@ mod tests {
         let now = cache.evictions();
         cache.fill(b"j", None, now);
         assert_eq!(cache.get(b"j"), Some(None));
+        assert_eq!(cache.version(b"j"), Some(0), "cached as absent");
         cache.insert(b"j".to_vec(), Some((b"new".to_vec(), 1)), 0);
         assert_eq!(cache.fill(b"j", None, now), Some((b"new".to_vec(), 1)));
+        assert_eq!(cache.version(b"j"), Some(1));
+        assert_eq!(cache.version(b"k"), None, "not cached");
     }
 
     #[test]

@@ -165,8 +165,20 @@ impl HostState {
         Ok(found)
     }
 
+    /// Current version of a key as this batch sees it (0: absent). A key this batch read
+    /// already is not looked up again: its commit checks that version is still the stored one.
+    fn version(&mut self, key: &[u8]) -> wasmtime::Result<u64> {
+        if let Some(w) = self.effects.writes.get(key) {
+            return Ok(w.as_ref().map_or(0, |(_, v)| *v));
+        }
+        if let Some(v) = self.effects.reads.get(key) {
+            return Ok(*v);
+        }
+        Ok(self.current(key)?.map_or(0, |(_, v)| v))
+    }
+
     fn write(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) -> wasmtime::Result<u64> {
-        let version = self.current(&key)?.map_or(0, |(_, v)| v) + 1;
+        let version = self.version(&key)? + 1;
         self.effects.writes.insert(key, value.map(|v| (v, version)));
         Ok(version)
     }
@@ -199,7 +211,7 @@ impl weir::plugin::state::Host for HostState {
         expected_version: u64,
         value: Vec<u8>,
     ) -> wasmtime::Result<Option<u64>> {
-        let current = self.current(&key)?.map_or(0, |(_, v)| v);
+        let current = self.version(&key)?;
         if current == expected_version {
             Ok(Some(self.write(key, Some(value))?))
         } else {
@@ -401,4 +413,64 @@ impl PluginInstance {
 
 fn ticks(timeout: Duration) -> u64 {
     (timeout.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64 + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::weir::plugin::state::Host;
+    use super::*;
+
+    /// A host over a committed state of `k` = (b"v1", version 4), counting store reads.
+    fn host(reads: Arc<AtomicUsize>) -> HostState {
+        HostState {
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new().build(),
+            reader: Arc::new(move |key: &[u8]| {
+                reads.fetch_add(1, Ordering::SeqCst);
+                Ok((key == b"k").then(|| (b"v1".to_vec(), 4)))
+            }),
+            effects: BatchEffects::default(),
+            logs: Vec::new(),
+            interrupt: Arc::new(|| false),
+            ticks_left: 0,
+        }
+    }
+
+    #[test]
+    fn versions_follow_the_batch_and_a_key_read_once_is_not_read_again() {
+        let reads = Arc::new(AtomicUsize::new(0));
+        let mut h = host(reads.clone());
+        let got = h.get(b"k".to_vec()).unwrap().unwrap();
+        assert_eq!((got.value, got.version), (b"v1".to_vec(), 4));
+        // A put after a get: the next version, with no second read of the store.
+        h.put(b"k".to_vec(), b"v2".to_vec()).unwrap();
+        assert_eq!(reads.load(Ordering::SeqCst), 1);
+        assert_eq!(h.effects.writes[&b"k".to_vec()], Some((b"v2".to_vec(), 5)));
+        // Compare-and-set sees the batch's own write; a stale version is refused.
+        assert_eq!(
+            h.compare_and_set(b"k".to_vec(), 4, b"x".to_vec()).unwrap(),
+            None
+        );
+        assert_eq!(
+            h.compare_and_set(b"k".to_vec(), 5, b"v3".to_vec()).unwrap(),
+            Some(6)
+        );
+        // A delete and a put again start from absent; an unread key is read once.
+        h.delete(b"k".to_vec()).unwrap();
+        h.put(b"k".to_vec(), b"v4".to_vec()).unwrap();
+        assert_eq!(h.effects.writes[&b"k".to_vec()], Some((b"v4".to_vec(), 1)));
+        h.put(b"new".to_vec(), b"a".to_vec()).unwrap();
+        assert_eq!(
+            h.compare_and_set(b"new".to_vec(), 1, b"b".to_vec())
+                .unwrap(),
+            Some(2)
+        );
+        assert_eq!(reads.load(Ordering::SeqCst), 2);
+        // What the commit checks: the versions read from the store, once each.
+        assert_eq!(h.effects.reads.get(b"k".as_slice()), Some(&4));
+        assert_eq!(h.effects.reads.get(b"new".as_slice()), Some(&0));
+    }
 }
