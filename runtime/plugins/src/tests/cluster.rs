@@ -8,6 +8,39 @@ use super::points;
 use crate::runtime::PartitionState;
 use crate::spec::OnError;
 
+/// A changelog the "nodes" share, and fake topics `in` and `out` (2 partitions) and `p.dlq`.
+fn shared() -> (
+    Arc<weir_log::MemoryChangelog>,
+    Arc<fakes::FakeInput>,
+    Arc<fakes::FakeOutput>,
+) {
+    let changelog = Arc::new(weir_log::MemoryChangelog::default());
+    let input = Arc::new(fakes::FakeInput::default());
+    input.topic("in", 2);
+    let output = Arc::new(fakes::FakeOutput::default());
+    output.topic("out", 2);
+    output.topic("p.dlq", 2);
+    (changelog, input, output)
+}
+
+/// Orders `from..to` into `in`: order i credits user `u{i % 5}` 1, id `o{i}`, partition i % 2.
+fn orders(input: &fakes::FakeInput, from: usize, to: usize) {
+    for i in from..to {
+        let id = format!("o{i}");
+        input.append(
+            "in",
+            (i % 2) as u32,
+            vec![rec(&format!("u{}", i % 5), "1", Some(&id))],
+        );
+    }
+}
+
+/// `h` takes plugin `p` (as the node's placement would).
+fn acquire(h: &Harness) {
+    let _blocking = weir_core::blocking::allow();
+    h.store.acquire("p").unwrap();
+}
+
 /// Cluster mode on fakes: two nodes share a plugin's changelog. B takes the plugin over
 /// while A still runs it (A paused and resumed after its lease moved): A's commits are
 /// refused by the fence, B carries on from what A committed, and every record's effect and
@@ -15,28 +48,10 @@ use crate::spec::OnError;
 /// snapshots and entries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_running_one_plugin_leave_one_commit_chain() {
-    let changelog = Arc::new(weir_log::MemoryChangelog::default());
-    let input = Arc::new(fakes::FakeInput::default());
-    input.topic("in", 2);
-    let output = Arc::new(fakes::FakeOutput::default());
-    output.topic("out", 2);
-    output.topic("p.dlq", 2);
+    let (changelog, input, output) = shared();
     let node = || harness::Harness::node(changelog.clone(), input.clone(), output.clone(), 7);
     let (mut a, mut b) = (node(), node());
-    let acquire = |h: &Harness| {
-        let _blocking = weir_core::blocking::allow();
-        h.store.acquire("p").unwrap();
-    };
-    let feed = |from: usize, to: usize| {
-        for i in from..to {
-            let id = format!("o{i}");
-            input.append(
-                "in",
-                (i % 2) as u32,
-                vec![rec(&format!("u{}", i % 5), "1", Some(&id))],
-            );
-        }
-    };
+    let feed = |from: usize, to: usize| orders(&input, from, to);
     acquire(&a);
     a.start(spec(2, OnError::Halt), points());
     feed(0, 100);
@@ -297,27 +312,9 @@ async fn lost_plugin_forwards_nothing(how: Lost) {
 /// record's effect and output exists once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_acknowledgement_of_pipelined_commits_restarts_the_plugin_from_what_landed() {
-    let changelog = Arc::new(weir_log::MemoryChangelog::default());
-    let input = Arc::new(fakes::FakeInput::default());
-    input.topic("in", 2);
-    let output = Arc::new(fakes::FakeOutput::default());
-    output.topic("out", 2);
-    output.topic("p.dlq", 2);
+    let (changelog, input, output) = shared();
     let mut a = harness::Harness::node(changelog.clone(), input.clone(), output.clone(), 1000);
-    let acquire = |h: &Harness| {
-        let _blocking = weir_core::blocking::allow();
-        h.store.acquire("p").unwrap();
-    };
-    let feed = |from: usize, to: usize| {
-        for i in from..to {
-            let id = format!("o{i}");
-            input.append(
-                "in",
-                (i % 2) as u32,
-                vec![rec(&format!("u{}", i % 5), "1", Some(&id))],
-            );
-        }
-    };
+    let feed = |from: usize, to: usize| orders(&input, from, to);
     acquire(&a);
     a.start(spec(2, OnError::Halt), points());
     feed(0, 50);
@@ -350,4 +347,85 @@ async fn a_lost_acknowledgement_of_pipelined_commits_restarts_the_plugin_from_wh
     out.sort();
     assert_eq!(out.len(), 600, "every output once");
     a.stop().await;
+}
+
+/// Each user's outputs are its balances 1, 2, … n, once each (every record credits 1; a user's
+/// records are on both input partitions, whose forwarders interleave): an output lost,
+/// doubled or from a commit that never landed breaks the run. Returns each user's n.
+fn balances_once(output: &fakes::FakeOutput) -> std::collections::BTreeMap<String, u64> {
+    let mut seen: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for r in output.records("out") {
+        let user = String::from_utf8_lossy(r.key.as_deref().expect("keyed")).into_owned();
+        let balance: u64 = String::from_utf8_lossy(&r.value)
+            .parse()
+            .expect("a balance");
+        seen.entry(user).or_default().push(balance);
+    }
+    seen.into_iter()
+        .map(|(user, mut balances)| {
+            balances.sort_unstable();
+            let n = balances.len() as u64;
+            assert_eq!(balances, (1..=n).collect::<Vec<_>>(), "{user}'s outputs");
+            (user, n)
+        })
+        .collect()
+}
+
+/// A zombie owner (A) has pipelined commits queued when the new owner (B) announces itself,
+/// just before A's append: the changelog's fence refuses A's tail, A shows and forwards none of
+/// it, and B runs the records again — every credit and every output once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombies_pipelined_commits_after_the_new_owners_announce_never_land() {
+    let (changelog, input, output) = shared();
+    let node = || harness::Harness::node(changelog.clone(), input.clone(), output.clone(), 1000);
+    let (mut a, mut b) = (node(), node());
+    let feed = |from: usize, to: usize| orders(&input, from, to);
+    acquire(&a);
+    a.start(spec(2, OnError::Halt), points());
+    feed(0, 100);
+    a.idle().await;
+    // A's next append (the commits it queued for 100..400, pipelined) meets B's announce: B
+    // takes the plugin over just before it lands, as a node whose lease on A ran out would.
+    let b_store = b.store.clone();
+    changelog.before_next_append("plugin/p", move || b_store.acquire("p").unwrap());
+    feed(100, 400);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while changelog.hook_pending() || a.store.held("p") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A's append never met B's announce (hook pending: {})",
+            changelog.hook_pending()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // Nothing of A's tail shows: not its status, not an output of it.
+    let shown: u64 = a.rt().status.lock().iter().map(|s| s.committed).sum();
+    assert!(
+        shown <= 100,
+        "A shows {shown} records committed; 100 landed"
+    );
+    assert!(
+        a.rt().status.lock().iter().any(|s| matches!(&s.state,
+            PartitionState::Waiting(why) if why.contains("did not land"))),
+        "A had commits in flight, refused: {:?}",
+        a.rt().status.lock()
+    );
+    let before_b = balances_once(&output);
+    assert!(
+        before_b.values().all(|b| *b <= 20),
+        "an output of A's refused tail was forwarded: {before_b:?}"
+    );
+    a.stop().await;
+    b.start(spec(2, OnError::Halt), points());
+    b.idle().await;
+    let total: u64 = (0..5).map(|u| b.state(&format!("u{u}")).unwrap_or(0)).sum();
+    assert_eq!(total, 400, "every record credited once");
+    let last = balances_once(&output);
+    assert_eq!(
+        last.values().copied().collect::<Vec<_>>(),
+        vec![80; 5],
+        "every output once"
+    );
+    b.stop().await;
 }
