@@ -30,8 +30,9 @@ pub(crate) struct StateCache {
     budget: usize,
 }
 
-/// Keys hashed with foldhash, seeded per process: SipHash was a tenth of the host's time
-/// per state call (perf, points), and a random seed keeps chosen keys from colliding.
+/// Keys hashed with foldhash, seeded at random per process: SipHash was a tenth of the
+/// host's time per state call (perf, points); foldhash claims only minimal resistance to chosen
+/// colliding keys, which the random seed gives.
 type Map = HashMap<Vec<u8>, Entry, RandomState>;
 
 #[derive(Default)]

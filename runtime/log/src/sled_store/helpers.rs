@@ -52,9 +52,10 @@ pub(super) struct SyncHelpers {
 }
 
 impl SyncHelpers {
-    /// Runs every job, the first on this thread and the rest on helpers, and returns the first
-    /// error (after all of them finished). A job's panic is resumed here, as a scoped thread's
-    /// join would.
+    /// Runs every job, the first on this thread and the rest on helpers (at most
+    /// [`MAX_HELPERS`] at once; more jobs queue), and returns the first error after all of them
+    /// finished. A job's panic is resumed here as soon as it is heard of; the jobs still running
+    /// finish on their helpers.
     pub(super) fn run_all<F>(&self, mut jobs: Vec<F>) -> Result<(), LogError>
     where
         F: FnOnce() -> Result<(), LogError> + Send + 'static,
@@ -90,7 +91,10 @@ impl SyncHelpers {
                     let _ = done.send(outcome);
                 }
             } else {
-                self.shared.wake.notify_all();
+                // One waiting helper per job (not all of them for one).
+                for _ in 0..handed {
+                    self.shared.wake.notify_one();
+                }
             }
         }
         drop(done);

@@ -121,7 +121,7 @@ weir-sdk = {{ path = "{sdk_dependency}" }}
 serde = {{ version = "1", features = ["derive"] }}
 serde_json = "1"
 
-# Fast plugins: opt-level 3 ran the points plugin ~8% faster than "s" for a .wasm ~15%
+# Fast plugins: opt-level 3 ran the points plugin 8-11% faster than "s" for a .wasm ~15%
 # larger (weir's BENCHMARKS.md); "s" if the upload's size matters more.
 [profile.release]
 opt-level = 3
