@@ -6,6 +6,7 @@ use foldhash::fast::RandomState;
 
 use parking_lot::RwLock;
 use weir_log::LogError;
+use weir_wasm::ReadStamp;
 
 use crate::store::PluginStore;
 
@@ -70,12 +71,11 @@ impl StateCache {
         g.hot.get(key).or_else(|| g.cold.get(key)).cloned()
     }
 
-    /// The cached version of a key, without copying its value (`None`: not cached; 0: cached
-    /// as absent).
-    pub(crate) fn version(&self, key: &[u8]) -> Option<u64> {
+    /// The cached entry's [`ReadStamp`], without copying its value (`None`: not cached).
+    pub(crate) fn stamp(&self, key: &[u8]) -> Option<ReadStamp> {
         let g = self.inner.read();
         let entry = g.hot.get(key).or_else(|| g.cold.get(key))?;
-        Some(entry.as_ref().map_or(0, |(_, v)| *v))
+        Some(ReadStamp::of(entry.as_ref()))
     }
 
     /// How many evictions happened so far; take it before a store read meant for [`fill`].
@@ -135,16 +135,18 @@ impl StateCache {
     }
 }
 
-/// Committed version of a key (0: absent), as [`read_through`] finds it.
-pub(crate) fn version_through(
+/// The [`ReadStamp`] of a key's committed state, as [`read_through`] finds it.
+pub(crate) fn stamp_through(
     cache: &StateCache,
     store: &dyn PluginStore,
     plugin: &str,
     key: &[u8],
-) -> Result<u64, LogError> {
-    match cache.version(key) {
-        Some(v) => Ok(v),
-        None => Ok(read_through(cache, store, plugin, key)?.map_or(0, |(_, v)| v)),
+) -> Result<ReadStamp, LogError> {
+    match cache.stamp(key) {
+        Some(stamp) => Ok(stamp),
+        None => Ok(ReadStamp::of(
+            read_through(cache, store, plugin, key)?.as_ref(),
+        )),
     }
 }
 
@@ -196,11 +198,21 @@ mod tests {
         let now = cache.evictions();
         cache.fill(b"j", None, now);
         assert_eq!(cache.get(b"j"), Some(None));
-        assert_eq!(cache.version(b"j"), Some(0), "cached as absent");
+        assert_eq!(
+            cache.stamp(b"j"),
+            Some(ReadStamp::of(None)),
+            "cached as absent"
+        );
         cache.insert(b"j".to_vec(), Some((b"new".to_vec(), 1)), 0);
         assert_eq!(cache.fill(b"j", None, now), Some((b"new".to_vec(), 1)));
-        assert_eq!(cache.version(b"j"), Some(1));
-        assert_eq!(cache.version(b"k"), None, "not cached");
+        let new = (b"new".to_vec(), 1);
+        assert_eq!(cache.stamp(b"j"), Some(ReadStamp::of(Some(&new))));
+        assert_ne!(
+            ReadStamp::of(Some(&new)),
+            ReadStamp::of(Some(&(b"old".to_vec(), 1))),
+            "one version, two values: two stamps"
+        );
+        assert_eq!(cache.stamp(b"k"), None, "not cached");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use weir_core::{partition_for_key, ProbeMarker, Record, StoredRecord};
 use weir_log::LogError;
 use weir_wasm::{BatchEffects, Interrupt, PluginError};
 
-use crate::cache::version_through;
+use crate::cache::stamp_through;
 use crate::dead_letter::dead_letter;
 use crate::dedup::id_hash;
 use crate::processor::Processor;
@@ -344,9 +344,9 @@ fn commit(
     }
     // Optimistic check: nothing this batch read changed, none of its ids was processed by
     // another partition meanwhile.
-    for (key, version) in &effects.reads {
-        let current = version_through(&c.cache, &*rt.seams.store, &rt.spec.name, key)?;
-        if current != *version {
+    for (key, read) in &effects.reads {
+        let current = stamp_through(&c.cache, &*rt.seams.store, &rt.spec.name, key)?;
+        if current != *read {
             return Ok(Commit::Conflict);
         }
     }

@@ -123,8 +123,50 @@ pub struct BatchEffects {
     pub outputs: Vec<u8>,
     /// Key → new (value, version), or `None` for a delete.
     pub writes: BTreeMap<Vec<u8>, Option<(Vec<u8>, u64)>>,
-    /// Key → version read (0 = absent), to validate at commit.
-    pub reads: HashMap<Vec<u8>, u64>,
+    /// Key → what the batch first read of it, to validate at commit.
+    pub reads: HashMap<Vec<u8>, ReadStamp>,
+}
+
+impl BatchEffects {
+    /// Records the first read of `key` (later reads of it keep the first).
+    pub fn record_read(&mut self, key: &[u8], found: Option<&(Vec<u8>, u64)>) {
+        if !self.reads.contains_key(key) {
+            self.reads.insert(key.to_vec(), ReadStamp::of(found));
+        }
+    }
+}
+
+/// What a batch read of a key, as its commit checks it: the version and a fingerprint of the
+/// value. The version alone is not enough: it restarts at 1 after a delete, so two commits of
+/// other partitions (a delete, then a put) can bring a key back to a version a batch read with
+/// another value, and the batch would overwrite what it never saw (a lost update).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadStamp {
+    /// The version read (0: absent).
+    pub version: u64,
+    /// A hash of the value read (0: absent), seeded at random per process.
+    pub fingerprint: u64,
+}
+
+impl ReadStamp {
+    /// The stamp of a committed entry (`None`: absent).
+    pub fn of(entry: Option<&(Vec<u8>, u64)>) -> ReadStamp {
+        static SEED: std::sync::OnceLock<foldhash::quality::RandomState> =
+            std::sync::OnceLock::new();
+        match entry {
+            None => ReadStamp {
+                version: 0,
+                fingerprint: 0,
+            },
+            Some((value, version)) => ReadStamp {
+                version: *version,
+                fingerprint: std::hash::BuildHasher::hash_one(
+                    SEED.get_or_init(Default::default),
+                    value.as_slice(),
+                ),
+            },
+        }
+    }
 }
 
 /// What the store of an instance holds.
@@ -158,10 +200,7 @@ impl HostState {
             return Ok(w.clone());
         }
         let found = (self.reader)(key).map_err(|e| wasmtime::Error::new(StateUnavailable(e)))?;
-        self.effects
-            .reads
-            .entry(key.to_vec())
-            .or_insert(found.as_ref().map_or(0, |(_, v)| *v));
+        self.effects.record_read(key, found.as_ref());
         Ok(found)
     }
 
@@ -174,8 +213,8 @@ impl HostState {
         if let Some(w) = self.effects.writes.get(key) {
             return Ok(w.as_ref().map_or(0, |(_, v)| *v));
         }
-        if let Some(v) = self.effects.reads.get(key) {
-            return Ok(*v);
+        if let Some(read) = self.effects.reads.get(key) {
+            return Ok(read.version);
         }
         Ok(self.current(key)?.map_or(0, |(_, v)| v))
     }

@@ -15,8 +15,8 @@ mod instance;
 
 pub use engine::{sha256_hex, PluginEngine, MAX_INSTANCES, MAX_PLUGIN_MEMORY};
 pub use instance::{
-    BatchEffects, CompiledPlugin, Interrupt, Limits, LogLevel, PluginInstance, StateReader,
-    EPOCH_TICK,
+    BatchEffects, CompiledPlugin, Interrupt, Limits, LogLevel, PluginInstance, ReadStamp,
+    StateReader, EPOCH_TICK,
 };
 
 /// Why a plugin could not be deployed or a batch failed. Messages are for the operator.

@@ -272,27 +272,31 @@ impl Ctx<'_> {
             return w.as_ref().map(|(v, _)| parse(v));
         }
         let found = (self.reader)(&key).expect("state readable");
-        self.effects
-            .reads
-            .entry(key)
-            .or_insert(found.as_ref().map_or(0, |(_, v)| *v));
+        self.effects.record_read(&key, found.as_ref());
         found.map(|(v, _)| parse(&v))
     }
 
     pub fn put(&mut self, key: &str, value: u64) {
+        self.write(key, Some(value.to_string().into_bytes()));
+    }
+
+    pub fn delete(&mut self, key: &str) {
+        self.write(key, None);
+    }
+
+    /// As the host: a key's next version follows this batch's write or first read of it.
+    fn write(&mut self, key: &str, value: Option<Vec<u8>>) {
         let k = key.as_bytes().to_vec();
-        let version = match self.effects.writes.get(&k) {
-            Some(w) => w.as_ref().map_or(0, |(_, v)| *v),
-            None => {
+        let version = match (self.effects.writes.get(&k), self.effects.reads.get(&k)) {
+            (Some(w), _) => w.as_ref().map_or(0, |(_, v)| *v),
+            (None, Some(read)) => read.version,
+            (None, None) => {
                 let found = (self.reader)(&k).expect("state readable");
-                let version = found.as_ref().map_or(0, |(_, v)| *v);
-                self.effects.reads.entry(k.clone()).or_insert(version);
-                version
+                self.effects.record_read(&k, found.as_ref());
+                found.map_or(0, |(_, v)| v)
             }
         } + 1;
-        self.effects
-            .writes
-            .insert(k, Some((value.to_string().into_bytes(), version)));
+        self.effects.writes.insert(k, value.map(|v| (v, version)));
     }
 
     pub fn emit(&mut self, topic: &str, key: Option<&str>, value: &str) {

@@ -7,6 +7,7 @@ mod fakes;
 mod harness;
 mod manager_cluster;
 mod pipeline;
+mod state;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
