@@ -19,7 +19,7 @@ pub(crate) type Entry = Option<(Vec<u8>, u64)>;
 /// lock, after the store write); readers only [`fill`](StateCache::fill) missing keys, and
 /// only if nothing was evicted since they began their store read — an entry evicted and then
 /// re-filled from an older read could otherwise be older than the store. So an entry is never
-/// older than the store, and the commit's version check can trust it.
+/// older than the store, and the commit's check of what a batch read can trust it.
 ///
 /// Eviction is generational: new entries go to `hot`; when `hot` holds half the budget it
 /// becomes `cold` and the previous `cold` is dropped (an approximation of LRU with O(1)

@@ -3,8 +3,9 @@
 //! clocks frozen and randomness seeded, so a replay computes the same thing).
 //!
 //! State writes of a batch go to an overlay; reads see the overlay first, then the committed
-//! state. The versions read are remembered so the commit can check nobody changed them
-//! (optimistic concurrency between partitions of the same plugin).
+//! state. What was read (version and value fingerprint, [`ReadStamp`]) is remembered so the
+//! commit can check nobody changed it (optimistic concurrency between partitions of the same
+//! plugin).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

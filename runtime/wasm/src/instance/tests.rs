@@ -53,7 +53,11 @@ fn versions_follow_the_batch_and_a_key_read_once_is_not_read_again() {
         Some(2)
     );
     assert_eq!(reads.load(Ordering::SeqCst), 2);
-    // What the commit checks: the versions read from the store, once each.
+    // What the commit checks: what was read from the store, once each, version and value.
+    assert_eq!(
+        h.effects.reads[b"k".as_slice()],
+        ReadStamp::of(Some(&(b"v1".to_vec(), 4)))
+    );
     assert_eq!(
         h.effects.reads.get(b"k".as_slice()).map(|r| r.version),
         Some(4)
@@ -76,7 +80,7 @@ fn compare_and_set_answers_as_get_would_after_another_partition_committed() {
         h.compare_and_set(b"k".to_vec(), 5, b"v".to_vec()).unwrap(),
         Some(6)
     );
-    // The commit checks the version read first, 4: it conflicts and the batch runs again.
+    // The commit checks what was read first, version 4: it conflicts and the batch runs again.
     assert_eq!(
         h.effects.reads.get(b"k".as_slice()).map(|r| r.version),
         Some(4)
