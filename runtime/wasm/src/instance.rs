@@ -124,11 +124,21 @@ pub struct BatchEffects {
     pub outputs: Vec<u8>,
     /// Key → new (value, version), or `None` for a delete.
     pub writes: BTreeMap<Vec<u8>, Option<(Vec<u8>, u64)>>,
-    /// Key → what the batch first read of it, to validate at commit.
-    pub reads: HashMap<Vec<u8>, ReadStamp>,
+    /// Key → what the batch first read of it, to validate at commit (looked up on every
+    /// state call: foldhash, as the state cache).
+    pub reads: HashMap<Vec<u8>, ReadStamp, foldhash::fast::RandomState>,
 }
 
 impl BatchEffects {
+    /// The version a put or delete of `key` builds on, if this batch already knows it: its own
+    /// write, else its first read (0: absent). `None`: the committed state must be read.
+    pub fn known_version(&self, key: &[u8]) -> Option<u64> {
+        match self.writes.get(key) {
+            Some(w) => Some(w.as_ref().map_or(0, |(_, v)| *v)),
+            None => self.reads.get(key).map(|read| read.version),
+        }
+    }
+
     /// Records the first read of `key` (later reads of it keep the first).
     pub fn record_read(&mut self, key: &[u8], found: Option<&(Vec<u8>, u64)>) {
         if !self.reads.contains_key(key) {
@@ -211,13 +221,10 @@ impl HostState {
     /// here (and a put or delete answers the plugin nothing). `compare_and_set` reads
     /// `current`, as `get` does.
     fn version(&mut self, key: &[u8]) -> wasmtime::Result<u64> {
-        if let Some(w) = self.effects.writes.get(key) {
-            return Ok(w.as_ref().map_or(0, |(_, v)| *v));
+        match self.effects.known_version(key) {
+            Some(version) => Ok(version),
+            None => Ok(self.current(key)?.map_or(0, |(_, v)| v)),
         }
-        if let Some(read) = self.effects.reads.get(key) {
-            return Ok(read.version);
-        }
-        Ok(self.current(key)?.map_or(0, |(_, v)| v))
     }
 
     fn write(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) -> wasmtime::Result<u64> {

@@ -41,6 +41,20 @@ fn acquire(h: &Harness) {
     h.store.acquire("p").unwrap();
 }
 
+/// Nodes A and B made by `node`; A holds plugin `p`, runs it, and has committed and forwarded
+/// orders 0..100; B is not started.
+async fn a_ran_the_first_100(
+    node: impl Fn() -> Harness,
+    input: &fakes::FakeInput,
+) -> (Harness, Harness) {
+    let (mut a, b) = (node(), node());
+    acquire(&a);
+    a.start(spec(2, OnError::Halt), points());
+    orders(input, 0, 100);
+    a.idle().await;
+    (a, b)
+}
+
 /// Cluster mode on fakes: two nodes share a plugin's changelog. B takes the plugin over
 /// while A still runs it (A paused and resumed after its lease moved): A's commits are
 /// refused by the fence, B carries on from what A committed, and every record's effect and
@@ -50,12 +64,8 @@ fn acquire(h: &Harness) {
 async fn two_nodes_running_one_plugin_leave_one_commit_chain() {
     let (changelog, input, output) = shared();
     let node = || harness::Harness::node(changelog.clone(), input.clone(), output.clone(), 7);
-    let (mut a, mut b) = (node(), node());
+    let (mut a, mut b) = a_ran_the_first_100(node, &input).await;
     let feed = |from: usize, to: usize| orders(&input, from, to);
-    acquire(&a);
-    a.start(spec(2, OnError::Halt), points());
-    feed(0, 100);
-    a.idle().await;
     // B takes over while A keeps running.
     acquire(&b);
     b.start(spec(2, OnError::Halt), points());
@@ -378,12 +388,8 @@ fn balances_once(output: &fakes::FakeOutput) -> std::collections::BTreeMap<Strin
 async fn a_zombies_pipelined_commits_after_the_new_owners_announce_never_land() {
     let (changelog, input, output) = shared();
     let node = || harness::Harness::node(changelog.clone(), input.clone(), output.clone(), 1000);
-    let (mut a, mut b) = (node(), node());
+    let (mut a, mut b) = a_ran_the_first_100(node, &input).await;
     let feed = |from: usize, to: usize| orders(&input, from, to);
-    acquire(&a);
-    a.start(spec(2, OnError::Halt), points());
-    feed(0, 100);
-    a.idle().await;
     // A's next append (the commits it queued for 100..400, pipelined) meets B's announce: B
     // takes the plugin over just before it lands, as a node whose lease on A ran out would.
     let b_store = b.store.clone();

@@ -287,10 +287,9 @@ impl Ctx<'_> {
     /// As the host: a key's next version follows this batch's write or first read of it.
     fn write(&mut self, key: &str, value: Option<Vec<u8>>) {
         let k = key.as_bytes().to_vec();
-        let version = match (self.effects.writes.get(&k), self.effects.reads.get(&k)) {
-            (Some(w), _) => w.as_ref().map_or(0, |(_, v)| *v),
-            (None, Some(read)) => read.version,
-            (None, None) => {
+        let version = match self.effects.known_version(&k) {
+            Some(version) => version,
+            None => {
                 let found = (self.reader)(&k).expect("state readable");
                 self.effects.record_read(&k, found.as_ref());
                 found.map_or(0, |(_, v)| v)
