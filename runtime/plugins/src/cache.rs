@@ -104,13 +104,27 @@ impl StateCache {
     }
 
     /// Records a value committed with state delta `seq` (overwrites).
+    #[cfg(test)]
     pub(crate) fn insert(&self, key: Vec<u8>, entry: Entry, seq: u64) {
+        self.insert_all([(key, entry)], seq);
+    }
+
+    /// Records the values one commit wrote, as state delta `seq` (overwrites), under one lock.
+    pub(crate) fn insert_all(&self, writes: impl IntoIterator<Item = (Vec<u8>, Entry)>, seq: u64) {
         let mut g = self.inner.write();
-        if let Some(old) = g.cold.remove(&key) {
-            g.cold_bytes -= entry_bytes(&key, &old);
+        for (key, entry) in writes {
+            // A key is in one generation at most: in `hot` it is replaced where it is.
+            if !g.hot.contains_key(&key) {
+                if let Some(old) = g.cold.remove(&key) {
+                    g.cold_bytes -= entry_bytes(&key, &old);
+                }
+            }
+            // Before the put (a rotation it makes carries the sequence into `cold`) and after
+            // it (the new `hot` may hold this commit's key).
+            g.hot_seq = g.hot_seq.max(seq + 1);
+            self.put(&mut g, key, entry);
+            g.hot_seq = g.hot_seq.max(seq + 1);
         }
-        g.hot_seq = g.hot_seq.max(seq + 1);
-        self.put(&mut g, key, entry);
     }
 
     /// Every delta below `seq` is folded into the per-key entries.
@@ -119,19 +133,36 @@ impl StateCache {
         g.compacted = g.compacted.max(seq);
     }
 
+    /// Puts an entry in `hot` (the caller removed it from `cold`), rotating the generations
+    /// when `hot` would hold more than half the budget.
     fn put(&self, g: &mut Generations, key: Vec<u8>, entry: Entry) {
         let size = entry_bytes(&key, &entry);
-        if let Some(old) = g.hot.remove(&key) {
-            g.hot_bytes -= entry_bytes(&key, &old);
+        if let Some(slot) = g.hot.get_mut(&key) {
+            // Replaced in place (one lookup: most commits rewrite keys already hot).
+            let old = std::mem::replace(slot, entry);
+            g.hot_bytes = g.hot_bytes - entry_bytes(&key, &old) + size;
+            if g.hot_bytes > self.budget / 2 {
+                self.rotate(g); // the entry moves to `cold` with the rest, still cached
+            }
+            return;
         }
-        if g.hot_bytes + size > self.budget / 2 && !g.hot.is_empty() && g.cold_seq <= g.compacted {
-            g.cold = std::mem::take(&mut g.hot);
-            g.cold_bytes = std::mem::take(&mut g.hot_bytes);
-            g.cold_seq = std::mem::replace(&mut g.hot_seq, 0);
-            g.evictions += 1;
+        if g.hot_bytes + size > self.budget / 2 && !g.hot.is_empty() {
+            self.rotate(g);
         }
         g.hot.insert(key, entry);
         g.hot_bytes += size;
+    }
+
+    /// `hot` becomes `cold` and the previous `cold` is dropped, unless it holds a commit not
+    /// yet folded into the per-key entries.
+    fn rotate(&self, g: &mut Generations) {
+        if g.cold_seq > g.compacted {
+            return;
+        }
+        g.cold = std::mem::take(&mut g.hot);
+        g.cold_bytes = std::mem::take(&mut g.hot_bytes);
+        g.cold_seq = std::mem::replace(&mut g.hot_seq, 0);
+        g.evictions += 1;
     }
 }
 
@@ -230,5 +261,37 @@ mod tests {
         }
         assert_eq!(cache.get(b"k"), None, "evicted once compacted");
         assert!(cache.bytes() <= 4096, "{} bytes", cache.bytes());
+    }
+
+    #[test]
+    fn a_commit_whose_writes_straddle_a_rotation_keeps_every_key_until_compacted() {
+        let cache = StateCache::new(4096);
+        cache.compacted_below(1);
+        for i in 0..20u32 {
+            cache.insert(i.to_be_bytes().to_vec(), Some((vec![0; 10], 1)), 0);
+        }
+        // Delta 3 rewrites a hot key with a value that fills `hot` (an in-place replacement
+        // that rotates) and writes new keys after the rotation: all of it stays cached, through
+        // any number of later commits, until delta 3 is compacted.
+        let big = (0u32.to_be_bytes().to_vec(), Some((vec![1; 2100], 2)));
+        let writes: Vec<_> = std::iter::once(big.clone())
+            .chain((100..140u32).map(|i| (i.to_be_bytes().to_vec(), Some((vec![3; 10], 1)))))
+            .collect();
+        cache.insert_all(writes.clone(), 3);
+        for i in 0..2000u32 {
+            cache.insert((i + 5000).to_be_bytes().to_vec(), Some((vec![0; 10], 1)), 0);
+        }
+        for (key, entry) in &writes {
+            assert_eq!(
+                cache.get(key),
+                Some(entry.clone()),
+                "key {key:?} of delta 3"
+            );
+        }
+        cache.compacted_below(4);
+        for i in 0..2000u32 {
+            cache.insert((i + 9000).to_be_bytes().to_vec(), Some((vec![0; 10], 1)), 0);
+        }
+        assert_eq!(cache.get(&big.0), None, "evicted once compacted");
     }
 }

@@ -350,7 +350,11 @@ fn commit(
             return Ok(Commit::Conflict);
         }
     }
-    if ids.iter().any(|id| c.dedup.lock().contains(*id)) {
+    let seen_elsewhere = {
+        let dedup = c.dedup.lock();
+        ids.iter().any(|id| dedup.contains(*id))
+    };
+    if seen_elsewhere {
         return Ok(Commit::Conflict);
     }
     let seq = local.cursor.seq;
@@ -397,9 +401,7 @@ fn commit(
     local.cursor = cursor;
     local.sequences.extend(sequences);
     if let Some(delta_seq) = delta_seq {
-        for (key, value) in effects.writes {
-            c.cache.insert(key, value, delta_seq);
-        }
+        c.cache.insert_all(effects.writes, delta_seq);
     }
     let mut dedup = c.dedup.lock();
     if !ids.is_empty() {

@@ -4,6 +4,8 @@
 
 use std::collections::{HashSet, VecDeque};
 
+use foldhash::fast::RandomState;
+
 use crate::spec::DedupWindow;
 use crate::store::DedupKey;
 
@@ -21,10 +23,14 @@ struct Entry {
     ids: Vec<u64>,
 }
 
-/// The in-memory dedup index of one plugin (all its partitions).
+/// The in-memory dedup index of one plugin (all its partitions). Its set hashes the id hashes
+/// again with foldhash, seeded at random per process: three lookups per record (the batch's
+/// filter, the commit's check, the insert) went through SipHash before, ~4% of points' server
+/// CPU (perf); FNV-1a is public, so the set must not index by it directly (chosen ids could
+/// collide in the low bits).
 #[derive(Debug, Default)]
 pub struct DedupIndex {
-    ids: HashSet<u64>,
+    ids: HashSet<u64, RandomState>,
     entries: VecDeque<Entry>,
 }
 
