@@ -25,6 +25,7 @@ mod monitor;
 mod plugin_chaos;
 mod plugin_crash;
 mod plugin_guide;
+mod plugin_pipeline_crash;
 mod plugins;
 mod sdk_languages;
 mod security;

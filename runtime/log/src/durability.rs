@@ -250,6 +250,29 @@ impl Durability {
     }
 }
 
+/// A store whose every sync takes `delay` longer (it sleeps first): `weir serve
+/// --debug-sync-delay-ms`, for tests that must catch plugin commits and publishes waiting for
+/// durability with a `kill -9` (a slow disk: nothing becomes durable sooner or is acknowledged
+/// earlier than with the store alone).
+pub struct SlowSyncs {
+    store: Arc<dyn Durable>,
+    delay: Duration,
+}
+
+impl SlowSyncs {
+    /// Wraps `store`.
+    pub fn new(store: Arc<dyn Durable>, delay: Duration) -> SlowSyncs {
+        SlowSyncs { store, delay }
+    }
+}
+
+impl Durable for SlowSyncs {
+    fn sync(&self) -> Result<(), crate::LogError> {
+        std::thread::sleep(self.delay);
+        self.store.sync()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,7 +35,7 @@ use bytes::Bytes;
 
 pub use changelog::{Changelog, MemoryChangelog};
 pub use codec::{ChunkHeader, CodecError, EncodedChunk};
-pub use durability::{Durability, FsyncPolicy, SyncFailed};
+pub use durability::{Durability, FsyncPolicy, SlowSyncs, SyncFailed};
 pub use memory::MemoryStore;
 pub use replicated::{Landing, ReplicatedKv, GROUP_MAX_BYTES, SNAPSHOT_EVERY};
 pub use sled_store::SledStore;

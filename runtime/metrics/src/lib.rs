@@ -76,6 +76,9 @@ pub struct Metrics {
     /// Cluster mode: 1 while no live node has run the plugin for longer than the lease
     /// time-out (as this node sees the cluster), else 0.
     pub plugin_unowned: Family<PluginLabel, Gauge>,
+    /// Commits written to the store (or queued for the changelog) and not yet seen durable,
+    /// over the plugin's partitions: the depth of its commit pipeline now.
+    pub plugin_commits_in_flight: Family<PluginLabel, Gauge>,
 }
 
 impl Metrics {
@@ -97,6 +100,7 @@ impl Metrics {
             admission_refused: Family::default(),
             plugin_forward_failures: Family::default(),
             plugin_unowned: Family::default(),
+            plugin_commits_in_flight: Family::default(),
         }
     }
 
@@ -172,6 +176,11 @@ impl Metrics {
             "plugin_unowned",
             "1 while no live weir node has run the plugin for longer than the lease time-out",
             self.plugin_unowned.clone(),
+        );
+        r.register(
+            "plugin_commits_in_flight",
+            "Plugin commits written and not yet durable (the depth of the commit pipeline)",
+            self.plugin_commits_in_flight.clone(),
         );
         r.register(
             "plugin_forward_failures",

@@ -96,7 +96,7 @@ impl PartitionTask {
     pub(crate) fn new(rt: Arc<PluginRuntime>, partition: u32, cancel: CancellationToken) -> Self {
         let paused = rt.paused.subscribe();
         let cursor = rt.cursors[partition as usize];
-        let (pipeline, from_loop) = Pipeline::new();
+        let (pipeline, from_loop) = Pipeline::new(rt.label.clone());
         PartitionTask {
             rt,
             partition,

@@ -28,6 +28,29 @@ pub(crate) struct InFlight {
     written: Instant,
     /// Its place in the pipeline, given back once it is shown.
     _permit: OwnedSemaphorePermit,
+    /// Counts it in the plugin's `plugin_commits_in_flight` gauge while it exists.
+    _counted: Counted,
+}
+
+/// One in the `plugin_commits_in_flight` gauge, taken back when dropped: once shown, or
+/// dropped unshown (lost, or the reporter ended).
+struct Counted(weir_metrics::Gauge);
+
+impl Counted {
+    fn new(label: &weir_metrics::PluginLabel) -> Counted {
+        let gauge = weir_metrics::global()
+            .plugin_commits_in_flight
+            .get_or_create(label)
+            .clone();
+        gauge.inc();
+        Counted(gauge)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 /// A place in the pipeline (see [`Pipeline::place`]).
@@ -37,15 +60,20 @@ pub(crate) struct Place(OwnedSemaphorePermit);
 pub(crate) struct Pipeline {
     to_reporter: mpsc::UnboundedSender<InFlight>,
     permits: Arc<Semaphore>,
+    /// The plugin's metrics label.
+    label: weir_metrics::PluginLabel,
 }
 
 impl Pipeline {
     /// A pipeline and the reporter's end of it.
-    pub(crate) fn new() -> (Pipeline, mpsc::UnboundedReceiver<InFlight>) {
+    pub(crate) fn new(
+        label: weir_metrics::PluginLabel,
+    ) -> (Pipeline, mpsc::UnboundedReceiver<InFlight>) {
         let (to_reporter, from_loop) = mpsc::unbounded_channel();
         let pipeline = Pipeline {
             to_reporter,
             permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            label,
         };
         (pipeline, from_loop)
     }
@@ -84,6 +112,7 @@ impl Pipeline {
             written: done.written,
             done,
             _permit: place.0,
+            _counted: Counted::new(&self.label),
         };
         self.to_reporter
             .send(in_flight)

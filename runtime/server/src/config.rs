@@ -51,6 +51,9 @@ pub struct ServerConfig {
     /// The log on a NATS JetStream cluster shared with other weir nodes (`--log`); `None`
     /// keeps it in the embedded sled store. Plugins' state stays in the data directory.
     pub log: Option<JetStreamOptions>,
+    /// Added to every store sync (`--debug-sync-delay-ms`, hidden): a slow disk for tests
+    /// that kill the server while commits wait for durability. Zero in production.
+    pub debug_sync_delay: std::time::Duration,
 }
 
 /// PEM files of the server's TLS identity.
@@ -82,6 +85,7 @@ impl ServerConfig {
             kafka_listen: None,
             kafka_advertise: None,
             log: None,
+            debug_sync_delay: std::time::Duration::ZERO,
         }
     }
 }

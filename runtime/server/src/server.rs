@@ -325,9 +325,17 @@ impl Core {
         let OpenedStore { store, replicated } = opened.into();
         let (fsync, broker_config) = (config.fsync, config.broker.clone());
         let opened = store.clone();
+        let synced: Arc<dyn weir_log::Durable> = if config.debug_sync_delay.is_zero() {
+            store.clone()
+        } else {
+            Arc::new(weir_log::SlowSyncs::new(
+                store.clone(),
+                config.debug_sync_delay,
+            ))
+        };
         let (broker, durability, syncer) =
             weir_core::blocking::run(move || -> Result<_, ServerError> {
-                let (durability, syncer) = Durability::start(opened.clone(), fsync);
+                let (durability, syncer) = Durability::start(synced, fsync);
                 match Broker::open(opened, durability.clone(), broker_config) {
                     Ok(broker) => Ok((broker, durability, syncer)),
                     Err(e) => {

@@ -38,6 +38,8 @@ pub mod bounds {
     pub const PRODUCERS_PER_PRINCIPAL: RangeInclusive<u64> = 1..=100_000_000;
     /// `--lag-sample-ms` (at least once an hour).
     pub const LAG_SAMPLE_MS: RangeInclusive<u64> = 1..=3_600_000;
+    /// `--debug-sync-delay-ms` (hidden, for crash tests).
+    pub const DEBUG_SYNC_DELAY_MS: RangeInclusive<u64> = 0..=10_000;
     /// `--lag-window`, in samples.
     pub const LAG_WINDOW: RangeInclusive<u64> = 2..=10_000;
     /// `--probe-interval-ms` (0: no probes; at least once a day).

@@ -207,6 +207,11 @@ pub struct ServeArgs {
     /// A topic to probe (repeatable); every plugin's input topic when none is given.
     #[arg(long)]
     pub probe_topic: Vec<String>,
+    /// Testing only: every store sync takes this many ms longer (0 to 10000), a slow disk
+    /// that keeps plugin commits and publishes waiting for durability long enough for a
+    /// crash test's `kill -9` to find them in flight.
+    #[arg(long, default_value_t = 0, hide = true, value_parser = ranged::<u64>(bounds::DEBUG_SYNC_DELAY_MS))]
+    pub debug_sync_delay_ms: u64,
 }
 
 /// Runs a parsed command line until it finishes or `shutdown` is cancelled (Ctrl-C).
@@ -270,6 +275,7 @@ async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<(
     let mut config = ServerConfig::new(args.data_dir);
     config.listen = args.listen;
     config.fsync = args.fsync;
+    config.debug_sync_delay = std::time::Duration::from_millis(args.debug_sync_delay_ms);
     config.cache_bytes = mib(args.cache_mb, "--cache-mb", bounds::CACHE_MB)?;
     if let Some(list) = &args.log {
         config.log = Some(migrate::jetstream_options(
