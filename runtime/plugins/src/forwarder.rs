@@ -1,7 +1,10 @@
 //! The forwarder of a plugin partition: publishes the partition's outbox entries in order, as
-//! the partition's idempotent producer with the sequences assigned at commit, and deletes
-//! them once acknowledged (a page of entries in one write). A re-forward after a crash carries the same (producer id,
-//! sequence), so the broker drops it: outputs appear exactly once.
+//! the partition's idempotent producer with the sequences assigned at commit. A page of
+//! entries is appended batch after batch without waiting for each to be durable (the broker
+//! fixes a batch's offsets before the next is sent, so order holds), then waited for once, and
+//! deleted in one write: a page costs one sync of the log, not one per output partition per
+//! entry. A re-forward after a crash carries the same (producer id, sequence), so the broker
+//! drops it: outputs appear exactly once.
 //!
 //! In cluster mode it forwards only while this node holds the plugin, confirmed at the
 //! changelog's end before each page and each retry: a node that lost the plugin (taken over,
@@ -18,8 +21,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use weir_core::Backoff;
 
-use crate::io::{IoKind, OutputBatch};
+use crate::io::{Acked, IoKind, OutputBatch};
 use crate::runtime::PluginRuntime;
+use crate::store::Group;
 
 /// Outbox entries read per scan: a backlog (outputs blocked for hours while the plugin kept
 /// committing) is forwarded a page at a time, never read into memory whole.
@@ -35,6 +39,15 @@ async fn pause(cancel: &CancellationToken, d: Duration) -> bool {
         _ = tokio::time::sleep(d) => true,
         _ = cancel.cancelled() => false,
     }
+}
+
+/// Why a group was not appended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sent {
+    /// The hold is lost or not confirmed: scan again from the top.
+    Rescan,
+    /// The forwarder is stopping.
+    Cancelled,
 }
 
 /// The forwarder of one input partition's outputs.
@@ -117,6 +130,7 @@ impl Forwarder {
             // each delete is a replicated append, one per page instead of one per entry (a
             // crash before it re-forwards them, which the producer sequences make harmless).
             let mut forwarded = Vec::new();
+            let mut appended = Vec::new();
             for entry in entries {
                 let groups = match entry.groups {
                     Ok(groups) => groups,
@@ -132,58 +146,29 @@ impl Forwarder {
                         continue 'scan;
                     }
                 };
+                // Appended one after another (in order per output partition) without waiting
+                // for each to be durable: the page waits once, below.
                 for g in groups {
-                    let batch = OutputBatch {
-                        topic: g.topic.clone(),
-                        partition: g.partition,
-                        producer_id,
-                        base_sequence: g.base_seq,
-                        records: g.records,
-                    };
-                    tracing::debug!(message = "Forwarding outputs.", topic = %g.topic, output_partition = g.partition, records = batch.records.len(), base_seq = g.base_seq);
-                    let mut retry = false;
-                    loop {
-                        // A retry may come long after the page was confirmed (outputs blocked
-                        // while the plugin moved): confirm again.
-                        if !rt.seams.store.held(&rt.spec.name) || (retry && !self.confirmed().await)
-                        {
-                            continue 'scan; // see the top of the loop
-                        }
-                        retry = true;
-                        let e = match rt.seams.output.publish(batch.clone()).await {
-                            Ok(()) => break,
-                            Err(e) if e.name == SEQUENCE_OUT_OF_ORDER => {
-                                // Older than the batches the broker remembers for retries
-                                // (a crash or a lost hold after more than that many batches
-                                // of a page went out): the producer id is this partition's
-                                // alone and its sequences are dense, so a sequence below the
-                                // next expected one was stored.
-                                tracing::debug!(message = "An output batch was stored before (older than the retry window).", topic = %g.topic, output_partition = g.partition, base_seq = g.base_seq);
-                                break;
-                            }
-                            Err(e) => e,
-                        };
-                        let transient = e.kind == IoKind::Unavailable;
-                        self.failed(
-                            format!("forwarding to {}/{}: {e}", g.topic, g.partition),
-                            !transient,
-                        );
-                        let delay = if transient {
-                            backoff.next()
-                        } else {
-                            Duration::from_secs(5)
-                        };
-                        // A new commit is worth another try at once.
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
-                            _ = rt.outbox[partition as usize].notified() => {}
-                            _ = cancel.cancelled() => return,
-                        }
+                    match self.send(&cancel, producer_id, g).await {
+                        Ok(acked) => appended.push(acked),
+                        Err(Sent::Cancelled) => return,
+                        Err(Sent::Rescan) => continue 'scan, // see the top of the loop
                     }
                 }
                 forwarded.push(entry.seq);
                 backoff.reset();
                 self.ok();
+            }
+            // Deleted only once every output of the page is durable. A failed sync stops the
+            // server (fail-stop); anything else scans again, and the broker answers a batch
+            // stored before from its producer sequence.
+            let durable = futures::future::join_all(appended).await;
+            if let Some(Err(e)) = durable.into_iter().find(Result::is_err) {
+                self.failed(format!("forwarding outputs: {e}"), false);
+                if !pause(&cancel, backoff.next()).await {
+                    return;
+                }
+                continue;
             }
             if !self.delete(&cancel, &mut backoff, forwarded).await {
                 return;
@@ -198,6 +183,63 @@ impl Forwarder {
                 _ = rt.outbox[partition as usize].notified() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = cancel.cancelled() => return,
+            }
+        }
+    }
+
+    /// Appends one group, retrying until it is applied (or was stored before), the hold is
+    /// lost (rescan) or the forwarder is cancelled; returns what resolves once it is durable.
+    async fn send(
+        &self,
+        cancel: &CancellationToken,
+        producer_id: u64,
+        g: Group,
+    ) -> Result<Acked, Sent> {
+        let rt = &self.rt;
+        let batch = OutputBatch {
+            topic: g.topic,
+            partition: g.partition,
+            producer_id,
+            base_sequence: g.base_seq,
+            records: g.records,
+        };
+        tracing::debug!(message = "Forwarding outputs.", topic = %batch.topic, output_partition = batch.partition, records = batch.records.len(), base_seq = batch.base_sequence);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut retry = false;
+        loop {
+            // A retry may come long after the page was confirmed (outputs blocked while the
+            // plugin moved): confirm again.
+            if !rt.seams.store.held(&rt.spec.name) || (retry && !self.confirmed().await) {
+                return Err(Sent::Rescan);
+            }
+            retry = true;
+            let e = match rt.seams.output.append(batch.clone()).await {
+                Ok(acked) => return Ok(acked),
+                Err(e) if e.name == SEQUENCE_OUT_OF_ORDER => {
+                    // Older than the batches the broker remembers for retries (a crash or a
+                    // lost hold after more than that many batches of a page went out): the
+                    // producer id is this partition's alone and its sequences are dense, so a
+                    // sequence below the next expected one was stored.
+                    tracing::debug!(message = "An output batch was stored before (older than the retry window).", topic = %batch.topic, output_partition = batch.partition, base_seq = batch.base_sequence);
+                    return Ok(Box::pin(std::future::ready(Ok(()))));
+                }
+                Err(e) => e,
+            };
+            let transient = e.kind == IoKind::Unavailable;
+            self.failed(
+                format!("forwarding to {}/{}: {e}", batch.topic, batch.partition),
+                !transient,
+            );
+            let delay = if transient {
+                backoff.next()
+            } else {
+                Duration::from_secs(5)
+            };
+            // A new commit is worth another try at once.
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = rt.outbox[self.partition as usize].notified() => {}
+                _ = cancel.cancelled() => return Err(Sent::Cancelled),
             }
         }
     }

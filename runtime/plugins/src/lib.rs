@@ -27,7 +27,7 @@ mod runtime;
 pub mod spec;
 pub mod store;
 
-pub use io::{Input, IoError, IoKind, Output, OutputBatch, ProbeSink};
+pub use io::{Acked, Input, IoError, IoKind, Output, OutputBatch, ProbeSink};
 pub use manager::PluginManager;
 pub use partition::MAX_BATCH_BYTES;
 pub use processor::{Plugin, Processor, RECYCLE_AFTER_BATCHES};

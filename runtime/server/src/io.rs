@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 use weir_broker::{Broker, BrokerError, Caller, ProducerFields, Publish, TopicLookup};
 use weir_core::{ProbeMarker, ReadLimits, StartAt, StoredRecord, TopicConfig};
-use weir_plugins::{Input, IoError, Output, OutputBatch, ProbeSink};
+use weir_plugins::{Acked, Input, IoError, Output, OutputBatch, ProbeSink};
 
 use crate::monitor::probe::ProbeBook;
 use crate::statuses::{broker_code, io_kind};
@@ -19,6 +19,23 @@ fn io(e: BrokerError) -> IoError {
         kind: io_kind(code),
         name,
         message: e.to_string(),
+    }
+}
+
+/// A plugin's output batch as the broker's publish by its server-owned idempotent producer.
+fn server_publish(broker: &Broker, batch: OutputBatch) -> Publish {
+    Publish {
+        topic: batch.topic,
+        partition: Some(batch.partition),
+        records: batch.records,
+        producer: Some(ProducerFields {
+            producer_id: batch.producer_id,
+            // 0 unless a client bumped it before plugins' producers were the server's; only
+            // this plugin partition's forwarder uses the id, so its epoch is current.
+            epoch: broker.server_producer_epoch(batch.producer_id).unwrap_or(0),
+            base_sequence: batch.base_sequence,
+        }),
+        caller: Caller::Server,
     }
 }
 
@@ -79,20 +96,19 @@ impl Input for BrokerIo {
 #[async_trait]
 impl Output for BrokerIo {
     async fn publish(&self, batch: OutputBatch) -> Result<(), IoError> {
-        let publish = Publish {
-            topic: batch.topic,
-            partition: Some(batch.partition),
-            records: batch.records,
-            producer: Some(ProducerFields {
-                producer_id: batch.producer_id,
-                // 0 unless a client bumped it before plugins' producers were the server's;
-                // only this plugin partition's forwarder uses the id, so its epoch is current.
-                epoch: self.0.server_producer_epoch(batch.producer_id).unwrap_or(0),
-                base_sequence: batch.base_sequence,
-            }),
-            caller: Caller::Server,
-        };
+        let publish = server_publish(&self.0, batch);
         self.0.publish(publish).await.map(drop).map_err(io)
+    }
+
+    async fn append(&self, batch: OutputBatch) -> Result<Acked, IoError> {
+        let pending = self
+            .0
+            .append(server_publish(&self.0, batch))
+            .await
+            .map_err(io)?;
+        Ok(Box::pin(async move {
+            pending.acked().await.map(drop).map_err(io)
+        }))
     }
 
     fn partition_count(&self, topic: &str) -> Result<u32, IoError> {
