@@ -15,7 +15,7 @@ pub(crate) type Entry = Option<(Vec<u8>, u64)>;
 
 /// Committed state of recently used keys, within a byte budget.
 ///
-/// Commits [`insert`](StateCache::insert) every key they write (under the plugin's commit
+/// Commits [`insert_all`](StateCache::insert_all) every key they write (under the plugin's commit
 /// lock, after the store write); readers only [`fill`](StateCache::fill) missing keys, and
 /// only if nothing was evicted since they began their store read — an entry evicted and then
 /// re-filled from an older read could otherwise be older than the store. So an entry is never
@@ -138,7 +138,7 @@ impl StateCache {
     fn put(&self, g: &mut Generations, key: Vec<u8>, entry: Entry) {
         let size = entry_bytes(&key, &entry);
         if let Some(slot) = g.hot.get_mut(&key) {
-            // Replaced in place (one lookup: most commits rewrite keys already hot).
+            // Replaced in place (no remove and insert: most commits rewrite keys already hot).
             let old = std::mem::replace(slot, entry);
             g.hot_bytes = g.hot_bytes - entry_bytes(&key, &old) + size;
             if g.hot_bytes > self.budget / 2 {

@@ -135,6 +135,10 @@ impl Forwarder {
                 let groups = match entry.groups {
                     Ok(groups) => groups,
                     Err(why) => {
+                        // What went before it is deleted once durable, as at a page's end.
+                        if !self.durable(&cancel, &mut backoff, appended).await {
+                            continue 'scan;
+                        }
                         if !self.delete(&cancel, &mut backoff, forwarded).await {
                             return;
                         }
@@ -159,15 +163,7 @@ impl Forwarder {
                 backoff.reset();
                 self.ok();
             }
-            // Deleted only once every output of the page is durable. A failed sync stops the
-            // server (fail-stop); anything else scans again, and the broker answers a batch
-            // stored before from its producer sequence.
-            let durable = futures::future::join_all(appended).await;
-            if let Some(Err(e)) = durable.into_iter().find(Result::is_err) {
-                self.failed(format!("forwarding outputs: {e}"), false);
-                if !pause(&cancel, backoff.next()).await {
-                    return;
-                }
+            if !self.durable(&cancel, &mut backoff, appended).await {
                 continue;
             }
             if !self.delete(&cancel, &mut backoff, forwarded).await {
@@ -264,6 +260,27 @@ impl Forwarder {
                 self.failed(e.to_string(), false);
                 false
             }
+        }
+    }
+
+    /// Waits until every appended batch is durable: entries are deleted only then (a delete
+    /// made durable before its outputs would lose them in a crash). `false` after a failure
+    /// (shown; the caller scans again, and the broker answers a batch stored before from its
+    /// producer sequence; a failed sync stops the server) or when cancelled.
+    async fn durable(
+        &self,
+        cancel: &CancellationToken,
+        backoff: &mut Backoff,
+        appended: Vec<Acked>,
+    ) -> bool {
+        let durable = futures::future::join_all(appended).await;
+        match durable.into_iter().find(Result::is_err) {
+            Some(Err(e)) => {
+                self.failed(format!("forwarding outputs: {e}"), false);
+                pause(cancel, backoff.next()).await;
+                false
+            }
+            _ => true,
         }
     }
 

@@ -3,6 +3,7 @@
 //! a harness that runs a plugin's partition tasks and forwarders over them.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -12,7 +13,7 @@ use tokio::sync::watch;
 use weir_core::{ProbeMarker, ReadLimits, Record, StartAt, StoredRecord};
 use weir_wasm::{BatchEffects, Interrupt, Limits, PluginError, StateReader};
 
-use crate::io::{Input, IoError, IoKind, Output, OutputBatch, ProbeSink};
+use crate::io::{Acked, Input, IoError, IoKind, Output, OutputBatch, ProbeSink};
 use crate::processor::{Plugin, Processor};
 
 /// Topics of records in memory, with the visible-end watches a real input has.
@@ -120,6 +121,9 @@ pub struct FakeOutput {
     /// Publishes the broker would refuse for good (a sequence gap, a record over the limit):
     /// bugs of the commit or the forwarder, so the harness fails the test on one.
     pub gaps: Mutex<Vec<String>>,
+    /// While set, an appended batch is applied (stored, its sequences taken) but not durable:
+    /// what `append` returns resolves once this is cleared (the broker's sync, held).
+    pub syncs_held: Arc<AtomicBool>,
 }
 
 impl FakeOutput {
@@ -148,9 +152,10 @@ impl FakeOutput {
     }
 }
 
-#[async_trait]
-impl Output for FakeOutput {
-    async fn publish(&self, batch: OutputBatch) -> Result<(), IoError> {
+impl FakeOutput {
+    /// Applies a batch as the broker's append does (stored, its sequences taken), or refuses
+    /// it; durability is [`FakeOutput::synced`].
+    fn apply(&self, batch: OutputBatch) -> Result<(), IoError> {
         if let Some(e) = self.fail.lock().pop_front() {
             return Err(e);
         }
@@ -205,6 +210,30 @@ impl Output for FakeOutput {
             .or_default()
             .extend(batch.records);
         Ok(())
+    }
+
+    /// Resolves once the broker's syncs are not held (see `syncs_held`).
+    fn synced(&self) -> Acked {
+        let held = self.syncs_held.clone();
+        Box::pin(async move {
+            while held.load(Ordering::SeqCst) {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            Ok(())
+        })
+    }
+}
+
+#[async_trait]
+impl Output for FakeOutput {
+    async fn publish(&self, batch: OutputBatch) -> Result<(), IoError> {
+        self.apply(batch)?;
+        self.synced().await
+    }
+
+    async fn append(&self, batch: OutputBatch) -> Result<Acked, IoError> {
+        self.apply(batch)?;
+        Ok(self.synced())
     }
 
     fn partition_count(&self, topic: &str) -> Result<u32, IoError> {

@@ -4,6 +4,7 @@
 
 mod cluster;
 mod fakes;
+mod forwarding;
 mod harness;
 mod manager_cluster;
 mod pipeline;
