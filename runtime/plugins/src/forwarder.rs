@@ -21,7 +21,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use weir_core::Backoff;
 
-use crate::io::{Acked, IoKind, OutputBatch};
+use crate::io::{Acked, IoError, IoKind, OutputBatch};
 use crate::runtime::PluginRuntime;
 use crate::store::Group;
 
@@ -217,7 +217,16 @@ impl Forwarder {
                     // producer id is this partition's alone and its sequences are dense, so a
                     // sequence below the next expected one was stored.
                     tracing::debug!(message = "An output batch was stored before (older than the retry window).", topic = %batch.topic, output_partition = batch.partition, base_seq = batch.base_sequence);
-                    return Ok(Box::pin(std::future::ready(Ok(()))));
+                    // Stored, maybe not yet durable (appended by an earlier pass of this
+                    // process): durable once everything applied until now is.
+                    let durability = rt.seams.durability.clone();
+                    let ticket = durability.written();
+                    return Ok(Box::pin(async move {
+                        durability
+                            .durable(ticket)
+                            .await
+                            .map_err(|e| IoError::new(IoKind::Unavailable, e.to_string()))
+                    }));
                 }
                 Err(e) => e,
             };
