@@ -137,6 +137,9 @@ impl Forwarder {
                     Err(why) => {
                         // What went before it is deleted once durable, as at a page's end.
                         if !self.durable(&cancel, &mut backoff, appended).await {
+                            if cancel.is_cancelled() {
+                                return;
+                            }
                             continue 'scan;
                         }
                         if !self.delete(&cancel, &mut backoff, forwarded).await {
@@ -164,6 +167,9 @@ impl Forwarder {
                 self.ok();
             }
             if !self.durable(&cancel, &mut backoff, appended).await {
+                if cancel.is_cancelled() {
+                    return;
+                }
                 continue;
             }
             if !self.delete(&cancel, &mut backoff, forwarded).await {
