@@ -11,6 +11,10 @@
 //! At the end every balance is the sum over distinct orders, every order is credited once
 //! (none missing, none twice), and no output a reader saw before a kill was taken back
 //! (outputs are never visible before their commit is durable).
+//!
+//! The cluster's version kills the weir node running points (over a JetStream R3 cluster) once
+//! its commits queued for the changelog and not yet landed are several; the other node takes
+//! the plugin over from what landed.
 
 use crate::common;
 
@@ -67,11 +71,16 @@ fn metric(addr: &str, name: &str) -> f64 {
         .map_or(0.0, |v| v.trim().parse().expect("a number"))
 }
 
-/// Records whose effects the plugin committed durably (its status), over its partitions.
+/// Records whose effects the plugin committed durably (its status), over its partitions; 0
+/// while the node does not list it (a cluster node taking it over).
 async fn processed(client: &Client) -> u64 {
     let plugins = client.list_plugins().await.unwrap();
-    let points = plugins.iter().find(|p| p.name == "points").expect("points");
-    points.partitions.iter().map(|p| p.processed).sum()
+    plugins
+        .iter()
+        .find(|p| p.name == "points")
+        .map_or(0, |points| {
+            points.partitions.iter().map(|p| p.processed).sum()
+        })
 }
 
 async fn ends(client: &Client, topic: &str) -> Vec<u64> {
@@ -88,12 +97,95 @@ async fn publish_backlog(client: &Client, from: u64) {
     }
 }
 
+/// order.paid (3 partitions), points.credited (2) and points deployed from the earliest offset.
+async fn topics_and_points(client: &Client) {
+    for (name, partitions) in [("order.paid", 3), ("points.credited", 2)] {
+        client
+            .create_topic(&TopicConfig::new(name, partitions))
+            .await
+            .unwrap();
+    }
+    client
+        .deploy_plugin(weir_api::Deploy {
+            name: "points".into(),
+            wasm: plugin_wasm("points").to_vec(),
+            input: "order.paid".into(),
+            outputs: vec!["points.credited".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+/// Waits until the plugin processed `total` orders and forwarded as many outputs; the output
+/// topic's ends then.
+async fn caught_up(client: &Client, total: u64) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while processed(client).await < total
+        || ends(client, "points.credited").await.iter().sum::<u64>() < total
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the plugin did not catch up: {} processed",
+            processed(client).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ends(client, "points.credited").await
+}
+
+/// Every order 0..`total` credited exactly once in points.credited (whose ends are `end`),
+/// every balance the sum of its user's amounts.
+async fn every_order_credited_once(client: &Client, total: u64, end: &[u64]) {
+    let mut sub = client
+        .subscribe("points.credited", &[], weir_core::StartAt::Earliest, None)
+        .await
+        .unwrap();
+    let mut credited = Vec::new();
+    while (credited.len() as u64) < end.iter().sum::<u64>() {
+        let batch = tokio::time::timeout(Duration::from_secs(20), sub.next())
+            .await
+            .expect("outputs readable")
+            .expect("a batch")
+            .unwrap();
+        for r in batch {
+            let v: serde_json::Value = serde_json::from_slice(&r.record.value).unwrap();
+            credited.push(v["order"].as_u64().unwrap());
+        }
+    }
+    let distinct: BTreeSet<u64> = credited.iter().copied().collect();
+    assert_eq!(
+        credited.len(),
+        distinct.len(),
+        "an order was credited twice"
+    );
+    assert_eq!(
+        distinct,
+        (0..total).collect::<BTreeSet<_>>(),
+        "an order's credit is missing"
+    );
+    let mut want: BTreeMap<String, u64> = BTreeMap::new();
+    for i in 0..total {
+        *want.entry(format!("user-{}", i % USERS)).or_default() += amount(i);
+    }
+    for (user, balance) in want {
+        let (value, _) = client
+            .get_state("points", format!("balance/{user}").as_bytes())
+            .await
+            .unwrap()
+            .expect("a balance");
+        assert_eq!(
+            serde_json::from_slice::<u64>(&value).unwrap(),
+            balance,
+            "balance of {user}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kills_with_commits_in_flight_and_outputs_unforwarded_lose_and_double_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let wasm_dir = tempfile::tempdir().unwrap();
-    let wasm = wasm_dir.path().join("points.wasm");
-    std::fs::write(&wasm, plugin_wasm("points")).unwrap();
     let metrics = format!("127.0.0.1:{}", crate::kafka::free_port());
     let slow = [
         "--metrics",
@@ -104,22 +196,7 @@ async fn kills_with_commits_in_flight_and_outputs_unforwarded_lose_and_double_no
     let first = WeirProcess::spawn(dir.path(), "127.0.0.1:0", &slow);
     let port = first.port();
     let client = Client::connect(&first.addr).await.unwrap();
-    for (name, partitions) in [("order.paid", 3), ("points.credited", 2)] {
-        client
-            .create_topic(&TopicConfig::new(name, partitions))
-            .await
-            .unwrap();
-    }
-    client
-        .deploy_plugin(weir_api::Deploy {
-            name: "points".into(),
-            wasm: std::fs::read(&wasm).unwrap(),
-            input: "order.paid".into(),
-            outputs: vec!["points.credited".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    topics_and_points(&client).await;
     drop(client);
 
     let mut process = Some(first);
@@ -170,16 +247,7 @@ async fn kills_with_commits_in_flight_and_outputs_unforwarded_lose_and_double_no
     let server = WeirProcess::spawn_on_port(dir.path(), port, &[]);
     let client = Client::connect(&server.addr).await.unwrap();
     let total = CYCLES * BACKLOG;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while processed(&client).await < total
-        || ends(&client, "points.credited").await.iter().sum::<u64>() < total
-    {
-        assert!(Instant::now() < deadline, "the plugin did not catch up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
-    let end = ends(&client, "points.credited").await;
+    let end = caught_up(&client, total).await;
     for (cycle, seen) in seen_before_kills.iter().enumerate() {
         for (p, (seen, now)) in seen.iter().zip(&end).enumerate() {
             assert!(
@@ -188,48 +256,69 @@ async fn kills_with_commits_in_flight_and_outputs_unforwarded_lose_and_double_no
             );
         }
     }
-    let mut sub = client
-        .subscribe("points.credited", &[], weir_core::StartAt::Earliest, None)
-        .await
-        .unwrap();
-    let mut credited = Vec::new();
-    while (credited.len() as u64) < end.iter().sum::<u64>() {
-        let batch = tokio::time::timeout(Duration::from_secs(20), sub.next())
-            .await
-            .expect("outputs readable")
-            .expect("a batch")
-            .unwrap();
-        for r in batch {
-            let v: serde_json::Value = serde_json::from_slice(&r.record.value).unwrap();
-            credited.push(v["order"].as_u64().unwrap());
-        }
-    }
-    let distinct: BTreeSet<u64> = credited.iter().copied().collect();
-    assert_eq!(
-        credited.len(),
-        distinct.len(),
-        "an order was credited twice"
-    );
-    assert_eq!(
-        distinct,
-        (0..total).collect::<BTreeSet<_>>(),
-        "an order's credit is missing"
-    );
-    let mut want: BTreeMap<String, u64> = BTreeMap::new();
-    for i in 0..total {
-        *want.entry(format!("user-{}", i % USERS)).or_default() += amount(i);
-    }
-    for (user, balance) in want {
-        let (value, _) = client
-            .get_state("points", format!("balance/{user}").as_bytes())
-            .await
-            .unwrap()
-            .expect("a balance");
-        assert_eq!(
-            serde_json::from_slice::<u64>(&value).unwrap(),
-            balance,
-            "balance of {user}"
-        );
-    }
+    every_order_credited_once(&client, total, &end).await;
     assert!(server.terminate(Duration::from_secs(30)).success());
+}
+
+/// The value of `weir_plugin_commits_in_flight{plugin="points"}` on a node (0 when down).
+fn in_flight_on(metrics: &str) -> f64 {
+    if std::net::TcpStream::connect(metrics).is_err() {
+        return 0.0;
+    }
+    metric(metrics, "weir_plugin_commits_in_flight")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_killed_with_commits_in_flight_loses_and_doubles_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = common::nats_cluster(dir.path());
+    let urls = nats.url_list();
+    let metrics: Vec<String> = (0..2)
+        .map(|_| format!("127.0.0.1:{}", crate::kafka::free_port()))
+        .collect();
+    let mut nodes: Vec<Option<WeirProcess>> = ["a", "b"]
+        .iter()
+        .zip(&metrics)
+        .map(|(name, m)| {
+            Some(WeirProcess::spawn(
+                &dir.path().join(name),
+                "127.0.0.1:0",
+                &["--log", &urls, "--metrics", m],
+            ))
+        })
+        .collect();
+    let addrs: Vec<String> = nodes
+        .iter()
+        .map(|n| n.as_ref().unwrap().addr.clone())
+        .collect();
+    let client = Client::connect(&addrs[0]).await.unwrap();
+    topics_and_points(&client).await;
+    client.pause_plugin("points", true).await.unwrap();
+    let total = 2 * BACKLOG;
+    for start in (0..total).step_by(1_000) {
+        client
+            .publish("order.paid", None, orders(start, 1_000))
+            .await
+            .unwrap();
+    }
+    client.pause_plugin("points", false).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (killed, in_flight) = loop {
+        let seen: Vec<f64> = metrics.iter().map(|m| in_flight_on(m)).collect();
+        if let Some(i) = seen.iter().position(|n| *n >= 2.0) {
+            nodes[i].take().unwrap().kill9();
+            break (i, seen[i]);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never saw 2 commits in flight on the node running points (last: {seen:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    let survivor = 1 - killed;
+    println!("killed node {killed} with {in_flight} commits queued for the changelog");
+    let client = Client::connect(&addrs[survivor]).await.unwrap();
+    let end = caught_up(&client, total).await;
+    every_order_credited_once(&client, total, &end).await;
+    drop(nats);
 }
