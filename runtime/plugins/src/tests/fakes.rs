@@ -124,6 +124,11 @@ pub struct FakeOutput {
     /// While set, an appended batch is applied (stored, its sequences taken) but not durable:
     /// what `append` returns resolves once this is cleared (the broker's sync, held).
     pub syncs_held: Arc<AtomicBool>,
+    /// The next this-many durability waits of appended batches fail (their batches stay
+    /// applied, as a broker's would until a restart).
+    pub failed_syncs: Arc<std::sync::atomic::AtomicU32>,
+    /// Batches sent and accepted, retries of stored ones included.
+    pub accepted: std::sync::atomic::AtomicU32,
 }
 
 impl FakeOutput {
@@ -178,6 +183,7 @@ impl FakeOutput {
         let last_seq = batch.base_sequence + (batch.records.len() as u64).saturating_sub(1);
         if batch.base_sequence < *next {
             if remembered.contains(&(batch.base_sequence, last_seq)) {
+                self.accepted.fetch_add(1, Ordering::SeqCst);
                 return Ok(()); // a retry of a stored batch
             }
             // As the broker: older than what it remembers, so not recognised as a retry.
@@ -200,6 +206,7 @@ impl FakeOutput {
             return Err(IoError::new(IoKind::Refused, gap));
         }
         *next += batch.records.len() as u64;
+        self.accepted.fetch_add(1, Ordering::SeqCst);
         remembered.push_back((batch.base_sequence, last_seq));
         if remembered.len() > KEEP_BATCHES {
             remembered.pop_front();
@@ -212,12 +219,20 @@ impl FakeOutput {
         Ok(())
     }
 
-    /// Resolves once the broker's syncs are not held (see `syncs_held`).
+    /// Resolves once the broker's syncs are not held (see `syncs_held`), or fails (see
+    /// `failed_syncs`).
     fn synced(&self) -> Acked {
         let held = self.syncs_held.clone();
+        let failed = self
+            .failed_syncs
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
         Box::pin(async move {
             while held.load(Ordering::SeqCst) {
                 tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            if failed {
+                return Err(IoError::new(IoKind::Unavailable, "the sync failed"));
             }
             Ok(())
         })

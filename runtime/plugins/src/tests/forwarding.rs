@@ -116,3 +116,31 @@ async fn a_page_is_appended_whole_and_deleted_once_durable() {
     assert_eq!(h.output.values("out"), vec!["1", "3", "6"]);
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_durability_wait_keeps_the_page_and_forwards_it_again_once() {
+    let mut h = Harness::new(1, None);
+    three_entries_waiting(&mut h).await;
+    // The first page's batches are applied, then the wait for their sync fails: nothing may
+    // be deleted; the page goes again and the broker recognises every batch.
+    h.output.failed_syncs.store(1, Ordering::SeqCst);
+    h.start(spec(1, OnError::Halt), points());
+    h.idle().await;
+    assert_eq!(
+        h.output.failed_syncs.load(Ordering::SeqCst),
+        0,
+        "a sync failed"
+    );
+    assert_eq!(
+        h.output.accepted.load(Ordering::SeqCst),
+        6,
+        "the page's three batches, then all three again (the page was kept)"
+    );
+    assert_eq!(
+        h.output.values("out"),
+        vec!["1", "3", "6"],
+        "every output once, in order"
+    );
+    assert_eq!(pending(&h), 0);
+    h.stop().await;
+}
