@@ -68,7 +68,18 @@ impl MemoryChangelog {
     /// Runs `hook` just before the next append to `log` (a race between nodes made to happen
     /// at one point: the hook may append through another node).
     pub fn before_next_append(&self, log: &str, hook: impl FnOnce() + Send + 'static) {
-        self.inner.lock().hook = Some((log.to_string(), Box::new(hook)));
+        self.before_next_append_where(log, |_| true, hook);
+    }
+
+    /// As [`MemoryChangelog::before_next_append`], for the next append to `log` whose payload
+    /// `matches` (one kind of writer's entries among several).
+    pub fn before_next_append_where(
+        &self,
+        log: &str,
+        matches: impl Fn(&[u8]) -> bool + Send + 'static,
+        hook: impl FnOnce() + Send + 'static,
+    ) {
+        self.inner.lock().hook = Some((log.to_string(), Box::new(matches), Box::new(hook)));
     }
 
     /// The next `n` reads of any log (its last position or its entries) fail without an
@@ -95,7 +106,11 @@ impl MemoryChangelog {
     }
 }
 
-type Hook = (String, Box<dyn FnOnce() + Send>);
+type Hook = (
+    String,
+    Box<dyn Fn(&[u8]) -> bool + Send>,
+    Box<dyn FnOnce() + Send>,
+);
 
 #[derive(Default)]
 struct MemoryInner {
@@ -119,11 +134,11 @@ impl Changelog for MemoryChangelog {
         let hook = {
             let mut inner = self.inner.lock();
             match &inner.hook {
-                Some((l, _)) if l == log => inner.hook.take(),
+                Some((l, matches, _)) if l == log && matches(payload) => inner.hook.take(),
                 _ => None,
             }
         };
-        if let Some((_, hook)) = hook {
+        if let Some((_, _, hook)) = hook {
             hook();
         }
         let mut inner = self.inner.lock();

@@ -393,10 +393,16 @@ async fn a_zombies_pipelined_commits_after_the_new_owners_announce_never_land() 
     // A's next append (the commits it queued for 100..400, pipelined) meets B's announce: B
     // takes the plugin over just before it lands, as a node whose lease on A ran out would.
     let b_store = b.store.clone();
-    changelog.before_next_append("plugin/p", move || b_store.acquire("p").unwrap());
+    // Only a commit group writes a partition's cursor (`c/<p>/`): the compactor's and the
+    // forwarder's appends pass.
+    let is_commit = |payload: &[u8]| {
+        payload
+            .windows(7)
+            .any(|w| w[..5] == *b"c/\0\0\0" && w[6] == b'/')
+    };
+    changelog
+        .before_next_append_where("plugin/p", is_commit, move || b_store.acquire("p").unwrap());
     feed(100, 400);
-    // A stops committing: its queued commits did not land, or (when its compactor's or
-    // forwarder's append met the announce first) its next ones are refused as not held.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let stopped = |a: &Harness| {
         !changelog.hook_pending()
@@ -422,6 +428,12 @@ async fn a_zombies_pipelined_commits_after_the_new_owners_announce_never_land() 
     assert!(
         shown <= 100,
         "A shows {shown} records committed; 100 landed"
+    );
+    assert!(
+        a.rt().status.lock().iter().any(|s| matches!(&s.state,
+            PartitionState::Waiting(why) if why.contains("did not land"))),
+        "A had commits in flight, refused: {:?}",
+        a.rt().status.lock()
     );
     let before_b = balances_once(&output);
     assert!(
