@@ -23,7 +23,7 @@ fn fast_monitor(c: &mut ServerConfig) {
     c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
 }
 
-async fn topics(client: &Client, names: &[(&str, u32)]) {
+pub(crate) async fn topics(client: &Client, names: &[(&str, u32)]) {
     for (name, partitions) in names {
         client
             .create_topic(&TopicConfig {
@@ -39,7 +39,7 @@ async fn topics(client: &Client, names: &[(&str, u32)]) {
 }
 
 /// Deploys the points plugin on order.paid → points.credited, paced at `max_rate` (0 = not).
-async fn deploy_points(client: &Client, max_rate: u64) {
+pub(crate) async fn deploy_points(client: &Client, max_rate: u64) {
     client
         .deploy_plugin(Deploy {
             name: "points".into(),
@@ -134,7 +134,7 @@ async fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
         .unwrap()
 }
 
-fn http_get_blocking(addr: SocketAddr, path: &str) -> (String, String) {
+pub(crate) fn http_get_blocking(addr: SocketAddr, path: &str) -> (String, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     write!(
         s,

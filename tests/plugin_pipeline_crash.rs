@@ -9,8 +9,9 @@
 //!   between a commit and the forwarding of its outputs.
 //!
 //! At the end every balance is the sum over distinct orders, every order is credited once
-//! (none missing, none twice), and no output a reader saw before a kill was taken back
-//! (outputs are never visible before their commit is durable).
+//! (none missing, none twice), and no output partition's end is below what a reader saw before
+//! a kill. (That outputs never show before their commit is durable is the model tests' to
+//! check: runtime/plugins/src/tests/pipeline.rs.)
 //!
 //! The cluster's versions kill, or freeze past its lease (SIGSTOP), the weir node running
 //! points (over a JetStream R3 cluster) once several of its commits are queued for the
@@ -22,10 +23,9 @@ use crate::common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use common::{plugin_wasm, WeirProcess};
+use common::WeirProcess;
 use weir_api::Client;
-use weir_core::{Record, TopicConfig};
+use weir_core::Record;
 
 const USERS: u64 = 60;
 /// Orders published per cycle, while the plugin is paused: a backlog drained at full speed.
@@ -41,33 +41,15 @@ fn amount(i: u64) -> u64 {
 
 fn orders(from: u64, n: u64) -> Vec<Record> {
     (from..from + n)
-        .map(|i| {
-            let user = format!("user-{}", i % USERS);
-            Record {
-                key: Some(Bytes::from(user.clone())),
-                id: Some(format!("order-{i}")),
-                ..Record::from_value(format!(
-                    r#"{{"order":{i},"user":"{user}","amount":{}}}"#,
-                    amount(i)
-                ))
-            }
-        })
+        .map(|i| common::paid(i, &format!("user-{}", i % USERS), amount(i) as f64))
         .collect()
 }
 
 /// The value of `name{plugin="points"}` in the server's `/metrics` (0 when absent).
 fn metric(addr: &str, name: &str) -> f64 {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to /metrics");
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
+    let (_, body) = crate::monitor::http_get_blocking(addr.parse().unwrap(), "/metrics");
     let series = format!("{name}{{plugin=\"points\"}} ");
-    raw.lines()
+    body.lines()
         .find_map(|l| l.strip_prefix(&series))
         .map_or(0.0, |v| v.trim().parse().expect("a number"))
 }
@@ -100,22 +82,8 @@ async fn publish_backlog(client: &Client, from: u64) {
 
 /// order.paid (3 partitions), points.credited (2) and points deployed from the earliest offset.
 async fn topics_and_points(client: &Client) {
-    for (name, partitions) in [("order.paid", 3), ("points.credited", 2)] {
-        client
-            .create_topic(&TopicConfig::new(name, partitions))
-            .await
-            .unwrap();
-    }
-    client
-        .deploy_plugin(weir_api::Deploy {
-            name: "points".into(),
-            wasm: plugin_wasm("points").to_vec(),
-            input: "order.paid".into(),
-            outputs: vec!["points.credited".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    crate::monitor::topics(client, &[("order.paid", 3), ("points.credited", 2)]).await;
+    crate::monitor::deploy_points(client, 0).await;
 }
 
 /// Waits until the plugin processed `total` orders and forwarded as many outputs; the output
@@ -171,14 +139,9 @@ async fn every_order_credited_once(client: &Client, total: u64, end: &[u64]) {
         *want.entry(format!("user-{}", i % USERS)).or_default() += amount(i);
     }
     for (user, balance) in want {
-        let (value, _) = client
-            .get_state("points", format!("balance/{user}").as_bytes())
-            .await
-            .unwrap()
-            .expect("a balance");
         assert_eq!(
-            serde_json::from_slice::<u64>(&value).unwrap(),
-            balance,
+            common::balance(client, &user).await,
+            Some(balance),
             "balance of {user}"
         );
     }

@@ -98,7 +98,7 @@ impl StateCache {
             return hit.clone();
         }
         if g.evictions == evictions_before {
-            self.put(&mut g, key.to_vec(), found.clone());
+            self.put(&mut g, key.to_vec(), found.clone(), false);
         }
         found
     }
@@ -113,16 +113,10 @@ impl StateCache {
     pub(crate) fn insert_all(&self, writes: impl IntoIterator<Item = (Vec<u8>, Entry)>, seq: u64) {
         let mut g = self.inner.write();
         for (key, entry) in writes {
-            // A key is in one generation at most: in `hot` it is replaced where it is.
-            if !g.hot.contains_key(&key) {
-                if let Some(old) = g.cold.remove(&key) {
-                    g.cold_bytes -= entry_bytes(&key, &old);
-                }
-            }
             // Before the put (a rotation it makes carries the sequence into `cold`) and after
             // it (the new `hot` may hold this commit's key).
             g.hot_seq = g.hot_seq.max(seq + 1);
-            self.put(&mut g, key, entry);
+            self.put(&mut g, key, entry, true);
             g.hot_seq = g.hot_seq.max(seq + 1);
         }
     }
@@ -133,9 +127,10 @@ impl StateCache {
         g.compacted = g.compacted.max(seq);
     }
 
-    /// Puts an entry in `hot` (the caller removed it from `cold`), rotating the generations
-    /// when `hot` would hold more than half the budget.
-    fn put(&self, g: &mut Generations, key: Vec<u8>, entry: Entry) {
+    /// Puts an entry in `hot`, rotating the generations when `hot` would hold more than half
+    /// the budget. A key is in one generation at most: in `hot` it is replaced where it is,
+    /// else it leaves `cold` (`from_cold`; a reader's fill knows it is in neither).
+    fn put(&self, g: &mut Generations, key: Vec<u8>, entry: Entry, from_cold: bool) {
         let size = entry_bytes(&key, &entry);
         if let Some(slot) = g.hot.get_mut(&key) {
             // Replaced in place (no remove and insert: most commits rewrite keys already hot).
@@ -145,6 +140,11 @@ impl StateCache {
                 self.rotate(g); // the entry moves to `cold` with the rest, still cached
             }
             return;
+        }
+        if from_cold {
+            if let Some(old) = g.cold.remove(&key) {
+                g.cold_bytes -= entry_bytes(&key, &old);
+            }
         }
         if g.hot_bytes + size > self.budget / 2 && !g.hot.is_empty() {
             self.rotate(g);

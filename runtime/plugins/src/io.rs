@@ -99,17 +99,11 @@ pub type Acked = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), I
 /// Where a plugin's outputs go, and the topics and producers it needs there.
 #[async_trait]
 pub trait Output: Send + Sync + 'static {
-    /// Publishes a batch as the server's idempotent producer (a retry of a stored batch is
-    /// acknowledged without storing it again), returning once it is durable.
-    async fn publish(&self, batch: OutputBatch) -> Result<(), IoError>;
-    /// Stores a batch as [`Output::publish`] does, returning once it is applied (its offsets
+    /// Stores a batch as the server's idempotent producer (a retry of a stored batch is
+    /// acknowledged without storing it again), returning once it is applied (its offsets
     /// fixed, so a batch appended after it lands after it) with what resolves once it is
     /// durable: a forwarder appends a page of batches and waits for their durability once.
-    /// By default it waits for durability before returning, as `publish`.
-    async fn append(&self, batch: OutputBatch) -> Result<Acked, IoError> {
-        self.publish(batch).await?;
-        Ok(Box::pin(std::future::ready(Ok(()))))
-    }
+    async fn append(&self, batch: OutputBatch) -> Result<Acked, IoError>;
     /// A topic's partition count (outputs are routed by key hash).
     fn partition_count(&self, topic: &str) -> Result<u32, IoError>;
     /// The largest record the output topics take.

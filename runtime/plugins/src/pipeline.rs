@@ -37,13 +37,9 @@ pub(crate) struct InFlight {
 struct Counted(weir_metrics::Gauge);
 
 impl Counted {
-    fn new(label: &weir_metrics::PluginLabel) -> Counted {
-        let gauge = weir_metrics::global()
-            .plugin_commits_in_flight
-            .get_or_create(label)
-            .clone();
+    fn new(gauge: &weir_metrics::Gauge) -> Counted {
         gauge.inc();
-        Counted(gauge)
+        Counted(gauge.clone())
     }
 }
 
@@ -60,8 +56,8 @@ pub(crate) struct Place(OwnedSemaphorePermit);
 pub(crate) struct Pipeline {
     to_reporter: mpsc::UnboundedSender<InFlight>,
     permits: Arc<Semaphore>,
-    /// The plugin's metrics label.
-    label: weir_metrics::PluginLabel,
+    /// The plugin's `plugin_commits_in_flight` gauge.
+    in_flight: weir_metrics::Gauge,
 }
 
 impl Pipeline {
@@ -73,7 +69,10 @@ impl Pipeline {
         let pipeline = Pipeline {
             to_reporter,
             permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
-            label,
+            in_flight: weir_metrics::global()
+                .plugin_commits_in_flight
+                .get_or_create(&label)
+                .clone(),
         };
         (pipeline, from_loop)
     }
@@ -112,7 +111,7 @@ impl Pipeline {
             written: done.written,
             done,
             _permit: place.0,
-            _counted: Counted::new(&self.label),
+            _counted: Counted::new(&self.in_flight),
         };
         self.to_reporter
             .send(in_flight)

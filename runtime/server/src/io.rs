@@ -95,11 +95,6 @@ impl Input for BrokerIo {
 
 #[async_trait]
 impl Output for BrokerIo {
-    async fn publish(&self, batch: OutputBatch) -> Result<(), IoError> {
-        let publish = server_publish(&self.0, batch);
-        self.0.publish(publish).await.map(drop).map_err(io)
-    }
-
     async fn append(&self, batch: OutputBatch) -> Result<Acked, IoError> {
         let pending = self
             .0

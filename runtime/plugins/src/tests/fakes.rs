@@ -126,7 +126,7 @@ pub struct FakeOutput {
     pub syncs_held: Arc<AtomicBool>,
     /// The next this-many durability waits of appended batches fail (their batches stay
     /// applied, as a broker's would until a restart).
-    pub failed_syncs: Arc<std::sync::atomic::AtomicU32>,
+    pub failed_syncs: std::sync::atomic::AtomicU32,
     /// Batches sent and accepted, retries of stored ones included.
     pub accepted: std::sync::atomic::AtomicU32,
 }
@@ -241,11 +241,6 @@ impl FakeOutput {
 
 #[async_trait]
 impl Output for FakeOutput {
-    async fn publish(&self, batch: OutputBatch) -> Result<(), IoError> {
-        self.apply(batch)?;
-        self.synced().await
-    }
-
     async fn append(&self, batch: OutputBatch) -> Result<Acked, IoError> {
         self.apply(batch)?;
         Ok(self.synced())

@@ -311,7 +311,8 @@ async fn a_page_re_forwarded_after_a_crash_is_stored_once_and_outputs_flow_on() 
                 base_sequence: g.base_seq,
                 records: g.records,
             };
-            crate::io::Output::publish(&*h.output, batch).await.unwrap();
+            let durable = crate::io::Output::append(&*h.output, batch).await.unwrap();
+            durable.await.unwrap();
         }
     }
     h.start(spec(1, OnError::Halt), points());
