@@ -1239,6 +1239,20 @@ async fn deploy_settings_out_of_range_are_refused_naming_the_field() {
         ),
         (
             pb::DeployPluginRequest {
+                commit_records: 100_001,
+                ..request()
+            },
+            "--commit-records 100001 is out of range: 1 to 100000 records",
+        ),
+        (
+            pb::DeployPluginRequest {
+                commit_interval_ms: u32::MAX,
+                ..request()
+            },
+            "--commit-interval-ms 4294967295 is out of range: 1 to 60000 ms",
+        ),
+        (
+            pb::DeployPluginRequest {
                 config: vec![
                     pb::ConfigEntry {
                         key: "rate".into(),
@@ -1269,6 +1283,8 @@ async fn deploy_settings_out_of_range_are_refused_naming_the_field() {
             alert_delay_ms: i64::MAX as u64,
             max_rate: 1_000_000_000,
             timeout_ms: 0,
+            commit_records: 100_000,
+            commit_interval_ms: 60_000,
             ..request()
         })
         .await
@@ -1276,5 +1292,9 @@ async fn deploy_settings_out_of_range_are_refused_naming_the_field() {
         .into_inner();
     assert_eq!(info.timeout_ms, 1000);
     assert_eq!(info.max_rate, 1_000_000_000);
+    assert_eq!(
+        (info.commit_records, info.commit_interval_ms),
+        (100_000, 60_000)
+    );
     server.stop().await.unwrap();
 }

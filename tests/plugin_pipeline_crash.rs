@@ -28,8 +28,9 @@ use weir_api::Client;
 use weir_core::Record;
 
 const USERS: u64 = 60;
-/// Orders published per cycle, while the plugin is paused: a backlog drained at full speed.
-const BACKLOG: u64 = 6_000;
+/// Orders published per cycle, while the plugin is paused: a backlog drained at full speed,
+/// four commits of two calls per partition (`--commit-records 1000`).
+const BACKLOG: u64 = 12_000;
 const CYCLES: u64 = 4;
 const SYNC_DELAY_MS: &str = "120";
 /// Commits in flight over the plugin's 3 partitions the kill waits for.
@@ -80,10 +81,21 @@ async fn publish_backlog(client: &Client, from: u64) {
     }
 }
 
-/// order.paid (3 partitions), points.credited (2) and points deployed from the earliest offset.
+/// order.paid (3 partitions), points.credited (2) and points deployed from the earliest
+/// offset, its commits of 1,000 records (two calls each): several per partition and backlog.
 async fn topics_and_points(client: &Client) {
     crate::monitor::topics(client, &[("order.paid", 3), ("points.credited", 2)]).await;
-    crate::monitor::deploy_points(client, 0).await;
+    client
+        .deploy_plugin(weir_api::Deploy {
+            name: "points".into(),
+            wasm: common::plugin_wasm("points").to_vec(),
+            input: "order.paid".into(),
+            outputs: vec!["points.credited".into()],
+            commit_records: 1_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
 }
 
 /// Waits until the plugin processed `total` orders and forwarded as many outputs; the output

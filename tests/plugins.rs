@@ -45,6 +45,7 @@ fn deploy(name: &str, wasm: &str, input: &str, outputs: &[&str]) -> DeployReques
         owner_quota: None,
         alerts: Default::default(),
         max_rate: 0,
+        commit: Default::default(),
     }
 }
 

@@ -2,8 +2,8 @@
 //!
 //! A weir plugin is a plain function that gets each record of its input topic and a
 //! [`Context`]. Through the context it reads and writes its own state and emits records to
-//! its output topics. weir commits the state writes, the outputs and the input offset of a
-//! batch atomically, and skips records whose message id it has already processed, so every
+//! its output topics. weir commits the state writes, the outputs and the input offset of one
+//! or more batches atomically, and skips records whose message id it has already processed, so every
 //! record's effects happen exactly once, across crashes, restarts and upgrades.
 //!
 //! ## A complete plugin
@@ -57,15 +57,17 @@
 //! ## What a plugin can do
 //! - **State** ([`Context::get`], [`Context::put`], [`Context::delete`],
 //!   [`Context::compare_and_set`]): values are JSON (serde), keys are strings. Reads see the
-//!   batch's own writes. Each value has a version for optimistic locking.
+//!   plugin's writes not committed yet (this batch's and those of earlier batches its commit
+//!   covers). Each value has a version for optimistic locking.
 //! - **Outputs** ([`Context::emit`], [`Context::emit_json`]): only to the topics the plugin was
 //!   deployed with (`--output`); anything else fails the batch.
 //! - **Logs** ([`Context::log`]) and `println!`/`eprintln!` go to the plugin's bounded log.
 //! - **Time** is the record's [`Record::timestamp_ms`]: a plugin has no clock, network, files or
 //!   randomness, so a replay computes the same thing.
 //!
-//! Returning an error (or panicking) fails the whole batch: nothing of it is committed and weir
-//! retries it, then, per the deploy's `--on-error`, halts the plugin or sends the failing
+//! Returning an error (or panicking) fails the whole batch, and the batches before it that its
+//! commit covers: nothing of them is committed and weir runs them again, retries the failing
+//! batch, then, per the deploy's `--on-error`, halts the plugin or sends the failing
 //! record to the dead-letter topic.
 
 #![deny(missing_docs)]

@@ -48,6 +48,10 @@ pub struct Deploy {
     pub alert_delay_ms: u64,
     /// Most records per second over all partitions (0 = unbounded).
     pub max_rate: u64,
+    /// Most records one commit covers (0 = default).
+    pub commit_records: u32,
+    /// Longest the calls of one commit run, ms (0 = default).
+    pub commit_interval_ms: u32,
 }
 
 impl Client {
@@ -77,6 +81,8 @@ impl Client {
             alert_lag: d.alert_lag,
             alert_delay_ms: d.alert_delay_ms,
             max_rate: d.max_rate,
+            commit_records: d.commit_records,
+            commit_interval_ms: d.commit_interval_ms,
         };
         Ok(self
             .inner

@@ -134,12 +134,12 @@ impl Metrics {
         );
         r.register(
             "plugin_commit_seconds",
-            "A plugin batch's commit, from written to the store to durable",
+            "A plugin commit (the effects of one or more calls), from written to the store to durable",
             self.plugin_commit_seconds.clone(),
         );
         r.register(
             "plugin_commit_batches",
-            "Batches of one plugin partition made durable by one step of the store's group commit",
+            "Commits of one plugin partition made durable by one step of the store's group commit",
             self.plugin_commit_batches.clone(),
         );
         r.register(

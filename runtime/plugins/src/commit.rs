@@ -1,4 +1,5 @@
-//! Running a batch and committing its effects. The commit is one [`PluginStore::commit`]:
+//! Committing the effects of a plugin's calls (run by `calls.rs`). The commit is one
+//! [`PluginStore::commit`]:
 //! state writes (as one delta), message ids, the outbox entry with producer sequences already
 //! assigned, and the partition's next cursor. A crash leaves all of it or none.
 //!
@@ -6,13 +7,13 @@
 //! that the versions the batch read are unchanged and its ids still unseen, and answers
 //! [`Commit::Conflict`] otherwise, for the batch to run again (optimistic concurrency).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 
 use weir_codec::OutRecord;
 use weir_core::{partition_for_key, ProbeMarker, Record, StoredRecord};
 use weir_log::LogError;
-use weir_wasm::{BatchEffects, Interrupt, PluginError};
+use weir_wasm::{BatchEffects, PluginError};
 
 use crate::cache::stamp_through;
 use crate::dead_letter::dead_letter;
@@ -111,115 +112,16 @@ impl Local {
 }
 
 /// A batch about to be committed.
-struct Batch<'a> {
-    partition: u32,
+pub(crate) struct Batch<'a> {
+    pub(crate) partition: u32,
     /// The input offset after it.
-    next: u64,
+    pub(crate) next: u64,
     /// Records whose effects it commits.
-    processed: &'a [&'a StoredRecord],
+    pub(crate) processed: &'a [&'a StoredRecord],
     /// Records skipped as already processed.
-    skipped: u64,
+    pub(crate) skipped: u64,
     /// Probes it moves past.
-    probes: Vec<(ProbeMarker, i64)>,
-}
-
-/// Blocking: runs the plugin on the unseen records and commits. Keeps the processor in
-/// `local` unless the batch failed (a trapped instance is not reused).
-pub(crate) fn run_and_commit(
-    rt: &PluginRuntime,
-    partition: u32,
-    records: &[StoredRecord],
-    local: &mut Local,
-    interrupt: Interrupt,
-) -> Result<Commit, StepError> {
-    let c = &rt.committer;
-    let mut seen_in_batch = HashSet::new();
-    let fresh: Vec<&StoredRecord> = {
-        let dedup = c.dedup.lock();
-        records
-            .iter()
-            .filter(|r| {
-                r.record.id.as_deref().is_none_or(|id| {
-                    !dedup.contains(id_hash(id)) && seen_in_batch.insert(id_hash(id))
-                })
-            })
-            .collect()
-    };
-    let skipped = (records.len() - fresh.len()) as u64;
-    let next = records.last().map_or(local.cursor.next, |r| r.offset + 1);
-    // Probes are the monitor's, never the plugin's: committed past, reported after.
-    let mut probes = Vec::new();
-    let fresh: Vec<&StoredRecord> = fresh
-        .into_iter()
-        .filter(|r| match ProbeMarker::of(&r.record) {
-            Some(marker) => {
-                probes.push((marker, r.record.timestamp_ms));
-                false
-            }
-            None => true,
-        })
-        .collect();
-    let batch = Batch {
-        partition,
-        next,
-        processed: &fresh,
-        skipped,
-        probes,
-    };
-    if fresh.is_empty() {
-        return commit(rt, local, batch, BatchEffects::default(), None);
-    }
-    let m = weir_metrics::global();
-    m.plugin_records_in
-        .get_or_create(&rt.label)
-        .inc_by(fresh.len() as u64);
-    let blob = encode_batch(partition, &fresh);
-    let mut processor = match local.processor.take() {
-        Some(p) if !p.worn_out() => p,
-        _ => rt.plugin.instantiate(
-            rt.spec.limits,
-            &rt.spec.config,
-            c.reader(&rt.seams.store, &rt.spec.name),
-            interrupt,
-        )?,
-    };
-    let started = std::time::Instant::now();
-    let result = processor.process(&blob);
-    m.plugin_batch_seconds
-        .get_or_create(&rt.label)
-        .observe(started.elapsed().as_secs_f64());
-    for line in processor.drain_log() {
-        rt.log(line);
-    }
-    let effects = match result {
-        Ok(effects) => effects,
-        Err(e) => {
-            if !matches!(
-                e,
-                PluginError::Interrupted | PluginError::StateUnavailable(_)
-            ) {
-                m.plugin_traps.get_or_create(&rt.label).inc();
-            }
-            return Err(with_limits(rt, e).into());
-        }
-    };
-    let result = commit(rt, local, batch, effects, None);
-    if result.is_ok() {
-        local.processor = Some(processor);
-    }
-    result
-}
-
-fn with_limits(rt: &PluginRuntime, e: PluginError) -> PluginError {
-    match e {
-        PluginError::Timeout { .. } => PluginError::Timeout {
-            limit_ms: rt.spec.limits.timeout.as_millis() as u64,
-        },
-        PluginError::MemoryLimit { .. } => PluginError::MemoryLimit {
-            limit_bytes: rt.spec.limits.memory_bytes,
-        },
-        other => other,
-    }
+    pub(crate) probes: Vec<(ProbeMarker, i64)>,
 }
 
 /// Blocking: commits a record that failed every attempt to the dead-letter topic (with the
@@ -248,7 +150,8 @@ pub(crate) fn commit_dead_letter(
         probes: Vec::new(),
     };
     // No state was read, so only its id can conflict.
-    if let Commit::Done(done) = commit(rt, local, batch, BatchEffects::default(), Some(&dead))? {
+    if let Commit::Done(done) = commit(rt, local, batch, BatchEffects::default(), &[], Some(&dead))?
+    {
         return Ok(done);
     }
     let skip = Batch {
@@ -258,7 +161,7 @@ pub(crate) fn commit_dead_letter(
         skipped: 1,
         probes: Vec::new(),
     };
-    match commit(rt, local, skip, BatchEffects::default(), None)? {
+    match commit(rt, local, skip, BatchEffects::default(), &[], None)? {
         Commit::Done(done) => Ok(done),
         Commit::Conflict => Err(StepError::Plugin(PluginError::Engine(
             "a commit without reads or ids conflicted".into(),
@@ -267,22 +170,24 @@ pub(crate) fn commit_dead_letter(
 }
 
 /// Validates and writes a batch's effects atomically under the plugin's commit lock. Outputs
-/// go from the plugin's blob into the outbox entry without being materialised as records.
-fn commit(
+/// go from the plugin's blobs (one per call) into the outbox entry without being materialised
+/// as records.
+pub(crate) fn commit(
     rt: &PluginRuntime,
     local: &mut Local,
     batch: Batch<'_>,
     effects: BatchEffects,
+    blobs: &[Vec<u8>],
     dead_letter: Option<&Record>,
 ) -> Result<Commit, StepError> {
     let c = &rt.committer;
     let partition = batch.partition;
-    let mut outputs: Vec<OutRecord<'_>> = if effects.outputs.is_empty() {
-        Vec::new()
-    } else {
-        weir_codec::decode_outputs(&effects.outputs)
-            .map_err(|e| PluginError::BadOutput(e.to_string()))?
-    };
+    let mut outputs: Vec<OutRecord<'_>> = Vec::new();
+    for blob in blobs.iter().filter(|b| !b.is_empty()) {
+        outputs.extend(
+            weir_codec::decode_outputs(blob).map_err(|e| PluginError::BadOutput(e.to_string()))?,
+        );
+    }
     let max = rt.seams.output.max_record_bytes();
     for o in &outputs {
         if !rt.spec.outputs.iter().any(|t| t == o.topic) {
@@ -449,27 +354,4 @@ fn route<'a>(
         by_target.entry((o.topic, p)).or_default().push(o);
     }
     Ok(by_target)
-}
-
-/// The records as the batch blob a plugin gets (docs/batch-encoding.md).
-pub(crate) fn encode_batch(partition: u32, records: &[&StoredRecord]) -> Vec<u8> {
-    let mut w = weir_codec::Writer::new();
-    for r in records {
-        let headers: Vec<(&str, &[u8])> = r
-            .record
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_ref()))
-            .collect();
-        w.push_in(&weir_codec::InRecord {
-            offset: r.offset,
-            timestamp_ms: r.record.timestamp_ms,
-            partition,
-            key: r.record.key.as_deref(),
-            value: &r.record.value,
-            id: r.record.id.as_deref(),
-            headers,
-        });
-    }
-    w.finish()
 }

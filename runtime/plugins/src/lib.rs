@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 mod cache;
+mod calls;
 pub mod cluster;
 mod commit;
 mod committer;
@@ -35,7 +36,10 @@ pub use request::{
     DeployRequest, ManagerError, PluginConfig, PluginInfo, MAX_ATTEMPTS, MAX_BATCH_RECORDS,
 };
 pub use runtime::{PartitionState, PartitionStatus, Seams};
-pub use spec::{AlertThresholds, DedupWindow, OnError, PluginSpec, StartFrom};
+pub use spec::{
+    AlertThresholds, CommitBounds, DedupWindow, OnError, PluginSpec, StartFrom,
+    MAX_COMMIT_INTERVAL_MS, MAX_COMMIT_RECORDS,
+};
 pub use store::{KvPluginStore, PluginStore, ReplicatedPluginStore};
 pub use weir_wasm::{CompiledPlugin, Limits, PluginEngine, PluginError};
 
@@ -51,12 +55,12 @@ pub fn emitted_topics(
     records: &[weir_core::StoredRecord],
 ) -> Result<std::collections::BTreeSet<String>, PluginError> {
     let records: Vec<&weir_core::StoredRecord> = records.iter().collect();
-    let blob = commit::encode_batch(0, &records);
+    let blob = calls::encode_batch(0, &records);
     let empty: weir_wasm::StateReader = std::sync::Arc::new(|_: &[u8]| Ok(None));
     let never: weir_wasm::Interrupt = std::sync::Arc::new(|| false);
     let mut instance =
         weir_wasm::PluginInstance::new(compiled, Limits::default(), config, empty, never)?;
-    let effects = instance.process(&blob)?;
+    let effects = instance.process(&blob, weir_wasm::BatchEffects::default())?;
     let outputs = weir_codec::decode_outputs(&effects.outputs)
         .map_err(|e| PluginError::BadOutput(e.to_string()))?;
     Ok(outputs.iter().map(|o| o.topic.to_string()).collect())

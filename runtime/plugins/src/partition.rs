@@ -1,5 +1,6 @@
-//! One task per plugin × input partition: read a batch, run and commit it (off the async
-//! workers), retry, dead-letter or halt.
+//! One task per plugin × input partition: read records, run the plugin on them `--max-batch`
+//! at a time and commit the calls together (`calls.rs`, off the async workers), retry,
+//! dead-letter or halt.
 //!
 //! Failures are told apart by whose they are. The plugin's (trap, timeout, error, bad output)
 //! spend attempts and end in a dead letter or a halt. The server's (the store, a full instance
@@ -23,14 +24,16 @@ use tokio_util::sync::CancellationToken;
 use weir_core::{Backoff, ReadLimits, StoredRecord};
 use weir_wasm::{Interrupt, PluginError};
 
-use crate::commit::{commit_dead_letter, run_and_commit, Commit, Done, Local, StepError};
+use crate::calls::run_and_commit;
+use crate::commit::{commit_dead_letter, Commit, Done, Local, StepError};
 use crate::io::IoKind;
 use crate::pipeline::{report, InFlight, Pipeline, Place};
 use crate::runtime::{PartitionState, PluginRuntime};
 use crate::spec::OnError;
 
-/// Encoded input bytes per batch at most (a record larger than this goes alone): a batch's
-/// blob is copied into the plugin's memory, which is capped.
+/// Encoded input bytes read for one commit at most (a record larger than this goes alone),
+/// and so per call: a call's blob is copied into the plugin's memory, which is capped. A
+/// commit's outputs and state writes are bounded by the same figure (`calls.rs`).
 pub const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 /// A partition task's view of stop requests.
@@ -131,11 +134,14 @@ impl PartitionTask {
         // may start.
         let per_second = rt.spec.max_rate as f64 / f64::from(rt.spec.partitions().max(1));
         let mut next_start = tokio::time::Instant::now();
+        // Records read (and committed) at once: a paced plugin's batches are small enough
+        // that the pace is smooth (about 20 per second), one call each; otherwise a commit
+        // covers up to --commit-records, --max-batch per call (calls are no larger than the
+        // commit).
         let max_batch = if per_second > 0.0 {
-            // Small enough batches that the pace is smooth (about 20 per second).
             ((per_second / 20.0).ceil() as usize).clamp(1, rt.spec.max_batch)
         } else {
-            rt.spec.max_batch
+            rt.spec.commit.records
         };
         let mut read_backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
@@ -257,9 +263,40 @@ impl PartitionTask {
     }
 
     /// Processes records with retries; on persistent failure applies the error policy, one
-    /// record at a time so only the failing record is dead-lettered.
+    /// record at a time so only the failing record is dead-lettered. Records of more than one
+    /// call (`--max-batch`) are tried once together: if a call fails, each call's records are
+    /// then run as a batch of their own, so a failing record costs what it did when each
+    /// batch was its own commit.
     async fn run_batch(&mut self, records: &[StoredRecord]) -> Result<(), Halt> {
-        let e = match self.attempts(records).await {
+        let calls = self.rt.spec.max_batch.max(1);
+        if records.len() > calls {
+            let e = match self.attempts(records, 1).await {
+                Ok(()) => return Ok(()),
+                Err(Failure::Stopped) => return Err(Halt::Stopped),
+                Err(Failure::Fatal(why)) => return Err(Halt::Fatal(why)),
+                Err(Failure::Plugin(e)) => e,
+            };
+            self.rt.log(format!(
+                "partition {} offsets {}..={}: a call failed ({e}); running them {calls} at a time",
+                self.partition,
+                records[0].offset,
+                records[records.len() - 1].offset
+            ));
+            for chunk in records.chunks(calls) {
+                if self.stop.requested() {
+                    return Err(Halt::Stopped);
+                }
+                self.run_calls(chunk).await?;
+            }
+            return Ok(());
+        }
+        self.run_calls(records).await
+    }
+
+    /// [`Self::run_batch`] for records of one call.
+    async fn run_calls(&mut self, records: &[StoredRecord]) -> Result<(), Halt> {
+        let max_attempts = self.rt.spec.max_attempts.max(1);
+        let e = match self.attempts(records, max_attempts).await {
             Ok(()) => return Ok(()),
             Err(Failure::Stopped) => return Err(Halt::Stopped),
             Err(Failure::Fatal(why)) => return Err(Halt::Fatal(why)),
@@ -273,7 +310,7 @@ impl PartitionTask {
             if self.stop.requested() {
                 return Err(Halt::Stopped);
             }
-            match self.attempts(std::slice::from_ref(r)).await {
+            match self.attempts(std::slice::from_ref(r), max_attempts).await {
                 Ok(()) => {}
                 Err(Failure::Stopped) => return Err(Halt::Stopped),
                 Err(Failure::Fatal(why)) => return Err(Halt::Fatal(why)),
@@ -285,7 +322,11 @@ impl PartitionTask {
 
     /// Runs and commits `records` until it works, the plugin fails `max_attempts` times, or a
     /// stop is requested. The server's own failures are waited out without spending attempts.
-    async fn attempts(&mut self, records: &[StoredRecord]) -> Result<(), Failure> {
+    async fn attempts(
+        &mut self,
+        records: &[StoredRecord],
+        max_attempts: u32,
+    ) -> Result<(), Failure> {
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         let mut server_backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut attempt = 1;
@@ -329,7 +370,7 @@ impl PartitionTask {
                 Err(StepError::Storage(damage)) => PluginError::Engine(damage.to_string()),
                 Err(StepError::Plugin(e)) => e,
             };
-            if attempt >= self.rt.spec.max_attempts.max(1) {
+            if attempt >= max_attempts {
                 return Err(Failure::Plugin(e));
             }
             self.rt.log(format!(
@@ -402,7 +443,7 @@ impl PartitionTask {
     }
 
     /// One attempt: skip seen ids, run the plugin, commit; re-runs on a commit conflict.
-    async fn process_and_commit(&mut self, records: &[StoredRecord]) -> Result<(), StepError> {
+    async fn process_and_commit(&mut self, mut records: &[StoredRecord]) -> Result<(), StepError> {
         loop {
             let (rt, p) = (self.rt.clone(), self.partition);
             let batch = records.to_vec();
@@ -422,7 +463,12 @@ impl PartitionTask {
             .await?;
             *self.local.get_mut() = Some(local);
             match result? {
-                Commit::Conflict => continue,
+                // Another partition changed what the batch read: run it again, one call's
+                // worth only, so that a larger commit does not keep losing the race.
+                Commit::Conflict => {
+                    records = &records[..records.len().min(self.rt.spec.max_batch.max(1))];
+                    continue;
+                }
                 Commit::Done(done) => return self.committed(done, place).map_err(StepError::Fatal),
             }
         }

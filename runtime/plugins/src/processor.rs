@@ -29,12 +29,15 @@ pub trait Plugin: Send + Sync + 'static {
 
 /// A live instance: batch blob in, effects out.
 pub trait Processor: Send {
-    /// Runs a batch (docs/batch-encoding.md). On any failure nothing is kept and the
-    /// processor must be dropped.
+    /// Runs a batch (docs/batch-encoding.md) after the calls whose state effects `carried`
+    /// holds (one commit covers them all): reads see their writes. Returns the effects so
+    /// far with this call's outputs. On any failure nothing is kept and the processor must be
+    /// dropped.
     ///
     /// # Errors
     /// The plugin failed, trapped, ran out of time or memory, or was interrupted.
-    fn process(&mut self, batch: &[u8]) -> Result<BatchEffects, PluginError>;
+    fn process(&mut self, batch: &[u8], carried: BatchEffects)
+        -> Result<BatchEffects, PluginError>;
     /// Whether it should be replaced before the next batch (batches run, output buffered).
     fn worn_out(&self) -> bool;
     /// What it printed and logged since the last call, as log lines.
@@ -56,8 +59,12 @@ impl Plugin for CompiledPlugin {
 }
 
 impl Processor for PluginInstance {
-    fn process(&mut self, batch: &[u8]) -> Result<BatchEffects, PluginError> {
-        PluginInstance::process(self, batch)
+    fn process(
+        &mut self,
+        batch: &[u8],
+        carried: BatchEffects,
+    ) -> Result<BatchEffects, PluginError> {
+        PluginInstance::process(self, batch, carried)
     }
 
     fn worn_out(&self) -> bool {

@@ -7,7 +7,10 @@ use weir_wasm::{Limits, PluginError};
 
 use crate::io::IoError;
 use crate::runtime::PartitionStatus;
-use crate::spec::{AlertThresholds, DedupWindow, OnError, PluginSpec, StartFrom};
+use crate::spec::{
+    AlertThresholds, CommitBounds, DedupWindow, OnError, PluginSpec, StartFrom,
+    MAX_COMMIT_INTERVAL_MS, MAX_COMMIT_RECORDS,
+};
 
 /// Most records per batch a deploy may ask for.
 pub const MAX_BATCH_RECORDS: usize = 10_000;
@@ -99,6 +102,8 @@ pub struct DeployRequest {
     pub alerts: AlertThresholds,
     /// Most records per second over all partitions (0 = unbounded).
     pub max_rate: u64,
+    /// What one commit covers at most.
+    pub commit: CommitBounds,
 }
 
 /// A plugin as `weir plugin list` shows it.
@@ -143,6 +148,18 @@ pub(crate) fn validate(config: &PluginConfig, request: &DeployRequest) -> Result
         return invalid(format!(
             "--max-batch {} is out of range: 1 to {MAX_BATCH_RECORDS} records",
             request.max_batch
+        ));
+    }
+    if request.commit.records == 0 || request.commit.records > MAX_COMMIT_RECORDS {
+        return invalid(format!(
+            "--commit-records {} is out of range: 1 to {MAX_COMMIT_RECORDS} records",
+            request.commit.records
+        ));
+    }
+    if request.commit.interval_ms == 0 || request.commit.interval_ms > MAX_COMMIT_INTERVAL_MS {
+        return invalid(format!(
+            "--commit-interval-ms {} is out of range: 1 to {MAX_COMMIT_INTERVAL_MS} ms",
+            request.commit.interval_ms
         ));
     }
     if request.max_attempts == 0 || request.max_attempts > MAX_ATTEMPTS {

@@ -108,6 +108,43 @@ pub fn check_settings(
     Ok(())
 }
 
+/// Most records one commit may cover (`--commit-records`).
+pub const MAX_COMMIT_RECORDS: usize = 100_000;
+/// Longest `--commit-interval-ms`.
+pub const MAX_COMMIT_INTERVAL_MS: u64 = 60_000;
+
+/// How much one commit covers while the input has a backlog, as Kafka Streams'
+/// `commit.interval.ms` under exactly-once: the plugin is called `--max-batch` records at a
+/// time (its limits apply per call), and the effects of the calls made within `interval_ms`,
+/// up to `records` records, are committed together. A commit costs the same whatever it
+/// covers; without a backlog it covers what one read finds, so latency does not grow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitBounds {
+    /// Most records (read at once, then called `--max-batch` at a time; below `--max-batch`,
+    /// calls are this small). A plugin paced by `--max-rate` commits each call on its own.
+    pub records: usize,
+    /// Calls stop once this long has passed since the first: the commit covers the records
+    /// up to there, and the rest wait for the next one. (Calls also stop once their outputs
+    /// and state writes reach [`crate::MAX_BATCH_BYTES`].)
+    pub interval_ms: u64,
+}
+
+impl CommitBounds {
+    fn is_default(&self) -> bool {
+        *self == CommitBounds::default()
+    }
+}
+
+impl Default for CommitBounds {
+    fn default() -> Self {
+        CommitBounds {
+            records: 5_000,
+            interval_ms: 100,
+        }
+    }
+}
+
 /// A deployed plugin.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -149,6 +186,11 @@ pub struct PluginSpec {
     /// downstream system (the seed's database) can take.
     #[serde(default)]
     pub max_rate: u64,
+    /// What one commit covers at most (written without it: the defaults). Not written when
+    /// it is the default, so that a spec deployed with the defaults reads on a node of an
+    /// older build during a rolling upgrade.
+    #[serde(default, skip_serializing_if = "CommitBounds::is_default")]
+    pub commit: CommitBounds,
     /// Resumes that restart the plugin made through a node not running it (cluster mode):
     /// the node running it restarts it when this changes (a halted partition retries).
     #[serde(default, skip_serializing_if = "is_zero")]

@@ -143,6 +143,7 @@ impl LocalRuntime {
             owner_quota: None,
             alerts: Default::default(),
             max_rate: 0,
+            commit: Default::default(),
         };
         Ok(self.core.plugins.deploy(request).await?)
     }

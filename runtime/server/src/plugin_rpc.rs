@@ -7,8 +7,8 @@ use tonic::{Code, Status};
 use weir_api::pb;
 use weir_broker::{Broker, BrokerError, StartAt};
 use weir_plugins::{
-    AlertThresholds, DedupWindow, DeployRequest, Limits, OnError, PluginInfo, PluginManager,
-    StartFrom,
+    AlertThresholds, CommitBounds, DedupWindow, DeployRequest, Limits, OnError, PluginInfo,
+    PluginManager, StartFrom,
 };
 
 use crate::statuses::{status, ToStatus};
@@ -48,6 +48,8 @@ pub(crate) fn plugin_info(info: PluginInfo) -> pb::PluginInfo {
             alert_delay_ms: spec.alerts.max_delay_ms,
             owner: spec.owner.unwrap_or_default(),
             max_rate: spec.max_rate,
+            commit_records: spec.commit.records as u32,
+            commit_interval_ms: spec.commit.interval_ms as u32,
             state_cache_bytes: info.state_cache_bytes,
             node: info.node.unwrap_or_default(),
         }
@@ -75,6 +77,11 @@ pub(super) fn deploy_request(r: pb::DeployPluginRequest) -> Result<DeployRequest
             )))
         }
     };
+    let max_batch = if r.max_batch == 0 {
+        500
+    } else {
+        r.max_batch as usize
+    };
     Ok(DeployRequest {
         name: r.name,
         wasm: r.wasm,
@@ -100,11 +107,7 @@ pub(super) fn deploy_request(r: pb::DeployPluginRequest) -> Result<DeployRequest
         } else {
             r.max_attempts
         },
-        max_batch: if r.max_batch == 0 {
-            500
-        } else {
-            r.max_batch as usize
-        },
+        max_batch,
         dedup: DedupWindow {
             max_ids: if r.dedup_ids == 0 {
                 DedupWindow::default().max_ids
@@ -124,6 +127,17 @@ pub(super) fn deploy_request(r: pb::DeployPluginRequest) -> Result<DeployRequest
             max_delay_ms: r.alert_delay_ms,
         },
         max_rate: r.max_rate,
+        commit: CommitBounds {
+            // The default covers at least one call of the batch size asked for.
+            records: match r.commit_records {
+                0 => CommitBounds::default().records.max(max_batch),
+                n => n as usize,
+            },
+            interval_ms: match r.commit_interval_ms {
+                0 => CommitBounds::default().interval_ms,
+                n => u64::from(n),
+            },
+        },
     })
 }
 

@@ -422,12 +422,21 @@ impl PluginInstance {
         }
     }
 
-    /// Runs `process` on a batch blob. On success the effects are returned for the commit; on
-    /// any failure nothing is kept and the instance must be dropped (a trapped instance is
-    /// not reusable).
-    pub fn process(&mut self, batch: &[u8]) -> Result<BatchEffects, PluginError> {
+    /// Runs `process` on a batch blob, after the calls whose state effects `carried` holds
+    /// (their writes are what this call reads; their first reads stay the ones the commit
+    /// checks). On success the effects so far are returned, with this call's outputs; on any
+    /// failure nothing is kept and the instance must be dropped (a trapped instance is not
+    /// reusable).
+    pub fn process(
+        &mut self,
+        batch: &[u8],
+        carried: BatchEffects,
+    ) -> Result<BatchEffects, PluginError> {
         self.batches += 1;
-        self.store.data_mut().effects = BatchEffects::default();
+        self.store.data_mut().effects = BatchEffects {
+            outputs: Vec::new(),
+            ..carried
+        };
         self.arm();
         let result = self.bindings.call_process(&mut self.store, batch);
         let effects = std::mem::take(&mut self.store.data_mut().effects);

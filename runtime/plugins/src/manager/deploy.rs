@@ -129,6 +129,7 @@ impl PluginManager {
             owner: request.owner,
             alerts: request.alerts,
             max_rate: request.max_rate,
+            commit: request.commit,
             restarts: 0,
         };
         let (seams, created) = (self.seams.clone(), spec.clone());

@@ -358,6 +358,8 @@ pub struct FakePlugin {
     handle: Arc<Handler>,
     /// Instances made so far.
     pub instances: Arc<Mutex<u32>>,
+    /// Calls after which an instance asks to be replaced (a real one's output buffer filling).
+    wear_after: Option<u64>,
 }
 
 impl FakePlugin {
@@ -370,6 +372,16 @@ impl FakePlugin {
         Arc::new(FakePlugin {
             handle: Arc::new(handle),
             instances: Arc::default(),
+            wear_after: None,
+        })
+    }
+
+    /// The same plugin, whose instances are worn out after `calls` calls.
+    pub fn wearing_out_after(self: Arc<Self>, calls: u64) -> Arc<FakePlugin> {
+        Arc::new(FakePlugin {
+            handle: self.handle.clone(),
+            instances: self.instances.clone(),
+            wear_after: Some(calls),
         })
     }
 }
@@ -378,6 +390,8 @@ struct FakeProcessor {
     handle: Arc<Handler>,
     reader: StateReader,
     interrupt: Interrupt,
+    calls: u64,
+    wear_after: Option<u64>,
 }
 
 impl Plugin for FakePlugin {
@@ -393,18 +407,28 @@ impl Plugin for FakePlugin {
             handle: self.handle.clone(),
             reader,
             interrupt,
+            calls: 0,
+            wear_after: self.wear_after,
         }))
     }
 }
 
 impl Processor for FakeProcessor {
-    fn process(&mut self, batch: &[u8]) -> Result<BatchEffects, PluginError> {
+    fn process(
+        &mut self,
+        batch: &[u8],
+        carried: BatchEffects,
+    ) -> Result<BatchEffects, PluginError> {
         if (self.interrupt)() {
             return Err(PluginError::Interrupted);
         }
+        self.calls += 1;
         let records =
             weir_codec::decode_batch(batch).map_err(|e| PluginError::Failed(e.to_string()))?;
-        let mut effects = BatchEffects::default();
+        let mut effects = BatchEffects {
+            outputs: Vec::new(),
+            ..carried
+        };
         let mut outputs = weir_codec::Writer::new();
         for r in &records {
             let mut ctx = Ctx {
@@ -428,7 +452,7 @@ impl Processor for FakeProcessor {
     }
 
     fn worn_out(&self) -> bool {
-        false
+        self.wear_after.is_some_and(|n| self.calls >= n)
     }
 
     fn drain_log(&mut self) -> Vec<String> {

@@ -49,6 +49,7 @@ pub fn spec(partitions: u32, on_error: OnError) -> PluginSpec {
         owner: None,
         alerts: Default::default(),
         max_rate: 0,
+        commit: Default::default(),
         restarts: 0,
     }
 }

@@ -3,6 +3,7 @@
 //! runs in milliseconds.
 
 mod cluster;
+mod commits;
 mod fakes;
 mod forwarding;
 mod harness;

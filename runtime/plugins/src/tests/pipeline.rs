@@ -61,6 +61,8 @@ async fn batches_run_on_while_their_commits_wait_for_a_sync_and_show_only_once_s
     );
     let mut spec = spec(1, OnError::Halt);
     spec.max_batch = 10;
+    // One call per commit: the records are all there at once and must still make several.
+    spec.commit.records = 10;
     h.start(spec, points());
     // Let the open's own sync pass, then hold every sync.
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -135,6 +137,8 @@ async fn a_power_cut_with_commits_in_flight_loses_them_together_and_they_run_aga
     let mut h = Harness::synced_by(1, memory.clone(), syncs.clone(), FsyncPolicy::Always);
     let mut spec = spec(1, OnError::Halt);
     spec.max_batch = 10;
+    // One call per commit: the records are all there at once and must still make several.
+    spec.commit.records = 10;
     h.start(spec.clone(), points());
     let orders = |from: u64, to: u64| {
         (from..to)

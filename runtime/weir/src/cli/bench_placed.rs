@@ -48,7 +48,7 @@ pub(super) async fn placed_run(
         let _ = first.remove_plugin(&name).await;
         fresh_topic(first, &input, args.partitions).await?;
         let via = &clients[i % clients.len()];
-        via.deploy_plugin(deploy(&name, &input, &wasm_bytes))
+        via.deploy_plugin(deploy(&name, &input, &wasm_bytes, args.commit_records))
             .await?;
         copies.push(Placed {
             name,
@@ -165,7 +165,7 @@ async fn settle(
             .find(|n| !homes.contains(n))
             .unwrap_or_default();
         clients[free]
-            .deploy_plugin(deploy(&copy.name, &copy.input, wasm))
+            .deploy_plugin(deploy(&copy.name, &copy.input, wasm, args.commit_records))
             .await?;
     }
     anyhow::bail!(

@@ -31,7 +31,7 @@ pub struct PluginBench {
     #[arg(long, default_value_t = 4)]
     pub partitions: u32,
     /// The server's monitoring address (`weir serve --metrics ADDR`): print each run's commit
-    /// latency (written → durable, p50/p99) and batches per durable step.
+    /// latency (written → durable, p50/p99) and commits per durable step.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
     /// Copies of the plugin run at once, each on an input topic of its own with --records
@@ -53,6 +53,10 @@ pub struct PluginBench {
     /// the outputs are forwarded.
     #[arg(long, value_delimiter = ',')]
     pub server_pid: Vec<u32>,
+    /// Most records one commit covers (the deploy's --commit-records; 0: the server's
+    /// default). 500, the plugin's batch, runs one call per commit, as before issue 22.
+    #[arg(long, default_value_t = 0)]
+    pub commit_records: u32,
 }
 
 pub(super) async fn run(client: &Client, args: PluginBench) -> anyhow::Result<()> {
@@ -114,7 +118,7 @@ async fn plugin_run(
     let cpu = Cpu::start(&args.server_pid)?;
     let started = Instant::now();
     client
-        .deploy_plugin(deploy(&name, &input, &wasm_bytes))
+        .deploy_plugin(deploy(&name, &input, &wasm_bytes, args.commit_records))
         .await?;
     let committed_at = wait_committed(&[(client, &name)], args.records).await? - started;
     let forwarded_at = outputs_done(client, out_before, args.records, started).await?;
@@ -244,13 +248,19 @@ pub(super) fn file_name(wasm: &std::path::Path) -> String {
 }
 
 /// The points-style deploy every run uses: from the earliest offset into points.credited.
-pub(super) fn deploy(name: &str, input: &str, wasm: &[u8]) -> weir_api::Deploy {
+pub(super) fn deploy(
+    name: &str,
+    input: &str,
+    wasm: &[u8],
+    commit_records: u32,
+) -> weir_api::Deploy {
     weir_api::Deploy {
         name: name.to_string(),
         wasm: wasm.to_vec(),
         input: input.to_string(),
         outputs: vec!["points.credited".into()],
         config: vec![("rate".into(), "0.1".into())],
+        commit_records,
         ..Default::default()
     }
 }

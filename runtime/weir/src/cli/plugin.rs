@@ -102,7 +102,7 @@ fn read_wasm(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
 fn print_plugin(p: &PluginStatus) {
     let status = if p.paused { "paused" } else { "deployed" };
     println!(
-        "{} v{} ({status}) {} -> [{}] on-error={} memory={}MiB timeout={}ms sha256={}",
+        "{} v{} ({status}) {} -> [{}] on-error={} memory={}MiB timeout={}ms commit={} records/{}ms sha256={}",
         p.name,
         p.version,
         p.input,
@@ -110,6 +110,8 @@ fn print_plugin(p: &PluginStatus) {
         p.on_error,
         p.memory_mb,
         p.timeout_ms,
+        p.commit_records,
+        p.commit_interval_ms,
         &p.wasm_sha256[..12.min(p.wasm_sha256.len())]
     );
     if !p.node.is_empty() {
@@ -178,6 +180,15 @@ pub struct DeployArgs {
     /// plugin takes (0 = as fast as it goes).
     #[arg(long, default_value_t = 0)]
     pub max_rate: u64,
+    /// Most records one commit covers while the input has a backlog: the plugin is called
+    /// 500 records at a time and their effects are committed together (Kafka Streams'
+    /// commit.interval.ms). With --max-rate each call is its own commit.
+    #[arg(long, default_value_t = 5_000)]
+    pub commit_records: u32,
+    /// Longest the calls one commit covers run, ms: after that the commit is written and
+    /// the next records wait for the next one.
+    #[arg(long, default_value_t = 100)]
+    pub commit_interval_ms: u32,
 }
 
 impl DeployArgs {
@@ -198,6 +209,8 @@ impl DeployArgs {
             alert_lag: self.alert_lag,
             alert_delay_ms: self.alert_delay_ms,
             max_rate: self.max_rate,
+            commit_records: self.commit_records,
+            commit_interval_ms: self.commit_interval_ms,
         }
     }
 }

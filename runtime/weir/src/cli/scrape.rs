@@ -102,8 +102,8 @@ pub fn commit_summary(page: &str, plugin: &str) -> String {
     let batches = Scraped::parse(page, "weir_plugin_commit_batches", plugin);
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |s| format!("{:.2}", s * 1000.0));
     format!(
-        "commits: {} batches; latency written → durable: mean {} ms, p50 ≤ {} ms, p99 ≤ {} ms \
-         (bucket bounds); batches per durable step: mean {}, p99 ≤ {}",
+        "commits: {}; latency written → durable: mean {} ms, p50 ≤ {} ms, p99 ≤ {} ms \
+         (bucket bounds); commits per durable step: mean {}, p99 ≤ {}",
         latency.count,
         ms(latency.mean()),
         ms(latency.quantile_bound(0.5)),
