@@ -175,6 +175,10 @@ pub(crate) fn bench_cluster_plugins(
     let (whole, halves) = (plugin_args(points, records), plugin_args(points, &half));
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    // The nats-servers' CPU time per record over the same span (JetStream setups).
+    let mut nats_cpus: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    let nats_pids: Vec<String> = cluster.pids().iter().map(u32::to_string).collect();
+    let nats_pids = nats_pids.join(",");
     // Each copy of the spread setups drains half the orders, so every setup drains `records`.
     let mut measure = |i: usize, round: u32, build: &Path, nodes: &[Server], extra: &[&str]| {
         let pids: Vec<String> = nodes.iter().map(|n| n.pid().to_string()).collect();
@@ -186,14 +190,21 @@ pub(crate) fn bench_cluster_plugins(
         };
         args.extend(extra);
         // The CPU time is this build's (an older one may not have --server-pid).
+        let on_nats = !names[i].contains("sled");
         if build == bin {
             args.extend(["--server-pid", &pids]);
+            if on_nats {
+                args.extend(["--log-pid", &nats_pids]);
+            }
         }
         let out = weir(build, &nodes[0], &args)?;
         println!("round {round}, {}:\n{}", names[i], out.trim());
         rates[i].push(rate(&out)?);
         if build == bin {
             cpus[i].push(cpu_per_record(&out)?);
+            if on_nats {
+                nats_cpus[i].push(log_cpu_per_record(&out)?);
+            }
         }
         anyhow::Ok(())
     };
@@ -243,6 +254,18 @@ pub(crate) fn bench_cluster_plugins(
                 .collect::<Vec<_>>()
         );
     }
+    println!(
+        "\nthe 3 nats-servers' CPU time (user+sys) per record over the same span, medians of 3:"
+    );
+    for (name, c) in names.iter().zip(&nats_cpus).filter(|(_, c)| !c.is_empty()) {
+        println!(
+            "  {name:<48} {:>7.2} µs  (runs {:?})",
+            median(c.clone()),
+            c.iter()
+                .map(|x| (x * 100.0).round() / 100.0)
+                .collect::<Vec<_>>()
+        );
+    }
     run(Command::new("target/release/flash-sale").args([
         "failover-bench",
         "--weir",
@@ -275,6 +298,15 @@ fn rate(out: &str) -> Result<f64> {
 /// The servers' CPU time per record a `weir bench plugin --server-pid` run printed.
 fn cpu_per_record(out: &str) -> Result<f64> {
     number_before(out, " µs per record")
+}
+
+/// The log servers' CPU time per record a `weir bench plugin --log-pid` run printed.
+fn log_cpu_per_record(out: &str) -> Result<f64> {
+    let line = out
+        .lines()
+        .find(|l| l.contains("log servers' CPU"))
+        .with_context(|| format!("no log servers' CPU line in {out:?}"))?;
+    number_before(line, " µs per record")
 }
 
 /// The number printed just before the first `unit` in `out`.

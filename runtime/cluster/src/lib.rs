@@ -211,6 +211,14 @@ impl NatsCluster {
         self.nodes.iter().map(NatsNode::url).collect()
     }
 
+    /// The running servers' process ids.
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.child.as_ref().map(Child::id))
+            .collect()
+    }
+
     /// The URLs comma-separated (weir's `--log` value).
     pub fn url_list(&self) -> String {
         self.urls().join(",")

@@ -70,7 +70,7 @@ pub(super) async fn placed_run(
     for copy in &copies {
         publish_orders(first, &copy.input, args).await?;
     }
-    let cpu = Cpu::start(&args.server_pid)?;
+    let cpu = Cpu::start(args)?;
     let started = Instant::now();
     for copy in &copies {
         clients[copy.home].pause_plugin(&copy.name, false).await?;
@@ -111,8 +111,8 @@ pub(super) async fn placed_run(
             moved.join(", ")
         );
     }
-    if let Some(cpu) = cpu {
-        println!("{file}: {cpu}");
+    for line in cpu {
+        println!("{file}: {line}");
     }
     if let Some(metrics) = &args.metrics {
         let page = super::scrape::page(metrics).await?;

@@ -53,6 +53,11 @@ pub struct PluginBench {
     /// the outputs are forwarded.
     #[arg(long, value_delimiter = ',')]
     pub server_pid: Vec<u32>,
+    /// The replicated log's servers on this machine (comma-separated pids, e.g. the
+    /// nats-servers a cluster's weir nodes use): print their CPU time per record too, over
+    /// the same span.
+    #[arg(long, value_delimiter = ',')]
+    pub log_pid: Vec<u32>,
     /// Most records one commit covers (the deploy's --commit-records; 0: the server's
     /// default). 500, the plugin's batch, runs one call per commit, as before issue 22.
     #[arg(long, default_value_t = 0)]
@@ -115,7 +120,7 @@ async fn plugin_run(
     fresh_topic(client, &input, args.partitions).await?;
     let out_before = output_end(client, args.partitions).await?;
     publish_orders(client, &input, args).await?;
-    let cpu = Cpu::start(&args.server_pid)?;
+    let cpu = Cpu::start(args)?;
     let started = Instant::now();
     client
         .deploy_plugin(deploy(&name, &input, &wasm_bytes, args.commit_records))
@@ -131,8 +136,8 @@ async fn plugin_run(
         committed_at.as_secs_f64(),
         forwarded_at.as_secs_f64()
     );
-    if let Some(cpu) = cpu {
-        println!("{file}: {cpu} (deploy included)");
+    for line in cpu {
+        println!("{file}: {line} (deploy included)");
     }
     if let Some(metrics) = &args.metrics {
         let page = super::scrape::page(metrics).await?;
@@ -179,29 +184,38 @@ pub(super) async fn wait_committed(
 
 /// The servers' CPU time (user + system) at the start of a measurement.
 pub(super) struct Cpu {
-    pids: Vec<u32>,
-    ticks: u64,
+    /// What, which processes, their ticks at the start.
+    groups: Vec<(&'static str, Vec<u32>, u64)>,
 }
 
 impl Cpu {
-    pub(super) fn start(pids: &[u32]) -> anyhow::Result<Cpu> {
-        Ok(Cpu {
-            pids: pids.to_vec(),
-            ticks: cpu_ticks(pids)?,
-        })
+    /// Starts counting the `--server-pid` and `--log-pid` processes' CPU time.
+    pub(super) fn start(args: &PluginBench) -> anyhow::Result<Cpu> {
+        let mut groups = Vec::new();
+        for (what, pids) in [
+            ("server CPU", &args.server_pid),
+            ("log servers' CPU", &args.log_pid),
+        ] {
+            if !pids.is_empty() {
+                groups.push((what, pids.clone(), cpu_ticks(pids)?));
+            }
+        }
+        Ok(Cpu { groups })
     }
 
-    /// The line to print: CPU time per record since the start (`None` without pids).
-    pub(super) fn per_record(&self, records: u64) -> anyhow::Result<Option<String>> {
-        if self.pids.is_empty() {
-            return Ok(None);
-        }
-        let spent = (cpu_ticks(&self.pids)? - self.ticks) as f64 / ticks_per_second();
-        Ok(Some(format!(
-            "server CPU (user+sys, pids {:?}): {spent:.2} s = {:.2} µs per record",
-            self.pids,
-            spent * 1e6 / records as f64
-        )))
+    /// The lines to print: each group's CPU time per record since the start (the servers'
+    /// first; none without pids).
+    pub(super) fn per_record(&self, records: u64) -> anyhow::Result<Vec<String>> {
+        self.groups
+            .iter()
+            .map(|(what, pids, ticks)| {
+                let spent = (cpu_ticks(pids)? - ticks) as f64 / ticks_per_second();
+                Ok(format!(
+                    "{what} (user+sys, pids {pids:?}): {spent:.2} s = {:.2} µs per record",
+                    spent * 1e6 / records as f64
+                ))
+            })
+            .collect()
     }
 }
 
@@ -219,7 +233,7 @@ fn cpu_ticks(pids: &[u32]) -> anyhow::Result<u64> {
     let mut sum = 0;
     for pid in pids {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| {
-            anyhow::anyhow!("cannot read /proc/{pid}/stat ({e}): is --server-pid a weir serve process on this machine?")
+            anyhow::anyhow!("cannot read /proc/{pid}/stat ({e}): is each --server-pid and --log-pid a process on this machine?")
         })?;
         // After the command name in parentheses: state is field 3, utime 14, stime 15.
         let fields: Vec<&str> = stat
