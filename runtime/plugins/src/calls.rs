@@ -31,7 +31,7 @@ pub(crate) fn run_and_commit(
     let m = weir_metrics::global();
     let started = std::time::Instant::now();
     let interval = std::time::Duration::from_millis(rt.spec.commit.interval_ms);
-    let mut seen_in_batch = HashSet::new();
+    let mut seen_in_batch: HashSet<u64, foldhash::fast::RandomState> = HashSet::default();
     let mut processed: Vec<&StoredRecord> = Vec::new();
     let mut probes = Vec::new();
     let mut next = local.cursor.next;

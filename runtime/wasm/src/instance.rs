@@ -7,7 +7,7 @@
 //! commit can check nobody changed it (optimistic concurrency between partitions of the same
 //! plugin).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,6 +75,9 @@ pub type StateReader = Arc<dyn Fn(&[u8]) -> Result<Option<(Vec<u8>, u64)>, Strin
 /// upgrade, shutdown), whatever its time limit.
 pub type Interrupt = Arc<dyn Fn() -> bool + Send + Sync>;
 
+/// A commit's state writes: key → new (value, version), `None` for a delete.
+pub type StateWrites = HashMap<Vec<u8>, Option<(Vec<u8>, u64)>, foldhash::fast::RandomState>;
+
 /// The guest was stopped by its [`Interrupt`].
 #[derive(Debug)]
 pub(crate) struct Interrupted;
@@ -122,8 +125,9 @@ impl Default for Limits {
 pub struct BatchEffects {
     /// Encoded outputs (weir-codec outputs blob).
     pub outputs: Vec<u8>,
-    /// Key → new (value, version), or `None` for a delete.
-    pub writes: BTreeMap<Vec<u8>, Option<(Vec<u8>, u64)>>,
+    /// Key → new (value, version), or `None` for a delete (looked up on every state call, and
+    /// holding every key a commit's calls wrote: hashed, not ordered).
+    pub writes: StateWrites,
     /// Key → what the batch first read of it, to validate at commit (looked up on every
     /// state call: foldhash, as the state cache).
     pub reads: HashMap<Vec<u8>, ReadStamp, foldhash::fast::RandomState>,

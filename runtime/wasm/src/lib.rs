@@ -16,7 +16,7 @@ mod instance;
 pub use engine::{sha256_hex, PluginEngine, MAX_INSTANCES, MAX_PLUGIN_MEMORY};
 pub use instance::{
     BatchEffects, CompiledPlugin, Interrupt, Limits, LogLevel, PluginInstance, ReadStamp,
-    StateReader, EPOCH_TICK,
+    StateReader, StateWrites, EPOCH_TICK,
 };
 
 /// Why a plugin could not be deployed or a batch failed. Messages are for the operator.

@@ -227,7 +227,7 @@ mod tests {
 
     #[test]
     fn values_round_trip_and_garbage_is_refused() {
-        let mut writes = StateWrites::new();
+        let mut writes = StateWrites::default();
         writes.insert(b"a".to_vec(), Some((b"1".to_vec(), 3)));
         writes.insert(b"b".to_vec(), None);
         let delta = encode_delta(&writes);

@@ -14,8 +14,6 @@ mod keys;
 mod kv;
 mod replicated;
 
-use std::collections::BTreeMap;
-
 use bytes::Bytes;
 use weir_core::Record;
 use weir_log::{Landing, LogError};
@@ -27,7 +25,7 @@ pub use kv::{KvPluginStore, Local, Namespaces};
 pub use replicated::{ReplicatedPluginStore, Shared};
 
 /// A batch's state writes: key → new (value, version), `None` for a delete.
-pub type StateWrites = BTreeMap<Vec<u8>, Option<(Vec<u8>, u64)>>;
+pub type StateWrites = weir_wasm::StateWrites;
 
 /// One output partition's share of a batch's outputs, with its producer sequence.
 #[derive(Clone, Debug, PartialEq, Eq)]
