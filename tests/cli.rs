@@ -720,6 +720,8 @@ fn a_deploy_without_a_timeout_gets_the_servers_ceiling() {
     );
     let out = ok(s, &deploy(&[]), "");
     assert!(out.contains("timeout=1000ms"), "{out}");
+    // No --commit-records or --commit-interval-ms: the server's defaults.
+    assert!(out.contains("commit=5000 records/100ms"), "{out}");
 }
 
 /// Issue 21, item 10: the CLI speaks only http:// and https://; any other address is refused

@@ -1,5 +1,5 @@
 //! Running the plugin's calls for one commit: the records read at once (up to
-//! `--commit-records`) go to the plugin `--max-batch` at a time, each call on the state the
+//! `--commit-records`) go to the plugin `max_batch` at a time, each call on the state the
 //! calls before it wrote, until the commit interval or the output bound; then their effects
 //! are committed together (`commit.rs`).
 
@@ -13,7 +13,7 @@ use crate::dedup::id_hash;
 use crate::processor::Processor;
 use crate::runtime::PluginRuntime;
 
-/// Blocking: runs the plugin on the unseen records, `--max-batch` records per call, and
+/// Blocking: runs the plugin on the unseen records, `max_batch` records per call, and
 /// commits every call's effects at once. Calls stop once the plugin's commit interval has
 /// passed (`--commit-interval-ms`), their outputs and state writes reach
 /// [`crate::MAX_BATCH_BYTES`], or the instance is worn out: the commit covers the records up
@@ -52,8 +52,10 @@ pub(crate) fn run_and_commit(
             {
                 break;
             }
-            // Paused or stopping: nothing of the commit is written, as for a call interrupted.
+            // Paused or stopping: nothing of the commit is written, as for a call interrupted;
+            // the instance, which did not fail, is kept.
             if interrupt() {
+                local.processor = processor;
                 return Err(StepError::Stopped);
             }
         }

@@ -61,11 +61,14 @@ impl DedupIndex {
     }
 
     /// Drops whole commits from the oldest while the window is exceeded; returns their keys
-    /// (to delete from the store).
+    /// (to delete from the store). By count, a commit goes only if the ids left still fill
+    /// the window: at least the newest `max_ids` ids are remembered, whatever a commit holds
+    /// (one covers up to `--commit-records` ids, and a window smaller than that must not
+    /// forget the commit just written).
     pub fn expire(&mut self, window: &DedupWindow, now_ms: i64) -> Vec<DedupKey> {
         let mut removed = Vec::new();
         while let Some(oldest) = self.entries.front() {
-            let too_many = self.ids.len() > window.max_ids;
+            let too_many = self.ids.len().saturating_sub(oldest.ids.len()) >= window.max_ids;
             let too_old = weir_core::elapsed_ms(oldest.newest_ms, now_ms) > window.max_age_ms;
             if !(too_many || too_old) {
                 break;
@@ -90,9 +93,16 @@ mod tests {
         index.insert((0, 1), 1_000, vec![id_hash("1"), id_hash("2")]);
         index.insert((1, 1), 2_000, vec![id_hash("3")]);
         assert!(index.contains(id_hash("1")) && !index.contains(id_hash("4")));
+        // Dropping the oldest commit would leave 1 id of a window of 2: it stays.
+        let two = DedupWindow {
+            max_ids: 2,
+            max_age_ms: 1_000_000,
+        };
+        assert!(index.expire(&two, 3_000).is_empty());
+        assert_eq!(index.len(), 3);
         let removed = index.expire(
             &DedupWindow {
-                max_ids: 2,
+                max_ids: 1,
                 max_age_ms: 1_000_000,
             },
             3_000,

@@ -26,8 +26,10 @@ use crate::runtime::PluginRuntime;
 use crate::store::Group;
 
 /// Outbox entries read per scan: a backlog (outputs blocked for hours while the plugin kept
-/// committing) is forwarded a page at a time, never read into memory whole.
-pub(crate) const OUTBOX_PAGE: usize = 64;
+/// committing) is forwarded a page at a time, never read into memory whole. An entry is one
+/// commit's outputs (up to `--commit-records` records, about 5,000), so 16 entries hold
+/// more records than 64 did when each call was its own commit.
+pub(crate) const OUTBOX_PAGE: usize = 16;
 
 /// The broker's name for a sequence below the next expected one that matches none of the
 /// batches it remembers for retries (weir_broker's `KEEP_BATCHES`, 5, as Kafka).

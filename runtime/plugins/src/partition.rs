@@ -1,4 +1,4 @@
-//! One task per plugin × input partition: read records, run the plugin on them `--max-batch`
+//! One task per plugin × input partition: read records, run the plugin on them `max_batch`
 //! at a time and commit the calls together (`calls.rs`, off the async workers), retry,
 //! dead-letter or halt.
 //!
@@ -136,12 +136,12 @@ impl PartitionTask {
         let mut next_start = tokio::time::Instant::now();
         // Records read (and committed) at once: a paced plugin's batches are small enough
         // that the pace is smooth (about 20 per second), one call each; otherwise a commit
-        // covers up to --commit-records, --max-batch per call (calls are no larger than the
+        // covers up to --commit-records, max_batch per call (calls are no larger than the
         // commit).
         let max_batch = if per_second > 0.0 {
             ((per_second / 20.0).ceil() as usize).clamp(1, rt.spec.max_batch)
         } else {
-            rt.spec.commit.records
+            rt.spec.commit.records_for(rt.spec.max_batch)
         };
         let mut read_backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
@@ -264,7 +264,7 @@ impl PartitionTask {
 
     /// Processes records with retries; on persistent failure applies the error policy, one
     /// record at a time so only the failing record is dead-lettered. Records of more than one
-    /// call (`--max-batch`) are tried once together: if a call fails, each call's records are
+    /// call (`max_batch`) are tried once together: if a call fails, each call's records are
     /// then run as a batch of their own, so a failing record costs what it did when each
     /// batch was its own commit.
     async fn run_batch(&mut self, records: &[StoredRecord]) -> Result<(), Halt> {

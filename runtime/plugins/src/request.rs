@@ -150,9 +150,9 @@ pub(crate) fn validate(config: &PluginConfig, request: &DeployRequest) -> Result
             request.max_batch
         ));
     }
-    if request.commit.records == 0 || request.commit.records > MAX_COMMIT_RECORDS {
+    if request.commit.records > MAX_COMMIT_RECORDS {
         return invalid(format!(
-            "--commit-records {} is out of range: 1 to {MAX_COMMIT_RECORDS} records",
+            "--commit-records {} is out of range: 1 to {MAX_COMMIT_RECORDS} records (0: the default)",
             request.commit.records
         ));
     }

@@ -114,15 +114,17 @@ pub const MAX_COMMIT_RECORDS: usize = 100_000;
 pub const MAX_COMMIT_INTERVAL_MS: u64 = 60_000;
 
 /// How much one commit covers while the input has a backlog, as Kafka Streams'
-/// `commit.interval.ms` under exactly-once: the plugin is called `--max-batch` records at a
+/// `commit.interval.ms` under exactly-once: the plugin is called `max_batch` records at a
 /// time (its limits apply per call), and the effects of the calls made within `interval_ms`,
 /// up to `records` records, are committed together. A commit costs the same whatever it
 /// covers; without a backlog it covers what one read finds, so latency does not grow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CommitBounds {
-    /// Most records (read at once, then called `--max-batch` at a time; below `--max-batch`,
-    /// calls are this small). A plugin paced by `--max-rate` commits each call on its own.
+    /// Most records (read at once, then called `max_batch` at a time; below `max_batch`, calls
+    /// are this small); 0: the default, [`CommitBounds::DEFAULT_RECORDS`] or `max_batch` when
+    /// larger ([`CommitBounds::records_for`]). A plugin paced by `--max-rate` commits each call
+    /// on its own.
     pub records: usize,
     /// Calls stop once this long has passed since the first: the commit covers the records
     /// up to there, and the rest wait for the next one. (Calls also stop once their outputs
@@ -131,6 +133,17 @@ pub struct CommitBounds {
 }
 
 impl CommitBounds {
+    /// Records one commit covers unless told otherwise (when `max_batch` is not larger).
+    pub const DEFAULT_RECORDS: usize = 5_000;
+
+    /// The records one commit covers at most, for calls of `max_batch` records.
+    pub fn records_for(&self, max_batch: usize) -> usize {
+        match self.records {
+            0 => Self::DEFAULT_RECORDS.max(max_batch),
+            n => n,
+        }
+    }
+
     fn is_default(&self) -> bool {
         *self == CommitBounds::default()
     }
@@ -139,7 +152,7 @@ impl CommitBounds {
 impl Default for CommitBounds {
     fn default() -> Self {
         CommitBounds {
-            records: 5_000,
+            records: 0,
             interval_ms: 100,
         }
     }

@@ -48,7 +48,7 @@ pub(crate) fn plugin_info(info: PluginInfo) -> pb::PluginInfo {
             alert_delay_ms: spec.alerts.max_delay_ms,
             owner: spec.owner.unwrap_or_default(),
             max_rate: spec.max_rate,
-            commit_records: spec.commit.records as u32,
+            commit_records: spec.commit.records_for(spec.max_batch) as u32,
             commit_interval_ms: spec.commit.interval_ms as u32,
             state_cache_bytes: info.state_cache_bytes,
             node: info.node.unwrap_or_default(),
@@ -128,11 +128,8 @@ pub(super) fn deploy_request(r: pb::DeployPluginRequest) -> Result<DeployRequest
         },
         max_rate: r.max_rate,
         commit: CommitBounds {
-            // The default covers at least one call of the batch size asked for.
-            records: match r.commit_records {
-                0 => CommitBounds::default().records.max(max_batch),
-                n => n as usize,
-            },
+            // 0: the default, which follows max_batch (stored as 0, as before these bounds).
+            records: r.commit_records as usize,
             interval_ms: match r.commit_interval_ms {
                 0 => CommitBounds::default().interval_ms,
                 n => u64::from(n),

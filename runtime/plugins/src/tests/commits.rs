@@ -185,3 +185,31 @@ async fn a_worn_out_instance_ends_the_commit_and_the_next_gets_a_fresh_one() {
     assert_eq!(balances(&h), (1..=100).collect::<Vec<_>>());
     h.stop().await;
 }
+
+/// A dedup window smaller than one commit's ids keeps the newest commit whole: a redelivery
+/// of its records is still skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedup_window_smaller_than_a_commit_still_skips_its_redeliveries() {
+    let mut h = Harness::new(1, None);
+    orders(&h, 100);
+    let mut spec = spec(1, OnError::Halt);
+    spec.max_batch = 10;
+    spec.commit.interval_ms = 60_000;
+    spec.dedup.max_ids = 50;
+    h.start(spec, points());
+    h.idle().await;
+    assert_eq!(commits(&h), 1);
+    h.input.append(
+        "in",
+        0,
+        (80..100)
+            .map(|i| rec("ann", "1", Some(&format!("o{i}"))))
+            .collect(),
+    );
+    h.idle().await;
+    assert_eq!(h.state("ann"), Some(100));
+    let status = h.rt().status.lock()[0].clone();
+    assert_eq!((status.processed, status.skipped), (100, 20));
+    assert_eq!(balances(&h), (1..=100).collect::<Vec<_>>());
+    h.stop().await;
+}

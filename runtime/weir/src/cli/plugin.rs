@@ -182,13 +182,13 @@ pub struct DeployArgs {
     pub max_rate: u64,
     /// Most records one commit covers while the input has a backlog: the plugin is called
     /// 500 records at a time and their effects are committed together (Kafka Streams'
-    /// commit.interval.ms). With --max-rate each call is its own commit.
-    #[arg(long, default_value_t = 5_000)]
-    pub commit_records: u32,
+    /// commit.interval.ms). With --max-rate each call is its own commit [default: 5000].
+    #[arg(long)]
+    pub commit_records: Option<u32>,
     /// Longest the calls one commit covers run, ms: after that the commit is written and
-    /// the next records wait for the next one.
-    #[arg(long, default_value_t = 100)]
-    pub commit_interval_ms: u32,
+    /// the next records wait for the next one [default: 100].
+    #[arg(long)]
+    pub commit_interval_ms: Option<u32>,
 }
 
 impl DeployArgs {
@@ -209,8 +209,9 @@ impl DeployArgs {
             alert_lag: self.alert_lag,
             alert_delay_ms: self.alert_delay_ms,
             max_rate: self.max_rate,
-            commit_records: self.commit_records,
-            commit_interval_ms: self.commit_interval_ms,
+            // 0: the server's defaults.
+            commit_records: self.commit_records.unwrap_or(0),
+            commit_interval_ms: self.commit_interval_ms.unwrap_or(0),
         }
     }
 }
