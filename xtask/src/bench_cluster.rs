@@ -244,28 +244,12 @@ pub(crate) fn bench_cluster_plugins(
         &rates,
         "the first",
     );
-    println!("\nweir nodes' CPU time (user+sys) per record, medians of 3:");
-    for (name, c) in names.iter().zip(&cpus).filter(|(_, c)| !c.is_empty()) {
-        println!(
-            "  {name:<48} {:>7.2} µs  (runs {:?})",
-            median(c.clone()),
-            c.iter()
-                .map(|x| (x * 100.0).round() / 100.0)
-                .collect::<Vec<_>>()
-        );
-    }
-    println!(
-        "\nthe 3 nats-servers' CPU time (user+sys) per record over the same span, medians of 3:"
+    print_cpu("weir nodes' CPU time (user+sys) per record", &names, &cpus);
+    print_cpu(
+        "the 3 nats-servers' CPU time (user+sys) per record over the same span",
+        &names,
+        &nats_cpus,
     );
-    for (name, c) in names.iter().zip(&nats_cpus).filter(|(_, c)| !c.is_empty()) {
-        println!(
-            "  {name:<48} {:>7.2} µs  (runs {:?})",
-            median(c.clone()),
-            c.iter()
-                .map(|x| (x * 100.0).round() / 100.0)
-                .collect::<Vec<_>>()
-        );
-    }
     run(Command::new("target/release/flash-sale").args([
         "failover-bench",
         "--weir",
@@ -281,6 +265,20 @@ pub(crate) fn bench_cluster_plugins(
     std::fs::remove_dir_all(&dir).ok();
     std::fs::remove_dir_all(&compiled).ok();
     Ok(())
+}
+
+/// A table of CPU time per record, medians of 3, for the setups that measured it.
+fn print_cpu(title: &str, names: &[&str], cpus: &[Vec<f64>]) {
+    println!("\n{title}, medians of 3:");
+    for (name, c) in names.iter().zip(cpus).filter(|(_, c)| !c.is_empty()) {
+        println!(
+            "  {name:<48} {:>7.2} µs  (runs {:?})",
+            median(c.clone()),
+            c.iter()
+                .map(|x| (x * 100.0).round() / 100.0)
+                .collect::<Vec<_>>()
+        );
+    }
 }
 
 fn stop_all(nodes: Vec<Server>) -> Result<()> {
