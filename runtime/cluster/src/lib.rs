@@ -79,15 +79,38 @@ pub fn shared_test_cluster(name: &str) -> Result<Vec<String>, String> {
         .clone()
 }
 
-/// Free loopback ports (bound, then released).
+/// Free loopback ports (bound, then released), below Linux's ephemeral range (32768 and up):
+/// a port the kernel hands out for a client socket's own end — every test connects many —
+/// cannot take one of them between this check and the server binding it.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a loopback port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("a bound port").port())
-        .collect()
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const LOW: u64 = 20_000;
+    const SPAN: u64 = 32_768 - LOW;
+    // Processes start at different places; one process walks on from where it was.
+    static NEXT: AtomicU64 = AtomicU64::new(u64::MAX);
+    let seed = u64::from(std::process::id()).wrapping_mul(7_919)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::from(d.subsec_nanos()));
+    let _ = NEXT.compare_exchange(u64::MAX, seed % SPAN, Ordering::Relaxed, Ordering::Relaxed);
+    let mut held = Vec::with_capacity(n);
+    let mut ports = Vec::with_capacity(n);
+    for _ in 0..SPAN {
+        if ports.len() == n {
+            break;
+        }
+        let port = (LOW + NEXT.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            held.push(l);
+            ports.push(port);
+        }
+    }
+    assert_eq!(
+        ports.len(),
+        n,
+        "no {n} free loopback ports between {LOW} and 32767"
+    );
+    ports
 }
 
 /// One nats-server of the cluster.
@@ -142,63 +165,37 @@ pub struct NatsCluster {
 
 impl NatsCluster {
     /// Writes a config per node under `dir`, starts `size` servers and waits until each
-    /// reports healthy with JetStream.
+    /// reports healthy with JetStream. A server that exits before it is healthy (a port taken
+    /// by another process between the check and its bind) is tried again on fresh ports.
     ///
     /// # Errors
-    /// A server that does not start or become healthy within 30 s (its log is named).
+    /// A server that does not start or become healthy within 60 s, three times (the message
+    /// names its log and quotes its end).
     pub fn start(binary: &Path, dir: &Path, size: usize, sync: SyncMode) -> Result<Self, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-        let ports = free_ports(size * 3);
-        let mut nodes = Vec::with_capacity(size);
-        for i in 0..size {
-            let name = format!("n{}", i + 1);
-            let (client_port, cluster_port, http_port) =
-                (ports[3 * i], ports[3 * i + 1], ports[3 * i + 2]);
-            let routes: Vec<String> = (0..size)
-                .filter(|j| *j != i)
-                .map(|j| format!("nats-route://127.0.0.1:{}", ports[3 * j + 1]))
-                .collect();
-            let store = dir.join(&name);
-            let sync_line = match sync {
-                SyncMode::Always => "  sync_interval: always\n",
-                SyncMode::Default => "",
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut cluster = NatsCluster {
+                binary: binary.to_path_buf(),
+                nodes: configure(dir, size, sync)?,
+                dir: dir.to_path_buf(),
             };
-            // `no_advertise`: clients are not told the other servers' addresses, so a weir
-            // node keeps to the servers its --log names (reconnecting only to those): a node
-            // given one server reaches NATS only through it, and freezing that server cuts it
-            // off, as a partition would.
-            let config_text = format!(
-                "server_name: {name}\nlisten: 127.0.0.1:{client_port}\nhttp: 127.0.0.1:{http_port}\n\
-                 jetstream {{\n  store_dir: {store:?}\n  max_memory_store: 256MB\n  max_file_store: 64GB\n{sync_line}}}\n\
-                 cluster {{\n  name: weir-local\n  listen: 127.0.0.1:{cluster_port}\n  no_advertise: true\n  routes: [{}]\n}}\n",
-                routes.join(", "),
-                store = store.display().to_string(),
-            );
-            let config = dir.join(format!("{name}.conf"));
-            std::fs::write(&config, config_text)
-                .map_err(|e| format!("write {}: {e}", config.display()))?;
-            nodes.push(NatsNode {
-                log: dir.join(format!("{name}.log")),
-                name,
-                client_port,
-                cluster_port,
-                http_port,
-                config,
-                child: None,
-            });
+            for i in 0..size {
+                cluster.spawn(i)?;
+            }
+            match (0..size).try_for_each(|i| cluster.wait_started(i, Duration::from_secs(60))) {
+                Ok(()) => return Ok(cluster),
+                Err(Started::Exited(e)) if tries < 3 => {
+                    drop(cluster);
+                    eprintln!("{e}; starting the cluster again on other ports");
+                    for i in 0..size {
+                        let _ = std::fs::remove_dir_all(dir.join(format!("n{}", i + 1)));
+                    }
+                }
+                Err(Started::Exited(e) | Started::TimedOut(e)) => return Err(e),
+            }
         }
-        let mut cluster = NatsCluster {
-            binary: binary.to_path_buf(),
-            nodes,
-            dir: dir.to_path_buf(),
-        };
-        for i in 0..size {
-            cluster.spawn(i)?;
-        }
-        for i in 0..size {
-            cluster.wait_healthy(i, Duration::from_secs(60))?;
-        }
-        Ok(cluster)
     }
 
     /// The directory holding configs, stores and logs.
@@ -297,7 +294,7 @@ impl NatsCluster {
     /// Waits until node `i` answers `/healthz` with 200.
     ///
     /// # Errors
-    /// Not healthy in time; the message names its log.
+    /// Not healthy in time; the message names its log and quotes its end.
     pub fn wait_healthy(&self, i: usize, timeout: Duration) -> Result<(), String> {
         let node = &self.nodes[i];
         let deadline = Instant::now() + timeout;
@@ -307,10 +304,37 @@ impl NatsCluster {
             }
             if Instant::now() > deadline {
                 return Err(format!(
-                    "nats-server {} did not become healthy within {timeout:?}; see {}",
+                    "nats-server {} did not become healthy within {timeout:?}; see {}{}",
                     node.name,
-                    node.log.display()
+                    node.log.display(),
+                    log_tail(&node.log)
                 ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// As [`NatsCluster::wait_healthy`], telling a server that exited apart.
+    fn wait_started(&mut self, i: usize, timeout: Duration) -> Result<(), Started> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let node = &mut self.nodes[i];
+            if let Some(Ok(Some(status))) = node.child.as_mut().map(Child::try_wait) {
+                node.child = None;
+                return Err(Started::Exited(format!(
+                    "nats-server {} exited ({status}) before it was healthy; see {}{}",
+                    node.name,
+                    node.log.display(),
+                    log_tail(&node.log)
+                )));
+            }
+            if let Ok((200, _)) = http_get(node.http_port, "/healthz") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return self
+                    .wait_healthy(i, Duration::ZERO)
+                    .map_err(Started::TimedOut);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -379,6 +403,68 @@ impl Drop for NatsCluster {
         for i in 0..self.nodes.len() {
             self.kill(i);
         }
+    }
+}
+
+/// Why a server did not start.
+enum Started {
+    Exited(String),
+    TimedOut(String),
+}
+
+/// The nodes of a cluster of `size` under `dir` on fresh ports, their config files written.
+fn configure(dir: &Path, size: usize, sync: SyncMode) -> Result<Vec<NatsNode>, String> {
+    let ports = free_ports(size * 3);
+    let mut nodes = Vec::with_capacity(size);
+    for i in 0..size {
+        let name = format!("n{}", i + 1);
+        let (client_port, cluster_port, http_port) =
+            (ports[3 * i], ports[3 * i + 1], ports[3 * i + 2]);
+        let routes: Vec<String> = (0..size)
+            .filter(|j| *j != i)
+            .map(|j| format!("nats-route://127.0.0.1:{}", ports[3 * j + 1]))
+            .collect();
+        let store = dir.join(&name);
+        let sync_line = match sync {
+            SyncMode::Always => "  sync_interval: always\n",
+            SyncMode::Default => "",
+        };
+        // `no_advertise`: clients are not told the other servers' addresses, so a weir
+        // node keeps to the servers its --log names (reconnecting only to those): a node
+        // given one server reaches NATS only through it, and freezing that server cuts it
+        // off, as a partition would.
+        let config_text = format!(
+            "server_name: {name}\nlisten: 127.0.0.1:{client_port}\nhttp: 127.0.0.1:{http_port}\n\
+             jetstream {{\n  store_dir: {store:?}\n  max_memory_store: 256MB\n  max_file_store: 64GB\n{sync_line}}}\n\
+             cluster {{\n  name: weir-local\n  listen: 127.0.0.1:{cluster_port}\n  no_advertise: true\n  routes: [{}]\n}}\n",
+            routes.join(", "),
+            store = store.display().to_string(),
+        );
+        let config = dir.join(format!("{name}.conf"));
+        std::fs::write(&config, config_text)
+            .map_err(|e| format!("write {}: {e}", config.display()))?;
+        nodes.push(NatsNode {
+            log: dir.join(format!("{name}.log")),
+            name,
+            client_port,
+            cluster_port,
+            http_port,
+            config,
+            child: None,
+        });
+    }
+    Ok(nodes)
+}
+
+/// The last lines of a server's log, to quote in an error.
+fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(15)..].join("\n  ");
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!("; it ends:\n  {tail}")
     }
 }
 

@@ -258,7 +258,11 @@ impl Log for JetStreamLog {
                 };
                 let subject = self.names.group_key(topic, group, *partition);
                 let json = serde_json::to_vec(&value).expect("group offsets serialise");
-                self.meta_put_over(subject, json.into())
+                // A commit that started later (by the committing nodes' clocks) is kept.
+                let later = move |stored: &Bytes| {
+                    serde_json::from_slice::<GroupValue>(stored).is_ok_and(|v| v.at_ms > at_ms)
+                };
+                self.meta_put_over(subject, json.into(), later)
             });
             futures::future::try_join_all(writes)
                 .await

@@ -128,26 +128,42 @@ impl JetStreamLog {
         }
     }
 
-    /// Replaces a subject's value whatever it is, with a compare-and-set on the sequence this
-    /// node last knew for it (its own last write, or a fresh read): a write that failed or
-    /// timed out and lands late is refused by the engine if anything was written after the
-    /// value it replaced, so it never undoes a later acknowledged write (consumer-group
-    /// commits). A conflict re-reads and tries again.
+    /// Replaces a subject's value unless a later write is already there, with a
+    /// compare-and-set on the sequence this node last knew for it (its own last write, or a
+    /// fresh read). A write that failed or timed out and lands late is refused by the engine
+    /// if anything was written after the value it replaced; a conflict re-reads, and the value
+    /// read is written over only if `later` says it is not a later write than this one
+    /// (consumer-group commits compare their commit times). So a request that outlived a later
+    /// acknowledged write of the subject — its fenced write waited in a frozen server, then
+    /// lost the race and read again — never undoes it. A write found superseded is answered
+    /// `Ok`: it is ordered just before the later one, as if it landed and was written over.
     pub(crate) async fn meta_put_over(
         &self,
         subject: String,
         bytes: Bytes,
-    ) -> Result<u64, LogError> {
+        later: impl Fn(&Bytes) -> bool,
+    ) -> Result<(), LogError> {
         let mut known = self.meta_seqs_known.lock().get(&subject).copied();
         for _ in 0..MAX_PUT_OVER_TRIES {
             let expect = match known {
                 Some(seq) => seq,
-                None => self.meta_get(&subject).await?.map_or(0, |v| v.seq),
+                None => match self.meta_get(&subject).await? {
+                    Some(v) if !v.bytes.is_empty() && later(&v.bytes) => {
+                        tracing::debug!(
+                            message = "A later write is already stored; this one is superseded.",
+                            subject
+                        );
+                        self.meta_seqs_known.lock().insert(subject, v.seq);
+                        return Ok(());
+                    }
+                    Some(v) => v.seq,
+                    None => 0,
+                },
             };
             match self.meta_put(&subject, bytes.clone(), Some(expect)).await {
                 Ok(seq) => {
                     self.meta_seqs_known.lock().insert(subject, seq);
-                    return Ok(seq);
+                    return Ok(());
                 }
                 Err(LogError::Conflict { .. }) => known = None,
                 Err(e) => {
