@@ -5,7 +5,7 @@ use weir_core::now_ms;
 
 use crate::owners::{Caller, Owner, ProducerRecord, ProducerTable};
 use crate::{Broker, BrokerError, ProducerFields};
-use weir_log::LogError;
+use weir_log::{Log, LogError};
 
 impl Broker {
     /// Allocates a producer id (epoch 0) owned by `caller`, or bumps the epoch of `existing`,
@@ -129,11 +129,14 @@ impl Broker {
         let store = self.store.clone();
         let encoded = record.encode();
         let issued = existing.is_none();
-        let written = Self::blocking(move || match previous {
-            None => Ok(store.issue_producer(id, &encoded, next_id)?),
-            // Compare-and-set on the record the bump was decided from: two nodes never
-            // issue the same epoch.
-            Some(previous) => Ok(store.replace_producer(id, &previous, &encoded, next_id)?),
+        let written = Self::blocking(move || {
+            Ok(write_producer(
+                &*store,
+                id,
+                previous.as_deref(),
+                &encoded,
+                next_id,
+            )?)
         })
         .await;
         if let Err(e) = written {
@@ -259,10 +262,36 @@ impl Broker {
                 (record, producers.next_id, current.encode())
             };
             let (store, encoded) = (self.store.clone(), record.encode());
-            Self::blocking(move || Ok(store.replace_producer(id, &previous, &encoded, next_id)?))
-                .await?;
+            Self::blocking(move || {
+                Ok(write_producer(
+                    &*store,
+                    id,
+                    Some(&previous),
+                    &encoded,
+                    next_id,
+                )?)
+            })
+            .await?;
             self.producers.lock().records.insert(id, record);
         }
         self.sync_now().await
+    }
+}
+
+/// Stores a producer's record. On a shared log an id is issued only if no node issued it
+/// first, and a record replaced only if it is still `previous` (the record an epoch bump or a
+/// claim was decided from): two nodes never issue the same id or epoch. A log with one writer
+/// just writes it.
+fn write_producer(
+    store: &dyn Log,
+    id: u64,
+    previous: Option<&[u8]>,
+    record: &[u8],
+    next_id: u64,
+) -> Result<(), LogError> {
+    match (store.shared(), previous) {
+        (Some(shared), None) => shared.issue_producer(id, record, next_id),
+        (Some(shared), Some(previous)) => shared.replace_producer(id, previous, record),
+        (None, _) => store.put_producer(id, record, next_id),
     }
 }

@@ -181,54 +181,6 @@ impl Log for JetStreamLog {
         })
     }
 
-    fn issue_producer(
-        &self,
-        producer_id: u64,
-        record: &[u8],
-        next_id: u64,
-    ) -> Result<(), LogError> {
-        let record = Bytes::copy_from_slice(record);
-        self.block_on(async {
-            let key = self.names.next_producer_key();
-            let (seq, stored_next) = self.next_producer().await?.unwrap_or((0, 1));
-            if producer_id < stored_next {
-                return Err(LogError::Conflict {
-                    what: format!("producer id {producer_id}"),
-                });
-            }
-            self.meta_put(&key, next_id.to_be_bytes().to_vec().into(), Some(seq))
-                .await?;
-            // The id was never written (ids only rise): fenced on that, so a late copy cannot
-            // replace an epoch bumped since.
-            self.meta_put(&self.names.producer_key(producer_id), record, Some(0))
-                .await
-                .map(|_| ())
-        })
-    }
-
-    fn replace_producer(
-        &self,
-        producer_id: u64,
-        previous: &[u8],
-        record: &[u8],
-        _next_id: u64,
-    ) -> Result<(), LogError> {
-        let record = Bytes::copy_from_slice(record);
-        self.block_on(async {
-            let key = self.names.producer_key(producer_id);
-            let conflict = || LogError::Conflict {
-                what: format!("producer {producer_id}"),
-            };
-            let stored = self.meta_get(&key).await?.ok_or_else(conflict)?;
-            if stored.bytes.as_ref() != previous {
-                return Err(conflict());
-            }
-            self.meta_put(&key, record, Some(stored.seq))
-                .await
-                .map(|_| ())
-        })
-    }
-
     fn delete_producers(&self, ids: &[u64]) -> Result<(), LogError> {
         self.block_on(async {
             for id in ids {
@@ -387,6 +339,53 @@ impl SharedLog for JetStreamLog {
             st.index.retain(|base, _| *base >= first);
         }
         Ok(first)
+    }
+
+    fn issue_producer(
+        &self,
+        producer_id: u64,
+        record: &[u8],
+        next_id: u64,
+    ) -> Result<(), LogError> {
+        let record = Bytes::copy_from_slice(record);
+        self.block_on(async {
+            let key = self.names.next_producer_key();
+            let (seq, stored_next) = self.next_producer().await?.unwrap_or((0, 1));
+            if producer_id < stored_next {
+                return Err(LogError::Conflict {
+                    what: format!("producer id {producer_id}"),
+                });
+            }
+            self.meta_put(&key, next_id.to_be_bytes().to_vec().into(), Some(seq))
+                .await?;
+            // The id was never written (ids only rise): fenced on that, so a late copy cannot
+            // replace an epoch bumped since.
+            self.meta_put(&self.names.producer_key(producer_id), record, Some(0))
+                .await
+                .map(|_| ())
+        })
+    }
+
+    fn replace_producer(
+        &self,
+        producer_id: u64,
+        previous: &[u8],
+        record: &[u8],
+    ) -> Result<(), LogError> {
+        let record = Bytes::copy_from_slice(record);
+        self.block_on(async {
+            let key = self.names.producer_key(producer_id);
+            let conflict = || LogError::Conflict {
+                what: format!("producer {producer_id}"),
+            };
+            let stored = self.meta_get(&key).await?.ok_or_else(conflict)?;
+            if stored.bytes.as_ref() != previous {
+                return Err(conflict());
+            }
+            self.meta_put(&key, record, Some(stored.seq))
+                .await
+                .map(|_| ())
+        })
     }
 
     fn incarnation(&self, topic: &str) -> Option<String> {

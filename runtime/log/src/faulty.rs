@@ -8,8 +8,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::{
-    Durable, EncodedChunk, GroupEntry, KvStore, Log, LogError, RecoveredPartition, Store,
-    StoredProducers,
+    Durable, EncodedChunk, GroupEntry, KvStore, Log, LogError, RecoveredPartition, SharedLog,
+    Store, StoredProducers,
 };
 use weir_core::{TopicConfig, TopicPartition};
 
@@ -171,6 +171,20 @@ impl Log for FaultyStore {
     fn delete_group(&self, group: &str, topic: &str) -> Result<(), LogError> {
         self.write()?;
         self.inner.delete_group(group, topic)
+    }
+
+    /// The inner log's: a shared log wrapped in faults stays shared (its writes
+    /// compare-and-set, its tail is followed).
+    fn shared(&self) -> Option<&dyn SharedLog> {
+        self.inner.shared()
+    }
+
+    fn chunk_target_bytes(&self) -> usize {
+        self.inner.chunk_target_bytes()
+    }
+
+    fn check_append(&self, chunks: &[EncodedChunk], producers: usize) -> Result<(), LogError> {
+        self.inner.check_append(chunks, producers)
     }
 }
 

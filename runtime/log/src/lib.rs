@@ -29,7 +29,6 @@ pub mod faulty;
 mod memory;
 mod replicated;
 pub mod sled_store;
-mod split;
 
 use bytes::Bytes;
 
@@ -39,7 +38,6 @@ pub use durability::{Durability, FsyncPolicy, SlowSyncs, SyncFailed};
 pub use memory::MemoryStore;
 pub use replicated::{Landing, ReplicatedKv, GROUP_MAX_BYTES, SNAPSHOT_EVERY};
 pub use sled_store::SledStore;
-pub use split::SplitStore;
 
 use weir_core::{TopicConfig, TopicPartition};
 
@@ -325,29 +323,6 @@ pub trait Log: Durable {
     fn load_producers(&self) -> Result<StoredProducers, LogError>;
     /// Records a producer (its encoded record) and the next id to issue, atomically.
     fn put_producer(&self, producer_id: u64, record: &[u8], next_id: u64) -> Result<(), LogError>;
-    /// Records a newly issued producer id and the next id to issue. A shared log refuses it
-    /// ([`LogError::Conflict`]) when another node issued that id first.
-    fn issue_producer(
-        &self,
-        producer_id: u64,
-        record: &[u8],
-        next_id: u64,
-    ) -> Result<(), LogError> {
-        self.put_producer(producer_id, record, next_id)
-    }
-    /// Replaces a producer's record (an epoch bump, a claim) if the stored one is still
-    /// `previous`. A shared log refuses it ([`LogError::Conflict`]) when another node changed
-    /// the record first; a log with one writer just writes it.
-    fn replace_producer(
-        &self,
-        producer_id: u64,
-        previous: &[u8],
-        record: &[u8],
-        next_id: u64,
-    ) -> Result<(), LogError> {
-        let _ = previous;
-        self.put_producer(producer_id, record, next_id)
-    }
     /// Removes producers' records (expired producers).
     fn delete_producers(&self, ids: &[u64]) -> Result<(), LogError>;
     /// Stores a consumer group's next offsets for some partitions of a topic, committed at
@@ -371,19 +346,15 @@ pub trait Log: Durable {
     /// engine shared by several weir nodes); `None` for a log with one writer. A shared log
     /// acknowledges a write once it is replicated, so the broker does not wait for
     /// [`Durable::sync`]; it follows the others' appends with [`SharedLog::tail`], retries
-    /// fenced appends, and reloads topics and producers it does not know.
-    fn shared(&self) -> Option<&dyn SharedLog> {
-        None
-    }
-    /// The encoded size the broker packs a publish's records into per chunk.
-    fn chunk_target_bytes(&self) -> usize {
-        CHUNK_TARGET_BYTES
-    }
+    /// fenced appends, issues producers with [`SharedLog::issue_producer`], and reloads topics
+    /// and producers it does not know.
+    fn shared(&self) -> Option<&dyn SharedLog>;
+    /// The encoded size the broker packs a publish's records into per chunk
+    /// ([`CHUNK_TARGET_BYTES`] unless the engine's messages favour another).
+    fn chunk_target_bytes(&self) -> usize;
     /// Refuses ([`LogError::TooLarge`]) an append of `chunks` and `producers` producer states
     /// this log could never take in one write, before anything of the publish is stored.
-    fn check_append(&self, _chunks: &[EncodedChunk], _producers: usize) -> Result<(), LogError> {
-        Ok(())
-    }
+    fn check_append(&self, chunks: &[EncodedChunk], producers: usize) -> Result<(), LogError>;
 }
 
 /// What a log that other processes write too adds to [`Log`] (reached through
@@ -402,6 +373,19 @@ pub trait SharedLog: Send + Sync {
     /// created again elsewhere with the same configuration is another topic, to be opened
     /// anew.
     fn incarnation(&self, topic: &str) -> Option<String>;
+    /// Records a newly issued producer id and the next id to issue; refused
+    /// ([`LogError::Conflict`]) when another node issued that id first. (A log with one writer
+    /// takes [`Log::put_producer`].)
+    fn issue_producer(&self, producer_id: u64, record: &[u8], next_id: u64)
+        -> Result<(), LogError>;
+    /// Replaces a producer's record (an epoch bump, a claim) if the stored one is still
+    /// `previous`; refused ([`LogError::Conflict`]) when another node changed it first.
+    fn replace_producer(
+        &self,
+        producer_id: u64,
+        previous: &[u8],
+        record: &[u8],
+    ) -> Result<(), LogError>;
 }
 
 /// Both seams over one durable store (one sync covers the log and the key-value namespaces).

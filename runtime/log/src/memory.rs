@@ -12,7 +12,8 @@ use bytes::Bytes;
 
 use super::{
     codec, decode_group_offset, encode_group_offset, ChunkMeta, Durable, EncodedChunk, GroupEntry,
-    GroupKeys, KvStore, Log, LogError, RecoveredPartition, StoredProducers,
+    GroupKeys, KvStore, Log, LogError, RecoveredPartition, SharedLog, StoredProducers,
+    CHUNK_TARGET_BYTES,
 };
 use weir_core::{TopicConfig, TopicPartition};
 
@@ -271,6 +272,20 @@ impl Log for MemoryStore {
         weir_core::blocking::check("delete_group");
         let keys = GroupKeys::new(topic, group);
         self.with(|s| s.groups.retain(|k, _| !k.starts_with(&keys.prefix)));
+        Ok(())
+    }
+
+    /// One writer: this process.
+    fn shared(&self) -> Option<&dyn SharedLog> {
+        None
+    }
+
+    fn chunk_target_bytes(&self) -> usize {
+        CHUNK_TARGET_BYTES
+    }
+
+    /// No limit but memory, as sled has none but the disk.
+    fn check_append(&self, _chunks: &[EncodedChunk], _producers: usize) -> Result<(), LogError> {
         Ok(())
     }
 }

@@ -4,27 +4,40 @@
 use std::sync::Arc;
 
 use weir_jetstream::JetStreamLog;
-use weir_log::{ReplicatedKv, SledStore, SplitStore, Store};
+use weir_log::{Durable, KvStore, Log, ReplicatedKv, SledStore, Store};
 use weir_plugins::KvPluginStore;
 
 use crate::config::{FsyncPolicy, ServerConfig, ServerError};
 
-/// A node's store as the server opened it: the log and the key-value namespaces, and in
-/// cluster mode the replicated namespaces underneath, which the plugin manager also needs for
-/// ownership (heartbeats, leases, the plugins' changelogs).
+/// A node's store as the server opened it: the broker's log, what the group commit syncs,
+/// and where plugins keep their state.
 pub struct OpenedStore {
-    /// Everything the broker and the plugins' state use.
-    pub store: Arc<dyn Store>,
-    /// Cluster mode: the replicated namespaces `store` keeps plugins' state in.
-    pub replicated: Option<Arc<ReplicatedKv>>,
+    /// The broker's log: the data directory's store, or the log on JetStream.
+    pub log: Arc<dyn Log>,
+    /// What the group commit syncs: the data directory's store. (A log on JetStream is
+    /// durable when it acknowledges a write; its own sync does nothing.)
+    pub durable: Arc<dyn Durable>,
+    /// Where plugins keep their state.
+    pub plugins: PluginNamespaces,
+}
+
+/// Where plugins keep their state.
+pub enum PluginNamespaces {
+    /// The data directory's store, beside the log (one node).
+    Local(Arc<dyn KvStore>),
+    /// Changelogs on JetStream cached in the data directory's store (cluster mode); the
+    /// plugin manager also takes ownership through them (heartbeats, leases).
+    Replicated(Arc<ReplicatedKv>),
 }
 
 impl From<Arc<dyn Store>> for OpenedStore {
-    /// One node's own store (embedded; tests wrap the sled store to inject faults).
+    /// One node's own store (embedded; tests wrap the sled store to inject faults): the log,
+    /// the syncs and the plugins' state all on it.
     fn from(store: Arc<dyn Store>) -> Self {
         OpenedStore {
-            store,
-            replicated: None,
+            log: store.clone(),
+            durable: store.clone(),
+            plugins: PluginNamespaces::Local(store),
         }
     }
 }
@@ -54,8 +67,9 @@ pub async fn open_store(config: &ServerConfig) -> Result<OpenedStore, ServerErro
         KvPluginStore::OWNED_PREFIX,
     ));
     Ok(OpenedStore {
-        store: Arc::new(SplitStore::new(log, kv.clone())),
-        replicated: Some(kv),
+        log,
+        durable: kv.clone(),
+        plugins: PluginNamespaces::Replicated(kv),
     })
 }
 

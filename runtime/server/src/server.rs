@@ -22,7 +22,7 @@ use crate::service::WeirService;
 pub use crate::config::{
     FsyncPolicy, JetStreamOptions, PluginLimits, ServerConfig, ServerError, TlsFiles,
 };
-pub use crate::open::{open_sled, open_store, OpenedStore};
+pub use crate::open::{open_sled, open_store, OpenedStore, PluginNamespaces};
 
 /// A server started with [`start`], running on its own tasks.
 pub struct RunningServer {
@@ -322,21 +322,21 @@ impl Core {
         opened: impl Into<OpenedStore>,
         node_addr: &str,
     ) -> Result<Core, ServerError> {
-        let OpenedStore { store, replicated } = opened.into();
+        let OpenedStore {
+            log,
+            durable,
+            plugins,
+        } = opened.into();
         let (fsync, broker_config) = (config.fsync, config.broker.clone());
-        let opened = store.clone();
         let synced: Arc<dyn weir_log::Durable> = if config.debug_sync_delay.is_zero() {
-            store.clone()
+            durable
         } else {
-            Arc::new(weir_log::SlowSyncs::new(
-                store.clone(),
-                config.debug_sync_delay,
-            ))
+            Arc::new(weir_log::SlowSyncs::new(durable, config.debug_sync_delay))
         };
         let (broker, durability, syncer) =
             weir_core::blocking::run(move || -> Result<_, ServerError> {
                 let (durability, syncer) = Durability::start(synced, fsync);
-                match Broker::open(opened, durability.clone(), broker_config) {
+                match Broker::open(log, durability.clone(), broker_config) {
                     Ok(broker) => Ok((broker, durability, syncer)),
                     Err(e) => {
                         durability.stop();
@@ -350,14 +350,14 @@ impl Core {
             (config.compiled_dir.clone()).unwrap_or_else(|| config.data_dir.join("compiled"));
         let probes = Arc::new(ProbeBook::default());
         let io = Arc::new(BrokerIo(broker.clone()));
-        let (plugin_store, cluster): (Arc<dyn PluginStore>, _) = match replicated {
-            Some(kv) => (
+        let (plugin_store, cluster): (Arc<dyn PluginStore>, _) = match plugins {
+            PluginNamespaces::Replicated(kv) => (
                 Arc::new(KvPluginStore::replicated(kv.clone())),
                 Some(Arc::new(weir_plugins::cluster::Membership::new(
                     kv, node_addr,
                 ))),
             ),
-            None => (Arc::new(KvPluginStore::new(store)), None),
+            PluginNamespaces::Local(kv) => (Arc::new(KvPluginStore::new(kv)), None),
         };
         let seams = Seams {
             input: io.clone(),

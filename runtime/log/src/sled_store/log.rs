@@ -14,7 +14,8 @@ use super::{
 };
 use crate::{
     codec, decode_group_offset, encode_group_offset, ChunkMeta, EncodedChunk, GroupEntry,
-    GroupKeys, Log, LogError, RecoveredPartition, StoredProducers, FRAGMENT_MAX_BYTES,
+    GroupKeys, Log, LogError, RecoveredPartition, SharedLog, StoredProducers, CHUNK_TARGET_BYTES,
+    FRAGMENT_MAX_BYTES,
 };
 
 impl Log for SledStore {
@@ -324,6 +325,20 @@ impl Log for SledStore {
             batch.remove(item?.0);
         }
         self.groups.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// One writer: this process.
+    fn shared(&self) -> Option<&dyn SharedLog> {
+        None
+    }
+
+    fn chunk_target_bytes(&self) -> usize {
+        CHUNK_TARGET_BYTES
+    }
+
+    /// No limit but the disk: sled takes values of any size.
+    fn check_append(&self, _chunks: &[EncodedChunk], _producers: usize) -> Result<(), LogError> {
         Ok(())
     }
 }
