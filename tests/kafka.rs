@@ -88,13 +88,10 @@ pub(crate) async fn run_script(name: &str, args: Vec<String>) -> serde_json::Val
 }
 
 /// A free loopback port (a Kafka listener must keep its port across restarts: clients
-/// reconnect to the address they were told).
+/// reconnect to the address they were told), below the range the kernel hands client sockets,
+/// so none takes it while the server is down.
 pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    weir_cluster::free_ports(1)[0]
 }
 
 async fn start(dir: &Path) -> (RunningServer, String) {

@@ -57,7 +57,8 @@ pub struct Metrics {
     /// Batches of one partition seen durable together (how many batches one durable step
     /// covered), per plugin.
     pub plugin_commit_batches: Family<PluginLabel, Histogram, fn() -> Histogram>,
-    /// Records handed to the plugin, per plugin.
+    /// Records the plugin processed, counted once their commit is written (a call whose
+    /// commit was thrown away and run again counts once), per plugin.
     pub plugin_records_in: Family<PluginLabel, Counter>,
     /// Records the plugin emitted (committed), per plugin.
     pub plugin_records_out: Family<PluginLabel, Counter>,
@@ -144,7 +145,7 @@ impl Metrics {
         );
         r.register(
             "plugin_records_in",
-            "Records handed to a plugin",
+            "Records a plugin processed, counted when their commit is written",
             self.plugin_records_in.clone(),
         );
         r.register(

@@ -83,9 +83,6 @@ pub(crate) fn run_and_commit(
         if fresh.is_empty() {
             continue;
         }
-        m.plugin_records_in
-            .get_or_create(&rt.label)
-            .inc_by(fresh.len() as u64);
         let blob = encode_batch(partition, &fresh);
         let instance: &mut Box<dyn Processor> = match &mut processor {
             Some(p) => p,
@@ -132,9 +129,17 @@ pub(crate) fn run_and_commit(
         processed: &processed,
         probes,
     };
+    let records_in = processed.len() as u64;
     let result = commit(rt, local, batch, effects, &blobs, None);
-    if result.is_ok() && processor.is_some() {
-        local.processor = processor;
+    if result.is_ok() {
+        // Counted once committed: a commit thrown away (a failed call, a conflict) is run
+        // again, and its records counted then.
+        m.plugin_records_in
+            .get_or_create(&rt.label)
+            .inc_by(records_in);
+        if processor.is_some() {
+            local.processor = processor;
+        }
     }
     result
 }
