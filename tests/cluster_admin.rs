@@ -156,3 +156,60 @@ fn weir_lag_says_which_node_runs_the_plugin_through_every_node() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// A cluster node whose NATS servers are all gone still stops on SIGTERM within the request
+/// time-out, as an orchestrator expects before it sends SIGKILL (Kubernetes waits 30 s). It
+/// used to keep following the shared log after the signal: one tail read per partition, each
+/// waiting out the 10 s request time-out, and another round after that.
+#[test]
+fn a_cluster_node_whose_nats_servers_are_gone_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats = common::nats_cluster(dir.path());
+    let log = dir.path().join("node.log");
+    let node = WeirProcess::spawn_logging(
+        &dir.path().join("node"),
+        "127.0.0.1:0",
+        &["--log", &nats.url_list()],
+        &log,
+    );
+    std::fs::write(
+        dir.path().join("points.wasm"),
+        common::plugin_wasm("points"),
+    )
+    .unwrap();
+    let addr = node.addr.clone();
+    for t in 0..6 {
+        common::cli_ok(
+            &addr,
+            &["topic", "create", &format!("t{t}"), "--partitions", "4"],
+            "",
+        );
+    }
+    common::cli_ok(&addr, &["topic", "create", "order.paid"], "");
+    common::cli_ok(&addr, &["topic", "create", "points.credited"], "");
+    deploy_points(&addr, dir.path());
+    for i in 0..nats.nodes.len() {
+        nats.kill(i);
+    }
+    // Its loops are now waiting on requests nobody answers.
+    std::thread::sleep(Duration::from_secs(2));
+    let started = Instant::now();
+    let pid = node.pid();
+    let exited = std::thread::spawn(move || node.terminate(Duration::from_secs(25)));
+    let status = exited.join();
+    let took = started.elapsed();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let after: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.contains("Shutting down"))
+        .collect();
+    assert!(
+        status.is_ok(),
+        "weir serve (pid {pid}) did not exit within 25 s of SIGTERM; its log since:\n{}",
+        after.join("\n")
+    );
+    println!(
+        "stopped {took:?} after SIGTERM; its log since:\n{}",
+        after.join("\n")
+    );
+}

@@ -126,6 +126,11 @@ impl WeirProcess {
         self.addr.rsplit(':').next().unwrap().parse().unwrap()
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// `kill -9`.
     pub fn kill9(mut self) {
         self.child.kill().unwrap();

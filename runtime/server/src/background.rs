@@ -11,15 +11,23 @@ pub(crate) async fn retention_loop(broker: Arc<Broker>, shutdown: CancellationTo
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = tick.tick() => {
-                if let Err(error) = broker.apply_retention().await {
-                    tracing::warn!(message = "Retention failed.", %error);
-                }
-                if let Err(error) = broker.expire_idle(weir_core::now_ms()).await {
-                    tracing::warn!(message = "Expiring idle producers and groups failed.", %error);
-                }
-            }
+            biased;
             _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // A round left unfinished at shutdown is as a crash there: the next start runs it.
+        let round = async {
+            if let Err(error) = broker.apply_retention().await {
+                tracing::warn!(message = "Retention failed.", %error);
+            }
+            if let Err(error) = broker.expire_idle(weir_core::now_ms()).await {
+                tracing::warn!(message = "Expiring idle producers and groups failed.", %error);
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            _ = round => {}
         }
     }
 }
@@ -37,22 +45,30 @@ pub(crate) async fn follow_loop(broker: Arc<Broker>, shutdown: CancellationToken
     let mut failing = false;
     loop {
         tokio::select! {
-            _ = tick.tick() => {
-                n += 1;
-                match broker.follow_shared(n % 20 == 1).await {
-                    Ok(()) if failing => {
-                        failing = false;
-                        tracing::info!(message = "Following the shared log again.");
-                    }
-                    Ok(()) => {}
-                    Err(error) if !failing => {
-                        failing = true;
-                        tracing::warn!(message = "Cannot follow the shared log; retrying.", %error);
-                    }
-                    Err(_) => {}
-                }
-            }
+            biased;
             _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        n += 1;
+        // Only reads: a look cut short at shutdown leaves nothing half-done. (Unraced, a
+        // node whose NATS servers were gone kept reading after SIGTERM, each partition's tail
+        // waiting out the request time-out.)
+        let followed = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            followed = broker.follow_shared(n % 20 == 1) => followed,
+        };
+        match followed {
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!(message = "Following the shared log again.");
+            }
+            Ok(()) => {}
+            Err(error) if !failing => {
+                failing = true;
+                tracing::warn!(message = "Cannot follow the shared log; retrying.", %error);
+            }
+            Err(_) => {}
         }
     }
 }

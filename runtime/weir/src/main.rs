@@ -50,6 +50,11 @@ fn main() -> ExitCode {
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         weir::cli::run(cli, shutdown).await
     });
+    // Everything that must finish has (the server synced its store before returning).
+    // Dropping the runtime would wait for every blocking task still running — a read of a
+    // shared log whose servers are gone waits out its request time-out, partition after
+    // partition — so a stopped server would not exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

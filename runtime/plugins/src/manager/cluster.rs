@@ -92,7 +92,13 @@ impl PluginManager {
             }
         });
         loop {
-            let result = self.reconcile().await;
+            // A look cut short at shutdown is as a crash there: leases lapse, and the node
+            // that takes a plugin over fences this one's writes.
+            let result = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                result = self.reconcile() => result,
+            };
             // Set once the admin lock was taken (a deploy holding it is not the look's
             // failure), cleared after the leases' tick.
             let began = self.looking_since.lock().take();

@@ -137,9 +137,15 @@ impl Monitor {
         let mut tick = tokio::time::interval(self.config.sample_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            // A sample only reads: one cut short at shutdown leaves nothing half-done (a
+            // sample waiting on a shared log whose servers are gone would hold the shutdown).
             tokio::select! {
-                _ = tick.tick() => self.sample().await,
+                biased;
                 _ = shutdown.cancelled() => return,
+                _ = async {
+                    tick.tick().await;
+                    self.sample().await;
+                } => {}
             }
         }
     }
