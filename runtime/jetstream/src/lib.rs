@@ -64,7 +64,8 @@ pub struct JetStreamOptions {
     pub replicas: usize,
     /// Prefix of every stream and subject weir uses (letters, digits, `-`, `_`).
     pub prefix: String,
-    /// How long one request (a publish's acknowledgement, a read) may take before it fails.
+    /// How long one request (a publish's acknowledgement, a read) may take before it fails;
+    /// opening the log waits three times as long for a first server to accept a connection.
     pub request_timeout: Duration,
 }
 
@@ -232,6 +233,26 @@ impl JetStreamLog {
                     )
                 })?
                 .map_err(|e| engine("connect", e))?;
+            // Retrying the first connection, `connect` returns before any server answered:
+            // wait for one here, so that a wrong address or a stopped server is named as such
+            // (not as a JetStream request that timed out).
+            let patience = options.request_timeout * 3;
+            let deadline = tokio::time::Instant::now() + patience;
+            while client.connection_state() != async_nats::connection::State::Connected {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(engine(
+                        "connect",
+                        format!(
+                            "no NATS server at {} accepted a connection within {} s; is \
+                             nats-server running there (`cargo xtask cluster` starts a local \
+                             one), and do --log's addresses and ports name it?",
+                            options.servers.join(","),
+                            patience.as_secs()
+                        ),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             let js = jetstream::ContextBuilder::new()
                 .timeout(options.request_timeout)
                 .build(client.clone());

@@ -238,3 +238,26 @@ fn a_tail_longer_than_a_batch_is_read_whole() {
     });
     assert!(allows_direct, "topic streams allow direct gets");
 }
+
+/// Opening the log with no NATS server at the address says so, naming the address, after
+/// three request time-outs (it used to report a JetStream request that timed out, and to
+/// ask whether JetStream was enabled, about a port nothing listened on).
+#[test]
+fn opening_with_no_server_at_the_address_names_it() {
+    let port = weir_cluster::free_ports(1)[0];
+    let url = format!("nats://127.0.0.1:{port}");
+    let started = std::time::Instant::now();
+    let Err(e) = weir_jetstream::JetStreamLog::connect({
+        let mut o = weir_jetstream::JetStreamOptions::new(vec![url.clone()]);
+        o.request_timeout = std::time::Duration::from_secs(1);
+        o
+    }) else {
+        panic!("connected to {url}, where nothing listens");
+    };
+    let message = e.to_string();
+    assert!(
+        message.contains(&url) && message.contains("accepted a connection within 3 s"),
+        "{message}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+}
