@@ -188,6 +188,11 @@ fn a_cluster_node_whose_nats_servers_are_gone_stops_on_sigterm() {
     common::cli_ok(&addr, &["topic", "create", "order.paid"], "");
     common::cli_ok(&addr, &["topic", "create", "points.credited"], "");
     deploy_points(&addr, dir.path());
+    // A backlog, so that the plugin is committing and forwarding when the servers go.
+    let orders: String = (0..20_000)
+        .map(|i| format!(r#"{{"order":{i},"user":"u{}","amount":1}}"#, i % 100) + "\n")
+        .collect();
+    common::cli_ok(&addr, &["publish", "order.paid"], &orders);
     for i in 0..nats.nodes.len() {
         nats.kill(i);
     }
@@ -199,13 +204,15 @@ fn a_cluster_node_whose_nats_servers_are_gone_stops_on_sigterm() {
     let status = exited.join();
     let took = started.elapsed();
     let text = std::fs::read_to_string(&log).unwrap_or_default();
-    let after: Vec<&str> = text
-        .lines()
-        .skip_while(|l| !l.contains("Shutting down"))
-        .collect();
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines
+        .iter()
+        .position(|l| l.contains("Shutting down"))
+        .unwrap_or(lines.len().saturating_sub(40));
+    let after = &lines[from..];
     assert!(
         status.is_ok(),
-        "weir serve (pid {pid}) did not exit within 25 s of SIGTERM; its log since:\n{}",
+        "weir serve (pid {pid}) did not exit within 25 s of SIGTERM; its log's end:\n{}",
         after.join("\n")
     );
     println!(

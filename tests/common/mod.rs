@@ -182,13 +182,13 @@ pub fn weir_cli(server: &str, args: &[&str], stdin: &str) -> (bool, String, Stri
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn weir");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
+    // Written from its own thread: a CLI that answers as it reads (a line per record
+    // published) would fill its stdout pipe while we still write, and both would wait.
+    let mut input = child.stdin.take().unwrap();
+    let stdin = stdin.to_string();
+    let writer = std::thread::spawn(move || input.write_all(stdin.as_bytes()));
     let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -25,6 +25,9 @@ mod code;
 mod deploy;
 mod queries;
 
+/// How long a cluster node's shutdown waits for its plugins' tasks.
+const SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Runs blocking manager work (store, files, compiling) off the async workers.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ManagerError> + Send + 'static,
@@ -229,12 +232,36 @@ impl PluginManager {
         self.plugins.lock().remove(name);
     }
 
-    /// Stops every plugin (server shutdown).
+    /// Stops every plugin (server shutdown): all are told at once, then waited for. In cluster
+    /// mode for at most [`SHUTDOWN_WAIT`]: a task waiting on a replicated log whose servers are
+    /// gone stops only when its request times out, and a stop cut short is as a crash (the
+    /// node that takes the plugin over replays what was not committed).
     pub async fn shutdown(&self) {
-        let names: Vec<String> = self.plugins.lock().keys().cloned().collect();
-        for name in names {
-            self.unlist(&name).await;
+        let running: Vec<(String, TaskTracker)> = {
+            let plugins = self.plugins.lock();
+            plugins
+                .iter()
+                .map(|(name, r)| {
+                    r.cancel.cancel();
+                    r.tracker.close();
+                    (name.clone(), r.tracker.clone())
+                })
+                .collect()
+        };
+        let all = futures::future::join_all(running.iter().map(|(_, t)| t.wait()));
+        if self.seams.cluster.is_some() {
+            if tokio::time::timeout(SHUTDOWN_WAIT, all).await.is_err() {
+                let waiting: Vec<&str> = running
+                    .iter()
+                    .filter(|(_, t)| !t.is_empty())
+                    .map(|(name, _)| name.as_str())
+                    .collect();
+                tracing::warn!(message = "Plugins' tasks did not stop in time (the replicated log does not answer); the server stops without them, as a crash would stop them.", plugins = ?waiting, waited_ms = SHUTDOWN_WAIT.as_millis() as u64);
+            }
+        } else {
+            all.await;
         }
+        self.plugins.lock().clear();
     }
 
     /// Records a spec in place of `previous` and syncs it (under every fsync policy: specs
