@@ -186,7 +186,11 @@ pub fn weir_cli(server: &str, args: &[&str], stdin: &str) -> (bool, String, Stri
     // published) would fill its stdout pipe while we still write, and both would wait.
     let mut input = child.stdin.take().unwrap();
     let stdin = stdin.to_string();
-    let writer = std::thread::spawn(move || input.write_all(stdin.as_bytes()));
+    let writer = std::thread::spawn(move || match input.write_all(stdin.as_bytes()) {
+        // The CLI may stop reading early (it failed): its answer says why.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    });
     let out = child.wait_with_output().unwrap();
     writer.join().unwrap().unwrap();
     (

@@ -318,16 +318,20 @@ impl NatsCluster {
     fn wait_started(&mut self, i: usize, timeout: Duration) -> Result<(), Started> {
         let deadline = Instant::now() + timeout;
         loop {
-            let node = &mut self.nodes[i];
-            if let Some(Ok(Some(status))) = node.child.as_mut().map(Child::try_wait) {
-                node.child = None;
-                return Err(Started::Exited(format!(
-                    "nats-server {} exited ({status}) before it was healthy; see {}{}",
-                    node.name,
-                    node.log.display(),
-                    log_tail(&node.log)
-                )));
+            // Any server that exited (not only `i`: `i` cannot become healthy without its
+            // routes' peers).
+            for node in &mut self.nodes {
+                if let Some(Ok(Some(status))) = node.child.as_mut().map(Child::try_wait) {
+                    node.child = None;
+                    return Err(Started::Exited(format!(
+                        "nats-server {} exited ({status}) before it was healthy; see {}{}",
+                        node.name,
+                        node.log.display(),
+                        log_tail(&node.log)
+                    )));
+                }
             }
+            let node = &self.nodes[i];
             if let Ok((200, _)) = http_get(node.http_port, "/healthz") {
                 return Ok(());
             }

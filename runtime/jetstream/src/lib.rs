@@ -65,7 +65,8 @@ pub struct JetStreamOptions {
     /// Prefix of every stream and subject weir uses (letters, digits, `-`, `_`).
     pub prefix: String,
     /// How long one request (a publish's acknowledgement, a read) may take before it fails;
-    /// opening the log waits three times as long for a first server to accept a connection.
+    /// opening the log waits three times as long (at least 5 s per server) for a first server
+    /// to accept a connection.
     pub request_timeout: Duration,
 }
 
@@ -178,9 +179,10 @@ pub struct JetStreamLog {
     topic_streams: Mutex<HashMap<String, String>>,
     /// Streams whose tail is read from the leader only until then (a direct get failed).
     direct_benched: Mutex<HashMap<String, std::time::Instant>>,
-    /// Metadata subjects written over ([`JetStreamLog::meta_put_over`]) → the sequence of
-    /// this node's last acknowledged write there (the next write's compare-and-set).
-    meta_seqs_known: Mutex<HashMap<String, u64>>,
+    /// Metadata subjects written over ([`JetStreamLog::meta_put_over`]) → the sequence and
+    /// value of this node's last acknowledged write there (the next write's compare-and-set,
+    /// and what it must not undo if it is later).
+    meta_seqs_known: Mutex<HashMap<String, (u64, bytes::Bytes)>>,
 }
 
 impl Drop for JetStreamLog {
@@ -236,18 +238,20 @@ impl JetStreamLog {
             // Retrying the first connection, `connect` returns before any server answered:
             // wait for one here, so that a wrong address or a stopped server is named as such
             // (not as a JetStream request that timed out).
-            let patience = options.request_timeout * 3;
+            // Each try of a server that does not answer may take the 5 s connection timeout.
+            let patience = (options.request_timeout * 3)
+                .max(Duration::from_secs(5 * options.servers.len() as u64 + 1));
             let deadline = tokio::time::Instant::now() + patience;
             while client.connection_state() != async_nats::connection::State::Connected {
                 if tokio::time::Instant::now() >= deadline {
                     return Err(engine(
                         "connect",
                         format!(
-                            "no NATS server at {} accepted a connection within {} s; is \
+                            "no NATS server at {} accepted a connection within {:.0?}; is \
                              nats-server running there (`cargo xtask cluster` starts a local \
                              one), and do --log's addresses and ports name it?",
                             options.servers.join(","),
-                            patience.as_secs()
+                            patience
                         ),
                     ));
                 }

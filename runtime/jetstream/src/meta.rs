@@ -132,7 +132,8 @@ impl JetStreamLog {
     /// compare-and-set on the sequence this node last knew for it (its own last write, or a
     /// fresh read). A write that failed or timed out and lands late is refused by the engine
     /// if anything was written after the value it replaced; a conflict re-reads, and the value
-    /// read is written over only if `later` says it is not a later write than this one
+    /// read (or this node's own last write, when it is the compare-and-set) is written over only
+    /// if `later` says it is not a later write than this one
     /// (consumer-group commits compare their commit times). So a request that outlived a later
     /// acknowledged write of the subject — its fenced write waited in a frozen server, then
     /// lost the race and read again — never undoes it. A write found superseded is answered
@@ -143,29 +144,30 @@ impl JetStreamLog {
         bytes: Bytes,
         later: impl Fn(&Bytes) -> bool,
     ) -> Result<(), LogError> {
-        let mut known = self.meta_seqs_known.lock().get(&subject).copied();
+        let mut known = self.meta_seqs_known.lock().get(&subject).cloned();
         for _ in 0..MAX_PUT_OVER_TRIES {
-            let expect = match known {
-                Some(seq) => seq,
-                None => match self.meta_get(&subject).await? {
-                    Some(v) if !v.bytes.is_empty() && later(&v.bytes) => {
-                        tracing::debug!(
-                            message = "A later write is already stored; this one is superseded.",
-                            subject
-                        );
-                        self.meta_seqs_known.lock().insert(subject, v.seq);
-                        return Ok(());
-                    }
-                    Some(v) => v.seq,
-                    None => 0,
-                },
+            // What is stored (as this node last wrote it, or as read now), unless it is later.
+            let current = match known.take() {
+                Some(k) => Some(k),
+                None => self.meta_get(&subject).await?.map(|v| (v.seq, v.bytes)),
             };
-            match self.meta_put(&subject, bytes.clone(), Some(expect)).await {
-                Ok(seq) => {
-                    self.meta_seqs_known.lock().insert(subject, seq);
+            if let Some((_, stored)) = &current {
+                if !stored.is_empty() && later(stored) {
+                    tracing::debug!(
+                        message = "A later write is already stored; this one is superseded.",
+                        subject
+                    );
                     return Ok(());
                 }
-                Err(LogError::Conflict { .. }) => known = None,
+            }
+            let expect = current.map_or(0, |(seq, _)| seq);
+            match self.meta_put(&subject, bytes.clone(), Some(expect)).await {
+                Ok(seq) => {
+                    self.meta_seqs_known.lock().insert(subject, (seq, bytes));
+                    return Ok(());
+                }
+                // Written since: read it (the next try checks it is not later).
+                Err(LogError::Conflict { .. }) => {}
                 Err(e) => {
                     // Whether it landed is unknown: the next write reads first.
                     self.meta_seqs_known.lock().remove(&subject);

@@ -131,7 +131,7 @@ pub(crate) fn run_and_commit(
     };
     let records_in = processed.len() as u64;
     let result = commit(rt, local, batch, effects, &blobs, None);
-    if result.is_ok() {
+    if let Ok(Commit::Done(_)) = &result {
         // Counted once committed: a commit thrown away (a failed call, a conflict) is run
         // again, and its records counted then.
         m.plugin_records_in
