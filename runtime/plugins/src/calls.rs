@@ -137,9 +137,10 @@ pub(crate) fn run_and_commit(
         m.plugin_records_in
             .get_or_create(&rt.label)
             .inc_by(records_in);
-        if processor.is_some() {
-            local.processor = processor;
-        }
+    }
+    // The instance did not fail: kept, also when the commit conflicted and runs again.
+    if result.is_ok() && processor.is_some() {
+        local.processor = processor;
     }
     result
 }
