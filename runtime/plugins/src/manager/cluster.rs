@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use super::placement::START_FAILURES;
 use super::{blocking, PluginManager};
 use crate::request::ManagerError;
 use crate::runtime::PartitionState;
@@ -19,17 +20,6 @@ use crate::spec::PluginSpec;
 
 /// How often a node looks at the cluster.
 pub(crate) const TICK: Duration = Duration::from_secs(1);
-/// A node keeps a plugin at least this long before giving it to a preferred node (no
-/// ping-pong while nodes come and go).
-const MIN_HOLD: Duration = Duration::from_secs(10);
-/// A plugin taken because no node had run it for longer than the lease time-out is kept this
-/// long before a hand-back (its preferred node let it lapse once).
-const OVERDUE_HOLD: Duration = Duration::from_secs(60);
-/// A node that failed to start a plugin it holds this many times in a row gives its lease
-/// up, and does not take it again for [`GIVE_UP_FOR`]: another live node takes it once it is
-/// overdue.
-const START_FAILURES: u32 = 3;
-const GIVE_UP_FOR: Duration = Duration::from_secs(30);
 /// A node whose every look at the cluster has failed for this long stops heartbeating while
 /// another node is live: it holds leases it cannot act on (a deploy, a removal or a takeover
 /// through another node never reaches it), and while it beats no other node may take them.
@@ -142,36 +132,10 @@ impl PluginManager {
         let store = self.seams.store.clone();
         let specs = blocking(move || Ok(store.specs()?)).await?;
         let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
-        let mut release: Vec<String> = {
+        let release = {
             let view = self.view.lock();
-            self.active
-                .lock()
-                .iter()
-                .filter(|(name, since)| {
-                    let hold = if membership.took_overdue(name) {
-                        OVERDUE_HOLD
-                    } else {
-                        MIN_HOLD
-                    };
-                    since.elapsed() >= hold
-                        && view
-                            .preferred(name)
-                            .is_some_and(|p| p != membership.node.as_str())
-                })
-                .map(|(name, _)| name.clone())
-                .collect()
+            self.placement.to_release(&membership, &view, &names)
         };
-        // Plugins this node could not start, given up for a while (removed ones forgotten).
-        self.start_failures.lock().retain(|name, (n, at)| {
-            names.contains(name) && (*n < START_FAILURES || at.elapsed() < GIVE_UP_FOR)
-        });
-        release.extend(
-            self.start_failures
-                .lock()
-                .iter()
-                .filter(|(_, (n, _))| *n >= START_FAILURES)
-                .map(|(name, _)| name.clone()),
-        );
         let (m, n, r) = (membership.clone(), names.clone(), release.clone());
         let view = blocking(move || Ok(m.tick(&n, &r)?)).await?;
         *self.looking_since.lock() = None;
@@ -190,10 +154,9 @@ impl PluginManager {
         }
         for name in &names {
             let mine = view.leases.get(name) == Some(&membership.node);
-            let running = self.active.lock().contains_key(name);
             let result = if mine && !self.is_active(name) {
                 self.activate(name).await
-            } else if !mine && running {
+            } else if !mine && self.placement.taken(name) {
                 match view.describe_holder(name) {
                     Some(node) if release.contains(name) => {
                         tracing::info!(message = "Plugin handed over to the node preferred for it.", plugin = %name, node)
@@ -216,22 +179,7 @@ impl PluginManager {
                 Ok(())
             };
             if let Err(e) = result {
-                if mine && !self.is_active(name) {
-                    let failures = {
-                        let mut all = self.start_failures.lock();
-                        let entry = all.entry(name.clone()).or_insert((0, Instant::now()));
-                        entry.0 += 1;
-                        entry.1 = Instant::now();
-                        entry.0
-                    };
-                    if failures >= START_FAILURES {
-                        tracing::warn!(message = "This node cannot start a plugin it holds; it gives the lease up for another node to take.", plugin = %name, failures, error = %e);
-                        continue;
-                    }
-                }
                 tracing::warn!(message = "Starting or stopping a plugin failed; retrying.", plugin = %name, error = %e);
-            } else if self.is_active(name) {
-                self.start_failures.lock().remove(name);
             }
         }
         Ok(())
@@ -272,36 +220,40 @@ impl PluginManager {
     }
 
     /// Starts running a plugin this node took the lease of: reads what other nodes
-    /// committed, fences them out, opens it from there.
+    /// committed, fences them out, opens it from there. A failure is counted: after
+    /// [`START_FAILURES`] in a row the node gives the lease up for a while.
     pub(crate) async fn activate(&self, name: &str) -> Result<(), ManagerError> {
         let (spec, plugin) = (self.spec(name)?, self.runtime(name)?.plugin.clone());
         let started = Instant::now();
         self.stop(name).await;
-        self.active.lock().insert(name.to_string(), Instant::now());
-        let (store, owned) = (self.seams.store.clone(), name.to_string());
-        let acquired = blocking(move || {
-            store.acquire(&owned)?;
-            // Removed through another node meanwhile: give it back.
-            Ok(store.specs()?.iter().any(|s| s.name == owned))
-        })
-        .await;
-        if !matches!(acquired, Ok(true)) {
-            self.give_back(name);
-            self.start(spec, plugin).await?;
-            return acquired.map(|_| ());
-        }
-        if let Err(e) = self.start(spec.clone(), plugin.clone()).await {
-            // Not running after all (its store or code failed to open): not active either,
-            // so the next tick takes it over again. Left marked active it was never retried
+        let (placement, owned) = (self.placement.clone(), name.to_string());
+        let taken = blocking(move || Ok(placement.take(&owned)?)).await;
+        let result = match taken {
+            // Removed through another node meanwhile: given back.
+            Ok(false) => Ok(()),
+            Ok(true) => match self.start(spec.clone(), plugin.clone()).await {
+                Ok(()) => {
+                    self.placement.started(name);
+                    tracing::info!(message = "Plugin taken over: this node runs it now.", plugin = %name, took_ms = started.elapsed().as_millis() as u64);
+                    return Ok(());
+                }
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        if let Err(e) = &result {
+            // Not running after all (its store or code failed to open): not taken either, so
+            // the next tick takes it over again. Left counted as running it was never retried
             // while this live node kept the lease, and no node ran the plugin.
-            self.give_back(name);
-            if let Err(standby) = self.start(spec, plugin).await {
-                tracing::debug!(message = "The standby copy did not open either.", plugin = %name, error = %standby);
+            let failures = self.placement.failed(name);
+            if failures >= START_FAILURES {
+                tracing::warn!(message = "This node cannot start a plugin it holds; it gives the lease up for another node to take.", plugin = %name, failures, error = %e);
             }
-            return Err(e);
         }
-        tracing::info!(message = "Plugin taken over: this node runs it now.", plugin = %name, took_ms = started.elapsed().as_millis() as u64);
-        Ok(())
+        if let Err(standby) = self.start(spec, plugin).await {
+            tracing::debug!(message = "The standby copy did not open either.", plugin = %name, error = %standby);
+        }
+        result
     }
 
     /// Stops running a plugin another node holds now; keeps it open for queries.
@@ -347,11 +299,10 @@ impl PluginManager {
 }
 
 impl PluginManager {
-    /// Cluster mode: this node stops counting itself the runner of `name` and stops writing
-    /// its store (it runs here again only after a takeover).
+    /// Cluster mode: this node stops running `name` and stops writing its store (it runs
+    /// here again only after a takeover).
     pub(super) fn give_back(&self, name: &str) {
-        self.active.lock().remove(name);
-        self.seams.store.release(name);
+        self.placement.give_back(name);
     }
 
     /// Cluster mode: gives back what this node held of a removed plugin, or of a failed

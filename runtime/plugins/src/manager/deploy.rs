@@ -72,11 +72,11 @@ impl PluginManager {
             if holder.is_some() {
                 return Err(ManagerError::Exists(request.name));
             }
-            let (store, name) = (self.seams.store.clone(), request.name.clone());
-            blocking(move || Ok(store.acquire(&name)?)).await?;
-            self.active
-                .lock()
-                .insert(request.name.clone(), std::time::Instant::now());
+            let (placement, name) = (self.placement.clone(), request.name.clone());
+            if let Err(e) = blocking(move || Ok(placement.claim(&name)?)).await {
+                self.forget_lease(&request.name, None).await;
+                return Err(e);
+            }
         }
         let mut outputs = request.outputs.clone();
         let spec_name = request.name.clone();
@@ -148,11 +148,12 @@ impl PluginManager {
         }
         tracing::info!(message = "Plugin deployed.", plugin = %spec.name, input = %spec.input, sha256 = %spec.wasm_sha256);
         if let Err(e) = self.start(spec.clone(), Arc::new(compiled)).await {
-            // Deployed, but not running here: not active, so the cluster loop opens it and
+            // Deployed, but not running here: not taken, so the cluster loop opens it and
             // takes it over again (its lease is this node's) instead of believing it runs.
             self.give_back(&spec_name);
             return Err(e);
         }
+        self.placement.started(&spec_name);
         self.info(&spec_name)
     }
 }

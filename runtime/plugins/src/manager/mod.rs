@@ -23,6 +23,7 @@ use crate::spec::PluginSpec;
 mod cluster;
 mod code;
 mod deploy;
+mod placement;
 mod queries;
 
 /// How long a cluster node's shutdown waits for its plugins' tasks.
@@ -54,13 +55,11 @@ pub struct PluginManager {
     /// One deploy's or upgrade's compile at a time, outside the admin lock (which the cluster
     /// loop also takes): a flood of deploys does not compile many components at once.
     compiling: tokio::sync::Semaphore,
-    /// Cluster mode: the plugins this node runs, since when (the others are open to answer
-    /// queries only); what it last saw of the cluster.
-    active: Mutex<BTreeMap<String, std::time::Instant>>,
+    /// Which plugins this node runs (all of them on one node; in cluster mode the others are
+    /// open to answer queries only).
+    placement: Arc<placement::Placement>,
+    /// Cluster mode: what this node last saw of the cluster.
     view: Mutex<crate::cluster::View>,
-    /// Cluster mode: plugins this node failed to start while holding their lease, how many
-    /// times in a row, and when last.
-    start_failures: Mutex<BTreeMap<String, (u32, std::time::Instant)>>,
     /// Cluster mode: since when every look at the cluster has failed (`None`: the last one
     /// worked). A node whose loop keeps failing stops heartbeating, so its leases lapse.
     failing_since: Mutex<Option<std::time::Instant>>,
@@ -87,15 +86,17 @@ impl PluginManager {
             .map_err(|e| ManagerError::Io(format!("cannot create {}: {e}", wasm_dir.display())))?;
         let manager = Arc::new(PluginManager {
             engine,
-            seams,
+            seams: seams.clone(),
             wasm_dir,
             config,
             plugins: Mutex::new(BTreeMap::new()),
             admin: Default::default(),
             compiling: tokio::sync::Semaphore::new(1),
-            active: Mutex::new(BTreeMap::new()),
+            placement: Arc::new(placement::Placement::new(
+                seams.store.clone(),
+                seams.cluster.is_some(),
+            )),
             view: Mutex::new(Default::default()),
-            start_failures: Mutex::new(BTreeMap::new()),
             failing_since: Mutex::new(None),
             looking_since: Mutex::new(None),
         });
@@ -140,8 +141,7 @@ impl PluginManager {
     /// Whether this node runs `name` (always, outside cluster mode): it holds the lease and
     /// the plugin's store, and no write to it was refused or left uncertain since.
     pub(crate) fn is_active(&self, name: &str) -> bool {
-        self.seams.cluster.is_none()
-            || (self.active.lock().contains_key(name) && self.seams.store.held(name))
+        self.placement.runs(name)
     }
 
     /// A stored spec as this server runs it (its time limit at most the server's ceiling).

@@ -332,3 +332,85 @@ async fn loop_cut_off(hang: bool) {
     shutdown.cancel();
     node.shut().await;
 }
+
+/// A node that holds a plugin's lease and cannot start it (its store has a malformed entry)
+/// gives the lease up after three failed takeovers in a row and does not take it again for a
+/// while, so another live node takes it over: with the lease kept, no node would run it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_cannot_start_a_plugin_gives_its_lease_to_another() {
+    let changelog = Arc::new(MemoryChangelog::default());
+    let node = Node::open(replicated(&changelog)).await;
+    let manager = node.manager.clone();
+    let me = manager.membership().unwrap().node.clone();
+    let s = spec(1, OnError::Halt);
+    {
+        let _blocking = weir_core::blocking::allow();
+        let other_kv = replicated(&changelog);
+        let other = KvPluginStore::replicated(other_kv.clone());
+        other.acquire("p").unwrap();
+        other.create(&s, &[Cursor::at(0)]).unwrap();
+    }
+    manager.start(s, points()).await.unwrap();
+    {
+        // Its last entry is malformed: whoever takes the plugin over cannot open it.
+        let _blocking = weir_core::blocking::allow();
+        let other_kv = replicated(&changelog);
+        KvPluginStore::replicated(other_kv.clone())
+            .acquire("p")
+            .unwrap();
+        other_kv
+            .kv_apply(
+                "plugin/p",
+                &[(cursor_key(), Some(b"not a cursor".to_vec()))],
+            )
+            .unwrap();
+    }
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(manager.clone().run_cluster(shutdown.clone()));
+    let lease = |kv: Arc<Membership>| async move {
+        tokio::task::spawn_blocking(move || {
+            let _blocking = weir_core::blocking::allow();
+            kv.lease_of("p").unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    let membership = manager.membership().unwrap().clone();
+    // The only live node takes the lease once it has beaten for a time-out, fails to start
+    // the plugin at three ticks in a row, and gives the lease up.
+    let (mut took, deadline) = (false, std::time::Instant::now() + Duration::from_secs(30));
+    loop {
+        let holder = lease(membership.clone()).await;
+        took |= holder.as_deref() == Some(me.as_str());
+        if took && holder.is_none() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "took the lease: {took}; holder now {holder:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!manager.is_active("p"));
+    // Given up: it does not take the free lease again, though it is the only node that
+    // could; another node that joins takes it once it is steady.
+    let b = Arc::new(Membership::new(replicated(&changelog), "127.0.0.1:2"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let view = beat_and_tick(&b).await;
+        let holder = view.leases.get("p").cloned();
+        assert_ne!(
+            holder.as_deref(),
+            Some(me.as_str()),
+            "took a given-up lease again"
+        );
+        if holder.as_deref() == Some(b.node.as_str()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{view:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(!manager.is_active("p"));
+    shutdown.cancel();
+    node.shut().await;
+}
