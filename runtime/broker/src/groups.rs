@@ -7,6 +7,16 @@ use weir_core::now_ms;
 
 use crate::{Broker, BrokerError};
 
+/// A group commit's time: the clock's `now`, or the latest time given before if the clock
+/// went back (an NTP step). On a shared log a commit keeps a later one it raced with
+/// (`at_ms` in the JetStream log): a commit through this node after a step back must still
+/// count as later than this node's earlier ones, or it would be answered but not kept. Never
+/// ahead of the clock by more than the step (no counter that runs ahead under load).
+pub(crate) fn commit_time(clock: &std::sync::atomic::AtomicI64, now: i64) -> i64 {
+    let before = clock.fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+    before.max(now)
+}
+
 /// An open subscription of a consumer group: while one lives the group is in use and never
 /// expires; its idle time counts from when the last one ends.
 pub struct GroupMember {
@@ -58,7 +68,7 @@ impl Broker {
         }
         let store = self.store.clone();
         let (group_owned, topic_owned) = (group.to_string(), topic.to_string());
-        let now = now_ms();
+        let now = commit_time(&self.commit_clock, now_ms());
         {
             // Touched before the write and held shared across it: expiry, which holds it
             // exclusively, sees this commit or runs before it.
@@ -134,5 +144,26 @@ impl Broker {
             broker: self.clone(),
             key,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::commit_time;
+
+    /// A clock stepped back does not make a later commit look earlier than this node's
+    /// earlier ones; once the clock passes the latest time again, commits follow it.
+    #[test]
+    fn commit_times_never_go_back_when_the_clock_does() {
+        let clock = Default::default();
+        assert_eq!(commit_time(&clock, 10_000), 10_000);
+        assert_eq!(commit_time(&clock, 4_000), 10_000, "stepped back 6 s");
+        assert_eq!(commit_time(&clock, 9_999), 10_000);
+        assert_eq!(commit_time(&clock, 10_001), 10_001);
+        assert_eq!(
+            commit_time(&clock, 10_001),
+            10_001,
+            "never runs ahead of the clock"
+        );
     }
 }

@@ -113,6 +113,9 @@ pub struct Broker {
     producer_writes: tokio::sync::Mutex<()>,
     /// When each (group, topic) last committed, ms since the epoch (since this start).
     group_commits: Mutex<HashMap<(String, String), i64>>,
+    /// The latest commit time this broker has given a group commit: commit times never go
+    /// back on one node, even when its clock does (see [`groups::commit_time`]).
+    commit_clock: std::sync::atomic::AtomicI64,
     /// When each (group, topic) was last otherwise used by a client (a fetch of its offsets,
     /// its last subscriber leaving), ms since the epoch (since this start).
     group_used: Mutex<HashMap<(String, String), i64>>,
@@ -190,6 +193,7 @@ impl Broker {
             admin: Default::default(),
             producer_writes: Default::default(),
             group_commits: Default::default(),
+            commit_clock: Default::default(),
             group_used: Default::default(),
             group_members: Default::default(),
             group_writes: Default::default(),
