@@ -71,6 +71,9 @@ pub struct Durability {
     wake: Mutex<bool>,
     wake_cv: Condvar,
     stopping: std::sync::atomic::AtomicBool,
+    /// Set once the syncer has made its last sync and returned: a write after that is never
+    /// synced, and waiting for it answers an error instead of waiting forever.
+    ended: std::sync::atomic::AtomicBool,
     /// Latency of each sync, for `weir bench` and metrics: (count, total micros).
     sync_stats: (AtomicU64, AtomicU64),
 }
@@ -90,6 +93,7 @@ impl Durability {
             wake: Mutex::new(false),
             wake_cv: Condvar::new(),
             stopping: Default::default(),
+            ended: Default::default(),
             sync_stats: Default::default(),
         });
         let runner = this.clone();
@@ -127,10 +131,18 @@ impl Durability {
         }
         let mut rx = self.synced.subscribe();
         let result = rx
-            .wait_for(|s| s.as_ref().map_or(true, |&synced| synced >= ticket))
+            .wait_for(|s| {
+                s.as_ref().map_or(true, |&synced| synced >= ticket)
+                    || self.ended.load(Ordering::SeqCst)
+            })
             .await;
         match result {
-            Ok(state) => state.clone().map(|_| ()),
+            Ok(state) => match &*state {
+                Ok(synced) if *synced < ticket => Err(SyncFailed(
+                    "the store was closed (the server stopped) before this write was synced".into(),
+                )),
+                other => other.clone().map(|_| ()),
+            },
             Err(_) => Err(SyncFailed("the syncer stopped".into())),
         }
     }
@@ -244,6 +256,9 @@ impl Durability {
                 }
             }
             if stopping {
+                // Waiters for writes the last sync did not cover are told, not left waiting.
+                self.ended.store(true, Ordering::SeqCst);
+                self.synced.send_modify(|_| {});
                 return;
             }
         }
@@ -307,5 +322,23 @@ mod tests {
         assert!(syncs >= 1 && syncs <= 100, "{syncs} syncs for 100 writes");
         d.stop();
         handle.join().unwrap();
+    }
+
+    /// A write made after the syncer stopped is never synced: waiting for it answers an
+    /// error at once (an embedder's `stop` with plugin tasks still running used to leave them
+    /// waiting forever), while writes the last sync covered stay durable.
+    #[tokio::test]
+    async fn a_write_after_the_syncer_stopped_is_refused_not_waited_for() {
+        let (d, handle) = Durability::start(Arc::new(MemoryStore::new()), FsyncPolicy::Always);
+        let before = d.written();
+        d.stop();
+        handle.join().unwrap();
+        d.durable(before).await.unwrap();
+        let after = d.written();
+        let waited = tokio::time::timeout(Duration::from_secs(5), d.durable(after))
+            .await
+            .expect("waited for a write the stopped syncer will never sync");
+        let err = waited.unwrap_err();
+        assert!(err.0.contains("closed"), "{err:?}");
     }
 }
