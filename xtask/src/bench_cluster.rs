@@ -7,7 +7,9 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::bench::{compiled_cache, median, plugin_args, publish_args, throughput, weir};
+use crate::bench::{
+    compiled_cache, free_local_addr, median, plugin_args, publish_args, throughput, weir,
+};
 use crate::server::Server;
 use crate::{build_plugins, run};
 
@@ -26,7 +28,9 @@ fn local_cluster(what: &str) -> Result<(std::path::PathBuf, weir_cluster::NatsCl
     Ok((dir, cluster))
 }
 
-/// `count` weir nodes on the cluster at `urls`, sharing the log prefix `prefix`.
+/// `count` weir nodes on the cluster at `urls`, sharing the log prefix `prefix`; the first
+/// serves its monitoring page at `metrics` if given (the node a plugin is deployed through,
+/// which runs it: its commit latency).
 fn cluster_nodes(
     bin: &Path,
     dir: &Path,
@@ -34,11 +38,15 @@ fn cluster_nodes(
     prefix: &str,
     count: usize,
     extra: &[&str],
+    metrics: Option<&str>,
 ) -> Result<Vec<Server>> {
     (0..count)
         .map(|n| {
             let mut args = vec!["--log", urls, "--log-prefix", prefix];
             args.extend(extra);
+            if let (0, Some(addr)) = (n, metrics) {
+                args.extend(["--metrics", addr]);
+            }
             Server::start_with(bin, &dir.join(format!("{prefix}-{n}")), "always", &args)
         })
         .collect()
@@ -83,7 +91,7 @@ pub(crate) fn bench_cluster(bin: &Path, records: &str) -> Result<()> {
     ];
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for round in 1..=3 {
-        let nodes = cluster_nodes(bin, &dir, &urls, &format!("bench{round}"), 2, &[])?;
+        let nodes = cluster_nodes(bin, &dir, &urls, &format!("bench{round}"), 2, &[], None)?;
         // Nodes that have been up a while, as users publish to them: publishing within a
         // second of their start once measured a faster mode than the steady one (BENCHMARKS.md,
         // "the two-node ~89k mode").
@@ -180,7 +188,12 @@ pub(crate) fn bench_cluster_plugins(
     let nats_pids: Vec<String> = cluster.pids().iter().map(u32::to_string).collect();
     let nats_pids = nats_pids.join(",");
     // Each copy of the spread setups drains half the orders, so every setup drains `records`.
-    let mut measure = |i: usize, round: u32, build: &Path, nodes: &[Server], extra: &[&str]| {
+    let mut measure = |i: usize,
+                       round: u32,
+                       build: &Path,
+                       nodes: &[Server],
+                       extra: &[&str],
+                       metrics: Option<&str>| {
         let pids: Vec<String> = nodes.iter().map(|n| n.pid().to_string()).collect();
         let pids = pids.join(",");
         let mut args = if extra.is_empty() {
@@ -189,6 +202,10 @@ pub(crate) fn bench_cluster_plugins(
             halves.clone()
         };
         args.extend(extra);
+        // Commit latency and commits per durable step, from the node running the plugin.
+        if let Some(addr) = metrics {
+            args.extend(["--metrics", addr]);
+        }
         // The CPU time is this build's (an older one may not have --server-pid).
         let on_nats = !names[i].contains("sled");
         if build == bin {
@@ -212,28 +229,40 @@ pub(crate) fn bench_cluster_plugins(
         for (b, (_, build)) in builds.iter().enumerate() {
             let at = b * setups.len();
             let data = dir.join(format!("sled-{round}-{b}"));
-            let server = Server::start_with(build, &data, "always", &cache)?;
-            measure(at, round, build, std::slice::from_ref(&server), &[])?;
+            let metrics = free_local_addr()?;
+            let mut args = cache.to_vec();
+            args.extend(["--metrics", &metrics]);
+            let server = Server::start_with(build, &data, "always", &args)?;
+            measure(
+                at,
+                round,
+                build,
+                std::slice::from_ref(&server),
+                &[],
+                Some(&metrics),
+            )?;
             server.stop()?;
             std::fs::remove_dir_all(&data).ok();
             for (i, count) in [(1, 1), (2, 2)] {
                 let prefix = format!("plugins{round}b{b}n{count}");
-                let nodes = cluster_nodes(build, &dir, &urls, &prefix, count, &cache)?;
-                measure(at + i, round, build, &nodes, &[])?;
+                let metrics = free_local_addr()?;
+                let nodes =
+                    cluster_nodes(build, &dir, &urls, &prefix, count, &cache, Some(&metrics))?;
+                measure(at + i, round, build, &nodes, &[], Some(&metrics))?;
                 stop_all(nodes)?;
             }
         }
         let at = builds.len() * setups.len();
         for (i, count) in [(0, 1), (1, 2)] {
             let prefix = format!("spread{round}n{count}");
-            let nodes = cluster_nodes(bin, &dir, &urls, &prefix, count, &cache)?;
+            let nodes = cluster_nodes(bin, &dir, &urls, &prefix, count, &cache, None)?;
             let via: Vec<&str> = nodes.iter().map(|n| n.url.as_str()).collect();
             let via = via.join(",");
             let mut extra = vec!["--copies", "2", "--via", &via];
             if count == 2 {
                 extra.push("--one-per-node");
             }
-            measure(at + i, round, bin, &nodes, &extra)?;
+            measure(at + i, round, bin, &nodes, &extra, None)?;
             stop_all(nodes)?;
         }
     }

@@ -100,10 +100,19 @@ pub async fn page(addr: &str) -> anyhow::Result<String> {
 pub fn commit_summary(page: &str, plugin: &str) -> String {
     let latency = Scraped::parse(page, "weir_plugin_commit_seconds", plugin);
     let batches = Scraped::parse(page, "weir_plugin_commit_batches", plugin);
+    let calls = Scraped::parse(page, "weir_plugin_batch_seconds", plugin);
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |s| format!("{:.2}", s * 1000.0));
+    // Calls of the plugin (batches of up to its max batch) a commit covered, on average
+    // (calls of commits that conflicted and ran again included).
+    let per_commit = if latency.count > 0.0 {
+        format!("{:.1}", calls.count / latency.count)
+    } else {
+        "-".into()
+    };
     format!(
-        "commits: {}; latency written → durable: mean {} ms, p50 ≤ {} ms, p99 ≤ {} ms \
-         (bucket bounds); commits per durable step: mean {}, p99 ≤ {}",
+        "commits: {}; plugin calls (batches) per commit: mean {per_commit}; latency written → \
+         durable: mean {} ms, p50 ≤ {} ms, p99 ≤ {} ms (bucket bounds); commits per durable \
+         step: mean {}, p99 ≤ {}",
         latency.count,
         ms(latency.mean()),
         ms(latency.quantile_bound(0.5)),
