@@ -147,6 +147,8 @@ impl PluginManager {
             self.unlist(name).await;
             self.give_back(name);
         }
+        // What a deploy through this node cut short left taken (no spec, so not listed).
+        self.placement.forget_undeployed(&names);
         for spec in &specs {
             if let Err(e) = self.follow_spec(spec).await {
                 tracing::warn!(message = "Cannot open a plugin deployed or changed through another node; retrying.", plugin = %spec.name, error = %e);
@@ -179,7 +181,9 @@ impl PluginManager {
                 Ok(())
             };
             if let Err(e) = result {
-                tracing::warn!(message = "Starting or stopping a plugin failed; retrying.", plugin = %name, error = %e);
+                if !self.placement.given_up(name) {
+                    tracing::warn!(message = "Starting or stopping a plugin failed; retrying.", plugin = %name, error = %e);
+                }
             }
         }
         Ok(())
@@ -223,7 +227,15 @@ impl PluginManager {
     /// committed, fences them out, opens it from there. A failure is counted: after
     /// [`START_FAILURES`] in a row the node gives the lease up for a while.
     pub(crate) async fn activate(&self, name: &str) -> Result<(), ManagerError> {
-        let (spec, plugin) = (self.spec(name)?, self.runtime(name)?.plugin.clone());
+        let (spec, plugin) = match (self.spec(name), self.runtime(name)) {
+            (Ok(spec), Ok(runtime)) => (spec, runtime.plugin.clone()),
+            // Not open on this node (its code could not be loaded here): a failure to start
+            // it like any other, or this live node would keep a lease it never acts on.
+            (Err(e), _) | (_, Err(e)) => {
+                self.failed_to_start(name, &e);
+                return Err(e);
+            }
+        };
         let started = Instant::now();
         self.stop(name).await;
         let (placement, owned) = (self.placement.clone(), name.to_string());
@@ -242,18 +254,24 @@ impl PluginManager {
             Err(e) => Err(e),
         };
         if let Err(e) = &result {
-            // Not running after all (its store or code failed to open): not taken either, so
-            // the next tick takes it over again. Left counted as running it was never retried
-            // while this live node kept the lease, and no node ran the plugin.
-            let failures = self.placement.failed(name);
-            if failures >= START_FAILURES {
-                tracing::warn!(message = "This node cannot start a plugin it holds; it gives the lease up for another node to take.", plugin = %name, failures, error = %e);
-            }
+            // Not running after all (its store or code failed to open): not taken either (so
+            // the standby copy below spawns nothing), and the next tick takes it over again.
+            self.failed_to_start(name, e);
         }
         if let Err(standby) = self.start(spec, plugin).await {
             tracing::debug!(message = "The standby copy did not open either.", plugin = %name, error = %standby);
         }
         result
+    }
+
+    /// Counts a failed takeover (the store given back): after [`START_FAILURES`] in a row the
+    /// next tick gives the lease up. Left counted as running, a plugin that failed to open
+    /// was never retried while this live node kept the lease, and no node ran it.
+    fn failed_to_start(&self, name: &str, error: &ManagerError) {
+        let failures = self.placement.failed(name);
+        if failures >= START_FAILURES {
+            tracing::warn!(message = "This node cannot start a plugin it holds; it gives the lease up for another node to take.", plugin = %name, failures, error = %error);
+        }
     }
 
     /// Stops running a plugin another node holds now; keeps it open for queries.

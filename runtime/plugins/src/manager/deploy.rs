@@ -82,10 +82,10 @@ impl PluginManager {
         let spec_name = request.name.clone();
         if request.on_error == OnError::Dlq {
             let dlq = format!("{spec_name}.dlq");
-            self.seams
-                .output
-                .ensure_topic(&dlq, input_partitions)
-                .await?;
+            if let Err(e) = self.seams.output.ensure_topic(&dlq, input_partitions).await {
+                self.forget_lease(&request.name, None).await;
+                return Err(e.into());
+            }
             outputs.push(dlq);
         }
         let mut producer_ids = Vec::new();

@@ -3,16 +3,18 @@
 //! A node runs a plugin when four things agree: the cluster's lease names it, it holds the
 //! plugin's store (its takeover entry landed and no write was refused or left uncertain
 //! since), it took the plugin over, and the plugin's tasks are spawned. [`Placement`] keeps
-//! the middle two — every take and give-back of the store goes through it — and answers
+//! the middle two — every take and give-back the manager makes goes through it — and answers
 //! [`Placement::runs`] from both, so they cannot disagree:
 //! - the lease is the cluster loop's to follow: each tick it takes over what the lease names
 //!   and this node does not run, and stops what it runs and the lease no longer names;
 //! - the tasks are spawned by the manager's `start`, which asks [`Placement::runs`]; a
 //!   takeover stops the standby copy first and starts the plugin again once the store is
 //!   taken, a give-back stops the tasks first;
-//! - the one thing that changes under it is the store's hold: a runtime whose commit did not
-//!   land drops it by itself (`pipeline::lose`). `runs` is false from then on, and the next
-//!   tick takes the plugin over anew (which reopens it from what landed).
+//! - the store's hold can also drop from below, without the manager: an append refused or
+//!   left uncertain, a look at the changelog's end that finds another node's entry
+//!   (`confirm_held`), a runtime whose commit did not land (`pipeline::lose`). `runs` reads
+//!   the hold, so it is false from that moment, and the next tick takes the plugin over anew
+//!   (which reopens it from what landed).
 //!
 //! A plugin is in one of four places on a node: on standby (open to answer queries, no
 //! entry here), being taken (the store taken, its copy opening: `start` spawns its tasks),
@@ -194,6 +196,34 @@ impl Placement {
             })
             .map(|(name, _)| name.clone())
             .collect()
+    }
+
+    /// Whether this node has given `name`'s lease up for failing to start it.
+    pub(super) fn given_up(&self, name: &str) -> bool {
+        matches!(
+            self.places.lock().get(name),
+            Some(Place::Failing { failures, .. }) if *failures >= START_FAILURES
+        )
+    }
+
+    /// Forgets what this node took of plugins no longer deployed (`deployed`: the registry's
+    /// names) and gives their stores back: a deploy through this node cut short after it
+    /// took the store (its request cancelled, a later step failed) must not leave a hold a
+    /// new deployment of the name would find. Called by the cluster loop, which deploys do not
+    /// run alongside (both hold the admin lock).
+    pub(super) fn forget_undeployed(&self, deployed: &[String]) {
+        let gone: Vec<String> = self
+            .places
+            .lock()
+            .iter()
+            .filter(|(name, place)| {
+                !deployed.contains(name) && !matches!(place, Place::Failing { .. })
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            self.give_back(&name);
+        }
     }
 
     /// Whether this node counts itself `name`'s runner (its tasks are, or are about to be,
