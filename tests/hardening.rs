@@ -1298,3 +1298,61 @@ async fn deploy_settings_out_of_range_are_refused_naming_the_field() {
     );
     server.stop().await.unwrap();
 }
+
+/// A deploy whose client goes away while the server works on it (a deadline shorter than the
+/// compile) is finished all the same: cut short between its steps it left a taken store or
+/// lease behind in cluster mode, and here nothing at all. Its client saw it fail; a retry is
+/// answered "already exists", as after any deploy whose answer was lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deploy_whose_client_went_away_is_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::start_server(dir.path()).await;
+    let client = Client::connect(&server.url()).await.unwrap();
+    for topic in ["in", "points.credited"] {
+        client
+            .create_topic(&TopicConfig::new(topic, 1))
+            .await
+            .unwrap();
+    }
+    let mut request = tonic::Request::new(pb::DeployPluginRequest {
+        name: "points".into(),
+        wasm: plugin_wasm("points"),
+        input: "in".into(),
+        outputs: vec!["points.credited".into()],
+        ..Default::default()
+    });
+    // Compiling a component takes far longer than this.
+    request.set_timeout(Duration::from_millis(20));
+    let answer = client.raw().deploy_plugin(request).await;
+    assert!(
+        answer.is_err(),
+        "the deploy answered within 20 ms; this test needs a deploy slower than its deadline"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let names: Vec<String> = client
+            .list_plugins()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.name)
+            .collect();
+        if names == ["points"] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the deploy stopped when its client went away: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    client
+        .publish("in", Some(0), vec![paid(1, "ann", 10.0)])
+        .await
+        .unwrap();
+    wait_for(30, "the deployed plugin runs", async || {
+        balance(&client, "ann").await.is_some()
+    })
+    .await;
+    server.stop().await.unwrap();
+}

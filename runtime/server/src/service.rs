@@ -114,11 +114,9 @@ impl WeirService {
         paused: bool,
     ) -> Result<Response<pb::PluginInfo>, Status> {
         self.require_owner(&request, Operation::Pause, &request.get_ref().name)?;
+        let (plugins, name) = (self.plugins.clone(), request.into_inner().name);
         Ok(Response::new(crate::plugin_rpc::plugin_info(
-            self.plugins
-                .set_paused(&request.into_inner().name, paused)
-                .await
-                .or_status()?,
+            to_the_end(async move { plugins.set_paused(&name, paused).await }).await?,
         )))
     }
 }
@@ -458,8 +456,9 @@ impl Weir for WeirService {
                 .max_plugins
                 .unwrap_or(self.limits.max_plugins_per_principal),
         );
+        let plugins = self.plugins.clone();
         Ok(Response::new(crate::plugin_rpc::plugin_info(
-            self.plugins.deploy(deploy).await.or_status()?,
+            to_the_end(async move { plugins.deploy(deploy).await }).await?,
         )))
     }
 
@@ -469,8 +468,9 @@ impl Weir for WeirService {
     ) -> Result<Response<pb::PluginInfo>, Status> {
         self.require_owner(&request, Operation::Upgrade, &request.get_ref().name)?;
         let r = request.into_inner();
+        let plugins = self.plugins.clone();
         Ok(Response::new(crate::plugin_rpc::plugin_info(
-            self.plugins.upgrade(&r.name, r.wasm).await.or_status()?,
+            to_the_end(async move { plugins.upgrade(&r.name, r.wasm).await }).await?,
         )))
     }
 
@@ -509,10 +509,8 @@ impl Weir for WeirService {
         request: Request<pb::PluginRef>,
     ) -> Result<Response<pb::RemovePluginResponse>, Status> {
         self.require_owner(&request, Operation::Remove, &request.get_ref().name)?;
-        self.plugins
-            .remove(&request.into_inner().name)
-            .await
-            .or_status()?;
+        let (plugins, name) = (self.plugins.clone(), request.into_inner().name);
+        to_the_end(async move { plugins.remove(&name).await }).await?;
         Ok(Response::new(pb::RemovePluginResponse {}))
     }
 
@@ -584,4 +582,18 @@ impl Weir for WeirService {
             crate::plugin_rpc::get_state(&self.plugins, &self.broker, request.into_inner()).await?,
         ))
     }
+}
+
+/// Runs a plugin admin call (deploy, upgrade, pause, resume, remove) to its end once it has
+/// started, on its own task: a client that goes away (a cancelled call, a deadline) drops the
+/// handler's future, and cutting the call short between its steps left a taken store or a
+/// lease behind (a deploy cancelled while it took the plugin's store). Its answer is lost, as
+/// a timed-out call's is; what it did stays done, as if it had answered.
+async fn to_the_end<T: Send + 'static>(
+    call: impl std::future::Future<Output = Result<T, weir_plugins::ManagerError>> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(call)
+        .await
+        .map_err(|e| Status::internal(format!("the plugin admin call failed: {e}")))?
+        .or_status()
 }

@@ -208,9 +208,10 @@ impl Placement {
 
     /// Forgets what this node took of plugins no longer deployed (`deployed`: the registry's
     /// names) and gives their stores back: a deploy through this node cut short after it
-    /// took the store (its request cancelled, a later step failed) must not leave a hold a
-    /// new deployment of the name would find. Called by the cluster loop, which deploys do not
-    /// run alongside (both hold the admin lock).
+    /// took the store must not leave a hold a new deployment of the name would find. Called by
+    /// the cluster loop, which deploys do not run alongside (both hold the admin lock, and the
+    /// gRPC handlers run a deploy to its end even when its client goes away; an embedder that
+    /// drops a deploy's future mid-way can still race this).
     pub(super) fn forget_undeployed(&self, deployed: &[String]) {
         let gone: Vec<String> = self
             .places
