@@ -352,9 +352,13 @@ impl PluginManager {
             // new restart count makes it restart the plugin (which retries a halted record).
             spec.restarts += 1;
         }
-        if !paused && halted {
+        let restarted = spec.restarts != current.restarts;
+        if (!paused && halted) || restarted {
             // A halted partition's task has ended: resuming restarts the plugin, which retries
-            // the record that halted it.
+            // the record that halted it. On a node that does not run it, the standby copy
+            // opens again with the spec just saved: kept with the old restart count, the
+            // next change through this node (an upgrade right after the resume) was refused
+            // as made from a stale view until the cluster loop caught up.
             let plugin = runtime.plugin.clone();
             self.stop(name).await;
             self.replace(&runtime, spec, plugin).await?;

@@ -333,6 +333,33 @@ async fn loop_cut_off(hang: bool) {
     node.shut().await;
 }
 
+/// A resume through a node that does not run the plugin saves a new restart count (the runner
+/// restarts it); the next change through the same node must start from that spec, not from the
+/// one it had before, or it is refused as made from a stale view ("another weir node changed
+/// plugin … at the same moment") until the cluster loop catches up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_through_a_standby_node_build_on_its_own_last_change() {
+    let changelog = Arc::new(MemoryChangelog::default());
+    let node = Node::open(replicated(&changelog)).await;
+    let s = spec(1, OnError::Halt);
+    {
+        let _blocking = weir_core::blocking::allow();
+        let other = KvPluginStore::replicated(replicated(&changelog));
+        other.acquire("p").unwrap();
+        other.create(&s, &[Cursor::at(0)]).unwrap();
+    }
+    node.manager.start(s, points()).await.unwrap();
+    assert!(!node.manager.is_active("p"));
+    let resumed = node.manager.set_paused("p", false).await.unwrap();
+    assert_eq!(resumed.spec.restarts, 1);
+    let paused = node.manager.set_paused("p", true).await.unwrap();
+    assert!(paused.spec.paused);
+    let resumed = node.manager.set_paused("p", false).await.unwrap();
+    assert_eq!((resumed.spec.paused, resumed.spec.restarts), (false, 2));
+    assert!(!node.manager.is_active("p"), "still on standby here");
+    node.shut().await;
+}
+
 /// A node that holds a plugin's lease and cannot start it (its store has a malformed entry)
 /// gives the lease up after three failed takeovers in a row and does not take it again for a
 /// while, so another live node takes it over: with the lease kept, no node would run it.
