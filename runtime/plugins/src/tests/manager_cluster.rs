@@ -341,13 +341,7 @@ async fn loop_cut_off(hang: bool) {
 async fn changes_through_a_standby_node_build_on_its_own_last_change() {
     let changelog = Arc::new(MemoryChangelog::default());
     let node = Node::open(replicated(&changelog)).await;
-    let s = spec(1, OnError::Halt);
-    {
-        let _blocking = weir_core::blocking::allow();
-        let other = KvPluginStore::replicated(replicated(&changelog));
-        other.acquire("p").unwrap();
-        other.create(&s, &[Cursor::at(0)]).unwrap();
-    }
+    let s = deployed_elsewhere(&changelog);
     node.manager.start(s, points()).await.unwrap();
     assert!(!node.manager.is_active("p"));
     let resumed = node.manager.set_paused("p", false).await.unwrap();
@@ -367,14 +361,7 @@ async fn changes_through_a_standby_node_build_on_its_own_last_change() {
 async fn a_node_that_cannot_start_a_plugin_gives_its_lease_to_another() {
     let changelog = Arc::new(MemoryChangelog::default());
     let node = Node::open(replicated(&changelog)).await;
-    let s = spec(1, OnError::Halt);
-    {
-        let _blocking = weir_core::blocking::allow();
-        let other_kv = replicated(&changelog);
-        let other = KvPluginStore::replicated(other_kv.clone());
-        other.acquire("p").unwrap();
-        other.create(&s, &[Cursor::at(0)]).unwrap();
-    }
+    let s = deployed_elsewhere(&changelog);
     node.manager.start(s, points()).await.unwrap();
     {
         // Its last entry is malformed: whoever takes the plugin over cannot open it.
@@ -401,15 +388,19 @@ async fn a_node_that_cannot_start_a_plugin_gives_its_lease_to_another() {
 async fn a_node_that_cannot_open_a_plugin_at_all_gives_its_lease_to_another() {
     let changelog = Arc::new(MemoryChangelog::default());
     let node = Node::open(replicated(&changelog)).await;
-    {
-        let _blocking = weir_core::blocking::allow();
-        let other = KvPluginStore::replicated(replicated(&changelog));
-        other.acquire("p").unwrap();
-        other
-            .create(&spec(1, OnError::Halt), &[Cursor::at(0)])
-            .unwrap();
-    }
+    deployed_elsewhere(&changelog);
     gives_the_lease_up(&changelog, node).await;
+}
+
+/// Plugin `p` (1 partition, halting) deployed through another node over `changelog`: its spec
+/// in the registry and its store created at offset 0. Returns the spec.
+fn deployed_elsewhere(changelog: &Arc<MemoryChangelog>) -> crate::spec::PluginSpec {
+    let s = spec(1, OnError::Halt);
+    let _blocking = weir_core::blocking::allow();
+    let other = KvPluginStore::replicated(replicated(changelog));
+    other.acquire("p").unwrap();
+    other.create(&s, &[Cursor::at(0)]).unwrap();
+    s
 }
 
 /// Runs `node`'s cluster loop as the only live node over a registry holding plugin `p`, which
