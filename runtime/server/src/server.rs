@@ -202,6 +202,7 @@ pub async fn start_on(
         config.limits,
         monitor.clone(),
         config.plugins.max_timeout,
+        tracker.clone(),
     );
     let tls = config.tls.is_some();
     let serve_shutdown = shutdown.clone();

@@ -46,6 +46,9 @@ pub struct WeirService {
     monitor: Arc<Monitor>,
     /// `--max-plugin-timeout-ms`: a deploy naming no CPU bound gets the default or this.
     max_plugin_timeout: std::time::Duration,
+    /// The server's tasks: plugin admin calls run on it to their end (`to_the_end`), and the
+    /// server waits for them before it stops its plugins.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 impl WeirService {
@@ -58,6 +61,7 @@ impl WeirService {
         limits: ApiLimits,
         monitor: Arc<Monitor>,
         max_plugin_timeout: std::time::Duration,
+        tasks: tokio_util::task::TaskTracker,
     ) -> Self {
         WeirService {
             broker,
@@ -68,7 +72,28 @@ impl WeirService {
             streams: Arc::default(),
             monitor,
             max_plugin_timeout,
+            tasks,
         }
+    }
+
+    /// Runs a plugin admin call (deploy, upgrade, pause, resume, remove) to its end once it has
+    /// started, on the server's task tracker: a client that goes away (a cancelled call, a
+    /// deadline) drops the handler's future, and cutting the call short between its steps left
+    /// a taken store or a lease behind (a deploy cancelled while it took the plugin's store).
+    /// Its answer is lost, as a timed-out call's is; what it did stays done. The server waits
+    /// for these calls before it stops its plugins, so none starts a plugin after that.
+    async fn to_the_end<T: Send + 'static>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, weir_plugins::ManagerError>> + Send + 'static,
+    ) -> Result<T, Status> {
+        self.tasks
+            .spawn(call)
+            .await
+            .map_err(|e| {
+                tracing::error!(message = "A plugin admin call panicked.", error = %e);
+                Status::internal("the plugin admin call failed inside the server (see its log)")
+            })?
+            .or_status()
     }
 
     /// The tonic server wrapper with weir's message size limits.
@@ -116,7 +141,8 @@ impl WeirService {
         self.require_owner(&request, Operation::Pause, &request.get_ref().name)?;
         let (plugins, name) = (self.plugins.clone(), request.into_inner().name);
         Ok(Response::new(crate::plugin_rpc::plugin_info(
-            to_the_end(async move { plugins.set_paused(&name, paused).await }).await?,
+            self.to_the_end(async move { plugins.set_paused(&name, paused).await })
+                .await?,
         )))
     }
 }
@@ -458,7 +484,8 @@ impl Weir for WeirService {
         );
         let plugins = self.plugins.clone();
         Ok(Response::new(crate::plugin_rpc::plugin_info(
-            to_the_end(async move { plugins.deploy(deploy).await }).await?,
+            self.to_the_end(async move { plugins.deploy(deploy).await })
+                .await?,
         )))
     }
 
@@ -470,7 +497,8 @@ impl Weir for WeirService {
         let r = request.into_inner();
         let plugins = self.plugins.clone();
         Ok(Response::new(crate::plugin_rpc::plugin_info(
-            to_the_end(async move { plugins.upgrade(&r.name, r.wasm).await }).await?,
+            self.to_the_end(async move { plugins.upgrade(&r.name, r.wasm).await })
+                .await?,
         )))
     }
 
@@ -510,7 +538,8 @@ impl Weir for WeirService {
     ) -> Result<Response<pb::RemovePluginResponse>, Status> {
         self.require_owner(&request, Operation::Remove, &request.get_ref().name)?;
         let (plugins, name) = (self.plugins.clone(), request.into_inner().name);
-        to_the_end(async move { plugins.remove(&name).await }).await?;
+        self.to_the_end(async move { plugins.remove(&name).await })
+            .await?;
         Ok(Response::new(pb::RemovePluginResponse {}))
     }
 
@@ -582,18 +611,4 @@ impl Weir for WeirService {
             crate::plugin_rpc::get_state(&self.plugins, &self.broker, request.into_inner()).await?,
         ))
     }
-}
-
-/// Runs a plugin admin call (deploy, upgrade, pause, resume, remove) to its end once it has
-/// started, on its own task: a client that goes away (a cancelled call, a deadline) drops the
-/// handler's future, and cutting the call short between its steps left a taken store or a
-/// lease behind (a deploy cancelled while it took the plugin's store). Its answer is lost, as
-/// a timed-out call's is; what it did stays done, as if it had answered.
-async fn to_the_end<T: Send + 'static>(
-    call: impl std::future::Future<Output = Result<T, weir_plugins::ManagerError>> + Send + 'static,
-) -> Result<T, Status> {
-    tokio::spawn(call)
-        .await
-        .map_err(|e| Status::internal(format!("the plugin admin call failed: {e}")))?
-        .or_status()
 }

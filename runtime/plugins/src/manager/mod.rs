@@ -347,24 +347,33 @@ impl PluginManager {
         let mut spec = current.clone();
         spec.paused = paused;
         let halted = runtime.status.lock().iter().any(|s| s.state.is_halted());
-        if !paused && !self.is_active(name) {
-            // Cluster mode, another node runs it: whether it halted is that node's to see; a
-            // new restart count makes it restart the plugin (which retries a halted record).
+        // Cluster mode, another node runs it: whether it halted is that node's to see; a new
+        // restart count makes it restart the plugin (which retries a halted record).
+        let restarted = !paused && !self.is_active(name);
+        if restarted {
             spec.restarts += 1;
         }
-        let restarted = spec.restarts != current.restarts;
-        if (!paused && halted) || restarted {
+        if !paused && halted && !restarted {
             // A halted partition's task has ended: resuming restarts the plugin, which retries
-            // the record that halted it. On a node that does not run it, the standby copy
-            // opens again with the spec just saved: kept with the old restart count, the
-            // next change through this node (an upgrade right after the resume) was refused
-            // as made from a stale view until the cluster loop caught up.
+            // the record that halted it.
             let plugin = runtime.plugin.clone();
             self.stop(name).await;
             self.replace(&runtime, spec, plugin).await?;
         } else {
             self.save_spec(&spec, &current).await?;
             runtime.paused.send_replace(paused);
+            if restarted {
+                // This node's standby copy opens again with the spec just saved: kept with the
+                // old restart count, the next change through this node (an upgrade right after
+                // the resume) was refused as made from a stale view until the cluster loop
+                // caught up. Never rolled back if it fails to open (the runner may have acted
+                // on the saved spec already): the cluster loop opens it then.
+                let plugin = runtime.plugin.clone();
+                self.stop(name).await;
+                if let Err(e) = self.start(spec, plugin).await {
+                    tracing::warn!(message = "The standby copy of a resumed plugin did not open again; the cluster loop retries.", plugin = %name, error = %e);
+                }
+            }
         }
         self.info(name)
     }
